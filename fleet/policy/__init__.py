@@ -1,0 +1,1 @@
+"""Pure decision logic. Nothing here imports Ray; time and randomness are passed in."""

@@ -1,0 +1,15 @@
+"""Shared base for every spec model: strict, immutable, unknown keys rejected."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class SpecModel(BaseModel):
+    """Base of all spec sections.
+
+    Unknown keys are errors (a typo must not silently fall back to a default), and a
+    loaded spec is frozen so a policy can never mutate the configuration it was given.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)

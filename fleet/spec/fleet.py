@@ -1,0 +1,94 @@
+"""The whole fleet spec and its loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from fleet.spec._base import SpecModel
+from fleet.spec.budgets import BudgetsSpec
+from fleet.spec.pools import Name, PoolSpec
+from fleet.spec.queues import QueueSpec
+from fleet.spec.resilience import ResilienceSpec
+
+
+class SpecError(ValueError):
+    """A spec that failed validation; ``errors`` holds one ``(field_path, reason)`` each."""
+
+    def __init__(self, source: str, errors: list[tuple[str, str]]):
+        self.source = source
+        self.errors = errors
+        lines = "\n".join(f"  {path}: {reason}" for path, reason in errors)
+        super().__init__(f"invalid fleet spec {source}:\n{lines}")
+
+
+class FleetSpec(SpecModel):
+    """Everything a platform team declares about one fleet."""
+
+    name: Name = "fleet"
+    namespace: Name = "fleet"
+    pools: list[PoolSpec] = Field(min_length=1)
+    queues: QueueSpec = QueueSpec()
+    budgets: BudgetsSpec = BudgetsSpec()
+    resilience: ResilienceSpec = ResilienceSpec()
+
+    @model_validator(mode="after")
+    def _check_unique(self) -> FleetSpec:
+        for attr in ("name", "capability"):
+            seen: dict[str, int] = {}
+            for i, pool in enumerate(self.pools):
+                value = getattr(pool, attr)
+                if value in seen:
+                    raise ValueError(
+                        f"pools.{i}.{attr}: {value!r} is already used by pools.{seen[value]}"
+                    )
+                seen[value] = i
+        return self
+
+    def pool_for(self, capability: str) -> PoolSpec:
+        for pool in self.pools:
+            if pool.capability == capability:
+                return pool
+        raise KeyError(capability)
+
+    @property
+    def capabilities(self) -> list[str]:
+        return [p.capability for p in self.pools]
+
+
+def _format_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (not part of the spec)"
+        out.append((path, msg.removeprefix("Value error, ")))
+    return out
+
+
+def parse_spec(data: Any, source: str = "<dict>") -> FleetSpec:
+    """Validate a mapping as a FleetSpec, raising SpecError with field paths."""
+    if not isinstance(data, dict):
+        raise SpecError(source, [("<root>", f"expected a mapping, got {type(data).__name__}")])
+    try:
+        return FleetSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(source, _format_errors(exc)) from None
+
+
+def load_spec(path: str | Path) -> FleetSpec:
+    """Load and validate a YAML fleet spec; every problem is reported with its field path."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(str(path), [("<file>", exc.strerror or str(exc))]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(str(path), [("<yaml>", str(exc))]) from None
+    return parse_spec(data, str(path))

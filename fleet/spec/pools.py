@@ -1,0 +1,60 @@
+"""Pool section: one pool of agents per capability, hosted as a Ray Serve deployment."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, Field
+
+from fleet.spec._base import SpecModel
+from fleet.spec.autoscaling import AutoscalingSpec
+from fleet.spec.routing import RoutingSpec
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_IMPORT_PATH_RE = re.compile(r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid name: use lower-case letters, digits, '-' or '_', "
+            "starting with a letter, at most 63 characters"
+        )
+    return value
+
+
+def _check_import_path(value: str) -> str:
+    if not _IMPORT_PATH_RE.match(value):
+        raise ValueError(f"{value!r} is not an import path like 'package.module:ClassName'")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+ImportPath = Annotated[str, AfterValidator(_check_import_path)]
+
+
+class PoolSpec(SpecModel):
+    """A population of logical agents that serve one capability.
+
+    Hosts (Serve replicas) each run up to ``agents_per_host`` logical agents, and each
+    agent works on up to ``concurrency_per_agent`` tasks at once.
+    """
+
+    name: Name
+    capability: Name
+    agent_class: ImportPath
+    agent_kwargs: dict[str, Any] = Field(default_factory=dict)
+    agents_per_host: int = Field(default=100, ge=1)
+    concurrency_per_agent: int = Field(default=1, ge=1)
+    cpus_per_host: float = Field(default=0.25, ge=0)
+    autoscaling: AutoscalingSpec = AutoscalingSpec()
+    routing: RoutingSpec = RoutingSpec()
+
+    @property
+    def max_hosts(self) -> int:
+        return -(-self.autoscaling.max_agents // self.agents_per_host)
+
+    def hosts_for(self, agents: int) -> int:
+        """Hosts needed to run ``agents`` logical agents (at least one)."""
+        return max(1, -(-agents // self.agents_per_host))

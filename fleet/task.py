@@ -1,0 +1,219 @@
+"""Tasks and results.
+
+``Task`` and ``Result`` are the validated, user-facing models. Inside the runtime a task
+travels as an ``Item`` and an outcome as an ``Outcome``: named tuples that pickle in a
+few microseconds, because every task crosses several actor boundaries and pydantic
+models cost ten times more to serialize. Validation happens once, at submit.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import Enum
+from typing import Any, NamedTuple
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fleet.spec.queues import DEFAULT_MAX_PAYLOAD_BYTES
+
+MIN_PRIORITY = 0
+MAX_PRIORITY = 9
+DEFAULT_PRIORITY = 5
+
+
+class TaskRejected(ValueError):
+    """A task refused at submit; ``field`` names what was wrong with it."""
+
+    def __init__(self, field: str, reason: str, task_id: str | None = None):
+        self.field = field
+        self.reason = reason
+        self.task_id = task_id
+        where = f"task {task_id}: " if task_id else ""
+        super().__init__(f"{where}{field}: {reason}")
+
+
+class Task(BaseModel):
+    """One unit of work for an agent with the given capability.
+
+    ``deadline_unix_s`` is an absolute wall-clock time; ``utility`` is the value of
+    completing the task; tasks sharing an ``affinity_key`` prefer the same agent; a
+    task with an ``idempotency_key`` is accepted once, however often it is submitted.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
+    capability: str = Field(min_length=1)
+    priority: int = Field(default=DEFAULT_PRIORITY, ge=MIN_PRIORITY, le=MAX_PRIORITY)
+    deadline_unix_s: float | None = None
+    utility: float | None = None
+    affinity_key: str | None = Field(default=None, max_length=256)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=128)
+    payload: Any = None
+
+
+class TaskStatus(str, Enum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class Result(BaseModel):
+    """The recorded outcome of a task. Failed results carry ``reason`` and ``error``."""
+
+    task_id: str
+    status: TaskStatus
+    output: Any = None
+    reason: str | None = None
+    error: str | None = None
+    agent_id: str | None = None
+    pool: str | None = None
+    deliveries: int = 1
+    submitted_unix_s: float
+    started_unix_s: float | None = None
+    finished_unix_s: float
+    latency_s: float
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+class Item(NamedTuple):
+    """A validated task as it waits in a queue (payload already encoded as JSON)."""
+
+    id: str
+    capability: str
+    priority: int
+    payload: bytes
+    submitted_unix_s: float
+    deadline_unix_s: float | None = None
+    utility: float | None = None
+    affinity_key: str | None = None
+    deliveries: int = 0
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.payload) + len(self.id) + 64
+
+
+class Outcome(NamedTuple):
+    """What the runtime records for a task: the wire form of ``Result``."""
+
+    task_id: str
+    ok: bool
+    output: bytes | None  # JSON
+    reason: str | None
+    error: str | None
+    agent_id: str | None
+    pool: str | None
+    deliveries: int
+    submitted_unix_s: float
+    started_unix_s: float | None
+    finished_unix_s: float
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def to_result(self) -> Result:
+        return Result(
+            task_id=self.task_id,
+            status=TaskStatus.COMPLETED if self.ok else TaskStatus.FAILED,
+            output=orjson.loads(self.output) if self.output is not None else None,
+            reason=self.reason,
+            error=self.error,
+            agent_id=self.agent_id,
+            pool=self.pool,
+            deliveries=self.deliveries,
+            submitted_unix_s=self.submitted_unix_s,
+            started_unix_s=self.started_unix_s,
+            finished_unix_s=self.finished_unix_s,
+            latency_s=self.finished_unix_s - self.submitted_unix_s,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            cost_usd=self.cost_usd,
+        )
+
+
+def failed_outcome(item: Item, reason: str, error: str, pool: str | None = None,
+                   agent_id: str | None = None, started_unix_s: float | None = None,
+                   now_unix_s: float | None = None) -> Outcome:
+    """The outcome of a task that could not be completed, with the reason why."""
+    return Outcome(
+        task_id=item.id, ok=False, output=None, reason=reason, error=error,
+        agent_id=agent_id, pool=pool, deliveries=item.deliveries,
+        submitted_unix_s=item.submitted_unix_s, started_unix_s=started_unix_s,
+        finished_unix_s=time.time() if now_unix_s is None else now_unix_s,
+    )
+
+
+def _first_error(exc: ValidationError) -> tuple[str, str]:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "<task>"
+    msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+    return field, msg
+
+
+def to_item(task: Task | dict[str, Any], capabilities: frozenset[str] | set[str],
+            max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+            now_unix_s: float | None = None) -> Item:
+    """Validate one task for submission and encode it for the queue.
+
+    Raises TaskRejected naming the field at fault: unknown capability, priority out of
+    range, payload too large or not JSON-serializable, a deadline already past.
+    """
+    if not isinstance(task, Task):
+        if not isinstance(task, dict):
+            raise TaskRejected("<task>", f"expected a JSON object, got {type(task).__name__}")
+        try:
+            task = Task.model_validate(task)
+        except ValidationError as exc:
+            raise TaskRejected(*_first_error(exc), task_id=str(task.get("id") or "")) from None
+    if task.capability not in capabilities:
+        raise TaskRejected(
+            "capability",
+            f"unknown capability {task.capability!r}; this fleet serves {sorted(capabilities)}",
+            task.id,
+        )
+    try:
+        payload = orjson.dumps(task.payload)
+    except TypeError as exc:
+        raise TaskRejected("payload", f"not JSON-serializable: {exc}", task.id) from None
+    if len(payload) > max_payload_bytes:
+        raise TaskRejected(
+            "payload",
+            f"{len(payload)} bytes encoded, over the limit of {max_payload_bytes}",
+            task.id,
+        )
+    now = time.time() if now_unix_s is None else now_unix_s
+    if task.deadline_unix_s is not None and task.deadline_unix_s <= now:
+        raise TaskRejected(
+            "deadline_unix_s", f"{task.deadline_unix_s} is already past (now {now:.3f})", task.id
+        )
+    task_id = f"idem-{task.idempotency_key}" if task.idempotency_key else task.id
+    return Item(
+        id=task_id, capability=task.capability, priority=task.priority, payload=payload,
+        submitted_unix_s=now, deadline_unix_s=task.deadline_unix_s, utility=task.utility,
+        affinity_key=task.affinity_key,
+    )
+
+
+def parse_task_json(line: str | bytes, where: str = "<input>") -> dict[str, Any]:
+    """Decode one JSON task, raising TaskRejected on malformed JSON."""
+    try:
+        data = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise TaskRejected(where, f"malformed JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise TaskRejected(where, f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def item_to_task(item: Item) -> Task:
+    """Rebuild the user-facing Task an agent receives (no re-validation)."""
+    return Task.model_construct(
+        id=item.id, capability=item.capability, priority=item.priority,
+        deadline_unix_s=item.deadline_unix_s, utility=item.utility,
+        affinity_key=item.affinity_key, idempotency_key=None,
+        payload=orjson.loads(item.payload),
+    )

@@ -1,0 +1,24 @@
+"""Session-wide fixtures. Live tests share one local Ray cluster, started once."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session (2 CPUs, loopback only)."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ctx = ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
+                   log_to_driver=False, namespace="fleet-tests")
+    yield ctx
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()

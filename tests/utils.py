@@ -1,0 +1,34 @@
+"""Shared test helpers: a virtual clock, spec builders and fake load snapshots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fleet.spec import FleetSpec, parse_spec
+
+
+class FakeClock:
+    """A clock that only moves when a test says so (``advance``)."""
+
+    def __init__(self, start: float = 1_000.0):
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> float:
+        assert dt >= 0, "time does not run backwards"
+        self.t += dt
+        return self.t
+
+    async def sleep(self, dt: float) -> None:
+        self.advance(dt)
+
+
+def pool(name: str = "noop", capability: str | None = None,
+         agent_class: str = "fleet.agents.examples:NoopAgent", **kw: Any) -> dict[str, Any]:
+    return {"name": name, "capability": capability or name, "agent_class": agent_class, **kw}
+
+
+def make_spec(*pools: dict[str, Any], **kw: Any) -> FleetSpec:
+    return parse_spec({"pools": list(pools) or [pool()], **kw})
