@@ -110,6 +110,11 @@ class LeaseQueue:
     def room(self) -> int:
         return self.max_depth - len(self._pending)
 
+    @property
+    def depth(self) -> int:
+        """Items ready and waiting for a holder (pending minus leased)."""
+        return len(self._pending) - len(self._leases)
+
     def put(self, items: Iterable[Item]) -> int:
         """Accept items; an id already pending is a duplicate and is ignored.
 

@@ -1,0 +1,5 @@
+"""Benchmark suites for ``fleet bench SUITE``. Each module defines ``run(quick: bool) -> dict``."""
+
+SUITES = {
+    "core": "fleet.bench.core",
+}

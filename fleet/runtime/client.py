@@ -1,0 +1,200 @@
+"""FleetClient: the driver-side API. Start or join a fleet, submit, wait, read results."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from fleet.queue.lease_queue import QueueFull
+from fleet.runtime.names import Names
+from fleet.spec.fleet import FleetSpec
+from fleet.task import Item, Outcome, Result, Task, TaskRejected, to_item
+
+SUBMIT_CHUNK = 2_000
+WAIT_POLL_S = 0.2
+LOOPBACK = "127.0.0.1"
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Join ``address`` or start a local cluster bound to loopback. True if we started it.
+
+    Ray's token authentication is left at Ray's default; fleet never turns it off.
+    """
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, namespace="fleet", log_to_driver=False)
+        return False
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             namespace="fleet", _node_ip_address=LOOPBACK)
+    return True
+
+
+class QueueFullError(RuntimeError):
+    """Submission waited ``submit_timeout_s`` and the queue still had no room."""
+
+
+@dataclass
+class SubmitReport:
+    accepted: list[str] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)  # (input index, reason)
+
+
+class FleetClient:
+    """A handle on a running fleet (its actors are found by name)."""
+
+    def __init__(self, spec: FleetSpec, owned: list[Any] | None = None):
+        self.spec = spec
+        self._owned = owned or []  # handles that keep a non-detached fleet alive
+        self.names = Names(spec.name)
+        ns = spec.namespace
+        self._ledger = ray.get_actor(self.names.ledger, namespace=ns)
+        self._controller = ray.get_actor(self.names.controller, namespace=ns)
+        self._shards = {
+            cap: [ray.get_actor(self.names.shard(cap, i), namespace=ns)
+                  for i in range(spec.queues.shards)]
+            for cap in spec.capabilities
+        }
+        self._caps = frozenset(spec.capabilities)
+
+    # -- lifecycle -----------------------------------------------------------------
+    @classmethod
+    def start(cls, spec: FleetSpec, *, detached: bool = False, http: bool = False) -> FleetClient:
+        from fleet.runtime.deploy import deploy
+
+        return cls(spec, deploy(spec, detached=detached, http=http))
+
+    @classmethod
+    def connect(cls, name: str = "fleet", namespace: str = "fleet") -> FleetClient:
+        """Attach to a fleet already running on the connected cluster."""
+        try:
+            ctl = ray.get_actor(Names(name).controller, namespace=namespace)
+        except ValueError:
+            raise LookupError(
+                f"no fleet named {name!r} in namespace {namespace!r} on this cluster "
+                "(start one with `fleet run SPEC.yaml`)") from None
+        status = ray.get(ctl.status.remote())
+        return cls(FleetSpec.model_validate(status["spec"]))
+
+    def shutdown(self) -> None:
+        from fleet.runtime.deploy import teardown
+
+        teardown(self.spec)
+        self._owned.clear()
+
+    # -- submit --------------------------------------------------------------------
+    def validate(self, tasks: Iterable[Task | dict[str, Any]]) -> tuple[list[Item], SubmitReport]:
+        items, report = [], SubmitReport()
+        limit = self.spec.queues.max_payload_bytes
+        for k, t in enumerate(tasks):
+            try:
+                items.append(to_item(t, self._caps, limit))
+            except TaskRejected as exc:
+                report.rejected.append((k, str(exc)))
+        return items, report
+
+    def _shard_of(self, item: Item) -> int:
+        return zlib.crc32(item.id.encode()) % self.spec.queues.shards
+
+    def submit(self, tasks: Iterable[Task | dict[str, Any]],
+               timeout_s: float | None = None) -> SubmitReport:
+        """Validate and enqueue tasks. Invalid ones are reported, never silently dropped.
+
+        A full queue makes this wait up to ``timeout_s`` (default: the spec's
+        ``submit_timeout_s``), then raise QueueFullError naming what was accepted.
+        """
+        items, report = self.validate(tasks)
+        self.submit_items(items, timeout_s)
+        report.accepted = [it.id for it in items]
+        return report
+
+    def submit_items(self, items: list[Item], timeout_s: float | None = None) -> None:
+        timeout = self.spec.queues.submit_timeout_s if timeout_s is None else timeout_s
+        groups: dict[tuple[str, int], list[Item]] = defaultdict(list)
+        for it in items:
+            groups[(it.capability, self._shard_of(it))].append(it)
+        pending = [(key, chunk[i:i + SUBMIT_CHUNK]) for key, chunk in groups.items()
+                   for i in range(0, len(chunk), SUBMIT_CHUNK)]
+        deadline = time.monotonic() + timeout
+        backoff = 0.01
+        accepted = 0
+        while pending:
+            refs = [self._shards[cap][s].put.remote(chunk) for (cap, s), chunk in pending]
+            retry = []
+            for ref, entry in zip(refs, pending):
+                try:
+                    ray.get(ref)
+                    accepted += len(entry[1])
+                except QueueFull:
+                    retry.append(entry)
+                except ray.exceptions.RayTaskError as exc:
+                    if isinstance(exc.cause, QueueFull):
+                        retry.append(entry)
+                    else:
+                        raise
+            pending = retry
+            if pending:
+                if time.monotonic() >= deadline:
+                    left = sum(len(c) for _, c in pending)
+                    raise QueueFullError(
+                        f"queue full: {left} task(s) not accepted after {timeout:.1f}s "
+                        f"({accepted} accepted); retry later")
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 0.5)
+
+    # -- results -------------------------------------------------------------------
+    def wait(self, ids: list[str], timeout_s: float = 600.0,
+             progress: Callable[[int, int], None] | None = None) -> list[str]:
+        """Block until every id has an outcome or the timeout passes; returns the missing."""
+        deadline = time.monotonic() + timeout_s
+        missing = list(ids)
+        while missing and time.monotonic() < deadline:
+            missing = ray.get(self._ledger.missing.remote(missing))
+            if progress:
+                progress(len(ids) - len(missing), len(ids))
+            if missing:
+                time.sleep(WAIT_POLL_S)
+        return missing
+
+    def results(self, ids: list[str]) -> list[Result | None]:
+        outs: list[Outcome | None] = ray.get(self._ledger.get.remote(ids))
+        return [o.to_result() if o is not None else None for o in outs]
+
+    def summary(self, ids: list[str] | None = None) -> dict[str, Any]:
+        return ray.get(self._ledger.summary.remote(ids))
+
+    def timeline(self, since_t_s: float = 0.0) -> list[dict[str, Any]]:
+        return ray.get(self._controller.timeline.remote(since_t_s))
+
+    def status(self) -> dict[str, Any]:
+        ctl = ray.get(self._controller.status.remote())
+        queues = {
+            cap: ray.get([s.stats.remote() for s in shards])
+            for cap, shards in self._shards.items()
+        }
+        dispatcher = ray.get(ray.get_actor(self.names.dispatcher,
+                                           namespace=self.spec.namespace).stats.remote())
+        return {
+            "fleet": self.spec.name,
+            "pools": {
+                p.name: {
+                    **ctl["pools"].get(p.name, {}),
+                    **dispatcher.get(p.name, {}),
+                    "queue": {
+                        "depth": sum(s["depth"] for s in queues[p.capability]),
+                        "leased": sum(s["leased"] for s in queues[p.capability]),
+                        "oldest_age_s": max(s["oldest_age_s"] for s in queues[p.capability]),
+                        "redelivered_total": sum(s["redelivered_total"]
+                                                 for s in queues[p.capability]),
+                    },
+                }
+                for p in self.spec.pools
+            },
+            "ledger": {"recorded": ray.get(self._ledger.count.remote())},
+        }

@@ -1,0 +1,121 @@
+"""Start a fleet's actors and Serve apps on a Ray cluster, or tear them down."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from fleet.runtime.controller import Controller
+from fleet.runtime.dispatcher import Dispatcher
+from fleet.runtime.host import AgentHost
+from fleet.runtime.ledger import Ledger
+from fleet.runtime.names import Names
+from fleet.runtime.queue_actor import QueueShard
+from fleet.spec.fleet import FleetSpec
+from fleet.spec.pools import PoolSpec
+
+LOOPBACK = "127.0.0.1"
+HOST_METRICS_INTERVAL_S = 1.0
+HOST_DRAIN_TIMEOUT_S = 30.0
+
+
+def host_deployment_options(spec: FleetSpec, pool: PoolSpec) -> dict[str, Any]:
+    """Serve deployment options for a pool's hosts: fleet's autoscaling policy and router."""
+    start_hosts = pool.hosts_for(pool.autoscaling.start_agents)
+    min_hosts = pool.hosts_for(pool.autoscaling.min_agents)
+    return {
+        "name": Names.host_deployment(pool.name),
+        "max_ongoing_requests": max(100, pool.agents_per_host * pool.concurrency_per_agent),
+        "ray_actor_options": {"num_cpus": pool.cpus_per_host},
+        "graceful_shutdown_timeout_s": HOST_DRAIN_TIMEOUT_S,
+        "autoscaling_config": {
+            "min_replicas": min_hosts,
+            "initial_replicas": start_hosts,
+            "max_replicas": max(pool.max_hosts, min_hosts),
+            "metrics_interval_s": HOST_METRICS_INTERVAL_S,
+            "look_back_period_s": 2 * HOST_METRICS_INTERVAL_S,
+            "upscale_delay_s": 0.0,
+            "downscale_delay_s": 0.0,  # fleet's policy already rate-limits scale-down
+            "policy": {"policy_function":
+                       "fleet.runtime.serve_autoscaling:desired_hosts_policy"},
+        },
+        "request_router_config": RequestRouterConfig(
+            request_router_class="fleet.runtime.serve_router:FleetRequestRouter",
+            request_router_kwargs={
+                "router": pool.routing.router.value,
+                "choices_d": pool.routing.choices_d,
+                "capacity_per_host": pool.agents_per_host * pool.concurrency_per_agent,
+            },
+            request_routing_stats_period_s=1.0,
+        ),
+    }
+
+
+def start_serve(http_port: int = 8000, http: bool = False) -> None:
+    """Start Serve, listening on loopback only (no HTTP proxy unless asked for)."""
+    serve.start(
+        proxy_location="HeadOnly" if http else "Disabled",
+        http_options={"host": LOOPBACK, "port": http_port},
+    )
+
+
+def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False) -> list[Any]:
+    """Create the ledger, queue shards, pool hosts, dispatcher and controller.
+
+    Returns the actor handles. Unless ``detached``, the actors live only as long as a
+    handle does, so the caller keeps this list for the fleet's lifetime.
+    """
+    names = Names(spec.name)
+    ns = spec.namespace
+    life = {"lifetime": "detached"} if detached else {}
+    start_serve(http=http)
+    ledger = Ledger.options(name=names.ledger, namespace=ns, **life).remote()
+    queue_spec = spec.queues.model_dump(mode="json")
+    shards = [
+        QueueShard.options(name=names.shard(cap, i), namespace=ns, **life).remote(
+            cap, i, queue_spec, spec.resilience.max_deliveries, names.ledger, ns)
+        for cap in spec.capabilities for i in range(spec.queues.shards)
+    ]
+    # Names register asynchronously: wait until the actors exist before anything looks
+    # them up by name.
+    ray.get([a.__ray_ready__.remote() for a in [ledger, *shards]])
+    controller = Controller.options(name=names.controller, namespace=ns, **life).remote(
+        spec.model_dump(mode="json"))
+    ray.get(controller.__ray_ready__.remote())
+    for pool in spec.pools:
+        app = serve.deployment(AgentHost).options(**host_deployment_options(spec, pool)).bind(
+            pool.model_dump(mode="json"), spec.resilience.model_dump(mode="json"),
+            {k: v.model_dump() for k, v in spec.budgets.prices.items()},
+            (names.controller, ns))
+        serve.run(app, name=names.pool_app(pool.name), route_prefix=None)
+    dispatcher = Dispatcher.options(name=names.dispatcher, namespace=ns, **life).remote(
+        spec.model_dump(mode="json"))
+    ray.get(dispatcher.start.remote())
+    ray.get(controller.start.remote())
+    return [ledger, *shards, controller, dispatcher]
+
+
+def teardown(spec: FleetSpec) -> None:
+    """Stop and remove everything ``deploy`` created (idempotent)."""
+    names = Names(spec.name)
+    ns = spec.namespace
+    actor_names = [names.controller, names.dispatcher, names.ledger] + [
+        names.shard(cap, i) for cap in spec.capabilities for i in range(spec.queues.shards)]
+    for name in actor_names[:2]:
+        try:
+            ray.get(ray.get_actor(name, namespace=ns).stop.remote(), timeout=10)
+        except Exception:
+            pass
+    for pool in spec.pools:
+        try:
+            serve.delete(names.pool_app(pool.name))
+        except Exception:
+            pass
+    for name in actor_names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=ns))
+        except ValueError:
+            pass

@@ -1,0 +1,180 @@
+"""Dispatcher: moves leased work from queue shards to pools, and outcomes to the ledger.
+
+Per pool, one loop leases a batch from the pool's shards only when the pool has free
+capacity (active agents x concurrency minus tasks in flight), sends it through the
+pool's Serve handle, and on return records the outcomes in the ledger *before* acking
+them in the queue. So a crash at any point leaves an item either acked with a recorded
+outcome, or still leased and redelivered when its lease expires: at-least-once
+execution, exactly-once recording (the ledger keeps the first outcome per id).
+A batch whose host dies is nacked at once and redelivered, not left to expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import defaultdict
+from typing import Any
+
+import ray
+from ray import serve
+
+from fleet.policy.batching import batch_size
+from fleet.runtime.names import Names
+from fleet.spec.fleet import FleetSpec
+from fleet.spec.pools import PoolSpec
+from fleet.task import Item, Outcome
+
+IDLE_BACKOFF_MAX_S = 0.05
+LEASE_RENEW_FRACTION = 1 / 3
+
+
+class _PoolState:
+    def __init__(self, spec: PoolSpec, shards: list[Any], handle: Any):
+        self.spec = spec
+        self.shards = shards
+        self.handle = handle
+        self.active_agents = spec.autoscaling.start_agents
+        self.hosts = spec.hosts_for(self.active_agents)
+        self.in_flight = 0
+        self.depth: list[int] = [0] * len(shards)
+        self.next_shard = 0
+        self.room = asyncio.Event()
+        self.avg_item_bytes = 512.0
+        self.sent_batches = 0
+        self.sent_items = 0
+        self.host_failures = 0
+        self.held: list[dict[str, None]] = [{} for _ in shards]  # leased ids per shard
+
+    @property
+    def capacity(self) -> int:
+        return self.active_agents * self.spec.concurrency_per_agent
+
+    @property
+    def per_host_agents(self) -> int:
+        return -(-self.active_agents // max(1, self.hosts))
+
+
+@ray.remote(num_cpus=0, max_concurrency=10_000)
+class Dispatcher:
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = FleetSpec.model_validate(spec)
+        self.names = Names(self.spec.name)
+        self.holder = f"dispatcher-{uuid.uuid4().hex[:8]}"
+        self._pools: dict[str, _PoolState] = {}
+        self._ledger = ray.get_actor(self.names.ledger, namespace=self.spec.namespace)
+        self._loops: list[asyncio.Task[None]] = []
+        self._running = False
+
+    async def start(self) -> None:
+        if self._running:
+            return
+        for p in self.spec.pools:
+            shards = [ray.get_actor(self.names.shard(p.capability, i),
+                                    namespace=self.spec.namespace)
+                      for i in range(self.spec.queues.shards)]
+            handle = serve.get_deployment_handle(Names.host_deployment(p.name),
+                                                 self.names.pool_app(p.name))
+            self._pools[p.name] = _PoolState(p, shards, handle)
+        self._running = True
+        loop = asyncio.get_running_loop()
+        self._loops = [loop.create_task(self._pool_loop(ps)) for ps in self._pools.values()]
+        self._loops.append(loop.create_task(self._renew_leases()))
+
+    async def stop(self) -> None:
+        self._running = False
+        for t in self._loops:
+            t.cancel()
+
+    async def set_active(self, pool: str, agents: int, hosts: int) -> None:
+        """The controller's decision: run ``agents`` logical agents on ``hosts`` hosts."""
+        ps = self._pools[pool]
+        ps.active_agents = agents
+        ps.hosts = max(1, hosts)
+        ps.room.set()
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            name: {
+                "active_agents": ps.active_agents, "hosts": ps.hosts,
+                "in_flight": ps.in_flight, "capacity": ps.capacity,
+                "sent_batches": ps.sent_batches, "sent_items": ps.sent_items,
+                "host_failures": ps.host_failures,
+            }
+            for name, ps in self._pools.items()
+        }
+
+    def _pick_shard(self, ps: _PoolState) -> int:
+        # The deepest shard we know of; rotate among equals so none is starved.
+        n = len(ps.shards)
+        start = ps.next_shard
+        ps.next_shard = (start + 1) % n
+        return max(((start + k) % n for k in range(n)), key=lambda s: ps.depth[s])
+
+    async def _pool_loop(self, ps: _PoolState) -> None:
+        idle_s = 0.001
+        batch_spec = self.spec.queues.batch
+        while self._running:
+            free = ps.capacity - ps.in_flight
+            if free <= 0:
+                ps.room.clear()
+                await ps.room.wait()
+                continue
+            s = self._pick_shard(ps)
+            depth = max(ps.depth[s], sum(ps.depth), 1)
+            n = batch_size(batch_spec, depth, free, ps.avg_item_bytes)
+            try:
+                items, ps.depth[s] = await ps.shards[s].lease.remote(n, self.holder)
+            except ray.exceptions.RayError:
+                await asyncio.sleep(IDLE_BACKOFF_MAX_S)  # shard restarting
+                continue
+            if not items:
+                if not any(ps.depth):
+                    await asyncio.sleep(idle_s)
+                    idle_s = min(idle_s * 2, IDLE_BACKOFF_MAX_S)
+                continue
+            idle_s = 0.001
+            ps.in_flight += len(items)
+            ps.sent_batches += 1
+            ps.sent_items += len(items)
+            ps.avg_item_bytes = 0.9 * ps.avg_item_bytes + 0.1 * (
+                sum(it.size_bytes for it in items) / len(items))
+            held = ps.held[s]
+            for it in items:
+                held[it.id] = None
+            asyncio.get_running_loop().create_task(self._send(ps, s, items))
+
+    async def _send(self, ps: _PoolState, s: int, items: list[Item]) -> None:
+        ids = [it.id for it in items]
+        try:
+            try:
+                outcomes: list[Outcome] = await ps.handle.run_batch.remote(
+                    items, ps.per_host_agents)
+            except Exception as exc:  # host died or was removed: hand the work back now
+                ps.host_failures += 1
+                await ps.shards[s].nack.remote(ids, f"host failed: {type(exc).__name__}")
+                return
+            await self._ledger.record.remote(outcomes)
+            await ps.shards[s].ack.remote(ids)
+        except ray.exceptions.RayError:
+            pass  # ledger or shard unreachable: the leases expire and the work is redelivered
+        finally:
+            held = ps.held[s]
+            for i in ids:
+                held.pop(i, None)
+            ps.in_flight -= len(items)
+            ps.room.set()
+
+    async def _renew_leases(self) -> None:
+        """Keep leases on in-flight work alive so long tasks are not redelivered."""
+        period = self.spec.queues.lease_s * LEASE_RENEW_FRACTION
+        while self._running:
+            await asyncio.sleep(period)
+            for ps in self._pools.values():
+                for s, held in enumerate(ps.held):
+                    if held:
+                        try:
+                            await ps.shards[s].extend.remote(list(held), self.holder)
+                        except ray.exceptions.RayError:
+                            pass

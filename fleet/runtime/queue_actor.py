@@ -1,0 +1,98 @@
+"""QueueShard: a Ray actor owning one shard of a capability's queue.
+
+It wraps the pure ``LeaseQueue`` and adds what needs a process: a monotonic clock, the
+periodic lease-expiry sweep, and recording exhausted items as failed in the ledger (so
+an item that cannot be delivered is accounted for, never dropped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any
+
+import ray
+
+from fleet.queue.lease_queue import LeaseQueue, QueueFull
+from fleet.spec.queues import QueueSpec
+from fleet.task import Item, failed_outcome
+
+SWEEP_INTERVAL_S = 0.5
+
+
+@ray.remote(num_cpus=0)
+class QueueShard:
+    def __init__(self, capability: str, index: int, queue_spec: dict[str, Any],
+                 max_deliveries: int, ledger_name: str, namespace: str):
+        spec = QueueSpec.model_validate(queue_spec)
+        self.capability = capability
+        self.index = index
+        self.lease_s = spec.lease_s
+        self._q = LeaseQueue(spec.max_depth, spec.discipline, max_deliveries)
+        self._ledger_name = ledger_name
+        self._namespace = namespace
+        self._ledger = None
+        self._sweeper: asyncio.Task | None = None
+
+    def _ensure_sweeper(self) -> None:
+        # Started lazily: an async actor's event loop exists only once a method runs.
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            await self._fail_exhausted(self._q.expire(time.monotonic()), "lease expired")
+
+    async def _fail_exhausted(self, items: list[Item], why: str) -> None:
+        if not items:
+            return
+        if self._ledger is None:
+            self._ledger = ray.get_actor(self._ledger_name, namespace=self._namespace)
+        outcomes = [
+            failed_outcome(it, "max_deliveries",
+                           f"delivered {it.deliveries} times without an outcome ({why})")
+            for it in items
+        ]
+        await self._ledger.record.remote(outcomes)
+
+    async def put(self, items: list[Item]) -> int:
+        """Accept items (all or none). Raises QueueFull when they do not fit."""
+        self._ensure_sweeper()
+        return self._q.put(items)
+
+    async def room(self) -> int:
+        return self._q.room
+
+    async def lease(self, n: int, holder: str) -> tuple[list[Item], int]:
+        """Up to ``n`` items leased to ``holder``, and the depth left behind."""
+        self._ensure_sweeper()
+        items = self._q.lease(n, holder, self.lease_s, time.monotonic())
+        return items, self._q.depth
+
+    async def ack(self, ids: list[str]) -> int:
+        return self._q.ack(ids)
+
+    async def nack(self, ids: list[str], why: str = "holder failed") -> int:
+        exhausted = self._q.nack(ids)
+        await self._fail_exhausted(exhausted, why)
+        return len(ids)
+
+    async def extend(self, ids: list[str], holder: str) -> int:
+        return self._q.extend(ids, holder, self.lease_s, time.monotonic())
+
+    async def release_holder(self, holder: str) -> int:
+        items = self._q.release_holder(holder)
+        await self._fail_exhausted(items, f"holder {holder} released")
+        return len(items)
+
+    async def stats(self) -> dict[str, Any]:
+        st = self._q.stats(time.time())
+        return {"capability": self.capability, "shard": self.index, **dataclasses.asdict(st)}
+
+    async def pending_ids(self) -> list[str]:
+        return self._q.pending_ids()
+
+
+__all__ = ["QueueFull", "QueueShard"]
