@@ -1,0 +1,36 @@
+"""``fleet bench [SUITE]``: run a benchmark suite and print its figures."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+from fleet.bench import SUITES
+
+
+def run(args: argparse.Namespace) -> int:
+    from fleet.runtime.client import init_ray
+
+    module = importlib.import_module(SUITES[args.suite])
+    started = init_ray(args.address) if getattr(module, "NEEDS_RAY", True) else False
+    try:
+        result = module.run(quick=args.quick)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    result = {"suite": args.suite, **result}
+    print(json.dumps(result, sort_keys=True) if args.json else json.dumps(result, indent=2))
+    return 0 if result.get("lost", 0) == 0 else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark suite (default: core)",
+                       description="Benchmarks print figures; they assert nothing.")
+    p.add_argument("suite", nargs="?", default="core", choices=sorted(SUITES))
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: local)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    p.set_defaults(func=run)
