@@ -86,8 +86,9 @@ def decide(
     state = state or ScalingState()
     current = inp.current_agents
     now = inp.now_s
-    dt = 0.0 if state.last_tick_s is None else max(0.0, now - state.last_tick_s)
     interval = spec.control_interval_s
+    # The first decision gets one interval's allowance, as if a tick had just passed.
+    dt = interval if state.last_tick_s is None else max(0.0, now - state.last_tick_s)
     up_rate = _rate_per_s(spec, spec.upscale_within_s)
     down_rate = _rate_per_s(spec, spec.downscale_within_s)
     state = replace(

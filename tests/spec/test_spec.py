@@ -1,0 +1,67 @@
+"""A bad spec fails at load time, naming the field path; a good one round-trips."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fleet.cli.demo import demo_spec_path
+from fleet.spec import SpecError, load_spec, parse_spec
+from tests.utils import pool
+
+
+def errors_of(data) -> dict[str, str]:
+    with pytest.raises(SpecError) as exc:
+        parse_spec(data)
+    return dict(exc.value.errors)
+
+
+def test_demo_spec_loads_with_three_pools():
+    spec = load_spec(demo_spec_path())
+    assert len(spec.pools) == 3
+    assert spec.pool_for("checkout").autoscaling.max_agents == 500
+
+
+@pytest.mark.parametrize("bad,path,needle", [
+    ({"autoscaling": {"min_agents": 5, "max_agents": 2}}, "pools.0.autoscaling", "min_agents (5)"),
+    ({"autoscaling": {"target_queued_per_agent": 0}},
+     "pools.0.autoscaling.target_queued_per_agent", "greater than 0"),
+    ({"autoscaling": {"upscale_within_s": -1}}, "pools.0.autoscaling.upscale_within_s",
+     "greater than or equal to 0"),
+    ({"autoscaling": {"max_agent": 5}}, "pools.0.autoscaling.max_agent", "unknown field"),
+    ({"agent_class": "not a path"}, "pools.0.agent_class", "import path"),
+    ({"name": "Bad Name"}, "pools.0.name", "not a valid name"),
+    ({"routing": {"router": "magic"}}, "pools.0.routing.router", "least_loaded"),
+])
+def test_bad_pool_fields_are_named(bad, path, needle):
+    errs = errors_of({"pools": [pool(**bad)]})
+    assert path in errs, errs
+    assert needle in errs[path]
+
+
+def test_duplicate_capability_and_unknown_top_level_key():
+    errs = errors_of({"pools": [pool("a")], "budget": {}})
+    assert errs == {"budget": "unknown field (not part of the spec)"}
+    errs = errors_of({"pools": [pool("a", "x"), pool("b", "x")]})
+    assert any("pools.1.capability" in msg and "pools.0" in msg for msg in errs.values()), errs
+
+
+def test_cli_exits_2_and_names_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pools:\n  - name: a\n    capability: a\n    agent_class: m:C\n"
+                   "    autoscaling: {min_agents: 9, max_agents: 1}\n")
+    r = subprocess.run([sys.executable, "-m", "fleet.cli.main", "run", str(bad)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "pools.0.autoscaling" in r.stderr and "min_agents (9)" in r.stderr
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(SpecError, match="<file>"):
+        load_spec(tmp_path / "nope.yaml")
+    f = tmp_path / "x.yaml"
+    f.write_text("pools: [\n")
+    with pytest.raises(SpecError, match="<yaml>"):
+        load_spec(f)
