@@ -53,7 +53,7 @@ def ray_actor_calls_per_s(calls: int = RAY_CALLS) -> float:
 def bench_spec(agents: int = 1_000):
     return parse_spec({
         "name": "bench", "namespace": "fleet-bench",
-        "queues": {"shards": 2, "batch": {"max_items": 512, "target_batches_in_flight": 4}},
+        "queues": {"shards": 2, "batch": {"max_items": 512}},
         "pools": [{
             "name": "noop", "capability": "noop",
             "agent_class": "fleet.agents.examples:NoopAgent",

@@ -19,11 +19,17 @@ class Discipline(str, Enum):
 
 class BatchSpec(SpecModel):
     """Adaptive dispatcher batching: single items when the queue is shallow, up to
-    ``max_items``/``max_bytes`` per call when it is deep."""
+    ``max_items``/``max_bytes`` per call when it is deep.
+
+    ``target_batches_in_flight`` splits the visible depth into that many batches. The
+    default of 1 leases all that is visible (within capacity and the bounds): measured,
+    splitting a shallow queue into smaller calls made per-call overhead the bottleneck
+    and raised p95 at 80% load from 1.7 s to 9.6 s (BENCHMARKS.md). Raise it to spread
+    a deep queue over more concurrent calls."""
 
     max_items: int = Field(default=256, ge=1)
     max_bytes: int = Field(default=1024 * 1024, ge=1)
-    target_batches_in_flight: int = Field(default=8, ge=1)
+    target_batches_in_flight: int = Field(default=1, ge=1)
 
 
 class QueueSpec(SpecModel):
