@@ -125,6 +125,10 @@ class FleetClient:
         backoff = 0.01
         accepted = 0
         while pending:
+            # Latency counts from the moment fleet is handed a task, not from validation.
+            now = time.time()
+            pending = [(key, [it._replace(submitted_unix_s=now) for it in chunk])
+                       for key, chunk in pending]
             refs = [self._shards[cap][s].put.remote(chunk) for (cap, s), chunk in pending]
             retry = []
             for ref, entry in zip(refs, pending):

@@ -89,7 +89,7 @@ def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False) -> li
         app = serve.deployment(AgentHost).options(**host_deployment_options(spec, pool)).bind(
             pool.model_dump(mode="json"), spec.resilience.model_dump(mode="json"),
             {k: v.model_dump() for k, v in spec.budgets.prices.items()},
-            (names.controller, ns))
+            (names.controller, ns), (names.ledger, ns))
         serve.run(app, name=names.pool_app(pool.name), route_prefix=None)
     dispatcher = Dispatcher.options(name=names.dispatcher, namespace=ns, **life).remote(
         spec.model_dump(mode="json"))

@@ -2,8 +2,8 @@
 
 Per pool, one loop leases a batch from the pool's shards only when the pool has free
 capacity (active agents x concurrency minus tasks in flight), sends it through the
-pool's Serve handle, and on return records the outcomes in the ledger *before* acking
-them in the queue. So a crash at any point leaves an item either acked with a recorded
+pool's Serve handle; the host records the outcomes in the ledger before it replies, and
+only then does the dispatcher ack the items in the queue. So a crash at any point leaves an item either acked with a recorded
 outcome, or still leased and redelivered when its lease expires: at-least-once
 execution, exactly-once recording (the ledger keeps the first outcome per id).
 A batch whose host dies is nacked at once and redelivered, not left to expire.
@@ -24,7 +24,7 @@ from fleet.policy.batching import batch_size
 from fleet.runtime.names import Names
 from fleet.spec.fleet import FleetSpec
 from fleet.spec.pools import PoolSpec
-from fleet.task import Item, Outcome
+from fleet.task import Item
 
 IDLE_BACKOFF_MAX_S = 0.05
 LEASE_RENEW_FRACTION = 1 / 3
@@ -63,7 +63,6 @@ class Dispatcher:
         self.names = Names(self.spec.name)
         self.holder = f"dispatcher-{uuid.uuid4().hex[:8]}"
         self._pools: dict[str, _PoolState] = {}
-        self._ledger = ray.get_actor(self.names.ledger, namespace=self.spec.namespace)
         self._loops: list[asyncio.Task[None]] = []
         self._running = False
 
@@ -147,24 +146,34 @@ class Dispatcher:
 
     async def _send(self, ps: _PoolState, s: int, items: list[Item]) -> None:
         ids = [it.id for it in items]
+        freed = False
+
+        def free() -> None:
+            nonlocal freed
+            if not freed:
+                freed = True
+                ps.in_flight -= len(items)
+                ps.room.set()
+
         try:
             try:
-                outcomes: list[Outcome] = await ps.handle.run_batch.remote(
-                    items, ps.per_host_agents)
+                # The host records the outcomes in the ledger before it replies.
+                await ps.handle.run_and_record.remote(items, ps.per_host_agents)
             except Exception as exc:  # host died or was removed: hand the work back now
                 ps.host_failures += 1
+                free()
                 await ps.shards[s].nack.remote(ids, f"host failed: {type(exc).__name__}")
                 return
-            await self._ledger.record.remote(outcomes)
+            # The agents are free as soon as the host replies; the ack need not hold them.
+            free()
             await ps.shards[s].ack.remote(ids)
         except ray.exceptions.RayError:
-            pass  # ledger or shard unreachable: the leases expire and the work is redelivered
+            pass  # shard unreachable: the leases expire and the work is redelivered
         finally:
             held = ps.held[s]
             for i in ids:
                 held.pop(i, None)
-            ps.in_flight -= len(items)
-            ps.room.set()
+            free()
 
     async def _renew_leases(self) -> None:
         """Keep leases on in-flight work alive so long tasks are not redelivered."""

@@ -43,13 +43,16 @@ class AgentHost:
     """The body of a pool's Serve deployment (see ``fleet.runtime.deploy``)."""
 
     def __init__(self, pool: dict[str, Any], resilience: dict[str, Any] | None = None,
-                 prices: dict[str, Any] | None = None, controller: tuple[str, str] | None = None):
+                 prices: dict[str, Any] | None = None, controller: tuple[str, str] | None = None,
+                 ledger: tuple[str, str] | None = None):
         self.pool = PoolSpec.model_validate(pool)
         self.resilience = ResilienceSpec.model_validate(resilience or {})
         self.prices = {k: ModelPrice.model_validate(v) for k, v in (prices or {}).items()}
         self.host_id = f"{self.pool.name}/{_replica_id()}"
         self._agent_cls: type[Agent] = import_object(self.pool.agent_class)
         self._controller_ref = controller
+        self._ledger_ref = ledger
+        self._ledger: Any = None
         n = self.pool.agents_per_host
         self._agents: list[Agent | None] = [None] * n
         self._busy = [0] * n
@@ -125,6 +128,22 @@ class AgentHost:
         finally:
             for t in tasks:
                 self._running.pop(t, None)
+
+    async def run_and_record(self, items: list[Item], active_agents: int | None = None) -> int:
+        """Run a batch and record its outcomes in the ledger before replying.
+
+        The dispatcher acks the items only after this returns, so the record-before-ack
+        order holds, and outcomes travel host -> ledger once instead of through the
+        dispatcher. Returns how many outcomes were recorded.
+        """
+        outcomes = await self.run_batch(items, active_agents)
+        if self._ledger is None:
+            import ray
+
+            name, namespace = self._ledger_ref
+            self._ledger = ray.get_actor(name, namespace=namespace)
+        await self._ledger.record.remote(outcomes)
+        return len(outcomes)
 
     async def _run_one(self, item: Item) -> Outcome:
         i = await self._acquire()
