@@ -12,7 +12,10 @@ def ray_cluster():
     """One local Ray cluster for the whole session (2 CPUs, loopback only)."""
     import ray
 
+    from fleet.runtime.client import loopback_only
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    loopback_only()
     ctx = ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
                    log_to_driver=False, namespace="fleet-tests")
     yield ctx

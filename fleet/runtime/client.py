@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 from collections import defaultdict
@@ -18,7 +19,6 @@ from fleet.task import Item, Outcome, Result, Task, TaskRejected, to_item
 
 SUBMIT_CHUNK = 2_000
 WAIT_POLL_S = 0.2
-LOOPBACK = "127.0.0.1"
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
@@ -31,9 +31,25 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, namespace="fleet", log_to_driver=False)
         return False
+    loopback_only()
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             namespace="fleet", _node_ip_address=LOOPBACK)
+             namespace="fleet")
     return True
+
+
+def loopback_only() -> None:
+    """Make a local cluster started from this process use 127.0.0.1 as its node IP.
+
+    Ray replaces 127.0.0.1 given as ``_node_ip_address`` with the machine's external
+    address, and then binds its servers to it or to every interface. Ray's
+    single-machine mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, the default on macOS
+    and Windows) uses loopback instead. Ray reads the variable at import, so it is set
+    both for the processes this one starts and in the already-imported constant.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 class QueueFullError(RuntimeError):

@@ -1,0 +1,54 @@
+"""A cluster fleet starts binds to loopback only, and Ray's token auth stays on."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import sys
+
+PROBE = r"""
+import json, time, ipaddress, psutil, ray
+from fleet.runtime.client import init_ray
+from fleet.runtime.deploy import start_serve
+init_ray(None)
+start_serve(http=True)            # the HTTP proxy too: the widest default fleet offers
+time.sleep(3)
+me = psutil.Process()
+procs = [me, *me.children(recursive=True)]
+listening = []
+for p in procs:
+    try:
+        for c in p.net_connections(kind="inet"):
+            if c.status == psutil.CONN_LISTEN:
+                listening.append([p.name(), c.laddr.ip, c.laddr.port])
+    except psutil.Error:
+        pass
+import os
+auth = os.environ.get("RAY_AUTH_MODE")
+ray.shutdown()
+print(json.dumps({"listening": listening, "auth_mode_env": auth}))
+"""
+
+
+def _is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return addr.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def test_loopback_check_itself():
+    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("::ffff:127.0.0.1")
+    assert not any(_is_loopback(a) for a in ("0.0.0.0", "::", "192.0.2.2", "::ffff:10.0.0.1"))
+
+
+def test_local_cluster_listens_on_loopback_only():
+    r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["listening"], "the probe must see the cluster's servers"
+    exposed = [x for x in out["listening"] if not _is_loopback(x[1])]
+    assert exposed == [], f"listening beyond loopback: {exposed}"
+    assert out["auth_mode_env"] != "disabled"
+    assert "Token authentication is enabled" in r.stderr
