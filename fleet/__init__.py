@@ -6,6 +6,7 @@ from fleet.task import Result, Task, TaskRejected, TaskStatus
 
 __all__ = [
     "Agent",
+    "Electorate",
     "FleetSpec",
     "Reply",
     "Result",
@@ -13,7 +14,19 @@ __all__ = [
     "Task",
     "TaskRejected",
     "TaskStatus",
+    "decide",
     "load_spec",
     "parse_spec",
 ]
 __version__ = "0.1.0"
+
+_LAZY = {"decide": "fleet.consensus", "Electorate": "fleet.consensus"}
+
+
+def __getattr__(name: str):
+    # fleet.consensus imports Ray; keep `import fleet` light until it is used.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fleet' has no attribute {name!r}")

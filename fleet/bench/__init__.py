@@ -2,4 +2,5 @@
 
 SUITES = {
     "core": "fleet.bench.core",
+    "consensus": "fleet.bench.consensus",
 }

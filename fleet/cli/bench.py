@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import inspect
 import json
+import sys
 
 from fleet.bench import SUITES
 
@@ -13,14 +16,22 @@ def run(args: argparse.Namespace) -> int:
     from fleet.runtime.client import init_ray
 
     module = importlib.import_module(SUITES[args.suite])
-    started = init_ray(args.address) if getattr(module, "NEEDS_RAY", True) else False
-    try:
-        result = module.run(quick=args.quick)
-    finally:
-        if started:
-            import ray
+    kwargs = {"quick": args.quick}
+    if args.plot:
+        if "plot" not in inspect.signature(module.run).parameters:
+            print(f"fleet: suite {args.suite!r} draws no plot", file=sys.stderr)
+            return 2
+        kwargs["plot"] = args.plot
+    # Ray prints some warnings on stdout; keep stdout for the one JSON object.
+    with contextlib.redirect_stdout(sys.stderr):
+        started = init_ray(args.address) if getattr(module, "NEEDS_RAY", True) else False
+        try:
+            result = module.run(**kwargs)
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
     result = {"suite": args.suite, **result}
     print(json.dumps(result, sort_keys=True) if args.json else json.dumps(result, indent=2))
     return 0 if result.get("lost", 0) == 0 else 1
@@ -33,4 +44,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default=None, help="Ray cluster to join (default: local)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    p.add_argument("--plot", default=None, help="write the suite's plot (PNG) to this path")
     p.set_defaults(func=run)

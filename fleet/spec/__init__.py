@@ -2,6 +2,7 @@
 
 from fleet.spec.autoscaling import AutoscalingSpec
 from fleet.spec.budgets import BudgetsSpec, ModelPrice
+from fleet.spec.consensus import ConsensusMode, ConsensusSpec, TieBreaker, WeighBy
 from fleet.spec.fleet import FleetSpec, SpecError, load_spec, parse_spec
 from fleet.spec.pools import PoolSpec
 from fleet.spec.queues import BatchSpec, Discipline, QueueSpec
@@ -12,6 +13,8 @@ __all__ = [
     "AutoscalingSpec",
     "BatchSpec",
     "BudgetsSpec",
+    "ConsensusMode",
+    "ConsensusSpec",
     "Discipline",
     "FleetSpec",
     "ModelPrice",
@@ -21,6 +24,8 @@ __all__ = [
     "RouterName",
     "RoutingSpec",
     "SpecError",
+    "TieBreaker",
+    "WeighBy",
     "load_spec",
     "parse_spec",
 ]

@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from fleet.spec._base import SpecModel
 from fleet.spec.budgets import BudgetsSpec
+from fleet.spec.consensus import ConsensusSpec
 from fleet.spec.pools import Name, PoolSpec
 from fleet.spec.queues import QueueSpec
 from fleet.spec.resilience import ResilienceSpec
@@ -34,6 +35,7 @@ class FleetSpec(SpecModel):
     queues: QueueSpec = QueueSpec()
     budgets: BudgetsSpec = BudgetsSpec()
     resilience: ResilienceSpec = ResilienceSpec()
+    consensus: ConsensusSpec = ConsensusSpec()
 
     @model_validator(mode="after")
     def _check_unique(self) -> FleetSpec:

@@ -1,8 +1,11 @@
-"""Queue section: bounds, leases, sharding, payload limits and dispatcher batching."""
+"""Queue section: bounds, leases, disciplines, sharding, storage, alerts, payload limits
+and dispatcher batching."""
 
 from __future__ import annotations
 
+import re
 from enum import Enum
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -10,11 +13,136 @@ from fleet.spec._base import SpecModel
 
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
 DEFAULT_LEASE_S = 60.0
+DEFAULT_PRIORITY_AGING_LIMIT_S = 300.0
+DEFAULT_UTILITY = 0.0
+DEFAULT_QUEUE_DIRECTORY = "~/.fleet/queues"
 
 
 class Discipline(str, Enum):
+    """The order in which a queue hands out ready items (``fleet.policy.disciplines``)."""
+
     FIFO = "fifo"
-    PRIORITY = "priority"
+    PRIORITY = "priority"  # highest priority first, with aging (priority_aging_limit_s)
+    DEADLINE = "deadline"  # earliest deadline first; items past it fail deadline_exceeded
+    UTILITY = "utility"  # highest (possibly decaying) value first
+
+
+class StorageBackend(str, Enum):
+    MEMORY = "memory"  # fastest; lost with the process holding the queue
+    SQLITE = "sqlite"  # embedded, durable across kill -9; no server
+
+
+class ShardBy(str, Enum):
+    """How a submitted task picks its shard within its capability's queue."""
+
+    SPREAD = "spread"  # the shallower of two random shards (power of two choices)
+    AFFINITY_KEY = "affinity_key"  # stable hash of the task's affinity key (spread if none)
+
+
+class AlertMetric(str, Enum):
+    """What an alert rule watches; the values ``fleet.queue.monitor`` reports."""
+
+    DEPTH = "depth"  # ready items
+    LEASED = "leased"
+    PENDING = "pending"  # ready + leased
+    OLDEST_AGE_S = "oldest_age_s"
+    AGE_P50_S = "age_p50_s"
+    AGE_P90_S = "age_p90_s"
+    AGE_P99_S = "age_p99_s"
+    ENQUEUE_PER_S = "enqueue_per_s"
+    DEQUEUE_PER_S = "dequeue_per_s"
+    LEASE_EXPIRIES_PER_S = "lease_expiries_per_s"
+    REDELIVERIES_PER_S = "redeliveries_per_s"
+    DEADLINE_EXCEEDED_PER_S = "deadline_exceeded_per_s"
+    SHARD_MAX_OVER_MEAN = "shard_max_over_mean"  # queue scope only
+    SHARD_CV = "shard_cv"  # queue scope only
+
+
+class AlertScope(str, Enum):
+    QUEUE = "queue"  # one subject per capability queue (shards aggregated)
+    SHARD = "shard"  # one subject per shard
+
+
+_COMPARATORS = (">=", "<=", ">", "<")
+_RULE_RE = re.compile(r"^\s*([a-z0-9_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE_,]+)\s*$")
+_QUEUE_ONLY_METRICS = (AlertMetric.SHARD_MAX_OVER_MEAN, AlertMetric.SHARD_CV)
+
+
+class QueueAlertRule(SpecModel):
+    """One alert: fires when ``metric op threshold`` has held for ``for_s`` seconds on any
+    subject (queue or shard), clears when the value no longer passes ``clear_threshold``.
+
+    ``clear_threshold`` gives hysteresis (default: the threshold itself), e.g. fire at
+    depth > 10,000 and clear only once depth <= 8,000. In YAML a rule may be written as a
+    string: ``"depth > 10000"``.
+    """
+
+    metric: AlertMetric
+    op: Literal[">", ">=", "<", "<="] = ">"
+    threshold: float
+    clear_threshold: float | None = None
+    for_s: float = Field(default=0.0, ge=0)
+    scope: AlertScope = AlertScope.QUEUE
+    severity: Literal["info", "warning", "critical"] = "warning"
+    name: str | None = Field(default=None, min_length=1, max_length=128)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_string(cls, data: Any) -> Any:
+        if not isinstance(data, str):
+            return data
+        m = _RULE_RE.match(data)
+        if m is None:
+            raise ValueError(
+                f"alert rule {data!r} is not of the form '<metric> <op> <number>' "
+                f"with op one of {', '.join(_COMPARATORS)}"
+            )
+        metric, op, number = m.groups()
+        try:
+            threshold = float(number.replace(",", ""))
+        except ValueError:
+            raise ValueError(f"alert rule {data!r}: {number!r} is not a number") from None
+        return {"metric": metric, "op": op, "threshold": threshold}
+
+    @model_validator(mode="after")
+    def _check(self) -> QueueAlertRule:
+        clear = self.clear_threshold
+        if clear is not None:
+            if self.op in (">", ">=") and clear > self.threshold:
+                raise ValueError(
+                    f"clear_threshold ({clear}) must be <= threshold ({self.threshold}) "
+                    f"for a '{self.op}' rule, or the alert could never clear"
+                )
+            if self.op in ("<", "<=") and clear < self.threshold:
+                raise ValueError(
+                    f"clear_threshold ({clear}) must be >= threshold ({self.threshold}) "
+                    f"for a '{self.op}' rule, or the alert could never clear"
+                )
+        if self.scope is AlertScope.SHARD and self.metric in _QUEUE_ONLY_METRICS:
+            raise ValueError(f"metric {self.metric.value} is a queue-wide measure; "
+                             f"use scope: queue")
+        return self
+
+    @property
+    def rule_name(self) -> str:
+        """The name alerts carry: ``name`` if given, else the rule as written."""
+        return self.name or f"{self.metric.value} {self.op} {self.threshold:g}"
+
+
+class StorageSpec(SpecModel):
+    """Where a queue shard keeps accepted items.
+
+    ``sqlite`` writes each accepted batch to ``<directory>/<namespace>/<capability>-
+    <shard>.sqlite3`` (WAL mode, one commit per put or ack batch) before acknowledging
+    it, and reloads everything not acked when the shard restarts. ``sqlite_synchronous``
+    ``normal`` survives a kill -9 of the process; ``full`` also survives power loss (an
+    fsync per commit).
+    """
+
+    backend: StorageBackend = StorageBackend.MEMORY
+    directory: str = Field(default=DEFAULT_QUEUE_DIRECTORY, min_length=1)
+    sqlite_synchronous: Literal["normal", "full"] = "normal"
+    sqlite_cache_mib: int = Field(default=16, ge=1)
 
 
 class BatchSpec(SpecModel):
@@ -33,7 +161,15 @@ class BatchSpec(SpecModel):
 
 
 class QueueSpec(SpecModel):
-    """Per-capability work queues. Each capability gets ``shards`` queue actors."""
+    """Per-capability work queues. Each capability gets ``shards`` queue actors.
+
+    Discipline parameters: ``priority_aging_limit_s`` is the longest head start any
+    priority buys: an item is never overtaken by one submitted more than that many
+    seconds after it (None: strict priority, low priority may starve).
+    ``utility_decay_per_s`` (value units lost per second waiting) or
+    ``utility_half_life_s`` (seconds for the value to halve) make a utility queue prefer
+    fresh work; tasks without a utility count as ``default_utility``.
+    """
 
     discipline: Discipline = Discipline.FIFO
     shards: int = Field(default=2, ge=1)
@@ -43,6 +179,14 @@ class QueueSpec(SpecModel):
     max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, ge=1)
     batch: BatchSpec = BatchSpec()
 
+    priority_aging_limit_s: float | None = Field(default=DEFAULT_PRIORITY_AGING_LIMIT_S, gt=0)
+    default_utility: float = DEFAULT_UTILITY
+    utility_decay_per_s: float = Field(default=0.0, ge=0)
+    utility_half_life_s: float | None = Field(default=None, gt=0)
+    shard_by: ShardBy = ShardBy.SPREAD
+    storage: StorageSpec = StorageSpec()
+    alerts: tuple[QueueAlertRule, ...] = ()
+
     @model_validator(mode="after")
     def _check_batch(self) -> QueueSpec:
         if self.batch.max_bytes < self.max_payload_bytes:
@@ -50,4 +194,13 @@ class QueueSpec(SpecModel):
                 f"batch.max_bytes ({self.batch.max_bytes}) must be >= max_payload_bytes "
                 f"({self.max_payload_bytes}) so that the largest task fits in one batch"
             )
+        if self.utility_decay_per_s > 0 and self.utility_half_life_s is not None:
+            raise ValueError(
+                f"utility_decay_per_s ({self.utility_decay_per_s}) and utility_half_life_s "
+                f"({self.utility_half_life_s}) are exclusive: choose linear or exponential decay"
+            )
+        names = [r.rule_name for r in self.alerts]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"alert rule names must be unique; repeated: {dup}")
         return self
