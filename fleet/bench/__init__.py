@@ -2,5 +2,6 @@
 
 SUITES = {
     "core": "fleet.bench.core",
+    "budgets": "fleet.bench.budgets",
     "consensus": "fleet.bench.consensus",
 }

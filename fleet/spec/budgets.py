@@ -1,17 +1,73 @@
-"""Budgets section: token prices, used to put a cost on every result."""
+"""Budgets section: token prices, the fleet's cost budget and how it is shared, quotas.
+
+``prices`` put a cost on every result (USD per million tokens, per model). ``daily_usd``
+is the fleet's money per day; ``fleet.policy.budget`` shares it among the agents present
+(``allocation``), each getting between ``per_agent_min_usd`` and ``per_agent_max_usd``,
+with ``priority_classes`` (highest first) deciding who loses share first under overload
+(``preemption``). ``per_agent``, ``pools`` and ``tenants`` add fixed quotas of USD,
+tokens and CPU seconds per hour or day. Windows are aligned to the clock's epoch (UTC
+midnight and the top of the hour for a Unix clock).
+
+``check_budget_covers`` cross-checks this section against the pools (their
+``autoscaling.max_agents``); ``FleetSpec`` calls it at load.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+import math
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, model_validator
 
 from fleet.spec._base import SpecModel
+
+HOUR_S = 3_600.0
+DAY_S = 86_400.0
+WINDOW_S = {"hourly": HOUR_S, "daily": DAY_S}
+
+DEFAULT_ALERT_THRESHOLDS = (0.5, 0.8, 0.95)
+DEFAULT_REBALANCE_INTERVAL_S = 60.0
+DEFAULT_BURN_RATE_WINDOW_S = 3_600.0
+DEFAULT_DEMAND_HEADROOM = 1.25
+DEFAULT_PRIORITY_CLASS = "default"
+
+
+def _non_negative(value: float) -> float:
+    if not value >= 0 or math.isinf(value):  # `not >=` also catches NaN
+        raise ValueError(f"{value} is negative or not finite: it must be a finite "
+                         "number >= 0")
+    return value
+
+
+def _price(value: float) -> float:
+    if not value >= 0 or math.isinf(value):
+        raise ValueError(f"price {value} is negative or not finite: prices are USD per "
+                         "million tokens and must be >= 0")
+    return value
+
+
+def _share(value: float) -> float:
+    if not 0 < value <= 1:
+        raise ValueError(f"{value} is outside (0, 1]: an alert threshold is a share of "
+                         "the allocation")
+    return value
+
+
+NonNegative = Annotated[float, AfterValidator(_non_negative)]
+Price = Annotated[float, AfterValidator(_price)]
+
+
+def _num(x: float) -> str:
+    """50.0 -> '50', 0.5 -> '0.5': numbers in error messages as a user wrote them."""
+    return f"{x:.6f}".rstrip("0").rstrip(".")
 
 
 class ModelPrice(SpecModel):
     """Price of one LLM model in USD per million tokens."""
 
-    input_usd_per_mtok: float = Field(ge=0)
-    output_usd_per_mtok: float = Field(ge=0)
+    input_usd_per_mtok: Price
+    output_usd_per_mtok: Price
 
     def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
         return (
@@ -19,7 +75,166 @@ class ModelPrice(SpecModel):
         ) / 1e6
 
 
+class ScopeLimits(SpecModel):
+    """Fixed quotas of one scope (an agent, a pool, a tenant) per hour and per day.
+
+    None means no limit. Tokens count input plus output tokens.
+    """
+
+    hourly_usd: NonNegative | None = None
+    daily_usd: NonNegative | None = None
+    hourly_tokens: int | None = Field(default=None, ge=0)
+    daily_tokens: int | None = Field(default=None, ge=0)
+    hourly_cpu_s: NonNegative | None = None
+    daily_cpu_s: NonNegative | None = None
+
+    def limits(self) -> dict[tuple[str, str], float]:
+        """``{(resource, window): limit}`` for the quotas that are set, e.g.
+        ``{("usd", "daily"): 100.0}``."""
+        out = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is not None:
+                window, resource = name.split("_", 1)
+                out[(resource, window)] = float(value)
+        return out
+
+
+class PriorityClass(SpecModel):
+    """A class of agents (mapped from pools) for sharing the budget under overload.
+
+    ``weight`` scales an agent's share of the surplus (weighted allocation and weighted
+    preemption). With ``reserve_for_growth`` the minimum of every agent of this class
+    that may still join (up to its pools' ``max_agents``) is held in reserve, so agents
+    joining late in the day still get their minimum.
+    """
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z][a-z0-9_-]*$")
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    reserve_for_growth: bool = False
+
+
 class BudgetsSpec(SpecModel):
-    """Prices per model name; results are costed with them."""
+    """Prices, the fleet's daily USD budget and its sharing rules, and fixed quotas.
+
+    ``allocation``: ``equal``, ``weighted`` (by class weight), ``resource`` (by agent
+    size) or ``dynamic`` (max-min fair over each agent's projected demand: agents that
+    need more may claim more). ``preemption``: ``strict`` hands the surplus above the
+    minimums to higher classes first, ``weighted`` shares it across classes by weight;
+    minimums always go to higher classes first. Allocations are recomputed every
+    ``rebalance_interval_s`` and whenever agents join or leave; an agent's demand is its
+    spend so far plus its burn rate over ``burn_rate_window_s`` projected to the end of
+    the day, times ``demand_headroom``. An alert fires when a budget's usage passes each
+    share in ``alert_thresholds`` of its limit (or allocation).
+    """
 
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
+    daily_usd: NonNegative | None = None
+    hourly_usd: NonNegative | None = None
+    per_agent_min_usd: NonNegative = 0.0
+    per_agent_max_usd: NonNegative | None = None
+    allocation: Literal["equal", "weighted", "resource", "dynamic"] = "dynamic"
+    preemption: Literal["strict", "weighted"] = "strict"
+    priority_classes: list[PriorityClass] = Field(
+        default_factory=lambda: [PriorityClass(name=DEFAULT_PRIORITY_CLASS)], min_length=1)
+    default_priority_class: str | None = None
+    pool_classes: dict[str, str] = Field(default_factory=dict)
+    per_agent: ScopeLimits = ScopeLimits()
+    pools: dict[str, ScopeLimits] = Field(default_factory=dict)
+    tenants: dict[str, ScopeLimits] = Field(default_factory=dict)
+    alert_thresholds: tuple[Annotated[float, AfterValidator(_share)], ...] = \
+        DEFAULT_ALERT_THRESHOLDS
+    rebalance_interval_s: float = Field(default=DEFAULT_REBALANCE_INTERVAL_S, gt=0,
+                                        allow_inf_nan=False)
+    burn_rate_window_s: float = Field(default=DEFAULT_BURN_RATE_WINDOW_S, gt=0,
+                                      allow_inf_nan=False)
+    demand_headroom: float = Field(default=DEFAULT_DEMAND_HEADROOM, ge=1,
+                                   allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _check(self) -> BudgetsSpec:
+        lo, hi = self.per_agent_min_usd, self.per_agent_max_usd
+        if hi is not None and lo > hi:
+            raise ValueError(f"per_agent_min_usd ({_num(lo)}) must be <= per_agent_max_usd "
+                             f"({_num(hi)})")
+        if lo > 0 and self.daily_usd is None:
+            raise ValueError(f"per_agent_min_usd ({_num(lo)}) needs daily_usd: it is a share "
+                             "of the fleet's daily budget")
+        if self.daily_usd is not None and lo > self.daily_usd:
+            raise ValueError(f"per_agent_min_usd {_num(lo)} x 1 agent = {_num(lo)} > "
+                             f"daily_usd {_num(self.daily_usd)}")
+        if self.daily_usd is not None and self.per_agent.daily_usd is not None:
+            raise ValueError("per_agent.daily_usd cannot be combined with daily_usd: an "
+                             "agent's daily USD is its allocation, bounded by "
+                             "per_agent_min_usd and per_agent_max_usd")
+        names = [c.name for c in self.priority_classes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"priority_classes: {dupes} named more than once")
+        for where, cls in [("default_priority_class", self.default_priority_class),
+                           *((f"pool_classes.{p}", c) for p, c in self.pool_classes.items())]:
+            if cls is not None and cls not in names:
+                raise ValueError(f"{where}: unknown priority class {cls!r} "
+                                 f"(classes: {', '.join(names)})")
+        t = self.alert_thresholds
+        if list(t) != sorted(set(t)):
+            raise ValueError(f"alert_thresholds {list(t)} must be increasing, without repeats")
+        return self
+
+    @property
+    def class_names(self) -> list[str]:
+        """Priority class names, highest first."""
+        return [c.name for c in self.priority_classes]
+
+    @property
+    def fallback_class(self) -> str:
+        """The class of an agent whose pool has none: ``default_priority_class``, else
+        the lowest class."""
+        return self.default_priority_class or self.priority_classes[-1].name
+
+    def class_of_pool(self, pool: str) -> str:
+        return self.pool_classes.get(pool, self.fallback_class)
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def check_budget_covers(budgets: BudgetsSpec | Mapping[str, Any],
+                        pools: Sequence[Any]) -> None:
+    """Reject a budget whose per-agent minimum the daily total cannot cover at full size.
+
+    Call it from ``FleetSpec``'s validator (it needs the pools). ``max_agents`` is the
+    sum of the pools' ``autoscaling.max_agents``; pools and budgets may be models or
+    plain mappings. Also checks that ``pool_classes`` and ``pools`` name existing pools.
+    Raises ValueError with the arithmetic, e.g. ``budgets.per_agent_min_usd 50 x
+    max_agents 2000 = 100000 > budgets.daily_usd 50000``.
+    """
+    if isinstance(budgets, Mapping):
+        budgets = BudgetsSpec.model_validate(budgets)
+    names: list[str] = []
+    max_agents = 0
+    parts = []
+    for p in pools:
+        name = str(_get(p, "name"))
+        scaling = _get(p, "autoscaling") or {}
+        n = int(_get(scaling, "max_agents", 100))  # AutoscalingSpec's default
+        names.append(name)
+        max_agents += n
+        parts.append(f"{name} {n}")
+    for section in ("pool_classes", "pools"):
+        for pool in getattr(budgets, section):
+            if pool not in names:
+                raise ValueError(f"budgets.{section}.{pool}: no pool named {pool!r} "
+                                 f"(pools: {', '.join(names)})")
+    lo, daily = budgets.per_agent_min_usd, budgets.daily_usd
+    if daily is None or lo == 0:
+        return
+    need = lo * max_agents
+    if need > daily * (1 + 1e-12):
+        raise ValueError(
+            f"budgets.per_agent_min_usd {_num(lo)} x max_agents {max_agents} = {_num(need)} "
+            f"> budgets.daily_usd {_num(daily)} (max_agents is the sum of the pools' "
+            f"autoscaling.max_agents: {', '.join(parts)})")

@@ -9,8 +9,9 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from fleet.spec._base import SpecModel
-from fleet.spec.budgets import BudgetsSpec
+from fleet.spec.budgets import BudgetsSpec, check_budget_covers
 from fleet.spec.consensus import ConsensusSpec
+from fleet.spec.health import HealthSpec
 from fleet.spec.pools import Name, PoolSpec
 from fleet.spec.queues import QueueSpec
 from fleet.spec.resilience import ResilienceSpec
@@ -36,6 +37,7 @@ class FleetSpec(SpecModel):
     budgets: BudgetsSpec = BudgetsSpec()
     resilience: ResilienceSpec = ResilienceSpec()
     consensus: ConsensusSpec = ConsensusSpec()
+    health: HealthSpec = HealthSpec()
 
     @model_validator(mode="after")
     def _check_unique(self) -> FleetSpec:
@@ -48,6 +50,9 @@ class FleetSpec(SpecModel):
                         f"pools.{i}.{attr}: {value!r} is already used by pools.{seen[value]}"
                     )
                 seen[value] = i
+        # Budgets are checked against the pools: a per-agent minimum the daily total
+        # cannot cover at the pools' max_agents is rejected with the arithmetic.
+        check_budget_covers(self.budgets, self.pools)
         return self
 
     def pool_for(self, capability: str) -> PoolSpec:

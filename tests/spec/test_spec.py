@@ -65,3 +65,22 @@ def test_missing_file_and_bad_yaml(tmp_path):
     f.write_text("pools: [\n")
     with pytest.raises(SpecError, match="<yaml>"):
         load_spec(f)
+
+
+def test_budget_minimum_the_total_cannot_cover_is_rejected_with_the_arithmetic():
+    errs = errors_of({
+        "pools": [pool("a", autoscaling={"max_agents": 1500}),
+                  pool("b", autoscaling={"max_agents": 500})],
+        "budgets": {"daily_usd": 50_000, "per_agent_min_usd": 50, "per_agent_max_usd": 500},
+    })
+    msg = " ".join(errs.values())
+    assert "50 x max_agents 2000 = 100000 > budgets.daily_usd 50000" in msg, errs
+
+
+def test_budget_min_over_max_and_negative_price_name_the_field():
+    errs = errors_of({"pools": [pool()], "budgets": {
+        "daily_usd": 1000, "per_agent_min_usd": 60, "per_agent_max_usd": 50}})
+    assert any(k.startswith("budgets") for k in errs), errs
+    errs = errors_of({"pools": [pool()], "budgets": {
+        "prices": {"m": {"input_usd_per_mtok": -1, "output_usd_per_mtok": 1}}}})
+    assert "budgets.prices.m.input_usd_per_mtok" in errs, errs

@@ -1,0 +1,631 @@
+"""Health of logical agents: failure detection, restart backoff and the cascade guard.
+
+Three small parts, composed by ``HealthMonitor``:
+
+- ``FailureDetector`` turns an agent's signals (heartbeats, tasks started and finished)
+  into a verdict: missed heartbeats, a (re)start that never reported, a task running past
+  its limit (hung), or an error rate over a sliding window.
+- ``restart_backoff_s`` spaces an agent's restarts exponentially, with a cap and jitter
+  from an injected ``random.Random``; an agent healthy for ``reset_after_s`` starts over.
+- ``CascadeGuard`` is a fleet-level breaker over restarts. When more than
+  ``cascade_share`` of the fleet is failing at once, mass restarts would themselves
+  become the outage (thundering herd on shared dependencies, schedulers, caches), so it
+  opens, raises an alert and allows only a few restarts per interval; their outcome
+  decides when to resume, gradually.
+
+Each agent follows an explicit state machine (``TRANSITIONS``)::
+
+    STARTING --heartbeat--> HEALTHY --failure--> UNHEALTHY --backoff+permit--> RESTARTING
+    STARTING/RESTARTING --no heartbeat within startup_timeout_s--> UNHEALTHY
+    RESTARTING --heartbeat--> HEALTHY
+    UNHEALTHY --heartbeat, if it failed only by missing heartbeats--> HEALTHY
+    UNHEALTHY --eject_after_failures consecutive failures--> EJECTED --reinstate--> STARTING
+
+Only HEALTHY agents are in service. Nothing here reads a clock or sleeps: ``clock``
+returns monotonic seconds and the runtime calls ``tick()`` (at least every heartbeat
+interval) and applies the ``HealthAction`` list it returns.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from fleet.policy.breaker import TimeBuckets
+from fleet.spec.health import CascadeSpec, HealthSpec, RestartSpec
+
+Clock = Callable[[], float]
+
+DEFAULT_EVENT_LOG_SIZE = 1_000
+
+
+# --- states, reasons, actions, events --------------------------------------------------
+
+class AgentState(str, Enum):
+    STARTING = "starting"  # joined (or reinstated), no heartbeat yet; not in service
+    HEALTHY = "healthy"  # in service
+    UNHEALTHY = "unhealthy"  # out of service, waiting for its restart (backoff or guard)
+    RESTARTING = "restarting"  # restart ordered, waiting for its first heartbeat
+    EJECTED = "ejected"  # failed too often; out until an operator reinstates it
+
+
+S = AgentState
+TRANSITIONS: dict[AgentState, frozenset[AgentState]] = {
+    S.STARTING: frozenset({S.HEALTHY, S.UNHEALTHY}),
+    S.HEALTHY: frozenset({S.UNHEALTHY}),
+    S.UNHEALTHY: frozenset({S.RESTARTING, S.HEALTHY, S.EJECTED}),
+    S.RESTARTING: frozenset({S.HEALTHY, S.UNHEALTHY}),
+    S.EJECTED: frozenset({S.STARTING}),
+}
+FAILING_STATES = frozenset({S.UNHEALTHY, S.RESTARTING})
+
+
+class FailureReason(str, Enum):
+    HEARTBEAT_MISSED = "heartbeat_missed"
+    STARTUP_TIMEOUT = "startup_timeout"
+    HUNG_TASK = "hung_task"
+    ERROR_RATE = "error_rate"
+    CRASHED = "crashed"  # reported by the host: the agent's process or loop died
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    reason: FailureReason
+    detail: str
+
+
+class ActionKind(str, Enum):
+    ADMIT = "admit"  # put the agent (back) in service
+    REMOVE = "remove"  # take it out of service now; its leased work will be redelivered
+    RESTART = "restart"  # restart it inside its host
+    EJECT = "eject"  # out for good; the runtime may start a fresh agent in its place
+
+
+@dataclass(frozen=True, slots=True)
+class HealthAction:
+    """One thing the runtime must do; ``attempt`` numbers an agent's restarts."""
+
+    kind: ActionKind
+    agent_id: str
+    reason: str
+    attempt: int = 0
+
+
+class GuardState(str, Enum):
+    CLOSED = "closed"  # restarts follow each agent's backoff
+    OPEN = "open"  # at most max_restarts_per_interval restarts per interval
+    HALF_OPEN = "half_open"  # the allowance grows each interval
+
+
+class EventKind(str, Enum):
+    AGENT = "agent"  # an agent changed state (old, new)
+    GUARD = "guard"  # the cascade guard changed state (old, new)
+    ALERT_FIRING = "alert_firing"
+    ALERT_RESOLVED = "alert_resolved"
+    RESTART_THROTTLED = "restart_throttled"  # restarts due but held back by the guard
+
+
+@dataclass(frozen=True, slots=True)
+class HealthEvent:
+    """Something the monitor or the guard did, for status, metrics and alerting."""
+
+    at_s: float
+    kind: EventKind
+    subject: str  # an agent id, or the guard's name
+    old: str | None = None
+    new: str | None = None
+    reason: str = ""
+
+
+class HealthListener(Protocol):
+    def on_health_event(self, event: HealthEvent) -> None: ...
+
+
+class HealthEventLog:
+    """A listener keeping the last ``size`` events and a count per kind (and new state)."""
+
+    def __init__(self, size: int = DEFAULT_EVENT_LOG_SIZE):
+        self.events: deque[HealthEvent] = deque(maxlen=size)
+        self.counts: dict[str, int] = {}
+
+    def on_health_event(self, event: HealthEvent) -> None:
+        self.events.append(event)
+        key = event.kind.value if event.new is None else f"{event.kind.value}:{event.new}"
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def of(self, kind: EventKind) -> list[HealthEvent]:
+        return [e for e in self.events if e.kind is kind]
+
+
+# --- failure detection -----------------------------------------------------------------
+
+@dataclass(slots=True)
+class AgentSignals:
+    """What one agent has reported since its last (re)start."""
+
+    started_s: float
+    last_heartbeat_s: float | None = None
+    tasks: dict[str, tuple[float, float]] = field(default_factory=dict)  # id: (start, limit)
+    outcomes: TimeBuckets | None = None  # (calls, errors) over error_window_s
+
+
+class FailureDetector:
+    """Decides from an agent's signals whether it has failed, and why.
+
+    Use ``check`` on a HEALTHY agent (every rule) or on one waiting for its first
+    heartbeat (only the startup timeout applies: it has no heartbeat to miss yet).
+    Times are monotonic seconds.
+    """
+
+    def __init__(self, spec: HealthSpec):
+        self.spec = spec
+
+    def new_signals(self, now_s: float) -> AgentSignals:
+        return AgentSignals(started_s=now_s,
+                            outcomes=TimeBuckets(self.spec.error_window_s, 2))
+
+    def record_outcome(self, signals: AgentSignals, now_s: float, ok: bool) -> None:
+        assert signals.outcomes is not None
+        signals.outcomes.add(now_s, 1, 0 if ok else 1)
+
+    def error_rate(self, signals: AgentSignals, now_s: float) -> tuple[int, float]:
+        """Outcomes in the window and the share that failed."""
+        assert signals.outcomes is not None
+        calls, errors = signals.outcomes.sums(now_s)
+        return round(calls), (errors / calls if calls else 0.0)
+
+    def check(self, signals: AgentSignals, now_s: float) -> Failure | None:
+        s = self.spec
+        if signals.last_heartbeat_s is None:
+            waited = now_s - signals.started_s
+            if waited > s.startup_timeout_s:
+                return Failure(FailureReason.STARTUP_TIMEOUT,
+                               f"no heartbeat {waited:.1f}s after (re)start > "
+                               f"startup_timeout_s {s.startup_timeout_s}")
+            return None
+        for task_id, (start_s, limit_s) in signals.tasks.items():
+            running = now_s - start_s
+            if running > limit_s + s.hung_task_grace_s:
+                return Failure(FailureReason.HUNG_TASK,
+                               f"task {task_id} running {running:.1f}s > limit {limit_s}s "
+                               f"+ grace {s.hung_task_grace_s}s")
+        calls, rate = self.error_rate(signals, now_s)
+        if calls >= s.error_min_calls and rate >= s.error_rate_threshold:
+            return Failure(FailureReason.ERROR_RATE,
+                           f"error rate {rate:.2f} >= {s.error_rate_threshold} over {calls} "
+                           f"tasks in {s.error_window_s}s")
+        silent = now_s - signals.last_heartbeat_s
+        if silent > s.heartbeat_timeout_s:
+            return Failure(FailureReason.HEARTBEAT_MISSED,
+                           f"no heartbeat for {silent:.1f}s > heartbeat_timeout_s "
+                           f"{s.heartbeat_timeout_s}")
+        return None
+
+
+# --- restart backoff -------------------------------------------------------------------
+
+def restart_backoff_s(spec: RestartSpec, failures: int, rng: random.Random) -> float:
+    """Seconds to wait before restarting an agent after its ``failures``-th consecutive
+    failure (1-based): ``min(initial * multiplier ** (failures - 1), max)`` less a random
+    share up to ``jitter_ratio``."""
+    if failures < 1:
+        raise ValueError(f"failures is 1-based, got {failures}")
+    if spec.initial_backoff_s == 0:
+        return 0.0
+    exponent = failures - 1
+    if spec.backoff_multiplier > 1:
+        # Past this exponent the cap applies anyway; stopping here avoids float overflow.
+        exponent = min(exponent, math.ceil(
+            math.log(max(spec.max_backoff_s / spec.initial_backoff_s, 1.0))
+            / math.log(spec.backoff_multiplier)) + 1)
+    delay = min(spec.initial_backoff_s * spec.backoff_multiplier ** exponent,
+                spec.max_backoff_s)
+    return delay * (1.0 - spec.jitter_ratio * rng.random())
+
+
+# --- the cascade guard -----------------------------------------------------------------
+
+class CascadeGuard:
+    """A fleet-level breaker over restarts; see ``CascadeSpec`` for the rules.
+
+    Use one per fleet (the share that matters is of the whole fleet). Feed it the
+    number of failing and total agents with ``observe`` before each round of restarts,
+    ask ``try_restart`` for each restart that is due, and report the fate of restarts
+    granted while it was not CLOSED with ``probe_succeeded`` / ``probe_failed``.
+
+    Throttle invariant: while not CLOSED, the grants in any span of ``interval_s``
+    seconds never exceed the allowance (a sliding log of grant times, not a fixed
+    window, so no burst straddles a window boundary).
+    """
+
+    def __init__(self, spec: CascadeSpec, listeners: Iterable[HealthListener] = (),
+                 name: str = "cascade"):
+        self.spec = spec
+        self.name = name
+        self._listeners = list(listeners)
+        self.state = GuardState.CLOSED
+        self._since_s = 0.0
+        self._grants: deque[float] = deque()
+        self._probe_successes = 0
+        self._total = 0
+        self.opened = 0  # times opened from CLOSED (alerts fired)
+        self.granted = 0
+        self.throttled = 0  # restart requests refused
+
+    def add_listener(self, listener: HealthListener) -> None:
+        self._listeners.append(listener)
+
+    def allowance(self, now_s: float) -> int | None:
+        """Restarts allowed per ``interval_s`` now; None when unlimited (CLOSED)."""
+        n = self.spec.max_restarts_per_interval
+        if self.state is GuardState.CLOSED:
+            return None
+        if self.state is GuardState.OPEN:
+            return n
+        intervals = min(int((now_s - self._since_s) // self.spec.interval_s), 64)
+        grown = math.ceil(n * self.spec.half_open_growth ** intervals)
+        return min(grown, max(n, self._total))
+
+    def observe(self, failing: int, total: int, now_s: float) -> GuardState:
+        """Re-evaluate on the current number of failing agents out of ``total``."""
+        self._total = total
+        share = failing / total if total else 0.0
+        spec = self.spec
+        resume = spec.effective_resume_share
+        what = f"{failing} of {total} agents failing ({share:.0%})"
+        for _ in range(3):  # OPEN -> HALF_OPEN -> CLOSED may all follow from one reading
+            if self.state is GuardState.CLOSED:
+                if spec.enabled and failing >= spec.min_failing_agents \
+                        and share > spec.cascade_share:
+                    self._transition(GuardState.OPEN, now_s,
+                                     f"{what} > cascade_share {spec.cascade_share:.0%}")
+                    continue
+            elif self.state is GuardState.OPEN:
+                if share <= resume:
+                    self._transition(GuardState.HALF_OPEN, now_s,
+                                     f"{what} <= resume_share {resume:.0%}")
+                    continue
+            elif share <= resume and (self.allowance(now_s) or 0) >= failing:
+                self._transition(GuardState.CLOSED, now_s,
+                                 f"{what} <= resume_share {resume:.0%} and the allowance "
+                                 f"covers them")
+                continue
+            break
+        return self.state
+
+    def try_restart(self, now_s: float) -> bool:
+        """Take one restart permit (always granted while CLOSED)."""
+        allowance = self.allowance(now_s)
+        if allowance is None:
+            self.granted += 1
+            return True
+        while self._grants and self._grants[0] <= now_s - self.spec.interval_s:
+            self._grants.popleft()
+        if len(self._grants) >= allowance:
+            self.throttled += 1
+            return False
+        self._grants.append(now_s)
+        self.granted += 1
+        return True
+
+    def probe_succeeded(self, now_s: float) -> None:
+        """An agent restarted while the guard was not CLOSED stayed healthy."""
+        if self.state is not GuardState.OPEN:
+            return
+        self._probe_successes += 1
+        if self._probe_successes >= self.spec.probe_successes:
+            self._transition(GuardState.HALF_OPEN, now_s,
+                             f"{self._probe_successes} restarted agents stayed healthy "
+                             f"for {self.spec.probe_healthy_s}s")
+
+    def probe_failed(self, now_s: float) -> None:
+        """An agent restarted while the guard was not CLOSED failed again."""
+        if self.state is GuardState.HALF_OPEN:
+            self._transition(GuardState.OPEN, now_s, "a restarted agent failed again")
+        elif self.state is GuardState.OPEN:
+            self._probe_successes = 0
+
+    def _transition(self, new: GuardState, now_s: float, reason: str) -> None:
+        """The one place where the guard's state changes, with its entry actions."""
+        old = self.state
+        self.state = new
+        self._since_s = now_s
+        self._probe_successes = 0
+        if new is not GuardState.CLOSED and old is GuardState.CLOSED:
+            self._grants.clear()
+        self._emit(HealthEvent(now_s, EventKind.GUARD, self.name, old.value, new.value,
+                               reason))
+        if old is GuardState.CLOSED:
+            self.opened += 1
+            self._emit(HealthEvent(now_s, EventKind.ALERT_FIRING, self.name,
+                                   reason=f"cascade: {reason}; restarts throttled to "
+                                          f"{self.spec.max_restarts_per_interval} per "
+                                          f"{self.spec.interval_s}s"))
+        elif new is GuardState.CLOSED:
+            self._emit(HealthEvent(now_s, EventKind.ALERT_RESOLVED, self.name,
+                                   reason=f"cascade over: {reason}"))
+
+    def _emit(self, event: HealthEvent) -> None:
+        for listener in self._listeners:
+            listener.on_health_event(event)
+
+    def snapshot(self, now_s: float) -> dict[str, object]:
+        return {"state": self.state.value, "allowance_per_interval": self.allowance(now_s),
+                "interval_s": self.spec.interval_s, "opened": self.opened,
+                "granted": self.granted, "throttled": self.throttled}
+
+
+# --- the monitor -----------------------------------------------------------------------
+
+@dataclass(slots=True)
+class AgentHealth:
+    """The monitor's record of one agent."""
+
+    agent_id: str
+    pool: str
+    state: AgentState
+    since_s: float  # when it entered ``state``
+    signals: AgentSignals
+    failures: int = 0  # consecutive failures; drives the backoff and ejection
+    restarts: int = 0
+    last_failure: Failure | None = None
+    next_restart_s: float | None = None
+    healthy_since_s: float | None = None
+    probe: bool = False  # restarted while the guard was not CLOSED, fate not yet known
+
+
+@dataclass(frozen=True, slots=True)
+class FailureRecord:
+    at_s: float
+    agent_id: str
+    pool: str
+    reason: str
+    detail: str
+
+
+class HealthMonitor:
+    """Health state of every logical agent of a fleet, and what to do about it.
+
+    Feed it signals (``heartbeat``, ``task_started``, ``task_finished``,
+    ``report_failure``) and membership (``add_agent``, ``remove_agent``, ``reinstate``);
+    call ``tick()`` at least every ``heartbeat_interval_s`` and apply the actions it
+    returns, in order. Actions caused by a signal (an error-rate failure, a recovery)
+    are queued and returned by the next ``tick``, so call it right after a batch of
+    signals to remove a failed agent from service at once. ``clock`` returns monotonic
+    seconds; ``rng`` jitters the restart backoff.
+    """
+
+    def __init__(self, spec: HealthSpec, clock: Clock, rng: random.Random,
+                 listeners: Iterable[HealthListener] = (), name: str = "fleet"):
+        self.spec = spec
+        self.name = name
+        self._clock = clock
+        self._rng = rng
+        self._listeners = list(listeners)
+        self.detector = FailureDetector(spec)
+        self.guard = CascadeGuard(spec.cascade, self._listeners, name=f"{name}:cascade")
+        self._agents: dict[str, AgentHealth] = {}
+        self._outbox: list[HealthAction] = []
+        self.failures: deque[FailureRecord] = deque(maxlen=spec.failure_log_size)
+        self.ignored_signals = 0  # task signals for agents the monitor does not know
+
+    def add_listener(self, listener: HealthListener) -> None:
+        self._listeners.append(listener)
+        self.guard.add_listener(listener)
+
+    # -- membership ---------------------------------------------------------------------
+    def add_agent(self, agent_id: str, pool: str = "default") -> None:
+        """A new agent was started; it is in service once it reports a heartbeat."""
+        if agent_id in self._agents:
+            return
+        now = self._clock()
+        self._agents[agent_id] = AgentHealth(agent_id, pool, S.STARTING, now,
+                                             self.detector.new_signals(now))
+
+    def remove_agent(self, agent_id: str) -> None:
+        """The agent is gone on purpose (scaled down, drained): forget it."""
+        self._agents.pop(agent_id, None)
+
+    def reinstate(self, agent_id: str) -> None:
+        """An operator gives an ejected agent another chance (it starts afresh)."""
+        a = self._agents[agent_id]
+        now = self._clock()
+        self._transition(a, S.STARTING, now, "reinstated")
+        a.failures = 0
+        a.signals = self.detector.new_signals(now)
+
+    # -- signals --------------------------------------------------------------------------
+    def heartbeat(self, agent_id: str, pool: str = "default") -> None:
+        """The agent is alive; an unknown agent announces itself this way."""
+        now = self._clock()
+        a = self._agents.get(agent_id)
+        if a is None:
+            self.add_agent(agent_id, pool)
+            a = self._agents[agent_id]
+        a.signals.last_heartbeat_s = now
+        if a.state in (S.STARTING, S.RESTARTING):
+            self._admit(a, now, "first heartbeat after start" if a.state is S.STARTING
+                        else f"restart {a.restarts} reported healthy")
+        elif (a.state is S.UNHEALTHY and self.spec.recover_on_heartbeat
+              and a.last_failure is not None
+              and a.last_failure.reason is FailureReason.HEARTBEAT_MISSED):
+            a.next_restart_s = None
+            self._admit(a, now, "heartbeat resumed before the restart")
+
+    def task_started(self, agent_id: str, task_id: str, limit_s: float | None = None) -> None:
+        """The agent began ``task_id``, which may run ``limit_s`` seconds (None: the
+        spec's ``default_task_limit_s``)."""
+        a = self._agents.get(agent_id)
+        if a is None:
+            self.ignored_signals += 1
+            return
+        limit = self.spec.default_task_limit_s if limit_s is None else limit_s
+        a.signals.tasks[task_id] = (self._clock(), limit)
+
+    def task_finished(self, agent_id: str, task_id: str, ok: bool) -> None:
+        """The agent finished ``task_id``; failures count towards its error rate."""
+        a = self._agents.get(agent_id)
+        if a is None:
+            self.ignored_signals += 1
+            return
+        now = self._clock()
+        a.signals.tasks.pop(task_id, None)
+        if a.state is not S.HEALTHY:
+            return  # a straggler from before it was taken out of service
+        self.detector.record_outcome(a.signals, now, ok)
+        if not ok:
+            failure = self.detector.check(a.signals, now)
+            if failure is not None and failure.reason is FailureReason.ERROR_RATE:
+                self._fail(a, failure, now)
+
+    def report_failure(self, agent_id: str, detail: str,
+                       reason: FailureReason = FailureReason.CRASHED) -> None:
+        """The host saw the agent die (or another fatal fault)."""
+        a = self._agents.get(agent_id)
+        if a is None:
+            self.ignored_signals += 1
+            return
+        self._fail(a, Failure(reason, detail), self._clock())
+
+    # -- decisions ------------------------------------------------------------------------
+    def tick(self) -> list[HealthAction]:
+        """Detect failures, update the cascade guard, schedule restarts; return the
+        actions queued since the last tick."""
+        now = self._clock()
+        spec = self.spec
+        for a in list(self._agents.values()):
+            if a.state is S.HEALTHY:
+                assert a.healthy_since_s is not None
+                healthy_for = now - a.healthy_since_s
+                if a.failures and healthy_for >= spec.restart.reset_after_s:
+                    a.failures = 0
+                if a.probe and healthy_for >= spec.cascade.probe_healthy_s:
+                    a.probe = False
+                    self.guard.probe_succeeded(now)
+            if a.state in (S.HEALTHY, S.STARTING, S.RESTARTING):
+                failure = self.detector.check(a.signals, now)
+                if failure is not None:
+                    self._fail(a, failure, now)
+        failing, total = self._failing_and_total()
+        self.guard.observe(failing, total, now)
+        self._restart_due(now)
+        out, self._outbox = self._outbox, []
+        return out
+
+    def _restart_due(self, now: float) -> None:
+        due = sorted((a for a in self._agents.values()
+                      if a.state is S.UNHEALTHY and a.next_restart_s is not None
+                      and a.next_restart_s <= now),
+                     key=lambda a: (a.next_restart_s, a.agent_id))
+        held = 0
+        for i, a in enumerate(due):
+            if not self.guard.try_restart(now):
+                held = len(due) - i  # the rest stay UNHEALTHY and are asked again next tick
+                break
+            a.restarts += 1
+            a.next_restart_s = None
+            a.probe = self.guard.state is not GuardState.CLOSED
+            a.signals = self.detector.new_signals(now)
+            reason = a.last_failure.reason.value if a.last_failure else "restart"
+            self._transition(a, S.RESTARTING, now, f"restart {a.restarts} after {reason}")
+            self._outbox.append(HealthAction(ActionKind.RESTART, a.agent_id, reason,
+                                             a.restarts))
+        if held:
+            self._emit(HealthEvent(now, EventKind.RESTART_THROTTLED, self.guard.name,
+                                   reason=f"{held} restarts held back, guard "
+                                          f"{self.guard.state.value}"))
+
+    def _fail(self, a: AgentHealth, failure: Failure, now: float) -> None:
+        if a.state in (S.UNHEALTHY, S.EJECTED):
+            return
+        if a.probe:
+            a.probe = False
+            self.guard.probe_failed(now)
+        if a.healthy_since_s is not None and now - a.healthy_since_s >= \
+                self.spec.restart.reset_after_s:
+            a.failures = 0
+        a.failures += 1
+        a.last_failure = failure
+        a.signals.tasks.clear()
+        self.failures.append(FailureRecord(now, a.agent_id, a.pool, failure.reason.value,
+                                           failure.detail))
+        self._transition(a, S.UNHEALTHY, now, f"{failure.reason.value}: {failure.detail}")
+        self._outbox.append(HealthAction(ActionKind.REMOVE, a.agent_id,
+                                         failure.reason.value))
+        limit = self.spec.restart.eject_after_failures
+        if limit is not None and a.failures >= limit:
+            self._transition(a, S.EJECTED, now, f"{a.failures} consecutive failures >= "
+                                                f"eject_after_failures {limit}")
+            self._outbox.append(HealthAction(ActionKind.EJECT, a.agent_id,
+                                             failure.reason.value))
+        else:
+            a.next_restart_s = now + restart_backoff_s(self.spec.restart, a.failures,
+                                                       self._rng)
+
+    def _admit(self, a: AgentHealth, now: float, reason: str) -> None:
+        self._transition(a, S.HEALTHY, now, reason)
+        self._outbox.append(HealthAction(ActionKind.ADMIT, a.agent_id, reason))
+
+    def _transition(self, a: AgentHealth, new: AgentState, now: float, reason: str) -> None:
+        """The one place where an agent's state changes."""
+        old = a.state
+        if new not in TRANSITIONS[old]:
+            raise ValueError(f"agent {a.agent_id}: no transition {old.value} -> {new.value}")
+        a.state = new
+        a.since_s = now
+        a.healthy_since_s = now if new is S.HEALTHY else None
+        self._emit(HealthEvent(now, EventKind.AGENT, a.agent_id, old.value, new.value,
+                               reason))
+
+    def _emit(self, event: HealthEvent) -> None:
+        for listener in self._listeners:
+            listener.on_health_event(event)
+
+    # -- views ------------------------------------------------------------------------------
+    def _failing_and_total(self) -> tuple[int, int]:
+        failing = sum(1 for a in self._agents.values() if a.state in FAILING_STATES)
+        return failing, len(self._agents)
+
+    def state(self, agent_id: str) -> AgentState:
+        return self._agents[agent_id].state
+
+    def agent(self, agent_id: str) -> AgentHealth:
+        return self._agents[agent_id]
+
+    def in_service(self, agent_id: str) -> bool:
+        a = self._agents.get(agent_id)
+        return a is not None and a.state is S.HEALTHY
+
+    def agent_ids(self, state: AgentState | None = None) -> list[str]:
+        return [a.agent_id for a in self._agents.values() if state is None or a.state is state]
+
+    def counts(self, pool: str | None = None) -> dict[str, int]:
+        """Agents per state (of one pool, or of the fleet)."""
+        out = {s.value: 0 for s in AgentState}
+        for a in self._agents.values():
+            if pool is None or a.pool == pool:
+                out[a.state.value] += 1
+        return out
+
+    def snapshot(self, last_failures: int = 10) -> dict[str, object]:
+        """Per-pool counts, the guard and the last failures, for ``fleet status``."""
+        now = self._clock()
+        pools = sorted({a.pool for a in self._agents.values()})
+        failing, total = self._failing_and_total()
+        return {
+            "agents": total,
+            "failing": failing,
+            "by_state": self.counts(),
+            "pools": {p: self.counts(p) for p in pools},
+            "guard": self.guard.snapshot(now),
+            "last_failures": [
+                {"at_s": f.at_s, "agent_id": f.agent_id, "pool": f.pool, "reason": f.reason,
+                 "detail": f.detail}
+                for f in list(self.failures)[-last_failures:]
+            ],
+        }
