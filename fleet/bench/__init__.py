@@ -4,4 +4,6 @@ SUITES = {
     "core": "fleet.bench.core",
     "budgets": "fleet.bench.budgets",
     "consensus": "fleet.bench.consensus",
+    "sim": "fleet.bench.sim",
+    "routing": "fleet.bench.routing",
 }

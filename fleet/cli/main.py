@@ -14,6 +14,7 @@ COMMANDS = (
     "fleet.cli.submit",
     "fleet.cli.status",
     "fleet.cli.bench",
+    "fleet.cli.simulate",
 )
 
 

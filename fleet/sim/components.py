@@ -1,0 +1,95 @@
+"""Hook points for policies plugged into the simulator (breakers, health, budgets, ...).
+
+The engine drives the autoscaler, routers and batching of ``fleet.policy`` itself. Other
+policies attach as ``Component`` objects: each overrides only the hooks it needs, and
+the engine calls a hook only on components that override it, so an unused hook costs
+nothing per task. A component acts on the simulation through the engine's public
+methods: ``eject``/``readmit`` (take an agent out of service and back), ``kill``,
+``schedule`` (a callback at a virtual time), ``log_event`` and the pool state in
+``sim.pools``. Time is ``now_s`` (virtual seconds); randomness comes from
+``sim.rng(name)``, a seeded stream of its own.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fleet.sim.engine import SimAgent, Simulation
+
+
+class Component:
+    """Base class: every hook is a no-op."""
+
+    name = "component"
+
+    def attach(self, sim: Simulation) -> None:
+        """Called once before the run starts."""
+
+    def on_outcome(self, sim: Simulation, agent: SimAgent, tid: int, ok: bool,
+                   service_s: float, now_s: float) -> None:
+        """An execution ended on ``agent`` (``ok`` False: failed or timed out)."""
+
+    def on_agent_down(self, sim: Simulation, agent: SimAgent, reason: str,
+                      now_s: float) -> None:
+        """``agent`` died (``reason``: kill, crash, ...); its work is already re-queued."""
+
+    def on_agent_up(self, sim: Simulation, agent: SimAgent, now_s: float) -> None:
+        """``agent`` started serving (new, or restarted)."""
+
+    def restart_delay_s(self, sim: Simulation, agent: SimAgent, default_s: float,
+                        now_s: float) -> float | None:
+        """Delay before a dead agent restarts; None leaves it to the next component
+        (and finally to the scenario's ``restart_delay_s``)."""
+        return None
+
+    def restart_gate_s(self, sim: Simulation, agent: SimAgent, now_s: float) -> float | None:
+        """A dead agent's restart is due: None lets it go (or ``sim.retire`` it), a
+        number postpones it by that many seconds (a throttle)."""
+        return None
+
+    def on_tick(self, sim: Simulation, now_s: float) -> None:
+        """Every ``sample_interval_s``."""
+
+    def report(self) -> dict[str, Any]:
+        """Figures for the report, under ``components.<name>``."""
+        return {}
+
+
+def overrides(component: Component, hook: str) -> bool:
+    return getattr(type(component), hook) is not getattr(Component, hook)
+
+
+def available_policy_seams() -> dict[str, str]:
+    """Which of fleet's policies the simulator drives, and which wait at a seam.
+
+    Autoscaling, routing, batching, breakers and retries are driven by the engine, the
+    health policy's restarts by a default component; the others are listed with
+    whether their module exists in this checkout, to be plugged in through a
+    ``Component`` (see this module's docstring).
+    """
+    import importlib.util
+
+    out = {
+        "fleet.policy.autoscaling": "driven: every control interval",
+        "fleet.policy.routing": "driven: every task",
+        "fleet.policy.batching": "driven: every dispatcher call",
+        "fleet.policy.breaker": "driven: every outcome (fleet.sim.resilience)",
+        "fleet.policy.retry": "driven: every failure (fleet.sim.resilience)",
+    }
+    if importlib.util.find_spec("fleet.policy.health") is not None:
+        out["fleet.policy.health"] = ("driven: restart backoff and cascade guard "
+                                      "(fleet.sim.health); heartbeats not simulated")
+    else:
+        out["fleet.policy.health"] = "seam: health policy; module not in this checkout"
+    for mod, what in (
+        ("fleet.policy.allocation", "budget allocation"),
+        ("fleet.policy.budget", "budget enforcement and preemption"),
+    ):
+        present = importlib.util.find_spec(mod) is not None
+        out[mod] = (f"seam: {what}; module present, plug in as a Component" if present
+                    else f"seam: {what}; module not in this checkout")
+    out["fleet.policy.disciplines"] = (
+        "not simulated: each pool's queue is FIFO (PoolRun.queue); a discipline needs "
+        "priorities or deadlines per task in the workload")
+    return out

@@ -1,0 +1,1027 @@
+"""The discrete-event engine: virtual time, one heap of events, the real policies.
+
+Per pool the engine keeps a FIFO queue, the agents (starting, serving, draining, dead)
+and a dispatcher. The dispatcher takes ``fleet.policy.batching.batch_size`` items per
+call and gives each to the agent that the pool's router (``fleet.policy.routing``, the
+object the live runtime uses) picks; every ``control_interval_s`` the pool's autoscaler
+(``fleet.policy.autoscaling.decide``) sets the number of agents, new agents serve after
+their start-up time, and removed ones drain (finish what they run, take nothing new).
+Outcomes feed the agents' circuit breakers and failures the retry policy
+(``fleet.policy.breaker``, ``fleet.policy.retry``; see ``fleet.sim.resilience``).
+Chaos and crashes kill agents: their work goes back to the queue's head and they
+restart after a delay. Further policies plug in as ``Component`` hooks.
+
+Speed (a million tasks, ten thousand agents, in seconds):
+* events are plain tuples ``(t, seq, kind, a, b, c)`` on one ``heapq``; ``seq`` breaks
+  ties in scheduling order, which makes runs deterministic. Arrivals, half of all
+  events, wait on a separate heap of one entry per stream;
+* a task is an integer index into flat arrays (submit time, pool, tenant, deliveries,
+  outcome), never an object;
+* the router sees only the agents with room (a list kept in O(1) per change by swap
+  removal), so power-of-d routing costs O(d) per task, not O(agents);
+* an event made stale (a completion on an agent killed since) is recognized by the
+  agent's generation counter instead of being searched for in the heap;
+* the autoscaler runs once per control interval, never per task.
+
+Correctness of the accounting: every submitted task is, at any time, in exactly one of
+the pool's queue, an agent's running list or local queue, a partition buffer, a retry
+backoff, or recorded in ``outcome`` (once: a second outcome is counted in
+``recorded_twice`` and dropped). Kills and ejections move held work back to the
+queue, so ``lost`` (tasks with no outcome at the end) is 0 whenever the run drains.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+import time
+from array import array
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fleet.policy.autoscaling import ScalingInput, ScalingState, decide
+from fleet.policy.batching import batch_size
+from fleet.policy.routing import Candidate, make_router
+from fleet.sim.arrivals import TenantPicker, make_stream
+from fleet.sim.components import Component, overrides
+from fleet.sim.distributions import count_sampler, duration_sampler
+from fleet.sim.resilience import PoolResilience
+from fleet.sim.scenario import ConstantDuration, PoolModel, Scenario
+
+# Event kinds, most frequent first (``run`` tests them in this order); arrivals have
+# their own small heap.
+EV_DONE, EV_TIMEOUT, EV_READY, EV_RESTART, EV_CONTROL, EV_SAMPLE, EV_CRASH, EV_REQUEUE, \
+    EV_CALL = range(9)
+
+# Agent states.
+STARTING, ACTIVE, EJECTED, DRAINING, DEAD, STOPPED = range(6)
+
+# Outcome codes in ``Simulation.outcome`` (0: none recorded yet).
+OK, ERROR, TIMEOUT, MAX_DELIVERIES, MAX_ATTEMPTS, RETRY_BUDGET = 1, 2, 3, 4, 5, 6
+REASONS = {ERROR: "error", TIMEOUT: "timeout", MAX_DELIVERIES: "max_deliveries",
+           MAX_ATTEMPTS: "max_attempts", RETRY_BUDGET: "retry_budget_exhausted"}
+
+LATENCY_EWMA = 0.2
+MAX_EVENT_LOG = 500
+MAX_DELIVERIES_STORED = 255
+
+
+class SimAgent(Candidate):
+    """A logical agent; as a ``Candidate`` it is what the routers read directly.
+
+    ``in_flight`` counts the tasks it holds (running plus waiting in its local queue),
+    ``capacity`` is concurrency plus the local queue limit.
+    """
+
+    __slots__ = ("pool", "state", "gen", "factor", "base_factor", "running", "local",
+                 "fidx", "lidx", "killed_at", "injection", "probe", "breaker")
+
+    def __init__(self, agent_id: str, capacity: int, pool: PoolRun, base_factor: float,
+                 local: bool):
+        self.id = agent_id
+        self.in_flight = 0
+        self.capacity = capacity
+        self.latency_s = 0.0
+        self.pool = pool
+        self.state = STARTING
+        self.gen = 0
+        self.base_factor = base_factor
+        self.factor = base_factor
+        self.running: list[int] = []
+        self.local: deque[int] | None = deque() if local else None
+        self.fidx = -1  # index in pool.free, or -1
+        self.lidx = -1  # index in the list of its state (active/starting/dead), or -1
+        self.killed_at = -1.0
+        self.injection = -1
+        self.probe = False  # breaker half-open: each task needs a probe permit
+        self.breaker: Any = None  # its CircuitBreaker while it is in the pool's registry
+
+    def __repr__(self) -> str:
+        return f"SimAgent({self.id!r}, state={self.state}, in_flight={self.in_flight})"
+
+
+class PoolRun:
+    """The simulated state of one pool."""
+
+    def __init__(self, idx: int, sim: Simulation, spec: Any, model: PoolModel | None,
+                 seed: str):
+        # A pool the scenario sends no work to needs no model; it idles at its minimum.
+        model = model or PoolModel(service=ConstantDuration(kind="constant", value_s=0.0))
+        self.idx = idx
+        self.name: str = spec.name
+        self.spec = spec
+        self.model = model
+        self.scaling = spec.autoscaling
+        self.concurrency: int = spec.concurrency_per_agent
+        self.capacity: int = spec.concurrency_per_agent + model.agent_queue_limit
+        self.local_queues = model.agent_queue_limit > 0
+        self.queue: deque[int] = deque()
+        self.free: list[SimAgent] = []       # serving agents with room
+        self.active: list[SimAgent] = []     # ACTIVE and EJECTED agents
+        self.starting: list[SimAgent] = []
+        self.dead: list[SimAgent] = []       # waiting to restart
+        self.n_draining = 0
+        self.n_ejected = 0
+        self.free_slots = 0
+        self.held = 0                        # tasks held by agents (running or local)
+        self.local_n = 0                     # of which waiting in agents' local queues
+        self.target: int = spec.autoscaling.start_agents
+        self.scale_state = ScalingState()
+        self.router = make_router(spec.routing)
+        self.choose = self.router.choose
+        self.rng_route = random.Random(f"{seed}/route/{self.name}")
+        self.rng_fail = random.Random(f"{seed}/fail/{self.name}")
+        self.rng_agents = random.Random(f"{seed}/agents/{self.name}")
+        self.rng_crash = random.Random(f"{seed}/crash/{self.name}")
+        self.sample = duration_sampler(model.service, random.Random(f"{seed}/service/{self.name}"))
+        self.startup = duration_sampler(model.startup, self.rng_agents)
+        self.overhead: float = model.dispatch_overhead_s
+        self.payload_bytes: float = float(model.payload_bytes)
+        fails = model.failures
+        self.fail_p: float = fails.task_failure_prob
+        self.restart_delay_s: float = fails.restart_delay_s
+        # Crashes arrive at rate x max_agents and are thinned to live agents (_on_crash).
+        self.crash_rate_per_s: float = (fails.crash_rate_per_agent_per_h / 3600.0
+                                        * self.scaling.max_agents)
+        self.slow_share = model.heterogeneity.slow_share
+        self.slowdown = model.heterogeneity.slowdown
+        tok = model.tokens
+        self.tokens = tok is not None
+        if tok is not None:
+            trng = random.Random(f"{seed}/tokens/{self.name}")
+            self.in_tok = count_sampler(tok.input_tokens, trng)
+            self.out_tok = count_sampler(tok.output_tokens, trng)
+            price = sim.scenario.fleet.budgets.prices[tok.model]
+            self.in_price = price.input_usd_per_mtok / 1e6
+            self.out_price = price.output_usd_per_mtok / 1e6
+        self.usd_per_agent_s: float = model.agent_usd_per_hour / 3600.0
+        self.error_text: str = fails.error
+        self.firsts = 0  # first attempts not yet counted in the retry budget
+        self.retry_wait = 0  # failed tasks waiting out their retry backoff
+        self.res: PoolResilience = None  # type: ignore[assignment]  # set by Simulation
+        self.partitioned = False
+        self.partition_buffer: list[tuple[int, int]] = []
+        self.n_created = 0
+        # accounting (tasks submitted per pool: counted from Simulation.task_pool)
+        self.completed = 0
+        self.failed = 0
+        self.requeued = 0
+        self.calls = 0
+        self.call_items = 0
+        self.busy_s = 0.0
+        self.alive_s = 0.0
+        self.paid_s = 0.0
+        self.acct_t = 0.0
+        self.alive_max = 0
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.token_usd = 0.0
+        self.kills = 0
+        self.crashes = 0
+        self.restarts = 0
+        self.replacements: list[float] = []
+        self.lat = array("d")
+        self.waits = array("d")
+        self.arr_bucket = 0
+        self.done_bucket = 0
+        # series, one entry per sample
+        self.s_t: list[float] = []
+        self.s_target: list[int] = []
+        self.s_serving: list[int] = []
+        self.s_alive: list[int] = []
+        self.s_starting: list[int] = []
+        self.s_dead: list[int] = []
+        self.s_queue: list[int] = []
+        self.s_oldest: list[float] = []
+        self.s_busy: list[int] = []
+        self.s_arrivals: list[int] = []
+        self.s_done: list[int] = []
+        # autoscaler decisions, one per control tick
+        self.c_t: list[float] = []
+        self.c_target: list[int] = []
+        self.c_raw: list[int] = []
+        self.c_reasons: dict[str, int] = {}
+
+    @property
+    def alive(self) -> int:
+        return len(self.active) + self.n_draining
+
+    @property
+    def busy(self) -> int:
+        """Tasks running on agents now."""
+        return self.held - self.local_n
+
+    @property
+    def serving(self) -> int:
+        return len(self.active) - self.n_ejected
+
+
+def _list_add(lst: list[SimAgent], a: SimAgent) -> None:
+    a.lidx = len(lst)
+    lst.append(a)
+
+
+def _list_remove(lst: list[SimAgent], a: SimAgent) -> None:
+    i = a.lidx
+    last = lst.pop()
+    if last is not a:
+        lst[i] = last
+        last.lidx = i
+    a.lidx = -1
+
+
+class Simulation:
+    """One run of a scenario. ``run()`` once, then read the state or ``report()``."""
+
+    def __init__(self, scenario: Scenario, seed: int | None = None,
+                 components: Sequence[Component] = (),
+                 progress: Callable[[float, int], None] | None = None,
+                 default_components: bool = True):
+        self.scenario = scenario
+        self.seed = scenario.seed if seed is None else seed
+        self._seed_key = f"fleet-sim/{self.seed}"
+        # The caller's components first: where hooks compete (restart delay), they win.
+        self.components = list(components) + (
+            default_policy_components(scenario) if default_components else [])
+        self._progress = progress
+        self.now = 0.0
+        self.events = 0
+        self.wall_s = 0.0
+        self._heap: list[tuple] = []
+        # Next arrival per stream, apart from the main heap: arrivals are half of all
+        # events, and a heap of a few entries is cheaper than one of ten thousand.
+        self._arrivals: list[tuple[float, int]] = []
+        self._seq = itertools.count()
+        self._max_tasks = scenario.max_tasks or math.inf
+        self._duration = scenario.duration_s if scenario.duration_s is not None else math.inf
+        self._hard_end = math.inf
+        self.warmup_s = scenario.warmup_s
+        self.finished = False
+        self.arrivals_done = False
+        self.end_t = 0.0
+        fleet = scenario.fleet
+        self.batch_spec = fleet.queues.batch
+        self.task_timeout_s = fleet.resilience.task_timeout_s
+        self.max_deliveries = min(fleet.resilience.max_deliveries, MAX_DELIVERIES_STORED)
+        self.pools: list[PoolRun] = [
+            PoolRun(i, self, spec, scenario.pools.get(spec.name), self._seed_key)
+            for i, spec in enumerate(fleet.pools)
+        ]
+        self.pool_by_name = {p.name: p for p in self.pools}
+        for p in self.pools:
+            p.res = PoolResilience(self, p)
+        # per task
+        self.submitted = 0
+        self.recorded = 0
+        self.recorded_twice = 0
+        self.submit_t = array("d")
+        self.start_t = array("d")
+        self.task_pool = bytearray()
+        self.task_tenant = array("H")
+        self.deliveries = bytearray()
+        self.outcome = bytearray()
+        # tenants
+        self.tenants: list[tuple[str, int]] = []  # (tenant name, pool index)
+        self._tenant_index: dict[tuple[str, int], int] = {}
+        self.ten_ok: list[int] = []
+        self.ten_n: list[int] = []
+        self.ten_lat: list[float] = []
+        self.alive_total = 0
+        self.agents_max = 0
+        self.event_log: list[dict[str, Any]] = []
+        self.event_counts: dict[str, int] = {}
+        self.injections: list[dict[str, Any]] = []
+        self._streams: list[tuple[Any, PoolRun, TenantPicker]] = []
+        self._open_streams = 0
+        self._outcome_hooks = [c for c in self.components if overrides(c, "on_outcome")]
+        self._down_hooks = [c for c in self.components if overrides(c, "on_agent_down")]
+        self._restart_hooks = [c for c in self.components if overrides(c, "restart_delay_s")]
+        self._gate_hooks = [c for c in self.components if overrides(c, "restart_gate_s")]
+        self._up_hooks = [c for c in self.components if overrides(c, "on_agent_up")]
+        self._tick_hooks = [c for c in self.components if overrides(c, "on_tick")]
+
+    # -- helpers for components and chaos --------------------------------------------
+    def rng(self, name: str) -> random.Random:
+        """A seeded random stream of its own for ``name`` (components, chaos)."""
+        return random.Random(f"{self._seed_key}/{name}")
+
+    def _push(self, t: float, kind: int, a: Any = None, b: Any = 0, c: Any = 0) -> None:
+        heapq.heappush(self._heap, (t, next(self._seq), kind, a, b, c))
+
+    def schedule(self, t: float, fn: Callable[[float], None]) -> None:
+        """Call ``fn(now_s)`` at virtual time ``t``."""
+        self._push(max(t, self.now), EV_CALL, fn)
+
+    def log_event(self, kind: str, **fields: Any) -> None:
+        """Count an event by kind; the first ``MAX_EVENT_LOG`` are kept in detail."""
+        self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
+        if len(self.event_log) < MAX_EVENT_LOG:
+            self.event_log.append({"t_s": self.now, "kind": kind, **fields})
+
+    def _tenant_id(self, name: str, pool: PoolRun) -> int:
+        """Index of tenant ``name`` within ``pool`` (a tenant is counted per pool)."""
+        key = (name, pool.idx)
+        if key not in self._tenant_index:
+            self._tenant_index[key] = len(self.tenants)
+            self.tenants.append(key)
+            for lst in (self.ten_ok, self.ten_n):
+                lst.append(0)
+            self.ten_lat.append(0.0)
+        return self._tenant_index[key]
+
+    # -- set-up ------------------------------------------------------------------------
+    def _setup(self) -> None:
+        sc = self.scenario
+        for i, st in enumerate(sc.workload):
+            pool = self.pool_by_name[st.pool]
+            rng = random.Random(f"{self._seed_key}/arrivals/{i}")
+            stream = make_stream(st, rng, self._duration)
+            names = list(st.tenants) or [st.pool]
+            weights = list(st.tenants.values()) or [1.0]
+            picker = TenantPicker([self._tenant_id(n, pool) for n in names], weights,
+                                  random.Random(f"{self._seed_key}/tenants/{i}"))
+            self._streams.append((stream, pool, picker))
+            first = stream.next_after(0.0)
+            if first is not None and first <= self._duration:
+                self._open_streams += 1
+                heapq.heappush(self._arrivals, (first, i))
+        if self._open_streams == 0:
+            self._arrivals_over(0.0)
+        for p in self.pools:
+            for _ in range(p.target):
+                a = self._new_agent(p)
+                a.state = STARTING
+                _list_add(p.starting, a)
+                self._ready(a, 0.0)  # the fleet is up when the scenario starts
+            self._push(p.scaling.control_interval_s, EV_CONTROL, p)
+            if p.crash_rate_per_s > 0:
+                self._push(p.rng_crash.expovariate(p.crash_rate_per_s), EV_CRASH, p)
+        self._push(sc.sample_interval_s, EV_SAMPLE)
+        from fleet.sim.chaos import schedule_chaos
+
+        schedule_chaos(self)
+        for c in self.components:
+            c.attach(self)
+
+    def _new_agent(self, p: PoolRun) -> SimAgent:
+        slow = p.slow_share > 0 and p.rng_agents.random() < p.slow_share
+        a = SimAgent(f"{p.name}/{p.n_created}", p.capacity, p,
+                     p.slowdown if slow else 1.0, p.local_queues)
+        p.n_created += 1
+        return a
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(self) -> Simulation:
+        """Run to the end: every task has an outcome, or the drain timeout passed."""
+        wall0 = time.perf_counter()
+        self._setup()
+        heap, arrivals = self._heap, self._arrivals
+        pop = heapq.heappop
+        done = self._on_done
+        arrival = self._on_arrival
+        n = 0
+        progress = self._progress
+        next_progress = 0
+        while not self.finished:
+            # Arrivals come first at equal times (a fixed rule: runs stay deterministic).
+            if arrivals and (not heap or arrivals[0][0] <= heap[0][0]):
+                t, i = arrivals[0]
+                if t > self._hard_end:
+                    break
+                pop(arrivals)
+                self.now = t
+                n += 1
+                arrival(i, t)
+                continue
+            if not heap:
+                break
+            t, _, kind, a, b, c = pop(heap)
+            if t > self._hard_end:
+                break
+            self.now = t
+            n += 1
+            if kind == EV_DONE:
+                done(a, b, c, t, OK)
+            elif kind == EV_TIMEOUT:
+                done(a, b, c, t, TIMEOUT)
+            elif kind == EV_READY:
+                if a.gen == b and a.state == STARTING:
+                    self._ready(a, t)
+            elif kind == EV_RESTART:
+                if a.gen == b and a.state == DEAD:
+                    self._restart_due(a, t)
+            elif kind == EV_CONTROL:
+                self._on_control(a, t)
+            elif kind == EV_SAMPLE:
+                self._on_sample(t)
+                if progress is not None and n >= next_progress:
+                    progress(t, self.submitted)
+                    next_progress = n + 200_000
+            elif kind == EV_CRASH:
+                self._on_crash(a, t)
+            elif kind == EV_REQUEUE:
+                a.retry_wait -= 1
+                a.queue.append(b)
+                if a.free:
+                    self._dispatch(a, t)
+            elif kind == EV_CALL:
+                a(t)
+        self.events = n
+        self._finish()
+        self.wall_s = time.perf_counter() - wall0
+        return self
+
+    def _finish(self) -> None:
+        end = self.now if self.finished else min(self.now, self._hard_end)
+        self.end_t = end
+        for p in self.pools:
+            self._account(p, end)
+        if not self.pools[0].s_t or self.pools[0].s_t[-1] < end:
+            self._on_sample(end)
+
+    # -- arrivals ----------------------------------------------------------------------
+    def _arrivals_over(self, t: float) -> None:
+        self.arrivals_done = True
+        self._hard_end = t + self.scenario.drain_timeout_s
+        if self.recorded == self.submitted:
+            self.finished = True
+
+    def _on_arrival(self, i: int, t: float) -> None:
+        if self.submitted >= self._max_tasks:
+            return  # another stream reached the cap first; this one is closed already
+        stream, p, picker = self._streams[i]
+        tid = self.submitted
+        self.submitted = tid + 1
+        self.submit_t.append(t)
+        self.start_t.append(t)
+        self.task_pool.append(p.idx)
+        ten = picker.single
+        if ten is None:
+            ten = picker.pick()
+        self.task_tenant.append(ten)
+        self.deliveries.append(0)
+        self.outcome.append(0)
+        p.arr_bucket += 1
+        p.queue.append(tid)
+        if p.free:
+            self._dispatch(p, t)
+        nt = stream.next_after(t)
+        if nt is not None and nt <= self._duration and self.submitted < self._max_tasks:
+            heapq.heappush(self._arrivals, (nt, i))
+        else:
+            self._open_streams -= 1
+            if self._open_streams == 0 or self.submitted >= self._max_tasks:
+                self._open_streams = 0
+                self._arrivals_over(t)
+
+    # -- dispatch ----------------------------------------------------------------------
+    def _dispatch(self, p: PoolRun, now: float) -> None:
+        """Move queued tasks to agents with room, a batch per dispatcher call.
+
+        The batch size is the live dispatcher's (``batch_size`` of queue depth and free
+        capacity); each task of a batch goes to the agent the pool's router picks among
+        the agents with room, and starts at once if the agent has a free slot, else
+        waits in the agent's local queue.
+        """
+        if p.partitioned:
+            return
+        q, free = p.queue, p.free
+        choose, rng = p.choose, p.rng_route
+        spec, item_bytes = self.batch_spec, p.payload_bytes
+        conc, sample, extra = p.concurrency, p.sample, p.overhead
+        heap, seq = self._heap, self._seq
+        deliveries, start_t = self.deliveries, self.start_t
+        timeout = self.task_timeout_s
+        push = heapq.heappush
+        while q and free:
+            n = batch_size(spec, len(q), p.free_slots, item_bytes)
+            if n <= 0:
+                return
+            p.calls += 1
+            sent = 0
+            while sent < n and q and free:
+                i = choose(free, rng)
+                if i is None:
+                    break
+                a = free[i]
+                if a.probe and not p.res.acquire_probe(a, now):
+                    continue  # half-open with no probe permit left: it left routing
+                tid = q.popleft()
+                sent += 1
+                # The agent now holds the task, running or in its local queue.
+                a.in_flight += 1
+                p.free_slots -= 1
+                if a.in_flight >= a.capacity:
+                    # swap-remove from the agents with room
+                    last = free.pop()
+                    if last is not a:
+                        free[i] = last
+                        last.fidx = i
+                    a.fidx = -1
+                running = a.running
+                if len(running) < conc:
+                    dur = sample() * a.factor + extra
+                    d = deliveries[tid]
+                    if d < MAX_DELIVERIES_STORED:
+                        deliveries[tid] = d + 1
+                        if d == 0:
+                            p.firsts += 1
+                    start_t[tid] = now
+                    running.append(tid)
+                    if dur > timeout:
+                        push(heap, (now + timeout, next(seq), EV_TIMEOUT, a, a.gen, tid))
+                    else:
+                        push(heap, (now + dur, next(seq), EV_DONE, a, a.gen, tid))
+                else:
+                    a.local.append(tid)
+                    p.local_n += 1
+            p.held += sent
+            p.call_items += sent
+            if sent < n:
+                return
+
+    def _free_add(self, p: PoolRun, a: SimAgent) -> None:
+        a.fidx = len(p.free)
+        p.free.append(a)
+
+    def _free_remove(self, p: PoolRun, a: SimAgent) -> None:
+        i = a.fidx
+        if i < 0:
+            return
+        free = p.free
+        last = free.pop()
+        if last is not a:
+            free[i] = last
+            last.fidx = i
+        a.fidx = -1
+
+    # -- completions -------------------------------------------------------------------
+    def _start_local(self, p: PoolRun, a: SimAgent, t: float) -> None:
+        """Start the next task waiting in an agent's local queue."""
+        tid = a.local.popleft()
+        p.local_n -= 1
+        dur = p.sample() * a.factor
+        d = self.deliveries[tid]
+        if d < MAX_DELIVERIES_STORED:
+            self.deliveries[tid] = d + 1
+            if d == 0:
+                p.firsts += 1
+        self.start_t[tid] = t
+        a.running.append(tid)
+        kind = EV_DONE
+        if dur > self.task_timeout_s:
+            dur, kind = self.task_timeout_s, EV_TIMEOUT
+        heapq.heappush(self._heap, (t + dur, next(self._seq), kind, a, a.gen, tid))
+
+    def _on_done(self, a: SimAgent, gen: int, tid: int, t: float, code: int) -> None:
+        if a.gen != gen:
+            return  # the agent died meanwhile; the task went back to the queue then
+        p = a.pool
+        running = a.running
+        if len(running) == 1:
+            running.clear()
+        else:
+            running.remove(tid)
+        start = self.start_t[tid]
+        svc = t - start
+        p.busy_s += svc
+        a.latency_s += LATENCY_EWMA * (svc - a.latency_s)
+        if code == OK and p.fail_p and p.rng_fail.random() < p.fail_p:
+            code = ERROR
+        ok = code == OK
+        if a.breaker is not None:  # == the registry's record(a.id, ok, svc), sans lookup
+            a.breaker.record(ok, svc)
+        res = p.res
+        if not ok and res.retry is not None:
+            code = res.after_failure(tid, code, p.error_text, t)
+        if p.tokens:
+            i_t, o_t = p.in_tok(), p.out_tok()
+            p.input_tokens += i_t
+            p.output_tokens += o_t
+            p.token_usd += i_t * p.in_price + o_t * p.out_price
+        outcome = self.outcome
+        if not code:
+            pass  # to be retried: no outcome yet
+        elif p.partitioned:
+            p.partition_buffer.append((tid, code))
+        elif outcome[tid]:
+            self.recorded_twice += 1
+        else:
+            # self._record(tid, code, t), inlined: this runs once per task
+            outcome[tid] = code
+            self.recorded += 1
+            p.done_bucket += 1
+            ten = self.task_tenant[tid]
+            if code == OK:
+                p.completed += 1
+                self.ten_ok[ten] += 1
+            else:
+                p.failed += 1
+            sub = self.submit_t[tid]
+            if sub >= self.warmup_s:
+                lat = t - sub
+                p.lat.append(lat)
+                p.waits.append(start - sub)
+                self.ten_n[ten] += 1
+                self.ten_lat[ten] += lat
+            if self.arrivals_done and self.recorded == self.submitted:
+                self.finished = True
+        if self._outcome_hooks:
+            for c in self._outcome_hooks:
+                c.on_outcome(self, a, tid, ok, svc, t)
+        a.in_flight -= 1
+        p.held -= 1
+        if a.local:
+            self._start_local(p, a, t)
+        st = a.state
+        if st == ACTIVE:
+            p.free_slots += 1
+            if a.fidx < 0:
+                a.fidx = len(p.free)
+                p.free.append(a)
+            if p.queue:
+                self._dispatch(p, t)
+        elif st == DRAINING and a.in_flight == 0:
+            self._stop(a, t)
+
+    def _record(self, tid: int, code: int, t: float) -> None:
+        """Record a task's outcome, once: a second outcome for an id is counted, not kept."""
+        outcome = self.outcome
+        if outcome[tid]:
+            self.recorded_twice += 1
+            return
+        outcome[tid] = code
+        self.recorded += 1
+        p = self.pools[self.task_pool[tid]]
+        p.done_bucket += 1
+        ten = self.task_tenant[tid]
+        if code == OK:
+            p.completed += 1
+            self.ten_ok[ten] += 1
+        else:
+            p.failed += 1
+        sub = self.submit_t[tid]
+        if sub >= self.warmup_s:
+            lat = t - sub
+            p.lat.append(lat)
+            p.waits.append(self.start_t[tid] - sub)
+            self.ten_n[ten] += 1
+            self.ten_lat[ten] += lat
+        if self.arrivals_done and self.recorded == self.submitted:
+            self.finished = True
+
+    # -- agent life cycle --------------------------------------------------------------
+    def _account(self, p: PoolRun, now: float) -> None:
+        """Integrate agent-seconds up to ``now``; call before any change of counts."""
+        dt = now - p.acct_t
+        if dt > 0:
+            alive = len(p.active) + p.n_draining
+            p.alive_s += alive * dt
+            p.paid_s += (alive + len(p.starting)) * dt
+            p.acct_t = now
+
+    def _ready(self, a: SimAgent, t: float) -> None:
+        p = a.pool
+        self._account(p, t)
+        _list_remove(p.starting, a)
+        a.state = ACTIVE
+        _list_add(p.active, a)
+        p.free_slots += a.capacity
+        self._free_add(p, a)
+        p.res.agent_up(a)
+        for c in self._up_hooks:
+            c.on_agent_up(self, a, t)
+        self.alive_total += 1
+        if self.alive_total > self.agents_max:
+            self.agents_max = self.alive_total
+        if p.alive > p.alive_max:
+            p.alive_max = p.alive
+        if a.killed_at >= 0:
+            rep = t - a.killed_at
+            p.replacements.append(rep)
+            if a.injection >= 0:
+                inj = self.injections[a.injection]
+                inj["replaced"] += 1
+                inj["replaced_max_s"] = max(inj["replaced_max_s"], rep)
+            a.killed_at, a.injection = -1.0, -1
+        if p.queue:
+            self._dispatch(p, t)
+
+    def _begin_start(self, a: SimAgent, t: float) -> None:
+        p = a.pool
+        a.state = STARTING
+        _list_add(p.starting, a)
+        self._push(t + p.startup(), EV_READY, a, a.gen)
+
+    def _restart_due(self, a: SimAgent, t: float) -> None:
+        for c in self._gate_hooks:
+            wait = c.restart_gate_s(self, a, t)
+            if a.state != DEAD:
+                return  # retired
+            if wait is not None:
+                self._push(t + wait, EV_RESTART, a, a.gen)
+                return
+        self._restart(a, t)
+
+    def retire(self, a: SimAgent, now: float) -> bool:
+        """Give up on a dead agent: it leaves the pool for good, and the autoscaler's
+        next decision starts a fresh one in its place."""
+        if a.state != DEAD:
+            return False
+        p = a.pool
+        self._account(p, now)
+        _list_remove(p.dead, a)
+        a.state, a.gen = STOPPED, a.gen + 1
+        if a.injection >= 0:
+            self.injections[a.injection]["not_replaced"] += 1
+        self.log_event("retire", pool=p.name, agent=a.id)
+        return True
+
+    def _restart(self, a: SimAgent, t: float) -> None:
+        p = a.pool
+        self._account(p, t)
+        _list_remove(p.dead, a)
+        a.factor = a.base_factor  # a fresh process: chaos slowdowns do not survive it
+        p.restarts += 1
+        self.log_event("restart", pool=p.name, agent=a.id)
+        self._begin_start(a, t)
+
+    def _stop(self, a: SimAgent, t: float) -> None:
+        """A draining agent with nothing left leaves the pool."""
+        p = a.pool
+        self._account(p, t)
+        p.n_draining -= 1
+        a.state = STOPPED
+        self.alive_total -= 1
+
+    def _handback(self, p: PoolRun, tids: list[int], now: float) -> None:
+        """Put tasks an agent held back at the head of the queue, oldest first."""
+        if not tids:
+            return
+        tids.sort()
+        limit = self.max_deliveries
+        for tid in reversed(tids):
+            if self.deliveries[tid] >= limit:
+                self._record(tid, MAX_DELIVERIES, now)
+            else:
+                p.queue.appendleft(tid)
+                p.requeued += 1
+
+    def _leave_service(self, p: PoolRun, a: SimAgent) -> None:
+        """Take a serving agent out of the dispatcher's sight."""
+        p.free_slots -= a.capacity - a.in_flight
+        self._free_remove(p, a)
+
+    def kill(self, a: SimAgent, now: float, reason: str = "kill", injection: int = -1) -> bool:
+        """Kill an agent: what it ran or held goes back to the queue; it restarts later
+        (after the pool's ``restart_delay_s``, or what a component decides) unless it
+        was draining anyway. Returns False if it was not alive."""
+        st = a.state
+        if st not in (ACTIVE, EJECTED, DRAINING):
+            return False
+        p = a.pool
+        self._account(p, now)
+        if st == ACTIVE:
+            self._leave_service(p, a)
+        p.res.agent_gone(a)
+        tids = list(a.running)
+        for tid in a.running:
+            p.busy_s += now - self.start_t[tid]
+        a.running.clear()
+        if a.local:
+            tids.extend(a.local)
+            p.local_n -= len(a.local)
+            a.local.clear()
+        p.held -= a.in_flight
+        a.in_flight = 0
+        a.gen += 1  # every pending event of this agent is now stale
+        self.alive_total -= 1
+        if st == DRAINING:
+            p.n_draining -= 1
+            a.state = STOPPED
+        else:
+            if st == EJECTED:
+                p.n_ejected -= 1
+            _list_remove(p.active, a)
+            a.state = DEAD
+            _list_add(p.dead, a)
+            a.killed_at, a.injection = now, injection
+        if reason == "crash":
+            p.crashes += 1
+        else:
+            p.kills += 1
+        self._handback(p, tids, now)
+        for c in self._down_hooks:
+            c.on_agent_down(self, a, reason, now)
+        if a.state == DEAD:
+            delay = p.restart_delay_s
+            for c in self._restart_hooks:
+                d = c.restart_delay_s(self, a, delay, now)
+                if d is not None:
+                    delay = d
+                    break
+            self._push(now + delay, EV_RESTART, a, a.gen)
+        if p.queue:
+            self._dispatch(p, now)
+        return True
+
+    def requeue_after(self, p: PoolRun, tid: int, t: float) -> None:
+        """Give a task back to the end of the pool's queue at time ``t`` (a retry)."""
+        p.retry_wait += 1
+        self._push(t, EV_REQUEUE, p, tid)
+
+    def eject(self, a: SimAgent, now: float) -> bool:
+        """Take a serving agent out of routing (a breaker opened): it finishes what it
+        runs, hands back its local queue, and gets no new task until ``readmit``."""
+        if a.state != ACTIVE:
+            return False
+        p = a.pool
+        self._leave_service(p, a)
+        a.state = EJECTED
+        p.n_ejected += 1
+        if a.local:
+            tids = list(a.local)
+            a.local.clear()
+            p.local_n -= len(tids)
+            a.in_flight -= len(tids)
+            p.held -= len(tids)
+            self._handback(p, tids, now)
+            self._dispatch(p, now)
+        return True
+
+    def readmit(self, a: SimAgent, now: float) -> bool:
+        """Put an ejected agent back into routing."""
+        if a.state != EJECTED:
+            return False
+        p = a.pool
+        a.state = ACTIVE
+        p.n_ejected -= 1
+        p.free_slots += a.capacity - a.in_flight
+        if a.in_flight < a.capacity:
+            self._free_add(p, a)
+        if p.queue:
+            self._dispatch(p, now)
+        return True
+
+    def _drain(self, a: SimAgent, now: float) -> None:
+        p = a.pool
+        p.res.agent_gone(a)
+        st = a.state
+        if st == ACTIVE:
+            self._leave_service(p, a)
+        elif st == EJECTED:
+            p.n_ejected -= 1
+        _list_remove(p.active, a)
+        if a.local:
+            tids = list(a.local)
+            a.local.clear()
+            p.local_n -= len(tids)
+            a.in_flight -= len(tids)
+            p.held -= len(tids)
+            self._handback(p, tids, now)
+        if a.in_flight == 0:
+            a.state = STOPPED
+            self.alive_total -= 1
+        else:
+            a.state = DRAINING
+            p.n_draining += 1
+
+    # -- autoscaling -------------------------------------------------------------------
+    def _on_control(self, p: PoolRun, t: float) -> None:
+        decision, p.scale_state = decide(
+            p.scaling, ScalingInput(t, p.target, len(p.queue), p.held), p.scale_state)
+        p.c_t.append(t)
+        p.c_target.append(decision.agents)
+        p.c_raw.append(decision.raw_desired)
+        p.c_reasons[decision.reason] = p.c_reasons.get(decision.reason, 0) + 1
+        # Also when the target holds but an agent was retired: replace it.
+        if decision.agents != p.target or \
+                len(p.active) + len(p.starting) + len(p.dead) != decision.agents:
+            self._apply_target(p, decision.agents, t)
+        self._push(t + p.scaling.control_interval_s, EV_CONTROL, p)
+
+    def _apply_target(self, p: PoolRun, target: int, t: float) -> None:
+        """Start or remove agents so that serving + starting + restarting == target.
+
+        Removal takes what costs least first: agents waiting to restart, then starting
+        ones, then ejected ones, then idle ones, and only then busy agents, which drain.
+        """
+        self._account(p, t)
+        p.target = target
+        delta = target - (len(p.active) + len(p.starting) + len(p.dead))
+        if delta > 0:
+            for _ in range(delta):
+                self._begin_start(self._new_agent(p), t)
+            return
+        k = -delta
+        while k and p.dead:
+            a = p.dead[-1]
+            _list_remove(p.dead, a)
+            a.state, a.gen = STOPPED, a.gen + 1
+            if a.injection >= 0:
+                self.injections[a.injection]["not_replaced"] += 1
+            k -= 1
+        while k and p.starting:
+            a = p.starting[-1]
+            _list_remove(p.starting, a)
+            a.state, a.gen = STOPPED, a.gen + 1
+            k -= 1
+        if k and p.n_ejected:
+            for a in [a for a in p.active if a.state == EJECTED][:k]:
+                self._drain(a, t)
+                k -= 1
+        if k:
+            # Idle agents first: scan the agents with room from the newest end.
+            idle = []
+            for a in reversed(p.free):
+                if a.in_flight == 0:
+                    idle.append(a)
+                    if len(idle) == k:
+                        break
+            for a in idle:
+                self._drain(a, t)
+            k -= len(idle)
+        while k and p.active:
+            self._drain(p.active[-1], t)
+            k -= 1
+        if p.queue:
+            self._dispatch(p, t)
+
+    # -- crashes, sampling -------------------------------------------------------------
+    def _on_crash(self, p: PoolRun, t: float) -> None:
+        # Thinning: crashes arrive at rate x max_agents; one hits an agent only if the
+        # index drawn is a live one, so the per-agent rate holds at any pool size.
+        j = p.rng_crash.randrange(p.scaling.max_agents)
+        if j < len(p.active):
+            a = p.active[j]
+            self.log_event("crash", pool=p.name, agent=a.id)
+            self.kill(a, t, "crash")
+        self._push(t + p.rng_crash.expovariate(p.crash_rate_per_s), EV_CRASH, p)
+
+    def _on_sample(self, t: float) -> None:
+        submit_t = self.submit_t
+        for p in self.pools:
+            p.s_t.append(t)
+            p.s_target.append(p.target)
+            p.s_serving.append(p.serving)
+            p.s_alive.append(p.alive)
+            p.s_starting.append(len(p.starting))
+            p.s_dead.append(len(p.dead))
+            p.s_queue.append(len(p.queue))
+            p.s_oldest.append(t - submit_t[p.queue[0]] if p.queue else 0.0)
+            p.s_busy.append(p.busy)
+            p.s_arrivals.append(p.arr_bucket)
+            p.s_done.append(p.done_bucket)
+            p.arr_bucket = 0
+            p.done_bucket = 0
+        for p in self.pools:
+            p.res.flush()
+        for c in self._tick_hooks:
+            c.on_tick(self, t)
+        if not self.finished:
+            self._push(t + self.scenario.sample_interval_s, EV_SAMPLE)
+
+    # -- partitions (driven by fleet.sim.chaos) -----------------------------------------
+    def set_partition(self, p: PoolRun, on: bool, now: float) -> None:
+        """Cut the pool off from the dispatcher, or heal the cut and deliver what was held."""
+        p.partitioned = on
+        if not on:
+            buf, p.partition_buffer = p.partition_buffer, []
+            for tid, code in buf:
+                self._record(tid, code, now)
+            self._dispatch(p, now)
+
+    # -- results -----------------------------------------------------------------------
+    def in_system(self) -> int:
+        """Tasks still somewhere in the simulated fleet (queues, agents, partition
+        buffers, retry backoff)."""
+        n = 0
+        for p in self.pools:
+            n += len(p.queue) + p.held + len(p.partition_buffer) + p.retry_wait
+        return n
+
+    def report(self) -> dict[str, Any]:
+        from fleet.sim.report import build_report
+
+        return build_report(self)
+
+
+def default_policy_components(scenario: Scenario) -> list[Component]:
+    """The components of fleet's own policies that exist in this checkout (health)."""
+    try:
+        from fleet.sim.health import HealthRestarts
+        from fleet.spec.health import HealthSpec
+    except ImportError:  # the health policy is not part of this checkout
+        return []
+    return [HealthRestarts(getattr(scenario.fleet, "health", None) or HealthSpec())]
+
+
+def simulate(scenario: Scenario, seed: int | None = None,
+             components: Sequence[Component] = (),
+             progress: Callable[[float, int], None] | None = None,
+             default_components: bool = True) -> dict[str, Any]:
+    """Run a scenario and return its report (see ``fleet.sim.report``)."""
+    return Simulation(scenario, seed, components, progress, default_components).run().report()
