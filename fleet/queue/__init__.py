@@ -1,5 +1,22 @@
-"""Queues: the lease-based queue core (pure) and its ready-order disciplines."""
+"""Queues: the lease-based queue core (pure), its storage backends and its monitoring.
+
+Also here, imported by module path: ``fleet.queue.metrics`` (Prometheus metric
+objects), ``fleet.queue.kafka_intake`` (Kafka consumer-group intake) and
+``fleet.queue.batching_model`` (adaptive batch size from measured call cost).
+Disciplines, sharding and alert rules are pure policies in ``fleet.policy``.
+"""
 
 from fleet.queue.lease_queue import LeaseQueue, QueueFull, QueueStats
+from fleet.queue.monitor import QueueHealth, QueueMonitor, ShardHealth
+from fleet.queue.storage import (
+    MemoryStorage,
+    QueueStorage,
+    SqliteStorage,
+    make_storage,
+    shard_path,
+)
 
-__all__ = ["LeaseQueue", "QueueFull", "QueueStats"]
+__all__ = [
+    "LeaseQueue", "MemoryStorage", "QueueFull", "QueueHealth", "QueueMonitor", "QueueStats",
+    "QueueStorage", "ShardHealth", "SqliteStorage", "make_storage", "shard_path",
+]

@@ -2,10 +2,21 @@
 
 Invariant: every accepted item is in ``_pending`` until it is acked (its outcome is
 recorded) or it is returned as *exhausted* (delivered ``max_deliveries`` times without
-an ack; the caller records it as failed). An item in ``_pending`` is either ready or
-leased, never both: ``lease`` moves ready -> leased with an expiry; ``ack`` removes;
-``nack``, ``release_holder`` and ``expire`` move leased -> ready. So nothing accepted
-can be lost, and an item is never handed to two holders at once.
+an ack) or *overdue* (its deadline passed before it could be handed out); the caller
+records those two as failed. An item in ``_pending`` is either ready or leased, never
+both: ``lease`` moves ready -> leased with an expiry; ``ack`` removes; ``nack``,
+``release_holder`` and ``expire`` move leased -> ready. So nothing accepted can be lost,
+and an item is never handed to two holders at once.
+
+Order: the ready items go out in the order of the queue's discipline
+(``fleet.policy.disciplines``): a deque for FIFO (a redelivered item goes first), a heap
+on the discipline's static key otherwise.
+
+Durability: with a ``storage`` (``fleet.queue.storage``) every accepted item is stored
+and committed before ``put`` returns, and removed (committed) before ``ack`` returns; a
+new queue on the same storage starts with every stored item ready. With a durable
+storage, exhausted and overdue items stay stored until the caller acks them (after
+recording their failure), so a crash between the two cannot lose them.
 """
 
 from __future__ import annotations
@@ -15,8 +26,24 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from fleet.spec.queues import Discipline
+from fleet.policy.disciplines import DisciplinePolicy, discipline_from_spec, make_discipline
+from fleet.queue._ages import SubmitTimeHistogram
+from fleet.queue.storage import QueueStorage
+from fleet.spec.queues import Discipline, QueueSpec
 from fleet.task import Item
+
+# Rebuild the deadline heap when stale entries (items that left) outnumber live ones by
+# this factor: bounds its memory by the items with deadlines actually pending.
+_DEADLINE_HEAP_SLACK = 2
+_DEADLINE_HEAP_MIN = 1024
+
+_tuple_new = tuple.__new__
+
+
+def _delivered_once_more(item: Item) -> Item:
+    # Item._replace(deliveries=...) costs ~4x more (keyword parsing, _make); this is
+    # the per-item hot path of lease. ``deliveries`` is Item's last field.
+    return _tuple_new(Item, (*item[:-1], item[-1] + 1))
 
 
 class QueueFull(Exception):
@@ -46,30 +73,37 @@ class _FifoReady:
         return len(self._q)
 
 
-class _PriorityReady:
-    """Highest priority first; FIFO (by submit time) within a priority."""
+class _KeyedReady:
+    """Lowest discipline key first; ties in arrival order (the sequence number).
 
-    def __init__(self) -> None:
-        self._h: list[tuple[int, float, int, Item]] = []
+    Keys are static (see ``fleet.policy.disciplines``), so a redelivered item simply
+    goes back to where its key puts it."""
+
+    def __init__(self, policy: DisciplinePolicy) -> None:
+        self._key = policy.key
+        self._h: list[tuple] = []
         self._seq = 0
 
     def push(self, item: Item, redelivery: bool) -> None:
         self._seq += 1
-        heapq.heappush(self._h, (-item.priority, item.submitted_unix_s, self._seq, item))
+        heapq.heappush(self._h, (*self._key(item), self._seq, item))
 
     def pop(self) -> Item:
-        return heapq.heappop(self._h)[3]
+        return heapq.heappop(self._h)[-1]
 
     def __len__(self) -> int:
         return len(self._h)
 
 
-def make_ready(discipline: Discipline) -> _FifoReady | _PriorityReady:
+def make_ready(discipline: Discipline,
+               policy: DisciplinePolicy | None = None) -> _FifoReady | _KeyedReady:
     if discipline is Discipline.FIFO:
         return _FifoReady()
-    if discipline is Discipline.PRIORITY:
-        return _PriorityReady()
-    raise ValueError(f"unknown discipline {discipline!r}")
+    if policy is None:
+        policy = make_discipline(discipline)
+    if policy.discipline is not discipline:
+        raise ValueError(f"policy {policy!r} is not for discipline {discipline.value}")
+    return _KeyedReady(policy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,81 +117,185 @@ class QueueStats:
     expired_total: int
     exhausted_total: int
     duplicates_total: int
+    dequeued_total: int = 0  # leases handed out (first deliveries and redeliveries)
+    deadline_exceeded_total: int = 0
+    recovered_total: int = 0  # items loaded from storage when the queue started
+    unsettled: int = 0  # failed items still stored, awaiting the caller's ack
+    age_p50_s: float = 0.0  # estimated (bounded-memory histogram), pending items
+    age_p90_s: float = 0.0
+    age_p99_s: float = 0.0
 
 
 class LeaseQueue:
-    """Bounded queue with leases. ``max_depth`` bounds ready + leased items."""
+    """Bounded queue with leases. ``max_depth`` bounds ready + leased items.
+
+    ``discipline`` picks the order; pass ``policy`` for its parameters (aging, decay),
+    else defaults apply (strict priority for PRIORITY). ``storage`` makes accepted
+    items outlive this object (see the module docstring); ``from_spec`` builds both from
+    a QueueSpec.
+    """
 
     def __init__(self, max_depth: int, discipline: Discipline = Discipline.FIFO,
-                 max_deliveries: int = 5):
+                 max_deliveries: int = 5, *, policy: DisciplinePolicy | None = None,
+                 storage: QueueStorage | None = None):
+        if policy is not None:
+            discipline = policy.discipline
         self.max_depth = max_depth
         self.max_deliveries = max_deliveries
-        self._ready = make_ready(discipline)
+        self.discipline = discipline
+        self._ready = make_ready(discipline, policy)
         self._pending: dict[str, Item] = {}  # insertion-ordered: first is the oldest
         self._leases: dict[str, tuple[str, float]] = {}  # id -> (holder, expires_at)
         self._expiry: list[tuple[float, str]] = []  # lazy heap over _leases
+        self._deadlines: list[tuple[float, str]] = []  # lazy heap over pending deadlines
+        self._with_deadline = 0  # pending items that have a deadline
+        self._overdue: list[Item] = []  # found overdue by lease, not yet returned
+        self._unsettled: set[str] = set()  # failed, still in durable storage until acked
+        self._ages = SubmitTimeHistogram()
+        self._storage = storage
         self.enqueued_total = 0
         self.acked_total = 0
         self.redelivered_total = 0
         self.expired_total = 0
         self.exhausted_total = 0
         self.duplicates_total = 0
+        self.dequeued_total = 0
+        self.deadline_exceeded_total = 0
+        self.recovered_total = 0
+        if storage is not None:
+            for it in storage.load():
+                old = self._pending.get(it.id)
+                if old is not None:  # a storage yielding an id twice: keep the later
+                    self._forget(old)
+                    self.recovered_total -= 1
+                self._admit(it)
+                self.recovered_total += 1
+
+    @classmethod
+    def from_spec(cls, spec: QueueSpec, max_deliveries: int,
+                  storage: QueueStorage | None = None) -> LeaseQueue:
+        """The queue a shard runs for ``spec`` (discipline with its parameters)."""
+        return cls(spec.max_depth, spec.discipline, max_deliveries,
+                   policy=discipline_from_spec(spec), storage=storage)
 
     def __len__(self) -> int:
         return len(self._pending)
 
     @property
     def room(self) -> int:
-        return self.max_depth - len(self._pending)
+        return max(0, self.max_depth - len(self._pending))
 
     @property
     def depth(self) -> int:
         """Items ready and waiting for a holder (pending minus leased)."""
         return len(self._pending) - len(self._leases)
 
+    def _admit(self, it: Item) -> None:
+        self._pending[it.id] = it
+        self._ready.push(it, redelivery=False)
+        self._ages.add(it.submitted_unix_s)
+        if it.deadline_unix_s is not None:
+            self._with_deadline += 1
+            heapq.heappush(self._deadlines, (it.deadline_unix_s, it.id))
+
+    def _forget(self, it: Item) -> None:
+        """Bookkeeping for an item that left ``_pending``."""
+        self._ages.remove(it.submitted_unix_s)
+        if it.deadline_unix_s is not None:
+            self._with_deadline -= 1
+
+    def _drop_failed(self, it: Item) -> None:
+        """Remove an exhausted or overdue item; the caller records its failure."""
+        del self._pending[it.id]
+        self._leases.pop(it.id, None)
+        self._forget(it)
+        if self._storage is not None:
+            if self._storage.durable:
+                self._unsettled.add(it.id)  # stays stored until the caller acks it
+            else:
+                self._storage.remove((it.id,))
+
     def put(self, items: Iterable[Item]) -> int:
         """Accept items; an id already pending is a duplicate and is ignored.
 
         All or nothing: raises QueueFull (accepting none) if they do not all fit.
+        With a storage, the accepted items are committed before this returns.
         Returns how many were newly accepted.
         """
         items = list(items)
-        fresh = [it for it in items if it.id not in self._pending]
+        fresh: dict[str, Item] = {}
+        for it in items:
+            if it.id not in self._pending and it.id not in fresh:
+                fresh[it.id] = it
         if len(fresh) > self.room:
             raise QueueFull(len(self._pending), self.max_depth)
-        accepted = 0
-        for it in fresh:
-            if it.id in self._pending:  # duplicate id inside this same batch
-                continue
-            self._pending[it.id] = it
-            self._ready.push(it, redelivery=False)
-            accepted += 1
-        self.duplicates_total += len(items) - accepted
-        self.enqueued_total += accepted
-        return accepted
+        if fresh and self._storage is not None:
+            self._storage.append(list(fresh.values()))
+            self._storage.commit()  # durable before anyone is told it was accepted
+            if self._unsettled:
+                self._unsettled.difference_update(fresh)  # row replaced by the new one
+        for it in fresh.values():
+            self._admit(it)
+        self.duplicates_total += len(items) - len(fresh)
+        self.enqueued_total += len(fresh)
+        return len(fresh)
 
-    def lease(self, n: int, holder: str, lease_s: float, now: float) -> list[Item]:
-        """Hand out up to ``n`` ready items to ``holder`` until ``now + lease_s``."""
+    def lease(self, n: int, holder: str, lease_s: float, now: float,
+              now_unix_s: float | None = None) -> list[Item]:
+        """Hand out up to ``n`` ready items to ``holder`` until ``now + lease_s``.
+
+        With ``now_unix_s`` (wall clock, the time base of deadlines), overdue items met
+        on the way are not handed out; they are removed and returned by the next
+        ``fail_overdue``.
+        """
         out: list[Item] = []
         expires = now + lease_s
-        while len(out) < n and len(self._ready):
-            item = self._ready.pop()
-            if item.id not in self._pending or item.id in self._leases:
+        pending, leases, pop = self._pending, self._leases, self._ready.pop
+        while len(out) < n:
+            try:
+                popped = pop()
+            except IndexError:  # nothing ready
+                break
+            item = pending.get(popped.id)
+            if item is None or popped.id in leases:
                 continue  # acked or re-leased since it was pushed: a stale entry
-            item = item._replace(deliveries=item.deliveries + 1)
-            self._pending[item.id] = item
-            self._leases[item.id] = (holder, expires)
+            if (now_unix_s is not None and item.deadline_unix_s is not None
+                    and item.deadline_unix_s <= now_unix_s):
+                self._drop_failed(item)
+                self.deadline_exceeded_total += 1
+                self._overdue.append(item)
+                continue
+            item = _delivered_once_more(item)
+            pending[item.id] = item
+            leases[item.id] = (holder, expires)
             heapq.heappush(self._expiry, (expires, item.id))
             out.append(item)
+        self.dequeued_total += len(out)
         return out
 
     def ack(self, ids: Iterable[str]) -> int:
-        """Remove finished items (their outcome is recorded). Unknown ids are ignored."""
+        """Remove finished items (their outcome is recorded). Unknown ids are ignored.
+
+        Also settles exhausted/overdue items returned earlier (removes them from durable
+        storage); those do not count in the return value. With a storage, the removal
+        is committed before this returns.
+        """
         n = 0
+        removed: list[str] = []
+        pending, leases = self._pending, self._leases
         for i in ids:
-            if self._pending.pop(i, None) is not None:
-                self._leases.pop(i, None)
+            it = pending.pop(i, None)
+            if it is not None:
+                leases.pop(i, None)
+                self._forget(it)
+                removed.append(i)
                 n += 1
+            elif i in self._unsettled:
+                self._unsettled.discard(i)
+                removed.append(i)
+        if removed and self._storage is not None:
+            self._storage.remove(removed)
+            self._storage.commit()
         self.acked_total += n
         return n
 
@@ -179,10 +317,14 @@ class LeaseQueue:
             return None
         item = self._pending[i]
         if item.deliveries >= self.max_deliveries:
-            del self._pending[i]
+            self._drop_failed(item)
             self.exhausted_total += 1
             return item
         self._ready.push(item, redelivery=True)
+        if item.deadline_unix_s is not None:  # its deadline entry may have been dropped
+            heapq.heappush(self._deadlines, (item.deadline_unix_s, i))
+        if self._storage is not None:
+            self._storage.set_deliveries(i, item.deliveries)  # buffered: loss is harmless
         self.redelivered_total += 1
         return None
 
@@ -190,7 +332,7 @@ class LeaseQueue:
         """Give leased items back for redelivery (their holder could not finish them).
 
         Returns the items that have now been delivered ``max_deliveries`` times: they
-        are removed and the caller must record them as failed.
+        are removed and the caller must record them as failed (and then ack them).
         """
         return [it for i in ids if (it := self._requeue(i)) is not None]
 
@@ -213,11 +355,46 @@ class LeaseQueue:
                 exhausted.append(it)
         return exhausted
 
+    def fail_overdue(self, now_unix_s: float) -> list[Item]:
+        """Remove and return ready items whose deadline passed by ``now_unix_s``.
+
+        The caller records each as failed with reason ``deadline_exceeded``
+        (``fleet.policy.disciplines.overdue_outcome``), then acks it. Leased items are
+        left to their holder; if they come back unfinished, a later call catches them.
+        Includes the overdue items ``lease`` set aside.
+        """
+        out, self._overdue = self._overdue, []
+        h = self._deadlines
+        while h and h[0][0] <= now_unix_s:
+            deadline, i = heapq.heappop(h)
+            it = self._pending.get(i)
+            if it is None or it.deadline_unix_s != deadline or i in self._leases:
+                continue  # gone, replaced, or leased (re-armed if it is requeued)
+            self._drop_failed(it)
+            self.deadline_exceeded_total += 1
+            out.append(it)
+        if len(h) > _DEADLINE_HEAP_MIN + _DEADLINE_HEAP_SLACK * self._with_deadline:
+            self._deadlines = [(it.deadline_unix_s, i) for i, it in self._pending.items()
+                               if it.deadline_unix_s is not None]
+            heapq.heapify(self._deadlines)
+        return out
+
+    def flush(self) -> None:
+        """Commit buffered storage writes (delivery counts); call it now and then."""
+        if self._storage is not None:
+            self._storage.commit()
+
+    def close(self) -> None:
+        """Commit and close the storage (the queue must not be used afterwards)."""
+        if self._storage is not None:
+            self._storage.close()
+
     def pending_ids(self) -> list[str]:
         return list(self._pending)
 
     def stats(self, now_unix_s: float) -> QueueStats:
         oldest = next(iter(self._pending.values()), None)
+        p50, p90, p99 = self._ages.age_quantiles(now_unix_s, (0.5, 0.9, 0.99))
         return QueueStats(
             depth=len(self._pending) - len(self._leases),
             leased=len(self._leases),
@@ -228,4 +405,11 @@ class LeaseQueue:
             expired_total=self.expired_total,
             exhausted_total=self.exhausted_total,
             duplicates_total=self.duplicates_total,
+            dequeued_total=self.dequeued_total,
+            deadline_exceeded_total=self.deadline_exceeded_total,
+            recovered_total=self.recovered_total,
+            unsettled=len(self._unsettled),
+            age_p50_s=p50,
+            age_p90_s=p90,
+            age_p99_s=p99,
         )

@@ -145,6 +145,43 @@ class StorageSpec(SpecModel):
     sqlite_cache_mib: int = Field(default=16, ge=1)
 
 
+class KafkaIntakeSpec(SpecModel):
+    """Consume tasks from a Kafka topic with a consumer group (``fleet.queue.kafka_intake``).
+
+    Each message value is one JSON task. A partition's offset is committed only once
+    every earlier task of that partition is finished (at-least-once; duplicates are
+    absorbed by the ledger). Malformed messages go to ``dead_letter_topic`` (default
+    ``<topic>.dlq``) with the reason; results go to ``results_topic`` when set.
+    ``max_in_flight`` bounds tasks consumed but not finished (partitions pause beyond it).
+    """
+
+    bootstrap_servers: str = Field(min_length=1)
+    topic: str = Field(min_length=1)
+    group_id: str = Field(min_length=1)
+    dead_letter_topic: str | None = Field(default=None, min_length=1)
+    results_topic: str | None = Field(default=None, min_length=1)
+    max_poll_records: int = Field(default=2000, ge=1)
+    max_in_flight: int = Field(default=20_000, ge=1)
+    commit_interval_s: float = Field(default=1.0, gt=0)
+    session_timeout_s: float = Field(default=10.0, gt=0)
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> KafkaIntakeSpec:
+        if self.heartbeat_interval_s >= self.session_timeout_s:
+            raise ValueError(
+                f"heartbeat_interval_s ({self.heartbeat_interval_s}) must be below "
+                f"session_timeout_s ({self.session_timeout_s})"
+            )
+        if self.dead_letter_topic == self.topic:
+            raise ValueError(f"dead_letter_topic must differ from topic ({self.topic!r})")
+        return self
+
+    @property
+    def dlq_topic(self) -> str:
+        return self.dead_letter_topic or f"{self.topic}.dlq"
+
+
 class BatchSpec(SpecModel):
     """Adaptive dispatcher batching: single items when the queue is shallow, up to
     ``max_items``/``max_bytes`` per call when it is deep.
@@ -186,6 +223,7 @@ class QueueSpec(SpecModel):
     shard_by: ShardBy = ShardBy.SPREAD
     storage: StorageSpec = StorageSpec()
     alerts: tuple[QueueAlertRule, ...] = ()
+    kafka: KafkaIntakeSpec | None = None
 
     @model_validator(mode="after")
     def _check_batch(self) -> QueueSpec:

@@ -1,0 +1,254 @@
+"""Where a queue shard keeps accepted items: one interface, an in-memory and a SQLite backend.
+
+A ``LeaseQueue`` keeps its working state (ready order, leases) in memory and writes
+through to a ``QueueStorage``: every accepted item is ``append``-ed and committed before
+``put`` returns, every finished one is ``remove``-d and committed before ``ack``
+returns. On start the queue ``load``-s whatever is stored: everything accepted and not
+acked comes back, ready again (leases are not stored: a lease held when the process died
+is void, and the item is redelivered; at-least-once, duplicates absorbed by the ledger).
+
+Durability contract of a backend: after ``commit()`` returns, the appends and removals
+made before it survive the death of the process (kill -9) and are what ``load()``
+returns next time. Writes not yet committed may be lost; the queue only buffers writes
+whose loss is harmless (delivery counts).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from fleet.spec.queues import StorageBackend, StorageSpec
+from fleet.task import Item
+
+
+class QueueStorage(Protocol):
+    """Durable (or not) home of one shard's accepted items."""
+
+    #: True when items outlive the process (the queue then keeps failed items stored
+    #: until the caller acks them, i.e. until their failure is recorded).
+    durable: bool
+
+    def append(self, items: Sequence[Item]) -> None:
+        """Store newly accepted items (replacing a stored item with the same id)."""
+
+    def remove(self, ids: Iterable[str]) -> None:
+        """Forget finished items. Unknown ids are ignored."""
+
+    def set_deliveries(self, item_id: str, deliveries: int) -> None:
+        """Record how often an item has been delivered (may be buffered until commit)."""
+
+    def commit(self) -> None:
+        """Make everything written so far durable."""
+
+    def load(self) -> Iterator[Item]:
+        """Every stored item, in the order it was accepted."""
+
+    def close(self) -> None:
+        """Commit and release the backend."""
+
+
+class MemoryStorage:
+    """Items kept in a dict: survives a new ``LeaseQueue`` in the same process, not a
+    process death. Fastest; for tests and throwaway runs."""
+
+    durable = False
+
+    def __init__(self) -> None:
+        self._items: dict[str, Item] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def append(self, items: Sequence[Item]) -> None:
+        d = self._items
+        for it in items:
+            d.pop(it.id, None)  # a replaced item moves to the end: accept order
+            d[it.id] = it
+
+    def remove(self, ids: Iterable[str]) -> None:
+        d = self._items
+        for i in ids:
+            d.pop(i, None)
+
+    def set_deliveries(self, item_id: str, deliveries: int) -> None:
+        it = self._items.get(item_id)
+        if it is not None:
+            self._items[item_id] = it._replace(deliveries=deliveries)
+
+    def commit(self) -> None:
+        pass
+
+    def load(self) -> Iterator[Item]:
+        return iter(list(self._items.values()))
+
+    def close(self) -> None:
+        pass
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL,
+    capability TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    submitted_unix_s REAL NOT NULL,
+    deadline_unix_s REAL,
+    utility REAL,
+    affinity_key TEXT,
+    deliveries INTEGER NOT NULL DEFAULT 0
+)
+"""
+_INSERT = ("INSERT INTO items (seq, id, capability, priority, payload, submitted_unix_s,"
+           " deadline_unix_s, utility, affinity_key, deliveries)"
+           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_DELETE = "DELETE FROM items WHERE seq = ?"
+_SET_DELIVERIES = "UPDATE items SET deliveries = ? WHERE seq = ?"
+_SELECT = ("SELECT seq, id, capability, priority, payload, submitted_unix_s, deadline_unix_s,"
+           " utility, affinity_key, deliveries FROM items ORDER BY seq")
+
+
+class SqliteStorage:
+    """Items in a SQLite file in WAL mode; one transaction per ``commit``.
+
+    Batched commits: the queue calls ``commit`` once per ``put`` or ``ack`` call, however
+    many items it carries, so the per-commit cost (a WAL append; plus an fsync with
+    ``synchronous="full"``) is shared by the batch. With ``synchronous="normal"`` a
+    committed transaction survives the process being killed (the WAL is in the OS page
+    cache), but not a power loss; ``"full"`` survives both.
+
+    Rows are keyed by an accept sequence number, and this object maps task id -> row.
+    Measured: with a unique index on the (random) task ids instead, every batch of
+    1,000 inserts or deletes touched ~1,000 random index pages, all rewritten to the WAL
+    (~75 us per item at 1M items); keyed by sequence, inserts append to the end of the
+    table and a FIFO drain deletes from its start. The map costs ~80 bytes per item.
+
+    Single-threaded like the queue that owns it; one process per file.
+    """
+
+    durable = True
+
+    def __init__(self, path: str | os.PathLike[str], synchronous: str = "normal",
+                 cache_mib: int = 16):
+        if synchronous not in ("normal", "full"):
+            raise ValueError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per batch.
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self._db.execute(f"PRAGMA cache_size=-{int(cache_mib) * 1024}")
+        self._db.execute(_SCHEMA)
+        self._rows: dict[str, int] = {}  # task id -> seq of its row (filled by load)
+        self._next_seq = (self._db.execute("SELECT MAX(seq) FROM items").fetchone()[0]
+                          or 0) + 1
+        self._loaded = False
+        self._inserts: list[tuple] = []
+        self._deletes: list[tuple[int]] = []
+        self._deliveries: dict[int, int] = {}
+
+    def append(self, items: Sequence[Item]) -> None:
+        self._ensure_loaded()
+        rows, seq = self._rows, self._next_seq
+        for it in items:
+            old = rows.get(it.id)
+            if old is not None:  # replaced: the old row goes, in the same transaction
+                self._deletes.append((old,))
+            rows[it.id] = seq
+            self._inserts.append((seq, *it))
+            seq += 1
+        self._next_seq = seq
+
+    def remove(self, ids: Iterable[str]) -> None:
+        rows = self._rows
+        for i in ids:
+            seq = rows.pop(i, None)
+            if seq is not None:
+                self._deletes.append((seq,))
+
+    def set_deliveries(self, item_id: str, deliveries: int) -> None:
+        seq = self._rows.get(item_id)
+        if seq is not None:
+            self._deliveries[seq] = deliveries
+
+    def commit(self) -> None:
+        if not (self._inserts or self._deletes or self._deliveries):
+            return
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            if self._inserts:
+                db.executemany(_INSERT, self._inserts)
+            if self._deliveries:
+                db.executemany(_SET_DELIVERIES,
+                               [(n, seq) for seq, n in self._deliveries.items()])
+            if self._deletes:
+                db.executemany(_DELETE, self._deletes)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            # The id -> row map already counted the rolled-back writes: re-read it.
+            self._rows = {i: seq for seq, i in db.execute("SELECT seq, id FROM items")}
+            raise
+        finally:
+            self._inserts.clear()
+            self._deletes.clear()
+            self._deliveries.clear()
+
+    def _ensure_loaded(self) -> None:
+        if not self._loaded:  # appending before load(): the id -> row map is needed
+            for _ in self.load():
+                pass
+
+    def load(self) -> Iterator[Item]:
+        self.commit()
+        self._loaded = True
+        rows: dict[str, int] = {}
+        self._rows = rows
+        # One streaming pass: the map shares each id string with the Item it yields.
+        for seq, *fields in self._db.execute(_SELECT):
+            item = Item(*fields)
+            old = rows.get(item.id)
+            if old is not None:  # not produced by append (it deletes the old row)
+                self._deletes.append((old,))
+            rows[item.id] = seq
+            yield item
+
+    def count(self) -> int:
+        """Stored items (committed), for tests and status."""
+        self.commit()
+        return self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+
+    def close(self) -> None:
+        try:
+            self.commit()
+        finally:
+            self._db.close()
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def shard_path(directory: str | os.PathLike[str], namespace: str, capability: str,
+               shard: int) -> Path:
+    """The SQLite file of one shard: ``<directory>/<namespace>/<capability>-<shard>.sqlite3``."""
+    safe = _UNSAFE.sub("_", capability)
+    return Path(os.path.expanduser(directory)) / _UNSAFE.sub("_", namespace) / (
+        f"{safe}-{shard}.sqlite3")
+
+
+def make_storage(spec: StorageSpec, namespace: str, capability: str,
+                 shard: int) -> MemoryStorage | SqliteStorage:
+    """The storage backend a queue shard should use, as the spec says."""
+    if spec.backend is StorageBackend.MEMORY:
+        return MemoryStorage()
+    if spec.backend is StorageBackend.SQLITE:
+        return SqliteStorage(shard_path(spec.directory, namespace, capability, shard),
+                             spec.sqlite_synchronous, spec.sqlite_cache_mib)
+    raise ValueError(f"unknown storage backend {spec.backend!r}")

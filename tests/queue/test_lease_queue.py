@@ -1,0 +1,156 @@
+"""The lease queue over each storage backend (the same tests for memory and SQLite)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleet.queue.lease_queue import LeaseQueue, QueueFull
+from fleet.queue.storage import MemoryStorage, SqliteStorage, make_storage, shard_path
+from fleet.spec.queues import Discipline, StorageSpec
+from tests.queue.helpers import item
+
+T0 = 1_700_000_000.0
+
+
+def test_put_lease_ack_round_trip(storage_factory):
+    q = LeaseQueue(10, storage=storage_factory())
+    assert q.put([item(i, T0 + i) for i in range(3)]) == 3
+    got = q.lease(2, "h1", 30.0, now=0.0)
+    assert [g.id for g in got] == ["0", "1"] and all(g.deliveries == 1 for g in got)
+    assert q.depth == 1 and len(q) == 3
+    assert q.ack(["0", "1", "nope"]) == 2
+    assert q.pending_ids() == ["2"]
+
+
+def test_full_queue_accepts_nothing_and_duplicates_are_ignored(storage_factory):
+    q = LeaseQueue(3, storage=storage_factory())
+    assert q.put([item("a"), item("b"), item("a")]) == 2  # "a" twice in one batch
+    with pytest.raises(QueueFull, match="2 pending of at most 3"):
+        q.put([item("c"), item("d")])
+    assert sorted(q.pending_ids()) == ["a", "b"]  # all or nothing
+    assert q.put([item("b"), item("c")]) == 1 and q.room == 0
+    assert q.stats(T0).duplicates_total == 2
+
+
+def test_expired_and_released_leases_are_redelivered_first(storage_factory):
+    q = LeaseQueue(10, storage=storage_factory())
+    q.put([item(i, T0 + i) for i in range(4)])
+    q.lease(1, "h1", 5.0, now=0.0)  # "0" until t=5
+    q.lease(1, "h2", 50.0, now=0.0)  # "1" until t=50
+    assert q.expire(4.9) == [] and q.expire(5.0) == []
+    assert q.lease(1, "h3", 5.0, now=5.0)[0].id == "0"  # redelivered before "2"
+    assert q.release_holder("h2") == []
+    assert q.lease(1, "h3", 5.0, now=5.0)[0].id == "1"
+    st = q.stats(T0)
+    assert (st.expired_total, st.redelivered_total, st.dequeued_total) == (1, 2, 4)
+
+
+def test_extend_keeps_a_lease_alive(storage_factory):
+    q = LeaseQueue(10, storage=storage_factory())
+    q.put([item("a")])
+    q.lease(1, "h", 5.0, now=0.0)
+    assert q.extend(["a"], "other", 5.0, now=4.0) == 0  # only the holder may renew
+    assert q.extend(["a"], "h", 5.0, now=4.0) == 1
+    q.expire(6.0)
+    assert q.depth == 0
+    q.expire(9.0)
+    assert q.depth == 1
+
+
+def test_exhausted_items_are_returned_for_a_failed_outcome(storage_factory):
+    q = LeaseQueue(10, max_deliveries=2, storage=storage_factory())
+    q.put([item("a")])
+    q.lease(1, "h", 1.0, 0.0)
+    assert q.nack(["a"]) == []
+    q.lease(1, "h", 1.0, 0.0)
+    exhausted = q.expire(2.0)
+    assert [i.id for i in exhausted] == ["a"] and exhausted[0].deliveries == 2
+    assert len(q) == 0 and q.stats(T0).exhausted_total == 1
+
+
+def test_restart_brings_back_everything_accepted_and_not_acked(storage_factory):
+    q = LeaseQueue(100, storage=storage_factory())
+    q.put([item(i, T0 + i) for i in range(10)])
+    q.lease(4, "h", 30.0, now=0.0)  # 0..3 leased when the shard dies
+    q.ack(["0", "5"])
+    q.nack(["1"])  # back to ready, delivery count 1 recorded
+    q.flush()
+    q.close()
+    q2 = LeaseQueue(100, storage=storage_factory())
+    assert q2.pending_ids() == ["1", "2", "3", "4", "6", "7", "8", "9"]  # accept order
+    assert q2.depth == 8  # the old leases are void: everything is ready again
+    assert q2.stats(T0).recovered_total == 8
+    got = {g.id: g.deliveries for g in q2.lease(8, "h2", 30.0, now=0.0)}
+    assert got["1"] == 2  # its earlier delivery still counts toward max_deliveries
+    q2.ack(got)
+    q2.close()
+    assert LeaseQueue(100, storage=storage_factory()).pending_ids() == []
+
+
+def test_failed_items_stay_stored_until_acked_on_a_durable_backend(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    q = LeaseQueue(10, Discipline.DEADLINE, storage=SqliteStorage(path))
+    q.put([item("a", T0, deadline=T0 + 1), item("b", T0)])
+    [overdue] = q.fail_overdue(T0 + 2)
+    assert q.stats(T0).unsettled == 1
+    q.close()  # dies before the failure reached the ledger: "a" must come back
+    q = LeaseQueue(10, Discipline.DEADLINE, storage=SqliteStorage(path))
+    assert sorted(q.pending_ids()) == ["a", "b"]
+    assert [i.id for i in q.fail_overdue(T0 + 2)] == ["a"]
+    assert q.ack(["a"]) == 0  # settling a failed item is not an ack of pending work
+    q.close()
+    assert LeaseQueue(10, storage=SqliteStorage(path)).pending_ids() == ["b"]
+
+
+def test_memory_backend_forgets_failed_items_at_once():
+    s = MemoryStorage()
+    q = LeaseQueue(10, max_deliveries=1, storage=s)
+    q.put([item("a")])
+    q.lease(1, "h", 1.0, 0.0)
+    assert [i.id for i in q.nack(["a"])] == ["a"]
+    assert len(s) == 0 and q.stats(T0).unsettled == 0
+
+
+def test_restarted_queue_keeps_its_discipline(storage_factory):
+    q = LeaseQueue(10, Discipline.PRIORITY, storage=storage_factory())
+    q.put([item("low", T0, priority=1), item("high", T0 + 1, priority=9)])
+    q.close()
+    q2 = LeaseQueue(10, Discipline.PRIORITY, storage=storage_factory())
+    assert [i.id for i in q2.lease(2, "h", 1.0, 0.0)] == ["high", "low"]
+
+
+def test_stats_report_age_percentiles(storage_factory):
+    q = LeaseQueue(1000, storage=storage_factory())
+    q.put([item(i, T0 + i) for i in range(100)])  # ages 1..100 s at T0 + 100
+    st = q.stats(T0 + 100)
+    assert st.oldest_age_s == 100.0
+    assert 49 <= st.age_p50_s <= 52 and 89 <= st.age_p90_s <= 92 and 98 <= st.age_p99_s <= 101
+    q.ack([str(i) for i in range(50)])  # the oldest half leaves
+    assert q.stats(T0 + 100).age_p99_s <= 51
+
+
+def test_sqlite_storage_file_layout_and_bad_settings(tmp_path):
+    p = shard_path(tmp_path, "ns/1", "support bot", 3)
+    assert p == tmp_path / "ns_1" / "support_bot-3.sqlite3"
+    s = make_storage(StorageSpec(backend="sqlite", directory=str(tmp_path)), "ns", "cap", 0)
+    assert isinstance(s, SqliteStorage) and s.path.exists()
+    assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    s.close()
+    assert isinstance(make_storage(StorageSpec(), "ns", "cap", 0), MemoryStorage)
+    with pytest.raises(ValueError, match="synchronous"):
+        SqliteStorage(tmp_path / "x.sqlite3", synchronous="sometimes")
+
+
+def test_a_failed_commit_accepts_nothing(tmp_path):
+    s = SqliteStorage(tmp_path / "s.sqlite3")
+    q = LeaseQueue(10, storage=s)
+    q.put([item("a")])
+    s._db.execute("CREATE TRIGGER no_b BEFORE INSERT ON items WHEN NEW.id = 'b' "
+                  "BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+    with pytest.raises(Exception, match="disk says no"):
+        q.put([item("c"), item("b")])
+    assert q.pending_ids() == ["a"] and s.count() == 1  # neither "b" nor "c"
+    s._db.execute("DROP TRIGGER no_b")
+    assert q.put([item("c")]) == 1 and q.ack(["a"]) == 1
+    q.close()
+    assert LeaseQueue(10, storage=SqliteStorage(tmp_path / "s.sqlite3")).pending_ids() == ["c"]
