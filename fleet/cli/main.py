@@ -15,6 +15,7 @@ COMMANDS = (
     "fleet.cli.status",
     "fleet.cli.bench",
     "fleet.cli.simulate",
+    "fleet.cli.trace",
 )
 
 

@@ -62,6 +62,21 @@ def start_serve(http_port: int = 8000, http: bool = False) -> None:
     )
 
 
+def deploy_pool(spec: FleetSpec, pool: PoolSpec) -> None:
+    """Run (or update) one pool's Serve app of hosts; blocks until it is running.
+
+    ``deploy`` calls this for every pool; ``fleet.serve_app`` calls it to bring back a
+    pool whose app was deleted while the fleet's actors kept running.
+    """
+    names = Names(spec.name)
+    ns = spec.namespace
+    app = serve.deployment(AgentHost).options(**host_deployment_options(spec, pool)).bind(
+        pool.model_dump(mode="json"), spec.resilience.model_dump(mode="json"),
+        {k: v.model_dump() for k, v in spec.budgets.prices.items()},
+        (names.controller, ns), (names.ledger, ns))
+    serve.run(app, name=names.pool_app(pool.name), route_prefix=None)
+
+
 def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False) -> list[Any]:
     """Create the ledger, queue shards, pool hosts, dispatcher and controller.
 
@@ -86,11 +101,7 @@ def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False) -> li
         spec.model_dump(mode="json"))
     ray.get(controller.__ray_ready__.remote())
     for pool in spec.pools:
-        app = serve.deployment(AgentHost).options(**host_deployment_options(spec, pool)).bind(
-            pool.model_dump(mode="json"), spec.resilience.model_dump(mode="json"),
-            {k: v.model_dump() for k, v in spec.budgets.prices.items()},
-            (names.controller, ns), (names.ledger, ns))
-        serve.run(app, name=names.pool_app(pool.name), route_prefix=None)
+        deploy_pool(spec, pool)
     dispatcher = Dispatcher.options(name=names.dispatcher, namespace=ns, **life).remote(
         spec.model_dump(mode="json"))
     ray.get(dispatcher.start.remote())

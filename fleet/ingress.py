@@ -1,0 +1,263 @@
+"""The fleet's HTTP ingress: a FastAPI app served as a Ray Serve deployment.
+
+Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
+
+- ``POST /tasks``: one task (a JSON object) or a batch (a JSON array of tasks). 202 with
+  the accepted ids. A batch is all-or-nothing at validation: any invalid task makes the
+  whole request 422, listing every bad task by index and field, and nothing is queued.
+  A full queue makes the request wait up to ``submit_wait_s``, then 429 with a
+  ``Retry-After`` header and, in the body, which tasks were accepted and which were not
+  (resubmit those with the ids given: a pending id is taken once, and the ledger keeps one
+  outcome per id).
+- ``GET /tasks/{id}``: ``pending`` (no outcome recorded yet) or the recorded result.
+- ``GET /status``: the fleet's pools, agents, hosts and queues (as ``fleet status``).
+- ``GET /healthz``: 200 when the fleet's ledger answers, 503 otherwise.
+
+Invalid input is a 422 naming the field (``detail[].loc``), never a 500. The replicas
+talk to the fleet through its named actors (found with ``FleetClient.connect``) and
+never block their event loop on an actor call. Serve autoscales the replicas on ongoing
+requests with its default policy.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoints' parameter
+# types at runtime, and Serve's ingress wrapper cannot resolve string annotations.
+import asyncio
+import time
+import zlib
+from collections import defaultdict
+from typing import Annotated, Any, Literal
+
+import ray
+from fastapi import Body, FastAPI, Path
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Discriminator, Field, Tag
+from ray import serve
+
+import fleet
+from fleet.queue.lease_queue import QueueFull
+from fleet.runtime.names import Names
+from fleet.task import Item, Result, Task, TaskRejected, to_item
+
+INGRESS_DEPLOYMENT = "ingress"
+MAX_BATCH_TASKS = 10_000
+DEFAULT_SUBMIT_WAIT_S = 1.0
+DEFAULT_RETRY_AFTER_S = 1
+HEALTH_TIMEOUT_S = 2.0
+PUT_BACKOFF_MAX_S = 0.25
+# Serve's default autoscaling policy, on ongoing requests per replica.
+INGRESS_AUTOSCALING = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32}
+INGRESS_MAX_ONGOING_REQUESTS = 128
+
+
+def _body_kind(value: Any) -> str:
+    return "batch" if isinstance(value, list) else "task"
+
+
+TaskOrBatch = Annotated[
+    Annotated[Task, Tag("task")]
+    | Annotated[list[Task], Tag("batch"), Field(min_length=1, max_length=MAX_BATCH_TASKS)],
+    Discriminator(_body_kind),
+]
+
+BODY_EXAMPLES = {
+    "one task": {"value": {"capability": "support",
+                           "payload": {"question": "Where is order #1234?"}}},
+    "a batch": {"value": [{"capability": "support", "id": "t-1", "priority": 7,
+                           "payload": {"question": "Can I return shoes?"}},
+                          {"capability": "support", "id": "t-2", "payload": {}}]},
+}
+
+
+class Accepted(BaseModel):
+    """Tasks queued; poll ``GET /tasks/{id}`` for each."""
+
+    ids: list[str]
+
+
+class NotQueued(BaseModel):
+    index: int
+    id: str
+
+
+class Backpressure(BaseModel):
+    """Some or all tasks were not queued (the queue stayed full); retry those later."""
+
+    detail: str
+    accepted: list[str]
+    not_queued: list[NotQueued]
+    retry_after_s: int
+
+
+class TaskState(BaseModel):
+    id: str
+    status: Literal["pending", "completed", "failed"]
+    result: Result | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    fleet: str
+    recorded: int
+
+
+api = FastAPI(
+    title="fleet",
+    version=fleet.__version__,
+    description="Submit tasks to a fleet of agents, read their results and the fleet's status.",
+)
+
+
+def _is_queue_full(exc: BaseException) -> bool:
+    return isinstance(exc, QueueFull) or isinstance(getattr(exc, "cause", None), QueueFull)
+
+
+def _validation_error(errors: list[dict[str, Any]]) -> JSONResponse:
+    # The same shape as FastAPI's own 422 body, so clients parse one format.
+    return JSONResponse(status_code=422, content={"detail": errors})
+
+
+@serve.deployment(
+    name=INGRESS_DEPLOYMENT,
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
+    autoscaling_config=INGRESS_AUTOSCALING,
+)
+@serve.ingress(api)
+class Ingress:
+    """One ingress replica, bound to the fleet ``name`` in ``namespace``."""
+
+    def __init__(self, name: str = "fleet", namespace: str = "fleet",
+                 submit_wait_s: float = DEFAULT_SUBMIT_WAIT_S,
+                 retry_after_s: int = DEFAULT_RETRY_AFTER_S):
+        from fleet.runtime.client import FleetClient
+
+        self._fc = FleetClient.connect(name, namespace)
+        spec = self._fc.spec
+        names = Names(spec.name)
+        self._caps = frozenset(spec.capabilities)
+        self._max_payload_bytes = spec.queues.max_payload_bytes
+        self._ledger = ray.get_actor(names.ledger, namespace=spec.namespace)
+        self._shards = {
+            cap: [ray.get_actor(names.shard(cap, i), namespace=spec.namespace)
+                  for i in range(spec.queues.shards)]
+            for cap in spec.capabilities
+        }
+        self._n_shards = spec.queues.shards
+        self._submit_wait_s = submit_wait_s
+        self._retry_after_s = retry_after_s
+
+    # -- submit --------------------------------------------------------------------
+    @api.post("/tasks", status_code=202, response_model=Accepted,
+              responses={422: {"description": "invalid task(s): nothing was queued"},
+                         429: {"model": Backpressure, "description": "queue full"},
+                         503: {"model": Backpressure, "description": "fleet unreachable"}})
+    async def submit(
+            self, body: Annotated[TaskOrBatch, Body(openapi_examples=BODY_EXAMPLES)]) -> Any:
+        """Queue one task (a JSON object) or a batch (a JSON array, all or nothing)."""
+        batch = isinstance(body, list)
+        tasks = body if batch else [body]
+        items, errors = [], []
+        for k, task in enumerate(tasks):
+            try:
+                items.append(to_item(task, self._caps, self._max_payload_bytes))
+            except TaskRejected as exc:
+                loc = ["body", "batch", k, exc.field] if batch else ["body", "task", exc.field]
+                errors.append({"type": "task_rejected", "loc": loc, "msg": exc.reason})
+        if errors:
+            return _validation_error(errors)
+        not_queued, error = await self._enqueue(items)
+        if not not_queued:
+            return Accepted(ids=[it.id for it in items])
+        refused = set(not_queued)
+        report = Backpressure(
+            detail=error,
+            accepted=[it.id for k, it in enumerate(items) if k not in refused],
+            not_queued=[NotQueued(index=k, id=items[k].id) for k in not_queued],
+            retry_after_s=self._retry_after_s,
+        )
+        status = 429 if error.startswith("queue full") else 503
+        return JSONResponse(status_code=status, content=report.model_dump(),
+                            headers={"Retry-After": str(self._retry_after_s)})
+
+    async def _enqueue(self, items: list[Item]) -> tuple[list[int], str]:
+        """Put items on their shards; returns the indices not queued and why.
+
+        Each shard's ``put`` is all or nothing, so an item is either accepted (and will
+        get an outcome) or listed as not queued: never half-submitted.
+        """
+        groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for k, it in enumerate(items):
+            # The shard FleetClient.submit would pick, so an id lands in one place.
+            groups[(it.capability, zlib.crc32(it.id.encode()) % self._n_shards)].append(k)
+        pending = list(groups.items())
+        deadline = time.monotonic() + self._submit_wait_s
+        backoff = 0.01
+        while True:
+            now = time.time()  # latency counts from the moment fleet is handed a task
+            results = await asyncio.gather(
+                *(self._shards[cap][s].put.remote(
+                    [items[k]._replace(submitted_unix_s=now) for k in idx])
+                  for (cap, s), idx in pending),
+                return_exceptions=True)
+            retry, failure = [], ""
+            for entry, res in zip(pending, results):
+                if not isinstance(res, BaseException):
+                    continue
+                retry.append(entry)
+                if not _is_queue_full(res):
+                    failure = failure or await self._why_not_queued(entry, res)
+            pending = retry
+            if not pending:
+                return [], ""
+            if failure or time.monotonic() >= deadline:
+                left = sorted(k for _, idx in pending for k in idx)
+                return left, failure or (
+                    f"queue full: {len(left)} task(s) not queued after waiting "
+                    f"{self._submit_wait_s:g}s; retry them after Retry-After seconds")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, PUT_BACKOFF_MAX_S)
+
+    async def _why_not_queued(self, entry: tuple[tuple[str, int], list[int]],
+                              exc: BaseException) -> str:
+        """Why a failed put was not queued: "" if the shard was full, else the fault.
+
+        A shard's QueueFull can reach us as an exception Ray could not deserialize,
+        so the shard itself is asked: a shard that answers with too little room was full.
+        """
+        (cap, s), idx = entry
+        try:
+            room = await self._shards[cap][s].room.remote()
+        except Exception as err:
+            return f"fleet unreachable: queue shard {cap}/{s}: {type(err).__name__}"
+        if room < len(idx):
+            return ""
+        return f"queue shard {cap}/{s} failed: {type(exc).__name__}"
+
+    # -- read ----------------------------------------------------------------------
+    @api.get("/tasks/{task_id}", response_model=TaskState)
+    async def task(self, task_id: Annotated[str, Path(min_length=1, max_length=256)]) -> TaskState:
+        """A task's status: ``pending`` until its outcome is recorded, then its result.
+
+        ``pending`` also answers for an id fleet never accepted: the ledger records
+        outcomes, and the queues are not indexed by id for lookups.
+        """
+        (outcome,) = await self._ledger.get.remote([task_id])
+        if outcome is None:
+            return TaskState(id=task_id, status="pending")
+        result = outcome.to_result()
+        return TaskState(id=task_id, status=result.status.value, result=result)
+
+    @api.get("/status")
+    async def status(self) -> dict[str, Any]:
+        """Pools, agents, hosts, in-flight work, queue depth and age, ledger count."""
+        return await asyncio.to_thread(self._fc.status)
+
+    @api.get("/healthz", response_model=Health, responses={503: {"description": "unhealthy"}})
+    async def healthz(self) -> Any:
+        """200 when the fleet's ledger answers within a couple of seconds."""
+        try:
+            recorded = await asyncio.wait_for(self._ledger.count.remote(), HEALTH_TIMEOUT_S)
+        except Exception as exc:  # any failure to answer is "unhealthy", not a 500
+            return JSONResponse(status_code=503, content={
+                "status": "unhealthy", "detail": f"ledger did not answer: {type(exc).__name__}"})
+        return Health(status="ok", fleet=self._fc.spec.name, recorded=recorded)
