@@ -38,3 +38,12 @@ def test_malformed_json_is_rejected_with_where():
         parse_task_json("{not json", where="line 3")
     with pytest.raises(TaskRejected, match="expected a JSON object"):
         parse_task_json("[1, 2]")
+
+
+def test_queue_full_survives_pickling_as_ray_reraises_it():
+    import pickle
+
+    from fleet.queue.lease_queue import QueueFull
+
+    err = pickle.loads(pickle.dumps(QueueFull(10, 10)))
+    assert isinstance(err, QueueFull) and (err.depth, err.max_depth) == (10, 10)

@@ -74,9 +74,11 @@ def _cap(step: int, current: int, max_agents: int | None, max_fraction: float | 
 def _accrue(credit: float, rate: float, dt: float, interval: float) -> float:
     if math.isinf(rate):
         return math.inf
-    # Idle time banks at most one interval's worth (and at least one agent), so a long
-    # quiet spell cannot release a burst larger than the configured rate allows.
-    return min(credit + rate * dt, max(1.0, rate * interval))
+    # Credit banks at most one tick's worth plus one agent, so a quiet spell cannot
+    # release a burst beyond the configured rate; the +1 keeps the fraction that
+    # floor() leaves behind, and a late tick earns its whole elapsed time, so the
+    # average rate is the configured one.
+    return min(credit + rate * dt, rate * max(dt, interval) + 1.0)
 
 
 def decide(

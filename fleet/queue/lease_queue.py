@@ -54,6 +54,11 @@ class QueueFull(Exception):
         self.max_depth = max_depth
         super().__init__(f"queue full: {depth} pending of at most {max_depth}")
 
+    def __reduce__(self):
+        # Ray re-raises an actor's exception in the caller by unpickling it; the default
+        # reduce would call __init__ with the message alone.
+        return (QueueFull, (self.depth, self.max_depth))
+
 
 class _FifoReady:
     def __init__(self) -> None:

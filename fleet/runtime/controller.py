@@ -83,7 +83,8 @@ class Controller:
             for cap, shards in self._shards.items()
         }
         disp = await self._dispatcher.stats.remote()
-        hosts = self._running_hosts()
+        # serve.status() blocks on Serve's controller: keep it off this actor's loop.
+        hosts = await asyncio.get_running_loop().run_in_executor(None, self._running_hosts)
         samples = []
         for p in self.spec.pools:
             stats = [s for s in queue_stats[p.capability] if isinstance(s, dict)]

@@ -112,3 +112,16 @@ def test_out_of_bounds_count_moves_to_bound_at_once():
     spec = AutoscalingSpec(min_agents=5, max_agents=10)
     assert decide(spec, ScalingInput(0, 50, 0))[0].agents == 10
     assert decide(spec, ScalingInput(0, 0, 10**6))[0].agents == 5
+
+
+def test_average_upscale_rate_is_the_configured_rate_with_late_ticks():
+    # 95 agents over 5 s = 19 agents/s; ticks of 0.25 s arrive late (0.33 s).
+    spec = AutoscalingSpec(min_agents=2, max_agents=97, target_queued_per_agent=1,
+                           control_interval_s=0.25, upscale_within_s=5)
+    clock = FakeClock(0)
+    agents, state = 2, None
+    while agents < 97:
+        d, state = decide(spec, ScalingInput(clock(), agents, 10**6), state)
+        agents = d.agents
+        clock.advance(0.33)
+    assert clock() <= 5 + 0.33 + 1e-9, f"took {clock():.2f}s to close a gap that 5 s allows"
