@@ -90,7 +90,10 @@ def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False) -> li
     ledger = Ledger.options(name=names.ledger, namespace=ns, **life).remote()
     queue_spec = spec.queues.model_dump(mode="json")
     shards = [
-        QueueShard.options(name=names.shard(cap, i), namespace=ns, **life).remote(
+        # A shard that crashes is restarted and reloads its storage (with the sqlite
+        # backend nothing accepted is lost; memory restarts empty).
+        QueueShard.options(name=names.shard(cap, i), namespace=ns, max_restarts=-1,
+                           **life).remote(
             cap, i, queue_spec, spec.resilience.max_deliveries, names.ledger, ns)
         for cap in spec.capabilities for i in range(spec.queues.shards)
     ]

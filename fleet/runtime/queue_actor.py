@@ -1,8 +1,11 @@
 """QueueShard: a Ray actor owning one shard of a capability's queue.
 
-It wraps the pure ``LeaseQueue`` and adds what needs a process: a monotonic clock, the
-periodic lease-expiry sweep, and recording exhausted items as failed in the ledger (so
-an item that cannot be delivered is accounted for, never dropped).
+It wraps the pure ``LeaseQueue`` and adds what needs a process: clocks, the storage
+backend the spec names (memory, or SQLite that survives a crash of this actor), and a
+periodic sweep that requeues expired leases and fails items past their deadline
+(``deadline_exceeded``) or delivered too often (``max_deliveries``). Such items are
+recorded in the ledger first and only then removed from the queue (and its storage),
+so an item that cannot be completed is accounted for, never dropped.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from typing import Any
 
 import ray
 
+from fleet.policy.disciplines import overdue_outcome
 from fleet.queue.lease_queue import LeaseQueue, QueueFull
+from fleet.queue.storage import make_storage
 from fleet.spec.queues import QueueSpec
-from fleet.task import Item, failed_outcome
+from fleet.task import Item, Outcome, failed_outcome
 
 SWEEP_INTERVAL_S = 0.5
 
@@ -29,7 +34,8 @@ class QueueShard:
         self.capability = capability
         self.index = index
         self.lease_s = spec.lease_s
-        self._q = LeaseQueue(spec.max_depth, spec.discipline, max_deliveries)
+        storage = make_storage(spec.storage, namespace, capability, index)
+        self._q = LeaseQueue.from_spec(spec, max_deliveries, storage=storage)
         self._ledger_name = ledger_name
         self._namespace = namespace
         self._ledger = None
@@ -43,19 +49,35 @@ class QueueShard:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
-            await self._fail_exhausted(self._q.expire(time.monotonic()), "lease expired")
+            try:
+                await self.sweep()
+            except Exception:  # the ledger is restarting: the next sweep retries
+                pass
 
-    async def _fail_exhausted(self, items: list[Item], why: str) -> None:
-        if not items:
+    async def sweep(self) -> int:
+        """Requeue expired leases; fail overdue and exhausted items. Returns how many failed."""
+        exhausted = self._q.expire(time.monotonic())
+        await self._fail_exhausted(exhausted, "lease expired")
+        now = time.time()
+        overdue = self._q.fail_overdue(now)
+        await self._record_then_ack([overdue_outcome(it, now) for it in overdue])
+        self._q.flush()
+        return len(exhausted) + len(overdue)
+
+    async def _record_then_ack(self, outcomes: list[Outcome]) -> None:
+        if not outcomes:
             return
         if self._ledger is None:
             self._ledger = ray.get_actor(self._ledger_name, namespace=self._namespace)
-        outcomes = [
+        await self._ledger.record.remote(outcomes)
+        self._q.ack([o.task_id for o in outcomes])  # removes them from durable storage
+
+    async def _fail_exhausted(self, items: list[Item], why: str) -> None:
+        await self._record_then_ack([
             failed_outcome(it, "max_deliveries",
                            f"delivered {it.deliveries} times without an outcome ({why})")
             for it in items
-        ]
-        await self._ledger.record.remote(outcomes)
+        ])
 
     async def put(self, items: list[Item]) -> int:
         """Accept items (all or none). Raises QueueFull when they do not fit."""
@@ -68,7 +90,8 @@ class QueueShard:
     async def lease(self, n: int, holder: str) -> tuple[list[Item], int]:
         """Up to ``n`` items leased to ``holder``, and the depth left behind."""
         self._ensure_sweeper()
-        items = self._q.lease(n, holder, self.lease_s, time.monotonic())
+        items = self._q.lease(n, holder, self.lease_s, time.monotonic(),
+                              now_unix_s=time.time())
         return items, self._q.depth
 
     async def ack(self, ids: list[str]) -> int:
