@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal
 
 import ray
 from fastapi import Body, FastAPI, Path
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Discriminator, Field, Tag
 from ray import serve
 
@@ -251,6 +251,11 @@ class Ingress:
     async def status(self) -> dict[str, Any]:
         """Pools, agents, hosts, in-flight work, queue depth and age, ledger count."""
         return await asyncio.to_thread(self._fc.status)
+
+    @api.get("/metrics", response_class=PlainTextResponse)
+    async def metrics(self) -> str:
+        """Prometheus metrics: queue depth, age, rates, lease expiries, active alerts."""
+        return await asyncio.to_thread(self._fc.metrics_text)
 
     @api.get("/healthz", response_model=Health, responses={503: {"description": "unhealthy"}})
     async def healthz(self) -> Any:

@@ -217,4 +217,10 @@ class FleetClient:
                 for p in self.spec.pools
             },
             "ledger": {"recorded": ray.get(self._ledger.count.remote())},
+            "queues": ctl.get("queues", {}),
+            "alerts": ctl.get("alerts", {"active": [], "events": []}),
         }
+
+    def metrics_text(self) -> str:
+        """Prometheus text exposition of the fleet's queue metrics."""
+        return ray.get(self._controller.metrics_text.remote())

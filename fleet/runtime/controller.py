@@ -7,18 +7,25 @@ every decision for ``fleet status`` and the autoscaling trace.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import deque
 from typing import Any
 
 import ray
+from prometheus_client import CollectorRegistry, generate_latest
 from ray import serve
+
+from fleet.policy.queue_alerts import AlertEvaluator
+from fleet.queue.metrics import QueueMetrics
+from fleet.queue.monitor import QueueMonitor
 
 from fleet.policy.autoscaling import ScalingInput, ScalingState, decide
 from fleet.runtime.names import Names
 from fleet.spec.fleet import FleetSpec
 
 TIMELINE_MAX_SAMPLES = 100_000
+ALERT_LOG_MAX = 1_000
 
 
 @ray.remote(num_cpus=0)
@@ -37,6 +44,11 @@ class Controller:
         self._last_enqueued: dict[str, tuple[float, int]] = {}
         self._timeline: deque[dict[str, Any]] = deque(maxlen=TIMELINE_MAX_SAMPLES)
         self._last: dict[str, dict[str, Any]] = {}
+        self._monitor = QueueMonitor()
+        self._alerts = AlertEvaluator(self.spec.queues.alerts)
+        self._alert_log: deque[dict[str, Any]] = deque(maxlen=ALERT_LOG_MAX)
+        self._registry = CollectorRegistry()
+        self._metrics = QueueMetrics(self._registry)
         self._dispatcher = None
         self._task: asyncio.Task[None] | None = None
         self._t0 = time.monotonic()
@@ -82,6 +94,7 @@ class Controller:
                                       return_exceptions=True)
             for cap, shards in self._shards.items()
         }
+        self._watch_queues(queue_stats, now)
         disp = await self._dispatcher.stats.remote()
         # serve.status() blocks on Serve's controller: keep it off this actor's loop.
         hosts = await asyncio.get_running_loop().run_in_executor(None, self._running_hosts)
@@ -117,6 +130,29 @@ class Controller:
             samples.append(sample)
         return samples
 
+    def _watch_queues(self, queue_stats: dict[str, list[Any]], now: float) -> None:
+        """Depth, age and rates per shard and queue; alert rules fire and clear here."""
+        for cap, stats in queue_stats.items():
+            for st in stats:
+                if isinstance(st, dict):
+                    self._monitor.observe(cap, st["shard"], st, now)
+                    self._metrics.update_from_stats(cap, st["shard"], st)
+        report = self._monitor.report(now)
+        for health in report.values():
+            self._metrics.update_from_health(health)
+        for event in self._alerts.evaluate(self._monitor.observations(now, report), now):
+            self._alert_log.append({**dataclasses.asdict(event), "unix_s": time.time()})
+        self._metrics.update_alerts(self._alerts.active())
+        self._queue_report = {q: h.to_dict() for q, h in report.items()}
+
+    async def metrics_text(self) -> str:
+        """The fleet's Prometheus metrics in the text exposition format."""
+        return generate_latest(self._registry).decode()
+
+    async def alerts(self) -> dict[str, Any]:
+        return {"active": [dataclasses.asdict(a) for a in self._alerts.active()],
+                "events": list(self._alert_log)[-20:]}
+
     async def desired_hosts(self, pool: str) -> int:
         p = next(p for p in self.spec.pools if p.name == pool)
         return p.hosts_for(self._agents[pool])
@@ -128,4 +164,5 @@ class Controller:
         return [s for s in self._timeline if s["t_s"] >= since_t_s]
 
     async def status(self) -> dict[str, Any]:
-        return {"pools": dict(self._last), "spec": self.spec.model_dump(mode="json")}
+        return {"pools": dict(self._last), "spec": self.spec.model_dump(mode="json"),
+                "queues": getattr(self, "_queue_report", {}), "alerts": await self.alerts()}

@@ -69,3 +69,27 @@ def test_sqlite_shard_killed_mid_run_loses_nothing(start_fleet, tmp_path):
     s = fc.summary(ids)
     assert (s["recorded"], s["completed"], s["lost"]) == (5_000, 5_000, 0)
     assert ray.get(shard.__ray_call__.remote(lambda self: os.getpid())) != pid
+
+
+def test_depth_alert_fires_in_status_and_metrics_then_clears(start_fleet):
+    fc = start_fleet(_spec({"lease_s": 20, "alerts": ["depth > 50"]},
+                           agent_kwargs={"delay_s": 0.01},
+                           autoscaling={"min_agents": 2, "max_agents": 2,
+                                        "control_interval_s": 0.25}))
+    ids = fc.submit([{"capability": "work"} for _ in range(400)]).accepted
+    deadline = time.monotonic() + 30
+    active = []
+    while not active and time.monotonic() < deadline:
+        active = fc.status()["alerts"]["active"]
+        time.sleep(0.1)
+    assert active and active[0]["subject"].startswith("work"), active
+    text = fc.metrics_text()
+    assert "fleet_queue" in text and 'queue="work"' in text
+    assert fc.wait(ids, timeout_s=60) == []
+    deadline = time.monotonic() + 10
+    while fc.status()["alerts"]["active"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    st = fc.status()["alerts"]
+    assert st["active"] == [], "the alert must clear once the queue drains"
+    kinds = [e["kind"] for e in st["events"]]
+    assert kinds == ["fired", "cleared"], kinds
