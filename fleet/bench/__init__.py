@@ -4,6 +4,7 @@ SUITES = {
     "core": "fleet.bench.core",
     "budgets": "fleet.bench.budgets",
     "consensus": "fleet.bench.consensus",
+    "livesim": "fleet.bench.livesim",
     "queue": "fleet.bench.queue",
     "sim": "fleet.bench.sim",
     "routing": "fleet.bench.routing",
