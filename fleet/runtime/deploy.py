@@ -7,6 +7,7 @@ from typing import Any
 import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
+from ray.util.placement_group import placement_group, remove_placement_group
 
 from fleet.runtime.controller import Controller
 from fleet.runtime.dispatcher import Dispatcher
@@ -29,7 +30,11 @@ def host_deployment_options(spec: FleetSpec, pool: PoolSpec) -> dict[str, Any]:
     return {
         "name": Names.host_deployment(pool.name),
         "max_ongoing_requests": max(100, pool.agents_per_host * pool.concurrency_per_agent),
-        "ray_actor_options": {"num_cpus": pool.cpus_per_host},
+        "ray_actor_options": {"num_cpus": pool.cpus_per_host, "num_gpus": pool.gpus_per_host},
+        # Each host's CPU/GPU is reserved in its own placement group, placed before the
+        # host (and so its agents) starts.
+        **({"placement_group_bundles": [pool.host_bundle],
+            "placement_group_strategy": pool.placement_strategy} if pool.host_bundle else {}),
         "graceful_shutdown_timeout_s": HOST_DRAIN_TIMEOUT_S,
         "autoscaling_config": {
             "min_replicas": min_hosts,
@@ -52,6 +57,37 @@ def host_deployment_options(spec: FleetSpec, pool: PoolSpec) -> dict[str, Any]:
             request_routing_stats_period_s=1.0,
         ),
     }
+
+
+class PoolUnschedulable(RuntimeError):
+    """The cluster cannot place a pool's starting hosts (a clear status, not a hang)."""
+
+
+def check_placeable(spec: FleetSpec, pool: PoolSpec) -> None:
+    """Reserve the pool's starting hosts at once, as a probe, then release the probe.
+
+    Serve would otherwise wait forever for replicas that cannot be placed. The probe
+    asks for every starting host's bundle in one placement group with the pool's
+    strategy, and fails with the arithmetic if it is not placed within
+    ``placement_timeout_s``.
+    """
+    if not pool.host_bundle:
+        return
+    hosts = pool.hosts_for(pool.autoscaling.start_agents)
+    pg = placement_group([pool.host_bundle] * hosts, strategy=pool.placement_strategy,
+                         name=f"{spec.name}.{pool.name}.probe")
+    try:
+        if not pg.wait(timeout_seconds=pool.placement_timeout_s):
+            want = {k: v * hosts for k, v in pool.host_bundle.items()}
+            have = {k: ray.cluster_resources().get(k, 0.0) for k in want}
+            free = {k: ray.available_resources().get(k, 0.0) for k in want}
+            raise PoolUnschedulable(
+                f"pool {pool.name!r} is unschedulable: {hosts} host(s) x {pool.host_bundle} "
+                f"= {want} ({pool.placement_strategy}) could not be placed within "
+                f"{pool.placement_timeout_s:g}s; the cluster has {have}, {free} free. "
+                "Lower cpus_per_host/gpus_per_host or min_agents, or add nodes.")
+    finally:
+        remove_placement_group(pg)
 
 
 def start_serve(http_port: int = 8000, http: bool = False) -> None:
@@ -87,6 +123,8 @@ def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False) -> li
     ns = spec.namespace
     life = {"lifetime": "detached"} if detached else {}
     start_serve(http=http)
+    for pool in spec.pools:  # before anything is created: fail fast, leave nothing behind
+        check_placeable(spec, pool)
     ledger = Ledger.options(name=names.ledger, namespace=ns, **life).remote()
     queue_spec = spec.queues.model_dump(mode="json")
     shards = [

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
@@ -48,8 +48,19 @@ class PoolSpec(SpecModel):
     agents_per_host: int = Field(default=100, ge=1)
     concurrency_per_agent: int = Field(default=1, ge=1)
     cpus_per_host: float = Field(default=0.25, ge=0)
+    gpus_per_host: float = Field(default=0.0, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_timeout_s: float = Field(default=30.0, gt=0)
+    """How long deploy waits for the pool's starting hosts to be placeable before it
+    fails with ``PoolUnschedulable`` (instead of waiting forever)."""
     autoscaling: AutoscalingSpec = AutoscalingSpec()
     routing: RoutingSpec = RoutingSpec()
+
+    @property
+    def host_bundle(self) -> dict[str, float]:
+        """Resources one host reserves (a placement-group bundle); empty if none."""
+        bundle = {"CPU": self.cpus_per_host, "GPU": self.gpus_per_host}
+        return {k: v for k, v in bundle.items() if v > 0}
 
     @property
     def max_hosts(self) -> int:
