@@ -17,7 +17,22 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator
 
-CRD_DIR = Path("/work/shared/kuberay-crds")
+def _crd_dir() -> Path:
+    """KubeRay's CRDs: ../shared beside the repository (as CI lays it out), or
+    $FLEET_KUBERAY_CRDS, or the workplace's copy."""
+    import os
+
+    repo = Path(__file__).resolve().parents[2]
+    candidates = [Path(os.environ["FLEET_KUBERAY_CRDS"])] if "FLEET_KUBERAY_CRDS" in os.environ \
+        else []
+    candidates += [repo.parent / "shared" / "kuberay-crds", Path("/work/shared/kuberay-crds")]
+    for c in candidates:
+        if (c / "ray.io_rayclusters.yaml").is_file():
+            return c
+    raise FileNotFoundError(f"KubeRay CRDs not found in any of {[str(c) for c in candidates]}")
+
+
+CRD_DIR = _crd_dir()
 CRD_FILES = {
     "RayCluster": "ray.io_rayclusters.yaml",
     "RayService": "ray.io_rayservices.yaml",
