@@ -83,6 +83,21 @@ def test_autoscale_up_then_down_within_bounds(start_fleet):
     assert any(s["queue_depth"] > 0 for s in tl[:peak + 1])
     assert max(s["hosts"] for s in tl) > 1, "hosts must follow the agents"
     assert fc.summary(ids)["lost"] == 0
+    # Rates, from the controller's own decisions: no step beyond what the elapsed time
+    # allows ((max - min) / within_s agents per second, plus the one agent of carry).
+    a = spec.pools[0].autoscaling
+    up_rate = (a.max_agents - a.min_agents) / a.upscale_within_s
+    down_rate = (a.max_agents - a.min_agents) / a.downscale_within_s
+    ticks = list(zip(tl, tl[1:]))
+    for prev, cur in ticks:
+        dt = max(cur["t_s"] - prev["t_s"], a.control_interval_s)
+        step = cur["agents"] - prev["agents"]
+        assert step <= up_rate * dt + 1 and -step <= down_rate * dt + 1, (prev, cur)
+    # The target is reached within the rate limit plus one (observed) control interval.
+    asked = next(s for s in tl if s["raw_desired"] == a.max_agents)
+    reached = next(s for s in tl if s["agents"] == a.max_agents)
+    longest_tick = max(cur["t_s"] - prev["t_s"] for prev, cur in ticks)
+    assert reached["t_s"] - asked["t_s"] <= (a.max_agents - a.min_agents) / up_rate + longest_tick
 
 
 def test_killed_host_work_is_redelivered_and_recorded_once(start_fleet):
