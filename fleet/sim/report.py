@@ -109,8 +109,13 @@ def check_autoscaler(p: PoolRun) -> dict[str, Any]:
         return math.inf if within == 0 else span / within
 
     up_rate, down_rate = rate(spec.upscale_within_s), rate(spec.downscale_within_s)
-    up_bank = math.inf if math.isinf(up_rate) else max(1.0, up_rate * interval)
-    down_bank = math.inf if math.isinf(down_rate) else max(1.0, down_rate * interval)
+    # The policy banks at most one tick's worth of credit plus one agent
+    # (fleet.policy.autoscaling._accrue), so no step and no window exceeds that.
+    up_bank = math.inf if math.isinf(up_rate) else up_rate * interval + 1.0
+    down_bank = math.inf if math.isinf(down_rate) else down_rate * interval + 1.0
+
+    def step_cap(rate: float, dt: float) -> float:
+        return math.inf if math.isinf(rate) else rate * max(dt, interval) + 1.0
     out_of_bounds = [(t, n) for t, n in zip(times, targets)
                      if not spec.min_agents <= n <= spec.max_agents]
     if out_of_bounds:
@@ -126,7 +131,8 @@ def check_autoscaler(p: PoolRun) -> dict[str, Any]:
         step = cur - prev
         if step > 0:
             max_up = max(max_up, step)
-            cap = math.floor(up_bank) if not math.isinf(up_bank) else step
+            bank = step_cap(up_rate, t - times[i - 1])
+            cap = math.floor(bank) if not math.isinf(bank) else step
             if spec.upscale_max_agents_per_interval is not None:
                 cap = min(cap, spec.upscale_max_agents_per_interval)
             if spec.upscale_max_fraction_per_interval is not None:
@@ -139,7 +145,8 @@ def check_autoscaler(p: PoolRun) -> dict[str, Any]:
             cum_up += step
         elif step < 0:
             max_down = max(max_down, -step)
-            cap = math.floor(down_bank) if not math.isinf(down_bank) else -step
+            bank = step_cap(down_rate, t - times[i - 1])
+            cap = math.floor(bank) if not math.isinf(bank) else -step
             if spec.downscale_max_agents_per_interval is not None:
                 cap = min(cap, spec.downscale_max_agents_per_interval)
             if spec.downscale_max_fraction_per_interval is not None:

@@ -101,7 +101,8 @@ def test_autoscale_up_then_down_within_bounds(start_fleet):
 
 
 def test_killed_host_work_is_redelivered_and_recorded_once(start_fleet):
-    fc = start_fleet(_spec(agent_kwargs={"delay_s": 0.5}, agents_per_host=50,
+    # 2 s tasks, so that a host killed while the pool is busy is surely mid-batch.
+    fc = start_fleet(_spec(agent_kwargs={"delay_s": 2.0}, agents_per_host=50,
                            autoscaling={"min_agents": 100, "max_agents": 100}))
     ids = fc.submit([{"capability": "work"} for _ in range(600)]).accepted
     replicas = []
@@ -111,9 +112,12 @@ def test_killed_host_work_is_redelivered_and_recorded_once(start_fleet):
                     if a["name"].startswith("SERVE_REPLICA::") and
                     f"{fc.spec.name}-work" in a["name"]]
         time.sleep(0.2)
-    # Kill only once the pool is saturated, so that both hosts hold leased work.
-    while fc.status()["pools"]["work"]["in_flight"] < 100 and time.monotonic() < deadline + 30:
+    # Kill only once hosts are executing (outcomes recorded) and the pool is saturated
+    # again, so that both hosts hold leased work mid-batch.
+    while (fc.summary(ids)["recorded"] < 100 or
+           fc.status()["pools"]["work"]["in_flight"] < 100) and time.monotonic() < deadline + 60:
         time.sleep(0.05)
+    assert fc.summary(ids)["recorded"] < 600, "the kill must land mid-run"
     victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
     # Kill every host of the pool: Serve replaces them, and all leased work must
     # come back through the queue.

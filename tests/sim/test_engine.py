@@ -124,9 +124,10 @@ def test_autoscaler_stays_within_bounds_and_rates():
     assert check["ok"], check["problems"]
     assert check["target_max"] == 60 and check["target_min"] == 2  # it went all the way
     # Independently of the checker: steps of at most (60 - 2) / 10 s x 1 s = 5.8 agents
-    # up and (60 - 2) / 30 s = 1.93 down, every decision within the bounds.
+    # up and (60 - 2) / 30 s = 1.93 down, plus the one agent of carried credit, every
+    # decision within the bounds.
     steps = [b - a for a, b in zip([2] + front.c_target, front.c_target)]
-    assert max(steps) <= 5 and min(steps) >= -1
+    assert max(steps) <= 6 and min(steps) >= -2
     assert all(2 <= n <= 60 for n in front.c_target)
     assert max(s + st for s, st in zip(front.s_serving, front.s_starting)) <= 60
 
