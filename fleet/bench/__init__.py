@@ -8,4 +8,5 @@ SUITES = {
     "queue": "fleet.bench.queue",
     "sim": "fleet.bench.sim",
     "routing": "fleet.bench.routing",
+    "chaos": "fleet.bench.chaos",
 }

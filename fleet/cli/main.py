@@ -16,6 +16,7 @@ COMMANDS = (
     "fleet.cli.bench",
     "fleet.cli.simulate",
     "fleet.cli.trace",
+    "fleet.cli.chaos",
 )
 
 
