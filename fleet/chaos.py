@@ -335,13 +335,20 @@ class ChaosHarness:
         would log a kill that Serve never has to repair.
         """
         plan = self.plan
+        # Credit replacements first, and never kill a replacement no wave has been
+        # credited with yet: killing it would leave its wave waiting for a host that
+        # Serve did replace.
+        self._check_replacements()
         names = dict((_replica_id(n), (n, ns)) for n, ns in pool_replicas(self.fleet, plan.pool))
         states = replica_states(self.fleet, plan.pool)
         running = sorted(r for r, st in (states or {}).items() if st == "RUNNING")
         left = plan.max_hosts_killed - self._killed_total
         spared = self._spared if time.time() < self._spared_until else set()
+        uncredited = {r for w in self._pending() for r in running
+                      if r not in w.before and r not in self._claimed}
         targets = [r for r in running
-                   if r in names and r not in spared and r not in self._killed_ids]
+                   if r in names and r not in spared and r not in self._killed_ids
+                   and r not in uncredited]
         if not targets or left <= 0:
             return
         k = min(len(targets), left, max(1, round(plan.kill_share * len(running))))
