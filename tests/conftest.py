@@ -25,3 +25,26 @@ def ray_cluster():
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def start_fleet(ray_cluster):
+    """Start fleets with ``start(spec)``; each is shut down after the test, and the
+    teardown checks that nothing of it is left behind."""
+    import ray
+
+    from fleet.runtime.client import FleetClient
+
+    started = []
+
+    def start(spec):
+        fc = FleetClient.start(spec)
+        started.append(fc)
+        return fc
+
+    yield start
+    for fc in started:
+        fc.shutdown()
+        left = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == fc.spec.namespace]
+        assert left == [], left

@@ -9,7 +9,6 @@ import time
 import pytest
 import ray
 
-from fleet.runtime.client import FleetClient
 from fleet.runtime.ledger import Ledger
 from fleet.task import Outcome
 from tests.utils import make_spec, pool
@@ -24,23 +23,6 @@ def _spec(**pool_kw):
                           **pool_kw),
                      name=f"t{n}", namespace=f"fleet-test-{n}", queues={"lease_s": 20})
 
-
-@pytest.fixture
-def start_fleet(ray_cluster):
-    started = []
-
-    def start(spec):
-        fc = FleetClient.start(spec)
-        started.append(fc)
-        return fc
-
-    yield start
-    for fc in started:
-        fc.shutdown()
-        # Teardown invariant: nothing of this fleet is left behind.
-        left = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["namespace"] == fc.spec.namespace]
-        assert left == [], left
 
 
 def test_submit_dispatch_and_failures_carry_reasons(start_fleet):

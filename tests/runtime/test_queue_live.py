@@ -10,7 +10,6 @@ import time
 import pytest
 import ray
 
-from fleet.runtime.client import FleetClient
 from fleet.runtime.names import Names
 from tests.utils import make_spec, pool
 
@@ -24,19 +23,6 @@ def _spec(queues, **pool_kw):
                           **pool_kw),
                      name=f"q{n}", namespace=f"fleet-qtest-{n}", queues=queues)
 
-
-@pytest.fixture
-def start_fleet(ray_cluster):
-    started = []
-
-    def start(spec):
-        fc = FleetClient.start(spec)
-        started.append(fc)
-        return fc
-
-    yield start
-    for fc in started:
-        fc.shutdown()
 
 
 def test_task_past_its_deadline_fails_with_reason_and_is_recorded(start_fleet):
