@@ -7,11 +7,20 @@ only then does the dispatcher ack the items in the queue. So a crash at any poin
 outcome, or still leased and redelivered when its lease expires: at-least-once
 execution, exactly-once recording (the ledger keeps the first outcome per id).
 A batch whose host dies is nacked at once and redelivered, not left to expire.
+A batch's items count against the pool's capacity until they finish: a host running a
+batch for longer than a moment reports how many of its items are done
+(``batch_progress``), so one slow item does not hold the slots of the whole batch.
+
+Retries: the host does not record a failure its retry policy wants retried; it returns
+the item's id with a backoff delay instead. The dispatcher acks the rest, keeps that
+item leased (and its lease renewed) for the delay, then nacks it, so the queue hands it
+out again, possibly to another host. Only the final failure is recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections import defaultdict
@@ -28,6 +37,8 @@ from fleet.task import Item
 
 IDLE_BACKOFF_MAX_S = 0.05
 LEASE_RENEW_FRACTION = 1 / 3
+RETRY_COALESCE_S = 0.02  # retries due within this of each other go back in one nack
+HOST_REPORT_TTL_S = 30.0  # a host silent this long no longer counts in pool status
 
 
 class _PoolState:
@@ -45,6 +56,10 @@ class _PoolState:
         self.sent_batches = 0
         self.sent_items = 0
         self.host_failures = 0
+        self.retried_items = 0
+        self.retry_waiting = 0  # items waiting out their backoff before the nack
+        self.hosts_seen: dict[str, tuple[float, dict[str, Any]]] = {}  # host -> (t, stats)
+        self.open_batches: dict[int, int] = {}  # batch id -> items already freed early
         self.held: list[dict[str, None]] = [{} for _ in shards]  # leased ids per shard
 
     @property
@@ -65,6 +80,9 @@ class Dispatcher:
         self._pools: dict[str, _PoolState] = {}
         self._loops: list[asyncio.Task[None]] = []
         self._running = False
+        # Random start: a restarted dispatcher's ids do not collide with batches of its
+        # predecessor that hosts may still be running.
+        self._batch_ids = itertools.count(uuid.uuid4().int >> 80)
 
     async def start(self) -> None:
         if self._running:
@@ -93,16 +111,35 @@ class Dispatcher:
         ps.hosts = max(1, hosts)
         ps.room.set()
 
+    async def batch_progress(self, pool: str, done: dict[int, int]) -> None:
+        """A host's report that ``done[batch]`` items of each listed batch have finished.
+
+        Their agent slots are free, so they stop counting against the pool's capacity
+        now rather than when the batch's slowest item finishes; the items stay leased
+        and are acked only after the host has recorded them and replied.
+        """
+        ps = self._pools.get(pool)
+        if ps is None:
+            return
+        freed_any = False
+        for bid, n in done.items():
+            freed = ps.open_batches.get(bid)
+            if freed is not None and n > freed:
+                ps.open_batches[bid] = n
+                ps.in_flight -= n - freed
+                freed_any = True
+        if freed_any:
+            ps.room.set()
+
     async def stats(self) -> dict[str, Any]:
-        return {
-            name: {
-                "active_agents": ps.active_agents, "hosts": ps.hosts,
-                "in_flight": ps.in_flight, "capacity": ps.capacity,
-                "sent_batches": ps.sent_batches, "sent_items": ps.sent_items,
-                "host_failures": ps.host_failures,
-            }
-            for name, ps in self._pools.items()
-        }
+        return {name: {
+            "active_agents": ps.active_agents, "hosts": ps.hosts,
+            "in_flight": ps.in_flight, "capacity": ps.capacity,
+            "sent_batches": ps.sent_batches, "sent_items": ps.sent_items,
+            "host_failures": ps.host_failures,
+            "retried_items": ps.retried_items, "retry_waiting": ps.retry_waiting,
+            **_breaker_summary(ps),
+        } for name, ps in self._pools.items()}
 
     def _pick_shard(self, ps: _PoolState) -> int:
         # The deepest shard we know of; rotate among equals so none is starved.
@@ -146,19 +183,25 @@ class Dispatcher:
 
     async def _send(self, ps: _PoolState, s: int, items: list[Item]) -> None:
         ids = [it.id for it in items]
+        keep: set[str] = set()  # retry ids: still leased until their delayed nack
         freed = False
+        bid = next(self._batch_ids)
+        ps.open_batches[bid] = 0
 
         def free() -> None:
+            # Whatever the host's progress reports have not freed yet.
             nonlocal freed
             if not freed:
                 freed = True
-                ps.in_flight -= len(items)
+                ps.in_flight -= len(items) - ps.open_batches.pop(bid, 0)
                 ps.room.set()
 
         try:
             try:
                 # The host records the outcomes in the ledger before it replies.
-                await ps.handle.run_and_record.remote(items, ps.per_host_agents)
+                report = await ps.handle.run_and_record.remote(
+                    items, ps.per_host_agents,
+                    (self.names.dispatcher, self.spec.namespace, ps.spec.name, bid))
             except Exception as exc:  # host died or was removed: hand the work back now
                 ps.host_failures += 1
                 free()
@@ -166,14 +209,59 @@ class Dispatcher:
                 return
             # The agents are free as soon as the host replies; the ack need not hold them.
             free()
-            await ps.shards[s].ack.remote(ids)
+            _recorded, retry_ids, delays, host = report
+            ps.hosts_seen[host["host"]] = (time.monotonic(), host)
+            done = ids
+            if retry_ids:
+                keep = set(retry_ids)
+                done = [i for i in ids if i not in keep]
+                ps.retried_items += len(retry_ids)
+                ps.retry_waiting += len(retry_ids)
+                asyncio.get_running_loop().create_task(
+                    self._nack_later(ps, s, list(zip(delays, retry_ids))))
+            if done:
+                await ps.shards[s].ack.remote(done)
         except ray.exceptions.RayError:
             pass  # shard unreachable: the leases expire and the work is redelivered
         finally:
             held = ps.held[s]
             for i in ids:
-                held.pop(i, None)
+                if i not in keep:
+                    held.pop(i, None)
             free()
+
+    async def _nack_later(self, ps: _PoolState, s: int, due: list[tuple[float, str]]) -> None:
+        """Give retried items back to their shard once each one's backoff has passed.
+
+        They stay leased (and renewed) meanwhile, so a dispatcher crash during the wait
+        still brings them back when the lease expires: nothing is lost.
+        """
+        due.sort()
+        t0 = time.monotonic()
+        held = ps.held[s]
+        k = 0
+        try:
+            while k < len(due):
+                wait = t0 + due[k][0] - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                now = time.monotonic() - t0
+                group = []
+                while k < len(due) and due[k][0] <= now + RETRY_COALESCE_S:
+                    group.append(due[k][1])
+                    k += 1
+                try:
+                    await ps.shards[s].nack.remote(group, "retry")
+                except ray.exceptions.RayError:
+                    pass  # the lease expires and the item is redelivered anyway
+                finally:
+                    ps.retry_waiting -= len(group)
+                    for i in group:
+                        held.pop(i, None)
+        finally:
+            for _, i in due[k:]:  # cancelled (stop): the leases expire instead
+                held.pop(i, None)
+            ps.retry_waiting -= len(due) - k
 
     async def _renew_leases(self) -> None:
         """Keep leases on in-flight work alive so long tasks are not redelivered."""
@@ -187,3 +275,19 @@ class Dispatcher:
                             await ps.shards[s].extend.remote(list(held), self.holder)
                         except ray.exceptions.RayError:
                             pass
+
+
+def _breaker_summary(ps: _PoolState) -> dict[str, Any]:
+    """Ejected agents and retries across the pool's hosts, from their latest reports."""
+    now = time.monotonic()
+    for h in [h for h, (t, _) in ps.hosts_seen.items() if now - t > HOST_REPORT_TTL_S]:
+        del ps.hosts_seen[h]
+    reports = [r for _, r in ps.hosts_seen.values()]
+    return {
+        "ejected_agents": sum(r["ejected"] for r in reports),
+        "max_ejected_agents": sum(r["max_ejected"] for r in reports),
+        "panic_hosts": sum(1 for r in reports if r["panic"]),
+        "host_retries": sum(r["retries"] for r in reports),
+        "retry_budget_denied": sum(r["retry_budget_denied"] for r in reports),
+        "hosts_reporting": len(reports),
+    }

@@ -1,33 +1,93 @@
 """AgentHost: one Ray Serve replica running many logical agents of one pool.
 
-A batch of items arrives in one call; each item runs on a logical agent with a free
-slot (an agent has ``concurrency_per_agent`` slots). The host runs at most ``active``
-agents: when the dispatcher lowers that number, the agents above it are *draining*:
-they finish the task in hand and take no new one, and their slots are not handed out
-again. A watchdog cancels any task past ``task_timeout_s`` and fails it with reason
-``timeout``, so a hung agent cannot hold a slot forever.
+A batch of items arrives in one call; each item is routed on its own to a logical agent
+with a free slot (an agent has ``concurrency_per_agent`` slots) by the pool's router
+(``fleet.policy.routing``), which sees the host's agents as ``Candidate`` snapshots:
+tasks in flight, slots, a latency EWMA, and, for the success-rate router, the outcomes
+it was fed. When no agent the router accepts has a free slot, the task waits in the host
+(the dispatcher bounds how many tasks a pool holds, so this wait is bounded too).
+
+Breakers: every outcome (a timeout is a failure) feeds the agent's circuit breaker in a
+``BreakerRegistry`` (``fleet.policy.breaker``); an agent whose breaker is open takes no
+work, a half-open one only its probe calls. The registry caps the share of this host's
+agents ejected at once and enters panic mode when too few are healthy.
+
+Retries: a failed outcome that ``RetryPolicy.decide`` says to retry is not recorded;
+``run_and_record`` hands its id and delay back to the dispatcher, which gives the item
+back to the queue after that delay, so it is redelivered, possibly to another host.
+Only the final failure is recorded.
+
+The host runs at most ``active`` agents: when the dispatcher lowers that number, the
+agents above it are *draining*: they finish the task in hand and take no new one. A
+watchdog cancels any task past ``task_timeout_s`` and fails it with reason ``timeout``,
+so a hung agent cannot hold a slot forever.
+
+Fleet-wide ejection cap: each host enforces ``max_ejected_share`` over its own agents,
+so a pool whose hosts each run at least ``1 / max_ejected_share`` agents (10 for the
+default 10%) never has more than that share ejected: sum_h floor(share * n_h) <=
+share * sum_h n_h. Smaller hosts may each eject one agent (the registry always allows
+one, so a small host can still take out its bad agent), which the pool-wide share then
+exceeds by at most one agent per host. No cross-host coordination is needed on the hot
+path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import time
 import traceback
 import uuid
-from collections import deque
-from typing import Any
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any, NamedTuple, overload
 
 import orjson
 
 from fleet.agent import Agent, Reply
+from fleet.policy.breaker import (
+    BreakerEvent,
+    BreakerEventLog,
+    BreakerRegistry,
+    BreakerState,
+    CircuitBreaker,
+    EventKind,
+)
+from fleet.policy.retry import RetryPolicy, RetryVerdict
+from fleet.policy.routing import (
+    Candidate,
+    CapacityRouter,
+    FullScanRouter,
+    LeastLoadedRouter,
+    RandomRouter,
+    RoundRobinRouter,
+    RoutingHint,
+    SpecializationRouter,
+    make_router,
+)
 from fleet.runtime.imports import import_object
 from fleet.spec.budgets import ModelPrice
 from fleet.spec.pools import PoolSpec
-from fleet.spec.resilience import ResilienceSpec
-from fleet.task import Item, Outcome, failed_outcome, item_to_task
+from fleet.spec.resilience import ResilienceSpec, WindowKind
+from fleet.task import Item, Outcome, Task, failed_outcome, item_to_task
 
 WATCHDOG_INTERVAL_S = 0.5
 MAX_ERROR_CHARS = 2000
+LATENCY_EWMA_ALPHA = 0.2
+MAX_WAITERS_SCANNED = 32  # per wake-up, when the router refuses the oldest waiting task
+STATS_EVENTS = 100
+# A batch still running after PROGRESS_AFTER_S has a straggler: from then on its
+# progress goes to the dispatcher every PROGRESS_INTERVAL_S. Batches that finish sooner
+# (the usual case) send nothing: freeing their capacity piecemeal would only make the
+# dispatcher send more, smaller batches.
+PROGRESS_AFTER_S = 0.5
+PROGRESS_INTERVAL_S = 0.25
+
+# Routers that pick by load alone and learn nothing from outcomes.
+_BALANCERS = (LeastLoadedRouter, FullScanRouter, RoundRobinRouter, RandomRouter,
+              CapacityRouter)
 
 
 def _replica_id() -> str:
@@ -37,6 +97,70 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # not inside a Serve replica (unit tests, local use)
         return uuid.uuid4().hex[:8]
+
+
+def task_type(item: Item, task: Task) -> str:
+    """The type a router keys success rates and expertise on: ``payload["type"]`` when
+    the payload is an object with a string ``type``, else the capability."""
+    p = task.payload
+    if isinstance(p, dict):
+        t = p.get("type")
+        if isinstance(t, str):
+            return t
+    return item.capability
+
+
+class BatchReport(NamedTuple):
+    """What ``run_and_record`` tells the dispatcher about one batch.
+
+    ``retry_ids`` are the items to give back to the queue, each after its
+    ``retry_delays_s`` seconds (their outcome was not recorded); every other item has
+    its outcome in the ledger. ``host`` is the host's ``pool_stats()``.
+    """
+
+    recorded: int
+    retry_ids: list[str]
+    retry_delays_s: list[float]
+    host: dict[str, Any]
+
+
+class _Ref:
+    """An agent as the breaker registry sees it (``HasId``), with its slot index."""
+
+    __slots__ = ("id", "index")
+
+    def __init__(self, agent_id: str, index: int):
+        self.id = agent_id
+        self.index = index
+
+
+class _AgentView(Sequence[Candidate]):
+    """The routable agents as ``Candidate`` snapshots, built only when a router looks.
+
+    A power-of-d router reads d of them per decision, so routing costs O(d), not O(n).
+    """
+
+    __slots__ = ("_h", "_idx")
+
+    def __init__(self, host: AgentHost, idx: list[int]):
+        self._h = host
+        self._idx = idx
+
+    def __len__(self) -> int:
+        return len(self._idx)
+
+    @overload
+    def __getitem__(self, k: int) -> Candidate: ...
+    @overload
+    def __getitem__(self, k: slice) -> list[Candidate]: ...
+
+    def __getitem__(self, k: int | slice) -> Candidate | list[Candidate]:
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self._idx)))]
+        i = self._idx[k]
+        h = self._h
+        return Candidate(h._agent_ids[i], h._busy[i], h._c, h._lat[i], h._weight[i],
+                         h._expertise[i])
 
 
 class AgentHost:
@@ -54,73 +178,293 @@ class AgentHost:
         self._ledger_ref = ledger
         self._ledger: Any = None
         n = self.pool.agents_per_host
+        self._c = self.pool.concurrency_per_agent
         self._agents: list[Agent | None] = [None] * n
+        self._agent_ids = [f"{self.host_id}/{i}" for i in range(n)]
+        self._refs = [_Ref(a, i) for i, a in enumerate(self._agent_ids)]
         self._busy = [0] * n
-        self._active = min(n, max(1, self.pool.autoscaling.start_agents))
-        self._idle: deque[int] = deque()
-        self._waiters: deque[asyncio.Future[int]] = deque()
+        self._lat = [0.0] * n  # EWMA of each agent's task time (seconds)
+        self._weight = [1.0] * n
+        self._expertise: list[frozenset[str]] = [frozenset()] * n
+        self._active = 0
+
+        # Routing. The fast path: with one slot per agent, every idle agent has load 0
+        # and is least loaded, so least-loaded and full-scan routing may take any idle
+        # agent: the one idle longest, in O(1) (dropping only the routers' latency
+        # tie-break among idle agents). It is used while no breaker holds an agent out.
+        self._router = make_router(self.pool.routing, clock=time.monotonic)
+        self._rng = random.Random()
+        self._learns = not isinstance(self._router, _BALANCERS)
+        self._fast_kind = self._c == 1 and isinstance(self._router,
+                                                      (LeastLoadedRouter, FullScanRouter))
+        self._fast = self._fast_kind
+        self._hinted = self._learns  # task-aware routers need a RoutingHint per task
+        self._eager_setup = isinstance(self._router, SpecializationRouter)
+        self._idle: deque[int] = deque()  # fast path: idle agents (entries may be stale)
+        self._in_idle = [False] * n
+        self._routable: list[int] = []  # active agents the breakers let through
+        self._routable_set: set[int] | None = None  # None: all active agents
+        self._probing: set[int] = set()  # routable agents whose breaker is half-open
+        self._view = _AgentView(self, self._routable)
+        self._free = 0  # free slots on routable agents
+        self._waiters: deque[tuple[asyncio.Future[int], RoutingHint | None]] = deque()
+
+        # Breakers and retries.
+        self.events = BreakerEventLog()
+        self._breakers = BreakerRegistry(self.resilience, time.monotonic,
+                                         [self.events, self], name=self.host_id)
+        self._brk: list[CircuitBreaker | None] = [None] * n
+        # Deferred breaker feeds, exact for count windows (the default). Invariant: when
+        # ``_clean[i]``, agent i's breaker is CLOSED and its window holds only fast
+        # successes, so one more fast success can neither trip it nor change what a
+        # later outcome does, except for the window's length: the host owes it
+        # (``_owed[i]``, at most ``window_calls``) and feeds the owed successes just
+        # before the next failure or slow call, or before its state is read for stats.
+        # A window becomes clean when the breaker closes (it is cleared) or after
+        # ``window_calls`` fast successes in a row (``_streak``) while closed. On a
+        # healthy pool this makes the breakers nearly free. Time windows age their
+        # calls, so they get every outcome at once.
+        ab = self.resilience.agent_breaker
+        self._defer = ab.enabled and ab.window is WindowKind.COUNT
+        self._window_calls = ab.window_calls
+        self._slow_call_s = ab.slow_call_duration_s
+        self._clean = [self._defer] * n
+        self._owed = [0] * n
+        self._streak = [0] * n
+        self._dirty = True  # a breaker changed state: recompute the routable agents
+        self._recheck_at = math.inf  # when the next open breaker turns half-open
+        self._retry = RetryPolicy(self.resilience.retry, time.monotonic, random.Random())
+        self.retries = 0
+        self.final_failures: Counter[str] = Counter()  # verdicts of unretried failures
+
+        self._open_batches: dict[tuple[str, str, str, int], list[Any]] = {}
+        self._reporter: asyncio.Task[None] | None = None
+        self._dispatchers: dict[tuple[str, str], Any] = {}
         self._running: dict[asyncio.Task[Outcome], float] = {}
         self._watchdog: asyncio.Task[None] | None = None
         self.completed = 0
         self.failed = 0
-        self._rebuild_idle()
+        self.set_active(min(n, max(1, self.pool.autoscaling.start_agents)))
+
+    # -- breakers ------------------------------------------------------------------
+    def on_breaker_event(self, event: BreakerEvent) -> None:
+        """Registry listener: any state change may change which agents are routable.
+
+        An agent whose breaker turns half-open starts from a clean slate: its latency
+        estimate and the router's success stats date from before it was ejected, and
+        would keep the router away from it, starving the probe calls that decide its
+        re-admission (and, once closed, the agent itself).
+        """
+        self._dirty = True
+        if event.kind is not EventKind.TRANSITION:
+            return
+        agent_id = event.name.removeprefix("agent:")
+        tail = agent_id.rsplit("/", 1)[-1]
+        if not (tail.isdigit() and int(tail) < len(self._lat)):
+            return
+        i = int(tail)
+        # OPEN and CLOSED clear the window; HALF_OPEN counts probes: feed everything.
+        self._streak[i] = self._owed[i] = 0
+        self._clean[i] = self._defer and event.new is BreakerState.CLOSED
+        if event.new is BreakerState.HALF_OPEN:
+            self._lat[i] = 0.0
+            self._router.forget(agent_id)
+
+    def _refresh(self) -> None:
+        """Recompute the routable agents, the free slots and the fast-path state.
+
+        O(active agents); runs only after a breaker changed state, when the active count
+        changes, and when an open breaker's open duration has passed.
+        """
+        active = self._active
+        reg = self._breakers
+        routable = self._routable
+        routable.clear()
+        self._probing = set()
+        self._recheck_at = math.inf
+        if not reg.ejected and not reg.panic:
+            routable.extend(range(active))
+            self._routable_set = None
+        else:
+            r = reg.routable(self._refs[:active])
+            keep = {ref.index for ref in r.candidates}
+            routable.extend(i for i in range(active) if i in keep)
+            self._routable_set = keep
+            now = time.monotonic()
+            for agent_id in reg.ejected:
+                b = reg.agent(agent_id)
+                idx = int(agent_id.rsplit("/", 1)[1])
+                if idx in keep and not r.panic and b.state is not BreakerState.CLOSED:
+                    self._probing.add(idx)
+                until = b.open_until_s
+                if until is not None:
+                    self._recheck_at = min(self._recheck_at, until)
+            if self._recheck_at <= now:
+                self._recheck_at = now + WATCHDOG_INTERVAL_S
+        c, busy = self._c, self._busy
+        self._free = sum(max(0, c - busy[i]) for i in routable)
+        self._fast = self._fast_kind and self._routable_set is None
+        if self._fast:
+            self._idle = deque(i for i in routable if busy[i] == 0)
+            self._in_idle = [False] * len(busy)
+            for i in self._idle:
+                self._in_idle[i] = True
+        # Transitions caused by reading the breakers above are already accounted for.
+        self._dirty = False
+
+    def _is_routable(self, i: int) -> bool:
+        return i < self._active and (self._routable_set is None or i in self._routable_set)
 
     # -- slots ---------------------------------------------------------------------
-    def _rebuild_idle(self) -> None:
-        c = self.pool.concurrency_per_agent
-        self._idle = deque(i for i in range(self._active) for _ in range(c - self._busy[i]))
-        while self._waiters and self._idle:
-            w = self._waiters.popleft()
-            if not w.done():
-                w.set_result(self._take(self._idle.popleft()))
-
     def set_active(self, agents: int) -> None:
         """Run ``agents`` logical agents here; the ones above it drain."""
         agents = max(1, min(agents, self.pool.agents_per_host))
-        if agents != self._active:
-            self._active = agents
-            self._rebuild_idle()
+        if agents == self._active:
+            return
+        self._active = agents
+        self._breakers.sync_agents(self._agent_ids[:agents])
+        for i in range(len(self._brk)):
+            b = self._breakers.agent(self._agent_ids[i]) if i < agents else None
+            if b is not self._brk[i]:  # a new (closed, empty) breaker, or none
+                self._clean[i] = self._defer
+                self._owed[i] = self._streak[i] = 0
+            self._brk[i] = b
+        self._refresh()
+        self._wake()
 
     def _take(self, i: int) -> int:
         self._busy[i] += 1
+        self._free -= 1
         return i
 
-    async def _acquire(self) -> int:
-        if self._idle:
-            return self._take(self._idle.popleft())
+    def _pick(self, hint: RoutingHint | None) -> int | None:
+        """Choose an agent with a free slot and take the slot, or None: none may take it."""
+        if self._dirty or (self._recheck_at != math.inf
+                           and time.monotonic() >= self._recheck_at):
+            self._refresh()
+        while self._free > 0:
+            if self._fast:
+                idle, flags, busy, active = self._idle, self._in_idle, self._busy, self._active
+                while idle:
+                    i = idle.popleft()
+                    flags[i] = False
+                    if busy[i] == 0 and i < active:
+                        return self._take(i)
+                self._refresh()  # cannot happen while the counts are right; resync
+                if self._fast and not self._idle:
+                    return None
+                continue
+            j = self._router.choose(self._view, self._rng, hint)
+            if j is None:
+                return None
+            i = self._routable[j]
+            if i in self._probing and not self._breakers.acquire(self._agent_ids[i]):
+                self._refresh()  # its probe permits are taken: it leaves the routable set
+                continue
+            return self._take(i)
+        return None
+
+    async def _acquire(self, hint: RoutingHint | None) -> int:
+        i = self._pick(hint)
+        if i is not None:
+            return i
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        return await fut
+        self._waiters.append((fut, hint))
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # Cancelled (timed out) after a slot was handed to it: give the slot back.
+            if fut.done() and not fut.cancelled():
+                self._release(fut.result())
+            raise
+
+    def _wake(self) -> None:
+        """Hand free slots to waiting tasks, oldest first."""
+        waiters = self._waiters
+        k = 0
+        while waiters and self._free > 0 and k < min(len(waiters), MAX_WAITERS_SCANNED):
+            fut, hint = waiters[k]
+            if fut.done():
+                del waiters[k]
+                continue
+            i = self._pick(hint)
+            if i is None:
+                k += 1  # the router will not place this one now (e.g. waits for an expert)
+                continue
+            del waiters[k]
+            fut.set_result(i)
 
     def _release(self, i: int) -> None:
         self._busy[i] -= 1
-        if i >= self._active:
-            return  # draining: its slot is not handed out again
-        while self._waiters:
-            w = self._waiters.popleft()
-            if not w.done():
-                w.set_result(self._take(i))
-                return
-        self._idle.append(i)
+        if not self._is_routable(i):
+            return  # draining or held out by its breaker: its slot is not handed out
+        self._free += 1
+        if self._fast and self._busy[i] == 0 and not self._in_idle[i]:
+            self._idle.append(i)
+            self._in_idle[i] = True
+        if self._waiters:
+            self._wake()
+
+    def _observe(self, i: int, ok: bool, latency_s: float, kind: str | None) -> None:
+        """Feed one finished task to the agent's latency EWMA, breaker and the router."""
+        self._lat[i] += LATENCY_EWMA_ALPHA * (latency_s - self._lat[i])
+        b = self._brk[i]
+        if b is not None:  # None: draining, no longer in the registry
+            if ok and latency_s < self._slow_call_s:
+                if self._clean[i]:
+                    if self._owed[i] < self._window_calls:
+                        self._owed[i] += 1
+                else:
+                    b.record(True, latency_s)
+                    self._streak[i] += 1
+                    if (self._defer and self._streak[i] >= self._window_calls
+                            and b.state is BreakerState.CLOSED):
+                        self._clean[i] = True
+            else:
+                self._pay(i)
+                self._clean[i] = False
+                self._streak[i] = 0
+                b.record(ok, latency_s)
+        if self._learns:
+            self._router.record_outcome(self._agent_ids[i], ok, kind)
+
+    def _pay(self, i: int) -> None:
+        """Feed agent i's breaker the fast successes the host owes it (see _clean)."""
+        owed, self._owed[i] = self._owed[i], 0
+        b = self._brk[i]
+        if b is not None:
+            for _ in range(owed):
+                b.record(True, None)
 
     async def _agent(self, i: int) -> Agent:
         agent = self._agents[i]
         if agent is None:
-            agent = self._agent_cls(f"{self.host_id}/{i}", **self.pool.agent_kwargs)
+            agent = self._agent_cls(self._agent_ids[i], **self.pool.agent_kwargs)
             await agent.setup()
             self._agents[i] = agent
+            # Optional agent attributes the routers use: expertise (task types it is
+            # best at) and weight (relative speed of one slot).
+            self._expertise[i] = frozenset(getattr(agent, "expertise", ()) or ())
+            self._weight[i] = float(getattr(agent, "weight", 1.0))
         return agent
 
     # -- work ----------------------------------------------------------------------
-    async def run_batch(self, items: list[Item], active_agents: int | None = None) -> list[Outcome]:
-        """Run every item on a logical agent; one outcome per item, in order."""
+    async def run_batch(self, items: list[Item], active_agents: int | None = None,
+                        done: list[int] | None = None) -> list[Outcome]:
+        """Run every item on a logical agent; one outcome per item, in order.
+
+        ``done[0]``, if given, counts the items finished so far."""
         if active_agents is not None:
             self.set_active(active_agents)
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+        if self._eager_setup:
+            # Specialization needs every agent's expertise before the first choice.
+            self._eager_setup = False
+            await asyncio.gather(*(self._agent(i) for i in range(self._active)))
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        tasks = [loop.create_task(self._run_one(it)) for it in items]
+        tasks = [loop.create_task(self._run_one(it, done)) for it in items]
         for t in tasks:
             self._running[t] = now
         try:
@@ -129,35 +473,125 @@ class AgentHost:
             for t in tasks:
                 self._running.pop(t, None)
 
-    async def run_and_record(self, items: list[Item], active_agents: int | None = None) -> int:
-        """Run a batch and record its outcomes in the ledger before replying.
+    async def run_and_record(self, items: list[Item], active_agents: int | None = None,
+                             progress: tuple[str, str, str, int] | None = None) -> BatchReport:
+        """Run a batch, record the final outcomes in the ledger, then reply.
 
-        The dispatcher acks the items only after this returns, so the record-before-ack
-        order holds, and outcomes travel host -> ledger once instead of through the
-        dispatcher. Returns how many outcomes were recorded.
+        The dispatcher acks the recorded items only after this returns, so the
+        record-before-ack order holds, and outcomes travel host -> ledger once instead
+        of through the dispatcher. Failures to retry are not recorded: their ids and
+        delays come back in the report for the dispatcher to give back to the queue.
+
+        ``progress`` is (dispatcher actor name, namespace, pool, batch id): once the
+        batch has run for ``PROGRESS_AFTER_S``, the host tells that dispatcher how many
+        of its items have finished, so their agent slots count as free before the
+        slowest item of the batch is done (the acks still wait for this reply).
         """
-        outcomes = await self.run_batch(items, active_agents)
-        if self._ledger is None:
-            import ray
-
-            name, namespace = self._ledger_ref
-            self._ledger = ray.get_actor(name, namespace=namespace)
-        await self._ledger.record.remote(outcomes)
-        return len(outcomes)
-
-    async def _run_one(self, item: Item) -> Outcome:
-        i = await self._acquire()
-        agent_id = f"{self.host_id}/{i}"
-        started = time.time()
+        done = [0]
+        if progress is not None:
+            self._open_batches[progress] = [done, 0, time.monotonic() + PROGRESS_AFTER_S]
+            if self._reporter is None:
+                self._reporter = asyncio.get_running_loop().create_task(self._report())
         try:
-            agent = await self._agent(i)
-            reply = await agent.handle(item_to_task(item))
+            outcomes = await self.run_batch(items, active_agents, done)
+        finally:
+            if progress is not None:
+                self._open_batches.pop(progress, None)
+        firsts = sum(1 for it in items if it.deliveries <= 1)
+        if firsts:
+            self._retry.record_request(firsts)
+        record: list[Outcome] = outcomes
+        retry_ids: list[str] = []
+        delays: list[float] = []
+        if not all(o.ok for o in outcomes):
+            record = []
+            for it, o in zip(items, outcomes):
+                if o.ok:
+                    record.append(o)
+                    continue
+                o, delay = self._decide_retry(it, o)
+                if delay is None:
+                    record.append(o)
+                else:
+                    retry_ids.append(it.id)
+                    delays.append(delay)
+        if record:
+            if self._ledger is None:
+                import ray
+
+                name, namespace = self._ledger_ref
+                self._ledger = ray.get_actor(name, namespace=namespace)
+            await self._ledger.record.remote(record)
+        return BatchReport(len(record), retry_ids, delays, self.pool_stats())
+
+    def _decide_retry(self, item: Item, o: Outcome) -> tuple[Outcome, float | None]:
+        """A failed outcome: (outcome, delay) to retry after ``delay`` seconds, or
+        (final outcome, None) to record. Attempts are the item's deliveries, capped at
+        ``max_deliveries`` so the queue never exhausts an item we meant to retry."""
+        left = (item.deadline_unix_s - time.time()) if item.deadline_unix_s else None
+        d = self._retry.decide(max(1, item.deliveries), o.reason, o.error,
+                               task_max_attempts=self.resilience.max_deliveries,
+                               time_left_s=left)
+        if d.retry:
+            self.retries += 1
+            return o, d.delay_s
+        self.final_failures[d.verdict.value] += 1
+        if d.verdict is RetryVerdict.NOT_RETRYABLE:
+            return o, None
+        why = (f"{d.verdict.value} after attempt {max(1, item.deliveries)}: "
+               f"{o.reason}: {o.error}")
+        return o._replace(reason=d.verdict.value, error=why[:MAX_ERROR_CHARS]), None
+
+    async def _report(self) -> None:
+        """Tell dispatchers how far their long-running batches are (see run_and_record)."""
+        import ray
+
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL_S)
+            news: dict[tuple[str, str, str], dict[int, int]] = {}
+            now = time.monotonic()
+            for (name, ns, pool, bid), entry in self._open_batches.items():
+                done, sent, report_from = entry[0][0], entry[1], entry[2]
+                if done > sent and now >= report_from:
+                    entry[1] = done
+                    news.setdefault((name, ns, pool), {})[bid] = done
+            for (name, ns, pool), counts in news.items():
+                try:
+                    d = self._dispatchers.get((name, ns))
+                    if d is None:
+                        d = self._dispatchers[(name, ns)] = ray.get_actor(name, namespace=ns)
+                    d.batch_progress.remote(pool, counts)  # no reply needed
+                except Exception:
+                    self._dispatchers.pop((name, ns), None)  # gone: the reply frees all
+
+    async def _run_one(self, item: Item, done: list[int] | None = None) -> Outcome:
+        task: Task | None = None
+        hint: RoutingHint | None = None
+        kind: str | None = None
+        if self._hinted:
+            task = item_to_task(item)
+            kind = task_type(item, task)
+            hint = RoutingHint(kind, item.affinity_key)
+        try:
+            i = await self._acquire(hint)
+        except asyncio.CancelledError:
+            self.failed += 1  # timed out waiting for an agent: no agent to blame
+            return failed_outcome(
+                item, "timeout", f"exceeded task_timeout_s={self.resilience.task_timeout_s} "
+                "waiting for a free agent", self.pool.name)
+        agent_id = self._agent_ids[i]
+        started = time.time()
+        ok = False
+        try:
+            agent = self._agents[i] or await self._agent(i)
+            reply = await agent.handle(task or item_to_task(item))
             if not isinstance(reply, Reply):
                 reply = Reply(reply)
             output = orjson.dumps(reply.output)
             price = self.prices.get(reply.model or "")
             cost = price.cost_usd(reply.input_tokens, reply.output_tokens) if price else 0.0
             self.completed += 1
+            ok = True
             return Outcome(item.id, True, output, None, None, agent_id, self.pool.name,
                            item.deliveries, item.submitted_unix_s, started, time.time(),
                            reply.input_tokens, reply.output_tokens, cost)
@@ -176,7 +610,10 @@ class AgentHost:
             return failed_outcome(item, "error", text[:MAX_ERROR_CHARS], self.pool.name,
                                   agent_id, started)
         finally:
+            self._observe(i, ok, time.time() - started, kind)
             self._release(i)
+            if done is not None:
+                done[0] += 1
 
     async def _watch(self) -> None:
         limit = self.resilience.task_timeout_s
@@ -186,10 +623,40 @@ class AgentHost:
             for t, t0 in list(self._running.items()):
                 if now - t0 > limit and not t.done():
                     t.cancel()
+            # Open breakers turn half-open with time alone; let waiting tasks see it.
+            if self._breakers.ejected or self._dirty:
+                self._refresh()
+                self._wake()
 
     # -- signals -------------------------------------------------------------------
-    def stats(self) -> dict[str, Any]:
-        cap = self._active * self.pool.concurrency_per_agent
+    def pool_stats(self) -> dict[str, Any]:
+        """Compact per-host counts for the dispatcher's per-pool status (cheap: it
+        rides on every batch reply)."""
+        reg = self._breakers
+        return {
+            "host": self.host_id,
+            "agents": self._active,
+            "ejected": len(reg.ejected),
+            "max_ejected": reg.max_ejected,
+            "panic": reg.panic,
+            "retries": self.retries,
+            "retry_budget_denied": self._retry.budget.denied,
+        }
+
+    async def stats(self, events: int | None = STATS_EVENTS) -> dict[str, Any]:
+        """Load, outcomes, breakers (snapshot and the last ``events`` breaker events,
+        all kept ones if None) and retries of this host.
+
+        Async so that it runs on the host's event loop: Serve runs sync methods in a
+        thread pool, and reading the breakers advances their state."""
+        for i in range(self._active):
+            if self._owed[i]:
+                self._pay(i)  # so the breakers' counts are complete
+        cap = self._active * self._c
+        mono, wall = time.monotonic(), time.time()
+        kept = list(self.events.events)
+        if events is not None:
+            kept = kept[-events:] if events > 0 else []
         return {
             "host": self.host_id,
             "active_agents": self._active,
@@ -200,12 +667,20 @@ class AgentHost:
             "waiting": len(self._waiters),
             "completed": self.completed,
             "failed": self.failed,
+            "retries": self.retries,
+            "final_failures": dict(self.final_failures),
+            "retry_budget": self._retry.budget.snapshot(),
+            "router": self.pool.routing.router.value,
+            "breakers": self._breakers.snapshot(),
+            "breaker_event_counts": dict(self.events.counts),
+            "breaker_events": [_event_dict(e, mono, wall) for e in kept],
         }
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """Per-replica load for fleet's Serve request router."""
-        s = self.stats()
-        return {"in_flight": s["in_flight"] + s["waiting"], "capacity": s["capacity"]}
+        """Per-replica load for fleet's Serve request router (plain reads of counters,
+        safe from Serve's thread pool)."""
+        return {"in_flight": sum(self._busy) + len(self._waiters),
+                "capacity": self._active * self._c}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """The pool's desired host count, as decided by fleet's controller.
@@ -228,3 +703,15 @@ class AgentHost:
 
     def check_health(self) -> None:
         """Serve's health probe: a host with a stuck event loop fails to answer at all."""
+
+
+def _event_dict(e: BreakerEvent, now_mono: float, now_unix: float) -> dict[str, Any]:
+    d = asdict(e)
+    d["kind"] = e.kind.value
+    d["old"] = e.old.value if e.old is not None else None
+    d["new"] = e.new.value if e.new is not None else None
+    d["at_unix_s"] = now_unix - (now_mono - e.at_s)
+    return d
+
+
+__all__ = ["AgentHost", "BatchReport", "EventKind", "task_type"]

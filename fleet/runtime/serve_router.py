@@ -4,8 +4,11 @@ Serve asks ``choose_replicas`` for a ranking of hosts for each batch. The load o
 host is the number of *tasks* (not requests) fleet has in flight there: the router
 counts them itself from the batches it routes and sees complete, since every batch a
 pool receives passes through it, and falls back on the host's reported routing stats
-for capacity. The choice among hosts is fleet's pure router (``fleet.policy.routing``).
-It never returns an empty ranking: when every host is full the least loaded ones are
+for capacity. The choice among hosts is fleet's pure router (``fleet.policy.routing``),
+built from the pool's whole routing spec: a load balancer (the spec's router when it is
+one, else its ``balancer``). A batch carries many tasks, with different types and
+affinity keys, so the task-aware choices (success rate, specialization, affinity) are
+made per task inside the host (``AgentHost``), not per batch here. It never returns an empty ranking: when every host is full the least loaded ones are
 still offered, and the batch waits inside the host (the dispatcher bounds how much).
 """
 
@@ -16,15 +19,30 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from fleet.policy.routing import Candidate, make_router
-from fleet.spec.routing import RoutingSpec
+from fleet.policy.routing import Candidate, Router, make_balancer
+from fleet.spec.routing import BalancerName, RoutingSpec
+
+_BALANCERS = frozenset(b.value for b in BalancerName)
+
+
+def host_router(spec: RoutingSpec) -> Router:
+    """The router that picks a host for a batch: the spec's router if it balances by
+    load alone, else the balancer the spec's task-aware router delegates to."""
+    name = spec.router.value if spec.router.value in _BALANCERS else spec.balancer.value
+    return make_balancer(name, spec.choices_d)
 
 
 class FleetRequestRouter(RequestRouter):
-    def initialize_state(self, router: str = "least_loaded", choices_d: int = 2,
+    def initialize_state(self, routing: dict[str, Any] | None = None,
+                         router: str = "least_loaded", choices_d: int = 2,
                          capacity_per_host: int = 100, seed: int | None = None,
                          **_: Any) -> None:
-        self._policy = make_router(RoutingSpec(router=router, choices_d=choices_d))
+        """``routing`` is the pool's ``RoutingSpec`` as JSON; without it, ``router`` and
+        ``choices_d`` (the older, partial form) build one."""
+        spec = (RoutingSpec.model_validate(routing) if routing is not None
+                else RoutingSpec(router=router, choices_d=choices_d))
+        self._routing = spec
+        self._policy = host_router(spec)
         self._rng = random.Random(seed)
         self._default_capacity = capacity_per_host
         self._tasks: dict[ReplicaID, int] = {}
