@@ -222,5 +222,5 @@ class FleetClient:
         }
 
     def metrics_text(self) -> str:
-        """Prometheus text exposition of the fleet's queue metrics."""
+        """Prometheus text exposition of the fleet's queue and pool metrics."""
         return ray.get(self._controller.metrics_text.remote())

@@ -22,6 +22,7 @@ from fleet.queue.monitor import QueueMonitor
 
 from fleet.policy.autoscaling import ScalingInput, ScalingState, decide
 from fleet.runtime.names import Names
+from fleet.runtime.pool_metrics import PoolMetrics
 from fleet.spec.fleet import FleetSpec
 
 TIMELINE_MAX_SAMPLES = 100_000
@@ -49,6 +50,7 @@ class Controller:
         self._alert_log: deque[dict[str, Any]] = deque(maxlen=ALERT_LOG_MAX)
         self._registry = CollectorRegistry()
         self._metrics = QueueMetrics(self._registry)
+        self._pool_metrics = PoolMetrics(self._registry)
         self._dispatcher = None
         self._task: asyncio.Task[None] | None = None
         self._t0 = time.monotonic()
@@ -96,6 +98,7 @@ class Controller:
         }
         self._watch_queues(queue_stats, now)
         disp = await self._dispatcher.stats.remote()
+        self._pool_metrics.update(disp)
         # serve.status() blocks on Serve's controller: keep it off this actor's loop.
         hosts = await asyncio.get_running_loop().run_in_executor(None, self._running_hosts)
         samples = []

@@ -285,6 +285,12 @@ def test_breakers_eject_bad_agents_within_the_cap_and_readmit_them(start_fleet):
     assert pool_status["retried_items"] > 0 and pool_status["host_retries"] > 0
     assert max(x.deliveries for x in results if x is not None) >= 2
     assert 1 <= max(status_ejected) <= cap, status_ejected
+    # ... and the Prometheus metrics carry the same counts.
+    metrics = fc.metrics_text()
+    assert 'fleet_pool_max_ejected_agents{pool="work"} 2.0' in metrics
+    retried = [ln for ln in metrics.splitlines()
+               if ln.startswith('fleet_pool_retried_items{pool="work"}')]
+    assert retried and float(retried[0].split()[-1]) > 0, retried
 
 
 @pytest.mark.ray
