@@ -1,6 +1,6 @@
 """fleet: run societies of AI agents on Ray, and keep them alive, fast and within budget."""
 
-from fleet.agent import Agent, Reply
+from fleet.agent import Agent, DependencyUnavailable, Reply
 from fleet.spec import FleetSpec, SpecError, load_spec, parse_spec
 from fleet.task import Result, Task, TaskRejected, TaskStatus
 
@@ -8,6 +8,7 @@ __all__ = [
     "Agent",
     "Electorate",
     "FleetSpec",
+    "DependencyUnavailable",
     "Reply",
     "Result",
     "SpecError",

@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from fleet.task import Task
+
+T = TypeVar("T")
+
+
+class DependencyUnavailable(Exception):
+    """A call refused because the dependency's circuit breaker is open.
+
+    Retryable by default (``resilience.retry.retryable_errors``): the task goes back to
+    the queue after a backoff instead of waiting on a service that is down.
+    """
+
+
+class _Breaker(Protocol):
+    def try_acquire(self) -> bool: ...
+    def release(self) -> None: ...
+    def record(self, ok: bool, latency_s: float | None = None) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +53,34 @@ class Agent:
 
     def __init__(self, agent_id: str, **kwargs: Any):
         self.agent_id = agent_id
+        # Set by the host: the breaker of a downstream dependency by name, shared by
+        # the host's agents (``resilience.dependency_breaker(s)`` in the spec).
+        self.dependency_breaker: Callable[[str], _Breaker] | None = None
+
+    async def call_dependency(self, name: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run ``call()`` through the circuit breaker of downstream dependency ``name``.
+
+        Use it around calls to an LLM API, a database or any service that may fail for
+        everyone at once. While the breaker is open the call is not made and
+        ``DependencyUnavailable`` is raised (a retryable failure); an exception or a
+        call slower than the breaker's ``slow_call_duration_s`` counts against the
+        dependency. Outside a host (no breaker set) the call is simply made.
+        """
+        get = getattr(self, "dependency_breaker", None)
+        breaker = get(name) if get is not None else None
+        if breaker is None:
+            return await call()
+        if not breaker.try_acquire():
+            raise DependencyUnavailable(f"dependency {name!r} is unavailable: its circuit "
+                                        "breaker is open")
+        t0 = time.monotonic()
+        try:
+            result = await call()
+        except BaseException:
+            breaker.record(False, time.monotonic() - t0)
+            raise
+        breaker.record(True, time.monotonic() - t0)
+        return result
 
     async def setup(self) -> None:
         """Called once before the agent's first task."""

@@ -68,3 +68,29 @@ class FaultyAgent(Agent):
         if self.flaky and self.faulty() and self._rng.random() < self.fail_rate:
             raise UpstreamError(f"agent {self.index}: simulated upstream failure")
         return task.payload
+
+
+class OutageAgent(Agent):
+    """Calls a shared downstream service through its dependency breaker.
+
+    The service (``SERVICE``, one per process: every agent of a host shares it) fails
+    every call while ``SERVICE["down"]`` is true, and counts the calls that reach it, so
+    a test can see the breaker stop calling a service that is down.
+    """
+
+    capabilities = ("work",)
+    SERVICE: dict[str, Any] = {"down": False, "calls": 0}
+
+    def __init__(self, agent_id: str, dependency: str = "llm", **kwargs: Any):
+        super().__init__(agent_id, **kwargs)
+        self.dependency = dependency
+
+    async def _service(self) -> str:
+        self.SERVICE["calls"] += 1
+        await asyncio.sleep(0)
+        if self.SERVICE["down"]:
+            raise UpstreamError(f"{self.dependency} is down")
+        return "ok"
+
+    async def handle(self, task: Task) -> Any:
+        return await self.call_dependency(self.dependency, self._service)

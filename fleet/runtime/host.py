@@ -440,6 +440,7 @@ class AgentHost:
         agent = self._agents[i]
         if agent is None:
             agent = self._agent_cls(self._agent_ids[i], **self.pool.agent_kwargs)
+            agent.dependency_breaker = self._breakers.dependency
             await agent.setup()
             self._agents[i] = agent
             # Optional agent attributes the routers use: expertise (task types it is

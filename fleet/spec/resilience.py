@@ -55,6 +55,7 @@ DEFAULT_RETRYABLE_ERRORS = (
     "TimeoutError", "asyncio.TimeoutError", "ConnectionError", "ConnectionResetError",
     "ConnectionRefusedError", "BrokenPipeError", "UpstreamError", "ServiceUnavailable",
     "RateLimitError", "APIConnectionError", "APITimeoutError", "InternalServerError",
+    "DependencyUnavailable",
 )
 DEFAULT_NON_RETRYABLE_ERRORS = (
     "ValueError", "TypeError", "KeyError", "AttributeError", "ValidationError",

@@ -114,6 +114,36 @@ def test_retryable_failures_come_back_with_a_delay_and_only_the_last_is_recorded
     assert asyncio.run(host.stats())["final_failures"] == {"max_attempts": 4}
 
 
+def test_a_dependency_breaker_stops_calls_to_a_service_that_is_down():
+    from fleet.agents.faulty import OutageAgent
+
+    service = OutageAgent.SERVICE
+    service.update(down=True, calls=0)
+    host, ledger = _host(
+        5, agent_class="fleet.agents.faulty:OutageAgent",
+        resilience={"dependency_breakers": {"llm": {"window_calls": 10, "min_calls": 5,
+                                                    "open_duration_s": 300}},
+                    "retry": {"max_attempts": 2, "jitter_ratio": 0.0}})
+    try:
+        first = asyncio.run(host.run_and_record(_items(5)))
+        # All five reached the service, failed, and go back for a retry.
+        assert service["calls"] == 5 and len(first.retry_ids) == 5
+        # The breaker is open now: the next tasks fail fast without calling it, and
+        # the failure is retryable (the service may come back).
+        second = asyncio.run(host.run_and_record(_items(5)))
+        assert service["calls"] == 5
+        assert len(second.retry_ids) == 5 and ledger.outcomes == []
+        last = asyncio.run(host.run_and_record(_items(3, deliveries=2)))
+        assert last.recorded == 3 and service["calls"] == 5
+        assert all("DependencyUnavailable" in o.error and o.reason == "max_attempts"
+                   for o in ledger.outcomes), ledger.outcomes
+        events = asyncio.run(host.stats())["breaker_events"]
+        opened = [e for e in events if e["name"] == "dependency:llm" and e["new"] == "open"]
+        assert len(opened) == 1, events
+    finally:
+        service.update(down=False, calls=0)
+
+
 def test_non_retryable_failures_are_recorded_at_once():
     host, ledger = _host(2, agent_kwargs={"delay_s": 0.0})
     report = asyncio.run(host.run_and_record(_items(3, fail="bad input")))
