@@ -1,10 +1,11 @@
 """Dispatcher: moves leased work from queue shards to pools, and outcomes to the ledger.
 
-Per pool, one loop leases a batch from the pool's shards only when the pool has free
-capacity (active agents x concurrency minus tasks in flight), sends it through the
-pool's Serve handle; the host records the outcomes in the ledger before it replies, and
-only then does the dispatcher ack the items in the queue. So a crash at any point leaves an item either acked with a recorded
-outcome, or still leased and redelivered when its lease expires: at-least-once
+Per pool and shard, a loop leases a batch only when the pool has free capacity (active
+agents x concurrency minus tasks in flight), and sends it through the pool's Serve
+handle; the host records the outcomes in the ledger before it replies, and only then
+does the dispatcher ack the items in the queue. So a crash at any point leaves an item
+either acked with a recorded outcome, or still leased and redelivered when its lease
+expires: at-least-once
 execution, exactly-once recording (the ledger keeps the first outcome per id).
 A batch whose host dies is nacked at once and redelivered, not left to expire.
 A batch's items count against the pool's capacity until they finish: a host running a
@@ -29,12 +30,12 @@ from typing import Any
 import ray
 from ray import serve
 
-from fleet.policy.batching import batch_size
 from fleet.runtime.names import Names
 from fleet.spec.fleet import FleetSpec
 from fleet.spec.pools import PoolSpec
 from fleet.task import Item
 
+IDLE_BACKOFF_MIN_S = 0.001
 IDLE_BACKOFF_MAX_S = 0.05
 LEASE_RENEW_FRACTION = 1 / 3
 RETRY_COALESCE_S = 0.02  # retries due within this of each other go back in one nack
@@ -49,10 +50,9 @@ class _PoolState:
         self.active_agents = spec.autoscaling.start_agents
         self.hosts = spec.hosts_for(self.active_agents)
         self.in_flight = 0
+        self.reserved = 0  # slots the shard loops may fill with the leases they await
         self.depth: list[int] = [0] * len(shards)
-        self.next_shard = 0
         self.room = asyncio.Event()
-        self.avg_item_bytes = 512.0
         self.sent_batches = 0
         self.sent_items = 0
         self.host_failures = 0
@@ -96,7 +96,8 @@ class Dispatcher:
             self._pools[p.name] = _PoolState(p, shards, handle)
         self._running = True
         loop = asyncio.get_running_loop()
-        self._loops = [loop.create_task(self._pool_loop(ps)) for ps in self._pools.values()]
+        self._loops = [loop.create_task(self._shard_loop(ps, s))
+                       for ps in self._pools.values() for s in range(len(ps.shards))]
         self._loops.append(loop.create_task(self._renew_leases()))
 
     async def stop(self) -> None:
@@ -141,41 +142,43 @@ class Dispatcher:
             **_breaker_summary(ps),
         } for name, ps in self._pools.items()}
 
-    def _pick_shard(self, ps: _PoolState) -> int:
-        # The deepest shard we know of; rotate among equals so none is starved.
-        n = len(ps.shards)
-        start = ps.next_shard
-        ps.next_shard = (start + 1) % n
-        return max(((start + k) % n for k in range(n)), key=lambda s: ps.depth[s])
+    async def _shard_loop(self, ps: _PoolState, s: int) -> None:
+        """Feed the pool from shard ``s`` while the pool has free slots.
 
-    async def _pool_loop(self, ps: _PoolState) -> None:
-        idle_s = 0.001
-        batch_spec = self.spec.queues.batch
+        One loop per shard, so every shard is polled at the pace of its own lease calls:
+        a single loop choosing "the deepest shard it knew of" kept choosing a shard that
+        always had new arrivals and starved one whose last known depth was 0 (measured:
+        p95 0.5 s of queue wait at 10% load). The loops share the pool's capacity: each
+        reserves the slots it may fill before its lease call and returns what it did not
+        use, so together they never lease more than the pool's free slots.
+        """
+        idle_s = IDLE_BACKOFF_MIN_S
+        max_items = self.spec.queues.batch.max_items
         while self._running:
-            free = ps.capacity - ps.in_flight
+            free = ps.capacity - ps.in_flight - ps.reserved
             if free <= 0:
                 ps.room.clear()
                 await ps.room.wait()
                 continue
-            s = self._pick_shard(ps)
-            depth = max(ps.depth[s], sum(ps.depth), 1)
-            n = batch_size(batch_spec, depth, free, ps.avg_item_bytes)
+            reserved = min(free, max_items)
+            ps.reserved += reserved  # not in_flight: the autoscaler reads that
             try:
-                items, ps.depth[s] = await ps.shards[s].lease.remote(n, self.holder)
+                items, ps.depth[s] = await ps.shards[s].lease_batch.remote(reserved, self.holder)
             except ray.exceptions.RayError:
+                items = []
                 await asyncio.sleep(IDLE_BACKOFF_MAX_S)  # shard restarting
-                continue
+            finally:
+                ps.reserved -= reserved
             if not items:
-                if not any(ps.depth):
-                    await asyncio.sleep(idle_s)
-                    idle_s = min(idle_s * 2, IDLE_BACKOFF_MAX_S)
+                await asyncio.sleep(idle_s)
+                idle_s = min(idle_s * 2, IDLE_BACKOFF_MAX_S)
                 continue
-            idle_s = 0.001
+            if reserved > len(items):
+                ps.room.set()  # slots this loop did not fill, for the other shards' loops
+            idle_s = IDLE_BACKOFF_MIN_S
             ps.in_flight += len(items)
             ps.sent_batches += 1
             ps.sent_items += len(items)
-            ps.avg_item_bytes = 0.9 * ps.avg_item_bytes + 0.1 * (
-                sum(it.size_bytes for it in items) / len(items))
             held = ps.held[s]
             for it in items:
                 held[it.id] = None

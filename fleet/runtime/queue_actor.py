@@ -20,10 +20,13 @@ import ray
 from fleet.policy.disciplines import overdue_outcome
 from fleet.queue.lease_queue import LeaseQueue, QueueFull
 from fleet.queue.storage import make_storage
+from fleet.policy.batching import batch_size
 from fleet.spec.queues import QueueSpec
 from fleet.task import Item, Outcome, failed_outcome
 
 SWEEP_INTERVAL_S = 0.5
+AVG_ITEM_BYTES_PRIOR = 512.0
+AVG_ITEM_BYTES_ALPHA = 0.1  # EWMA weight of each put batch's mean item size
 
 
 @ray.remote(num_cpus=0)
@@ -36,6 +39,8 @@ class QueueShard:
         self.lease_s = spec.lease_s
         storage = make_storage(spec.storage, namespace, capability, index)
         self._q = LeaseQueue.from_spec(spec, max_deliveries, storage=storage)
+        self._batch = spec.batch
+        self._avg_item_bytes = AVG_ITEM_BYTES_PRIOR
         self._ledger_name = ledger_name
         self._namespace = namespace
         self._ledger = None
@@ -82,7 +87,11 @@ class QueueShard:
     async def put(self, items: list[Item]) -> int:
         """Accept items (all or none). Raises QueueFull when they do not fit."""
         self._ensure_sweeper()
-        return self._q.put(items)
+        accepted = self._q.put(items)
+        if items:
+            mean = sum(it.size_bytes for it in items) / len(items)
+            self._avg_item_bytes += AVG_ITEM_BYTES_ALPHA * (mean - self._avg_item_bytes)
+        return accepted
 
     async def room(self) -> int:
         return self._q.room
@@ -93,6 +102,18 @@ class QueueShard:
         items = self._q.lease(n, holder, self.lease_s, time.monotonic(),
                               now_unix_s=time.time())
         return items, self._q.depth
+
+    async def lease_batch(self, free: int, holder: str) -> tuple[list[Item], int]:
+        """A batch for a pool with ``free`` slots, sized here, where the depth is known.
+
+        ``fleet.policy.batching.batch_size`` picks the size from this shard's depth now,
+        the free slots and the mean item size, so a holder never sizes a batch from a
+        depth it saw one call ago. Returns the items and the depth left behind.
+        """
+        n = batch_size(self._batch, self._q.depth, free, self._avg_item_bytes)
+        if n <= 0:
+            return [], self._q.depth
+        return await self.lease(n, holder)
 
     async def ack(self, ids: list[str]) -> int:
         return self._q.ack(ids)
