@@ -79,3 +79,27 @@ def test_depth_alert_fires_in_status_and_metrics_then_clears(start_fleet):
     assert st["active"] == [], "the alert must clear once the queue drains"
     kinds = [e["kind"] for e in st["events"]]
     assert kinds == ["fired", "cleared"], kinds
+
+
+def test_a_shard_sizes_each_batch_from_its_own_depth(ray_cluster):
+    from fleet.runtime.queue_actor import QueueShard
+    from fleet.spec.queues import QueueSpec
+    from fleet.task import to_item
+
+    spec = QueueSpec.model_validate({"batch": {"max_items": 4}, "lease_s": 30})
+    shard = QueueShard.remote("work", 0, spec.model_dump(mode="json"), 3, "no-ledger",
+                              "fleet-qtest-batch")
+    try:
+        items = [to_item({"capability": "work", "payload": {"i": i}}, {"work"})
+                 for i in range(6)]
+        ray.get(shard.put.remote(items))
+        got, left = ray.get(shard.lease_batch.remote(100, "d"))  # bounded by max_items
+        assert (len(got), left) == (4, 2)
+        got, left = ray.get(shard.lease_batch.remote(1, "d"))  # bounded by free slots
+        assert (len(got), left) == (1, 1)
+        got, left = ray.get(shard.lease_batch.remote(100, "d"))  # what is left
+        assert (len(got), left) == (1, 0)
+        assert ray.get(shard.lease_batch.remote(100, "d")) == ([], 0)
+        assert ray.get(shard.lease_batch.remote(0, "d")) == ([], 0)
+    finally:
+        ray.kill(shard)
