@@ -286,8 +286,10 @@ class AgentHealthMixin:
             exc = None if t.cancelled() else t.exception()
             return f"the health loop stopped: {exc!r}"
         since = self._all_out_since
+        if since is None or any(self._is_in_service(i) for i in range(self._active)):
+            return None  # (the tick that noticed a recovery may not have run yet)
         limit = self.health_spec.startup_timeout_s
-        if since is not None and time.monotonic() - since > limit \
+        if time.monotonic() - since > limit \
                 and self._gate.state is GuardState.CLOSED:
             return (f"no agent in service for more than startup_timeout_s={limit:g}s "
                     "and in-host restarts did not bring one back")
