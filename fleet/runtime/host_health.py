@@ -90,6 +90,7 @@ class AgentHealthMixin:
         self._restarting: set[asyncio.Task[None]] = set()
         self._health_task: asyncio.Task[None] | None = None
         self._next_beat_s = 0.0
+        self._last_tick_s: float | None = None
         self._all_out_since: float | None = None
         self.restarts = 0
 
@@ -137,9 +138,17 @@ class AgentHealthMixin:
             if self._health_ok[i]:
                 ok, self._health_ok[i] = self._health_ok[i], 0
                 mon.task_outcomes(ids[i], ok, 0)
-        if now >= self._next_beat_s:
+        # A loop that did not run for a heartbeat interval stalled as a whole (the host
+        # was starved): every agent looks silent. Ask them now and judge next tick, so
+        # that the host's own stall is not blamed on its agents.
+        stalled = (self._last_tick_s is not None
+                   and now - self._last_tick_s > self.health_spec.heartbeat_interval_s)
+        self._last_tick_s = now
+        if now >= self._next_beat_s or stalled:
             self._next_beat_s = now + self.health_spec.heartbeat_interval_s
             self._beat()
+        if stalled:
+            return
         self._find_hung(now)
         self._apply_health(mon.tick())
         if self._active and not any(self._is_in_service(i) for i in range(self._active)):

@@ -200,3 +200,137 @@ def test_missed_heartbeats_take_an_agent_out_and_the_probe_reports_a_dead_host()
     asyncio.run(run())
     reasons = {f.reason for f in host._health.failures}
     assert reasons >= {"heartbeat_missed", "crashed"}
+
+
+# --- live: 30% of a pool's agents fail at once ----------------------------------------------
+
+CASCADE_AGENTS = 20
+BROKEN = 6  # 30%
+RATE_PER_S = 100
+RESTARTS_PER_INTERVAL = 1
+INTERVAL_S = 2.0
+FAULT_S = 8.0
+
+
+@pytest.mark.ray
+def test_cascade_opens_the_fleet_breaker_throttles_restarts_and_recovers(start_fleet):
+    import ray
+
+    from fleet.agents.chaotic import FAIL, Switchboard
+    from fleet.chaos import chaotic_agent_kwargs, switchboard_name
+    from fleet.cli.status import _human
+    from fleet.runtime.fleet_health import CASCADE_ALERT
+    from tests.utils import make_spec
+
+    name, ns = "cascade", "fleet-cascade-test"
+    spec = make_spec(
+        pool("work", agent_class="fleet.agents.chaotic:ChaoticAgent", cpus_per_host=0,
+             agent_kwargs=chaotic_agent_kwargs(name, ns, delay_s=0.005),
+             agents_per_host=CASCADE_AGENTS // 2,
+             autoscaling={"min_agents": CASCADE_AGENTS, "max_agents": CASCADE_AGENTS}),
+        name=name, namespace=ns, queues={"lease_s": 20},
+        resilience={"max_deliveries": 12,
+                    "retry": {"max_attempts": 10, "initial_backoff_s": 0.05,
+                              "max_backoff_s": 0.5, "budget_ratio": 1.0}},
+        health={"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 1.5,
+                "startup_timeout_s": 10, "error_window_s": 5, "error_min_calls": 3,
+                "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 2.0,
+                            "eject_after_failures": None},
+                "cascade": {"cascade_share": 0.1,
+                            "max_restarts_per_interval": RESTARTS_PER_INTERVAL,
+                            "interval_s": INTERVAL_S, "probe_successes": 2,
+                            "probe_healthy_s": 1.0, "half_open_growth": 2.0}})
+    board = Switchboard.options(name=switchboard_name(name), namespace=ns).remote()
+    try:
+        ray.get(board.__ray_ready__.remote())
+        fc = start_fleet(spec)
+        ids: list[str] = []
+        samples: list[tuple[float, dict[str, Any]]] = []
+
+        def run_for(seconds: float, stop=lambda st: False) -> dict[str, Any]:
+            """Submit RATE_PER_S tasks/s and sample the status every ~0.5 s."""
+            t_end = time.time() + seconds
+            st: dict[str, Any] = {}
+            while time.time() < t_end:
+                ids.extend(fc.submit([{"capability": "work", "payload": {"n": len(ids) + k}}
+                                      for k in range(RATE_PER_S // 2)]).accepted)
+                st = fc.status()
+                samples.append((time.time(), st))
+                if stop(st):
+                    break
+                time.sleep(0.4)
+            return st
+
+        run_for(3.0)
+        assert fc.wait(list(ids), timeout_s=60) == []
+        seen = sorted({r.agent_id for r in fc.results(ids) if r is not None and r.agent_id})
+        assert len(seen) >= BROKEN
+        broken = seen[:: max(1, len(seen) // BROKEN)][:BROKEN]
+        ray.get(board.add.remote({"kind": FAIL, "start_unix_s": time.time(),
+                                  "until_unix_s": time.time() + 600, "agents": broken}))
+        t_fault = time.time()
+
+        def guard(st: dict[str, Any]) -> dict[str, Any]:
+            return st["health"]["guard"]
+
+        run_for(FAULT_S)
+        during = [(t, s) for t, s in samples if t > t_fault]
+        opened = [(t, s) for t, s in during if guard(s)["state"] == "open"]
+        assert opened, "the fleet breaker opened"
+        alerted = [s for _, s in during
+                   if any(a["rule"] == CASCADE_ALERT for a in s["alerts"]["active"])]
+        assert alerted, "the cascade alert fired"
+        worst = max((s["pools"]["work"]["health"] for _, s in during),
+                    key=lambda h: h["unhealthy"] + h["restarting"])
+        assert worst["unhealthy"] + worst["restarting"] >= BROKEN // 2
+        reasons = {f["reason"] for _, s in during
+                   for f in s["pools"]["work"]["health"]["last_failures"]}
+        assert reasons and reasons <= {"error_rate", "heartbeat_missed", "crashed",
+                                       "hung_task"}
+        failed_ids = {f["agent_id"] for _, s in during
+                      for f in s["pools"]["work"]["health"]["last_failures"]}
+        assert failed_ids <= set(broken), "only the broken agents were declared failed"
+        # Throttled as configured: while open, at most RESTARTS_PER_INTERVAL permits per
+        # INTERVAL_S (the guard's sliding log), and restarts were refused.
+        t_open, first = opened[0]
+        last = samples[-1][1]
+        granted_open = guard(last)["granted"] - guard(first)["granted"]
+        span = samples[-1][0] - t_open
+        assert granted_open <= RESTARTS_PER_INTERVAL * (span / INTERVAL_S + 1), (
+            granted_open, span)
+        assert guard(last)["throttled"] > 0
+        print("fault:", {"broken": broken, "worst": worst, "guard": guard(last)})
+        print(_human(last))
+        assert "ALERT critical: agent_cascade" in _human(last)
+
+        # The fault is removed: restarts succeed, the breaker closes, the alert clears.
+        ray.get(board.clear.remote())
+        t_fix = time.time()
+
+        def recovered(st: dict[str, Any]) -> bool:
+            h = st["pools"]["work"]["health"]
+            return (guard(st)["state"] == "closed" and not st["alerts"]["active"]
+                    and h["healthy"] == CASCADE_AGENTS)
+
+        st = run_for(45.0, stop=recovered)
+        assert recovered(st), (st["health"], st["pools"]["work"]["health"])
+        print(f"recovered {time.time() - t_fix:.1f}s after the fault was removed")
+        events = st["alerts"]["events"]
+        assert [e["kind"] for e in events if e["rule"] == CASCADE_ALERT][-2:] == [
+            "fired", "cleared"]
+
+        # Tasks succeed again, on the restarted agents too; nothing lost.
+        after = fc.submit([{"capability": "work", "payload": {"after": k}}
+                           for k in range(300)]).accepted
+        assert fc.wait(ids + after, timeout_s=90) == []
+        late = fc.results(after)
+        assert all(r is not None and r.status == "completed" for r in late)
+        assert {r.agent_id for r in late if r is not None} & set(broken)
+        s = fc.summary(ids + after)
+        assert s["lost"] == 0 and s["completed"] + s["failed"] == len(ids) + len(after)
+        print("tasks:", {k: s[k] for k in ("completed", "failed", "lost")})
+        text = fc.metrics_text()
+        assert 'fleet_agents{pool="work",state="healthy"} 20.0' in text
+        assert "fleet_agent_restarts_total" in text
+    finally:
+        ray.kill(board)
