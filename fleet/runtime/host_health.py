@@ -11,7 +11,7 @@ Per task (O(1), a few hundred nanoseconds): the host notes which agent runs each
 asyncio task (``_on_agent``, for hung-task attribution) and tallies successes per agent
 (``_health_ok``). A failure goes to the monitor at once: if it trips the error rate,
 the agent leaves the routable set before it can take another task. Everything else
-runs in ``_health_loop`` every ``HEALTH_TICK_S``:
+runs in ``_health_loop`` every ``HEALTH_TICK_S`` (or half a heartbeat interval):
 
 - tallied successes go to the monitor in bulk (they only dilute the error rate, so
   handing them over late never hides a failure);
@@ -91,6 +91,8 @@ class AgentHealthMixin:
         self._health_task: asyncio.Task[None] | None = None
         self._next_beat_s = 0.0
         self._last_tick_s: float | None = None
+        # At least twice per heartbeat interval, so a beat is never a whole tick late.
+        self._tick_s = min(HEALTH_TICK_S, self.health_spec.heartbeat_interval_s / 2)
         self._all_out_since: float | None = None
         self.restarts = 0
 
@@ -128,7 +130,7 @@ class AgentHealthMixin:
 
     async def _health_loop(self: AgentHost) -> None:
         while True:
-            await asyncio.sleep(HEALTH_TICK_S)
+            await asyncio.sleep(self._tick_s)
             self._health_tick()
 
     def _health_tick(self: AgentHost) -> None:
@@ -138,11 +140,12 @@ class AgentHealthMixin:
             if self._health_ok[i]:
                 ok, self._health_ok[i] = self._health_ok[i], 0
                 mon.task_outcomes(ids[i], ok, 0)
-        # A loop that did not run for a heartbeat interval stalled as a whole (the host
-        # was starved): every agent looks silent. Ask them now and judge next tick, so
+        # A loop late by more than a heartbeat interval stalled as a whole (the host was
+        # starved): every agent looks silent. Ask them now and judge next tick, so
         # that the host's own stall is not blamed on its agents.
         stalled = (self._last_tick_s is not None
-                   and now - self._last_tick_s > self.health_spec.heartbeat_interval_s)
+                   and now - self._last_tick_s
+                   > self._tick_s + self.health_spec.heartbeat_interval_s)
         self._last_tick_s = now
         if now >= self._next_beat_s or stalled:
             self._next_beat_s = now + self.health_spec.heartbeat_interval_s
