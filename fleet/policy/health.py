@@ -21,6 +21,9 @@ Each agent follows an explicit state machine (``TRANSITIONS``)::
     UNHEALTHY --heartbeat, if it failed only by missing heartbeats--> HEALTHY
     UNHEALTHY --eject_after_failures consecutive failures--> EJECTED --reinstate--> STARTING
 
+``FleetGate`` stands in for a ``CascadeGuard`` that runs elsewhere: a host's monitor
+asks it, and it follows the verdicts of the fleet's one guard (in the controller).
+
 Only HEALTHY agents are in service. Nothing here reads a clock or sleeps: ``clock``
 returns monotonic seconds and the runtime calls ``tick()`` (at least every heartbeat
 interval) and applies the ``HealthAction`` list it returns.

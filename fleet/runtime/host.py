@@ -22,6 +22,11 @@ agents above it are *draining*: they finish the task in hand and take no new one
 watchdog cancels any task past ``task_timeout_s`` and fails it with reason ``timeout``,
 so a hung agent cannot hold a slot forever.
 
+Health (``AgentHealthMixin``, ``fleet.runtime.host_health``): a health monitor over the
+host's agents takes a failed agent out of the routable set at once and restarts it in
+the host, within the fleet cascade guard's permits; see ARCHITECTURE.md for how breakers
+and health relate.
+
 Fleet-wide ejection cap: each host enforces ``max_ejected_share`` over its own agents,
 so a pool whose hosts each run at least ``1 / max_ejected_share`` agents (10 for the
 default 10%) never has more than that share ejected: sum_h floor(share * n_h) <=

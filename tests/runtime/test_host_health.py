@@ -232,7 +232,7 @@ def test_cascade_opens_the_fleet_breaker_throttles_restarts_and_recovers(start_f
         resilience={"max_deliveries": 12,
                     "retry": {"max_attempts": 10, "initial_backoff_s": 0.05,
                               "max_backoff_s": 0.5, "budget_ratio": 1.0}},
-        health={"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 1.5,
+        health={"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 4.0,
                 "startup_timeout_s": 10, "error_window_s": 5, "error_min_calls": 3,
                 "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 2.0,
                             "eject_after_failures": None},
@@ -289,7 +289,9 @@ def test_cascade_opens_the_fleet_breaker_throttles_restarts_and_recovers(start_f
                                        "hung_task"}
         failed_ids = {f["agent_id"] for _, s in during
                       for f in s["pools"]["work"]["health"]["last_failures"]}
-        assert failed_ids <= set(broken), "only the broken agents were declared failed"
+        assert failed_ids <= set(broken), [
+            f for _, s in during for f in s["pools"]["work"]["health"]["last_failures"]
+            if f["agent_id"] not in broken][:5]
         # Throttled as configured: while open, at most RESTARTS_PER_INTERVAL permits per
         # INTERVAL_S (the guard's sliding log), and restarts were refused.
         t_open, first = opened[0]
