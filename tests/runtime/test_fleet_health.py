@@ -4,6 +4,8 @@ Prometheus metrics."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from prometheus_client import CollectorRegistry, generate_latest
 
 from fleet.policy.queue_alerts import AlertEvent, AlertKind
@@ -83,3 +85,20 @@ def test_a_silent_host_drops_out_of_the_fleet_sums():
     clock.advance(HOST_REPORT_TTL_S + 1)
     fh.host_report("p", report("h2", 0))
     assert fh.snapshot()["agents"] == 10 and fh.pool_status("p")["hosts_reporting"] == 1
+
+
+def test_fleet_status_text_shows_health_states_failures_and_the_guard():
+    from fleet.cli.status import _human
+
+    clock = FakeClock(0.0)
+    fh, _, _ = fleet(clock)
+    fh.host_report("p", report("h2", 0))
+    fh.host_report("p", report("h1", 4))  # 4 of 20 failing
+    st = {"fleet": "f", "ledger": {"recorded": 0}, "health": fh.snapshot(),
+          "pools": {"p": {"agents": 20, "hosts": 2, "health": fh.pool_status("p")}},
+          "alerts": {"active": [dataclasses.asdict(a) for a in fh.active_alerts()]}}
+    text = _human(st)
+    assert "healthy 16  unhealthy 4  restarting 0  ejected 0 (health) + 2 (breakers)" in text
+    assert "h1/0: error_rate: x" in text
+    assert "cascade guard open: 4 of 20 agents failing (opens above 10%)" in text
+    assert "ALERT critical: agent_cascade on fleet (value 0.2, threshold 0.1)" in text
