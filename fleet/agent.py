@@ -85,5 +85,14 @@ class Agent:
     async def setup(self) -> None:
         """Called once before the agent's first task."""
 
+    async def heartbeat(self) -> None:
+        """Called by the host every ``health.heartbeat_interval_s`` (if overridden).
+
+        Return to report the agent alive; raise, or take longer than the interval, to
+        report it not: after ``heartbeat_timeout_s`` without one, it is restarted. Check
+        what the agent itself depends on (a client, a cache); keep it cheap. Agents that
+        do not override it are alive as long as their host's event loop runs.
+        """
+
     async def handle(self, task: Task) -> Any:
         raise NotImplementedError(f"{type(self).__name__}.handle")

@@ -16,6 +16,10 @@ Rule kinds:
 - ``partition``: the same as ``hang`` for every agent the rule matches (a pool): work
   sent to the pool gets no answer until the partition heals, as if the pool were cut off
   from the dispatcher. Tasks held longer than ``task_timeout_s`` time out and are retried.
+- ``fail``: the agent is broken: its tasks raise ``ChaosFault`` (retryable), its
+  ``heartbeat`` raises and a restarted instance's ``setup`` raises, until the rule ends.
+  Health detection takes it out of service and restarts it (see ``fleet.runtime.
+  host_health``); many agents failing at once exercise the cascade guard.
 
 Times in rules are Unix seconds (``time.time()``): the harness and the hosts share them
 on one machine, and on a cluster they are as close as the nodes' clocks.
@@ -42,7 +46,12 @@ SHARE_BUCKETS = 10_000
 LATENCY = "latency"
 HANG = "hang"
 PARTITION = "partition"
-KINDS = (LATENCY, HANG, PARTITION)
+FAIL = "fail"
+KINDS = (LATENCY, HANG, PARTITION, FAIL)
+
+
+class ChaosFault(ConnectionError):
+    """An injected failure of a broken agent (a ConnectionError: retryable by default)."""
 
 
 def rule_matches(rule: dict[str, Any], agent_id: str) -> bool:
@@ -160,6 +169,29 @@ class ChaoticAgent(Agent):
         self.delay_s = delay_s
         self._board = _view(switchboard, switchboard_namespace) if switchboard else None
 
+    def _broken(self) -> dict[str, Any] | None:
+        """The ``fail`` rule in force for this agent, if any (refreshes the rules)."""
+        board = self._board
+        if board is None:
+            return None
+        board.poke()
+        now = time.time()
+        for rule in board.rules:
+            if rule["kind"] == FAIL and rule["start_unix_s"] <= now < rule["until_unix_s"] \
+                    and rule_matches(rule, self.agent_id):
+                board.hits[rule["id"]] += 1
+                return rule
+        return None
+
+    async def setup(self) -> None:
+        if (rule := self._broken()) is not None:
+            raise ChaosFault(f"agent {self.agent_id} broken by chaos rule {rule['id']}: "
+                             "setup failed")
+
+    async def heartbeat(self) -> None:
+        if (rule := self._broken()) is not None:
+            raise ChaosFault(f"agent {self.agent_id} broken by chaos rule {rule['id']}")
+
     async def handle(self, task: Task) -> Any:
         board = self._board
         if board is not None:
@@ -182,6 +214,8 @@ class ChaoticAgent(Agent):
             if not rule_matches(rule, self.agent_id):
                 continue
             board.hits[rule["id"]] += 1
+            if rule["kind"] == FAIL:
+                raise ChaosFault(f"agent {self.agent_id} broken by chaos rule {rule['id']}")
             if rule["kind"] == LATENCY:
                 extra += float(rule.get("extra_s", 0.0))
             else:
@@ -196,4 +230,4 @@ class ChaoticAgent(Agent):
             await asyncio.sleep(extra)
 
 
-__all__ = ["ChaoticAgent", "Switchboard", "rule_matches"]
+__all__ = ["ChaosFault", "ChaoticAgent", "Switchboard", "rule_matches"]

@@ -1,11 +1,15 @@
-"""``fleet status``: pools, agents, hosts, queues and the ledger of a running fleet."""
+"""``fleet status``: pools, agents (and their health), hosts, queues, alerts and the ledger
+of a running fleet."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from fleet.cli.common import add_cluster_args, add_fleet_args, emit
+
+LAST_FAILURES_SHOWN = 5
 
 
 def _human(st: dict) -> str:
@@ -16,10 +20,31 @@ def _human(st: dict) -> str:
             f"  {name:<14} agents {p.get('agents', '?'):>5}  hosts {p.get('hosts', '?'):>3}  "
             f"in-flight {p.get('in_flight', 0):>6}  queued {q.get('depth', 0):>8}  "
             f"oldest {q.get('oldest_age_s', 0.0):6.1f}s  redelivered {q.get('redelivered_total', 0)}")
+        lines.extend(_health_lines(p))
+    guard = st.get("health", {}).get("guard")
+    if guard:
+        h = st["health"]
+        lines.append(f"  cascade guard {guard['state']}: {h['failing']} of {h['agents']} "
+                     f"agents failing (opens above {h['cascade_share']:.0%}); restarts "
+                     f"granted {guard['granted']}, throttled {guard['throttled']}")
     for a in st.get("alerts", {}).get("active", []):
         lines.append(f"  ALERT {a['severity']}: {a['rule']} on {a['subject']} "
                      f"(value {a['value']:g}, threshold {a['threshold']:g})")
     return "\n".join(lines)
+
+
+def _health_lines(p: dict) -> list[str]:
+    """A pool's agents by health state, and its last failures with their reasons."""
+    h = p.get("health")
+    if not h:
+        return []
+    lines = [f"    health: healthy {h['healthy']}  unhealthy {h['unhealthy']}  restarting "
+             f"{h['restarting']}  ejected {h['ejected']} (health) + {h['breaker_ejected']} "
+             f"(breakers)  starting {h['starting']}  restarts {h['restarts']}"]
+    for f in h.get("last_failures", [])[-LAST_FAILURES_SHOWN:]:
+        when = time.strftime("%H:%M:%S", time.localtime(f["at_unix_s"]))
+        lines.append(f"    {when} {f['agent_id']}: {f['reason']}: {f['detail'][:100]}")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:

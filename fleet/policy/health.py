@@ -21,6 +21,9 @@ Each agent follows an explicit state machine (``TRANSITIONS``)::
     UNHEALTHY --heartbeat, if it failed only by missing heartbeats--> HEALTHY
     UNHEALTHY --eject_after_failures consecutive failures--> EJECTED --reinstate--> STARTING
 
+``FleetGate`` stands in for a ``CascadeGuard`` that runs elsewhere: a host's monitor
+asks it, and it follows the verdicts of the fleet's one guard (in the controller).
+
 Only HEALTHY agents are in service. Nothing here reads a clock or sleeps: ``clock``
 returns monotonic seconds and the runtime calls ``tick()`` (at least every heartbeat
 interval) and applies the ``HealthAction`` list it returns.
@@ -179,6 +182,19 @@ class FailureDetector:
         calls, errors = signals.outcomes.sums(now_s)
         return round(calls), (errors / calls if calls else 0.0)
 
+    def hung(self, task_id: str, start_s: float, limit_s: float,
+             now_s: float) -> Failure | None:
+        """The hung-task rule alone: a task started at ``start_s`` and allowed
+        ``limit_s`` seconds is hung once it has run past its limit plus
+        ``hung_task_grace_s``. A runtime that tracks running tasks itself (the host
+        does) applies it and reports the verdict with ``HealthMonitor.report_failure``."""
+        running = now_s - start_s
+        if running > limit_s + self.spec.hung_task_grace_s:
+            return Failure(FailureReason.HUNG_TASK,
+                           f"task {task_id} running {running:.1f}s > limit {limit_s}s "
+                           f"+ grace {self.spec.hung_task_grace_s}s")
+        return None
+
     def check(self, signals: AgentSignals, now_s: float) -> Failure | None:
         s = self.spec
         if signals.last_heartbeat_s is None:
@@ -189,11 +205,9 @@ class FailureDetector:
                                f"startup_timeout_s {s.startup_timeout_s}")
             return None
         for task_id, (start_s, limit_s) in signals.tasks.items():
-            running = now_s - start_s
-            if running > limit_s + s.hung_task_grace_s:
-                return Failure(FailureReason.HUNG_TASK,
-                               f"task {task_id} running {running:.1f}s > limit {limit_s}s "
-                               f"+ grace {s.hung_task_grace_s}s")
+            hung = self.hung(task_id, start_s, limit_s, now_s)
+            if hung is not None:
+                return hung
         calls, rate = self.error_rate(signals, now_s)
         if calls >= s.error_min_calls and rate >= s.error_rate_threshold:
             return Failure(FailureReason.ERROR_RATE,
@@ -360,6 +374,124 @@ class CascadeGuard:
                 "granted": self.granted, "throttled": self.throttled}
 
 
+class RestartGate(Protocol):
+    """What ``HealthMonitor`` asks before each restart: a ``CascadeGuard``, or a
+    ``FleetGate`` standing in for a guard that lives elsewhere."""
+
+    name: str
+
+    @property
+    def state(self) -> GuardState: ...
+    def add_listener(self, listener: HealthListener) -> None: ...
+    def observe(self, failing: int, total: int, now_s: float) -> GuardState: ...
+    def try_restart(self, now_s: float) -> bool: ...
+    def probe_succeeded(self, now_s: float) -> None: ...
+    def probe_failed(self, now_s: float) -> None: ...
+    def snapshot(self, now_s: float) -> dict[str, object]: ...
+
+
+class FleetGate:
+    """One host's side of the fleet-wide cascade guard.
+
+    Use it as the ``guard`` of a host's ``HealthMonitor`` when the ``CascadeGuard`` that
+    matters (over the whole fleet) runs elsewhere, e.g. in the controller, and is asked
+    only now and then (the host's periodic report). The host sends ``report()``; the
+    guard's owner answers with a verdict (its state and how many restarts it granted
+    this host), which the host passes to ``apply``.
+
+    Decision per restart:
+    - the verdict is fresh (younger than ``stale_after_s``), the fleet guard is CLOSED
+      and this host's own share of failing agents is within ``cascade_share``: restart;
+    - otherwise, with a fresh verdict: only on a permit granted by the fleet guard (the
+      host asks for as many as it has restarts due, in its next report);
+    - no fresh verdict (the owner is unreachable, or none exists): a local
+      ``CascadeGuard`` over this host's agents decides alone, so a host cut off from
+      its controller still never restarts en masse.
+
+    A host whose own share is high holds its restarts until the fleet guard has seen
+    them: the fleet guard learns of a mass failure one report later than the host, and
+    must not find the restarts already done.
+    """
+
+    def __init__(self, spec: CascadeSpec, stale_after_s: float, name: str = "fleet-gate"):
+        self.spec = spec
+        self.name = name
+        self.stale_after_s = stale_after_s
+        self.local = CascadeGuard(spec, name=f"{name}:local")
+        self.fleet_state: GuardState | None = None
+        self._verdict_at_s: float | None = None
+        self._permits = 0
+        self._suspect = False  # this host's own failing share is above cascade_share
+        self._probe_ok = 0
+        self._probe_failed = 0
+        self.granted = 0
+        self.throttled = 0
+
+    def add_listener(self, listener: HealthListener) -> None:
+        """Nothing to tell: the fleet guard's owner raises the alerts."""
+
+    def fresh(self, now_s: float) -> bool:
+        return self._verdict_at_s is not None and now_s - self._verdict_at_s <= self.stale_after_s
+
+    @property
+    def state(self) -> GuardState:
+        if self.fleet_state is not None and self.fleet_state is not GuardState.CLOSED:
+            return self.fleet_state
+        return self.local.state
+
+    def observe(self, failing: int, total: int, now_s: float) -> GuardState:
+        spec = self.spec
+        self._suspect = (spec.enabled and failing >= spec.min_failing_agents
+                         and total > 0 and failing / total > spec.cascade_share)
+        self.local.observe(failing, total, now_s)
+        return self.state
+
+    def try_restart(self, now_s: float) -> bool:
+        if not self.fresh(now_s):
+            ok = self.local.try_restart(now_s)
+        elif self.fleet_state is GuardState.CLOSED and not self._suspect:
+            ok = True
+        elif self._permits > 0:
+            self._permits -= 1
+            ok = True
+        else:
+            ok = False
+        if ok:
+            self.granted += 1
+        else:
+            self.throttled += 1
+        return ok
+
+    def probe_succeeded(self, now_s: float) -> None:
+        self._probe_ok += 1
+        self.local.probe_succeeded(now_s)
+
+    def probe_failed(self, now_s: float) -> None:
+        self._probe_failed += 1
+        self.local.probe_failed(now_s)
+
+    def report(self, failing: int, total: int, restarts_due: int) -> dict[str, int]:
+        """What to send the fleet guard's owner; probe fates are sent once."""
+        out = {"failing": failing, "total": total, "restarts_wanted": restarts_due,
+               "probe_ok": self._probe_ok, "probe_failed": self._probe_failed}
+        self._probe_ok = self._probe_failed = 0
+        return out
+
+    def apply(self, state: GuardState | str, permits: int, now_s: float) -> None:
+        """The owner's verdict: the fleet guard's state and this host's permits (they
+        replace unused ones, so permits never pile up beyond one grant)."""
+        self.fleet_state = GuardState(state)
+        self._permits = max(0, permits)
+        self._verdict_at_s = now_s
+
+    def snapshot(self, now_s: float) -> dict[str, object]:
+        return {"state": self.state.value,
+                "fleet_state": self.fleet_state.value if self.fleet_state else None,
+                "fresh": self.fresh(now_s), "permits": self._permits,
+                "local": self.local.snapshot(now_s), "granted": self.granted,
+                "throttled": self.throttled}
+
+
 # --- the monitor -----------------------------------------------------------------------
 
 @dataclass(slots=True)
@@ -401,17 +533,20 @@ class HealthMonitor:
     """
 
     def __init__(self, spec: HealthSpec, clock: Clock, rng: random.Random,
-                 listeners: Iterable[HealthListener] = (), name: str = "fleet"):
+                 listeners: Iterable[HealthListener] = (), name: str = "fleet",
+                 guard: RestartGate | None = None):
         self.spec = spec
         self.name = name
         self._clock = clock
         self._rng = rng
         self._listeners = list(listeners)
         self.detector = FailureDetector(spec)
-        self.guard = CascadeGuard(spec.cascade, self._listeners, name=f"{name}:cascade")
+        self.guard: RestartGate = guard if guard is not None else CascadeGuard(
+            spec.cascade, self._listeners, name=f"{name}:cascade")
         self._agents: dict[str, AgentHealth] = {}
         self._outbox: list[HealthAction] = []
         self.failures: deque[FailureRecord] = deque(maxlen=spec.failure_log_size)
+        self.failure_counts: dict[str, int] = {}  # failures by reason, since creation
         self.ignored_signals = 0  # task signals for agents the monitor does not know
 
     def add_listener(self, listener: HealthListener) -> None:
@@ -483,6 +618,32 @@ class HealthMonitor:
             if failure is not None and failure.reason is FailureReason.ERROR_RATE:
                 self._fail(a, failure, now)
 
+    def task_outcomes(self, agent_id: str, ok: int, failed: int) -> bool:
+        """``ok`` and ``failed`` tasks finished (counts, for a runtime that tallies
+        outcomes on its hot path and hands them over in bulk). Returns True when this
+        failed the agent (error rate): ``take_actions()`` then has its REMOVE."""
+        a = self._agents.get(agent_id)
+        if a is None:
+            self.ignored_signals += 1
+            return False
+        if a.state is not S.HEALTHY or not (ok or failed):
+            return False
+        now = self._clock()
+        assert a.signals.outcomes is not None
+        a.signals.outcomes.add(now, ok + failed, failed)
+        if failed:
+            failure = self.detector.check(a.signals, now)
+            if failure is not None and failure.reason is FailureReason.ERROR_RATE:
+                self._fail(a, failure, now)
+                return True
+        return False
+
+    def take_actions(self) -> list[HealthAction]:
+        """The actions queued by signals since the last tick, without a tick (O(1)):
+        apply them to take a failed agent out of service at once."""
+        out, self._outbox = self._outbox, []
+        return out
+
     def report_failure(self, agent_id: str, detail: str,
                        reason: FailureReason = FailureReason.CRASHED) -> None:
         """The host saw the agent die (or another fatal fault)."""
@@ -516,6 +677,12 @@ class HealthMonitor:
         self._restart_due(now)
         out, self._outbox = self._outbox, []
         return out
+
+    def due_restarts(self) -> int:
+        """Agents whose backoff has passed and that wait for a restart permit."""
+        now = self._clock()
+        return sum(1 for a in self._agents.values() if a.state is S.UNHEALTHY
+                   and a.next_restart_s is not None and a.next_restart_s <= now)
 
     def _restart_due(self, now: float) -> None:
         due = sorted((a for a in self._agents.values()
@@ -554,6 +721,8 @@ class HealthMonitor:
         a.signals.tasks.clear()
         self.failures.append(FailureRecord(now, a.agent_id, a.pool, failure.reason.value,
                                            failure.detail))
+        key = failure.reason.value
+        self.failure_counts[key] = self.failure_counts.get(key, 0) + 1
         self._transition(a, S.UNHEALTHY, now, f"{failure.reason.value}: {failure.detail}")
         self._outbox.append(HealthAction(ActionKind.REMOVE, a.agent_id,
                                          failure.reason.value))
@@ -587,9 +756,12 @@ class HealthMonitor:
             listener.on_health_event(event)
 
     # -- views ------------------------------------------------------------------------------
-    def _failing_and_total(self) -> tuple[int, int]:
+    def failing_and_total(self) -> tuple[int, int]:
+        """Agents failing (unhealthy or restarting) and agents known."""
         failing = sum(1 for a in self._agents.values() if a.state in FAILING_STATES)
         return failing, len(self._agents)
+
+    _failing_and_total = failing_and_total
 
     def state(self, agent_id: str) -> AgentState:
         return self._agents[agent_id].state

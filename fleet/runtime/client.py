@@ -219,8 +219,9 @@ class FleetClient:
             "ledger": {"recorded": ray.get(self._ledger.count.remote())},
             "queues": ctl.get("queues", {}),
             "alerts": ctl.get("alerts", {"active": [], "events": []}),
+            "health": ctl.get("health", {}),
         }
 
     def metrics_text(self) -> str:
-        """Prometheus text exposition of the fleet's queue and pool metrics."""
+        """Prometheus text exposition of the fleet's metrics (queues, pools, agent health)."""
         return ray.get(self._controller.metrics_text.remote())

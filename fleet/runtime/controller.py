@@ -2,6 +2,10 @@
 autoscaling policy per pool, and tells the dispatcher (logical agents) and Serve, via
 the hosts' ``desired_hosts`` metric, how much capacity to run. It keeps a timeline of
 every decision for ``fleet status`` and the autoscaling trace.
+
+It also holds the fleet-wide view of agent health (``fleet.runtime.fleet_health``): the
+hosts' reports arrive with their autoscaling metric (``host_report``), and the fleet's
+cascade guard answers them; its alert goes to the same alert log as the queue alerts.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from fleet.queue.metrics import QueueMetrics
 from fleet.queue.monitor import QueueMonitor
 
 from fleet.policy.autoscaling import ScalingInput, ScalingState, decide
+from fleet.runtime.fleet_health import FleetHealth
 from fleet.runtime.names import Names
 from fleet.runtime.pool_metrics import PoolMetrics
 from fleet.spec.fleet import FleetSpec
@@ -51,6 +56,8 @@ class Controller:
         self._registry = CollectorRegistry()
         self._metrics = QueueMetrics(self._registry)
         self._pool_metrics = PoolMetrics(self._registry)
+        self._health = FleetHealth(self.spec.health, [p.name for p in self.spec.pools],
+                                   self._registry, on_alert=self._log_alert)
         self._dispatcher = None
         self._task: asyncio.Task[None] | None = None
         self._t0 = time.monotonic()
@@ -144,16 +151,30 @@ class Controller:
         for health in report.values():
             self._metrics.update_from_health(health)
         for event in self._alerts.evaluate(self._monitor.observations(now, report), now):
-            self._alert_log.append({**dataclasses.asdict(event), "unix_s": time.time()})
-        self._metrics.update_alerts(self._alerts.active())
+            self._log_alert(event)
+        self._health.update_metrics()
+        self._metrics.update_alerts(self._active_alerts())
         self._queue_report = {q: h.to_dict() for q, h in report.items()}
+
+    def _log_alert(self, event: Any) -> None:
+        self._alert_log.append({**dataclasses.asdict(event), "unix_s": time.time()})
+
+    def _active_alerts(self) -> list[Any]:
+        """Queue alerts and the fleet cascade alert: one list for status and metrics."""
+        return [*self._alerts.active(), *self._health.active_alerts()]
+
+    async def host_report(self, pool: str, report: dict[str, Any]) -> dict[str, Any]:
+        """A host's periodic report (its agents' health); the reply carries the pool's
+        desired host count and the fleet cascade guard's verdict for that host."""
+        verdict = self._health.host_report(pool, report)
+        return {"desired_hosts": await self.desired_hosts(pool), "health": verdict}
 
     async def metrics_text(self) -> str:
         """The fleet's Prometheus metrics in the text exposition format."""
         return generate_latest(self._registry).decode()
 
     async def alerts(self) -> dict[str, Any]:
-        return {"active": [dataclasses.asdict(a) for a in self._alerts.active()],
+        return {"active": [dataclasses.asdict(a) for a in self._active_alerts()],
                 "events": list(self._alert_log)[-20:]}
 
     async def desired_hosts(self, pool: str) -> int:
@@ -167,5 +188,10 @@ class Controller:
         return [s for s in self._timeline if s["t_s"] >= since_t_s]
 
     async def status(self) -> dict[str, Any]:
-        return {"pools": dict(self._last), "spec": self.spec.model_dump(mode="json"),
-                "queues": getattr(self, "_queue_report", {}), "alerts": await self.alerts()}
+        pools = {**self._last}  # and "_error", if the last tick failed
+        pools |= {p.name: {**self._last.get(p.name, {}),
+                          "health": self._health.pool_status(p.name)}
+                 for p in self.spec.pools}
+        return {"pools": pools, "spec": self.spec.model_dump(mode="json"),
+                "queues": getattr(self, "_queue_report", {}), "alerts": await self.alerts(),
+                "health": self._health.snapshot()}

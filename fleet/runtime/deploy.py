@@ -109,7 +109,7 @@ def deploy_pool(spec: FleetSpec, pool: PoolSpec) -> None:
     app = serve.deployment(AgentHost).options(**host_deployment_options(spec, pool)).bind(
         pool.model_dump(mode="json"), spec.resilience.model_dump(mode="json"),
         {k: v.model_dump() for k, v in spec.budgets.prices.items()},
-        (names.controller, ns), (names.ledger, ns))
+        (names.controller, ns), (names.ledger, ns), spec.health.model_dump(mode="json"))
     serve.run(app, name=names.pool_app(pool.name), route_prefix=None)
 
 

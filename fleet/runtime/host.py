@@ -22,6 +22,11 @@ agents above it are *draining*: they finish the task in hand and take no new one
 watchdog cancels any task past ``task_timeout_s`` and fails it with reason ``timeout``,
 so a hung agent cannot hold a slot forever.
 
+Health (``AgentHealthMixin``, ``fleet.runtime.host_health``): a health monitor over the
+host's agents takes a failed agent out of the routable set at once and restarts it in
+the host, within the fleet cascade guard's permits; see ARCHITECTURE.md for how breakers
+and health relate.
+
 Fleet-wide ejection cap: each host enforces ``max_ejected_share`` over its own agents,
 so a pool whose hosts each run at least ``1 / max_ejected_share`` agents (10 for the
 default 10%) never has more than that share ejected: sum_h floor(share * n_h) <=
@@ -67,6 +72,7 @@ from fleet.policy.routing import (
     SpecializationRouter,
     make_router,
 )
+from fleet.runtime.host_health import AgentHealthMixin
 from fleet.runtime.imports import import_object
 from fleet.spec.budgets import ModelPrice
 from fleet.spec.pools import PoolSpec
@@ -163,12 +169,13 @@ class _AgentView(Sequence[Candidate]):
                          h._expertise[i])
 
 
-class AgentHost:
-    """The body of a pool's Serve deployment (see ``fleet.runtime.deploy``)."""
+class AgentHost(AgentHealthMixin):
+    """The body of a pool's Serve deployment (see ``fleet.runtime.deploy``); agent
+    health (heartbeats, restarts) lives in ``AgentHealthMixin``."""
 
     def __init__(self, pool: dict[str, Any], resilience: dict[str, Any] | None = None,
                  prices: dict[str, Any] | None = None, controller: tuple[str, str] | None = None,
-                 ledger: tuple[str, str] | None = None):
+                 ledger: tuple[str, str] | None = None, health: dict[str, Any] | None = None):
         self.pool = PoolSpec.model_validate(pool)
         self.resilience = ResilienceSpec.model_validate(resilience or {})
         self.prices = {k: ModelPrice.model_validate(v) for k, v in (prices or {}).items()}
@@ -244,6 +251,7 @@ class AgentHost:
         self._watchdog: asyncio.Task[None] | None = None
         self.completed = 0
         self.failed = 0
+        self._init_health(health)
         self.set_active(min(n, max(1, self.pool.autoscaling.start_agents)))
 
     # -- breakers ------------------------------------------------------------------
@@ -282,11 +290,15 @@ class AgentHost:
         routable.clear()
         self._probing = set()
         self._recheck_at = math.inf
-        if not reg.ejected and not reg.panic:
+        out = self._health_out
+        if not reg.ejected and not reg.panic and not out:
             routable.extend(range(active))
             self._routable_set = None
         else:
-            r = reg.routable(self._refs[:active])
+            # Agents health took out of service are not offered to the breakers at all:
+            # panic mode may route to ejected agents, never to failed ones.
+            refs = self._refs[:active]
+            r = reg.routable([ref for ref in refs if ref.index not in out] if out else refs)
             keep = {ref.index for ref in r.candidates}
             routable.extend(i for i in range(active) if i in keep)
             self._routable_set = keep
@@ -329,6 +341,7 @@ class AgentHost:
                 self._clean[i] = self._defer
                 self._owed[i] = self._streak[i] = 0
             self._brk[i] = b
+        self._health_sync()
         self._refresh()
         self._wake()
 
@@ -408,6 +421,10 @@ class AgentHost:
     def _observe(self, i: int, ok: bool, latency_s: float, kind: str | None) -> None:
         """Feed one finished task to the agent's latency EWMA, breaker and the router."""
         self._lat[i] += LATENCY_EWMA_ALPHA * (latency_s - self._lat[i])
+        if ok:
+            self._health_ok[i] += 1  # handed to the health monitor in bulk
+        else:
+            self._health_failed(i)
         b = self._brk[i]
         if b is not None:  # None: draining, no longer in the registry
             if ok and latency_s < self._slow_call_s:
@@ -459,6 +476,7 @@ class AgentHost:
             self.set_active(active_agents)
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+            self._ensure_health_loop()
         if self._eager_setup:
             # Specialization needs every agent's expertise before the first choice.
             self._eager_setup = False
@@ -581,6 +599,8 @@ class AgentHost:
                 item, "timeout", f"exceeded task_timeout_s={self.resilience.task_timeout_s} "
                 "waiting for a free agent", self.pool.name)
         agent_id = self._agent_ids[i]
+        cur = asyncio.current_task()
+        self._on_agent[cur] = (i, item.id)  # type: ignore[index]  # for hung-task health
         started = time.time()
         ok = False
         try:
@@ -611,8 +631,10 @@ class AgentHost:
             return failed_outcome(item, "error", text[:MAX_ERROR_CHARS], self.pool.name,
                                   agent_id, started)
         finally:
-            self._observe(i, ok, time.time() - started, kind)
-            self._release(i)
+            # An orphan's agent was restarted under it and already got its slot back.
+            if self._on_agent.pop(cur, (i,))[0] == i:  # type: ignore[arg-type]
+                self._observe(i, ok, time.time() - started, kind)
+                self._release(i)
             if done is not None:
                 done[0] += 1
 
@@ -675,6 +697,7 @@ class AgentHost:
             "breakers": self._breakers.snapshot(),
             "breaker_event_counts": dict(self.events.counts),
             "breaker_events": [_event_dict(e, mono, wall) for e in kept],
+            "health": self.health_stats(events),
         }
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -690,6 +713,7 @@ class AgentHost:
         question to fleet's controller is asked here, in the replica, so Serve's
         controller never blocks on an actor call.
         """
+        self._ensure_health_loop()
         if self._controller_ref is None:
             return {}
         import ray
@@ -697,13 +721,23 @@ class AgentHost:
         name, namespace = self._controller_ref
         try:
             ctl = ray.get_actor(name, namespace=namespace)
-            hosts = await asyncio.wait_for(ctl.desired_hosts.remote(self.pool.name), 2.0)
+            # The agents' health rides on the same call; the reply carries the fleet
+            # cascade guard's verdict (see AgentHealthMixin).
+            reply = await asyncio.wait_for(
+                ctl.host_report.remote(self.pool.name, self.health_report()), 2.0)
         except Exception:
             return {}  # missing metric: the policy holds the current count
-        return {"desired_hosts": float(hosts)}
+        self.apply_health_verdict(reply["health"])
+        return {"desired_hosts": float(reply["desired_hosts"])}
 
-    def check_health(self) -> None:
-        """Serve's health probe: a host with a stuck event loop fails to answer at all."""
+    async def check_health(self) -> None:
+        """Serve's health probe. A host with a stuck event loop fails to answer at all;
+        one whose agents all stay failed despite in-host restarts (and no fleet-wide
+        cascade holds restarts back) raises, so Serve replaces it."""
+        self._ensure_health_loop()
+        problem = self.health_problem()
+        if problem is not None:
+            raise RuntimeError(f"host {self.host_id}: {problem}")
 
 
 def _event_dict(e: BreakerEvent, now_mono: float, now_unix: float) -> dict[str, Any]:

@@ -440,3 +440,36 @@ def test_without_the_guard_the_same_fault_restarts_everyone_at_once():
     fleet.run_until(75)
     assert len({a for t, a, _ in fleet.restarts if t < 75}) == 30
     assert fleet.log.of(EventKind.ALERT_FIRING) == []
+
+
+# --- a host's side of the fleet guard ------------------------------------------------------
+
+def test_fleet_gate_restarts_freely_only_on_a_fresh_closed_verdict():
+    from fleet.policy.health import FleetGate
+
+    clock = FakeClock(0.0)
+    spec = CascadeSpec(cascade_share=0.1, min_failing_agents=2, max_restarts_per_interval=1,
+                       interval_s=10)
+    gate = FleetGate(spec, stale_after_s=5)
+    gate.apply("closed", 0, clock())
+    gate.observe(1, 20, clock())  # 5% of this host: not suspect
+    assert gate.try_restart(clock()) and gate.try_restart(clock())
+    # This host's own share is high: hold until the fleet guard grants permits.
+    gate.observe(6, 20, clock())
+    assert not gate.try_restart(clock())
+    assert gate.report(6, 20, restarts_due=6)["restarts_wanted"] == 6
+    gate.apply("open", 2, clock())
+    assert gate.state is GuardState.OPEN
+    assert [gate.try_restart(clock()) for _ in range(3)] == [True, True, False]
+    # Probe fates are reported once.
+    gate.probe_failed(clock())
+    gate.probe_succeeded(clock())
+    assert gate.report(6, 20, 0)["probe_failed"] == 1
+    assert gate.report(6, 20, 0)["probe_failed"] == 0
+    # No verdict for longer than stale_after_s: the host's own guard decides, within
+    # its allowance (1 per 10 s, it opened on the 30% it saw).
+    clock.advance(6)
+    gate.observe(6, 20, clock())
+    assert not gate.fresh(clock()) and gate.local.state is GuardState.OPEN
+    assert [gate.try_restart(clock()) for _ in range(3)] == [True, False, False]
+    assert gate.throttled >= 3
