@@ -16,10 +16,30 @@ def _human(st: dict) -> str:
             f"  {name:<14} agents {p.get('agents', '?'):>5}  hosts {p.get('hosts', '?'):>3}  "
             f"in-flight {p.get('in_flight', 0):>6}  queued {q.get('depth', 0):>8}  "
             f"oldest {q.get('oldest_age_s', 0.0):6.1f}s  redelivered {q.get('redelivered_total', 0)}")
+    lines.extend(_budget_lines(st.get("budgets")))
     for a in st.get("alerts", {}).get("active", []):
         lines.append(f"  ALERT {a['severity']}: {a['rule']} on {a['subject']} "
                      f"(value {a['value']:g}, threshold {a['threshold']:g})")
     return "\n".join(lines)
+
+
+def _budget_lines(b: dict | None) -> list[str]:
+    """Spend and burn per fleet, pool, tenant and top agent, and the latest alerts."""
+    if not b:
+        return []
+    f = b["fleet"]
+    limit = f"{f['limit_usd']:g}" if f.get("limit_usd") is not None else "-"
+    lines = [f"  budget: fleet spent ${f['used_usd']:.4f} of ${limit} today, reserved "
+             f"${f['reserved_usd']:.4f}, burn ${f['burn_usd_per_h']:.4f}/h; refused "
+             f"{sum(b.get('refused_tasks', {}).values())} task(s), "
+             f"{b.get('expired_reservations', 0)} expired reservation(s)"]
+    for section, label in (("pools", "pool"), ("tenants", "tenant"), ("top_agents", "agent")):
+        for name, row in list(b.get(section, {}).items())[:10]:
+            lim = f" of ${row['limit_usd']:g}" if "limit_usd" in row else ""
+            lines.append(f"    {label:<6} {name:<24} ${row['spend_usd']:.4f}{lim}  "
+                         f"{row['tasks']} task(s)  burn ${row['burn_usd_per_h']:.4f}/h")
+    lines.extend(f"    ALERT budget: {m}" for m in b.get("alerts", []))
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:

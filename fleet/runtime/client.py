@@ -219,6 +219,7 @@ class FleetClient:
             "ledger": {"recorded": ray.get(self._ledger.count.remote())},
             "queues": ctl.get("queues", {}),
             "alerts": ctl.get("alerts", {"active": [], "events": []}),
+            **({"budgets": ctl["budgets"]} if "budgets" in ctl else {}),
         }
 
     def metrics_text(self) -> str:

@@ -21,6 +21,7 @@ from fleet.queue.metrics import QueueMetrics
 from fleet.queue.monitor import QueueMonitor
 
 from fleet.policy.autoscaling import ScalingInput, ScalingState, decide
+from fleet.runtime.budget_metrics import BudgetMetrics
 from fleet.runtime.names import Names
 from fleet.spec.fleet import FleetSpec
 
@@ -49,6 +50,9 @@ class Controller:
         self._alert_log: deque[dict[str, Any]] = deque(maxlen=ALERT_LOG_MAX)
         self._registry = CollectorRegistry()
         self._metrics = QueueMetrics(self._registry)
+        self._budget_metrics = BudgetMetrics(self._registry)
+        self._budget_snapshot: dict[str, Any] | None = None
+        self._budget_alerts: deque[dict[str, Any]] = deque(maxlen=ALERT_LOG_MAX)
         self._dispatcher = None
         self._task: asyncio.Task[None] | None = None
         self._t0 = time.monotonic()
@@ -95,6 +99,7 @@ class Controller:
             for cap, shards in self._shards.items()
         }
         self._watch_queues(queue_stats, now)
+        await self._watch_budgets()
         disp = await self._dispatcher.stats.remote()
         # serve.status() blocks on Serve's controller: keep it off this actor's loop.
         hosts = await asyncio.get_running_loop().run_in_executor(None, self._running_hosts)
@@ -145,6 +150,23 @@ class Controller:
         self._metrics.update_alerts(self._alerts.active())
         self._queue_report = {q: h.to_dict() for q, h in report.items()}
 
+    async def _watch_budgets(self) -> None:
+        """Spend, burn and alerts from the budget actor (fleets with budgets only)."""
+        if not self.spec.budgets.enforced:
+            return
+        try:
+            actor = ray.get_actor(self.names.budget, namespace=self.spec.namespace)
+            snap, alerts = await asyncio.gather(actor.snapshot.remote(),
+                                                actor.poll_alerts.remote())
+        except Exception as exc:  # the actor restarts or is gone: keep the last view
+            self._last["_budget_error"] = {"error": repr(exc), "t": time.time()}
+            return
+        self._budget_snapshot = snap
+        self._budget_metrics.update(snap)
+        for a in alerts:
+            self._budget_alerts.append(a)
+            self._budget_metrics.alert(a["threshold"])
+
     async def metrics_text(self) -> str:
         """The fleet's Prometheus metrics in the text exposition format."""
         return generate_latest(self._registry).decode()
@@ -164,5 +186,10 @@ class Controller:
         return [s for s in self._timeline if s["t_s"] >= since_t_s]
 
     async def status(self) -> dict[str, Any]:
-        return {"pools": dict(self._last), "spec": self.spec.model_dump(mode="json"),
-                "queues": getattr(self, "_queue_report", {}), "alerts": await self.alerts()}
+        out = {"pools": dict(self._last), "spec": self.spec.model_dump(mode="json"),
+               "queues": getattr(self, "_queue_report", {}), "alerts": await self.alerts()}
+        if self.spec.budgets.enforced:
+            await self._watch_budgets()  # fresh figures, not the last tick's
+            out["budgets"] = {**(self._budget_snapshot or {}),
+                              "alert_events": list(self._budget_alerts)[-20:]}
+        return out

@@ -191,9 +191,14 @@ def test_200_agents_racing_for_the_last_budget_overspend_by_zero(start_fleet):
     spec = _spec(agents=200, hosts=2, pools={"work": {"daily_usd": budget}},
                  alert_thresholds=[0.5, 0.9])
     fc = start_fleet(spec)
+    # First most of the budget goes, then 600 tasks race for the last 10 tasks' worth.
+    first = fc.submit([{"capability": "work", "payload": {"i": -i, "tenant": "t0"}}
+                       for i in range(1, covered - 10 + 1)]).accepted
+    fc.wait(first, timeout_s=120)
+    assert fc.summary(first)["completed"] == covered - 10
     tasks = [{"capability": "work", "payload": {"i": i, "tenant": f"t{i % 4}"}}
              for i in range(600)]
-    ids = fc.submit(tasks).accepted
+    ids = first + fc.submit(tasks).accepted
     fc.wait(ids, timeout_s=120)
     summary = fc.summary(ids)
     results = fc.results(ids)
@@ -206,11 +211,14 @@ def test_200_agents_racing_for_the_last_budget_overspend_by_zero(start_fleet):
     assert spent <= budget * day_windows + 1e-9  # overspend exactly $0
     assert len(completed) >= covered  # settlement returned nothing: all of it was used
     assert set(summary["failure_reasons"]) == {REASON_BUDGET_EXHAUSTED}
-    assert summary["completed"] + summary["failure_reasons"][REASON_BUDGET_EXHAUSTED] == 600
+    assert summary["completed"] + summary["failure_reasons"][REASON_BUDGET_EXHAUSTED] == len(ids)
     agents = {r.agent_id for r in completed}
     assert len(agents) > 1
     budget_actor = ray.get_actor(Names(spec.name).budget, namespace=spec.namespace)
     snap = ray.get(budget_actor.snapshot.remote())
+    print(f"race: {len(agents)} agents on {len({a.rsplit('/', 1)[0] for a in agents})} "
+          f"host(s) completed tasks; {snap['reserved_total']} reservations granted, "
+          f"refused {snap['refused_tasks']}")
     assert snap["open_reservations"] == 0 and snap["overrun_usd"] == 0.0
     assert snap["pools"]["work"]["spend_usd"] == pytest.approx(spent)
     # status and Prometheus show the spend, burn rate and alerts.
