@@ -129,6 +129,35 @@ def test_book_settles_expired_leases_at_their_estimate_and_ignores_late_settles(
     assert book.snapshot()["pools"]["work"]["spend_usd"] == pytest.approx(2.5 * TASK_USD)
 
 
+def test_snapshot_feeds_status_lines_and_prometheus_metrics():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from fleet.cli.status import _budget_lines
+    from fleet.runtime.budget_metrics import BudgetMetrics
+
+    clock = FakeClock(1_000_000.0)
+    book = BudgetBook(_spec(pools={"work": {"daily_usd": 4 * TASK_USD}},
+                            alert_thresholds=[0.5]), clock)
+    grants = [Grant(*g) for g in book.reserve_batch([("h/0", "work", "acme"),
+                                                     ("h/1", "work", None)])]
+    clock.advance(60)
+    book.settle_batch([(g.reservation_id, TASK_USD, 2000, 0.0) for g in grants])
+    snap = book.snapshot()
+    assert snap["tenants"]["acme"]["spend_usd"] == pytest.approx(TASK_USD)
+    registry = CollectorRegistry()
+    metrics = BudgetMetrics(registry)
+    metrics.update(snap)
+    for a in book.policy.poll_alerts():
+        metrics.alert(a.threshold)
+    text = generate_latest(registry).decode()
+    assert 'fleet_budget_spend_usd{name="work",scope="pool"} 0.02' in text
+    assert 'fleet_budget_tokens{name="acme",scope="tenant"} 2000.0' in text
+    assert 'fleet_budget_alerts_total{threshold="0.5"} 1.0' in text
+    lines = "\n".join(_budget_lines(snap))
+    assert "pool   work" in lines and "$0.0200" in lines and "tenant acme" in lines
+    assert "ALERT budget: pool:work:usd:daily: used 0.02 of 0.04 (50% >= 50%)" in lines
+
+
 # --- the host with budgets ------------------------------------------------------------
 
 def test_host_reserves_and_settles_once_per_batch_and_never_overspends_a_shared_budget():
