@@ -17,6 +17,11 @@ Retries: a failed outcome that ``RetryPolicy.decide`` says to retry is not recor
 back to the queue after that delay, so it is redelivered, possibly to another host.
 Only the final failure is recorded.
 
+Budgets (only when the fleet has a budget actor): a task holding an agent's slot
+reserves its estimate before it runs and settles its actual cost after, through a
+``BudgetClient`` that batches the calls (see ``_acquire_budgeted``); a task no agent may
+afford fails with ``budget_exhausted``.
+
 The host runs at most ``active`` agents: when the dispatcher lowers that number, the
 agents above it are *draining*: they finish the task in hand and take no new one. A
 watchdog cancels any task past ``task_timeout_s`` and fails it with reason ``timeout``,
