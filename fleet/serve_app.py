@@ -83,7 +83,8 @@ def resolve_spec(ref: str | dict[str, Any], where: str = "args.spec") -> FleetSp
 
 def _fleet_actor_names(spec: FleetSpec) -> list[str]:
     names = Names(spec.name)
-    return [names.ledger, names.controller, names.dispatcher] + [
+    budget = [names.budget] if spec.budgets.enforced else []
+    return [names.ledger, *budget, names.controller, names.dispatcher] + [
         names.shard(cap, i) for cap in spec.capabilities for i in range(spec.queues.shards)]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fleet.agent import Agent
+from fleet.agent import Agent, Reply
 from fleet.task import Task
 
 
@@ -24,3 +24,22 @@ class SleepAgent(Agent):
         if p.get("fail"):
             raise ValueError(f"asked to fail: {p['fail']}")
         return task.payload
+
+
+class PricedAgent(Agent):
+    """Sleeps ``delay_s`` and reports ``input_tokens``/``output_tokens`` of ``model``,
+    so every task has a known cost under the spec's prices (budget tests)."""
+
+    capabilities = ("priced",)
+
+    def __init__(self, agent_id: str, model: str = "test-model", input_tokens: int = 1000,
+                 output_tokens: int = 1000, delay_s: float = 0.01, **kwargs: Any):
+        super().__init__(agent_id, **kwargs)
+        self.model = model
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+        self.delay_s = delay_s
+
+    async def handle(self, task: Task) -> Any:
+        await asyncio.sleep(self.delay_s)
+        return Reply(task.payload, self.input_tokens, self.output_tokens, self.model)

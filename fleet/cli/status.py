@@ -27,6 +27,7 @@ def _human(st: dict) -> str:
         lines.append(f"  cascade guard {guard['state']}: {h['failing']} of {h['agents']} "
                      f"agents failing (opens above {h['cascade_share']:.0%}); restarts "
                      f"granted {guard['granted']}, throttled {guard['throttled']}")
+    lines.extend(_budget_lines(st.get("budgets")))
     for a in st.get("alerts", {}).get("active", []):
         lines.append(f"  ALERT {a['severity']}: {a['rule']} on {a['subject']} "
                      f"(value {a['value']:g}, threshold {a['threshold']:g})")
@@ -44,6 +45,25 @@ def _health_lines(p: dict) -> list[str]:
     for f in h.get("last_failures", [])[-LAST_FAILURES_SHOWN:]:
         when = time.strftime("%H:%M:%S", time.localtime(f["at_unix_s"]))
         lines.append(f"    {when} {f['agent_id']}: {f['reason']}: {f['detail'][:100]}")
+    return lines
+
+
+def _budget_lines(b: dict | None) -> list[str]:
+    """Spend and burn per fleet, pool, tenant and top agent, and the latest alerts."""
+    if not b:
+        return []
+    f = b["fleet"]
+    limit = f"{f['limit_usd']:g}" if f.get("limit_usd") is not None else "-"
+    lines = [f"  budget: fleet spent ${f['used_usd']:.4f} of ${limit} today, reserved "
+             f"${f['reserved_usd']:.4f}, burn ${f['burn_usd_per_h']:.4f}/h; refused "
+             f"{sum(b.get('refused_tasks', {}).values())} task(s), "
+             f"{b.get('expired_reservations', 0)} expired reservation(s)"]
+    for section, label in (("pools", "pool"), ("tenants", "tenant"), ("top_agents", "agent")):
+        for name, row in list(b.get(section, {}).items())[:10]:
+            lim = f" of ${row['limit_usd']:g}" if "limit_usd" in row else ""
+            lines.append(f"    {label:<6} {name:<24} ${row['spend_usd']:.4f}{lim}  "
+                         f"{row['tasks']} task(s)  burn ${row['burn_usd_per_h']:.4f}/h")
+    lines.extend(f"    ALERT budget: {m}" for m in b.get("alerts", []))
     return lines
 
 

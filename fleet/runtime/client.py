@@ -220,6 +220,7 @@ class FleetClient:
             "queues": ctl.get("queues", {}),
             "alerts": ctl.get("alerts", {"active": [], "events": []}),
             "health": ctl.get("health", {}),
+            **({"budgets": ctl["budgets"]} if "budgets" in ctl else {}),
         }
 
     def metrics_text(self) -> str:

@@ -26,6 +26,7 @@ from fleet.queue.monitor import QueueMonitor
 
 from fleet.policy.autoscaling import ScalingInput, ScalingState, decide
 from fleet.runtime.fleet_health import FleetHealth
+from fleet.runtime.budget_metrics import BudgetMetrics
 from fleet.runtime.names import Names
 from fleet.runtime.pool_metrics import PoolMetrics
 from fleet.spec.fleet import FleetSpec
@@ -58,6 +59,9 @@ class Controller:
         self._pool_metrics = PoolMetrics(self._registry)
         self._health = FleetHealth(self.spec.health, [p.name for p in self.spec.pools],
                                    self._registry, on_alert=self._log_alert)
+        self._budget_metrics = BudgetMetrics(self._registry)
+        self._budget_snapshot: dict[str, Any] | None = None
+        self._budget_alerts: deque[dict[str, Any]] = deque(maxlen=ALERT_LOG_MAX)
         self._dispatcher = None
         self._task: asyncio.Task[None] | None = None
         self._t0 = time.monotonic()
@@ -104,6 +108,7 @@ class Controller:
             for cap, shards in self._shards.items()
         }
         self._watch_queues(queue_stats, now)
+        await self._watch_budgets()
         disp = await self._dispatcher.stats.remote()
         self._pool_metrics.update(disp)
         # serve.status() blocks on Serve's controller: keep it off this actor's loop.
@@ -169,6 +174,23 @@ class Controller:
         verdict = self._health.host_report(pool, report)
         return {"desired_hosts": await self.desired_hosts(pool), "health": verdict}
 
+    async def _watch_budgets(self) -> None:
+        """Spend, burn and alerts from the budget actor (fleets with budgets only)."""
+        if not self.spec.budgets.enforced:
+            return
+        try:
+            actor = ray.get_actor(self.names.budget, namespace=self.spec.namespace)
+            snap, alerts = await asyncio.gather(actor.snapshot.remote(),
+                                                actor.poll_alerts.remote())
+        except Exception as exc:  # the actor restarts or is gone: keep the last view
+            self._last["_budget_error"] = {"error": repr(exc), "t": time.time()}
+            return
+        self._budget_snapshot = snap
+        self._budget_metrics.update(snap)
+        for a in alerts:
+            self._budget_alerts.append(a)
+            self._budget_metrics.alert(a["threshold"])
+
     async def metrics_text(self) -> str:
         """The fleet's Prometheus metrics in the text exposition format."""
         return generate_latest(self._registry).decode()
@@ -192,6 +214,11 @@ class Controller:
         pools |= {p.name: {**self._last.get(p.name, {}),
                           "health": self._health.pool_status(p.name)}
                  for p in self.spec.pools}
-        return {"pools": pools, "spec": self.spec.model_dump(mode="json"),
-                "queues": getattr(self, "_queue_report", {}), "alerts": await self.alerts(),
-                "health": self._health.snapshot()}
+        out = {"pools": pools, "spec": self.spec.model_dump(mode="json"),
+               "queues": getattr(self, "_queue_report", {}), "alerts": await self.alerts(),
+               "health": self._health.snapshot()}
+        if self.spec.budgets.enforced:
+            await self._watch_budgets()  # fresh figures, not the last tick's
+            out["budgets"] = {**(self._budget_snapshot or {}),
+                              "alert_events": list(self._budget_alerts)[-20:]}
+        return out

@@ -9,6 +9,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.util.placement_group import placement_group, remove_placement_group
 
+from fleet.runtime.budget_actor import BudgetActor
 from fleet.runtime.controller import Controller
 from fleet.runtime.dispatcher import Dispatcher
 from fleet.runtime.host import AgentHost
@@ -109,7 +110,8 @@ def deploy_pool(spec: FleetSpec, pool: PoolSpec) -> None:
     app = serve.deployment(AgentHost).options(**host_deployment_options(spec, pool)).bind(
         pool.model_dump(mode="json"), spec.resilience.model_dump(mode="json"),
         {k: v.model_dump() for k, v in spec.budgets.prices.items()},
-        (names.controller, ns), (names.ledger, ns), spec.health.model_dump(mode="json"))
+        (names.controller, ns), (names.ledger, ns), spec.health.model_dump(mode="json"),
+        (names.budget, ns) if spec.budgets.enforced else None)
     serve.run(app, name=names.pool_app(pool.name), route_prefix=None)
 
 
@@ -126,6 +128,10 @@ def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False) -> li
     for pool in spec.pools:  # before anything is created: fail fast, leave nothing behind
         check_placeable(spec, pool)
     ledger = Ledger.options(name=names.ledger, namespace=ns, **life).remote()
+    # Budgets are enforced by one actor that every host reserves from; a fleet without
+    # budgets has none and its hosts never ask.
+    budget = ([BudgetActor.options(name=names.budget, namespace=ns, **life).remote(
+        spec.model_dump(mode="json"))] if spec.budgets.enforced else [])
     queue_spec = spec.queues.model_dump(mode="json")
     shards = [
         # A shard that crashes is restarted and reloads its storage (with the sqlite
@@ -137,7 +143,8 @@ def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False) -> li
     ]
     # Names register asynchronously: wait until the actors exist before anything looks
     # them up by name.
-    ray.get([a.__ray_ready__.remote() for a in [ledger, *shards]])
+    ray.get([a.__ray_ready__.remote() for a in [ledger, *budget, *shards]])
+    ray.get([b.start.remote() for b in budget])
     controller = Controller.options(name=names.controller, namespace=ns, **life).remote(
         spec.model_dump(mode="json"))
     ray.get(controller.__ray_ready__.remote())
@@ -147,16 +154,16 @@ def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False) -> li
         spec.model_dump(mode="json"))
     ray.get(dispatcher.start.remote())
     ray.get(controller.start.remote())
-    return [ledger, *shards, controller, dispatcher]
+    return [ledger, *budget, *shards, controller, dispatcher]
 
 
 def teardown(spec: FleetSpec) -> None:
     """Stop and remove everything ``deploy`` created (idempotent)."""
     names = Names(spec.name)
     ns = spec.namespace
-    actor_names = [names.controller, names.dispatcher, names.ledger] + [
+    actor_names = [names.controller, names.dispatcher, names.budget, names.ledger] + [
         names.shard(cap, i) for cap in spec.capabilities for i in range(spec.queues.shards)]
-    for name in actor_names[:2]:
+    for name in actor_names[:3]:
         try:
             ray.get(ray.get_actor(name, namespace=ns).stop.remote(), timeout=10)
         except Exception:

@@ -17,6 +17,11 @@ Retries: a failed outcome that ``RetryPolicy.decide`` says to retry is not recor
 back to the queue after that delay, so it is redelivered, possibly to another host.
 Only the final failure is recorded.
 
+Budgets (only when the fleet has a budget actor): a task holding an agent's slot
+reserves its estimate before it runs and settles its actual cost after, through a
+``BudgetClient`` that batches the calls (see ``_acquire_budgeted``); a task no agent may
+afford fails with ``budget_exhausted``.
+
 The host runs at most ``active`` agents: when the dispatcher lowers that number, the
 agents above it are *draining*: they finish the task in hand and take no new one. A
 watchdog cancels any task past ``task_timeout_s`` and fails it with reason ``timeout``,
@@ -73,6 +78,7 @@ from fleet.policy.routing import (
     make_router,
 )
 from fleet.runtime.host_health import AgentHealthMixin
+from fleet.runtime.budget_client import BudgetClient, Grant, tenant_of
 from fleet.runtime.imports import import_object
 from fleet.spec.budgets import ModelPrice
 from fleet.spec.pools import PoolSpec
@@ -90,6 +96,11 @@ STATS_EVENTS = 100
 # dispatcher send more, smaller batches.
 PROGRESS_AFTER_S = 0.5
 PROGRESS_INTERVAL_S = 0.25
+# Budgets: an agent refused by its own budget is parked (keeps one slot taken) for the
+# refusal's retry_after_s, at most BUDGET_PARK_MAX_S, then is asked again.
+BUDGET_PARK_MAX_S = 60.0
+BUDGET_REQUEUE = "budget_requeue"  # internal: every agent here is parked, requeue
+REASON_BUDGET_EXHAUSTED = "budget_exhausted"
 
 # Routers that pick by load alone and learn nothing from outcomes.
 _BALANCERS = (LeastLoadedRouter, FullScanRouter, RoundRobinRouter, RandomRouter,
@@ -128,6 +139,10 @@ class BatchReport(NamedTuple):
     retry_ids: list[str]
     retry_delays_s: list[float]
     host: dict[str, Any]
+
+
+class _AllParked(Exception):
+    """Every agent of the host is parked: its own budget is short."""
 
 
 class _Ref:
@@ -175,7 +190,8 @@ class AgentHost(AgentHealthMixin):
 
     def __init__(self, pool: dict[str, Any], resilience: dict[str, Any] | None = None,
                  prices: dict[str, Any] | None = None, controller: tuple[str, str] | None = None,
-                 ledger: tuple[str, str] | None = None, health: dict[str, Any] | None = None):
+                 ledger: tuple[str, str] | None = None, health: dict[str, Any] | None = None,
+                 budget: tuple[str, str] | None = None):
         self.pool = PoolSpec.model_validate(pool)
         self.resilience = ResilienceSpec.model_validate(resilience or {})
         self.prices = {k: ModelPrice.model_validate(v) for k, v in (prices or {}).items()}
@@ -252,6 +268,7 @@ class AgentHost(AgentHealthMixin):
         self.completed = 0
         self.failed = 0
         self._init_health(health)
+        self._init_budget(budget)
         self.set_active(min(n, max(1, self.pool.autoscaling.start_agents)))
 
     # -- breakers ------------------------------------------------------------------
@@ -534,6 +551,8 @@ class AgentHost(AgentHealthMixin):
                 else:
                     retry_ids.append(it.id)
                     delays.append(delay)
+        if self._budget is not None:
+            await self._budget.flush()  # one settle call per batch
         if record:
             if self._ledger is None:
                 import ray
@@ -547,6 +566,8 @@ class AgentHost(AgentHealthMixin):
         """A failed outcome: (outcome, delay) to retry after ``delay`` seconds, or
         (final outcome, None) to record. Attempts are the item's deliveries, capped at
         ``max_deliveries`` so the queue never exhausts an item we meant to retry."""
+        if o.reason == BUDGET_REQUEUE:
+            return self._budget_requeue(item, o)
         left = (item.deadline_unix_s - time.time()) if item.deadline_unix_s else None
         d = self._retry.decide(max(1, item.deliveries), o.reason, o.error,
                                task_max_attempts=self.resilience.max_deliveries,
@@ -591,8 +612,17 @@ class AgentHost(AgentHealthMixin):
             task = item_to_task(item)
             kind = task_type(item, task)
             hint = RoutingHint(kind, item.affinity_key)
+        grant: Grant | None = None
         try:
-            i = await self._acquire(hint)
+            if self._budget is None:
+                i = await self._acquire(hint)
+            else:
+                got = await self._acquire_budgeted(item, task, hint)
+                if isinstance(got, Outcome):  # refused: no agent here may run it
+                    if done is not None:
+                        done[0] += 1
+                    return got
+                i, grant = got
         except asyncio.CancelledError:
             self.failed += 1  # timed out waiting for an agent: no agent to blame
             return failed_outcome(
@@ -603,6 +633,7 @@ class AgentHost(AgentHealthMixin):
         self._on_agent[cur] = (i, item.id)  # type: ignore[index]  # for hung-task health
         started = time.time()
         ok = False
+        spent: tuple[float, int] | None = None  # (USD, tokens) of a completed task
         try:
             agent = self._agents[i] or await self._agent(i)
             reply = await agent.handle(task or item_to_task(item))
@@ -611,6 +642,7 @@ class AgentHost(AgentHealthMixin):
             output = orjson.dumps(reply.output)
             price = self.prices.get(reply.model or "")
             cost = price.cost_usd(reply.input_tokens, reply.output_tokens) if price else 0.0
+            spent = (cost, reply.input_tokens + reply.output_tokens)
             self.completed += 1
             ok = True
             return Outcome(item.id, True, output, None, None, agent_id, self.pool.name,
@@ -631,12 +663,102 @@ class AgentHost(AgentHealthMixin):
             return failed_outcome(item, "error", text[:MAX_ERROR_CHARS], self.pool.name,
                                   agent_id, started)
         finally:
+            if grant is not None:
+                self._settle_budget(grant, spent)
             # An orphan's agent was restarted under it and already got its slot back.
             if self._on_agent.pop(cur, (i,))[0] == i:  # type: ignore[arg-type]
                 self._observe(i, ok, time.time() - started, kind)
                 self._release(i)
             if done is not None:
                 done[0] += 1
+
+    # -- budgets ---------------------------------------------------------------------
+    def _init_budget(self, budget: tuple[str, str] | None) -> None:
+        """Budget state; with no budget actor (no budgets in the spec) the host never
+        reserves and pays one ``is None`` check per task."""
+        self._budget: BudgetClient | None = BudgetClient(budget) if budget else None
+        self._parked_slots = 0  # slots held by agents whose own budget is short
+        self._requeue_after: dict[str, float] = {}  # item id -> delay before redelivery
+        self._budget_retry_after_s = BUDGET_PARK_MAX_S
+
+    async def _acquire_budgeted(self, item: Item, task: Task | None,
+                                hint: RoutingHint | None) -> tuple[int, Grant] | Outcome:
+        """An agent slot and a budget reservation for the task, or its outcome.
+
+        Granted: (agent, grant). Refused by the agent's own budget: the agent is parked
+        and the task tries another agent here; when every agent here is parked, the task
+        goes back to the queue (``BUDGET_REQUEUE``) for another host or for later.
+        Refused by a shared budget (fleet, pool, tenant): no agent may run it, the task
+        fails with ``budget_exhausted``. The slot is released on every path but a grant.
+        """
+        tenant = tenant_of(task.payload if task is not None else orjson.loads(item.payload))
+        while True:
+            try:
+                if self._all_parked():
+                    raise _AllParked
+                i = await self._acquire(hint)
+            except _AllParked:  # every agent here is out of its own budget (see _park)
+                self._requeue_after.setdefault(item.id, self._budget_retry_after_s)
+                return failed_outcome(item, BUDGET_REQUEUE, "every agent on host "
+                                      f"{self.host_id} is out of its own budget",
+                                      self.pool.name)
+            try:
+                g = await self._budget.reserve(  # type: ignore[union-attr]
+                    self._agent_ids[i], self.pool.name, tenant)
+            except BaseException as exc:
+                self._release(i)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                # The budget actor is unavailable: fail retryably, nothing runs unbooked.
+                return failed_outcome(item, "error", repr(exc)[:MAX_ERROR_CHARS],
+                                      self.pool.name, self._agent_ids[i])
+            if g.reservation_id is not None:
+                return i, g
+            if not g.retry_elsewhere:
+                self._release(i)
+                self.failed += 1
+                return failed_outcome(item, REASON_BUDGET_EXHAUSTED, g.detail,
+                                      self.pool.name, self._agent_ids[i])
+            self._park(i, g.retry_after_s)
+
+    def _all_parked(self) -> bool:
+        return self._parked_slots > 0 and self._parked_slots >= len(self._routable) * self._c
+
+    def _park(self, i: int, after_s: float) -> None:
+        """Keep one of agent i's slots taken for ``after_s`` (its budget is short).
+
+        When that parks every slot here, the tasks waiting for a slot would wait for
+        the first unpark: they get ``_AllParked`` instead and go back to the queue."""
+        self._parked_slots += 1
+        self._budget_retry_after_s = min(after_s, BUDGET_PARK_MAX_S)
+        asyncio.get_running_loop().call_later(self._budget_retry_after_s, self._unpark, i)
+        if self._all_parked():
+            while self._waiters:
+                fut, _ = self._waiters.popleft()
+                if not fut.done():
+                    fut.set_exception(_AllParked())
+
+    def _unpark(self, i: int) -> None:
+        self._parked_slots -= 1
+        self._release(i)
+
+    def _settle_budget(self, grant: Grant, spent: tuple[float, int] | None) -> None:
+        """Queue the settlement (sent with the batch): a completed task at its actual
+        cost, any other at its estimate (it may have spent before failing)."""
+        if spent is None:
+            self._budget.settle_at_estimate(grant)  # type: ignore[union-attr]
+        else:
+            self._budget.settle(grant, spent[0], spent[1])  # type: ignore[union-attr]
+
+    def _budget_requeue(self, item: Item, o: Outcome) -> tuple[Outcome, float | None]:
+        """Every agent here is out of its own budget: redeliver the task later (maybe
+        to another host), or fail it with ``budget_exhausted`` on its last delivery."""
+        delay = self._requeue_after.pop(item.id, BUDGET_PARK_MAX_S)
+        if item.deliveries + 1 >= self.resilience.max_deliveries:
+            self.failed += 1
+            return o._replace(reason=REASON_BUDGET_EXHAUSTED), None
+        self.retries += 1
+        return o, delay
 
     async def _watch(self) -> None:
         limit = self.resilience.task_timeout_s
@@ -688,6 +810,7 @@ class AgentHost(AgentHealthMixin):
             "in_flight": sum(self._busy),
             "capacity": cap,
             "waiting": len(self._waiters),
+            "budget_parked_slots": self._parked_slots,
             "completed": self.completed,
             "failed": self.failed,
             "retries": self.retries,

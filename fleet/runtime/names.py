@@ -18,6 +18,10 @@ class Names:
         return f"{self.fleet}.dispatcher"
 
     @property
+    def budget(self) -> str:
+        return f"{self.fleet}.budget"
+
+    @property
     def ledger(self) -> str:
         return f"{self.fleet}.ledger"
 

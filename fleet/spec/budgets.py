@@ -31,6 +31,7 @@ DEFAULT_REBALANCE_INTERVAL_S = 60.0
 DEFAULT_BURN_RATE_WINDOW_S = 3_600.0
 DEFAULT_DEMAND_HEADROOM = 1.25
 DEFAULT_PRIORITY_CLASS = "default"
+DEFAULT_RESERVATION_GRACE_S = 30.0
 
 
 def _non_negative(value: float) -> float:
@@ -100,6 +101,24 @@ class ScopeLimits(SpecModel):
         return out
 
 
+class TaskEstimate(SpecModel):
+    """The most one task of a pool may cost: what the runtime reserves before it runs.
+
+    Either ``usd`` directly, or ``model`` with the maximum ``input_tokens`` and
+    ``output_tokens`` (priced from ``prices``); ``tokens`` counts input plus output for
+    token budgets. Settlement replaces the estimate by the task's actual cost, so a
+    generous estimate only holds budget a little longer; an actual cost above it is
+    recorded as an overrun (give the agent the estimate as its hard cap, e.g.
+    ``max_tokens``).
+    """
+
+    usd: NonNegative | None = None
+    model: str | None = None
+    input_tokens: int = Field(default=0, ge=0)
+    output_tokens: int = Field(default=0, ge=0)
+    cpu_s: NonNegative = 0.0
+
+
 class PriorityClass(SpecModel):
     """A class of agents (mapped from pools) for sharing the budget under overload.
 
@@ -150,6 +169,13 @@ class BudgetsSpec(SpecModel):
                                       allow_inf_nan=False)
     demand_headroom: float = Field(default=DEFAULT_DEMAND_HEADROOM, ge=1,
                                    allow_inf_nan=False)
+    task_estimates: dict[str, TaskEstimate] = Field(default_factory=dict)
+    """Per pool name, what one task may cost at most (reserved before it runs)."""
+    default_task_estimate: TaskEstimate = TaskEstimate()
+    reservation_grace_s: float = Field(default=DEFAULT_RESERVATION_GRACE_S, gt=0,
+                                       allow_inf_nan=False)
+    """A reservation not settled within ``resilience.task_timeout_s`` plus this grace
+    belongs to a host that died: the budget actor settles it at its estimate."""
 
     @model_validator(mode="after")
     def _check(self) -> BudgetsSpec:
@@ -176,6 +202,11 @@ class BudgetsSpec(SpecModel):
             if cls is not None and cls not in names:
                 raise ValueError(f"{where}: unknown priority class {cls!r} "
                                  f"(classes: {', '.join(names)})")
+        for where, est in [("default_task_estimate", self.default_task_estimate),
+                           *((f"task_estimates.{p}", e) for p, e in self.task_estimates.items())]:
+            if est.model is not None and est.model not in self.prices:
+                raise ValueError(f"{where}.model: no price for model {est.model!r} "
+                                 f"(prices: {', '.join(self.prices) or 'none'})")
         t = self.alert_thresholds
         if list(t) != sorted(set(t)):
             raise ValueError(f"alert_thresholds {list(t)} must be increasing, without repeats")
@@ -194,6 +225,24 @@ class BudgetsSpec(SpecModel):
 
     def class_of_pool(self, pool: str) -> str:
         return self.pool_classes.get(pool, self.fallback_class)
+
+    @property
+    def enforced(self) -> bool:
+        """Whether any budget is set: only then does the runtime reserve and settle."""
+        return (self.daily_usd is not None or self.hourly_usd is not None
+                or self.per_agent_max_usd is not None or bool(self.per_agent.limits())
+                or any(v.limits() for v in self.pools.values())
+                or any(v.limits() for v in self.tenants.values()))
+
+    def estimate_for(self, pool: str) -> tuple[float, int, float]:
+        """(USD, tokens, CPU s) to reserve for one task of ``pool``."""
+        est = self.task_estimates.get(pool, self.default_task_estimate)
+        tokens = est.input_tokens + est.output_tokens
+        if est.usd is not None:
+            return est.usd, tokens, est.cpu_s
+        price = self.prices.get(est.model) if est.model is not None else None
+        usd = price.cost_usd(est.input_tokens, est.output_tokens) if price else 0.0
+        return usd, tokens, est.cpu_s
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
@@ -224,7 +273,7 @@ def check_budget_covers(budgets: BudgetsSpec | Mapping[str, Any],
         names.append(name)
         max_agents += n
         parts.append(f"{name} {n}")
-    for section in ("pool_classes", "pools"):
+    for section in ("pool_classes", "pools", "task_estimates"):
         for pool in getattr(budgets, section):
             if pool not in names:
                 raise ValueError(f"budgets.{section}.{pool}: no pool named {pool!r} "
