@@ -16,6 +16,11 @@ def _human(st: dict) -> str:
             f"  {name:<14} agents {p.get('agents', '?'):>5}  hosts {p.get('hosts', '?'):>3}  "
             f"in-flight {p.get('in_flight', 0):>6}  queued {q.get('depth', 0):>8}  "
             f"oldest {q.get('oldest_age_s', 0.0):6.1f}s  redelivered {q.get('redelivered_total', 0)}")
+    for k in st.get("kafka", []):
+        state = "running" if k.get("running") else f"stopped ({k.get('error')})"
+        lines.append(f"  kafka consumer {k['consumer']}: {state}, consumed "
+                     f"{k.get('consumed', 0)}, dead-lettered {k.get('dead_lettered', 0)}, "
+                     f"committed {k.get('last_commit', {})}")
     for a in st.get("alerts", {}).get("active", []):
         lines.append(f"  ALERT {a['severity']}: {a['rule']} on {a['subject']} "
                      f"(value {a['value']:g}, threshold {a['threshold']:g})")

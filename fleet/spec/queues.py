@@ -16,6 +16,8 @@ DEFAULT_LEASE_S = 60.0
 DEFAULT_PRIORITY_AGING_LIMIT_S = 300.0
 DEFAULT_UTILITY = 0.0
 DEFAULT_QUEUE_DIRECTORY = "~/.fleet/queues"
+DEFAULT_KAFKA_CONSUMERS = 1
+DEFAULT_LEDGER_POLL_S = 0.25
 
 
 class Discipline(str, Enum):
@@ -153,6 +155,9 @@ class KafkaIntakeSpec(SpecModel):
     absorbed by the ledger). Malformed messages go to ``dead_letter_topic`` (default
     ``<topic>.dlq``) with the reason; results go to ``results_topic`` when set.
     ``max_in_flight`` bounds tasks consumed but not finished (partitions pause beyond it).
+    A fleet whose spec has this section runs ``consumers`` intake actors in the group
+    (``fleet.runtime.kafka_intake_actor``); a task is finished once the ledger has its
+    outcome, which the actors learn by polling the ledger every ``ledger_poll_s``.
     """
 
     bootstrap_servers: str = Field(min_length=1)
@@ -165,6 +170,8 @@ class KafkaIntakeSpec(SpecModel):
     commit_interval_s: float = Field(default=1.0, gt=0)
     session_timeout_s: float = Field(default=10.0, gt=0)
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    consumers: int = Field(default=DEFAULT_KAFKA_CONSUMERS, ge=1)
+    ledger_poll_s: float = Field(default=DEFAULT_LEDGER_POLL_S, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> KafkaIntakeSpec:
