@@ -131,10 +131,10 @@ def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False) -> li
     queue_spec = spec.queues.model_dump(mode="json")
     shards = [
         # A shard that crashes is restarted and reloads its storage (with the sqlite
-        # backend nothing accepted is lost; memory restarts empty).
+        # backend, the default, nothing accepted is lost; memory restarts empty).
         QueueShard.options(name=names.shard(cap, i), namespace=ns, max_restarts=-1,
                            **life).remote(
-            cap, i, queue_spec, spec.resilience.max_deliveries, names.ledger, ns)
+            cap, i, queue_spec, spec.resilience.max_deliveries, names.ledger, ns, spec.name)
         for cap in spec.capabilities for i in range(spec.queues.shards)
     ]
     # Names register asynchronously: wait until the actors exist before anything looks
