@@ -31,4 +31,9 @@ def pool(name: str = "noop", capability: str | None = None,
 
 
 def make_spec(*pools: dict[str, Any], **kw: Any) -> FleetSpec:
-    return parse_spec({"pools": list(pools) or [pool()], **kw})
+    """A spec from pools and top-level sections. Queues keep to memory unless the test
+    names a storage: live tests reuse namespaces, and the durable default would carry
+    one run's unfinished tasks into the next."""
+    queues = dict(kw.pop("queues", {}))
+    queues.setdefault("storage", {"backend": "memory"})
+    return parse_spec({"pools": list(pools) or [pool()], "queues": queues, **kw})

@@ -9,4 +9,5 @@ SUITES = {
     "sim": "fleet.bench.sim",
     "routing": "fleet.bench.routing",
     "chaos": "fleet.bench.chaos",
+    "durability": "fleet.bench.durability",
 }

@@ -33,6 +33,7 @@ def bench_spec(hosts: int = HOSTS, agents_per_host: int = AGENTS_PER_HOST,
     return parse_spec({
         "name": fleet, "namespace": namespace,
         "resilience": {"task_timeout_s": TASK_TIMEOUT_S},
+        "queues": {"storage": {"backend": "memory"}},  # host chaos, not queue durability
         "pools": [{
             "name": POOL, "capability": POOL,
             "agent_class": "fleet.agents.chaotic:ChaoticAgent",

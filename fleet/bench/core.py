@@ -50,10 +50,14 @@ def ray_actor_calls_per_s(calls: int = RAY_CALLS) -> float:
         ray.kill(caller)
 
 
-def bench_spec(agents: int = 1_000):
+def bench_spec(agents: int = 1_000, storage: dict[str, Any] | None = None):
+    """``storage``: the queues' storage section; memory unless given, so the figure is
+    fleet's own overhead, comparable with earlier runs (SQLite, the spec default, costs
+    about 20% of it: BENCHMARKS.md)."""
     return parse_spec({
         "name": "bench", "namespace": "fleet-bench",
-        "queues": {"shards": 2, "batch": {"max_items": 512}},
+        "queues": {"shards": 2, "batch": {"max_items": 512},
+                   "storage": storage or {"backend": "memory"}},
         "pools": [{
             "name": "noop", "capability": "noop",
             "agent_class": "fleet.agents.examples:NoopAgent",
@@ -100,12 +104,13 @@ def _open_loop(fc: Any, rate_per_s: float, duration_s: float) -> dict[str, Any]:
             "latency_s": s["latency_s"]}
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, storage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``storage``: the queues' storage section (default: memory, see ``bench_spec``)."""
     from fleet.runtime.client import FleetClient
 
     n = 20_000 if quick else 100_000
     raw = ray_actor_calls_per_s(5_000 if quick else RAY_CALLS)
-    fc = FleetClient.start(bench_spec())
+    fc = FleetClient.start(bench_spec(storage=storage))
     try:
         _fleet_throughput(fc, 5_000)  # warm up hosts, router and caches
         sat = _fleet_throughput(fc, n)
@@ -120,5 +125,6 @@ def run(quick: bool = False) -> dict[str, Any]:
         "saturated": sat,
         "at_80_percent": loaded,
         "agents": 1_000,
+        "storage": fc.spec.queues.storage.backend.value,
         "lost": sat["lost"] + loaded["lost"],
     }

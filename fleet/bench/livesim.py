@@ -22,6 +22,7 @@ DURATION_S = 20.0
 def livesim_spec():
     return parse_spec({
         "name": "livesim", "namespace": "fleet-livesim",
+        "queues": {"storage": {"backend": "memory"}},  # compared with the simulator
         "pools": [{
             "name": "work", "capability": "work",
             "agent_class": "fleet.agents.testing:SleepAgent",

@@ -79,7 +79,7 @@ def bench_spec(router: str, agents: int = AGENTS):
         # Default batching: the queue is shallow at these rates, so batches are small,
         # and hosts report the progress of long batches so that a task stuck behind a
         # slow agent does not hold its whole batch's capacity in the dispatcher.
-        "queues": {"shards": 1},
+        "queues": {"shards": 1, "storage": {"backend": "memory"}},
         "pools": [{
             "name": "hetero", "capability": "hetero",
             "agent_class": "fleet.bench.routing:HeteroAgent",

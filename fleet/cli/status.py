@@ -28,6 +28,11 @@ def _human(st: dict) -> str:
                      f"agents failing (opens above {h['cascade_share']:.0%}); restarts "
                      f"granted {guard['granted']}, throttled {guard['throttled']}")
     lines.extend(_budget_lines(st.get("budgets")))
+    for k in st.get("kafka", []):
+        state = "running" if k.get("running") else f"stopped ({k.get('error')})"
+        lines.append(f"  kafka consumer {k['consumer']}: {state}, consumed "
+                     f"{k.get('consumed', 0)}, dead-lettered {k.get('dead_lettered', 0)}, "
+                     f"committed {k.get('last_commit', {})}")
     for a in st.get("alerts", {}).get("active", []):
         lines.append(f"  ALERT {a['severity']}: {a['rule']} on {a['subject']} "
                      f"(value {a['value']:g}, threshold {a['threshold']:g})")

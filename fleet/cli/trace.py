@@ -53,7 +53,7 @@ class Phase:
 def trace_spec(args: argparse.Namespace) -> FleetSpec:
     return parse_spec({
         "name": "trace", "namespace": "fleet-trace",
-        "queues": {"shards": 1, "lease_s": 30},
+        "queues": {"shards": 1, "lease_s": 30, "storage": {"backend": "memory"}},
         "pools": [{
             "name": POOL, "capability": POOL,
             "agent_class": "fleet.agents.testing:SleepAgent",

@@ -15,6 +15,12 @@ letter is written). After a crash or rebalance the group resumes at the committe
 offset: nothing unfinished is skipped (at-least-once); what was finished above it is
 delivered again and absorbed by the ledger's exactly-once recording by task id.
 
+Rebalances: a revoked partition is committed as far as it is finished; its bookkeeping
+is dropped only if the new assignment does not give it back (kafka-python keeps the
+fetch position of a partition that stays, so what was taken is not delivered again), and
+at once when the consumer is evicted (its positions are dropped, it resumes at the
+committed offset). Only partitions currently owned are committed.
+
 A malformed message (not JSON, not a task, unknown capability, payload over the limit,
 deadline already past) is written to the dead-letter topic with the reason and then
 counts as finished: it never blocks its partition.
@@ -26,6 +32,7 @@ may be called from any thread.
 from __future__ import annotations
 
 import base64
+import hashlib
 import queue as _queue
 import threading
 import time
@@ -40,11 +47,12 @@ from fleet.spec.queues import KafkaIntakeSpec
 from fleet.task import Item, Outcome, TaskRejected, parse_task_json, to_item
 
 Accept = Callable[[list[Item]], Iterable[str] | None]
-Parse = Callable[[bytes | None], Item]
+Parse = Callable[[bytes | None, str], Item]  # (message value, id if it names none)
 
 DLQ_REASON_HEADER = "fleet-dlq-reason"
 _POLL_TIMEOUT_S = 0.2
 _PRODUCER_FLUSH_TIMEOUT_S = 30.0
+_MAX_TOPIC_IN_ID = 96  # keeps record ids within Task.id's 128 characters
 
 
 class _Partition:
@@ -138,16 +146,33 @@ class OffsetTracker:
         return list(self._parts)
 
 
+def record_task_id(topic: str, partition: int, offset: int) -> str:
+    """The task id of a message that names none: stable across redeliveries.
+
+    A redelivered message (after a consumer died before committing) gets the same id, so
+    the ledger records it once. Topics too long for a task id are hashed.
+    """
+    if len(topic) > _MAX_TOPIC_IN_ID:
+        topic = hashlib.sha1(topic.encode()).hexdigest()
+    return f"kafka:{topic}:{partition}:{offset}"
+
+
 def task_parser(capabilities: Iterable[str], max_payload_bytes: int,
                 clock_unix: Callable[[], float] = time.time) -> Parse:
-    """The default ``parse``: JSON task -> validated Item, TaskRejected when malformed."""
+    """The default ``parse``: JSON task -> validated Item, TaskRejected when malformed.
+
+    The task's id is, in order: ``idem-<idempotency_key>`` if the message has one, its
+    ``id`` if it has one, else ``default_id`` (from the record's topic, partition and
+    offset). Never a random id: a redelivered message must map to the same ledger entry.
+    """
     caps = frozenset(capabilities)
 
-    def parse(value: bytes | None) -> Item:
+    def parse(value: bytes | None, default_id: str) -> Item:
         if value is None:
             raise TaskRejected("<message>", "empty message value (a tombstone), not a task")
-        return to_item(parse_task_json(value, "<message>"), caps, max_payload_bytes,
-                       now_unix_s=clock_unix())
+        data = parse_task_json(value, "<message>")
+        data.setdefault("id", default_id)
+        return to_item(data, caps, max_payload_bytes, now_unix_s=clock_unix())
 
     return parse
 
@@ -159,6 +184,7 @@ class IntakeStats:
     dead_lettered: int = 0
     completed: int = 0
     commits: int = 0
+    commits_failed: int = 0
     results_published: int = 0
     redelivered_skipped: int = 0
     rebalances: int = 0
@@ -214,6 +240,9 @@ class KafkaIntake:
             def on_partitions_assigned(self, assigned: Any) -> None:
                 intake.stats.rebalances += 1
 
+            def on_partitions_lost(self, lost: Any) -> None:
+                intake._on_lost(list(lost))
+
         s = self.spec
         c = KafkaConsumer(
             bootstrap_servers=s.bootstrap_servers, group_id=s.group_id,
@@ -242,6 +271,11 @@ class KafkaIntake:
         ``outcome``, the result is published before the offset may be committed."""
         self._done.put((task_id, outcome))
 
+    def in_flight_ids(self) -> list[str]:
+        """Ids of tasks taken from the topic whose outcome is not yet known here (call
+        from the consuming thread), e.g. to ask the ledger which are recorded."""
+        return list(self._where)
+
     def run(self, stop: threading.Event, poll_timeout_s: float = _POLL_TIMEOUT_S) -> None:
         """Consume until ``stop`` is set, then commit what is finished and close."""
         try:
@@ -259,6 +293,7 @@ class KafkaIntake:
                          or self.tracker.in_flight() >= self.spec.max_in_flight)
         records = self._consumer.poll(timeout_ms=int(poll_timeout_s * 1000),
                                       max_records=self.spec.max_poll_records)
+        self._forget_unassigned()
         n = 0
         dead: list[tuple[Any, int, Any, str]] = []
         fresh: list[Item] = []
@@ -270,7 +305,8 @@ class KafkaIntake:
                     continue
                 n += 1
                 try:
-                    item = self._parse(rec.value)
+                    item = self._parse(rec.value, record_task_id(tp.topic, tp.partition,
+                                                                 rec.offset))
                 except TaskRejected as exc:
                     dead.append((tp, rec.offset, rec, str(exc)))
                     continue
@@ -284,7 +320,12 @@ class KafkaIntake:
             self._retry_backlog()
         self._drain_completions()
         if self._clock() - self._last_commit_s >= self.spec.commit_interval_s or not n:
-            self.commit()
+            from kafka.errors import CommitFailedError, RebalanceInProgressError
+
+            try:
+                self.commit()
+            except (CommitFailedError, RebalanceInProgressError):
+                self.stats.commits_failed += 1  # rebalancing: the next round commits
         return n
 
     def _retry_backlog(self) -> None:
@@ -365,7 +406,8 @@ class KafkaIntake:
         from kafka.structs import OffsetAndMetadata
 
         self._last_commit_s = self._clock()
-        offsets = self.tracker.to_commit()
+        owned = self._consumer.assignment()
+        offsets = {tp: o for tp, o in self.tracker.to_commit().items() if tp in owned}
         if not offsets:
             return {}
         self._consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
@@ -377,14 +419,29 @@ class KafkaIntake:
 
     def _on_revoked(self, revoked: list[Any]) -> None:
         # Last chance to commit what this consumer finished on these partitions; their
-        # unfinished tasks stay in the fleet and are redelivered to the new owner.
+        # unfinished tasks stay in the fleet and are redelivered to the new owner. The
+        # bookkeeping is kept until the new assignment is known (``_forget_unassigned``):
+        # kafka-python keeps the fetch position of a partition assigned again to the same
+        # consumer, so the offsets it already took are not delivered again and must stay
+        # tracked, or the partition's commit point would wait for them forever.
         self._drain_completions()
         try:
             self.commit()
         except Exception:  # noqa: BLE001 - the group moved on; the new owner redelivers
             pass
-        for tp in revoked:
+
+    def _on_lost(self, lost: list[Any]) -> None:
+        # Evicted from the group: kafka-python drops these partitions' positions, so if
+        # they come back they resume at the committed offset. Nothing may be committed.
+        for tp in lost:
             self.tracker.revoke(tp)
+
+    def _forget_unassigned(self) -> None:
+        """Drop the bookkeeping of partitions this consumer no longer owns."""
+        owned = self._consumer.assignment()
+        for tp in self.tracker.partitions():
+            if tp not in owned:
+                self.tracker.revoke(tp)
 
     def close(self, commit: bool = True) -> None:
         """Commit what is finished (unless ``commit`` is False) and close the clients."""
@@ -413,4 +470,5 @@ def _outcome_json(o: Outcome) -> bytes:
     return o.to_result().model_dump_json().encode()
 
 
-__all__ = ["DLQ_REASON_HEADER", "IntakeStats", "KafkaIntake", "OffsetTracker", "task_parser"]
+__all__ = ["DLQ_REASON_HEADER", "IntakeStats", "KafkaIntake", "OffsetTracker", "record_task_id",
+           "task_parser"]

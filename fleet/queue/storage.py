@@ -236,19 +236,24 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def shard_path(directory: str | os.PathLike[str], namespace: str, capability: str,
-               shard: int) -> Path:
-    """The SQLite file of one shard: ``<directory>/<namespace>/<capability>-<shard>.sqlite3``."""
-    safe = _UNSAFE.sub("_", capability)
-    return Path(os.path.expanduser(directory)) / _UNSAFE.sub("_", namespace) / (
-        f"{safe}-{shard}.sqlite3")
+               shard: int, fleet: str | None = None) -> Path:
+    """The SQLite file of one shard:
+    ``<directory>/<namespace>/[<fleet>/]<capability>-<shard>.sqlite3``.
+
+    A fleet started again under the same namespace and name finds its files and resumes
+    what was accepted and not finished."""
+    base = Path(os.path.expanduser(directory)) / _UNSAFE.sub("_", namespace)
+    if fleet is not None:
+        base /= _UNSAFE.sub("_", fleet)
+    return base / f"{_UNSAFE.sub('_', capability)}-{shard}.sqlite3"
 
 
 def make_storage(spec: StorageSpec, namespace: str, capability: str,
-                 shard: int) -> MemoryStorage | SqliteStorage:
+                 shard: int, fleet: str | None = None) -> MemoryStorage | SqliteStorage:
     """The storage backend a queue shard should use, as the spec says."""
     if spec.backend is StorageBackend.MEMORY:
         return MemoryStorage()
     if spec.backend is StorageBackend.SQLITE:
-        return SqliteStorage(shard_path(spec.directory, namespace, capability, shard),
+        return SqliteStorage(shard_path(spec.directory, namespace, capability, shard, fleet),
                              spec.sqlite_synchronous, spec.sqlite_cache_mib)
     raise ValueError(f"unknown storage backend {spec.backend!r}")

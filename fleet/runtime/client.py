@@ -62,6 +62,57 @@ class SubmitReport:
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (input index, reason)
 
 
+def shard_of(item: Item, shards: int) -> int:
+    """The shard an item goes to: a stable hash of its id, so a resubmitted id lands on
+    the shard that already holds it (which then ignores the duplicate)."""
+    return zlib.crc32(item.id.encode()) % shards
+
+
+def put_items(shards: dict[str, list[Any]], items: list[Item], timeout_s: float) -> None:
+    """Put validated items into their capability's queue shards (``shards``: handles by
+    capability, in shard order), in chunks; the path every intake takes.
+
+    A full shard is retried with backoff up to ``timeout_s``, then QueueFullError names
+    what was accepted. Chunks already accepted stay accepted (a retry of the same ids is
+    ignored by the shard holding them).
+    """
+    groups: dict[tuple[str, int], list[Item]] = defaultdict(list)
+    for it in items:
+        groups[(it.capability, shard_of(it, len(shards[it.capability])))].append(it)
+    pending = [(key, chunk[i:i + SUBMIT_CHUNK]) for key, chunk in groups.items()
+               for i in range(0, len(chunk), SUBMIT_CHUNK)]
+    deadline = time.monotonic() + timeout_s
+    backoff = 0.01
+    accepted = 0
+    while pending:
+        # Latency counts from the moment fleet is handed a task, not from validation.
+        now = time.time()
+        pending = [(key, [it._replace(submitted_unix_s=now) for it in chunk])
+                   for key, chunk in pending]
+        refs = [shards[cap][s].put.remote(chunk) for (cap, s), chunk in pending]
+        retry = []
+        for ref, entry in zip(refs, pending):
+            try:
+                ray.get(ref)
+                accepted += len(entry[1])
+            except QueueFull:
+                retry.append(entry)
+            except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, QueueFull):
+                    retry.append(entry)
+                else:
+                    raise
+        pending = retry
+        if pending:
+            if time.monotonic() >= deadline:
+                left = sum(len(c) for _, c in pending)
+                raise QueueFullError(
+                    f"queue full: {left} task(s) not accepted after {timeout_s:.1f}s "
+                    f"({accepted} accepted); retry later")
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 0.5)
+
+
 class FleetClient:
     """A handle on a running fleet (its actors are found by name)."""
 
@@ -115,9 +166,6 @@ class FleetClient:
                 report.rejected.append((k, str(exc)))
         return items, report
 
-    def _shard_of(self, item: Item) -> int:
-        return zlib.crc32(item.id.encode()) % self.spec.queues.shards
-
     def submit(self, tasks: Iterable[Task | dict[str, Any]],
                timeout_s: float | None = None) -> SubmitReport:
         """Validate and enqueue tasks. Invalid ones are reported, never silently dropped.
@@ -132,41 +180,7 @@ class FleetClient:
 
     def submit_items(self, items: list[Item], timeout_s: float | None = None) -> None:
         timeout = self.spec.queues.submit_timeout_s if timeout_s is None else timeout_s
-        groups: dict[tuple[str, int], list[Item]] = defaultdict(list)
-        for it in items:
-            groups[(it.capability, self._shard_of(it))].append(it)
-        pending = [(key, chunk[i:i + SUBMIT_CHUNK]) for key, chunk in groups.items()
-                   for i in range(0, len(chunk), SUBMIT_CHUNK)]
-        deadline = time.monotonic() + timeout
-        backoff = 0.01
-        accepted = 0
-        while pending:
-            # Latency counts from the moment fleet is handed a task, not from validation.
-            now = time.time()
-            pending = [(key, [it._replace(submitted_unix_s=now) for it in chunk])
-                       for key, chunk in pending]
-            refs = [self._shards[cap][s].put.remote(chunk) for (cap, s), chunk in pending]
-            retry = []
-            for ref, entry in zip(refs, pending):
-                try:
-                    ray.get(ref)
-                    accepted += len(entry[1])
-                except QueueFull:
-                    retry.append(entry)
-                except ray.exceptions.RayTaskError as exc:
-                    if isinstance(exc.cause, QueueFull):
-                        retry.append(entry)
-                    else:
-                        raise
-            pending = retry
-            if pending:
-                if time.monotonic() >= deadline:
-                    left = sum(len(c) for _, c in pending)
-                    raise QueueFullError(
-                        f"queue full: {left} task(s) not accepted after {timeout:.1f}s "
-                        f"({accepted} accepted); retry later")
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 0.5)
+        put_items(self._shards, items, timeout)
 
     # -- results -------------------------------------------------------------------
     def wait(self, ids: list[str], timeout_s: float = 600.0,
@@ -221,7 +235,20 @@ class FleetClient:
             "alerts": ctl.get("alerts", {"active": [], "events": []}),
             "health": ctl.get("health", {}),
             **({"budgets": ctl["budgets"]} if "budgets" in ctl else {}),
+            "kafka": self._kafka_status(),
         }
+
+    def _kafka_status(self) -> list[dict[str, Any]]:
+        """Each Kafka intake consumer's counters (a dead one reported as such)."""
+        kafka = self.spec.queues.kafka
+        out: list[dict[str, Any]] = []
+        for i in range(kafka.consumers if kafka else 0):
+            try:
+                actor = ray.get_actor(self.names.kafka_intake(i), namespace=self.spec.namespace)
+                out.append(ray.get(actor.stats.remote(), timeout=10))
+            except (ValueError, ray.exceptions.RayError) as exc:
+                out.append({"consumer": i, "running": False, "error": f"{type(exc).__name__}"})
+        return out
 
     def metrics_text(self) -> str:
         """Prometheus text exposition of the fleet's metrics (queues, pools, agent health)."""

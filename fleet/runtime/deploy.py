@@ -13,6 +13,7 @@ from fleet.runtime.budget_actor import BudgetActor
 from fleet.runtime.controller import Controller
 from fleet.runtime.dispatcher import Dispatcher
 from fleet.runtime.host import AgentHost
+from fleet.runtime.kafka_intake_actor import KafkaIntakeActor
 from fleet.runtime.ledger import Ledger
 from fleet.runtime.names import Names
 from fleet.runtime.queue_actor import QueueShard
@@ -116,7 +117,8 @@ def deploy_pool(spec: FleetSpec, pool: PoolSpec) -> None:
 
 
 def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False) -> list[Any]:
-    """Create the ledger, queue shards, pool hosts, dispatcher and controller.
+    """Create the ledger, queue shards, pool hosts, dispatcher, controller and, with
+    ``queues.kafka``, the Kafka intake consumers.
 
     Returns the actor handles. Unless ``detached``, the actors live only as long as a
     handle does, so the caller keeps this list for the fleet's lifetime.
@@ -135,10 +137,10 @@ def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False) -> li
     queue_spec = spec.queues.model_dump(mode="json")
     shards = [
         # A shard that crashes is restarted and reloads its storage (with the sqlite
-        # backend nothing accepted is lost; memory restarts empty).
+        # backend, the default, nothing accepted is lost; memory restarts empty).
         QueueShard.options(name=names.shard(cap, i), namespace=ns, max_restarts=-1,
                            **life).remote(
-            cap, i, queue_spec, spec.resilience.max_deliveries, names.ledger, ns)
+            cap, i, queue_spec, spec.resilience.max_deliveries, names.ledger, ns, spec.name)
         for cap in spec.capabilities for i in range(spec.queues.shards)
     ]
     # Names register asynchronously: wait until the actors exist before anything looks
@@ -154,16 +156,30 @@ def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False) -> li
         spec.model_dump(mode="json"))
     ray.get(dispatcher.start.remote())
     ray.get(controller.start.remote())
-    return [ledger, *budget, *shards, controller, dispatcher]
+    intakes = []
+    if spec.queues.kafka is not None:
+        # Consumers last: what they consume has somewhere to go. A consumer that dies is
+        # restarted and rejoins the group; its uncommitted messages are redelivered.
+        intakes = [KafkaIntakeActor.options(name=names.kafka_intake(i), namespace=ns,
+                                            max_restarts=-1, **life).remote(
+                       spec.model_dump(mode="json"), i)
+                   for i in range(spec.queues.kafka.consumers)]
+        ray.get([a.__ray_ready__.remote() for a in intakes])
+    return [ledger, *budget, *shards, controller, dispatcher, *intakes]
 
 
 def teardown(spec: FleetSpec) -> None:
     """Stop and remove everything ``deploy`` created (idempotent)."""
     names = Names(spec.name)
     ns = spec.namespace
-    actor_names = [names.controller, names.dispatcher, names.budget, names.ledger] + [
+    intakes = [names.kafka_intake(i) for i in
+               range(spec.queues.kafka.consumers if spec.queues.kafka else 0)]
+    actor_names = [*intakes, names.controller, names.dispatcher, names.budget,
+                   names.ledger] + [
         names.shard(cap, i) for cap in spec.capabilities for i in range(spec.queues.shards)]
-    for name in actor_names[:3]:
+    # Intake first (it commits what the ledger holds and leaves its group), then the
+    # loops that move work and the budget actor.
+    for name in actor_names[:len(intakes) + 3]:
         try:
             ray.get(ray.get_actor(name, namespace=ns).stop.remote(), timeout=10)
         except Exception:

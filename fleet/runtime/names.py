@@ -28,6 +28,9 @@ class Names:
     def shard(self, capability: str, index: int) -> str:
         return f"{self.fleet}.queue.{capability}.{index}"
 
+    def kafka_intake(self, index: int) -> str:
+        return f"{self.fleet}.kafka_intake.{index}"
+
     def pool_app(self, pool: str) -> str:
         return f"{self.fleet}-{pool}"
 

@@ -32,12 +32,13 @@ AVG_ITEM_BYTES_ALPHA = 0.1  # EWMA weight of each put batch's mean item size
 @ray.remote(num_cpus=0)
 class QueueShard:
     def __init__(self, capability: str, index: int, queue_spec: dict[str, Any],
-                 max_deliveries: int, ledger_name: str, namespace: str):
+                 max_deliveries: int, ledger_name: str, namespace: str,
+                 fleet: str | None = None):
         spec = QueueSpec.model_validate(queue_spec)
         self.capability = capability
         self.index = index
         self.lease_s = spec.lease_s
-        storage = make_storage(spec.storage, namespace, capability, index)
+        storage = make_storage(spec.storage, namespace, capability, index, fleet)
         self._q = LeaseQueue.from_spec(spec, max_deliveries, storage=storage)
         self._batch = spec.batch
         self._avg_item_bytes = AVG_ITEM_BYTES_PRIOR

@@ -16,6 +16,8 @@ DEFAULT_LEASE_S = 60.0
 DEFAULT_PRIORITY_AGING_LIMIT_S = 300.0
 DEFAULT_UTILITY = 0.0
 DEFAULT_QUEUE_DIRECTORY = "~/.fleet/queues"
+DEFAULT_KAFKA_CONSUMERS = 1
+DEFAULT_LEDGER_POLL_S = 0.25
 
 
 class Discipline(str, Enum):
@@ -30,6 +32,9 @@ class Discipline(str, Enum):
 class StorageBackend(str, Enum):
     MEMORY = "memory"  # fastest; lost with the process holding the queue
     SQLITE = "sqlite"  # embedded, durable across kill -9; no server
+
+
+DEFAULT_STORAGE_BACKEND = StorageBackend.SQLITE
 
 
 class ShardBy(str, Enum):
@@ -132,14 +137,17 @@ class QueueAlertRule(SpecModel):
 class StorageSpec(SpecModel):
     """Where a queue shard keeps accepted items.
 
-    ``sqlite`` writes each accepted batch to ``<directory>/<namespace>/<capability>-
-    <shard>.sqlite3`` (WAL mode, one commit per put or ack batch) before acknowledging
-    it, and reloads everything not acked when the shard restarts. ``sqlite_synchronous``
-    ``normal`` survives a kill -9 of the process; ``full`` also survives power loss (an
-    fsync per commit).
+    ``sqlite`` (the default) writes each accepted batch to ``<directory>/<namespace>/
+    <fleet>/<capability>-<shard>.sqlite3`` (WAL mode, one commit per put or ack batch)
+    before acknowledging it, and reloads everything not acked when the shard restarts,
+    including when the fleet is started again under the same namespace and name.
+    ``sqlite_synchronous`` ``normal`` survives a kill -9 of the process; ``full`` also
+    survives power loss (an fsync per commit). ``memory`` is faster (about 20% more
+    tasks/s end to end on the core benchmark, BENCHMARKS.md) and loses the queue with
+    the process: for tests and throwaway runs.
     """
 
-    backend: StorageBackend = StorageBackend.MEMORY
+    backend: StorageBackend = DEFAULT_STORAGE_BACKEND
     directory: str = Field(default=DEFAULT_QUEUE_DIRECTORY, min_length=1)
     sqlite_synchronous: Literal["normal", "full"] = "normal"
     sqlite_cache_mib: int = Field(default=16, ge=1)
@@ -153,6 +161,9 @@ class KafkaIntakeSpec(SpecModel):
     absorbed by the ledger). Malformed messages go to ``dead_letter_topic`` (default
     ``<topic>.dlq``) with the reason; results go to ``results_topic`` when set.
     ``max_in_flight`` bounds tasks consumed but not finished (partitions pause beyond it).
+    A fleet whose spec has this section runs ``consumers`` intake actors in the group
+    (``fleet.runtime.kafka_intake_actor``); a task is finished once the ledger has its
+    outcome, which the actors learn by polling the ledger every ``ledger_poll_s``.
     """
 
     bootstrap_servers: str = Field(min_length=1)
@@ -165,6 +176,8 @@ class KafkaIntakeSpec(SpecModel):
     commit_interval_s: float = Field(default=1.0, gt=0)
     session_timeout_s: float = Field(default=10.0, gt=0)
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    consumers: int = Field(default=DEFAULT_KAFKA_CONSUMERS, ge=1)
+    ledger_poll_s: float = Field(default=DEFAULT_LEDGER_POLL_S, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> KafkaIntakeSpec:

@@ -136,7 +136,11 @@ def test_sqlite_storage_file_layout_and_bad_settings(tmp_path):
     assert isinstance(s, SqliteStorage) and s.path.exists()
     assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     s.close()
-    assert isinstance(make_storage(StorageSpec(), "ns", "cap", 0), MemoryStorage)
+    assert shard_path(tmp_path, "ns", "cap", 0, "f/1") == tmp_path / "ns" / "f_1" / "cap-0.sqlite3"
+    assert StorageSpec().backend.value == "sqlite"  # durable unless told otherwise
+    mem = StorageSpec(backend="memory", directory=str(tmp_path / "unused"))
+    assert isinstance(make_storage(mem, "ns", "cap", 0), MemoryStorage)
+    assert not (tmp_path / "unused").exists()
     with pytest.raises(ValueError, match="synchronous"):
         SqliteStorage(tmp_path / "x.sqlite3", synchronous="sometimes")
 

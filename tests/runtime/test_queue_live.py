@@ -1,19 +1,26 @@
-"""Queues on the live runtime: deadlines fail loudly, a durable shard survives kill -9."""
+"""Queues on the live runtime: deadlines fail loudly, a durable shard survives kill -9 of
+the shard and of the driver."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import ray
 
+from fleet.runtime.client import FleetClient
+from fleet.runtime.deploy import teardown
 from fleet.runtime.names import Names
 from tests.utils import make_spec, pool
 
 pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[2]
 _ids = itertools.count()
 
 
@@ -103,3 +110,52 @@ def test_a_shard_sizes_each_batch_from_its_own_depth(ray_cluster):
         assert ray.get(shard.lease_batch.remote(0, "d")) == ([], 0)
     finally:
         ray.kill(shard)
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+@pytest.mark.timeout(300)
+def test_driver_killed_mid_run_every_accepted_task_completes_once(ray_cluster, tmp_path):
+    # A detached fleet on SQLite queues outlives the driver that started it; a new driver
+    # connects by name and finds every task the first one was told was accepted.
+    tasks, chunk = 20_000, 1_000
+    spec = _spec({"shards": 2, "lease_s": 10,
+                  "storage": {"backend": "sqlite", "directory": str(tmp_path / "queues")}},
+                 agent_kwargs={"delay_s": 0.005}, agents_per_host=50,
+                 autoscaling={"min_agents": 100, "max_agents": 100})
+    spec_file, ids_file = tmp_path / "spec.json", tmp_path / "accepted.txt"
+    spec_file.write_text(spec.model_dump_json())
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "tests.runtime.driver_worker",
+         ray_cluster.address_info["gcs_address"], str(spec_file), str(ids_file),
+         str(tasks), str(chunk)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_lines(ids_file)) < tasks // 4:
+            assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the driver accepted too little in 120 s"
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGKILL)  # no teardown, no goodbye
+        driver.wait(timeout=30)
+        accepted = _lines(ids_file)
+        assert len(accepted) < tasks, "the driver finished before it was killed"
+
+        fc = FleetClient.connect(spec.name, spec.namespace)
+        assert fc.wait(accepted, timeout_s=180) == []
+        s = fc.summary(accepted)
+        assert (s["recorded"], s["completed"], s["lost"]) == (len(accepted),) * 2 + (0,)
+        # Nothing recorded beyond what was submitted: one ledger entry per task.
+        assert len(accepted) <= fc.status()["ledger"]["recorded"] <= len(accepted) + chunk
+        print(f"\ndriver kill -9: {len(accepted)} accepted before the kill, all recorded "
+              f"once; {s['duplicate_executions']} duplicate executions")
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        teardown(spec)
+        left = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == spec.namespace]
+        assert left == [], left

@@ -1,0 +1,122 @@
+"""KafkaIntakeActor: one consumer of a fleet's Kafka intake, as a named Ray actor.
+
+A fleet whose spec has ``queues.kafka`` runs ``consumers`` of these in one consumer
+group (``deploy`` starts them after the queue shards and the ledger). Each wraps a
+``fleet.queue.kafka_intake.KafkaIntake`` and supplies the two things it needs from the
+runtime:
+
+- ``accept``: valid tasks go into the queue shards by the same path as
+  ``FleetClient.submit_items``; ids the ledger already holds (a message redelivered
+  after a consumer died before committing) are not enqueued again but finish at once.
+- completion: a task is finished once its outcome is in the ledger. The actor polls the
+  ledger for the ids it has in flight every ``ledger_poll_s`` and reports the recorded
+  ones to the intake, whose ``OffsetTracker`` commits a partition only below its lowest
+  unrecorded offset. So the committed offset never passes a task whose outcome could
+  still be lost, and a redelivery maps (by the record's stable id) onto the ledger
+  entry it already has: at-least-once delivery, exactly-once recording.
+
+The consumer loop runs on a thread of its own; the actor's methods (``stats``, ``stop``)
+are served beside it. Everything touching the Kafka clients runs on that thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any
+
+import ray
+
+from fleet.queue.kafka_intake import KafkaIntake, task_parser
+from fleet.runtime.client import put_items
+from fleet.runtime.names import Names
+from fleet.spec.fleet import FleetSpec
+from fleet.task import Item
+
+# A full queue holds the loop at most this long per attempt; the intake keeps the batch
+# and retries (partitions stay paused meanwhile, the group membership stays alive).
+ACCEPT_TIMEOUT_S = 1.0
+STOP_TIMEOUT_S = 8.0  # below teardown's 10 s wait for stop()
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class KafkaIntakeActor:
+    def __init__(self, spec: dict[str, Any], index: int):
+        fleet = FleetSpec.model_validate(spec)
+        kafka = fleet.queues.kafka
+        if kafka is None:
+            raise ValueError("queues.kafka is not set: this fleet has no Kafka intake")
+        self.kafka = kafka
+        self.index = index
+        names = Names(fleet.name)
+        ns = fleet.namespace
+        self._ledger = ray.get_actor(names.ledger, namespace=ns)
+        self._shards = {cap: [ray.get_actor(names.shard(cap, i), namespace=ns)
+                              for i in range(fleet.queues.shards)]
+                        for cap in fleet.capabilities}
+        self._intake = KafkaIntake(
+            kafka, self._accept,
+            task_parser(fleet.capabilities, fleet.queues.max_payload_bytes),
+            client_id=names.kafka_intake(index))
+        self._stop = threading.Event()
+        self._error: str | None = None
+        self._ledger_polls = 0
+        self._thread = threading.Thread(target=self._run, name="kafka-intake", daemon=True)
+        self._thread.start()
+
+    # --- the consumer thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        last_poll = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                self._intake.run_once()
+                if time.monotonic() - last_poll >= self.kafka.ledger_poll_s:
+                    self._poll_ledger()
+                    last_poll = time.monotonic()
+            self._poll_ledger()  # commit on the way out what the ledger already holds
+        except Exception as exc:  # noqa: BLE001 - reported by stats(); nothing committed
+            self._error = f"{type(exc).__name__}: {exc}"
+            self._intake.close(commit=False)
+            raise
+        self._intake.close()
+
+    def _accept(self, items: list[Item]) -> list[str]:
+        ids = [it.id for it in items]
+        missing = set(ray.get(self._ledger.missing.remote(ids)))
+        put_items(self._shards, [it for it in items if it.id in missing], ACCEPT_TIMEOUT_S)
+        return [i for i in ids if i not in missing]  # already recorded: finished
+
+    def _poll_ledger(self) -> None:
+        ids = self._intake.in_flight_ids()
+        if not ids:
+            return
+        self._ledger_polls += 1
+        if self.kafka.results_topic:
+            # The outcome is published to the results topic before the offset may pass.
+            for task_id, outcome in zip(ids, ray.get(self._ledger.get.remote(ids))):
+                if outcome is not None:
+                    self._intake.complete(task_id, outcome)
+            return
+        missing = set(ray.get(self._ledger.missing.remote(ids)))
+        for task_id in ids:
+            if task_id not in missing:
+                self._intake.complete(task_id)
+
+    # --- actor methods -----------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Consumption, commit and error counts of this consumer."""
+        return {"consumer": self.index, "running": self._thread.is_alive(),
+                "error": self._error, "ledger_polls": self._ledger_polls,
+                **dataclasses.asdict(self._intake.stats)}
+
+    def stop(self) -> dict[str, Any]:
+        """Stop consuming, commit what the ledger holds, close the clients (idempotent)."""
+        self._stop.set()
+        self._thread.join(timeout=STOP_TIMEOUT_S)
+        return self.stats()
+
+
+__all__ = ["KafkaIntakeActor"]
