@@ -3,9 +3,12 @@
 Runs one pool of sleeping agents on a local Ray cluster (or ``--address``) through three
 phases: a base arrival rate, then ``--step-factor`` (10x) that rate, then no arrivals
 until the pool is back at its minimum. It records, from the controller's timeline, the
-logical agents, hosts, queue depth and arrival rate at every control tick, and reports
-how fast the agents reached the policy's target and how fast they came back down,
-against the rates the spec allows. ``--plot FILE.png`` draws the same trace.
+logical agents, hosts (Serve replicas running, and stopping: removed and draining),
+queue depth and arrival rate at every control tick, and reports how fast the agents
+reached the policy's target and came back down, against the rates the spec allows, when
+the hosts were removed, and whether every task was recorded (lost, redelivered).
+``--task-s MIN MAX`` makes tasks slow, so scale-down removes hosts with work in hand.
+``--plot FILE.png`` draws the same trace.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -60,6 +64,8 @@ def trace_spec(args: argparse.Namespace) -> FleetSpec:
             "agent_class": "fleet.agents.testing:SleepAgent",
             "agent_kwargs": {"delay_s": args.agent_delay_s},
             "agents_per_host": args.agents_per_host, "cpus_per_host": 0,
+            **({"host_drain_timeout_s": args.host_drain_timeout_s}
+               if getattr(args, "host_drain_timeout_s", None) else {}),
             "autoscaling": {
                 "min_agents": args.min_agents, "max_agents": args.max_agents,
                 "target_queued_per_agent": TARGET_QUEUED_PER_AGENT,
@@ -77,14 +83,14 @@ def _due(phases: list[Phase], t: float) -> float:
     return sum(p.rate_per_s * min(max(t - p.start_s, 0.0), p.duration_s) for p in phases)
 
 
-def run_trace(spec: FleetSpec, phases: list[Phase], drain_s: float,
-              show: bool = False) -> dict[str, Any]:
+def run_trace(spec: FleetSpec, phases: list[Phase], drain_s: float, show: bool = False,
+              make_task: Callable[[int], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Start the fleet, drive the phases, wait for scale-down, and build the report."""
     from fleet.runtime.client import FleetClient
 
     fc = FleetClient.start(spec)
     try:
-        return drive_trace(fc, phases, drain_s, show=show)[0]
+        return drive_trace(fc, phases, drain_s, show=show, make_task=make_task)[0]
     finally:
         fc.shutdown()
 
@@ -249,6 +255,7 @@ def plot_trace(report: dict[str, Any], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     s = report["samples"]
     t = [x["t_s"] for x in s]
@@ -271,9 +278,10 @@ def plot_trace(report: dict[str, Any], path: str) -> None:
     hosts = ax3.twinx()
     hosts.step(t, [x["hosts"] for x in s], where="post", color="tab:red", label="hosts")
     hosts.step(t, [x.get("hosts_stopping", 0) for x in s], where="post", color="tab:red",
-               linestyle="--", label="hosts draining")
+               linestyle="--", label="hosts stopping (draining)")
     hosts.set_ylabel("hosts (Serve replicas)")
     hosts.set_ylim(bottom=0)
+    hosts.yaxis.set_major_locator(MaxNLocator(integer=True))
     lines = ax3.get_legend_handles_labels()
     more = hosts.get_legend_handles_labels()
     ax3.legend(lines[0] + more[0], lines[1] + more[1], loc="upper right")
@@ -320,9 +328,17 @@ def run(args: argparse.Namespace) -> int:
     base = args.base_rate
     phases = [Phase("base", 0.0, args.base_s, base),
               Phase("step", args.base_s, args.step_s, base * args.step_factor)]
+    make_task = None
+    if args.task_s:
+        lo, hi = sorted(args.task_s)
+        rng = random.Random(args.seed)
+
+        def make_task(k: int) -> dict[str, Any]:
+            return {"capability": POOL, "payload": {"k": k, "sleep_s": rng.uniform(lo, hi)}}
     started = init_ray(args.address)
     try:
-        report = run_trace(spec, phases, args.drain_s, show=not args.json)
+        report = run_trace(spec, phases, args.drain_s, show=not args.json,
+                           make_task=make_task)
     finally:
         if started:
             import ray
@@ -366,6 +382,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="after arrivals stop, wait this long at most for the minimum (default 30)")
     p.add_argument("--agent-delay-s", type=_positive(float), default=AGENT_DELAY_S,
                    help=f"seconds each task takes an agent (default {AGENT_DELAY_S})")
+    p.add_argument("--task-s", type=_positive(float), nargs=2, metavar=("MIN", "MAX"),
+                   default=None, help="each task sleeps a random time in [MIN, MAX] seconds "
+                   "(default: every task takes --agent-delay-s), so that scale-down removes "
+                   "agents and hosts with slow work in hand")
+    p.add_argument("--seed", type=int, default=0, help="seed for --task-s (default 0)")
+    p.add_argument("--host-drain-timeout-s", type=_positive(float), default=None,
+                   help="how long a removed host may finish its batches before the rest "
+                   "is handed back for redelivery (default: the pool spec's, 30)")
     p.add_argument("--min-agents", type=int, default=MIN_AGENTS)
     p.add_argument("--max-agents", type=int, default=MAX_AGENTS)
     p.add_argument("--agents-per-host", type=_positive(int), default=AGENTS_PER_HOST)

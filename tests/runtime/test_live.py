@@ -139,6 +139,9 @@ def test_step_scales_agents_and_hosts_then_scale_down_loses_nothing(start_fleet)
         assert step <= up_rate * dt + 1 and -step <= down_rate * dt + 1, (prev, cur)
     down = r["scale_down"]
     assert agents[-1] == a.min_agents
+    # Agents were taken away while busy: they drained with a task in hand.
+    assert any(cur["reason"] == "down" and prev["in_flight"] > cur["agents"]
+               for prev, cur in ticks)
     assert down["back_to_min_s"] - down["started_s"] >= (
         (down["from_agents"] - a.min_agents) / down_rate - a.control_interval_s)
     removed = watch.removed()
