@@ -1,5 +1,6 @@
 """The runtime on the session's local Ray cluster: submit to ledger, autoscaling both
-ways, a killed host's leased work redelivered, and exactly-once recording."""
+ways through a 10x step (hosts removed with work in hand lose nothing), a killed host's
+leased work redelivered, and exactly-once recording."""
 
 from __future__ import annotations
 
