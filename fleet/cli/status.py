@@ -17,7 +17,8 @@ def _human(st: dict) -> str:
     for name, p in st["pools"].items():
         q = p.get("queue", {})
         lines.append(
-            f"  {name:<14} agents {p.get('agents', '?'):>5}  hosts {p.get('hosts', '?'):>3}  "
+            f"  {name:<14} agents {p.get('agents', '?'):>5}  hosts {p.get('hosts', '?'):>3}"
+            + (f" (+{p['hosts_stopping']} stopping)" if p.get("hosts_stopping") else "") + "  "
             f"in-flight {p.get('in_flight', 0):>6}  queued {q.get('depth', 0):>8}  "
             f"oldest {q.get('oldest_age_s', 0.0):6.1f}s  redelivered {q.get('redelivered_total', 0)}")
         lines.extend(_health_lines(p))

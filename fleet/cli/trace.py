@@ -3,9 +3,12 @@
 Runs one pool of sleeping agents on a local Ray cluster (or ``--address``) through three
 phases: a base arrival rate, then ``--step-factor`` (10x) that rate, then no arrivals
 until the pool is back at its minimum. It records, from the controller's timeline, the
-logical agents, hosts, queue depth and arrival rate at every control tick, and reports
-how fast the agents reached the policy's target and how fast they came back down,
-against the rates the spec allows. ``--plot FILE.png`` draws the same trace.
+logical agents, hosts (Serve replicas running, and stopping: removed and draining),
+queue depth and arrival rate at every control tick, and reports how fast the agents
+reached the policy's target and came back down, against the rates the spec allows, when
+the hosts were removed, and whether every task was recorded (lost, redelivered).
+``--task-s MIN MAX`` makes tasks slow, so scale-down removes hosts with work in hand.
+``--plot FILE.png`` draws the same trace.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +64,8 @@ def trace_spec(args: argparse.Namespace) -> FleetSpec:
             "agent_class": "fleet.agents.testing:SleepAgent",
             "agent_kwargs": {"delay_s": args.agent_delay_s},
             "agents_per_host": args.agents_per_host, "cpus_per_host": 0,
+            **({"host_drain_timeout_s": args.host_drain_timeout_s}
+               if getattr(args, "host_drain_timeout_s", None) else {}),
             "autoscaling": {
                 "min_agents": args.min_agents, "max_agents": args.max_agents,
                 "target_queued_per_agent": TARGET_QUEUED_PER_AGENT,
@@ -76,53 +83,76 @@ def _due(phases: list[Phase], t: float) -> float:
     return sum(p.rate_per_s * min(max(t - p.start_s, 0.0), p.duration_s) for p in phases)
 
 
-def run_trace(spec: FleetSpec, phases: list[Phase], drain_s: float,
-              show: bool = False) -> dict[str, Any]:
+def run_trace(spec: FleetSpec, phases: list[Phase], drain_s: float, show: bool = False,
+              make_task: Callable[[int], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Start the fleet, drive the phases, wait for scale-down, and build the report."""
     from fleet.runtime.client import FleetClient
 
     fc = FleetClient.start(spec)
-    pool = spec.pools[0]
     try:
-        ids: list[str] = []
-        arrivals: list[tuple[float, int]] = []  # (t_s, tasks submitted at t)
-        t0_unix = time.time()
-        t0 = time.monotonic()
-        load_end = max(p.end_s for p in phases)
-        next_note = 0.0
-        while (t := time.monotonic() - t0) < load_end:
-            n = int(_due(phases, t)) - len(ids)
-            if n > 0:
-                ids += fc.submit([{"capability": pool.capability} for _ in range(n)]).accepted
-                arrivals.append((round(t, 3), n))
-            if show and t >= next_note:
-                print(f"\rload: {t:5.1f}/{load_end:.0f}s, {len(ids)} submitted",
-                      end="", file=sys.stderr, flush=True)
-                next_note = t + PROGRESS_EVERY_S
-            time.sleep(TICK_S)
-        stop_s = time.monotonic() - t0
-        # Arrivals stopped: wait for every outcome, then for the pool's minimum.
-        missing = fc.wait(ids, timeout_s=drain_s + TIMEOUT_MARGIN_S)
-        deadline = time.monotonic() + drain_s
-        while (time.monotonic() < deadline
-               and fc.status()["pools"][pool.name].get("agents") != pool.autoscaling.min_agents):
-            time.sleep(CONTROL_INTERVAL_S)
-        end_s = time.monotonic() - t0
-        if show:
-            print(file=sys.stderr)
-        summary = fc.summary(ids)
-        timeline = [s for s in fc.timeline() if s["pool"] == pool.name]
+        return drive_trace(fc, phases, drain_s, show=show, make_task=make_task)[0]
     finally:
         fc.shutdown()
+
+
+def drive_trace(fc: Any, phases: list[Phase], drain_s: float, show: bool = False,
+                make_task: Callable[[int], dict[str, Any]] | None = None,
+                ) -> tuple[dict[str, Any], list[str]]:
+    """Drive the phases' arrivals into a running fleet's first pool: (report, task ids).
+
+    ``make_task(k)`` builds the k-th task (default: an empty task of the pool's
+    capability). After arrivals stop, waits (up to ``drain_s`` each) for every outcome,
+    then for the pool's minimum agents and for its hosts to settle: as many running as
+    the controller wants, none still stopping.
+    """
+    spec = fc.spec
+    pool = spec.pools[0]
+    make = make_task or (lambda k: {"capability": pool.capability})
+    ids: list[str] = []
+    arrivals: list[tuple[float, int]] = []  # (t_s, tasks submitted at t)
+    t0_unix = time.time()
+    t0 = time.monotonic()
+    load_end = max(p.end_s for p in phases)
+    next_note = 0.0
+    while (t := time.monotonic() - t0) < load_end:
+        n = int(_due(phases, t)) - len(ids)
+        if n > 0:
+            k0 = len(ids)
+            ids += fc.submit([make(k0 + k) for k in range(n)]).accepted
+            arrivals.append((round(t, 3), n))
+        if show and t >= next_note:
+            print(f"\rload: {t:5.1f}/{load_end:.0f}s, {len(ids)} submitted",
+                  end="", file=sys.stderr, flush=True)
+            next_note = t + PROGRESS_EVERY_S
+        time.sleep(TICK_S)
+    stop_s = time.monotonic() - t0
+    # Arrivals stopped: wait for every outcome, then for the pool's minimum.
+    missing = fc.wait(ids, timeout_s=drain_s + TIMEOUT_MARGIN_S)
+    deadline = time.monotonic() + drain_s
+    while time.monotonic() < deadline and not _settled(fc.status()["pools"][pool.name],
+                                                       pool.autoscaling.min_agents):
+        time.sleep(CONTROL_INTERVAL_S)
+    end_s = time.monotonic() - t0
+    if show:
+        print(file=sys.stderr)
+    summary = fc.summary(ids)
+    timeline = [s for s in fc.timeline() if s["pool"] == pool.name]
     samples = [{
         "t_s": round(s["unix_s"] - t0_unix, 3), "agents": s["agents"],
         "raw_desired": s["raw_desired"], "hosts": s["hosts"],
+        "hosts_stopping": s.get("hosts_stopping", 0),
         "desired_hosts": s["desired_hosts"], "queue_depth": s["queue_depth"],
         "in_flight": s["in_flight"], "arrival_rate_per_s": s["arrival_rate_per_s"],
         "reason": s["reason"],
     } for s in timeline if s["unix_s"] >= t0_unix]
     all_phases = [*phases, Phase("stopped", stop_s, end_s - stop_s, 0.0)]
-    return build_report(spec, all_phases, samples, arrivals, ids, missing, summary)
+    return build_report(spec, all_phases, samples, arrivals, ids, missing, summary), ids
+
+
+def _settled(st: dict[str, Any], min_agents: int) -> bool:
+    """The pool is back at its minimum agents, on the hosts it wants, none stopping."""
+    return (st.get("agents") == min_agents and st.get("hosts") == st.get("desired_hosts")
+            and not st.get("hosts_stopping"))
 
 
 def _first(samples: list[dict[str, Any]], pred: Any, after_s: float) -> dict[str, Any] | None:
@@ -155,11 +185,15 @@ def build_report(spec: FleetSpec, phases: list[Phase], samples: list[dict[str, A
         "failed": summary["failed"],
         "lost": len(missing),
         "duplicate_executions": summary["duplicate_executions"],
+        "redelivered": summary.get("redelivered", 0),
         "latency_s": {k: round(v, 4) for k, v in summary["latency_s"].items()},
         "agents": {"min": min(agents, default=0), "max": max(agents, default=0),
                    "start": agents[0] if agents else 0, "end": agents[-1] if agents else 0},
         "hosts": {"min": min((s["hosts"] for s in samples), default=0),
-                  "max": max((s["hosts"] for s in samples), default=0)},
+                  "max": max((s["hosts"] for s in samples), default=0),
+                  "end": samples[-1]["hosts"] if samples else 0,
+                  "max_stopping": max((s.get("hosts_stopping", 0) for s in samples),
+                                      default=0)},
         "queue_depth_max": max((s["queue_depth"] for s in samples), default=0),
         "within_bounds": all(a.min_agents <= n <= a.max_agents for n in agents),
         "arrivals": arrivals,
@@ -199,6 +233,19 @@ def build_report(spec: FleetSpec, phases: list[Phase], samples: list[dict[str, A
             "allowed_rate_agents_per_s": round(down_rate, 2),
             "min_duration_s": round((peak - a.min_agents) / down_rate, 3),
         }
+    # Hosts removed: from the last tick at the most hosts to the first one at the final
+    # count with none still stopping (draining their batches).
+    host_peak = report["hosts"]["max"]
+    host_end = report["hosts"]["end"]
+    if samples and host_end < host_peak:
+        last_host_peak = max(s["t_s"] for s in samples if s["hosts"] == host_peak)
+        gone = _first(samples, lambda s: s["hosts"] == host_end
+                      and not s.get("hosts_stopping"), last_host_peak)
+        report["hosts_removed"] = {
+            "from_hosts": host_peak, "to_hosts": host_end,
+            "started_s": round(last_host_peak, 3),
+            "done_s": round(gone["t_s"], 3) if gone else None,
+        }
     return report
 
 
@@ -208,6 +255,7 @@ def plot_trace(report: dict[str, Any], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     s = report["samples"]
     t = [x["t_s"] for x in s]
@@ -229,8 +277,11 @@ def plot_trace(report: dict[str, Any], path: str) -> None:
     ax3.set_xlabel("time since start (s)")
     hosts = ax3.twinx()
     hosts.step(t, [x["hosts"] for x in s], where="post", color="tab:red", label="hosts")
+    hosts.step(t, [x.get("hosts_stopping", 0) for x in s], where="post", color="tab:red",
+               linestyle="--", label="hosts stopping (draining)")
     hosts.set_ylabel("hosts (Serve replicas)")
     hosts.set_ylim(bottom=0)
+    hosts.yaxis.set_major_locator(MaxNLocator(integer=True))
     lines = ax3.get_legend_handles_labels()
     more = hosts.get_legend_handles_labels()
     ax3.legend(lines[0] + more[0], lines[1] + more[1], loc="upper right")
@@ -248,7 +299,7 @@ def plot_trace(report: dict[str, Any], path: str) -> None:
 
 def _human(r: dict[str, Any]) -> str:
     lines = [f"submitted {r['submitted']}, completed {r['completed']}, failed {r['failed']}, "
-             f"lost {r['lost']}",
+             f"lost {r['lost']}, redelivered {r['redelivered']}",
              f"agents {r['agents']['min']}..{r['agents']['max']}, hosts "
              f"{r['hosts']['min']}..{r['hosts']['max']}, max queue {r['queue_depth_max']}"]
     if "scale_up" in r:
@@ -259,6 +310,10 @@ def _human(r: dict[str, Any]) -> str:
         d = r["scale_down"]
         lines.append(f"down: {d['from_agents']} -> min at {d['mean_rate_agents_per_s']}/s "
                      f"(allowed {d['allowed_rate_agents_per_s']}/s)")
+    if "hosts_removed" in r:
+        h = r["hosts_removed"]
+        lines.append(f"hosts: {h['from_hosts']} -> {h['to_hosts']}, from {h['started_s']}s "
+                     f"until {h['done_s']}s")
     return "\n".join(lines)
 
 
@@ -273,9 +328,17 @@ def run(args: argparse.Namespace) -> int:
     base = args.base_rate
     phases = [Phase("base", 0.0, args.base_s, base),
               Phase("step", args.base_s, args.step_s, base * args.step_factor)]
+    make_task = None
+    if args.task_s:
+        lo, hi = sorted(args.task_s)
+        rng = random.Random(args.seed)
+
+        def make_task(k: int) -> dict[str, Any]:
+            return {"capability": POOL, "payload": {"k": k, "sleep_s": rng.uniform(lo, hi)}}
     started = init_ray(args.address)
     try:
-        report = run_trace(spec, phases, args.drain_s, show=not args.json)
+        report = run_trace(spec, phases, args.drain_s, show=not args.json,
+                           make_task=make_task)
     finally:
         if started:
             import ray
@@ -319,6 +382,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="after arrivals stop, wait this long at most for the minimum (default 30)")
     p.add_argument("--agent-delay-s", type=_positive(float), default=AGENT_DELAY_S,
                    help=f"seconds each task takes an agent (default {AGENT_DELAY_S})")
+    p.add_argument("--task-s", type=_positive(float), nargs=2, metavar=("MIN", "MAX"),
+                   default=None, help="each task sleeps a random time in [MIN, MAX] seconds "
+                   "(default: every task takes --agent-delay-s), so that scale-down removes "
+                   "agents and hosts with slow work in hand")
+    p.add_argument("--seed", type=int, default=0, help="seed for --task-s (default 0)")
+    p.add_argument("--host-drain-timeout-s", type=_positive(float), default=None,
+                   help="how long a removed host may finish its batches before the rest "
+                   "is handed back for redelivery (default: the pool spec's, 30)")
     p.add_argument("--min-agents", type=int, default=MIN_AGENTS)
     p.add_argument("--max-agents", type=int, default=MAX_AGENTS)
     p.add_argument("--agents-per-host", type=_positive(int), default=AGENTS_PER_HOST)

@@ -49,6 +49,7 @@ class Controller:
         self._agents = {p.name: p.autoscaling.start_agents for p in self.spec.pools}
         self._state: dict[str, ScalingState] = {p.name: ScalingState() for p in self.spec.pools}
         self._last_enqueued: dict[str, tuple[float, int]] = {}
+        self._hosts: dict[str, tuple[int, int]] = {}  # pool -> (running, stopping)
         self._timeline: deque[dict[str, Any]] = deque(maxlen=TIMELINE_MAX_SAMPLES)
         self._last: dict[str, dict[str, Any]] = {}
         self._monitor = QueueMonitor()
@@ -85,7 +86,10 @@ class Controller:
                 self._last["_error"] = {"error": repr(exc), "t": time.time()}
             await asyncio.sleep(interval)
 
-    def _running_hosts(self) -> dict[str, int]:
+    def _host_states(self) -> dict[str, tuple[int, int]]:
+        """Per pool, (hosts running, hosts stopping) as Serve reports them; pools Serve
+        could not report on are left out. A stopping host is one Serve removes: it
+        takes no new batches and drains the ones it holds."""
         try:
             st = serve.status()
         except Exception:
@@ -95,7 +99,8 @@ class Controller:
             app = st.applications.get(self.names.pool_app(p.name))
             dep = app.deployments.get(Names.host_deployment(p.name)) if app else None
             if dep is not None:
-                out[p.name] = int(dep.replica_states.get("RUNNING", 0))
+                states = dep.replica_states
+                out[p.name] = (int(states.get("RUNNING", 0)), int(states.get("STOPPING", 0)))
         return out
 
     async def tick(self) -> list[dict[str, Any]]:
@@ -112,7 +117,8 @@ class Controller:
         disp = await self._dispatcher.stats.remote()
         self._pool_metrics.update(disp)
         # serve.status() blocks on Serve's controller: keep it off this actor's loop.
-        hosts = await asyncio.get_running_loop().run_in_executor(None, self._running_hosts)
+        hosts = await asyncio.get_running_loop().run_in_executor(None, self._host_states)
+        self._hosts.update(hosts)
         samples = []
         for p in self.spec.pools:
             stats = [s for s in queue_stats[p.capability] if isinstance(s, dict)]
@@ -125,8 +131,12 @@ class Controller:
                 self._state[p.name],
             )
             self._agents[p.name] = decision.agents
-            running = hosts.get(p.name) or p.hosts_for(decision.agents)
-            await self._dispatcher.set_active.remote(p.name, decision.agents, running)
+            # The timeline records what Serve reported (the last report if this tick's
+            # failed), never the desired count in its place: a trace must show hosts
+            # lagging the decision, and a pool with no running host as 0.
+            running, stopping = self._hosts.get(p.name, (0, 0))
+            await self._dispatcher.set_active.remote(
+                p.name, decision.agents, running or p.hosts_for(decision.agents))
             enq = sum(s["enqueued_total"] for s in stats)
             t_prev, enq_prev = self._last_enqueued.get(p.name, (now, enq))
             rate = (enq - enq_prev) / (now - t_prev) if now > t_prev else 0.0
@@ -134,7 +144,7 @@ class Controller:
             sample = {
                 "t_s": round(now - self._t0, 3), "unix_s": wall, "pool": p.name,
                 "agents": decision.agents, "raw_desired": decision.raw_desired,
-                "reason": decision.reason, "hosts": running,
+                "reason": decision.reason, "hosts": running, "hosts_stopping": stopping,
                 "desired_hosts": p.hosts_for(decision.agents),
                 "queue_depth": depth, "in_flight": in_flight,
                 "oldest_age_s": max((s["oldest_age_s"] for s in stats), default=0.0),

@@ -22,7 +22,9 @@ from fleet.spec.pools import PoolSpec
 
 LOOPBACK = "127.0.0.1"
 HOST_METRICS_INTERVAL_S = 1.0
-HOST_DRAIN_TIMEOUT_S = 30.0
+# How often a removed host checks whether its last batch has finished (Serve's default
+# of 2 s would keep every drained host, and its agents, around that much longer).
+HOST_DRAIN_CHECK_S = 0.5
 
 
 def host_deployment_options(spec: FleetSpec, pool: PoolSpec) -> dict[str, Any]:
@@ -37,7 +39,12 @@ def host_deployment_options(spec: FleetSpec, pool: PoolSpec) -> dict[str, Any]:
         # host (and so its agents) starts.
         **({"placement_group_bundles": [pool.host_bundle],
             "placement_group_strategy": pool.placement_strategy} if pool.host_bundle else {}),
-        "graceful_shutdown_timeout_s": HOST_DRAIN_TIMEOUT_S,
+        # Scale-down: Serve stops routing to the host it removes, waits until the
+        # host's batches are done (checking every HOST_DRAIN_CHECK_S), and stops it
+        # after host_drain_timeout_s at the latest; the dispatcher then nacks what it
+        # still held, so that work is redelivered (see fleet.runtime.dispatcher).
+        "graceful_shutdown_wait_loop_s": HOST_DRAIN_CHECK_S,
+        "graceful_shutdown_timeout_s": pool.host_drain_timeout_s,
         "autoscaling_config": {
             "min_replicas": min_hosts,
             "initial_replicas": start_hosts,

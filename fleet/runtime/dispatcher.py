@@ -64,7 +64,13 @@ class _PoolState:
 
     @property
     def capacity(self) -> int:
-        return self.active_agents * self.spec.concurrency_per_agent
+        """Tasks the pool may hold: its active agents' slots, but no more than its
+        running hosts can run. While new hosts start, the rest of the work stays in the
+        queue, where any host can take it, instead of waiting inside a host that Serve
+        may remove (which would then have to finish it within its drain timeout or
+        hand it back)."""
+        agents = min(self.active_agents, self.hosts * self.spec.agents_per_host)
+        return agents * self.spec.concurrency_per_agent
 
     @property
     def per_host_agents(self) -> int:

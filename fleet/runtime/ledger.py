@@ -82,6 +82,9 @@ class Ledger:
             "failure_reasons": dict(reasons),
             "sample_errors": [o.error for o in records if not o.ok][:3],
             "duplicate_executions": sum(dupes.values()),
+            # Recorded from a second or later delivery: their first holder died, was
+            # removed past its drain timeout, or handed them back.
+            "redelivered": sum(1 for o in records if o.deliveries > 1),
             "latency_s": percentiles(latencies),
             "first_submit_unix_s": first,
             "last_finish_unix_s": last,

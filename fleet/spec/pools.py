@@ -30,6 +30,8 @@ def _check_import_path(value: str) -> str:
     return value
 
 
+DEFAULT_HOST_DRAIN_TIMEOUT_S = 30.0
+
 Name = Annotated[str, AfterValidator(_check_name)]
 ImportPath = Annotated[str, AfterValidator(_check_import_path)]
 
@@ -53,6 +55,10 @@ class PoolSpec(SpecModel):
     placement_timeout_s: float = Field(default=30.0, gt=0)
     """How long deploy waits for the pool's starting hosts to be placeable before it
     fails with ``PoolUnschedulable`` (instead of waiting forever)."""
+    host_drain_timeout_s: float = Field(default=DEFAULT_HOST_DRAIN_TIMEOUT_S, gt=0)
+    """How long a host that Serve removes (scale-down) may keep finishing the batches it
+    holds; it takes no new ones meanwhile. Past it the host is stopped, and the
+    dispatcher hands its unfinished batches back to the queue for redelivery."""
     autoscaling: AutoscalingSpec = AutoscalingSpec()
     routing: RoutingSpec = RoutingSpec()
 

@@ -20,8 +20,9 @@ def _args(**kw):
     return argparse.Namespace(**{**base, **kw})
 
 
-def _sample(t, agents, raw, hosts=1, depth=0):
+def _sample(t, agents, raw, hosts=1, depth=0, stopping=0):
     return {"t_s": t, "agents": agents, "raw_desired": raw, "hosts": hosts,
+            "hosts_stopping": stopping,
             "desired_hosts": hosts, "queue_depth": depth, "in_flight": 0,
             "arrival_rate_per_s": 0.0, "reason": "hold"}
 
@@ -43,6 +44,19 @@ def test_report_measures_scale_up_lag_and_scale_down_rate():
     assert down["allowed_rate_agents_per_s"] == 9.5 and down["min_duration_s"] == 4.0
     assert r["within_bounds"] and r["agents"] == {"min": 2, "max": 40, "start": 2, "end": 2}
     assert r["queue_depth_max"] == 300 and r["lost"] == 0
+
+
+def test_report_times_host_removal_until_no_host_is_still_draining():
+    spec = trace_spec(_args())
+    phases = [Phase("base", 0, 1, 1), Phase("step", 1, 2, 10), Phase("stopped", 3, 10, 0)]
+    samples = [_sample(0.5, 2, 2), _sample(2.0, 30, 30, 3), _sample(5.0, 30, 2, 3),
+               _sample(6.0, 10, 2, 2, stopping=1), _sample(7.0, 2, 2, 1, stopping=2),
+               _sample(8.0, 2, 2, 1, stopping=1), _sample(9.0, 2, 2, 1)]
+    r = build_report(spec, phases, samples, [], ["a"], [], {**SUMMARY, "redelivered": 3})
+    assert r["hosts"] == {"min": 1, "max": 3, "end": 1, "max_stopping": 2}
+    assert r["hosts_removed"] == {"from_hosts": 3, "to_hosts": 1, "started_s": 5.0,
+                                  "done_s": 9.0}
+    assert r["redelivered"] == 3
 
 
 def test_report_flags_agents_out_of_bounds():
@@ -86,10 +100,24 @@ def test_autoscale_trace_json_and_plot(ray_cluster, tmp_path, capsys):
     assert "scale_up" in report and "scale_down" in report
     s = report["samples"]
     assert len(s) >= 10
-    assert {"t_s", "agents", "hosts", "queue_depth", "arrival_rate_per_s"} <= set(s[0])
+    assert {"t_s", "agents", "hosts", "hosts_stopping", "queue_depth",
+            "arrival_rate_per_s"} <= set(s[0])
+    assert report["redelivered"] >= 0 and report["hosts"]["max"] >= 1
     assert max(x["queue_depth"] for x in s) > 0
     assert max(x["arrival_rate_per_s"] for x in s) > report["phases"][0]["rate_per_s"]
     assert [x["t_s"] for x in s] == sorted(x["t_s"] for x in s)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert report["plot"] == str(png)
+
+
+def test_host_drain_timeout_reaches_serve_options():
+    from fleet.runtime.deploy import HOST_DRAIN_CHECK_S, host_deployment_options
+
+    spec = trace_spec(_args(host_drain_timeout_s=2.5))
+    opts = host_deployment_options(spec, spec.pools[0])
+    assert opts["graceful_shutdown_timeout_s"] == 2.5
+    assert opts["graceful_shutdown_wait_loop_s"] == HOST_DRAIN_CHECK_S < 2.5
+    default = trace_spec(_args())
+    assert host_deployment_options(default, default.pools[0])[
+        "graceful_shutdown_timeout_s"] == default.pools[0].host_drain_timeout_s == 30.0

@@ -34,6 +34,7 @@ def test_demo_spec_loads_with_three_pools():
     ({"agent_class": "not a path"}, "pools.0.agent_class", "import path"),
     ({"name": "Bad Name"}, "pools.0.name", "not a valid name"),
     ({"routing": {"router": "magic"}}, "pools.0.routing.router", "least_loaded"),
+    ({"host_drain_timeout_s": 0}, "pools.0.host_drain_timeout_s", "greater than 0"),
 ])
 def test_bad_pool_fields_are_named(bad, path, needle):
     errs = errors_of({"pools": [pool(**bad)]})
