@@ -93,7 +93,8 @@ def test_a_shard_sizes_each_batch_from_its_own_depth(ray_cluster):
     from fleet.spec.queues import QueueSpec
     from fleet.task import to_item
 
-    spec = QueueSpec.model_validate({"batch": {"max_items": 4}, "lease_s": 30})
+    spec = QueueSpec.model_validate({"batch": {"max_items": 4}, "lease_s": 30,
+                                   "storage": {"backend": "memory"}})
     shard = QueueShard.remote("work", 0, spec.model_dump(mode="json"), 3, "no-ledger",
                               "fleet-qtest-batch")
     try:
