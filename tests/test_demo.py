@@ -15,7 +15,10 @@ def test_demo_accounts_for_every_task_and_scales(ray_cluster):
     out = run_workload(spec, 3_000, seed=1, show=False)
     assert out["lost"] == 0 and out["ledger_lost"] == 0
     assert out["completed"] + out["failed"] == out["submitted"] == 3_000
-    assert out["failed"] > 0 and set(out["failure_reasons"]) == {"error"}
+    # The support agent's simulated upstream error is retried (unknown errors are, by
+    # default); what is recorded is the last attempt, or a retry the budget refused.
+    assert out["failed"] > 0
+    assert set(out["failure_reasons"]) <= {"max_attempts", "retry_budget_exhausted"}, out
     assert all("simulated upstream error" in e for e in out["sample_errors"])
     floor = sum(p.autoscaling.min_agents for p in spec.pools)
     assert out["agents"]["start"] == floor and out["agents"]["end"] == floor
