@@ -37,3 +37,16 @@ def make_spec(*pools: dict[str, Any], **kw: Any) -> FleetSpec:
     queues = dict(kw.pop("queues", {}))
     queues.setdefault("storage", {"backend": "memory"})
     return parse_spec({"pools": list(pools) or [pool()], "queues": queues, **kw})
+
+
+class FakeLedger:
+    """Stands in for the ledger actor in host tests: ``record.remote(outcomes)`` keeps
+    the outcomes in ``outcomes``."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[Any] = []
+        self.record = self
+
+    async def remote(self, outcomes: list[Any]) -> int:
+        self.outcomes.extend(outcomes)
+        return len(outcomes)

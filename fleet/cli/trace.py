@@ -328,13 +328,14 @@ def run(args: argparse.Namespace) -> int:
     base = args.base_rate
     phases = [Phase("base", 0.0, args.base_s, base),
               Phase("step", args.base_s, args.step_s, base * args.step_factor)]
-    make_task = None
+    make_task: Callable[[int], dict[str, Any]] | None = None
     if args.task_s:
         lo, hi = sorted(args.task_s)
         rng = random.Random(args.seed)
 
-        def make_task(k: int) -> dict[str, Any]:
+        def sleepy_task(k: int) -> dict[str, Any]:
             return {"capability": POOL, "payload": {"k": k, "sleep_s": rng.uniform(lo, hi)}}
+        make_task = sleepy_task
     started = init_ray(args.address)
     try:
         report = run_trace(spec, phases, args.drain_s, show=not args.json,

@@ -24,7 +24,6 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections import defaultdict
 from typing import Any
 
 import ray

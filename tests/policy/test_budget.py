@@ -21,7 +21,6 @@ from fleet.policy.budget import (
     Reservation,
     Resource,
     Usage,
-    budget_key,
     to_units,
 )
 from fleet.spec import SpecError, load_spec, parse_spec

@@ -24,8 +24,8 @@ from fleet.runtime.budget_client import BudgetClient, Grant
 from fleet.runtime.host import REASON_BUDGET_EXHAUSTED, AgentHost
 from fleet.runtime.names import Names
 from fleet.spec.budgets import BudgetsSpec
-from fleet.task import Item, Outcome, to_item
-from tests.utils import FakeClock, make_spec, pool
+from fleet.task import Item, to_item
+from tests.utils import FakeClock, FakeLedger, make_spec, pool
 
 PRICES = {"test-model": {"input_usd_per_mtok": 3.0, "output_usd_per_mtok": 7.0}}
 TASK_USD = 0.01  # 1000 input + 1000 output tokens of test-model
@@ -68,23 +68,14 @@ class _BookActor:
         self.settle_batch = _Remote(book.settle_batch, self.calls, "settle")
 
 
-class _FakeLedger:
-    def __init__(self) -> None:
-        self.outcomes: list[Outcome] = []
-        self.record = self
 
-    async def remote(self, outcomes: list[Outcome]) -> int:
-        self.outcomes.extend(outcomes)
-        return len(outcomes)
-
-
-def _host(spec, book: BudgetBook) -> tuple[AgentHost, _FakeLedger, _BookActor]:
+def _host(spec, book: BudgetBook) -> tuple[AgentHost, FakeLedger, _BookActor]:
     p = spec.pools[0]
     host = AgentHost(p.model_dump(mode="json"), spec.resilience.model_dump(mode="json"),
                      {k: v.model_dump() for k, v in spec.budgets.prices.items()})
     actor = _BookActor(book)
     host._budget = BudgetClient(actor=actor)
-    ledger = _FakeLedger()
+    ledger = FakeLedger()
     host._ledger = ledger
     return host, ledger, actor
 

@@ -15,8 +15,8 @@ import pytest
 from fleet.agent import Agent
 from fleet.policy.health import AgentState
 from fleet.runtime.host import AgentHost
-from fleet.task import Item, Outcome, Task, to_item
-from tests.utils import pool
+from fleet.task import Item, Task, to_item
+from tests.utils import FakeLedger, pool
 
 AGENT = "tests.runtime.test_host_health:SwitchAgent"
 
@@ -65,15 +65,6 @@ def _reset_switches():
     yield
 
 
-class _FakeLedger:
-    def __init__(self) -> None:
-        self.outcomes: list[Outcome] = []
-        self.record = self
-
-    async def remote(self, outcomes: list[Outcome]) -> int:
-        self.outcomes.extend(outcomes)
-        return len(outcomes)
-
 
 FAST_HEALTH = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 0.6,
                "startup_timeout_s": 1.0, "hung_task_grace_s": 0.3,
@@ -83,12 +74,12 @@ FAST_HEALTH = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 0.6,
 
 
 def _host(agents: int, health: dict[str, Any] | None = None,
-          resilience: dict[str, Any] | None = None) -> tuple[AgentHost, _FakeLedger]:
+          resilience: dict[str, Any] | None = None) -> tuple[AgentHost, FakeLedger]:
     spec = pool("work", agent_class=AGENT, agents_per_host=agents,
                 autoscaling={"min_agents": agents, "max_agents": agents})
     host = AgentHost(spec, resilience or {"retry": {"max_attempts": 1}},
                      health=health or FAST_HEALTH)
-    ledger = _FakeLedger()
+    ledger = FakeLedger()
     host._ledger = ledger
     return host, ledger
 

@@ -26,33 +26,22 @@ from fleet.runtime.client import FleetClient, QueueFullError
 from fleet.runtime.host import AgentHost
 from fleet.runtime.names import Names
 from fleet.spec.resilience import ResilienceSpec
-from fleet.task import Item, Outcome, to_item
-from tests.utils import make_spec, pool
+from fleet.task import Item, to_item
+from tests.utils import FakeLedger, make_spec, pool
 
 _ids = itertools.count()
 
 
 # --- the host alone -------------------------------------------------------------------
 
-class _FakeLedger:
-    """Stands in for the ledger actor: ``record.remote(outcomes)`` keeps them."""
-
-    def __init__(self) -> None:
-        self.outcomes: list[Outcome] = []
-        self.record = self
-
-    async def remote(self, outcomes: list[Outcome]) -> int:
-        self.outcomes.extend(outcomes)
-        return len(outcomes)
-
 
 def _host(agents: int = 10, resilience: dict[str, Any] | None = None,
-          **pool_kw: Any) -> tuple[AgentHost, _FakeLedger]:
+          **pool_kw: Any) -> tuple[AgentHost, FakeLedger]:
     spec = pool("work", agent_class=pool_kw.pop("agent_class", "fleet.agents.testing:SleepAgent"),
                 agents_per_host=agents,
                 autoscaling={"min_agents": agents, "max_agents": agents}, **pool_kw)
     host = AgentHost(spec, resilience)
-    ledger = _FakeLedger()
+    ledger = FakeLedger()
     host._ledger = ledger
     return host, ledger
 
