@@ -470,11 +470,17 @@ class AgentHost(AgentHealthMixin):
             for _ in range(owed):
                 b.record(True, None)
 
+    def _new_agent(self, i: int) -> Agent:
+        """A fresh instance of logical agent i (not set up yet), wired to the host's
+        dependency breakers. Used on first use and by health restarts."""
+        agent = self._agent_cls(self._agent_ids[i], **self.pool.agent_kwargs)
+        agent.dependency_breaker = self._breakers.dependency
+        return agent
+
     async def _agent(self, i: int) -> Agent:
         agent = self._agents[i]
         if agent is None:
-            agent = self._agent_cls(self._agent_ids[i], **self.pool.agent_kwargs)
-            agent.dependency_breaker = self._breakers.dependency
+            agent = self._new_agent(i)
             await agent.setup()
             self._agents[i] = agent
             # Optional agent attributes the routers use: expertise (task types it is

@@ -237,7 +237,7 @@ class AgentHealthMixin:
         self._lat[i] = 0.0  # the router's view of the old instance does not carry over
         self._router.forget(agent_id)
         try:
-            agent = self._agent_cls(agent_id, **self.pool.agent_kwargs)
+            agent = self._new_agent(i)
             await asyncio.wait_for(agent.setup(), self.health_spec.startup_timeout_s)
             if _custom_heartbeat(agent):
                 await asyncio.wait_for(agent.heartbeat(),
