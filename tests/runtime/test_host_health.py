@@ -334,8 +334,14 @@ def test_cascade_opens_the_fleet_breaker_throttles_restarts_and_recovers(start_f
         s = fc.summary(ids + after)
         assert s["lost"] == 0 and s["completed"] + s["failed"] == len(ids) + len(after)
         print("tasks:", {k: s[k] for k in ("completed", "failed", "lost")})
-        text = fc.metrics_text()
-        assert 'fleet_agents{pool="work",state="healthy"} 20.0' in text
+        # The gauges follow the hosts' periodic reports: give them a few ticks.
+        want = 'fleet_agents{pool="work",state="healthy"} 20.0'
+        for _ in range(30):
+            text = fc.metrics_text()
+            if want in text:
+                break
+            time.sleep(0.5)
+        assert want in text, [ln for ln in text.splitlines() if ln.startswith("fleet_agents")]
         assert "fleet_agent_restarts_total" in text
     finally:
         ray.kill(board)
