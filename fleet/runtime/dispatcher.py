@@ -171,15 +171,16 @@ class Dispatcher:
                 items, ps.depth[s] = await ps.shards[s].lease_batch.remote(reserved, self.holder)
             except ray.exceptions.RayError:
                 items = []
-                await asyncio.sleep(IDLE_BACKOFF_MAX_S)  # shard restarting
-            finally:
-                ps.reserved -= reserved
+                idle_s = IDLE_BACKOFF_MAX_S  # shard restarting
+            ps.reserved -= reserved
+            if reserved > len(items):
+                # Slots this loop did not fill go to the other shards' loops, which may
+                # be waiting for room this reservation held (an empty shard included).
+                ps.room.set()
             if not items:
                 await asyncio.sleep(idle_s)
                 idle_s = min(idle_s * 2, IDLE_BACKOFF_MAX_S)
                 continue
-            if reserved > len(items):
-                ps.room.set()  # slots this loop did not fill, for the other shards' loops
             idle_s = IDLE_BACKOFF_MIN_S
             ps.in_flight += len(items)
             ps.sent_batches += 1
