@@ -11,7 +11,8 @@ Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
   outcome per id).
 - ``GET /tasks/{id}``: ``pending`` (no outcome recorded yet) or the recorded result.
 - ``GET /status``: the fleet's pools, agents, hosts and queues (as ``fleet status``).
-- ``GET /healthz``: 200 when the fleet's ledger answers, 503 otherwise.
+- ``GET /healthz``: 200 when every control actor is ALIVE and the ledger answers; 503
+  naming each actor that is not (restarting, dead, missing, pending) and its state.
 
 Invalid input is a 422 naming the field (``detail[].loc``), never a 500. The replicas
 talk to the fleet through its named actors (found with ``FleetClient.connect``) and
@@ -35,10 +36,22 @@ from ray import serve
 
 import fleet
 from fleet.queue.lease_queue import QueueFull
+from fleet.runtime.lifecycle import actor_states, not_alive
 from fleet.runtime.names import Names
-from fleet.task import Item, Result, Task, TaskRejected, to_item
+from fleet.runtime.ledger import LedgerClient
+from fleet.task import (
+    IdempotencyConflict,
+    Item,
+    Outcome,
+    Result,
+    Task,
+    TaskRejected,
+    split_known,
+    to_item,
+)
 
 INGRESS_DEPLOYMENT = "ingress"
+CONFLICT_PREFIX = "conflict:"
 MAX_BATCH_TASKS = 10_000
 DEFAULT_SUBMIT_WAIT_S = 1.0
 DEFAULT_RETRY_AFTER_S = 1
@@ -68,15 +81,32 @@ BODY_EXAMPLES = {
 }
 
 
+class TaskState(BaseModel):
+    id: str
+    status: Literal["pending", "completed", "failed"]
+    result: Result | None = None
+
+
 class Accepted(BaseModel):
-    """Tasks queued; poll ``GET /tasks/{id}`` for each."""
+    """Tasks accepted; poll ``GET /tasks/{id}`` for each. ``results`` holds the recorded
+    outcome of every accepted id that already had one: it was not run again."""
 
     ids: list[str]
+    results: list[TaskState] = []
 
 
 class NotQueued(BaseModel):
     index: int
     id: str
+
+
+class Conflict(BaseModel):
+    """An idempotency key was already used with another payload; nothing conflicting
+    was queued (``accepted`` lists what other shards took, if any)."""
+
+    detail: str
+    conflicts: list[NotQueued]
+    accepted: list[str]
 
 
 class Backpressure(BaseModel):
@@ -88,16 +118,15 @@ class Backpressure(BaseModel):
     retry_after_s: int
 
 
-class TaskState(BaseModel):
-    id: str
-    status: Literal["pending", "completed", "failed"]
-    result: Result | None = None
-
-
 class Health(BaseModel):
-    status: Literal["ok"]
+    """``ok`` (200) with the outcomes recorded, or ``unhealthy`` (503) with why: each
+    control actor that is not ALIVE, by state (RESTARTING, DEAD, MISSING, ...)."""
+
+    status: Literal["ok", "unhealthy"]
     fleet: str
-    recorded: int
+    recorded: int | None = None
+    detail: str | None = None
+    not_alive: dict[str, str] | None = None
 
 
 api = FastAPI(
@@ -109,6 +138,18 @@ api = FastAPI(
 
 def _is_queue_full(exc: BaseException) -> bool:
     return isinstance(exc, QueueFull) or isinstance(getattr(exc, "cause", None), QueueFull)
+
+
+def _conflict_of(exc: Any) -> IdempotencyConflict | None:
+    if isinstance(exc, IdempotencyConflict):
+        return exc
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, IdempotencyConflict) else None
+
+
+def _state(task_id: str, outcome: Outcome) -> TaskState:
+    result = outcome.to_result()
+    return TaskState(id=task_id, status=result.status.value, result=result)
 
 
 def _validation_error(errors: list[dict[str, Any]]) -> JSONResponse:
@@ -136,7 +177,7 @@ class Ingress:
         names = Names(spec.name)
         self._caps = frozenset(spec.capabilities)
         self._max_payload_bytes = spec.queues.max_payload_bytes
-        self._ledger = ray.get_actor(names.ledger, namespace=spec.namespace)
+        self._ledger = LedgerClient.for_spec(spec)
         self._shards = {
             cap: [ray.get_actor(names.shard(cap, i), namespace=spec.namespace)
                   for i in range(spec.queues.shards)]
@@ -148,12 +189,22 @@ class Ingress:
 
     # -- submit --------------------------------------------------------------------
     @api.post("/tasks", status_code=202, response_model=Accepted,
-              responses={422: {"description": "invalid task(s): nothing was queued"},
+              responses={200: {"model": Accepted,
+                               "description": "every task already has an outcome"},
+                         409: {"model": Conflict,
+                               "description": "idempotency key used with another payload"},
+                         422: {"description": "invalid task(s): nothing was queued"},
                          429: {"model": Backpressure, "description": "queue full"},
                          503: {"model": Backpressure, "description": "fleet unreachable"}})
     async def submit(
             self, body: Annotated[TaskOrBatch, Body(openapi_examples=BODY_EXAMPLES)]) -> Any:
-        """Queue one task (a JSON object) or a batch (a JSON array, all or nothing)."""
+        """Queue one task (a JSON object) or a batch (a JSON array, all or nothing).
+
+        A task whose id or ``idempotency_key`` already has a recorded outcome is not run
+        again: it is answered with that outcome (200 when every task of the request
+        has one, else 202 with them in ``results``). The same ``idempotency_key`` with a
+        different payload is refused with 409 naming the key.
+        """
         batch = isinstance(body, list)
         tasks = body if batch else [body]
         items, errors = [], []
@@ -165,9 +216,24 @@ class Ingress:
                 errors.append({"type": "task_rejected", "loc": loc, "msg": exc.reason})
         if errors:
             return _validation_error(errors)
-        not_queued, error = await self._enqueue(items)
+        fresh, existing, conflicts = split_known(
+            items, await self._ledger.get_async([it.id for it in items]))
+        if conflicts:
+            return self._conflict(items, conflicts, [])
+        results = [_state(it.id, existing[it.id]) for it in items if it.id in existing]
+        order = [k for k, it in enumerate(items) if it.id not in existing]
+        not_queued, error = await self._enqueue(fresh)
+        not_queued = [order[j] for j in not_queued]
+        if error.startswith(CONFLICT_PREFIX):
+            refused = set(not_queued)
+            ids = [i for i in error.removeprefix(CONFLICT_PREFIX).split("\n") if i]
+            return self._conflict(items, ids, [it.id for k, it in enumerate(items)
+                                               if k not in refused])
         if not not_queued:
-            return Accepted(ids=[it.id for it in items])
+            accepted = Accepted(ids=[it.id for it in items], results=results)
+            if not fresh:  # every task already has its outcome: nothing new was queued
+                return JSONResponse(status_code=200, content=accepted.model_dump(mode="json"))
+            return accepted
         refused = set(not_queued)
         report = Backpressure(
             detail=error,
@@ -178,6 +244,13 @@ class Ingress:
         status = 429 if error.startswith("queue full") else 503
         return JSONResponse(status_code=status, content=report.model_dump(),
                             headers={"Retry-After": str(self._retry_after_s)})
+
+    def _conflict(self, items: list[Item], ids: list[str], accepted: list[str]) -> JSONResponse:
+        bad = set(ids)
+        report = Conflict(detail=str(IdempotencyConflict(ids)), accepted=accepted,
+                          conflicts=[NotQueued(index=k, id=it.id)
+                                     for k, it in enumerate(items) if it.id in bad])
+        return JSONResponse(status_code=409, content=report.model_dump())
 
     async def _enqueue(self, items: list[Item]) -> tuple[list[int], str]:
         """Put items on their shards; returns the indices not queued and why.
@@ -200,6 +273,11 @@ class Ingress:
                   for (cap, s), idx in pending),
                 return_exceptions=True)
             retry, failure = [], ""
+            conflicts = [i for res in results if (c := _conflict_of(res)) for i in c.ids]
+            if conflicts:  # refused whole by its shard: report it, queue no more
+                left = sorted(k for (_, idx), res in zip(pending, results)
+                              if isinstance(res, BaseException) for k in idx)
+                return left, CONFLICT_PREFIX + "\n".join(conflicts)
             for entry, res in zip(pending, results):
                 if not isinstance(res, BaseException):
                     continue
@@ -241,11 +319,10 @@ class Ingress:
         ``pending`` also answers for an id fleet never accepted: the ledger records
         outcomes, and the queues are not indexed by id for lookups.
         """
-        (outcome,) = await self._ledger.get.remote([task_id])
+        (outcome,) = await self._ledger.get_async([task_id])
         if outcome is None:
             return TaskState(id=task_id, status="pending")
-        result = outcome.to_result()
-        return TaskState(id=task_id, status=result.status.value, result=result)
+        return _state(task_id, outcome)
 
     @api.get("/status")
     async def status(self) -> dict[str, Any]:
@@ -257,12 +334,38 @@ class Ingress:
         """Prometheus metrics: queue depth, age, rates, lease expiries, active alerts."""
         return await asyncio.to_thread(self._fc.metrics_text)
 
-    @api.get("/healthz", response_model=Health, responses={503: {"description": "unhealthy"}})
+    @api.get("/healthz", response_model=Health, response_model_exclude_none=True,
+             responses={503: {"model": Health, "description": "a control actor is not "
+                              "ALIVE, or the ledger does not answer"}})
     async def healthz(self) -> Any:
-        """200 when the fleet's ledger answers within a couple of seconds."""
-        try:
-            recorded = await asyncio.wait_for(self._ledger.count.remote(), HEALTH_TIMEOUT_S)
+        """200 when every control actor is ALIVE and the ledger answers; 503 naming
+        each actor that is not, with its state. Answers within ``HEALTH_TIMEOUT_S``.
+
+        The states come from Ray's GCS, not from the actors: a call to a restarting
+        actor waits for its restart (``max_task_retries=-1``), so only the ledger is
+        called, and only once it is ALIVE.
+        """
+        spec = self._fc.spec
+        deadline = asyncio.get_running_loop().time() + HEALTH_TIMEOUT_S
+
+        def unhealthy(detail: str, down: dict[str, str] | None = None) -> JSONResponse:
+            body = Health(status="unhealthy", fleet=spec.name, detail=detail, not_alive=down)
+            return JSONResponse(status_code=503, content=body.model_dump(exclude_none=True))
+
+        try:  # actor_states blocks on the GCS: in a thread, bounded
+            states = await asyncio.wait_for(asyncio.to_thread(
+                actor_states, spec.namespace, Names(spec.name).control_actors(spec)),
+                HEALTH_TIMEOUT_S)
         except Exception as exc:  # any failure to answer is "unhealthy", not a 500
-            return JSONResponse(status_code=503, content={
-                "status": "unhealthy", "detail": f"ledger did not answer: {type(exc).__name__}"})
-        return Health(status="ok", fleet=self._fc.spec.name, recorded=recorded)
+            return unhealthy(f"control actor states unknown: {type(exc).__name__}")
+        down = not_alive(states)
+        if down:
+            return unhealthy("control actor(s) not alive: " + ", ".join(
+                f"{name} {state}" for name, state in down.items()), down)
+        try:
+            recorded = await asyncio.wait_for(
+                self._ledger.count_async(),
+                max(0.1, deadline - asyncio.get_running_loop().time()))
+        except Exception as exc:
+            return unhealthy(f"ledger did not answer: {type(exc).__name__}")
+        return Health(status="ok", fleet=spec.name, recorded=recorded)

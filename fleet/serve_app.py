@@ -82,10 +82,7 @@ def resolve_spec(ref: str | dict[str, Any], where: str = "args.spec") -> FleetSp
 
 
 def _fleet_actor_names(spec: FleetSpec) -> list[str]:
-    names = Names(spec.name)
-    budget = [names.budget] if spec.budgets.enforced else []
-    return [names.ledger, *budget, names.controller, names.dispatcher] + [
-        names.shard(cap, i) for cap in spec.capabilities for i in range(spec.queues.shards)]
+    return Names(spec.name).control_actors(spec)
 
 
 def ensure_fleet(spec: FleetSpec) -> str:

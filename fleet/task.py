@@ -8,6 +8,7 @@ models cost ten times more to serialize. Validation happens once, at submit.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from enum import Enum
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fleet.spec.queues import DEFAULT_MAX_PAYLOAD_BYTES
 
+IDEMPOTENT_PREFIX = "idem-"  # a task submitted with an idempotency_key gets this id
 MIN_PRIORITY = 0
 MAX_PRIORITY = 9
 DEFAULT_PRIORITY = 5
@@ -32,6 +34,48 @@ class TaskRejected(ValueError):
         self.task_id = task_id
         where = f"task {task_id}: " if task_id else ""
         super().__init__(f"{where}{field}: {reason}")
+
+
+class IdempotencyConflict(Exception):
+    """A task's idempotency key is already taken by a task with another payload."""
+
+    def __init__(self, ids: list[str]):
+        self.ids = ids
+        keys = ", ".join(repr(i.removeprefix(IDEMPOTENT_PREFIX)) for i in ids[:5])
+        more = f" and {len(ids) - 5} more" if len(ids) > 5 else ""
+        super().__init__(f"idempotency_key {keys}{more} already used with a different "
+                         "payload; use a new key for a different task")
+
+    def __reduce__(self):
+        return (IdempotencyConflict, (self.ids,))
+
+
+def payload_hash(payload: bytes) -> int:
+    """A stable signed 64-bit hash of a task's encoded payload (idempotency checks)."""
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little",
+                          signed=True)
+
+
+def split_known(items: list[Item], known: list[Outcome | None]
+                ) -> tuple[list[Item], dict[str, Outcome], list[str]]:
+    """Split items to submit by what the ledger already holds for their ids (``known``,
+    in the same order): (to queue, id -> recorded outcome, conflicting ids).
+
+    A recorded id is not run again: its outcome is the answer. An idempotency key
+    recorded with another payload is a conflict (the same key must mean the same task).
+    """
+    fresh: list[Item] = []
+    existing: dict[str, Outcome] = {}
+    conflicts: list[str] = []
+    for it, o in zip(items, known):
+        if o is None:
+            fresh.append(it)
+        elif (o.payload_hash is not None and it.id.startswith(IDEMPOTENT_PREFIX)
+              and o.payload_hash != payload_hash(it.payload)):
+            conflicts.append(it.id)
+        else:
+            existing[it.id] = o
+    return fresh, existing, conflicts
 
 
 class Task(BaseModel):
@@ -114,6 +158,9 @@ class Outcome(NamedTuple):
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    # The task's payload hash when it has an idempotency key (``idem-`` ids): a later
+    # submission of the key with another payload is refused, not answered with this.
+    payload_hash: int | None = None
 
     def to_result(self) -> Result:
         return Result(
@@ -190,7 +237,7 @@ def to_item(task: Task | dict[str, Any], capabilities: frozenset[str] | set[str]
         raise TaskRejected(
             "deadline_unix_s", f"{task.deadline_unix_s} is already past (now {now:.3f})", task.id
         )
-    task_id = f"idem-{task.idempotency_key}" if task.idempotency_key else task.id
+    task_id = f"{IDEMPOTENT_PREFIX}{task.idempotency_key}" if task.idempotency_key else task.id
     return Item(
         id=task_id, capability=task.capability, priority=task.priority, payload=payload,
         submitted_unix_s=now, deadline_unix_s=task.deadline_unix_s, utility=task.utility,

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fleet.spec import FleetSpec, parse_spec
+
+T = TypeVar("T")
 
 
 class FakeClock:
@@ -40,13 +44,33 @@ def make_spec(*pools: dict[str, Any], **kw: Any) -> FleetSpec:
 
 
 class FakeLedger:
-    """Stands in for the ledger actor in host tests: ``record.remote(outcomes)`` keeps
-    the outcomes in ``outcomes``."""
+    """Stands in for the hosts' ``LedgerClient`` in host tests:
+    ``record_async(outcomes)`` keeps the outcomes in ``outcomes``."""
 
     def __init__(self) -> None:
         self.outcomes: list[Any] = []
-        self.record = self
 
-    async def remote(self, outcomes: list[Any]) -> int:
+    async def record_async(self, outcomes: list[Any]) -> int:
         self.outcomes.extend(outcomes)
         return len(outcomes)
+
+
+def eventually(predicate: Callable[[], T], timeout_s: float, interval_s: float = 0.05,
+               what: str = "") -> T:
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout_s``
+    passes (AssertionError naming ``what`` and the last value or error). For live tests
+    that wait on a real system: bounded polling, never a bare sleep."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while True:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except Exception as exc:  # e.g. not reachable yet: keep polling, report it
+            last = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not true after {timeout_s:g}s: "
+                                 f"{what or getattr(predicate, '__name__', 'predicate')}; "
+                                 f"last: {last!r}")
+        time.sleep(interval_s)

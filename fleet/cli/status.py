@@ -1,5 +1,5 @@
-"""``fleet status``: pools, agents (and their health), hosts, queues, alerts and the ledger
-of a running fleet."""
+"""``fleet status``: pools, agents (and their health), hosts, queues, alerts, the ledger and
+the control plane (each control actor's state and restarts) of a running fleet."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ LAST_FAILURES_SHOWN = 5
 
 
 def _human(st: dict) -> str:
-    lines = [f"fleet {st['fleet']}: {st['ledger']['recorded']} outcome(s) recorded"]
+    recorded = st["ledger"].get("recorded")
+    lines = [f"fleet {st['fleet']}: {'?' if recorded is None else recorded} outcome(s) "
+             "recorded"]
+    lines.extend(_control_lines(st.get("control", {}), st.get("unavailable", {})))
     for name, p in st["pools"].items():
         q = p.get("queue", {})
         lines.append(
@@ -38,6 +41,24 @@ def _human(st: dict) -> str:
         lines.append(f"  ALERT {a['severity']}: {a['rule']} on {a['subject']} "
                      f"(value {a['value']:g}, threshold {a['threshold']:g})")
     return "\n".join(lines)
+
+
+def _control_lines(control: dict, unavailable: dict) -> list[str]:
+    """One compact line while every control actor is alive and never restarted, else one
+    line per actor; then whatever did not answer."""
+    if not control:
+        lines = ["  control plane: state unknown (Ray's GCS did not answer)"]
+    elif all(a["state"] == "ALIVE" and a["restarts"] == 0 for a in control.values()):
+        lines = [f"  control plane: {len(control)} actor(s) alive, no restarts"]
+    else:
+        down = sum(a["state"] != "ALIVE" for a in control.values())
+        lines = [f"  control plane: {len(control) - down} of {len(control)} actor(s) alive"]
+        width = max(len(n) for n in control)
+        lines.extend(f"    {name:<{width}}  {a['state']:<18} restarts {a['restarts']}"
+                     for name, a in control.items())
+    lines.extend(f"    not read: {name} ({why})" for name, why in unavailable.items()
+                 if control.get(name, {}).get("state") in (None, "ALIVE"))
+    return lines
 
 
 def _health_lines(p: dict) -> list[str]:
@@ -73,10 +94,33 @@ def _budget_lines(b: dict | None) -> list[str]:
     return lines
 
 
+def _while_controller_restarts(fleet: str, namespace: str) -> dict | None:
+    """When the controller is not ALIVE (joining the fleet asks it for the spec, and
+    that call would wait for its restart): the state of every actor of the fleet, from
+    Ray's GCS. None when it is ALIVE or missing (joining then answers as usual)."""
+    import ray
+
+    from fleet.runtime.lifecycle import ALIVE, MISSING, actor_states
+    from fleet.runtime.names import Names
+
+    ctl = Names(fleet).controller
+    state = actor_states(namespace, [ctl])[ctl]["state"]
+    if state in (ALIVE, MISSING):
+        return None
+    names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["namespace"] == namespace and a["name"].startswith(f"{fleet}."))
+    return {"fleet": fleet, "ledger": {"recorded": None}, "pools": {},
+            "control": actor_states(namespace, names), "unavailable": {ctl: state}}
+
+
 def run(args: argparse.Namespace) -> int:
     from fleet.runtime.client import FleetClient, init_ray
 
     init_ray(args.address or "auto")
+    partial = _while_controller_restarts(args.fleet, args.namespace)
+    if partial is not None:
+        emit(args, partial, _human)
+        return 0
     try:
         fc = FleetClient.connect(args.fleet, args.namespace)
     except LookupError as exc:

@@ -7,7 +7,7 @@ import json
 import sys
 
 from fleet.cli.common import EXIT_USAGE, add_cluster_args, add_fleet_args, progress_printer
-from fleet.task import TaskRejected, parse_task_json
+from fleet.task import IdempotencyConflict, TaskRejected, parse_task_json
 
 
 def read_tasks(path: str) -> tuple[list[dict], list[tuple[int, str]]]:
@@ -47,18 +47,24 @@ def run(args: argparse.Namespace) -> int:
             print(f"fleet: rejected task {k + 1}: {msg}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        fc.submit_items(items)
+        existing = fc.submit_items(items)
+    except IdempotencyConflict as exc:
+        print(f"fleet: {exc}; nothing submitted", file=sys.stderr)
+        return EXIT_USAGE
     except QueueFullError as exc:
         print(f"fleet: {exc}", file=sys.stderr)
         return 1
     ids = [it.id for it in items]
-    out = {"submitted": len(ids), "rejected": len(report.rejected) + len(bad), "ids": ids}
+    # Tasks that already have an outcome were not run again; their outcome is the answer.
+    out = {"submitted": len(ids), "rejected": len(report.rejected) + len(bad), "ids": ids,
+           "already_recorded": len(existing)}
     if args.wait:
         missing = fc.wait(ids, args.timeout_s, progress_printer("tasks", not args.json))
         out["summary"] = fc.summary(ids)
         out["missing"] = len(missing)
     print(json.dumps(out, sort_keys=True) if args.json else
-          f"submitted {out['submitted']} task(s), rejected {out['rejected']}")
+          f"submitted {out['submitted']} task(s), rejected {out['rejected']}"
+          + (f", {len(existing)} already recorded (not run again)" if existing else ""))
     return 0
 
 

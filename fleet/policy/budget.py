@@ -35,6 +35,11 @@ pool, tenant, class and fleet; an alert each time a budget's usage passes one of
 One ``BudgetPolicy`` per fleet (in a controller or budget actor); the store may be shared
 (a Ray actor wrapping ``InMemoryBudgetStore``, later a database). Time comes from the
 injected ``clock`` (seconds; a Unix clock aligns days to UTC midnight).
+
+**Durability.** The policy does no I/O. A runtime that must survive restarts keeps the
+store's counters durable (``fleet.runtime.budget_store.SqliteBudgetStore``) and the
+rest of the state as ``PolicyState``: ``take_changes`` after each call, ``restore`` on
+a new policy at start.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import math
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple, Protocol
 
@@ -117,6 +122,11 @@ def parse_key(key: str) -> tuple[str, str, Resource, str]:
 
 def window_index(window: str, now_s: float) -> int:
     return math.floor(now_s / WINDOW_S[window])
+
+
+def window_end_s(key: str, index: int) -> float:
+    """When window ``index`` of budget ``key`` ends (seconds on the policy's clock)."""
+    return (index + 1) * WINDOW_S[parse_key(key)[3]]
 
 
 Entry = tuple[str, int]
@@ -337,7 +347,9 @@ class Settlement:
 
 @dataclass(frozen=True, slots=True)
 class BudgetAlert:
-    """Usage of a budget passed ``threshold`` of its limit (once per window)."""
+    """Usage of a budget passed ``threshold`` of its limit (once per window). Alerts
+    are remembered (and logged) until a day starts after their window has ended
+    before yesterday (``alert_kept``)."""
 
     at_s: float
     key: str
@@ -351,6 +363,47 @@ class BudgetAlert:
         return (f"{self.key}: used {self.used:g} of {self.limit:g} "
                 f"({self.used / self.limit:.0%} >= {self.threshold:.0%})"
                 if self.limit else f"{self.key}: limit is 0")
+
+
+StatsRow = tuple[float, int, float, int]
+"""A scope's spend today: (USD, tokens, CPU seconds, tasks)."""
+
+
+@dataclass(slots=True)
+class PolicyState:
+    """What a ``BudgetPolicy`` holds besides its store's counters that a restart must
+    recover, as plain data for a storage layer (``fleet.runtime.budget_store``).
+
+    ``restore`` takes all of it; ``take_changes`` returns the scalars and only what
+    changed since its last call: the ``stats`` rows of scopes that spent, the alerts
+    raised, and ``new_day`` when a day started in between (before these changes, all
+    stats were cleared and the alerts of windows that ended before yesterday dropped,
+    see ``alert_kept``). Not kept: membership (agents join again as they reserve),
+    burn-rate and demand history (they restart empty), the allocation (recomputed).
+    """
+
+    day: int | None = None
+    seq: int = 0  # reservation ids continue after it, so none is ever reused
+    reserved_count: int = 0
+    settled_count: int = 0
+    overrun_usd: float = 0.0
+    refusals: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, StatsRow] = field(default_factory=dict)
+    alerts: list[tuple[BudgetAlert, bool]] = field(default_factory=list)  # (alert, polled)
+    new_day: bool = False
+
+
+def alert_kept(key: str, index: int, day: int) -> bool:
+    """Whether a new ``day`` still remembers an alert of window ``index`` of ``key``
+    (so it does not fire again): while the window ends after yesterday began."""
+    return window_end_s(key, index) > (day - 1) * DAY_S
+
+
+@dataclass(slots=True)
+class _Changes:
+    stats: set[str] = field(default_factory=set)
+    alerts: list[BudgetAlert] = field(default_factory=list)
+    new_day: bool = False
 
 
 @dataclass(slots=True)
@@ -429,6 +482,7 @@ class BudgetPolicy:
         self.settled_count = 0
         self._key_info: dict[str, tuple[Resource, str]] = {}
         self._scope_key_cache: dict[tuple[str, str], list[str]] = {}
+        self._changes: _Changes | None = None  # noted for take_changes once asked
         static = self._static_limits()
         self._fleet_keys = [k for k in static if k.startswith("fleet:")]
         self.store.set_limits(static)
@@ -689,7 +743,19 @@ class BudgetPolicy:
         self._day = day
         self._departed = {a: d for a, d in self._departed.items() if d >= day}
         self._stats.clear()
-        self._alerted = {a for a in self._alerted if a[1] >= day - 1}
+        # By window end, not index: hourly indexes are 24 times larger than daily ones.
+        # The alert log keeps the same alerts, so a restart finds the same log.
+        self._alerted = {a for a in self._alerted if alert_kept(a[0], a[1], day)}
+        kept = [a for a in self.alerts if alert_kept(a.key, a.window_index, day)]
+        self.alerts.clear()
+        self.alerts.extend(kept)
+        self._new_alerts = [a for a in self._new_alerts
+                            if alert_kept(a.key, a.window_index, day)]
+        c = self._changes
+        if c is not None:
+            c.new_day = True
+            c.stats.clear()
+            c.alerts = [a for a in c.alerts if alert_kept(a.key, a.window_index, day)]
         self.store.expire({"daily": day - 1, "hourly": window_index("hourly", day * DAY_S) - 1})
 
     # -- monitoring --------------------------------------------------------------------------
@@ -713,6 +779,8 @@ class BudgetPolicy:
         m = self._members.get(r.agent_id)
         if m is not None:
             m.demand.add(now, actual.usd, 0.0)
+        if self._changes is not None:
+            self._changes.stats.update(names)
 
     def _check_alerts(self, entries: Iterable[Entry], now: float) -> None:
         views = self.store.counters(entries)
@@ -728,6 +796,53 @@ class BudgetPolicy:
                                         from_units(resource, v.limit))
                     self._new_alerts.append(alert)
                     self.alerts.append(alert)
+                    if self._changes is not None:
+                        self._changes.alerts.append(alert)
+
+    # -- durability ----------------------------------------------------------------------------
+    def record_changes(self) -> None:
+        """Start noting what ``take_changes`` reports (a durable runtime calls it once,
+        after ``restore``); without it the policy notes nothing."""
+        self._changes = _Changes()
+
+    def take_changes(self) -> PolicyState:
+        """The scalars, and the stats and alerts changed since the last call (see
+        ``PolicyState``); alerts come unpolled."""
+        c = self._changes
+        if c is None:
+            raise RuntimeError("call record_changes first")
+        self._changes = _Changes()
+        stats = {n: (st.spend_usd, st.tokens, st.cpu_s, st.tasks)
+                 for n in c.stats if (st := self._stats.get(n)) is not None}
+        return PolicyState(self._day, self._seq, self.reserved_count, self.settled_count,
+                           self.overrun_usd, dict(self.refusals), stats,
+                           [(a, False) for a in c.alerts], c.new_day)
+
+    def restore(self, state: PolicyState, spent_today: Iterable[str] = ()) -> None:
+        """Take back a state saved before a restart, on a new policy whose store
+        already holds the saved counters. Agents join again as they reserve; until
+        then the agents in ``spent_today`` (usage in today's window) count as departed,
+        exactly as if they had left: what they spent stays out of the others' shares."""
+        now = self._clock()
+        self._day = state.day
+        self._seq = state.seq
+        self.reserved_count = state.reserved_count
+        self.settled_count = state.settled_count
+        self.overrun_usd = state.overrun_usd
+        self.refusals = dict(state.refusals)
+        window = self.spec.burn_rate_window_s
+        # Burn history is not kept: a scope's burn rate counts again from now.
+        self._stats = {n: _Stats(now, TimeBuckets(window, 1), *row)
+                       for n, row in state.stats.items()}
+        self._alerted = {(a.key, a.window_index, a.threshold) for a, _ in state.alerts}
+        self.alerts.clear()
+        self.alerts.extend(a for a, _ in state.alerts)
+        self._new_alerts = [a for a, polled in state.alerts if not polled]
+        today = window_index("daily", now)
+        for agent_id in spent_today:
+            if agent_id not in self._members:
+                self._departed[agent_id] = today
+        self._dirty = True
 
     def poll_alerts(self) -> list[BudgetAlert]:
         """Alerts raised since the last call."""

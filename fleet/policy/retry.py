@@ -38,7 +38,7 @@ _ERROR_NAME_RE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?::|$)")
 # retried, even when ``retry_unknown_errors`` is on.
 _NEVER_RETRY = frozenset({
     "bad_output", "rejected", "validation", "deadline_exceeded", "budget_exhausted",
-    "max_deliveries", "max_attempts",
+    "max_deliveries", "max_attempts", "output_too_large",
 })
 
 

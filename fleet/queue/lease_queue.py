@@ -30,7 +30,7 @@ from fleet.policy.disciplines import DisciplinePolicy, discipline_from_spec, mak
 from fleet.queue._ages import SubmitTimeHistogram
 from fleet.queue.storage import QueueStorage
 from fleet.spec.queues import Discipline, QueueSpec
-from fleet.task import Item
+from fleet.task import IDEMPOTENT_PREFIX, Item
 
 # Rebuild the deadline heap when stale entries (items that left) outnumber live ones by
 # this factor: bounds its memory by the items with deadlines actually pending.
@@ -245,6 +245,14 @@ class LeaseQueue:
         self.enqueued_total += len(fresh)
         return len(fresh)
 
+    def conflicts(self, items: Iterable[Item]) -> list[str]:
+        """Ids of ``items`` pending here with another payload, for ids that come from an
+        idempotency key (``idem-``): the same key must mean the same task."""
+        pending = self._pending
+        return [it.id for it in items
+                if it.id.startswith(IDEMPOTENT_PREFIX) and (old := pending.get(it.id)) is not None
+                and old.payload != it.payload]
+
     def lease(self, n: int, holder: str, lease_s: float, now: float,
               now_unix_s: float | None = None) -> list[Item]:
         """Hand out up to ``n`` ready items to ``holder`` until ``now + lease_s``.
@@ -340,6 +348,32 @@ class LeaseQueue:
         are removed and the caller must record them as failed (and then ack them).
         """
         return [it for i in ids if (it := self._requeue(i)) is not None]
+
+    def leased_to(self, holder: str) -> list[str]:
+        """Ids leased to ``holder`` (a restarted holder adopts them)."""
+        return [i for i, (h, _) in self._leases.items() if h == holder]
+
+    def adopt(self, ids: Iterable[str], holder: str, lease_s: float, now: float) -> int:
+        """Lease ready items to ``holder`` as they are, without handing them out.
+
+        For a queue restarted from storage: what its holder still runs comes back
+        leased to that holder instead of ready, so it is not delivered a second time
+        while it runs. Each adopted item counts one more delivery (the one it is in).
+        Unknown, leased or failed ids are ignored; returns how many were adopted.
+        """
+        n = 0
+        expires = now + lease_s
+        pending, leases = self._pending, self._leases
+        for i in ids:
+            item = pending.get(i)
+            if item is None or i in leases:
+                continue
+            item = _delivered_once_more(item)
+            pending[i] = item  # its ready entry is now stale: lease skips it
+            leases[i] = (holder, expires)
+            heapq.heappush(self._expiry, (expires, i))
+            n += 1
+        return n
 
     def release_holder(self, holder: str) -> list[Item]:
         """Requeue everything ``holder`` has leased (it died or is draining)."""

@@ -191,10 +191,14 @@ class SqliteStorage:
             if self._deletes:
                 db.executemany(_DELETE, self._deletes)
             db.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             db.execute("ROLLBACK")
             # The id -> row map already counted the rolled-back writes: re-read it.
             self._rows = {i: seq for seq, i in db.execute("SELECT seq, id FROM items")}
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                # A full disk or an I/O error: the caller (put) tells its submitter,
+                # naming the file; nothing committed before is touched.
+                raise storage_error(self.path, exc) from None
             raise
         finally:
             self._inserts.clear()
@@ -233,6 +237,45 @@ class SqliteStorage:
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+class StorageError(RuntimeError):
+    """Durable storage cannot be used: the message names the file and the cause."""
+
+
+class StorageFull(StorageError):
+    """The disk holding a fleet's storage is full (ENOSPC); nothing was written."""
+
+
+def storage_error(path: str | os.PathLike[str], exc: BaseException) -> StorageError:
+    """The clear error for a failed write to ``path`` (disk full, read-only, ...)."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.errno == 28 or "disk is full" in text:
+        return StorageFull(f"storage full: {path}: no space left on device; free space "
+                           "on that disk (nothing was written, nothing earlier is lost)")
+    return StorageError(f"storage failed: {path}: {text}")
+
+
+def fleet_directory(spec: StorageSpec, namespace: str, fleet: str) -> Path:
+    """The directory of one fleet's files (queues, ledger, control state):
+    ``<directory>/<namespace>/<fleet>/``."""
+    return (Path(os.path.expanduser(spec.directory)) / _UNSAFE.sub("_", namespace)
+            / _UNSAFE.sub("_", fleet))
+
+
+def check_writable(directory: str | os.PathLike[str]) -> None:
+    """Create ``directory`` and write a probe file in it, or raise StorageError naming
+    the directory and the cause (checked at start-up, before anything is accepted)."""
+    path = Path(directory)
+    probe = path / ".fleet-write-probe"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise StorageError(
+            f"storage directory {path} is not writable: {exc.strerror or exc}; set "
+            "queues.storage.directory to a writable directory") from None
 
 
 def shard_path(directory: str | os.PathLike[str], namespace: str, capability: str,

@@ -2,7 +2,8 @@
 
 One named actor per fleet (``Names.budget``), started with the fleet when its spec sets
 any budget (``BudgetsSpec.enforced``). It wraps the pure ``fleet.policy.budget``
-(``BudgetPolicy`` over an ``InMemoryBudgetStore``): hosts reserve a task's estimate
+(``BudgetPolicy`` over a ``SqliteBudgetStore``, or an ``InMemoryBudgetStore`` with the
+``memory`` storage backend): hosts reserve a task's estimate
 (``BudgetsSpec.estimate_for`` its pool) before it runs and settle its actual cost after,
 in batches (``fleet.runtime.budget_client``).
 
@@ -20,11 +21,26 @@ died or lost its settle call: a sweep every ``SWEEP_INTERVAL_S`` settles it at i
 estimate (the task may have run and spent; usage is never under-counted) and frees the
 rest of the hold. Budget is never leaked, and never given back for work that may have
 been done. A late settle of an expired reservation is ignored (it was counted).
+
+Durability: with the ``sqlite`` storage backend (the default) every call that changes
+the book (``reserve_batch``, ``settle_batch``, ``sweep``, ``poll_alerts``) writes its
+changes to ``budget.sqlite3`` in the fleet's storage directory in one transaction before
+it returns (``fleet.runtime.budget_store`` describes the file). Ray restarts the actor
+when its process dies, and its ``__init__`` (like a redeploy on the same directory)
+reads the file back: the day's spend, every open reservation with its estimate and
+lease (a late settle of one still counts once; an expired one is settled at its estimate
+by the sweep), the alerts already fired (and those not yet polled), the day. Agents
+join again as they reserve; until then what they spent today counts as spent by
+departed agents, as when they leave. A write that fails (disk full) raises
+``StorageFull`` naming the file and leaves memory as the file is (reloaded from it):
+nothing of the failed call is granted or counted. With the ``memory`` backend state
+lives in memory only and a restart starts from zero.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,8 +48,25 @@ from typing import Any
 
 import ray
 
-from fleet.policy.budget import BudgetPolicy, Refusal, Reservation, Usage
+from fleet.policy.budget import (
+    BudgetAlert,
+    BudgetPolicy,
+    Refusal,
+    Usage,
+    parse_key,
+    window_index,
+)
+from fleet.queue.storage import StorageError
 from fleet.runtime.budget_client import Grant
+from fleet.runtime.budget_store import (
+    BudgetDatabase,
+    Lease,
+    SqliteBudgetStore,
+    Write,
+    budget_path,
+)
+from fleet.runtime.lifecycle import on_start, resume_after_restart
+from fleet.runtime.names import Names
 from fleet.spec.fleet import FleetSpec
 
 SWEEP_INTERVAL_S = 1.0
@@ -46,26 +79,76 @@ class BudgetBook:
     """The budget actor's state and logic, without Ray (tests drive it directly).
 
     ``clock`` is a Unix clock in seconds (budget windows align to UTC days and hours).
+    ``path``: the SQLite file that keeps the state across restarts (written through,
+    one transaction per call), or None to keep it in memory only.
     """
 
-    def __init__(self, spec: FleetSpec, clock: Callable[[], float] = time.time):
+    def __init__(self, spec: FleetSpec, clock: Callable[[], float] = time.time,
+                 path: str | os.PathLike[str] | None = None):
         self.spec = spec
-        self.policy = BudgetPolicy.for_fleet(spec, clock)
         self._clock = clock
         self._lease_s = spec.resilience.task_timeout_s + spec.budgets.reservation_grace_s
         b = spec.budgets
         # Allocations may grow at the next rebalance: a refused agent retries then.
         self._recheck_s = b.rebalance_interval_s if b.daily_usd is not None else None
         self._estimates = {p.name: Usage(*b.estimate_for(p.name)) for p in spec.pools}
-        self._open: dict[str, tuple[Reservation, float]] = {}  # id -> (reservation, expiry)
+        self._db = (BudgetDatabase(path, spec.queues.storage.sqlite_synchronous)
+                    if path is not None else None)
+        self._load()
+
+    def _load(self) -> None:
+        """(Re)build the state: empty, or what the file holds."""
+        db = self._db
+        store = self._store = SqliteBudgetStore(db) if db is not None else None
+        self.policy = BudgetPolicy.for_fleet(self.spec, self._clock, store)
+        self._open: dict[str, Lease] = {}  # id -> (reservation, expiry)
         self._seen: dict[str, float] = {}  # agent id -> last reservation request
         self.refused: Counter[str] = Counter()  # refused tasks by refusing scope
         self.expired = 0
         self.expired_usd = 0.0
         self.late_settles = 0
+        self._written: str | None = None  # the meta row as last written
+        if db is None or store is None:
+            return
+        state, totals = db.load_policy()
+        today = window_index("daily", self._clock())
+        spent_today = {parse_key(key)[1] for key, idx in store.entries()
+                       if idx == today and key.startswith("agent:")
+                       and key.endswith(":usd:daily")}
+        self.policy.restore(state, spent_today)
+        self._open = dict(store.leases)
+        self.refused.update(totals.get("refused", {}))
+        self.expired = totals.get("expired", 0)
+        self.expired_usd = totals.get("expired_usd", 0.0)
+        self.late_settles = totals.get("late_settles", 0)
+        self._written = db.meta("state")
+        self.policy.record_changes()
+
+    def _commit(self, *extra: Write) -> None:
+        """Write what the last call changed in one transaction (nothing if nothing
+        did). On failure the state is reloaded from the file, so memory never holds
+        what the file does not: the call's grants and settlements are void."""
+        db, store = self._db, self._store
+        if db is None or store is None:
+            return
+        changes = self.policy.take_changes()
+        meta = db.meta_json(changes, {
+            "refused": self.refused, "expired": self.expired,
+            "expired_usd": self.expired_usd, "late_settles": self.late_settles})
+        writes = [*store.pending(),
+                  *db.policy_writes(changes, meta if meta != self._written else None), *extra]
+        if not writes:
+            return
+        try:
+            db.write(writes)
+        except StorageError:
+            self._load()
+            raise
+        self._written = meta
 
     def reserve_batch(self, requests: list[tuple[str, str, str | None]]) -> list[Grant]:
-        """One grant per ``(agent_id, pool, tenant)`` request, in order."""
+        """One grant per ``(agent_id, pool, tenant)`` request, in order; durable when
+        it returns (raises ``StorageError`` and grants nothing if it cannot be)."""
         now = self._clock()
         for agent_id, pool, _ in requests:
             if agent_id not in self._seen:
@@ -83,8 +166,11 @@ class BudgetBook:
                 out.append(Grant(None, est.usd, est.tokens, est.cpu_s, r.scope, r.detail,
                                  r.retry_elsewhere, after))
             else:
-                self._open[r.id] = (r, now + self._lease_s)
+                lease = self._open[r.id] = (r, now + self._lease_s)
+                if self._store is not None:
+                    self._store.keep_lease(lease)
                 out.append(Grant(r.id, est.usd, est.tokens, est.cpu_s))
+        self._commit()
         return out
 
     def settle_batch(self, settles: list[tuple[str, float | None, int, float]]) -> int:
@@ -100,6 +186,7 @@ class BudgetBook:
                 self.policy.release(entry[0])
             else:
                 self.policy.settle(entry[0], Usage(usd, tokens, cpu_s))
+        self._commit()
         return done
 
     def sweep(self) -> int:
@@ -116,7 +203,21 @@ class BudgetBook:
             if now - seen > AGENT_IDLE_LEAVE_S:
                 del self._seen[agent_id]
                 self.policy.leave(agent_id)
+        self._commit()
         return len(expired)
+
+    def poll_alerts(self) -> list[BudgetAlert]:
+        """Alerts raised since the last call; after a restart, also those raised before
+        it and not yet polled."""
+        alerts = self.policy.poll_alerts()
+        if alerts and self._db is not None:
+            self._commit(self._db.alerts_polled())
+        return alerts
+
+    def close(self) -> None:
+        """Release the file (everything is already committed)."""
+        if self._db is not None:
+            self._db.close()
 
     def snapshot(self) -> dict[str, Any]:
         """``BudgetPolicy.snapshot`` plus the runtime's counts: open reservations and
@@ -139,8 +240,12 @@ class BudgetActor:
     each call runs whole before the next: reservations are serialized."""
 
     def __init__(self, spec: dict[str, Any]):
-        self.book = BudgetBook(FleetSpec.model_validate(spec))
+        fleet_spec = FleetSpec.model_validate(spec)  # for the names: cheap, no I/O
+        restarted = on_start(fleet_spec.namespace, Names(fleet_spec.name).budget)
+        self.book = BudgetBook(fleet_spec, path=budget_path(fleet_spec))
         self._task: asyncio.Task[None] | None = None
+        if restarted:  # deploy called start() once; after a Ray restart nobody does
+            resume_after_restart("start")
 
     async def start(self) -> None:
         if self._task is None:
@@ -172,4 +277,4 @@ class BudgetActor:
         """Alerts raised since the last call (usage passed a threshold of a budget)."""
         return [{"at_unix_s": a.at_s, "key": a.key, "threshold": a.threshold,
                  "used": a.used, "limit": a.limit, "message": a.message}
-                for a in self.book.policy.poll_alerts()]
+                for a in self.book.poll_alerts()]

@@ -15,7 +15,17 @@ import ray
 from fleet.queue.lease_queue import QueueFull
 from fleet.runtime.names import Names
 from fleet.spec.fleet import FleetSpec
-from fleet.task import Item, Outcome, Result, Task, TaskRejected, to_item
+from fleet.runtime.ledger import LedgerClient
+from fleet.task import (
+    IdempotencyConflict,
+    Item,
+    Outcome,
+    Result,
+    Task,
+    TaskRejected,
+    split_known,
+    to_item,
+)
 
 SUBMIT_CHUNK = 2_000
 WAIT_POLL_S = 0.2
@@ -58,8 +68,13 @@ class QueueFullError(RuntimeError):
 
 @dataclass
 class SubmitReport:
+    """What ``submit`` did: ``accepted`` ids (queued, or already recorded), ``rejected``
+    inputs with the reason, and ``existing``: the recorded result of each accepted id
+    that already had one (within ``results.retention_s``), which was not run again."""
+
     accepted: list[str] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (input index, reason)
+    existing: dict[str, Result] = field(default_factory=dict)
 
 
 def shard_of(item: Item, shards: int) -> int:
@@ -121,7 +136,7 @@ class FleetClient:
         self._owned = owned or []  # handles that keep a non-detached fleet alive
         self.names = Names(spec.name)
         ns = spec.namespace
-        self._ledger = ray.get_actor(self.names.ledger, namespace=ns)
+        self.ledger = LedgerClient.for_spec(spec)
         self._controller = ray.get_actor(self.names.controller, namespace=ns)
         self._shards = {
             cap: [ray.get_actor(self.names.shard(cap, i), namespace=ns)
@@ -170,72 +185,138 @@ class FleetClient:
                timeout_s: float | None = None) -> SubmitReport:
         """Validate and enqueue tasks. Invalid ones are reported, never silently dropped.
 
-        A full queue makes this wait up to ``timeout_s`` (default: the spec's
-        ``submit_timeout_s``), then raise QueueFullError naming what was accepted.
+        A task whose id (or ``idempotency_key``) already has a recorded outcome is not
+        run again: it is accepted and its result is in ``report.existing``. The same
+        idempotency key with another payload raises IdempotencyConflict naming the key,
+        and nothing of the call is queued. A full queue makes this wait up to
+        ``timeout_s`` (default: the spec's ``submit_timeout_s``), then raise
+        QueueFullError naming what was accepted.
         """
         items, report = self.validate(tasks)
-        self.submit_items(items, timeout_s)
+        existing = self.submit_items(items, timeout_s)
         report.accepted = [it.id for it in items]
+        report.existing = {i: o.to_result() for i, o in existing.items()}
         return report
 
-    def submit_items(self, items: list[Item], timeout_s: float | None = None) -> None:
+    def submit_items(self, items: list[Item], timeout_s: float | None = None
+                     ) -> dict[str, Outcome]:
+        """Queue validated items, but none whose id already has an outcome; returns
+        those outcomes by id. Raises IdempotencyConflict (queueing nothing) for an
+        idempotency key used with another payload."""
         timeout = self.spec.queues.submit_timeout_s if timeout_s is None else timeout_s
-        put_items(self._shards, items, timeout)
+        fresh, existing, conflicts = split_known(items, self.ledger.get([it.id for it in items]))
+        if conflicts:
+            raise IdempotencyConflict(conflicts)
+        put_items(self._shards, fresh, timeout)
+        return existing
 
     # -- results -------------------------------------------------------------------
     def wait(self, ids: list[str], timeout_s: float = 600.0,
              progress: Callable[[int, int], None] | None = None) -> list[str]:
-        """Block until every id has an outcome or the timeout passes; returns the missing."""
+        """Block until every id has an outcome or the timeout passes; returns the missing.
+
+        One lookup of all ids, then only what the ledger recorded since (its cursors):
+        the cost of a poll follows what was recorded, not how many ids are awaited. A
+        ledger shard that restarts makes a poll wait for it, never raise.
+        """
         deadline = time.monotonic() + timeout_s
-        missing = list(ids)
-        while missing and time.monotonic() < deadline:
-            missing = ray.get(self._ledger.missing.remote(missing))
+        cursors = self.ledger.cursors()  # before the lookup: nothing recorded is missed
+        missing = set(self.ledger.missing(ids))
+        while True:
             if progress:
                 progress(len(ids) - len(missing), len(ids))
-            if missing:
+            if not missing or time.monotonic() >= deadline:
+                break
+            new, cursors = self.ledger.since(cursors)
+            missing.difference_update(new)
+            if not new:
                 time.sleep(WAIT_POLL_S)
-        return missing
+        return [i for i in ids if i in missing]
 
     def results(self, ids: list[str]) -> list[Result | None]:
-        outs: list[Outcome | None] = ray.get(self._ledger.get.remote(ids))
-        return [o.to_result() if o is not None else None for o in outs]
+        return [o.to_result() if o is not None else None for o in self.ledger.get(ids)]
 
     def summary(self, ids: list[str] | None = None) -> dict[str, Any]:
-        return ray.get(self._ledger.summary.remote(ids))
+        return self.ledger.summary(ids)
 
     def timeline(self, since_t_s: float = 0.0) -> list[dict[str, Any]]:
         return ray.get(self._controller.timeline.remote(since_t_s))
 
+    #: How long ``status()`` waits for any one actor's answer.
+    STATUS_CALL_TIMEOUT_S = 10.0
+
     def status(self) -> dict[str, Any]:
-        ctl = ray.get(self._controller.status.remote())
+        """Pools, queues, ledger, alerts, health, budgets, Kafka intake and the control
+        plane (``control``: each control actor's state and restart count).
+
+        An actor that is not ALIVE (restarting, say) is not called, since a call would
+        wait for its restart: its part is left out or empty, and ``unavailable`` says
+        why, as does an actor that did not answer within ``STATUS_CALL_TIMEOUT_S``.
+        """
+        control = self.control_status()
+        unavailable: dict[str, str] = {}
+
+        def ask(name: str, call: Callable[[], Any], default: Any) -> Any:
+            st = control.get(name, {}).get("state")
+            if st not in (None, "ALIVE"):  # None: the states could not be read
+                unavailable[name] = st
+                return default
+            try:
+                return ray.get(call(), timeout=self.STATUS_CALL_TIMEOUT_S)
+            except (ValueError, ray.exceptions.RayError) as exc:
+                unavailable[name] = type(exc).__name__
+                return default
+
+        ns = self.spec.namespace
+        ctl = ask(self.names.controller, self._controller.status.remote, {})
         queues = {
-            cap: ray.get([s.stats.remote() for s in shards])
+            cap: [st for i, s in enumerate(shards)
+                  if (st := ask(self.names.shard(cap, i), s.stats.remote, None)) is not None]
             for cap, shards in self._shards.items()
         }
-        dispatcher = ray.get(ray.get_actor(self.names.dispatcher,
-                                           namespace=self.spec.namespace).stats.remote())
+        dispatcher = ask(self.names.dispatcher, lambda: ray.get_actor(
+            self.names.dispatcher, namespace=ns).stats.remote(), {})
+        counts = [ask(self.names.ledger_shard(k),
+                      lambda k=k: self.ledger.handle(k).count.remote(), None)
+                  for k in range(self.ledger.n)]
         return {
             "fleet": self.spec.name,
             "pools": {
                 p.name: {
-                    **ctl["pools"].get(p.name, {}),
+                    **ctl.get("pools", {}).get(p.name, {}),
                     **dispatcher.get(p.name, {}),
-                    "queue": {
-                        "depth": sum(s["depth"] for s in queues[p.capability]),
-                        "leased": sum(s["leased"] for s in queues[p.capability]),
-                        "oldest_age_s": max(s["oldest_age_s"] for s in queues[p.capability]),
-                        "redelivered_total": sum(s["redelivered_total"]
-                                                 for s in queues[p.capability]),
-                    },
+                    "queue": self._queue_summary(queues[p.capability]),
                 }
                 for p in self.spec.pools
             },
-            "ledger": {"recorded": ray.get(self._ledger.count.remote())},
+            "ledger": {"recorded": None if None in counts else sum(counts)},
             "queues": ctl.get("queues", {}),
             "alerts": ctl.get("alerts", {"active": [], "events": []}),
             "health": ctl.get("health", {}),
             **({"budgets": ctl["budgets"]} if "budgets" in ctl else {}),
             "kafka": self._kafka_status(),
+            "control": control,
+            **({"unavailable": unavailable} if unavailable else {}),
+        }
+
+    def control_status(self) -> dict[str, dict[str, Any]]:
+        """Each control actor's state (ALIVE, RESTARTING, DEAD, MISSING, ...) and restart
+        count, from Ray's GCS (no actor is called); empty if the GCS did not answer."""
+        from fleet.runtime.lifecycle import actor_states
+
+        try:
+            return actor_states(self.spec.namespace, self.names.control_actors(self.spec))
+        except Exception:  # the status of the rest is still worth showing
+            return {}
+
+    @staticmethod
+    def _queue_summary(stats: list[dict[str, Any]]) -> dict[str, Any]:
+        """One capability's queue, summed over the shards that answered."""
+        return {
+            "depth": sum(s["depth"] for s in stats),
+            "leased": sum(s["leased"] for s in stats),
+            "oldest_age_s": max((s["oldest_age_s"] for s in stats), default=0.0),
+            "redelivered_total": sum(s["redelivered_total"] for s in stats),
         }
 
     def _kafka_status(self) -> list[dict[str, Any]]:

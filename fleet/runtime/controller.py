@@ -6,14 +6,27 @@ every decision for ``fleet status`` and the autoscaling trace.
 It also holds the fleet-wide view of agent health (``fleet.runtime.fleet_health``): the
 hosts' reports arrive with their autoscaling metric (``host_report``), and the fleet's
 cascade guard answers them; its alert goes to the same alert log as the queue alerts.
+
+It survives its own death. Ray restarts it (``fleet.runtime.lifecycle``); with the
+sqlite storage backend (the default) each tick's agent counts, autoscaling states and
+timeline samples are committed to ``<fleet directory>/control.sqlite3``
+(``fleet.runtime.control_store``), and a restarted controller resumes from them: its
+stabilization window still holds what it held at the kill, so a restart never drops
+agents. A restarted controller restarts its own loop. Each tick it also reads the
+control actors' states and restart counts from Ray's GCS: a restart raises the
+``control_actor_restarted`` alert (its own included), and an actor that is not ALIVE
+is not called (a call would wait for its restart), so one restarting actor never
+stalls the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 from collections import deque
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 import ray
@@ -25,14 +38,31 @@ from fleet.queue.metrics import QueueMetrics
 from fleet.queue.monitor import QueueMonitor
 
 from fleet.policy.autoscaling import ScalingInput, ScalingState, decide
-from fleet.runtime.fleet_health import FleetHealth
+from fleet.queue.storage import StorageError
 from fleet.runtime.budget_metrics import BudgetMetrics
+from fleet.runtime.control_store import (ControlSnapshot, PoolControl, make_control_store,
+                                         resume_t_s)
+from fleet.runtime.fleet_health import FleetHealth
+from fleet.runtime.lifecycle import (ALIVE, MISSING, RestartWatch, actor_states, on_start,
+                                     resume_after_restart)
 from fleet.runtime.names import Names
 from fleet.runtime.pool_metrics import PoolMetrics
 from fleet.spec.fleet import FleetSpec
 
 TIMELINE_MAX_SAMPLES = 100_000
 ALERT_LOG_MAX = 1_000
+# A read (stats, actor states) that takes longer fails this tick's view of that actor,
+# instead of stalling the loop (a call to an actor that died between the state read and
+# the call waits for its restart).
+READ_TIMEOUT_S = 5.0
+
+
+class ControlActorUnavailable(RuntimeError):
+    """A control actor the tick needs is not ALIVE (restarting, pending or gone)."""
+
+
+async def _unavailable(name: str, state: str) -> Any:
+    raise ControlActorUnavailable(f"{name} is {state}")
 
 
 @ray.remote(num_cpus=0)
@@ -41,17 +71,40 @@ class Controller:
         self.spec = FleetSpec.model_validate(spec)
         self.names = Names(self.spec.name)
         ns = self.spec.namespace
+        restarted = on_start(ns, self.names.controller)
         self._shards = {
             p.capability: [ray.get_actor(self.names.shard(p.capability, i), namespace=ns)
                            for i in range(self.spec.queues.shards)]
             for p in self.spec.pools
         }
-        self._agents = {p.name: p.autoscaling.start_agents for p in self.spec.pools}
-        self._state: dict[str, ScalingState] = {p.name: ScalingState() for p in self.spec.pools}
+        self._clock = time.monotonic
+        now = self._clock()
+        # A restart resumes from the store; a fresh deploy starts a new run from the spec.
+        self._store = make_control_store(self.spec.queues.storage, ns, self.spec.name,
+                                         TIMELINE_MAX_SAMPLES)
+        if restarted:
+            snap = self._store.load(now)
+        else:
+            self._store.reset()
+            snap = ControlSnapshot()
+        self._agents = {p.name: snap.pools[p.name].agents if p.name in snap.pools
+                        else p.autoscaling.start_agents for p in self.spec.pools}
+        self._state: dict[str, ScalingState] = {
+            p.name: snap.pools[p.name].state if p.name in snap.pools else ScalingState()
+            for p in self.spec.pools}
         self._last_enqueued: dict[str, tuple[float, int]] = {}
         self._hosts: dict[str, tuple[int, int]] = {}  # pool -> (running, stopping)
-        self._timeline: deque[dict[str, Any]] = deque(maxlen=TIMELINE_MAX_SAMPLES)
-        self._last: dict[str, dict[str, Any]] = {}
+        self._timeline: deque[dict[str, Any]] = deque(snap.timeline, maxlen=TIMELINE_MAX_SAMPLES)
+        self._last: dict[str, dict[str, Any]] = {s["pool"]: s for s in snap.timeline}
+        # The timeline's t_s carries on from the last sample saved (plus the downtime).
+        self._t0 = now - resume_t_s(snap.timeline, time.time())
+        seen = dict(snap.restarts_seen)
+        if restarted:  # with no saved baseline, its own restart still alerts
+            seen.setdefault(self.names.controller, 0)
+        self._restarts = RestartWatch(seen)
+        self._restarts_saved: dict[str, int] | None = None
+        self._control_names = self.names.control_actors(self.spec)
+        self._control: dict[str, dict[str, Any]] = {}  # the last tick's actor states
         self._monitor = QueueMonitor()
         self._alerts = AlertEvaluator(self.spec.queues.alerts)
         self._alert_log: deque[dict[str, Any]] = deque(maxlen=ALERT_LOG_MAX)
@@ -63,14 +116,26 @@ class Controller:
         self._budget_metrics = BudgetMetrics(self._registry)
         self._budget_snapshot: dict[str, Any] | None = None
         self._budget_alerts: deque[dict[str, Any]] = deque(maxlen=ALERT_LOG_MAX)
-        self._dispatcher = None
+        self._dispatcher: Any = None  # looked up by name when first needed
         self._task: asyncio.Task[None] | None = None
-        self._t0 = time.monotonic()
+        if restarted:  # deploy called start() once; after a Ray restart nobody does
+            self._resume_loop()
 
     async def start(self) -> None:
+        """Start the control loop (idempotent)."""
         if self._task is None:
-            self._dispatcher = ray.get_actor(self.names.dispatcher, namespace=self.spec.namespace)
             self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def _resume_loop(self) -> None:
+        """Start the loop from ``__init__``: Ray runs an async actor's ``__init__`` on
+        the actor's event loop, so the task can be created at once. Should it ever not,
+        the actor asks itself to ``start()`` (that call runs once ``__init__`` returns)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            resume_after_restart("start")
+            return
+        self._task = loop.create_task(self._loop())
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -104,22 +169,29 @@ class Controller:
         return out
 
     async def tick(self) -> list[dict[str, Any]]:
-        """One control step for every pool; returns the samples it recorded."""
-        now = time.monotonic()
+        """One control step for every pool; returns the samples it recorded. What it
+        decided is committed to the store (one transaction), also when it failed
+        half-way (the pools decided before the failure keep their new state)."""
+        now = self._clock()
+        samples: list[dict[str, Any]] = []
+        try:
+            await self._tick(now, samples)
+        finally:
+            self._save(now, samples)
+        return samples
+
+    async def _tick(self, now: float, samples: list[dict[str, Any]]) -> None:
         wall = time.time()
-        queue_stats = {
-            cap: await asyncio.gather(*(s.stats.remote() for s in shards),
-                                      return_exceptions=True)
-            for cap, shards in self._shards.items()
-        }
+        states = await self._watch_control_actors(now)
+        queue_stats = {cap: await self._queue_stats(cap, states) for cap in self._shards}
         self._watch_queues(queue_stats, now)
-        await self._watch_budgets()
-        disp = await self._dispatcher.stats.remote()
+        await self._watch_budgets(states)
+        dispatcher = await self._dispatcher_handle(states)
+        disp = await self._call_dispatcher(self._read(dispatcher.stats.remote()))
         self._pool_metrics.update(disp)
         # serve.status() blocks on Serve's controller: keep it off this actor's loop.
         hosts = await asyncio.get_running_loop().run_in_executor(None, self._host_states)
         self._hosts.update(hosts)
-        samples = []
         for p in self.spec.pools:
             stats = [s for s in queue_stats[p.capability] if isinstance(s, dict)]
             known = len(stats) == len(queue_stats[p.capability])
@@ -135,8 +207,8 @@ class Controller:
             # failed), never the desired count in its place: a trace must show hosts
             # lagging the decision, and a pool with no running host as 0.
             running, stopping = self._hosts.get(p.name, (0, 0))
-            await self._dispatcher.set_active.remote(
-                p.name, decision.agents, running or p.hosts_for(decision.agents))
+            await self._call_dispatcher(dispatcher.set_active.remote(
+                p.name, decision.agents, running or p.hosts_for(decision.agents)))
             enq = sum(s["enqueued_total"] for s in stats)
             t_prev, enq_prev = self._last_enqueued.get(p.name, (now, enq))
             rate = (enq - enq_prev) / (now - t_prev) if now > t_prev else 0.0
@@ -153,7 +225,88 @@ class Controller:
             self._last[p.name] = sample
             self._timeline.append(sample)
             samples.append(sample)
-        return samples
+
+    # -- the control plane's own health --------------------------------------------
+    async def _watch_control_actors(self, now: float) -> dict[str, dict[str, Any]]:
+        """Every control actor's state and restart count (a GCS read, off this actor's
+        loop); a restart count that grew logs ``control_actor_restarted``. Empty when
+        the read failed (then every actor is called as usual)."""
+        read = functools.partial(actor_states, self.spec.namespace, self._control_names)
+        try:
+            states = await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(None, read), READ_TIMEOUT_S)
+        except Exception as exc:
+            self._last["_control_error"] = {"error": repr(exc), "t": time.time()}
+            return {}
+        self._last.pop("_control_error", None)
+        self._control = states
+        events = self._restarts.observe(states, now)
+        for event in events:
+            self._log_alert(event)
+        if events and self._restarts.seen != self._restarts_saved:
+            # Saved at once, not at the end of the tick: a controller killed in between
+            # would raise the same alert again after its restart.
+            self._save(now, [])
+        return states
+
+    @staticmethod
+    def _is_up(states: Mapping[str, Mapping[str, Any]], name: str) -> bool:
+        """Worth calling: ALIVE, or state unknown (the call is bounded by a timeout)."""
+        st = states.get(name)
+        return st is None or st["state"] == ALIVE
+
+    async def _queue_stats(self, cap: str, states: Mapping[str, Mapping[str, Any]]
+                           ) -> list[Any]:
+        """Each shard's stats, or the exception that stands for them (a shard that is
+        not ALIVE is not called: its depth is unknown this tick)."""
+        calls = []
+        for i, shard in enumerate(self._shards[cap]):
+            name = self.names.shard(cap, i)
+            calls.append(self._read(shard.stats.remote()) if self._is_up(states, name)
+                         else _unavailable(name, states[name]["state"]))
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    @staticmethod
+    async def _read(ref: Awaitable[Any]) -> Any:
+        return await asyncio.wait_for(ref, READ_TIMEOUT_S)
+
+    async def _dispatcher_handle(self, states: Mapping[str, Mapping[str, Any]]) -> Any:
+        """The dispatcher's handle, looked up by name when missing. A dispatcher that is
+        not ALIVE fails the tick (agents are held) instead of stalling it."""
+        name = self.names.dispatcher
+        if not self._is_up(states, name):
+            if states[name]["state"] == MISSING:
+                self._dispatcher = None  # recreated later under the same name
+            raise ControlActorUnavailable(f"dispatcher {name} is {states[name]['state']}: "
+                                          "agents held until it is back")
+        if self._dispatcher is None:
+            get = functools.partial(ray.get_actor, name, namespace=self.spec.namespace)
+            self._dispatcher = await asyncio.get_running_loop().run_in_executor(None, get)
+        return self._dispatcher
+
+    async def _call_dispatcher(self, call: Awaitable[Any]) -> Any:
+        try:
+            return await call
+        except ray.exceptions.RayActorError:
+            # Dead for good (a restart would have waited): look it up again next tick.
+            self._dispatcher = None
+            raise
+
+    def _save(self, now: float, samples: list[dict[str, Any]]) -> None:
+        """Commit this tick (one transaction); a storage failure is reported in
+        ``status()`` and does not stop the loop."""
+        seen = self._restarts.seen
+        changed = seen != self._restarts_saved
+        try:
+            self._store.save(now, {p: PoolControl(n, self._state[p])
+                                   for p, n in self._agents.items()},
+                             samples, dict(seen) if changed else None)
+        except StorageError as exc:
+            self._last["_store_error"] = {"error": str(exc), "t": time.time()}
+            return
+        self._last.pop("_store_error", None)
+        if changed:
+            self._restarts_saved = dict(seen)
 
     def _watch_queues(self, queue_stats: dict[str, list[Any]], now: float) -> None:
         """Depth, age and rates per shard and queue; alert rules fire and clear here."""
@@ -175,8 +328,10 @@ class Controller:
         self._alert_log.append({**dataclasses.asdict(event), "unix_s": time.time()})
 
     def _active_alerts(self) -> list[Any]:
-        """Queue alerts and the fleet cascade alert: one list for status and metrics."""
-        return [*self._alerts.active(), *self._health.active_alerts()]
+        """Queue alerts, the fleet cascade alert and control actor restarts: one list
+        for status and metrics."""
+        return [*self._alerts.active(), *self._health.active_alerts(),
+                *self._restarts.active()]
 
     async def host_report(self, pool: str, report: dict[str, Any]) -> dict[str, Any]:
         """A host's periodic report (its agents' health); the reply carries the pool's
@@ -184,10 +339,13 @@ class Controller:
         verdict = self._health.host_report(pool, report)
         return {"desired_hosts": await self.desired_hosts(pool), "health": verdict}
 
-    async def _watch_budgets(self) -> None:
+    async def _watch_budgets(self, states: Mapping[str, Mapping[str, Any]] | None = None
+                             ) -> None:
         """Spend, burn and alerts from the budget actor (fleets with budgets only)."""
         if not self.spec.budgets.enforced:
             return
+        if not self._is_up(states or self._control, self.names.budget):
+            return  # restarting: keep the last view rather than wait for it
         try:
             actor = ray.get_actor(self.names.budget, namespace=self.spec.namespace)
             snap, alerts = await asyncio.gather(actor.snapshot.remote(),

@@ -13,12 +13,15 @@ from fleet.runtime.budget_actor import BudgetActor
 from fleet.runtime.controller import Controller
 from fleet.runtime.dispatcher import Dispatcher
 from fleet.runtime.host import AgentHost
+from fleet.queue.storage import check_writable, fleet_directory
 from fleet.runtime.kafka_intake_actor import KafkaIntakeActor
 from fleet.runtime.ledger import Ledger
+from fleet.runtime.lifecycle import control_actor_options
 from fleet.runtime.names import Names
 from fleet.runtime.queue_actor import QueueShard
 from fleet.spec.fleet import FleetSpec
 from fleet.spec.pools import PoolSpec
+from fleet.spec.queues import StorageBackend
 
 LOOPBACK = "127.0.0.1"
 HOST_METRICS_INTERVAL_S = 1.0
@@ -118,61 +121,78 @@ def deploy_pool(spec: FleetSpec, pool: PoolSpec) -> None:
     app = serve.deployment(AgentHost).options(**host_deployment_options(spec, pool)).bind(
         pool.model_dump(mode="json"), spec.resilience.model_dump(mode="json"),
         {k: v.model_dump() for k, v in spec.budgets.prices.items()},
-        (names.controller, ns), (names.ledger, ns), spec.health.model_dump(mode="json"),
-        (names.budget, ns) if spec.budgets.enforced else None)
+        (names.controller, ns), (spec.name, ns, spec.results.ledger_shards),
+        spec.health.model_dump(mode="json"),
+        (names.budget, ns) if spec.budgets.enforced else None,
+        spec.results.max_output_bytes)
     serve.run(app, name=names.pool_app(pool.name), route_prefix=None)
 
 
-def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False) -> list[Any]:
-    """Create the ledger, queue shards, pool hosts, dispatcher, controller and, with
-    ``queues.kafka``, the Kafka intake consumers.
+def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False,
+           storage_node_id: str | None = None) -> list[Any]:
+    """Create the ledger shards, queue shards, pool hosts, dispatcher, controller and,
+    with ``queues.kafka``, the Kafka intake consumers.
 
-    Returns the actor handles. Unless ``detached``, the actors live only as long as a
-    handle does, so the caller keeps this list for the fleet's lifetime.
+    Every one of them restarts when its process dies and recovers its state from the
+    fleet's storage (``fleet.runtime.lifecycle``). Those that hold files run on the node
+    that holds them: ``storage_node_id``, by default the node this runs on. Returns the
+    actor handles. Unless ``detached``, the actors live only as long as a handle does,
+    so the caller keeps this list for the fleet's lifetime.
     """
     names = Names(spec.name)
     ns = spec.namespace
-    life = {"lifetime": "detached"} if detached else {}
+    node = storage_node_id or ray.get_runtime_context().get_node_id()
+    if spec.queues.storage.backend is StorageBackend.SQLITE:
+        # A directory that cannot be written fails here, naming it, before anything
+        # is accepted (the actors would otherwise fail one by one, deep in Ray).
+        check_writable(fleet_directory(spec.queues.storage, ns, spec.name))
+
+    def opts(name: str, pinned: bool = True) -> dict[str, Any]:
+        return control_actor_options(name, ns, detached=detached,
+                                     node_id=node if pinned else None)
+
     start_serve(http=http)
     for pool in spec.pools:  # before anything is created: fail fast, leave nothing behind
         check_placeable(spec, pool)
-    ledger = Ledger.options(name=names.ledger, namespace=ns, **life).remote()
+    spec_json = spec.model_dump(mode="json")
+    ledgers = [Ledger.options(**opts(names.ledger_shard(i))).remote(spec_json, i)
+               for i in range(spec.results.ledger_shards)]
     # Budgets are enforced by one actor that every host reserves from; a fleet without
     # budgets has none and its hosts never ask.
-    budget = ([BudgetActor.options(name=names.budget, namespace=ns, **life).remote(
-        spec.model_dump(mode="json"))] if spec.budgets.enforced else [])
+    budget = ([BudgetActor.options(**opts(names.budget)).remote(spec_json)]
+              if spec.budgets.enforced else [])
     queue_spec = spec.queues.model_dump(mode="json")
     shards = [
-        # A shard that crashes is restarted and reloads its storage (with the sqlite
-        # backend, the default, nothing accepted is lost; memory restarts empty).
-        QueueShard.options(name=names.shard(cap, i), namespace=ns, max_restarts=-1,
-                           **life).remote(
-            cap, i, queue_spec, spec.resilience.max_deliveries, names.ledger, ns, spec.name)
+        # A restarted shard reloads its storage (with the sqlite backend, the default,
+        # nothing accepted is lost; memory restarts empty) and re-adopts the leases the
+        # dispatcher holds (see fleet.runtime.queue_actor).
+        QueueShard.options(**opts(names.shard(cap, i))).remote(
+            cap, i, queue_spec, spec.resilience.max_deliveries, names.ledger, ns, spec.name,
+            spec.results.ledger_shards)
         for cap in spec.capabilities for i in range(spec.queues.shards)
     ]
     # Names register asynchronously: wait until the actors exist before anything looks
     # them up by name.
-    ray.get([a.__ray_ready__.remote() for a in [ledger, *budget, *shards]])
+    ray.get([a.__ray_ready__.remote() for a in [*ledgers, *budget, *shards]])
     ray.get([b.start.remote() for b in budget])
-    controller = Controller.options(name=names.controller, namespace=ns, **life).remote(
-        spec.model_dump(mode="json"))
+    controller = Controller.options(**opts(names.controller)).remote(spec_json)
     ray.get(controller.__ray_ready__.remote())
     for pool in spec.pools:
         deploy_pool(spec, pool)
-    dispatcher = Dispatcher.options(name=names.dispatcher, namespace=ns, **life).remote(
-        spec.model_dump(mode="json"))
+    # The dispatcher holds nothing on disk (its leases live in the shards), so it may
+    # run anywhere.
+    dispatcher = Dispatcher.options(**opts(names.dispatcher, pinned=False)).remote(spec_json)
     ray.get(dispatcher.start.remote())
     ray.get(controller.start.remote())
     intakes = []
     if spec.queues.kafka is not None:
         # Consumers last: what they consume has somewhere to go. A consumer that dies is
         # restarted and rejoins the group; its uncommitted messages are redelivered.
-        intakes = [KafkaIntakeActor.options(name=names.kafka_intake(i), namespace=ns,
-                                            max_restarts=-1, **life).remote(
-                       spec.model_dump(mode="json"), i)
+        intakes = [KafkaIntakeActor.options(**opts(names.kafka_intake(i), pinned=False))
+                   .remote(spec_json, i)
                    for i in range(spec.queues.kafka.consumers)]
         ray.get([a.__ray_ready__.remote() for a in intakes])
-    return [ledger, *budget, *shards, controller, dispatcher, *intakes]
+    return [*ledgers, *budget, *shards, controller, dispatcher, *intakes]
 
 
 def teardown(spec: FleetSpec) -> None:
@@ -181,12 +201,11 @@ def teardown(spec: FleetSpec) -> None:
     ns = spec.namespace
     intakes = [names.kafka_intake(i) for i in
                range(spec.queues.kafka.consumers if spec.queues.kafka else 0)]
-    actor_names = [*intakes, names.controller, names.dispatcher, names.budget,
-                   names.ledger] + [
-        names.shard(cap, i) for cap in spec.capabilities for i in range(spec.queues.shards)]
+    stoppable = [*intakes, names.controller, names.dispatcher, names.budget]
+    actor_names = [*stoppable, *(n for n in names.control_actors(spec) if n not in stoppable)]
     # Intake first (it commits what the ledger holds and leaves its group), then the
     # loops that move work and the budget actor.
-    for name in actor_names[:len(intakes) + 3]:
+    for name in stoppable:
         try:
             ray.get(ray.get_actor(name, namespace=ns).stop.remote(), timeout=10)
         except Exception:

@@ -12,6 +12,16 @@ A batch's items count against the pool's capacity until they finish: a host runn
 batch for longer than a moment reports how many of its items are done
 (``batch_progress``), so one slow item does not hold the slots of the whole batch.
 
+Restart: the dispatcher holds its leases under a stable holder name (its actor name),
+so when Ray restarts it (``fleet.runtime.lifecycle``) the new instance *adopts* its
+predecessor's leases instead of letting them expire and rerun: it asks every shard for
+the ids leased to it, counts them in flight and keeps renewing them, acks those whose
+outcome the ledger holds (finished before or after the kill), keeps the ones a host
+reports still running (hosts report their long batches' ids when the dispatcher does not
+know the batch, see ``batch_progress``) until they are recorded, and only hands the rest
+back to the queue: items that were leased but were not running anywhere. A restarted
+shard likewise asks the dispatcher what it holds (``held_ids``).
+
 Retries: the host does not record a failure its retry policy wants retried; it returns
 the item's id with a backoff delay instead. The dispatcher acks the rest, keeps that
 item leased (and its lease renewed) for the delay, then nacks it, so the queue hands it
@@ -29,6 +39,8 @@ from typing import Any
 import ray
 from ray import serve
 
+from fleet.runtime.ledger import LedgerClient
+from fleet.runtime.lifecycle import on_start, resume_after_restart
 from fleet.runtime.names import Names
 from fleet.spec.fleet import FleetSpec
 from fleet.spec.pools import PoolSpec
@@ -39,6 +51,13 @@ IDLE_BACKOFF_MAX_S = 0.05
 LEASE_RENEW_FRACTION = 1 / 3
 RETRY_COALESCE_S = 0.02  # retries due within this of each other go back in one nack
 HOST_REPORT_TTL_S = 30.0  # a host silent this long no longer counts in pool status
+# Adoption after a restart: the ledger is polled every ADOPT_POLL_S; an adopted item
+# that is neither recorded nor reported running by a host after ADOPT_DECIDE_S was not
+# running anywhere and goes back to the queue. One reported running goes back only if
+# it is still unrecorded after the task timeout plus ADOPT_MARGIN_S (its host died).
+ADOPT_POLL_S = 0.5
+ADOPT_DECIDE_S = 3.0
+ADOPT_MARGIN_S = 30.0
 
 
 class _PoolState:
@@ -60,6 +79,11 @@ class _PoolState:
         self.hosts_seen: dict[str, tuple[float, dict[str, Any]]] = {}  # host -> (t, stats)
         self.open_batches: dict[int, int] = {}  # batch id -> items already freed early
         self.held: list[dict[str, None]] = [{} for _ in shards]  # leased ids per shard
+        self.adopted: dict[str, int] = {}  # predecessor's leased ids -> shard index
+        self.reported_running: set[str] = set()  # adopted ids a host says it runs
+        self.adopted_total = 0
+        self.adopted_acked = 0
+        self.adopted_requeued = 0
 
     @property
     def capacity(self) -> int:
@@ -81,13 +105,18 @@ class Dispatcher:
     def __init__(self, spec: dict[str, Any]):
         self.spec = FleetSpec.model_validate(spec)
         self.names = Names(self.spec.name)
-        self.holder = f"dispatcher-{uuid.uuid4().hex[:8]}"
+        # Stable across restarts: a restarted dispatcher finds its predecessor's leases.
+        self.holder = self.names.dispatcher
         self._pools: dict[str, _PoolState] = {}
         self._loops: list[asyncio.Task[None]] = []
         self._running = False
         # Random start: a restarted dispatcher's ids do not collide with batches of its
-        # predecessor that hosts may still be running.
+        # predecessor that hosts may still be running (they tell them apart by id).
         self._batch_ids = itertools.count(uuid.uuid4().int >> 80)
+        self._ledger = LedgerClient.for_spec(self.spec)
+        self.restarted = on_start(self.spec.namespace, self.names.dispatcher)
+        if self.restarted:
+            resume_after_restart("start")  # nobody else calls start() after a restart
 
     async def start(self) -> None:
         if self._running:
@@ -101,9 +130,74 @@ class Dispatcher:
             self._pools[p.name] = _PoolState(p, shards, handle)
         self._running = True
         loop = asyncio.get_running_loop()
+        if self.restarted:
+            await self._adopt()
         self._loops = [loop.create_task(self._shard_loop(ps, s))
                        for ps in self._pools.values() for s in range(len(ps.shards))]
         self._loops.append(loop.create_task(self._renew_leases()))
+        self._loops += [loop.create_task(self._settle_adopted(ps))
+                        for ps in self._pools.values() if ps.adopted]
+
+    async def _adopt(self) -> None:
+        """Take over the leases the shards hold for this dispatcher's name."""
+        for ps in self._pools.values():
+            answers = await asyncio.gather(*(sh.leased_to.remote(self.holder)
+                                             for sh in ps.shards), return_exceptions=True)
+            for s, ids in enumerate(answers):
+                if isinstance(ids, BaseException):
+                    continue  # that shard's leases expire and are redelivered instead
+                for i in ids:
+                    ps.held[s][i] = None
+                    ps.adopted[i] = s
+                ps.in_flight += len(ids)
+                ps.adopted_total += len(ids)
+
+    async def _settle_adopted(self, ps: _PoolState) -> None:
+        """Ack adopted items once recorded; requeue the ones nothing runs (see the
+        module docstring)."""
+        t0 = time.monotonic()
+        decide_at = t0 + ADOPT_DECIDE_S
+        give_up_at = (t0 + self.spec.resilience.task_timeout_s
+                      + self.spec.health.hung_task_grace_s + ADOPT_MARGIN_S)
+        while ps.adopted and self._running:
+            await asyncio.sleep(ADOPT_POLL_S)
+            ids = list(ps.adopted)
+            try:
+                missing = set(await self._ledger.missing_async(ids))
+            except ray.exceptions.RayError:
+                continue
+            now = time.monotonic()
+            done = [i for i in ids if i not in missing]
+            stale = [] if now < decide_at else [
+                i for i in missing if now >= give_up_at or i not in ps.reported_running]
+            for group, how in ((done, "ack"), (stale, "nack")):
+                by_shard: dict[int, list[str]] = {}
+                for i in group:
+                    by_shard.setdefault(ps.adopted.pop(i), []).append(i)
+                    ps.reported_running.discard(i)
+                for s, part in by_shard.items():
+                    try:
+                        if how == "ack":
+                            await ps.shards[s].ack.remote(part)
+                            ps.adopted_acked += len(part)
+                        else:
+                            await ps.shards[s].nack.remote(part, "dispatcher restarted")
+                            ps.adopted_requeued += len(part)
+                    except ray.exceptions.RayError:
+                        pass  # the leases expire and the items are redelivered
+                    finally:
+                        for i in part:
+                            ps.held[s].pop(i, None)
+                        ps.in_flight -= len(part)
+                        ps.room.set()
+
+    async def held_ids(self, capability: str, shard: int) -> list[str]:
+        """Ids this dispatcher holds leased from one shard (a restarted shard leases
+        them back to it instead of delivering them again)."""
+        for ps in self._pools.values():
+            if ps.spec.capability == capability and shard < len(ps.held):
+                return list(ps.held[shard])
+        return []
 
     async def stop(self) -> None:
         self._running = False
@@ -117,25 +211,36 @@ class Dispatcher:
         ps.hosts = max(1, hosts)
         ps.room.set()
 
-    async def batch_progress(self, pool: str, done: dict[int, int]) -> None:
+    async def batch_progress(self, pool: str, done: dict[int, int],
+                             running: dict[int, list[str]] | None = None) -> list[int]:
         """A host's report that ``done[batch]`` items of each listed batch have finished.
 
         Their agent slots are free, so they stop counting against the pool's capacity
         now rather than when the batch's slowest item finishes; the items stay leased
         and are acked only after the host has recorded them and replied.
+
+        Returns the batches this dispatcher does not know while it adopts a
+        predecessor's leases: the host then sends their item ids as ``running``, and
+        those items are kept leased until they are recorded instead of being requeued.
         """
         ps = self._pools.get(pool)
         if ps is None:
-            return
+            return []
+        for ids in (running or {}).values():
+            ps.reported_running.update(i for i in ids if i in ps.adopted)
         freed_any = False
+        unknown = []
         for bid, n in done.items():
             freed = ps.open_batches.get(bid)
-            if freed is not None and n > freed:
+            if freed is None:
+                unknown.append(bid)
+            elif n > freed:
                 ps.open_batches[bid] = n
                 ps.in_flight -= n - freed
                 freed_any = True
         if freed_any:
             ps.room.set()
+        return unknown if ps.adopted else []
 
     async def stats(self) -> dict[str, Any]:
         return {name: {
@@ -144,6 +249,8 @@ class Dispatcher:
             "sent_batches": ps.sent_batches, "sent_items": ps.sent_items,
             "host_failures": ps.host_failures,
             "retried_items": ps.retried_items, "retry_waiting": ps.retry_waiting,
+            "adopted": ps.adopted_total, "adopted_acked": ps.adopted_acked,
+            "adopted_requeued": ps.adopted_requeued, "adopting": len(ps.adopted),
             **_breaker_summary(ps),
         } for name, ps in self._pools.items()}
 

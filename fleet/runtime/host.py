@@ -55,6 +55,7 @@ from dataclasses import asdict
 from typing import Any, NamedTuple, overload
 
 import orjson
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from fleet.agent import Agent, Reply
 from fleet.policy.breaker import (
@@ -83,7 +84,16 @@ from fleet.runtime.imports import import_object
 from fleet.spec.budgets import ModelPrice
 from fleet.spec.pools import PoolSpec
 from fleet.spec.resilience import ResilienceSpec, WindowKind
-from fleet.task import Item, Outcome, Task, failed_outcome, item_to_task
+from fleet.spec.results import DEFAULT_MAX_OUTPUT_BYTES
+from fleet.task import (
+    IDEMPOTENT_PREFIX,
+    Item,
+    Outcome,
+    Task,
+    failed_outcome,
+    item_to_task,
+    payload_hash,
+)
 
 WATCHDOG_INTERVAL_S = 0.5
 MAX_ERROR_CHARS = 2000
@@ -96,11 +106,14 @@ STATS_EVENTS = 100
 # dispatcher send more, smaller batches.
 PROGRESS_AFTER_S = 0.5
 PROGRESS_INTERVAL_S = 0.25
+PROGRESS_REPLY_S = 2.0  # a dispatcher restarting answers after this: report again later
 # Budgets: an agent refused by its own budget is parked (keeps one slot taken) for the
 # refusal's retry_after_s, at most BUDGET_PARK_MAX_S, then is asked again.
 BUDGET_PARK_MAX_S = 60.0
 BUDGET_REQUEUE = "budget_requeue"  # internal: every agent here is parked, requeue
 REASON_BUDGET_EXHAUSTED = "budget_exhausted"
+REASON_OUTPUT_TOO_LARGE = "output_too_large"
+RECORD_RETRY_S = 60.0  # a ledger answering with storage errors, before the batch goes back
 
 # Routers that pick by load alone and learn nothing from outcomes.
 _BALANCERS = (LeastLoadedRouter, FullScanRouter, RoundRobinRouter, RandomRouter,
@@ -114,6 +127,13 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # not inside a Serve replica (unit tests, local use)
         return uuid.uuid4().hex[:8]
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    from fleet.queue.storage import StorageError
+
+    return isinstance(exc, StorageError) or isinstance(getattr(exc, "cause", None),
+                                                       StorageError)
 
 
 def task_type(item: Item, task: Task) -> str:
@@ -190,8 +210,10 @@ class AgentHost(AgentHealthMixin):
 
     def __init__(self, pool: dict[str, Any], resilience: dict[str, Any] | None = None,
                  prices: dict[str, Any] | None = None, controller: tuple[str, str] | None = None,
-                 ledger: tuple[str, str] | None = None, health: dict[str, Any] | None = None,
-                 budget: tuple[str, str] | None = None):
+                 ledger: tuple[str, str, int] | None = None,
+                 health: dict[str, Any] | None = None,
+                 budget: tuple[str, str] | None = None,
+                 max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES):
         self.pool = PoolSpec.model_validate(pool)
         self.resilience = ResilienceSpec.model_validate(resilience or {})
         self.prices = {k: ModelPrice.model_validate(v) for k, v in (prices or {}).items()}
@@ -199,7 +221,8 @@ class AgentHost(AgentHealthMixin):
         self._agent_cls: type[Agent] = import_object(self.pool.agent_class)
         self._controller_ref = controller
         self._ledger_ref = ledger
-        self._ledger: Any = None
+        self._ledger: Any = None  # a LedgerClient, made on first use
+        self.max_output_bytes = max_output_bytes
         n = self.pool.agents_per_host
         self._c = self.pool.concurrency_per_agent
         self._agents: list[Agent | None] = [None] * n
@@ -531,7 +554,10 @@ class AgentHost(AgentHealthMixin):
         """
         done = [0]
         if progress is not None:
-            self._open_batches[progress] = [done, 0, time.monotonic() + PROGRESS_AFTER_S]
+            # [finished count, count last reported, report from, item ids,
+            #  0 / 1 unknown to the dispatcher / 2 ids sent]
+            self._open_batches[progress] = [done, 0, time.monotonic() + PROGRESS_AFTER_S,
+                                            [it.id for it in items], 0]
             if self._reporter is None:
                 self._reporter = asyncio.get_running_loop().create_task(self._report())
         try:
@@ -560,13 +586,36 @@ class AgentHost(AgentHealthMixin):
         if self._budget is not None:
             await self._budget.flush()  # one settle call per batch
         if record:
-            if self._ledger is None:
-                import ray
-
-                name, namespace = self._ledger_ref
-                self._ledger = ray.get_actor(name, namespace=namespace)
-            await self._ledger.record.remote(record)
+            await self._record(items, record)
         return BatchReport(len(record), retry_ids, delays, self.pool_stats())
+
+    async def _record(self, items: list[Item], record: list[Outcome]) -> None:
+        """Record final outcomes; returns once they are durable.
+
+        A ledger shard that dies is restarted by Ray and the call retried on it (the
+        shards are created with ``max_task_retries=-1``), so a restart only delays this.
+        A shard that answers with a storage error (a full disk) is asked again with
+        backoff for up to ``RECORD_RETRY_S``; the batch's leases are renewed by the
+        dispatcher meanwhile, and past that the batch is handed back, never dropped.
+        """
+        if self._ledger is None:
+            from fleet.runtime.ledger import LedgerClient
+
+            self._ledger = LedgerClient(*self._ledger_ref)
+        idem = [k for k, o in enumerate(record) if o.task_id.startswith(IDEMPOTENT_PREFIX)]
+        if idem:
+            # Keyed tasks carry their payload's hash, so a later submission of the key
+            # with another payload is refused rather than answered with this outcome.
+            payloads = {it.id: it.payload for it in items}
+            for k in idem:
+                o = record[k]
+                record[k] = o._replace(payload_hash=payload_hash(payloads[o.task_id]))
+        async for attempt in AsyncRetrying(
+                retry=retry_if_exception(_is_storage_error),
+                wait=wait_exponential(multiplier=0.05, max=2.0),
+                stop=stop_after_delay(RECORD_RETRY_S), reraise=True):
+            with attempt:
+                await self._ledger.record_async(record)
 
     def _decide_retry(self, item: Item, o: Outcome) -> tuple[Outcome, float | None]:
         """A failed outcome: (outcome, delay) to retry after ``delay`` seconds, or
@@ -589,26 +638,42 @@ class AgentHost(AgentHealthMixin):
         return o._replace(reason=d.verdict.value, error=why[:MAX_ERROR_CHARS]), None
 
     async def _report(self) -> None:
-        """Tell dispatchers how far their long-running batches are (see run_and_record)."""
+        """Tell dispatchers how far their long-running batches are (see run_and_record).
+
+        Every batch older than ``PROGRESS_AFTER_S`` is reported each interval. A
+        dispatcher that does not know a batch (it was restarted and adopts its
+        predecessor's leases) answers with its id, and the batch's item ids follow in
+        the next report, so the new dispatcher keeps them leased while they run here.
+        """
         import ray
 
         while True:
             await asyncio.sleep(PROGRESS_INTERVAL_S)
             news: dict[tuple[str, str, str], dict[int, int]] = {}
+            running: dict[tuple[str, str, str], dict[int, list[str]]] = {}
             now = time.monotonic()
             for (name, ns, pool, bid), entry in self._open_batches.items():
-                done, sent, report_from = entry[0][0], entry[1], entry[2]
-                if done > sent and now >= report_from:
+                done, report_from = entry[0][0], entry[2]
+                if now >= report_from:
                     entry[1] = done
                     news.setdefault((name, ns, pool), {})[bid] = done
+                    if entry[4] == 1:  # unknown to its dispatcher: send the ids once
+                        entry[4] = 2
+                        running.setdefault((name, ns, pool), {})[bid] = entry[3]
             for (name, ns, pool), counts in news.items():
                 try:
                     d = self._dispatchers.get((name, ns))
                     if d is None:
                         d = self._dispatchers[(name, ns)] = ray.get_actor(name, namespace=ns)
-                    d.batch_progress.remote(pool, counts)  # no reply needed
+                    unknown = await asyncio.wait_for(d.batch_progress.remote(
+                        pool, counts, running.get((name, ns, pool))), PROGRESS_REPLY_S)
                 except Exception:
-                    self._dispatchers.pop((name, ns), None)  # gone: the reply frees all
+                    self._dispatchers.pop((name, ns), None)  # gone or restarting
+                    continue
+                for bid in unknown:
+                    entry = self._open_batches.get((name, ns, pool, bid))
+                    if entry is not None and entry[4] == 0:
+                        entry[4] = 1
 
     async def _run_one(self, item: Item, done: list[int] | None = None) -> Outcome:
         task: Task | None = None
@@ -646,6 +711,12 @@ class AgentHost(AgentHealthMixin):
             if not isinstance(reply, Reply):
                 reply = Reply(reply)
             output = orjson.dumps(reply.output)
+            if len(output) > self.max_output_bytes:
+                self.failed += 1
+                return failed_outcome(
+                    item, REASON_OUTPUT_TOO_LARGE,
+                    f"output is {len(output)} bytes encoded, over results.max_output_bytes"
+                    f"={self.max_output_bytes}", self.pool.name, agent_id, started)
             price = self.prices.get(reply.model or "")
             cost = price.cost_usd(reply.input_tokens, reply.output_tokens) if price else 0.0
             spent = (cost, reply.input_tokens + reply.output_tokens)

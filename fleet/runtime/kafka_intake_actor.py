@@ -7,7 +7,9 @@ runtime:
 
 - ``accept``: valid tasks go into the queue shards by the same path as
   ``FleetClient.submit_items``; ids the ledger already holds (a message redelivered
-  after a consumer died before committing) are not enqueued again but finish at once.
+  after a consumer died before committing, or a task submitted again) are not enqueued
+  again but finish at once; an idempotency key already recorded with another payload
+  is not run either, and is counted (``idempotency_conflicts``).
 - completion: a task is finished once its outcome is in the ledger. The actor polls the
   ledger for the ids it has in flight every ``ledger_poll_s`` and reports the recorded
   ones to the intake, whose ``OffsetTracker`` commits a partition only below its lowest
@@ -30,9 +32,11 @@ import ray
 
 from fleet.queue.kafka_intake import KafkaIntake, task_parser
 from fleet.runtime.client import put_items
+from fleet.runtime.ledger import LedgerClient
+from fleet.runtime.lifecycle import on_start
 from fleet.runtime.names import Names
 from fleet.spec.fleet import FleetSpec
-from fleet.task import Item
+from fleet.task import Item, split_known
 
 # A full queue holds the loop at most this long per attempt; the intake keeps the batch
 # and retries (partitions stay paused meanwhile, the group membership stays alive).
@@ -51,7 +55,9 @@ class KafkaIntakeActor:
         self.index = index
         names = Names(fleet.name)
         ns = fleet.namespace
-        self._ledger = ray.get_actor(names.ledger, namespace=ns)
+        on_start(ns, names.kafka_intake(index))
+        self._ledger = LedgerClient.for_spec(fleet)
+        self._conflicts = 0
         self._shards = {cap: [ray.get_actor(names.shard(cap, i), namespace=ns)
                               for i in range(fleet.queues.shards)]
                         for cap in fleet.capabilities}
@@ -83,10 +89,11 @@ class KafkaIntakeActor:
         self._intake.close()
 
     def _accept(self, items: list[Item]) -> list[str]:
-        ids = [it.id for it in items]
-        missing = set(ray.get(self._ledger.missing.remote(ids)))
-        put_items(self._shards, [it for it in items if it.id in missing], ACCEPT_TIMEOUT_S)
-        return [i for i in ids if i not in missing]  # already recorded: finished
+        fresh, existing, conflicts = split_known(
+            items, self._ledger.get([it.id for it in items]))
+        self._conflicts += len(conflicts)
+        put_items(self._shards, fresh, ACCEPT_TIMEOUT_S)
+        return [*existing, *conflicts]  # already recorded (or refused): finished
 
     def _poll_ledger(self) -> None:
         ids = self._intake.in_flight_ids()
@@ -95,11 +102,11 @@ class KafkaIntakeActor:
         self._ledger_polls += 1
         if self.kafka.results_topic:
             # The outcome is published to the results topic before the offset may pass.
-            for task_id, outcome in zip(ids, ray.get(self._ledger.get.remote(ids))):
+            for task_id, outcome in zip(ids, self._ledger.get(ids)):
                 if outcome is not None:
                     self._intake.complete(task_id, outcome)
             return
-        missing = set(ray.get(self._ledger.missing.remote(ids)))
+        missing = set(self._ledger.missing(ids))
         for task_id in ids:
             if task_id not in missing:
                 self._intake.complete(task_id)
@@ -110,6 +117,7 @@ class KafkaIntakeActor:
         """Consumption, commit and error counts of this consumer."""
         return {"consumer": self.index, "running": self._thread.is_alive(),
                 "error": self._error, "ledger_polls": self._ledger_polls,
+                "idempotency_conflicts": self._conflicts,
                 **dataclasses.asdict(self._intake.stats)}
 
     def stop(self) -> dict[str, Any]:

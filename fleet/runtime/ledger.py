@@ -1,19 +1,50 @@
-"""Ledger: the record of every task's outcome, exactly once by task id.
+"""Ledger: the record of every task's outcome, exactly once by (tenant, task id), durable.
 
 Delivery is at-least-once (a lease can expire under a slow holder, a host can die after
 finishing), so the same task may be *executed* twice. The ledger keeps the first
-outcome recorded for an id and counts every later one as a duplicate execution: the
-outcome is recorded once, duplicates are reported, never hidden.
+outcome recorded for a task and counts every later execution as a duplicate: the outcome
+is recorded once, duplicates are reported, never hidden.
+
+A fleet runs ``results.ledger_shards`` ledger actors (``<fleet>.ledger``,
+``<fleet>.ledger.1``, ...); a task's outcome lives on shard ``crc32(id) % shards``
+(``LedgerClient`` routes every call). Each shard writes through a ``LedgerStore``
+(``fleet.ledger.store``): SQLite WAL beside the queue files by default, committed before
+``record`` returns, so a host acks a batch only once its outcomes are durable. A killed
+shard is restarted by Ray (``fleet.runtime.lifecycle``) and reopens its file; calls in
+flight are retried on the new instance, and a retried ``record`` is recognised as a
+replay, not a duplicate. Outcomes older than ``results.retention_s`` are deleted by a
+periodic sweep.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+import zlib
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import ray
 
+from fleet.ledger.store import (
+    DEFAULT_TENANT,
+    SINCE_LIMIT,
+    LedgerStore,
+    MemoryLedgerStore,
+    SqliteLedgerStore,
+    ledger_path,
+)
+from fleet.queue.storage import fleet_directory
+from fleet.runtime.lifecycle import on_start
+from fleet.runtime.names import Names
+from fleet.spec.fleet import FleetSpec
+from fleet.spec.queues import StorageBackend
 from fleet.task import Outcome
+
+RETENTION_SWEEP_S = 600.0
+_SUMMARY_COLS = ("ok, reason, error, deliveries, submitted_unix_s, finished_unix_s,"
+                 " input_tokens, output_tokens, cost_usd, duplicates")
 
 
 def percentiles(values: list[float], qs: tuple[float, ...] = (0.5, 0.95, 0.99)) -> dict[str, float]:
@@ -25,70 +56,273 @@ def percentiles(values: list[float], qs: tuple[float, ...] = (0.5, 0.95, 0.99)) 
     return {f"p{round(q * 100)}": v[min(n - 1, max(0, int(q * n + 0.5) - 1))] for q in qs}
 
 
+def make_ledger_store(spec: FleetSpec, index: int) -> LedgerStore:
+    """The store ledger shard ``index`` uses, from ``queues.storage``."""
+    st = spec.queues.storage
+    if st.backend is StorageBackend.MEMORY:
+        return MemoryLedgerStore()
+    path = ledger_path(fleet_directory(st, spec.namespace, spec.name), index)
+    return SqliteLedgerStore(path, st.sqlite_synchronous, st.sqlite_cache_mib)
+
+
 @ray.remote(num_cpus=0)
 class Ledger:
-    def __init__(self) -> None:
-        self._outcomes: dict[str, Outcome] = {}
-        self._duplicates: Counter[str] = Counter()
+    """One ledger shard. Methods never await, so calls run one at a time."""
 
-    async def record(self, outcomes: list[Outcome]) -> int:
-        """Record outcomes; returns how many were new (the rest were duplicates)."""
-        new = 0
-        book = self._outcomes
-        for o in outcomes:
-            if o.task_id in book:
-                self._duplicates[o.task_id] += 1
-            else:
-                book[o.task_id] = o
-                new += 1
-        return new
+    def __init__(self, spec: dict[str, Any], index: int = 0):
+        fleet = FleetSpec.model_validate(spec)
+        self.index = index
+        on_start(fleet.namespace, Names(fleet.name).ledger_shard(index))
+        self._store = make_ledger_store(fleet, index)
+        self._retention_s = fleet.results.retention_s
+        self._sweeper: asyncio.Task[None] | None = None
+        self.expired_total = 0
 
-    async def get(self, ids: list[str]) -> list[Outcome | None]:
-        return [self._outcomes.get(i) for i in ids]
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
-    async def missing(self, ids: list[str]) -> list[str]:
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                self.expired_total += self._store.expire(time.time() - self._retention_s)
+            except Exception:  # storage trouble: the next sweep tries again
+                pass
+            await asyncio.sleep(RETENTION_SWEEP_S)
+
+    async def record(self, outcomes: list[Outcome], tenant: str = DEFAULT_TENANT) -> int:
+        """Record outcomes (durable before this returns); returns how many were new."""
+        self._ensure_sweeper()
+        return self._store.record(outcomes, tenant)
+
+    async def get(self, ids: list[str], tenant: str = DEFAULT_TENANT) -> list[Outcome | None]:
+        return self._store.get(ids, tenant)
+
+    async def missing(self, ids: list[str], tenant: str = DEFAULT_TENANT) -> list[str]:
         """The ids among ``ids`` that have no recorded outcome."""
-        book = self._outcomes
-        return [i for i in ids if i not in book]
+        return self._store.missing(ids, tenant)
+
+    async def since(self, cursor: int, limit: int = SINCE_LIMIT) -> tuple[list[str], int]:
+        return self._store.since(cursor, limit)
+
+    async def cursor(self) -> int:
+        return self._store.cursor()
 
     async def count(self) -> int:
-        return len(self._outcomes)
+        self._ensure_sweeper()
+        return self._store.count()
 
-    async def summary(self, ids: list[str] | None = None) -> dict[str, Any]:
-        """Counts, latency percentiles, failure reasons and token/cost totals.
+    async def duplicates(self, ids: list[str] | None = None,
+                         tenant: str = DEFAULT_TENANT) -> dict[str, int]:
+        return self._store.duplicates(ids, tenant)
 
-        With ``ids``, only those tasks count and ``lost`` is the number of ids with no
-        outcome: accounting comes from the records, not from counters.
-        """
-        book = self._outcomes
+    async def summary_part(self, ids: list[str] | None = None,
+                           tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        """This shard's share of ``LedgerClient.summary``: counts and raw latencies."""
         if ids is None:
-            records = list(book.values())
+            if isinstance(self._store, SqliteLedgerStore):
+                rows = [(bool(r[0]), *r[1:]) for r in self._store.scan(_SUMMARY_COLS)]
+            else:
+                dups = self._store.duplicates()
+                rows = [_summary_row(o, dups.get(o.task_id, 0))
+                        for o in self._store.get(self._store.since(0, 1 << 62)[0], tenant)
+                        if o is not None]
             lost = 0
         else:
-            records = [o for i in ids if (o := book.get(i)) is not None]
-            lost = len(ids) - len(records)
-        ok = [o for o in records if o.ok]
-        reasons = Counter(o.reason or "error" for o in records if not o.ok)
-        latencies = [o.finished_unix_s - o.submitted_unix_s for o in records]
-        first = min((o.submitted_unix_s for o in records), default=0.0)
-        last = max((o.finished_unix_s for o in records), default=0.0)
-        dupes = self._duplicates if ids is None else {i: self._duplicates[i] for i in ids
-                                                      if i in self._duplicates}
-        return {
-            "recorded": len(records),
-            "completed": len(ok),
-            "failed": len(records) - len(ok),
-            "lost": lost,
-            "failure_reasons": dict(reasons),
-            "sample_errors": [o.error for o in records if not o.ok][:3],
-            "duplicate_executions": sum(dupes.values()),
-            # Recorded from a second or later delivery: their first holder died, was
-            # removed past its drain timeout, or handed them back.
-            "redelivered": sum(1 for o in records if o.deliveries > 1),
-            "latency_s": percentiles(latencies),
-            "first_submit_unix_s": first,
-            "last_finish_unix_s": last,
-            "input_tokens": sum(o.input_tokens for o in records),
-            "output_tokens": sum(o.output_tokens for o in records),
-            "cost_usd": round(sum(o.cost_usd for o in records), 6),
-        }
+            outs = self._store.get(ids, tenant)
+            dups = self._store.duplicates(ids, tenant)
+            rows = [_summary_row(o, dups.get(o.task_id, 0)) for o in outs if o is not None]
+            lost = len(ids) - len(rows)
+        return _summarize_rows(rows, lost)
+
+    async def stats(self) -> dict[str, Any]:
+        store = self._store
+        return {"shard": self.index, "recorded": store.count(), "durable": store.durable,
+                "expired_total": self.expired_total,
+                "index_bytes": store.index_bytes() if isinstance(store, SqliteLedgerStore)
+                else 0}
+
+
+def _summary_row(o: Outcome, dups: int) -> tuple[Any, ...]:
+    return (o.ok, o.reason, o.error, o.deliveries, o.submitted_unix_s, o.finished_unix_s,
+            o.input_tokens, o.output_tokens, o.cost_usd, dups)
+
+
+def _summarize_rows(rows: list[tuple[Any, ...]], lost: int) -> dict[str, Any]:
+    failed = [r for r in rows if not r[0]]
+    return {
+        "recorded": len(rows),
+        "completed": len(rows) - len(failed),
+        "lost": lost,
+        "failure_reasons": Counter(r[1] or "error" for r in failed),
+        "sample_errors": [r[2] for r in failed[:3]],
+        "duplicate_executions": sum(r[9] for r in rows),
+        "redelivered": sum(1 for r in rows if r[3] > 1),
+        "latencies": [r[5] - r[4] for r in rows],
+        "first_submit_unix_s": min((r[4] for r in rows), default=0.0),
+        "last_finish_unix_s": max((r[5] for r in rows), default=0.0),
+        "input_tokens": sum(r[6] for r in rows),
+        "output_tokens": sum(r[7] for r in rows),
+        "cost_usd": sum(r[8] for r in rows),
+    }
+
+
+def merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary from the shards' parts: counts, latency percentiles, failure
+    reasons and token/cost totals. ``lost`` counts ids with no outcome (accounting comes
+    from the records, not from counters)."""
+    reasons: Counter[str] = Counter()
+    latencies: list[float] = []
+    for p in parts:
+        reasons.update(p["failure_reasons"])
+        latencies.extend(p["latencies"])
+    recorded = sum(p["recorded"] for p in parts)
+    completed = sum(p["completed"] for p in parts)
+    firsts = [p["first_submit_unix_s"] for p in parts if p["recorded"]]
+    return {
+        "recorded": recorded,
+        "completed": completed,
+        "failed": recorded - completed,
+        "lost": sum(p["lost"] for p in parts),
+        "failure_reasons": dict(reasons),
+        "sample_errors": [e for p in parts for e in p["sample_errors"]][:3],
+        "duplicate_executions": sum(p["duplicate_executions"] for p in parts),
+        # Recorded from a second or later delivery: their first holder died, was
+        # removed past its drain timeout, or handed them back.
+        "redelivered": sum(p["redelivered"] for p in parts),
+        "latency_s": percentiles(latencies),
+        "first_submit_unix_s": min(firsts, default=0.0),
+        "last_finish_unix_s": max((p["last_finish_unix_s"] for p in parts), default=0.0),
+        "input_tokens": sum(p["input_tokens"] for p in parts),
+        "output_tokens": sum(p["output_tokens"] for p in parts),
+        "cost_usd": round(sum(p["cost_usd"] for p in parts), 6),
+    }
+
+
+class LedgerClient:
+    """Every caller's way to a fleet's ledger shards: routes each id to its shard and
+    puts the answers back in the callers' order. Sync methods block (drivers, threads);
+    ``*_async`` ones await (actors, the ingress). Calls to a restarting shard wait for it
+    (the shards are created with ``max_task_retries=-1``)."""
+
+    def __init__(self, fleet: str, namespace: str, shards: int = 1):
+        names = Names(fleet)
+        self.namespace = namespace
+        self.n = shards
+        self._names = [names.ledger_shard(i) for i in range(shards)]
+        self._handles: list[Any] = [None] * shards
+
+    @classmethod
+    def for_spec(cls, spec: FleetSpec) -> LedgerClient:
+        return cls(spec.name, spec.namespace, spec.results.ledger_shards)
+
+    def handle(self, k: int) -> Any:
+        h = self._handles[k]
+        if h is None:
+            h = self._handles[k] = ray.get_actor(self._names[k], namespace=self.namespace)
+        return h
+
+    def shard_of(self, task_id: str) -> int:
+        return zlib.crc32(task_id.encode()) % self.n if self.n > 1 else 0
+
+    def _split(self, keys: Sequence[str]) -> list[tuple[int, list[int]]]:
+        """(shard, positions in ``keys``) for every shard that has any."""
+        if self.n == 1:
+            return [(0, list(range(len(keys))))]
+        groups: dict[int, list[int]] = {}
+        for pos, k in enumerate(keys):
+            groups.setdefault(self.shard_of(k), []).append(pos)
+        return sorted(groups.items())
+
+    def _fan(self, method: str, values: Sequence[Any], keys: Sequence[str], *args: Any
+             ) -> tuple[list[tuple[int, list[int]]], list[Any]]:
+        split = self._split(keys)
+        if self.n == 1:
+            refs = [getattr(self.handle(0), method).remote(list(values), *args)]
+        else:
+            refs = [getattr(self.handle(s), method).remote([values[p] for p in pos], *args)
+                    for s, pos in split]
+        return split, refs
+
+    @staticmethod
+    def _ordered(n: int, split: list[tuple[int, list[int]]], answers: list[list[Any]]
+                 ) -> list[Any]:
+        out: list[Any] = [None] * n
+        for (_, pos), ans in zip(split, answers):
+            for p, a in zip(pos, ans):
+                out[p] = a
+        return out
+
+    # -- async (actors, ingress) ----------------------------------------------------------
+    async def record_async(self, outcomes: Sequence[Outcome]) -> int:
+        if not outcomes:
+            return 0
+        _, refs = self._fan("record", outcomes, [o.task_id for o in outcomes])
+        return sum(await asyncio.gather(*refs))
+
+    async def get_async(self, ids: Sequence[str]) -> list[Outcome | None]:
+        if not ids:
+            return []
+        split, refs = self._fan("get", ids, ids)
+        return self._ordered(len(ids), split, await asyncio.gather(*refs))
+
+    async def missing_async(self, ids: Sequence[str]) -> list[str]:
+        if not ids:
+            return []
+        _, refs = self._fan("missing", ids, ids)
+        gone = {i for part in await asyncio.gather(*refs) for i in part}
+        return [i for i in ids if i in gone]
+
+    async def count_async(self) -> int:
+        return sum(await asyncio.gather(*(self.handle(k).count.remote()
+                                          for k in range(self.n))))
+
+    # -- sync (drivers, threads) ----------------------------------------------------------
+    def record(self, outcomes: Sequence[Outcome]) -> int:
+        if not outcomes:
+            return 0
+        _, refs = self._fan("record", outcomes, [o.task_id for o in outcomes])
+        return sum(ray.get(refs))
+
+    def get(self, ids: Sequence[str]) -> list[Outcome | None]:
+        if not ids:
+            return []
+        split, refs = self._fan("get", ids, ids)
+        return self._ordered(len(ids), split, ray.get(refs))
+
+    def missing(self, ids: Sequence[str]) -> list[str]:
+        if not ids:
+            return []
+        _, refs = self._fan("missing", ids, ids)
+        gone = {i for part in ray.get(refs) for i in part}
+        return [i for i in ids if i in gone]
+
+    def duplicates(self, ids: Sequence[str] | None = None) -> dict[str, int]:
+        if ids is None:
+            parts = ray.get([self.handle(k).duplicates.remote() for k in range(self.n)])
+        else:
+            _, refs = self._fan("duplicates", ids, ids)
+            parts = ray.get(refs)
+        return {i: n for p in parts for i, n in p.items()}
+
+    def count(self) -> int:
+        return sum(ray.get([self.handle(k).count.remote() for k in range(self.n)]))
+
+    def cursors(self) -> list[int]:
+        return ray.get([self.handle(k).cursor.remote() for k in range(self.n)])
+
+    def since(self, cursors: list[int]) -> tuple[list[str], list[int]]:
+        """Ids recorded on any shard after ``cursors``, and the cursors to pass next."""
+        answers = ray.get([self.handle(k).since.remote(c) for k, c in enumerate(cursors)])
+        return [i for ids, _ in answers for i in ids], [c for _, c in answers]
+
+    def summary(self, ids: Sequence[str] | None = None) -> dict[str, Any]:
+        if ids is None:
+            parts = ray.get([self.handle(k).summary_part.remote() for k in range(self.n)])
+        else:
+            _, refs = self._fan("summary_part", ids, ids) if ids else ([], [])
+            parts = ray.get(refs) if refs else []
+        return merge_summaries(parts)
+
+    def stats(self) -> list[dict[str, Any]]:
+        return ray.get([self.handle(k).stats.remote() for k in range(self.n)])

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fleet.spec.fleet import FleetSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +27,11 @@ class Names:
 
     @property
     def ledger(self) -> str:
-        return f"{self.fleet}.ledger"
+        """The first ledger shard's name (``ledger_shard(0)``)."""
+        return self.ledger_shard(0)
+
+    def ledger_shard(self, index: int) -> str:
+        return f"{self.fleet}.ledger" if index == 0 else f"{self.fleet}.ledger.{index}"
 
     def shard(self, capability: str, index: int) -> str:
         return f"{self.fleet}.queue.{capability}.{index}"
@@ -33,6 +41,16 @@ class Names:
 
     def pool_app(self, pool: str) -> str:
         return f"{self.fleet}-{pool}"
+
+    def control_actors(self, spec: FleetSpec) -> list[str]:
+        """Every stateful actor of ``spec``'s fleet, in the order deploy starts them."""
+        kafka = spec.queues.kafka
+        return [*(self.ledger_shard(i) for i in range(spec.results.ledger_shards)),
+                *([self.budget] if spec.budgets.enforced else []),
+                *(self.shard(cap, i) for cap in spec.capabilities
+                  for i in range(spec.queues.shards)),
+                self.controller, self.dispatcher,
+                *(self.kafka_intake(i) for i in range(kafka.consumers if kafka else 0))]
 
     @staticmethod
     def host_deployment(pool: str) -> str:

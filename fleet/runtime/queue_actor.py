@@ -6,6 +6,13 @@ periodic sweep that requeues expired leases and fails items past their deadline
 (``deadline_exceeded``) or delivered too often (``max_deliveries``). Such items are
 recorded in the ledger first and only then removed from the queue (and its storage),
 so an item that cannot be completed is accounted for, never dropped.
+
+Restart (``fleet.runtime.lifecycle``): Ray restarts a dead shard, and calls in flight
+(the dispatcher's leases, acks and renewals, clients' puts) are retried on the new
+instance. The new instance reloads every accepted item from storage, then, before it
+serves any call: acks the items whose outcome the ledger already holds (recorded, but
+their ack died with the old instance), and leases back to the dispatcher the items the
+dispatcher still holds (running in hosts), so neither is run again.
 """
 
 from __future__ import annotations
@@ -21,10 +28,16 @@ from fleet.policy.disciplines import overdue_outcome
 from fleet.queue.lease_queue import LeaseQueue, QueueFull
 from fleet.queue.storage import make_storage
 from fleet.policy.batching import batch_size
+from fleet.runtime.ledger import LedgerClient
+from fleet.runtime.lifecycle import on_start
+from fleet.runtime.names import Names
 from fleet.spec.queues import QueueSpec
-from fleet.task import Item, Outcome, failed_outcome
+from fleet.task import IdempotencyConflict, Item, Outcome, failed_outcome
 
 SWEEP_INTERVAL_S = 0.5
+RECOVER_CHUNK = 20_000  # ids per ledger call when a restarted shard settles its items
+RECOVER_TIMEOUT_S = 10.0
+RECENT_ACKS = 20_000  # acked ids a shard remembers to refuse a racing resubmission
 AVG_ITEM_BYTES_PRIOR = 512.0
 AVG_ITEM_BYTES_ALPHA = 0.1  # EWMA weight of each put batch's mean item size
 
@@ -33,19 +46,49 @@ AVG_ITEM_BYTES_ALPHA = 0.1  # EWMA weight of each put batch's mean item size
 class QueueShard:
     def __init__(self, capability: str, index: int, queue_spec: dict[str, Any],
                  max_deliveries: int, ledger_name: str, namespace: str,
-                 fleet: str | None = None):
+                 fleet: str | None = None, ledger_shards: int = 1):
         spec = QueueSpec.model_validate(queue_spec)
         self.capability = capability
         self.index = index
         self.lease_s = spec.lease_s
+        self._fleet = fleet or ledger_name.removesuffix(".ledger")
+        on_start(namespace, Names(self._fleet).shard(capability, index))
         storage = make_storage(spec.storage, namespace, capability, index, fleet)
         self._q = LeaseQueue.from_spec(spec, max_deliveries, storage=storage)
         self._batch = spec.batch
         self._avg_item_bytes = AVG_ITEM_BYTES_PRIOR
-        self._ledger_name = ledger_name
         self._namespace = namespace
-        self._ledger = None
+        self._ledger = LedgerClient(self._fleet, namespace, ledger_shards)
         self._sweeper: asyncio.Task | None = None
+        self._recent_acks: dict[str, None] = {}  # insertion-ordered, bounded
+        self.settled_on_start = 0
+        self.adopted_on_start = 0
+        if len(self._q):  # restarted, or started again on the same storage
+            self._recover()
+
+    def _recover(self) -> None:
+        """After a restart: settle what the ledger holds, re-lease what the dispatcher
+        runs (see the module docstring). Each step is bounded in time: a ledger or
+        dispatcher that does not answer only costs a redelivery (absorbed by the
+        ledger), never a loss."""
+        ids = self._q.pending_ids()
+        try:
+            missing = set()
+            for k in range(0, len(ids), RECOVER_CHUNK):
+                missing.update(self._ledger.missing(ids[k:k + RECOVER_CHUNK]))
+            done = [i for i in ids if i not in missing]
+            if done:
+                self.settled_on_start = self._q.ack(done)
+        except Exception:  # noqa: BLE001 - the ledger is unreachable: items stay ready
+            pass
+        try:
+            dispatcher = ray.get_actor(Names(self._fleet).dispatcher, namespace=self._namespace)
+            held = ray.get(dispatcher.held_ids.remote(self.capability, self.index),
+                           timeout=RECOVER_TIMEOUT_S)
+            self.adopted_on_start = self._q.adopt(held, Names(self._fleet).dispatcher,
+                                                  self.lease_s, time.monotonic())
+        except Exception:  # noqa: BLE001 - no dispatcher (first start) or it restarts too
+            pass
 
     def _ensure_sweeper(self) -> None:
         # Started lazily: an async actor's event loop exists only once a method runs.
@@ -73,10 +116,17 @@ class QueueShard:
     async def _record_then_ack(self, outcomes: list[Outcome]) -> None:
         if not outcomes:
             return
-        if self._ledger is None:
-            self._ledger = ray.get_actor(self._ledger_name, namespace=self._namespace)
-        await self._ledger.record.remote(outcomes)
-        self._q.ack([o.task_id for o in outcomes])  # removes them from durable storage
+        await self._ledger.record_async(outcomes)
+        self._ack([o.task_id for o in outcomes])  # removes them from durable storage
+
+    def _ack(self, ids: list[str]) -> int:
+        n = self._q.ack(ids)
+        recent = self._recent_acks
+        for i in ids:
+            recent[i] = None
+        while len(recent) > RECENT_ACKS:
+            del recent[next(iter(recent))]
+        return n
 
     async def _fail_exhausted(self, items: list[Item], why: str) -> None:
         await self._record_then_ack([
@@ -86,8 +136,20 @@ class QueueShard:
         ])
 
     async def put(self, items: list[Item]) -> int:
-        """Accept items (all or none). Raises QueueFull when they do not fit."""
+        """Accept items (all or none). Raises QueueFull when they do not fit, and
+        IdempotencyConflict (accepting none) when a pending item has the id of an
+        idempotency key with another payload.
+
+        Ids acked moments ago are ignored like pending ones: a submitter checks the
+        ledger before it puts, and this closes the window in which a task's outcome is
+        recorded and acked between that check and this put.
+        """
         self._ensure_sweeper()
+        if self._recent_acks:
+            items = [it for it in items if it.id not in self._recent_acks]
+        conflicts = self._q.conflicts(items)
+        if conflicts:
+            raise IdempotencyConflict(conflicts)
         accepted = self._q.put(items)
         if items:
             mean = sum(it.size_bytes for it in items) / len(items)
@@ -117,7 +179,7 @@ class QueueShard:
         return await self.lease(n, holder)
 
     async def ack(self, ids: list[str]) -> int:
-        return self._q.ack(ids)
+        return self._ack(ids)
 
     async def nack(self, ids: list[str], why: str = "holder failed") -> int:
         exhausted = self._q.nack(ids)
@@ -127,6 +189,10 @@ class QueueShard:
     async def extend(self, ids: list[str], holder: str) -> int:
         return self._q.extend(ids, holder, self.lease_s, time.monotonic())
 
+    async def leased_to(self, holder: str) -> list[str]:
+        """Ids leased to ``holder``: a restarted dispatcher adopts its predecessor's."""
+        return self._q.leased_to(holder)
+
     async def release_holder(self, holder: str) -> int:
         items = self._q.release_holder(holder)
         await self._fail_exhausted(items, f"holder {holder} released")
@@ -134,10 +200,12 @@ class QueueShard:
 
     async def stats(self) -> dict[str, Any]:
         st = self._q.stats(time.time())
-        return {"capability": self.capability, "shard": self.index, **dataclasses.asdict(st)}
+        return {"capability": self.capability, "shard": self.index,
+                "settled_on_start": self.settled_on_start,
+                "adopted_on_start": self.adopted_on_start, **dataclasses.asdict(st)}
 
     async def pending_ids(self) -> list[str]:
         return self._q.pending_ids()
 
 
-__all__ = ["QueueFull", "QueueShard"]
+__all__ = ["IdempotencyConflict", "QueueFull", "QueueShard"]

@@ -8,6 +8,7 @@ from fleet.spec.fleet import FleetSpec, SpecError, load_spec, parse_spec
 from fleet.spec.pools import PoolSpec
 from fleet.spec.queues import BatchSpec, Discipline, QueueSpec
 from fleet.spec.resilience import ResilienceSpec
+from fleet.spec.results import ResultsSpec
 from fleet.spec.routing import RouterName, RoutingSpec
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "QueueSpec",
     "ResilienceSpec",
     "RestartSpec",
+    "ResultsSpec",
     "RouterName",
     "RoutingSpec",
     "ScopeLimits",

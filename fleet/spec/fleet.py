@@ -15,6 +15,7 @@ from fleet.spec.health import HealthSpec
 from fleet.spec.pools import Name, PoolSpec
 from fleet.spec.queues import QueueSpec
 from fleet.spec.resilience import ResilienceSpec
+from fleet.spec.results import ResultsSpec
 
 
 class SpecError(ValueError):
@@ -38,6 +39,7 @@ class FleetSpec(SpecModel):
     resilience: ResilienceSpec = ResilienceSpec()
     consensus: ConsensusSpec = ConsensusSpec()
     health: HealthSpec = HealthSpec()
+    results: ResultsSpec = ResultsSpec()
 
     @model_validator(mode="after")
     def _check_unique(self) -> FleetSpec:

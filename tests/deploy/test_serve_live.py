@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import time
+import uuid
 from dataclasses import dataclass
 
 import httpx
@@ -83,6 +84,10 @@ def served(tmp_path_factory):
         config = yaml.safe_load((REPO / "serve_configs/support.yaml").read_text())
         port = free_port()
         config["http_options"]["port"] = port
+        # And in its storage: the durable ledger must not carry one run's outcomes into
+        # the next (a resubmitted id is answered from the ledger, not run again).
+        storage = {"directory": str(tmp / "storage")}
+        config["applications"][0]["args"]["spec"]["queues"]["storage"] = storage
         path = tmp / "support.yaml"
         path.write_text(yaml.safe_dump(config))
         url = f"http://127.0.0.1:{port}"
@@ -94,7 +99,9 @@ def served(tmp_path_factory):
         # uses): the same config plus a tight-queue app. The running app's config is
         # unchanged, so Serve leaves it alone and only builds the new one.
         spec = tmp / "tight.yaml"
-        spec.write_text(TIGHT_SPEC)
+        spec.write_text(yaml.safe_dump({**yaml.safe_load(TIGHT_SPEC),
+                                        "queues": {**yaml.safe_load(TIGHT_SPEC)["queues"],
+                                                   "storage": storage}}))
         config["applications"].append({
             "name": "tight", "route_prefix": "/tight", "import_path": "fleet.serve_app:app",
             "args": {"spec": str(spec), "submit_wait_s": 0.3, "retry_after_s": 3}})
@@ -169,6 +176,30 @@ def test_submit_over_http_and_read_results(served):
     status = httpx.get(f"{url}/status", timeout=10).json()
     assert status["fleet"] == "support" and status["ledger"]["recorded"] >= 51
     assert status["pools"]["support"]["agents"] >= 5
+
+
+def test_a_resubmitted_task_is_answered_with_its_outcome_and_a_reused_key_is_409(served):
+    url = served.url
+    key = f"order-{uuid.uuid4().hex[:8]}"
+    task = {"capability": "support", "idempotency_key": key,
+            "payload": {"question": "Can I get a refund?"}}
+    first = httpx.post(f"{url}/tasks", timeout=10, json=task)
+    assert first.status_code == 202, first.text
+    (tid,) = first.json()["ids"]
+    recorded = _result(url, tid)
+    again = httpx.post(f"{url}/tasks", timeout=10, json=task)
+    assert again.status_code == 200, again.text
+    assert again.json() == {"ids": [tid], "results": [recorded]}
+    mixed = httpx.post(f"{url}/tasks", timeout=10, json=[
+        task, {"capability": "support", "payload": {"question": "new one"}}])
+    assert mixed.status_code == 202, mixed.text
+    assert mixed.json()["results"] == [recorded]
+    other = httpx.post(f"{url}/tasks", timeout=10,
+                       json={**task, "payload": {"question": "something else"}})
+    assert other.status_code == 409, other.text
+    assert f"idempotency_key '{key}' already used with a different payload" in \
+        other.json()["detail"]
+    assert other.json()["conflicts"] == [{"index": 0, "id": tid}]
 
 
 @pytest.mark.parametrize("body, field", [

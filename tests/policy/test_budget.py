@@ -95,9 +95,23 @@ def test_model_price_still_costs_results():
 
 # --- the store (one parametrized fixture, so other backends run the same tests) -------------
 
-@pytest.fixture(params=["memory"])
-def store(request):
-    return InMemoryBudgetStore()
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request, tmp_path):
+    if request.param == "memory":
+        yield InMemoryBudgetStore()
+        return
+    # The budget actor's durable store: the same semantics, and on teardown what it
+    # committed reloads to the same counters and open reservations.
+    from fleet.runtime.budget_store import BudgetDatabase, SqliteBudgetStore
+
+    durable = SqliteBudgetStore(BudgetDatabase(tmp_path / "budget.sqlite3"))
+    yield durable
+    durable.commit()
+    again = SqliteBudgetStore(BudgetDatabase(tmp_path / "budget.sqlite3"))
+    entries = durable.entries() | again.entries()
+    assert {e: v[1:] for e, v in durable.counters(entries).items()} == \
+        {e: v[1:] for e, v in again.counters(entries).items()}
+    assert again.reservations == durable.reservations
 
 
 def test_store_reserves_all_or_nothing_and_settles_once(store):
@@ -264,6 +278,43 @@ def test_alerts_fire_once_per_threshold_per_window():
     assert [(a.threshold, a.used) for a in fleet] == [(0.5, 55), (0.8, 86)]
     assert "fleet:all:usd:daily: used 55 of 100 (55% >= 50%)" == fleet[0].message
     assert p.poll_alerts() == []
+
+
+def test_state_taken_as_changes_restores_a_policy_after_a_restart():
+    """``take_changes`` reports what a storage layer must keep; ``restore`` on a new
+    policy over the same counters continues where the old one stopped."""
+    clock = FakeClock(DAY0)
+    spec = budgets(daily_usd=100, alert_thresholds=[0.5], tenants={"t": {"hourly_usd": 50}})
+    store = InMemoryBudgetStore()
+    p = BudgetPolicy(spec, clock, store)
+    p.record_changes()
+    p.join("a", "pool")
+    r = p.reserve("a", Usage(usd=10))
+    r1 = p.reserve("a", Usage(usd=30), tenant="t")
+    p.settle(r1, Usage(usd=30, tokens=7))
+    changes = p.take_changes()
+    assert changes.stats["fleet"] == (30, 7, 0.0, 1) and changes.stats["tenant:t"][0] == 30
+    assert {a.key for a, polled in changes.alerts if not polled} == {
+        "tenant:t:usd:hourly"}
+    assert p.take_changes().stats == {}, "changes are reported once"
+
+    q = BudgetPolicy(spec, clock, store)  # the restart: same counters, new policy
+    q.restore(changes, spent_today=["a"])
+    q.record_changes()
+    assert q.spend_usd("fleet") == 30 and q.spend_usd("tenant:t") == 30
+    assert [a.key for a in q.poll_alerts()] == ["tenant:t:usd:hourly"]
+    assert q.settle(r, Usage(usd=10)).duplicate is False, "a pre-restart reservation"
+    assert q.remaining_usd() == pytest.approx(60)
+    q.join("a", "pool")  # agents come back as they reserve
+    q.settle(q.reserve("a", Usage(usd=5), tenant="t"), Usage(usd=5))
+    assert q.poll_alerts() == [], "the tenant's alert already fired this hour"
+    r2 = q.reserve("a", Usage(usd=1))
+    assert isinstance(r2, Reservation) and r2.id not in (r.id, r1.id), \
+        "reservation ids continue after the restored sequence"
+    clock.advance(DAY_S)
+    q.rebalance()
+    new_day = q.take_changes()
+    assert new_day.new_day and new_day.stats == {}
 
 
 def test_burn_rate_and_snapshot():

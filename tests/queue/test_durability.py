@@ -127,3 +127,28 @@ def test_kill_9_loses_nothing_accepted_and_resurrects_nothing_acked(tmp_path):
     print(f"\ndurability: {TASKS} tasks, killed at {checks[0][0]} and {checks[1][0]} "
           f"accepted; recovered {tr.recovered[1:]} after the kills; {repeats} outcomes "
           f"reported again (recorded once by the ledger)")
+
+
+def test_a_full_disk_refuses_a_put_clearly_and_keeps_what_was_accepted(tmp_path):
+    from fleet.queue.storage import StorageFull
+    from fleet.task import to_item
+    from tests.ledger.test_store import _FullDisk
+
+    path = tmp_path / "work-0.sqlite3"
+    storage = SqliteStorage(path)
+    q = LeaseQueue(1000, storage=storage)
+    first = [to_item({"capability": "w", "payload": i}, {"w"}) for i in range(5)]
+    q.put(first)
+    disk = _FullDisk(storage._db)
+    storage._db = disk  # type: ignore[assignment]
+    disk.armed = True
+    more = [to_item({"capability": "w", "payload": i}, {"w"}) for i in range(5, 8)]
+    with pytest.raises(StorageFull, match=r"storage full: .*work-0.sqlite3: no space"):
+        q.put(more)
+    assert len(q) == 5, "nothing of a refused put is accepted"
+    disk.armed = False
+    assert q.put(more) == 3
+    storage._db = disk._db
+    q.close()
+    reopened = LeaseQueue(1000, storage=SqliteStorage(path))
+    assert sorted(reopened.pending_ids()) == sorted(it.id for it in first + more)

@@ -1,0 +1,1 @@
+"""The ledger: every task's outcome, recorded once, durable (``fleet.ledger.store``)."""
