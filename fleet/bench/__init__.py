@@ -10,4 +10,5 @@ SUITES = {
     "routing": "fleet.bench.routing",
     "chaos": "fleet.bench.chaos",
     "durability": "fleet.bench.durability",
+    "ledger": "fleet.bench.ledger",
 }

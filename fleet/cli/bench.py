@@ -22,6 +22,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"fleet: suite {args.suite!r} draws no plot", file=sys.stderr)
             return 2
         kwargs["plot"] = args.plot
+    if args.tasks is not None:
+        if "tasks" not in inspect.signature(module.run).parameters:
+            print(f"fleet: suite {args.suite!r} takes no --tasks", file=sys.stderr)
+            return 2
+        kwargs["tasks"] = args.tasks
     # Ray prints some warnings on stdout; keep stdout for the one JSON object.
     with contextlib.redirect_stdout(sys.stderr):
         started = init_ray(args.address) if getattr(module, "NEEDS_RAY", True) else False
@@ -44,5 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default=None, help="Ray cluster to join (default: local)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    p.add_argument("--tasks", type=int, default=None,
+                   help="tasks (or outcomes) per run, for suites that take it "
+                        "(durability, ledger)")
     p.add_argument("--plot", default=None, help="write the suite's plot (PNG) to this path")
     p.set_defaults(func=run)

@@ -26,6 +26,7 @@ against the row's stored key, so collisions cost a read, never a wrong answer.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import sqlite3
 from collections import Counter
@@ -44,6 +45,9 @@ SCHEMA_VERSION = 1
 # this many (a merge is O(n) numpy work: ~10 ms at 1M outcomes).
 INDEX_MERGE_AT = 65_536
 SINCE_LIMIT = 100_000
+# Keys of the newest outcomes kept in memory (~120 bytes each): ``missing`` answers for
+# them without reading a row.
+RECENT_KEYS = 100_000
 _SQL_VARS = 500  # ids per IN (...) query, below SQLite's variable limit
 
 
@@ -291,6 +295,9 @@ class SqliteLedgerStore:
         except OSError as exc:
             raise storage_error(self.path, exc) from None
         self._index, self._next_seq, self._count = self._load_index()
+        # The newest keys recorded by this process, to answer ``missing`` for them without
+        # reading their rows: the ids waiters and the Kafka intake ask about are recent.
+        self._recent: dict[tuple[str, str], None] = {}
 
     def _check_schema(self) -> None:
         db = self._db
@@ -315,18 +322,23 @@ class SqliteLedgerStore:
         db.execute("COMMIT")
 
     def _load_index(self) -> tuple[HashIndex, int, int]:
-        """One scan of (h, seq): the in-memory index, the next sequence number, count."""
+        """One scan of (h, seq): the in-memory index, the next sequence number, count.
+
+        Read in chunks straight into numpy arrays, so the scan's peak memory stays a
+        small multiple of the index's (Python lists of 1M ints would cost ~150 MiB)."""
         cur = self._db.execute("SELECT h, seq FROM outcomes")
-        hs: list[int] = []
-        seqs: list[int] = []
+        key_parts: list[np.ndarray] = []
+        seq_parts: list[np.ndarray] = []
         while rows := cur.fetchmany(65_536):
-            for h, s in rows:
-                hs.append(h)
-                seqs.append(s)
-        keys = np.array(hs, dtype=np.int64)
-        seq_arr = np.array(seqs, dtype=np.int64)
+            chunk = np.array(rows, dtype=np.int64)
+            key_parts.append(chunk[:, 0].copy())
+            seq_parts.append(chunk[:, 1].copy())
+            del chunk, rows
+        keys = np.concatenate(key_parts) if key_parts else np.empty(0, dtype=np.int64)
+        seq_arr = np.concatenate(seq_parts) if seq_parts else np.empty(0, dtype=np.int64)
+        del key_parts, seq_parts
         last = int(seq_arr.max()) if len(seq_arr) else 0
-        return HashIndex(keys, seq_arr), last + 1, len(seqs)
+        return HashIndex(keys, seq_arr), last + 1, len(seq_arr)
 
     # -- lookups -------------------------------------------------------------------------
     def _rows(self, seqs: Iterable[int], cols: str) -> dict[int, tuple[Any, ...]]:
@@ -367,7 +379,13 @@ class SqliteLedgerStore:
                 for f in self._find(ids, tenant, _OUTCOME_COLS)]
 
     def missing(self, ids: Sequence[str], tenant: str = DEFAULT_TENANT) -> list[str]:
-        return [i for i, f in zip(ids, self._find(ids, tenant, "id")) if f is None]
+        recent = self._recent
+        if not recent:
+            return [i for i, f in zip(ids, self._find(ids, tenant, "id")) if f is None]
+        rest = [i for i in ids if (tenant, i) not in recent]
+        if not rest:
+            return []
+        return [i for i, f in zip(rest, self._find(rest, tenant, "id")) if f is None]
 
     def duplicates(self, ids: Sequence[str] | None = None,
                    tenant: str = DEFAULT_TENANT) -> dict[str, int]:
@@ -434,6 +452,12 @@ class SqliteLedgerStore:
         self._count += len(inserts)
         for h, s in new_keys:
             self._index.add(h, s)
+        recent = self._recent
+        for i in fresh:
+            recent[(tenant, i)] = None
+        if len(recent) > RECENT_KEYS:
+            for k in list(itertools.islice(recent, len(recent) - RECENT_KEYS)):
+                del recent[k]
         return len(inserts)
 
     def expire(self, before_unix_s: float) -> int:
@@ -453,6 +477,7 @@ class SqliteLedgerStore:
             raise storage_error(self.path, exc) from None
         if n:
             self._index, _, self._count = self._load_index()
+            self._recent.clear()  # some may be gone; the index answers for the rest
         return n
 
     # -- summaries --------------------------------------------------------------------------

@@ -15,7 +15,8 @@ batch for longer than a moment reports how many of its items are done
 Restart: the dispatcher holds its leases under a stable holder name (its actor name),
 so when Ray restarts it (``fleet.runtime.lifecycle``) the new instance *adopts* its
 predecessor's leases instead of letting them expire and rerun: it asks every shard for
-the ids leased to it, counts them in flight and keeps renewing them, acks those whose
+the ids leased to it and keeps renewing them (without counting them against the pool's
+capacity: those that ran nowhere must not stall new work), acks those whose
 outcome the ledger holds (finished before or after the kill), keeps the ones a host
 reports still running (hosts report their long batches' ids when the dispatcher does not
 know the batch, see ``batch_progress``) until they are recorded, and only hands the rest
@@ -146,10 +147,13 @@ class Dispatcher:
             for s, ids in enumerate(answers):
                 if isinstance(ids, BaseException):
                     continue  # that shard's leases expire and are redelivered instead
+                # Not counted in flight: those that ran nowhere (their batch died with
+                # the old dispatcher) would hold the pool's capacity until they are
+                # requeued; those that run finish at the pace of their hosts, which at
+                # worst queue a little more work meanwhile.
                 for i in ids:
                     ps.held[s][i] = None
                     ps.adopted[i] = s
-                ps.in_flight += len(ids)
                 ps.adopted_total += len(ids)
 
     async def _settle_adopted(self, ps: _PoolState) -> None:
@@ -188,8 +192,6 @@ class Dispatcher:
                     finally:
                         for i in part:
                             ps.held[s].pop(i, None)
-                        ps.in_flight -= len(part)
-                        ps.room.set()
 
     async def held_ids(self, capability: str, shard: int) -> list[str]:
         """Ids this dispatcher holds leased from one shard (a restarted shard leases
