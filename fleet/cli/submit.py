@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"fleet: rejected task {k + 1}: {msg}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        existing = fc.submit_items(items)
+        existing = fc.submit_items(items, generated=report.generated)
     except IdempotencyConflict as exc:
         print(f"fleet: {exc}; nothing submitted", file=sys.stderr)
         return EXIT_USAGE

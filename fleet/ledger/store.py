@@ -26,7 +26,6 @@ against the row's stored key, so collisions cost a read, never a wrong answer.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import sqlite3
 from collections import Counter
@@ -36,6 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fleet._bounded import BoundedSet
 from fleet.queue.storage import StorageError, storage_error
 from fleet.task import Outcome
 
@@ -297,7 +297,7 @@ class SqliteLedgerStore:
         self._index, self._next_seq, self._count = self._load_index()
         # The newest keys recorded by this process, to answer ``missing`` for them without
         # reading their rows: the ids waiters and the Kafka intake ask about are recent.
-        self._recent: dict[tuple[str, str], None] = {}
+        self._recent = BoundedSet(RECENT_KEYS)
 
     def _check_schema(self) -> None:
         db = self._db
@@ -395,6 +395,12 @@ class SqliteLedgerStore:
         return {i: f[1][1] for i, f in zip(ids, self._find(ids, tenant, "id, duplicates"))
                 if f is not None and f[1][1]}
 
+    def rows(self, ids: Sequence[str], cols: str, tenant: str = DEFAULT_TENANT
+             ) -> list[tuple[Any, ...] | None]:
+        """Per id, its row's ``cols`` (after the id) if recorded, else None: one read
+        for summaries that need a few columns of many outcomes."""
+        return [None if f is None else f[1][1:] for f in self._find(ids, tenant, f"id, {cols}")]
+
     def since(self, cursor: int, limit: int = SINCE_LIMIT) -> tuple[list[str], int]:
         rows = self._db.execute("SELECT seq, id FROM outcomes WHERE seq > ? ORDER BY seq "
                                 "LIMIT ?", (cursor, limit)).fetchall()
@@ -452,12 +458,7 @@ class SqliteLedgerStore:
         self._count += len(inserts)
         for h, s in new_keys:
             self._index.add(h, s)
-        recent = self._recent
-        for i in fresh:
-            recent[(tenant, i)] = None
-        if len(recent) > RECENT_KEYS:
-            for k in list(itertools.islice(recent, len(recent) - RECENT_KEYS)):
-                del recent[k]
+        self._recent.update((tenant, i) for i in fresh)
         return len(inserts)
 
     def expire(self, before_unix_s: float) -> int:

@@ -6,7 +6,7 @@ import os
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +15,7 @@ import ray
 from fleet.queue.lease_queue import QueueFull
 from fleet.runtime.names import Names
 from fleet.spec.fleet import FleetSpec
+from fleet.ledger.store import SINCE_LIMIT
 from fleet.runtime.ledger import LedgerClient
 from fleet.task import (
     IdempotencyConflict,
@@ -75,6 +76,7 @@ class SubmitReport:
     accepted: list[str] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (input index, reason)
     existing: dict[str, Result] = field(default_factory=dict)
+    generated: set[str] = field(default_factory=set)  # ids fleet made up (see validate)
 
 
 def shard_of(item: Item, shards: int) -> int:
@@ -128,6 +130,13 @@ def put_items(shards: dict[str, list[Any]], items: list[Item], timeout_s: float)
             backoff = min(backoff * 2, 0.5)
 
 
+def _generated_id(task: Task | dict[str, Any]) -> bool:
+    """Whether ``to_item`` made the task's id up (no id, no idempotency key given)."""
+    if isinstance(task, Task):
+        return "id" not in task.model_fields_set and task.idempotency_key is None
+    return task.get("id") is None and task.get("idempotency_key") is None
+
+
 class FleetClient:
     """A handle on a running fleet (its actors are found by name)."""
 
@@ -172,13 +181,20 @@ class FleetClient:
 
     # -- submit --------------------------------------------------------------------
     def validate(self, tasks: Iterable[Task | dict[str, Any]]) -> tuple[list[Item], SubmitReport]:
+        """Validate and encode tasks; ``report.generated`` holds the ids fleet made up
+        here (tasks with neither an id nor an idempotency key): no outcome can exist
+        for them, so submitting them needs no ledger lookup."""
         items, report = [], SubmitReport()
         limit = self.spec.queues.max_payload_bytes
         for k, t in enumerate(tasks):
             try:
-                items.append(to_item(t, self._caps, limit))
+                it = to_item(t, self._caps, limit)
             except TaskRejected as exc:
                 report.rejected.append((k, str(exc)))
+                continue
+            items.append(it)
+            if _generated_id(t):
+                report.generated.add(it.id)
         return items, report
 
     def submit(self, tasks: Iterable[Task | dict[str, Any]],
@@ -193,18 +209,22 @@ class FleetClient:
         QueueFullError naming what was accepted.
         """
         items, report = self.validate(tasks)
-        existing = self.submit_items(items, timeout_s)
+        existing = self.submit_items(items, timeout_s, generated=report.generated)
         report.accepted = [it.id for it in items]
         report.existing = {i: o.to_result() for i, o in existing.items()}
         return report
 
-    def submit_items(self, items: list[Item], timeout_s: float | None = None
-                     ) -> dict[str, Outcome]:
+    def submit_items(self, items: list[Item], timeout_s: float | None = None, *,
+                     generated: Collection[str] = ()) -> dict[str, Outcome]:
         """Queue validated items, but none whose id already has an outcome; returns
         those outcomes by id. Raises IdempotencyConflict (queueing nothing) for an
-        idempotency key used with another payload."""
+        idempotency key used with another payload. Ids in ``generated`` (made up by
+        ``validate``) are not looked up."""
         timeout = self.spec.queues.submit_timeout_s if timeout_s is None else timeout_s
-        fresh, existing, conflicts = split_known(items, self.ledger.get([it.id for it in items]))
+        ask = [it.id for it in items if it.id not in generated] if generated else \
+            [it.id for it in items]
+        known = dict(zip(ask, self.ledger.get(ask))) if ask else {}
+        fresh, existing, conflicts = split_known(items, [known.get(it.id) for it in items])
         if conflicts:
             raise IdempotencyConflict(conflicts)
         put_items(self._shards, fresh, timeout)
@@ -229,7 +249,7 @@ class FleetClient:
                 break
             new, cursors = self.ledger.since(cursors)
             missing.difference_update(new)
-            if not new:
+            if len(new) < SINCE_LIMIT:  # caught up: poll again later, not in a loop
                 time.sleep(WAIT_POLL_S)
         return [i for i in ids if i in missing]
 

@@ -77,6 +77,10 @@ class Ledger:
         self._retention_s = fleet.results.retention_s
         self._sweeper: asyncio.Task[None] | None = None
         self.expired_total = 0
+        self.record_calls = 0
+        self.recorded_outcomes = 0  # offered to record, new or not
+        self.record_cpu_s = 0.0  # CPU spent storing them (the rest of the process's
+        # CPU is Ray's: receiving calls, deserializing arguments)
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None:
@@ -93,7 +97,13 @@ class Ledger:
     async def record(self, outcomes: list[Outcome], tenant: str = DEFAULT_TENANT) -> int:
         """Record outcomes (durable before this returns); returns how many were new."""
         self._ensure_sweeper()
-        return self._store.record(outcomes, tenant)
+        self.record_calls += 1
+        self.recorded_outcomes += len(outcomes)
+        t0 = time.thread_time()
+        try:
+            return self._store.record(outcomes, tenant)
+        finally:
+            self.record_cpu_s += time.thread_time() - t0
 
     async def get(self, ids: list[str], tenant: str = DEFAULT_TENANT) -> list[Outcome | None]:
         return self._store.get(ids, tenant)
@@ -128,6 +138,10 @@ class Ledger:
                         for o in self._store.get(self._store.since(0, 1 << 62)[0], tenant)
                         if o is not None]
             lost = 0
+        elif isinstance(self._store, SqliteLedgerStore):  # one read of the columns needed
+            rows = [(bool(r[0]), *r[1:]) for r in self._store.rows(ids, _SUMMARY_COLS, tenant)
+                    if r is not None]
+            lost = len(ids) - len(rows)
         else:
             outs = self._store.get(ids, tenant)
             dups = self._store.duplicates(ids, tenant)
@@ -138,7 +152,10 @@ class Ledger:
     async def stats(self) -> dict[str, Any]:
         store = self._store
         return {"shard": self.index, "recorded": store.count(), "durable": store.durable,
-                "expired_total": self.expired_total,
+                "expired_total": self.expired_total, "record_calls": self.record_calls,
+                "recorded_outcomes": self.recorded_outcomes,
+                "record_cpu_s": round(self.record_cpu_s, 3),
+                "process_cpu_s": round(time.process_time(), 3),
                 "index_bytes": store.index_bytes() if isinstance(store, SqliteLedgerStore)
                 else 0}
 

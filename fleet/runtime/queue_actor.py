@@ -24,6 +24,7 @@ from typing import Any
 
 import ray
 
+from fleet._bounded import BoundedSet
 from fleet.policy.disciplines import overdue_outcome
 from fleet.queue.lease_queue import LeaseQueue, QueueFull
 from fleet.queue.storage import make_storage
@@ -60,7 +61,7 @@ class QueueShard:
         self._namespace = namespace
         self._ledger = LedgerClient(self._fleet, namespace, ledger_shards)
         self._sweeper: asyncio.Task | None = None
-        self._recent_acks: dict[str, None] = {}  # insertion-ordered, bounded
+        self._recent_acks = BoundedSet(RECENT_ACKS)
         self.settled_on_start = 0
         self.adopted_on_start = 0
         if len(self._q):  # restarted, or started again on the same storage
@@ -121,11 +122,7 @@ class QueueShard:
 
     def _ack(self, ids: list[str]) -> int:
         n = self._q.ack(ids)
-        recent = self._recent_acks
-        for i in ids:
-            recent[i] = None
-        while len(recent) > RECENT_ACKS:
-            del recent[next(iter(recent))]
+        self._recent_acks.update(ids)
         return n
 
     async def _fail_exhausted(self, items: list[Item], why: str) -> None:

@@ -189,3 +189,15 @@ def test_a_ledger_file_of_another_schema_version_is_refused(tmp_path):
     db.close()
     with pytest.raises(StorageError, match="not a fleet ledger"):
         SqliteLedgerStore(other)
+
+
+def test_bounded_set_keeps_the_newest_keys():
+    from fleet._bounded import BoundedSet
+
+    s = BoundedSet(3)
+    s.update(["a", "b", "a", "c", "d"])
+    assert ("a" in s, "b" in s, "c" in s, "d" in s, len(s)) == (False, True, True, True, 3)
+    s.clear()
+    assert not s and "d" not in s
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        BoundedSet(0)
