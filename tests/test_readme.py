@@ -66,5 +66,4 @@ def test_the_consensus_example_runs(capsys):
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out.splitlines()  # Ray's own warnings may come first
     printed = [ln.split() for ln in out if len(ln.split()) == 4]
-    reason = printed[-1][1].removeprefix("Reason.").lower() if printed else None
-    assert reason in {"quorum", "confidence", "timeout", "tie_break"}, out
+    assert printed and printed[-1][1] in {"quorum", "confidence", "timeout", "tie_break"}, out

@@ -13,6 +13,7 @@ from fleet.spec import FleetSpec
 
 MIX = (("support", 0.4), ("checkout", 0.4), ("analytics", 0.2))
 SCALE_DOWN_WAIT_S = 45.0
+FIRST_TICK_WAIT_S = 10.0
 
 
 def demo_spec_path() -> str:
@@ -50,6 +51,11 @@ def run_workload(spec: FleetSpec, n: int, seed: int, show: bool) -> dict[str, An
     fc = FleetClient.start(spec)
     try:
         tasks = make_tasks(n, random.Random(seed))
+        # The series starts with the idle fleet: wait for the controller's first tick
+        # (a tick that sees the queue already deep would start above the floor).
+        deadline = time.monotonic() + FIRST_TICK_WAIT_S
+        while not fc.timeline() and time.monotonic() < deadline:
+            time.sleep(0.05)
         t0 = time.time()
         report = fc.submit(tasks)
         ids = report.accepted
