@@ -29,14 +29,15 @@ import hashlib
 import os
 import sqlite3
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from fleet._bounded import BoundedSet
-from fleet.queue.storage import StorageError, storage_error
+from fleet.queue.storage import StorageError, open_wal, storage_error
 from fleet.task import Outcome
 
 DEFAULT_TENANT = "default"
@@ -279,16 +280,9 @@ class SqliteLedgerStore:
 
     def __init__(self, path: str | os.PathLike[str], synchronous: str = "normal",
                  cache_mib: int = 16):
-        if synchronous not in ("normal", "full"):
-            raise ValueError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-            self._db.execute(f"PRAGMA cache_size=-{int(cache_mib) * 1024}")
+            self._db = open_wal(self.path, synchronous, cache_mib)
             self._check_schema()
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"ledger file {self.path} cannot be opened: {exc}") from None
@@ -438,21 +432,12 @@ class SqliteLedgerStore:
             new_keys.append((h, seq))
             inserts.append((seq, h, tenant, *o[:14], o.payload_hash))
             seq += 1
-        db = self._db
-        try:
-            db.execute("BEGIN")
+        with self._transaction() as db:
             if inserts:
                 db.executemany(_INSERT, inserts)
             if dup_seqs:
                 db.executemany("UPDATE outcomes SET duplicates = duplicates + 1 WHERE seq = ?",
                                dup_seqs)
-            db.execute("COMMIT")
-        except (sqlite3.Error, OSError) as exc:
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            raise storage_error(self.path, exc) from None
         # Only what is committed enters the index.
         self._next_seq = seq
         self._count += len(inserts)
@@ -461,14 +446,14 @@ class SqliteLedgerStore:
         self._recent.update((tenant, i) for i in fresh)
         return len(inserts)
 
-    def expire(self, before_unix_s: float) -> int:
-        """Delete outcomes finished before ``before_unix_s`` (never the newest row, so
-        sequence numbers, and with them readers' cursors, never go back)."""
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; a failure (disk full, I/O) rolls back and raises the
+        ``StorageError`` naming this file, leaving everything committed before intact."""
         db = self._db
         try:
             db.execute("BEGIN")
-            n = db.execute("DELETE FROM outcomes WHERE finished_unix_s < ? AND seq < ?",
-                           (before_unix_s, self._next_seq - 1)).rowcount
+            yield db
             db.execute("COMMIT")
         except (sqlite3.Error, OSError) as exc:
             try:
@@ -476,6 +461,13 @@ class SqliteLedgerStore:
             except sqlite3.Error:
                 pass
             raise storage_error(self.path, exc) from None
+
+    def expire(self, before_unix_s: float) -> int:
+        """Delete outcomes finished before ``before_unix_s`` (never the newest row, so
+        sequence numbers, and with them readers' cursors, never go back)."""
+        with self._transaction() as db:
+            n = db.execute("DELETE FROM outcomes WHERE finished_unix_s < ? AND seq < ?",
+                           (before_unix_s, self._next_seq - 1)).rowcount
         if n:
             self._index, _, self._count = self._load_index()
             self._recent.clear()  # some may be gone; the index answers for the rest

@@ -135,15 +135,8 @@ class SqliteStorage:
 
     def __init__(self, path: str | os.PathLike[str], synchronous: str = "normal",
                  cache_mib: int = 16):
-        if synchronous not in ("normal", "full"):
-            raise ValueError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per batch.
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        self._db.execute(f"PRAGMA cache_size=-{int(cache_mib) * 1024}")
+        self._db = open_wal(self.path, synchronous, cache_mib)  # one commit per batch
         self._db.execute(_SCHEMA)
         self._rows: dict[str, int] = {}  # task id -> seq of its row (filled by load)
         self._next_seq = (self._db.execute("SELECT MAX(seq) FROM items").fetchone()[0]
@@ -245,6 +238,23 @@ class StorageError(RuntimeError):
 
 class StorageFull(StorageError):
     """The disk holding a fleet's storage is full (ENOSPC); nothing was written."""
+
+
+def open_wal(path: Path, synchronous: str = "normal",
+             cache_mib: int | None = None) -> sqlite3.Connection:
+    """A connection to the SQLite file ``path`` (created, with its directory) in WAL
+    mode, for one process and thread: ``isolation_level=None``, so the caller issues
+    BEGIN/COMMIT itself, one transaction per batch or call. ``synchronous`` ``normal``
+    survives kill -9 of the process, ``full`` also power loss."""
+    if synchronous not in ("normal", "full"):
+        raise ValueError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+    if cache_mib is not None:
+        db.execute(f"PRAGMA cache_size=-{int(cache_mib) * 1024}")
+    return db
 
 
 def storage_error(path: str | os.PathLike[str], exc: BaseException) -> StorageError:

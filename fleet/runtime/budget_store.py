@@ -52,7 +52,7 @@ from fleet.policy.budget import (
     Usage,
     window_end_s,
 )
-from fleet.queue.storage import StorageError, fleet_directory, storage_error
+from fleet.queue.storage import StorageError, fleet_directory, open_wal, storage_error
 from fleet.spec.budgets import DAY_S
 from fleet.spec.fleet import FleetSpec
 from fleet.spec.queues import StorageBackend
@@ -109,16 +109,9 @@ class BudgetDatabase:
     transaction per call. Single-threaded, like the actor that owns it."""
 
     def __init__(self, path: str | os.PathLike[str], synchronous: str = "normal"):
-        if synchronous not in ("normal", "full"):
-            raise ValueError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per call.
-            self._db = sqlite3.connect(self.path, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self._db = open_wal(self.path, synchronous)  # one transaction per call
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY,"
                              " value TEXT NOT NULL)")
         except (sqlite3.Error, OSError) as exc:

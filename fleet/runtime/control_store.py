@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import orjson
 
 from fleet.policy.autoscaling import ScalingState
-from fleet.queue.storage import StorageError, fleet_directory, storage_error
+from fleet.queue.storage import StorageError, fleet_directory, open_wal, storage_error
 from fleet.spec.queues import StorageBackend, StorageSpec
 
 CONTROL_FILE = "control.sqlite3"
@@ -187,12 +187,7 @@ class SqliteControlStore:
         self.path = Path(path)
         self.max_samples = max_samples
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: BEGIN/COMMIT are ours, one transaction per tick.
-            self._db = sqlite3.connect(self.path, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db = open_wal(self.path)  # one transaction per tick
             for ddl in _SCHEMA:
                 self._db.execute(ddl)
             self._check_version()
