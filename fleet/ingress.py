@@ -46,6 +46,7 @@ from fleet.task import (
     Result,
     Task,
     TaskRejected,
+    id_is_generated,
     split_known,
     to_item,
 )
@@ -216,8 +217,10 @@ class Ingress:
                 errors.append({"type": "task_rejected", "loc": loc, "msg": exc.reason})
         if errors:
             return _validation_error(errors)
+        # Ids made up here have no outcome: only the clients' own ids are looked up.
+        ask = [it.id for it, t in zip(items, tasks) if not id_is_generated(t)]
         fresh, existing, conflicts = split_known(
-            items, await self._ledger.get_async([it.id for it in items]))
+            items, dict(zip(ask, await self._ledger.get_async(ask))))
         if conflicts:
             return self._conflict(items, conflicts, [])
         results = [_state(it.id, existing[it.id]) for it in items if it.id in existing]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any, NamedTuple
 
@@ -56,10 +57,19 @@ def payload_hash(payload: bytes) -> int:
                           signed=True)
 
 
-def split_known(items: list[Item], known: list[Outcome | None]
+def id_is_generated(task: Task | dict[str, Any]) -> bool:
+    """Whether ``to_item`` makes the task's id up (no id, no idempotency key given): a
+    fresh id has no outcome yet, so submitting it needs no ledger lookup."""
+    if isinstance(task, Task):
+        return "id" not in task.model_fields_set and task.idempotency_key is None
+    return task.get("id") is None and task.get("idempotency_key") is None
+
+
+def split_known(items: list[Item], known: Mapping[str, Outcome | None]
                 ) -> tuple[list[Item], dict[str, Outcome], list[str]]:
-    """Split items to submit by what the ledger already holds for their ids (``known``,
-    in the same order): (to queue, id -> recorded outcome, conflicting ids).
+    """Split items to submit by what the ledger already holds for their ids (``known``:
+    id -> outcome or None; an id not in it, such as a generated one, has none):
+    (to queue, id -> recorded outcome, conflicting ids).
 
     A recorded id is not run again: its outcome is the answer. An idempotency key
     recorded with another payload is a conflict (the same key must mean the same task).
@@ -67,7 +77,8 @@ def split_known(items: list[Item], known: list[Outcome | None]
     fresh: list[Item] = []
     existing: dict[str, Outcome] = {}
     conflicts: list[str] = []
-    for it, o in zip(items, known):
+    for it in items:
+        o = known.get(it.id)
         if o is None:
             fresh.append(it)
         elif (o.payload_hash is not None and it.id.startswith(IDEMPOTENT_PREFIX)

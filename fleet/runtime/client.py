@@ -24,6 +24,7 @@ from fleet.task import (
     Result,
     Task,
     TaskRejected,
+    id_is_generated,
     split_known,
     to_item,
 )
@@ -130,13 +131,6 @@ def put_items(shards: dict[str, list[Any]], items: list[Item], timeout_s: float)
             backoff = min(backoff * 2, 0.5)
 
 
-def _generated_id(task: Task | dict[str, Any]) -> bool:
-    """Whether ``to_item`` made the task's id up (no id, no idempotency key given)."""
-    if isinstance(task, Task):
-        return "id" not in task.model_fields_set and task.idempotency_key is None
-    return task.get("id") is None and task.get("idempotency_key") is None
-
-
 class FleetClient:
     """A handle on a running fleet (its actors are found by name)."""
 
@@ -193,7 +187,7 @@ class FleetClient:
                 report.rejected.append((k, str(exc)))
                 continue
             items.append(it)
-            if _generated_id(t):
+            if id_is_generated(t):
                 report.generated.add(it.id)
         return items, report
 
@@ -221,10 +215,8 @@ class FleetClient:
         idempotency key used with another payload. Ids in ``generated`` (made up by
         ``validate``) are not looked up."""
         timeout = self.spec.queues.submit_timeout_s if timeout_s is None else timeout_s
-        ask = [it.id for it in items if it.id not in generated] if generated else \
-            [it.id for it in items]
-        known = dict(zip(ask, self.ledger.get(ask))) if ask else {}
-        fresh, existing, conflicts = split_known(items, [known.get(it.id) for it in items])
+        ask = [it.id for it in items if it.id not in generated]
+        fresh, existing, conflicts = split_known(items, dict(zip(ask, self.ledger.get(ask))))
         if conflicts:
             raise IdempotencyConflict(conflicts)
         put_items(self._shards, fresh, timeout)

@@ -161,6 +161,22 @@ class BatchReport(NamedTuple):
     host: dict[str, Any]
 
 
+class _OpenBatch:
+    """A batch in ``run_and_record`` that its dispatcher hears about (see ``_report``):
+    how many items are done (``done[0]``, shared with ``run_batch``), when reports start,
+    its item ids, and whether its dispatcher said it does not know it (then the ids
+    are sent, once)."""
+
+    __slots__ = ("done", "report_from", "ids", "unknown", "ids_sent")
+
+    def __init__(self, done: list[int], report_from: float, ids: list[str]):
+        self.done = done
+        self.report_from = report_from
+        self.ids = ids
+        self.unknown = False
+        self.ids_sent = False
+
+
 class _AllParked(Exception):
     """Every agent of the host is parked: its own budget is short."""
 
@@ -283,7 +299,7 @@ class AgentHost(AgentHealthMixin):
         self.retries = 0
         self.final_failures: Counter[str] = Counter()  # verdicts of unretried failures
 
-        self._open_batches: dict[tuple[str, str, str, int], list[Any]] = {}
+        self._open_batches: dict[tuple[str, str, str, int], _OpenBatch] = {}
         self._reporter: asyncio.Task[None] | None = None
         self._dispatchers: dict[tuple[str, str], Any] = {}
         self._running: dict[asyncio.Task[Outcome], float] = {}
@@ -554,10 +570,8 @@ class AgentHost(AgentHealthMixin):
         """
         done = [0]
         if progress is not None:
-            # [finished count, count last reported, report from, item ids,
-            #  0 / 1 unknown to the dispatcher / 2 ids sent]
-            self._open_batches[progress] = [done, 0, time.monotonic() + PROGRESS_AFTER_S,
-                                            [it.id for it in items], 0]
+            self._open_batches[progress] = _OpenBatch(
+                done, time.monotonic() + PROGRESS_AFTER_S, [it.id for it in items])
             if self._reporter is None:
                 self._reporter = asyncio.get_running_loop().create_task(self._report())
         try:
@@ -640,10 +654,11 @@ class AgentHost(AgentHealthMixin):
     async def _report(self) -> None:
         """Tell dispatchers how far their long-running batches are (see run_and_record).
 
-        Every batch older than ``PROGRESS_AFTER_S`` is reported each interval. A
-        dispatcher that does not know a batch (it was restarted and adopts its
-        predecessor's leases) answers with its id, and the batch's item ids follow in
-        the next report, so the new dispatcher keeps them leased while they run here.
+        Every batch older than ``PROGRESS_AFTER_S`` is reported each interval, changed
+        or not: the report doubles as the batch's heartbeat. A dispatcher that does not
+        know a batch (it was restarted and adopts its predecessor's leases) answers with
+        its id, and the batch's item ids follow in the next report, so the new
+        dispatcher keeps them leased while they run here.
         """
         import ray
 
@@ -652,14 +667,12 @@ class AgentHost(AgentHealthMixin):
             news: dict[tuple[str, str, str], dict[int, int]] = {}
             running: dict[tuple[str, str, str], dict[int, list[str]]] = {}
             now = time.monotonic()
-            for (name, ns, pool, bid), entry in self._open_batches.items():
-                done, report_from = entry[0][0], entry[2]
-                if now >= report_from:
-                    entry[1] = done
-                    news.setdefault((name, ns, pool), {})[bid] = done
-                    if entry[4] == 1:  # unknown to its dispatcher: send the ids once
-                        entry[4] = 2
-                        running.setdefault((name, ns, pool), {})[bid] = entry[3]
+            for (name, ns, pool, bid), b in self._open_batches.items():
+                if now >= b.report_from:
+                    news.setdefault((name, ns, pool), {})[bid] = b.done[0]
+                    if b.unknown and not b.ids_sent:  # send the ids once
+                        b.ids_sent = True
+                        running.setdefault((name, ns, pool), {})[bid] = b.ids
             for (name, ns, pool), counts in news.items():
                 try:
                     d = self._dispatchers.get((name, ns))
@@ -671,9 +684,9 @@ class AgentHost(AgentHealthMixin):
                     self._dispatchers.pop((name, ns), None)  # gone or restarting
                     continue
                 for bid in unknown:
-                    entry = self._open_batches.get((name, ns, pool, bid))
-                    if entry is not None and entry[4] == 0:
-                        entry[4] = 1
+                    b = self._open_batches.get((name, ns, pool, bid))
+                    if b is not None:
+                        b.unknown = True
 
     async def _run_one(self, item: Item, done: list[int] | None = None) -> Outcome:
         task: Task | None = None

@@ -89,8 +89,8 @@ class KafkaIntakeActor:
         self._intake.close()
 
     def _accept(self, items: list[Item]) -> list[str]:
-        fresh, existing, conflicts = split_known(
-            items, self._ledger.get([it.id for it in items]))
+        ids = [it.id for it in items]
+        fresh, existing, conflicts = split_known(items, dict(zip(ids, self._ledger.get(ids))))
         self._conflicts += len(conflicts)
         put_items(self._shards, fresh, ACCEPT_TIMEOUT_S)
         return [*existing, *conflicts]  # already recorded (or refused): finished

