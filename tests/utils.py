@@ -44,14 +44,29 @@ def make_spec(*pools: dict[str, Any], **kw: Any) -> FleetSpec:
 
 
 class FakeLedger:
-    """Stands in for the hosts' ``LedgerClient`` in host tests:
-    ``record_async(outcomes)`` keeps the outcomes in ``outcomes``."""
+    """Stands in for the hosts' ``LedgerClient`` in host tests (one shard): the
+    outcomes recorded are kept in ``outcomes`` (and the wall time each was recorded in
+    ``recorded_at``), the excusals in ``excused``, the record calls in ``calls``."""
+
+    n = 1
 
     def __init__(self) -> None:
         self.outcomes: list[Any] = []
+        self.recorded_at: dict[str, float] = {}
+        self.excused: list[str] = []
+        self.calls = 0
 
-    async def record_async(self, outcomes: list[Any]) -> int:
+    def shard_of(self, task_id: str) -> int:
+        return 0
+
+    async def record_shard_async(self, shard: int, outcomes: list[Any],
+                                 excused: list[str] | None = None) -> int:
+        self.calls += 1
         self.outcomes.extend(outcomes)
+        now = time.time()
+        for o in outcomes:
+            self.recorded_at.setdefault(o.task_id, now)
+        self.excused.extend(excused or ())
         return len(outcomes)
 
 

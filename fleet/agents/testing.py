@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from typing import Any
 
 from fleet.agent import Agent, Reply
@@ -10,7 +12,12 @@ from fleet.task import Task
 
 
 class SleepAgent(Agent):
-    """Sleeps ``delay_s`` (or ``payload["sleep_s"]``) and echoes the payload."""
+    """Sleeps ``delay_s`` (or ``payload["sleep_s"]``) and echoes the payload.
+
+    Misbehaviour on request, for tests: ``payload["fail"]`` raises;
+    ``payload["wedge_s"]`` swallows every cancellation for that many seconds, then
+    returns (a wedged agent); ``payload["exit"]`` ends the whole process at once
+    (``os._exit``: a task that kills its host)."""
 
     capabilities = ("sleep",)
 
@@ -20,6 +27,15 @@ class SleepAgent(Agent):
 
     async def handle(self, task: Task) -> Any:
         p = task.payload if isinstance(task.payload, dict) else {}
+        if p.get("exit"):
+            os._exit(1)
+        if p.get("wedge_s"):
+            until = time.monotonic() + float(p["wedge_s"])
+            while (left := until - time.monotonic()) > 0:
+                try:
+                    await asyncio.sleep(left)
+                except asyncio.CancelledError:
+                    pass  # wedged: ignores cancellation
         await asyncio.sleep(float(p.get("sleep_s", self.delay_s)))
         if p.get("fail"):
             raise ValueError(f"asked to fail: {p['fail']}")

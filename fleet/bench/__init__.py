@@ -11,4 +11,5 @@ SUITES = {
     "chaos": "fleet.bench.chaos",
     "durability": "fleet.bench.durability",
     "ledger": "fleet.bench.ledger",
+    "recording": "fleet.bench.recording",
 }

@@ -51,6 +51,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a smaller, faster run")
     p.add_argument("--tasks", type=int, default=None,
                    help="tasks (or outcomes) per run, for suites that take it "
-                        "(durability, ledger)")
+                        "(durability, ledger, recording)")
     p.add_argument("--plot", default=None, help="write the suite's plot (PNG) to this path")
     p.set_defaults(func=run)

@@ -1,10 +1,15 @@
 """Where the ledger keeps outcomes: one interface, an in-memory and a SQLite backend.
 
-An outcome is keyed by (tenant, task id); the first one recorded for a key wins and
-every later one is counted as a duplicate execution on the row it duplicates. A
-record that repeats the *same* execution (same agent, same start time: a host's record
-call retried after the ledger restarted) is a replay, not a duplicate, and changes
-nothing.
+An outcome is keyed by (tenant, task id); the first one recorded for a key wins.
+Each row counts the task's *duplicate executions*: executions that started beyond the
+first (``beyond_first``). An outcome carries its delivery number, so a rerun is counted
+even when the run before it never reached the ledger (its host crashed): delivery ``d``
+means ``d - 1`` earlier deliveries, less those the runtime *excused* (handed back by a
+retry decision or never started; see ``Ledger.record``). A later outcome for a recorded
+key raises the count to what its own delivery number implies, and by one more when it
+repeats the recorded delivery number (two runs of one delivery). A record that repeats
+the *same* execution (same agent, same start time: a host's record call retried after
+the ledger restarted) is a replay, not a duplicate, and changes nothing.
 
 Durability contract of ``SqliteLedgerStore``: ``record`` commits before it returns, so
 an outcome a host was told is recorded survives the death of the ledger's process (WAL
@@ -58,6 +63,18 @@ def key_hash(tenant: str, task_id: str) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
+def beyond_first(deliveries: int, excused: int = 0) -> int:
+    """Executions that started before this one, for an outcome of delivery number
+    ``deliveries`` of which ``excused`` earlier deliveries are known not to count."""
+    return max(0, deliveries - 1 - excused)
+
+
+def duplicates_after(dups: int, stored: int, o: Outcome, excused: int = 0) -> int:
+    """A row's duplicate count once ``o`` (not a replay) is recorded for its key, when
+    the row holds ``dups`` and its outcome has delivery number ``stored``."""
+    return max(dups + (o.deliveries == stored), beyond_first(o.deliveries, excused))
+
+
 def is_replay(a: Outcome, b: Outcome) -> bool:
     """Whether ``b`` reports the same execution as ``a`` (a retried record call)."""
     return (a.agent_id == b.agent_id and a.started_unix_s == b.started_unix_s
@@ -69,8 +86,11 @@ class LedgerStore(Protocol):
 
     durable: bool
 
-    def record(self, outcomes: Sequence[Outcome], tenant: str = DEFAULT_TENANT) -> int:
-        """Record outcomes (first per key wins); returns how many were new."""
+    def record(self, outcomes: Sequence[Outcome], tenant: str = DEFAULT_TENANT,
+               excused: Sequence[int] | None = None) -> int:
+        """Record outcomes (first per key wins); returns how many were new.
+        ``excused[k]``: earlier deliveries of ``outcomes[k]`` that are not duplicate
+        executions (see the module docstring)."""
 
     def get(self, ids: Sequence[str], tenant: str = DEFAULT_TENANT) -> list[Outcome | None]:
         """The recorded outcome of each id, or None."""
@@ -111,18 +131,22 @@ class MemoryLedgerStore:
         self._dups: Counter[tuple[str, str]] = Counter()
         self._log: list[str] = []  # ids in record order; the cursor is an index into it
 
-    def record(self, outcomes: Sequence[Outcome], tenant: str = DEFAULT_TENANT) -> int:
+    def record(self, outcomes: Sequence[Outcome], tenant: str = DEFAULT_TENANT,
+               excused: Sequence[int] | None = None) -> int:
         new = 0
-        book = self._book
-        for o in outcomes:
+        book, dups = self._book, self._dups
+        for k, o in enumerate(outcomes):
             key = (tenant, o.task_id)
             old = book.get(key)
+            exc = excused[k] if excused is not None else 0
             if old is None:
                 book[key] = o
                 self._log.append(o.task_id)
                 new += 1
+                if o.deliveries > 1:
+                    dups[key] = beyond_first(o.deliveries, exc)
             elif not is_replay(old, o):
-                self._dups[key] += 1
+                dups[key] = duplicates_after(dups.get(key, 0), old.deliveries, o, exc)
         return new
 
     def get(self, ids: Sequence[str], tenant: str = DEFAULT_TENANT) -> list[Outcome | None]:
@@ -259,8 +283,8 @@ _SCHEMA = (
 _OUTCOME_COLS = ("id, ok, output, reason, error, agent_id, pool, deliveries, submitted_unix_s,"
                  " started_unix_s, finished_unix_s, input_tokens, output_tokens, cost_usd,"
                  " payload_hash")
-_INSERT = (f"INSERT INTO outcomes (seq, h, tenant, {_OUTCOME_COLS})"
-           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT = (f"INSERT INTO outcomes (seq, h, tenant, {_OUTCOME_COLS}, duplicates)"
+           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 def _outcome(row: Sequence[Any]) -> Outcome:
@@ -409,7 +433,8 @@ class SqliteLedgerStore:
         return self._count
 
     # -- writes -----------------------------------------------------------------------------
-    def record(self, outcomes: Sequence[Outcome], tenant: str = DEFAULT_TENANT) -> int:
+    def record(self, outcomes: Sequence[Outcome], tenant: str = DEFAULT_TENANT,
+               excused: Sequence[int] | None = None) -> int:
         if not outcomes:
             return 0
         ids = [o.task_id for o in outcomes]
@@ -417,27 +442,34 @@ class SqliteLedgerStore:
         found = self._find(ids, tenant, _OUTCOME_COLS, hashes)
         inserts: list[tuple[Any, ...]] = []
         new_keys: list[tuple[int, int]] = []
-        dup_seqs: list[tuple[int]] = []
-        fresh: dict[str, int] = {}  # ids first seen in this call -> their seq
+        # (1 if the same delivery ran again else 0, floor from its delivery number, seq)
+        dup_rows: list[tuple[int, int, int]] = []
+        fresh: dict[str, tuple[int, int]] = {}  # ids first seen in this call -> (seq, d)
         seq = self._next_seq
-        for o, f, h in zip(outcomes, found, hashes):
+        for k, (o, f, h) in enumerate(zip(outcomes, found, hashes)):
+            exc = excused[k] if excused is not None else 0
             if f is not None:
-                if not is_replay(_outcome(f[1]), o):
-                    dup_seqs.append((f[0],))
+                old = _outcome(f[1])
+                if not is_replay(old, o):
+                    dup_rows.append((int(o.deliveries == old.deliveries),
+                                     beyond_first(o.deliveries, exc), f[0]))
                 continue
             if o.task_id in fresh:  # twice in one call: the first wins
-                dup_seqs.append((fresh[o.task_id],))
+                first_seq, first_d = fresh[o.task_id]
+                dup_rows.append((int(o.deliveries == first_d),
+                                 beyond_first(o.deliveries, exc), first_seq))
                 continue
-            fresh[o.task_id] = seq
+            fresh[o.task_id] = (seq, o.deliveries)
             new_keys.append((h, seq))
-            inserts.append((seq, h, tenant, *o[:14], o.payload_hash))
+            inserts.append((seq, h, tenant, *o[:14], o.payload_hash,
+                            beyond_first(o.deliveries, exc)))
             seq += 1
         with self._transaction() as db:
             if inserts:
                 db.executemany(_INSERT, inserts)
-            if dup_seqs:
-                db.executemany("UPDATE outcomes SET duplicates = duplicates + 1 WHERE seq = ?",
-                               dup_seqs)
+            if dup_rows:  # duplicates_after, in SQL
+                db.executemany("UPDATE outcomes SET duplicates = "
+                               "MAX(duplicates + ?, ?) WHERE seq = ?", dup_rows)
         # Only what is committed enters the index.
         self._next_seq = seq
         self._count += len(inserts)

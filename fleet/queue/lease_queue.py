@@ -12,6 +12,23 @@ Order: the ready items go out in the order of the queue's discipline
 (``fleet.policy.disciplines``): a deque for FIFO (a redelivered item goes first), a heap
 on the discipline's static key otherwise.
 
+Fencing: every lease is a new *delivery* (``Item.deliveries`` counts them). ``nack``
+and ``extend`` may name the delivery they concern, and are ignored when it is not the
+item's current one: a holder whose lease expired and whose item was leased again cannot
+requeue (or keep alive) the newer delivery. ``ack`` needs no fence: it is sent only
+once the item's outcome is recorded, whichever delivery recorded it.
+
+Poison isolation: a ``nack(..., crashed=True)`` says the holder's host died while it
+held these items; one of them may be what killed it. Each such item becomes a
+*suspect*: after its first crash it is leased only in batches of at most half the
+crashed group (bisection); after its second it is *isolated*: leased alone, and one at
+a time (a host that runs it runs no other isolated suspect, so the task that kills
+hosts cannot take innocent suspects with it every time). An item that a crash exhausts
+is returned by that ``nack``, and the caller records it as ``host_crash``. An ordinary
+crash costs its items one smaller batch each, nothing more: the suspicion ends when
+they are acked. Suspects are kept in memory: a restarted shard forgets them, which
+costs at most one more crash each.
+
 Durability: with a ``storage`` (``fleet.queue.storage``) every accepted item is stored
 and committed before ``put`` returns, and removed (committed) before ``ack`` returns; a
 new queue on the same storage starts with every stored item ready. With a durable
@@ -126,6 +143,8 @@ class QueueStats:
     deadline_exceeded_total: int = 0
     recovered_total: int = 0  # items loaded from storage when the queue started
     unsettled: int = 0  # failed items still stored, awaiting the caller's ack
+    suspects: int = 0  # items whose host died while they were leased (poison isolation)
+    isolated: int = 0  # suspects of two crashes or more: leased alone, one at a time
     age_p50_s: float = 0.0  # estimated (bounded-memory histogram), pending items
     age_p90_s: float = 0.0
     age_p99_s: float = 0.0
@@ -156,6 +175,11 @@ class LeaseQueue:
         self._with_deadline = 0  # pending items that have a deadline
         self._overdue: list[Item] = []  # found overdue by lease, not yet returned
         self._unsettled: set[str] = set()  # failed, still in durable storage until acked
+        # Poison isolation: id -> (host crashes, largest batch); isolated suspects set
+        # aside by lease, and the one isolated suspect leased (see the docstring).
+        self._suspects: dict[str, tuple[int, int]] = {}
+        self._isolated: deque[str] = deque()
+        self._isolated_out: str | None = None
         self._ages = SubmitTimeHistogram()
         self._storage = storage
         self.enqueued_total = 0
@@ -205,6 +229,10 @@ class LeaseQueue:
 
     def _forget(self, it: Item) -> None:
         """Bookkeeping for an item that left ``_pending``."""
+        if self._suspects:
+            self._suspects.pop(it.id, None)
+            if self._isolated_out == it.id:
+                self._isolated_out = None
         self._ages.remove(it.submitted_unix_s)
         if it.deadline_unix_s is not None:
             self._with_deadline -= 1
@@ -264,6 +292,15 @@ class LeaseQueue:
         out: list[Item] = []
         expires = now + lease_s
         pending, leases, pop = self._pending, self._leases, self._ready.pop
+        suspects = self._suspects
+        if suspects and self._isolated and self._isolated_out is None:
+            while self._isolated:  # this lease hands out one isolated suspect, alone
+                i = self._isolated.popleft()
+                item = pending.get(i)
+                if item is not None and i not in leases:
+                    self._isolated_out = i
+                    self.dequeued_total += 1
+                    return [self._lease_one(item, holder, expires)]
         while len(out) < n:
             try:
                 popped = pop()
@@ -272,19 +309,30 @@ class LeaseQueue:
             item = pending.get(popped.id)
             if item is None or popped.id in leases:
                 continue  # acked or re-leased since it was pushed: a stale entry
+            if suspects and (s := suspects.get(item.id)) is not None:
+                if s[0] >= 2:
+                    self._isolated.append(item.id)  # goes out alone, in its turn
+                    continue
+                if len(out) >= s[1]:  # this batch is already as large as it may go in
+                    self._ready.push(item, redelivery=True)
+                    break
+                n = min(n, s[1])
             if (now_unix_s is not None and item.deadline_unix_s is not None
                     and item.deadline_unix_s <= now_unix_s):
                 self._drop_failed(item)
                 self.deadline_exceeded_total += 1
                 self._overdue.append(item)
                 continue
-            item = _delivered_once_more(item)
-            pending[item.id] = item
-            leases[item.id] = (holder, expires)
-            heapq.heappush(self._expiry, (expires, item.id))
-            out.append(item)
+            out.append(self._lease_one(item, holder, expires))
         self.dequeued_total += len(out)
         return out
+
+    def _lease_one(self, item: Item, holder: str, expires: float) -> Item:
+        item = _delivered_once_more(item)
+        self._pending[item.id] = item
+        self._leases[item.id] = (holder, expires)
+        heapq.heappush(self._expiry, (expires, item.id))
+        return item
 
     def ack(self, ids: Iterable[str]) -> int:
         """Remove finished items (their outcome is recorded). Unknown ids are ignored.
@@ -312,11 +360,22 @@ class LeaseQueue:
         self.acked_total += n
         return n
 
-    def extend(self, ids: Iterable[str], holder: str, lease_s: float, now: float) -> int:
-        """Renew leases still held by ``holder``; returns how many were renewed."""
+    def _fenced(self, ids: Iterable[str],
+                deliveries: Iterable[int | None] | None) -> Iterable[str]:
+        """The ids whose current delivery is the one named (a None names none: any)."""
+        if deliveries is None:
+            return ids
+        pending = self._pending
+        return [i for i, d in zip(ids, deliveries)
+                if d is None or ((it := pending.get(i)) is not None and it.deliveries == d)]
+
+    def extend(self, ids: Iterable[str], holder: str, lease_s: float, now: float,
+               deliveries: Iterable[int | None] | None = None) -> int:
+        """Renew leases still held by ``holder`` (and, with ``deliveries``, only for
+        the delivery named for each id); returns how many were renewed."""
         n = 0
         expires = now + lease_s
-        for i in ids:
+        for i in self._fenced(ids, deliveries):
             lease = self._leases.get(i)
             if lease is not None and lease[0] == holder:
                 self._leases[i] = (holder, expires)
@@ -328,6 +387,8 @@ class LeaseQueue:
         """Leased -> ready; returns the item if it is exhausted (and removes it)."""
         if self._leases.pop(i, None) is None:
             return None
+        if self._isolated_out == i:
+            self._isolated_out = None
         item = self._pending[i]
         if item.deliveries >= self.max_deliveries:
             self._drop_failed(item)
@@ -341,12 +402,24 @@ class LeaseQueue:
         self.redelivered_total += 1
         return None
 
-    def nack(self, ids: Iterable[str]) -> list[Item]:
+    def nack(self, ids: Iterable[str], deliveries: Iterable[int | None] | None = None,
+             crashed: bool = False) -> list[Item]:
         """Give leased items back for redelivery (their holder could not finish them).
 
+        ``deliveries`` fences the call (see the module docstring): an id whose current
+        delivery is not the one named is left alone. ``crashed``: the holder's host died
+        with these items; they become suspects (bisection, see the module docstring).
+
         Returns the items that have now been delivered ``max_deliveries`` times: they
-        are removed and the caller must record them as failed (and then ack them).
+        are removed and the caller must record them as failed (and then ack them), as
+        ``host_crash`` when ``crashed``.
         """
+        ids = [i for i in self._fenced(ids, deliveries) if i in self._leases]
+        if crashed:
+            half = max(1, -(-len(ids) // 2))
+            for i in ids:
+                crashes = self._suspects.get(i, (0, 0))[0] + 1
+                self._suspects[i] = (crashes, 1 if crashes >= 2 else half)
         return [it for i in ids if (it := self._requeue(i)) is not None]
 
     def leased_to(self, holder: str) -> list[str]:
@@ -448,6 +521,8 @@ class LeaseQueue:
             deadline_exceeded_total=self.deadline_exceeded_total,
             recovered_total=self.recovered_total,
             unsettled=len(self._unsettled),
+            suspects=len(self._suspects),
+            isolated=len(self._isolated) + (self._isolated_out is not None),
             age_p50_s=p50,
             age_p90_s=p90,
             age_p99_s=p99,

@@ -2,12 +2,20 @@
 
 Per pool and shard, a loop leases a batch only when the pool has free capacity (active
 agents x concurrency minus tasks in flight), and sends it through the pool's Serve
-handle; the host records the outcomes in the ledger before it replies, and only then
-does the dispatcher ack the items in the queue. So a crash at any point leaves an item
-either acked with a recorded outcome, or still leased and redelivered when its lease
-expires: at-least-once
-execution, exactly-once recording (the ledger keeps the first outcome per id).
-A batch whose host dies is nacked at once and redelivered, not left to expire.
+handle; the host records each outcome in the ledger as its task finishes, and the
+dispatcher acks an item only once it is recorded: from the host's reply, or earlier
+from its progress reports. Acks go to each shard coalesced (``ACK_COALESCE_S``). So a
+crash at any point leaves an item either acked with a recorded outcome, or still leased
+and redelivered when its lease expires: at-least-once execution, exactly-once recording
+(the ledger keeps the first outcome per id).
+
+A batch whose host dies is settled at once, not left to expire: the ledger says which
+of its items were recorded before the crash (acked: never run again); the rest are
+nacked as *crashed* (``LeaseQueue.nack``), so they come back in smaller batches and a
+task that kills every host it runs on fails alone (``host_crash``). Every nack and
+renewal names the delivery it concerns (fencing): one for a delivery that was since
+leased again is ignored by the queue, and the dispatcher forgets an id only for the
+delivery it holds.
 A batch's items count against the pool's capacity until they finish: a host running a
 batch for longer than a moment reports how many of its items are done
 (``batch_progress``), so one slow item does not hold the slots of the whole batch.
@@ -59,6 +67,10 @@ HOST_REPORT_TTL_S = 30.0  # a host silent this long no longer counts in pool sta
 ADOPT_POLL_S = 0.5
 ADOPT_DECIDE_S = 3.0
 ADOPT_MARGIN_S = 30.0
+ACK_COALESCE_S = 0.005  # acks to a shard go out together, this long after the first
+ACK_MAX_IDS = 2048
+CRASH_LEDGER_S = 10.0  # how long a crashed batch waits for the ledger's word
+_NOT_HELD = -1
 
 
 class _PoolState:
@@ -78,8 +90,13 @@ class _PoolState:
         self.retried_items = 0
         self.retry_waiting = 0  # items waiting out their backoff before the nack
         self.hosts_seen: dict[str, tuple[float, dict[str, Any]]] = {}  # host -> (t, stats)
-        self.open_batches: dict[int, int] = {}  # batch id -> items already freed early
-        self.held: list[dict[str, None]] = [{} for _ in shards]  # leased ids per shard
+        self.open_batches: dict[int, list[int]] = {}  # batch id -> [freed early, shard]
+        # Leased ids per shard -> their delivery number (None: adopted, number unknown).
+        self.held: list[dict[str, int | None]] = [{} for _ in shards]
+        self.acks: list[list[str]] = [[] for _ in shards]  # recorded, ack pending
+        self.ack_timers: list[asyncio.TimerHandle | None] = [None] * len(shards)
+        self.crashed_batches = 0  # batches whose host process died while it held them
+        self.crash_recorded = 0  # items of failed batches the ledger had: not rerun
         self.adopted: dict[str, int] = {}  # predecessor's leased ids -> shard index
         self.reported_running: set[str] = set()  # adopted ids a host says it runs
         self.adopted_total = 0
@@ -152,7 +169,7 @@ class Dispatcher:
                 # requeued; those that run finish at the pace of their hosts, which at
                 # worst queue a little more work meanwhile.
                 for i in ids:
-                    ps.held[s][i] = None
+                    ps.held[s][i] = None  # delivery unknown: renewals are not fenced
                     ps.adopted[i] = s
                 ps.adopted_total += len(ids)
 
@@ -187,6 +204,8 @@ class Dispatcher:
                         else:
                             await ps.shards[s].nack.remote(part, "dispatcher restarted")
                             ps.adopted_requeued += len(part)
+                            # Not running anywhere: their next run is no duplicate.
+                            await self._ledger.record_async([], excused=part)
                     except ray.exceptions.RayError:
                         pass  # the leases expire and the items are redelivered
                     finally:
@@ -214,12 +233,14 @@ class Dispatcher:
         ps.room.set()
 
     async def batch_progress(self, pool: str, done: dict[int, int],
-                             running: dict[int, list[str]] | None = None) -> list[int]:
-        """A host's report that ``done[batch]`` items of each listed batch have finished.
+                             running: dict[int, list[str]] | None = None,
+                             recorded: dict[int, list[str]] | None = None) -> list[int]:
+        """A host's report that ``done[batch]`` items of each listed batch have finished
+        and that the ``recorded[batch]`` ids are recorded.
 
-        Their agent slots are free, so they stop counting against the pool's capacity
-        now rather than when the batch's slowest item finishes; the items stay leased
-        and are acked only after the host has recorded them and replied.
+        Finished items' agent slots are free, so they stop counting against the pool's
+        capacity now rather than when the batch's slowest item finishes; recorded ones
+        are acked now.
 
         Returns the batches this dispatcher does not know while it adopts a
         predecessor's leases: the host then sends their item ids as ``running``, and
@@ -233,13 +254,17 @@ class Dispatcher:
         freed_any = False
         unknown = []
         for bid, n in done.items():
-            freed = ps.open_batches.get(bid)
-            if freed is None:
+            b = ps.open_batches.get(bid)
+            if b is None:
                 unknown.append(bid)
-            elif n > freed:
-                ps.open_batches[bid] = n
-                ps.in_flight -= n - freed
+            elif n > b[0]:
+                ps.in_flight -= n - b[0]
+                b[0] = n
                 freed_any = True
+        for bid, ids in (recorded or {}).items():
+            b = ps.open_batches.get(bid)
+            if b is not None:
+                self._ack(ps, b[1], ids)
         if freed_any:
             ps.room.set()
         return unknown if ps.adopted else []
@@ -251,6 +276,7 @@ class Dispatcher:
             "sent_batches": ps.sent_batches, "sent_items": ps.sent_items,
             "host_failures": ps.host_failures,
             "retried_items": ps.retried_items, "retry_waiting": ps.retry_waiting,
+            "crashed_batches": ps.crashed_batches, "crash_recorded": ps.crash_recorded,
             "adopted": ps.adopted_total, "adopted_acked": ps.adopted_acked,
             "adopted_requeued": ps.adopted_requeued, "adopting": len(ps.adopted),
             **_breaker_summary(ps),
@@ -296,65 +322,124 @@ class Dispatcher:
             ps.sent_items += len(items)
             held = ps.held[s]
             for it in items:
-                held[it.id] = None
+                held[it.id] = it.deliveries
             asyncio.get_running_loop().create_task(self._send(ps, s, items))
+
+    def _ack(self, ps: _PoolState, s: int, ids: list[str]) -> None:
+        """Ack recorded ids still held (from any delivery: their outcome is recorded),
+        coalesced per shard: they go out ``ACK_COALESCE_S`` after the first waits."""
+        held, buf = ps.held[s], ps.acks[s]
+        for i in ids:
+            if held.pop(i, _NOT_HELD) != _NOT_HELD:  # None (adopted) is held
+                buf.append(i)
+        if len(buf) >= ACK_MAX_IDS:
+            self._flush_acks(ps, s)
+        elif buf and ps.ack_timers[s] is None:
+            ps.ack_timers[s] = asyncio.get_running_loop().call_later(
+                ACK_COALESCE_S, self._flush_acks, ps, s)
+
+    def _flush_acks(self, ps: _PoolState, s: int) -> None:
+        t = ps.ack_timers[s]
+        if t is not None:
+            t.cancel()
+            ps.ack_timers[s] = None
+        ids, ps.acks[s] = ps.acks[s], []
+        if ids:
+            asyncio.get_running_loop().create_task(self._send_acks(ps, s, ids))
+
+    @staticmethod
+    async def _send_acks(ps: _PoolState, s: int, ids: list[str]) -> None:
+        try:
+            await ps.shards[s].ack.remote(ids)
+        except ray.exceptions.RayError:
+            pass  # the shard died: restarted, it acks what the ledger holds (recover)
+
+    def _forget(self, ps: _PoolState, s: int, items: list[Item]) -> list[Item]:
+        """Stop holding ``items`` (for the deliveries sent); returns those still held."""
+        held = ps.held[s]
+        out = []
+        for it in items:
+            if held.get(it.id, _NOT_HELD) == it.deliveries:
+                del held[it.id]
+                out.append(it)
+        return out
 
     async def _send(self, ps: _PoolState, s: int, items: list[Item]) -> None:
         ids = [it.id for it in items]
-        keep: set[str] = set()  # retry ids: still leased until their delayed nack
         freed = False
         bid = next(self._batch_ids)
-        ps.open_batches[bid] = 0
+        ps.open_batches[bid] = [0, s]
 
         def free() -> None:
             # Whatever the host's progress reports have not freed yet.
             nonlocal freed
             if not freed:
                 freed = True
-                ps.in_flight -= len(items) - ps.open_batches.pop(bid, 0)
+                ps.in_flight -= len(items) - ps.open_batches.pop(bid, (0,))[0]
                 ps.room.set()
 
         try:
-            try:
-                # The host records the outcomes in the ledger before it replies.
-                report = await ps.handle.run_and_record.remote(
-                    items, ps.per_host_agents,
-                    (self.names.dispatcher, self.spec.namespace, ps.spec.name, bid))
-            except Exception as exc:  # host died or was removed: hand the work back now
-                ps.host_failures += 1
-                free()
-                await ps.shards[s].nack.remote(ids, f"host failed: {type(exc).__name__}")
-                return
-            # The agents are free as soon as the host replies; the ack need not hold them.
+            # The host records each outcome in the ledger before it replies.
+            report = await ps.handle.run_and_record.remote(
+                items, ps.per_host_agents,
+                (self.names.dispatcher, self.spec.namespace, ps.spec.name, bid))
+        except Exception as exc:  # host died or was removed: settle the batch now
             free()
-            _recorded, retry_ids, delays, host = report
-            ps.hosts_seen[host["host"]] = (time.monotonic(), host)
-            done = ids
-            if retry_ids:
-                keep = set(retry_ids)
-                done = [i for i in ids if i not in keep]
-                ps.retried_items += len(retry_ids)
-                ps.retry_waiting += len(retry_ids)
-                asyncio.get_running_loop().create_task(
-                    self._nack_later(ps, s, list(zip(delays, retry_ids))))
-            if done:
-                await ps.shards[s].ack.remote(done)
+            await self._failed(ps, s, items, exc)
+            return
+        # The agents are free as soon as the host replies; the ack need not hold them.
+        free()
+        _recorded, retry_ids, delays, host = report
+        ps.hosts_seen[host["host"]] = (time.monotonic(), host)
+        done = ids
+        if retry_ids:
+            keep = set(retry_ids)
+            done = [i for i in ids if i not in keep]
+            ps.retried_items += len(retry_ids)
+            ps.retry_waiting += len(retry_ids)
+            dels = {it.id: it.deliveries for it in items}
+            asyncio.get_running_loop().create_task(self._nack_later(
+                ps, s, sorted(zip(delays, retry_ids, (dels[i] for i in retry_ids)))))
+        self._ack(ps, s, done)
+
+    async def _failed(self, ps: _PoolState, s: int, items: list[Item],
+                      exc: BaseException) -> None:
+        """The batch's call failed: ack what the ledger recorded before, nack the rest.
+
+        When the host process died (anything but an error the host itself raised, which
+        comes as a ``RayTaskError``), the rest is nacked as crashed (poison isolation)."""
+        crashed = not isinstance(exc, ray.exceptions.RayTaskError)
+        ps.host_failures += 1
+        ps.crashed_batches += crashed
+        left = self._forget(ps, s, items)
+        if not left:
+            return
+        try:
+            missing = set(await asyncio.wait_for(
+                self._ledger.missing_async([it.id for it in left]), CRASH_LEDGER_S))
+        except Exception:  # the ledger is unreachable: rerun them (it keeps one outcome)
+            missing = {it.id for it in left}
+        recorded = [it.id for it in left if it.id not in missing]
+        rerun = [it for it in left if it.id in missing]
+        ps.crash_recorded += len(recorded)
+        try:
+            if recorded:
+                await ps.shards[s].ack.remote(recorded)
+            if rerun:
+                await ps.shards[s].nack.remote(
+                    [it.id for it in rerun], f"host failed: {type(exc).__name__}",
+                    [it.deliveries for it in rerun], crashed)
         except ray.exceptions.RayError:
             pass  # shard unreachable: the leases expire and the work is redelivered
-        finally:
-            held = ps.held[s]
-            for i in ids:
-                if i not in keep:
-                    held.pop(i, None)
-            free()
 
-    async def _nack_later(self, ps: _PoolState, s: int, due: list[tuple[float, str]]) -> None:
+    async def _nack_later(self, ps: _PoolState, s: int,
+                          due: list[tuple[float, str, int]]) -> None:
         """Give retried items back to their shard once each one's backoff has passed.
 
-        They stay leased (and renewed) meanwhile, so a dispatcher crash during the wait
-        still brings them back when the lease expires: nothing is lost.
+        ``due``: (delay, id, delivery), sorted. They stay leased (and renewed)
+        meanwhile, so a dispatcher crash during the wait still brings them back when
+        the lease expires: nothing is lost.
         """
-        due.sort()
         t0 = time.monotonic()
         held = ps.held[s]
         k = 0
@@ -366,19 +451,22 @@ class Dispatcher:
                 now = time.monotonic() - t0
                 group = []
                 while k < len(due) and due[k][0] <= now + RETRY_COALESCE_S:
-                    group.append(due[k][1])
+                    group.append(due[k])
                     k += 1
                 try:
-                    await ps.shards[s].nack.remote(group, "retry")
+                    await ps.shards[s].nack.remote([i for _, i, _ in group], "retry",
+                                                   [d for _, _, d in group])
                 except ray.exceptions.RayError:
                     pass  # the lease expires and the item is redelivered anyway
                 finally:
                     ps.retry_waiting -= len(group)
-                    for i in group:
-                        held.pop(i, None)
+                    for _, i, d in group:
+                        if held.get(i, _NOT_HELD) == d:
+                            del held[i]
         finally:
-            for _, i in due[k:]:  # cancelled (stop): the leases expire instead
-                held.pop(i, None)
+            for _, i, d in due[k:]:  # cancelled (stop): the leases expire instead
+                if held.get(i, _NOT_HELD) == d:
+                    del held[i]
             ps.retry_waiting -= len(due) - k
 
     async def _renew_leases(self) -> None:
@@ -390,7 +478,8 @@ class Dispatcher:
                 for s, held in enumerate(ps.held):
                     if held:
                         try:
-                            await ps.shards[s].extend.remote(list(held), self.holder)
+                            await ps.shards[s].extend.remote(list(held), self.holder,
+                                                             list(held.values()))
                         except ray.exceptions.RayError:
                             pass
 

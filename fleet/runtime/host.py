@@ -22,10 +22,20 @@ reserves its estimate before it runs and settles its actual cost after, through 
 ``BudgetClient`` that batches the calls (see ``_acquire_budgeted``); a task no agent may
 afford fails with ``budget_exhausted``.
 
+Recording: each task's final outcome is recorded in the ledger as soon as the task
+finishes, not with its batch: outcomes wait at most ``RECORD_COALESCE_S`` and go to
+their ledger shard in one call with every other outcome this host finished meanwhile
+(``_buffer``). A host that dies mid-batch has its finished tasks recorded already, so
+only the unfinished ones run again. Each outcome carries its delivery number, from
+which the ledger counts duplicate executions; deliveries handed back for a retry are
+*excused* in the same calls (``fleet.runtime.ledger``).
+
 The host runs at most ``active`` agents: when the dispatcher lowers that number, the
 agents above it are *draining*: they finish the task in hand and take no new one. A
-watchdog cancels any task past ``task_timeout_s`` and fails it with reason ``timeout``,
-so a hung agent cannot hold a slot forever.
+watchdog cancels any task past ``task_timeout_s`` and fails it with reason ``timeout``;
+one whose agent swallows the cancellation is *abandoned* ``hung_task_grace_s`` later
+(``_watch``): it fails with ``timeout`` then, without holding its batch-mates, and
+health restarts its agent, so a wedged agent holds neither a slot nor a batch.
 
 Health (``AgentHealthMixin``, ``fleet.runtime.host_health``): a health monitor over the
 host's agents takes a failed agent out of the routable set at once and restarts it in
@@ -114,6 +124,11 @@ BUDGET_REQUEUE = "budget_requeue"  # internal: every agent here is parked, reque
 REASON_BUDGET_EXHAUSTED = "budget_exhausted"
 REASON_OUTPUT_TOO_LARGE = "output_too_large"
 RECORD_RETRY_S = 60.0  # a ledger answering with storage errors, before the batch goes back
+# Outcomes go to each ledger shard in one call per RECORD_COALESCE_S (from the first one
+# waiting), or at once when RECORD_MAX_OUTCOMES wait: a few milliseconds of latency buy
+# one ledger transaction for every task a host finishes meanwhile, across its batches.
+RECORD_COALESCE_S = 0.005
+RECORD_MAX_OUTCOMES = 512
 
 # Routers that pick by load alone and learn nothing from outcomes.
 _BALANCERS = (LeastLoadedRouter, FullScanRouter, RoundRobinRouter, RandomRouter,
@@ -161,20 +176,57 @@ class BatchReport(NamedTuple):
     host: dict[str, Any]
 
 
-class _OpenBatch:
-    """A batch in ``run_and_record`` that its dispatcher hears about (see ``_report``):
-    how many items are done (``done[0]``, shared with ``run_batch``), when reports start,
-    its item ids, and whether its dispatcher said it does not know it (then the ids
-    are sent, once)."""
+class _Batch:
+    """A batch in ``run_and_record``: its items are recorded one by one as they finish
+    (``_settle``), and the call replies once none is ``left``.
 
-    __slots__ = ("done", "report_from", "ids", "unknown", "ids_sent")
+    ``done`` counts the items finished (their slots are free); ``recorded_ids`` the ids
+    recorded so far, of which the first ``sent`` went to the dispatcher in progress
+    reports (it acks them at once). ``report_from``: when reports start (see
+    ``_report``); ``unknown``/``ids_sent``: its dispatcher said it does not know the
+    batch, so its item ids are sent, once."""
 
-    def __init__(self, done: list[int], report_from: float, ids: list[str]):
-        self.done = done
+    __slots__ = ("items", "left", "done", "recorded", "recorded_ids", "sent", "retry_ids",
+                 "delays", "fut", "report_from", "unknown", "ids_sent")
+
+    def __init__(self, items: list[Item], fut: asyncio.Future[None], report_from: float):
+        self.items = items
+        self.left = len(items)
+        self.done = 0
+        self.recorded = 0
+        self.recorded_ids: list[str] = []
+        self.sent = 0
+        self.retry_ids: list[str] = []
+        self.delays: list[float] = []
+        self.fut = fut
         self.report_from = report_from
-        self.ids = ids
         self.unknown = False
         self.ids_sent = False
+        if not items:
+            fut.set_result(None)
+
+    def settled(self, n: int = 1) -> None:
+        self.left -= n
+        if self.left <= 0 and not self.fut.done():
+            self.fut.set_result(None)
+
+    def failed(self, exc: BaseException) -> None:
+        if not self.fut.done():
+            self.fut.set_exception(exc)
+
+
+class _RecordBuffer:
+    """Outcomes (and excusals, see ``fleet.runtime.ledger``) waiting for one ledger
+    shard, with the batch of each outcome."""
+
+    __slots__ = ("outcomes", "batches", "excused", "timer", "loop")
+
+    def __init__(self) -> None:
+        self.outcomes: list[Outcome] = []
+        self.batches: list[_Batch] = []
+        self.excused: list[str] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
 
 class _AllParked(Exception):
@@ -299,10 +351,13 @@ class AgentHost(AgentHealthMixin):
         self.retries = 0
         self.final_failures: Counter[str] = Counter()  # verdicts of unretried failures
 
-        self._open_batches: dict[tuple[str, str, str, int], _OpenBatch] = {}
+        self._open_batches: dict[tuple[str, str, str, int], _Batch] = {}
         self._reporter: asyncio.Task[None] | None = None
         self._dispatchers: dict[tuple[str, str], Any] = {}
-        self._running: dict[asyncio.Task[Outcome], float] = {}
+        self._running: dict[asyncio.Task[Any], float] = {}  # task -> start (monotonic)
+        self._work: dict[asyncio.Task[Any], tuple[Item, _Batch]] = {}  # not abandoned
+        self._records: list[_RecordBuffer] = []  # per ledger shard, made on first use
+        self.abandoned = 0  # tasks whose agent ignored cancellation (see _watch)
         self._watchdog: asyncio.Task[None] | None = None
         self.completed = 0
         self.failed = 0
@@ -529,107 +584,149 @@ class AgentHost(AgentHealthMixin):
         return agent
 
     # -- work ----------------------------------------------------------------------
-    async def run_batch(self, items: list[Item], active_agents: int | None = None,
-                        done: list[int] | None = None) -> list[Outcome]:
-        """Run every item on a logical agent; one outcome per item, in order.
+    async def run_and_record(self, items: list[Item], active_agents: int | None = None,
+                             progress: tuple[str, str, str, int] | None = None) -> BatchReport:
+        """Run a batch, recording each item's final outcome in the ledger as soon as it
+        finishes; reply once every item is recorded or handed back for a retry.
 
-        ``done[0]``, if given, counts the items finished so far."""
+        Records go out coalesced per ledger shard (``RECORD_COALESCE_S``), never one
+        call per task, so a host that dies mid-batch loses only the items that had not
+        finished. The dispatcher acks an item only once it is recorded: from this reply,
+        or earlier from a progress report. Failures to retry are not recorded: their
+        ids and delays come back in the report for the dispatcher to give back to the
+        queue.
+
+        ``progress`` is (dispatcher actor name, namespace, pool, batch id): once the
+        batch has run for ``PROGRESS_AFTER_S``, the host tells that dispatcher how many
+        of its items have finished (their agent slots count as free before the slowest
+        item of the batch is done) and which are recorded (it acks those at once).
+        """
         if active_agents is not None:
             self.set_active(active_agents)
+        loop = asyncio.get_running_loop()
         if self._watchdog is None:
-            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+            self._watchdog = loop.create_task(self._watch())
             self._ensure_health_loop()
         if self._eager_setup:
             # Specialization needs every agent's expertise before the first choice.
             self._eager_setup = False
             await asyncio.gather(*(self._agent(i) for i in range(self._active)))
-        loop = asyncio.get_running_loop()
         now = time.monotonic()
-        tasks = [loop.create_task(self._run_one(it, done)) for it in items]
-        for t in tasks:
-            self._running[t] = now
-        try:
-            return await asyncio.gather(*tasks)
-        finally:
-            for t in tasks:
-                self._running.pop(t, None)
-
-    async def run_and_record(self, items: list[Item], active_agents: int | None = None,
-                             progress: tuple[str, str, str, int] | None = None) -> BatchReport:
-        """Run a batch, record the final outcomes in the ledger, then reply.
-
-        The dispatcher acks the recorded items only after this returns, so the
-        record-before-ack order holds, and outcomes travel host -> ledger once instead
-        of through the dispatcher. Failures to retry are not recorded: their ids and
-        delays come back in the report for the dispatcher to give back to the queue.
-
-        ``progress`` is (dispatcher actor name, namespace, pool, batch id): once the
-        batch has run for ``PROGRESS_AFTER_S``, the host tells that dispatcher how many
-        of its items have finished, so their agent slots count as free before the
-        slowest item of the batch is done (the acks still wait for this reply).
-        """
-        done = [0]
+        batch = _Batch(items, loop.create_future(), now + PROGRESS_AFTER_S)
         if progress is not None:
-            self._open_batches[progress] = _OpenBatch(
-                done, time.monotonic() + PROGRESS_AFTER_S, [it.id for it in items])
+            self._open_batches[progress] = batch
             if self._reporter is None:
-                self._reporter = asyncio.get_running_loop().create_task(self._report())
-        try:
-            outcomes = await self.run_batch(items, active_agents, done)
-        finally:
-            if progress is not None:
-                self._open_batches.pop(progress, None)
+                self._reporter = loop.create_task(self._report())
         firsts = sum(1 for it in items if it.deliveries <= 1)
         if firsts:
             self._retry.record_request(firsts)
-        record: list[Outcome] = outcomes
-        retry_ids: list[str] = []
-        delays: list[float] = []
-        if not all(o.ok for o in outcomes):
-            record = []
-            for it, o in zip(items, outcomes):
-                if o.ok:
-                    record.append(o)
-                    continue
-                o, delay = self._decide_retry(it, o)
-                if delay is None:
-                    record.append(o)
-                else:
-                    retry_ids.append(it.id)
-                    delays.append(delay)
+        running, work = self._running, self._work
+        for it in items:
+            t = loop.create_task(self._run_item(it, batch))
+            running[t] = now
+            work[t] = (it, batch)
+        try:
+            await batch.fut
+        finally:
+            if progress is not None:
+                self._open_batches.pop(progress, None)
         if self._budget is not None:
             await self._budget.flush()  # one settle call per batch
-        if record:
-            await self._record(items, record)
-        return BatchReport(len(record), retry_ids, delays, self.pool_stats())
+        return BatchReport(batch.recorded, batch.retry_ids, batch.delays, self.pool_stats())
 
-    async def _record(self, items: list[Item], record: list[Outcome]) -> None:
-        """Record final outcomes; returns once they are durable.
+    async def _run_item(self, item: Item, batch: _Batch) -> None:
+        cur = asyncio.current_task()
+        try:
+            try:
+                o = await self._run_one(item, batch)
+            finally:
+                self._running.pop(cur, None)  # type: ignore[arg-type]
+            if self._work.pop(cur, None) is not None:  # type: ignore[arg-type]
+                self._settle(item, o, batch)  # else abandoned: settled already
+        except BaseException as exc:  # a bug here must fail the batch, not hang it
+            batch.failed(exc)
+            raise
+
+    def _settle(self, item: Item, o: Outcome, batch: _Batch, final: bool = False) -> None:
+        """A task's final word: handed back for a retry, or queued for recording
+        (``final``: recorded as it is, never retried)."""
+        if not o.ok and not final:
+            o, delay = self._decide_retry(item, o)
+            if delay is not None:
+                batch.retry_ids.append(item.id)
+                batch.delays.append(delay)
+                # This delivery ran no duplicate: tell the ledger with the next records.
+                self._buffer(item.id, None, batch)
+                batch.settled()
+                return
+        if o.task_id.startswith(IDEMPOTENT_PREFIX):
+            # Keyed tasks carry their payload's hash, so a later submission of the key
+            # with another payload is refused rather than answered with this outcome.
+            o = o._replace(payload_hash=payload_hash(item.payload))
+        self._buffer(o.task_id, o, batch)
+
+    def _buffer(self, task_id: str, o: Outcome | None, batch: _Batch) -> None:
+        """Queue an outcome (or, with None, an excusal) for its ledger shard; the shard's
+        buffer goes out ``RECORD_COALESCE_S`` after its first entry, or at once when it
+        holds ``RECORD_MAX_OUTCOMES``."""
+        if not self._records:
+            if self._ledger is None:
+                from fleet.runtime.ledger import LedgerClient
+
+                if self._ledger_ref is None:
+                    raise RuntimeError(f"host {self.host_id} has no ledger to record in")
+                self._ledger = LedgerClient(*self._ledger_ref)
+            self._records = [_RecordBuffer() for _ in range(self._ledger.n)]
+        k = self._ledger.shard_of(task_id) if len(self._records) > 1 else 0
+        buf = self._records[k]
+        if o is None:
+            buf.excused.append(task_id)
+        else:
+            buf.outcomes.append(o)
+            buf.batches.append(batch)
+        if len(buf.outcomes) >= RECORD_MAX_OUTCOMES:
+            self._flush(k)
+        elif buf.timer is None or buf.loop is not (loop := asyncio.get_running_loop()):
+            # (A timer of another loop: a test ran the host under asyncio.run before.)
+            buf.loop = loop = asyncio.get_running_loop()
+            buf.timer = loop.call_later(RECORD_COALESCE_S, self._flush, k)
+
+    def _flush(self, k: int) -> None:
+        buf = self._records[k]
+        if buf.timer is not None:
+            buf.timer.cancel()
+        self._records[k] = _RecordBuffer()
+        if buf.outcomes or buf.excused:
+            asyncio.get_running_loop().create_task(
+                self._record(k, buf.outcomes, buf.batches, buf.excused))
+
+    async def _record(self, k: int, outcomes: list[Outcome], batches: list[_Batch],
+                      excused: list[str]) -> None:
+        """Record final outcomes on ledger shard ``k``; each batch hears of its own once
+        they are durable.
 
         A ledger shard that dies is restarted by Ray and the call retried on it (the
         shards are created with ``max_task_retries=-1``), so a restart only delays this.
         A shard that answers with a storage error (a full disk) is asked again with
         backoff for up to ``RECORD_RETRY_S``; the batch's leases are renewed by the
-        dispatcher meanwhile, and past that the batch is handed back, never dropped.
+        dispatcher meanwhile, and past that the batch fails and is handed back (its
+        unrecorded items only), never dropped.
         """
-        if self._ledger is None:
-            from fleet.runtime.ledger import LedgerClient
-
-            self._ledger = LedgerClient(*self._ledger_ref)
-        idem = [k for k, o in enumerate(record) if o.task_id.startswith(IDEMPOTENT_PREFIX)]
-        if idem:
-            # Keyed tasks carry their payload's hash, so a later submission of the key
-            # with another payload is refused rather than answered with this outcome.
-            payloads = {it.id: it.payload for it in items}
-            for k in idem:
-                o = record[k]
-                record[k] = o._replace(payload_hash=payload_hash(payloads[o.task_id]))
-        async for attempt in AsyncRetrying(
-                retry=retry_if_exception(_is_storage_error),
-                wait=wait_exponential(multiplier=0.05, max=2.0),
-                stop=stop_after_delay(RECORD_RETRY_S), reraise=True):
-            with attempt:
-                await self._ledger.record_async(record)
+        try:
+            async for attempt in AsyncRetrying(
+                    retry=retry_if_exception(_is_storage_error),
+                    wait=wait_exponential(multiplier=0.05, max=2.0),
+                    stop=stop_after_delay(RECORD_RETRY_S), reraise=True):
+                with attempt:
+                    await self._ledger.record_shard_async(k, outcomes, excused)
+        except Exception as exc:
+            for b in batches:
+                b.failed(exc)
+            return
+        for o, b in zip(outcomes, batches):
+            b.recorded += 1
+            b.recorded_ids.append(o.task_id)
+            b.settled()
 
     def _decide_retry(self, item: Item, o: Outcome) -> tuple[Outcome, float | None]:
         """A failed outcome: (outcome, delay) to retry after ``delay`` seconds, or
@@ -666,29 +763,38 @@ class AgentHost(AgentHealthMixin):
             await asyncio.sleep(PROGRESS_INTERVAL_S)
             news: dict[tuple[str, str, str], dict[int, int]] = {}
             running: dict[tuple[str, str, str], dict[int, list[str]]] = {}
+            recorded: dict[tuple[str, str, str], dict[int, list[str]]] = {}
+            marks: dict[tuple[str, str, str], list[tuple[_Batch, int]]] = {}
             now = time.monotonic()
             for (name, ns, pool, bid), b in self._open_batches.items():
                 if now >= b.report_from:
-                    news.setdefault((name, ns, pool), {})[bid] = b.done[0]
+                    key = (name, ns, pool)
+                    news.setdefault(key, {})[bid] = b.done
+                    if len(b.recorded_ids) > b.sent:
+                        recorded.setdefault(key, {})[bid] = b.recorded_ids[b.sent:]
+                        marks.setdefault(key, []).append((b, len(b.recorded_ids)))
                     if b.unknown and not b.ids_sent:  # send the ids once
                         b.ids_sent = True
-                        running.setdefault((name, ns, pool), {})[bid] = b.ids
+                        running.setdefault(key, {})[bid] = [it.id for it in b.items]
             for (name, ns, pool), counts in news.items():
+                key = (name, ns, pool)
                 try:
                     d = self._dispatchers.get((name, ns))
                     if d is None:
                         d = self._dispatchers[(name, ns)] = ray.get_actor(name, namespace=ns)
                     unknown = await asyncio.wait_for(d.batch_progress.remote(
-                        pool, counts, running.get((name, ns, pool))), PROGRESS_REPLY_S)
+                        pool, counts, running.get(key), recorded.get(key)), PROGRESS_REPLY_S)
                 except Exception:
                     self._dispatchers.pop((name, ns), None)  # gone or restarting
                     continue
+                for b, upto in marks.get(key, ()):
+                    b.sent = upto
                 for bid in unknown:
                     b = self._open_batches.get((name, ns, pool, bid))
                     if b is not None:
                         b.unknown = True
 
-    async def _run_one(self, item: Item, done: list[int] | None = None) -> Outcome:
+    async def _run_one(self, item: Item, batch: _Batch | None = None) -> Outcome:
         task: Task | None = None
         hint: RoutingHint | None = None
         kind: str | None = None
@@ -703,12 +809,14 @@ class AgentHost(AgentHealthMixin):
             else:
                 got = await self._acquire_budgeted(item, task, hint)
                 if isinstance(got, Outcome):  # refused: no agent here may run it
-                    if done is not None:
-                        done[0] += 1
+                    if batch is not None:
+                        batch.done += 1
                     return got
                 i, grant = got
         except asyncio.CancelledError:
             self.failed += 1  # timed out waiting for an agent: no agent to blame
+            if batch is not None:
+                batch.done += 1
             return failed_outcome(
                 item, "timeout", f"exceeded task_timeout_s={self.resilience.task_timeout_s} "
                 "waiting for a free agent", self.pool.name)
@@ -759,8 +867,8 @@ class AgentHost(AgentHealthMixin):
             if self._on_agent.pop(cur, (i,))[0] == i:  # type: ignore[arg-type]
                 self._observe(i, ok, time.time() - started, kind)
                 self._release(i)
-            if done is not None:
-                done[0] += 1
+            if batch is not None:
+                batch.done += 1
 
     # -- budgets ---------------------------------------------------------------------
     def _init_budget(self, budget: tuple[str, str] | None) -> None:
@@ -851,17 +959,41 @@ class AgentHost(AgentHealthMixin):
         return o, delay
 
     async def _watch(self) -> None:
+        """Cancel tasks past ``task_timeout_s``; abandon those that ignore it.
+
+        A task still running ``hung_task_grace_s`` after its cancel has an agent that
+        swallows cancellation (wedged): the task is *abandoned*: it fails with reason
+        ``timeout`` now (recorded, not retried: it would wedge another agent), so its
+        batch-mates are not held, and its late end, if any, is ignored. Its agent is health's business: the same rule reports it hung
+        (``AgentHealthMixin._find_hung``), which frees its slot for a fresh instance.
+        """
         limit = self.resilience.task_timeout_s
+        wedged_after = limit + self.health_spec.hung_task_grace_s
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
             now = time.monotonic()
             for t, t0 in list(self._running.items()):
                 if now - t0 > limit and not t.done():
                     t.cancel()
+                    if now - t0 > wedged_after and t in self._work:
+                        self._abandon(t, now - t0)
             # Open breakers turn half-open with time alone; let waiting tasks see it.
             if self._breakers.ejected or self._dirty:
                 self._refresh()
                 self._wake()
+
+    def _abandon(self, t: asyncio.Task[Any], age_s: float) -> None:
+        item, batch = self._work.pop(t)
+        self.abandoned += 1
+        self.failed += 1
+        i = self._on_agent.get(t, (None,))[0]
+        agent_id = self._agent_ids[i] if i is not None and i >= 0 else None
+        batch.done += 1
+        self._settle(item, failed_outcome(
+            item, "timeout", f"exceeded task_timeout_s={self.resilience.task_timeout_s} "
+            f"and ignored cancellation for {age_s - self.resilience.task_timeout_s:.1f} s: "
+            "abandoned (its agent is restarted)", self.pool.name, agent_id), batch,
+            final=True)  # not retried: it would wedge another agent
 
     # -- signals -------------------------------------------------------------------
     def pool_stats(self) -> dict[str, Any]:
@@ -903,6 +1035,7 @@ class AgentHost(AgentHealthMixin):
             "budget_parked_slots": self._parked_slots,
             "completed": self.completed,
             "failed": self.failed,
+            "abandoned": self.abandoned,
             "retries": self.retries,
             "final_failures": dict(self.final_failures),
             "retry_budget": self._retry.budget.snapshot(),

@@ -12,7 +12,14 @@ A fleet runs ``results.ledger_shards`` ledger actors (``<fleet>.ledger``,
 ``record`` returns, so a host acks a batch only once its outcomes are durable. A killed
 shard is restarted by Ray (``fleet.runtime.lifecycle``) and reopens its file; calls in
 flight are retried on the new instance, and a retried ``record`` is recognised as a
-replay, not a duplicate. Outcomes older than ``results.retention_s`` are deleted by a
+replay, not a duplicate.
+
+Duplicate executions are counted from delivery numbers (``fleet.ledger.store``): the
+runtime tells the shard which deliveries did not run a duplicate (a failure handed back
+for a retry, a task requeued before it started) with the records it sends anyway
+(``record(..., excused=ids)``), so counting costs no write of its own. Those excusals
+wait in memory until the task's outcome arrives: a shard restarted in between counts
+the excused delivery as a duplicate (over-, never under-counting). Outcomes older than ``results.retention_s`` are deleted by a
 periodic sweep.
 """
 
@@ -43,6 +50,7 @@ from fleet.spec.queues import StorageBackend
 from fleet.task import Outcome
 
 RETENTION_SWEEP_S = 600.0
+MAX_EXCUSED = 1_000_000  # excusals waiting for their task's outcome, per shard
 _SUMMARY_COLS = ("ok, reason, error, deliveries, submitted_unix_s, finished_unix_s,"
                  " input_tokens, output_tokens, cost_usd, duplicates")
 
@@ -81,6 +89,7 @@ class Ledger:
         self.recorded_outcomes = 0  # offered to record, new or not
         self.record_cpu_s = 0.0  # CPU spent storing them (the rest of the process's
         # CPU is Ray's: receiving calls, deserializing arguments)
+        self._excused: dict[tuple[str, str], int] = {}  # see the module docstring
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None:
@@ -94,14 +103,28 @@ class Ledger:
                 pass
             await asyncio.sleep(RETENTION_SWEEP_S)
 
-    async def record(self, outcomes: list[Outcome], tenant: str = DEFAULT_TENANT) -> int:
-        """Record outcomes (durable before this returns); returns how many were new."""
+    async def record(self, outcomes: list[Outcome], tenant: str = DEFAULT_TENANT,
+                     excused: list[str] | None = None) -> int:
+        """Record outcomes (durable before this returns); returns how many were new.
+
+        ``excused``: ids of tasks one of whose deliveries ended without a duplicate
+        execution (once per such delivery; see the module docstring)."""
         self._ensure_sweeper()
         self.record_calls += 1
         self.recorded_outcomes += len(outcomes)
         t0 = time.thread_time()
         try:
-            return self._store.record(outcomes, tenant)
+            exc = self._excused
+            if excused:
+                if len(exc) + len(excused) > MAX_EXCUSED:  # the oldest go: overcount
+                    for k in list(exc)[:len(excused)]:
+                        del exc[k]
+                for i in excused:
+                    exc[(tenant, i)] = exc.get((tenant, i), 0) + 1
+            per: list[int] | None = None
+            if exc and outcomes:
+                per = [exc.pop((tenant, o.task_id), 0) for o in outcomes]
+            return self._store.record(outcomes, tenant, per)
         finally:
             self.record_cpu_s += time.thread_time() - t0
 
@@ -271,11 +294,26 @@ class LedgerClient:
         return out
 
     # -- async (actors, ingress) ----------------------------------------------------------
-    async def record_async(self, outcomes: Sequence[Outcome]) -> int:
-        if not outcomes:
-            return 0
-        _, refs = self._fan("record", outcomes, [o.task_id for o in outcomes])
-        return sum(await asyncio.gather(*refs))
+    async def record_async(self, outcomes: Sequence[Outcome],
+                           excused: Sequence[str] = ()) -> int:
+        """Record outcomes on their shards; ``excused`` as in ``Ledger.record``."""
+        if not excused:
+            if not outcomes:
+                return 0
+            _, refs = self._fan("record", outcomes, [o.task_id for o in outcomes])
+            return sum(await asyncio.gather(*refs))
+        by_shard: dict[int, tuple[list[Outcome], list[str]]] = {}
+        for o in outcomes:
+            by_shard.setdefault(self.shard_of(o.task_id), ([], []))[0].append(o)
+        for i in excused:
+            by_shard.setdefault(self.shard_of(i), ([], []))[1].append(i)
+        return sum(await asyncio.gather(*(self.record_shard_async(k, outs, exc)
+                                          for k, (outs, exc) in by_shard.items())))
+
+    async def record_shard_async(self, shard: int, outcomes: list[Outcome],
+                                 excused: list[str] | None = None) -> int:
+        """Record on one shard outcomes (and excusals) already routed to it."""
+        return await self.handle(shard).record.remote(outcomes, DEFAULT_TENANT, excused or None)
 
     async def get_async(self, ids: Sequence[str]) -> list[Outcome | None]:
         if not ids:

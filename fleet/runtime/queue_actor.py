@@ -38,6 +38,7 @@ from fleet.task import IdempotencyConflict, Item, Outcome, failed_outcome
 SWEEP_INTERVAL_S = 0.5
 RECOVER_CHUNK = 20_000  # ids per ledger call when a restarted shard settles its items
 RECOVER_TIMEOUT_S = 10.0
+REASON_HOST_CRASH = "host_crash"  # exhausted by deliveries whose hosts died
 RECENT_ACKS = 20_000  # acked ids a shard remembers to refuse a racing resubmission
 AVG_ITEM_BYTES_PRIOR = 512.0
 AVG_ITEM_BYTES_ALPHA = 0.1  # EWMA weight of each put batch's mean item size
@@ -125,9 +126,10 @@ class QueueShard:
         self._recent_acks.update(ids)
         return n
 
-    async def _fail_exhausted(self, items: list[Item], why: str) -> None:
+    async def _fail_exhausted(self, items: list[Item], why: str,
+                              reason: str = "max_deliveries") -> None:
         await self._record_then_ack([
-            failed_outcome(it, "max_deliveries",
+            failed_outcome(it, reason,
                            f"delivered {it.deliveries} times without an outcome ({why})")
             for it in items
         ])
@@ -178,13 +180,19 @@ class QueueShard:
     async def ack(self, ids: list[str]) -> int:
         return self._ack(ids)
 
-    async def nack(self, ids: list[str], why: str = "holder failed") -> int:
-        exhausted = self._q.nack(ids)
-        await self._fail_exhausted(exhausted, why)
+    async def nack(self, ids: list[str], why: str = "holder failed",
+                   deliveries: list[int] | None = None, crashed: bool = False) -> int:
+        """Requeue leased items (fenced by ``deliveries`` when given). ``crashed``: their
+        host died holding them; they are redelivered in smaller batches, and one that
+        this exhausts is recorded as ``host_crash`` (see ``LeaseQueue.nack``)."""
+        exhausted = self._q.nack(ids, deliveries, crashed)
+        await self._fail_exhausted(exhausted, why, REASON_HOST_CRASH if crashed
+                                   else "max_deliveries")
         return len(ids)
 
-    async def extend(self, ids: list[str], holder: str) -> int:
-        return self._q.extend(ids, holder, self.lease_s, time.monotonic())
+    async def extend(self, ids: list[str], holder: str,
+                     deliveries: list[int] | None = None) -> int:
+        return self._q.extend(ids, holder, self.lease_s, time.monotonic(), deliveries)
 
     async def leased_to(self, holder: str) -> list[str]:
         """Ids leased to ``holder``: a restarted dispatcher adopts its predecessor's."""

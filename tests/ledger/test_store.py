@@ -51,6 +51,23 @@ def test_first_outcome_wins_later_executions_are_counted_replays_are_not(store):
     assert store.count() == 2
 
 
+def test_duplicates_count_executions_started_beyond_the_first(store):
+    """From delivery numbers: a rerun is counted even when the run before it never
+    reached the ledger; excused deliveries (retries, never started) are not."""
+    d = lambda i, n, **kw: outcome(i, **kw)._replace(deliveries=n)  # noqa: E731
+    # Delivery 3 recorded first: two runs before it (their host died) -> 2.
+    store.record([d(1, 3), d(2, 2), d(3, 3), d(4, 1)], excused=[0, 0, 1, 0])
+    assert store.duplicates(["t-1", "t-2", "t-3", "t-4"]) == {"t-1": 2, "t-2": 1, "t-3": 1}
+    # Delivery 1 of t-1 reports late: already counted. t-4's delivery 1 ran twice.
+    store.record([d(1, 1, agent="z/1", started=50.0), d(4, 1, agent="z/2", started=60.0)])
+    assert store.duplicates(["t-1", "t-4"]) == {"t-1": 2, "t-4": 1}
+    # A later delivery raises the count to what its number implies.
+    store.record([d(4, 4, agent="z/3", started=70.0)])
+    assert store.duplicates(["t-4"]) == {"t-4": 3}
+    assert store.record([d(4, 4, agent="z/3", started=70.0)]) == 0  # a replay: no change
+    assert store.duplicates(["t-4"]) == {"t-4": 3}
+
+
 def test_the_same_id_twice_in_one_call_records_the_first(store):
     assert store.record([outcome(7, agent="x"), outcome(7, agent="y", started=5.0)]) == 1
     assert store.get(["t-7"])[0].agent_id == "x"

@@ -158,3 +158,69 @@ def test_a_failed_commit_accepts_nothing(tmp_path):
     assert q.put([item("c")]) == 1 and q.ack(["a"]) == 1
     q.close()
     assert LeaseQueue(10, storage=SqliteStorage(tmp_path / "s.sqlite3")).pending_ids() == ["c"]
+
+
+def test_a_stale_delivery_can_neither_requeue_nor_renew_the_current_one(storage_factory):
+    """Fencing: delivery 1 expires, the item is leased again as delivery 2; a late nack
+    or renewal naming delivery 1 is ignored, and the item completes once."""
+    q = LeaseQueue(10, storage=storage_factory())
+    q.put([item("a")])
+    (d1,) = q.lease(1, "h", 5.0, now=0.0)
+    q.expire(5.0)
+    (d2,) = q.lease(1, "h", 5.0, now=5.0)
+    assert (d1.deliveries, d2.deliveries) == (1, 2)
+    assert q.nack(["a"], deliveries=[1]) == []
+    assert q.depth == 0 and q.stats(T0).redelivered_total == 1  # still leased as 2
+    assert q.extend(["a"], "h", 5.0, now=9.0, deliveries=[1]) == 0  # not renewed...
+    assert q.extend(["a"], "h", 5.0, now=6.0, deliveries=[2]) == 1  # ...this one is
+    assert q.expire(10.5) == [] and q.depth == 0  # renewed until 11, not 10
+    assert q.lease(1, "h", 5.0, now=10.5) == []  # nobody else gets it meanwhile
+    assert q.ack(["a"]) == 1  # an ack needs no fence: the outcome is recorded
+    assert len(q) == 0 and q.stats(T0).acked_total == 1
+    assert q.nack(["a"], deliveries=[2]) == [] and q.depth == 0
+
+
+def test_items_of_a_crashed_host_come_back_in_halves_then_alone(storage_factory):
+    """Poison isolation: after one crash a suspect goes out in batches of at most half
+    its crashed group; after two, alone and one at a time; a crash that exhausts an
+    item returns it."""
+    q = LeaseQueue(100, max_deliveries=3, storage=storage_factory())
+    q.put([item(i, T0 + i) for i in range(8)])
+    first = q.lease(8, "h", 30.0, now=0.0)
+    assert q.nack([it.id for it in first], [it.deliveries for it in first], crashed=True) == []
+    q.put([item("fresh", T0 + 9)])
+    assert q.stats(T0).suspects == 8
+    halves = [q.lease(8, "h", 30.0, now=1.0) for _ in range(2)]
+    assert [len(b) for b in halves] == [4, 4]  # never more than half of the 8
+    assert [it.id for it in q.lease(8, "h", 30.0, now=1.0)] == ["fresh"]
+    poisoned = halves[0]
+    q.ack([it.id for it in halves[1]])  # the innocent half completed
+    assert q.nack([it.id for it in poisoned], crashed=True) == []  # second crash
+    assert q.stats(T0).isolated == 0
+    q.put([item("later", T0 + 10)])
+    # Ordinary work goes as usual; the isolated suspects met on the way are set aside.
+    assert [it.id for it in q.lease(8, "h", 30.0, now=2.0)] == ["later"]
+    (first,) = q.lease(8, "h", 30.0, now=2.0)  # one isolated suspect, alone
+    assert first.id in {it.id for it in poisoned} and q.stats(T0).isolated == 4
+    assert q.lease(8, "h", 30.0, now=2.0) == []  # no other one while it is out
+    q.ack([first.id])
+    rest = []
+    for _ in range(3):
+        (one,) = q.lease(8, "h", 30.0, now=3.0)
+        assert q.lease(8, "h", 30.0, now=3.0) == []  # the next waits for this one
+        rest.append(one)
+        if len(rest) < 3:
+            q.ack([one.id])
+    exhausted = q.nack([rest[-1].id], crashed=True)  # third delivery, third crash
+    assert [it.id for it in exhausted] == [rest[-1].id]
+    assert exhausted[0].deliveries == 3 and q.stats(T0).suspects == 0
+    assert sorted(q.pending_ids()) == ["fresh", "later"]  # leased, never crashed
+    assert q.stats(T0).isolated == 0
+
+
+def test_an_ordinary_nack_does_not_make_suspects(storage_factory):
+    q = LeaseQueue(100, storage=storage_factory())
+    q.put([item(i) for i in range(6)])
+    got = q.lease(6, "h", 30.0, now=0.0)
+    q.nack([it.id for it in got])
+    assert len(q.lease(6, "h", 30.0, now=0.0)) == 6 and q.stats(T0).suspects == 0
