@@ -17,22 +17,27 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator
 
-def _crd_dir() -> Path:
-    """KubeRay's CRDs: ../shared beside the repository (as CI lays it out), or
-    $FLEET_KUBERAY_CRDS, or the workplace's copy."""
+def _crd_dir() -> Path | None:
+    """KubeRay's CRDs: $FLEET_KUBERAY_CRDS, or ../shared/kuberay-crds beside the
+    repository (as CI lays it out); None when neither holds them."""
     import os
 
     repo = Path(__file__).resolve().parents[2]
     candidates = [Path(os.environ["FLEET_KUBERAY_CRDS"])] if "FLEET_KUBERAY_CRDS" in os.environ \
         else []
-    candidates += [repo.parent / "shared" / "kuberay-crds", Path("/work/shared/kuberay-crds")]
+    candidates.append(repo.parent / "shared" / "kuberay-crds")
     for c in candidates:
         if (c / "ray.io_rayclusters.yaml").is_file():
             return c
-    raise FileNotFoundError(f"KubeRay CRDs not found in any of {[str(c) for c in candidates]}")
+    return None
 
 
 CRD_DIR = _crd_dir()
+CRDS_MISSING = (
+    "KubeRay's CRDs were not found: put ray.io_rayclusters.yaml, ray.io_rayservices.yaml "
+    "and ray.io_rayjobs.yaml from KubeRay's ray-operator/config/crd/bases "
+    "(https://github.com/ray-project/kuberay) in ../shared/kuberay-crds beside this "
+    "repository, or name their directory in $FLEET_KUBERAY_CRDS")
 CRD_FILES = {
     "RayCluster": "ray.io_rayclusters.yaml",
     "RayService": "ray.io_rayservices.yaml",
@@ -59,7 +64,12 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 @cache
 def crd_schema(kind: str, version: str) -> dict[str, Any]:
-    """The strict JSON Schema of one KubeRay CRD version."""
+    """The strict JSON Schema of one KubeRay CRD version (the calling test is skipped,
+    with the reason, when the CRDs are absent: a user's clone has nothing beside it)."""
+    if CRD_DIR is None:
+        import pytest
+
+        pytest.skip(CRDS_MISSING)
     with open(CRD_DIR / CRD_FILES[kind], encoding="utf-8") as fh:
         crd = yaml.load(fh, Loader=_Loader)  # noqa: S506 - a safe loader
     assert crd["spec"]["names"]["kind"] == kind
