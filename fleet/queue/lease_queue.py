@@ -24,9 +24,12 @@ held these items; one of them may be what killed it. Each such item becomes a
 crashed group (bisection); after its second it is *isolated*: leased alone, and one at
 a time (a host that runs it runs no other isolated suspect, so the task that kills
 hosts cannot take innocent suspects with it every time). An item that a crash exhausts
-is returned by that ``nack``, and the caller records it as ``host_crash``. An ordinary
-crash costs its items one smaller batch each, nothing more: the suspicion ends when
-they are acked. Suspects are kept in memory: a restarted shard forgets them, which
+is returned by that ``nack``, and the caller records it as ``host_crash``. An item in
+one ordinary crash costs one smaller batch; the suspicion ends when it is acked. Limits:
+an item caught in two unrelated crashes is isolated all the same, and isolated items
+drain one at a time per shard (ordinary work is not held up by them); and a crash
+uses up a delivery, so an innocent item near ``max_deliveries`` can still fail as
+``host_crash``. Suspects are kept in memory: a restarted shard forgets them, which
 costs at most one more crash each.
 
 Durability: with a ``storage`` (``fleet.queue.storage``) every accepted item is stored
@@ -426,22 +429,30 @@ class LeaseQueue:
         """Ids leased to ``holder`` (a restarted holder adopts them)."""
         return [i for i, (h, _) in self._leases.items() if h == holder]
 
-    def adopt(self, ids: Iterable[str], holder: str, lease_s: float, now: float) -> int:
+    def adopt(self, ids: Iterable[str], holder: str, lease_s: float, now: float,
+              deliveries: Iterable[int | None] | None = None) -> int:
         """Lease ready items to ``holder`` as they are, without handing them out.
 
         For a queue restarted from storage: what its holder still runs comes back
         leased to that holder instead of ready, so it is not delivered a second time
-        while it runs. Each adopted item counts one more delivery (the one it is in).
-        Unknown, leased or failed ids are ignored; returns how many were adopted.
+        while it runs. Each adopted item counts one more delivery (the one it is in),
+        or, when the holder names it in ``deliveries``, that delivery if it is later
+        (stored delivery counts may lag: they are written lazily), so the holder's
+        fenced renewals and nacks still match. Unknown, leased or failed ids are
+        ignored; returns how many were adopted.
         """
         n = 0
         expires = now + lease_s
         pending, leases = self._pending, self._leases
-        for i in ids:
+        named = list(deliveries) if deliveries is not None else None
+        for k, i in enumerate(ids):
             item = pending.get(i)
             if item is None or i in leases:
                 continue
             item = _delivered_once_more(item)
+            d = named[k] if named is not None else None
+            if d is not None and d > item.deliveries:
+                item = _tuple_new(Item, (*item[:-1], d))
             pending[i] = item  # its ready entry is now stale: lease skips it
             leases[i] = (holder, expires)
             heapq.heappush(self._expiry, (expires, i))

@@ -14,8 +14,7 @@ of its items were recorded before the crash (acked: never run again); the rest a
 nacked as *crashed* (``LeaseQueue.nack``), so they come back in smaller batches and a
 task that kills every host it runs on fails alone (``host_crash``). Every nack and
 renewal names the delivery it concerns (fencing): one for a delivery that was since
-leased again is ignored by the queue, and the dispatcher forgets an id only for the
-delivery it holds.
+leased again is ignored by the queue. Acks need no fence (the outcome is recorded).
 A batch's items count against the pool's capacity until they finish: a host running a
 batch for longer than a moment reports how many of its items are done
 (``batch_progress``), so one slow item does not hold the slots of the whole batch.
@@ -188,13 +187,23 @@ class Dispatcher:
             except ray.exceptions.RayError:
                 continue
             now = time.monotonic()
+            # An id whose adopted lease lapsed and that was leased again since is held
+            # for that delivery now: no longer adopted, not ours to settle here.
+            for i in [i for i in ids if ps.held[ps.adopted[i]].get(i, _NOT_HELD) is not None]:
+                del ps.adopted[i]
+                ps.reported_running.discard(i)
+            ids = [i for i in ids if i in ps.adopted]
             done = [i for i in ids if i not in missing]
             stale = [] if now < decide_at else [
-                i for i in missing if now >= give_up_at or i not in ps.reported_running]
+                i for i in ids if i in missing
+                and (now >= give_up_at or i not in ps.reported_running)]
             for group, how in ((done, "ack"), (stale, "nack")):
                 by_shard: dict[int, list[str]] = {}
+                unstarted: list[str] = []  # nothing reported them running
                 for i in group:
                     by_shard.setdefault(ps.adopted.pop(i), []).append(i)
+                    if i not in ps.reported_running:
+                        unstarted.append(i)
                     ps.reported_running.discard(i)
                 for s, part in by_shard.items():
                     try:
@@ -204,20 +213,24 @@ class Dispatcher:
                         else:
                             await ps.shards[s].nack.remote(part, "dispatcher restarted")
                             ps.adopted_requeued += len(part)
-                            # Not running anywhere: their next run is no duplicate.
-                            await self._ledger.record_async([], excused=part)
                     except ray.exceptions.RayError:
                         pass  # the leases expire and the items are redelivered
                     finally:
                         for i in part:
                             ps.held[s].pop(i, None)
+                if how == "nack" and unstarted:
+                    try:  # not running anywhere: their next run is no duplicate
+                        await self._ledger.record_async([], excused=unstarted)
+                    except ray.exceptions.RayError:
+                        pass  # counted as duplicates instead: over-, never under-counting
 
-    async def held_ids(self, capability: str, shard: int) -> list[str]:
-        """Ids this dispatcher holds leased from one shard (a restarted shard leases
-        them back to it instead of delivering them again)."""
+    async def held_ids(self, capability: str, shard: int) -> list[tuple[str, int | None]]:
+        """(id, delivery) of what this dispatcher holds leased from one shard: a
+        restarted shard leases them back to it, as those deliveries, instead of
+        delivering them again."""
         for ps in self._pools.values():
             if ps.spec.capability == capability and shard < len(ps.held):
-                return list(ps.held[shard])
+                return list(ps.held[shard].items())
         return []
 
     async def stop(self) -> None:
@@ -406,9 +419,11 @@ class Dispatcher:
                       exc: BaseException) -> None:
         """The batch's call failed: ack what the ledger recorded before, nack the rest.
 
-        When the host process died (anything but an error the host itself raised, which
-        comes as a ``RayTaskError``), the rest is nacked as crashed (poison isolation)."""
-        crashed = not isinstance(exc, ray.exceptions.RayTaskError)
+        When the host's process died (Serve raises ``ActorDiedError`` or, when it cannot
+        tell, ``ActorUnavailableError``, possibly wrapped in a ``RayTaskError``), the
+        rest is nacked as crashed (poison isolation); after any other failure (the host
+        raised, a timeout) it is nacked plainly."""
+        crashed = _host_died(exc)
         ps.host_failures += 1
         ps.crashed_batches += crashed
         left = self._forget(ps, s, items)
@@ -482,6 +497,11 @@ class Dispatcher:
                                                              list(held.values()))
                         except ray.exceptions.RayError:
                             pass
+
+
+def _host_died(exc: BaseException) -> bool:
+    died = ray.exceptions.RayActorError  # ActorDiedError, ActorUnavailableError
+    return isinstance(exc, died) or isinstance(getattr(exc, "cause", None), died)
 
 
 def _breaker_summary(ps: _PoolState) -> dict[str, Any]:

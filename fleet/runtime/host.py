@@ -35,7 +35,8 @@ agents above it are *draining*: they finish the task in hand and take no new one
 watchdog cancels any task past ``task_timeout_s`` and fails it with reason ``timeout``;
 one whose agent swallows the cancellation is *abandoned* ``hung_task_grace_s`` later
 (``_watch``): it fails with ``timeout`` then, without holding its batch-mates, and
-health restarts its agent, so a wedged agent holds neither a slot nor a batch.
+health restarts its agent (within the cascade guard's permits), whose slot then goes to
+a fresh instance.
 
 Health (``AgentHealthMixin``, ``fleet.runtime.host_health``): a health monitor over the
 host's agents takes a failed agent out of the routable set at once and restarts it in
@@ -187,7 +188,7 @@ class _Batch:
     batch, so its item ids are sent, once."""
 
     __slots__ = ("items", "left", "done", "recorded", "recorded_ids", "sent", "retry_ids",
-                 "delays", "fut", "report_from", "unknown", "ids_sent")
+                 "delays", "fut", "report_from", "unknown", "ids_sent", "error")
 
     def __init__(self, items: list[Item], fut: asyncio.Future[None], report_from: float):
         self.items = items
@@ -202,17 +203,26 @@ class _Batch:
         self.report_from = report_from
         self.unknown = False
         self.ids_sent = False
+        self.error: BaseException | None = None
         if not items:
             fut.set_result(None)
 
-    def settled(self, n: int = 1) -> None:
-        self.left -= n
+    def settled(self) -> None:
+        """One more item is settled (recorded, handed back, or failed to record); the
+        batch replies once all are: never while one of its tasks still runs, so a
+        failure cannot hand back work that is running."""
+        self.left -= 1
         if self.left <= 0 and not self.fut.done():
-            self.fut.set_result(None)
+            if self.error is None:
+                self.fut.set_result(None)
+            else:
+                self.fut.set_exception(self.error)
 
     def failed(self, exc: BaseException) -> None:
-        if not self.fut.done():
-            self.fut.set_exception(exc)
+        """One item could not be settled (``exc``): the batch fails once all are done."""
+        if self.error is None:
+            self.error = exc
+        self.settled()
 
 
 class _RecordBuffer:
@@ -358,6 +368,7 @@ class AgentHost(AgentHealthMixin):
         self._work: dict[asyncio.Task[Any], tuple[Item, _Batch]] = {}  # not abandoned
         self._records: list[_RecordBuffer] = []  # per ledger shard, made on first use
         self.abandoned = 0  # tasks whose agent ignored cancellation (see _watch)
+        self._cancelled_at: dict[asyncio.Task[Any], float] = {}  # first cancel (_watch)
         self._watchdog: asyncio.Task[None] | None = None
         self.completed = 0
         self.failed = 0
@@ -637,15 +648,24 @@ class AgentHost(AgentHealthMixin):
     async def _run_item(self, item: Item, batch: _Batch) -> None:
         cur = asyncio.current_task()
         try:
-            try:
-                o = await self._run_one(item, batch)
-            finally:
-                self._running.pop(cur, None)  # type: ignore[arg-type]
-            if self._work.pop(cur, None) is not None:  # type: ignore[arg-type]
-                self._settle(item, o, batch)  # else abandoned: settled already
+            o = await self._run_one(item)
         except BaseException as exc:  # a bug here must fail the batch, not hang it
-            batch.failed(exc)
+            if self._work.pop(cur, None) is not None:  # type: ignore[arg-type]
+                batch.done += 1
+                batch.failed(exc)
             raise
+        finally:
+            self._running.pop(cur, None)  # type: ignore[arg-type]
+            self._cancelled_at.pop(cur, None)  # type: ignore[arg-type]
+        if self._work.pop(cur, None) is not None:  # type: ignore[arg-type]
+            batch.done += 1  # its slot is free: progress reports free it in the pool
+            try:
+                self._settle(item, o, batch)
+            except Exception as exc:  # e.g. no ledger: the batch fails, it does not hang
+                batch.failed(exc)
+                raise
+        # else abandoned (see _watch): settled and counted done already; the late end
+        # of a wedged agent changes nothing.
 
     def _settle(self, item: Item, o: Outcome, batch: _Batch, final: bool = False) -> None:
         """A task's final word: handed back for a retry, or queued for recording
@@ -721,7 +741,7 @@ class AgentHost(AgentHealthMixin):
                     await self._ledger.record_shard_async(k, outcomes, excused)
         except Exception as exc:
             for b in batches:
-                b.failed(exc)
+                b.failed(exc)  # each batch fails once its other items are settled
             return
         for o, b in zip(outcomes, batches):
             b.recorded += 1
@@ -794,7 +814,7 @@ class AgentHost(AgentHealthMixin):
                     if b is not None:
                         b.unknown = True
 
-    async def _run_one(self, item: Item, batch: _Batch | None = None) -> Outcome:
+    async def _run_one(self, item: Item) -> Outcome:
         task: Task | None = None
         hint: RoutingHint | None = None
         kind: str | None = None
@@ -809,14 +829,10 @@ class AgentHost(AgentHealthMixin):
             else:
                 got = await self._acquire_budgeted(item, task, hint)
                 if isinstance(got, Outcome):  # refused: no agent here may run it
-                    if batch is not None:
-                        batch.done += 1
                     return got
                 i, grant = got
         except asyncio.CancelledError:
             self.failed += 1  # timed out waiting for an agent: no agent to blame
-            if batch is not None:
-                batch.done += 1
             return failed_outcome(
                 item, "timeout", f"exceeded task_timeout_s={self.resilience.task_timeout_s} "
                 "waiting for a free agent", self.pool.name)
@@ -867,8 +883,6 @@ class AgentHost(AgentHealthMixin):
             if self._on_agent.pop(cur, (i,))[0] == i:  # type: ignore[arg-type]
                 self._observe(i, ok, time.time() - started, kind)
                 self._release(i)
-            if batch is not None:
-                batch.done += 1
 
     # -- budgets ---------------------------------------------------------------------
     def _init_budget(self, budget: tuple[str, str] | None) -> None:
@@ -961,22 +975,32 @@ class AgentHost(AgentHealthMixin):
     async def _watch(self) -> None:
         """Cancel tasks past ``task_timeout_s``; abandon those that ignore it.
 
-        A task still running ``hung_task_grace_s`` after its cancel has an agent that
-        swallows cancellation (wedged): the task is *abandoned*: it fails with reason
-        ``timeout`` now (recorded, not retried: it would wedge another agent), so its
-        batch-mates are not held, and its late end, if any, is ignored. Its agent is health's business: the same rule reports it hung
-        (``AgentHealthMixin._find_hung``), which frees its slot for a fresh instance.
+        A task still running ``hung_task_grace_s`` after its first cancel has an agent
+        that swallows cancellation (wedged): the task is *abandoned*: it fails with
+        reason ``timeout`` now (recorded, not retried: it would wedge another agent), so
+        its batch-mates are not held, and its late end, if any, changes nothing. Its
+        agent is health's business: the same rule reports it hung
+        (``AgentHealthMixin._find_hung``), and the restart that follows (within the
+        cascade guard's permits) gives its slot to a fresh instance. After a stall of
+        the event loop longer than the grace, no task is abandoned on that pass: its
+        cancel has not been delivered yet.
         """
         limit = self.resilience.task_timeout_s
-        wedged_after = limit + self.health_spec.hung_task_grace_s
+        grace = self.health_spec.hung_task_grace_s
+        last = time.monotonic()
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
             now = time.monotonic()
+            stalled = now - last > WATCHDOG_INTERVAL_S + max(grace, WATCHDOG_INTERVAL_S)
+            last = now
+            cancelled = self._cancelled_at
             for t, t0 in list(self._running.items()):
-                if now - t0 > limit and not t.done():
-                    t.cancel()
-                    if now - t0 > wedged_after and t in self._work:
-                        self._abandon(t, now - t0)
+                if now - t0 <= limit or t.done():
+                    continue
+                t.cancel()  # again each pass: a wedged agent may catch one and not the next
+                first = cancelled.setdefault(t, now)
+                if not stalled and now - first >= grace and t in self._work:
+                    self._abandon(t, now - t0)
             # Open breakers turn half-open with time alone; let waiting tasks see it.
             if self._breakers.ejected or self._dirty:
                 self._refresh()
@@ -985,15 +1009,17 @@ class AgentHost(AgentHealthMixin):
     def _abandon(self, t: asyncio.Task[Any], age_s: float) -> None:
         item, batch = self._work.pop(t)
         self.abandoned += 1
-        self.failed += 1
-        i = self._on_agent.get(t, (None,))[0]
-        agent_id = self._agent_ids[i] if i is not None and i >= 0 else None
         batch.done += 1
-        self._settle(item, failed_outcome(
-            item, "timeout", f"exceeded task_timeout_s={self.resilience.task_timeout_s} "
-            f"and ignored cancellation for {age_s - self.resilience.task_timeout_s:.1f} s: "
-            "abandoned (its agent is restarted)", self.pool.name, agent_id), batch,
-            final=True)  # not retried: it would wedge another agent
+        try:
+            i = self._on_agent.get(t, (None,))[0]
+            agent_id = self._agent_ids[i] if i is not None and i >= 0 else None
+            self._settle(item, failed_outcome(
+                item, "timeout", f"exceeded task_timeout_s={self.resilience.task_timeout_s} "
+                f"and ignored cancellation for {age_s - self.resilience.task_timeout_s:.1f} s:"
+                " abandoned (its agent is restarted)", self.pool.name, agent_id), batch,
+                final=True)  # not retried: it would wedge another agent
+        except Exception as exc:  # never kill the watchdog: fail this batch instead
+            batch.failed(exc)
 
     # -- signals -------------------------------------------------------------------
     def pool_stats(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ periodic sweep.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import zlib
 from collections import Counter
@@ -115,16 +116,26 @@ class Ledger:
         t0 = time.thread_time()
         try:
             exc = self._excused
-            if excused:
-                if len(exc) + len(excused) > MAX_EXCUSED:  # the oldest go: overcount
-                    for k in list(exc)[:len(excused)]:
-                        del exc[k]
-                for i in excused:
-                    exc[(tenant, i)] = exc.get((tenant, i), 0) + 1
+            new = Counter(excused) if excused else None
             per: list[int] | None = None
-            if exc and outcomes:
-                per = [exc.pop((tenant, o.task_id), 0) for o in outcomes]
-            return self._store.record(outcomes, tenant, per)
+            if outcomes and (exc or new):
+                per = [exc.get((tenant, o.task_id), 0) + (new[o.task_id] if new else 0)
+                       for o in outcomes]
+            n = self._store.record(outcomes, tenant, per)
+            # Committed: only now do the excusals change (a failed call changes nothing,
+            # so the caller's retry does not excuse twice).
+            if per is not None:
+                for o in outcomes:
+                    exc.pop((tenant, o.task_id), None)
+            if new:
+                recorded = {o.task_id for o in outcomes}
+                if len(exc) + len(new) > MAX_EXCUSED:  # the oldest go: overcount
+                    for k in list(itertools.islice(iter(exc), len(new))):
+                        del exc[k]
+                for i, c in new.items():
+                    if i not in recorded:
+                        exc[(tenant, i)] = exc.get((tenant, i), 0) + c
+            return n
         finally:
             self.record_cpu_s += time.thread_time() - t0
 

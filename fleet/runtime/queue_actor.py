@@ -87,8 +87,9 @@ class QueueShard:
             dispatcher = ray.get_actor(Names(self._fleet).dispatcher, namespace=self._namespace)
             held = ray.get(dispatcher.held_ids.remote(self.capability, self.index),
                            timeout=RECOVER_TIMEOUT_S)
-            self.adopted_on_start = self._q.adopt(held, Names(self._fleet).dispatcher,
-                                                  self.lease_s, time.monotonic())
+            self.adopted_on_start = self._q.adopt(
+                [i for i, _ in held], Names(self._fleet).dispatcher, self.lease_s,
+                time.monotonic(), [d for _, d in held])
         except Exception:  # noqa: BLE001 - no dispatcher (first start) or it restarts too
             pass
 

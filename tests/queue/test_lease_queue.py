@@ -224,3 +224,19 @@ def test_an_ordinary_nack_does_not_make_suspects(storage_factory):
     got = q.lease(6, "h", 30.0, now=0.0)
     q.nack([it.id for it in got])
     assert len(q.lease(6, "h", 30.0, now=0.0)) == 6 and q.stats(T0).suspects == 0
+
+
+def test_a_restarted_queue_adopts_the_holders_delivery_numbers(storage_factory):
+    """Stored delivery counts lag (written lazily); the holder's own numbers win, so its
+    fenced renewals still match after the restart."""
+    st = storage_factory()
+    q = LeaseQueue(10, storage=st)
+    q.put([item("a"), item("b")])
+    q.lease(2, "h", 5.0, now=0.0)
+    q.expire(5.0)
+    got = {it.id: it.deliveries for it in q.lease(2, "h", 5.0, now=5.0)}
+    assert got == {"a": 2, "b": 2}
+    q.flush()
+    restarted = LeaseQueue(10, storage=st)
+    assert restarted.adopt(["a", "b"], "h", 5.0, now=6.0, deliveries=[2, None]) == 2
+    assert restarted.extend(["a"], "h", 5.0, now=7.0, deliveries=[2]) == 1

@@ -178,3 +178,19 @@ def test_ledger_records_exactly_once(ray_cluster):
     s = merge_summaries([ray.get(ledger.summary_part.remote(["a", "b", "c"]))])
     assert (s["recorded"], s["lost"], s["duplicate_executions"]) == (2, 1, 1)
     ray.kill(ledger)
+
+
+def test_the_ledger_counts_reruns_from_delivery_numbers_less_excused_ones(ray_cluster):
+    spec = make_spec(name="ledger-excused", namespace="fleet-tests-ledger-excused")
+    ledger = Ledger.remote(spec.model_dump(mode="json"), 0)
+    now = time.time()
+    o = Outcome("a", True, b"1", None, None, "ag", "p", 2, now, now + 0.5, now + 1.0)
+    # "a" was handed back once for a retry (excused); "b" reran after a crash.
+    assert ray.get(ledger.record.remote([], "default", ["a"])) == 0
+    assert ray.get(ledger.record.remote([o, o._replace(task_id="b")])) == 2
+    assert ray.get(ledger.duplicates.remote(["a", "b"])) == {"b": 1}
+    # An excusal that comes with the outcome it concerns applies to it.
+    c = o._replace(task_id="c", deliveries=3)
+    assert ray.get(ledger.record.remote([c], "default", ["c"])) == 1
+    assert ray.get(ledger.duplicates.remote(["c"])) == {"c": 1}
+    ray.kill(ledger)

@@ -29,10 +29,10 @@ def test_a_host_killed_mid_batch_reruns_only_its_unfinished_tasks(start_fleet):
              agents_per_host=agents, autoscaling={"min_agents": agents, "max_agents": agents}),
         name=f"rerun{n}", namespace=f"fleet-rerun-{n}", queues={"lease_s": 30, "shards": 1}))
     # Short and long tasks interleaved, so that every batch mixes them.
-    tasks = [{"capability": "work", "payload": {"i": i, "sleep_s": 3.0 if i % 4 == 0 else 0.05}}
+    tasks = [{"capability": "work", "payload": {"i": i, "sleep_s": 5.0 if i % 4 == 0 else 0.05}}
              for i in range(300)]
     ids = fc.submit(tasks).accepted
-    slow = {i for i, t in zip(ids, tasks) if t["payload"]["sleep_s"] == 3.0}
+    slow = {i for i, t in zip(ids, tasks) if t["payload"]["sleep_s"] == 5.0}
     replicas = eventually(lambda: _replicas(fc), 30, what="the pool's host")
     # Kill once long tasks hold slots and short ones keep being recorded around them.
     eventually(lambda: fc.summary(ids)["recorded"] >= 100, 60, what="100 recorded")
