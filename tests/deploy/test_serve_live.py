@@ -24,7 +24,7 @@ import yaml
 from fleet.serve_app import check_serve_config
 from tests.deploy._cluster import BIN, REPO, LocalCluster, free_port
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = pytest.mark.ray
 
 UP_TIMEOUT_S = 150
 RESULT_TIMEOUT_S = 60

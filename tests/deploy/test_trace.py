@@ -83,7 +83,6 @@ def test_invalid_bounds_exit_2_naming_the_field(capsys):
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 def test_autoscale_trace_json_and_plot(ray_cluster, tmp_path, capsys):
     png = tmp_path / "trace.png"
     rc = main(["autoscale-trace", "--json", "--plot", str(png), "--base-rate", "10",

@@ -30,7 +30,7 @@ from fleet.runtime.lifecycle import actor_states
 from fleet.spec import parse_spec
 from tests.utils import eventually
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = pytest.mark.ray
 
 TASKS = int(os.environ.get("FLEET_KILL_TASKS", "30000"))
 KILL_AT = 0.3  # kill once this share of the run is recorded (asserted within 0.2-0.6)

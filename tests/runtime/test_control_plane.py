@@ -148,7 +148,6 @@ def _held_restart(fc, handle, name: str) -> None:
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 def test_healthz_status_and_alert_follow_held_restarts(start_fleet, tmp_path):
     from ray import serve
 
@@ -183,7 +182,6 @@ def test_healthz_status_and_alert_follow_held_restarts(start_fleet, tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 def test_a_controller_killed_under_load_keeps_its_agents_and_timeline(start_fleet, tmp_path):
     import ray
 
