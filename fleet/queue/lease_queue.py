@@ -449,13 +449,10 @@ class LeaseQueue:
             item = pending.get(i)
             if item is None or i in leases:
                 continue
-            item = _delivered_once_more(item)
+            item = self._lease_one(item, holder, expires)  # its ready entry is now stale
             d = named[k] if named is not None else None
             if d is not None and d > item.deliveries:
-                item = _tuple_new(Item, (*item[:-1], d))
-            pending[i] = item  # its ready entry is now stale: lease skips it
-            leases[i] = (holder, expires)
-            heapq.heappush(self._expiry, (expires, i))
+                pending[i] = _tuple_new(Item, (*item[:-1], d))
             n += 1
         return n
 

@@ -370,12 +370,7 @@ class Dispatcher:
     def _forget(self, ps: _PoolState, s: int, items: list[Item]) -> list[Item]:
         """Stop holding ``items`` (for the deliveries sent); returns those still held."""
         held = ps.held[s]
-        out = []
-        for it in items:
-            if held.get(it.id, _NOT_HELD) == it.deliveries:
-                del held[it.id]
-                out.append(it)
-        return out
+        return [it for it in items if _drop_held(held, it.id, it.deliveries)]
 
     async def _send(self, ps: _PoolState, s: int, items: list[Item]) -> None:
         ids = [it.id for it in items]
@@ -476,12 +471,10 @@ class Dispatcher:
                 finally:
                     ps.retry_waiting -= len(group)
                     for _, i, d in group:
-                        if held.get(i, _NOT_HELD) == d:
-                            del held[i]
+                        _drop_held(held, i, d)
         finally:
             for _, i, d in due[k:]:  # cancelled (stop): the leases expire instead
-                if held.get(i, _NOT_HELD) == d:
-                    del held[i]
+                _drop_held(held, i, d)
             ps.retry_waiting -= len(due) - k
 
     async def _renew_leases(self) -> None:
@@ -497,6 +490,14 @@ class Dispatcher:
                                                              list(held.values()))
                         except ray.exceptions.RayError:
                             pass
+
+
+def _drop_held(held: dict[str, int | None], i: str, delivery: int) -> bool:
+    """Forget ``i`` if it is held for ``delivery`` (not for a later one); whether it was."""
+    if held.get(i, _NOT_HELD) == delivery:
+        del held[i]
+        return True
+    return False
 
 
 def _host_died(exc: BaseException) -> bool:

@@ -187,14 +187,13 @@ class _Batch:
     ``_report``); ``unknown``/``ids_sent``: its dispatcher said it does not know the
     batch, so its item ids are sent, once."""
 
-    __slots__ = ("items", "left", "done", "recorded", "recorded_ids", "sent", "retry_ids",
+    __slots__ = ("items", "left", "done", "recorded_ids", "sent", "retry_ids",
                  "delays", "fut", "report_from", "unknown", "ids_sent", "error")
 
     def __init__(self, items: list[Item], fut: asyncio.Future[None], report_from: float):
         self.items = items
         self.left = len(items)
         self.done = 0
-        self.recorded = 0
         self.recorded_ids: list[str] = []
         self.sent = 0
         self.retry_ids: list[str] = []
@@ -643,7 +642,8 @@ class AgentHost(AgentHealthMixin):
                 self._open_batches.pop(progress, None)
         if self._budget is not None:
             await self._budget.flush()  # one settle call per batch
-        return BatchReport(batch.recorded, batch.retry_ids, batch.delays, self.pool_stats())
+        return BatchReport(len(batch.recorded_ids), batch.retry_ids, batch.delays,
+                           self.pool_stats())
 
     async def _run_item(self, item: Item, batch: _Batch) -> None:
         cur = asyncio.current_task()
@@ -744,7 +744,6 @@ class AgentHost(AgentHealthMixin):
                 b.failed(exc)  # each batch fails once its other items are settled
             return
         for o, b in zip(outcomes, batches):
-            b.recorded += 1
             b.recorded_ids.append(o.task_id)
             b.settled()
 
