@@ -71,8 +71,9 @@ class Agent:
         if breaker is None:
             return await call()
         if not breaker.try_acquire():
-            raise DependencyUnavailable(f"dependency {name!r} is unavailable: its circuit "
-                                        "breaker is open")
+            raise DependencyUnavailable(
+                f"dependency {name!r} is unavailable: its circuit breaker is open"
+            )
         t0 = time.monotonic()
         try:
             result = await call()

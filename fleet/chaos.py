@@ -94,8 +94,10 @@ class ChaosPlan(SpecModel):
     @model_validator(mode="after")
     def _check(self) -> ChaosPlan:
         if self.kill_interval_max_s < self.kill_interval_min_s:
-            raise ValueError(f"kill_interval_max_s ({self.kill_interval_max_s}) must be >= "
-                             f"kill_interval_min_s ({self.kill_interval_min_s})")
+            raise ValueError(
+                f"kill_interval_max_s ({self.kill_interval_max_s}) must be >= "
+                f"kill_interval_min_s ({self.kill_interval_min_s})"
+            )
         return self
 
 
@@ -117,10 +119,12 @@ def plan_schedule(plan: ChaosPlan, rng: random.Random) -> list[Planned]:
             out.append(Planned(t, "kill"))
             waves += 1
             t += rng.uniform(plan.kill_interval_min_s, plan.kill_interval_max_s)
-    for kind, on, at in (("hang", plan.hang_agents > 0, plan.hang_at_s),
-                         ("latency", plan.latency_share > 0, plan.latency_at_s),
-                         ("partition", plan.partition_duration_s > 0, plan.partition_at_s),
-                         ("cpu", plan.cpu_burn_workers > 0, plan.cpu_burn_at_s)):
+    for kind, on, at in (
+        ("hang", plan.hang_agents > 0, plan.hang_at_s),
+        ("latency", plan.latency_share > 0, plan.latency_at_s),
+        ("partition", plan.partition_duration_s > 0, plan.partition_at_s),
+        ("cpu", plan.cpu_burn_workers > 0, plan.cpu_burn_at_s),
+    ):
         if on and at < plan.duration_s:
             out.append(Planned(at, kind))
     out.sort(key=lambda p: p.t_s)
@@ -133,8 +137,11 @@ def switchboard_name(fleet: str) -> str:
 
 def chaotic_agent_kwargs(fleet: str, namespace: str, delay_s: float = 0.0) -> dict[str, Any]:
     """``agent_kwargs`` for a pool of ``ChaoticAgent`` that obeys this fleet's harness."""
-    return {"delay_s": delay_s, "switchboard": switchboard_name(fleet),
-            "switchboard_namespace": namespace}
+    return {
+        "delay_s": delay_s,
+        "switchboard": switchboard_name(fleet),
+        "switchboard_namespace": namespace,
+    }
 
 
 def pool_replicas(fleet: str, pool: str) -> list[tuple[str, str]]:
@@ -142,9 +149,11 @@ def pool_replicas(fleet: str, pool: str) -> list[tuple[str, str]]:
     from fleet.runtime.names import Names
 
     prefix = f"{REPLICA_PREFIX}{Names(fleet).pool_app(pool)}#{Names.host_deployment(pool)}#"
-    return sorted((a["name"], a["namespace"])
-                  for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["name"].startswith(prefix))
+    return sorted(
+        (a["name"], a["namespace"])
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(prefix)
+    )
 
 
 def _replica_id(actor_name: str) -> str:
@@ -164,8 +173,10 @@ def replica_states(fleet: str, pool: str) -> dict[str, str] | None:
         details = _get_global_client().get_serve_details()
         app = details["applications"][Names(fleet).pool_app(pool)]
         dep = app["deployments"][Names.host_deployment(pool)]
-        return {r["replica_id"]: str(getattr(r["state"], "value", r["state"]))
-                for r in dep.get("replicas", [])}
+        return {
+            r["replica_id"]: str(getattr(r["state"], "value", r["state"]))
+            for r in dep.get("replicas", [])
+        }
     except Exception:
         return None
 
@@ -182,7 +193,6 @@ def running_hosts(fleet: str, pool: str) -> int | None:
         return int(dep.replica_states.get("RUNNING", 0)) if dep else None
     except Exception:
         return None
-
 
 
 @ray.remote(num_cpus=0)
@@ -217,11 +227,17 @@ class ChaosHarness:
     ``t_s`` (seconds since start), ``unix_s``, ``kind`` and what was hit.
     """
 
-    def __init__(self, fc: Any, plan: ChaosPlan,
-                 replacement_timeout_s: float = DEFAULT_REPLACEMENT_TIMEOUT_S):
+    def __init__(
+        self,
+        fc: Any,
+        plan: ChaosPlan,
+        replacement_timeout_s: float = DEFAULT_REPLACEMENT_TIMEOUT_S,
+    ):
         if plan.pool not in {p.name for p in fc.spec.pools}:
-            raise ValueError(f"plan.pool {plan.pool!r} is not a pool of fleet "
-                             f"{fc.spec.name!r} (pools: {[p.name for p in fc.spec.pools]})")
+            raise ValueError(
+                f"plan.pool {plan.pool!r} is not a pool of fleet "
+                f"{fc.spec.name!r} (pools: {[p.name for p in fc.spec.pools]})"
+            )
         self.fc = fc
         self.plan = plan
         self.fleet = fc.spec.name
@@ -248,8 +264,8 @@ class ChaosHarness:
         from fleet.agents.chaotic import Switchboard
 
         self.switchboard = Switchboard.options(
-            name=switchboard_name(self.fleet), namespace=self.namespace,
-            get_if_exists=True).remote()
+            name=switchboard_name(self.fleet), namespace=self.namespace, get_if_exists=True
+        ).remote()
         ray.get(self.switchboard.__ray_ready__.remote())
         self._t0 = time.time()
         self._thread = threading.Thread(target=self._run, name="fleet-chaos", daemon=True)
@@ -324,8 +340,11 @@ class ChaosHarness:
 
     def _add_rule(self, kind: str, duration_s: float, **target: Any) -> int:
         now = time.time()
-        return ray.get(self.switchboard.add.remote(
-            {"kind": kind, "start_unix_s": now, "until_unix_s": now + duration_s, **target}))
+        return ray.get(
+            self.switchboard.add.remote(
+                {"kind": kind, "start_unix_s": now, "until_unix_s": now + duration_s, **target}
+            )
+        )
 
     def _do_kill(self) -> None:
         """Kill ``kill_share`` of the pool's hosts that Serve reports RUNNING.
@@ -339,16 +358,27 @@ class ChaosHarness:
         # credited with yet: killing it would leave its wave waiting for a host that
         # Serve did replace.
         self._check_replacements()
-        names = dict((_replica_id(n), (n, ns)) for n, ns in pool_replicas(self.fleet, plan.pool))
+        names = dict(
+            (_replica_id(n), (n, ns)) for n, ns in pool_replicas(self.fleet, plan.pool)
+        )
         states = replica_states(self.fleet, plan.pool)
         running = sorted(r for r, st in (states or {}).items() if st == "RUNNING")
         left = plan.max_hosts_killed - self._killed_total
         spared = self._spared if time.time() < self._spared_until else set()
-        uncredited = {r for w in self._pending() for r in running
-                      if r not in w.before and r not in self._claimed}
-        targets = [r for r in running
-                   if r in names and r not in spared and r not in self._killed_ids
-                   and r not in uncredited]
+        uncredited = {
+            r
+            for w in self._pending()
+            for r in running
+            if r not in w.before and r not in self._claimed
+        }
+        targets = [
+            r
+            for r in running
+            if r in names
+            and r not in spared
+            and r not in self._killed_ids
+            and r not in uncredited
+        ]
         if not targets or left <= 0:
             return
         k = min(len(targets), left, max(1, round(plan.kill_share * len(running))))
@@ -361,11 +391,17 @@ class ChaosHarness:
                 pass  # died meanwhile: Serve replaces it all the same
         self._killed_total += k
         self._killed_ids.update(victims)
-        wave = _Wave(len(self._waves), t, victims, set(names) | set(states or {}),
-                     len(running))
+        wave = _Wave(
+            len(self._waves), t, victims, set(names) | set(states or {}), len(running)
+        )
         self._waves.append(wave)
-        self._log("kill", pool=plan.pool, hosts=victims, hosts_running_before=len(running),
-                  wave=wave.index)
+        self._log(
+            "kill",
+            pool=plan.pool,
+            hosts=victims,
+            hosts_running_before=len(running),
+            wave=wave.index,
+        )
 
     def _do_hang(self) -> None:
         plan = self.plan
@@ -373,24 +409,42 @@ class ChaosHarness:
         if not alive:
             return
         pool_spec = next(p for p in self.fc.spec.pools if p.name == plan.pool)
-        per_host = max(1, min(pool_spec.agents_per_host,
-                              math.ceil(pool_spec.autoscaling.min_agents / len(alive))))
+        per_host = max(
+            1,
+            min(
+                pool_spec.agents_per_host,
+                math.ceil(pool_spec.autoscaling.min_agents / len(alive)),
+            ),
+        )
         hosts = [self._rng.choice(alive) for _ in range(plan.hang_agents)]
         if plan.spare_hung_hosts:
             self._spared = {_replica_id(n) for n, _ in hosts}
             self._spared_until = time.time() + plan.hang_duration_s
-        agents = sorted({f"{plan.pool}/{_replica_id(n)}/{self._rng.randrange(per_host)}"
-                         for n, _ in hosts})
+        agents = sorted(
+            {f"{plan.pool}/{_replica_id(n)}/{self._rng.randrange(per_host)}" for n, _ in hosts}
+        )
         rid = self._add_rule("hang", plan.hang_duration_s, agents=agents)
-        self._log("hang", pool=plan.pool, agents=agents, duration_s=plan.hang_duration_s,
-                  rule=rid)
+        self._log(
+            "hang", pool=plan.pool, agents=agents, duration_s=plan.hang_duration_s, rule=rid
+        )
 
     def _do_latency(self) -> None:
         plan = self.plan
-        rid = self._add_rule("latency", plan.latency_duration_s, prefix=f"{plan.pool}/",
-                             share=plan.latency_share, extra_s=plan.latency_s)
-        self._log("latency", pool=plan.pool, share=plan.latency_share,
-                  extra_s=plan.latency_s, duration_s=plan.latency_duration_s, rule=rid)
+        rid = self._add_rule(
+            "latency",
+            plan.latency_duration_s,
+            prefix=f"{plan.pool}/",
+            share=plan.latency_share,
+            extra_s=plan.latency_s,
+        )
+        self._log(
+            "latency",
+            pool=plan.pool,
+            share=plan.latency_share,
+            extra_s=plan.latency_s,
+            duration_s=plan.latency_duration_s,
+            rule=rid,
+        )
 
     def _do_partition(self) -> None:
         plan = self.plan
@@ -429,16 +483,25 @@ class ChaosHarness:
             fresh = [r for r in running if r not in w.before and r not in self._claimed]
             if len(fresh) < len(w.killed):
                 break
-            self._claimed.update(fresh[:len(w.killed)])
+            self._claimed.update(fresh[: len(w.killed)])
             w.replaced_unix_s = now
 
     # -- report --------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
-        kills = [{"wave": w.index, "t_s": round(w.t_unix_s - self._t0, 3),
-                  "unix_s": w.t_unix_s, "hosts": len(w.killed),
-                  "replaced_s": (round(w.replaced_unix_s - w.t_unix_s, 3)
-                                 if w.replaced_unix_s is not None else None)}
-                 for w in self._waves]
+        kills = [
+            {
+                "wave": w.index,
+                "t_s": round(w.t_unix_s - self._t0, 3),
+                "unix_s": w.t_unix_s,
+                "hosts": len(w.killed),
+                "replaced_s": (
+                    round(w.replaced_unix_s - w.t_unix_s, 3)
+                    if w.replaced_unix_s is not None
+                    else None
+                ),
+            }
+            for w in self._waves
+        ]
         times = [k["replaced_s"] for k in kills if k["replaced_s"] is not None]
         try:
             board = ray.get(self.switchboard.report.remote(), timeout=10)
@@ -453,8 +516,10 @@ class ChaosHarness:
             "kills": kills,
             "hosts_killed": sum(k["hosts"] for k in kills),
             "all_replaced": all(k["replaced_s"] is not None for k in kills),
-            "replacement_s": {"max": max(times, default=0.0),
-                              "mean": round(sum(times) / len(times), 3) if times else 0.0},
+            "replacement_s": {
+                "max": max(times, default=0.0),
+                "mean": round(sum(times) / len(times), 3) if times else 0.0,
+            },
             "switchboard_hits": {str(k): v for k, v in board["hits"].items()},
             "held_tasks": board["events"],
         }
@@ -472,9 +537,14 @@ def per_second(finish_unix_s: list[float], t0: float, t1: float) -> list[int]:
     return counts
 
 
-def recovery_s(counts: list[int], kill_s: float, *, pre_s: int = RECOVERY_PRE_WINDOW_S,
-               post_s: int = RECOVERY_POST_WINDOW_S, level: float = RECOVERY_LEVEL
-               ) -> float | None:
+def recovery_s(
+    counts: list[int],
+    kill_s: float,
+    *,
+    pre_s: int = RECOVERY_PRE_WINDOW_S,
+    post_s: int = RECOVERY_POST_WINDOW_S,
+    level: float = RECOVERY_LEVEL,
+) -> float | None:
     """Seconds from a kill (at ``kill_s`` on the ``counts`` axis) until throughput is
     back to ``level`` of its pre-kill level; None when it never is inside ``counts``.
 
@@ -485,18 +555,21 @@ def recovery_s(counts: list[int], kill_s: float, *, pre_s: int = RECOVERY_PRE_WI
     seconds keeps a single lucky second from counting as recovery.
     """
     k = int(kill_s)
-    pre = counts[max(0, k - pre_s):k]
+    pre = counts[max(0, k - pre_s) : k]
     if not pre:
         return 0.0
     mark = level * sum(pre) / len(pre)
     for s in range(k, len(counts) - post_s + 1):
-        if sum(counts[s:s + post_s]) / post_s >= mark:
+        if sum(counts[s : s + post_s]) / post_s >= mark:
             return max(0.0, s - kill_s)
     return None
 
 
-def max_recovery(finish_unix_s: list[float], kill_unix_s: list[float], end_unix_s: float,
-                 ) -> tuple[float | None, list[float | None]]:
+def max_recovery(
+    finish_unix_s: list[float],
+    kill_unix_s: list[float],
+    end_unix_s: float,
+) -> tuple[float | None, list[float | None]]:
     """The longest recovery over the kills, and each kill's (None: not within the run).
 
     Kills in the last ``RECOVERY_POST_WINDOW_S`` seconds before the queue ran dry
@@ -519,8 +592,15 @@ def max_recovery(finish_unix_s: list[float], kill_unix_s: list[float], end_unix_
 
 
 # -- a whole run ---------------------------------------------------------------------
-def chaos_run(fc: Any, tasks: int, plan: ChaosPlan, *, payload: dict[str, Any] | None = None,
-              wait_timeout_s: float = 600.0, progress: Any = None) -> dict[str, Any]:
+def chaos_run(
+    fc: Any,
+    tasks: int,
+    plan: ChaosPlan,
+    *,
+    payload: dict[str, Any] | None = None,
+    wait_timeout_s: float = 600.0,
+    progress: Any = None,
+) -> dict[str, Any]:
     """Submit ``tasks`` tasks to ``plan.pool`` under a harness and account for each.
 
     Every figure comes from the ledger against the submitted ids: ``lost`` (ids with
@@ -531,8 +611,9 @@ def chaos_run(fc: Any, tasks: int, plan: ChaosPlan, *, payload: dict[str, Any] |
     pool = next(p for p in fc.spec.pools if p.name == plan.pool)
     harness = ChaosHarness(fc, plan)
     ledger_before = fc.status()["ledger"]["recorded"]
-    items, report = fc.validate({"capability": pool.capability, "payload": payload or {}}
-                                for _ in range(tasks))
+    items, report = fc.validate(
+        {"capability": pool.capability, "payload": payload or {}} for _ in range(tasks)
+    )
     harness.start()
     try:
         t_submit = time.time()
@@ -585,6 +666,18 @@ def chaos_run(fc: Any, tasks: int, plan: ChaosPlan, *, payload: dict[str, Any] |
     }
 
 
-__all__ = ["ChaosHarness", "ChaosPlan", "Planned", "chaos_run", "chaotic_agent_kwargs",
-           "max_recovery", "per_second", "plan_schedule", "pool_replicas", "recovery_s", "replica_states",
-           "running_hosts", "switchboard_name"]
+__all__ = [
+    "ChaosHarness",
+    "ChaosPlan",
+    "Planned",
+    "chaos_run",
+    "chaotic_agent_kwargs",
+    "max_recovery",
+    "per_second",
+    "plan_schedule",
+    "pool_replicas",
+    "recovery_s",
+    "replica_states",
+    "running_hosts",
+    "switchboard_name",
+]

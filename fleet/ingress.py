@@ -74,11 +74,20 @@ TaskOrBatch = Annotated[
 ]
 
 BODY_EXAMPLES = {
-    "one task": {"value": {"capability": "support",
-                           "payload": {"question": "Where is order #1234?"}}},
-    "a batch": {"value": [{"capability": "support", "id": "t-1", "priority": 7,
-                           "payload": {"question": "Can I return shoes?"}},
-                          {"capability": "support", "id": "t-2", "payload": {}}]},
+    "one task": {
+        "value": {"capability": "support", "payload": {"question": "Where is order #1234?"}}
+    },
+    "a batch": {
+        "value": [
+            {
+                "capability": "support",
+                "id": "t-1",
+                "priority": 7,
+                "payload": {"question": "Can I return shoes?"},
+            },
+            {"capability": "support", "id": "t-2", "payload": {}},
+        ]
+    },
 }
 
 
@@ -168,9 +177,13 @@ def _validation_error(errors: list[dict[str, Any]]) -> JSONResponse:
 class Ingress:
     """One ingress replica, bound to the fleet ``name`` in ``namespace``."""
 
-    def __init__(self, name: str = "fleet", namespace: str = "fleet",
-                 submit_wait_s: float = DEFAULT_SUBMIT_WAIT_S,
-                 retry_after_s: int = DEFAULT_RETRY_AFTER_S):
+    def __init__(
+        self,
+        name: str = "fleet",
+        namespace: str = "fleet",
+        submit_wait_s: float = DEFAULT_SUBMIT_WAIT_S,
+        retry_after_s: int = DEFAULT_RETRY_AFTER_S,
+    ):
         from fleet.runtime.client import FleetClient
 
         self._fc = FleetClient.connect(name, namespace)
@@ -180,8 +193,10 @@ class Ingress:
         self._max_payload_bytes = spec.queues.max_payload_bytes
         self._ledger = LedgerClient.for_spec(spec)
         self._shards = {
-            cap: [ray.get_actor(names.shard(cap, i), namespace=spec.namespace)
-                  for i in range(spec.queues.shards)]
+            cap: [
+                ray.get_actor(names.shard(cap, i), namespace=spec.namespace)
+                for i in range(spec.queues.shards)
+            ]
             for cap in spec.capabilities
         }
         self._n_shards = spec.queues.shards
@@ -189,16 +204,24 @@ class Ingress:
         self._retry_after_s = retry_after_s
 
     # -- submit --------------------------------------------------------------------
-    @api.post("/tasks", status_code=202, response_model=Accepted,
-              responses={200: {"model": Accepted,
-                               "description": "every task already has an outcome"},
-                         409: {"model": Conflict,
-                               "description": "idempotency key used with another payload"},
-                         422: {"description": "invalid task(s): nothing was queued"},
-                         429: {"model": Backpressure, "description": "queue full"},
-                         503: {"model": Backpressure, "description": "fleet unreachable"}})
+    @api.post(
+        "/tasks",
+        status_code=202,
+        response_model=Accepted,
+        responses={
+            200: {"model": Accepted, "description": "every task already has an outcome"},
+            409: {
+                "model": Conflict,
+                "description": "idempotency key used with another payload",
+            },
+            422: {"description": "invalid task(s): nothing was queued"},
+            429: {"model": Backpressure, "description": "queue full"},
+            503: {"model": Backpressure, "description": "fleet unreachable"},
+        },
+    )
     async def submit(
-            self, body: Annotated[TaskOrBatch, Body(openapi_examples=BODY_EXAMPLES)]) -> Any:
+        self, body: Annotated[TaskOrBatch, Body(openapi_examples=BODY_EXAMPLES)]
+    ) -> Any:
         """Queue one task (a JSON object) or a batch (a JSON array, all or nothing).
 
         A task whose id or ``idempotency_key`` already has a recorded outcome is not run
@@ -220,7 +243,8 @@ class Ingress:
         # Ids made up here have no outcome: only the clients' own ids are looked up.
         ask = [it.id for it, t in zip(items, tasks) if not id_is_generated(t)]
         fresh, existing, conflicts = split_known(
-            items, dict(zip(ask, await self._ledger.get_async(ask))))
+            items, dict(zip(ask, await self._ledger.get_async(ask)))
+        )
         if conflicts:
             return self._conflict(items, conflicts, [])
         results = [_state(it.id, existing[it.id]) for it in items if it.id in existing]
@@ -230,8 +254,9 @@ class Ingress:
         if error.startswith(CONFLICT_PREFIX):
             refused = set(not_queued)
             ids = [i for i in error.removeprefix(CONFLICT_PREFIX).split("\n") if i]
-            return self._conflict(items, ids, [it.id for k, it in enumerate(items)
-                                               if k not in refused])
+            return self._conflict(
+                items, ids, [it.id for k, it in enumerate(items) if k not in refused]
+            )
         if not not_queued:
             accepted = Accepted(ids=[it.id for it in items], results=results)
             if not fresh:  # every task already has its outcome: nothing new was queued
@@ -245,14 +270,23 @@ class Ingress:
             retry_after_s=self._retry_after_s,
         )
         status = 429 if error.startswith("queue full") else 503
-        return JSONResponse(status_code=status, content=report.model_dump(),
-                            headers={"Retry-After": str(self._retry_after_s)})
+        return JSONResponse(
+            status_code=status,
+            content=report.model_dump(),
+            headers={"Retry-After": str(self._retry_after_s)},
+        )
 
-    def _conflict(self, items: list[Item], ids: list[str], accepted: list[str]) -> JSONResponse:
+    def _conflict(
+        self, items: list[Item], ids: list[str], accepted: list[str]
+    ) -> JSONResponse:
         bad = set(ids)
-        report = Conflict(detail=str(IdempotencyConflict(ids)), accepted=accepted,
-                          conflicts=[NotQueued(index=k, id=it.id)
-                                     for k, it in enumerate(items) if it.id in bad])
+        report = Conflict(
+            detail=str(IdempotencyConflict(ids)),
+            accepted=accepted,
+            conflicts=[
+                NotQueued(index=k, id=it.id) for k, it in enumerate(items) if it.id in bad
+            ],
+        )
         return JSONResponse(status_code=409, content=report.model_dump())
 
     async def _enqueue(self, items: list[Item]) -> tuple[list[int], str]:
@@ -271,15 +305,23 @@ class Ingress:
         while True:
             now = time.time()  # latency counts from the moment fleet is handed a task
             results = await asyncio.gather(
-                *(self._shards[cap][s].put.remote(
-                    [items[k]._replace(submitted_unix_s=now) for k in idx])
-                  for (cap, s), idx in pending),
-                return_exceptions=True)
+                *(
+                    self._shards[cap][s].put.remote(
+                        [items[k]._replace(submitted_unix_s=now) for k in idx]
+                    )
+                    for (cap, s), idx in pending
+                ),
+                return_exceptions=True,
+            )
             retry, failure = [], ""
             conflicts = [i for res in results if (c := _conflict_of(res)) for i in c.ids]
             if conflicts:  # refused whole by its shard: report it, queue no more
-                left = sorted(k for (_, idx), res in zip(pending, results)
-                              if isinstance(res, BaseException) for k in idx)
+                left = sorted(
+                    k
+                    for (_, idx), res in zip(pending, results)
+                    if isinstance(res, BaseException)
+                    for k in idx
+                )
                 return left, CONFLICT_PREFIX + "\n".join(conflicts)
             for entry, res in zip(pending, results):
                 if not isinstance(res, BaseException):
@@ -294,12 +336,14 @@ class Ingress:
                 left = sorted(k for _, idx in pending for k in idx)
                 return left, failure or (
                     f"queue full: {len(left)} task(s) not queued after waiting "
-                    f"{self._submit_wait_s:g}s; retry them after Retry-After seconds")
+                    f"{self._submit_wait_s:g}s; retry them after Retry-After seconds"
+                )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, PUT_BACKOFF_MAX_S)
 
-    async def _why_not_queued(self, entry: tuple[tuple[str, int], list[int]],
-                              exc: BaseException) -> str:
+    async def _why_not_queued(
+        self, entry: tuple[tuple[str, int], list[int]], exc: BaseException
+    ) -> str:
         """Why a failed put was not queued: "" if the shard was full, else the fault.
 
         A shard's QueueFull can reach us as an exception Ray could not deserialize,
@@ -316,7 +360,9 @@ class Ingress:
 
     # -- read ----------------------------------------------------------------------
     @api.get("/tasks/{task_id}", response_model=TaskState)
-    async def task(self, task_id: Annotated[str, Path(min_length=1, max_length=256)]) -> TaskState:
+    async def task(
+        self, task_id: Annotated[str, Path(min_length=1, max_length=256)]
+    ) -> TaskState:
         """A task's status: ``pending`` until its outcome is recorded, then its result.
 
         ``pending`` also answers for an id fleet never accepted: the ledger records
@@ -337,9 +383,17 @@ class Ingress:
         """Prometheus metrics: queue depth, age, rates, lease expiries, active alerts."""
         return await asyncio.to_thread(self._fc.metrics_text)
 
-    @api.get("/healthz", response_model=Health, response_model_exclude_none=True,
-             responses={503: {"model": Health, "description": "a control actor is not "
-                              "ALIVE, or the ledger does not answer"}})
+    @api.get(
+        "/healthz",
+        response_model=Health,
+        response_model_exclude_none=True,
+        responses={
+            503: {
+                "model": Health,
+                "description": "a control actor is not ALIVE, or the ledger does not answer",
+            }
+        },
+    )
     async def healthz(self) -> Any:
         """200 when every control actor is ALIVE and the ledger answers; 503 naming
         each actor that is not, with its state. Answers within ``HEALTH_TIMEOUT_S``.
@@ -356,19 +410,26 @@ class Ingress:
             return JSONResponse(status_code=503, content=body.model_dump(exclude_none=True))
 
         try:  # actor_states blocks on the GCS: in a thread, bounded
-            states = await asyncio.wait_for(asyncio.to_thread(
-                actor_states, spec.namespace, Names(spec.name).control_actors(spec)),
-                HEALTH_TIMEOUT_S)
+            states = await asyncio.wait_for(
+                asyncio.to_thread(
+                    actor_states, spec.namespace, Names(spec.name).control_actors(spec)
+                ),
+                HEALTH_TIMEOUT_S,
+            )
         except Exception as exc:  # any failure to answer is "unhealthy", not a 500
             return unhealthy(f"control actor states unknown: {type(exc).__name__}")
         down = not_alive(states)
         if down:
-            return unhealthy("control actor(s) not alive: " + ", ".join(
-                f"{name} {state}" for name, state in down.items()), down)
+            return unhealthy(
+                "control actor(s) not alive: "
+                + ", ".join(f"{name} {state}" for name, state in down.items()),
+                down,
+            )
         try:
             recorded = await asyncio.wait_for(
                 self._ledger.count_async(),
-                max(0.1, deadline - asyncio.get_running_loop().time()))
+                max(0.1, deadline - asyncio.get_running_loop().time()),
+            )
         except Exception as exc:
             return unhealthy(f"ledger did not answer: {type(exc).__name__}")
         return Health(status="ok", fleet=spec.name, recorded=recorded)

@@ -72,13 +72,17 @@ def resolve_spec(ref: str | dict[str, Any], where: str = "args.spec") -> FleetSp
     if isinstance(ref, dict):
         return parse_spec(ref, f"<{where}>")
     path = Path(ref)
-    candidates = [path] if path.is_absolute() else list(dict.fromkeys(
-        [Path.cwd() / path, _PACKAGE_ROOT / path]))
+    candidates = (
+        [path]
+        if path.is_absolute()
+        else list(dict.fromkeys([Path.cwd() / path, _PACKAGE_ROOT / path]))
+    )
     for c in candidates:
         if c.is_file():
             return load_spec(c)
-    raise SpecError(ref, [(where, "no such file; looked in " +
-                           ", ".join(str(c) for c in candidates))])
+    raise SpecError(
+        ref, [(where, "no such file; looked in " + ", ".join(str(c) for c in candidates))]
+    )
 
 
 def _fleet_actor_names(spec: FleetSpec) -> list[str]:
@@ -98,8 +102,11 @@ def ensure_fleet(spec: FleetSpec) -> str:
 
     names = Names(spec.name)
     ns = spec.namespace
-    present = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-               if a["namespace"] == ns}
+    present = {
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == ns
+    }
     wanted = _fleet_actor_names(spec)
     if not present.intersection(wanted):
         try:
@@ -112,7 +119,8 @@ def ensure_fleet(spec: FleetSpec) -> str:
     if missing:
         raise FleetMismatch(
             f"fleet {spec.name!r} in namespace {ns!r} runs only partly (missing "
-            f"{', '.join(missing)}); stop it with fleet.serve_app.teardown(spec) and redeploy")
+            f"{', '.join(missing)}); stop it with fleet.serve_app.teardown(spec) and redeploy"
+        )
     ctl = ray.get_actor(names.controller, namespace=ns)
     # Compare as this code reads both: a spec dumped by an older fleet lacks fields that
     # have since gained defaults, and is still the same spec.
@@ -124,7 +132,8 @@ def ensure_fleet(spec: FleetSpec) -> str:
         raise FleetMismatch(
             f"fleet {spec.name!r} in namespace {ns!r} already runs with a different spec; "
             "stop it with fleet.serve_app.teardown(spec) first, or give this one another "
-            "name or namespace")
+            "name or namespace"
+        )
     apps = serve.status().applications
     restored = False
     for pool in spec.pools:
@@ -149,8 +158,9 @@ def app(args: dict[str, Any]) -> Any:
     try:
         parsed = AppArgs.model_validate(args)
     except ValidationError as exc:
-        errors = [(".".join(str(p) for p in e["loc"]) or "<args>", e["msg"])
-                  for e in exc.errors()]
+        errors = [
+            (".".join(str(p) for p in e["loc"]) or "<args>", e["msg"]) for e in exc.errors()
+        ]
         raise SpecError("<serve config args>", errors) from None
     spec = resolve_spec(parsed.spec)
     if not ray.is_initialized():
@@ -174,6 +184,7 @@ def teardown(spec_ref: str | dict[str, Any] | FleetSpec) -> None:
 
 
 # -- offline validation of Serve configs ----------------------------------------------
+
 
 def _model_branch(args: tuple[Any, ...]) -> type[BaseModel] | None:
     return next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
@@ -208,8 +219,9 @@ def _check_value(annotation: Any, value: Any, path: str, errors: list[str]) -> N
             _check_value(get_args(annotation)[1], v, f"{path}.{k}", errors)
 
 
-def _check_model(model: type[BaseModel], data: dict[str, Any], path: str,
-                 errors: list[str], validate: bool) -> None:
+def _check_model(
+    model: type[BaseModel], data: dict[str, Any], path: str, errors: list[str], validate: bool
+) -> None:
     fields = {}
     for name, f in model.model_fields.items():
         fields[name] = f
@@ -246,22 +258,31 @@ def check_serve_config(config: Any) -> list[str]:
     errors: list[str] = []
     _check_model(ServeDeploySchema, config, "", errors, validate=True)
     for i, application in enumerate(config.get("applications") or []):
-        if not isinstance(application, dict) or application.get("import_path") != APP_IMPORT_PATH:
+        if (
+            not isinstance(application, dict)
+            or application.get("import_path") != APP_IMPORT_PATH
+        ):
             continue
         where = f"applications[{i}]"
         try:
             parsed = AppArgs.model_validate(application.get("args") or {})
             resolve_spec(parsed.spec, "args.spec")
         except ValidationError as exc:
-            errors += [f"{where}.args.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                       for e in exc.errors()]
+            errors += [
+                f"{where}.args.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                for e in exc.errors()
+            ]
         except SpecError as exc:
-            errors += [f"{where}.args.spec{'' if p == 'args.spec' else '.' + p}: {why}"
-                       for p, why in exc.errors]
+            errors += [
+                f"{where}.args.spec{'' if p == 'args.spec' else '.' + p}: {why}"
+                for p, why in exc.errors
+            ]
         for k, dep in enumerate(application.get("deployments") or []):
             if isinstance(dep, dict) and dep.get("name") != INGRESS_DEPLOYMENT:
-                errors.append(f"{where}.deployments[{k}].name: {dep.get('name')!r} is not a "
-                              f"deployment of a fleet app (only {INGRESS_DEPLOYMENT!r})")
+                errors.append(
+                    f"{where}.deployments[{k}].name: {dep.get('name')!r} is not a "
+                    f"deployment of a fleet app (only {INGRESS_DEPLOYMENT!r})"
+                )
     return errors
 
 

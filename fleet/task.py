@@ -44,8 +44,10 @@ class IdempotencyConflict(Exception):
         self.ids = ids
         keys = ", ".join(repr(i.removeprefix(IDEMPOTENT_PREFIX)) for i in ids[:5])
         more = f" and {len(ids) - 5} more" if len(ids) > 5 else ""
-        super().__init__(f"idempotency_key {keys}{more} already used with a different "
-                         "payload; use a new key for a different task")
+        super().__init__(
+            f"idempotency_key {keys}{more} already used with a different "
+            "payload; use a new key for a different task"
+        )
 
     def __reduce__(self):
         return (IdempotencyConflict, (self.ids,))
@@ -53,8 +55,9 @@ class IdempotencyConflict(Exception):
 
 def payload_hash(payload: bytes) -> int:
     """A stable signed 64-bit hash of a task's encoded payload (idempotency checks)."""
-    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little",
-                          signed=True)
+    return int.from_bytes(
+        hashlib.blake2b(payload, digest_size=8).digest(), "little", signed=True
+    )
 
 
 def id_is_generated(task: Task | dict[str, Any]) -> bool:
@@ -65,8 +68,9 @@ def id_is_generated(task: Task | dict[str, Any]) -> bool:
     return task.get("id") is None and task.get("idempotency_key") is None
 
 
-def split_known(items: list[Item], known: Mapping[str, Outcome | None]
-                ) -> tuple[list[Item], dict[str, Outcome], list[str]]:
+def split_known(
+    items: list[Item], known: Mapping[str, Outcome | None]
+) -> tuple[list[Item], dict[str, Outcome], list[str]]:
     """Split items to submit by what the ledger already holds for their ids (``known``:
     id -> outcome or None; an id not in it, such as a generated one, has none):
     (to queue, id -> recorded outcome, conflicting ids).
@@ -81,8 +85,11 @@ def split_known(items: list[Item], known: Mapping[str, Outcome | None]
         o = known.get(it.id)
         if o is None:
             fresh.append(it)
-        elif (o.payload_hash is not None and it.id.startswith(IDEMPOTENT_PREFIX)
-              and o.payload_hash != payload_hash(it.payload)):
+        elif (
+            o.payload_hash is not None
+            and it.id.startswith(IDEMPOTENT_PREFIX)
+            and o.payload_hash != payload_hash(it.payload)
+        ):
             conflicts.append(it.id)
         else:
             existing[it.id] = o
@@ -193,14 +200,27 @@ class Outcome(NamedTuple):
         )
 
 
-def failed_outcome(item: Item, reason: str, error: str, pool: str | None = None,
-                   agent_id: str | None = None, started_unix_s: float | None = None,
-                   now_unix_s: float | None = None) -> Outcome:
+def failed_outcome(
+    item: Item,
+    reason: str,
+    error: str,
+    pool: str | None = None,
+    agent_id: str | None = None,
+    started_unix_s: float | None = None,
+    now_unix_s: float | None = None,
+) -> Outcome:
     """The outcome of a task that could not be completed, with the reason why."""
     return Outcome(
-        task_id=item.id, ok=False, output=None, reason=reason, error=error,
-        agent_id=agent_id, pool=pool, deliveries=item.deliveries,
-        submitted_unix_s=item.submitted_unix_s, started_unix_s=started_unix_s,
+        task_id=item.id,
+        ok=False,
+        output=None,
+        reason=reason,
+        error=error,
+        agent_id=agent_id,
+        pool=pool,
+        deliveries=item.deliveries,
+        submitted_unix_s=item.submitted_unix_s,
+        started_unix_s=started_unix_s,
         finished_unix_s=time.time() if now_unix_s is None else now_unix_s,
     )
 
@@ -212,9 +232,12 @@ def _first_error(exc: ValidationError) -> tuple[str, str]:
     return field, msg
 
 
-def to_item(task: Task | dict[str, Any], capabilities: frozenset[str] | set[str],
-            max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-            now_unix_s: float | None = None) -> Item:
+def to_item(
+    task: Task | dict[str, Any],
+    capabilities: frozenset[str] | set[str],
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    now_unix_s: float | None = None,
+) -> Item:
     """Validate one task for submission and encode it for the queue.
 
     Raises TaskRejected naming the field at fault: unknown capability, priority out of
@@ -246,12 +269,19 @@ def to_item(task: Task | dict[str, Any], capabilities: frozenset[str] | set[str]
     now = time.time() if now_unix_s is None else now_unix_s
     if task.deadline_unix_s is not None and task.deadline_unix_s <= now:
         raise TaskRejected(
-            "deadline_unix_s", f"{task.deadline_unix_s} is already past (now {now:.3f})", task.id
+            "deadline_unix_s",
+            f"{task.deadline_unix_s} is already past (now {now:.3f})",
+            task.id,
         )
     task_id = f"{IDEMPOTENT_PREFIX}{task.idempotency_key}" if task.idempotency_key else task.id
     return Item(
-        id=task_id, capability=task.capability, priority=task.priority, payload=payload,
-        submitted_unix_s=now, deadline_unix_s=task.deadline_unix_s, utility=task.utility,
+        id=task_id,
+        capability=task.capability,
+        priority=task.priority,
+        payload=payload,
+        submitted_unix_s=now,
+        deadline_unix_s=task.deadline_unix_s,
+        utility=task.utility,
         affinity_key=task.affinity_key,
     )
 
@@ -270,8 +300,12 @@ def parse_task_json(line: str | bytes, where: str = "<input>") -> dict[str, Any]
 def item_to_task(item: Item) -> Task:
     """Rebuild the user-facing Task an agent receives (no re-validation)."""
     return Task.model_construct(
-        id=item.id, capability=item.capability, priority=item.priority,
-        deadline_unix_s=item.deadline_unix_s, utility=item.utility,
-        affinity_key=item.affinity_key, idempotency_key=None,
+        id=item.id,
+        capability=item.capability,
+        priority=item.priority,
+        deadline_unix_s=item.deadline_unix_s,
+        utility=item.utility,
+        affinity_key=item.affinity_key,
+        idempotency_key=None,
         payload=orjson.loads(item.payload),
     )

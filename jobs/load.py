@@ -28,19 +28,31 @@ PACE_TICK_S = 0.1
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jobs/load.py", description=__doc__.split("\n")[0])
-    p.add_argument("--spec", default="fleet/examples/demo.yaml",
-                   help="fleet spec to load (joined if running, else started for the run)")
+    p.add_argument(
+        "--spec",
+        default="fleet/examples/demo.yaml",
+        help="fleet spec to load (joined if running, else started for the run)",
+    )
     p.add_argument("--fleet", default=None, help="join the running fleet of this name instead")
     p.add_argument("--namespace", default="fleet", help="namespace of --fleet (default fleet)")
     p.add_argument("--tasks", type=int, default=2_000, help="tasks to submit (default 2000)")
-    p.add_argument("--rate", type=float, default=0.0,
-                   help="arrivals per second (default 0: submit everything at once)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="arrivals per second (default 0: submit everything at once)",
+    )
     p.add_argument("--payload", default="{}", help="JSON payload for non-demo capabilities")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout-s", type=float, default=600.0, help="how long to wait for outcomes")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster (default: RAY_ADDRESS, which `ray job submit` sets; "
-                        "without it, start a local cluster on 127.0.0.1)")
+    p.add_argument(
+        "--timeout-s", type=float, default=600.0, help="how long to wait for outcomes"
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster (default: RAY_ADDRESS, which `ray job submit` sets; "
+        "without it, start a local cluster on 127.0.0.1)",
+    )
     args = p.parse_args(argv)
     if args.tasks < 1:
         p.error(f"--tasks must be >= 1, got {args.tasks}")
@@ -53,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_load(capabilities: list[str], n: int, seed: int, payload: Any) -> list[dict[str, Any]]:
+def make_load(
+    capabilities: list[str], n: int, seed: int, payload: Any
+) -> list[dict[str, Any]]:
     """The demo's mixed workload if the fleet serves exactly its capabilities, else
     ``payload`` round robin over ``capabilities``."""
     from fleet.cli.demo import MIX, make_tasks
@@ -61,8 +75,10 @@ def make_load(capabilities: list[str], n: int, seed: int, payload: Any) -> list[
     rng = random.Random(seed)
     if sorted(capabilities) == sorted(c for c, _ in MIX):
         return make_tasks(n, rng)
-    return [{"capability": capabilities[k % len(capabilities)], "payload": payload}
-            for k in range(n)]
+    return [
+        {"capability": capabilities[k % len(capabilities)], "payload": payload}
+        for k in range(n)
+    ]
 
 
 def connect_or_start(args: argparse.Namespace) -> tuple[Any, bool]:

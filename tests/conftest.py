@@ -16,8 +16,13 @@ def ray_cluster():
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     loopback_only()
-    ctx = ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
-                   log_to_driver=False, namespace="fleet-tests")
+    ctx = ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+        namespace="fleet-tests",
+    )
     yield ctx
     from ray import serve
 
@@ -45,6 +50,9 @@ def start_fleet(ray_cluster):
     yield start
     for fc in started:
         fc.shutdown()
-        left = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["namespace"] == fc.spec.namespace]
+        left = [
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == fc.spec.namespace
+        ]
         assert left == [], left

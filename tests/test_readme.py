@@ -18,7 +18,7 @@ SHELL_COVERED_BY = {
     "make demo": "tests/test_demo.py (the demo workload, smaller)",
     "make test": "this suite",
     "serve run serve_configs/demo.yaml": "tests/deploy/test_serve_live.py (serve run of a "
-                                          "shipped config, then POST/GET over HTTP)",
+    "shipped config, then POST/GET over HTTP)",
     "curl": "tests/deploy/test_serve_live.py",
     "ray job submit": "tests/deploy/test_serve_live.py",
     "fleet simulate": "tests/sim/test_cli.py",
@@ -30,10 +30,18 @@ def _blocks(lang: str) -> list[str]:
 
 
 def test_every_shell_example_is_covered():
-    lines = [ln.strip() for code in _blocks("sh") for ln in code.splitlines()
-             if ln.strip() and not ln.strip().startswith("#")]
-    uncovered = [ln for ln in lines if not ln.startswith(("-d ", "--"))
-                 and not any(ln.startswith(cmd) for cmd in SHELL_COVERED_BY)]
+    lines = [
+        ln.strip()
+        for code in _blocks("sh")
+        for ln in code.splitlines()
+        if ln.strip() and not ln.strip().startswith("#")
+    ]
+    uncovered = [
+        ln
+        for ln in lines
+        if not ln.startswith(("-d ", "--"))
+        and not any(ln.startswith(cmd) for cmd in SHELL_COVERED_BY)
+    ]
     assert lines and uncovered == [], uncovered
 
 

@@ -9,17 +9,20 @@ from fleet.task import Item, TaskRejected, parse_task_json, to_item
 CAPS = frozenset({"support", "checkout"})
 
 
-@pytest.mark.parametrize("task,field,needle", [
-    ({"capability": "nope"}, "capability", "unknown capability 'nope'"),
-    ({"capability": "support", "priority": 10}, "priority", "less than or equal to 9"),
-    ({"capability": "support", "priority": -1}, "priority", "greater than or equal to 0"),
-    ({"capability": "support", "payload": "x" * 100}, "payload", "over the limit of 64"),
-    ({"capability": "support", "payload": {1, 2}}, "payload", "not JSON-serializable"),
-    ({"capability": "support", "deadline_unix_s": 1.0}, "deadline_unix_s", "already past"),
-    ({"capability": "support", "colour": "red"}, "colour", "unknown field"),
-    ({"priority": 1}, "capability", "Field required"),
-    ("text", "<task>", "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "task,field,needle",
+    [
+        ({"capability": "nope"}, "capability", "unknown capability 'nope'"),
+        ({"capability": "support", "priority": 10}, "priority", "less than or equal to 9"),
+        ({"capability": "support", "priority": -1}, "priority", "greater than or equal to 0"),
+        ({"capability": "support", "payload": "x" * 100}, "payload", "over the limit of 64"),
+        ({"capability": "support", "payload": {1, 2}}, "payload", "not JSON-serializable"),
+        ({"capability": "support", "deadline_unix_s": 1.0}, "deadline_unix_s", "already past"),
+        ({"capability": "support", "colour": "red"}, "colour", "unknown field"),
+        ({"priority": 1}, "capability", "Field required"),
+        ("text", "<task>", "expected a JSON object"),
+    ],
+)
 def test_rejections_name_the_field(task, field, needle):
     with pytest.raises(TaskRejected) as exc:
         to_item(task, CAPS, max_payload_bytes=64)
@@ -28,7 +31,9 @@ def test_rejections_name_the_field(task, field, needle):
 
 
 def test_valid_task_becomes_item_and_idempotency_key_fixes_the_id():
-    it = to_item({"capability": "checkout", "payload": {"a": 1}, "idempotency_key": "k1"}, CAPS)
+    it = to_item(
+        {"capability": "checkout", "payload": {"a": 1}, "idempotency_key": "k1"}, CAPS
+    )
     assert isinstance(it, Item) and it.id == "idem-k1" and it.payload == b'{"a":1}'
     assert to_item({"capability": "checkout", "idempotency_key": "k1"}, CAPS).id == it.id
 

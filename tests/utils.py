@@ -29,8 +29,12 @@ class FakeClock:
         self.advance(dt)
 
 
-def pool(name: str = "noop", capability: str | None = None,
-         agent_class: str = "fleet.agents.examples:NoopAgent", **kw: Any) -> dict[str, Any]:
+def pool(
+    name: str = "noop",
+    capability: str | None = None,
+    agent_class: str = "fleet.agents.examples:NoopAgent",
+    **kw: Any,
+) -> dict[str, Any]:
     return {"name": name, "capability": capability or name, "agent_class": agent_class, **kw}
 
 
@@ -59,8 +63,9 @@ class FakeLedger:
     def shard_of(self, task_id: str) -> int:
         return 0
 
-    async def record_shard_async(self, shard: int, outcomes: list[Any],
-                                 excused: list[str] | None = None) -> int:
+    async def record_shard_async(
+        self, shard: int, outcomes: list[Any], excused: list[str] | None = None
+    ) -> int:
         self.calls += 1
         self.outcomes.extend(outcomes)
         now = time.time()
@@ -70,8 +75,9 @@ class FakeLedger:
         return len(outcomes)
 
 
-def eventually(predicate: Callable[[], T], timeout_s: float, interval_s: float = 0.05,
-               what: str = "") -> T:
+def eventually(
+    predicate: Callable[[], T], timeout_s: float, interval_s: float = 0.05, what: str = ""
+) -> T:
     """Poll ``predicate`` until it returns something truthy (returned) or ``timeout_s``
     passes (AssertionError naming ``what`` and the last value or error). For live tests
     that wait on a real system: bounded polling, never a bare sleep."""
@@ -85,7 +91,9 @@ def eventually(predicate: Callable[[], T], timeout_s: float, interval_s: float =
         except Exception as exc:  # e.g. not reachable yet: keep polling, report it
             last = exc
         if time.monotonic() >= deadline:
-            raise AssertionError(f"not true after {timeout_s:g}s: "
-                                 f"{what or getattr(predicate, '__name__', 'predicate')}; "
-                                 f"last: {last!r}")
+            raise AssertionError(
+                f"not true after {timeout_s:g}s: "
+                f"{what or getattr(predicate, '__name__', 'predicate')}; "
+                f"last: {last!r}"
+            )
         time.sleep(interval_s)

@@ -91,8 +91,9 @@ class Switchboard:
     async def clear(self) -> None:
         self._rules.clear()
 
-    async def sync(self, hits: dict[int, int],
-                   events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def sync(
+        self, hits: dict[int, int], events: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
         """An agent process reports its hits and gets the rules still in force."""
         self._hits.update(hits)
         room = MAX_HIT_EVENTS - len(self._events)
@@ -135,7 +136,8 @@ class _BoardView:
             if self._handle is None:
                 self._handle = ray.get_actor(self.name, namespace=self.namespace)
             self.rules = await asyncio.wait_for(
-                self._handle.sync.remote(dict(hits), events), SWITCHBOARD_CALL_TIMEOUT_S)
+                self._handle.sync.remote(dict(hits), events), SWITCHBOARD_CALL_TIMEOUT_S
+            )
         except Exception:
             # No switchboard (yet, or any more): no chaos. Keep the hits for next time.
             self._handle = None
@@ -163,8 +165,14 @@ class ChaoticAgent(Agent):
 
     capabilities = ("chaos",)
 
-    def __init__(self, agent_id: str, delay_s: float = 0.0, switchboard: str | None = None,
-                 switchboard_namespace: str = "fleet", **kwargs: Any):
+    def __init__(
+        self,
+        agent_id: str,
+        delay_s: float = 0.0,
+        switchboard: str | None = None,
+        switchboard_namespace: str = "fleet",
+        **kwargs: Any,
+    ):
         super().__init__(agent_id, **kwargs)
         self.delay_s = delay_s
         self._board = _view(switchboard, switchboard_namespace) if switchboard else None
@@ -177,16 +185,20 @@ class ChaoticAgent(Agent):
         board.poke()
         now = time.time()
         for rule in board.rules:
-            if rule["kind"] == FAIL and rule["start_unix_s"] <= now < rule["until_unix_s"] \
-                    and rule_matches(rule, self.agent_id):
+            if (
+                rule["kind"] == FAIL
+                and rule["start_unix_s"] <= now < rule["until_unix_s"]
+                and rule_matches(rule, self.agent_id)
+            ):
                 board.hits[rule["id"]] += 1
                 return rule
         return None
 
     async def setup(self) -> None:
         if (rule := self._broken()) is not None:
-            raise ChaosFault(f"agent {self.agent_id} broken by chaos rule {rule['id']}: "
-                             "setup failed")
+            raise ChaosFault(
+                f"agent {self.agent_id} broken by chaos rule {rule['id']}: setup failed"
+            )
 
     async def heartbeat(self) -> None:
         if (rule := self._broken()) is not None:
@@ -220,9 +232,15 @@ class ChaoticAgent(Agent):
                 extra += float(rule.get("extra_s", 0.0))
             else:
                 hold_until = max(hold_until, rule["until_unix_s"])
-                board.events.append({"rule": rule["id"], "kind": rule["kind"],
-                                     "agent_id": self.agent_id, "task_id": task.id,
-                                     "unix_s": now})
+                board.events.append(
+                    {
+                        "rule": rule["id"],
+                        "kind": rule["kind"],
+                        "agent_id": self.agent_id,
+                        "task_id": task.id,
+                        "unix_s": now,
+                    }
+                )
         if hold_until > now:
             # Cancelled by the host's watchdog if this outlasts task_timeout_s.
             await asyncio.sleep(hold_until - now)

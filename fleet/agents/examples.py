@@ -14,8 +14,15 @@ from fleet.task import Task
 class _LLMAgent(Agent):
     """Shared set-up for agents that talk to an LLM client."""
 
-    def __init__(self, agent_id: str, model: str = "sim-small", time_scale: float = 1.0,
-                 fail_rate: float = 0.0, llm: LLMClient | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        agent_id: str,
+        model: str = "sim-small",
+        time_scale: float = 1.0,
+        fail_rate: float = 0.0,
+        llm: LLMClient | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(agent_id, **kwargs)
         self.llm = llm or SimulatedLLM(model, LatencyModel(time_scale=time_scale))
         self.fail_rate = fail_rate
@@ -38,8 +45,12 @@ class SupportAgent(_LLMAgent):
         question = str((task.payload or {}).get("question", ""))
         c = await self.llm.complete(f"You are a support agent. Customer asks: {question}")
         self.handled += 1
-        return Reply({"answer": c.text, "ticket": self.handled}, c.input_tokens,
-                     c.output_tokens, c.model)
+        return Reply(
+            {"answer": c.text, "ticket": self.handled},
+            c.input_tokens,
+            c.output_tokens,
+            c.model,
+        )
 
 
 class CheckoutAgent(_LLMAgent):
@@ -55,8 +66,12 @@ class CheckoutAgent(_LLMAgent):
         total = sum(float(i.get("price", 0)) * int(i.get("qty", 1)) for i in items)
         c = await self.llm.complete(f"Assess fraud risk of an order of {total:.2f} USD")
         self.handled += 1
-        return Reply({"total_usd": round(total, 2), "risk": c.text}, c.input_tokens,
-                     c.output_tokens, c.model)
+        return Reply(
+            {"total_usd": round(total, 2), "risk": c.text},
+            c.input_tokens,
+            c.output_tokens,
+            c.model,
+        )
 
 
 def _crunch(values: list[float], rounds: int) -> dict[str, float]:

@@ -43,17 +43,26 @@ class FaultyAgent(Agent):
 
     capabilities = ("work",)
 
-    def __init__(self, agent_id: str, delay_s: float = 0.01, bad_agents: Iterable[int] = (),
-                 fail_rate: float = 0.5, hang_agents: Iterable[int] = (),
-                 recover_after_s: float | None = None, seed: int = 0, **kwargs: Any):
+    def __init__(
+        self,
+        agent_id: str,
+        delay_s: float = 0.01,
+        bad_agents: Iterable[int] = (),
+        fail_rate: float = 0.5,
+        hang_agents: Iterable[int] = (),
+        recover_after_s: float | None = None,
+        seed: int = 0,
+        **kwargs: Any,
+    ):
         super().__init__(agent_id, **kwargs)
         self.index = agent_index(agent_id)
         self.delay_s = delay_s
         self.flaky = self.index in set(bad_agents)
         self.hangs = self.index in set(hang_agents)
         self.fail_rate = fail_rate
-        self.recover_at = (time.monotonic() + recover_after_s
-                           if recover_after_s is not None else None)
+        self.recover_at = (
+            time.monotonic() + recover_after_s if recover_after_s is not None else None
+        )
         self._rng = random.Random(seed * 1_000_003 + self.index)
 
     def faulty(self) -> bool:

@@ -42,9 +42,13 @@ class LatencyModel:
 class SimulatedLLM:
     """Simulated chat model: sleeps for a realistic time, reports realistic token use."""
 
-    def __init__(self, model: str = "sim-small", latency: LatencyModel | None = None,
-                 rng: random.Random | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+    def __init__(
+        self,
+        model: str = "sim-small",
+        latency: LatencyModel | None = None,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
         self.model = model
         self.latency = latency or LatencyModel()
         self._rng = rng or random.Random()
@@ -55,10 +59,15 @@ class SimulatedLLM:
 
     async def complete(self, prompt: str, max_tokens: int = 512) -> Completion:
         lat = self.latency
-        out_tokens = min(max_tokens, max(1, round(
-            self._lognormal(lat.output_tokens_median, lat.output_tokens_sigma))))
+        out_tokens = min(
+            max_tokens,
+            max(1, round(self._lognormal(lat.output_tokens_median, lat.output_tokens_sigma))),
+        )
         in_tokens = max(1, len(prompt) // 4)  # ~4 characters a token
-        delay = self._lognormal(lat.ttft_median_s, lat.ttft_sigma) + out_tokens / lat.tokens_per_s
+        delay = (
+            self._lognormal(lat.ttft_median_s, lat.ttft_sigma) + out_tokens / lat.tokens_per_s
+        )
         await self._sleep(delay * lat.time_scale)
-        return Completion(f"[{self.model}] reply to {prompt[:40]!r}", self.model, in_tokens,
-                          out_tokens)
+        return Completion(
+            f"[{self.model}] reply to {prompt[:40]!r}", self.model, in_tokens, out_tokens
+        )

@@ -48,8 +48,15 @@ class PricedAgent(Agent):
 
     capabilities = ("priced",)
 
-    def __init__(self, agent_id: str, model: str = "test-model", input_tokens: int = 1000,
-                 output_tokens: int = 1000, delay_s: float = 0.01, **kwargs: Any):
+    def __init__(
+        self,
+        agent_id: str,
+        model: str = "test-model",
+        input_tokens: int = 1000,
+        output_tokens: int = 1000,
+        delay_s: float = 0.01,
+        **kwargs: Any,
+    ):
         super().__init__(agent_id, **kwargs)
         self.model = model
         self.input_tokens = input_tokens

@@ -78,8 +78,9 @@ def _rates(profile: str, n: int, rng: random.Random) -> list[float]:
     return [MEAN_USD_PER_H] * n
 
 
-def _stream(profile: str, rate_usd_per_h: float, rng: random.Random
-            ) -> list[tuple[float, float, float]]:
+def _stream(
+    profile: str, rate_usd_per_h: float, rng: random.Random
+) -> list[tuple[float, float, float]]:
     """One agent's tasks over the day: (time, estimate, actual)."""
     mean_task = sum(TASK_USD) / 2 * 0.75
     out = []
@@ -116,10 +117,15 @@ def run_profile(profile: str, n: int, seed: int = SEED) -> dict[str, Any]:
     budget = round(math.fsum(demand.values()) / OVERLOAD)
     per_agent = budget / len(names)
     spec = BudgetsSpec(
-        daily_usd=budget, per_agent_min_usd=round(0.2 * per_agent, 2),
-        per_agent_max_usd=round(4 * per_agent, 2), allocation="dynamic", preemption="strict",
+        daily_usd=budget,
+        per_agent_min_usd=round(0.2 * per_agent, 2),
+        per_agent_max_usd=round(4 * per_agent, 2),
+        allocation="dynamic",
+        preemption="strict",
         priority_classes=[{"name": c, "weight": w} for c, _, w in CLASSES],
-        pool_classes={c: c for c, _, _ in CLASSES}, rebalance_interval_s=300)
+        pool_classes={c: c for c, _, _ in CLASSES},
+        rebalance_interval_s=300,
+    )
     clock = _Clock(DAY0)
     policy = BudgetPolicy(spec, clock)
     for a in names:
@@ -157,10 +163,22 @@ def run_profile(profile: str, n: int, seed: int = SEED) -> dict[str, Any]:
     # The offline ideal: the same rules applied once, knowing every agent's demand.
     rank = {c: len(CLASSES) - i for i, (c, _, _) in enumerate(CLASSES)}
     weight = {c: w for c, _, w in CLASSES}
-    ideal = allocate(budget, [
-        Claim(a, min=spec.per_agent_min_usd, max=spec.per_agent_max_usd or math.inf,
-              weight=weight[cls_of[a]], demand=demand[a], priority=rank[cls_of[a]])
-        for a in names], Policy.DYNAMIC, Preemption.STRICT).shares
+    ideal = allocate(
+        budget,
+        [
+            Claim(
+                a,
+                min=spec.per_agent_min_usd,
+                max=spec.per_agent_max_usd or math.inf,
+                weight=weight[cls_of[a]],
+                demand=demand[a],
+                priority=rank[cls_of[a]],
+            )
+            for a in names
+        ],
+        Policy.DYNAMIC,
+        Preemption.STRICT,
+    ).shares
     total = math.fsum(spent.values())
     cap = spec.per_agent_max_usd or math.inf
     overspend = max(0.0, total - budget) + math.fsum(max(0.0, s - cap) for s in spent.values())
@@ -178,11 +196,16 @@ def run_profile(profile: str, n: int, seed: int = SEED) -> dict[str, Any]:
             "mean_share_of_ideal": round(sum(ratios) / len(ratios), 4),
         }
     return {
-        "agents": len(names), "budget_usd": budget,
+        "agents": len(names),
+        "budget_usd": budget,
         "demand_usd": round(math.fsum(demand.values()), 2),
-        "spend_usd": round(total, 2), "overspend_usd": round(overspend, 6),
-        "overrun_usd": policy.overrun_usd, "tasks_ran": ran, "tasks_refused": refused,
-        "classes": classes, "sim_wall_s": round(wall, 3),
+        "spend_usd": round(total, 2),
+        "overspend_usd": round(overspend, 6),
+        "overrun_usd": policy.overrun_usd,
+        "tasks_ran": ran,
+        "tasks_refused": refused,
+        "classes": classes,
+        "sim_wall_s": round(wall, 3),
     }
 
 
@@ -221,9 +244,13 @@ async def _race(seed: int, reserve_settle: bool) -> float:
 def run_race() -> dict[str, Any]:
     guarded = [asyncio.run(_race(SEED + s, True)) for s in range(RACE_SEEDS)]
     naive = [asyncio.run(_race(SEED + s, False)) for s in range(RACE_SEEDS)]
-    return {"tasks": RACE_TASKS, "left_usd": RACE_LEFT_USD, "trials": RACE_SEEDS,
-            "reserve_settle_overspend_usd": max(guarded),
-            "naive_check_then_spend_overspend_usd": round(max(naive), 6)}
+    return {
+        "tasks": RACE_TASKS,
+        "left_usd": RACE_LEFT_USD,
+        "trials": RACE_SEEDS,
+        "reserve_settle_overspend_usd": max(guarded),
+        "naive_check_then_spend_overspend_usd": round(max(naive), 6),
+    }
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -231,12 +258,16 @@ def run(quick: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     profiles = {p: run_profile(p, n) for p in PROFILES}
     race = run_race()
-    overspend = max([p["overspend_usd"] for p in profiles.values()]
-                    + [race["reserve_settle_overspend_usd"]])
+    overspend = max(
+        [p["overspend_usd"] for p in profiles.values()]
+        + [race["reserve_settle_overspend_usd"]]
+    )
     return {
         "profiles": profiles,
-        "jain_index": {p: {c: v["jain_index"] for c, v in r["classes"].items()}
-                       for p, r in profiles.items()},
+        "jain_index": {
+            p: {c: v["jain_index"] for c, v in r["classes"].items()}
+            for p, r in profiles.items()
+        },
         "overspend_usd": overspend,
         "race": race,
         "lost": 0,

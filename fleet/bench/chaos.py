@@ -26,40 +26,66 @@ QUICK_TASKS = 20_000
 SEED = 6
 
 
-def bench_spec(hosts: int = HOSTS, agents_per_host: int = AGENTS_PER_HOST,
-               fleet: str = FLEET, namespace: str = NAMESPACE) -> FleetSpec:
+def bench_spec(
+    hosts: int = HOSTS,
+    agents_per_host: int = AGENTS_PER_HOST,
+    fleet: str = FLEET,
+    namespace: str = NAMESPACE,
+) -> FleetSpec:
     """One pool of ``ChaoticAgent`` no-op agents on a fixed number of hosts."""
     agents = hosts * agents_per_host
-    return parse_spec({
-        "name": fleet, "namespace": namespace,
-        "resilience": {"task_timeout_s": TASK_TIMEOUT_S},
-        "queues": {"storage": {"backend": "memory"}},  # host chaos, not queue durability
-        "pools": [{
-            "name": POOL, "capability": POOL,
-            "agent_class": "fleet.agents.chaotic:ChaoticAgent",
-            "agent_kwargs": chaotic_agent_kwargs(fleet, namespace),
-            "agents_per_host": agents_per_host, "cpus_per_host": 0,
-            "autoscaling": {"min_agents": agents, "max_agents": agents},
-        }],
-    })
+    return parse_spec(
+        {
+            "name": fleet,
+            "namespace": namespace,
+            "resilience": {"task_timeout_s": TASK_TIMEOUT_S},
+            "queues": {"storage": {"backend": "memory"}},  # host chaos, not queue durability
+            "pools": [
+                {
+                    "name": POOL,
+                    "capability": POOL,
+                    "agent_class": "fleet.agents.chaotic:ChaoticAgent",
+                    "agent_kwargs": chaotic_agent_kwargs(fleet, namespace),
+                    "agents_per_host": agents_per_host,
+                    "cpus_per_host": 0,
+                    "autoscaling": {"min_agents": agents, "max_agents": agents},
+                }
+            ],
+        }
+    )
 
 
 def bench_plan(quick: bool, seed: int = SEED) -> ChaosPlan:
     """Kill 10% of the hosts every 3-6 s; hang one agent; slow 10% of the agents by
     50 ms; partition the pool for 2 s; burn two cores for 3 s."""
     return ChaosPlan(
-        pool=POOL, seed=seed, duration_s=600.0,
-        kill_share=0.1, kill_start_s=4.0, kill_interval_min_s=3.0, kill_interval_max_s=6.0,
-        max_kill_waves=8 if quick else 30, max_hosts_killed=HOSTS * 3,
-        hang_agents=1, hang_at_s=1.0, hang_duration_s=15.0,
-        latency_share=0.1, latency_s=0.05, latency_at_s=2.0, latency_duration_s=20.0,
-        partition_at_s=10.0 if quick else 25.0, partition_duration_s=2.0,
-        cpu_burn_workers=2, cpu_burn_at_s=6.0 if quick else 15.0, cpu_burn_duration_s=3.0,
+        pool=POOL,
+        seed=seed,
+        duration_s=600.0,
+        kill_share=0.1,
+        kill_start_s=4.0,
+        kill_interval_min_s=3.0,
+        kill_interval_max_s=6.0,
+        max_kill_waves=8 if quick else 30,
+        max_hosts_killed=HOSTS * 3,
+        hang_agents=1,
+        hang_at_s=1.0,
+        hang_duration_s=15.0,
+        latency_share=0.1,
+        latency_s=0.05,
+        latency_at_s=2.0,
+        latency_duration_s=20.0,
+        partition_at_s=10.0 if quick else 25.0,
+        partition_duration_s=2.0,
+        cpu_burn_workers=2,
+        cpu_burn_at_s=6.0 if quick else 15.0,
+        cpu_burn_duration_s=3.0,
     )
 
 
-def run(quick: bool = False, tasks: int | None = None, seed: int = SEED,
-        progress: Any = None) -> dict[str, Any]:
+def run(
+    quick: bool = False, tasks: int | None = None, seed: int = SEED, progress: Any = None
+) -> dict[str, Any]:
     """Start the bench fleet, run the chaos plan over ``tasks`` tasks, tear it down."""
     from fleet.runtime.client import FleetClient
 
@@ -71,5 +97,9 @@ def run(quick: bool = False, tasks: int | None = None, seed: int = SEED,
     finally:
         fc.shutdown()
     out.pop("_held_task_ids", None)
-    return {"hosts": HOSTS, "agents_per_host": AGENTS_PER_HOST,
-            "task_timeout_s": TASK_TIMEOUT_S, **out}
+    return {
+        "hosts": HOSTS,
+        "agents_per_host": AGENTS_PER_HOST,
+        "task_timeout_s": TASK_TIMEOUT_S,
+        **out,
+    }

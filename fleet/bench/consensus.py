@@ -56,7 +56,15 @@ def _bench_size(n: int, trials: int) -> tuple[list[dict[str, Any]], dict[str, An
         for mode in MODES:
             policy = ConsensusSpec(mode=mode, timeout_s=TIMEOUT_S, memo_ttl_s=0)
             electorate.decide(Question("warm-up", ("yes", "no")), policy)
-            walls, inside, msgs, depths, asked, reasons, agree = [], [], [], [], [], Counter(), 0
+            walls, inside, msgs, depths, asked, reasons, agree = (
+                [],
+                [],
+                [],
+                [],
+                [],
+                Counter(),
+                0,
+            )
             for t in range(trials):
                 q = Question(f"bench question {t}", ("yes", "no"))
                 t1 = time.perf_counter()
@@ -68,17 +76,29 @@ def _bench_size(n: int, trials: int) -> tuple[list[dict[str, Any]], dict[str, An
                 asked.append(d.tally.eligible)
                 reasons[d.reason.value] += 1
                 agree += d.option == exact_option(voters, q)
-            rows.append({
-                "mode": mode, "agents": n, "wall_s": statistics.median(walls),
-                "wall_max_s": max(walls), "decide_s": statistics.median(inside),
-                "messages": int(statistics.median(msgs)), "depth": max(depths),
-                "agreement": agree / trials, "asked": int(statistics.median(asked)),
-                "reasons": dict(reasons), "trials": trials,
-            })
+            rows.append(
+                {
+                    "mode": mode,
+                    "agents": n,
+                    "wall_s": statistics.median(walls),
+                    "wall_max_s": max(walls),
+                    "decide_s": statistics.median(inside),
+                    "messages": int(statistics.median(msgs)),
+                    "depth": max(depths),
+                    "agreement": agree / trials,
+                    "asked": int(statistics.median(asked)),
+                    "reasons": dict(reasons),
+                    "trials": trials,
+                }
+            )
     finally:
         electorate.shutdown()
-    return rows, {"agents": n, "reducers": electorate.plan.reducers,
-                  "actor_depth": electorate.plan.actor_depth, "build_s": build_s}
+    return rows, {
+        "agents": n,
+        "reducers": electorate.plan.reducers,
+        "actor_depth": electorate.plan.actor_depth,
+        "build_s": build_s,
+    }
 
 
 def plot_latency(results: list[dict[str, Any]], path: str | Path) -> None:
@@ -91,7 +111,9 @@ def plot_latency(results: list[dict[str, Any]], path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in MODES:
         rows = [r for r in results if r["mode"] == mode]
-        ax.plot([r["agents"] for r in rows], [r["wall_s"] for r in rows], marker="o", label=mode)
+        ax.plot(
+            [r["agents"] for r in rows], [r["wall_s"] for r in rows], marker="o", label=mode
+        )
     ax.axhline(TARGET_S, color="grey", linestyle="--", linewidth=1, label="target (1 s)")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -120,8 +142,11 @@ def run(quick: bool = False, plot: str | Path | None = None) -> dict[str, Any]:
             trees.append(tree)
         biggest = [r["wall_s"] for r in results if r["agents"] == max(AGENTS)]
         out: dict[str, Any] = {
-            "results": results, "trees": trees, "target_s": TARGET_S,
-            "meets_target": all(w < TARGET_S for w in biggest), "bias": BIAS,
+            "results": results,
+            "trees": trees,
+            "target_s": TARGET_S,
+            "meets_target": all(w < TARGET_S for w in biggest),
+            "bias": BIAS,
         }
         if plot is not None:
             plot_latency(results, plot)

@@ -59,17 +59,27 @@ def ray_actor_calls_per_s(calls: int = RAY_CALLS) -> float:
 def bench_spec(agents: int = 1_000, storage: dict[str, Any] | None = None):
     """``storage``: the queues' storage section (it picks the ledger's too); memory
     unless given."""
-    return parse_spec({
-        "name": "bench", "namespace": "fleet-bench",
-        "queues": {"shards": 2, "batch": {"max_items": 512},
-                   "storage": storage or {"backend": "memory"}},
-        "pools": [{
-            "name": "noop", "capability": "noop",
-            "agent_class": "fleet.agents.examples:NoopAgent",
-            "agents_per_host": agents // 2, "cpus_per_host": 0,
-            "autoscaling": {"min_agents": agents, "max_agents": agents},
-        }],
-    })
+    return parse_spec(
+        {
+            "name": "bench",
+            "namespace": "fleet-bench",
+            "queues": {
+                "shards": 2,
+                "batch": {"max_items": 512},
+                "storage": storage or {"backend": "memory"},
+            },
+            "pools": [
+                {
+                    "name": "noop",
+                    "capability": "noop",
+                    "agent_class": "fleet.agents.examples:NoopAgent",
+                    "agents_per_host": agents // 2,
+                    "cpus_per_host": 0,
+                    "autoscaling": {"min_agents": agents, "max_agents": agents},
+                }
+            ],
+        }
+    )
 
 
 def _fleet_throughput(fc: Any, n: int) -> dict[str, Any]:
@@ -79,8 +89,13 @@ def _fleet_throughput(fc: Any, n: int) -> dict[str, Any]:
     missing = fc.wait(ids, timeout_s=300)
     s = fc.summary(ids)
     span = s["last_finish_unix_s"] - s["first_submit_unix_s"]
-    return {"tasks": n, "lost": len(missing), "completed": s["completed"],
-            "tasks_per_s": n / span if span > 0 else 0.0, "latency_s": s["latency_s"]}
+    return {
+        "tasks": n,
+        "lost": len(missing),
+        "completed": s["completed"],
+        "tasks_per_s": n / span if span > 0 else 0.0,
+        "latency_s": s["latency_s"],
+    }
 
 
 def _open_loop(fc: Any, rate_per_s: float, duration_s: float) -> dict[str, Any]:
@@ -92,8 +107,9 @@ def _open_loop(fc: Any, rate_per_s: float, duration_s: float) -> dict[str, Any]:
     tick = 0.01
     # Validate up front, as a client would in its own process: the generator must not
     # take CPU from the fleet it measures (latency counts from enqueue).
-    pool, rep = fc.validate({"capability": "noop", "payload": k}
-                            for k in range(int(rate_per_s * duration_s) + 1))
+    pool, rep = fc.validate(
+        {"capability": "noop", "payload": k} for k in range(int(rate_per_s * duration_s) + 1)
+    )
     ids: list[str] = []
     t0 = time.monotonic()
     k = 0
@@ -111,8 +127,12 @@ def _open_loop(fc: Any, rate_per_s: float, duration_s: float) -> dict[str, Any]:
     offered = len(ids) / (time.monotonic() - t0)
     missing = fc.wait(ids, timeout_s=120)
     s = fc.summary(ids)
-    return {"offered_per_s": round(offered, 1), "tasks": len(ids), "lost": len(missing),
-            "latency_s": s["latency_s"]}
+    return {
+        "offered_per_s": round(offered, 1),
+        "tasks": len(ids),
+        "lost": len(missing),
+        "latency_s": s["latency_s"],
+    }
 
 
 def _measure(storage: dict[str, Any], quick: bool, raw: float) -> dict[str, Any]:
@@ -142,10 +162,18 @@ def run(quick: bool = False, storage: dict[str, Any] | None = None) -> dict[str,
     ``storage``, only that storage section."""
     raw = ray_actor_calls_per_s(5_000 if quick else RAY_CALLS)
     if storage is not None:
-        return {"ray_actor_calls_per_s": round(raw, 1), "agents": 1_000,
-                **_measure(storage, quick, raw)}
+        return {
+            "ray_actor_calls_per_s": round(raw, 1),
+            "agents": 1_000,
+            **_measure(storage, quick, raw),
+        }
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as d:
         durable = _measure({"backend": "sqlite", "directory": d}, quick, raw)
     memory = _measure({"backend": "memory"}, quick, raw)
-    return {"ray_actor_calls_per_s": round(raw, 1), "agents": 1_000, **durable,
-            "memory": memory, "lost": durable["lost"] + memory["lost"]}
+    return {
+        "ray_actor_calls_per_s": round(raw, 1),
+        "agents": 1_000,
+        **durable,
+        "memory": memory,
+        "lost": durable["lost"] + memory["lost"],
+    }

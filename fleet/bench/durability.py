@@ -71,9 +71,16 @@ AGENTS = 500
 POOL = "noop"
 # (kill target, how the tasks come in): tasks are submitted by the client, or produced
 # to the Kafka topic for the intake to consume; ``none`` rows kill nothing (baselines).
-ROWS = (("none", "submit"), ("ledger", "submit"), ("dispatcher", "submit"),
-        ("controller", "submit"), ("budget", "submit"), ("shard", "submit"),
-        ("none", "kafka"), ("kafka_intake", "kafka"))
+ROWS = (
+    ("none", "submit"),
+    ("ledger", "submit"),
+    ("dispatcher", "submit"),
+    ("controller", "submit"),
+    ("budget", "submit"),
+    ("shard", "submit"),
+    ("none", "kafka"),
+    ("kafka_intake", "kafka"),
+)
 SAMPLE_S = 0.05
 ROW_TIMEOUT_S = 300.0  # per row: submission start to every outcome recorded
 ALIVE_TIMEOUT_S = 120.0
@@ -114,6 +121,7 @@ def longest_stall(samples: Sequence[Sample], start_s: float = 0.0) -> float:
 def rate(samples: Sequence[Sample], start_s: float, end_s: float) -> float:
     """Outcomes per second recorded between ``start_s`` and ``end_s``, from the last
     sample at or before each (0.0 for an empty span)."""
+
     def at(t: float) -> int:
         return max((r for ts, r in samples if ts <= t), default=0)
 
@@ -126,22 +134,36 @@ def rate(samples: Sequence[Sample], start_s: float, end_s: float) -> float:
 def bench_spec(directory: str, kafka: dict[str, Any] | None = None) -> FleetSpec:
     """The benchmark fleet: durable defaults in ``directory``, budgets on, ``kafka``
     (a ``queues.kafka`` section) if given."""
-    queues: dict[str, Any] = {"shards": 2, "lease_s": 15, "batch": {"max_items": 512},
-                              "storage": {"directory": directory}}
+    queues: dict[str, Any] = {
+        "shards": 2,
+        "lease_s": 15,
+        "batch": {"max_items": 512},
+        "storage": {"directory": directory},
+    }
     if kafka is not None:
         queues["kafka"] = kafka
-    return parse_spec({
-        "name": "durability-bench", "namespace": "fleet-bench-durability",
-        "queues": queues,
-        "budgets": {"daily_usd": 1_000_000, "allocation": "equal",
-                    "task_estimates": {POOL: {"usd": TASK_USD}}},
-        "pools": [{
-            "name": POOL, "capability": POOL,
-            "agent_class": "fleet.agents.examples:NoopAgent",
-            "agents_per_host": AGENTS // 2, "cpus_per_host": 0,
-            "autoscaling": {"min_agents": AGENTS, "max_agents": AGENTS},
-        }],
-    })
+    return parse_spec(
+        {
+            "name": "durability-bench",
+            "namespace": "fleet-bench-durability",
+            "queues": queues,
+            "budgets": {
+                "daily_usd": 1_000_000,
+                "allocation": "equal",
+                "task_estimates": {POOL: {"usd": TASK_USD}},
+            },
+            "pools": [
+                {
+                    "name": POOL,
+                    "capability": POOL,
+                    "agent_class": "fleet.agents.examples:NoopAgent",
+                    "agents_per_host": AGENTS // 2,
+                    "cpus_per_host": 0,
+                    "autoscaling": {"min_agents": AGENTS, "max_agents": AGENTS},
+                }
+            ],
+        }
+    )
 
 
 def target_name(spec: FleetSpec, target: str) -> str:
@@ -149,10 +171,14 @@ def target_name(spec: FleetSpec, target: str) -> str:
     from fleet.runtime.names import Names
 
     names = Names(spec.name)
-    return {"ledger": names.ledger_shard(0), "dispatcher": names.dispatcher,
-            "controller": names.controller, "budget": names.budget,
-            "shard": names.shard(spec.capabilities[0], 0),
-            "kafka_intake": names.kafka_intake(0)}[target]
+    return {
+        "ledger": names.ledger_shard(0),
+        "dispatcher": names.dispatcher,
+        "controller": names.controller,
+        "budget": names.budget,
+        "shard": names.shard(spec.capabilities[0], 0),
+        "kafka_intake": names.kafka_intake(0),
+    }[target]
 
 
 # --- the intake's row: a Tansu broker (fleet.queue.tansu) and a topic --------------------
@@ -165,14 +191,23 @@ def kafka_section(bootstrap: str) -> dict[str, Any]:
 
     topic = f"durability-{uuid.uuid4().hex[:8]}"
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    admin.create_topics([
-        NewTopic(topic, num_partitions=KAFKA_PARTITIONS, replication_factor=1),
-        NewTopic(f"{topic}.dlq", num_partitions=1, replication_factor=1)])
+    admin.create_topics(
+        [
+            NewTopic(topic, num_partitions=KAFKA_PARTITIONS, replication_factor=1),
+            NewTopic(f"{topic}.dlq", num_partitions=1, replication_factor=1),
+        ]
+    )
     admin.close()
     # A SIGKILLed consumer never leaves its group: the broker waits out its session
     # before handing its partitions to the restarted one, so keep the session short.
-    return {"bootstrap_servers": bootstrap, "topic": topic, "group_id": f"g-{topic}",
-            "consumers": 1, "session_timeout_s": 3.0, "heartbeat_interval_s": 0.5}
+    return {
+        "bootstrap_servers": bootstrap,
+        "topic": topic,
+        "group_id": f"g-{topic}",
+        "consumers": 1,
+        "session_timeout_s": 3.0,
+        "heartbeat_interval_s": 0.5,
+    }
 
 
 def produce_tasks(bootstrap: str, topic: str, tasks: list[dict[str, Any]]) -> None:
@@ -180,8 +215,9 @@ def produce_tasks(bootstrap: str, topic: str, tasks: list[dict[str, Any]]) -> No
     import orjson
     from kafka import KafkaProducer
 
-    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
-                      batch_size=512 * 1024)
+    p = KafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=512 * 1024
+    )
     for k, t in enumerate(tasks):
         p.send(topic, key=str(k).encode(), value=orjson.dumps(t))
     p.flush(timeout=120)
@@ -215,8 +251,9 @@ def leased_items(fc: Any, capability: str = POOL) -> int:
     """Items leased (held by the dispatcher, running in hosts) in a capability's queue."""
     import ray
 
-    return sum(s["leased"] for s in ray.get([s.stats.remote()
-                                             for s in fc._shards[capability]]))
+    return sum(
+        s["leased"] for s in ray.get([s.stats.remote() for s in fc._shards[capability]])
+    )
 
 
 def _wait_alive(namespace: str, name: str, restarts: int, deadline: float) -> float | None:
@@ -245,17 +282,21 @@ def _recovery(fc: Any, target: str) -> dict[str, Any]:
         return {k: st[k] for k in ("adopted", "adopted_acked", "adopted_requeued")}
     if target == "shard":
         st = ray.get(ray.get_actor(name, namespace=ns).stats.remote())
-        return {k: st[k] for k in ("settled_on_start", "adopted_on_start",
-                                   "redelivered_total")}
+        return {
+            k: st[k] for k in ("settled_on_start", "adopted_on_start", "redelivered_total")
+        }
     if target == "kafka_intake":
         st = ray.get(ray.get_actor(name, namespace=ns).stats.remote())
-        return {k: st[k] for k in ("consumed", "accepted", "redelivered_skipped",
-                                   "rebalances", "commits")}
+        return {
+            k: st[k]
+            for k in ("consumed", "accepted", "redelivered_skipped", "rebalances", "commits")
+        }
     return {}
 
 
-def run_row(fc: Any, target: str, n: int, via: str = "submit",
-            kafka: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_row(
+    fc: Any, target: str, n: int, via: str = "submit", kafka: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Submit ``n`` tasks (``via``: ``submit`` from the client, ``kafka`` produced to the
     intake's topic), kill ``target`` (``none``: nothing) a third of the way, wait for
     every outcome; the row's figures."""
@@ -265,13 +306,16 @@ def run_row(fc: Any, target: str, n: int, via: str = "submit",
 
     ns = fc.spec.namespace
     ledger = fc.ledger
-    tasks = [{"id": f"{target}-{via}-{uuid.uuid4().hex[:6]}-{k}", "capability": POOL,
-              "payload": k} for k in range(n)]
+    tasks = [
+        {"id": f"{target}-{via}-{uuid.uuid4().hex[:6]}-{k}", "capability": POOL, "payload": k}
+        for k in range(n)
+    ]
     ids = [t["id"] for t in tasks]
     if via == "kafka":
         assert kafka is not None
-        submitter = _Background(lambda: produce_tasks(kafka["bootstrap_servers"], kafka["topic"],
-                                                 tasks))
+        submitter = _Background(
+            lambda: produce_tasks(kafka["bootstrap_servers"], kafka["topic"], tasks)
+        )
     else:
         items, report = fc.validate(tasks)
         assert not report.rejected, report.rejected[:3]
@@ -309,9 +353,13 @@ def run_row(fc: Any, target: str, n: int, via: str = "submit",
                 st = actor_states(ns, [name])[name]
                 if st.get("pid", 0) <= 0:  # os.kill(0) would hit this process group
                     raise RuntimeError(f"no pid for {name}: {st}")
-                kill = {"recorded_at_kill": recorded, "cursors": cursors,
-                        "leased_at_kill": leased_items(fc), "restarts": st["restarts"],
-                        "pid": st["pid"]}
+                kill = {
+                    "recorded_at_kill": recorded,
+                    "cursors": cursors,
+                    "leased_at_kill": leased_items(fc),
+                    "restarts": st["restarts"],
+                    "pid": st["pid"],
+                }
                 os.kill(st["pid"], signal.SIGKILL)
                 kill_at = time.monotonic()
             if recorded >= n:
@@ -333,38 +381,47 @@ def run_row(fc: Any, target: str, n: int, via: str = "submit",
         alive_s = None if alive_at is None else alive_at - kill_at
         resume_s = None if alive_s is None else time_to_resume(rel, alive_s)
         # The ids recorded before the kill: each shard's records between the cursors.
-        before = [i for k, (c0, c1) in enumerate(zip(cursors0, kill["cursors"])) if c1 > c0
-                  for i in ray.get(ledger.handle(k).since.remote(c0, c1 - c0))[0]]
+        before = [
+            i
+            for k, (c0, c1) in enumerate(zip(cursors0, kill["cursors"]))
+            if c1 > c0
+            for i in ray.get(ledger.handle(k).since.remote(c0, c1 - c0))[0]
+        ]
         new_pid = actor_states(ns, [name])[name].get("pid")
-        row.update({
-            "recorded_at_kill": kill["recorded_at_kill"],
-            "share_recorded_at_kill": round(kill["recorded_at_kill"] / n, 3),
-            "leased_at_kill": kill["leased_at_kill"],
-            "restarted": alive_at is not None and new_pid != kill["pid"],
-            "restart_s": None if alive_s is None else round(alive_s, 2),
-            "resume_s": _round(resume_s),
-            "stall_s": round(longest_stall(rel), 2),
-            # Outcomes/s from the row's start to the kill, and from work resuming to the
-            # end: does the fleet come back to its pace?
-            "tasks_per_s_before_kill": round(rate(rel, started - kill_at, 0.0), 1),
-            "tasks_per_s_after_resume": (None if resume_s is None
-                                         else round(rate(rel, resume_s, rel[-1][0]), 1)),
-            "recorded_then_rerun": len(ledger.duplicates(before)),
-            "recovery": _recovery(fc, target),
-        })
+        row.update(
+            {
+                "recorded_at_kill": kill["recorded_at_kill"],
+                "share_recorded_at_kill": round(kill["recorded_at_kill"] / n, 3),
+                "leased_at_kill": kill["leased_at_kill"],
+                "restarted": alive_at is not None and new_pid != kill["pid"],
+                "restart_s": None if alive_s is None else round(alive_s, 2),
+                "resume_s": _round(resume_s),
+                "stall_s": round(longest_stall(rel), 2),
+                # Outcomes/s from the row's start to the kill, and from work resuming to the
+                # end: does the fleet come back to its pace?
+                "tasks_per_s_before_kill": round(rate(rel, started - kill_at, 0.0), 1),
+                "tasks_per_s_after_resume": (
+                    None if resume_s is None else round(rate(rel, resume_s, rel[-1][0]), 1)
+                ),
+                "recorded_then_rerun": len(ledger.duplicates(before)),
+                "recovery": _recovery(fc, target),
+            }
+        )
     span = s["last_finish_unix_s"] - s["first_submit_unix_s"]
-    row.update({
-        "lost": len(missing),
-        "recorded_twice": in_ledger - s["recorded"],
-        "duplicate_executions": s["duplicate_executions"],
-        "completed": s["completed"],
-        "failed": s["failed"],
-        "failure_reasons": s["failure_reasons"],
-        "duration_s": round(span, 2),
-        "tasks_per_s": round(n / span, 1) if span > 0 else 0.0,
-        "wall_s": round(wall_s, 2),
-        "latency_s": {k: round(v, 3) for k, v in s["latency_s"].items()},
-    })
+    row.update(
+        {
+            "lost": len(missing),
+            "recorded_twice": in_ledger - s["recorded"],
+            "duplicate_executions": s["duplicate_executions"],
+            "completed": s["completed"],
+            "failed": s["failed"],
+            "failure_reasons": s["failure_reasons"],
+            "duration_s": round(span, 2),
+            "tasks_per_s": round(n / span, 1) if span > 0 else 0.0,
+            "wall_s": round(wall_s, 2),
+            "latency_s": {k: round(v, 3) for k, v in s["latency_s"].items()},
+        }
+    )
     return row
 
 

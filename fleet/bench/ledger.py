@@ -72,13 +72,27 @@ def output(k: int) -> bytes:
     """A distinct JSON output of exactly ``OUTPUT_BYTES`` bytes."""
     head = b'{"n":%d,"answer":"' % k
     body = hashlib.blake2b(head, digest_size=64).hexdigest().encode()
-    return head + body[:OUTPUT_BYTES - len(head) - 2] + b'"}'
+    return head + body[: OUTPUT_BYTES - len(head) - 2] + b'"}'
 
 
 def outcome(k: int, now: float) -> Outcome:
     """A completed task's outcome as a host records it."""
-    return Outcome(task_id(k), True, output(k), None, None, f"hosts-work#{k % 4}/agent-{k % 500}",
-                   "work", 1, now - 0.5, now - 0.2, now, 1200, 300, 0.0021)
+    return Outcome(
+        task_id(k),
+        True,
+        output(k),
+        None,
+        None,
+        f"hosts-work#{k % 4}/agent-{k % 500}",
+        "work",
+        1,
+        now - 0.5,
+        now - 0.2,
+        now,
+        1200,
+        300,
+        0.0021,
+    )
 
 
 @ray.remote(num_cpus=0)
@@ -94,8 +108,9 @@ class _Caller:
         new = 0
         for first in range(start, stop, batch):
             now = time.time()
-            new += self._ledger.record([outcome(k, now)
-                                        for k in range(first, min(first + batch, stop))])
+            new += self._ledger.record(
+                [outcome(k, now) for k in range(first, min(first + batch, stop))]
+            )
         return new
 
 
@@ -124,10 +139,13 @@ def _rebuild(path: str) -> dict[str, Any]:
     done.set()
     watcher.join()
     rss1 = proc.memory_info().rss
-    out = {"index_rebuild_s": round(took, 2), "outcomes": store.count(),
-           "index_mib": round(store.index_bytes() / MIB, 1),
-           "rebuild_peak_growth_mib": round((max(peak[0], rss1) - rss0) / MIB, 1),
-           "rebuild_kept_growth_mib": round((rss1 - rss0) / MIB, 1)}
+    out = {
+        "index_rebuild_s": round(took, 2),
+        "outcomes": store.count(),
+        "index_mib": round(store.index_bytes() / MIB, 1),
+        "rebuild_peak_growth_mib": round((max(peak[0], rss1) - rss0) / MIB, 1),
+        "rebuild_kept_growth_mib": round((rss1 - rss0) / MIB, 1),
+    }
     store.close()
     return out
 
@@ -198,16 +216,25 @@ def run(quick: bool = False, tasks: int | None = None) -> dict[str, Any]:
 
     n = tasks or (QUICK_OUTCOMES if quick else FULL_OUTCOMES)
     directory = Path(tempfile.mkdtemp(prefix="fleet-bench-ledger-"))
-    spec = parse_spec({
-        "name": FLEET, "namespace": NAMESPACE,
-        "queues": {"storage": {"directory": str(directory)}},
-        "pools": [{"name": "work", "capability": "work",
-                   "agent_class": "fleet.agents.examples:NoopAgent"}],
-    })
+    spec = parse_spec(
+        {
+            "name": FLEET,
+            "namespace": NAMESPACE,
+            "queues": {"storage": {"directory": str(directory)}},
+            "pools": [
+                {
+                    "name": "work",
+                    "capability": "work",
+                    "agent_class": "fleet.agents.examples:NoopAgent",
+                }
+            ],
+        }
+    )
     name = Names(FLEET).ledger_shard(0)
     path = ledger_path(fleet_directory(spec.queues.storage, NAMESPACE, FLEET), 0)
     ledger = Ledger.options(**control_actor_options(name, NAMESPACE, detached=False)).remote(
-        spec.model_dump(mode="json"), 0)
+        spec.model_dump(mode="json"), 0
+    )
     callers: list[Any] = []
     try:
         ray.get(ledger.count.remote())
@@ -232,8 +259,11 @@ def run(quick: bool = False, tasks: int | None = None) -> dict[str, Any]:
         bounds = [n * i // CALLERS for i in range(CALLERS + 1)]
         cpu0 = _cpu_s(pid)
         t = time.perf_counter()
-        new = sum(ray.get([c.record.remote(a, b, BATCH)
-                           for c, a, b in zip(callers, bounds, bounds[1:])]))
+        new = sum(
+            ray.get(
+                [c.record.remote(a, b, BATCH) for c, a, b in zip(callers, bounds, bounds[1:])]
+            )
+        )
         record_s = time.perf_counter() - t
         record_cpu_s = _cpu_s(pid) - cpu0
         done.set()

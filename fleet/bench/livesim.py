@@ -20,19 +20,32 @@ DURATION_S = 20.0
 
 
 def livesim_spec():
-    return parse_spec({
-        "name": "livesim", "namespace": "fleet-livesim",
-        "queues": {"storage": {"backend": "memory"}},  # compared with the simulator
-        "pools": [{
-            "name": "work", "capability": "work",
-            "agent_class": "fleet.agents.testing:SleepAgent",
-            "agent_kwargs": {"delay_s": SERVICE_S},
-            "agents_per_host": 50, "cpus_per_host": 0,
-            "autoscaling": {"min_agents": 2, "max_agents": 40, "target_queued_per_agent": 2,
-                            "control_interval_s": 0.25, "upscale_within_s": 2,
-                            "downscale_within_s": 4, "downscale_stabilization_s": 1},
-        }],
-    })
+    return parse_spec(
+        {
+            "name": "livesim",
+            "namespace": "fleet-livesim",
+            "queues": {"storage": {"backend": "memory"}},  # compared with the simulator
+            "pools": [
+                {
+                    "name": "work",
+                    "capability": "work",
+                    "agent_class": "fleet.agents.testing:SleepAgent",
+                    "agent_kwargs": {"delay_s": SERVICE_S},
+                    "agents_per_host": 50,
+                    "cpus_per_host": 0,
+                    "autoscaling": {
+                        "min_agents": 2,
+                        "max_agents": 40,
+                        "target_queued_per_agent": 2,
+                        "control_interval_s": 0.25,
+                        "upscale_within_s": 2,
+                        "downscale_within_s": 4,
+                        "downscale_stabilization_s": 1,
+                    },
+                }
+            ],
+        }
+    )
 
 
 def _series(samples: list[tuple[float, int]], step_s: float = 2.0) -> list[list[float]]:
@@ -70,26 +83,39 @@ def run_live(rate: float, duration_s: float, seed: int) -> dict[str, Any]:
     t_start = next((x["t_s"] for x in tl if x["unix_s"] >= s["first_submit_unix_s"]), 0.0)
     agents = [(x["t_s"] - t_start, x["agents"]) for x in tl if x["t_s"] >= t_start]
     span = s["last_finish_unix_s"] - s["first_submit_unix_s"]
-    return {"submitted": len(ids), "lost": len(missing), "completed": s["completed"],
-            "throughput_tasks_per_s": round(len(ids) / span, 1) if span > 0 else 0.0,
-            "latency_s": {k: round(v, 4) for k, v in s["latency_s"].items()},
-            "agents_max": max((a for _, a in agents), default=0),
-            "agents_over_time": _series(agents)}
+    return {
+        "submitted": len(ids),
+        "lost": len(missing),
+        "completed": s["completed"],
+        "throughput_tasks_per_s": round(len(ids) / span, 1) if span > 0 else 0.0,
+        "latency_s": {k: round(v, 4) for k, v in s["latency_s"].items()},
+        "agents_max": max((a for _, a in agents), default=0),
+        "agents_over_time": _series(agents),
+    }
 
 
 def run_sim(rate: float, duration_s: float, seed: int) -> dict[str, Any]:
     from fleet.sim import simulate_fleet
 
-    r = simulate_fleet(livesim_spec(), rate, duration_s, seed=seed, sample_interval_s=0.25,
-                       service={"work": {"service": {"kind": "constant",
-                                                     "value_s": SERVICE_S}}})
+    r = simulate_fleet(
+        livesim_spec(),
+        rate,
+        duration_s,
+        seed=seed,
+        sample_interval_s=0.25,
+        service={"work": {"service": {"kind": "constant", "value_s": SERVICE_S}}},
+    )
     series = r["agents_over_time"]["work"]
     agents = list(zip(series["t_s"], series["agents"]))
-    return {"submitted": r["submitted"], "lost": r["lost"], "completed": r["completed"],
-            "throughput_tasks_per_s": round(r["throughput_tasks_per_s"], 1),
-            "latency_s": {k: round(v, 4) for k, v in r["latency_s"].items()},
-            "agents_max": max((a for _, a in agents), default=0),
-            "agents_over_time": _series(agents)}
+    return {
+        "submitted": r["submitted"],
+        "lost": r["lost"],
+        "completed": r["completed"],
+        "throughput_tasks_per_s": round(r["throughput_tasks_per_s"], 1),
+        "latency_s": {k: round(v, 4) for k, v in r["latency_s"].items()},
+        "agents_max": max((a for _, a in agents), default=0),
+        "agents_over_time": _series(agents),
+    }
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -97,12 +123,18 @@ def run(quick: bool = False) -> dict[str, Any]:
     live = run_live(RATE_PER_S, duration, seed=1)
     sim = run_sim(RATE_PER_S, duration, seed=1)
     return {
-        "rate_per_s": RATE_PER_S, "duration_s": duration, "service_s": SERVICE_S,
-        "live": live, "simulated": sim,
+        "rate_per_s": RATE_PER_S,
+        "duration_s": duration,
+        "service_s": SERVICE_S,
+        "live": live,
+        "simulated": sim,
         "difference": {
             "throughput_ratio_live_over_sim": round(
-                live["throughput_tasks_per_s"] / max(sim["throughput_tasks_per_s"], 1e-9), 3),
-            "p95_live_minus_sim_s": round(live["latency_s"]["p95"] - sim["latency_s"]["p95"], 4),
+                live["throughput_tasks_per_s"] / max(sim["throughput_tasks_per_s"], 1e-9), 3
+            ),
+            "p95_live_minus_sim_s": round(
+                live["latency_s"]["p95"] - sim["latency_s"]["p95"], 4
+            ),
             "agents_max_live_minus_sim": live["agents_max"] - sim["agents_max"],
         },
         "lost": live["lost"] + sim["lost"],

@@ -37,7 +37,11 @@ BACKENDS = ("memory", "sqlite")
 def _payload(k: int) -> bytes:
     """A distinct JSON payload of exactly PAYLOAD_BYTES bytes."""
     head = b'{"n":%d,"d":"' % k
-    return head + os.urandom(PAYLOAD_BYTES).hex().encode()[: PAYLOAD_BYTES - len(head) - 2] + b'"}'
+    return (
+        head
+        + os.urandom(PAYLOAD_BYTES).hex().encode()[: PAYLOAD_BYTES - len(head) - 2]
+        + b'"}'
+    )
 
 
 def measure(backend: str, tasks: int, directory: str) -> dict[str, Any]:
@@ -59,8 +63,10 @@ def measure(backend: str, tasks: int, directory: str) -> dict[str, Any]:
     fill_started = time.time()
     for first in range(0, tasks, BATCH):
         now = time.time()
-        batch = [Item(uuid.uuid4().hex, "work", 5, _payload(k), now)
-                 for k in range(first, min(first + BATCH, tasks))]
+        batch = [
+            Item(uuid.uuid4().hex, "work", 5, _payload(k), now)
+            for k in range(first, min(first + BATCH, tasks))
+        ]
         t = time.perf_counter()
         q.put(batch)
         put_s += time.perf_counter() - t
@@ -89,8 +95,11 @@ def measure(backend: str, tasks: int, directory: str) -> dict[str, Any]:
         "dequeue_per_s": round(drained / drain_s),
         "fill_s": round(time.time() - fill_started - drain_s, 2),
         "drain_s": round(drain_s, 2),
-        "oldest_age_s": {"start": round(ages[0], 2), "half": round(ages[len(ages) // 2], 2),
-                         "max": round(max(ages), 2)},
+        "oldest_age_s": {
+            "start": round(ages[0], 2),
+            "half": round(ages[len(ages) // 2], 2),
+            "max": round(max(ages), 2),
+        },
     }
     if backend == "sqlite":
         out["disk_bytes_per_pending_task"] = round(disk / tasks, 1)
@@ -99,10 +108,13 @@ def measure(backend: str, tasks: int, directory: str) -> dict[str, Any]:
 
 def _in_subprocess(backend: str, tasks: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fleet-bench-queue-") as d:
-        code = ("import json, sys; from fleet.bench.queue import measure; "
-                f"print(json.dumps(measure({backend!r}, {tasks}, {d!r})))")
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=3_600)
+        code = (
+            "import json, sys; from fleet.bench.queue import measure; "
+            f"print(json.dumps(measure({backend!r}, {tasks}, {d!r})))"
+        )
+        res = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=3_600
+        )
         if res.returncode != 0:
             raise RuntimeError(f"queue bench ({backend}) failed:\n{res.stderr[-3000:]}")
         return json.loads(res.stdout.strip().splitlines()[-1])

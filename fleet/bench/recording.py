@@ -53,17 +53,24 @@ RESULTS_CHUNK = 5_000
 
 def bench_spec(directory: str, agents: int = AGENTS) -> FleetSpec:
     """The benchmark fleet: durable defaults in ``directory``, ``agents`` sleeping agents."""
-    return parse_spec({
-        "name": "recording-bench", "namespace": "fleet-bench-recording",
-        "queues": {"storage": {"directory": directory}},
-        "pools": [{
-            "name": POOL, "capability": POOL,
-            "agent_class": "fleet.agents.testing:SleepAgent",
-            "agents_per_host": min(agents, AGENTS_PER_HOST), "concurrency_per_agent": 1,
-            "cpus_per_host": 0,
-            "autoscaling": {"min_agents": agents, "max_agents": agents},
-        }],
-    })
+    return parse_spec(
+        {
+            "name": "recording-bench",
+            "namespace": "fleet-bench-recording",
+            "queues": {"storage": {"directory": directory}},
+            "pools": [
+                {
+                    "name": POOL,
+                    "capability": POOL,
+                    "agent_class": "fleet.agents.testing:SleepAgent",
+                    "agents_per_host": min(agents, AGENTS_PER_HOST),
+                    "concurrency_per_agent": 1,
+                    "cpus_per_host": 0,
+                    "autoscaling": {"min_agents": agents, "max_agents": agents},
+                }
+            ],
+        }
+    )
 
 
 def durations(n: int, low: float, high: float, seed: int = SEED) -> list[float]:
@@ -94,14 +101,17 @@ def _figures(values: list[float]) -> dict[str, float]:
     return out
 
 
-def measure(fc: Any, n: int, sleep_s: tuple[float, float], seed: int, submit_s: float
-            ) -> dict[str, Any]:
+def measure(
+    fc: Any, n: int, sleep_s: tuple[float, float], seed: int, submit_s: float
+) -> dict[str, Any]:
     """Submit ``n`` sleeping tasks over ``submit_s`` and poll the ledger until every one
     is recorded (or ``TIMEOUT_S`` after the last submission); the figures."""
     from fleet.ledger.store import SINCE_LIMIT
 
-    tasks = [{"capability": POOL, "payload": {"sleep_s": d}}
-             for d in durations(n, *sleep_s, seed=seed)]
+    tasks = [
+        {"capability": POOL, "payload": {"sleep_s": d}}
+        for d in durations(n, *sleep_s, seed=seed)
+    ]
     items, report = fc.validate(tasks)
     assert not report.rejected, report.rejected[:3]
     ids = [it.id for it in items]
@@ -137,7 +147,7 @@ def measure(fc: Any, n: int, sleep_s: tuple[float, float], seed: int, submit_s: 
 
     results = []
     for k in range(0, len(ids), RESULTS_CHUNK):
-        results.extend(fc.results(ids[k:k + RESULTS_CHUNK]))
+        results.extend(fc.results(ids[k : k + RESULTS_CHUNK]))
     lag, queued = [], []
     failed = 0
     for i, r in zip(ids, results):
@@ -161,9 +171,16 @@ def measure(fc: Any, n: int, sleep_s: tuple[float, float], seed: int, submit_s: 
     }
 
 
-def run(quick: bool = False, tasks: int | None = None, *, max_sleep_s: float = SLEEP_S[1],
-        min_sleep_s: float = SLEEP_S[0], submit_s: float = SUBMIT_S, agents: int = AGENTS,
-        seed: int = SEED) -> dict[str, Any]:
+def run(
+    quick: bool = False,
+    tasks: int | None = None,
+    *,
+    max_sleep_s: float = SLEEP_S[1],
+    min_sleep_s: float = SLEEP_S[0],
+    submit_s: float = SUBMIT_S,
+    agents: int = AGENTS,
+    seed: int = SEED,
+) -> dict[str, Any]:
     """``tasks`` sleeping tasks (default 2,000; 500 quick) on ``agents`` agents: latency
     from each task's finish to its outcome being seen in the ledger."""
     from fleet.runtime.client import FleetClient

@@ -53,9 +53,14 @@ class HeteroAgent(Agent):
 
     capabilities = ("hetero",)
 
-    def __init__(self, agent_id: str, service_s: float = SERVICE_S,
-                 slow_every: int = SLOW_EVERY, slow_factor: float = SLOW_FACTOR,
-                 **kwargs: Any):
+    def __init__(
+        self,
+        agent_id: str,
+        service_s: float = SERVICE_S,
+        slow_every: int = SLOW_EVERY,
+        slow_factor: float = SLOW_FACTOR,
+        **kwargs: Any,
+    ):
         super().__init__(agent_id, **kwargs)
         slow = agent_index(agent_id) % slow_every == slow_every - 1
         self.service_s = service_s * (slow_factor if slow else 1.0)
@@ -74,21 +79,28 @@ def capacity_tasks_per_s(agents: int = AGENTS) -> float:
 
 
 def bench_spec(router: str, agents: int = AGENTS):
-    return parse_spec({
-        "name": f"routing-{router.replace('_', '-')}", "namespace": "fleet-bench-routing",
-        # Default batching: the queue is shallow at these rates, so batches are small,
-        # and hosts report the progress of long batches so that a task stuck behind a
-        # slow agent does not hold its whole batch's capacity in the dispatcher.
-        "queues": {"shards": 1, "storage": {"backend": "memory"}},
-        "pools": [{
-            "name": "hetero", "capability": "hetero",
-            "agent_class": "fleet.bench.routing:HeteroAgent",
-            "agents_per_host": agents, "concurrency_per_agent": CONCURRENCY,
-            "cpus_per_host": 0,
-            "autoscaling": {"min_agents": agents, "max_agents": agents},
-            "routing": {"router": router, "choices_d": 2},
-        }],
-    })
+    return parse_spec(
+        {
+            "name": f"routing-{router.replace('_', '-')}",
+            "namespace": "fleet-bench-routing",
+            # Default batching: the queue is shallow at these rates, so batches are small,
+            # and hosts report the progress of long batches so that a task stuck behind a
+            # slow agent does not hold its whole batch's capacity in the dispatcher.
+            "queues": {"shards": 1, "storage": {"backend": "memory"}},
+            "pools": [
+                {
+                    "name": "hetero",
+                    "capability": "hetero",
+                    "agent_class": "fleet.bench.routing:HeteroAgent",
+                    "agents_per_host": agents,
+                    "concurrency_per_agent": CONCURRENCY,
+                    "cpus_per_host": 0,
+                    "autoscaling": {"min_agents": agents, "max_agents": agents},
+                    "routing": {"router": router, "choices_d": 2},
+                }
+            ],
+        }
+    )
 
 
 def arrivals(rate_per_s: float, duration_s: float, seed: int) -> list[tuple[float, float]]:
@@ -105,8 +117,9 @@ def arrivals(rate_per_s: float, duration_s: float, seed: int) -> list[tuple[floa
 
 def _play(fc: Any, seq: list[tuple[float, float]]) -> dict[str, Any]:
     """Submit ``seq`` open loop (due arrivals every ``TICK_S``) and measure it."""
-    items, _ = fc.validate({"capability": "hetero", "payload": {"w": round(w, 4)}}
-                           for _, w in seq)
+    items, _ = fc.validate(
+        {"capability": "hetero", "payload": {"w": round(w, 4)}} for _, w in seq
+    )
     t0 = time.monotonic()
     k = 0
     while k < len(items):
@@ -127,17 +140,22 @@ def _play(fc: Any, seq: list[tuple[float, float]]) -> dict[str, Any]:
     s = fc.summary(ids)
     span = s["last_finish_unix_s"] - s["first_submit_unix_s"]
     results = [r for r in fc.results(ids) if r is not None]
-    on_slow = sum(1 for r in results if r.agent_id
-                  and agent_index(r.agent_id) % SLOW_EVERY == SLOW_EVERY - 1)
+    on_slow = sum(
+        1
+        for r in results
+        if r.agent_id and agent_index(r.agent_id) % SLOW_EVERY == SLOW_EVERY - 1
+    )
     last_submit = max((r.submitted_unix_s for r in results), default=0.0)
     return {
-        "tasks": len(ids), "offered_per_s": round(offered, 1),
+        "tasks": len(ids),
+        "offered_per_s": round(offered, 1),
         # completed / (first enqueue .. last outcome): a long tail lowers it
         "throughput_tasks_per_s": round(s["completed"] / span, 1) if span > 0 else 0.0,
         "drain_s": round(max(0.0, s["last_finish_unix_s"] - last_submit), 2),
         "latency_s": {k: round(v, 4) for k, v in s["latency_s"].items()},
         "on_slow_agents": round(on_slow / max(1, len(ids)), 4),
-        "failed": s["failed"], "lost": len(missing),
+        "failed": s["failed"],
+        "lost": len(missing),
     }
 
 
@@ -153,7 +171,8 @@ def run(quick: bool = False) -> dict[str, Any]:
             _play(fc, arrivals(0.5 * cap, 2.0, SEED - 1))  # warm up: agents, handles
             results[router] = {
                 f"load_{round(load * 100)}": _play(
-                    fc, arrivals(load * cap, duration_s, SEED + round(load * 100)))
+                    fc, arrivals(load * cap, duration_s, SEED + round(load * 100))
+                )
                 for load in LOADS
             }
         finally:
@@ -161,9 +180,14 @@ def run(quick: bool = False) -> dict[str, Any]:
     rr = results["round_robin"]["load_90"]["latency_s"]["p99"]
     ll = results["least_loaded"]["load_90"]["latency_s"]["p99"]
     return {
-        "agents": AGENTS, "slow_agents_share": 1 / SLOW_EVERY, "slow_factor": SLOW_FACTOR,
-        "service_s": SERVICE_S, "concurrency_per_agent": CONCURRENCY, "hosts": 1,
-        "choices_d": 2, "duration_s": duration_s,
+        "agents": AGENTS,
+        "slow_agents_share": 1 / SLOW_EVERY,
+        "slow_factor": SLOW_FACTOR,
+        "service_s": SERVICE_S,
+        "concurrency_per_agent": CONCURRENCY,
+        "hosts": 1,
+        "choices_d": 2,
+        "duration_s": duration_s,
         "capacity_tasks_per_s": round(cap, 1),
         "results": results,
         "p99_improvement_vs_round_robin": round(rr / ll, 2) if ll > 0 else None,

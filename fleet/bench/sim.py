@@ -39,8 +39,9 @@ def run(quick: bool = False) -> dict[str, Any]:
     from fleet.sim import Simulation, parse_scenario
 
     if not SCENARIO.exists():
-        raise FileNotFoundError(f"benchmark scenario not found: {SCENARIO} "
-                                "(run from a source checkout)")
+        raise FileNotFoundError(
+            f"benchmark scenario not found: {SCENARIO} (run from a source checkout)"
+        )
     data = yaml.safe_load(SCENARIO.read_text())
     if quick:
         data = _scaled(data, QUICK_FACTOR)

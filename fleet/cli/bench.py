@@ -43,14 +43,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run a benchmark suite (default: core)",
-                       description="Benchmarks print figures; they assert nothing.")
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark suite (default: core)",
+        description="Benchmarks print figures; they assert nothing.",
+    )
     p.add_argument("suite", nargs="?", default="core", choices=sorted(SUITES))
     p.add_argument("--address", default=None, help="Ray cluster to join (default: local)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run")
-    p.add_argument("--tasks", type=int, default=None,
-                   help="tasks (or outcomes) per run, for suites that take it "
-                        "(durability, ledger, recording)")
+    p.add_argument(
+        "--tasks",
+        type=int,
+        default=None,
+        help="tasks (or outcomes) per run, for suites that take it "
+        "(durability, ledger, recording)",
+    )
     p.add_argument("--plot", default=None, help="write the suite's plot (PNG) to this path")
     p.set_defaults(func=run)

@@ -21,7 +21,8 @@ def _attack(args: argparse.Namespace) -> dict[str, Any]:
 
     fc = FleetClient.connect(args.fleet, args.namespace)
     plan = bench_plan(args.quick, args.seed).model_copy(
-        update={"pool": args.pool or fc.spec.pools[0].name, "duration_s": args.duration_s})
+        update={"pool": args.pool or fc.spec.pools[0].name, "duration_s": args.duration_s}
+    )
     report = ChaosHarness(fc, plan).run_for(plan.duration_s)
     report.pop("held_tasks", None)
     return report
@@ -42,10 +43,14 @@ def run(args: argparse.Namespace) -> int:
             else:
                 from fleet.bench.chaos import QUICK_TASKS, run as bench
 
-                n = args.tasks if args.tasks_given else (QUICK_TASKS if args.quick
-                                                         else DEFAULT_TASKS)
-                result = bench(args.quick, n, args.seed,
-                               progress_printer("tasks", not args.quiet))
+                n = (
+                    args.tasks
+                    if args.tasks_given
+                    else (QUICK_TASKS if args.quick else DEFAULT_TASKS)
+                )
+                result = bench(
+                    args.quick, n, args.seed, progress_printer("tasks", not args.quiet)
+                )
         finally:
             if started:
                 import ray
@@ -59,32 +64,48 @@ def run(args: argparse.Namespace) -> int:
 
 
 class _Tasks(argparse.Action):
-    def __call__(self, parser: Any, ns: argparse.Namespace, value: Any, opt: Any = None) -> None:
+    def __call__(
+        self, parser: Any, ns: argparse.Namespace, value: Any, opt: Any = None
+    ) -> None:
         ns.tasks = value
         ns.tasks_given = True
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "chaos", help="attack a fleet on purpose and prove nothing is lost",
+        "chaos",
+        help="attack a fleet on purpose and prove nothing is lost",
         description="Without --fleet: start a chaos benchmark fleet (10 hosts of 10 no-op "
-                    "agents) on a local cluster (or --address), run TASKS tasks while "
-                    "killing 10%% of the hosts every few seconds, hanging an agent, "
-                    "injecting latency, partitioning the pool and burning CPU, and report "
-                    "injections, lost, duplicate_executions, recorded_twice, "
-                    "kill-to-replacement times and max_recovery_s. With --fleet: run the "
-                    "same injections against that running fleet for --duration-s seconds "
-                    "and print the injection log.")
+        "agents) on a local cluster (or --address), run TASKS tasks while "
+        "killing 10%% of the hosts every few seconds, hanging an agent, "
+        "injecting latency, partitioning the pool and burning CPU, and report "
+        "injections, lost, duplicate_executions, recorded_twice, "
+        "kill-to-replacement times and max_recovery_s. With --fleet: run the "
+        "same injections against that running fleet for --duration-s seconds "
+        "and print the injection log.",
+    )
     add_cluster_args(p)
-    p.add_argument("--tasks", type=int, default=DEFAULT_TASKS, action=_Tasks,
-                   help=f"tasks to run (default {DEFAULT_TASKS}; 20000 with --quick)")
+    p.add_argument(
+        "--tasks",
+        type=int,
+        default=DEFAULT_TASKS,
+        action=_Tasks,
+        help=f"tasks to run (default {DEFAULT_TASKS}; 20000 with --quick)",
+    )
     p.add_argument("--quick", action="store_true", help="a smaller, shorter run")
     p.add_argument("--seed", type=int, default=6, help="chaos schedule seed (default 6)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    p.add_argument("--fleet", default=None,
-                   help="attack this running fleet instead of running the benchmark")
+    p.add_argument(
+        "--fleet",
+        default=None,
+        help="attack this running fleet instead of running the benchmark",
+    )
     p.add_argument("--namespace", default="fleet", help="its namespace (default: fleet)")
     p.add_argument("--pool", default=None, help="pool to attack (default: the first)")
-    p.add_argument("--duration-s", type=float, default=30.0,
-                   help="how long to attack a running fleet (default 30)")
+    p.add_argument(
+        "--duration-s",
+        type=float,
+        default=30.0,
+        help="how long to attack a running fleet (default 30)",
+    )
     p.set_defaults(func=run, tasks_given=False)

@@ -14,10 +14,15 @@ EXIT_USAGE = 2
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to join (e.g. 'auto' or ray://host:10001); "
-                        "default: start a local cluster on 127.0.0.1")
-    p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (e.g. 'auto' or ray://host:10001); "
+        "default: start a local cluster on 127.0.0.1",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print one machine-readable JSON object"
+    )
 
 
 def add_fleet_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +38,9 @@ def load_spec_or_exit(path: str) -> FleetSpec:
         raise SystemExit(EXIT_USAGE) from None
 
 
-def emit(args: argparse.Namespace, data: dict[str, Any], human: Callable[[dict[str, Any]], str]) -> None:
+def emit(
+    args: argparse.Namespace, data: dict[str, Any], human: Callable[[dict[str, Any]], str]
+) -> None:
     if args.json:
         print(json.dumps(data, sort_keys=True))
     else:
@@ -42,10 +49,16 @@ def emit(args: argparse.Namespace, data: dict[str, Any], human: Callable[[dict[s
 
 def progress_printer(label: str, enabled: bool) -> Callable[[int, int], None]:
     """Progress on stderr, so ``--json`` stdout stays one clean object."""
+
     def show(done: int, total: int) -> None:
         if enabled:
-            print(f"\r{label}: {done}/{total} ({100 * done / max(total, 1):.0f}%)",
-                  end="", file=sys.stderr, flush=True)
+            print(
+                f"\r{label}: {done}/{total} ({100 * done / max(total, 1):.0f}%)",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
             if done >= total:
                 print(file=sys.stderr)
+
     return show

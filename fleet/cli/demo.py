@@ -29,19 +29,31 @@ def make_tasks(n: int, rng: random.Random) -> list[dict[str, Any]]:
         if cap == "support":
             payload = {"question": f"Where is order #{rng.randrange(10**6)}?"}
         elif cap == "checkout":
-            payload = {"items": [{"price": round(rng.uniform(1, 200), 2),
-                                  "qty": rng.randint(1, 3)} for _ in range(rng.randint(1, 4))]}
+            payload = {
+                "items": [
+                    {"price": round(rng.uniform(1, 200), 2), "qty": rng.randint(1, 3)}
+                    for _ in range(rng.randint(1, 4))
+                ]
+            }
         else:
             payload = {"values": [rng.random() for _ in range(50)]}
-        tasks.append({"capability": cap, "payload": payload, "priority": rng.randint(0, 9),
-                      "affinity_key": f"customer-{rng.randrange(1000)}"})
+        tasks.append(
+            {
+                "capability": cap,
+                "payload": payload,
+                "priority": rng.randint(0, 9),
+                "affinity_key": f"customer-{rng.randrange(1000)}",
+            }
+        )
     return tasks
 
 
 def agents_series(timeline: list[dict[str, Any]], pools: int) -> list[int]:
     """Total logical agents at each control tick (one sample per pool per tick)."""
-    return [sum(s["agents"] for s in timeline[k:k + pools])
-            for k in range(0, len(timeline) - pools + 1, pools)]
+    return [
+        sum(s["agents"] for s in timeline[k : k + pools])
+        for k in range(0, len(timeline) - pools + 1, pools)
+    ]
 
 
 def run_workload(spec: FleetSpec, n: int, seed: int, show: bool) -> dict[str, Any]:
@@ -65,8 +77,10 @@ def run_workload(spec: FleetSpec, n: int, seed: int, show: bool) -> dict[str, An
         # Keep the control loop running until every pool is back at its minimum.
         floor = sum(p.autoscaling.min_agents for p in spec.pools)
         deadline = time.monotonic() + SCALE_DOWN_WAIT_S
-        while time.monotonic() < deadline and sum(fc.status()["pools"][p.name]["agents"]
-                                                  for p in spec.pools) > floor:
+        while (
+            time.monotonic() < deadline
+            and sum(fc.status()["pools"][p.name]["agents"] for p in spec.pools) > floor
+        ):
             time.sleep(0.5)
         series = agents_series(fc.timeline(), len(spec.pools))
         end = time.time()
@@ -84,8 +98,12 @@ def run_workload(spec: FleetSpec, n: int, seed: int, show: bool) -> dict[str, An
         "duplicate_executions": summary["duplicate_executions"],
         "throughput_tasks_per_s": round(len(ids) / max(t1 - t0, 1e-9), 1),
         "latency_s": {k: round(v, 4) for k, v in summary["latency_s"].items()},
-        "agents": {"min": min(series, default=0), "max": max(series, default=0),
-                   "start": series[0] if series else 0, "end": series[-1] if series else 0},
+        "agents": {
+            "min": min(series, default=0),
+            "max": max(series, default=0),
+            "start": series[0] if series else 0,
+            "end": series[-1] if series else 0,
+        },
         "pools": [p.name for p in spec.pools],
         "cost_usd": summary["cost_usd"],
         "tokens": summary["input_tokens"] + summary["output_tokens"],
@@ -116,10 +134,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run a mixed workload through three pools and report",
-                       description="Start the demo fleet (support, checkout and analytics "
-                                   "pools), submit TASKS tasks, wait for every outcome, and "
-                                   "report throughput, latency, failures and autoscaling.")
+    p = sub.add_parser(
+        "demo",
+        help="run a mixed workload through three pools and report",
+        description="Start the demo fleet (support, checkout and analytics "
+        "pools), submit TASKS tasks, wait for every outcome, and "
+        "report throughput, latency, failures and autoscaling.",
+    )
     add_cluster_args(p)
     p.add_argument("--tasks", type=int, default=20_000, help="tasks to submit (default 20000)")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")

@@ -36,7 +36,8 @@ def _human(r: dict[str, Any]) -> str:
         lines.append(
             f"  pool {name}: p99 {p['latency_s']['p99']} s, agents <= {p['agents']['max']}, "
             f"utilization {p['utilization']:.2f}, autoscaler {'ok' if a['ok'] else 'VIOLATED'}"
-            + ("" if a["ok"] else f": {a['problems'][0]}"))
+            + ("" if a["ok"] else f": {a['problems'][0]}")
+        )
     lines.append("  targets:")
     for name, t in sorted(r["targets"].items()):
         detail = f" {t.get('value')} (target {t.get('target')})" if "target" in t else ""
@@ -54,8 +55,12 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     def progress(t: float, tasks: int) -> None:
-        print(f"\rsimulating {scenario.name}: t={t:.0f}s, {tasks} tasks", end="",
-              file=sys.stderr, flush=True)
+        print(
+            f"\rsimulating {scenario.name}: t={t:.0f}s, {tasks} tasks",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
 
     show = sys.stderr.isatty() and not args.quiet
     sim = Simulation(scenario, seed=args.seed, progress=progress if show else None).run()
@@ -74,18 +79,27 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "simulate", help="run a scenario in the discrete-event simulator (no Ray)",
+        "simulate",
+        help="run a scenario in the discrete-event simulator (no Ray)",
         description="Simulate a fleet spec under a scenario's workload, failures and chaos, "
-                    "with fleet's real autoscaling, routing, batching, breaker, retry and "
-                    "restart policies. Exit 0 "
-                    "when the scenario's targets are met, 1 when not, 2 on a bad scenario.")
+        "with fleet's real autoscaling, routing, batching, breaker, retry and "
+        "restart policies. Exit 0 "
+        "when the scenario's targets are met, 1 when not, 2 on a bad scenario.",
+    )
     p.add_argument("spec", metavar="SPEC", help="scenario YAML (see examples/scenarios/)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
-    p.add_argument("--seed", type=int, default=None,
-                   help="override the scenario's seed (same spec and seed: same report)")
-    p.add_argument("--no-timing", action="store_true",
-                   help="leave wall_s and events_per_s out of the JSON, which is then "
-                        "byte-identical for the same spec and seed")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="override the scenario's seed (same spec and seed: same report)",
+    )
+    p.add_argument(
+        "--no-timing",
+        action="store_true",
+        help="leave wall_s and events_per_s out of the JSON, which is then "
+        "byte-identical for the same spec and seed",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run)

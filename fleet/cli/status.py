@@ -14,32 +14,41 @@ LAST_FAILURES_SHOWN = 5
 
 def _human(st: dict) -> str:
     recorded = st["ledger"].get("recorded")
-    lines = [f"fleet {st['fleet']}: {'?' if recorded is None else recorded} outcome(s) "
-             "recorded"]
+    lines = [
+        f"fleet {st['fleet']}: {'?' if recorded is None else recorded} outcome(s) recorded"
+    ]
     lines.extend(_control_lines(st.get("control", {}), st.get("unavailable", {})))
     for name, p in st["pools"].items():
         q = p.get("queue", {})
         lines.append(
             f"  {name:<14} agents {p.get('agents', '?'):>5}  hosts {p.get('hosts', '?'):>3}"
-            + (f" (+{p['hosts_stopping']} stopping)" if p.get("hosts_stopping") else "") + "  "
+            + (f" (+{p['hosts_stopping']} stopping)" if p.get("hosts_stopping") else "")
+            + "  "
             f"in-flight {p.get('in_flight', 0):>6}  queued {q.get('depth', 0):>8}  "
-            f"oldest {q.get('oldest_age_s', 0.0):6.1f}s  redelivered {q.get('redelivered_total', 0)}")
+            f"oldest {q.get('oldest_age_s', 0.0):6.1f}s  redelivered {q.get('redelivered_total', 0)}"
+        )
         lines.extend(_health_lines(p))
     guard = st.get("health", {}).get("guard")
     if guard:
         h = st["health"]
-        lines.append(f"  cascade guard {guard['state']}: {h['failing']} of {h['agents']} "
-                     f"agents failing (opens above {h['cascade_share']:.0%}); restarts "
-                     f"granted {guard['granted']}, throttled {guard['throttled']}")
+        lines.append(
+            f"  cascade guard {guard['state']}: {h['failing']} of {h['agents']} "
+            f"agents failing (opens above {h['cascade_share']:.0%}); restarts "
+            f"granted {guard['granted']}, throttled {guard['throttled']}"
+        )
     lines.extend(_budget_lines(st.get("budgets")))
     for k in st.get("kafka", []):
         state = "running" if k.get("running") else f"stopped ({k.get('error')})"
-        lines.append(f"  kafka consumer {k['consumer']}: {state}, consumed "
-                     f"{k.get('consumed', 0)}, dead-lettered {k.get('dead_lettered', 0)}, "
-                     f"committed {k.get('last_commit', {})}")
+        lines.append(
+            f"  kafka consumer {k['consumer']}: {state}, consumed "
+            f"{k.get('consumed', 0)}, dead-lettered {k.get('dead_lettered', 0)}, "
+            f"committed {k.get('last_commit', {})}"
+        )
     for a in st.get("alerts", {}).get("active", []):
-        lines.append(f"  ALERT {a['severity']}: {a['rule']} on {a['subject']} "
-                     f"(value {a['value']:g}, threshold {a['threshold']:g})")
+        lines.append(
+            f"  ALERT {a['severity']}: {a['rule']} on {a['subject']} "
+            f"(value {a['value']:g}, threshold {a['threshold']:g})"
+        )
     return "\n".join(lines)
 
 
@@ -54,10 +63,15 @@ def _control_lines(control: dict, unavailable: dict) -> list[str]:
         down = sum(a["state"] != "ALIVE" for a in control.values())
         lines = [f"  control plane: {len(control) - down} of {len(control)} actor(s) alive"]
         width = max(len(n) for n in control)
-        lines.extend(f"    {name:<{width}}  {a['state']:<18} restarts {a['restarts']}"
-                     for name, a in control.items())
-    lines.extend(f"    not read: {name} ({why})" for name, why in unavailable.items()
-                 if control.get(name, {}).get("state") in (None, "ALIVE"))
+        lines.extend(
+            f"    {name:<{width}}  {a['state']:<18} restarts {a['restarts']}"
+            for name, a in control.items()
+        )
+    lines.extend(
+        f"    not read: {name} ({why})"
+        for name, why in unavailable.items()
+        if control.get(name, {}).get("state") in (None, "ALIVE")
+    )
     return lines
 
 
@@ -66,9 +80,11 @@ def _health_lines(p: dict) -> list[str]:
     h = p.get("health")
     if not h:
         return []
-    lines = [f"    health: healthy {h['healthy']}  unhealthy {h['unhealthy']}  restarting "
-             f"{h['restarting']}  ejected {h['ejected']} (health) + {h['breaker_ejected']} "
-             f"(breakers)  starting {h['starting']}  restarts {h['restarts']}"]
+    lines = [
+        f"    health: healthy {h['healthy']}  unhealthy {h['unhealthy']}  restarting "
+        f"{h['restarting']}  ejected {h['ejected']} (health) + {h['breaker_ejected']} "
+        f"(breakers)  starting {h['starting']}  restarts {h['restarts']}"
+    ]
     for f in h.get("last_failures", [])[-LAST_FAILURES_SHOWN:]:
         when = time.strftime("%H:%M:%S", time.localtime(f["at_unix_s"]))
         lines.append(f"    {when} {f['agent_id']}: {f['reason']}: {f['detail'][:100]}")
@@ -81,15 +97,19 @@ def _budget_lines(b: dict | None) -> list[str]:
         return []
     f = b["fleet"]
     limit = f"{f['limit_usd']:g}" if f.get("limit_usd") is not None else "-"
-    lines = [f"  budget: fleet spent ${f['used_usd']:.4f} of ${limit} today, reserved "
-             f"${f['reserved_usd']:.4f}, burn ${f['burn_usd_per_h']:.4f}/h; refused "
-             f"{sum(b.get('refused_tasks', {}).values())} task(s), "
-             f"{b.get('expired_reservations', 0)} expired reservation(s)"]
+    lines = [
+        f"  budget: fleet spent ${f['used_usd']:.4f} of ${limit} today, reserved "
+        f"${f['reserved_usd']:.4f}, burn ${f['burn_usd_per_h']:.4f}/h; refused "
+        f"{sum(b.get('refused_tasks', {}).values())} task(s), "
+        f"{b.get('expired_reservations', 0)} expired reservation(s)"
+    ]
     for section, label in (("pools", "pool"), ("tenants", "tenant"), ("top_agents", "agent")):
         for name, row in list(b.get(section, {}).items())[:10]:
             lim = f" of ${row['limit_usd']:g}" if "limit_usd" in row else ""
-            lines.append(f"    {label:<6} {name:<24} ${row['spend_usd']:.4f}{lim}  "
-                         f"{row['tasks']} task(s)  burn ${row['burn_usd_per_h']:.4f}/h")
+            lines.append(
+                f"    {label:<6} {name:<24} ${row['spend_usd']:.4f}{lim}  "
+                f"{row['tasks']} task(s)  burn ${row['burn_usd_per_h']:.4f}/h"
+            )
     lines.extend(f"    ALERT budget: {m}" for m in b.get("alerts", []))
     return lines
 
@@ -107,10 +127,18 @@ def _while_controller_restarts(fleet: str, namespace: str) -> dict | None:
     state = actor_states(namespace, [ctl])[ctl]["state"]
     if state in (ALIVE, MISSING):
         return None
-    names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                   if a["namespace"] == namespace and a["name"].startswith(f"{fleet}."))
-    return {"fleet": fleet, "ledger": {"recorded": None}, "pools": {},
-            "control": actor_states(namespace, names), "unavailable": {ctl: state}}
+    names = sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == namespace and a["name"].startswith(f"{fleet}.")
+    )
+    return {
+        "fleet": fleet,
+        "ledger": {"recorded": None},
+        "pools": {},
+        "control": actor_states(namespace, names),
+        "unavailable": {ctl: state},
+    }
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,8 +32,11 @@ def run(args: argparse.Namespace) -> int:
     if bad and not args.skip_invalid:
         for n, msg in bad:
             print(f"fleet: rejected {msg}", file=sys.stderr)
-        print(f"fleet: {len(bad)} malformed line(s); nothing submitted "
-              "(use --skip-invalid to submit the valid ones)", file=sys.stderr)
+        print(
+            f"fleet: {len(bad)} malformed line(s); nothing submitted "
+            "(use --skip-invalid to submit the valid ones)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     init_ray(args.address or "auto")
     try:
@@ -56,15 +59,22 @@ def run(args: argparse.Namespace) -> int:
         return 1
     ids = [it.id for it in items]
     # Tasks that already have an outcome were not run again; their outcome is the answer.
-    out = {"submitted": len(ids), "rejected": len(report.rejected) + len(bad), "ids": ids,
-           "already_recorded": len(existing)}
+    out = {
+        "submitted": len(ids),
+        "rejected": len(report.rejected) + len(bad),
+        "ids": ids,
+        "already_recorded": len(existing),
+    }
     if args.wait:
         missing = fc.wait(ids, args.timeout_s, progress_printer("tasks", not args.json))
         out["summary"] = fc.summary(ids)
         out["missing"] = len(missing)
-    print(json.dumps(out, sort_keys=True) if args.json else
-          f"submitted {out['submitted']} task(s), rejected {out['rejected']}"
-          + (f", {len(existing)} already recorded (not run again)" if existing else ""))
+    print(
+        json.dumps(out, sort_keys=True)
+        if args.json
+        else f"submitted {out['submitted']} task(s), rejected {out['rejected']}"
+        + (f", {len(existing)} already recorded (not run again)" if existing else "")
+    )
     return 0
 
 
@@ -75,6 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_fleet_args(p)
     p.add_argument("--wait", action="store_true", help="wait for every outcome")
     p.add_argument("--timeout-s", type=float, default=600.0, help="how long --wait waits")
-    p.add_argument("--skip-invalid", action="store_true",
-                   help="submit the valid tasks and report the invalid ones")
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="submit the valid tasks and report the invalid ones",
+    )
     p.set_defaults(func=run)

@@ -54,16 +54,28 @@ class Electorate:
     a per-call policy may change everything else (mode, confidence, timeouts...).
     """
 
-    def __init__(self, name: str, plan: TreePlan, actors: list[Any], root: Any,
-                 policy: ConsensusSpec, clock: Callable[[], float]):
+    def __init__(
+        self,
+        name: str,
+        plan: TreePlan,
+        actors: list[Any],
+        root: Any,
+        policy: ConsensusSpec,
+        clock: Callable[[], float],
+    ):
         self.name, self.plan, self.policy = name, plan, policy
         self._actors, self._root = actors, root
         self._memo = DecisionMemo(clock)
 
     @classmethod
-    def start(cls, voters: Iterable[Any], policy: ConsensusSpec | Mapping[str, Any] | None = None,
-              *, name: str | None = None,
-              clock: Callable[[], float] = time.monotonic) -> Electorate:
+    def start(
+        cls,
+        voters: Iterable[Any],
+        policy: ConsensusSpec | Mapping[str, Any] | None = None,
+        *,
+        name: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Electorate:
         """Place ``voters`` on leaf reducers and build the tree above them (blocks until
         every actor is up). Raises ConsensusError for an empty voter set."""
         voters = list(voters)
@@ -71,8 +83,9 @@ class Electorate:
             raise ConsensusError(EMPTY_VOTERS)
         policy = as_policy(policy)
         name = name or f"e{uuid.uuid4().hex[:8]}"
-        plan = plan_tree([getattr(v, "group", None) for v in voters], policy.fan_out,
-                         policy.max_reducers)
+        plan = plan_tree(
+            [getattr(v, "group", None) for v in voters], policy.fan_out, policy.max_reducers
+        )
         actors: list[Any] = []
 
         def spawn(nodes: list[tuple[str, dict[str, Any]]]) -> list[Any]:
@@ -80,26 +93,49 @@ class Electorate:
             # once on 2 cores only makes them all slower (and Ray warns about it).
             out = []
             for i in range(0, len(nodes), STARTUP_WAVE):
-                wave = [Reducer.options(name=f"consensus.{name}.{n}").remote(**kw)
-                        for n, kw in nodes[i:i + STARTUP_WAVE]]
+                wave = [
+                    Reducer.options(name=f"consensus.{name}.{n}").remote(**kw)
+                    for n, kw in nodes[i : i + STARTUP_WAVE]
+                ]
                 actors.extend(wave)
                 out.extend(wave)
                 ray.get([a.ready.remote() for a in wave])
             return out
 
         try:
-            level = spawn([
-                (f"leaf{j}", {"leaf_offsets": plan.offsets, "groups": groups, "leaf_index": j,
-                             "voters": [voters[p] for p in
-                                        plan.order[plan.offsets[j]:plan.offsets[j + 1]]]})
-                for j, groups in enumerate(plan.leaves)])
+            level = spawn(
+                [
+                    (
+                        f"leaf{j}",
+                        {
+                            "leaf_offsets": plan.offsets,
+                            "groups": groups,
+                            "leaf_index": j,
+                            "voters": [
+                                voters[p]
+                                for p in plan.order[plan.offsets[j] : plan.offsets[j + 1]]
+                            ],
+                        },
+                    )
+                    for j, groups in enumerate(plan.leaves)
+                ]
+            )
             # Each node's leaf range, so requests for a sample reach only the right subtrees.
             spans = [(j, j + 1) for j in range(len(plan.leaves))]
             for depth, nodes in enumerate(plan.levels, start=1):
-                level = spawn([
-                    (f"l{depth}n{i}", {"leaf_offsets": plan.offsets, "children": level[lo:hi],
-                                       "child_leaves": spans[lo:hi]})
-                    for i, (lo, hi) in enumerate(nodes)])
+                level = spawn(
+                    [
+                        (
+                            f"l{depth}n{i}",
+                            {
+                                "leaf_offsets": plan.offsets,
+                                "children": level[lo:hi],
+                                "child_leaves": spans[lo:hi],
+                            },
+                        )
+                        for i, (lo, hi) in enumerate(nodes)
+                    ]
+                )
                 spans = [(spans[lo][0], spans[hi - 1][1]) for lo, hi in nodes]
         except BaseException:
             for a in actors:
@@ -118,10 +154,14 @@ class Electorate:
     def _key(self, question: Question, policy: ConsensusSpec) -> str:
         return memo_key(question, policy, scope=self.name)
 
-    async def decide_async(self, question: Question | str,
-                           policy: ConsensusSpec | Mapping[str, Any] | None = None) -> Decision:
+    async def decide_async(
+        self, question: Question | str, policy: ConsensusSpec | Mapping[str, Any] | None = None
+    ) -> Decision:
         """``decide`` for async callers (an actor, a Serve handler)."""
-        q, pol = Question.of(question), as_policy(policy) if policy is not None else self.policy
+        q, pol = (
+            Question.of(question),
+            as_policy(policy) if policy is not None else self.policy,
+        )
         key = self._key(q, pol)
         if (hit := self._memo.get(key)) is not None:
             return hit
@@ -129,11 +169,15 @@ class Electorate:
         self._memo.put(key, d, pol.memo_ttl_s)
         return d
 
-    def decide(self, question: Question | str,
-               policy: ConsensusSpec | Mapping[str, Any] | None = None) -> Decision:
+    def decide(
+        self, question: Question | str, policy: ConsensusSpec | Mapping[str, Any] | None = None
+    ) -> Decision:
         """Decide ``question`` (memoized for ``memo_ttl_s``); returns within about
         ``policy.timeout_s`` whatever the voters do."""
-        q, pol = Question.of(question), as_policy(policy) if policy is not None else self.policy
+        q, pol = (
+            Question.of(question),
+            as_policy(policy) if policy is not None else self.policy,
+        )
         key = self._key(q, pol)
         if (hit := self._memo.get(key)) is not None:
             return hit
@@ -141,8 +185,11 @@ class Electorate:
         self._memo.put(key, d, pol.memo_ttl_s)
         return d
 
-    def invalidate(self, question: Question | str | None = None,
-                   policy: ConsensusSpec | Mapping[str, Any] | None = None) -> int:
+    def invalidate(
+        self,
+        question: Question | str | None = None,
+        policy: ConsensusSpec | Mapping[str, Any] | None = None,
+    ) -> int:
         """Forget the memoized answer to ``question`` (under ``policy``, default the
         electorate's), or every answer when ``question`` is None. Returns how many."""
         if question is None:
@@ -170,9 +217,13 @@ def _fingerprint(voters: list[Any]) -> str:
     return h.hexdigest()
 
 
-def decide(question: Question | str, voters: Electorate | Iterable[Any],
-           policy: ConsensusSpec | Mapping[str, Any] | None = None, *,
-           memo: DecisionMemo | None = None) -> Decision:
+def decide(
+    question: Question | str,
+    voters: Electorate | Iterable[Any],
+    policy: ConsensusSpec | Mapping[str, Any] | None = None,
+    *,
+    memo: DecisionMemo | None = None,
+) -> Decision:
     """Decide ``question`` among ``voters``: an ``Electorate`` (reused, memoized there), or
     voter objects, for which a reducer tree is built for this one decision and torn down
     (pass a ``memo`` to reuse answers across such calls; keyed by the voters' ids).

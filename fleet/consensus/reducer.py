@@ -101,9 +101,16 @@ def _start(voter: Any, question: Question) -> Vote | str | asyncio.Future:
 class Reducer:
     """A node of the reducer tree (see the module docstring)."""
 
-    def __init__(self, *, leaf_offsets: Sequence[int], voters: Sequence[Any] | None = None,
-                 groups: Sequence[tuple[str, int]] = (), leaf_index: int | None = None,
-                 children: Sequence[Any] = (), child_leaves: Sequence[tuple[int, int]] = ()):
+    def __init__(
+        self,
+        *,
+        leaf_offsets: Sequence[int],
+        voters: Sequence[Any] | None = None,
+        groups: Sequence[tuple[str, int]] = (),
+        leaf_index: int | None = None,
+        children: Sequence[Any] = (),
+        child_leaves: Sequence[tuple[int, int]] = (),
+    ):
         self._offsets = list(leaf_offsets)  # global index of each leaf's first voter
         self._voters = list(voters) if voters is not None else None
         self._leaf = leaf_index
@@ -120,28 +127,36 @@ class Reducer:
         return len(self._voters) if self._voters is not None else len(self._children)
 
     # -- collecting --------------------------------------------------------------------
-    async def collect(self, question: Question, selection: Selection, budget_s: float,
-                      fan_out: int) -> Partial:
+    async def collect(
+        self, question: Question, selection: Selection, budget_s: float, fan_out: int
+    ) -> Partial:
         """This subtree's partial tally, within ``budget_s`` seconds."""
         if self._voters is not None:
             return await self._collect_leaf(question, selection, budget_s, fan_out)
         parts = [p async for p in self._stream(question, selection, budget_s, fan_out)]
-        return Partial(Tally.combine(p.tally for p in parts),
-                       {k: v for p in parts for k, v in p.votes.items()},
-                       sum(p.messages for p in parts), max((p.depth for p in parts), default=0))
+        return Partial(
+            Tally.combine(p.tally for p in parts),
+            {k: v for p in parts for k, v in p.votes.items()},
+            sum(p.messages for p in parts),
+            max((p.depth for p in parts), default=0),
+        )
 
-    async def _collect_leaf(self, question: Question, selection: Selection, budget_s: float,
-                            fan_out: int) -> Partial:
+    async def _collect_leaf(
+        self, question: Question, selection: Selection, budget_s: float, fan_out: int
+    ) -> Partial:
         offset = self._offsets[self._leaf]
         if selection is None:
-            local_groups = [range(s, s + size) for s, (_, size)
-                            in zip(self._group_starts, self._groups, strict=True)]
+            local_groups = [
+                range(s, s + size)
+                for s, (_, size) in zip(self._group_starts, self._groups, strict=True)
+            ]
         else:
             by_group: dict[int, list[int]] = {}
             for g in selection.get(self._leaf, ()):
                 local = g - offset
-                by_group.setdefault(bisect.bisect_right(self._group_starts, local) - 1,
-                                    []).append(local)
+                by_group.setdefault(
+                    bisect.bisect_right(self._group_starts, local) - 1, []
+                ).append(local)
             local_groups = [by_group[k] for k in sorted(by_group)]
         flat = [i for grp in local_groups for i in grp]
         outcomes: list[Any] = [_start(self._voters[i], question) for i in flat]
@@ -150,16 +165,28 @@ class Reducer:
             _, pending = await asyncio.wait(futs, timeout=wait_budget_s(budget_s))
             for f in pending:
                 f.cancel()
-            outcomes = [o if not isinstance(o, asyncio.Future)
-                        else o.result() if o.done() and not o.cancelled() else MISSING
-                        for o in outcomes]
+            outcomes = [
+                o
+                if not isinstance(o, asyncio.Future)
+                else o.result()
+                if o.done() and not o.cancelled()
+                else MISSING
+                for o in outcomes
+            ]
         grouped, k = [], 0
         for grp in local_groups:
-            grouped.append(outcomes[k:k + len(grp)])
+            grouped.append(outcomes[k : k + len(grp)])
             k += len(grp)
         tally, messages, depth = tally_groups(grouped, fan_out)
-        votes = {} if selection is None else {
-            offset + i: o for i, o in zip(flat, outcomes, strict=True) if isinstance(o, Vote)}
+        votes = (
+            {}
+            if selection is None
+            else {
+                offset + i: o
+                for i, o in zip(flat, outcomes, strict=True)
+                if isinstance(o, Vote)
+            }
+        )
         return Partial(tally, votes, messages, depth)
 
     def _asked(self, child: int, selection: Selection) -> tuple[Selection, int]:
@@ -169,8 +196,9 @@ class Reducer:
         sub = {leaf: idx for leaf, idx in selection.items() if lo <= leaf < hi}
         return sub, sum(len(v) for v in sub.values())
 
-    async def _stream(self, question: Question, selection: Selection, budget_s: float,
-                      fan_out: int) -> AsyncIterator[Partial]:
+    async def _stream(
+        self, question: Question, selection: Selection, budget_s: float, fan_out: int
+    ) -> AsyncIterator[Partial]:
         """Children's partials as they arrive; a child silent past the wait budget yields
         an all-missing tally for the voters it was asked about. Each reply costs two
         messages (request down, tally up); a lost reply costs one."""
@@ -194,8 +222,9 @@ class Reducer:
                 left = until - loop.time()
                 if left <= 0:
                     break
-                done, _ = await asyncio.wait(pending, timeout=left,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    pending, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
                 for fut in done:
                     c = pending.pop(fut)
                     try:
@@ -249,8 +278,17 @@ class Reducer:
             if verdict is None and not run.streams:
                 verdict = run.verdict(final=False)
         return Decision(
-            question=question, option=verdict.option, reason=verdict.reason,
-            tally=run.tally, confidence=verdict.confidence, share=verdict.share,
-            mode=policy.mode.value, voters=population, messages=messages, depth=depth,
-            rounds=run.rounds, elapsed_s=clock() - t0, timeout_s=policy.timeout_s,
+            question=question,
+            option=verdict.option,
+            reason=verdict.reason,
+            tally=run.tally,
+            confidence=verdict.confidence,
+            share=verdict.share,
+            mode=policy.mode.value,
+            voters=population,
+            messages=messages,
+            depth=depth,
+            rounds=run.rounds,
+            elapsed_s=clock() - t0,
+            timeout_s=policy.timeout_s,
         )

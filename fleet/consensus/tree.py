@@ -77,8 +77,12 @@ class TreePlan:
         return 1 + len(self.levels)
 
 
-def plan_tree(groups: Sequence[str | None], fan_out: int, max_reducers: int,
-              min_voters_per_leaf: int = MIN_VOTERS_PER_LEAF) -> TreePlan:
+def plan_tree(
+    groups: Sequence[str | None],
+    fan_out: int,
+    max_reducers: int,
+    min_voters_per_leaf: int = MIN_VOTERS_PER_LEAF,
+) -> TreePlan:
     """Place voters (given by their group, None if ungrouped) on at most ``max_reducers``
     reducers with up to ``fan_out`` children each."""
     n = len(groups)
@@ -115,7 +119,7 @@ def plan_tree(groups: Sequence[str | None], fan_out: int, max_reducers: int,
     i = 0
     for j, q in enumerate(quota):
         if q:
-            contents[j].setdefault(UNGROUPED, []).extend(loose[i:i + q])
+            contents[j].setdefault(UNGROUPED, []).extend(loose[i : i + q])
             i += q
 
     order: list[int] = []

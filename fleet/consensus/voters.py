@@ -73,10 +73,18 @@ class SimulatedVoter:
         return Vote(self.opinion(question), self.weight, self.confidence)
 
 
-def make_voters(n: int, *, bias: float = 0.6, dead_share: float = 0.0,
-                slow_share: float = 0.0, error_share: float = 0.0,
-                groups: tuple[str, ...] = (), latency_s: float = 0.0,
-                slow_latency_s: float = 3_600.0, seed: int = 0) -> list[SimulatedVoter]:
+def make_voters(
+    n: int,
+    *,
+    bias: float = 0.6,
+    dead_share: float = 0.0,
+    slow_share: float = 0.0,
+    error_share: float = 0.0,
+    groups: tuple[str, ...] = (),
+    latency_s: float = 0.0,
+    slow_latency_s: float = 3_600.0,
+    seed: int = 0,
+) -> list[SimulatedVoter]:
     """``n`` simulated voters; which ones are dead, slow or failing is drawn from ``seed``.
 
     Voters are spread round-robin over ``groups`` (e.g. regions) when any are given.
@@ -84,13 +92,25 @@ def make_voters(n: int, *, bias: float = 0.6, dead_share: float = 0.0,
     rng = random.Random(seed)
     picks = list(range(n))
     rng.shuffle(picks)
-    n_dead, n_slow, n_err = round(n * dead_share), round(n * slow_share), round(n * error_share)
+    n_dead, n_slow, n_err = (
+        round(n * dead_share),
+        round(n * slow_share),
+        round(n * error_share),
+    )
     failure = {i: Failure.DEAD for i in picks[:n_dead]}
-    failure.update({i: Failure.SLOW for i in picks[n_dead:n_dead + n_slow]})
-    failure.update({i: Failure.ERROR for i in picks[n_dead + n_slow:n_dead + n_slow + n_err]})
+    failure.update({i: Failure.SLOW for i in picks[n_dead : n_dead + n_slow]})
+    failure.update(
+        {i: Failure.ERROR for i in picks[n_dead + n_slow : n_dead + n_slow + n_err]}
+    )
     return [
-        SimulatedVoter(id=f"v{i}", bias=bias, group=groups[i % len(groups)] if groups else None,
-                       latency_s=latency_s, failure=failure.get(i, Failure.NONE),
-                       slow_latency_s=slow_latency_s, seed=seed)
+        SimulatedVoter(
+            id=f"v{i}",
+            bias=bias,
+            group=groups[i % len(groups)] if groups else None,
+            latency_s=latency_s,
+            failure=failure.get(i, Failure.NONE),
+            slow_latency_s=slow_latency_s,
+            seed=seed,
+        )
         for i in range(n)
     ]

@@ -77,8 +77,12 @@ def duplicates_after(dups: int, stored: int, o: Outcome, excused: int = 0) -> in
 
 def is_replay(a: Outcome, b: Outcome) -> bool:
     """Whether ``b`` reports the same execution as ``a`` (a retried record call)."""
-    return (a.agent_id == b.agent_id and a.started_unix_s == b.started_unix_s
-            and a.finished_unix_s == b.finished_unix_s and a.deliveries == b.deliveries)
+    return (
+        a.agent_id == b.agent_id
+        and a.started_unix_s == b.started_unix_s
+        and a.finished_unix_s == b.finished_unix_s
+        and a.deliveries == b.deliveries
+    )
 
 
 class LedgerStore(Protocol):
@@ -86,8 +90,12 @@ class LedgerStore(Protocol):
 
     durable: bool
 
-    def record(self, outcomes: Sequence[Outcome], tenant: str = DEFAULT_TENANT,
-               excused: Sequence[int] | None = None) -> int:
+    def record(
+        self,
+        outcomes: Sequence[Outcome],
+        tenant: str = DEFAULT_TENANT,
+        excused: Sequence[int] | None = None,
+    ) -> int:
         """Record outcomes (first per key wins); returns how many were new.
         ``excused[k]``: earlier deliveries of ``outcomes[k]`` that are not duplicate
         executions (see the module docstring)."""
@@ -98,8 +106,9 @@ class LedgerStore(Protocol):
     def missing(self, ids: Sequence[str], tenant: str = DEFAULT_TENANT) -> list[str]:
         """The ids among ``ids`` with no recorded outcome."""
 
-    def duplicates(self, ids: Sequence[str] | None = None,
-                   tenant: str = DEFAULT_TENANT) -> dict[str, int]:
+    def duplicates(
+        self, ids: Sequence[str] | None = None, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, int]:
         """Duplicate executions per id (ids with none left out); all ids if None."""
 
     def since(self, cursor: int, limit: int = SINCE_LIMIT) -> tuple[list[str], int]:
@@ -131,8 +140,12 @@ class MemoryLedgerStore:
         self._dups: Counter[tuple[str, str]] = Counter()
         self._log: list[str] = []  # ids in record order; the cursor is an index into it
 
-    def record(self, outcomes: Sequence[Outcome], tenant: str = DEFAULT_TENANT,
-               excused: Sequence[int] | None = None) -> int:
+    def record(
+        self,
+        outcomes: Sequence[Outcome],
+        tenant: str = DEFAULT_TENANT,
+        excused: Sequence[int] | None = None,
+    ) -> int:
         new = 0
         book, dups = self._book, self._dups
         for k, o in enumerate(outcomes):
@@ -157,14 +170,15 @@ class MemoryLedgerStore:
         book = self._book
         return [i for i in ids if (tenant, i) not in book]
 
-    def duplicates(self, ids: Sequence[str] | None = None,
-                   tenant: str = DEFAULT_TENANT) -> dict[str, int]:
+    def duplicates(
+        self, ids: Sequence[str] | None = None, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, int]:
         if ids is None:
             return {i: n for (_, i), n in self._dups.items()}
         return {i: n for i in ids if (n := self._dups.get((tenant, i), 0))}
 
     def since(self, cursor: int, limit: int = SINCE_LIMIT) -> tuple[list[str], int]:
-        out = self._log[cursor:cursor + limit]
+        out = self._log[cursor : cursor + limit]
         return out, cursor + len(out)
 
     def cursor(self) -> int:
@@ -280,18 +294,52 @@ _SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS outcomes_finished ON outcomes (finished_unix_s)",
 )
-_OUTCOME_COLS = ("id, ok, output, reason, error, agent_id, pool, deliveries, submitted_unix_s,"
-                 " started_unix_s, finished_unix_s, input_tokens, output_tokens, cost_usd,"
-                 " payload_hash")
-_INSERT = (f"INSERT INTO outcomes (seq, h, tenant, {_OUTCOME_COLS}, duplicates)"
-           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_OUTCOME_COLS = (
+    "id, ok, output, reason, error, agent_id, pool, deliveries, submitted_unix_s,"
+    " started_unix_s, finished_unix_s, input_tokens, output_tokens, cost_usd,"
+    " payload_hash"
+)
+_INSERT = (
+    f"INSERT INTO outcomes (seq, h, tenant, {_OUTCOME_COLS}, duplicates)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 def _outcome(row: Sequence[Any]) -> Outcome:
-    (task_id, ok, output, reason, error, agent_id, pool, deliveries, submitted, started,
-     finished, in_tok, out_tok, cost, ph) = row
-    return Outcome(task_id, bool(ok), output, reason, error, agent_id, pool, deliveries,
-                   submitted, started, finished, in_tok, out_tok, cost, ph)
+    (
+        task_id,
+        ok,
+        output,
+        reason,
+        error,
+        agent_id,
+        pool,
+        deliveries,
+        submitted,
+        started,
+        finished,
+        in_tok,
+        out_tok,
+        cost,
+        ph,
+    ) = row
+    return Outcome(
+        task_id,
+        bool(ok),
+        output,
+        reason,
+        error,
+        agent_id,
+        pool,
+        deliveries,
+        submitted,
+        started,
+        finished,
+        in_tok,
+        out_tok,
+        cost,
+        ph,
+    )
 
 
 class SqliteLedgerStore:
@@ -302,8 +350,9 @@ class SqliteLedgerStore:
 
     durable = True
 
-    def __init__(self, path: str | os.PathLike[str], synchronous: str = "normal",
-                 cache_mib: int = 16):
+    def __init__(
+        self, path: str | os.PathLike[str], synchronous: str = "normal", cache_mib: int = 16
+    ):
         self.path = Path(path)
         try:
             self._db = open_wal(self.path, synchronous, cache_mib)
@@ -319,7 +368,9 @@ class SqliteLedgerStore:
 
     def _check_schema(self) -> None:
         db = self._db
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = {
+            r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
         if "meta" in tables:
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             version = row[0] if row else None
@@ -327,16 +378,21 @@ class SqliteLedgerStore:
                 raise StorageError(
                     f"ledger file {self.path} has schema version {version}, this fleet reads "
                     f"version {SCHEMA_VERSION}; use a fleet release that reads it, or move "
-                    "the file away to start an empty ledger")
+                    "the file away to start an empty ledger"
+                )
             return
         if tables:
-            raise StorageError(f"ledger file {self.path} is not a fleet ledger (tables "
-                               f"{sorted(tables)}, no schema version)")
+            raise StorageError(
+                f"ledger file {self.path} is not a fleet ledger (tables "
+                f"{sorted(tables)}, no schema version)"
+            )
         db.execute("BEGIN")
         for stmt in _SCHEMA:
             db.execute(stmt)
-        db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                   (str(SCHEMA_VERSION),))
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
         db.execute("COMMIT")
 
     def _load_index(self) -> tuple[HashIndex, int, int]:
@@ -363,16 +419,17 @@ class SqliteLedgerStore:
         seqs = list(seqs)
         out: dict[int, tuple[Any, ...]] = {}
         for k in range(0, len(seqs), _SQL_VARS):
-            chunk = seqs[k:k + _SQL_VARS]
+            chunk = seqs[k : k + _SQL_VARS]
             marks = ",".join("?" * len(chunk))
             for row in self._db.execute(
-                    f"SELECT seq, tenant, {cols} FROM outcomes WHERE seq IN ({marks})", chunk):
+                f"SELECT seq, tenant, {cols} FROM outcomes WHERE seq IN ({marks})", chunk
+            ):
                 out[row[0]] = row[1:]
         return out
 
-    def _find(self, ids: Sequence[str], tenant: str, cols: str,
-              hashes: Sequence[int] | None = None
-              ) -> list[tuple[int, tuple[Any, ...]] | None]:
+    def _find(
+        self, ids: Sequence[str], tenant: str, cols: str, hashes: Sequence[int] | None = None
+    ) -> list[tuple[int, tuple[Any, ...]] | None]:
         """Per id: (seq, row of ``cols`` starting with id) if recorded, else None."""
         if hashes is None:
             hashes = [key_hash(tenant, i) for i in ids]
@@ -393,8 +450,10 @@ class SqliteLedgerStore:
         return out
 
     def get(self, ids: Sequence[str], tenant: str = DEFAULT_TENANT) -> list[Outcome | None]:
-        return [None if f is None else _outcome(f[1])
-                for f in self._find(ids, tenant, _OUTCOME_COLS)]
+        return [
+            None if f is None else _outcome(f[1])
+            for f in self._find(ids, tenant, _OUTCOME_COLS)
+        ]
 
     def missing(self, ids: Sequence[str], tenant: str = DEFAULT_TENANT) -> list[str]:
         recent = self._recent
@@ -405,23 +464,34 @@ class SqliteLedgerStore:
             return []
         return [i for i, f in zip(rest, self._find(rest, tenant, "id")) if f is None]
 
-    def duplicates(self, ids: Sequence[str] | None = None,
-                   tenant: str = DEFAULT_TENANT) -> dict[str, int]:
+    def duplicates(
+        self, ids: Sequence[str] | None = None, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, int]:
         if ids is None:
-            return dict(self._db.execute(
-                "SELECT id, duplicates FROM outcomes WHERE duplicates > 0").fetchall())
-        return {i: f[1][1] for i, f in zip(ids, self._find(ids, tenant, "id, duplicates"))
-                if f is not None and f[1][1]}
+            return dict(
+                self._db.execute(
+                    "SELECT id, duplicates FROM outcomes WHERE duplicates > 0"
+                ).fetchall()
+            )
+        return {
+            i: f[1][1]
+            for i, f in zip(ids, self._find(ids, tenant, "id, duplicates"))
+            if f is not None and f[1][1]
+        }
 
-    def rows(self, ids: Sequence[str], cols: str, tenant: str = DEFAULT_TENANT
-             ) -> list[tuple[Any, ...] | None]:
+    def rows(
+        self, ids: Sequence[str], cols: str, tenant: str = DEFAULT_TENANT
+    ) -> list[tuple[Any, ...] | None]:
         """Per id, its row's ``cols`` (after the id) if recorded, else None: one read
         for summaries that need a few columns of many outcomes."""
-        return [None if f is None else f[1][1:] for f in self._find(ids, tenant, f"id, {cols}")]
+        return [
+            None if f is None else f[1][1:] for f in self._find(ids, tenant, f"id, {cols}")
+        ]
 
     def since(self, cursor: int, limit: int = SINCE_LIMIT) -> tuple[list[str], int]:
-        rows = self._db.execute("SELECT seq, id FROM outcomes WHERE seq > ? ORDER BY seq "
-                                "LIMIT ?", (cursor, limit)).fetchall()
+        rows = self._db.execute(
+            "SELECT seq, id FROM outcomes WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, limit)
+        ).fetchall()
         if not rows:
             return [], cursor
         return [r[1] for r in rows], rows[-1][0]
@@ -433,8 +503,12 @@ class SqliteLedgerStore:
         return self._count
 
     # -- writes -----------------------------------------------------------------------------
-    def record(self, outcomes: Sequence[Outcome], tenant: str = DEFAULT_TENANT,
-               excused: Sequence[int] | None = None) -> int:
+    def record(
+        self,
+        outcomes: Sequence[Outcome],
+        tenant: str = DEFAULT_TENANT,
+        excused: Sequence[int] | None = None,
+    ) -> int:
         if not outcomes:
             return 0
         ids = [o.task_id for o in outcomes]
@@ -451,25 +525,34 @@ class SqliteLedgerStore:
             if f is not None:
                 old = _outcome(f[1])
                 if not is_replay(old, o):
-                    dup_rows.append((int(o.deliveries == old.deliveries),
-                                     beyond_first(o.deliveries, exc), f[0]))
+                    dup_rows.append(
+                        (
+                            int(o.deliveries == old.deliveries),
+                            beyond_first(o.deliveries, exc),
+                            f[0],
+                        )
+                    )
                 continue
             if o.task_id in fresh:  # twice in one call: the first wins
                 first_seq, first_d = fresh[o.task_id]
-                dup_rows.append((int(o.deliveries == first_d),
-                                 beyond_first(o.deliveries, exc), first_seq))
+                dup_rows.append(
+                    (int(o.deliveries == first_d), beyond_first(o.deliveries, exc), first_seq)
+                )
                 continue
             fresh[o.task_id] = (seq, o.deliveries)
             new_keys.append((h, seq))
-            inserts.append((seq, h, tenant, *o[:14], o.payload_hash,
-                            beyond_first(o.deliveries, exc)))
+            inserts.append(
+                (seq, h, tenant, *o[:14], o.payload_hash, beyond_first(o.deliveries, exc))
+            )
             seq += 1
         with self._transaction() as db:
             if inserts:
                 db.executemany(_INSERT, inserts)
             if dup_rows:  # duplicates_after, in SQL
-                db.executemany("UPDATE outcomes SET duplicates = "
-                               "MAX(duplicates + ?, ?) WHERE seq = ?", dup_rows)
+                db.executemany(
+                    "UPDATE outcomes SET duplicates = MAX(duplicates + ?, ?) WHERE seq = ?",
+                    dup_rows,
+                )
         # Only what is committed enters the index.
         self._next_seq = seq
         self._count += len(inserts)
@@ -498,8 +581,10 @@ class SqliteLedgerStore:
         """Delete outcomes finished before ``before_unix_s`` (never the newest row, so
         sequence numbers, and with them readers' cursors, never go back)."""
         with self._transaction() as db:
-            n = db.execute("DELETE FROM outcomes WHERE finished_unix_s < ? AND seq < ?",
-                           (before_unix_s, self._next_seq - 1)).rowcount
+            n = db.execute(
+                "DELETE FROM outcomes WHERE finished_unix_s < ? AND seq < ?",
+                (before_unix_s, self._next_seq - 1),
+            ).rowcount
         if n:
             self._index, _, self._count = self._load_index()
             self._recent.clear()  # some may be gone; the index answers for the rest

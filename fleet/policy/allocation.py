@@ -86,8 +86,9 @@ class Claim:
         for name in ("weight", "size"):
             value = getattr(self, name)
             if not (0 < value < math.inf):
-                raise ValueError(f"claim {self.agent_id}: {name} {value} must be > 0 and "
-                                 "finite")
+                raise ValueError(
+                    f"claim {self.agent_id}: {name} {value} must be > 0 and finite"
+                )
         if self.demand is not None and not self.demand >= 0:
             raise ValueError(f"claim {self.agent_id}: demand {self.demand} must be >= 0")
 
@@ -173,15 +174,21 @@ def _trim(slots: Sequence[_Slot], total: float) -> None:
         if excess <= 0:
             return
         # Prefer slack above the minimum, so no one is pushed under its min by rounding.
-        s = max((s for s in slots if s.x > s.hard),
-                key=lambda s: (max(s.x - s.lo, 0.0), s.x - s.hard))
+        s = max(
+            (s for s in slots if s.x > s.hard),
+            key=lambda s: (max(s.x - s.lo, 0.0), s.x - s.hard),
+        )
         floor = s.lo if s.x > s.lo else s.hard
         s.x = max(floor, math.nextafter(s.x - excess, -math.inf))
     raise AssertionError("allocation could not be trimmed to the total")  # pragma: no cover
 
 
-def allocate(total: float, claims: Iterable[Claim], policy: Policy = Policy.DYNAMIC,
-             preemption: Preemption = Preemption.STRICT) -> Allocation:
+def allocate(
+    total: float,
+    claims: Iterable[Claim],
+    policy: Policy = Policy.DYNAMIC,
+    preemption: Preemption = Preemption.STRICT,
+) -> Allocation:
     """Share ``total`` among ``claims``; see the module docstring for the rules.
 
     Guarantees: the shares sum to at most ``total``; each is at least the claim's
@@ -197,8 +204,10 @@ def allocate(total: float, claims: Iterable[Claim], policy: Policy = Policy.DYNA
     used = math.fsum(s.hard for s in slots)
     if used > total:
         raise ValueError(f"claims already used {used} > total {total}")
-    by_class = [list(g) for _, g in groupby(sorted(slots, key=lambda s: -s.priority),
-                                            key=lambda s: s.priority)]
+    by_class = [
+        list(g)
+        for _, g in groupby(sorted(slots, key=lambda s: -s.priority), key=lambda s: s.priority)
+    ]
 
     # Phase 2: minimums, highest class first.
     for group in by_class:
@@ -251,8 +260,12 @@ class Allocator:
     something changed since the last call.
     """
 
-    def __init__(self, total: float, policy: Policy = Policy.DYNAMIC,
-                 preemption: Preemption = Preemption.STRICT):
+    def __init__(
+        self,
+        total: float,
+        policy: Policy = Policy.DYNAMIC,
+        preemption: Preemption = Preemption.STRICT,
+    ):
         self.total = total
         self.policy = policy
         self.preemption = preemption
@@ -283,8 +296,9 @@ class Allocator:
 
     def allocation(self) -> Allocation:
         if self._cached is None:
-            self._cached = allocate(self.total, self._claims.values(), self.policy,
-                                    self.preemption)
+            self._cached = allocate(
+                self.total, self._claims.values(), self.policy, self.preemption
+            )
         return self._cached
 
     def share(self, agent_id: str) -> float:

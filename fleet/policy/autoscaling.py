@@ -122,8 +122,12 @@ def decide(
         if state.last_up_s is not None and now - state.last_up_s < spec.upscale_cooldown_s:
             return ScalingDecision(current, raw, "cooldown"), state
         allowed = raw - current if math.isinf(state.up_credit) else math.floor(state.up_credit)
-        step = _cap(min(raw - current, allowed), current,
-                    spec.upscale_max_agents_per_interval, spec.upscale_max_fraction_per_interval)
+        step = _cap(
+            min(raw - current, allowed),
+            current,
+            spec.upscale_max_agents_per_interval,
+            spec.upscale_max_fraction_per_interval,
+        )
         if step <= 0:
             return ScalingDecision(current, raw, "hold"), state
         credit = state.up_credit if math.isinf(state.up_credit) else state.up_credit - step
@@ -138,9 +142,15 @@ def decide(
     last_move = max(state.last_up_s or -math.inf, state.last_down_s or -math.inf)
     if now - last_move < spec.downscale_cooldown_s:
         return ScalingDecision(current, raw, "cooldown"), state
-    allowed = current - stable if math.isinf(state.down_credit) else math.floor(state.down_credit)
-    step = _cap(min(current - stable, allowed), current,
-                spec.downscale_max_agents_per_interval, spec.downscale_max_fraction_per_interval)
+    allowed = (
+        current - stable if math.isinf(state.down_credit) else math.floor(state.down_credit)
+    )
+    step = _cap(
+        min(current - stable, allowed),
+        current,
+        spec.downscale_max_agents_per_interval,
+        spec.downscale_max_fraction_per_interval,
+    )
     if step <= 0:
         return ScalingDecision(current, raw, "hold"), state
     credit = state.down_credit if math.isinf(state.down_credit) else state.down_credit - step

@@ -40,6 +40,7 @@ DEFAULT_EVENT_LOG_SIZE = 1_000
 
 # --- sliding windows -----------------------------------------------------------------
 
+
 class TimeBuckets:
     """Sums of ``width`` counters over the last ``window_s`` seconds.
 
@@ -54,8 +55,10 @@ class TimeBuckets:
 
     def __init__(self, window_s: float, width: int, buckets: int = DEFAULT_TIME_BUCKETS):
         if window_s <= 0 or width < 1 or buckets < 1:
-            raise ValueError(f"need window_s > 0, width >= 1, buckets >= 1; got "
-                             f"{window_s}, {width}, {buckets}")
+            raise ValueError(
+                f"need window_s > 0, width >= 1, buckets >= 1; got "
+                f"{window_s}, {width}, {buckets}"
+            )
         self.window_s = window_s
         self.width = width
         self.buckets = buckets
@@ -166,6 +169,7 @@ def make_window(spec: BreakerSpec) -> CallWindow:
 
 # --- states and events -----------------------------------------------------------------
 
+
 class BreakerState(str, Enum):
     CLOSED = "closed"  # calls pass; outcomes fill the window
     OPEN = "open"  # calls are refused until the open duration has passed
@@ -207,7 +211,9 @@ class BreakerEventLog:
 
     def on_breaker_event(self, event: BreakerEvent) -> None:
         self.events.append(event)
-        key = event.kind.value if event.new is None else f"{event.kind.value}:{event.new.value}"
+        key = (
+            event.kind.value if event.new is None else f"{event.kind.value}:{event.new.value}"
+        )
         self.counts[key] = self.counts.get(key, 0) + 1
 
 
@@ -231,6 +237,7 @@ class BreakerSnapshot:
 
 # --- the breaker -----------------------------------------------------------------------
 
+
 class CircuitBreaker:
     """One circuit breaker; see the module docstring for its states.
 
@@ -240,8 +247,14 @@ class CircuitBreaker:
     opened); outcomes recorded while HALF_OPEN are taken as the probes' outcomes.
     """
 
-    def __init__(self, name: str, spec: BreakerSpec, clock: Clock,
-                 listeners: Iterable[BreakerListener] = (), gate: OpenGate | None = None):
+    def __init__(
+        self,
+        name: str,
+        spec: BreakerSpec,
+        clock: Clock,
+        listeners: Iterable[BreakerListener] = (),
+        gate: OpenGate | None = None,
+    ):
         self.name = name
         self.spec = spec
         self._clock = clock
@@ -290,9 +303,16 @@ class CircuitBreaker:
         now = self._clock()
         self._advance(now)
         t = self._window.totals(now)
-        return BreakerSnapshot(self.name, self._state, t.calls, t.failure_rate, t.slow_rate,
-                               self.trips, self.denied_trips,
-                               self._open_until_s if self._state is BreakerState.OPEN else None)
+        return BreakerSnapshot(
+            self.name,
+            self._state,
+            t.calls,
+            t.failure_rate,
+            t.slow_rate,
+            self.trips,
+            self.denied_trips,
+            self._open_until_s if self._state is BreakerState.OPEN else None,
+        )
 
     # -- calls ----------------------------------------------------------------------
     def try_acquire(self) -> bool:
@@ -303,8 +323,10 @@ class CircuitBreaker:
         self._advance(now)
         if self._state is BreakerState.CLOSED:
             return True
-        if (self._state is BreakerState.HALF_OPEN
-                and self._probes_started < self.spec.half_open_probe_calls):
+        if (
+            self._state is BreakerState.HALF_OPEN
+            and self._probes_started < self.spec.half_open_probe_calls
+        ):
             if self._probes_started == 0:
                 self._probe_deadline_s = now + self.spec.half_open_max_wait_s
             self._probes_started += 1
@@ -328,14 +350,20 @@ class CircuitBreaker:
             self._evaluate(now)
         elif self._state is BreakerState.HALF_OPEN:
             if not ok or slow:
-                why = ("probe failed" if not ok
-                       else f"probe slower than {self.spec.slow_call_duration_s}s")
+                why = (
+                    "probe failed"
+                    if not ok
+                    else f"probe slower than {self.spec.slow_call_duration_s}s"
+                )
                 self._transition(BreakerState.OPEN, now, why)
             else:
                 self._probe_successes += 1
                 if self._probe_successes >= self.spec.half_open_probe_calls:
-                    self._transition(BreakerState.CLOSED, now,
-                                     f"{self._probe_successes} probe calls succeeded")
+                    self._transition(
+                        BreakerState.CLOSED,
+                        now,
+                        f"{self._probe_successes} probe calls succeeded",
+                    )
 
     def record_success(self, latency_s: float | None = None) -> None:
         self.record(True, latency_s)
@@ -367,11 +395,15 @@ class CircuitBreaker:
         why = None
         if t.calls >= s.min_calls:
             if t.failure_rate >= s.failure_rate_threshold:
-                why = (f"failure rate {t.failure_rate:.2f} >= {s.failure_rate_threshold} "
-                       f"over {t.calls} calls")
+                why = (
+                    f"failure rate {t.failure_rate:.2f} >= {s.failure_rate_threshold} "
+                    f"over {t.calls} calls"
+                )
             elif t.slow_rate >= s.slow_call_rate_threshold:
-                why = (f"slow-call rate {t.slow_rate:.2f} >= {s.slow_call_rate_threshold} "
-                       f"over {t.calls} calls")
+                why = (
+                    f"slow-call rate {t.slow_rate:.2f} >= {s.slow_call_rate_threshold} "
+                    f"over {t.calls} calls"
+                )
         if why is None:
             self._denied = False
             return
@@ -379,21 +411,37 @@ class CircuitBreaker:
             self.denied_trips += 1
             if not self._denied:  # one event per run of refusals, not one per call
                 self._denied = True
-                self._emit(BreakerEvent(now, self.name, EventKind.EJECTION_DENIED,
-                                        BreakerState.CLOSED, BreakerState.CLOSED,
-                                        f"{why}; ejection cap reached"))
+                self._emit(
+                    BreakerEvent(
+                        now,
+                        self.name,
+                        EventKind.EJECTION_DENIED,
+                        BreakerState.CLOSED,
+                        BreakerState.CLOSED,
+                        f"{why}; ejection cap reached",
+                    )
+                )
             return
         self._transition(BreakerState.OPEN, now, why)
 
     def _advance(self, now: float) -> None:
         """Apply the transitions that the passing of time alone causes."""
-        if self._state is BreakerState.OPEN and self._open_until_s is not None \
-                and now >= self._open_until_s:
+        if (
+            self._state is BreakerState.OPEN
+            and self._open_until_s is not None
+            and now >= self._open_until_s
+        ):
             self._transition(BreakerState.HALF_OPEN, now, "open duration elapsed")
-        if (self._state is BreakerState.HALF_OPEN and self._probe_deadline_s is not None
-                and now >= self._probe_deadline_s):
-            self._transition(BreakerState.OPEN, now,
-                             f"probes unfinished after {self.spec.half_open_max_wait_s}s")
+        if (
+            self._state is BreakerState.HALF_OPEN
+            and self._probe_deadline_s is not None
+            and now >= self._probe_deadline_s
+        ):
+            self._transition(
+                BreakerState.OPEN,
+                now,
+                f"probes unfinished after {self.spec.half_open_max_wait_s}s",
+            )
 
     def _transition(self, new: BreakerState, now: float, reason: str) -> None:
         """The one place where the state changes, with each state's entry actions."""
@@ -406,8 +454,10 @@ class CircuitBreaker:
             # A reopen from HALF_OPEN always counts as a repeat; a trip from CLOSED only
             # if the previous trip is recent, so an agent that fails once a day is not
             # punished with the maximum open duration.
-            recent = (self._last_trip_s is not None
-                      and now - self._last_trip_s <= self.spec.trip_memory_s)
+            recent = (
+                self._last_trip_s is not None
+                and now - self._last_trip_s <= self.spec.trip_memory_s
+            )
             self.trips = self.trips + 1 if (old is BreakerState.HALF_OPEN or recent) else 1
             self._last_trip_s = now
             self._open_until_s = now + self.open_duration_s(self.trips)
@@ -415,8 +465,17 @@ class CircuitBreaker:
         elif new is BreakerState.CLOSED:
             self._open_until_s = None
             self._window.clear()
-        self._emit(BreakerEvent(now, self.name, EventKind.TRANSITION, old, new, reason,
-                                self._open_until_s if new is BreakerState.OPEN else None))
+        self._emit(
+            BreakerEvent(
+                now,
+                self.name,
+                EventKind.TRANSITION,
+                old,
+                new,
+                reason,
+                self._open_until_s if new is BreakerState.OPEN else None,
+            )
+        )
 
     def _emit(self, event: BreakerEvent) -> None:
         for listener in self._listeners:
@@ -424,6 +483,7 @@ class CircuitBreaker:
 
 
 # --- the registry and ejection governor ------------------------------------------------
+
 
 class HasId(Protocol):
     @property
@@ -459,8 +519,13 @@ class BreakerRegistry:
     them too.
     """
 
-    def __init__(self, spec: ResilienceSpec, clock: Clock,
-                 listeners: Iterable[BreakerListener] = (), name: str = "pool"):
+    def __init__(
+        self,
+        spec: ResilienceSpec,
+        clock: Clock,
+        listeners: Iterable[BreakerListener] = (),
+        name: str = "pool",
+    ):
         self.spec = spec
         self.name = name
         self._clock = clock
@@ -485,8 +550,13 @@ class BreakerRegistry:
         """The breaker of ``agent_id``, created (closed) on first use."""
         b = self._agents.get(agent_id)
         if b is None:
-            b = CircuitBreaker(f"agent:{agent_id}", self.spec.agent_breaker, self._clock,
-                               [_EjectionTracker(self, agent_id), *self._listeners], gate=self)
+            b = CircuitBreaker(
+                f"agent:{agent_id}",
+                self.spec.agent_breaker,
+                self._clock,
+                [_EjectionTracker(self, agent_id), *self._listeners],
+                gate=self,
+            )
             self._agents[agent_id] = b
         return b
 
@@ -494,8 +564,12 @@ class BreakerRegistry:
         """The breaker of downstream dependency ``name`` (never capped)."""
         b = self._deps.get(name)
         if b is None:
-            b = CircuitBreaker(f"dependency:{name}", self.spec.breaker_for_dependency(name),
-                               self._clock, self._listeners)
+            b = CircuitBreaker(
+                f"dependency:{name}",
+                self.spec.breaker_for_dependency(name),
+                self._clock,
+                self._listeners,
+            )
             self._deps[name] = b
         return b
 
@@ -548,7 +622,9 @@ class BreakerRegistry:
         granted = self.agent(agent_id).try_acquire()
         return granted or self.panic
 
-    def routable(self, candidates: Sequence[C], unhealthy: Collection[str] = ()) -> Routable[C]:
+    def routable(
+        self, candidates: Sequence[C], unhealthy: Collection[str] = ()
+    ) -> Routable[C]:
         """The candidates a router may pick from now.
 
         Keeps candidates whose breaker is CLOSED, or HALF_OPEN with a probe permit left,
@@ -578,9 +654,15 @@ class BreakerRegistry:
         self.panic = panic
         self.panics += panic
         kind = EventKind.PANIC_START if panic else EventKind.PANIC_END
-        event = BreakerEvent(now, self.name, kind, reason=(
-            f"{healthy} of {total} agents healthy, panic threshold "
-            f"{self.ejection.panic_threshold}"))
+        event = BreakerEvent(
+            now,
+            self.name,
+            kind,
+            reason=(
+                f"{healthy} of {total} agents healthy, panic threshold "
+                f"{self.ejection.panic_threshold}"
+            ),
+        )
         for listener in self._listeners:
             listener.on_breaker_event(event)
 

@@ -99,15 +99,20 @@ class Usage:
     cpu_s: float = 0.0
 
     def amount(self, resource: Resource) -> float:
-        return {Resource.USD: self.usd, Resource.TOKENS: self.tokens,
-                Resource.CPU_S: self.cpu_s}[resource]
+        return {
+            Resource.USD: self.usd,
+            Resource.TOKENS: self.tokens,
+            Resource.CPU_S: self.cpu_s,
+        }[resource]
 
     @classmethod
-    def of_llm(cls, price: ModelPrice, input_tokens: int, output_tokens: int,
-               cpu_s: float = 0.0) -> Usage:
+    def of_llm(
+        cls, price: ModelPrice, input_tokens: int, output_tokens: int, cpu_s: float = 0.0
+    ) -> Usage:
         """The usage of an LLM call; for an estimate pass the maximum tokens."""
-        return cls(price.cost_usd(input_tokens, output_tokens), input_tokens + output_tokens,
-                   cpu_s)
+        return cls(
+            price.cost_usd(input_tokens, output_tokens), input_tokens + output_tokens, cpu_s
+        )
 
 
 def budget_key(scope: str, name: str, resource: Resource | str, window: str) -> str:
@@ -135,6 +140,7 @@ Entry = tuple[str, int]
 
 # --- storage ------------------------------------------------------------------------------
 
+
 class CounterView(NamedTuple):
     limit: int | None  # None: no limit
     used: int
@@ -161,13 +167,15 @@ class BudgetStore(Protocol):
 
     def set_limits(self, limits: Mapping[str, int | None]) -> None: ...
 
-    def try_reserve(self, reservation_id: str,
-                    amounts: Mapping[Entry, int]) -> StoreRefusal | None:
+    def try_reserve(
+        self, reservation_id: str, amounts: Mapping[Entry, int]
+    ) -> StoreRefusal | None:
         """Book ``amounts`` on every counter if all fit (None), else nothing."""
         ...
 
-    def settle(self, reservation_id: str,
-               actual: Mapping[Entry, int]) -> dict[Entry, int] | None:
+    def settle(
+        self, reservation_id: str, actual: Mapping[Entry, int]
+    ) -> dict[Entry, int] | None:
         """Replace the reservation by ``actual``; returns the overruns (actual beyond
         reserved) per counter, or None if the reservation is unknown (already settled
         or released: settling twice never counts twice)."""
@@ -197,8 +205,9 @@ class InMemoryBudgetStore:
         with self._lock:
             self._limits.update(limits)
 
-    def try_reserve(self, reservation_id: str,
-                    amounts: Mapping[Entry, int]) -> StoreRefusal | None:
+    def try_reserve(
+        self, reservation_id: str, amounts: Mapping[Entry, int]
+    ) -> StoreRefusal | None:
         with self._lock:
             if reservation_id in self._reservations:
                 raise ValueError(f"reservation {reservation_id} already exists")
@@ -217,8 +226,9 @@ class InMemoryBudgetStore:
             self._reservations[reservation_id] = dict(amounts)
             return None
 
-    def settle(self, reservation_id: str,
-               actual: Mapping[Entry, int]) -> dict[Entry, int] | None:
+    def settle(
+        self, reservation_id: str, actual: Mapping[Entry, int]
+    ) -> dict[Entry, int] | None:
         with self._lock:
             booked = self._reservations.pop(reservation_id, None)
             if booked is None:
@@ -245,14 +255,21 @@ class InMemoryBudgetStore:
 
     def counters(self, entries: Iterable[Entry]) -> dict[Entry, CounterView]:
         with self._lock:
-            return {e: CounterView(self._limits.get(e[0]), self._used.get(e, 0),
-                                   self._reserved.get(e, 0)) for e in entries}
+            return {
+                e: CounterView(
+                    self._limits.get(e[0]), self._used.get(e, 0), self._reserved.get(e, 0)
+                )
+                for e in entries
+            }
 
     def expire(self, min_index: Mapping[str, int]) -> int:
         with self._lock:
-            old = [e for e in set(self._used) | set(self._reserved)
-                   if e[1] < min_index.get(e[0].rpartition(":")[2], e[1])
-                   and not self._reserved.get(e, 0)]
+            old = [
+                e
+                for e in set(self._used) | set(self._reserved)
+                if e[1] < min_index.get(e[0].rpartition(":")[2], e[1])
+                and not self._reserved.get(e, 0)
+            ]
             for e in old:
                 self._used.pop(e, None)
                 self._reserved.pop(e, None)
@@ -266,11 +283,13 @@ class InMemoryBudgetStore:
 class AsyncBudgetStore(Protocol):
     """The same store seen through awaitable calls (e.g. a Ray actor handle)."""
 
-    async def try_reserve(self, reservation_id: str,
-                          amounts: Mapping[Entry, int]) -> StoreRefusal | None: ...
+    async def try_reserve(
+        self, reservation_id: str, amounts: Mapping[Entry, int]
+    ) -> StoreRefusal | None: ...
 
-    async def settle(self, reservation_id: str,
-                     actual: Mapping[Entry, int]) -> dict[Entry, int] | None: ...
+    async def settle(
+        self, reservation_id: str, actual: Mapping[Entry, int]
+    ) -> dict[Entry, int] | None: ...
 
     async def release(self, reservation_id: str) -> bool: ...
 
@@ -282,18 +301,21 @@ class AsyncStoreAdapter:
     hop; ``asyncio.sleep(0)`` by default), so tests see the interleavings a remote store
     allows. Each call itself stays atomic, as it is on an actor."""
 
-    def __init__(self, store: BudgetStore,
-                 hop: Callable[[], Awaitable[None]] = lambda: asyncio.sleep(0)):
+    def __init__(
+        self, store: BudgetStore, hop: Callable[[], Awaitable[None]] = lambda: asyncio.sleep(0)
+    ):
         self.store = store
         self._hop = hop
 
-    async def try_reserve(self, reservation_id: str,
-                          amounts: Mapping[Entry, int]) -> StoreRefusal | None:
+    async def try_reserve(
+        self, reservation_id: str, amounts: Mapping[Entry, int]
+    ) -> StoreRefusal | None:
         await self._hop()
         return self.store.try_reserve(reservation_id, amounts)
 
-    async def settle(self, reservation_id: str,
-                     actual: Mapping[Entry, int]) -> dict[Entry, int] | None:
+    async def settle(
+        self, reservation_id: str, actual: Mapping[Entry, int]
+    ) -> dict[Entry, int] | None:
         await self._hop()
         return self.store.settle(reservation_id, actual)
 
@@ -307,6 +329,7 @@ class AsyncStoreAdapter:
 
 
 # --- decisions --------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
@@ -360,9 +383,12 @@ class BudgetAlert:
 
     @property
     def message(self) -> str:
-        return (f"{self.key}: used {self.used:g} of {self.limit:g} "
-                f"({self.used / self.limit:.0%} >= {self.threshold:.0%})"
-                if self.limit else f"{self.key}: limit is 0")
+        return (
+            f"{self.key}: used {self.used:g} of {self.limit:g} "
+            f"({self.used / self.limit:.0%} >= {self.threshold:.0%})"
+            if self.limit
+            else f"{self.key}: limit is 0"
+        )
 
 
 StatsRow = tuple[float, int, float, int]
@@ -452,9 +478,14 @@ class BudgetPolicy:
     alerts; ``snapshot`` feeds ``fleet status`` and metrics.
     """
 
-    def __init__(self, spec: BudgetsSpec, clock: Clock, store: BudgetStore | None = None,
-                 max_agents_by_pool: Mapping[str, int] | None = None,
-                 alert_log_size: int = DEFAULT_ALERT_LOG_SIZE):
+    def __init__(
+        self,
+        spec: BudgetsSpec,
+        clock: Clock,
+        store: BudgetStore | None = None,
+        max_agents_by_pool: Mapping[str, int] | None = None,
+        alert_log_size: int = DEFAULT_ALERT_LOG_SIZE,
+    ):
         self.spec = spec
         self.store: BudgetStore = store if store is not None else InMemoryBudgetStore()
         self._clock = clock
@@ -488,23 +519,30 @@ class BudgetPolicy:
         self.store.set_limits(static)
 
     @classmethod
-    def for_fleet(cls, fleet_spec: object, clock: Clock,
-                  store: BudgetStore | None = None) -> BudgetPolicy:
+    def for_fleet(
+        cls, fleet_spec: object, clock: Clock, store: BudgetStore | None = None
+    ) -> BudgetPolicy:
         """Build from a ``FleetSpec`` (its ``budgets`` and its pools' ``max_agents``)."""
         pools = getattr(fleet_spec, "pools")
-        return cls(getattr(fleet_spec, "budgets"), clock, store,
-                   {p.name: p.autoscaling.max_agents for p in pools})
+        return cls(
+            getattr(fleet_spec, "budgets"),
+            clock,
+            store,
+            {p.name: p.autoscaling.max_agents for p in pools},
+        )
 
     # -- limits ----------------------------------------------------------------------------
     def _static_limits(self) -> dict[str, int | None]:
         s = self.spec
         out: dict[str, int | None] = {}
         if s.daily_usd is not None:
-            out[budget_key("fleet", FLEET, Resource.USD, "daily")] = \
-                limit_units(Resource.USD, s.daily_usd)
+            out[budget_key("fleet", FLEET, Resource.USD, "daily")] = limit_units(
+                Resource.USD, s.daily_usd
+            )
         if s.hourly_usd is not None:
-            out[budget_key("fleet", FLEET, Resource.USD, "hourly")] = \
-                limit_units(Resource.USD, s.hourly_usd)
+            out[budget_key("fleet", FLEET, Resource.USD, "hourly")] = limit_units(
+                Resource.USD, s.hourly_usd
+            )
         for scope, table in (("pool", s.pools), ("tenant", s.tenants)):
             for name, limits in table.items():
                 for (res, win), value in limits.limits().items():
@@ -518,30 +556,51 @@ class BudgetPolicy:
         if s.daily_usd is None and s.per_agent_max_usd is not None:
             key = (Resource.USD, "daily")
             limits[key] = min(limits.get(key, math.inf), s.per_agent_max_usd)
-        return {budget_key("agent", agent_id, r, w): limit_units(r, v)
-                for (r, w), v in limits.items()}
+        return {
+            budget_key("agent", agent_id, r, w): limit_units(r, v)
+            for (r, w), v in limits.items()
+        }
 
     def _allocated_key(self, agent_id: str) -> str:
         return budget_key("agent", agent_id, Resource.USD, "daily")
 
     # -- membership ------------------------------------------------------------------------
-    def join(self, agent_id: str, pool: str, *, priority_class: str | None = None,
-             weight: float = 1.0, size: float = 1.0) -> None:
+    def join(
+        self,
+        agent_id: str,
+        pool: str,
+        *,
+        priority_class: str | None = None,
+        weight: float = 1.0,
+        size: float = 1.0,
+    ) -> None:
         """An agent started; its class defaults to its pool's (``pool_classes``).
         ``weight`` multiplies its class weight, ``size`` is its size for the ``resource``
         policy. Joining again resets its burn-rate history, not what it used today."""
         cls = priority_class or self.spec.class_of_pool(pool)
         if cls not in self._rank:
-            raise ValueError(f"agent {agent_id}: unknown priority class {cls!r} "
-                             f"(classes: {', '.join(self.spec.class_names)})")
+            raise ValueError(
+                f"agent {agent_id}: unknown priority class {cls!r} "
+                f"(classes: {', '.join(self.spec.class_names)})"
+            )
         now = self._clock()
         window = self.spec.burn_rate_window_s
         limits: dict[str, int | None] = dict(self._agent_static_limits(agent_id))
         alloc_key = self._allocated_key(agent_id)
         if self.spec.daily_usd is not None:
             limits[alloc_key] = 0  # until the next rebalance
-        self._members[agent_id] = _Member(agent_id, pool, cls, self._rank[cls], weight, size,
-                                          now, TimeBuckets(window, 2), alloc_key, tuple(limits))
+        self._members[agent_id] = _Member(
+            agent_id,
+            pool,
+            cls,
+            self._rank[cls],
+            weight,
+            size,
+            now,
+            TimeBuckets(window, 2),
+            alloc_key,
+            tuple(limits),
+        )
         self._departed.pop(agent_id, None)
         self.store.set_limits(limits)
         self._dirty = True
@@ -563,8 +622,9 @@ class BudgetPolicy:
         return len(self._members)
 
     # -- the hot path ---------------------------------------------------------------------
-    def reserve(self, agent_id: str, estimate: Usage, *, tenant: str | None = None
-                ) -> Reservation | Refusal:
+    def reserve(
+        self, agent_id: str, estimate: Usage, *, tenant: str | None = None
+    ) -> Reservation | Refusal:
         """Hold ``estimate`` (the task's maximum cost) on every budget the task falls
         under, or refuse with ``budget_exhausted``."""
         m = self._members.get(agent_id)
@@ -588,11 +648,11 @@ class BudgetPolicy:
         elif refused is not None:
             return self._refusal(m, estimate, refused, now)
         self.reserved_count += 1
-        return Reservation(rid, agent_id, m.pool, m.cls, tenant, estimate, now,
-                           tuple(amounts))
+        return Reservation(rid, agent_id, m.pool, m.cls, tenant, estimate, now, tuple(amounts))
 
-    def _amounts(self, m: _Member, tenant: str | None, est: Usage,
-                 now: float) -> dict[Entry, int]:
+    def _amounts(
+        self, m: _Member, tenant: str | None, est: Usage, now: float
+    ) -> dict[Entry, int]:
         keys = [*self._fleet_keys, *m.keys, *self._scope_keys("pool", m.pool, self.spec.pools)]
         if tenant is not None:
             keys.extend(self._scope_keys("tenant", tenant, self.spec.tenants))
@@ -602,26 +662,35 @@ class BudgetPolicy:
             if info is None:
                 info = self._key_info[key] = parse_key(key)[2:]
             resource, window = info
-            out[(key, math.floor(now / WINDOW_S[window]))] = \
-                to_units(resource, est.amount(resource))
+            out[(key, math.floor(now / WINDOW_S[window]))] = to_units(
+                resource, est.amount(resource)
+            )
         return out
 
     def _scope_keys(self, scope: str, name: str, table: Mapping[str, object]) -> list[str]:
         keys = self._scope_key_cache.get((scope, name))
         if keys is None:
             limits = table.get(name)
-            keys = [budget_key(scope, name, r, w) for r, w in limits.limits()] \
-                if limits is not None else []  # type: ignore[attr-defined]
+            keys = (
+                [budget_key(scope, name, r, w) for r, w in limits.limits()]
+                if limits is not None
+                else []
+            )  # type: ignore[attr-defined]
             self._scope_key_cache[(scope, name)] = keys
         return keys
 
     def _may_claim_more(self, m: _Member, r: StoreRefusal, est: Usage) -> bool:
         a = self.allocation
-        return (r.entry[0] == m.alloc_key and a is not None
-                and a.unallocated >= est.usd and not self._dirty)
+        return (
+            r.entry[0] == m.alloc_key
+            and a is not None
+            and a.unallocated >= est.usd
+            and not self._dirty
+        )
 
-    def _refusal(self, m: _Member, est: Usage, r: StoreRefusal, now: float,
-                 count_unmet: bool = True) -> Refusal:
+    def _refusal(
+        self, m: _Member, est: Usage, r: StoreRefusal, now: float, count_unmet: bool = True
+    ) -> Refusal:
         key, index = r.entry
         scope, _, resource, window = parse_key(key)
         self.refusals[scope] = self.refusals.get(scope, 0) + 1
@@ -629,11 +698,14 @@ class BudgetPolicy:
         if own and resource is Resource.USD and count_unmet:
             m.demand.add(now, 0.0, est.usd)
         fmt = lambda u: f"{from_units(resource, u):g}"  # noqa: E731
-        detail = (f"{key}: used {fmt(r.used)} + reserved {fmt(r.reserved)} + this task "
-                  f"{fmt(r.asked)} > limit {fmt(r.limit)}")
+        detail = (
+            f"{key}: used {fmt(r.used)} + reserved {fmt(r.reserved)} + this task "
+            f"{fmt(r.asked)} > limit {fmt(r.limit)}"
+        )
         ends = (index + 1) * WINDOW_S[window]
-        return Refusal(REASON_EXHAUSTED, m.agent_id, key, scope, detail, own,
-                       max(0.0, ends - now))
+        return Refusal(
+            REASON_EXHAUSTED, m.agent_id, key, scope, detail, own, max(0.0, ends - now)
+        )
 
     def settle(self, reservation: Reservation, actual: Usage) -> Settlement:
         """Replace the reservation by what the task actually used."""
@@ -646,8 +718,14 @@ class BudgetPolicy:
             return Settlement(actual, 0.0, 0.0, duplicate=True)
         now = self._clock()
         self.settled_count += 1
-        overrun_usd = max((from_units(Resource.USD, u) for (k, _), u in overruns.items()
-                           if parse_key(k)[2] is Resource.USD), default=0.0)
+        overrun_usd = max(
+            (
+                from_units(Resource.USD, u)
+                for (k, _), u in overruns.items()
+                if parse_key(k)[2] is Resource.USD
+            ),
+            default=0.0,
+        )
         self.overrun_usd += overrun_usd
         self._count(reservation, actual, now)
         self._check_alerts(reservation.entries, now)
@@ -659,8 +737,11 @@ class BudgetPolicy:
 
     # -- allocation ------------------------------------------------------------------------
     def _maybe_rebalance(self, now: float) -> None:
-        if self._dirty or now >= self._next_rebalance_s or \
-                window_index("daily", now) != self._day:
+        if (
+            self._dirty
+            or now >= self._next_rebalance_s
+            or window_index("daily", now) != self._day
+        ):
             self.rebalance()
 
     def rebalance(self) -> Allocation | None:
@@ -678,24 +759,34 @@ class BudgetPolicy:
         entries = [(m.alloc_key, day) for m in members]
         gone = [(self._allocated_key(a), day) for a, d in self._departed.items() if d == day]
         views = self.store.counters(entries + gone)
-        gone_used = math.fsum(from_units(Resource.USD, views[e].used + views[e].reserved)
-                              for e in gone)
+        gone_used = math.fsum(
+            from_units(Resource.USD, views[e].used + views[e].reserved) for e in gone
+        )
         cap = s.per_agent_max_usd if s.per_agent_max_usd is not None else s.daily_usd
         remaining_s = (day + 1) * DAY_S - now
         claims = []
         for m, e in zip(members, entries):
             used = from_units(Resource.USD, views[e].used + views[e].reserved)
-            claims.append(Claim(
-                m.agent_id, min=min(s.per_agent_min_usd, cap), max=cap,
-                weight=self._class_weight[m.cls] * m.weight, size=m.size,
-                demand=self._demand(m, used, now, remaining_s), priority=m.rank, used=used))
+            claims.append(
+                Claim(
+                    m.agent_id,
+                    min=min(s.per_agent_min_usd, cap),
+                    max=cap,
+                    weight=self._class_weight[m.cls] * m.weight,
+                    size=m.size,
+                    demand=self._demand(m, used, now, remaining_s),
+                    priority=m.rank,
+                    used=used,
+                )
+            )
         claims.extend(self._growth_reserve())
         total = max(s.daily_usd - gone_used, math.fsum(c.used for c in claims))
         alloc = allocate(total, claims, self._policy, self._preemption)
         self.allocation = alloc
         shares = alloc.shares
-        self.store.set_limits({m.alloc_key: limit_units(Resource.USD, shares[m.agent_id])
-                               for m in members})
+        self.store.set_limits(
+            {m.alloc_key: limit_units(Resource.USD, shares[m.agent_id]) for m in members}
+        )
         view: dict[str, _ClassView] = {c: _ClassView() for c in s.class_names}
         for m, c in zip(members, claims):
             v = view[m.cls]
@@ -735,8 +826,14 @@ class BudgetPolicy:
             present = sum(1 for m in self._members.values() if m.pool in pools)
             absent = max(0, sum(self._max_agents[p] for p in pools) - present)
             if absent:
-                out.append(Claim(f"~growth:{c.name}", min=absent * lo, max=absent * lo,
-                                 priority=self._rank[c.name]))
+                out.append(
+                    Claim(
+                        f"~growth:{c.name}",
+                        min=absent * lo,
+                        max=absent * lo,
+                        priority=self._rank[c.name],
+                    )
+                )
         return out
 
     def _new_day(self, day: int) -> None:
@@ -749,14 +846,17 @@ class BudgetPolicy:
         kept = [a for a in self.alerts if alert_kept(a.key, a.window_index, day)]
         self.alerts.clear()
         self.alerts.extend(kept)
-        self._new_alerts = [a for a in self._new_alerts
-                            if alert_kept(a.key, a.window_index, day)]
+        self._new_alerts = [
+            a for a in self._new_alerts if alert_kept(a.key, a.window_index, day)
+        ]
         c = self._changes
         if c is not None:
             c.new_day = True
             c.stats.clear()
             c.alerts = [a for a in c.alerts if alert_kept(a.key, a.window_index, day)]
-        self.store.expire({"daily": day - 1, "hourly": window_index("hourly", day * DAY_S) - 1})
+        self.store.expire(
+            {"daily": day - 1, "hourly": window_index("hourly", day * DAY_S) - 1}
+        )
 
     # -- monitoring --------------------------------------------------------------------------
     def _stat(self, name: str, now: float) -> _Stats:
@@ -792,8 +892,14 @@ class BudgetPolicy:
             for t in self.spec.alert_thresholds:
                 if share >= t and (key, index, t) not in self._alerted:
                     self._alerted.add((key, index, t))
-                    alert = BudgetAlert(now, key, index, t, from_units(resource, v.used),
-                                        from_units(resource, v.limit))
+                    alert = BudgetAlert(
+                        now,
+                        key,
+                        index,
+                        t,
+                        from_units(resource, v.used),
+                        from_units(resource, v.limit),
+                    )
                     self._new_alerts.append(alert)
                     self.alerts.append(alert)
                     if self._changes is not None:
@@ -812,11 +918,22 @@ class BudgetPolicy:
         if c is None:
             raise RuntimeError("call record_changes first")
         self._changes = _Changes()
-        stats = {n: (st.spend_usd, st.tokens, st.cpu_s, st.tasks)
-                 for n in c.stats if (st := self._stats.get(n)) is not None}
-        return PolicyState(self._day, self._seq, self.reserved_count, self.settled_count,
-                           self.overrun_usd, dict(self.refusals), stats,
-                           [(a, False) for a in c.alerts], c.new_day)
+        stats = {
+            n: (st.spend_usd, st.tokens, st.cpu_s, st.tasks)
+            for n in c.stats
+            if (st := self._stats.get(n)) is not None
+        }
+        return PolicyState(
+            self._day,
+            self._seq,
+            self.reserved_count,
+            self.settled_count,
+            self.overrun_usd,
+            dict(self.refusals),
+            stats,
+            [(a, False) for a in c.alerts],
+            c.new_day,
+        )
 
     def restore(self, state: PolicyState, spent_today: Iterable[str] = ()) -> None:
         """Take back a state saved before a restart, on a new policy whose store
@@ -832,8 +949,9 @@ class BudgetPolicy:
         self.refusals = dict(state.refusals)
         window = self.spec.burn_rate_window_s
         # Burn history is not kept: a scope's burn rate counts again from now.
-        self._stats = {n: _Stats(now, TimeBuckets(window, 1), *row)
-                       for n, row in state.stats.items()}
+        self._stats = {
+            n: _Stats(now, TimeBuckets(window, 1), *row) for n, row in state.stats.items()
+        }
         self._alerted = {(a.key, a.window_index, a.threshold) for a, _ in state.alerts}
         self.alerts.clear()
         self.alerts.extend(a for a, _ in state.alerts)
@@ -857,8 +975,10 @@ class BudgetPolicy:
             return 0.0
         now = self._clock()
         # Over a scope's first window, divide by the time it has existed, not the window.
-        span = max(min(self.spec.burn_rate_window_s, now - st.since_s),
-                   self.spec.burn_rate_window_s / st.burn.buckets)
+        span = max(
+            min(self.spec.burn_rate_window_s, now - st.since_s),
+            self.spec.burn_rate_window_s / st.burn.buckets,
+        )
         return st.burn.sums(now)[0] * HOUR_S / span
 
     def spend_usd(self, name: str = "fleet") -> float:
@@ -879,8 +999,11 @@ class BudgetPolicy:
 
     def remaining_usd(self, agent_id: str | None = None) -> float:
         """USD the agent (or, with None, the fleet) may still reserve today."""
-        key = (self._allocated_key(agent_id) if agent_id is not None
-               else budget_key("fleet", FLEET, Resource.USD, "daily"))
+        key = (
+            self._allocated_key(agent_id)
+            if agent_id is not None
+            else budget_key("fleet", FLEET, Resource.USD, "daily")
+        )
         avail = self.counter(key).available
         return math.inf if avail is None else from_units(Resource.USD, avail)
 
@@ -897,10 +1020,17 @@ class BudgetPolicy:
         """Per priority class, as of the last rebalance: agents, USD allocated, USD
         spent today, and how many agents were short of their demand, preempted (cut to
         their minimum) or below their minimum."""
-        return {c: {"agents": v.agents, "allocated_usd": v.allocated_usd,
-                    "spend_usd": self.spend_usd(f"class:{c}"), "short": v.short,
-                    "preempted": v.preempted, "below_min": v.below_min}
-                for c, v in self._class_view.items()}
+        return {
+            c: {
+                "agents": v.agents,
+                "allocated_usd": v.allocated_usd,
+                "spend_usd": self.spend_usd(f"class:{c}"),
+                "short": v.short,
+                "preempted": v.preempted,
+                "below_min": v.below_min,
+            }
+            for c, v in self._class_view.items()
+        }
 
     def snapshot(self, top_agents: int = 20) -> dict[str, object]:
         """Spend, limits, burn and preemption per fleet, class, pool, tenant and the
@@ -908,11 +1038,20 @@ class BudgetPolicy:
         now = self._clock()
         fleet_key = budget_key("fleet", FLEET, Resource.USD, "daily")
         fleet = self.counter(fleet_key) if self.spec.daily_usd is not None else None
+
         def scope(prefix: str) -> dict[str, dict[str, float]]:
-            return {n.split(":", 1)[1]: {"spend_usd": st.spend_usd, "tokens": st.tokens,
-                                         "cpu_s": st.cpu_s, "tasks": st.tasks,
-                                         "burn_usd_per_h": self.burn_rate_usd_per_h(n)}
-                    for n, st in self._stats.items() if n.startswith(prefix)}
+            return {
+                n.split(":", 1)[1]: {
+                    "spend_usd": st.spend_usd,
+                    "tokens": st.tokens,
+                    "cpu_s": st.cpu_s,
+                    "tasks": st.tasks,
+                    "burn_usd_per_h": self.burn_rate_usd_per_h(n),
+                }
+                for n, st in self._stats.items()
+                if n.startswith(prefix)
+            }
+
         agents = scope("agent:")
         top = dict(sorted(agents.items(), key=lambda kv: -kv[1]["spend_usd"])[:top_agents])
         for a, row in top.items():
@@ -923,8 +1062,9 @@ class BudgetPolicy:
             "day_ends_in_s": (window_index("daily", now) + 1) * DAY_S - now,
             "fleet": {
                 "limit_usd": self.spec.daily_usd,
-                "used_usd": from_units(Resource.USD, fleet.used) if fleet else
-                self.spend_usd("fleet"),
+                "used_usd": from_units(Resource.USD, fleet.used)
+                if fleet
+                else self.spend_usd("fleet"),
                 "reserved_usd": from_units(Resource.USD, fleet.reserved) if fleet else 0.0,
                 "burn_usd_per_h": self.burn_rate_usd_per_h("fleet"),
                 "agents": len(self._members),
@@ -937,4 +1077,3 @@ class BudgetPolicy:
             "overrun_usd": self.overrun_usd,
             "alerts": [a.message for a in list(self.alerts)[-10:]],
         }
-

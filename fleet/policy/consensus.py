@@ -85,7 +85,9 @@ class Question:
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str) or not self.text.strip():
-            raise ConsensusError(f"question: text must be a non-empty string, got {self.text!r}")
+            raise ConsensusError(
+                f"question: text must be a non-empty string, got {self.text!r}"
+            )
         opts = tuple(self.options)
         if any(not isinstance(o, str) or not o for o in opts) or len(set(opts)) != len(opts):
             raise ConsensusError(
@@ -109,10 +111,17 @@ class Vote:
 
     def __post_init__(self) -> None:
         if not isinstance(self.option, str) or not self.option:
-            raise ConsensusError(f"vote: option must be a non-empty string, got {self.option!r}")
-        if not (isinstance(self.weight, int | float) and math.isfinite(self.weight)
-                and self.weight >= 0):
-            raise ConsensusError(f"vote: weight must be a finite number >= 0, got {self.weight!r}")
+            raise ConsensusError(
+                f"vote: option must be a non-empty string, got {self.option!r}"
+            )
+        if not (
+            isinstance(self.weight, int | float)
+            and math.isfinite(self.weight)
+            and self.weight >= 0
+        ):
+            raise ConsensusError(
+                f"vote: weight must be a finite number >= 0, got {self.weight!r}"
+            )
         if not (isinstance(self.confidence, int | float) and 0 <= self.confidence <= 1):
             raise ConsensusError(
                 f"vote: confidence must lie within [0, 1], got {self.confidence!r}"
@@ -129,7 +138,9 @@ def as_vote(answer: Any) -> Vote:
         return Vote(*answer)
     if isinstance(answer, Mapping):
         return Vote(**answer)
-    raise ConsensusError(f"vote: expected an option, a Vote, a tuple or a mapping, got {answer!r}")
+    raise ConsensusError(
+        f"vote: expected an option, a Vote, a tuple or a mapping, got {answer!r}"
+    )
 
 
 # -- tallies ------------------------------------------------------------------------------
@@ -157,8 +168,9 @@ class Tally:
             )
 
     @classmethod
-    def of(cls, votes: Iterable[Vote], *, eligible: int | None = None,
-           failed: int = 0) -> Tally:
+    def of(
+        cls, votes: Iterable[Vote], *, eligible: int | None = None, failed: int = 0
+    ) -> Tally:
         """Tally ``votes``; ``eligible`` defaults to the voters that answered or failed."""
         counts: dict[str, int] = {}
         weights: dict[str, int] = {}
@@ -169,15 +181,18 @@ class Tally:
             weights[o] = weights.get(o, 0) + _units(v.weight)
             scores[o] = scores.get(o, 0) + _units(v.weight * v.confidence)
         n = sum(counts.values())
-        return cls(counts, weights, scores, n + failed if eligible is None else eligible, failed)
+        return cls(
+            counts, weights, scores, n + failed if eligible is None else eligible, failed
+        )
 
     @classmethod
     def of_outcomes(cls, outcomes: Iterable[Vote | str]) -> Tally:
         """Tally per-voter outcomes: a Vote, ``FAILED`` or ``MISSING``."""
         outcomes = list(outcomes)
         failed = sum(1 for o in outcomes if o == FAILED)
-        return cls.of((o for o in outcomes if isinstance(o, Vote)), eligible=len(outcomes),
-                      failed=failed)
+        return cls.of(
+            (o for o in outcomes if isinstance(o, Vote)), eligible=len(outcomes), failed=failed
+        )
 
     def merge(self, other: Tally) -> Tally:
         def add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
@@ -186,9 +201,13 @@ class Tally:
                 out[k] = out.get(k, 0) + v
             return out
 
-        return Tally(add(self.counts, other.counts), add(self.weights_u, other.weights_u),
-                     add(self.scores_u, other.scores_u), self.eligible + other.eligible,
-                     self.failed + other.failed)
+        return Tally(
+            add(self.counts, other.counts),
+            add(self.weights_u, other.weights_u),
+            add(self.scores_u, other.scores_u),
+            self.eligible + other.eligible,
+            self.failed + other.failed,
+        )
 
     __add__ = merge
 
@@ -208,15 +227,20 @@ class Tally:
         return self.eligible - self.answered - self.failed
 
     def measure(self, by: WeighBy = WeighBy.COUNT) -> dict[str, int]:
-        return {WeighBy.COUNT: self.counts, WeighBy.WEIGHT: self.weights_u,
-                WeighBy.CONFIDENCE: self.scores_u}[WeighBy(by)]
+        return {
+            WeighBy.COUNT: self.counts,
+            WeighBy.WEIGHT: self.weights_u,
+            WeighBy.CONFIDENCE: self.scores_u,
+        }[WeighBy(by)]
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "counts": dict(sorted(self.counts.items())),
             "weights": {k: v / WEIGHT_SCALE for k, v in sorted(self.weights_u.items())},
             "scores": {k: v / WEIGHT_SCALE for k, v in sorted(self.scores_u.items())},
-            "eligible": self.eligible, "answered": self.answered, "failed": self.failed,
+            "eligible": self.eligible,
+            "answered": self.answered,
+            "failed": self.failed,
             "missing": self.missing,
         }
 
@@ -235,12 +259,14 @@ def reduce_tree(tallies: Sequence[Tally], fan_out: int) -> tuple[Tally, int, int
     passed = levels = 0
     while len(level) > 1:
         passed += len(level)
-        level = [Tally.combine(level[i:i + fan_out]) for i in range(0, len(level), fan_out)]
+        level = [Tally.combine(level[i : i + fan_out]) for i in range(0, len(level), fan_out)]
         levels += 1
     return level[0], passed, levels
 
 
-def tally_groups(groups: Sequence[Sequence[Vote | str]], fan_out: int) -> tuple[Tally, int, int]:
+def tally_groups(
+    groups: Sequence[Sequence[Vote | str]], fan_out: int
+) -> tuple[Tally, int, int]:
     """Tally the per-voter outcomes of a leaf's groups (departments, regions, chunks).
 
     Within a group, a group leader tallies each run of ``fan_out`` voters and the group's
@@ -252,8 +278,10 @@ def tally_groups(groups: Sequence[Sequence[Vote | str]], fan_out: int) -> tuple[
     for outcomes in groups:
         if not outcomes:
             continue
-        chunks = [Tally.of_outcomes(outcomes[i:i + fan_out])
-                  for i in range(0, len(outcomes), fan_out)]
+        chunks = [
+            Tally.of_outcomes(outcomes[i : i + fan_out])
+            for i in range(0, len(outcomes), fan_out)
+        ]
         t, passed, levels = reduce_tree(chunks, fan_out)
         group_tallies.append(t)
         messages += len(outcomes) + passed
@@ -300,7 +328,9 @@ class RuleCheck:
         return self.leader_measure / self.total_measure if self.total_measure else 0.0
 
 
-def check_rule(tally: Tally, policy: ConsensusSpec, population: int | None = None) -> RuleCheck:
+def check_rule(
+    tally: Tally, policy: ConsensusSpec, population: int | None = None
+) -> RuleCheck:
     """Evaluate the rule on ``tally``; ``population`` is every voter of the question."""
     population = tally.eligible if population is None else population
     m = tally.measure(policy.weigh_by)
@@ -309,8 +339,9 @@ def check_rule(tally: Tally, policy: ConsensusSpec, population: int | None = Non
     lead = m.get(leader, 0) if leader is not None else 0
     num, den = _ratio(policy.majority_share)
     majority = leader is not None and lead * den > num * total
-    quorum_met = population > 0 and tally.answered >= quorum_needed(policy.quorum_share,
-                                                                     population)
+    quorum_met = population > 0 and tally.answered >= quorum_needed(
+        policy.quorum_share, population
+    )
     outstanding = max(0, population - tally.answered - tally.failed)
     if policy.weigh_by is WeighBy.COUNT:
         # Worst case for the leader: every outstanding voter votes for someone else.
@@ -345,8 +376,9 @@ def _log_comb(n: int, k: int) -> float:
     return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
 
 
-def majority_p_value(successes: int, sampled: int, population: int,
-                     majority_share: float = 0.5) -> float:
+def majority_p_value(
+    successes: int, sampled: int, population: int, majority_share: float = 0.5
+) -> float:
     """P(X >= successes) when ``sampled`` voters are drawn without replacement from
     ``population`` of whom at most ``floor(majority_share x population)`` back the option.
 
@@ -390,16 +422,18 @@ def majority_p_value(successes: int, sampled: int, population: int,
     return max(0.0, 1.0 - total)
 
 
-def majority_confidence(tally: Tally, option: str | None, policy: ConsensusSpec,
-                        population: int) -> float:
+def majority_confidence(
+    tally: Tally, option: str | None, policy: ConsensusSpec, population: int
+) -> float:
     """1 - p-value that ``option`` holds a majority (by count) of the responsive
     population, treating the answers in hand as a uniform sample of it (a caveat when
     stragglers are biased)."""
     if option is None:
         return 0.0
     responsive = population - tally.failed
-    return 1.0 - majority_p_value(tally.counts.get(option, 0), tally.answered, responsive,
-                                  policy.majority_share)
+    return 1.0 - majority_p_value(
+        tally.counts.get(option, 0), tally.answered, responsive, policy.majority_share
+    )
 
 
 # -- verdicts and decisions -------------------------------------------------------------
@@ -411,9 +445,15 @@ class Verdict:
     share: float  # the option's share of the measure in hand
 
 
-def evaluate(tally: Tally, policy: ConsensusSpec, question: Question, *, population: int,
-             final: bool, test: Callable[[RuleCheck], Verdict | None] | None = None
-             ) -> Verdict | None:
+def evaluate(
+    tally: Tally,
+    policy: ConsensusSpec,
+    question: Question,
+    *,
+    population: int,
+    final: bool,
+    test: Callable[[RuleCheck], Verdict | None] | None = None,
+) -> Verdict | None:
     """Apply the rule; None means "undecided: keep collecting".
 
     ``final`` says no more votes will arrive. ``test`` is a mode's early-stop test (a
@@ -432,14 +472,19 @@ def evaluate(tally: Tally, policy: ConsensusSpec, question: Question, *, populat
     if not final:
         return None
     if chk.holds:
-        return Verdict(chk.leader, Reason.TIMEOUT,
-                       majority_confidence(tally, chk.leader, policy, population), chk.share)
+        return Verdict(
+            chk.leader,
+            Reason.TIMEOUT,
+            majority_confidence(tally, chk.leader, policy, population),
+            chk.share,
+        )
     option = tie_break(tally, policy, question)
     m = tally.measure(policy.weigh_by)
     total = sum(m.values())
     share = m.get(option, 0) / total if total and option is not None else 0.0
-    return Verdict(option, Reason.TIE_BREAK,
-                   majority_confidence(tally, option, policy, population), share)
+    return Verdict(
+        option, Reason.TIE_BREAK, majority_confidence(tally, option, policy, population), share
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,8 +573,9 @@ class HierarchicalRun:
         self._tally = self._tally.merge(tally)
 
     def verdict(self, final: bool) -> Verdict | None:
-        return evaluate(self._tally, self.policy, self.question, population=self.population,
-                        final=final)
+        return evaluate(
+            self._tally, self.policy, self.question, population=self.population, final=final
+        )
 
 
 class _Draw:
@@ -571,8 +617,9 @@ class ProbabilisticRun:
 
     streams = False
 
-    def __init__(self, policy: ConsensusSpec, question: Question, population: int,
-                 rng: random.Random):
+    def __init__(
+        self, policy: ConsensusSpec, question: Question, population: int, rng: random.Random
+    ):
         self.policy, self.question, self.population = policy, question, population
         self._draw = _Draw(population, rng)
         self._next_total = policy.first_sample
@@ -606,15 +653,22 @@ class ProbabilisticRun:
         n_options = max(2, len(self.question.options) or len(t.counts))
         alpha_k = (1.0 - self.policy.confidence) / (n_options * k * (k + 1))
         responsive = self.population - t.failed - t.missing
-        p = majority_p_value(t.counts[chk.leader], t.answered, responsive,
-                             self.policy.majority_share)
+        p = majority_p_value(
+            t.counts[chk.leader], t.answered, responsive, self.policy.majority_share
+        )
         if p <= alpha_k:
             return Verdict(chk.leader, Reason.CONFIDENCE, 1.0 - p, chk.share)
         return None
 
     def verdict(self, final: bool) -> Verdict | None:
-        return evaluate(self._tally, self.policy, self.question, population=self.population,
-                        final=final, test=self._test)
+        return evaluate(
+            self._tally,
+            self.policy,
+            self.question,
+            population=self.population,
+            final=final,
+            test=self._test,
+        )
 
 
 class SnowballRun:
@@ -632,8 +686,9 @@ class SnowballRun:
 
     streams = False
 
-    def __init__(self, policy: ConsensusSpec, question: Question, population: int,
-                 rng: random.Random):
+    def __init__(
+        self, policy: ConsensusSpec, question: Question, population: int, rng: random.Random
+    ):
         self.policy, self.question, self.population = policy, question, population
         self._rng = rng
         self.k = min(policy.snowball_sample_size, population)
@@ -683,17 +738,30 @@ class SnowballRun:
             return None
         t = self.tally
         share = t.counts.get(self.preference, 0) / t.answered if t.answered else 0.0
-        return Verdict(self.preference, Reason.CONFIDENCE,
-                       majority_confidence(t, self.preference, self.policy, self.population),
-                       share)
+        return Verdict(
+            self.preference,
+            Reason.CONFIDENCE,
+            majority_confidence(t, self.preference, self.policy, self.population),
+            share,
+        )
 
     def verdict(self, final: bool) -> Verdict | None:
-        return evaluate(self.tally, self.policy, self.question, population=self.population,
-                        final=final, test=self._test)
+        return evaluate(
+            self.tally,
+            self.policy,
+            self.question,
+            population=self.population,
+            final=final,
+            test=self._test,
+        )
 
 
-def start_run(policy: ConsensusSpec, question: Question, population: int,
-              rng: random.Random | None = None) -> HierarchicalRun | ProbabilisticRun | SnowballRun:
+def start_run(
+    policy: ConsensusSpec,
+    question: Question,
+    population: int,
+    rng: random.Random | None = None,
+) -> HierarchicalRun | ProbabilisticRun | SnowballRun:
     """A fresh run for one decision. ``rng`` defaults to one seeded by (seed, question),
     so the same question under the same policy samples the same voters."""
     if population <= 0:

@@ -64,10 +64,12 @@ def overdue_outcome(item: Item, now_unix_s: float, pool: str | None = None) -> O
     """The failed outcome the caller records for an item returned as overdue."""
     late = now_unix_s - (item.deadline_unix_s or now_unix_s)
     return failed_outcome(
-        item, DEADLINE_EXCEEDED,
+        item,
+        DEADLINE_EXCEEDED,
         f"deadline {item.deadline_unix_s:.3f} passed {late:.3f} s before the task could "
         f"start (delivered {item.deliveries} times)",
-        pool=pool, now_unix_s=now_unix_s,
+        pool=pool,
+        now_unix_s=now_unix_s,
     )
 
 
@@ -117,16 +119,20 @@ class AgingPriority:
         if not self.aging_limit_s > 0:
             raise ValueError(f"aging_limit_s must be > 0, got {self.aging_limit_s}")
         if self.max_priority <= self.min_priority:
-            raise ValueError(f"max_priority ({self.max_priority}) must exceed "
-                             f"min_priority ({self.min_priority})")
+            raise ValueError(
+                f"max_priority ({self.max_priority}) must exceed "
+                f"min_priority ({self.min_priority})"
+            )
 
     @property
     def s_per_level(self) -> float:
         return self.aging_limit_s / (self.max_priority - self.min_priority)
 
     def key(self, item: Item) -> SortKey:
-        return (item.submitted_unix_s - self.s_per_level * item.priority,
-                item.submitted_unix_s)
+        return (
+            item.submitted_unix_s - self.s_per_level * item.priority,
+            item.submitted_unix_s,
+        )
 
     def value(self, item: Item, now_unix_s: float) -> float:
         return item.priority + (now_unix_s - item.submitted_unix_s) / self.s_per_level
@@ -190,9 +196,14 @@ class Utility:
         return u - self.decay_per_s * wait
 
 
-def make_discipline(discipline: Discipline, *, priority_aging_limit_s: float | None = None,
-                    default_utility: float = DEFAULT_UTILITY, utility_decay_per_s: float = 0.0,
-                    utility_half_life_s: float | None = None) -> DisciplinePolicy:
+def make_discipline(
+    discipline: Discipline,
+    *,
+    priority_aging_limit_s: float | None = None,
+    default_utility: float = DEFAULT_UTILITY,
+    utility_decay_per_s: float = 0.0,
+    utility_half_life_s: float | None = None,
+) -> DisciplinePolicy:
     """The policy object for a discipline and its parameters (units as in QueueSpec)."""
     if discipline is Discipline.FIFO:
         return Fifo()
@@ -210,14 +221,24 @@ def make_discipline(discipline: Discipline, *, priority_aging_limit_s: float | N
 def discipline_from_spec(spec: QueueSpec) -> DisciplinePolicy:
     """The policy a QueueSpec asks for."""
     return make_discipline(
-        spec.discipline, priority_aging_limit_s=spec.priority_aging_limit_s,
-        default_utility=spec.default_utility, utility_decay_per_s=spec.utility_decay_per_s,
+        spec.discipline,
+        priority_aging_limit_s=spec.priority_aging_limit_s,
+        default_utility=spec.default_utility,
+        utility_decay_per_s=spec.utility_decay_per_s,
         utility_half_life_s=spec.utility_half_life_s,
     )
 
 
 __all__ = [
-    "DEADLINE_EXCEEDED", "AgingPriority", "DisciplinePolicy", "EarliestDeadline", "Fifo",
-    "StrictPriority", "Utility", "discipline_from_spec", "is_overdue", "make_discipline",
+    "DEADLINE_EXCEEDED",
+    "AgingPriority",
+    "DisciplinePolicy",
+    "EarliestDeadline",
+    "Fifo",
+    "StrictPriority",
+    "Utility",
+    "discipline_from_spec",
+    "is_overdue",
+    "make_discipline",
     "overdue_outcome",
 ]

@@ -49,6 +49,7 @@ DEFAULT_EVENT_LOG_SIZE = 1_000
 
 # --- states, reasons, actions, events --------------------------------------------------
 
+
 class AgentState(str, Enum):
     STARTING = "starting"  # joined (or reinstated), no heartbeat yet; not in service
     HEALTHY = "healthy"  # in service
@@ -147,6 +148,7 @@ class HealthEventLog:
 
 # --- failure detection -----------------------------------------------------------------
 
+
 @dataclass(slots=True)
 class AgentSignals:
     """What one agent has reported since its last (re)start."""
@@ -169,8 +171,7 @@ class FailureDetector:
         self.spec = spec
 
     def new_signals(self, now_s: float) -> AgentSignals:
-        return AgentSignals(started_s=now_s,
-                            outcomes=TimeBuckets(self.spec.error_window_s, 2))
+        return AgentSignals(started_s=now_s, outcomes=TimeBuckets(self.spec.error_window_s, 2))
 
     def record_outcome(self, signals: AgentSignals, now_s: float, ok: bool) -> None:
         assert signals.outcomes is not None
@@ -182,17 +183,20 @@ class FailureDetector:
         calls, errors = signals.outcomes.sums(now_s)
         return round(calls), (errors / calls if calls else 0.0)
 
-    def hung(self, task_id: str, start_s: float, limit_s: float,
-             now_s: float) -> Failure | None:
+    def hung(
+        self, task_id: str, start_s: float, limit_s: float, now_s: float
+    ) -> Failure | None:
         """The hung-task rule alone: a task started at ``start_s`` and allowed
         ``limit_s`` seconds is hung once it has run past its limit plus
         ``hung_task_grace_s``. A runtime that tracks running tasks itself (the host
         does) applies it and reports the verdict with ``HealthMonitor.report_failure``."""
         running = now_s - start_s
         if running > limit_s + self.spec.hung_task_grace_s:
-            return Failure(FailureReason.HUNG_TASK,
-                           f"task {task_id} running {running:.1f}s > limit {limit_s}s "
-                           f"+ grace {self.spec.hung_task_grace_s}s")
+            return Failure(
+                FailureReason.HUNG_TASK,
+                f"task {task_id} running {running:.1f}s > limit {limit_s}s "
+                f"+ grace {self.spec.hung_task_grace_s}s",
+            )
         return None
 
     def check(self, signals: AgentSignals, now_s: float) -> Failure | None:
@@ -200,9 +204,11 @@ class FailureDetector:
         if signals.last_heartbeat_s is None:
             waited = now_s - signals.started_s
             if waited > s.startup_timeout_s:
-                return Failure(FailureReason.STARTUP_TIMEOUT,
-                               f"no heartbeat {waited:.1f}s after (re)start > "
-                               f"startup_timeout_s {s.startup_timeout_s}")
+                return Failure(
+                    FailureReason.STARTUP_TIMEOUT,
+                    f"no heartbeat {waited:.1f}s after (re)start > "
+                    f"startup_timeout_s {s.startup_timeout_s}",
+                )
             return None
         for task_id, (start_s, limit_s) in signals.tasks.items():
             hung = self.hung(task_id, start_s, limit_s, now_s)
@@ -210,18 +216,23 @@ class FailureDetector:
                 return hung
         calls, rate = self.error_rate(signals, now_s)
         if calls >= s.error_min_calls and rate >= s.error_rate_threshold:
-            return Failure(FailureReason.ERROR_RATE,
-                           f"error rate {rate:.2f} >= {s.error_rate_threshold} over {calls} "
-                           f"tasks in {s.error_window_s}s")
+            return Failure(
+                FailureReason.ERROR_RATE,
+                f"error rate {rate:.2f} >= {s.error_rate_threshold} over {calls} "
+                f"tasks in {s.error_window_s}s",
+            )
         silent = now_s - signals.last_heartbeat_s
         if silent > s.heartbeat_timeout_s:
-            return Failure(FailureReason.HEARTBEAT_MISSED,
-                           f"no heartbeat for {silent:.1f}s > heartbeat_timeout_s "
-                           f"{s.heartbeat_timeout_s}")
+            return Failure(
+                FailureReason.HEARTBEAT_MISSED,
+                f"no heartbeat for {silent:.1f}s > heartbeat_timeout_s "
+                f"{s.heartbeat_timeout_s}",
+            )
         return None
 
 
 # --- restart backoff -------------------------------------------------------------------
+
 
 def restart_backoff_s(spec: RestartSpec, failures: int, rng: random.Random) -> float:
     """Seconds to wait before restarting an agent after its ``failures``-th consecutive
@@ -234,15 +245,20 @@ def restart_backoff_s(spec: RestartSpec, failures: int, rng: random.Random) -> f
     exponent = failures - 1
     if spec.backoff_multiplier > 1:
         # Past this exponent the cap applies anyway; stopping here avoids float overflow.
-        exponent = min(exponent, math.ceil(
-            math.log(max(spec.max_backoff_s / spec.initial_backoff_s, 1.0))
-            / math.log(spec.backoff_multiplier)) + 1)
-    delay = min(spec.initial_backoff_s * spec.backoff_multiplier ** exponent,
-                spec.max_backoff_s)
+        exponent = min(
+            exponent,
+            math.ceil(
+                math.log(max(spec.max_backoff_s / spec.initial_backoff_s, 1.0))
+                / math.log(spec.backoff_multiplier)
+            )
+            + 1,
+        )
+    delay = min(spec.initial_backoff_s * spec.backoff_multiplier**exponent, spec.max_backoff_s)
     return delay * (1.0 - spec.jitter_ratio * rng.random())
 
 
 # --- the cascade guard -----------------------------------------------------------------
+
 
 class CascadeGuard:
     """A fleet-level breaker over restarts; see ``CascadeSpec`` for the rules.
@@ -257,8 +273,12 @@ class CascadeGuard:
     window, so no burst straddles a window boundary).
     """
 
-    def __init__(self, spec: CascadeSpec, listeners: Iterable[HealthListener] = (),
-                 name: str = "cascade"):
+    def __init__(
+        self,
+        spec: CascadeSpec,
+        listeners: Iterable[HealthListener] = (),
+        name: str = "cascade",
+    ):
         self.spec = spec
         self.name = name
         self._listeners = list(listeners)
@@ -282,7 +302,7 @@ class CascadeGuard:
         if self.state is GuardState.OPEN:
             return n
         intervals = min(int((now_s - self._since_s) // self.spec.interval_s), 64)
-        grown = math.ceil(n * self.spec.half_open_growth ** intervals)
+        grown = math.ceil(n * self.spec.half_open_growth**intervals)
         return min(grown, max(n, self._total))
 
     def observe(self, failing: int, total: int, now_s: float) -> GuardState:
@@ -294,20 +314,29 @@ class CascadeGuard:
         what = f"{failing} of {total} agents failing ({share:.0%})"
         for _ in range(3):  # OPEN -> HALF_OPEN -> CLOSED may all follow from one reading
             if self.state is GuardState.CLOSED:
-                if spec.enabled and failing >= spec.min_failing_agents \
-                        and share > spec.cascade_share:
-                    self._transition(GuardState.OPEN, now_s,
-                                     f"{what} > cascade_share {spec.cascade_share:.0%}")
+                if (
+                    spec.enabled
+                    and failing >= spec.min_failing_agents
+                    and share > spec.cascade_share
+                ):
+                    self._transition(
+                        GuardState.OPEN,
+                        now_s,
+                        f"{what} > cascade_share {spec.cascade_share:.0%}",
+                    )
                     continue
             elif self.state is GuardState.OPEN:
                 if share <= resume:
-                    self._transition(GuardState.HALF_OPEN, now_s,
-                                     f"{what} <= resume_share {resume:.0%}")
+                    self._transition(
+                        GuardState.HALF_OPEN, now_s, f"{what} <= resume_share {resume:.0%}"
+                    )
                     continue
             elif share <= resume and (self.allowance(now_s) or 0) >= failing:
-                self._transition(GuardState.CLOSED, now_s,
-                                 f"{what} <= resume_share {resume:.0%} and the allowance "
-                                 f"covers them")
+                self._transition(
+                    GuardState.CLOSED,
+                    now_s,
+                    f"{what} <= resume_share {resume:.0%} and the allowance covers them",
+                )
                 continue
             break
         return self.state
@@ -333,9 +362,12 @@ class CascadeGuard:
             return
         self._probe_successes += 1
         if self._probe_successes >= self.spec.probe_successes:
-            self._transition(GuardState.HALF_OPEN, now_s,
-                             f"{self._probe_successes} restarted agents stayed healthy "
-                             f"for {self.spec.probe_healthy_s}s")
+            self._transition(
+                GuardState.HALF_OPEN,
+                now_s,
+                f"{self._probe_successes} restarted agents stayed healthy "
+                f"for {self.spec.probe_healthy_s}s",
+            )
 
     def probe_failed(self, now_s: float) -> None:
         """An agent restarted while the guard was not CLOSED failed again."""
@@ -352,26 +384,44 @@ class CascadeGuard:
         self._probe_successes = 0
         if new is not GuardState.CLOSED and old is GuardState.CLOSED:
             self._grants.clear()
-        self._emit(HealthEvent(now_s, EventKind.GUARD, self.name, old.value, new.value,
-                               reason))
+        self._emit(
+            HealthEvent(now_s, EventKind.GUARD, self.name, old.value, new.value, reason)
+        )
         if old is GuardState.CLOSED:
             self.opened += 1
-            self._emit(HealthEvent(now_s, EventKind.ALERT_FIRING, self.name,
-                                   reason=f"cascade: {reason}; restarts throttled to "
-                                          f"{self.spec.max_restarts_per_interval} per "
-                                          f"{self.spec.interval_s}s"))
+            self._emit(
+                HealthEvent(
+                    now_s,
+                    EventKind.ALERT_FIRING,
+                    self.name,
+                    reason=f"cascade: {reason}; restarts throttled to "
+                    f"{self.spec.max_restarts_per_interval} per "
+                    f"{self.spec.interval_s}s",
+                )
+            )
         elif new is GuardState.CLOSED:
-            self._emit(HealthEvent(now_s, EventKind.ALERT_RESOLVED, self.name,
-                                   reason=f"cascade over: {reason}"))
+            self._emit(
+                HealthEvent(
+                    now_s,
+                    EventKind.ALERT_RESOLVED,
+                    self.name,
+                    reason=f"cascade over: {reason}",
+                )
+            )
 
     def _emit(self, event: HealthEvent) -> None:
         for listener in self._listeners:
             listener.on_health_event(event)
 
     def snapshot(self, now_s: float) -> dict[str, object]:
-        return {"state": self.state.value, "allowance_per_interval": self.allowance(now_s),
-                "interval_s": self.spec.interval_s, "opened": self.opened,
-                "granted": self.granted, "throttled": self.throttled}
+        return {
+            "state": self.state.value,
+            "allowance_per_interval": self.allowance(now_s),
+            "interval_s": self.spec.interval_s,
+            "opened": self.opened,
+            "granted": self.granted,
+            "throttled": self.throttled,
+        }
 
 
 class RestartGate(Protocol):
@@ -431,7 +481,9 @@ class FleetGate:
         """Nothing to tell: the fleet guard's owner raises the alerts."""
 
     def fresh(self, now_s: float) -> bool:
-        return self._verdict_at_s is not None and now_s - self._verdict_at_s <= self.stale_after_s
+        return (
+            self._verdict_at_s is not None and now_s - self._verdict_at_s <= self.stale_after_s
+        )
 
     @property
     def state(self) -> GuardState:
@@ -441,8 +493,12 @@ class FleetGate:
 
     def observe(self, failing: int, total: int, now_s: float) -> GuardState:
         spec = self.spec
-        self._suspect = (spec.enabled and failing >= spec.min_failing_agents
-                         and total > 0 and failing / total > spec.cascade_share)
+        self._suspect = (
+            spec.enabled
+            and failing >= spec.min_failing_agents
+            and total > 0
+            and failing / total > spec.cascade_share
+        )
         self.local.observe(failing, total, now_s)
         return self.state
 
@@ -472,8 +528,13 @@ class FleetGate:
 
     def report(self, failing: int, total: int, restarts_due: int) -> dict[str, int]:
         """What to send the fleet guard's owner; probe fates are sent once."""
-        out = {"failing": failing, "total": total, "restarts_wanted": restarts_due,
-               "probe_ok": self._probe_ok, "probe_failed": self._probe_failed}
+        out = {
+            "failing": failing,
+            "total": total,
+            "restarts_wanted": restarts_due,
+            "probe_ok": self._probe_ok,
+            "probe_failed": self._probe_failed,
+        }
         self._probe_ok = self._probe_failed = 0
         return out
 
@@ -485,14 +546,19 @@ class FleetGate:
         self._verdict_at_s = now_s
 
     def snapshot(self, now_s: float) -> dict[str, object]:
-        return {"state": self.state.value,
-                "fleet_state": self.fleet_state.value if self.fleet_state else None,
-                "fresh": self.fresh(now_s), "permits": self._permits,
-                "local": self.local.snapshot(now_s), "granted": self.granted,
-                "throttled": self.throttled}
+        return {
+            "state": self.state.value,
+            "fleet_state": self.fleet_state.value if self.fleet_state else None,
+            "fresh": self.fresh(now_s),
+            "permits": self._permits,
+            "local": self.local.snapshot(now_s),
+            "granted": self.granted,
+            "throttled": self.throttled,
+        }
 
 
 # --- the monitor -----------------------------------------------------------------------
+
 
 @dataclass(slots=True)
 class AgentHealth:
@@ -532,17 +598,26 @@ class HealthMonitor:
     seconds; ``rng`` jitters the restart backoff.
     """
 
-    def __init__(self, spec: HealthSpec, clock: Clock, rng: random.Random,
-                 listeners: Iterable[HealthListener] = (), name: str = "fleet",
-                 guard: RestartGate | None = None):
+    def __init__(
+        self,
+        spec: HealthSpec,
+        clock: Clock,
+        rng: random.Random,
+        listeners: Iterable[HealthListener] = (),
+        name: str = "fleet",
+        guard: RestartGate | None = None,
+    ):
         self.spec = spec
         self.name = name
         self._clock = clock
         self._rng = rng
         self._listeners = list(listeners)
         self.detector = FailureDetector(spec)
-        self.guard: RestartGate = guard if guard is not None else CascadeGuard(
-            spec.cascade, self._listeners, name=f"{name}:cascade")
+        self.guard: RestartGate = (
+            guard
+            if guard is not None
+            else CascadeGuard(spec.cascade, self._listeners, name=f"{name}:cascade")
+        )
         self._agents: dict[str, AgentHealth] = {}
         self._outbox: list[HealthAction] = []
         self.failures: deque[FailureRecord] = deque(maxlen=spec.failure_log_size)
@@ -559,8 +634,9 @@ class HealthMonitor:
         if agent_id in self._agents:
             return
         now = self._clock()
-        self._agents[agent_id] = AgentHealth(agent_id, pool, S.STARTING, now,
-                                             self.detector.new_signals(now))
+        self._agents[agent_id] = AgentHealth(
+            agent_id, pool, S.STARTING, now, self.detector.new_signals(now)
+        )
 
     def remove_agent(self, agent_id: str) -> None:
         """The agent is gone on purpose (scaled down, drained): forget it."""
@@ -584,11 +660,19 @@ class HealthMonitor:
             a = self._agents[agent_id]
         a.signals.last_heartbeat_s = now
         if a.state in (S.STARTING, S.RESTARTING):
-            self._admit(a, now, "first heartbeat after start" if a.state is S.STARTING
-                        else f"restart {a.restarts} reported healthy")
-        elif (a.state is S.UNHEALTHY and self.spec.recover_on_heartbeat
-              and a.last_failure is not None
-              and a.last_failure.reason is FailureReason.HEARTBEAT_MISSED):
+            self._admit(
+                a,
+                now,
+                "first heartbeat after start"
+                if a.state is S.STARTING
+                else f"restart {a.restarts} reported healthy",
+            )
+        elif (
+            a.state is S.UNHEALTHY
+            and self.spec.recover_on_heartbeat
+            and a.last_failure is not None
+            and a.last_failure.reason is FailureReason.HEARTBEAT_MISSED
+        ):
             a.next_restart_s = None
             self._admit(a, now, "heartbeat resumed before the restart")
 
@@ -644,8 +728,9 @@ class HealthMonitor:
         out, self._outbox = self._outbox, []
         return out
 
-    def report_failure(self, agent_id: str, detail: str,
-                       reason: FailureReason = FailureReason.CRASHED) -> None:
+    def report_failure(
+        self, agent_id: str, detail: str, reason: FailureReason = FailureReason.CRASHED
+    ) -> None:
         """The host saw the agent die (or another fatal fault)."""
         a = self._agents.get(agent_id)
         if a is None:
@@ -681,14 +766,25 @@ class HealthMonitor:
     def due_restarts(self) -> int:
         """Agents whose backoff has passed and that wait for a restart permit."""
         now = self._clock()
-        return sum(1 for a in self._agents.values() if a.state is S.UNHEALTHY
-                   and a.next_restart_s is not None and a.next_restart_s <= now)
+        return sum(
+            1
+            for a in self._agents.values()
+            if a.state is S.UNHEALTHY
+            and a.next_restart_s is not None
+            and a.next_restart_s <= now
+        )
 
     def _restart_due(self, now: float) -> None:
-        due = sorted((a for a in self._agents.values()
-                      if a.state is S.UNHEALTHY and a.next_restart_s is not None
-                      and a.next_restart_s <= now),
-                     key=lambda a: (a.next_restart_s, a.agent_id))
+        due = sorted(
+            (
+                a
+                for a in self._agents.values()
+                if a.state is S.UNHEALTHY
+                and a.next_restart_s is not None
+                and a.next_restart_s <= now
+            ),
+            key=lambda a: (a.next_restart_s, a.agent_id),
+        )
         held = 0
         for i, a in enumerate(due):
             if not self.guard.try_restart(now):
@@ -700,12 +796,18 @@ class HealthMonitor:
             a.signals = self.detector.new_signals(now)
             reason = a.last_failure.reason.value if a.last_failure else "restart"
             self._transition(a, S.RESTARTING, now, f"restart {a.restarts} after {reason}")
-            self._outbox.append(HealthAction(ActionKind.RESTART, a.agent_id, reason,
-                                             a.restarts))
+            self._outbox.append(
+                HealthAction(ActionKind.RESTART, a.agent_id, reason, a.restarts)
+            )
         if held:
-            self._emit(HealthEvent(now, EventKind.RESTART_THROTTLED, self.guard.name,
-                                   reason=f"{held} restarts held back, guard "
-                                          f"{self.guard.state.value}"))
+            self._emit(
+                HealthEvent(
+                    now,
+                    EventKind.RESTART_THROTTLED,
+                    self.guard.name,
+                    reason=f"{held} restarts held back, guard {self.guard.state.value}",
+                )
+            )
 
     def _fail(self, a: AgentHealth, failure: Failure, now: float) -> None:
         if a.state in (S.UNHEALTHY, S.EJECTED):
@@ -713,28 +815,36 @@ class HealthMonitor:
         if a.probe:
             a.probe = False
             self.guard.probe_failed(now)
-        if a.healthy_since_s is not None and now - a.healthy_since_s >= \
-                self.spec.restart.reset_after_s:
+        if (
+            a.healthy_since_s is not None
+            and now - a.healthy_since_s >= self.spec.restart.reset_after_s
+        ):
             a.failures = 0
         a.failures += 1
         a.last_failure = failure
         a.signals.tasks.clear()
-        self.failures.append(FailureRecord(now, a.agent_id, a.pool, failure.reason.value,
-                                           failure.detail))
+        self.failures.append(
+            FailureRecord(now, a.agent_id, a.pool, failure.reason.value, failure.detail)
+        )
         key = failure.reason.value
         self.failure_counts[key] = self.failure_counts.get(key, 0) + 1
         self._transition(a, S.UNHEALTHY, now, f"{failure.reason.value}: {failure.detail}")
-        self._outbox.append(HealthAction(ActionKind.REMOVE, a.agent_id,
-                                         failure.reason.value))
+        self._outbox.append(HealthAction(ActionKind.REMOVE, a.agent_id, failure.reason.value))
         limit = self.spec.restart.eject_after_failures
         if limit is not None and a.failures >= limit:
-            self._transition(a, S.EJECTED, now, f"{a.failures} consecutive failures >= "
-                                                f"eject_after_failures {limit}")
-            self._outbox.append(HealthAction(ActionKind.EJECT, a.agent_id,
-                                             failure.reason.value))
+            self._transition(
+                a,
+                S.EJECTED,
+                now,
+                f"{a.failures} consecutive failures >= eject_after_failures {limit}",
+            )
+            self._outbox.append(
+                HealthAction(ActionKind.EJECT, a.agent_id, failure.reason.value)
+            )
         else:
-            a.next_restart_s = now + restart_backoff_s(self.spec.restart, a.failures,
-                                                       self._rng)
+            a.next_restart_s = now + restart_backoff_s(
+                self.spec.restart, a.failures, self._rng
+            )
 
     def _admit(self, a: AgentHealth, now: float, reason: str) -> None:
         self._transition(a, S.HEALTHY, now, reason)
@@ -748,8 +858,7 @@ class HealthMonitor:
         a.state = new
         a.since_s = now
         a.healthy_since_s = now if new is S.HEALTHY else None
-        self._emit(HealthEvent(now, EventKind.AGENT, a.agent_id, old.value, new.value,
-                               reason))
+        self._emit(HealthEvent(now, EventKind.AGENT, a.agent_id, old.value, new.value, reason))
 
     def _emit(self, event: HealthEvent) -> None:
         for listener in self._listeners:
@@ -796,8 +905,13 @@ class HealthMonitor:
             "pools": {p: self.counts(p) for p in pools},
             "guard": self.guard.snapshot(now),
             "last_failures": [
-                {"at_s": f.at_s, "agent_id": f.agent_id, "pool": f.pool, "reason": f.reason,
-                 "detail": f.detail}
+                {
+                    "at_s": f.at_s,
+                    "agent_id": f.agent_id,
+                    "pool": f.pool,
+                    "reason": f.reason,
+                    "detail": f.detail,
+                }
                 for f in list(self.failures)[-last_failures:]
             ],
         }

@@ -26,7 +26,10 @@ from enum import Enum
 from fleet.spec.queues import AlertScope, QueueAlertRule
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
-    ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
 }
 
 
@@ -81,12 +84,18 @@ class AlertState:
 
 
 def _describe(rule: QueueAlertRule, subject: str, value: float) -> str:
-    return (f"{rule.scope.value} {subject}: {rule.metric.value} = {value:g} "
-            f"{rule.op} {rule.threshold:g}")
+    return (
+        f"{rule.scope.value} {subject}: {rule.metric.value} = {value:g} "
+        f"{rule.op} {rule.threshold:g}"
+    )
 
 
-def evaluate_alerts(rules: Sequence[QueueAlertRule], observations: Observations,
-                    state: AlertState, now_s: float) -> tuple[list[AlertEvent], AlertState]:
+def evaluate_alerts(
+    rules: Sequence[QueueAlertRule],
+    observations: Observations,
+    state: AlertState,
+    now_s: float,
+) -> tuple[list[AlertEvent], AlertState]:
     """One evaluation tick: the fired/cleared events and the new state."""
     pending = dict(state.pending_since_s)
     firing = dict(state.firing)
@@ -106,15 +115,24 @@ def evaluate_alerts(rules: Sequence[QueueAlertRule], observations: Observations,
             active = firing.get(k)
             if active is not None:
                 if cmp(value, clear_at):
-                    firing[k] = ActiveAlert(name, subject, rule.severity, value,
-                                            rule.threshold, active.since_s)
+                    firing[k] = ActiveAlert(
+                        name, subject, rule.severity, value, rule.threshold, active.since_s
+                    )
                 else:
                     del firing[k]
-                    events.append(AlertEvent(
-                        AlertKind.CLEARED, name, subject, rule.severity, value,
-                        rule.threshold, now_s,
-                        f"cleared: {rule.scope.value} {subject}: {rule.metric.value} = "
-                        f"{value:g}, no longer {rule.op} {clear_at:g}"))
+                    events.append(
+                        AlertEvent(
+                            AlertKind.CLEARED,
+                            name,
+                            subject,
+                            rule.severity,
+                            value,
+                            rule.threshold,
+                            now_s,
+                            f"cleared: {rule.scope.value} {subject}: {rule.metric.value} = "
+                            f"{value:g}, no longer {rule.op} {clear_at:g}",
+                        )
+                    )
                 continue
             if not cmp(value, rule.threshold):
                 pending.pop(k, None)
@@ -122,25 +140,54 @@ def evaluate_alerts(rules: Sequence[QueueAlertRule], observations: Observations,
             since = pending.setdefault(k, now_s)
             if now_s - since >= rule.for_s:
                 del pending[k]
-                firing[k] = ActiveAlert(name, subject, rule.severity, value, rule.threshold,
-                                        now_s)
+                firing[k] = ActiveAlert(
+                    name, subject, rule.severity, value, rule.threshold, now_s
+                )
                 held = f" for {now_s - since:g} s" if rule.for_s else ""
-                events.append(AlertEvent(
-                    AlertKind.FIRED, name, subject, rule.severity, value, rule.threshold,
-                    now_s, f"firing: {_describe(rule, subject, value)}{held}"))
+                events.append(
+                    AlertEvent(
+                        AlertKind.FIRED,
+                        name,
+                        subject,
+                        rule.severity,
+                        value,
+                        rule.threshold,
+                        now_s,
+                        f"firing: {_describe(rule, subject, value)}{held}",
+                    )
+                )
         # Subjects that vanished (a queue removed, a shard gone) clear their alerts.
         for k in [k for k in firing if k[0] == name and k[1] not in subjects]:
             a = firing.pop(k)
-            events.append(AlertEvent(AlertKind.CLEARED, name, k[1], a.severity, None,
-                                     a.threshold, now_s,
-                                     f"cleared: {rule.scope.value} {k[1]} no longer reported"))
+            events.append(
+                AlertEvent(
+                    AlertKind.CLEARED,
+                    name,
+                    k[1],
+                    a.severity,
+                    None,
+                    a.threshold,
+                    now_s,
+                    f"cleared: {rule.scope.value} {k[1]} no longer reported",
+                )
+            )
         for k in [k for k in pending if k[0] == name and k[1] not in subjects]:
             del pending[k]
     # Rules removed from the spec: their alerts clear too.
     for k in [k for k in firing if k[0] not in names]:
         a = firing.pop(k)
-        events.append(AlertEvent(AlertKind.CLEARED, k[0], k[1], a.severity, None, a.threshold,
-                                 now_s, f"cleared: rule {k[0]!r} removed"))
+        events.append(
+            AlertEvent(
+                AlertKind.CLEARED,
+                k[0],
+                k[1],
+                a.severity,
+                None,
+                a.threshold,
+                now_s,
+                f"cleared: rule {k[0]!r} removed",
+            )
+        )
     pending = {k: v for k, v in pending.items() if k[0] in names}
     return events, AlertState(pending, firing)
 
@@ -152,8 +199,11 @@ class AlertEvaluator:
     tick; ``evaluator.active()`` for status and metrics.
     """
 
-    def __init__(self, rules: Sequence[QueueAlertRule],
-                 listeners: Sequence[Callable[[AlertEvent], None]] = ()):
+    def __init__(
+        self,
+        rules: Sequence[QueueAlertRule],
+        listeners: Sequence[Callable[[AlertEvent], None]] = (),
+    ):
         self.rules = tuple(rules)
         self.listeners = list(listeners)
         self.state = AlertState()
@@ -170,6 +220,11 @@ class AlertEvaluator:
 
 
 __all__ = [
-    "ActiveAlert", "AlertEvaluator", "AlertEvent", "AlertKind", "AlertState", "Observations",
+    "ActiveAlert",
+    "AlertEvaluator",
+    "AlertEvent",
+    "AlertKind",
+    "AlertState",
+    "Observations",
     "evaluate_alerts",
 ]

@@ -36,10 +36,18 @@ Clock = Callable[[], float]
 _ERROR_NAME_RE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?::|$)")
 # Failure reasons that are verdicts about the task, not accidents of the moment: never
 # retried, even when ``retry_unknown_errors`` is on.
-_NEVER_RETRY = frozenset({
-    "bad_output", "rejected", "validation", "deadline_exceeded", "budget_exhausted",
-    "max_deliveries", "max_attempts", "output_too_large",
-})
+_NEVER_RETRY = frozenset(
+    {
+        "bad_output",
+        "rejected",
+        "validation",
+        "deadline_exceeded",
+        "budget_exhausted",
+        "max_deliveries",
+        "max_attempts",
+        "output_too_large",
+    }
+)
 
 
 class _Attempt(NamedTuple):
@@ -67,8 +75,11 @@ class wait_jittered(wait_base):  # noqa: N801 (tenacity's naming)
 
 def backoff_wait(spec: RetrySpec, rng: random.Random) -> wait_base:
     """The spec's backoff as a tenacity wait strategy (seconds)."""
-    exp = wait_exponential(multiplier=spec.initial_backoff_s, max=spec.max_backoff_s,
-                           exp_base=spec.backoff_multiplier)
+    exp = wait_exponential(
+        multiplier=spec.initial_backoff_s,
+        max=spec.max_backoff_s,
+        exp_base=spec.backoff_multiplier,
+    )
     return wait_jittered(exp, spec.jitter_ratio, rng) if spec.jitter_ratio > 0 else exp
 
 
@@ -110,7 +121,6 @@ def is_retryable(spec: RetrySpec, reason: str | None, error: str | None = None) 
     return spec.retry_unknown_errors and reason not in _NEVER_RETRY
 
 
-
 class RetryBudget:
     """Retries at most ``budget_ratio`` of live traffic over a sliding window, plus a floor.
 
@@ -143,8 +153,12 @@ class RetryBudget:
 
     def snapshot(self) -> dict[str, float]:
         requests, retries = self._counts.sums(self._clock())
-        return {"requests": requests, "retries": retries,
-                "available": self.available(), "denied": self.denied}
+        return {
+            "requests": requests,
+            "retries": retries,
+            "available": self.available(),
+            "denied": self.denied,
+        }
 
 
 class RetryVerdict(str, Enum):
@@ -172,8 +186,13 @@ class RetryPolicy:
     ``rng`` the jitter source.
     """
 
-    def __init__(self, spec: RetrySpec, clock: Clock, rng: random.Random,
-                 budget: RetryBudget | None = None):
+    def __init__(
+        self,
+        spec: RetrySpec,
+        clock: Clock,
+        rng: random.Random,
+        budget: RetryBudget | None = None,
+    ):
         self.spec = spec
         self.rng = rng
         self.budget = budget or RetryBudget(spec, clock)
@@ -188,9 +207,15 @@ class RetryPolicy:
             return self.spec.max_attempts
         return max(1, min(task_max_attempts, self.spec.max_attempts))
 
-    def decide(self, attempt: int, reason: str | None, error: str | None = None, *,
-               task_max_attempts: int | None = None,
-               time_left_s: float | None = None) -> RetryDecision:
+    def decide(
+        self,
+        attempt: int,
+        reason: str | None,
+        error: str | None = None,
+        *,
+        task_max_attempts: int | None = None,
+        time_left_s: float | None = None,
+    ) -> RetryDecision:
         """After failed attempt ``attempt`` (1-based): retry, and after how long?
 
         ``time_left_s`` is the time until the task's deadline, if it has one. The budget

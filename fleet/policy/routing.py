@@ -85,8 +85,12 @@ class RoutingHint:
 
 
 class Router(Protocol):
-    def choose(self, candidates: Sequence[Candidate], rng: random.Random,
-               task: RoutingHint | None = None) -> int | None:
+    def choose(
+        self,
+        candidates: Sequence[Candidate],
+        rng: random.Random,
+        task: RoutingHint | None = None,
+    ) -> int | None:
         """Index of the chosen candidate, or None when no candidate may take the task."""
 
     def record_outcome(self, agent_id: str, ok: bool, task_type: str | None = None) -> None:
@@ -111,8 +115,13 @@ def _key(c: Candidate) -> tuple[float, float]:
     return (c.load, c.latency_s)
 
 
-def _choose_among(router: Router, candidates: Sequence[Candidate], keep: list[int],
-                  rng: random.Random, task: RoutingHint | None) -> int | None:
+def _choose_among(
+    router: Router,
+    candidates: Sequence[Candidate],
+    keep: list[int],
+    rng: random.Random,
+    task: RoutingHint | None,
+) -> int | None:
     """Let ``router`` choose among ``candidates[keep]``; map the answer back."""
     if not keep:
         return None
@@ -124,11 +133,16 @@ def _choose_among(router: Router, candidates: Sequence[Candidate], keep: list[in
 
 # --- balancers -----------------------------------------------------------------------
 
+
 class FullScanRouter(_BaseRouter):
     """Least loaded over every candidate: exact, O(n)."""
 
-    def choose(self, candidates: Sequence[Candidate], rng: random.Random,
-               task: RoutingHint | None = None) -> int | None:
+    def choose(
+        self,
+        candidates: Sequence[Candidate],
+        rng: random.Random,
+        task: RoutingHint | None = None,
+    ) -> int | None:
         best, best_key = None, None
         for i, c in enumerate(candidates):
             if c.free <= 0:
@@ -154,8 +168,12 @@ class LeastLoadedRouter(_BaseRouter):
         self.d = d
         self._scan = FullScanRouter()
 
-    def choose(self, candidates: Sequence[Candidate], rng: random.Random,
-               task: RoutingHint | None = None) -> int | None:
+    def choose(
+        self,
+        candidates: Sequence[Candidate],
+        rng: random.Random,
+        task: RoutingHint | None = None,
+    ) -> int | None:
         n = len(candidates)
         if n == 0:
             return None
@@ -177,8 +195,12 @@ class RoundRobinRouter(_BaseRouter):
     def __init__(self) -> None:
         self._next = 0
 
-    def choose(self, candidates: Sequence[Candidate], rng: random.Random,
-               task: RoutingHint | None = None) -> int | None:
+    def choose(
+        self,
+        candidates: Sequence[Candidate],
+        rng: random.Random,
+        task: RoutingHint | None = None,
+    ) -> int | None:
         n = len(candidates)
         for k in range(n):
             i = (self._next + k) % n
@@ -191,8 +213,12 @@ class RoundRobinRouter(_BaseRouter):
 class RandomRouter(_BaseRouter):
     """Uniformly random among candidates with room."""
 
-    def choose(self, candidates: Sequence[Candidate], rng: random.Random,
-               task: RoutingHint | None = None) -> int | None:
+    def choose(
+        self,
+        candidates: Sequence[Candidate],
+        rng: random.Random,
+        task: RoutingHint | None = None,
+    ) -> int | None:
         free = [i for i, c in enumerate(candidates) if c.free > 0]
         return rng.choice(free) if free else None
 
@@ -206,10 +232,15 @@ class CapacityRouter(_BaseRouter):
     on the same (slightly stale) snapshot do not all pile onto the same agent.
     """
 
-    def choose(self, candidates: Sequence[Candidate], rng: random.Random,
-               task: RoutingHint | None = None) -> int | None:
-        weights = [c.weight * c.free if c.free > 0 and c.weight > 0 else 0.0
-                   for c in candidates]
+    def choose(
+        self,
+        candidates: Sequence[Candidate],
+        rng: random.Random,
+        task: RoutingHint | None = None,
+    ) -> int | None:
+        weights = [
+            c.weight * c.free if c.free > 0 and c.weight > 0 else 0.0 for c in candidates
+        ]
         total = math.fsum(weights)
         if total <= 0:  # free agents of weight 0 still beat leaving the task queued
             return FullScanRouter().choose(candidates, rng)
@@ -228,6 +259,7 @@ class CapacityRouter(_BaseRouter):
 
 # --- task-aware routers --------------------------------------------------------------
 
+
 class SpecializationRouter(_BaseRouter):
     """Tasks of a type go to free agents with that expertise, picked by ``balancer``.
 
@@ -237,14 +269,21 @@ class SpecializationRouter(_BaseRouter):
     queued until an expert frees up. Tasks without a type go to any free agent.
     """
 
-    def __init__(self, balancer: Router | None = None,
-                 fallback: SpecializationFallback = SpecializationFallback.GENERALISTS_FIRST):
+    def __init__(
+        self,
+        balancer: Router | None = None,
+        fallback: SpecializationFallback = SpecializationFallback.GENERALISTS_FIRST,
+    ):
         self.balancer = balancer or LeastLoadedRouter()
         self.fallback = SpecializationFallback(fallback)
         self.fallbacks = 0  # tasks that went to a non-expert
 
-    def choose(self, candidates: Sequence[Candidate], rng: random.Random,
-               task: RoutingHint | None = None) -> int | None:
+    def choose(
+        self,
+        candidates: Sequence[Candidate],
+        rng: random.Random,
+        task: RoutingHint | None = None,
+    ) -> int | None:
         kind = task.task_type if task is not None else None
         free = [i for i, c in enumerate(candidates) if c.free > 0]
         if kind is None:
@@ -317,8 +356,13 @@ class SuccessRateRouter(_BaseRouter):
     like a breaker's panic mode) or the ``best`` ones (highest rate).
     """
 
-    def __init__(self, spec: SuccessRateSpec, clock: Clock, balancer: Router | None = None,
-                 tracker: SuccessRateTracker | None = None):
+    def __init__(
+        self,
+        spec: SuccessRateSpec,
+        clock: Clock,
+        balancer: Router | None = None,
+        tracker: SuccessRateTracker | None = None,
+    ):
         self.spec = spec
         self.balancer = balancer or LeastLoadedRouter()
         self.tracker = tracker or SuccessRateTracker(spec.window_s, clock)
@@ -329,8 +373,12 @@ class SuccessRateRouter(_BaseRouter):
             return c.calls, c.success_rate
         return self.tracker.stats(c.id, task_type)
 
-    def choose(self, candidates: Sequence[Candidate], rng: random.Random,
-               task: RoutingHint | None = None) -> int | None:
+    def choose(
+        self,
+        candidates: Sequence[Candidate],
+        rng: random.Random,
+        task: RoutingHint | None = None,
+    ) -> int | None:
         kind = task.task_type if task is not None else None
         free: list[tuple[int, float]] = []
         good: list[int] = []
@@ -434,8 +482,12 @@ class AffinityRouter(_BaseRouter):
         share = self.load_factor * (total_in_flight + 1) * c.weight / total_weight
         return math.ceil(share - 1e-9)  # 1.25 * 10_000 / 50 must be 250, not 251
 
-    def choose(self, candidates: Sequence[Candidate], rng: random.Random,
-               task: RoutingHint | None = None) -> int | None:
+    def choose(
+        self,
+        candidates: Sequence[Candidate],
+        rng: random.Random,
+        task: RoutingHint | None = None,
+    ) -> int | None:
         key = task.affinity_key if task is not None else None
         if key is None:
             return self.balancer.choose(candidates, rng, task)
@@ -449,8 +501,9 @@ class AffinityRouter(_BaseRouter):
 
         def fits(i: int) -> bool:
             c = candidates[i]
-            return c.free > 0 and c.in_flight + 1 <= self.bound(c, total_in_flight,
-                                                                total_weight)
+            return c.free > 0 and c.in_flight + 1 <= self.bound(
+                c, total_in_flight, total_weight
+            )
 
         first = max(range(len(candidates)), key=scores.__getitem__, default=None)
         if first is None:
@@ -496,8 +549,12 @@ def make_balancer(name: BalancerName | RouterName | str, choices_d: int = 2) -> 
     return CapacityRouter()
 
 
-def make_router(spec: RoutingSpec, *, clock: Clock = time.monotonic,
-                tracker: SuccessRateTracker | None = None) -> Router:
+def make_router(
+    spec: RoutingSpec,
+    *,
+    clock: Clock = time.monotonic,
+    tracker: SuccessRateTracker | None = None,
+) -> Router:
     """The router a pool's spec names.
 
     ``clock`` (monotonic seconds) drives the success-rate window; pass a shared

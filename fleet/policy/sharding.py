@@ -59,8 +59,13 @@ def shard_for_key(queue: str, key: str, shards: int) -> int:
     return jump_hash(stable_hash64(f"{queue}\x00{key}"), shards)
 
 
-def pick_shard(shards: int, rng: random.Random, depths: Sequence[int] | None = None,
-               key: str | None = None, queue: str = "") -> int:
+def pick_shard(
+    shards: int,
+    rng: random.Random,
+    depths: Sequence[int] | None = None,
+    key: str | None = None,
+    queue: str = "",
+) -> int:
     """The shard a submitted task goes to.
 
     With a ``key``: ``shard_for_key`` (same key, same shard). Without: the shallower of
@@ -114,11 +119,18 @@ def shard_balance(depths: Sequence[int]) -> ShardBalance:
     if mean == 0:
         return ShardBalance(n, 0, 0.0, max(depths), min(depths), 0.0, 0.0)
     var = sum((d - mean) ** 2 for d in depths) / n
-    return ShardBalance(n, total, mean, max(depths), min(depths), max(depths) / mean,
-                        math.sqrt(var) / mean)
+    return ShardBalance(
+        n, total, mean, max(depths), min(depths), max(depths) / mean, math.sqrt(var) / mean
+    )
 
 
 __all__ = [
-    "ShardBalance", "consumer_shard_order", "jump_hash", "pick_shard", "queue_id",
-    "shard_balance", "shard_for_key", "stable_hash64",
+    "ShardBalance",
+    "consumer_shard_order",
+    "jump_hash",
+    "pick_shard",
+    "queue_id",
+    "shard_balance",
+    "shard_for_key",
+    "stable_hash64",
 ]

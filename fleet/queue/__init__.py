@@ -17,6 +17,15 @@ from fleet.queue.storage import (
 )
 
 __all__ = [
-    "LeaseQueue", "MemoryStorage", "QueueFull", "QueueHealth", "QueueMonitor", "QueueStats",
-    "QueueStorage", "ShardHealth", "SqliteStorage", "make_storage", "shard_path",
+    "LeaseQueue",
+    "MemoryStorage",
+    "QueueFull",
+    "QueueHealth",
+    "QueueMonitor",
+    "QueueStats",
+    "QueueStorage",
+    "ShardHealth",
+    "SqliteStorage",
+    "make_storage",
+    "shard_path",
 ]

@@ -25,11 +25,13 @@ class SubmitTimeHistogram:
 
     __slots__ = ("_counts", "_initial_width_s", "_max_buckets", "_n", "_width_s")
 
-    def __init__(self, width_s: float = DEFAULT_WIDTH_S,
-                 max_buckets: int = DEFAULT_MAX_BUCKETS):
+    def __init__(
+        self, width_s: float = DEFAULT_WIDTH_S, max_buckets: int = DEFAULT_MAX_BUCKETS
+    ):
         if width_s <= 0 or max_buckets < 2:
-            raise ValueError(f"need width_s > 0 and max_buckets >= 2, got {width_s}, "
-                             f"{max_buckets}")
+            raise ValueError(
+                f"need width_s > 0 and max_buckets >= 2, got {width_s}, {max_buckets}"
+            )
         self._initial_width_s = width_s
         self._width_s = width_s
         self._max_buckets = max_buckets

@@ -60,17 +60,26 @@ class BatchChoice:
     #             "max_call_s"
 
 
-def choose_batch_size(depth: int, avg_item_bytes: float, cost: CallCost, *,
-                      free_capacity: int, max_items: int, max_bytes: int,
-                      target_batches_in_flight: int = 1,
-                      max_overhead_share: float = DEFAULT_MAX_OVERHEAD_SHARE,
-                      max_call_s: float | None = None) -> BatchChoice:
+def choose_batch_size(
+    depth: int,
+    avg_item_bytes: float,
+    cost: CallCost,
+    *,
+    free_capacity: int,
+    max_items: int,
+    max_bytes: int,
+    target_batches_in_flight: int = 1,
+    max_overhead_share: float = DEFAULT_MAX_OVERHEAD_SHARE,
+    max_call_s: float | None = None,
+) -> BatchChoice:
     """The size of the next batch (see the module docstring for the rules)."""
     if not 0 < max_overhead_share < 1:
         raise ValueError(f"max_overhead_share must be in (0, 1), got {max_overhead_share}")
     if max_items < 1 or max_bytes < 1 or target_batches_in_flight < 1:
-        raise ValueError(f"max_items ({max_items}), max_bytes ({max_bytes}) and "
-                         f"target_batches_in_flight ({target_batches_in_flight}) must be >= 1")
+        raise ValueError(
+            f"max_items ({max_items}), max_bytes ({max_bytes}) and "
+            f"target_batches_in_flight ({target_batches_in_flight}) must be >= 1"
+        )
     available = min(depth, free_capacity)
     if available <= 0:
         return BatchChoice(0, "empty")
@@ -90,7 +99,8 @@ def choose_batch_size(depth: int, avg_item_bytes: float, cost: CallCost, *,
     ]
     if max_call_s is not None and unit_s > 0:
         candidates.append(
-            (max(1, math.floor((max_call_s - cost.overhead_s) / unit_s)), "max_call_s"))
+            (max(1, math.floor((max_call_s - cost.overhead_s) / unit_s)), "max_call_s")
+        )
     size, bound = min(candidates, key=lambda c: c[0])
     return BatchChoice(max(1, size), bound)
 
@@ -106,8 +116,13 @@ class CallCostEstimator:
     ``min_calls`` calls are seen, ``estimate`` returns the prior.
     """
 
-    def __init__(self, prior: CallCost, forget: float = DEFAULT_FORGET,
-                 ridge: float = DEFAULT_RIDGE, min_calls: int = DEFAULT_MIN_CALLS):
+    def __init__(
+        self,
+        prior: CallCost,
+        forget: float = DEFAULT_FORGET,
+        ridge: float = DEFAULT_RIDGE,
+        min_calls: int = DEFAULT_MIN_CALLS,
+    ):
         if not 0 < forget <= 1:
             raise ValueError(f"forget must be in (0, 1], got {forget}")
         self.prior = prior
@@ -121,8 +136,10 @@ class CallCostEstimator:
     def observe(self, items: int, nbytes: int, seconds: float) -> None:
         """Record one call that carried ``items`` items, ``nbytes`` bytes in total."""
         if items < 0 or nbytes < 0 or seconds < 0:
-            raise ValueError(f"a call cannot have negative items ({items}), bytes "
-                             f"({nbytes}) or seconds ({seconds})")
+            raise ValueError(
+                f"a call cannot have negative items ({items}), bytes "
+                f"({nbytes}) or seconds ({seconds})"
+            )
         x = (1.0, float(items), float(nbytes))
         f = self.forget
         for i in range(3):

@@ -157,8 +157,11 @@ def record_task_id(topic: str, partition: int, offset: int) -> str:
     return f"kafka:{topic}:{partition}:{offset}"
 
 
-def task_parser(capabilities: Iterable[str], max_payload_bytes: int,
-                clock_unix: Callable[[], float] = time.time) -> Parse:
+def task_parser(
+    capabilities: Iterable[str],
+    max_payload_bytes: int,
+    clock_unix: Callable[[], float] = time.time,
+) -> Parse:
     """The default ``parse``: JSON task -> validated Item, TaskRejected when malformed.
 
     The task's id is, in order: ``idem-<idempotency_key>`` if the message has one, its
@@ -208,9 +211,17 @@ class KafkaIntake:
     are kafka-python clients built from ``spec``.
     """
 
-    def __init__(self, spec: KafkaIntakeSpec, accept: Accept, parse: Parse, *,
-                 client_id: str | None = None, clock: Callable[[], float] = time.monotonic,
-                 consumer: Any = None, producer: Any = None):
+    def __init__(
+        self,
+        spec: KafkaIntakeSpec,
+        accept: Accept,
+        parse: Parse,
+        *,
+        client_id: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        consumer: Any = None,
+        producer: Any = None,
+    ):
         self.spec = spec
         self._accept = accept
         self._parse = parse
@@ -245,14 +256,18 @@ class KafkaIntake:
 
         s = self.spec
         c = KafkaConsumer(
-            bootstrap_servers=s.bootstrap_servers, group_id=s.group_id,
-            client_id=client_id or "fleet-intake", enable_auto_commit=False,
-            auto_offset_reset="earliest", max_poll_records=s.max_poll_records,
+            bootstrap_servers=s.bootstrap_servers,
+            group_id=s.group_id,
+            client_id=client_id or "fleet-intake",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=s.max_poll_records,
             session_timeout_ms=int(s.session_timeout_s * 1000),
             heartbeat_interval_ms=int(s.heartbeat_interval_s * 1000),
             # Measured against Tansu: the defaults (1 MiB per partition) fetch in small
             # slices and consume at ~2k msg/s; 4 MiB slices reach ~40k msg/s.
-            max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_wait_ms=100,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_wait_ms=100,
         )
         c.subscribe([s.topic], listener=_Listener())
         return c
@@ -260,9 +275,13 @@ class KafkaIntake:
     def _make_producer(self, client_id: str | None) -> Any:
         from kafka import KafkaProducer
 
-        return KafkaProducer(bootstrap_servers=self.spec.bootstrap_servers,
-                             client_id=(client_id or "fleet-intake") + "-producer",
-                             acks="all", linger_ms=5, retries=5)
+        return KafkaProducer(
+            bootstrap_servers=self.spec.bootstrap_servers,
+            client_id=(client_id or "fleet-intake") + "-producer",
+            acks="all",
+            linger_ms=5,
+            retries=5,
+        )
 
     # --- the loop --------------------------------------------------------------------
 
@@ -289,10 +308,12 @@ class KafkaIntake:
         Returns how many records were consumed."""
         self._drain_completions()
         self._retry_backlog()
-        self._set_paused(bool(self._backlog)
-                         or self.tracker.in_flight() >= self.spec.max_in_flight)
-        records = self._consumer.poll(timeout_ms=int(poll_timeout_s * 1000),
-                                      max_records=self.spec.max_poll_records)
+        self._set_paused(
+            bool(self._backlog) or self.tracker.in_flight() >= self.spec.max_in_flight
+        )
+        records = self._consumer.poll(
+            timeout_ms=int(poll_timeout_s * 1000), max_records=self.spec.max_poll_records
+        )
         self._forget_unassigned()
         n = 0
         dead: list[tuple[Any, int, Any, str]] = []
@@ -305,8 +326,9 @@ class KafkaIntake:
                     continue
                 n += 1
                 try:
-                    item = self._parse(rec.value, record_task_id(tp.topic, tp.partition,
-                                                                 rec.offset))
+                    item = self._parse(
+                        rec.value, record_task_id(tp.topic, tp.partition, rec.offset)
+                    )
                 except TaskRejected as exc:
                     dead.append((tp, rec.offset, rec, str(exc)))
                     continue
@@ -362,9 +384,15 @@ class KafkaIntake:
             else:
                 self._finish(task_id)
         if publish:
-            futures = [(task_id, self._producer.send(
-                self.spec.results_topic, key=task_id.encode(), value=_outcome_json(o)))
-                for task_id, o in publish]
+            futures = [
+                (
+                    task_id,
+                    self._producer.send(
+                        self.spec.results_topic, key=task_id.encode(), value=_outcome_json(o)
+                    ),
+                )
+                for task_id, o in publish
+            ]
             self._producer.flush(timeout=_PRODUCER_FLUSH_TIMEOUT_S)
             for task_id, fut in futures:
                 if fut.succeeded():
@@ -382,20 +410,34 @@ class KafkaIntake:
         futures = []
         for tp, offset, rec, reason in dead:
             body = {
-                "reason": reason, "topic": tp.topic, "partition": tp.partition,
-                "offset": offset, "timestamp_ms": rec.timestamp,
+                "reason": reason,
+                "topic": tp.topic,
+                "partition": tp.partition,
+                "offset": offset,
+                "timestamp_ms": rec.timestamp,
                 **_raw_value(rec.value),
             }
-            futures.append((tp, offset, self._producer.send(
-                self.spec.dlq_topic, key=rec.key, value=orjson.dumps(body),
-                headers=[(DLQ_REASON_HEADER, reason.encode()[:1024])])))
+            futures.append(
+                (
+                    tp,
+                    offset,
+                    self._producer.send(
+                        self.spec.dlq_topic,
+                        key=rec.key,
+                        value=orjson.dumps(body),
+                        headers=[(DLQ_REASON_HEADER, reason.encode()[:1024])],
+                    ),
+                )
+            )
         self._producer.flush(timeout=_PRODUCER_FLUSH_TIMEOUT_S)
         failed = [f for *_, f in futures if not f.succeeded()]
         if failed:
             # Not written: the offsets must not pass these messages. Raising stops this
             # consumer without committing; the group redelivers from the last commit.
-            raise RuntimeError(f"could not write {len(failed)} dead letters to "
-                               f"{self.spec.dlq_topic!r}: {failed[0].exception!r}")
+            raise RuntimeError(
+                f"could not write {len(failed)} dead letters to "
+                f"{self.spec.dlq_topic!r}: {failed[0].exception!r}"
+            )
         gen = {tp: self.tracker.generation(tp) for tp, *_ in dead}
         for tp, offset, _ in futures:
             self.tracker.finish(tp, offset, gen[tp])
@@ -413,8 +455,9 @@ class KafkaIntake:
         self._consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
         self.tracker.committed(offsets)
         self.stats.commits += 1
-        self.stats.last_commit.update({f"{tp.topic}/{tp.partition}": o
-                                       for tp, o in offsets.items()})
+        self.stats.last_commit.update(
+            {f"{tp.topic}/{tp.partition}": o for tp, o in offsets.items()}
+        )
         return offsets
 
     def _on_revoked(self, revoked: list[Any]) -> None:
@@ -470,5 +513,11 @@ def _outcome_json(o: Outcome) -> bytes:
     return o.to_result().model_dump_json().encode()
 
 
-__all__ = ["DLQ_REASON_HEADER", "IntakeStats", "KafkaIntake", "OffsetTracker", "record_task_id",
-           "task_parser"]
+__all__ = [
+    "DLQ_REASON_HEADER",
+    "IntakeStats",
+    "KafkaIntake",
+    "OffsetTracker",
+    "record_task_id",
+    "task_parser",
+]

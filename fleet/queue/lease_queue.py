@@ -120,8 +120,9 @@ class _KeyedReady:
         return len(self._h)
 
 
-def make_ready(discipline: Discipline,
-               policy: DisciplinePolicy | None = None) -> _FifoReady | _KeyedReady:
+def make_ready(
+    discipline: Discipline, policy: DisciplinePolicy | None = None
+) -> _FifoReady | _KeyedReady:
     if discipline is Discipline.FIFO:
         return _FifoReady()
     if policy is None:
@@ -162,9 +163,15 @@ class LeaseQueue:
     a QueueSpec.
     """
 
-    def __init__(self, max_depth: int, discipline: Discipline = Discipline.FIFO,
-                 max_deliveries: int = 5, *, policy: DisciplinePolicy | None = None,
-                 storage: QueueStorage | None = None):
+    def __init__(
+        self,
+        max_depth: int,
+        discipline: Discipline = Discipline.FIFO,
+        max_deliveries: int = 5,
+        *,
+        policy: DisciplinePolicy | None = None,
+        storage: QueueStorage | None = None,
+    ):
         if policy is not None:
             discipline = policy.discipline
         self.max_depth = max_depth
@@ -204,11 +211,17 @@ class LeaseQueue:
                 self.recovered_total += 1
 
     @classmethod
-    def from_spec(cls, spec: QueueSpec, max_deliveries: int,
-                  storage: QueueStorage | None = None) -> LeaseQueue:
+    def from_spec(
+        cls, spec: QueueSpec, max_deliveries: int, storage: QueueStorage | None = None
+    ) -> LeaseQueue:
         """The queue a shard runs for ``spec`` (discipline with its parameters)."""
-        return cls(spec.max_depth, spec.discipline, max_deliveries,
-                   policy=discipline_from_spec(spec), storage=storage)
+        return cls(
+            spec.max_depth,
+            spec.discipline,
+            max_deliveries,
+            policy=discipline_from_spec(spec),
+            storage=storage,
+        )
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -280,12 +293,17 @@ class LeaseQueue:
         """Ids of ``items`` pending here with another payload, for ids that come from an
         idempotency key (``idem-``): the same key must mean the same task."""
         pending = self._pending
-        return [it.id for it in items
-                if it.id.startswith(IDEMPOTENT_PREFIX) and (old := pending.get(it.id)) is not None
-                and old.payload != it.payload]
+        return [
+            it.id
+            for it in items
+            if it.id.startswith(IDEMPOTENT_PREFIX)
+            and (old := pending.get(it.id)) is not None
+            and old.payload != it.payload
+        ]
 
-    def lease(self, n: int, holder: str, lease_s: float, now: float,
-              now_unix_s: float | None = None) -> list[Item]:
+    def lease(
+        self, n: int, holder: str, lease_s: float, now: float, now_unix_s: float | None = None
+    ) -> list[Item]:
         """Hand out up to ``n`` ready items to ``holder`` until ``now + lease_s``.
 
         With ``now_unix_s`` (wall clock, the time base of deadlines), overdue items met
@@ -320,8 +338,11 @@ class LeaseQueue:
                     self._ready.push(item, redelivery=True)
                     break
                 n = min(n, s[1])
-            if (now_unix_s is not None and item.deadline_unix_s is not None
-                    and item.deadline_unix_s <= now_unix_s):
+            if (
+                now_unix_s is not None
+                and item.deadline_unix_s is not None
+                and item.deadline_unix_s <= now_unix_s
+            ):
                 self._drop_failed(item)
                 self.deadline_exceeded_total += 1
                 self._overdue.append(item)
@@ -363,17 +384,27 @@ class LeaseQueue:
         self.acked_total += n
         return n
 
-    def _fenced(self, ids: Iterable[str],
-                deliveries: Iterable[int | None] | None) -> Iterable[str]:
+    def _fenced(
+        self, ids: Iterable[str], deliveries: Iterable[int | None] | None
+    ) -> Iterable[str]:
         """The ids whose current delivery is the one named (a None names none: any)."""
         if deliveries is None:
             return ids
         pending = self._pending
-        return [i for i, d in zip(ids, deliveries)
-                if d is None or ((it := pending.get(i)) is not None and it.deliveries == d)]
+        return [
+            i
+            for i, d in zip(ids, deliveries)
+            if d is None or ((it := pending.get(i)) is not None and it.deliveries == d)
+        ]
 
-    def extend(self, ids: Iterable[str], holder: str, lease_s: float, now: float,
-               deliveries: Iterable[int | None] | None = None) -> int:
+    def extend(
+        self,
+        ids: Iterable[str],
+        holder: str,
+        lease_s: float,
+        now: float,
+        deliveries: Iterable[int | None] | None = None,
+    ) -> int:
         """Renew leases still held by ``holder`` (and, with ``deliveries``, only for
         the delivery named for each id); returns how many were renewed."""
         n = 0
@@ -405,8 +436,12 @@ class LeaseQueue:
         self.redelivered_total += 1
         return None
 
-    def nack(self, ids: Iterable[str], deliveries: Iterable[int | None] | None = None,
-             crashed: bool = False) -> list[Item]:
+    def nack(
+        self,
+        ids: Iterable[str],
+        deliveries: Iterable[int | None] | None = None,
+        crashed: bool = False,
+    ) -> list[Item]:
         """Give leased items back for redelivery (their holder could not finish them).
 
         ``deliveries`` fences the call (see the module docstring): an id whose current
@@ -429,8 +464,14 @@ class LeaseQueue:
         """Ids leased to ``holder`` (a restarted holder adopts them)."""
         return [i for i, (h, _) in self._leases.items() if h == holder]
 
-    def adopt(self, ids: Iterable[str], holder: str, lease_s: float, now: float,
-              deliveries: Iterable[int | None] | None = None) -> int:
+    def adopt(
+        self,
+        ids: Iterable[str],
+        holder: str,
+        lease_s: float,
+        now: float,
+        deliveries: Iterable[int | None] | None = None,
+    ) -> int:
         """Lease ready items to ``holder`` as they are, without handing them out.
 
         For a queue restarted from storage: what its holder still runs comes back
@@ -494,8 +535,11 @@ class LeaseQueue:
             self.deadline_exceeded_total += 1
             out.append(it)
         if len(h) > _DEADLINE_HEAP_MIN + _DEADLINE_HEAP_SLACK * self._with_deadline:
-            self._deadlines = [(it.deadline_unix_s, i) for i, it in self._pending.items()
-                               if it.deadline_unix_s is not None]
+            self._deadlines = [
+                (it.deadline_unix_s, i)
+                for i, it in self._pending.items()
+                if it.deadline_unix_s is not None
+            ]
             heapq.heapify(self._deadlines)
         return out
 

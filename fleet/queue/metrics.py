@@ -46,33 +46,50 @@ _QUANTILES = (("0.5", "age_p50_s"), ("0.9", "age_p90_s"), ("0.99", "age_p99_s"))
 class QueueMetrics:
     """The queue metric family, registered on ``registry``."""
 
-    def __init__(self, registry: CollectorRegistry | None = REGISTRY,
-                 prefix: str = "fleet_queue"):
+    def __init__(
+        self, registry: CollectorRegistry | None = REGISTRY, prefix: str = "fleet_queue"
+    ):
         kw: dict[str, Any] = {"registry": registry}
-        self.counters = {k: Counter(f"{prefix}_{n}", doc, _LABELS, **kw)
-                         for k, (n, doc) in _COUNTERS.items()}
-        self.gauges = {k: Gauge(f"{prefix}_{n}", doc, _LABELS, **kw)
-                       for k, (n, doc) in _GAUGES.items()}
-        self.age = Gauge(f"{prefix}_age_seconds",
-                         "Estimated age quantiles of pending items.",
-                         (*_LABELS, "quantile"), **kw)
-        self.enqueue_rate = Gauge(f"{prefix}_enqueue_per_second",
-                                  "Smoothed enqueue rate.", ("queue",), **kw)
-        self.dequeue_rate = Gauge(f"{prefix}_dequeue_per_second",
-                                  "Smoothed dequeue rate.", ("queue",), **kw)
-        self.shard_max_over_mean = Gauge(f"{prefix}_shard_max_over_mean",
-                                         "Deepest shard over the mean shard depth.",
-                                         ("queue",), **kw)
-        self.shard_cv = Gauge(f"{prefix}_shard_cv",
-                              "Coefficient of variation of shard depths.", ("queue",), **kw)
-        self.alert_active = Gauge(f"{prefix}_alert_active",
-                                  "1 while an alert rule fires on a subject.",
-                                  ("rule", "subject", "severity"), **kw)
+        self.counters = {
+            k: Counter(f"{prefix}_{n}", doc, _LABELS, **kw)
+            for k, (n, doc) in _COUNTERS.items()
+        }
+        self.gauges = {
+            k: Gauge(f"{prefix}_{n}", doc, _LABELS, **kw) for k, (n, doc) in _GAUGES.items()
+        }
+        self.age = Gauge(
+            f"{prefix}_age_seconds",
+            "Estimated age quantiles of pending items.",
+            (*_LABELS, "quantile"),
+            **kw,
+        )
+        self.enqueue_rate = Gauge(
+            f"{prefix}_enqueue_per_second", "Smoothed enqueue rate.", ("queue",), **kw
+        )
+        self.dequeue_rate = Gauge(
+            f"{prefix}_dequeue_per_second", "Smoothed dequeue rate.", ("queue",), **kw
+        )
+        self.shard_max_over_mean = Gauge(
+            f"{prefix}_shard_max_over_mean",
+            "Deepest shard over the mean shard depth.",
+            ("queue",),
+            **kw,
+        )
+        self.shard_cv = Gauge(
+            f"{prefix}_shard_cv", "Coefficient of variation of shard depths.", ("queue",), **kw
+        )
+        self.alert_active = Gauge(
+            f"{prefix}_alert_active",
+            "1 while an alert rule fires on a subject.",
+            ("rule", "subject", "severity"),
+            **kw,
+        )
         self._last: dict[tuple[str, str], dict[str, int]] = {}
         self._alerts: set[tuple[str, str, str]] = set()
 
-    def update_from_stats(self, queue: str, shard: int,
-                          stats: QueueStats | Mapping[str, Any]) -> None:
+    def update_from_stats(
+        self, queue: str, shard: int, stats: QueueStats | Mapping[str, Any]
+    ) -> None:
         """Set one shard's gauges and advance its counters from a stats snapshot."""
         d = dataclasses.asdict(stats) if isinstance(stats, QueueStats) else stats
         labels = (queue, str(shard))

@@ -72,10 +72,15 @@ class ShardHealth:
     def metrics(self) -> dict[str, float]:
         """The values shard-scope alert rules can watch (AlertMetric names)."""
         return {
-            "depth": self.depth, "leased": self.leased, "pending": self.pending,
-            "oldest_age_s": self.oldest_age_s, "age_p50_s": self.age_p50_s,
-            "age_p90_s": self.age_p90_s, "age_p99_s": self.age_p99_s,
-            "enqueue_per_s": self.enqueue_per_s, "dequeue_per_s": self.dequeue_per_s,
+            "depth": self.depth,
+            "leased": self.leased,
+            "pending": self.pending,
+            "oldest_age_s": self.oldest_age_s,
+            "age_p50_s": self.age_p50_s,
+            "age_p90_s": self.age_p90_s,
+            "age_p99_s": self.age_p99_s,
+            "enqueue_per_s": self.enqueue_per_s,
+            "dequeue_per_s": self.dequeue_per_s,
             "lease_expiries_per_s": self.lease_expiries_per_s,
             "redeliveries_per_s": self.redeliveries_per_s,
             "deadline_exceeded_per_s": self.deadline_exceeded_per_s,
@@ -113,10 +118,15 @@ class QueueHealth:
     def metrics(self) -> dict[str, float]:
         """The values queue-scope alert rules can watch (AlertMetric names)."""
         return {
-            "depth": self.depth, "leased": self.leased, "pending": self.pending,
-            "oldest_age_s": self.oldest_age_s, "age_p50_s": self.age_p50_s,
-            "age_p90_s": self.age_p90_s, "age_p99_s": self.age_p99_s,
-            "enqueue_per_s": self.enqueue_per_s, "dequeue_per_s": self.dequeue_per_s,
+            "depth": self.depth,
+            "leased": self.leased,
+            "pending": self.pending,
+            "oldest_age_s": self.oldest_age_s,
+            "age_p50_s": self.age_p50_s,
+            "age_p90_s": self.age_p90_s,
+            "age_p99_s": self.age_p99_s,
+            "enqueue_per_s": self.enqueue_per_s,
+            "dequeue_per_s": self.dequeue_per_s,
             "lease_expiries_per_s": self.lease_expiries_per_s,
             "redeliveries_per_s": self.redeliveries_per_s,
             "deadline_exceeded_per_s": self.deadline_exceeded_per_s,
@@ -127,12 +137,16 @@ class QueueHealth:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form for ``fleet status --json``."""
         d = {k: v for k, v in self.metrics().items()}
-        d.update(queue=self.queue, lease_expiries_total=self.lease_expiries_total,
-                 redeliveries_total=self.redeliveries_total,
-                 balance=dataclasses.asdict(self.balance),
-                 stale_shards=list(self.stale_shards),
-                 shards=[{"shard": s.shard, **s.metrics(), "pending": s.pending}
-                         for s in self.shards])
+        d.update(
+            queue=self.queue,
+            lease_expiries_total=self.lease_expiries_total,
+            redeliveries_total=self.redeliveries_total,
+            balance=dataclasses.asdict(self.balance),
+            stale_shards=list(self.stale_shards),
+            shards=[
+                {"shard": s.shard, **s.metrics(), "pending": s.pending} for s in self.shards
+            ],
+        )
         return d
 
 
@@ -163,37 +177,58 @@ class _Rate:
 class QueueMonitor:
     """Accumulates shard stats snapshots into per-shard and per-queue health."""
 
-    def __init__(self, rate_window_s: float = DEFAULT_RATE_WINDOW_S,
-                 stale_after_s: float = DEFAULT_STALE_AFTER_S):
+    def __init__(
+        self,
+        rate_window_s: float = DEFAULT_RATE_WINDOW_S,
+        stale_after_s: float = DEFAULT_STALE_AFTER_S,
+    ):
         if rate_window_s <= 0 or stale_after_s <= 0:
-            raise ValueError(f"rate_window_s ({rate_window_s}) and stale_after_s "
-                             f"({stale_after_s}) must be > 0")
+            raise ValueError(
+                f"rate_window_s ({rate_window_s}) and stale_after_s "
+                f"({stale_after_s}) must be > 0"
+            )
         self.rate_window_s = rate_window_s
         self.stale_after_s = stale_after_s
         self._rates: dict[tuple[str, int], dict[str, _Rate]] = {}
         self._latest: dict[tuple[str, int], ShardHealth] = {}
 
-    def observe(self, queue: str, shard: int, stats: QueueStats | Mapping[str, Any],
-                now_s: float) -> ShardHealth:
+    def observe(
+        self, queue: str, shard: int, stats: QueueStats | Mapping[str, Any], now_s: float
+    ) -> ShardHealth:
         """Record one shard's stats taken at ``now_s``; returns its health."""
-        st = stats if isinstance(stats, QueueStats) else QueueStats(
-            **{k: v for k, v in stats.items() if k in _STAT_FIELDS})
+        st = (
+            stats
+            if isinstance(stats, QueueStats)
+            else QueueStats(**{k: v for k, v in stats.items() if k in _STAT_FIELDS})
+        )
         k = (queue, shard)
         rates = self._rates.get(k)
         if rates is None:
             self._rates[k] = {c: _Rate(now_s, getattr(st, c)) for c in _RATES}
             values = {r: 0.0 for r in _RATES.values()}
         else:
-            values = {r: rates[c].update(now_s, getattr(st, c), self.rate_window_s)
-                      for c, r in _RATES.items()}
+            values = {
+                r: rates[c].update(now_s, getattr(st, c), self.rate_window_s)
+                for c, r in _RATES.items()
+            }
         h = ShardHealth(
-            queue=queue, shard=shard, observed_at_s=now_s, depth=st.depth, leased=st.leased,
-            oldest_age_s=st.oldest_age_s, age_p50_s=st.age_p50_s, age_p90_s=st.age_p90_s,
-            age_p99_s=st.age_p99_s, enqueued_total=st.enqueued_total,
-            dequeued_total=st.dequeued_total, acked_total=st.acked_total,
-            lease_expiries_total=st.expired_total, redeliveries_total=st.redelivered_total,
+            queue=queue,
+            shard=shard,
+            observed_at_s=now_s,
+            depth=st.depth,
+            leased=st.leased,
+            oldest_age_s=st.oldest_age_s,
+            age_p50_s=st.age_p50_s,
+            age_p90_s=st.age_p90_s,
+            age_p99_s=st.age_p99_s,
+            enqueued_total=st.enqueued_total,
+            dequeued_total=st.dequeued_total,
+            acked_total=st.acked_total,
+            lease_expiries_total=st.expired_total,
+            redeliveries_total=st.redelivered_total,
             exhausted_total=st.exhausted_total,
-            deadline_exceeded_total=st.deadline_exceeded_total, **values,
+            deadline_exceeded_total=st.deadline_exceeded_total,
+            **values,
         )
         self._latest[k] = h
         return h
@@ -218,8 +253,11 @@ class QueueMonitor:
         out = {}
         for q, hs in by_queue.items():
             out[q] = QueueHealth(
-                queue=q, shards=tuple(hs), stale_shards=tuple(stale.get(q, ())),
-                depth=sum(h.depth for h in hs), leased=sum(h.leased for h in hs),
+                queue=q,
+                shards=tuple(hs),
+                stale_shards=tuple(stale.get(q, ())),
+                depth=sum(h.depth for h in hs),
+                leased=sum(h.leased for h in hs),
                 oldest_age_s=max((h.oldest_age_s for h in hs), default=0.0),
                 age_p50_s=max((h.age_p50_s for h in hs), default=0.0),
                 age_p90_s=max((h.age_p90_s for h in hs), default=0.0),
@@ -235,8 +273,9 @@ class QueueMonitor:
             )
         return out
 
-    def observations(self, now_s: float,
-                     report: Mapping[str, QueueHealth] | None = None) -> Observations:
+    def observations(
+        self, now_s: float, report: Mapping[str, QueueHealth] | None = None
+    ) -> Observations:
         """What the alert evaluator sees: metrics per queue and per shard subject."""
         report = self.report(now_s) if report is None else report
         return Observations(

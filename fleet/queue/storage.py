@@ -104,13 +104,17 @@ CREATE TABLE IF NOT EXISTS items (
     deliveries INTEGER NOT NULL DEFAULT 0
 )
 """
-_INSERT = ("INSERT INTO items (seq, id, capability, priority, payload, submitted_unix_s,"
-           " deadline_unix_s, utility, affinity_key, deliveries)"
-           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT = (
+    "INSERT INTO items (seq, id, capability, priority, payload, submitted_unix_s,"
+    " deadline_unix_s, utility, affinity_key, deliveries)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _DELETE = "DELETE FROM items WHERE seq = ?"
 _SET_DELIVERIES = "UPDATE items SET deliveries = ? WHERE seq = ?"
-_SELECT = ("SELECT seq, id, capability, priority, payload, submitted_unix_s, deadline_unix_s,"
-           " utility, affinity_key, deliveries FROM items ORDER BY seq")
+_SELECT = (
+    "SELECT seq, id, capability, priority, payload, submitted_unix_s, deadline_unix_s,"
+    " utility, affinity_key, deliveries FROM items ORDER BY seq"
+)
 
 
 class SqliteStorage:
@@ -133,14 +137,16 @@ class SqliteStorage:
 
     durable = True
 
-    def __init__(self, path: str | os.PathLike[str], synchronous: str = "normal",
-                 cache_mib: int = 16):
+    def __init__(
+        self, path: str | os.PathLike[str], synchronous: str = "normal", cache_mib: int = 16
+    ):
         self.path = Path(path)
         self._db = open_wal(self.path, synchronous, cache_mib)  # one commit per batch
         self._db.execute(_SCHEMA)
         self._rows: dict[str, int] = {}  # task id -> seq of its row (filled by load)
-        self._next_seq = (self._db.execute("SELECT MAX(seq) FROM items").fetchone()[0]
-                          or 0) + 1
+        self._next_seq = (
+            self._db.execute("SELECT MAX(seq) FROM items").fetchone()[0] or 0
+        ) + 1
         self._loaded = False
         self._inserts: list[tuple] = []
         self._deletes: list[tuple[int]] = []
@@ -179,8 +185,9 @@ class SqliteStorage:
             if self._inserts:
                 db.executemany(_INSERT, self._inserts)
             if self._deliveries:
-                db.executemany(_SET_DELIVERIES,
-                               [(n, seq) for seq, n in self._deliveries.items()])
+                db.executemany(
+                    _SET_DELIVERIES, [(n, seq) for seq, n in self._deliveries.items()]
+                )
             if self._deletes:
                 db.executemany(_DELETE, self._deletes)
             db.execute("COMMIT")
@@ -240,8 +247,9 @@ class StorageFull(StorageError):
     """The disk holding a fleet's storage is full (ENOSPC); nothing was written."""
 
 
-def open_wal(path: Path, synchronous: str = "normal",
-             cache_mib: int | None = None) -> sqlite3.Connection:
+def open_wal(
+    path: Path, synchronous: str = "normal", cache_mib: int | None = None
+) -> sqlite3.Connection:
     """A connection to the SQLite file ``path`` (created, with its directory) in WAL
     mode, for one process and thread: ``isolation_level=None``, so the caller issues
     BEGIN/COMMIT itself, one transaction per batch or call. ``synchronous`` ``normal``
@@ -261,16 +269,21 @@ def storage_error(path: str | os.PathLike[str], exc: BaseException) -> StorageEr
     """The clear error for a failed write to ``path`` (disk full, read-only, ...)."""
     text = str(exc)
     if isinstance(exc, OSError) and exc.errno == 28 or "disk is full" in text:
-        return StorageFull(f"storage full: {path}: no space left on device; free space "
-                           "on that disk (nothing was written, nothing earlier is lost)")
+        return StorageFull(
+            f"storage full: {path}: no space left on device; free space "
+            "on that disk (nothing was written, nothing earlier is lost)"
+        )
     return StorageError(f"storage failed: {path}: {text}")
 
 
 def fleet_directory(spec: StorageSpec, namespace: str, fleet: str) -> Path:
     """The directory of one fleet's files (queues, ledger, control state):
     ``<directory>/<namespace>/<fleet>/``."""
-    return (Path(os.path.expanduser(spec.directory)) / _UNSAFE.sub("_", namespace)
-            / _UNSAFE.sub("_", fleet))
+    return (
+        Path(os.path.expanduser(spec.directory))
+        / _UNSAFE.sub("_", namespace)
+        / _UNSAFE.sub("_", fleet)
+    )
 
 
 def check_writable(directory: str | os.PathLike[str]) -> None:
@@ -285,11 +298,17 @@ def check_writable(directory: str | os.PathLike[str]) -> None:
     except OSError as exc:
         raise StorageError(
             f"storage directory {path} is not writable: {exc.strerror or exc}; set "
-            "queues.storage.directory to a writable directory") from None
+            "queues.storage.directory to a writable directory"
+        ) from None
 
 
-def shard_path(directory: str | os.PathLike[str], namespace: str, capability: str,
-               shard: int, fleet: str | None = None) -> Path:
+def shard_path(
+    directory: str | os.PathLike[str],
+    namespace: str,
+    capability: str,
+    shard: int,
+    fleet: str | None = None,
+) -> Path:
     """The SQLite file of one shard:
     ``<directory>/<namespace>/[<fleet>/]<capability>-<shard>.sqlite3``.
 
@@ -301,12 +320,16 @@ def shard_path(directory: str | os.PathLike[str], namespace: str, capability: st
     return base / f"{_UNSAFE.sub('_', capability)}-{shard}.sqlite3"
 
 
-def make_storage(spec: StorageSpec, namespace: str, capability: str,
-                 shard: int, fleet: str | None = None) -> MemoryStorage | SqliteStorage:
+def make_storage(
+    spec: StorageSpec, namespace: str, capability: str, shard: int, fleet: str | None = None
+) -> MemoryStorage | SqliteStorage:
     """The storage backend a queue shard should use, as the spec says."""
     if spec.backend is StorageBackend.MEMORY:
         return MemoryStorage()
     if spec.backend is StorageBackend.SQLITE:
-        return SqliteStorage(shard_path(spec.directory, namespace, capability, shard, fleet),
-                             spec.sqlite_synchronous, spec.sqlite_cache_mib)
+        return SqliteStorage(
+            shard_path(spec.directory, namespace, capability, shard, fleet),
+            spec.sqlite_synchronous,
+            spec.sqlite_cache_mib,
+        )
     raise ValueError(f"unknown storage backend {spec.backend!r}")

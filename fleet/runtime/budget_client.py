@@ -106,7 +106,9 @@ class BudgetClient:
                     self._actor = None if self._ref is not None else self._actor
                     for _, fut in batch:
                         if not fut.done():
-                            fut.set_exception(RuntimeError(f"budget actor unavailable: {exc!r}"))
+                            fut.set_exception(
+                                RuntimeError(f"budget actor unavailable: {exc!r}")
+                            )
                     continue
                 for (_, fut), g in zip(batch, grants):
                     g = Grant(*g)

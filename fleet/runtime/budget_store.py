@@ -83,15 +83,21 @@ _TABLES = (
 )
 _PUT_COUNTER = "INSERT OR REPLACE INTO counters (key, idx, used) VALUES (?, ?, ?)"
 _DROP_COUNTER = "DELETE FROM counters WHERE key = ? AND idx = ?"
-_PUT_RESERVATION = ("INSERT OR REPLACE INTO reservations (id, amounts, agent, pool, class,"
-                    " tenant, usd, tokens, cpu_s, at_s, expires_s)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_PUT_RESERVATION = (
+    "INSERT OR REPLACE INTO reservations (id, amounts, agent, pool, class,"
+    " tenant, usd, tokens, cpu_s, at_s, expires_s)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _DROP_RESERVATION = "DELETE FROM reservations WHERE id = ?"
 _NO_LEASE = (None,) * 9
-_PUT_STATS = ("INSERT OR REPLACE INTO stats (name, spend_usd, tokens, cpu_s, tasks)"
-              " VALUES (?, ?, ?, ?, ?)")
-_PUT_ALERT = ("INSERT OR IGNORE INTO alerts (key, idx, threshold, at_s, used, limit_value,"
-              " ends_s, polled) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_PUT_STATS = (
+    "INSERT OR REPLACE INTO stats (name, spend_usd, tokens, cpu_s, tasks)"
+    " VALUES (?, ?, ?, ?, ?)"
+)
+_PUT_ALERT = (
+    "INSERT OR IGNORE INTO alerts (key, idx, threshold, at_s, used, limit_value,"
+    " ends_s, polled) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _PUT_META = "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)"
 _KEY_CACHE_SIZE = 65_536
 
@@ -112,8 +118,9 @@ class BudgetDatabase:
         self.path = Path(path)
         try:
             self._db = open_wal(self.path, synchronous)  # one transaction per call
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY,"
-                             " value TEXT NOT NULL)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
         except (sqlite3.Error, OSError) as exc:
             raise storage_error(self.path, exc) from exc
         found = self.meta("schema_version")
@@ -124,7 +131,8 @@ class BudgetDatabase:
             raise StorageError(
                 f"budget state {self.path} has schema version {found}, this fleet reads "
                 f"version {SCHEMA_VERSION}: run the fleet version that wrote it, or move "
-                "the file away (the fleet's budgets then start from zero)")
+                "the file away (the fleet's budgets then start from zero)"
+            )
 
     def _create(self) -> None:
         db = self._db
@@ -181,24 +189,48 @@ class BudgetDatabase:
         raw = self.meta("state")
         meta: dict[str, Any] = json.loads(raw) if raw else {}
         p = meta.get("policy", {})
-        stats = {name: (spend, tokens, cpu_s, tasks) for name, spend, tokens, cpu_s, tasks
-                 in self.rows("SELECT name, spend_usd, tokens, cpu_s, tasks FROM stats")}
-        alerts = [(BudgetAlert(at_s, key, idx, threshold, used, limit), bool(polled))
-                  for key, idx, threshold, at_s, used, limit, polled in self.rows(
-                      "SELECT key, idx, threshold, at_s, used, limit_value, polled"
-                      " FROM alerts ORDER BY rowid")]
-        state = PolicyState(p.get("day"), p.get("seq", 0), p.get("reserved_count", 0),
-                            p.get("settled_count", 0), p.get("overrun_usd", 0.0),
-                            p.get("refusals", {}), stats, alerts)
+        stats = {
+            name: (spend, tokens, cpu_s, tasks)
+            for name, spend, tokens, cpu_s, tasks in self.rows(
+                "SELECT name, spend_usd, tokens, cpu_s, tasks FROM stats"
+            )
+        }
+        alerts = [
+            (BudgetAlert(at_s, key, idx, threshold, used, limit), bool(polled))
+            for key, idx, threshold, at_s, used, limit, polled in self.rows(
+                "SELECT key, idx, threshold, at_s, used, limit_value, polled"
+                " FROM alerts ORDER BY rowid"
+            )
+        ]
+        state = PolicyState(
+            p.get("day"),
+            p.get("seq", 0),
+            p.get("reserved_count", 0),
+            p.get("settled_count", 0),
+            p.get("overrun_usd", 0.0),
+            p.get("refusals", {}),
+            stats,
+            alerts,
+        )
         return state, meta.get("book", {})
 
     @staticmethod
     def meta_json(policy: PolicyState, book: Mapping[str, Any]) -> str:
         """The ``state`` row: the policy's scalars and the actor's totals."""
-        return json.dumps({"policy": {
-            "day": policy.day, "seq": policy.seq, "reserved_count": policy.reserved_count,
-            "settled_count": policy.settled_count, "overrun_usd": policy.overrun_usd,
-            "refusals": policy.refusals}, "book": book}, sort_keys=True)
+        return json.dumps(
+            {
+                "policy": {
+                    "day": policy.day,
+                    "seq": policy.seq,
+                    "reserved_count": policy.reserved_count,
+                    "settled_count": policy.settled_count,
+                    "overrun_usd": policy.overrun_usd,
+                    "refusals": policy.refusals,
+                },
+                "book": book,
+            },
+            sort_keys=True,
+        )
 
     @staticmethod
     def policy_writes(changes: PolicyState, meta_json: str | None) -> list[Write]:
@@ -208,15 +240,30 @@ class BudgetDatabase:
         if changes.new_day and changes.day is not None:
             out.append(("DELETE FROM stats", [()]))
             # The rule of ``alert_kept``: keep the windows that end after yesterday began.
-            out.append(("DELETE FROM alerts WHERE ends_s <= ?",
-                        [((changes.day - 1) * DAY_S,)]))
+            out.append(
+                ("DELETE FROM alerts WHERE ends_s <= ?", [((changes.day - 1) * DAY_S,)])
+            )
         if changes.stats:
             out.append((_PUT_STATS, [(n, *row) for n, row in changes.stats.items()]))
         if changes.alerts:
-            out.append((_PUT_ALERT, [
-                (a.key, a.window_index, a.threshold, a.at_s, a.used, a.limit,
-                 window_end_s(a.key, a.window_index), int(polled))
-                for a, polled in changes.alerts]))
+            out.append(
+                (
+                    _PUT_ALERT,
+                    [
+                        (
+                            a.key,
+                            a.window_index,
+                            a.threshold,
+                            a.at_s,
+                            a.used,
+                            a.limit,
+                            window_end_s(a.key, a.window_index),
+                            int(polled),
+                        )
+                        for a, polled in changes.alerts
+                    ],
+                )
+            )
         if meta_json is not None:
             out.append((_PUT_META, [("state", meta_json)]))
         return out
@@ -263,31 +310,56 @@ class SqliteBudgetStore(InMemoryBudgetStore):
         used, reserved = self._used, self._reserved
         for key, idx, n in self.db.rows("SELECT key, idx, used FROM counters"):
             used[(key, idx)] = n
-        for rid, amounts, agent, pool, cls, tenant, usd, tokens, cpu_s, at_s, until in \
-                self.db.rows("SELECT id, amounts, agent, pool, class, tenant, usd, tokens,"
-                             " cpu_s, at_s, expires_s FROM reservations"):
+        for (
+            rid,
+            amounts,
+            agent,
+            pool,
+            cls,
+            tenant,
+            usd,
+            tokens,
+            cpu_s,
+            at_s,
+            until,
+        ) in self.db.rows(
+            "SELECT id, amounts, agent, pool, class, tenant, usd, tokens,"
+            " cpu_s, at_s, expires_s FROM reservations"
+        ):
             booked = self._reservations[rid] = {(k, i): a for k, i, a in json.loads(amounts)}
             for e, a in booked.items():  # reserved: the sum of the open reservations
                 reserved[e] = reserved.get(e, 0) + a
             if agent is not None:
-                self.leases[rid] = (Reservation(rid, agent, pool, cls, tenant,
-                                                Usage(usd, tokens, cpu_s), at_s,
-                                                tuple(booked)), until)
+                self.leases[rid] = (
+                    Reservation(
+                        rid,
+                        agent,
+                        pool,
+                        cls,
+                        tenant,
+                        Usage(usd, tokens, cpu_s),
+                        at_s,
+                        tuple(booked),
+                    ),
+                    until,
+                )
 
     def keep_lease(self, lease: Lease) -> None:
         """Store ``lease`` with its reservation (booked since the last write), so a
         restart finds it in ``leases``."""
         self._new_leases[lease[0].id] = lease
 
-    def try_reserve(self, reservation_id: str,
-                    amounts: Mapping[Entry, int]) -> StoreRefusal | None:
+    def try_reserve(
+        self, reservation_id: str, amounts: Mapping[Entry, int]
+    ) -> StoreRefusal | None:
         refused = super().try_reserve(reservation_id, amounts)
         if refused is None:
             self._booked[reservation_id] = self._reservations[reservation_id]
         return refused
 
-    def settle(self, reservation_id: str,
-               actual: Mapping[Entry, int]) -> dict[Entry, int] | None:
+    def settle(
+        self, reservation_id: str, actual: Mapping[Entry, int]
+    ) -> dict[Entry, int] | None:
         booked = self._reservations.get(reservation_id)
         out = super().settle(reservation_id, actual)
         if booked is not None:
@@ -331,8 +403,11 @@ class SqliteBudgetStore(InMemoryBudgetStore):
         if booked:
             drop = [(rid,) for rid, a in booked.items() if a is None]
             leases = self._new_leases
-            put = [(rid, self._encode(a), *self._lease_row(leases.get(rid)))
-                   for rid, a in booked.items() if a is not None]
+            put = [
+                (rid, self._encode(a), *self._lease_row(leases.get(rid)))
+                for rid, a in booked.items()
+                if a is not None
+            ]
             out.extend(w for w in ((_DROP_RESERVATION, drop), (_PUT_RESERVATION, put)) if w[1])
         self._touched, self._dropped, self._booked = set(), set(), {}
         self._new_leases = {}
@@ -344,8 +419,17 @@ class SqliteBudgetStore(InMemoryBudgetStore):
             return _NO_LEASE
         r, until = lease
         est = r.estimate
-        return (r.agent_id, r.pool, r.priority_class, r.tenant, est.usd, est.tokens,
-                est.cpu_s, r.at_s, until)
+        return (
+            r.agent_id,
+            r.pool,
+            r.priority_class,
+            r.tenant,
+            est.usd,
+            est.tokens,
+            est.cpu_s,
+            r.at_s,
+            until,
+        )
 
     def _encode(self, amounts: Mapping[Entry, int]) -> str:
         """``amounts`` as JSON ``[[key, idx, units], ...]``. Keys repeat across

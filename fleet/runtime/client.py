@@ -44,8 +44,9 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
         ray.init(address=address, namespace="fleet", log_to_driver=False)
         return False
     loopback_only()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             namespace="fleet")
+    ray.init(
+        num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, namespace="fleet"
+    )
     return True
 
 
@@ -97,16 +98,21 @@ def put_items(shards: dict[str, list[Any]], items: list[Item], timeout_s: float)
     groups: dict[tuple[str, int], list[Item]] = defaultdict(list)
     for it in items:
         groups[(it.capability, shard_of(it, len(shards[it.capability])))].append(it)
-    pending = [(key, chunk[i:i + SUBMIT_CHUNK]) for key, chunk in groups.items()
-               for i in range(0, len(chunk), SUBMIT_CHUNK)]
+    pending = [
+        (key, chunk[i : i + SUBMIT_CHUNK])
+        for key, chunk in groups.items()
+        for i in range(0, len(chunk), SUBMIT_CHUNK)
+    ]
     deadline = time.monotonic() + timeout_s
     backoff = 0.01
     accepted = 0
     while pending:
         # Latency counts from the moment fleet is handed a task, not from validation.
         now = time.time()
-        pending = [(key, [it._replace(submitted_unix_s=now) for it in chunk])
-                   for key, chunk in pending]
+        pending = [
+            (key, [it._replace(submitted_unix_s=now) for it in chunk])
+            for key, chunk in pending
+        ]
         refs = [shards[cap][s].put.remote(chunk) for (cap, s), chunk in pending]
         retry = []
         for ref, entry in zip(refs, pending):
@@ -126,7 +132,8 @@ def put_items(shards: dict[str, list[Any]], items: list[Item], timeout_s: float)
                 left = sum(len(c) for _, c in pending)
                 raise QueueFullError(
                     f"queue full: {left} task(s) not accepted after {timeout_s:.1f}s "
-                    f"({accepted} accepted); retry later")
+                    f"({accepted} accepted); retry later"
+                )
             time.sleep(backoff)
             backoff = min(backoff * 2, 0.5)
 
@@ -142,15 +149,19 @@ class FleetClient:
         self.ledger = LedgerClient.for_spec(spec)
         self._controller = ray.get_actor(self.names.controller, namespace=ns)
         self._shards = {
-            cap: [ray.get_actor(self.names.shard(cap, i), namespace=ns)
-                  for i in range(spec.queues.shards)]
+            cap: [
+                ray.get_actor(self.names.shard(cap, i), namespace=ns)
+                for i in range(spec.queues.shards)
+            ]
             for cap in spec.capabilities
         }
         self._caps = frozenset(spec.capabilities)
 
     # -- lifecycle -----------------------------------------------------------------
     @classmethod
-    def start(cls, spec: FleetSpec, *, detached: bool = False, http: bool = False) -> FleetClient:
+    def start(
+        cls, spec: FleetSpec, *, detached: bool = False, http: bool = False
+    ) -> FleetClient:
         from fleet.runtime.deploy import deploy
 
         return cls(spec, deploy(spec, detached=detached, http=http))
@@ -163,7 +174,8 @@ class FleetClient:
         except ValueError:
             raise LookupError(
                 f"no fleet named {name!r} in namespace {namespace!r} on this cluster "
-                "(start one with `fleet run SPEC.yaml`)") from None
+                "(start one with `fleet run SPEC.yaml`)"
+            ) from None
         status = ray.get(ctl.status.remote())
         return cls(FleetSpec.model_validate(status["spec"]))
 
@@ -174,7 +186,9 @@ class FleetClient:
         self._owned.clear()
 
     # -- submit --------------------------------------------------------------------
-    def validate(self, tasks: Iterable[Task | dict[str, Any]]) -> tuple[list[Item], SubmitReport]:
+    def validate(
+        self, tasks: Iterable[Task | dict[str, Any]]
+    ) -> tuple[list[Item], SubmitReport]:
         """Validate and encode tasks; ``report.generated`` holds the ids fleet made up
         here (tasks with neither an id nor an idempotency key): no outcome can exist
         for them, so submitting them needs no ledger lookup."""
@@ -191,8 +205,9 @@ class FleetClient:
                 report.generated.add(it.id)
         return items, report
 
-    def submit(self, tasks: Iterable[Task | dict[str, Any]],
-               timeout_s: float | None = None) -> SubmitReport:
+    def submit(
+        self, tasks: Iterable[Task | dict[str, Any]], timeout_s: float | None = None
+    ) -> SubmitReport:
         """Validate and enqueue tasks. Invalid ones are reported, never silently dropped.
 
         A task whose id (or ``idempotency_key``) already has a recorded outcome is not
@@ -208,8 +223,13 @@ class FleetClient:
         report.existing = {i: o.to_result() for i, o in existing.items()}
         return report
 
-    def submit_items(self, items: list[Item], timeout_s: float | None = None, *,
-                     generated: Collection[str] = ()) -> dict[str, Outcome]:
+    def submit_items(
+        self,
+        items: list[Item],
+        timeout_s: float | None = None,
+        *,
+        generated: Collection[str] = (),
+    ) -> dict[str, Outcome]:
         """Queue validated items, but none whose id already has an outcome; returns
         those outcomes by id. Raises IdempotencyConflict (queueing nothing) for an
         idempotency key used with another payload. Ids in ``generated`` (made up by
@@ -223,8 +243,12 @@ class FleetClient:
         return existing
 
     # -- results -------------------------------------------------------------------
-    def wait(self, ids: list[str], timeout_s: float = 600.0,
-             progress: Callable[[int, int], None] | None = None) -> list[str]:
+    def wait(
+        self,
+        ids: list[str],
+        timeout_s: float = 600.0,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[str]:
         """Block until every id has an outcome or the timeout passes; returns the missing.
 
         One lookup of all ids, then only what the ledger recorded since (its cursors):
@@ -282,15 +306,26 @@ class FleetClient:
         ns = self.spec.namespace
         ctl = ask(self.names.controller, self._controller.status.remote, {})
         queues = {
-            cap: [st for i, s in enumerate(shards)
-                  if (st := ask(self.names.shard(cap, i), s.stats.remote, None)) is not None]
+            cap: [
+                st
+                for i, s in enumerate(shards)
+                if (st := ask(self.names.shard(cap, i), s.stats.remote, None)) is not None
+            ]
             for cap, shards in self._shards.items()
         }
-        dispatcher = ask(self.names.dispatcher, lambda: ray.get_actor(
-            self.names.dispatcher, namespace=ns).stats.remote(), {})
-        counts = [ask(self.names.ledger_shard(k),
-                      lambda k=k: self.ledger.handle(k).count.remote(), None)
-                  for k in range(self.ledger.n)]
+        dispatcher = ask(
+            self.names.dispatcher,
+            lambda: ray.get_actor(self.names.dispatcher, namespace=ns).stats.remote(),
+            {},
+        )
+        counts = [
+            ask(
+                self.names.ledger_shard(k),
+                lambda k=k: self.ledger.handle(k).count.remote(),
+                None,
+            )
+            for k in range(self.ledger.n)
+        ]
         return {
             "fleet": self.spec.name,
             "pools": {
@@ -337,7 +372,9 @@ class FleetClient:
         out: list[dict[str, Any]] = []
         for i in range(kafka.consumers if kafka else 0):
             try:
-                actor = ray.get_actor(self.names.kafka_intake(i), namespace=self.spec.namespace)
+                actor = ray.get_actor(
+                    self.names.kafka_intake(i), namespace=self.spec.namespace
+                )
                 out.append(ray.get(actor.stats.remote(), timeout=10))
             except (ValueError, ray.exceptions.RayError) as exc:
                 out.append({"consumer": i, "running": False, "error": f"{type(exc).__name__}"})

@@ -62,11 +62,14 @@ def _credit(c: float) -> float | str:
 
 def state_to_ages(state: ScalingState, now_s: float) -> dict[str, Any]:
     """``state`` as JSON-ready data, every time as its age (s) at ``now_s``."""
-    return {"last_tick_age_s": _age(state.last_tick_s, now_s),
-            "last_up_age_s": _age(state.last_up_s, now_s),
-            "last_down_age_s": _age(state.last_down_s, now_s),
-            "up_credit": _credit(state.up_credit), "down_credit": _credit(state.down_credit),
-            "window": [[now_s - t, raw] for t, raw in state.window]}
+    return {
+        "last_tick_age_s": _age(state.last_tick_s, now_s),
+        "last_up_age_s": _age(state.last_up_s, now_s),
+        "last_down_age_s": _age(state.last_down_s, now_s),
+        "up_credit": _credit(state.up_credit),
+        "down_credit": _credit(state.down_credit),
+        "window": [[now_s - t, raw] for t, raw in state.window],
+    }
 
 
 def state_from_ages(data: Mapping[str, Any], now_s: float) -> ScalingState:
@@ -78,7 +81,8 @@ def state_from_ages(data: Mapping[str, Any], now_s: float) -> ScalingState:
         last_down_s=_at(data.get("last_down_age_s"), now_s),
         up_credit=float(data.get("up_credit", 0.0)),
         down_credit=float(data.get("down_credit", 0.0)),
-        window=tuple((now_s - float(age), int(raw)) for age, raw in data.get("window", ())))
+        window=tuple((now_s - float(age), int(raw)) for age, raw in data.get("window", ())),
+    )
 
 
 def resume_t_s(timeline: Sequence[Mapping[str, Any]], wall_now_s: float) -> float:
@@ -115,9 +119,13 @@ class ControlStore(Protocol):
     #: True when what is saved outlives the process.
     durable: bool
 
-    def save(self, now_s: float, pools: Mapping[str, PoolControl],
-             samples: Sequence[dict[str, Any]],
-             restarts_seen: Mapping[str, int] | None = None) -> None:
+    def save(
+        self,
+        now_s: float,
+        pools: Mapping[str, PoolControl],
+        samples: Sequence[dict[str, Any]],
+        restarts_seen: Mapping[str, int] | None = None,
+    ) -> None:
         """One tick, in one transaction: every pool's state (times taken at ``now_s``),
         the tick's timeline samples, and, when given, the restart counts seen."""
 
@@ -141,20 +149,29 @@ class MemoryControlStore:
         self.max_samples = max_samples
         self.reset()
 
-    def save(self, now_s: float, pools: Mapping[str, PoolControl],
-             samples: Sequence[dict[str, Any]],
-             restarts_seen: Mapping[str, int] | None = None) -> None:
-        self._pools.update({name: (pc.agents, state_to_ages(pc.state, now_s))
-                            for name, pc in pools.items()})
+    def save(
+        self,
+        now_s: float,
+        pools: Mapping[str, PoolControl],
+        samples: Sequence[dict[str, Any]],
+        restarts_seen: Mapping[str, int] | None = None,
+    ) -> None:
+        self._pools.update(
+            {name: (pc.agents, state_to_ages(pc.state, now_s)) for name, pc in pools.items()}
+        )
         self._timeline.extend(samples)  # the caller never changes a sample it saved
         if restarts_seen is not None:
             self._restarts = dict(restarts_seen)
 
     def load(self, now_s: float) -> ControlSnapshot:
         return ControlSnapshot(
-            {name: PoolControl(agents, state_from_ages(ages, now_s))
-             for name, (agents, ages) in self._pools.items()},
-            [dict(s) for s in self._timeline], dict(self._restarts))
+            {
+                name: PoolControl(agents, state_from_ages(ages, now_s))
+                for name, (agents, ages) in self._pools.items()
+            },
+            [dict(s) for s in self._timeline],
+            dict(self._restarts),
+        )
 
     def reset(self) -> None:
         self._pools: dict[str, tuple[int, dict[str, Any]]] = {}
@@ -191,45 +208,62 @@ class SqliteControlStore:
             for ddl in _SCHEMA:
                 self._db.execute(ddl)
             self._check_version()
-            self._next_seq = (self._db.execute("SELECT MAX(seq) FROM timeline").fetchone()[0]
-                              or 0) + 1
+            self._next_seq = (
+                self._db.execute("SELECT MAX(seq) FROM timeline").fetchone()[0] or 0
+            ) + 1
         except StorageError:
             raise
         except (OSError, sqlite3.Error) as exc:
             raise storage_error(self.path, exc) from None
 
     def _check_version(self) -> None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        row = self._db.execute(
+            "SELECT value FROM meta WHERE key = 'schema_version'"
+        ).fetchone()
         if row is None:
-            self._db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                             (str(SCHEMA_VERSION),))
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
         elif row[0] != str(SCHEMA_VERSION):
             self._db.close()
             raise StorageError(
                 f"control state {self.path} has schema version {row[0]}; this fleet reads "
                 f"version {SCHEMA_VERSION}. Move the file away (the controller then "
-                "starts from the spec) or run the fleet version that wrote it.")
+                "starts from the spec) or run the fleet version that wrote it."
+            )
 
-    def save(self, now_s: float, pools: Mapping[str, PoolControl],
-             samples: Sequence[dict[str, Any]],
-             restarts_seen: Mapping[str, int] | None = None) -> None:
-        rows = [(name, pc.agents, json.dumps(state_to_ages(pc.state, now_s)))
-                for name, pc in pools.items()]
+    def save(
+        self,
+        now_s: float,
+        pools: Mapping[str, PoolControl],
+        samples: Sequence[dict[str, Any]],
+        restarts_seen: Mapping[str, int] | None = None,
+    ) -> None:
+        rows = [
+            (name, pc.agents, json.dumps(state_to_ages(pc.state, now_s)))
+            for name, pc in pools.items()
+        ]
         seq = self._next_seq
         lines = [(seq + k, orjson.dumps(s)) for k, s in enumerate(samples)]
         db = self._db
         try:
             db.execute("BEGIN")
             try:
-                db.executemany("INSERT OR REPLACE INTO pools (name, agents, state)"
-                               " VALUES (?, ?, ?)", rows)
+                db.executemany(
+                    "INSERT OR REPLACE INTO pools (name, agents, state) VALUES (?, ?, ?)", rows
+                )
                 if lines:
                     db.executemany("INSERT INTO timeline (seq, sample) VALUES (?, ?)", lines)
-                    db.execute("DELETE FROM timeline WHERE seq <= ?",
-                               (seq + len(lines) - 1 - self.max_samples,))
+                    db.execute(
+                        "DELETE FROM timeline WHERE seq <= ?",
+                        (seq + len(lines) - 1 - self.max_samples,),
+                    )
                 if restarts_seen is not None:
-                    db.execute("INSERT OR REPLACE INTO meta (key, value)"
-                               " VALUES ('restarts_seen', ?)", (json.dumps(restarts_seen),))
+                    db.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('restarts_seen', ?)",
+                        (json.dumps(restarts_seen),),
+                    )
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -241,11 +275,14 @@ class SqliteControlStore:
     def load(self, now_s: float) -> ControlSnapshot:
         db = self._db
         try:
-            pools = {name: PoolControl(int(agents), state_from_ages(json.loads(state), now_s))
-                     for name, agents, state in
-                     db.execute("SELECT name, agents, state FROM pools")}
-            timeline = [orjson.loads(s) for (s,) in
-                        db.execute("SELECT sample FROM timeline ORDER BY seq")]
+            pools = {
+                name: PoolControl(int(agents), state_from_ages(json.loads(state), now_s))
+                for name, agents, state in db.execute("SELECT name, agents, state FROM pools")
+            }
+            timeline = [
+                orjson.loads(s)
+                for (s,) in db.execute("SELECT sample FROM timeline ORDER BY seq")
+            ]
             row = db.execute("SELECT value FROM meta WHERE key = 'restarts_seen'").fetchone()
         except (sqlite3.Error, ValueError) as exc:
             raise storage_error(self.path, exc) from None
@@ -272,9 +309,9 @@ def control_path(spec: StorageSpec, namespace: str, fleet: str) -> Path:
     return fleet_directory(spec, namespace, fleet) / CONTROL_FILE
 
 
-def make_control_store(spec: StorageSpec, namespace: str, fleet: str,
-                       max_samples: int = DEFAULT_MAX_SAMPLES
-                       ) -> MemoryControlStore | SqliteControlStore:
+def make_control_store(
+    spec: StorageSpec, namespace: str, fleet: str, max_samples: int = DEFAULT_MAX_SAMPLES
+) -> MemoryControlStore | SqliteControlStore:
     """The controller's store as ``queues.storage`` says: SQLite next to the queues'
     files, or memory."""
     if spec.backend is StorageBackend.SQLITE:
@@ -284,6 +321,17 @@ def make_control_store(spec: StorageSpec, namespace: str, fleet: str,
     raise ValueError(f"unknown storage backend {spec.backend!r}")
 
 
-__all__ = ["CONTROL_FILE", "SCHEMA_VERSION", "ControlSnapshot", "ControlStore",
-           "MemoryControlStore", "PoolControl", "SqliteControlStore", "control_path",
-           "make_control_store", "resume_t_s", "state_from_ages", "state_to_ages"]
+__all__ = [
+    "CONTROL_FILE",
+    "SCHEMA_VERSION",
+    "ControlSnapshot",
+    "ControlStore",
+    "MemoryControlStore",
+    "PoolControl",
+    "SqliteControlStore",
+    "control_path",
+    "make_control_store",
+    "resume_t_s",
+    "state_from_ages",
+    "state_to_ages",
+]

@@ -40,11 +40,21 @@ from fleet.queue.monitor import QueueMonitor
 from fleet.policy.autoscaling import ScalingInput, ScalingState, decide
 from fleet.queue.storage import StorageError
 from fleet.runtime.budget_metrics import BudgetMetrics
-from fleet.runtime.control_store import (ControlSnapshot, PoolControl, make_control_store,
-                                         resume_t_s)
+from fleet.runtime.control_store import (
+    ControlSnapshot,
+    PoolControl,
+    make_control_store,
+    resume_t_s,
+)
 from fleet.runtime.fleet_health import FleetHealth
-from fleet.runtime.lifecycle import (ALIVE, MISSING, RestartWatch, actor_states, on_start,
-                                     resume_after_restart)
+from fleet.runtime.lifecycle import (
+    ALIVE,
+    MISSING,
+    RestartWatch,
+    actor_states,
+    on_start,
+    resume_after_restart,
+)
 from fleet.runtime.names import Names
 from fleet.runtime.pool_metrics import PoolMetrics
 from fleet.spec.fleet import FleetSpec
@@ -73,28 +83,38 @@ class Controller:
         ns = self.spec.namespace
         restarted = on_start(ns, self.names.controller)
         self._shards = {
-            p.capability: [ray.get_actor(self.names.shard(p.capability, i), namespace=ns)
-                           for i in range(self.spec.queues.shards)]
+            p.capability: [
+                ray.get_actor(self.names.shard(p.capability, i), namespace=ns)
+                for i in range(self.spec.queues.shards)
+            ]
             for p in self.spec.pools
         }
         self._clock = time.monotonic
         now = self._clock()
         # A restart resumes from the store; a fresh deploy starts a new run from the spec.
-        self._store = make_control_store(self.spec.queues.storage, ns, self.spec.name,
-                                         TIMELINE_MAX_SAMPLES)
+        self._store = make_control_store(
+            self.spec.queues.storage, ns, self.spec.name, TIMELINE_MAX_SAMPLES
+        )
         if restarted:
             snap = self._store.load(now)
         else:
             self._store.reset()
             snap = ControlSnapshot()
-        self._agents = {p.name: snap.pools[p.name].agents if p.name in snap.pools
-                        else p.autoscaling.start_agents for p in self.spec.pools}
+        self._agents = {
+            p.name: snap.pools[p.name].agents
+            if p.name in snap.pools
+            else p.autoscaling.start_agents
+            for p in self.spec.pools
+        }
         self._state: dict[str, ScalingState] = {
             p.name: snap.pools[p.name].state if p.name in snap.pools else ScalingState()
-            for p in self.spec.pools}
+            for p in self.spec.pools
+        }
         self._last_enqueued: dict[str, tuple[float, int]] = {}
         self._hosts: dict[str, tuple[int, int]] = {}  # pool -> (running, stopping)
-        self._timeline: deque[dict[str, Any]] = deque(snap.timeline, maxlen=TIMELINE_MAX_SAMPLES)
+        self._timeline: deque[dict[str, Any]] = deque(
+            snap.timeline, maxlen=TIMELINE_MAX_SAMPLES
+        )
         self._last: dict[str, dict[str, Any]] = {s["pool"]: s for s in snap.timeline}
         # The timeline's t_s carries on from the last sample saved (plus the downtime).
         self._t0 = now - resume_t_s(snap.timeline, time.time())
@@ -111,8 +131,12 @@ class Controller:
         self._registry = CollectorRegistry()
         self._metrics = QueueMetrics(self._registry)
         self._pool_metrics = PoolMetrics(self._registry)
-        self._health = FleetHealth(self.spec.health, [p.name for p in self.spec.pools],
-                                   self._registry, on_alert=self._log_alert)
+        self._health = FleetHealth(
+            self.spec.health,
+            [p.name for p in self.spec.pools],
+            self._registry,
+            on_alert=self._log_alert,
+        )
         self._budget_metrics = BudgetMetrics(self._registry)
         self._budget_snapshot: dict[str, Any] | None = None
         self._budget_alerts: deque[dict[str, Any]] = deque(maxlen=ALERT_LOG_MAX)
@@ -207,18 +231,27 @@ class Controller:
             # failed), never the desired count in its place: a trace must show hosts
             # lagging the decision, and a pool with no running host as 0.
             running, stopping = self._hosts.get(p.name, (0, 0))
-            await self._call_dispatcher(dispatcher.set_active.remote(
-                p.name, decision.agents, running or p.hosts_for(decision.agents)))
+            await self._call_dispatcher(
+                dispatcher.set_active.remote(
+                    p.name, decision.agents, running or p.hosts_for(decision.agents)
+                )
+            )
             enq = sum(s["enqueued_total"] for s in stats)
             t_prev, enq_prev = self._last_enqueued.get(p.name, (now, enq))
             rate = (enq - enq_prev) / (now - t_prev) if now > t_prev else 0.0
             self._last_enqueued[p.name] = (now, enq)
             sample = {
-                "t_s": round(now - self._t0, 3), "unix_s": wall, "pool": p.name,
-                "agents": decision.agents, "raw_desired": decision.raw_desired,
-                "reason": decision.reason, "hosts": running, "hosts_stopping": stopping,
+                "t_s": round(now - self._t0, 3),
+                "unix_s": wall,
+                "pool": p.name,
+                "agents": decision.agents,
+                "raw_desired": decision.raw_desired,
+                "reason": decision.reason,
+                "hosts": running,
+                "hosts_stopping": stopping,
                 "desired_hosts": p.hosts_for(decision.agents),
-                "queue_depth": depth, "in_flight": in_flight,
+                "queue_depth": depth,
+                "in_flight": in_flight,
                 "oldest_age_s": max((s["oldest_age_s"] for s in stats), default=0.0),
                 "arrival_rate_per_s": round(rate, 2),
             }
@@ -234,7 +267,8 @@ class Controller:
         read = functools.partial(actor_states, self.spec.namespace, self._control_names)
         try:
             states = await asyncio.wait_for(
-                asyncio.get_running_loop().run_in_executor(None, read), READ_TIMEOUT_S)
+                asyncio.get_running_loop().run_in_executor(None, read), READ_TIMEOUT_S
+            )
         except Exception as exc:
             self._last["_control_error"] = {"error": repr(exc), "t": time.time()}
             return {}
@@ -255,15 +289,19 @@ class Controller:
         st = states.get(name)
         return st is None or st["state"] == ALIVE
 
-    async def _queue_stats(self, cap: str, states: Mapping[str, Mapping[str, Any]]
-                           ) -> list[Any]:
+    async def _queue_stats(
+        self, cap: str, states: Mapping[str, Mapping[str, Any]]
+    ) -> list[Any]:
         """Each shard's stats, or the exception that stands for them (a shard that is
         not ALIVE is not called: its depth is unknown this tick)."""
         calls = []
         for i, shard in enumerate(self._shards[cap]):
             name = self.names.shard(cap, i)
-            calls.append(self._read(shard.stats.remote()) if self._is_up(states, name)
-                         else _unavailable(name, states[name]["state"]))
+            calls.append(
+                self._read(shard.stats.remote())
+                if self._is_up(states, name)
+                else _unavailable(name, states[name]["state"])
+            )
         return await asyncio.gather(*calls, return_exceptions=True)
 
     @staticmethod
@@ -277,8 +315,9 @@ class Controller:
         if not self._is_up(states, name):
             if states[name]["state"] == MISSING:
                 self._dispatcher = None  # recreated later under the same name
-            raise ControlActorUnavailable(f"dispatcher {name} is {states[name]['state']}: "
-                                          "agents held until it is back")
+            raise ControlActorUnavailable(
+                f"dispatcher {name} is {states[name]['state']}: agents held until it is back"
+            )
         if self._dispatcher is None:
             get = functools.partial(ray.get_actor, name, namespace=self.spec.namespace)
             self._dispatcher = await asyncio.get_running_loop().run_in_executor(None, get)
@@ -298,9 +337,12 @@ class Controller:
         seen = self._restarts.seen
         changed = seen != self._restarts_saved
         try:
-            self._store.save(now, {p: PoolControl(n, self._state[p])
-                                   for p, n in self._agents.items()},
-                             samples, dict(seen) if changed else None)
+            self._store.save(
+                now,
+                {p: PoolControl(n, self._state[p]) for p, n in self._agents.items()},
+                samples,
+                dict(seen) if changed else None,
+            )
         except StorageError as exc:
             self._last["_store_error"] = {"error": str(exc), "t": time.time()}
             return
@@ -330,8 +372,11 @@ class Controller:
     def _active_alerts(self) -> list[Any]:
         """Queue alerts, the fleet cascade alert and control actor restarts: one list
         for status and metrics."""
-        return [*self._alerts.active(), *self._health.active_alerts(),
-                *self._restarts.active()]
+        return [
+            *self._alerts.active(),
+            *self._health.active_alerts(),
+            *self._restarts.active(),
+        ]
 
     async def host_report(self, pool: str, report: dict[str, Any]) -> dict[str, Any]:
         """A host's periodic report (its agents' health); the reply carries the pool's
@@ -339,8 +384,9 @@ class Controller:
         verdict = self._health.host_report(pool, report)
         return {"desired_hosts": await self.desired_hosts(pool), "health": verdict}
 
-    async def _watch_budgets(self, states: Mapping[str, Mapping[str, Any]] | None = None
-                             ) -> None:
+    async def _watch_budgets(
+        self, states: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
         """Spend, burn and alerts from the budget actor (fleets with budgets only)."""
         if not self.spec.budgets.enforced:
             return
@@ -348,8 +394,9 @@ class Controller:
             return  # restarting: keep the last view rather than wait for it
         try:
             actor = ray.get_actor(self.names.budget, namespace=self.spec.namespace)
-            snap, alerts = await asyncio.gather(actor.snapshot.remote(),
-                                                actor.poll_alerts.remote())
+            snap, alerts = await asyncio.gather(
+                actor.snapshot.remote(), actor.poll_alerts.remote()
+            )
         except Exception as exc:  # the actor restarts or is gone: keep the last view
             self._last["_budget_error"] = {"error": repr(exc), "t": time.time()}
             return
@@ -364,8 +411,10 @@ class Controller:
         return generate_latest(self._registry).decode()
 
     async def alerts(self) -> dict[str, Any]:
-        return {"active": [dataclasses.asdict(a) for a in self._active_alerts()],
-                "events": list(self._alert_log)[-20:]}
+        return {
+            "active": [dataclasses.asdict(a) for a in self._active_alerts()],
+            "events": list(self._alert_log)[-20:],
+        }
 
     async def desired_hosts(self, pool: str) -> int:
         p = next(p for p in self.spec.pools if p.name == pool)
@@ -379,14 +428,21 @@ class Controller:
 
     async def status(self) -> dict[str, Any]:
         pools = {**self._last}  # and "_error", if the last tick failed
-        pools |= {p.name: {**self._last.get(p.name, {}),
-                          "health": self._health.pool_status(p.name)}
-                 for p in self.spec.pools}
-        out = {"pools": pools, "spec": self.spec.model_dump(mode="json"),
-               "queues": getattr(self, "_queue_report", {}), "alerts": await self.alerts(),
-               "health": self._health.snapshot()}
+        pools |= {
+            p.name: {**self._last.get(p.name, {}), "health": self._health.pool_status(p.name)}
+            for p in self.spec.pools
+        }
+        out = {
+            "pools": pools,
+            "spec": self.spec.model_dump(mode="json"),
+            "queues": getattr(self, "_queue_report", {}),
+            "alerts": await self.alerts(),
+            "health": self._health.snapshot(),
+        }
         if self.spec.budgets.enforced:
             await self._watch_budgets()  # fresh figures, not the last tick's
-            out["budgets"] = {**(self._budget_snapshot or {}),
-                              "alert_events": list(self._budget_alerts)[-20:]}
+            out["budgets"] = {
+                **(self._budget_snapshot or {}),
+                "alert_events": list(self._budget_alerts)[-20:],
+            }
         return out

@@ -40,8 +40,14 @@ def host_deployment_options(spec: FleetSpec, pool: PoolSpec) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": pool.cpus_per_host, "num_gpus": pool.gpus_per_host},
         # Each host's CPU/GPU is reserved in its own placement group, placed before the
         # host (and so its agents) starts.
-        **({"placement_group_bundles": [pool.host_bundle],
-            "placement_group_strategy": pool.placement_strategy} if pool.host_bundle else {}),
+        **(
+            {
+                "placement_group_bundles": [pool.host_bundle],
+                "placement_group_strategy": pool.placement_strategy,
+            }
+            if pool.host_bundle
+            else {}
+        ),
         # Scale-down: Serve stops routing to the host it removes, waits until the
         # host's batches are done (checking every HOST_DRAIN_CHECK_S), and stops it
         # after host_drain_timeout_s at the latest; the dispatcher then nacks what it
@@ -56,8 +62,9 @@ def host_deployment_options(spec: FleetSpec, pool: PoolSpec) -> dict[str, Any]:
             "look_back_period_s": 2 * HOST_METRICS_INTERVAL_S,
             "upscale_delay_s": 0.0,
             "downscale_delay_s": 0.0,  # fleet's policy already rate-limits scale-down
-            "policy": {"policy_function":
-                       "fleet.runtime.serve_autoscaling:desired_hosts_policy"},
+            "policy": {
+                "policy_function": "fleet.runtime.serve_autoscaling:desired_hosts_policy"
+            },
         },
         "request_router_config": RequestRouterConfig(
             request_router_class="fleet.runtime.serve_router:FleetRequestRouter",
@@ -86,8 +93,11 @@ def check_placeable(spec: FleetSpec, pool: PoolSpec) -> None:
     if not pool.host_bundle:
         return
     hosts = pool.hosts_for(pool.autoscaling.start_agents)
-    pg = placement_group([pool.host_bundle] * hosts, strategy=pool.placement_strategy,
-                         name=f"{spec.name}.{pool.name}.probe")
+    pg = placement_group(
+        [pool.host_bundle] * hosts,
+        strategy=pool.placement_strategy,
+        name=f"{spec.name}.{pool.name}.probe",
+    )
     try:
         if not pg.wait(timeout_seconds=pool.placement_timeout_s):
             want = {k: v * hosts for k, v in pool.host_bundle.items()}
@@ -97,7 +107,8 @@ def check_placeable(spec: FleetSpec, pool: PoolSpec) -> None:
                 f"pool {pool.name!r} is unschedulable: {hosts} host(s) x {pool.host_bundle} "
                 f"= {want} ({pool.placement_strategy}) could not be placed within "
                 f"{pool.placement_timeout_s:g}s; the cluster has {have}, {free} free. "
-                "Lower cpus_per_host/gpus_per_host or min_agents, or add nodes.")
+                "Lower cpus_per_host/gpus_per_host or min_agents, or add nodes."
+            )
     finally:
         remove_placement_group(pg)
 
@@ -118,18 +129,30 @@ def deploy_pool(spec: FleetSpec, pool: PoolSpec) -> None:
     """
     names = Names(spec.name)
     ns = spec.namespace
-    app = serve.deployment(AgentHost).options(**host_deployment_options(spec, pool)).bind(
-        pool.model_dump(mode="json"), spec.resilience.model_dump(mode="json"),
-        {k: v.model_dump() for k, v in spec.budgets.prices.items()},
-        (names.controller, ns), (spec.name, ns, spec.results.ledger_shards),
-        spec.health.model_dump(mode="json"),
-        (names.budget, ns) if spec.budgets.enforced else None,
-        spec.results.max_output_bytes)
+    app = (
+        serve.deployment(AgentHost)
+        .options(**host_deployment_options(spec, pool))
+        .bind(
+            pool.model_dump(mode="json"),
+            spec.resilience.model_dump(mode="json"),
+            {k: v.model_dump() for k, v in spec.budgets.prices.items()},
+            (names.controller, ns),
+            (spec.name, ns, spec.results.ledger_shards),
+            spec.health.model_dump(mode="json"),
+            (names.budget, ns) if spec.budgets.enforced else None,
+            spec.results.max_output_bytes,
+        )
+    )
     serve.run(app, name=names.pool_app(pool.name), route_prefix=None)
 
 
-def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False,
-           storage_node_id: str | None = None) -> list[Any]:
+def deploy(
+    spec: FleetSpec,
+    *,
+    detached: bool = False,
+    http: bool = False,
+    storage_node_id: str | None = None,
+) -> list[Any]:
     """Create the ledger shards, queue shards, pool hosts, dispatcher, controller and,
     with ``queues.kafka``, the Kafka intake consumers.
 
@@ -148,28 +171,42 @@ def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False,
         check_writable(fleet_directory(spec.queues.storage, ns, spec.name))
 
     def opts(name: str, pinned: bool = True) -> dict[str, Any]:
-        return control_actor_options(name, ns, detached=detached,
-                                     node_id=node if pinned else None)
+        return control_actor_options(
+            name, ns, detached=detached, node_id=node if pinned else None
+        )
 
     start_serve(http=http)
     for pool in spec.pools:  # before anything is created: fail fast, leave nothing behind
         check_placeable(spec, pool)
     spec_json = spec.model_dump(mode="json")
-    ledgers = [Ledger.options(**opts(names.ledger_shard(i))).remote(spec_json, i)
-               for i in range(spec.results.ledger_shards)]
+    ledgers = [
+        Ledger.options(**opts(names.ledger_shard(i))).remote(spec_json, i)
+        for i in range(spec.results.ledger_shards)
+    ]
     # Budgets are enforced by one actor that every host reserves from; a fleet without
     # budgets has none and its hosts never ask.
-    budget = ([BudgetActor.options(**opts(names.budget)).remote(spec_json)]
-              if spec.budgets.enforced else [])
+    budget = (
+        [BudgetActor.options(**opts(names.budget)).remote(spec_json)]
+        if spec.budgets.enforced
+        else []
+    )
     queue_spec = spec.queues.model_dump(mode="json")
     shards = [
         # A restarted shard reloads its storage (with the sqlite backend, the default,
         # nothing accepted is lost; memory restarts empty) and re-adopts the leases the
         # dispatcher holds (see fleet.runtime.queue_actor).
         QueueShard.options(**opts(names.shard(cap, i))).remote(
-            cap, i, queue_spec, spec.resilience.max_deliveries, names.ledger, ns, spec.name,
-            spec.results.ledger_shards)
-        for cap in spec.capabilities for i in range(spec.queues.shards)
+            cap,
+            i,
+            queue_spec,
+            spec.resilience.max_deliveries,
+            names.ledger,
+            ns,
+            spec.name,
+            spec.results.ledger_shards,
+        )
+        for cap in spec.capabilities
+        for i in range(spec.queues.shards)
     ]
     # Names register asynchronously: wait until the actors exist before anything looks
     # them up by name.
@@ -188,9 +225,12 @@ def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False,
     if spec.queues.kafka is not None:
         # Consumers last: what they consume has somewhere to go. A consumer that dies is
         # restarted and rejoins the group; its uncommitted messages are redelivered.
-        intakes = [KafkaIntakeActor.options(**opts(names.kafka_intake(i), pinned=False))
-                   .remote(spec_json, i)
-                   for i in range(spec.queues.kafka.consumers)]
+        intakes = [
+            KafkaIntakeActor.options(**opts(names.kafka_intake(i), pinned=False)).remote(
+                spec_json, i
+            )
+            for i in range(spec.queues.kafka.consumers)
+        ]
         ray.get([a.__ray_ready__.remote() for a in intakes])
     return [*ledgers, *budget, *shards, controller, dispatcher, *intakes]
 
@@ -199,8 +239,10 @@ def teardown(spec: FleetSpec) -> None:
     """Stop and remove everything ``deploy`` created (idempotent)."""
     names = Names(spec.name)
     ns = spec.namespace
-    intakes = [names.kafka_intake(i) for i in
-               range(spec.queues.kafka.consumers if spec.queues.kafka else 0)]
+    intakes = [
+        names.kafka_intake(i)
+        for i in range(spec.queues.kafka.consumers if spec.queues.kafka else 0)
+    ]
     stoppable = [*intakes, names.controller, names.dispatcher, names.budget]
     actor_names = [*stoppable, *(n for n in names.control_actors(spec) if n not in stoppable)]
     # Intake first (it commits what the ledger holds and leaves its group), then the

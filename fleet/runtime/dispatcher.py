@@ -139,27 +139,36 @@ class Dispatcher:
         if self._running:
             return
         for p in self.spec.pools:
-            shards = [ray.get_actor(self.names.shard(p.capability, i),
-                                    namespace=self.spec.namespace)
-                      for i in range(self.spec.queues.shards)]
-            handle = serve.get_deployment_handle(Names.host_deployment(p.name),
-                                                 self.names.pool_app(p.name))
+            shards = [
+                ray.get_actor(self.names.shard(p.capability, i), namespace=self.spec.namespace)
+                for i in range(self.spec.queues.shards)
+            ]
+            handle = serve.get_deployment_handle(
+                Names.host_deployment(p.name), self.names.pool_app(p.name)
+            )
             self._pools[p.name] = _PoolState(p, shards, handle)
         self._running = True
         loop = asyncio.get_running_loop()
         if self.restarted:
             await self._adopt()
-        self._loops = [loop.create_task(self._shard_loop(ps, s))
-                       for ps in self._pools.values() for s in range(len(ps.shards))]
+        self._loops = [
+            loop.create_task(self._shard_loop(ps, s))
+            for ps in self._pools.values()
+            for s in range(len(ps.shards))
+        ]
         self._loops.append(loop.create_task(self._renew_leases()))
-        self._loops += [loop.create_task(self._settle_adopted(ps))
-                        for ps in self._pools.values() if ps.adopted]
+        self._loops += [
+            loop.create_task(self._settle_adopted(ps))
+            for ps in self._pools.values()
+            if ps.adopted
+        ]
 
     async def _adopt(self) -> None:
         """Take over the leases the shards hold for this dispatcher's name."""
         for ps in self._pools.values():
-            answers = await asyncio.gather(*(sh.leased_to.remote(self.holder)
-                                             for sh in ps.shards), return_exceptions=True)
+            answers = await asyncio.gather(
+                *(sh.leased_to.remote(self.holder) for sh in ps.shards), return_exceptions=True
+            )
             for s, ids in enumerate(answers):
                 if isinstance(ids, BaseException):
                     continue  # that shard's leases expire and are redelivered instead
@@ -177,8 +186,12 @@ class Dispatcher:
         module docstring)."""
         t0 = time.monotonic()
         decide_at = t0 + ADOPT_DECIDE_S
-        give_up_at = (t0 + self.spec.resilience.task_timeout_s
-                      + self.spec.health.hung_task_grace_s + ADOPT_MARGIN_S)
+        give_up_at = (
+            t0
+            + self.spec.resilience.task_timeout_s
+            + self.spec.health.hung_task_grace_s
+            + ADOPT_MARGIN_S
+        )
         while ps.adopted and self._running:
             await asyncio.sleep(ADOPT_POLL_S)
             ids = list(ps.adopted)
@@ -194,9 +207,15 @@ class Dispatcher:
                 ps.reported_running.discard(i)
             ids = [i for i in ids if i in ps.adopted]
             done = [i for i in ids if i not in missing]
-            stale = [] if now < decide_at else [
-                i for i in ids if i in missing
-                and (now >= give_up_at or i not in ps.reported_running)]
+            stale = (
+                []
+                if now < decide_at
+                else [
+                    i
+                    for i in ids
+                    if i in missing and (now >= give_up_at or i not in ps.reported_running)
+                ]
+            )
             for group, how in ((done, "ack"), (stale, "nack")):
                 by_shard: dict[int, list[str]] = {}
                 unstarted: list[str] = []  # nothing reported them running
@@ -245,9 +264,13 @@ class Dispatcher:
         ps.hosts = max(1, hosts)
         ps.room.set()
 
-    async def batch_progress(self, pool: str, done: dict[int, int],
-                             running: dict[int, list[str]] | None = None,
-                             recorded: dict[int, list[str]] | None = None) -> list[int]:
+    async def batch_progress(
+        self,
+        pool: str,
+        done: dict[int, int],
+        running: dict[int, list[str]] | None = None,
+        recorded: dict[int, list[str]] | None = None,
+    ) -> list[int]:
         """A host's report that ``done[batch]`` items of each listed batch have finished
         and that the ``recorded[batch]`` ids are recorded.
 
@@ -283,17 +306,27 @@ class Dispatcher:
         return unknown if ps.adopted else []
 
     async def stats(self) -> dict[str, Any]:
-        return {name: {
-            "active_agents": ps.active_agents, "hosts": ps.hosts,
-            "in_flight": ps.in_flight, "capacity": ps.capacity,
-            "sent_batches": ps.sent_batches, "sent_items": ps.sent_items,
-            "host_failures": ps.host_failures,
-            "retried_items": ps.retried_items, "retry_waiting": ps.retry_waiting,
-            "crashed_batches": ps.crashed_batches, "crash_recorded": ps.crash_recorded,
-            "adopted": ps.adopted_total, "adopted_acked": ps.adopted_acked,
-            "adopted_requeued": ps.adopted_requeued, "adopting": len(ps.adopted),
-            **_breaker_summary(ps),
-        } for name, ps in self._pools.items()}
+        return {
+            name: {
+                "active_agents": ps.active_agents,
+                "hosts": ps.hosts,
+                "in_flight": ps.in_flight,
+                "capacity": ps.capacity,
+                "sent_batches": ps.sent_batches,
+                "sent_items": ps.sent_items,
+                "host_failures": ps.host_failures,
+                "retried_items": ps.retried_items,
+                "retry_waiting": ps.retry_waiting,
+                "crashed_batches": ps.crashed_batches,
+                "crash_recorded": ps.crash_recorded,
+                "adopted": ps.adopted_total,
+                "adopted_acked": ps.adopted_acked,
+                "adopted_requeued": ps.adopted_requeued,
+                "adopting": len(ps.adopted),
+                **_breaker_summary(ps),
+            }
+            for name, ps in self._pools.items()
+        }
 
     async def _shard_loop(self, ps: _PoolState, s: int) -> None:
         """Feed the pool from shard ``s`` while the pool has free slots.
@@ -316,7 +349,9 @@ class Dispatcher:
             reserved = min(free, max_items)
             ps.reserved += reserved  # not in_flight: the autoscaler reads that
             try:
-                items, ps.depth[s] = await ps.shards[s].lease_batch.remote(reserved, self.holder)
+                items, ps.depth[s] = await ps.shards[s].lease_batch.remote(
+                    reserved, self.holder
+                )
             except ray.exceptions.RayError:
                 items = []
                 idle_s = IDLE_BACKOFF_MAX_S  # shard restarting
@@ -349,7 +384,8 @@ class Dispatcher:
             self._flush_acks(ps, s)
         elif buf and ps.ack_timers[s] is None:
             ps.ack_timers[s] = asyncio.get_running_loop().call_later(
-                ACK_COALESCE_S, self._flush_acks, ps, s)
+                ACK_COALESCE_S, self._flush_acks, ps, s
+            )
 
     def _flush_acks(self, ps: _PoolState, s: int) -> None:
         t = ps.ack_timers[s]
@@ -389,8 +425,10 @@ class Dispatcher:
         try:
             # The host records each outcome in the ledger before it replies.
             report = await ps.handle.run_and_record.remote(
-                items, ps.per_host_agents,
-                (self.names.dispatcher, self.spec.namespace, ps.spec.name, bid))
+                items,
+                ps.per_host_agents,
+                (self.names.dispatcher, self.spec.namespace, ps.spec.name, bid),
+            )
         except Exception as exc:  # host died or was removed: settle the batch now
             free()
             await self._failed(ps, s, items, exc)
@@ -406,12 +444,16 @@ class Dispatcher:
             ps.retried_items += len(retry_ids)
             ps.retry_waiting += len(retry_ids)
             dels = {it.id: it.deliveries for it in items}
-            asyncio.get_running_loop().create_task(self._nack_later(
-                ps, s, sorted(zip(delays, retry_ids, (dels[i] for i in retry_ids)))))
+            asyncio.get_running_loop().create_task(
+                self._nack_later(
+                    ps, s, sorted(zip(delays, retry_ids, (dels[i] for i in retry_ids)))
+                )
+            )
         self._ack(ps, s, done)
 
-    async def _failed(self, ps: _PoolState, s: int, items: list[Item],
-                      exc: BaseException) -> None:
+    async def _failed(
+        self, ps: _PoolState, s: int, items: list[Item], exc: BaseException
+    ) -> None:
         """The batch's call failed: ack what the ledger recorded before, nack the rest.
 
         When the host's process died (Serve raises ``ActorDiedError`` or, when it cannot
@@ -425,8 +467,11 @@ class Dispatcher:
         if not left:
             return
         try:
-            missing = set(await asyncio.wait_for(
-                self._ledger.missing_async([it.id for it in left]), CRASH_LEDGER_S))
+            missing = set(
+                await asyncio.wait_for(
+                    self._ledger.missing_async([it.id for it in left]), CRASH_LEDGER_S
+                )
+            )
         except Exception:  # the ledger is unreachable: rerun them (it keeps one outcome)
             missing = {it.id for it in left}
         recorded = [it.id for it in left if it.id not in missing]
@@ -437,13 +482,17 @@ class Dispatcher:
                 await ps.shards[s].ack.remote(recorded)
             if rerun:
                 await ps.shards[s].nack.remote(
-                    [it.id for it in rerun], f"host failed: {type(exc).__name__}",
-                    [it.deliveries for it in rerun], crashed)
+                    [it.id for it in rerun],
+                    f"host failed: {type(exc).__name__}",
+                    [it.deliveries for it in rerun],
+                    crashed,
+                )
         except ray.exceptions.RayError:
             pass  # shard unreachable: the leases expire and the work is redelivered
 
-    async def _nack_later(self, ps: _PoolState, s: int,
-                          due: list[tuple[float, str, int]]) -> None:
+    async def _nack_later(
+        self, ps: _PoolState, s: int, due: list[tuple[float, str, int]]
+    ) -> None:
         """Give retried items back to their shard once each one's backoff has passed.
 
         ``due``: (delay, id, delivery), sorted. They stay leased (and renewed)
@@ -464,8 +513,9 @@ class Dispatcher:
                     group.append(due[k])
                     k += 1
                 try:
-                    await ps.shards[s].nack.remote([i for _, i, _ in group], "retry",
-                                                   [d for _, _, d in group])
+                    await ps.shards[s].nack.remote(
+                        [i for _, i, _ in group], "retry", [d for _, _, d in group]
+                    )
                 except ray.exceptions.RayError:
                     pass  # the lease expires and the item is redelivered anyway
                 finally:
@@ -486,8 +536,9 @@ class Dispatcher:
                 for s, held in enumerate(ps.held):
                     if held:
                         try:
-                            await ps.shards[s].extend.remote(list(held), self.holder,
-                                                             list(held.values()))
+                            await ps.shards[s].extend.remote(
+                                list(held), self.holder, list(held.values())
+                            )
                         except ray.exceptions.RayError:
                             pass
 

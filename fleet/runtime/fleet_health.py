@@ -39,20 +39,37 @@ class HealthMetrics:
 
     def __init__(self, registry: CollectorRegistry, prefix: str = "fleet"):
         kw: dict[str, Any] = {"registry": registry}
-        self.agents = Gauge(f"{prefix}_agents", "Logical agents per pool and health state "
-                            "(breaker_ejected: held out by routing breakers).",
-                            ("pool", "state"), **kw)
-        self.failures = Counter(f"{prefix}_agent_failures", "Agent failures detected, by "
-                                "reason.", ("pool", "reason"), **kw)
-        self.restarts = Counter(f"{prefix}_agent_restarts", "Agent restarts inside hosts.",
-                                ("pool",), **kw)
-        self.guard_state = Gauge(f"{prefix}_cascade_guard_state", "Fleet cascade guard: "
-                                 "0 closed, 1 half-open, 2 open.", **kw)
-        self.guard_granted = Gauge(f"{prefix}_cascade_restarts_granted", "Restart permits "
-                                   "the fleet cascade guard granted (cumulative).", **kw)
-        self.guard_throttled = Gauge(f"{prefix}_cascade_restarts_throttled", "Restart "
-                                     "permits the fleet cascade guard refused (cumulative).",
-                                     **kw)
+        self.agents = Gauge(
+            f"{prefix}_agents",
+            "Logical agents per pool and health state "
+            "(breaker_ejected: held out by routing breakers).",
+            ("pool", "state"),
+            **kw,
+        )
+        self.failures = Counter(
+            f"{prefix}_agent_failures",
+            "Agent failures detected, by reason.",
+            ("pool", "reason"),
+            **kw,
+        )
+        self.restarts = Counter(
+            f"{prefix}_agent_restarts", "Agent restarts inside hosts.", ("pool",), **kw
+        )
+        self.guard_state = Gauge(
+            f"{prefix}_cascade_guard_state",
+            "Fleet cascade guard: 0 closed, 1 half-open, 2 open.",
+            **kw,
+        )
+        self.guard_granted = Gauge(
+            f"{prefix}_cascade_restarts_granted",
+            "Restart permits the fleet cascade guard granted (cumulative).",
+            **kw,
+        )
+        self.guard_throttled = Gauge(
+            f"{prefix}_cascade_restarts_throttled",
+            "Restart permits the fleet cascade guard refused (cumulative).",
+            **kw,
+        )
         self._last: dict[str, dict[str, int]] = {}  # host -> cumulative totals seen
 
     def advance(self, pool: str, host: str, report: dict[str, Any]) -> None:
@@ -80,15 +97,22 @@ class FleetHealth:
     ``AlertEvent`` (the controller appends it to its alert log).
     """
 
-    def __init__(self, spec: HealthSpec, pools: Iterable[str], registry: CollectorRegistry,
-                 on_alert: Callable[[AlertEvent], None] = lambda e: None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        spec: HealthSpec,
+        pools: Iterable[str],
+        registry: CollectorRegistry,
+        on_alert: Callable[[AlertEvent], None] = lambda e: None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.spec = spec
         self.pools = list(pools)
         self._clock = clock
         self._on_alert = on_alert
         self.guard = CascadeGuard(spec.cascade, [self], name="fleet:cascade")
-        self._hosts: dict[str, tuple[float, str, dict[str, Any]]] = {}  # host: (t, pool, report)
+        self._hosts: dict[
+            str, tuple[float, str, dict[str, Any]]
+        ] = {}  # host: (t, pool, report)
         self._alert: ActiveAlert | None = None
         self._failing = self._total = 0
         self.metrics = HealthMetrics(registry)
@@ -127,18 +151,32 @@ class FleetHealth:
         share = self._failing / self._total if self._total else 0.0
         threshold = self.spec.cascade.cascade_share
         if event.kind is EventKind.ALERT_FIRING:
-            self._alert = ActiveAlert(CASCADE_ALERT, FLEET_SUBJECT, CASCADE_SEVERITY,
-                                      round(share, 4), threshold, event.at_s)
+            self._alert = ActiveAlert(
+                CASCADE_ALERT,
+                FLEET_SUBJECT,
+                CASCADE_SEVERITY,
+                round(share, 4),
+                threshold,
+                event.at_s,
+            )
             kind = AlertKind.FIRED
         elif event.kind is EventKind.ALERT_RESOLVED:
             self._alert = None
             kind = AlertKind.CLEARED
         else:
             return
-        self._on_alert(AlertEvent(kind, CASCADE_ALERT, FLEET_SUBJECT, CASCADE_SEVERITY,
-                                  round(share, 4), threshold, event.at_s,
-                                  f"{'firing' if kind is AlertKind.FIRED else 'cleared'}: "
-                                  f"{event.reason}"))
+        self._on_alert(
+            AlertEvent(
+                kind,
+                CASCADE_ALERT,
+                FLEET_SUBJECT,
+                CASCADE_SEVERITY,
+                round(share, 4),
+                threshold,
+                event.at_s,
+                f"{'firing' if kind is AlertKind.FIRED else 'cleared'}: {event.reason}",
+            )
+        )
 
     def active_alerts(self) -> list[ActiveAlert]:
         return [self._alert] if self._alert is not None else []
@@ -158,20 +196,27 @@ class FleetHealth:
                 failures[k] = failures.get(k, 0) + n
             last.extend(r.get("last_failures", []))
         last.sort(key=lambda f: f["at_unix_s"])
-        return {**counts, "breaker_ejected": sum(r.get("breaker_ejected", 0) for r in reports),
-                "restarts": sum(r.get("restarts", 0) for r in reports),
-                "failures": failures, "last_failures": last[-LAST_FAILURES:],
-                "hosts_reporting": len(reports)}
+        return {
+            **counts,
+            "breaker_ejected": sum(r.get("breaker_ejected", 0) for r in reports),
+            "restarts": sum(r.get("restarts", 0) for r in reports),
+            "failures": failures,
+            "last_failures": last[-LAST_FAILURES:],
+            "hosts_reporting": len(reports),
+        }
 
     def snapshot(self) -> dict[str, Any]:
         """The guard and the fleet's failing share, for ``status()``."""
         now = self._clock()
         self.observe(now)
-        return {"guard": self.guard.snapshot(now), "failing": self._failing,
-                "agents": self._total,
-                "failing_share": round(self._failing / self._total, 4) if self._total else 0.0,
-                "cascade_share": self.spec.cascade.cascade_share,
-                "alert": self._alert is not None}
+        return {
+            "guard": self.guard.snapshot(now),
+            "failing": self._failing,
+            "agents": self._total,
+            "failing_share": round(self._failing / self._total, 4) if self._total else 0.0,
+            "cascade_share": self.spec.cascade.cascade_share,
+            "alert": self._alert is not None,
+        }
 
     def update_metrics(self) -> None:
         """Set the gauges (each control tick)."""

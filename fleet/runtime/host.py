@@ -132,8 +132,13 @@ RECORD_COALESCE_S = 0.005
 RECORD_MAX_OUTCOMES = 512
 
 # Routers that pick by load alone and learn nothing from outcomes.
-_BALANCERS = (LeastLoadedRouter, FullScanRouter, RoundRobinRouter, RandomRouter,
-              CapacityRouter)
+_BALANCERS = (
+    LeastLoadedRouter,
+    FullScanRouter,
+    RoundRobinRouter,
+    RandomRouter,
+    CapacityRouter,
+)
 
 
 def _replica_id() -> str:
@@ -148,8 +153,9 @@ def _replica_id() -> str:
 def _is_storage_error(exc: BaseException) -> bool:
     from fleet.queue.storage import StorageError
 
-    return isinstance(exc, StorageError) or isinstance(getattr(exc, "cause", None),
-                                                       StorageError)
+    return isinstance(exc, StorageError) or isinstance(
+        getattr(exc, "cause", None), StorageError
+    )
 
 
 def task_type(item: Item, task: Task) -> str:
@@ -187,8 +193,20 @@ class _Batch:
     ``_report``); ``unknown``/``ids_sent``: its dispatcher said it does not know the
     batch, so its item ids are sent, once."""
 
-    __slots__ = ("items", "left", "done", "recorded_ids", "sent", "retry_ids",
-                 "delays", "fut", "report_from", "unknown", "ids_sent", "error")
+    __slots__ = (
+        "items",
+        "left",
+        "done",
+        "recorded_ids",
+        "sent",
+        "retry_ids",
+        "delays",
+        "fut",
+        "report_from",
+        "unknown",
+        "ids_sent",
+        "error",
+    )
 
     def __init__(self, items: list[Item], fut: asyncio.Future[None], report_from: float):
         self.items = items
@@ -277,20 +295,26 @@ class _AgentView(Sequence[Candidate]):
             return [self[j] for j in range(*k.indices(len(self._idx)))]
         i = self._idx[k]
         h = self._h
-        return Candidate(h._agent_ids[i], h._busy[i], h._c, h._lat[i], h._weight[i],
-                         h._expertise[i])
+        return Candidate(
+            h._agent_ids[i], h._busy[i], h._c, h._lat[i], h._weight[i], h._expertise[i]
+        )
 
 
 class AgentHost(AgentHealthMixin):
     """The body of a pool's Serve deployment (see ``fleet.runtime.deploy``); agent
     health (heartbeats, restarts) lives in ``AgentHealthMixin``."""
 
-    def __init__(self, pool: dict[str, Any], resilience: dict[str, Any] | None = None,
-                 prices: dict[str, Any] | None = None, controller: tuple[str, str] | None = None,
-                 ledger: tuple[str, str, int] | None = None,
-                 health: dict[str, Any] | None = None,
-                 budget: tuple[str, str] | None = None,
-                 max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES):
+    def __init__(
+        self,
+        pool: dict[str, Any],
+        resilience: dict[str, Any] | None = None,
+        prices: dict[str, Any] | None = None,
+        controller: tuple[str, str] | None = None,
+        ledger: tuple[str, str, int] | None = None,
+        health: dict[str, Any] | None = None,
+        budget: tuple[str, str] | None = None,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+    ):
         self.pool = PoolSpec.model_validate(pool)
         self.resilience = ResilienceSpec.model_validate(resilience or {})
         self.prices = {k: ModelPrice.model_validate(v) for k, v in (prices or {}).items()}
@@ -318,8 +342,9 @@ class AgentHost(AgentHealthMixin):
         self._router = make_router(self.pool.routing, clock=time.monotonic)
         self._rng = random.Random()
         self._learns = not isinstance(self._router, _BALANCERS)
-        self._fast_kind = self._c == 1 and isinstance(self._router,
-                                                      (LeastLoadedRouter, FullScanRouter))
+        self._fast_kind = self._c == 1 and isinstance(
+            self._router, (LeastLoadedRouter, FullScanRouter)
+        )
         self._fast = self._fast_kind
         self._hinted = self._learns  # task-aware routers need a RoutingHint per task
         self._eager_setup = isinstance(self._router, SpecializationRouter)
@@ -334,8 +359,9 @@ class AgentHost(AgentHealthMixin):
 
         # Breakers and retries.
         self.events = BreakerEventLog()
-        self._breakers = BreakerRegistry(self.resilience, time.monotonic,
-                                         [self.events, self], name=self.host_id)
+        self._breakers = BreakerRegistry(
+            self.resilience, time.monotonic, [self.events, self], name=self.host_id
+        )
         self._brk: list[CircuitBreaker | None] = [None] * n
         # Deferred breaker feeds, exact for count windows (the default). Invariant: when
         # ``_clean[i]``, agent i's breaker is CLOSED and its window holds only fast
@@ -473,8 +499,9 @@ class AgentHost(AgentHealthMixin):
 
     def _pick(self, hint: RoutingHint | None) -> int | None:
         """Choose an agent with a free slot and take the slot, or None: none may take it."""
-        if self._dirty or (self._recheck_at != math.inf
-                           and time.monotonic() >= self._recheck_at):
+        if self._dirty or (
+            self._recheck_at != math.inf and time.monotonic() >= self._recheck_at
+        ):
             self._refresh()
         while self._free > 0:
             if self._fast:
@@ -555,8 +582,11 @@ class AgentHost(AgentHealthMixin):
                 else:
                     b.record(True, latency_s)
                     self._streak[i] += 1
-                    if (self._defer and self._streak[i] >= self._window_calls
-                            and b.state is BreakerState.CLOSED):
+                    if (
+                        self._defer
+                        and self._streak[i] >= self._window_calls
+                        and b.state is BreakerState.CLOSED
+                    ):
                         self._clean[i] = True
             else:
                 self._pay(i)
@@ -594,8 +624,12 @@ class AgentHost(AgentHealthMixin):
         return agent
 
     # -- work ----------------------------------------------------------------------
-    async def run_and_record(self, items: list[Item], active_agents: int | None = None,
-                             progress: tuple[str, str, str, int] | None = None) -> BatchReport:
+    async def run_and_record(
+        self,
+        items: list[Item],
+        active_agents: int | None = None,
+        progress: tuple[str, str, str, int] | None = None,
+    ) -> BatchReport:
         """Run a batch, recording each item's final outcome in the ledger as soon as it
         finishes; reply once every item is recorded or handed back for a retry.
 
@@ -642,8 +676,9 @@ class AgentHost(AgentHealthMixin):
                 self._open_batches.pop(progress, None)
         if self._budget is not None:
             await self._budget.flush()  # one settle call per batch
-        return BatchReport(len(batch.recorded_ids), batch.retry_ids, batch.delays,
-                           self.pool_stats())
+        return BatchReport(
+            len(batch.recorded_ids), batch.retry_ids, batch.delays, self.pool_stats()
+        )
 
     async def _run_item(self, item: Item, batch: _Batch) -> None:
         cur = asyncio.current_task()
@@ -718,10 +753,12 @@ class AgentHost(AgentHealthMixin):
         self._records[k] = _RecordBuffer()
         if buf.outcomes or buf.excused:
             asyncio.get_running_loop().create_task(
-                self._record(k, buf.outcomes, buf.batches, buf.excused))
+                self._record(k, buf.outcomes, buf.batches, buf.excused)
+            )
 
-    async def _record(self, k: int, outcomes: list[Outcome], batches: list[_Batch],
-                      excused: list[str]) -> None:
+    async def _record(
+        self, k: int, outcomes: list[Outcome], batches: list[_Batch], excused: list[str]
+    ) -> None:
         """Record final outcomes on ledger shard ``k``; each batch hears of its own once
         they are durable.
 
@@ -734,9 +771,11 @@ class AgentHost(AgentHealthMixin):
         """
         try:
             async for attempt in AsyncRetrying(
-                    retry=retry_if_exception(_is_storage_error),
-                    wait=wait_exponential(multiplier=0.05, max=2.0),
-                    stop=stop_after_delay(RECORD_RETRY_S), reraise=True):
+                retry=retry_if_exception(_is_storage_error),
+                wait=wait_exponential(multiplier=0.05, max=2.0),
+                stop=stop_after_delay(RECORD_RETRY_S),
+                reraise=True,
+            ):
                 with attempt:
                     await self._ledger.record_shard_async(k, outcomes, excused)
         except Exception as exc:
@@ -754,17 +793,22 @@ class AgentHost(AgentHealthMixin):
         if o.reason == BUDGET_REQUEUE:
             return self._budget_requeue(item, o)
         left = (item.deadline_unix_s - time.time()) if item.deadline_unix_s else None
-        d = self._retry.decide(max(1, item.deliveries), o.reason, o.error,
-                               task_max_attempts=self.resilience.max_deliveries,
-                               time_left_s=left)
+        d = self._retry.decide(
+            max(1, item.deliveries),
+            o.reason,
+            o.error,
+            task_max_attempts=self.resilience.max_deliveries,
+            time_left_s=left,
+        )
         if d.retry:
             self.retries += 1
             return o, d.delay_s
         self.final_failures[d.verdict.value] += 1
         if d.verdict is RetryVerdict.NOT_RETRYABLE:
             return o, None
-        why = (f"{d.verdict.value} after attempt {max(1, item.deliveries)}: "
-               f"{o.reason}: {o.error}")
+        why = (
+            f"{d.verdict.value} after attempt {max(1, item.deliveries)}: {o.reason}: {o.error}"
+        )
         return o._replace(reason=d.verdict.value, error=why[:MAX_ERROR_CHARS]), None
 
     async def _report(self) -> None:
@@ -790,7 +834,7 @@ class AgentHost(AgentHealthMixin):
                     key = (name, ns, pool)
                     news.setdefault(key, {})[bid] = b.done
                     if len(b.recorded_ids) > b.sent:
-                        recorded.setdefault(key, {})[bid] = b.recorded_ids[b.sent:]
+                        recorded.setdefault(key, {})[bid] = b.recorded_ids[b.sent :]
                         marks.setdefault(key, []).append((b, len(b.recorded_ids)))
                     if b.unknown and not b.ids_sent:  # send the ids once
                         b.ids_sent = True
@@ -801,8 +845,12 @@ class AgentHost(AgentHealthMixin):
                     d = self._dispatchers.get((name, ns))
                     if d is None:
                         d = self._dispatchers[(name, ns)] = ray.get_actor(name, namespace=ns)
-                    unknown = await asyncio.wait_for(d.batch_progress.remote(
-                        pool, counts, running.get(key), recorded.get(key)), PROGRESS_REPLY_S)
+                    unknown = await asyncio.wait_for(
+                        d.batch_progress.remote(
+                            pool, counts, running.get(key), recorded.get(key)
+                        ),
+                        PROGRESS_REPLY_S,
+                    )
                 except Exception:
                     self._dispatchers.pop((name, ns), None)  # gone or restarting
                     continue
@@ -833,8 +881,12 @@ class AgentHost(AgentHealthMixin):
         except asyncio.CancelledError:
             self.failed += 1  # timed out waiting for an agent: no agent to blame
             return failed_outcome(
-                item, "timeout", f"exceeded task_timeout_s={self.resilience.task_timeout_s} "
-                "waiting for a free agent", self.pool.name)
+                item,
+                "timeout",
+                f"exceeded task_timeout_s={self.resilience.task_timeout_s} "
+                "waiting for a free agent",
+                self.pool.name,
+            )
         agent_id = self._agent_ids[i]
         cur = asyncio.current_task()
         self._on_agent[cur] = (i, item.id)  # type: ignore[index]  # for hung-task health
@@ -850,31 +902,61 @@ class AgentHost(AgentHealthMixin):
             if len(output) > self.max_output_bytes:
                 self.failed += 1
                 return failed_outcome(
-                    item, REASON_OUTPUT_TOO_LARGE,
+                    item,
+                    REASON_OUTPUT_TOO_LARGE,
                     f"output is {len(output)} bytes encoded, over results.max_output_bytes"
-                    f"={self.max_output_bytes}", self.pool.name, agent_id, started)
+                    f"={self.max_output_bytes}",
+                    self.pool.name,
+                    agent_id,
+                    started,
+                )
             price = self.prices.get(reply.model or "")
             cost = price.cost_usd(reply.input_tokens, reply.output_tokens) if price else 0.0
             spent = (cost, reply.input_tokens + reply.output_tokens)
             self.completed += 1
             ok = True
-            return Outcome(item.id, True, output, None, None, agent_id, self.pool.name,
-                           item.deliveries, item.submitted_unix_s, started, time.time(),
-                           reply.input_tokens, reply.output_tokens, cost)
+            return Outcome(
+                item.id,
+                True,
+                output,
+                None,
+                None,
+                agent_id,
+                self.pool.name,
+                item.deliveries,
+                item.submitted_unix_s,
+                started,
+                time.time(),
+                reply.input_tokens,
+                reply.output_tokens,
+                cost,
+            )
         except asyncio.CancelledError:
             self.failed += 1
             return failed_outcome(
-                item, "timeout", f"exceeded task_timeout_s={self.resilience.task_timeout_s}",
-                self.pool.name, agent_id, started)
+                item,
+                "timeout",
+                f"exceeded task_timeout_s={self.resilience.task_timeout_s}",
+                self.pool.name,
+                agent_id,
+                started,
+            )
         except orjson.JSONEncodeError as exc:
             self.failed += 1
-            return failed_outcome(item, "bad_output", f"output is not JSON: {exc}",
-                                  self.pool.name, agent_id, started)
+            return failed_outcome(
+                item,
+                "bad_output",
+                f"output is not JSON: {exc}",
+                self.pool.name,
+                agent_id,
+                started,
+            )
         except Exception as exc:  # the agent's own failure: recorded, the host lives on
             self.failed += 1
             text = "".join(traceback.format_exception_only(exc)).strip()
-            return failed_outcome(item, "error", text[:MAX_ERROR_CHARS], self.pool.name,
-                                  agent_id, started)
+            return failed_outcome(
+                item, "error", text[:MAX_ERROR_CHARS], self.pool.name, agent_id, started
+            )
         finally:
             if grant is not None:
                 self._settle_budget(grant, spent)
@@ -892,8 +974,9 @@ class AgentHost(AgentHealthMixin):
         self._requeue_after: dict[str, float] = {}  # item id -> delay before redelivery
         self._budget_retry_after_s = BUDGET_PARK_MAX_S
 
-    async def _acquire_budgeted(self, item: Item, task: Task | None,
-                                hint: RoutingHint | None) -> tuple[int, Grant] | Outcome:
+    async def _acquire_budgeted(
+        self, item: Item, task: Task | None, hint: RoutingHint | None
+    ) -> tuple[int, Grant] | Outcome:
         """An agent slot and a budget reservation for the task, or its outcome.
 
         Granted: (agent, grant). Refused by the agent's own budget: the agent is parked
@@ -910,26 +993,36 @@ class AgentHost(AgentHealthMixin):
                 i = await self._acquire(hint)
             except _AllParked:  # every agent here is out of its own budget (see _park)
                 self._requeue_after.setdefault(item.id, self._budget_retry_after_s)
-                return failed_outcome(item, BUDGET_REQUEUE, "every agent on host "
-                                      f"{self.host_id} is out of its own budget",
-                                      self.pool.name)
+                return failed_outcome(
+                    item,
+                    BUDGET_REQUEUE,
+                    f"every agent on host {self.host_id} is out of its own budget",
+                    self.pool.name,
+                )
             try:
                 g = await self._budget.reserve(  # type: ignore[union-attr]
-                    self._agent_ids[i], self.pool.name, tenant)
+                    self._agent_ids[i], self.pool.name, tenant
+                )
             except BaseException as exc:
                 self._release(i)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 # The budget actor is unavailable: fail retryably, nothing runs unbooked.
-                return failed_outcome(item, "error", repr(exc)[:MAX_ERROR_CHARS],
-                                      self.pool.name, self._agent_ids[i])
+                return failed_outcome(
+                    item,
+                    "error",
+                    repr(exc)[:MAX_ERROR_CHARS],
+                    self.pool.name,
+                    self._agent_ids[i],
+                )
             if g.reservation_id is not None:
                 return i, g
             if not g.retry_elsewhere:
                 self._release(i)
                 self.failed += 1
-                return failed_outcome(item, REASON_BUDGET_EXHAUSTED, g.detail,
-                                      self.pool.name, self._agent_ids[i])
+                return failed_outcome(
+                    item, REASON_BUDGET_EXHAUSTED, g.detail, self.pool.name, self._agent_ids[i]
+                )
             self._park(i, g.retry_after_s)
 
     def _all_parked(self) -> bool:
@@ -1012,11 +1105,20 @@ class AgentHost(AgentHealthMixin):
         try:
             i = self._on_agent.get(t, (None,))[0]
             agent_id = self._agent_ids[i] if i is not None and i >= 0 else None
-            self._settle(item, failed_outcome(
-                item, "timeout", f"exceeded task_timeout_s={self.resilience.task_timeout_s} "
-                f"and ignored cancellation for {age_s - self.resilience.task_timeout_s:.1f} s:"
-                " abandoned (its agent is restarted)", self.pool.name, agent_id), batch,
-                final=True)  # not retried: it would wedge another agent
+            self._settle(
+                item,
+                failed_outcome(
+                    item,
+                    "timeout",
+                    f"exceeded task_timeout_s={self.resilience.task_timeout_s} "
+                    f"and ignored cancellation for {age_s - self.resilience.task_timeout_s:.1f} s:"
+                    " abandoned (its agent is restarted)",
+                    self.pool.name,
+                    agent_id,
+                ),
+                batch,
+                final=True,
+            )  # not retried: it would wedge another agent
         except Exception as exc:  # never kill the watchdog: fail this batch instead
             batch.failed(exc)
 
@@ -1052,8 +1154,9 @@ class AgentHost(AgentHealthMixin):
         return {
             "host": self.host_id,
             "active_agents": self._active,
-            "draining_agents": sum(1 for i in range(self._active, len(self._busy))
-                                   if self._busy[i]),
+            "draining_agents": sum(
+                1 for i in range(self._active, len(self._busy)) if self._busy[i]
+            ),
             "in_flight": sum(self._busy),
             "capacity": cap,
             "waiting": len(self._waiters),
@@ -1074,8 +1177,10 @@ class AgentHost(AgentHealthMixin):
     def record_routing_stats(self) -> dict[str, Any]:
         """Per-replica load for fleet's Serve request router (plain reads of counters,
         safe from Serve's thread pool)."""
-        return {"in_flight": sum(self._busy) + len(self._waiters),
-                "capacity": self._active * self._c}
+        return {
+            "in_flight": sum(self._busy) + len(self._waiters),
+            "capacity": self._active * self._c,
+        }
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """The pool's desired host count, as decided by fleet's controller.
@@ -1095,7 +1200,8 @@ class AgentHost(AgentHealthMixin):
             # The agents' health rides on the same call; the reply carries the fleet
             # cascade guard's verdict (see AgentHealthMixin).
             reply = await asyncio.wait_for(
-                ctl.host_report.remote(self.pool.name, self.health_report()), 2.0)
+                ctl.host_report.remote(self.pool.name, self.health_report()), 2.0
+            )
         except Exception:
             return {}  # missing metric: the policy holds the current count
         self.apply_health_verdict(reply["health"])

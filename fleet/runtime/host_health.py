@@ -78,9 +78,14 @@ class AgentHealthMixin:
         self.health_spec = HealthSpec.model_validate(spec or {})
         self.health_events = HealthEventLog(size=HEALTH_EVENTS_KEPT)
         self._gate = FleetGate(self.health_spec.cascade, GATE_STALE_S, name=self.host_id)
-        self._health = HealthMonitor(self.health_spec, time.monotonic, random.Random(),
-                                     [self.health_events], name=self.host_id,
-                                     guard=self._gate)
+        self._health = HealthMonitor(
+            self.health_spec,
+            time.monotonic,
+            random.Random(),
+            [self.health_events],
+            name=self.host_id,
+            guard=self._gate,
+        )
         n = self.pool.agents_per_host
         self._health_ok = [0] * n  # successes not yet handed to the monitor
         self._health_out: set[int] = set()  # agents health holds out of service
@@ -143,9 +148,10 @@ class AgentHealthMixin:
         # A loop late by more than a heartbeat interval stalled as a whole (the host was
         # starved): every agent looks silent. Ask them now and judge next tick, so
         # that the host's own stall is not blamed on its agents.
-        stalled = (self._last_tick_s is not None
-                   and now - self._last_tick_s
-                   > self._tick_s + self.health_spec.heartbeat_interval_s)
+        stalled = (
+            self._last_tick_s is not None
+            and now - self._last_tick_s > self._tick_s + self.health_spec.heartbeat_interval_s
+        )
         self._last_tick_s = now
         if now >= self._next_beat_s or stalled:
             self._next_beat_s = now + self.health_spec.heartbeat_interval_s
@@ -203,8 +209,7 @@ class AgentHealthMixin:
                 continue
             failure = mon.detector.hung(item_id, t0, limit, now)
             if failure is not None and mon.in_service(self._agent_ids[i]):
-                mon.report_failure(self._agent_ids[i], failure.detail,
-                                   FailureReason.HUNG_TASK)
+                mon.report_failure(self._agent_ids[i], failure.detail, FailureReason.HUNG_TASK)
 
     # -- actions --------------------------------------------------------------------
     def _apply_health(self: AgentHost, actions: list[HealthAction]) -> None:
@@ -240,12 +245,14 @@ class AgentHealthMixin:
             agent = self._new_agent(i)
             await asyncio.wait_for(agent.setup(), self.health_spec.startup_timeout_s)
             if _custom_heartbeat(agent):
-                await asyncio.wait_for(agent.heartbeat(),
-                                       self.health_spec.heartbeat_interval_s)
+                await asyncio.wait_for(
+                    agent.heartbeat(), self.health_spec.heartbeat_interval_s
+                )
         except Exception as exc:
             text = "".join(traceback.format_exception_only(exc)).strip()[:500]
-            mon.report_failure(agent_id, f"restart {attempt} failed: {text}",
-                               FailureReason.CRASHED)
+            mon.report_failure(
+                agent_id, f"restart {attempt} failed: {text}", FailureReason.CRASHED
+            )
             self._apply_health(mon.take_actions())
             return
         if i not in self._health_members or mon.state(agent_id) is not AgentState.RESTARTING:
@@ -280,9 +287,14 @@ class AgentHealthMixin:
             "restarts": self.restarts,
             "failures": dict(mon.failure_counts),
             "last_failures": [
-                {"at_unix_s": wall - (mono - f.at_s), "agent_id": f.agent_id,
-                 "reason": f.reason, "detail": f.detail}
-                for f in list(mon.failures)[-REPORT_FAILURES:]],
+                {
+                    "at_unix_s": wall - (mono - f.at_s),
+                    "agent_id": f.agent_id,
+                    "reason": f.reason,
+                    "detail": f.detail,
+                }
+                for f in list(mon.failures)[-REPORT_FAILURES:]
+            ],
         }
 
     def apply_health_verdict(self: AgentHost, verdict: dict[str, Any]) -> None:
@@ -301,10 +313,11 @@ class AgentHealthMixin:
         if since is None or any(self._is_in_service(i) for i in range(self._active)):
             return None  # (the tick that noticed a recovery may not have run yet)
         limit = self.health_spec.startup_timeout_s
-        if time.monotonic() - since > limit \
-                and self._gate.state is GuardState.CLOSED:
-            return (f"no agent in service for more than startup_timeout_s={limit:g}s "
-                    "and in-host restarts did not bring one back")
+        if time.monotonic() - since > limit and self._gate.state is GuardState.CLOSED:
+            return (
+                f"no agent in service for more than startup_timeout_s={limit:g}s "
+                "and in-host restarts did not bring one back"
+            )
         return None
 
     def health_stats(self: AgentHost, events: int | None) -> dict[str, Any]:
@@ -312,15 +325,24 @@ class AgentHealthMixin:
         kept = list(self.health_events.events)
         if events is not None:
             kept = kept[-events:] if events > 0 else []
-        return {**self._health.snapshot(), "restarts": self.restarts,
-                "out_of_service": sorted(self._agent_ids[i] for i in self._health_out),
-                "event_counts": dict(self.health_events.counts),
-                "events": [_event_dict(e, mono, wall) for e in kept]}
+        return {
+            **self._health.snapshot(),
+            "restarts": self.restarts,
+            "out_of_service": sorted(self._agent_ids[i] for i in self._health_out),
+            "event_counts": dict(self.health_events.counts),
+            "events": [_event_dict(e, mono, wall) for e in kept],
+        }
 
 
 def _event_dict(e: HealthEvent, now_mono: float, now_unix: float) -> dict[str, Any]:
-    return {"at_unix_s": now_unix - (now_mono - e.at_s), "kind": e.kind.value,
-            "subject": e.subject, "old": e.old, "new": e.new, "reason": e.reason}
+    return {
+        "at_unix_s": now_unix - (now_mono - e.at_s),
+        "kind": e.kind.value,
+        "subject": e.subject,
+        "old": e.old,
+        "new": e.new,
+        "reason": e.reason,
+    }
 
 
 __all__ = ["AgentHealthMixin", "HEALTH_TICK_S"]

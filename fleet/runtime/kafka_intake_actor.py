@@ -58,13 +58,19 @@ class KafkaIntakeActor:
         on_start(ns, names.kafka_intake(index))
         self._ledger = LedgerClient.for_spec(fleet)
         self._conflicts = 0
-        self._shards = {cap: [ray.get_actor(names.shard(cap, i), namespace=ns)
-                              for i in range(fleet.queues.shards)]
-                        for cap in fleet.capabilities}
+        self._shards = {
+            cap: [
+                ray.get_actor(names.shard(cap, i), namespace=ns)
+                for i in range(fleet.queues.shards)
+            ]
+            for cap in fleet.capabilities
+        }
         self._intake = KafkaIntake(
-            kafka, self._accept,
+            kafka,
+            self._accept,
             task_parser(fleet.capabilities, fleet.queues.max_payload_bytes),
-            client_id=names.kafka_intake(index))
+            client_id=names.kafka_intake(index),
+        )
         self._stop = threading.Event()
         self._error: str | None = None
         self._ledger_polls = 0
@@ -115,10 +121,14 @@ class KafkaIntakeActor:
 
     def stats(self) -> dict[str, Any]:
         """Consumption, commit and error counts of this consumer."""
-        return {"consumer": self.index, "running": self._thread.is_alive(),
-                "error": self._error, "ledger_polls": self._ledger_polls,
-                "idempotency_conflicts": self._conflicts,
-                **dataclasses.asdict(self._intake.stats)}
+        return {
+            "consumer": self.index,
+            "running": self._thread.is_alive(),
+            "error": self._error,
+            "ledger_polls": self._ledger_polls,
+            "idempotency_conflicts": self._conflicts,
+            **dataclasses.asdict(self._intake.stats),
+        }
 
     def stop(self) -> dict[str, Any]:
         """Stop consuming, commit what the ledger holds, close the clients (idempotent)."""

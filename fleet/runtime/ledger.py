@@ -52,11 +52,15 @@ from fleet.task import Outcome
 
 RETENTION_SWEEP_S = 600.0
 MAX_EXCUSED = 1_000_000  # excusals waiting for their task's outcome, per shard
-_SUMMARY_COLS = ("ok, reason, error, deliveries, submitted_unix_s, finished_unix_s,"
-                 " input_tokens, output_tokens, cost_usd, duplicates")
+_SUMMARY_COLS = (
+    "ok, reason, error, deliveries, submitted_unix_s, finished_unix_s,"
+    " input_tokens, output_tokens, cost_usd, duplicates"
+)
 
 
-def percentiles(values: list[float], qs: tuple[float, ...] = (0.5, 0.95, 0.99)) -> dict[str, float]:
+def percentiles(
+    values: list[float], qs: tuple[float, ...] = (0.5, 0.95, 0.99)
+) -> dict[str, float]:
     """Nearest-rank percentiles, keyed p50/p95/p99 (empty input gives zeros)."""
     if not values:
         return {f"p{round(q * 100)}": 0.0 for q in qs}
@@ -104,8 +108,12 @@ class Ledger:
                 pass
             await asyncio.sleep(RETENTION_SWEEP_S)
 
-    async def record(self, outcomes: list[Outcome], tenant: str = DEFAULT_TENANT,
-                     excused: list[str] | None = None) -> int:
+    async def record(
+        self,
+        outcomes: list[Outcome],
+        tenant: str = DEFAULT_TENANT,
+        excused: list[str] | None = None,
+    ) -> int:
         """Record outcomes (durable before this returns); returns how many were new.
 
         ``excused``: ids of tasks one of whose deliveries ended without a duplicate
@@ -119,8 +127,10 @@ class Ledger:
             new = Counter(excused) if excused else None
             per: list[int] | None = None
             if outcomes and (exc or new):
-                per = [exc.get((tenant, o.task_id), 0) + (new[o.task_id] if new else 0)
-                       for o in outcomes]
+                per = [
+                    exc.get((tenant, o.task_id), 0) + (new[o.task_id] if new else 0)
+                    for o in outcomes
+                ]
             n = self._store.record(outcomes, tenant, per)
             # Committed: only now do the excusals change (a failed call changes nothing,
             # so the caller's retry does not excuse twice).
@@ -156,25 +166,32 @@ class Ledger:
         self._ensure_sweeper()
         return self._store.count()
 
-    async def duplicates(self, ids: list[str] | None = None,
-                         tenant: str = DEFAULT_TENANT) -> dict[str, int]:
+    async def duplicates(
+        self, ids: list[str] | None = None, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, int]:
         return self._store.duplicates(ids, tenant)
 
-    async def summary_part(self, ids: list[str] | None = None,
-                           tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+    async def summary_part(
+        self, ids: list[str] | None = None, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
         """This shard's share of ``LedgerClient.summary``: counts and raw latencies."""
         if ids is None:
             if isinstance(self._store, SqliteLedgerStore):
                 rows = [(bool(r[0]), *r[1:]) for r in self._store.scan(_SUMMARY_COLS)]
             else:
                 dups = self._store.duplicates()
-                rows = [_summary_row(o, dups.get(o.task_id, 0))
-                        for o in self._store.get(self._store.since(0, 1 << 62)[0], tenant)
-                        if o is not None]
+                rows = [
+                    _summary_row(o, dups.get(o.task_id, 0))
+                    for o in self._store.get(self._store.since(0, 1 << 62)[0], tenant)
+                    if o is not None
+                ]
             lost = 0
         elif isinstance(self._store, SqliteLedgerStore):  # one read of the columns needed
-            rows = [(bool(r[0]), *r[1:]) for r in self._store.rows(ids, _SUMMARY_COLS, tenant)
-                    if r is not None]
+            rows = [
+                (bool(r[0]), *r[1:])
+                for r in self._store.rows(ids, _SUMMARY_COLS, tenant)
+                if r is not None
+            ]
             lost = len(ids) - len(rows)
         else:
             outs = self._store.get(ids, tenant)
@@ -185,18 +202,32 @@ class Ledger:
 
     async def stats(self) -> dict[str, Any]:
         store = self._store
-        return {"shard": self.index, "recorded": store.count(), "durable": store.durable,
-                "expired_total": self.expired_total, "record_calls": self.record_calls,
-                "recorded_outcomes": self.recorded_outcomes,
-                "record_cpu_s": round(self.record_cpu_s, 3),
-                "process_cpu_s": round(time.process_time(), 3),
-                "index_bytes": store.index_bytes() if isinstance(store, SqliteLedgerStore)
-                else 0}
+        return {
+            "shard": self.index,
+            "recorded": store.count(),
+            "durable": store.durable,
+            "expired_total": self.expired_total,
+            "record_calls": self.record_calls,
+            "recorded_outcomes": self.recorded_outcomes,
+            "record_cpu_s": round(self.record_cpu_s, 3),
+            "process_cpu_s": round(time.process_time(), 3),
+            "index_bytes": store.index_bytes() if isinstance(store, SqliteLedgerStore) else 0,
+        }
 
 
 def _summary_row(o: Outcome, dups: int) -> tuple[Any, ...]:
-    return (o.ok, o.reason, o.error, o.deliveries, o.submitted_unix_s, o.finished_unix_s,
-            o.input_tokens, o.output_tokens, o.cost_usd, dups)
+    return (
+        o.ok,
+        o.reason,
+        o.error,
+        o.deliveries,
+        o.submitted_unix_s,
+        o.finished_unix_s,
+        o.input_tokens,
+        o.output_tokens,
+        o.cost_usd,
+        dups,
+    )
 
 
 def _summarize_rows(rows: list[tuple[Any, ...]], lost: int) -> dict[str, Any]:
@@ -285,19 +316,23 @@ class LedgerClient:
             groups.setdefault(self.shard_of(k), []).append(pos)
         return sorted(groups.items())
 
-    def _fan(self, method: str, values: Sequence[Any], keys: Sequence[str], *args: Any
-             ) -> tuple[list[tuple[int, list[int]]], list[Any]]:
+    def _fan(
+        self, method: str, values: Sequence[Any], keys: Sequence[str], *args: Any
+    ) -> tuple[list[tuple[int, list[int]]], list[Any]]:
         split = self._split(keys)
         if self.n == 1:
             refs = [getattr(self.handle(0), method).remote(list(values), *args)]
         else:
-            refs = [getattr(self.handle(s), method).remote([values[p] for p in pos], *args)
-                    for s, pos in split]
+            refs = [
+                getattr(self.handle(s), method).remote([values[p] for p in pos], *args)
+                for s, pos in split
+            ]
         return split, refs
 
     @staticmethod
-    def _ordered(n: int, split: list[tuple[int, list[int]]], answers: list[list[Any]]
-                 ) -> list[Any]:
+    def _ordered(
+        n: int, split: list[tuple[int, list[int]]], answers: list[list[Any]]
+    ) -> list[Any]:
         out: list[Any] = [None] * n
         for (_, pos), ans in zip(split, answers):
             for p, a in zip(pos, ans):
@@ -305,8 +340,9 @@ class LedgerClient:
         return out
 
     # -- async (actors, ingress) ----------------------------------------------------------
-    async def record_async(self, outcomes: Sequence[Outcome],
-                           excused: Sequence[str] = ()) -> int:
+    async def record_async(
+        self, outcomes: Sequence[Outcome], excused: Sequence[str] = ()
+    ) -> int:
         """Record outcomes on their shards; ``excused`` as in ``Ledger.record``."""
         if not excused:
             if not outcomes:
@@ -318,13 +354,19 @@ class LedgerClient:
             by_shard.setdefault(self.shard_of(o.task_id), ([], []))[0].append(o)
         for i in excused:
             by_shard.setdefault(self.shard_of(i), ([], []))[1].append(i)
-        return sum(await asyncio.gather(*(self.record_shard_async(k, outs, exc)
-                                          for k, (outs, exc) in by_shard.items())))
+        return sum(
+            await asyncio.gather(
+                *(self.record_shard_async(k, outs, exc) for k, (outs, exc) in by_shard.items())
+            )
+        )
 
-    async def record_shard_async(self, shard: int, outcomes: list[Outcome],
-                                 excused: list[str] | None = None) -> int:
+    async def record_shard_async(
+        self, shard: int, outcomes: list[Outcome], excused: list[str] | None = None
+    ) -> int:
         """Record on one shard outcomes (and excusals) already routed to it."""
-        return await self.handle(shard).record.remote(outcomes, DEFAULT_TENANT, excused or None)
+        return await self.handle(shard).record.remote(
+            outcomes, DEFAULT_TENANT, excused or None
+        )
 
     async def get_async(self, ids: Sequence[str]) -> list[Outcome | None]:
         if not ids:
@@ -340,8 +382,9 @@ class LedgerClient:
         return [i for i in ids if i in gone]
 
     async def count_async(self) -> int:
-        return sum(await asyncio.gather(*(self.handle(k).count.remote()
-                                          for k in range(self.n))))
+        return sum(
+            await asyncio.gather(*(self.handle(k).count.remote() for k in range(self.n)))
+        )
 
     # -- sync (drivers, threads) ----------------------------------------------------------
     def record(self, outcomes: Sequence[Outcome]) -> int:

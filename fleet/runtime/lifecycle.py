@@ -51,14 +51,19 @@ def storage_node_id(node_id: str | None = None) -> str:
     return node_id or ray.get_runtime_context().get_node_id()
 
 
-def control_actor_options(name: str, namespace: str, *, detached: bool,
-                          node_id: str | None = None) -> dict[str, Any]:
+def control_actor_options(
+    name: str, namespace: str, *, detached: bool, node_id: str | None = None
+) -> dict[str, Any]:
     """Ray options for a control actor: named, restarted forever with its calls retried,
     and, with ``node_id``, pinned to that node."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    opts: dict[str, Any] = {"name": name, "namespace": namespace,
-                            "max_restarts": -1, "max_task_retries": -1}
+    opts: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "max_restarts": -1,
+        "max_task_retries": -1,
+    }
     if detached:
         opts["lifetime"] = "detached"
     if node_id is not None:
@@ -120,9 +125,11 @@ def actor_states(namespace: str, names: list[str]) -> dict[str, dict[str, Any]]:
             out[name] = {"state": MISSING, "restarts": 0}
             continue
         info = ray_state.actors(handle._actor_id.hex()) or {}
-        out[name] = {"state": info.get("State", "UNKNOWN"),
-                     "restarts": int(info.get("NumRestarts", 0)),
-                     "pid": int(info.get("Pid", 0) or 0)}
+        out[name] = {
+            "state": info.get("State", "UNKNOWN"),
+            "restarts": int(info.get("NumRestarts", 0)),
+            "pid": int(info.get("Pid", 0) or 0),
+        }
     return out
 
 
@@ -143,14 +150,16 @@ class RestartWatch:
     its actor is not ALIVE and for ``active_s`` after its last restart, then clears.
     """
 
-    def __init__(self, seen: Mapping[str, int] | None = None,
-                 active_s: float = RESTART_ALERT_ACTIVE_S):
+    def __init__(
+        self, seen: Mapping[str, int] | None = None, active_s: float = RESTART_ALERT_ACTIVE_S
+    ):
         self.seen: dict[str, int] = dict(seen or {})
         self.active_s = active_s
         self._firing: dict[str, ActiveAlert] = {}
 
-    def observe(self, states: Mapping[str, Mapping[str, Any]], now_s: float
-                ) -> list[AlertEvent]:
+    def observe(
+        self, states: Mapping[str, Mapping[str, Any]], now_s: float
+    ) -> list[AlertEvent]:
         """This tick's alert events (fired and cleared)."""
         events = []
         for name, st in states.items():
@@ -160,20 +169,38 @@ class RestartWatch:
             self.seen[name] = n
             if prev is None or n <= prev:
                 continue
-            self._firing[name] = ActiveAlert(RESTART_ALERT, name, RESTART_SEVERITY, n,
-                                             prev, now_s)
-            events.append(AlertEvent(
-                AlertKind.FIRED, RESTART_ALERT, name, RESTART_SEVERITY, n, prev, now_s,
-                f"firing: control actor {name} restarted ({n} restart(s) in all, "
-                f"{n - prev} since last seen); it is {st['state']}"))
+            self._firing[name] = ActiveAlert(
+                RESTART_ALERT, name, RESTART_SEVERITY, n, prev, now_s
+            )
+            events.append(
+                AlertEvent(
+                    AlertKind.FIRED,
+                    RESTART_ALERT,
+                    name,
+                    RESTART_SEVERITY,
+                    n,
+                    prev,
+                    now_s,
+                    f"firing: control actor {name} restarted ({n} restart(s) in all, "
+                    f"{n - prev} since last seen); it is {st['state']}",
+                )
+            )
         for name, a in list(self._firing.items()):
             state = states.get(name, {}).get("state")
             if now_s - a.since_s >= self.active_s and state in (ALIVE, None):
                 del self._firing[name]
-                events.append(AlertEvent(
-                    AlertKind.CLEARED, RESTART_ALERT, name, RESTART_SEVERITY, a.value,
-                    a.threshold, now_s, f"cleared: {name} alive, no restart for "
-                    f"{self.active_s:g}s"))
+                events.append(
+                    AlertEvent(
+                        AlertKind.CLEARED,
+                        RESTART_ALERT,
+                        name,
+                        RESTART_SEVERITY,
+                        a.value,
+                        a.threshold,
+                        now_s,
+                        f"cleared: {name} alive, no restart for {self.active_s:g}s",
+                    )
+                )
         return events
 
     def active(self) -> list[ActiveAlert]:

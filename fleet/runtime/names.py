@@ -45,12 +45,18 @@ class Names:
     def control_actors(self, spec: FleetSpec) -> list[str]:
         """Every stateful actor of ``spec``'s fleet, in the order deploy starts them."""
         kafka = spec.queues.kafka
-        return [*(self.ledger_shard(i) for i in range(spec.results.ledger_shards)),
-                *([self.budget] if spec.budgets.enforced else []),
-                *(self.shard(cap, i) for cap in spec.capabilities
-                  for i in range(spec.queues.shards)),
-                self.controller, self.dispatcher,
-                *(self.kafka_intake(i) for i in range(kafka.consumers if kafka else 0))]
+        return [
+            *(self.ledger_shard(i) for i in range(spec.results.ledger_shards)),
+            *([self.budget] if spec.budgets.enforced else []),
+            *(
+                self.shard(cap, i)
+                for cap in spec.capabilities
+                for i in range(spec.queues.shards)
+            ),
+            self.controller,
+            self.dispatcher,
+            *(self.kafka_intake(i) for i in range(kafka.consumers if kafka else 0)),
+        ]
 
     @staticmethod
     def host_deployment(pool: str) -> str:

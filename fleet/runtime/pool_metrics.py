@@ -25,8 +25,10 @@ _GAUGES = {
     "retried_items": ("retried_items", "Items handed back to the queue for a retry."),
     "retry_waiting": ("retry_waiting", "Retried items waiting out their backoff."),
     "host_retries": ("host_retries", "Retries decided by the hosts reporting now."),
-    "retry_budget_denied": ("retry_budget_denied",
-                            "Retryable failures recorded because the retry budget was spent."),
+    "retry_budget_denied": (
+        "retry_budget_denied",
+        "Retryable failures recorded because the retry budget was spent.",
+    ),
     "host_failures": ("host_failures", "Batches whose host call failed (nacked at once)."),
 }
 
@@ -35,8 +37,10 @@ class PoolMetrics:
     """The pool metric family (``fleet_pool_*``), registered on ``registry``."""
 
     def __init__(self, registry: CollectorRegistry, prefix: str = "fleet_pool"):
-        self.gauges = {k: Gauge(f"{prefix}_{name}", doc, ("pool",), registry=registry)
-                       for k, (name, doc) in _GAUGES.items()}
+        self.gauges = {
+            k: Gauge(f"{prefix}_{name}", doc, ("pool",), registry=registry)
+            for k, (name, doc) in _GAUGES.items()
+        }
 
     def update(self, dispatcher_stats: Mapping[str, Mapping[str, Any]]) -> None:
         for pool, stats in dispatcher_stats.items():

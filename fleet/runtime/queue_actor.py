@@ -46,9 +46,17 @@ AVG_ITEM_BYTES_ALPHA = 0.1  # EWMA weight of each put batch's mean item size
 
 @ray.remote(num_cpus=0)
 class QueueShard:
-    def __init__(self, capability: str, index: int, queue_spec: dict[str, Any],
-                 max_deliveries: int, ledger_name: str, namespace: str,
-                 fleet: str | None = None, ledger_shards: int = 1):
+    def __init__(
+        self,
+        capability: str,
+        index: int,
+        queue_spec: dict[str, Any],
+        max_deliveries: int,
+        ledger_name: str,
+        namespace: str,
+        fleet: str | None = None,
+        ledger_shards: int = 1,
+    ):
         spec = QueueSpec.model_validate(queue_spec)
         self.capability = capability
         self.index = index
@@ -77,19 +85,27 @@ class QueueShard:
         try:
             missing = set()
             for k in range(0, len(ids), RECOVER_CHUNK):
-                missing.update(self._ledger.missing(ids[k:k + RECOVER_CHUNK]))
+                missing.update(self._ledger.missing(ids[k : k + RECOVER_CHUNK]))
             done = [i for i in ids if i not in missing]
             if done:
                 self.settled_on_start = self._q.ack(done)
         except Exception:  # noqa: BLE001 - the ledger is unreachable: items stay ready
             pass
         try:
-            dispatcher = ray.get_actor(Names(self._fleet).dispatcher, namespace=self._namespace)
-            held = ray.get(dispatcher.held_ids.remote(self.capability, self.index),
-                           timeout=RECOVER_TIMEOUT_S)
+            dispatcher = ray.get_actor(
+                Names(self._fleet).dispatcher, namespace=self._namespace
+            )
+            held = ray.get(
+                dispatcher.held_ids.remote(self.capability, self.index),
+                timeout=RECOVER_TIMEOUT_S,
+            )
             self.adopted_on_start = self._q.adopt(
-                [i for i, _ in held], Names(self._fleet).dispatcher, self.lease_s,
-                time.monotonic(), [d for _, d in held])
+                [i for i, _ in held],
+                Names(self._fleet).dispatcher,
+                self.lease_s,
+                time.monotonic(),
+                [d for _, d in held],
+            )
         except Exception:  # noqa: BLE001 - no dispatcher (first start) or it restarts too
             pass
 
@@ -127,13 +143,17 @@ class QueueShard:
         self._recent_acks.update(ids)
         return n
 
-    async def _fail_exhausted(self, items: list[Item], why: str,
-                              reason: str = "max_deliveries") -> None:
-        await self._record_then_ack([
-            failed_outcome(it, reason,
-                           f"delivered {it.deliveries} times without an outcome ({why})")
-            for it in items
-        ])
+    async def _fail_exhausted(
+        self, items: list[Item], why: str, reason: str = "max_deliveries"
+    ) -> None:
+        await self._record_then_ack(
+            [
+                failed_outcome(
+                    it, reason, f"delivered {it.deliveries} times without an outcome ({why})"
+                )
+                for it in items
+            ]
+        )
 
     async def put(self, items: list[Item]) -> int:
         """Accept items (all or none). Raises QueueFull when they do not fit, and
@@ -162,8 +182,9 @@ class QueueShard:
     async def lease(self, n: int, holder: str) -> tuple[list[Item], int]:
         """Up to ``n`` items leased to ``holder``, and the depth left behind."""
         self._ensure_sweeper()
-        items = self._q.lease(n, holder, self.lease_s, time.monotonic(),
-                              now_unix_s=time.time())
+        items = self._q.lease(
+            n, holder, self.lease_s, time.monotonic(), now_unix_s=time.time()
+        )
         return items, self._q.depth
 
     async def lease_batch(self, free: int, holder: str) -> tuple[list[Item], int]:
@@ -181,18 +202,25 @@ class QueueShard:
     async def ack(self, ids: list[str]) -> int:
         return self._ack(ids)
 
-    async def nack(self, ids: list[str], why: str = "holder failed",
-                   deliveries: list[int] | None = None, crashed: bool = False) -> int:
+    async def nack(
+        self,
+        ids: list[str],
+        why: str = "holder failed",
+        deliveries: list[int] | None = None,
+        crashed: bool = False,
+    ) -> int:
         """Requeue leased items (fenced by ``deliveries`` when given). ``crashed``: their
         host died holding them; they are redelivered in smaller batches, and one that
         this exhausts is recorded as ``host_crash`` (see ``LeaseQueue.nack``)."""
         exhausted = self._q.nack(ids, deliveries, crashed)
-        await self._fail_exhausted(exhausted, why, REASON_HOST_CRASH if crashed
-                                   else "max_deliveries")
+        await self._fail_exhausted(
+            exhausted, why, REASON_HOST_CRASH if crashed else "max_deliveries"
+        )
         return len(ids)
 
-    async def extend(self, ids: list[str], holder: str,
-                     deliveries: list[int] | None = None) -> int:
+    async def extend(
+        self, ids: list[str], holder: str, deliveries: list[int] | None = None
+    ) -> int:
         return self._q.extend(ids, holder, self.lease_s, time.monotonic(), deliveries)
 
     async def leased_to(self, holder: str) -> list[str]:
@@ -206,9 +234,13 @@ class QueueShard:
 
     async def stats(self) -> dict[str, Any]:
         st = self._q.stats(time.time())
-        return {"capability": self.capability, "shard": self.index,
-                "settled_on_start": self.settled_on_start,
-                "adopted_on_start": self.adopted_on_start, **dataclasses.asdict(st)}
+        return {
+            "capability": self.capability,
+            "shard": self.index,
+            "settled_on_start": self.settled_on_start,
+            "adopted_on_start": self.adopted_on_start,
+            **dataclasses.asdict(st),
+        }
 
     async def pending_ids(self) -> list[str]:
         return self._q.pending_ids()

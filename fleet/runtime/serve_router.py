@@ -33,14 +33,22 @@ def host_router(spec: RoutingSpec) -> Router:
 
 
 class FleetRequestRouter(RequestRouter):
-    def initialize_state(self, routing: dict[str, Any] | None = None,
-                         router: str = "least_loaded", choices_d: int = 2,
-                         capacity_per_host: int = 100, seed: int | None = None,
-                         **_: Any) -> None:
+    def initialize_state(
+        self,
+        routing: dict[str, Any] | None = None,
+        router: str = "least_loaded",
+        choices_d: int = 2,
+        capacity_per_host: int = 100,
+        seed: int | None = None,
+        **_: Any,
+    ) -> None:
         """``routing`` is the pool's ``RoutingSpec`` as JSON; without it, ``router`` and
         ``choices_d`` (the older, partial form) build one."""
-        spec = (RoutingSpec.model_validate(routing) if routing is not None
-                else RoutingSpec(router=router, choices_d=choices_d))
+        spec = (
+            RoutingSpec.model_validate(routing)
+            if routing is not None
+            else RoutingSpec(router=router, choices_d=choices_d)
+        )
         self._routing = spec
         self._policy = host_router(spec)
         self._rng = random.Random(seed)
@@ -61,7 +69,8 @@ class FleetRequestRouter(RequestRouter):
         return Candidate(r.replica_id.unique_id, self._tasks.get(r.replica_id, 0), cap)
 
     async def choose_replicas(
-        self, candidate_replicas: list[RunningReplica],
+        self,
+        candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
@@ -80,7 +89,9 @@ class FleetRequestRouter(RequestRouter):
         return False
 
     async def _select_from_candidate_replicas(
-        self, candidates: list[RunningReplica], backoff_index: int,
+        self,
+        candidates: list[RunningReplica],
+        backoff_index: int,
     ) -> RunningReplica | None:
         # Serve's default probes each candidate's *request* queue (an actor round trip
         # with a 0.1-1 s deadline that backs off under load) before sending. Fleet's
@@ -93,8 +104,9 @@ class FleetRequestRouter(RequestRouter):
                 return live
         return None
 
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
-                          result: Any) -> None:
+    def on_request_routed(
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
+    ) -> None:
         n = self._batch_len(pending_request)
         self._tasks[replica_id] = self._tasks.get(replica_id, 0) + n
         rid = pending_request.metadata.internal_request_id

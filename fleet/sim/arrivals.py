@@ -68,8 +68,11 @@ class PoissonStream:
         self._k = -1
         self._rate = spec.rate_per_s
         self._shaped = spec.shaped
-        self._random = (_RandomBurstTimeline(spec.random_bursts, rng)
-                        if spec.random_bursts is not None else None)
+        self._random = (
+            _RandomBurstTimeline(spec.random_bursts, rng)
+            if spec.random_bursts is not None
+            else None
+        )
         if spec.rate_per_s == 0:
             # Zero base rate: nothing ever arrives (bursts multiply the rate).
             self._horizon = -1.0
@@ -148,8 +151,9 @@ class TenantPicker:
         return self.ids[min(bisect_right(self._cum, self._rand()), len(self.ids) - 1)]
 
 
-def make_stream(spec: StreamSpec, rng: random.Random, horizon_s: float
-                ) -> PoissonStream | TraceStream:
+def make_stream(
+    spec: StreamSpec, rng: random.Random, horizon_s: float
+) -> PoissonStream | TraceStream:
     if isinstance(spec.arrivals, TraceArrivals):
         return TraceStream(spec.arrivals)
     return PoissonStream(spec.arrivals, rng, horizon_s)

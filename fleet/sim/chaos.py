@@ -41,8 +41,15 @@ def schedule_chaos(sim: Simulation) -> None:
 
 
 def _injection(sim: Simulation, kind: str, p: PoolRun, agents: int, now: float) -> dict:
-    return {"t_s": now, "kind": kind, "pool": p.name, "agents": agents,
-            "replaced": 0, "not_replaced": 0, "replaced_max_s": 0.0}
+    return {
+        "t_s": now,
+        "kind": kind,
+        "pool": p.name,
+        "agents": agents,
+        "replaced": 0,
+        "not_replaced": 0,
+        "replaced_max_s": 0.0,
+    }
 
 
 def _heal(sim: Simulation, p: PoolRun, now: float) -> None:

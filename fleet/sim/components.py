@@ -26,19 +26,28 @@ class Component:
     def attach(self, sim: Simulation) -> None:
         """Called once before the run starts."""
 
-    def on_outcome(self, sim: Simulation, agent: SimAgent, tid: int, ok: bool,
-                   service_s: float, now_s: float) -> None:
+    def on_outcome(
+        self,
+        sim: Simulation,
+        agent: SimAgent,
+        tid: int,
+        ok: bool,
+        service_s: float,
+        now_s: float,
+    ) -> None:
         """An execution ended on ``agent`` (``ok`` False: failed or timed out)."""
 
-    def on_agent_down(self, sim: Simulation, agent: SimAgent, reason: str,
-                      now_s: float) -> None:
+    def on_agent_down(
+        self, sim: Simulation, agent: SimAgent, reason: str, now_s: float
+    ) -> None:
         """``agent`` died (``reason``: kill, crash, ...); its work is already re-queued."""
 
     def on_agent_up(self, sim: Simulation, agent: SimAgent, now_s: float) -> None:
         """``agent`` started serving (new, or restarted)."""
 
-    def restart_delay_s(self, sim: Simulation, agent: SimAgent, default_s: float,
-                        now_s: float) -> float | None:
+    def restart_delay_s(
+        self, sim: Simulation, agent: SimAgent, default_s: float, now_s: float
+    ) -> float | None:
         """Delay before a dead agent restarts; None leaves it to the next component
         (and finally to the scenario's ``restart_delay_s``)."""
         return None
@@ -78,8 +87,10 @@ def available_policy_seams() -> dict[str, str]:
         "fleet.policy.retry": "driven: every failure (fleet.sim.resilience)",
     }
     if importlib.util.find_spec("fleet.policy.health") is not None:
-        out["fleet.policy.health"] = ("driven: restart backoff and cascade guard "
-                                      "(fleet.sim.health); heartbeats not simulated")
+        out["fleet.policy.health"] = (
+            "driven: restart backoff and cascade guard "
+            "(fleet.sim.health); heartbeats not simulated"
+        )
     else:
         out["fleet.policy.health"] = "seam: health policy; module not in this checkout"
     for mod, what in (
@@ -87,9 +98,13 @@ def available_policy_seams() -> dict[str, str]:
         ("fleet.policy.budget", "budget enforcement and preemption"),
     ):
         present = importlib.util.find_spec(mod) is not None
-        out[mod] = (f"seam: {what}; module present, plug in as a Component" if present
-                    else f"seam: {what}; module not in this checkout")
+        out[mod] = (
+            f"seam: {what}; module present, plug in as a Component"
+            if present
+            else f"seam: {what}; module not in this checkout"
+        )
     out["fleet.policy.disciplines"] = (
         "not simulated: each pool's queue is FIFO (PoolRun.queue); a discipline needs "
-        "priorities or deadlines per task in the workload")
+        "priorities or deadlines per task in the workload"
+    )
     return out

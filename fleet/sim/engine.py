@@ -53,16 +53,30 @@ from fleet.sim.scenario import ConstantDuration, PoolModel, Scenario
 
 # Event kinds, most frequent first (``run`` tests them in this order); arrivals have
 # their own small heap.
-EV_DONE, EV_TIMEOUT, EV_READY, EV_RESTART, EV_CONTROL, EV_SAMPLE, EV_CRASH, EV_REQUEUE, \
-    EV_CALL = range(9)
+(
+    EV_DONE,
+    EV_TIMEOUT,
+    EV_READY,
+    EV_RESTART,
+    EV_CONTROL,
+    EV_SAMPLE,
+    EV_CRASH,
+    EV_REQUEUE,
+    EV_CALL,
+) = range(9)
 
 # Agent states.
 STARTING, ACTIVE, EJECTED, DRAINING, DEAD, STOPPED = range(6)
 
 # Outcome codes in ``Simulation.outcome`` (0: none recorded yet).
 OK, ERROR, TIMEOUT, MAX_DELIVERIES, MAX_ATTEMPTS, RETRY_BUDGET = 1, 2, 3, 4, 5, 6
-REASONS = {ERROR: "error", TIMEOUT: "timeout", MAX_DELIVERIES: "max_deliveries",
-           MAX_ATTEMPTS: "max_attempts", RETRY_BUDGET: "retry_budget_exhausted"}
+REASONS = {
+    ERROR: "error",
+    TIMEOUT: "timeout",
+    MAX_DELIVERIES: "max_deliveries",
+    MAX_ATTEMPTS: "max_attempts",
+    RETRY_BUDGET: "retry_budget_exhausted",
+}
 
 LATENCY_EWMA = 0.2
 MAX_EVENT_LOG = 500
@@ -76,11 +90,25 @@ class SimAgent(Candidate):
     ``capacity`` is concurrency plus the local queue limit.
     """
 
-    __slots__ = ("pool", "state", "gen", "factor", "base_factor", "running", "local",
-                 "fidx", "lidx", "killed_at", "injection", "probe", "breaker")
+    __slots__ = (
+        "pool",
+        "state",
+        "gen",
+        "factor",
+        "base_factor",
+        "running",
+        "local",
+        "fidx",
+        "lidx",
+        "killed_at",
+        "injection",
+        "probe",
+        "breaker",
+    )
 
-    def __init__(self, agent_id: str, capacity: int, pool: PoolRun, base_factor: float,
-                 local: bool):
+    def __init__(
+        self, agent_id: str, capacity: int, pool: PoolRun, base_factor: float, local: bool
+    ):
         self.id = agent_id
         self.in_flight = 0
         self.capacity = capacity
@@ -106,8 +134,9 @@ class SimAgent(Candidate):
 class PoolRun:
     """The simulated state of one pool."""
 
-    def __init__(self, idx: int, sim: Simulation, spec: Any, model: PoolModel | None,
-                 seed: str):
+    def __init__(
+        self, idx: int, sim: Simulation, spec: Any, model: PoolModel | None, seed: str
+    ):
         # A pool the scenario sends no work to needs no model; it idles at its minimum.
         model = model or PoolModel(service=ConstantDuration(kind="constant", value_s=0.0))
         self.idx = idx
@@ -119,15 +148,15 @@ class PoolRun:
         self.capacity: int = spec.concurrency_per_agent + model.agent_queue_limit
         self.local_queues = model.agent_queue_limit > 0
         self.queue: deque[int] = deque()
-        self.free: list[SimAgent] = []       # serving agents with room
-        self.active: list[SimAgent] = []     # ACTIVE and EJECTED agents
+        self.free: list[SimAgent] = []  # serving agents with room
+        self.active: list[SimAgent] = []  # ACTIVE and EJECTED agents
         self.starting: list[SimAgent] = []
-        self.dead: list[SimAgent] = []       # waiting to restart
+        self.dead: list[SimAgent] = []  # waiting to restart
         self.n_draining = 0
         self.n_ejected = 0
         self.free_slots = 0
-        self.held = 0                        # tasks held by agents (running or local)
-        self.local_n = 0                     # of which waiting in agents' local queues
+        self.held = 0  # tasks held by agents (running or local)
+        self.local_n = 0  # of which waiting in agents' local queues
         self.target: int = spec.autoscaling.start_agents
         self.scale_state = ScalingState()
         self.router = make_router(spec.routing)
@@ -136,7 +165,9 @@ class PoolRun:
         self.rng_fail = random.Random(f"{seed}/fail/{self.name}")
         self.rng_agents = random.Random(f"{seed}/agents/{self.name}")
         self.rng_crash = random.Random(f"{seed}/crash/{self.name}")
-        self.sample = duration_sampler(model.service, random.Random(f"{seed}/service/{self.name}"))
+        self.sample = duration_sampler(
+            model.service, random.Random(f"{seed}/service/{self.name}")
+        )
         self.startup = duration_sampler(model.startup, self.rng_agents)
         self.overhead: float = model.dispatch_overhead_s
         self.payload_bytes: float = float(model.payload_bytes)
@@ -144,8 +175,9 @@ class PoolRun:
         self.fail_p: float = fails.task_failure_prob
         self.restart_delay_s: float = fails.restart_delay_s
         # Crashes arrive at rate x max_agents and are thinned to live agents (_on_crash).
-        self.crash_rate_per_s: float = (fails.crash_rate_per_agent_per_h / 3600.0
-                                        * self.scaling.max_agents)
+        self.crash_rate_per_s: float = (
+            fails.crash_rate_per_agent_per_h / 3600.0 * self.scaling.max_agents
+        )
         self.slow_share = model.heterogeneity.slow_share
         self.slowdown = model.heterogeneity.slowdown
         tok = model.tokens
@@ -236,16 +268,21 @@ def _list_remove(lst: list[SimAgent], a: SimAgent) -> None:
 class Simulation:
     """One run of a scenario. ``run()`` once, then read the state or ``report()``."""
 
-    def __init__(self, scenario: Scenario, seed: int | None = None,
-                 components: Sequence[Component] = (),
-                 progress: Callable[[float, int], None] | None = None,
-                 default_components: bool = True):
+    def __init__(
+        self,
+        scenario: Scenario,
+        seed: int | None = None,
+        components: Sequence[Component] = (),
+        progress: Callable[[float, int], None] | None = None,
+        default_components: bool = True,
+    ):
         self.scenario = scenario
         self.seed = scenario.seed if seed is None else seed
         self._seed_key = f"fleet-sim/{self.seed}"
         # The caller's components first: where hooks compete (restart delay), they win.
         self.components = list(components) + (
-            default_policy_components(scenario) if default_components else [])
+            default_policy_components(scenario) if default_components else []
+        )
         self._progress = progress
         self.now = 0.0
         self.events = 0
@@ -341,8 +378,11 @@ class Simulation:
             stream = make_stream(st, rng, self._duration)
             names = list(st.tenants) or [st.pool]
             weights = list(st.tenants.values()) or [1.0]
-            picker = TenantPicker([self._tenant_id(n, pool) for n in names], weights,
-                                  random.Random(f"{self._seed_key}/tenants/{i}"))
+            picker = TenantPicker(
+                [self._tenant_id(n, pool) for n in names],
+                weights,
+                random.Random(f"{self._seed_key}/tenants/{i}"),
+            )
             self._streams.append((stream, pool, picker))
             first = stream.next_after(0.0)
             if first is not None and first <= self._duration:
@@ -368,8 +408,13 @@ class Simulation:
 
     def _new_agent(self, p: PoolRun) -> SimAgent:
         slow = p.slow_share > 0 and p.rng_agents.random() < p.slow_share
-        a = SimAgent(f"{p.name}/{p.n_created}", p.capacity, p,
-                     p.slowdown if slow else 1.0, p.local_queues)
+        a = SimAgent(
+            f"{p.name}/{p.n_created}",
+            p.capacity,
+            p,
+            p.slowdown if slow else 1.0,
+            p.local_queues,
+        )
         p.n_created += 1
         return a
 
@@ -892,14 +937,17 @@ class Simulation:
     # -- autoscaling -------------------------------------------------------------------
     def _on_control(self, p: PoolRun, t: float) -> None:
         decision, p.scale_state = decide(
-            p.scaling, ScalingInput(t, p.target, len(p.queue), p.held), p.scale_state)
+            p.scaling, ScalingInput(t, p.target, len(p.queue), p.held), p.scale_state
+        )
         p.c_t.append(t)
         p.c_target.append(decision.agents)
         p.c_raw.append(decision.raw_desired)
         p.c_reasons[decision.reason] = p.c_reasons.get(decision.reason, 0) + 1
         # Also when the target holds but an agent was retired: replace it.
-        if decision.agents != p.target or \
-                len(p.active) + len(p.starting) + len(p.dead) != decision.agents:
+        if (
+            decision.agents != p.target
+            or len(p.active) + len(p.starting) + len(p.dead) != decision.agents
+        ):
             self._apply_target(p, decision.agents, t)
         self._push(t + p.scaling.control_interval_s, EV_CONTROL, p)
 
@@ -1019,9 +1067,12 @@ def default_policy_components(scenario: Scenario) -> list[Component]:
     return [HealthRestarts(getattr(scenario.fleet, "health", None) or HealthSpec())]
 
 
-def simulate(scenario: Scenario, seed: int | None = None,
-             components: Sequence[Component] = (),
-             progress: Callable[[float, int], None] | None = None,
-             default_components: bool = True) -> dict[str, Any]:
+def simulate(
+    scenario: Scenario,
+    seed: int | None = None,
+    components: Sequence[Component] = (),
+    progress: Callable[[float, int], None] | None = None,
+    default_components: bool = True,
+) -> dict[str, Any]:
     """Run a scenario and return its report (see ``fleet.sim.report``)."""
     return Simulation(scenario, seed, components, progress, default_components).run().report()

@@ -80,8 +80,9 @@ class HealthRestarts(Component):
         else:
             self.probes.pop(agent.id, None)
 
-    def on_agent_down(self, sim: Simulation, agent: SimAgent, reason: str,
-                      now_s: float) -> None:
+    def on_agent_down(
+        self, sim: Simulation, agent: SimAgent, reason: str, now_s: float
+    ) -> None:
         up = self.up_since.pop(agent.id, None)
         n = self.failures.get(agent.id, 0)
         if up is not None and now_s - up >= self.spec.restart.reset_after_s:
@@ -91,8 +92,9 @@ class HealthRestarts(Component):
             self.guard.probe_failed(now_s)
         self._observe(sim, now_s)
 
-    def restart_delay_s(self, sim: Simulation, agent: SimAgent, default_s: float,
-                        now_s: float) -> float | None:
+    def restart_delay_s(
+        self, sim: Simulation, agent: SimAgent, default_s: float, now_s: float
+    ) -> float | None:
         n = self.failures.get(agent.id, 1)
         limit = self.spec.restart.eject_after_failures
         if limit is not None and n >= limit:

@@ -33,10 +33,13 @@ def default_pool_model(pool: Any, prices: Mapping[str, Any]) -> dict[str, Any] |
         lat = LatencyModel(time_scale=float(kw.get("time_scale", 1.0)))
         model: dict[str, Any] = {
             "service": {
-                "kind": "llm", "ttft_median_s": lat.ttft_median_s, "ttft_sigma": lat.ttft_sigma,
+                "kind": "llm",
+                "ttft_median_s": lat.ttft_median_s,
+                "ttft_sigma": lat.ttft_sigma,
                 "tokens_per_s": lat.tokens_per_s,
                 "output_tokens_median": lat.output_tokens_median,
-                "output_tokens_sigma": lat.output_tokens_sigma, "time_scale": lat.time_scale,
+                "output_tokens_sigma": lat.output_tokens_sigma,
+                "time_scale": lat.time_scale,
             },
             "failures": {"task_failure_prob": float(kw.get("fail_rate", 0.0))},
         }
@@ -46,17 +49,26 @@ def default_pool_model(pool: Any, prices: Mapping[str, Any]) -> dict[str, Any] |
                 "model": name,
                 # the example agents' prompts are about 80 characters: ~20 tokens
                 "input_tokens": {"kind": "constant", "value": 20},
-                "output_tokens": {"kind": "lognormal", "median": lat.output_tokens_median,
-                                  "sigma": lat.output_tokens_sigma},
+                "output_tokens": {
+                    "kind": "lognormal",
+                    "median": lat.output_tokens_median,
+                    "sigma": lat.output_tokens_sigma,
+                },
             }
         return model
     return None
 
 
-def simulate_fleet(spec: FleetSpec, rate_per_s: float | Mapping[str, float],
-                   duration_s: float, *, service: Mapping[str, Mapping[str, Any]] | None = None,
-                   seed: int = 0, sample_interval_s: float = 0.5,
-                   dispatch_overhead_s: float = 0.0) -> dict[str, Any]:
+def simulate_fleet(
+    spec: FleetSpec,
+    rate_per_s: float | Mapping[str, float],
+    duration_s: float,
+    *,
+    service: Mapping[str, Mapping[str, Any]] | None = None,
+    seed: int = 0,
+    sample_interval_s: float = 0.5,
+    dispatch_overhead_s: float = 0.0,
+) -> dict[str, Any]:
     """Simulate ``spec`` under Poisson arrivals for ``duration_s`` virtual seconds.
 
     ``rate_per_s``: tasks per second for every pool, or a mapping pool name -> rate
@@ -66,30 +78,49 @@ def simulate_fleet(spec: FleetSpec, rate_per_s: float | Mapping[str, float],
     live per-call overhead to model, if known. Returns demo-shaped figures and, under
     ``report``, the full simulation report.
     """
-    rates = ({p.name: float(rate_per_s) for p in spec.pools}
-             if not isinstance(rate_per_s, Mapping) else dict(rate_per_s))
+    rates = (
+        {p.name: float(rate_per_s) for p in spec.pools}
+        if not isinstance(rate_per_s, Mapping)
+        else dict(rate_per_s)
+    )
     prices = spec.budgets.prices
     pools: dict[str, Any] = {}
     for p in spec.pools:
-        model = dict(service[p.name]) if service and p.name in service \
+        model = (
+            dict(service[p.name])
+            if service and p.name in service
             else default_pool_model(p, prices)
+        )
         if model is None:
             if rates.get(p.name, 0) > 0:
-                raise ValueError(f"pool {p.name!r}: the simulator has no model of agent class "
-                                 f"{p.agent_class!r}; pass service={{{p.name!r}: {{...}}}}")
+                raise ValueError(
+                    f"pool {p.name!r}: the simulator has no model of agent class "
+                    f"{p.agent_class!r}; pass service={{{p.name!r}: {{...}}}}"
+                )
             continue
         model.setdefault("dispatch_overhead_s", dispatch_overhead_s)
         pools[p.name] = model
-    workload = [{"pool": name, "arrivals": {"kind": "poisson", "rate_per_s": r}}
-                for name, r in rates.items() if r > 0]
-    scenario = parse_scenario({
-        "name": f"{spec.name}-simulated", "seed": seed,
-        "fleet": spec, "pools": pools, "workload": workload,
-        "duration_s": duration_s, "sample_interval_s": sample_interval_s,
-    })
+    workload = [
+        {"pool": name, "arrivals": {"kind": "poisson", "rate_per_s": r}}
+        for name, r in rates.items()
+        if r > 0
+    ]
+    scenario = parse_scenario(
+        {
+            "name": f"{spec.name}-simulated",
+            "seed": seed,
+            "fleet": spec,
+            "pools": pools,
+            "workload": workload,
+            "duration_s": duration_s,
+            "sample_interval_s": sample_interval_s,
+        }
+    )
     report = simulate(scenario)
-    agents = {name: {"t_s": s["t_s"], "agents": s["target"], "serving": s["serving"]}
-              for name, s in report["series"].items()}
+    agents = {
+        name: {"t_s": s["t_s"], "agents": s["target"], "serving": s["serving"]}
+        for name, s in report["series"].items()
+    }
     serving = [n for s in report["series"].values() for n in s["serving"]]
     return {
         "simulated": True,

@@ -116,11 +116,15 @@ def check_autoscaler(p: PoolRun) -> dict[str, Any]:
 
     def step_cap(rate: float, dt: float) -> float:
         return math.inf if math.isinf(rate) else rate * max(dt, interval) + 1.0
-    out_of_bounds = [(t, n) for t, n in zip(times, targets)
-                     if not spec.min_agents <= n <= spec.max_agents]
+
+    out_of_bounds = [
+        (t, n) for t, n in zip(times, targets) if not spec.min_agents <= n <= spec.max_agents
+    ]
     if out_of_bounds:
-        problems.append(f"target {out_of_bounds[0][1]} at t={out_of_bounds[0][0]:.3f}s "
-                        f"outside [{spec.min_agents}, {spec.max_agents}]")
+        problems.append(
+            f"target {out_of_bounds[0][1]} at t={out_of_bounds[0][0]:.3f}s "
+            f"outside [{spec.min_agents}, {spec.max_agents}]"
+        )
     max_up = max_down = 0
     cum_up = cum_down = 0.0
     lo_up = lo_down = 0.0  # running min of (cum - rate * t), for the window check
@@ -136,7 +140,9 @@ def check_autoscaler(p: PoolRun) -> dict[str, Any]:
             if spec.upscale_max_agents_per_interval is not None:
                 cap = min(cap, spec.upscale_max_agents_per_interval)
             if spec.upscale_max_fraction_per_interval is not None:
-                cap = min(cap, max(1, math.floor(prev * spec.upscale_max_fraction_per_interval)))
+                cap = min(
+                    cap, max(1, math.floor(prev * spec.upscale_max_fraction_per_interval))
+                )
             if step > cap:
                 problems.append(f"scale-up step {prev}->{cur} at t={t:.3f}s exceeds {cap}")
             if t - max(last_up, last_down) < spec.upscale_cooldown_s:
@@ -150,16 +156,23 @@ def check_autoscaler(p: PoolRun) -> dict[str, Any]:
             if spec.downscale_max_agents_per_interval is not None:
                 cap = min(cap, spec.downscale_max_agents_per_interval)
             if spec.downscale_max_fraction_per_interval is not None:
-                cap = min(cap, max(1, math.floor(prev * spec.downscale_max_fraction_per_interval)))
+                cap = min(
+                    cap, max(1, math.floor(prev * spec.downscale_max_fraction_per_interval))
+                )
             if -step > cap:
                 problems.append(f"scale-down step {prev}->{cur} at t={t:.3f}s exceeds {cap}")
             if t - max(last_up, last_down) < spec.downscale_cooldown_s:
                 problems.append(f"scale-down at t={t:.3f}s inside the downscale cooldown")
-            window_max = max(r for tt, r in zip(times[1:i + 1], raws[1:i + 1])
-                             if tt > t - spec.downscale_stabilization_s)
+            window_max = max(
+                r
+                for tt, r in zip(times[1 : i + 1], raws[1 : i + 1])
+                if tt > t - spec.downscale_stabilization_s
+            )
             if cur < window_max:
-                problems.append(f"scale-down to {cur} at t={t:.3f}s below the stabilized "
-                                f"desired {window_max}")
+                problems.append(
+                    f"scale-down to {cur} at t={t:.3f}s below the stabilized "
+                    f"desired {window_max}"
+                )
             last_down = t
             cum_down -= step
         if not math.isinf(up_rate):
@@ -169,16 +182,21 @@ def check_autoscaler(p: PoolRun) -> dict[str, Any]:
             worst_down_window = max(worst_down_window, cum_down - down_rate * t - lo_down)
             lo_down = min(lo_down, cum_down - down_rate * t)
     if worst_up_window > up_bank + 1e-6:
-        problems.append(f"scale-up outran its rate: {worst_up_window:.1f} agents above "
-                        f"{up_rate:.3f}/s over some window (bank {up_bank:.1f})")
+        problems.append(
+            f"scale-up outran its rate: {worst_up_window:.1f} agents above "
+            f"{up_rate:.3f}/s over some window (bank {up_bank:.1f})"
+        )
     if worst_down_window > down_bank + 1e-6:
-        problems.append(f"scale-down outran its rate: {worst_down_window:.1f} agents above "
-                        f"{down_rate:.3f}/s over some window (bank {down_bank:.1f})")
+        problems.append(
+            f"scale-down outran its rate: {worst_down_window:.1f} agents above "
+            f"{down_rate:.3f}/s over some window (bank {down_bank:.1f})"
+        )
     provisioned = [s + st for s, st in zip(p.s_serving, p.s_starting)]
     over = [n for n in provisioned if n > spec.max_agents]
     if over:
-        problems.append(f"{max(over)} agents serving or starting, above max_agents "
-                        f"{spec.max_agents}")
+        problems.append(
+            f"{max(over)} agents serving or starting, above max_agents {spec.max_agents}"
+        )
     return {
         "ok": not problems,
         "problems": problems[:20],
@@ -197,8 +215,11 @@ def check_autoscaler(p: PoolRun) -> dict[str, Any]:
 
 # -- chaos recovery --------------------------------------------------------------------
 def _recovery_s(p: PoolRun, t0: float, interval: float) -> float | None:
-    pre = [d for t, d in zip(p.s_t, p.s_done) if t0 - RECOVERY_PRE_WINDOW_S < t - interval
-           and t <= t0 + 1e-9]
+    pre = [
+        d
+        for t, d in zip(p.s_t, p.s_done)
+        if t0 - RECOVERY_PRE_WINDOW_S < t - interval and t <= t0 + 1e-9
+    ]
     if not pre:
         return 0.0
     pre_rate = sum(pre) / (len(pre) * interval)
@@ -218,9 +239,22 @@ def _recovery_s(p: PoolRun, t0: float, interval: float) -> float | None:
 def _series(p: PoolRun, interval: float) -> dict[str, list]:
     n = len(p.s_t)
     k = max(1, math.ceil(n / MAX_SERIES_POINTS))
-    out: dict[str, list] = {key: [] for key in (
-        "t_s", "target", "serving", "alive", "starting", "dead", "busy", "queue_depth",
-        "oldest_age_s", "arrivals_per_s", "throughput_per_s")}
+    out: dict[str, list] = {
+        key: []
+        for key in (
+            "t_s",
+            "target",
+            "serving",
+            "alive",
+            "starting",
+            "dead",
+            "busy",
+            "queue_depth",
+            "oldest_age_s",
+            "arrivals_per_s",
+            "throughput_per_s",
+        )
+    }
     for i in range(0, n, k):
         j = min(n, i + k)
         span = p.s_t[j - 1] - (p.s_t[i - 1] if i > 0 else 0.0)
@@ -312,8 +346,11 @@ def build_report(sim: Simulation) -> dict[str, Any]:
                 "mean_batch": p.call_items / p.calls if p.calls else 0.0,
             },
             "cost": {
-                "usd": cost, "agents_usd": usd_agents, "tokens_usd": p.token_usd,
-                "input_tokens": p.input_tokens, "output_tokens": p.output_tokens,
+                "usd": cost,
+                "agents_usd": usd_agents,
+                "tokens_usd": p.token_usd,
+                "input_tokens": p.input_tokens,
+                "output_tokens": p.output_tokens,
                 "usd_per_task": cost / done if done else None,
             },
             "restarts": p.restarts,
@@ -336,8 +373,11 @@ def build_report(sim: Simulation) -> dict[str, Any]:
         inj["recovery_s"] = _recovery_s(sim.pool_by_name[inj["pool"]], inj["t_s"], interval)
     kills = [i for i in sim.injections if i["kind"] == "kill"]
     recoveries = [i["recovery_s"] for i in kills]
-    max_recovery = (None if any(r is None for r in recoveries) else max(recoveries)) \
-        if recoveries else 0.0
+    max_recovery = (
+        (None if any(r is None for r in recoveries) else max(recoveries))
+        if recoveries
+        else 0.0
+    )
 
     tenants: dict[str, dict[str, Any]] = {}
     by_name: dict[str, list[float]] = {}  # name -> [submitted, completed, latency, work]
@@ -364,8 +404,9 @@ def build_report(sim: Simulation) -> dict[str, Any]:
         if len(ts) > 1:
             fairness["per_pool"][pool_name] = {
                 "tenants_latency": jain([t["mean_latency_s"] for t in ts.values()]),
-                "tenants_completed_share": jain([t["completed"] / t["submitted"]
-                                                 for t in ts.values() if t["submitted"]]),
+                "tenants_completed_share": jain(
+                    [t["completed"] / t["submitted"] for t in ts.values() if t["submitted"]]
+                ),
             }
 
     autoscaler_ok = all(pools[p.name]["autoscaler"]["ok"] for p in sim.pools)
@@ -392,8 +433,8 @@ def build_report(sim: Simulation) -> dict[str, Any]:
         "wait_s": latency_summary(all_wait),
         "throughput_per_s": {
             "mean": recorded / end if end > 0 else 0.0,
-            "peak": max((sum(col) for col in zip(*(p.s_done for p in sim.pools))),
-                        default=0) / interval,
+            "peak": max((sum(col) for col in zip(*(p.s_done for p in sim.pools))), default=0)
+            / interval,
         },
         "utilization": busy / alive_slots if alive_slots > 0 else 0.0,
         "cost": {
@@ -437,12 +478,14 @@ def _targets(sc: Any, r: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     if t.recovery_s is not None:
         out["recovery_s"] = _target(t.recovery_s, r["chaos"]["max_recovery_s"])
     if t.max_usd_per_1000_tasks is not None:
-        out["usd_per_1000_tasks"] = _target(t.max_usd_per_1000_tasks,
-                                            r["cost"]["usd_per_1000_tasks"])
+        out["usd_per_1000_tasks"] = _target(
+            t.max_usd_per_1000_tasks, r["cost"]["usd_per_1000_tasks"]
+        )
     for name, pt in t.pools.items():
         if pt.p99_latency_s is not None:
             out[f"pools.{name}.p99_latency_s"] = _target(
-                pt.p99_latency_s, r["pools"][name]["latency_s"]["p99"])
+                pt.p99_latency_s, r["pools"][name]["latency_s"]["p99"]
+            )
     return out, all(v["met"] for v in out.values())
 
 
@@ -462,8 +505,9 @@ def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     files = []
 
     def panels(title: str):  # noqa: ANN202
-        fig, axes = plt.subplots(len(names), 1, figsize=(10, 2.8 * len(names)),
-                                 sharex=True, squeeze=False)
+        fig, axes = plt.subplots(
+            len(names), 1, figsize=(10, 2.8 * len(names)), sharex=True, squeeze=False
+        )
         fig.suptitle(f"{report['scenario']}: {title}")
         return fig, [ax[0] for ax in axes]
 
@@ -517,7 +561,7 @@ def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     for name, p in report["pools"].items():
         qs = p["latency_quantiles_s"]
         if qs:
-            ax.plot(qs, QUANTILES[:len(qs)], label=name, lw=1.2)
+            ax.plot(qs, QUANTILES[: len(qs)], label=name, lw=1.2)
     ax.set_xscale("symlog", linthresh=0.01)
     ax.set_xlabel("latency (s)")
     ax.set_ylabel("fraction of tasks")

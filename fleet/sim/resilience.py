@@ -44,8 +44,9 @@ class PoolResilience:
         self.log = BreakerEventLog()
         self.breakers: BreakerRegistry | None = None
         if spec.agent_breaker.enabled:
-            self.breakers = BreakerRegistry(spec, self._clock, [self.log, self],
-                                            name=pool.name)
+            self.breakers = BreakerRegistry(
+                spec, self._clock, [self.log, self], name=pool.name
+            )
         self.retry: RetryPolicy | None = None
         if spec.retry.max_attempts > 1:
             self.retry = RetryPolicy(spec.retry, self._clock, sim.rng(f"retry/{pool.name}"))
@@ -63,8 +64,12 @@ class PoolResilience:
     def on_breaker_event(self, event: BreakerEvent) -> None:
         """Registry listener: a state change may change which agents are routable."""
         if event.kind is BreakerEventKind.TRANSITION and event.new is not None:
-            self.sim.log_event(f"breaker_{event.new.value}", pool=self.pool.name,
-                               breaker=event.name, reason=event.reason)
+            self.sim.log_event(
+                f"breaker_{event.new.value}",
+                pool=self.pool.name,
+                breaker=event.name,
+                reason=event.reason,
+            )
         elif event.kind is not BreakerEventKind.TRANSITION:
             self.sim.log_event(event.kind.value, pool=self.pool.name, reason=event.reason)
         self._schedule_refresh(self.sim.now)
@@ -109,8 +114,11 @@ class PoolResilience:
     def _admit(self, a: SimAgent, now: float) -> None:
         if self.out.pop(a.id, None) is not None:
             self.sim.readmit(a, now)
-        if self.breakers is not None and a.probe and \
-                self.breakers.agent(a.id).state is BreakerState.CLOSED:
+        if (
+            self.breakers is not None
+            and a.probe
+            and self.breakers.agent(a.id).state is BreakerState.CLOSED
+        ):
             a.probe = False
 
     def acquire_probe(self, a: SimAgent, now: float) -> bool:
@@ -147,8 +155,12 @@ class PoolResilience:
         assert retry is not None
         self.flush()
         reason = "timeout" if code == TIMEOUT else "error"
-        d = retry.decide(max(1, self.sim.deliveries[tid]), reason, error,
-                         task_max_attempts=self.max_attempts)
+        d = retry.decide(
+            max(1, self.sim.deliveries[tid]),
+            reason,
+            error,
+            task_max_attempts=self.max_attempts,
+        )
         if d.retry:
             self.retries += 1
             self.sim.requeue_after(self.pool, tid, now + d.delay_s)

@@ -150,8 +150,14 @@ class LLMDuration(_Model):
 
 
 DurationDist = Annotated[
-    ConstantDuration | ExponentialDuration | LognormalDuration | UniformDuration
-    | GammaDuration | WeibullDuration | ParetoDuration | LLMDuration,
+    ConstantDuration
+    | ExponentialDuration
+    | LognormalDuration
+    | UniformDuration
+    | GammaDuration
+    | WeibullDuration
+    | ParetoDuration
+    | LLMDuration,
     Field(discriminator="kind"),
 ]
 
@@ -199,8 +205,9 @@ class UniformCount(_Model):
         return (self.low + self.high) / 2
 
 
-CountDist = Annotated[ConstantCount | LognormalCount | UniformCount,
-                      Field(discriminator="kind")]
+CountDist = Annotated[
+    ConstantCount | LognormalCount | UniformCount, Field(discriminator="kind")
+]
 
 
 # -- arrivals ----------------------------------------------------------------------------
@@ -298,9 +305,13 @@ def read_trace(path: Path) -> array:
         try:
             t = float(s)
         except ValueError:
-            raise ValueError(f"trace {path} line {n}: {s!r} is not a number of seconds") from None
+            raise ValueError(
+                f"trace {path} line {n}: {s!r} is not a number of seconds"
+            ) from None
         if not math.isfinite(t) or t < 0:
-            raise ValueError(f"trace {path} line {n}: timestamp {s} must be a finite number >= 0")
+            raise ValueError(
+                f"trace {path} line {n}: timestamp {s} must be a finite number >= 0"
+            )
         if t < prev:
             raise ValueError(
                 f"trace {path} line {n}: timestamp {t:g} is earlier than the previous one "
@@ -468,32 +479,50 @@ class Scenario(_Model):
                 errs.append(f"pools.{name}: {name!r} is not a pool of the fleet ({known})")
         for i, st in enumerate(self.workload):
             if st.pool not in names:
-                errs.append(f"workload.{i}.pool: {st.pool!r} is not a pool of the fleet ({known})")
+                errs.append(
+                    f"workload.{i}.pool: {st.pool!r} is not a pool of the fleet ({known})"
+                )
             elif st.pool not in self.pools:
-                errs.append(f"workload.{i}.pool: pool {st.pool!r} receives work but has no "
-                            f"entry under pools (its service time is needed)")
+                errs.append(
+                    f"workload.{i}.pool: pool {st.pool!r} receives work but has no "
+                    f"entry under pools (its service time is needed)"
+                )
         prices = self.fleet.budgets.prices
         for name, pm in self.pools.items():
             if pm.tokens is not None and pm.tokens.model not in prices:
-                errs.append(f"pools.{name}.tokens.model: {pm.tokens.model!r} has no price in "
-                            f"fleet.budgets.prices ({', '.join(prices) or 'none'})")
-            if isinstance(pm.service, ParetoDuration) and pm.service.alpha <= 1 \
-                    and pm.service.max_s is None:
-                errs.append(f"pools.{name}.service.alpha: alpha {pm.service.alpha} <= 1 has "
-                            f"an infinite mean; give max_s")
+                errs.append(
+                    f"pools.{name}.tokens.model: {pm.tokens.model!r} has no price in "
+                    f"fleet.budgets.prices ({', '.join(prices) or 'none'})"
+                )
+            if (
+                isinstance(pm.service, ParetoDuration)
+                and pm.service.alpha <= 1
+                and pm.service.max_s is None
+            ):
+                errs.append(
+                    f"pools.{name}.service.alpha: alpha {pm.service.alpha} <= 1 has "
+                    f"an infinite mean; give max_s"
+                )
         for section in ("kills", "slowdowns", "partitions"):
             for i, c in enumerate(getattr(self.chaos, section)):
                 if c.pool is not None and c.pool not in names:
-                    errs.append(f"chaos.{section}.{i}.pool: {c.pool!r} is not a pool of the "
-                                f"fleet ({known})")
+                    errs.append(
+                        f"chaos.{section}.{i}.pool: {c.pool!r} is not a pool of the "
+                        f"fleet ({known})"
+                    )
         for name in self.targets.pools:
             if name not in names:
-                errs.append(f"targets.pools.{name}: {name!r} is not a pool of the fleet ({known})")
-        open_ended = [i for i, st in enumerate(self.workload)
-                      if isinstance(st.arrivals, PoissonArrivals)]
+                errs.append(
+                    f"targets.pools.{name}: {name!r} is not a pool of the fleet ({known})"
+                )
+        open_ended = [
+            i for i, st in enumerate(self.workload) if isinstance(st.arrivals, PoissonArrivals)
+        ]
         if open_ended and self.duration_s is None and self.max_tasks is None:
-            errs.append(f"duration_s: Poisson arrivals (workload.{open_ended[0]}) never end: "
-                        "give duration_s or max_tasks")
+            errs.append(
+                f"duration_s: Poisson arrivals (workload.{open_ended[0]}) never end: "
+                "give duration_s or max_tasks"
+            )
         if errs:
             raise ValueError("\n".join(errs))
         return self
@@ -563,8 +592,11 @@ def _locate(loc: Iterable[Any], data: Any, root: yaml.Node | None) -> tuple[str,
                 continue
             line = found[0].start_mark.line + 1
             node = found[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) \
-                and 0 <= part < len(node.value):
+        elif (
+            isinstance(node, yaml.SequenceNode)
+            and isinstance(part, int)
+            and 0 <= part < len(node.value)
+        ):
             node = node.value[part]
             line = node.start_mark.line + 1
         else:
@@ -583,8 +615,9 @@ def _subtree(data: Any, loc: Iterable[Any]) -> Any:
     return data
 
 
-def _errors(exc: ValidationError, data: Any, root: yaml.Node | None
-            ) -> list[tuple[str, int | None, str]]:
+def _errors(
+    exc: ValidationError, data: Any, root: yaml.Node | None
+) -> list[tuple[str, int | None, str]]:
     out = []
     for err in exc.errors():
         loc = list(err["loc"])
@@ -598,8 +631,11 @@ def _errors(exc: ValidationError, data: Any, root: yaml.Node | None
             # the model it validates; accept that only when the path exists there.
             here = _subtree(data, loc)
             first = m.group(1).split(".")[0] if m else ""
-            if m and isinstance(here, dict) and (
-                    first in here or (not loc and first in Scenario.model_fields)):
+            if (
+                m
+                and isinstance(here, dict)
+                and (first in here or (not loc and first in Scenario.model_fields))
+            ):
                 where = loc + [int(p) if p.isdigit() else p for p in m.group(1).split(".")]
                 piece = m.group(2)
             path, line = _locate(where, data, root)
@@ -632,19 +668,25 @@ def _load_fleet_file(path: Path, source: str, line: int | None) -> FleetSpec:
         raise ScenarioError(source, errs) from None
 
 
-def parse_scenario(data: Any, source: str = "<dict>", base_dir: str | Path | None = None,
-                   _root: yaml.Node | None = None) -> Scenario:
+def parse_scenario(
+    data: Any,
+    source: str = "<dict>",
+    base_dir: str | Path | None = None,
+    _root: yaml.Node | None = None,
+) -> Scenario:
     """Validate a mapping as a Scenario; ScenarioError lists each problem with its path."""
     if not isinstance(data, dict):
-        raise ScenarioError(source, [("<root>", None, f"expected a mapping, got "
-                                                      f"{type(data).__name__}")])
+        raise ScenarioError(
+            source, [("<root>", None, f"expected a mapping, got {type(data).__name__}")]
+        )
     data = dict(data)
     if "fleet_file" in data:
         ref = data.pop("fleet_file")
         _, line = _locate(["fleet_file"], {"fleet_file": ref}, _root)
         if "fleet" in data:
-            raise ScenarioError(source, [("fleet_file", line, "give either fleet or "
-                                                             "fleet_file, not both")])
+            raise ScenarioError(
+                source, [("fleet_file", line, "give either fleet or fleet_file, not both")]
+            )
         if not isinstance(ref, str):
             raise ScenarioError(source, [("fleet_file", line, "expected a path")])
         path = Path(ref)
@@ -668,6 +710,7 @@ def load_scenario(path: str | Path) -> Scenario:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise ScenarioError(str(path), [("<yaml>", mark.line + 1 if mark else None,
-                                         str(exc))]) from None
+        raise ScenarioError(
+            str(path), [("<yaml>", mark.line + 1 if mark else None, str(exc))]
+        ) from None
     return parse_scenario(data, str(path), path.parent, _compose(text))

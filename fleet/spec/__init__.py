@@ -1,7 +1,13 @@
 """The fleet spec: pydantic models, one per concern, loaded from YAML."""
 
 from fleet.spec.autoscaling import AutoscalingSpec
-from fleet.spec.budgets import BudgetsSpec, ModelPrice, PriorityClass, ScopeLimits, check_budget_covers
+from fleet.spec.budgets import (
+    BudgetsSpec,
+    ModelPrice,
+    PriorityClass,
+    ScopeLimits,
+    check_budget_covers,
+)
 from fleet.spec.consensus import ConsensusMode, ConsensusSpec, TieBreaker, WeighBy
 from fleet.spec.health import CascadeSpec, HealthSpec, RestartSpec
 from fleet.spec.fleet import FleetSpec, SpecError, load_spec, parse_spec

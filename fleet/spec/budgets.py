@@ -36,22 +36,24 @@ DEFAULT_RESERVATION_GRACE_S = 30.0
 
 def _non_negative(value: float) -> float:
     if not value >= 0 or math.isinf(value):  # `not >=` also catches NaN
-        raise ValueError(f"{value} is negative or not finite: it must be a finite "
-                         "number >= 0")
+        raise ValueError(f"{value} is negative or not finite: it must be a finite number >= 0")
     return value
 
 
 def _price(value: float) -> float:
     if not value >= 0 or math.isinf(value):
-        raise ValueError(f"price {value} is negative or not finite: prices are USD per "
-                         "million tokens and must be >= 0")
+        raise ValueError(
+            f"price {value} is negative or not finite: prices are USD per "
+            "million tokens and must be >= 0"
+        )
     return value
 
 
 def _share(value: float) -> float:
     if not 0 < value <= 1:
-        raise ValueError(f"{value} is outside (0, 1]: an alert threshold is a share of "
-                         "the allocation")
+        raise ValueError(
+            f"{value} is outside (0, 1]: an alert threshold is a share of the allocation"
+        )
     return value
 
 
@@ -155,25 +157,29 @@ class BudgetsSpec(SpecModel):
     allocation: Literal["equal", "weighted", "resource", "dynamic"] = "dynamic"
     preemption: Literal["strict", "weighted"] = "strict"
     priority_classes: list[PriorityClass] = Field(
-        default_factory=lambda: [PriorityClass(name=DEFAULT_PRIORITY_CLASS)], min_length=1)
+        default_factory=lambda: [PriorityClass(name=DEFAULT_PRIORITY_CLASS)], min_length=1
+    )
     default_priority_class: str | None = None
     pool_classes: dict[str, str] = Field(default_factory=dict)
     per_agent: ScopeLimits = ScopeLimits()
     pools: dict[str, ScopeLimits] = Field(default_factory=dict)
     tenants: dict[str, ScopeLimits] = Field(default_factory=dict)
-    alert_thresholds: tuple[Annotated[float, AfterValidator(_share)], ...] = \
+    alert_thresholds: tuple[Annotated[float, AfterValidator(_share)], ...] = (
         DEFAULT_ALERT_THRESHOLDS
-    rebalance_interval_s: float = Field(default=DEFAULT_REBALANCE_INTERVAL_S, gt=0,
-                                        allow_inf_nan=False)
-    burn_rate_window_s: float = Field(default=DEFAULT_BURN_RATE_WINDOW_S, gt=0,
-                                      allow_inf_nan=False)
-    demand_headroom: float = Field(default=DEFAULT_DEMAND_HEADROOM, ge=1,
-                                   allow_inf_nan=False)
+    )
+    rebalance_interval_s: float = Field(
+        default=DEFAULT_REBALANCE_INTERVAL_S, gt=0, allow_inf_nan=False
+    )
+    burn_rate_window_s: float = Field(
+        default=DEFAULT_BURN_RATE_WINDOW_S, gt=0, allow_inf_nan=False
+    )
+    demand_headroom: float = Field(default=DEFAULT_DEMAND_HEADROOM, ge=1, allow_inf_nan=False)
     task_estimates: dict[str, TaskEstimate] = Field(default_factory=dict)
     """Per pool name, what one task may cost at most (reserved before it runs)."""
     default_task_estimate: TaskEstimate = TaskEstimate()
-    reservation_grace_s: float = Field(default=DEFAULT_RESERVATION_GRACE_S, gt=0,
-                                       allow_inf_nan=False)
+    reservation_grace_s: float = Field(
+        default=DEFAULT_RESERVATION_GRACE_S, gt=0, allow_inf_nan=False
+    )
     """A reservation not settled within ``resilience.task_timeout_s`` plus this grace
     belongs to a host that died: the budget actor settles it at its estimate."""
 
@@ -181,32 +187,46 @@ class BudgetsSpec(SpecModel):
     def _check(self) -> BudgetsSpec:
         lo, hi = self.per_agent_min_usd, self.per_agent_max_usd
         if hi is not None and lo > hi:
-            raise ValueError(f"per_agent_min_usd ({_num(lo)}) must be <= per_agent_max_usd "
-                             f"({_num(hi)})")
+            raise ValueError(
+                f"per_agent_min_usd ({_num(lo)}) must be <= per_agent_max_usd ({_num(hi)})"
+            )
         if lo > 0 and self.daily_usd is None:
-            raise ValueError(f"per_agent_min_usd ({_num(lo)}) needs daily_usd: it is a share "
-                             "of the fleet's daily budget")
+            raise ValueError(
+                f"per_agent_min_usd ({_num(lo)}) needs daily_usd: it is a share "
+                "of the fleet's daily budget"
+            )
         if self.daily_usd is not None and lo > self.daily_usd:
-            raise ValueError(f"per_agent_min_usd {_num(lo)} x 1 agent = {_num(lo)} > "
-                             f"daily_usd {_num(self.daily_usd)}")
+            raise ValueError(
+                f"per_agent_min_usd {_num(lo)} x 1 agent = {_num(lo)} > "
+                f"daily_usd {_num(self.daily_usd)}"
+            )
         if self.daily_usd is not None and self.per_agent.daily_usd is not None:
-            raise ValueError("per_agent.daily_usd cannot be combined with daily_usd: an "
-                             "agent's daily USD is its allocation, bounded by "
-                             "per_agent_min_usd and per_agent_max_usd")
+            raise ValueError(
+                "per_agent.daily_usd cannot be combined with daily_usd: an "
+                "agent's daily USD is its allocation, bounded by "
+                "per_agent_min_usd and per_agent_max_usd"
+            )
         names = [c.name for c in self.priority_classes]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"priority_classes: {dupes} named more than once")
-        for where, cls in [("default_priority_class", self.default_priority_class),
-                           *((f"pool_classes.{p}", c) for p, c in self.pool_classes.items())]:
+        for where, cls in [
+            ("default_priority_class", self.default_priority_class),
+            *((f"pool_classes.{p}", c) for p, c in self.pool_classes.items()),
+        ]:
             if cls is not None and cls not in names:
-                raise ValueError(f"{where}: unknown priority class {cls!r} "
-                                 f"(classes: {', '.join(names)})")
-        for where, est in [("default_task_estimate", self.default_task_estimate),
-                           *((f"task_estimates.{p}", e) for p, e in self.task_estimates.items())]:
+                raise ValueError(
+                    f"{where}: unknown priority class {cls!r} (classes: {', '.join(names)})"
+                )
+        for where, est in [
+            ("default_task_estimate", self.default_task_estimate),
+            *((f"task_estimates.{p}", e) for p, e in self.task_estimates.items()),
+        ]:
             if est.model is not None and est.model not in self.prices:
-                raise ValueError(f"{where}.model: no price for model {est.model!r} "
-                                 f"(prices: {', '.join(self.prices) or 'none'})")
+                raise ValueError(
+                    f"{where}.model: no price for model {est.model!r} "
+                    f"(prices: {', '.join(self.prices) or 'none'})"
+                )
         t = self.alert_thresholds
         if list(t) != sorted(set(t)):
             raise ValueError(f"alert_thresholds {list(t)} must be increasing, without repeats")
@@ -229,10 +249,14 @@ class BudgetsSpec(SpecModel):
     @property
     def enforced(self) -> bool:
         """Whether any budget is set: only then does the runtime reserve and settle."""
-        return (self.daily_usd is not None or self.hourly_usd is not None
-                or self.per_agent_max_usd is not None or bool(self.per_agent.limits())
-                or any(v.limits() for v in self.pools.values())
-                or any(v.limits() for v in self.tenants.values()))
+        return (
+            self.daily_usd is not None
+            or self.hourly_usd is not None
+            or self.per_agent_max_usd is not None
+            or bool(self.per_agent.limits())
+            or any(v.limits() for v in self.pools.values())
+            or any(v.limits() for v in self.tenants.values())
+        )
 
     def estimate_for(self, pool: str) -> tuple[float, int, float]:
         """(USD, tokens, CPU s) to reserve for one task of ``pool``."""
@@ -251,8 +275,9 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
     return getattr(obj, name, default)
 
 
-def check_budget_covers(budgets: BudgetsSpec | Mapping[str, Any],
-                        pools: Sequence[Any]) -> None:
+def check_budget_covers(
+    budgets: BudgetsSpec | Mapping[str, Any], pools: Sequence[Any]
+) -> None:
     """Reject a budget whose per-agent minimum the daily total cannot cover at full size.
 
     Call it from ``FleetSpec``'s validator (it needs the pools). ``max_agents`` is the
@@ -276,8 +301,10 @@ def check_budget_covers(budgets: BudgetsSpec | Mapping[str, Any],
     for section in ("pool_classes", "pools", "task_estimates"):
         for pool in getattr(budgets, section):
             if pool not in names:
-                raise ValueError(f"budgets.{section}.{pool}: no pool named {pool!r} "
-                                 f"(pools: {', '.join(names)})")
+                raise ValueError(
+                    f"budgets.{section}.{pool}: no pool named {pool!r} "
+                    f"(pools: {', '.join(names)})"
+                )
     lo, daily = budgets.per_agent_min_usd, budgets.daily_usd
     if daily is None or lo == 0:
         return
@@ -286,4 +313,5 @@ def check_budget_covers(budgets: BudgetsSpec | Mapping[str, Any],
         raise ValueError(
             f"budgets.per_agent_min_usd {_num(lo)} x max_agents {max_agents} = {_num(need)} "
             f"> budgets.daily_usd {_num(daily)} (max_agents is the sum of the pools' "
-            f"autoscaling.max_agents: {', '.join(parts)})")
+            f"autoscaling.max_agents: {', '.join(parts)})"
+        )

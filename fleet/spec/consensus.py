@@ -110,7 +110,9 @@ class ConsensusSpec(SpecModel):
     @model_validator(mode="after")
     def _check_combinations(self) -> ConsensusSpec:
         if self.tie_breaker is TieBreaker.OPTION and self.tie_break_option is None:
-            raise ValueError("tie_breaker 'option' needs tie_break_option (the option to pick)")
+            raise ValueError(
+                "tie_breaker 'option' needs tie_break_option (the option to pick)"
+            )
         if self.mode is not ConsensusMode.HIERARCHICAL and self.weigh_by is not WeighBy.COUNT:
             raise ValueError(
                 f"weigh_by {self.weigh_by.value!r} needs mode 'hierarchical': the sampling "

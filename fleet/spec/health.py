@@ -44,8 +44,9 @@ DEFAULT_CASCADE_PROBE_HEALTHY_S = 30.0
 
 def _check_share(value: float) -> float:
     if not 0 < value <= 1:
-        raise ValueError(f"{value} is outside (0, 1]: a share must be greater than 0 and "
-                         "at most 1")
+        raise ValueError(
+            f"{value} is outside (0, 1]: a share must be greater than 0 and at most 1"
+        )
     return value
 
 
@@ -71,22 +72,28 @@ class RestartSpec(SpecModel):
     operator reinstates it); ``None`` never ejects.
     """
 
-    initial_backoff_s: float = Field(default=DEFAULT_RESTART_INITIAL_BACKOFF_S, ge=0,
-                                     allow_inf_nan=False)
-    max_backoff_s: float = Field(default=DEFAULT_RESTART_MAX_BACKOFF_S, ge=0,
-                                 allow_inf_nan=False)
-    backoff_multiplier: float = Field(default=DEFAULT_RESTART_BACKOFF_MULTIPLIER, ge=1,
-                                      allow_inf_nan=False)
+    initial_backoff_s: float = Field(
+        default=DEFAULT_RESTART_INITIAL_BACKOFF_S, ge=0, allow_inf_nan=False
+    )
+    max_backoff_s: float = Field(
+        default=DEFAULT_RESTART_MAX_BACKOFF_S, ge=0, allow_inf_nan=False
+    )
+    backoff_multiplier: float = Field(
+        default=DEFAULT_RESTART_BACKOFF_MULTIPLIER, ge=1, allow_inf_nan=False
+    )
     jitter_ratio: UnitFraction = DEFAULT_RESTART_JITTER_RATIO
-    reset_after_s: float = Field(default=DEFAULT_RESTART_RESET_AFTER_S, ge=0,
-                                 allow_inf_nan=False)
+    reset_after_s: float = Field(
+        default=DEFAULT_RESTART_RESET_AFTER_S, ge=0, allow_inf_nan=False
+    )
     eject_after_failures: int | None = Field(default=DEFAULT_EJECT_AFTER_FAILURES, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> RestartSpec:
         if self.max_backoff_s < self.initial_backoff_s:
-            raise ValueError(f"max_backoff_s ({self.max_backoff_s}) must be >= "
-                             f"initial_backoff_s ({self.initial_backoff_s})")
+            raise ValueError(
+                f"max_backoff_s ({self.max_backoff_s}) must be >= "
+                f"initial_backoff_s ({self.initial_backoff_s})"
+            )
         return self
 
 
@@ -107,21 +114,26 @@ class CascadeSpec(SpecModel):
     enabled: bool = True
     cascade_share: Share = DEFAULT_CASCADE_SHARE
     min_failing_agents: int = Field(default=DEFAULT_CASCADE_MIN_FAILING_AGENTS, ge=1)
-    max_restarts_per_interval: int = Field(default=DEFAULT_CASCADE_MAX_RESTARTS_PER_INTERVAL,
-                                           ge=1)
+    max_restarts_per_interval: int = Field(
+        default=DEFAULT_CASCADE_MAX_RESTARTS_PER_INTERVAL, ge=1
+    )
     interval_s: float = Field(default=DEFAULT_CASCADE_INTERVAL_S, gt=0, allow_inf_nan=False)
     resume_share: UnitFraction | None = None
-    half_open_growth: float = Field(default=DEFAULT_CASCADE_HALF_OPEN_GROWTH, gt=1,
-                                    allow_inf_nan=False)
+    half_open_growth: float = Field(
+        default=DEFAULT_CASCADE_HALF_OPEN_GROWTH, gt=1, allow_inf_nan=False
+    )
     probe_successes: int = Field(default=DEFAULT_CASCADE_PROBE_SUCCESSES, ge=1)
-    probe_healthy_s: float = Field(default=DEFAULT_CASCADE_PROBE_HEALTHY_S, ge=0,
-                                   allow_inf_nan=False)
+    probe_healthy_s: float = Field(
+        default=DEFAULT_CASCADE_PROBE_HEALTHY_S, ge=0, allow_inf_nan=False
+    )
 
     @model_validator(mode="after")
     def _check(self) -> CascadeSpec:
         if self.resume_share is not None and self.resume_share > self.cascade_share:
-            raise ValueError(f"resume_share ({self.resume_share}) must be <= cascade_share "
-                             f"({self.cascade_share}), or the guard could never close")
+            raise ValueError(
+                f"resume_share ({self.resume_share}) must be <= cascade_share "
+                f"({self.cascade_share}), or the guard could never close"
+            )
         return self
 
     @property
@@ -140,16 +152,21 @@ class HealthSpec(SpecModel):
     again before its restart is returned to service without one.
     """
 
-    heartbeat_interval_s: float = Field(default=DEFAULT_HEARTBEAT_INTERVAL_S, gt=0,
-                                        allow_inf_nan=False)
-    heartbeat_timeout_s: float = Field(default=DEFAULT_HEARTBEAT_TIMEOUT_S, gt=0,
-                                       allow_inf_nan=False)
-    startup_timeout_s: float = Field(default=DEFAULT_STARTUP_TIMEOUT_S, gt=0,
-                                     allow_inf_nan=False)
-    default_task_limit_s: float = Field(default=DEFAULT_TASK_LIMIT_S, gt=0,
-                                        allow_inf_nan=False)
-    hung_task_grace_s: float = Field(default=DEFAULT_HUNG_TASK_GRACE_S, ge=0,
-                                     allow_inf_nan=False)
+    heartbeat_interval_s: float = Field(
+        default=DEFAULT_HEARTBEAT_INTERVAL_S, gt=0, allow_inf_nan=False
+    )
+    heartbeat_timeout_s: float = Field(
+        default=DEFAULT_HEARTBEAT_TIMEOUT_S, gt=0, allow_inf_nan=False
+    )
+    startup_timeout_s: float = Field(
+        default=DEFAULT_STARTUP_TIMEOUT_S, gt=0, allow_inf_nan=False
+    )
+    default_task_limit_s: float = Field(
+        default=DEFAULT_TASK_LIMIT_S, gt=0, allow_inf_nan=False
+    )
+    hung_task_grace_s: float = Field(
+        default=DEFAULT_HUNG_TASK_GRACE_S, ge=0, allow_inf_nan=False
+    )
     error_window_s: float = Field(default=DEFAULT_ERROR_WINDOW_S, gt=0, allow_inf_nan=False)
     error_min_calls: int = Field(default=DEFAULT_ERROR_MIN_CALLS, ge=1)
     error_rate_threshold: Share = DEFAULT_ERROR_RATE_THRESHOLD
@@ -164,5 +181,6 @@ class HealthSpec(SpecModel):
             raise ValueError(
                 f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must be greater than "
                 f"heartbeat_interval_s ({self.heartbeat_interval_s}): a healthy agent "
-                "whose heartbeat arrives a little late would be declared dead")
+                "whose heartbeat arrives a little late would be declared dead"
+            )
         return self

@@ -124,8 +124,9 @@ class QueueAlertRule(SpecModel):
                     f"for a '{self.op}' rule, or the alert could never clear"
                 )
         if self.scope is AlertScope.SHARD and self.metric in _QUEUE_ONLY_METRICS:
-            raise ValueError(f"metric {self.metric.value} is a queue-wide measure; "
-                             f"use scope: queue")
+            raise ValueError(
+                f"metric {self.metric.value} is a queue-wide measure; use scope: queue"
+            )
         return self
 
     @property

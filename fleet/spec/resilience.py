@@ -47,26 +47,49 @@ DEFAULT_MIN_RETRIES_PER_S = 1.0
 # Failure reasons (``Outcome.reason``) worth another attempt: the fault lies with the
 # agent, host or a downstream service at that moment, not with the task itself.
 DEFAULT_RETRYABLE_REASONS = (
-    "timeout", "upstream", "unavailable", "overloaded", "rate_limited", "host_died",
+    "timeout",
+    "upstream",
+    "unavailable",
+    "overloaded",
+    "rate_limited",
+    "host_died",
 )
 # Exception class names (from the failure text) that are transient, and ones that will
 # fail again however often they are retried.
 DEFAULT_RETRYABLE_ERRORS = (
-    "TimeoutError", "asyncio.TimeoutError", "ConnectionError", "ConnectionResetError",
-    "ConnectionRefusedError", "BrokenPipeError", "UpstreamError", "ServiceUnavailable",
-    "RateLimitError", "APIConnectionError", "APITimeoutError", "InternalServerError",
+    "TimeoutError",
+    "asyncio.TimeoutError",
+    "ConnectionError",
+    "ConnectionResetError",
+    "ConnectionRefusedError",
+    "BrokenPipeError",
+    "UpstreamError",
+    "ServiceUnavailable",
+    "RateLimitError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "InternalServerError",
     "DependencyUnavailable",
 )
 DEFAULT_NON_RETRYABLE_ERRORS = (
-    "ValueError", "TypeError", "KeyError", "AttributeError", "ValidationError",
-    "TaskRejected", "NotImplementedError", "PermissionError", "BadRequestError",
+    "ValueError",
+    "TypeError",
+    "KeyError",
+    "AttributeError",
+    "ValidationError",
+    "TaskRejected",
+    "NotImplementedError",
+    "PermissionError",
+    "BadRequestError",
 )
 
 
 def _check_share(value: float) -> float:
     if not 0 < value <= 1:
-        raise ValueError(f"{value} is outside (0, 1]: a share or rate threshold must be "
-                         "greater than 0 and at most 1")
+        raise ValueError(
+            f"{value} is outside (0, 1]: a share or rate threshold must be "
+            "greater than 0 and at most 1"
+        )
     return value
 
 
@@ -110,10 +133,12 @@ class BreakerSpec(SpecModel):
     slow_call_rate_threshold: Share = DEFAULT_SLOW_CALL_RATE_THRESHOLD
     slow_call_duration_s: float = Field(default=DEFAULT_SLOW_CALL_DURATION_S, gt=0)
     open_duration_s: float = Field(default=DEFAULT_OPEN_DURATION_S, gt=0, allow_inf_nan=False)
-    open_duration_multiplier: float = Field(default=DEFAULT_OPEN_DURATION_MULTIPLIER, ge=1,
-                                            allow_inf_nan=False)
-    max_open_duration_s: float = Field(default=DEFAULT_MAX_OPEN_DURATION_S, gt=0,
-                                       allow_inf_nan=False)
+    open_duration_multiplier: float = Field(
+        default=DEFAULT_OPEN_DURATION_MULTIPLIER, ge=1, allow_inf_nan=False
+    )
+    max_open_duration_s: float = Field(
+        default=DEFAULT_MAX_OPEN_DURATION_S, gt=0, allow_inf_nan=False
+    )
     trip_memory_s: float = Field(default=DEFAULT_TRIP_MEMORY_S, ge=0)
     half_open_probe_calls: int = Field(default=DEFAULT_HALF_OPEN_PROBE_CALLS, ge=1)
     half_open_max_wait_s: float = Field(default=DEFAULT_HALF_OPEN_MAX_WAIT_S, gt=0)
@@ -123,11 +148,13 @@ class BreakerSpec(SpecModel):
         if self.max_open_duration_s < self.open_duration_s:
             raise ValueError(
                 f"max_open_duration_s ({self.max_open_duration_s}) must be >= "
-                f"open_duration_s ({self.open_duration_s})")
+                f"open_duration_s ({self.open_duration_s})"
+            )
         if self.window is WindowKind.COUNT and self.min_calls > self.window_calls:
             raise ValueError(
                 f"min_calls ({self.min_calls}) must be <= window_calls ({self.window_calls}): "
-                "a count window never holds more calls than its size, so it could never trip")
+                "a count window never holds more calls than its size, so it could never trip"
+            )
         return self
 
 
@@ -161,31 +188,38 @@ class RetrySpec(SpecModel):
     """
 
     max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1)
-    initial_backoff_s: float = Field(default=DEFAULT_INITIAL_BACKOFF_S, ge=0,
-                                     allow_inf_nan=False)
+    initial_backoff_s: float = Field(
+        default=DEFAULT_INITIAL_BACKOFF_S, ge=0, allow_inf_nan=False
+    )
     max_backoff_s: float = Field(default=DEFAULT_MAX_BACKOFF_S, ge=0, allow_inf_nan=False)
-    backoff_multiplier: float = Field(default=DEFAULT_BACKOFF_MULTIPLIER, ge=1,
-                                      allow_inf_nan=False)
+    backoff_multiplier: float = Field(
+        default=DEFAULT_BACKOFF_MULTIPLIER, ge=1, allow_inf_nan=False
+    )
     jitter_ratio: UnitFraction = DEFAULT_JITTER_RATIO
     retryable_reasons: tuple[str, ...] = DEFAULT_RETRYABLE_REASONS
     retryable_errors: tuple[str, ...] = DEFAULT_RETRYABLE_ERRORS
     non_retryable_errors: tuple[str, ...] = DEFAULT_NON_RETRYABLE_ERRORS
     retry_unknown_errors: bool = True
     budget_ratio: UnitFraction = DEFAULT_RETRY_BUDGET_RATIO
-    budget_window_s: float = Field(default=DEFAULT_RETRY_BUDGET_WINDOW_S, gt=0,
-                                   allow_inf_nan=False)
-    min_retries_per_s: float = Field(default=DEFAULT_MIN_RETRIES_PER_S, ge=0,
-                                     allow_inf_nan=False)
+    budget_window_s: float = Field(
+        default=DEFAULT_RETRY_BUDGET_WINDOW_S, gt=0, allow_inf_nan=False
+    )
+    min_retries_per_s: float = Field(
+        default=DEFAULT_MIN_RETRIES_PER_S, ge=0, allow_inf_nan=False
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RetrySpec:
         if self.max_backoff_s < self.initial_backoff_s:
-            raise ValueError(f"max_backoff_s ({self.max_backoff_s}) must be >= "
-                             f"initial_backoff_s ({self.initial_backoff_s})")
+            raise ValueError(
+                f"max_backoff_s ({self.max_backoff_s}) must be >= "
+                f"initial_backoff_s ({self.initial_backoff_s})"
+            )
         both = set(self.retryable_errors) & set(self.non_retryable_errors)
         if both:
-            raise ValueError(f"{sorted(both)} listed in both retryable_errors and "
-                             "non_retryable_errors")
+            raise ValueError(
+                f"{sorted(both)} listed in both retryable_errors and non_retryable_errors"
+            )
         return self
 
     @property
@@ -214,4 +248,3 @@ class ResilienceSpec(SpecModel):
 
     def breaker_for_dependency(self, name: str) -> BreakerSpec:
         return self.dependency_breakers.get(name, self.dependency_breaker)
-

@@ -23,6 +23,10 @@ def test_ids_look_like_fleet_ids_and_can_be_derived_again():
 
 def test_an_outcome_is_a_completed_task_with_its_id_and_output():
     o = outcome(42, now=1_000.0)
-    assert (o.task_id, o.ok, o.output, o.finished_unix_s) == (task_id(42), True, output(42),
-                                                            1_000.0)
+    assert (o.task_id, o.ok, o.output, o.finished_unix_s) == (
+        task_id(42),
+        True,
+        output(42),
+        1_000.0,
+    )
     assert o.submitted_unix_s < o.started_unix_s < o.finished_unix_s

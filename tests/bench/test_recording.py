@@ -32,6 +32,9 @@ def test_a_small_run_sees_every_outcome_after_its_finish(ray_cluster):
     assert lat["max"] < 30
     import ray
 
-    left = [a for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == "fleet-bench-recording"]
+    left = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == "fleet-bench-recording"
+    ]
     assert left == [], left

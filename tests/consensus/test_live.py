@@ -57,10 +57,12 @@ def faulty(electorates):
 
     fan_out 2 and 256 voters a leaf give a root over two leaves: a real two-level tree.
     """
-    voters = make_voters(N, bias=0.6, dead_share=0.1, slow_share=0.1, slow_latency_s=60.0,
-                         seed=11)
-    return voters, electorates(voters, ConsensusSpec(fan_out=2, max_reducers=3,
-                                                     memo_ttl_s=0, timeout_s=TIMEOUT_S))
+    voters = make_voters(
+        N, bias=0.6, dead_share=0.1, slow_share=0.1, slow_latency_s=60.0, seed=11
+    )
+    return voters, electorates(
+        voters, ConsensusSpec(fan_out=2, max_reducers=3, memo_ttl_s=0, timeout_s=TIMEOUT_S)
+    )
 
 
 def _exact(voters, question):
@@ -72,8 +74,9 @@ def _exact(voters, question):
 def test_dead_and_slow_voters_never_block_the_decision(faulty, mode):
     voters, electorate = faulty
     assert electorate.reducers == 3 and electorate.plan.actor_depth == 2
-    policy = ConsensusSpec(mode=mode, fan_out=2, max_reducers=3, timeout_s=TIMEOUT_S,
-                           memo_ttl_s=0)
+    policy = ConsensusSpec(
+        mode=mode, fan_out=2, max_reducers=3, timeout_s=TIMEOUT_S, memo_ttl_s=0
+    )
     t0 = time.monotonic()
     d = electorate.decide(Q, policy)
     wall = time.monotonic() - t0
@@ -106,8 +109,9 @@ def test_dead_and_slow_voters_never_block_the_decision(faulty, mode):
 
 def test_everyone_dead_means_the_tie_breaker_decides_at_the_deadline(electorates):
     voters = make_voters(40, dead_share=1.0, seed=2)
-    policy = ConsensusSpec(timeout_s=0.5, tie_breaker="option", tie_break_option="no",
-                           memo_ttl_s=0)
+    policy = ConsensusSpec(
+        timeout_s=0.5, tie_breaker="option", tie_break_option="no", memo_ttl_s=0
+    )
     e = electorates(voters, policy)
     d = e.decide(Q)
     assert (d.option, d.reason) == ("no", Reason.TIE_BREAK)

@@ -22,7 +22,9 @@ from fleet.consensus.tree import internal_nodes
 
 @pytest.mark.parametrize("n", [1, 10, 255, 1_000, 10_000, 100_000])
 @pytest.mark.parametrize("fan_out,max_reducers", [(2, 3), (2, 20), (4, 16), (8, 16), (16, 8)])
-def test_plan_stays_within_the_actor_budget_and_places_every_voter_once(n, fan_out, max_reducers):
+def test_plan_stays_within_the_actor_budget_and_places_every_voter_once(
+    n, fan_out, max_reducers
+):
     plan = plan_tree([None] * n, fan_out, max_reducers)
     assert plan.reducers <= max_reducers
     assert sorted(plan.order) == list(range(n))
@@ -48,7 +50,7 @@ def test_groups_stay_together_on_one_leaf():
     plan = plan_tree(groups, fan_out=2, max_reducers=7)
     where: dict[str, set[int]] = {}
     for j in range(len(plan.leaves)):
-        for pos in plan.order[plan.offsets[j]:plan.offsets[j + 1]]:
+        for pos in plan.order[plan.offsets[j] : plan.offsets[j + 1]]:
             if groups[pos] is not None:
                 where.setdefault(groups[pos], set()).add(j)
     assert len(where) == 5 and all(len(leaves) == 1 for leaves in where.values())

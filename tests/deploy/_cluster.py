@@ -59,31 +59,48 @@ class LocalCluster:
     @property
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # loopback-only single-machine mode
-            "RAY_ADDRESS": self.address,
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
-            "RAY_DEDUP_LOGS": "0",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` is this venv's
-            "PYTHONPATH": str(REPO),
-        })
+        env.update(
+            {
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # loopback-only single-machine mode
+                "RAY_ADDRESS": self.address,
+                "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+                "RAY_DEDUP_LOGS": "0",
+                "RAY_USAGE_STATS_ENABLED": "0",
+                "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` is this venv's
+                "PYTHONPATH": str(REPO),
+            }
+        )
         return env
 
     def start(self) -> LocalCluster:
-        cmd = [str(BIN / "ray"), "start", "--head", f"--temp-dir={self.temp_dir}",
-               f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}",
-               f"--ray-client-server-port={free_port()}",
-               f"--dashboard-agent-listen-port={free_port()}",
-               "--disable-usage-stats"]
+        cmd = [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            f"--temp-dir={self.temp_dir}",
+            f"--port={self.gcs_port}",
+            f"--num-cpus={self.num_cpus}",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            "--disable-usage-stats",
+        ]
         if self.dashboard:
-            cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={self.dashboard_port}"]
+            cmd += [
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+            ]
         else:
             cmd += ["--include-dashboard=false"]
-        out = subprocess.run(cmd, env=self.env, cwd=REPO, capture_output=True, text=True,
-                             timeout=START_TIMEOUT_S)
+        out = subprocess.run(
+            cmd,
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT_S,
+        )
         if out.returncode != 0:
             self.stop()
             raise RuntimeError(f"ray start failed:\n{out.stdout}\n{out.stderr}")

@@ -17,14 +17,16 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator
 
+
 def _crd_dir() -> Path | None:
     """KubeRay's CRDs: $FLEET_KUBERAY_CRDS, or ../shared/kuberay-crds beside the
     repository (as CI lays it out); None when neither holds them."""
     import os
 
     repo = Path(__file__).resolve().parents[2]
-    candidates = [Path(os.environ["FLEET_KUBERAY_CRDS"])] if "FLEET_KUBERAY_CRDS" in os.environ \
-        else []
+    candidates = (
+        [Path(os.environ["FLEET_KUBERAY_CRDS"])] if "FLEET_KUBERAY_CRDS" in os.environ else []
+    )
     candidates.append(repo.parent / "shared" / "kuberay-crds")
     for c in candidates:
         if (c / "ray.io_rayclusters.yaml").is_file():
@@ -37,7 +39,8 @@ CRDS_MISSING = (
     "KubeRay's CRDs were not found: put ray.io_rayclusters.yaml, ray.io_rayservices.yaml "
     "and ray.io_rayjobs.yaml from KubeRay's ray-operator/config/crd/bases "
     "(https://github.com/ray-project/kuberay) in ../shared/kuberay-crds beside this "
-    "repository, or name their directory in $FLEET_KUBERAY_CRDS")
+    "repository, or name their directory in $FLEET_KUBERAY_CRDS"
+)
 CRD_FILES = {
     "RayCluster": "ray.io_rayclusters.yaml",
     "RayService": "ray.io_rayservices.yaml",
@@ -52,8 +55,11 @@ def strict(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     out = {k: strict(v) for k, v in schema.items()}
-    if ("properties" in out and not out.get("x-kubernetes-preserve-unknown-fields")
-            and "additionalProperties" not in out):
+    if (
+        "properties" in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+        and "additionalProperties" not in out
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -90,5 +96,7 @@ def crd_errors(doc: dict[str, Any]) -> list[str]:
     if group != "ray.io" or doc.get("kind") not in CRD_FILES:
         return [f"<root>: not a KubeRay resource: {doc.get('apiVersion')} {doc.get('kind')}"]
     v = crd_validator(doc["kind"], version)
-    return [f"{'.'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
-            for e in sorted(v.iter_errors(doc), key=lambda e: list(map(str, e.path)))]
+    return [
+        f"{'.'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
+        for e in sorted(v.iter_errors(doc), key=lambda e: list(map(str, e.path)))
+    ]

@@ -42,6 +42,7 @@ def _cluster_spec(doc: dict) -> dict:
 
 # -- kuberay/ ----------------------------------------------------------------------------
 
+
 def test_kuberay_has_a_cluster_a_service_and_a_job():
     assert {"RayCluster", "RayService", "RayJob"} <= set(_kinds())
 
@@ -54,13 +55,16 @@ def test_every_kuberay_file_validates_strictly_against_the_crds(path):
         assert crd_errors(doc) == [], f"{path.name} ({doc.get('kind')})"
 
 
-@pytest.mark.parametrize("where", [
-    ("spec",),
-    ("cluster", "autoscalerOptions"),
-    ("cluster", "headGroupSpec"),
-    ("cluster", "headGroupSpec", "template", "spec", "containers", 0, "resources"),
-    ("cluster", "workerGroupSpecs", 0),
-])
+@pytest.mark.parametrize(
+    "where",
+    [
+        ("spec",),
+        ("cluster", "autoscalerOptions"),
+        ("cluster", "headGroupSpec"),
+        ("cluster", "headGroupSpec", "template", "spec", "containers", 0, "resources"),
+        ("cluster", "workerGroupSpecs", 0),
+    ],
+)
 @pytest.mark.parametrize("kind", ["RayCluster", "RayService", "RayJob"])
 def test_an_injected_unknown_field_is_rejected(kind, where):
     doc = copy.deepcopy(_kinds()[kind])
@@ -91,12 +95,20 @@ def test_every_crd_schema_is_closed_at_the_top(kind):
 
 
 def test_strict_schemas_leave_preserve_unknown_fields_open():
-    schema = strict({"type": "object", "properties": {
-        "closed": {"type": "object", "properties": {"a": {"type": "string"}}},
-        "open": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
-                 "properties": {"a": {"type": "string"}}},
-        "map": {"type": "object", "additionalProperties": {"type": "string"}},
-    }})
+    schema = strict(
+        {
+            "type": "object",
+            "properties": {
+                "closed": {"type": "object", "properties": {"a": {"type": "string"}}},
+                "open": {
+                    "type": "object",
+                    "x-kubernetes-preserve-unknown-fields": True,
+                    "properties": {"a": {"type": "string"}},
+                },
+                "map": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        }
+    )
     assert schema["additionalProperties"] is False
     assert schema["properties"]["closed"]["additionalProperties"] is False
     assert "additionalProperties" not in schema["properties"]["open"]
@@ -125,6 +137,7 @@ def test_the_rayjob_runs_a_jobs_entrypoint_with_valid_arguments():
 
 
 # -- Serve configs ------------------------------------------------------------------------
+
 
 def test_serve_configs_exist():
     assert {p.name for p in SERVE_CONFIGS} >= {"demo.yaml", "support.yaml", "shop.yaml"}
@@ -168,7 +181,8 @@ def test_the_rayservice_config_is_serve_configs_shop_apart_from_the_listen_addre
 
 def _all_serve_configs() -> list[tuple[str, dict]]:
     return [(p.name, yaml.safe_load(p.read_text())) for p in SERVE_CONFIGS] + [
-        ("rayservice.yaml:serveConfigV2", _embedded_serve_config())]
+        ("rayservice.yaml:serveConfigV2", _embedded_serve_config())
+    ]
 
 
 def test_every_autoscaling_config_is_a_valid_serve_autoscaling_config():
@@ -187,26 +201,49 @@ def test_every_autoscaling_config_is_a_valid_serve_autoscaling_config():
     assert seen >= 4
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda c: c.update(bogus=1), "bogus: unknown field"),
-    (lambda c: c["applications"][0].update(import_pth="x"), "import_pth: unknown field"),
-    (lambda c: c["applications"][0]["deployments"][0]["autoscaling_config"].update(
-        min_replicas=-1), "autoscaling_config.min_replicas: Input should be greater"),
-    (lambda c: c["applications"][0]["deployments"][0]["ray_actor_options"].update(
-        num_gpu=1), "ray_actor_options.num_gpu: unknown field"),
-    (lambda c: c["applications"][0]["deployments"][0].update(
-        request_router_config={"request_router_class": "nowhere:Router"}),
-     "request_router_config: ModuleNotFoundError"),
-    (lambda c: c["applications"][0]["deployments"].append({"name": "hosts"}),
-     "deployments[1].name: 'hosts' is not a deployment of a fleet app"),
-    (lambda c: c["applications"][0]["args"].update(submit_wait_s=-1),
-     "args.submit_wait_s: Input should be greater than or equal to 0"),
-    (lambda c: c["applications"][0]["args"]["spec"]["pools"][0]["autoscaling"].update(
-        min_agents=500),
-     "args.spec.pools.0.autoscaling: min_agents (500) must be <= max_agents (200)"),
-    (lambda c: c["applications"][0]["args"].update(spec="no/such/spec.yaml"),
-     "applications[0].args.spec: no such file"),
-])
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda c: c.update(bogus=1), "bogus: unknown field"),
+        (lambda c: c["applications"][0].update(import_pth="x"), "import_pth: unknown field"),
+        (
+            lambda c: c["applications"][0]["deployments"][0]["autoscaling_config"].update(
+                min_replicas=-1
+            ),
+            "autoscaling_config.min_replicas: Input should be greater",
+        ),
+        (
+            lambda c: c["applications"][0]["deployments"][0]["ray_actor_options"].update(
+                num_gpu=1
+            ),
+            "ray_actor_options.num_gpu: unknown field",
+        ),
+        (
+            lambda c: c["applications"][0]["deployments"][0].update(
+                request_router_config={"request_router_class": "nowhere:Router"}
+            ),
+            "request_router_config: ModuleNotFoundError",
+        ),
+        (
+            lambda c: c["applications"][0]["deployments"].append({"name": "hosts"}),
+            "deployments[1].name: 'hosts' is not a deployment of a fleet app",
+        ),
+        (
+            lambda c: c["applications"][0]["args"].update(submit_wait_s=-1),
+            "args.submit_wait_s: Input should be greater than or equal to 0",
+        ),
+        (
+            lambda c: c["applications"][0]["args"]["spec"]["pools"][0]["autoscaling"].update(
+                min_agents=500
+            ),
+            "args.spec.pools.0.autoscaling: min_agents (500) must be <= max_agents (200)",
+        ),
+        (
+            lambda c: c["applications"][0]["args"].update(spec="no/such/spec.yaml"),
+            "applications[0].args.spec: no such file",
+        ),
+    ],
+)
 def test_check_serve_config_names_what_is_wrong(mutate, expected):
     config = yaml.safe_load((REPO / "serve_configs/support.yaml").read_text())
     mutate(config)
@@ -215,6 +252,7 @@ def test_check_serve_config_names_what_is_wrong(mutate, expected):
 
 
 # -- the application builder, without a cluster -----------------------------------------
+
 
 def test_spec_paths_resolve_from_the_package_root_and_inline_specs_parse():
     assert resolve_spec("fleet/examples/demo.yaml").name == "demo"
@@ -229,8 +267,20 @@ def test_builder_rejects_bad_args_with_the_field_before_touching_ray():
         app({"spec": "fleet/examples/demo.yaml", "retry_after_s": 0})
     assert exc.value.errors[0][0] == "retry_after_s"
     with pytest.raises(SpecError) as exc:
-        app({"spec": {"pools": [{"name": "p", "capability": "p", "agent_class": "a:B",
-                                 "autoscaling": {"min_agents": 5, "max_agents": 1}}]}})
+        app(
+            {
+                "spec": {
+                    "pools": [
+                        {
+                            "name": "p",
+                            "capability": "p",
+                            "agent_class": "a:B",
+                            "autoscaling": {"min_agents": 5, "max_agents": 1},
+                        }
+                    ]
+                }
+            }
+        )
     assert exc.value.errors[0][0] == "pools.0.autoscaling"
     with pytest.raises(SpecError, match="spec"):
         app({})

@@ -12,12 +12,19 @@ import yaml
 from jobs.load import main, make_load, parse_args
 
 SPEC = {
-    "name": "loadjob", "namespace": "fleet-test-loadjob",
+    "name": "loadjob",
+    "namespace": "fleet-test-loadjob",
     "queues": {"shards": 1},
-    "pools": [{"name": "echo", "capability": "echo",
-               "agent_class": "fleet.agents.testing:SleepAgent",
-               "agent_kwargs": {"delay_s": 0.01}, "cpus_per_host": 0,
-               "autoscaling": {"min_agents": 20, "max_agents": 20}}],
+    "pools": [
+        {
+            "name": "echo",
+            "capability": "echo",
+            "agent_class": "fleet.agents.testing:SleepAgent",
+            "agent_kwargs": {"delay_s": 0.01},
+            "cpus_per_host": 0,
+            "autoscaling": {"min_agents": 20, "max_agents": 20},
+        }
+    ],
 }
 
 
@@ -44,6 +51,9 @@ def test_load_job_starts_a_fleet_from_a_spec_and_stops_it(ray_cluster, tmp_path,
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["started_fleet"] is True and summary["fleet"] == "loadjob"
     assert (summary["submitted"], summary["completed"], summary["lost"]) == (200, 200, 0)
-    left = [a for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == SPEC["namespace"]]
+    left = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == SPEC["namespace"]
+    ]
     assert left == [], "a fleet the job started is torn down after it"

@@ -16,9 +16,17 @@ pytestmark = pytest.mark.ray
 
 
 def _spec(delay_s: float = 0.01):
-    return make_spec(pool("echo", agent_class="fleet.agents.testing:SleepAgent",
-                          agent_kwargs={"delay_s": delay_s}, cpus_per_host=0),
-                     name="builder", namespace="fleet-test-builder", queues={"shards": 1})
+    return make_spec(
+        pool(
+            "echo",
+            agent_class="fleet.agents.testing:SleepAgent",
+            agent_kwargs={"delay_s": delay_s},
+            cpus_per_host=0,
+        ),
+        name="builder",
+        namespace="fleet-test-builder",
+        queues={"shards": 1},
+    )
 
 
 def test_ensure_fleet_deploys_reuses_restores_and_refuses(ray_cluster):
@@ -28,8 +36,9 @@ def test_ensure_fleet_deploys_reuses_restores_and_refuses(ray_cluster):
         assert ensure_fleet(spec) == "deployed"
         ledger = ray.get_actor(names.ledger, namespace=spec.namespace)
         assert ensure_fleet(spec) == "running"
-        assert ray.get_actor(names.ledger, namespace=spec.namespace)._actor_id == \
-            ledger._actor_id, "a running fleet is reused, not redeployed"
+        assert (
+            ray.get_actor(names.ledger, namespace=spec.namespace)._actor_id == ledger._actor_id
+        ), "a running fleet is reused, not redeployed"
         serve.delete(names.pool_app("echo"))
         assert ensure_fleet(spec) == "restored"
         assert names.pool_app("echo") in serve.status().applications
@@ -40,7 +49,10 @@ def test_ensure_fleet_deploys_reuses_restores_and_refuses(ray_cluster):
             ensure_fleet(spec)
     finally:
         teardown(spec)
-    left = [a for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == spec.namespace]
+    left = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == spec.namespace
+    ]
     assert left == []
     assert names.pool_app("echo") not in serve.status().applications

@@ -99,24 +99,57 @@ def served(tmp_path_factory):
         # uses): the same config plus a tight-queue app. The running app's config is
         # unchanged, so Serve leaves it alone and only builds the new one.
         spec = tmp / "tight.yaml"
-        spec.write_text(yaml.safe_dump({**yaml.safe_load(TIGHT_SPEC),
-                                        "queues": {**yaml.safe_load(TIGHT_SPEC)["queues"],
-                                                   "storage": storage}}))
-        config["applications"].append({
-            "name": "tight", "route_prefix": "/tight", "import_path": "fleet.serve_app:app",
-            "args": {"spec": str(spec), "submit_wait_s": 0.3, "retry_after_s": 3}})
+        spec.write_text(
+            yaml.safe_dump(
+                {
+                    **yaml.safe_load(TIGHT_SPEC),
+                    "queues": {**yaml.safe_load(TIGHT_SPEC)["queues"], "storage": storage},
+                }
+            )
+        )
+        config["applications"].append(
+            {
+                "name": "tight",
+                "route_prefix": "/tight",
+                "import_path": "fleet.serve_app:app",
+                "args": {"spec": str(spec), "submit_wait_s": 0.3, "retry_after_s": 3},
+            }
+        )
         assert check_serve_config(config) == []
         both = tmp / "support-and-tight.yaml"
         both.write_text(yaml.safe_dump(config))
-        deployed = cluster.run([str(BIN / "serve"), "deploy", str(both), "--address",
-                                cluster.dashboard_url], timeout_s=60)
+        deployed = cluster.run(
+            [str(BIN / "serve"), "deploy", str(both), "--address", cluster.dashboard_url],
+            timeout_s=60,
+        )
         assert deployed.returncode == 0, deployed.stderr[-3000:]
         job_id = f"fleet-load-{port}"
         sub = cluster.run(
-            [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url,
-             "--submission-id", job_id, "--no-wait", "--working-dir", str(REPO), "--",
-             "python", "jobs/load.py", "--fleet", "support", "--namespace", "fleet-support",
-             "--tasks", "300", "--rate", "200"], timeout_s=JOB_TIMEOUT_S)
+            [
+                str(BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                cluster.dashboard_url,
+                "--submission-id",
+                job_id,
+                "--no-wait",
+                "--working-dir",
+                str(REPO),
+                "--",
+                "python",
+                "jobs/load.py",
+                "--fleet",
+                "support",
+                "--namespace",
+                "fleet-support",
+                "--tasks",
+                "300",
+                "--rate",
+                "200",
+            ],
+            timeout_s=JOB_TIMEOUT_S,
+        )
         assert sub.returncode == 0, sub.stderr[-3000:]
         yield Served(cluster, url, job_id)
     finally:
@@ -145,25 +178,44 @@ def test_the_ingress_listens_on_loopback_only(served):
     for pid in cluster.pids():
         for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
             try:
-                addrs |= {c.laddr.ip for c in proc.net_connections(kind="inet")
-                          if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+                addrs |= {
+                    c.laddr.ip
+                    for c in proc.net_connections(kind="inet")
+                    if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                }
             except psutil.Error:
                 continue
     assert addrs, "the Serve proxy's listening socket must be found"
     for ip in addrs:
         a = ipaddress.ip_address(ip)
-        assert a.is_loopback or getattr(a, "ipv4_mapped", None) is not None and \
-            a.ipv4_mapped.is_loopback, ip
+        assert (
+            a.is_loopback
+            or getattr(a, "ipv4_mapped", None) is not None
+            and a.ipv4_mapped.is_loopback
+        ), ip
 
 
 def test_submit_over_http_and_read_results(served):
     url = served.url
-    one = httpx.post(f"{url}/tasks", timeout=10,
-                     json={"capability": "support", "payload": {"question": "Where is #7?"}})
+    one = httpx.post(
+        f"{url}/tasks",
+        timeout=10,
+        json={"capability": "support", "payload": {"question": "Where is #7?"}},
+    )
     assert one.status_code == 202, one.text
-    batch = httpx.post(f"{url}/tasks", timeout=10, json=[
-        {"capability": "support", "id": f"http-{i}", "priority": i % 10,
-         "payload": {"question": f"q{i}"}} for i in range(50)])
+    batch = httpx.post(
+        f"{url}/tasks",
+        timeout=10,
+        json=[
+            {
+                "capability": "support",
+                "id": f"http-{i}",
+                "priority": i % 10,
+                "payload": {"question": f"q{i}"},
+            }
+            for i in range(50)
+        ],
+    )
     assert batch.status_code == 202, batch.text
     assert batch.json()["ids"] == [f"http-{i}" for i in range(50)]
     ids = one.json()["ids"] + batch.json()["ids"]
@@ -181,8 +233,11 @@ def test_submit_over_http_and_read_results(served):
 def test_a_resubmitted_task_is_answered_with_its_outcome_and_a_reused_key_is_409(served):
     url = served.url
     key = f"order-{uuid.uuid4().hex[:8]}"
-    task = {"capability": "support", "idempotency_key": key,
-            "payload": {"question": "Can I get a refund?"}}
+    task = {
+        "capability": "support",
+        "idempotency_key": key,
+        "payload": {"question": "Can I get a refund?"},
+    }
     first = httpx.post(f"{url}/tasks", timeout=10, json=task)
     assert first.status_code == 202, first.text
     (tid,) = first.json()["ids"]
@@ -190,32 +245,49 @@ def test_a_resubmitted_task_is_answered_with_its_outcome_and_a_reused_key_is_409
     again = httpx.post(f"{url}/tasks", timeout=10, json=task)
     assert again.status_code == 200, again.text
     assert again.json() == {"ids": [tid], "results": [recorded]}
-    mixed = httpx.post(f"{url}/tasks", timeout=10, json=[
-        task, {"capability": "support", "payload": {"question": "new one"}}])
+    mixed = httpx.post(
+        f"{url}/tasks",
+        timeout=10,
+        json=[task, {"capability": "support", "payload": {"question": "new one"}}],
+    )
     assert mixed.status_code == 202, mixed.text
     assert mixed.json()["results"] == [recorded]
-    other = httpx.post(f"{url}/tasks", timeout=10,
-                       json={**task, "payload": {"question": "something else"}})
+    other = httpx.post(
+        f"{url}/tasks", timeout=10, json={**task, "payload": {"question": "something else"}}
+    )
     assert other.status_code == 409, other.text
-    assert f"idempotency_key '{key}' already used with a different payload" in \
-        other.json()["detail"]
+    assert (
+        f"idempotency_key '{key}' already used with a different payload"
+        in other.json()["detail"]
+    )
     assert other.json()["conflicts"] == [{"index": 0, "id": tid}]
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"capability": "support", "priority": 42}, ["body", "task", "priority"]),
-    ([{"capability": "support"}, {"capability": "support", "priority": -1}],
-     ["body", "batch", 1, "priority"]),
-    ({"payload": {}}, ["body", "task", "capability"]),
-    ({"capability": "support", "colour": "red"}, ["body", "task", "colour"]),
-    ([{"capability": "support"}, {"capability": "billing"}], ["body", "batch", 1, "capability"]),
-    ({"capability": "support", "payload": "x" * 70_000}, ["body", "task", "payload"]),
-    ({"capability": "support", "deadline_unix_s": 1.0}, ["body", "task", "deadline_unix_s"]),
-    ({"capability": "support", "id": ""}, ["body", "task", "id"]),
-    ([], ["body", "batch"]),
-    ("just a string", ["body", "task"]),
-    (None, ["body"]),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"capability": "support", "priority": 42}, ["body", "task", "priority"]),
+        (
+            [{"capability": "support"}, {"capability": "support", "priority": -1}],
+            ["body", "batch", 1, "priority"],
+        ),
+        ({"payload": {}}, ["body", "task", "capability"]),
+        ({"capability": "support", "colour": "red"}, ["body", "task", "colour"]),
+        (
+            [{"capability": "support"}, {"capability": "billing"}],
+            ["body", "batch", 1, "capability"],
+        ),
+        ({"capability": "support", "payload": "x" * 70_000}, ["body", "task", "payload"]),
+        (
+            {"capability": "support", "deadline_unix_s": 1.0},
+            ["body", "task", "deadline_unix_s"],
+        ),
+        ({"capability": "support", "id": ""}, ["body", "task", "id"]),
+        ([], ["body", "batch"]),
+        ("just a string", ["body", "task"]),
+        (None, ["body"]),
+    ],
+)
 def test_invalid_bodies_get_422_naming_the_field(served, body, field):
     url = served.url
     kw = {"content": b""} if body is None else {"json": body}
@@ -227,16 +299,25 @@ def test_invalid_bodies_get_422_naming_the_field(served, body, field):
 
 def test_malformed_json_gets_422_not_500(served):
     url = served.url
-    r = httpx.post(f"{url}/tasks", timeout=10, content=b'{"capability": ',
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{url}/tasks",
+        timeout=10,
+        content=b'{"capability": ',
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
 
 
 def test_an_invalid_batch_queues_nothing(served):
     url = served.url
-    r = httpx.post(f"{url}/tasks", timeout=10, json=[
-        {"capability": "support", "id": "all-or-nothing-ok"},
-        {"capability": "support", "priority": 99}])
+    r = httpx.post(
+        f"{url}/tasks",
+        timeout=10,
+        json=[
+            {"capability": "support", "id": "all-or-nothing-ok"},
+            {"capability": "support", "priority": 99},
+        ],
+    )
     assert r.status_code == 422
     # Had the valid task been queued, an idle support agent would have answered by now.
     time.sleep(1.5)
@@ -260,15 +341,25 @@ def test_queue_full_gets_429_with_retry_after(served):
     # The only agent takes one task for two minutes; the queue holds 3 pending at most.
     first = httpx.post(f"{tight}/tasks", timeout=10, json={"capability": "slow", "id": "hold"})
     assert first.status_code == 202
-    over = httpx.post(f"{tight}/tasks", timeout=10,
-                      json=[{"capability": "slow", "id": f"x{i}"} for i in range(3)])
+    over = httpx.post(
+        f"{tight}/tasks",
+        timeout=10,
+        json=[{"capability": "slow", "id": f"x{i}"} for i in range(3)],
+    )
     assert over.status_code == 429, over.text
     assert over.headers["retry-after"] == "3"
     body = over.json()
-    assert body["accepted"] == [] and [n["id"] for n in body["not_queued"]] == ["x0", "x1", "x2"]
+    assert body["accepted"] == [] and [n["id"] for n in body["not_queued"]] == [
+        "x0",
+        "x1",
+        "x2",
+    ]
     assert body["detail"].startswith("queue full")
-    fits = httpx.post(f"{tight}/tasks", timeout=10,
-                      json=[{"capability": "slow", "id": f"y{i}"} for i in range(2)])
+    fits = httpx.post(
+        f"{tight}/tasks",
+        timeout=10,
+        json=[{"capability": "slow", "id": f"y{i}"} for i in range(2)],
+    )
     assert fits.status_code == 202, fits.text
     again = httpx.post(f"{tight}/tasks", timeout=10, json={"capability": "slow", "id": "z"})
     assert again.status_code == 429 and again.headers["retry-after"] == "3"
@@ -281,14 +372,29 @@ def test_ray_job_submit_runs_the_load_entrypoint_to_completion(served):
     # Submitted by the fixture (`ray job submit --working-dir . -- python jobs/load.py`);
     # `ray job logs --follow` returns when the job ends.
     cluster = served.cluster
-    logs = cluster.run([str(BIN / "ray"), "job", "logs", "--address", cluster.dashboard_url,
-                        "--follow", served.job_id], timeout_s=JOB_TIMEOUT_S)
-    status = cluster.run([str(BIN / "ray"), "job", "status", "--address",
-                          cluster.dashboard_url, served.job_id], timeout_s=60)
-    assert "succeeded" in (status.stdout + status.stderr).lower(), \
-        (status.stdout, logs.stdout[-3000:])
-    summary = next(json.loads(line) for line in reversed(logs.stdout.splitlines())
-                   if line.startswith("{"))
+    logs = cluster.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "logs",
+            "--address",
+            cluster.dashboard_url,
+            "--follow",
+            served.job_id,
+        ],
+        timeout_s=JOB_TIMEOUT_S,
+    )
+    status = cluster.run(
+        [str(BIN / "ray"), "job", "status", "--address", cluster.dashboard_url, served.job_id],
+        timeout_s=60,
+    )
+    assert "succeeded" in (status.stdout + status.stderr).lower(), (
+        status.stdout,
+        logs.stdout[-3000:],
+    )
+    summary = next(
+        json.loads(line) for line in reversed(logs.stdout.splitlines()) if line.startswith("{")
+    )
     assert summary["started_fleet"] is False and summary["fleet"] == "support"
     assert summary["submitted"] == 300 and summary["lost"] == 0
     assert summary["completed"] + summary["failed"] == 300

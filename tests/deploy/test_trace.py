@@ -11,8 +11,12 @@ import pytest
 from fleet.cli.main import main
 from fleet.cli.trace import Phase, build_report, trace_spec
 
-SUMMARY = {"completed": 10, "failed": 0, "duplicate_executions": 0,
-           "latency_s": {"p50": 0.1, "p95": 0.2, "p99": 0.3}}
+SUMMARY = {
+    "completed": 10,
+    "failed": 0,
+    "duplicate_executions": 0,
+    "latency_s": {"p50": 0.1, "p95": 0.2, "p99": 0.3},
+}
 
 
 def _args(**kw):
@@ -21,18 +25,33 @@ def _args(**kw):
 
 
 def _sample(t, agents, raw, hosts=1, depth=0, stopping=0):
-    return {"t_s": t, "agents": agents, "raw_desired": raw, "hosts": hosts,
-            "hosts_stopping": stopping,
-            "desired_hosts": hosts, "queue_depth": depth, "in_flight": 0,
-            "arrival_rate_per_s": 0.0, "reason": "hold"}
+    return {
+        "t_s": t,
+        "agents": agents,
+        "raw_desired": raw,
+        "hosts": hosts,
+        "hosts_stopping": stopping,
+        "desired_hosts": hosts,
+        "queue_depth": depth,
+        "in_flight": 0,
+        "arrival_rate_per_s": 0.0,
+        "reason": "hold",
+    }
 
 
 def test_report_measures_scale_up_lag_and_scale_down_rate():
     spec = trace_spec(_args())  # 2..40 agents: up 19/s (within 2 s), down 9.5/s (within 4 s)
     phases = [Phase("base", 0, 5, 20), Phase("step", 5, 10, 200), Phase("stopped", 15, 20, 0)]
-    samples = [_sample(4.0, 2, 2), _sample(5.5, 2, 12), _sample(6.0, 6, 40, depth=300),
-               _sample(7.0, 25, 40, 3), _sample(8.0, 40, 40, 4), _sample(20.0, 40, 40, 4),
-               _sample(22.0, 21, 2), _sample(24.0, 2, 2, 1)]
+    samples = [
+        _sample(4.0, 2, 2),
+        _sample(5.5, 2, 12),
+        _sample(6.0, 6, 40, depth=300),
+        _sample(7.0, 25, 40, 3),
+        _sample(8.0, 40, 40, 4),
+        _sample(20.0, 40, 40, 4),
+        _sample(22.0, 21, 2),
+        _sample(24.0, 2, 2, 1),
+    ]
     r = build_report(spec, phases, samples, [(0.0, 1)], ["a"] * 10, [], SUMMARY)
     up, down = r["scale_up"], r["scale_down"]
     assert up["target_agents"] == 40 and up["signal_s"] == 1.0 and up["reached_s"] == 3.0
@@ -49,21 +68,32 @@ def test_report_measures_scale_up_lag_and_scale_down_rate():
 def test_report_times_host_removal_until_no_host_is_still_draining():
     spec = trace_spec(_args())
     phases = [Phase("base", 0, 1, 1), Phase("step", 1, 2, 10), Phase("stopped", 3, 10, 0)]
-    samples = [_sample(0.5, 2, 2), _sample(2.0, 30, 30, 3), _sample(5.0, 30, 2, 3),
-               _sample(6.0, 10, 2, 2, stopping=1), _sample(7.0, 2, 2, 1, stopping=2),
-               _sample(8.0, 2, 2, 1, stopping=1), _sample(9.0, 2, 2, 1)]
+    samples = [
+        _sample(0.5, 2, 2),
+        _sample(2.0, 30, 30, 3),
+        _sample(5.0, 30, 2, 3),
+        _sample(6.0, 10, 2, 2, stopping=1),
+        _sample(7.0, 2, 2, 1, stopping=2),
+        _sample(8.0, 2, 2, 1, stopping=1),
+        _sample(9.0, 2, 2, 1),
+    ]
     r = build_report(spec, phases, samples, [], ["a"], [], {**SUMMARY, "redelivered": 3})
     assert r["hosts"] == {"min": 1, "max": 3, "end": 1, "max_stopping": 2}
-    assert r["hosts_removed"] == {"from_hosts": 3, "to_hosts": 1, "started_s": 5.0,
-                                  "done_s": 9.0}
+    assert r["hosts_removed"] == {
+        "from_hosts": 3,
+        "to_hosts": 1,
+        "started_s": 5.0,
+        "done_s": 9.0,
+    }
     assert r["redelivered"] == 3
 
 
 def test_report_flags_agents_out_of_bounds():
     spec = trace_spec(_args())
     phases = [Phase("base", 0, 1, 1), Phase("step", 1, 1, 10)]
-    r = build_report(spec, phases, [_sample(0.5, 1, 1), _sample(1.5, 41, 41)], [], [], [],
-                     SUMMARY)
+    r = build_report(
+        spec, phases, [_sample(0.5, 1, 1), _sample(1.5, 41, 41)], [], [], [], SUMMARY
+    )
     assert r["within_bounds"] is False
 
 
@@ -78,16 +108,35 @@ def test_a_spike_shorter_than_the_rate_limit_is_reported_as_not_reached():
 
 def test_invalid_bounds_exit_2_naming_the_field(capsys):
     assert main(["autoscale-trace", "--min-agents", "50", "--max-agents", "40"]) == 2
-    assert "pools.0.autoscaling: min_agents (50) must be <= max_agents (40)" in \
-        capsys.readouterr().err
+    assert (
+        "pools.0.autoscaling: min_agents (50) must be <= max_agents (40)"
+        in capsys.readouterr().err
+    )
 
 
 @pytest.mark.ray
 def test_autoscale_trace_json_and_plot(ray_cluster, tmp_path, capsys):
     png = tmp_path / "trace.png"
-    rc = main(["autoscale-trace", "--json", "--plot", str(png), "--base-rate", "10",
-               "--base-s", "1", "--step-s", "3", "--drain-s", "20", "--max-agents", "20",
-               "--agent-delay-s", "0.05"])
+    rc = main(
+        [
+            "autoscale-trace",
+            "--json",
+            "--plot",
+            str(png),
+            "--base-rate",
+            "10",
+            "--base-s",
+            "1",
+            "--step-s",
+            "3",
+            "--drain-s",
+            "20",
+            "--max-agents",
+            "20",
+            "--agent-delay-s",
+            "0.05",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report["lost"] == 0
     assert report["completed"] + report["failed"] == report["submitted"] > 0
@@ -99,8 +148,14 @@ def test_autoscale_trace_json_and_plot(ray_cluster, tmp_path, capsys):
     assert "scale_up" in report and "scale_down" in report
     s = report["samples"]
     assert len(s) >= 10
-    assert {"t_s", "agents", "hosts", "hosts_stopping", "queue_depth",
-            "arrival_rate_per_s"} <= set(s[0])
+    assert {
+        "t_s",
+        "agents",
+        "hosts",
+        "hosts_stopping",
+        "queue_depth",
+        "arrival_rate_per_s",
+    } <= set(s[0])
     assert report["redelivered"] >= 0 and report["hosts"]["max"] >= 1
     assert max(x["queue_depth"] for x in s) > 0
     assert max(x["arrival_rate_per_s"] for x in s) > report["phases"][0]["rate_per_s"]
@@ -118,5 +173,8 @@ def test_host_drain_timeout_reaches_serve_options():
     assert opts["graceful_shutdown_timeout_s"] == 2.5
     assert opts["graceful_shutdown_wait_loop_s"] == HOST_DRAIN_CHECK_S < 2.5
     default = trace_spec(_args())
-    assert host_deployment_options(default, default.pools[0])[
-        "graceful_shutdown_timeout_s"] == default.pools[0].host_drain_timeout_s == 30.0
+    assert (
+        host_deployment_options(default, default.pools[0])["graceful_shutdown_timeout_s"]
+        == default.pools[0].host_drain_timeout_s
+        == 30.0
+    )

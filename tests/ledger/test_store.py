@@ -20,12 +20,29 @@ from fleet.queue.storage import StorageError, StorageFull
 from fleet.task import Outcome
 
 
-def outcome(i: int | str, *, agent: str = "a/0", started: float = 100.0, ok: bool = True,
-            finished: float | None = None, output: bytes = b'{"ok":1}') -> Outcome:
+def outcome(
+    i: int | str,
+    *,
+    agent: str = "a/0",
+    started: float = 100.0,
+    ok: bool = True,
+    finished: float | None = None,
+    output: bytes = b'{"ok":1}',
+) -> Outcome:
     tid = i if isinstance(i, str) else f"t-{i}"
-    return Outcome(tid, ok, output if ok else None, None if ok else "error",
-                   None if ok else "boom", agent, "pool", 1, 99.0, started,
-                   started + 1.0 if finished is None else finished)
+    return Outcome(
+        tid,
+        ok,
+        output if ok else None,
+        None if ok else "error",
+        None if ok else "boom",
+        agent,
+        "pool",
+        1,
+        99.0,
+        started,
+        started + 1.0 if finished is None else finished,
+    )
 
 
 @pytest.fixture(params=["memory", "sqlite"])

@@ -27,6 +27,7 @@ def close(a: float, b: float, scale: float = 1.0) -> bool:
 
 # --- unit cases ------------------------------------------------------------------------
 
+
 def test_equal_splits_evenly_and_respects_caps():
     a = allocate(90, [Claim("a"), Claim("b"), Claim("c", max=10)], Policy.EQUAL)
     assert a.shares == pytest.approx({"a": 40, "b": 40, "c": 10})
@@ -49,8 +50,9 @@ def test_dynamic_water_fills_demands():
 
 
 def test_minimums_come_first_and_high_priority_first_under_overload():
-    claims = [Claim(f"h{i}", min=50, max=500, priority=2) for i in range(2)] + \
-             [Claim(f"l{i}", min=50, max=500, priority=0) for i in range(4)]
+    claims = [Claim(f"h{i}", min=50, max=500, priority=2) for i in range(2)] + [
+        Claim(f"l{i}", min=50, max=500, priority=0) for i in range(4)
+    ]
     a = allocate(250, claims, Policy.EQUAL)
     assert [a.shares[f"h{i}"] for i in range(2)] == [50, 50]
     assert sum(a.shares[f"l{i}"] for i in range(4)) == pytest.approx(150)
@@ -76,12 +78,15 @@ def test_used_is_never_taken_back():
         allocate(300, claims)
 
 
-@pytest.mark.parametrize("bad,needle", [
-    (dict(min=5, max=1), "min 5 > max 1"),
-    (dict(weight=0), "weight 0"),
-    (dict(min=-1), "min -1"),
-    (dict(used=math.nan), "used nan"),
-])
+@pytest.mark.parametrize(
+    "bad,needle",
+    [
+        (dict(min=5, max=1), "min 5 > max 1"),
+        (dict(weight=0), "weight 0"),
+        (dict(min=-1), "min -1"),
+        (dict(used=math.nan), "used nan"),
+    ],
+)
 def test_bad_claims_are_rejected(bad, needle):
     with pytest.raises(ValueError, match=needle):
         Claim("x", **bad)
@@ -121,21 +126,30 @@ def claims_strategy(draw, with_used: bool = False, priorities: int = 3):
     for i in range(n):
         lo = draw(st.floats(0, 1e4))
         hi = lo + draw(st.one_of(st.floats(0, 1e5), st.just(math.inf)))
-        out.append(Claim(
-            f"a{i}", min=lo, max=hi,
-            weight=draw(st.floats(0.01, 100)),
-            size=draw(st.floats(0.01, 100)),
-            demand=draw(st.one_of(st.none(), st.floats(0, 2e5))),
-            priority=draw(st.integers(0, priorities - 1)),
-            used=draw(st.floats(0, lo + (0 if hi == math.inf else hi - lo))) if with_used
-            else 0.0,
-        ))
+        out.append(
+            Claim(
+                f"a{i}",
+                min=lo,
+                max=hi,
+                weight=draw(st.floats(0.01, 100)),
+                size=draw(st.floats(0.01, 100)),
+                demand=draw(st.one_of(st.none(), st.floats(0, 2e5))),
+                priority=draw(st.integers(0, priorities - 1)),
+                used=draw(st.floats(0, lo + (0 if hi == math.inf else hi - lo)))
+                if with_used
+                else 0.0,
+            )
+        )
     return out
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(claims=claims_strategy(with_used=True), total=amount,
-       policy=st.sampled_from(Policy), preemption=st.sampled_from(Preemption))
+@given(
+    claims=claims_strategy(with_used=True),
+    total=amount,
+    policy=st.sampled_from(Policy),
+    preemption=st.sampled_from(Preemption),
+)
 def test_sum_never_exceeds_total_and_bounds_hold(claims, total, policy, preemption):
     assume(math.fsum(c.used for c in claims) <= total)
     a = allocate(total, claims, policy, preemption)
@@ -161,8 +175,11 @@ def _levels_ok(shares, slots_bounds, weights, scale):
 
 
 @settings(max_examples=150, deadline=None)
-@given(claims=claims_strategy(priorities=1), total=amount,
-       policy=st.sampled_from([Policy.WEIGHTED, Policy.RESOURCE, Policy.DYNAMIC]))
+@given(
+    claims=claims_strategy(priorities=1),
+    total=amount,
+    policy=st.sampled_from([Policy.WEIGHTED, Policy.RESOURCE, Policy.DYNAMIC]),
+)
 def test_weights_respected_and_allocation_is_max_min_fair(claims, total, policy):
     assume(math.fsum(c.min for c in claims) <= total)
     a = allocate(total, claims, policy)
@@ -178,8 +195,11 @@ def test_weights_respected_and_allocation_is_max_min_fair(claims, total, policy)
     want = min(total, math.fsum(hi for _, hi in bounds.values()))
     assert close(a.allocated, want, total)
     # Agents strictly inside their bounds all sit at the same level (weights respected).
-    inside = [k for k, (lo, hi) in bounds.items()
-              if lo + REL * total < a.shares[k] < hi - REL * total]
+    inside = [
+        k
+        for k, (lo, hi) in bounds.items()
+        if lo + REL * total < a.shares[k] < hi - REL * total
+    ]
     levels = [a.shares[k] / weight[k] for k in inside]
     if levels:
         assert max(levels) - min(levels) <= REL * max(1.0, max(levels), total)
@@ -206,23 +226,26 @@ def progressive_filling(total: float, caps: dict[str, float], weights: dict[str,
 
 
 @settings(max_examples=300, deadline=None)
-@given(demands=st.lists(st.floats(0, 1e4), min_size=1, max_size=30),
-       weights=st.lists(st.floats(0.1, 10), min_size=30, max_size=30),
-       total=st.floats(0, 2e5))
+@given(
+    demands=st.lists(st.floats(0, 1e4), min_size=1, max_size=30),
+    weights=st.lists(st.floats(0.1, 10), min_size=30, max_size=30),
+    total=st.floats(0, 2e5),
+)
 def test_dynamic_matches_progressive_filling(demands, weights, total):
     claims = [Claim(f"a{i}", demand=d, weight=weights[i]) for i, d in enumerate(demands)]
     got = allocate(total, claims, Policy.DYNAMIC).shares
-    ref = progressive_filling(total, {c.agent_id: c.demand for c in claims},
-                              {c.agent_id: c.weight for c in claims})
+    ref = progressive_filling(
+        total, {c.agent_id: c.demand for c in claims}, {c.agent_id: c.weight for c in claims}
+    )
     for k in got:
         assert abs(got[k] - ref[k]) <= 1e-6 * max(1.0, total), (k, got[k], ref[k])
 
 
 @settings(max_examples=150, deadline=None)
-@given(claims=claims_strategy(priorities=3), total=amount,
-       policy=st.sampled_from(Policy))
+@given(claims=claims_strategy(priorities=3), total=amount, policy=st.sampled_from(Policy))
 def test_strict_preemption_gives_lower_classes_surplus_only_when_higher_are_full(
-        claims, total, policy):
+    claims, total, policy
+):
     a = allocate(total, claims, policy, Preemption.STRICT)
     for hi_c in claims:
         if hi_c.agent_id not in a.below_cap:
@@ -237,8 +260,10 @@ def test_strict_preemption_gives_lower_classes_surplus_only_when_higher_are_full
 @given(claims=claims_strategy(), total=amount, leave=st.integers(0, 24))
 def test_leaving_never_shrinks_the_others(claims, total, leave):
     """With equal priority, an agent leaving only frees room (population monotonicity)."""
-    claims = [Claim(c.agent_id, min=c.min, max=c.max, weight=c.weight, demand=c.demand)
-              for c in claims]
+    claims = [
+        Claim(c.agent_id, min=c.min, max=c.max, weight=c.weight, demand=c.demand)
+        for c in claims
+    ]
     assume(math.fsum(c.min for c in claims) <= total and len(claims) > 1)
     alloc = Allocator(total, Policy.DYNAMIC)
     for c in claims:

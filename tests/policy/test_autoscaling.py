@@ -12,8 +12,14 @@ from fleet.spec import AutoscalingSpec
 from tests.utils import FakeClock
 
 
-def run(spec: AutoscalingSpec, clock: FakeClock, queued_at, seconds: float,
-        agents: int | None = None, state: ScalingState | None = None):
+def run(
+    spec: AutoscalingSpec,
+    clock: FakeClock,
+    queued_at,
+    seconds: float,
+    agents: int | None = None,
+    state: ScalingState | None = None,
+):
     """Drive ``decide`` every control interval; return the (t, agents, raw) series."""
     agents = spec.start_agents if agents is None else agents
     out = []
@@ -35,9 +41,15 @@ def test_raw_desired_is_ceil_of_queue_over_target_within_bounds():
 
 
 def test_spike_reaches_target_within_upscale_window_then_drains_slowly():
-    spec = AutoscalingSpec(min_agents=10, max_agents=10_000, target_queued_per_agent=100,
-                           control_interval_s=1, upscale_within_s=60, downscale_within_s=300,
-                           downscale_stabilization_s=30)
+    spec = AutoscalingSpec(
+        min_agents=10,
+        max_agents=10_000,
+        target_queued_per_agent=100,
+        control_interval_s=1,
+        upscale_within_s=60,
+        downscale_within_s=300,
+        downscale_stabilization_s=30,
+    )
     clock = FakeClock(0)
     series, state, agents = run(spec, clock, lambda t: 1_000_000, 61)
     assert agents == 10_000, "a spike to max must be reached within upscale_within_s"
@@ -50,13 +62,20 @@ def test_spike_reaches_target_within_upscale_window_then_drains_slowly():
     assert agents == 10
     assert max(downs) <= math.ceil((spec.max_agents - spec.min_agents) / 300) + 1
     first_drop = next(t2 for (t, a, *_), (t2, a2, *_) in zip(series, series[1:]) if a2 < a)
-    assert first_drop - series[0][0] >= spec.downscale_stabilization_s - spec.control_interval_s
+    assert (
+        first_drop - series[0][0] >= spec.downscale_stabilization_s - spec.control_interval_s
+    )
 
 
 def test_bounds_hold_for_any_signal():
-    spec = AutoscalingSpec(min_agents=3, max_agents=40, target_queued_per_agent=5,
-                           upscale_within_s=0, downscale_within_s=0,
-                           downscale_stabilization_s=0)
+    spec = AutoscalingSpec(
+        min_agents=3,
+        max_agents=40,
+        target_queued_per_agent=5,
+        upscale_within_s=0,
+        downscale_within_s=0,
+        downscale_stabilization_s=0,
+    )
     rng = random.Random(7)
     clock = FakeClock(0)
     series, *_ = run(spec, clock, lambda t: rng.choice([0, 1, 50, 10**6]), 200)
@@ -65,10 +84,16 @@ def test_bounds_hold_for_any_signal():
 
 
 def test_per_interval_caps_limit_both_directions():
-    spec = AutoscalingSpec(min_agents=1, max_agents=1000, upscale_within_s=0,
-                           upscale_max_agents_per_interval=7, downscale_within_s=0,
-                           downscale_max_fraction_per_interval=0.5,
-                           downscale_stabilization_s=0, target_queued_per_agent=1)
+    spec = AutoscalingSpec(
+        min_agents=1,
+        max_agents=1000,
+        upscale_within_s=0,
+        upscale_max_agents_per_interval=7,
+        downscale_within_s=0,
+        downscale_max_fraction_per_interval=0.5,
+        downscale_stabilization_s=0,
+        target_queued_per_agent=1,
+    )
     clock = FakeClock(0)
     series, state, agents = run(spec, clock, lambda t: 10_000, 5)
     assert [a for _, a, *_ in series] == [8, 15, 22, 29, 36]
@@ -77,9 +102,14 @@ def test_per_interval_caps_limit_both_directions():
 
 
 def test_stabilization_prevents_flapping_on_noisy_signal():
-    spec = AutoscalingSpec(min_agents=1, max_agents=100, target_queued_per_agent=10,
-                           upscale_within_s=0, downscale_within_s=0,
-                           downscale_stabilization_s=20)
+    spec = AutoscalingSpec(
+        min_agents=1,
+        max_agents=100,
+        target_queued_per_agent=10,
+        upscale_within_s=0,
+        downscale_within_s=0,
+        downscale_stabilization_s=20,
+    )
     rng = random.Random(3)
     clock = FakeClock(0)
     # Noise between 300 and 500 queued: raw desired jumps between 30 and 50 every tick.
@@ -91,8 +121,13 @@ def test_stabilization_prevents_flapping_on_noisy_signal():
 
 
 def test_cooldown_delays_a_second_move():
-    spec = AutoscalingSpec(min_agents=1, max_agents=100, target_queued_per_agent=1,
-                           upscale_within_s=0, upscale_cooldown_s=5)
+    spec = AutoscalingSpec(
+        min_agents=1,
+        max_agents=100,
+        target_queued_per_agent=1,
+        upscale_within_s=0,
+        upscale_cooldown_s=5,
+    )
     clock = FakeClock(0)
     d1, st = decide(spec, ScalingInput(0, 1, 10), None)
     d2, st = decide(spec, ScalingInput(1, d1.agents, 50), st)
@@ -116,8 +151,13 @@ def test_out_of_bounds_count_moves_to_bound_at_once():
 
 def test_average_upscale_rate_is_the_configured_rate_with_late_ticks():
     # 95 agents over 5 s = 19 agents/s; ticks of 0.25 s arrive late (0.33 s).
-    spec = AutoscalingSpec(min_agents=2, max_agents=97, target_queued_per_agent=1,
-                           control_interval_s=0.25, upscale_within_s=5)
+    spec = AutoscalingSpec(
+        min_agents=2,
+        max_agents=97,
+        target_queued_per_agent=1,
+        control_interval_s=0.25,
+        upscale_within_s=5,
+    )
     clock = FakeClock(0)
     agents, state = 2, None
     while agents < 97:

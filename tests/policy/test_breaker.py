@@ -24,8 +24,16 @@ CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.H
 
 
 def breaker(clock: FakeClock, **kw) -> tuple[CircuitBreaker, BreakerEventLog]:
-    spec = BreakerSpec(**{"window_calls": 10, "min_calls": 5, "open_duration_s": 10,
-                          "max_open_duration_s": 35, "half_open_probe_calls": 2, **kw})
+    spec = BreakerSpec(
+        **{
+            "window_calls": 10,
+            "min_calls": 5,
+            "open_duration_s": 10,
+            "max_open_duration_s": 35,
+            "half_open_probe_calls": 2,
+            **kw,
+        }
+    )
     log = BreakerEventLog()
     return CircuitBreaker("b", spec, clock, [log]), log
 
@@ -45,6 +53,7 @@ def succeed(b: CircuitBreaker, n: int, latency_s: float | None = None) -> None:
 
 
 # --- windows -------------------------------------------------------------------------
+
 
 def test_count_window_forgets_the_oldest_call():
     w = CountWindow(3)
@@ -67,6 +76,7 @@ def test_time_buckets_drop_whole_slots_as_time_passes():
 
 
 # --- the state machine -----------------------------------------------------------------
+
 
 def test_closed_opens_on_failure_rate_only_after_min_calls():
     clock = FakeClock(0)
@@ -131,8 +141,11 @@ def test_open_becomes_half_open_after_the_duration_and_probes_close_it():
     assert b.state is HALF_OPEN
     b.record(True)
     assert b.state is CLOSED
-    assert transitions(log) == [("closed", "open"), ("open", "half_open"),
-                                ("half_open", "closed")]
+    assert transitions(log) == [
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+    ]
     assert log.events[-1].reason == "2 probe calls succeeded"
     assert b.snapshot().calls == 0, "closing starts a fresh window"
 
@@ -220,22 +233,33 @@ def test_every_transition_reaches_every_listener_in_order():
     clock.advance(20)
     b.try_acquire(), b.try_acquire()
     succeed(b, 2)
-    expected = [("closed", "open"), ("open", "half_open"), ("half_open", "open"),
-                ("open", "half_open"), ("half_open", "closed")]
+    expected = [
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+    ]
     assert transitions(log) == expected
     assert transitions(other) == expected[1:]  # added after the first event
-    assert log.counts == {"transition:open": 2, "transition:half_open": 2,
-                          "transition:closed": 1}
+    assert log.counts == {
+        "transition:open": 2,
+        "transition:half_open": 2,
+        "transition:closed": 1,
+    }
     assert [e.at_s for e in log.events] == [0, 10, 10, 30, 30]
 
 
 # --- registry: ejection cap and panic mode -------------------------------------------
 
+
 def registry(clock, n_agents=20, share=0.1, panic=0.5, **breaker_kw):
     spec = ResilienceSpec(
-        agent_breaker=BreakerSpec(**{"window_calls": 10, "min_calls": 5,
-                                     "open_duration_s": 10, **breaker_kw}),
-        ejection=EjectionSpec(max_ejected_share=share, panic_threshold=panic))
+        agent_breaker=BreakerSpec(
+            **{"window_calls": 10, "min_calls": 5, "open_duration_s": 10, **breaker_kw}
+        ),
+        ejection=EjectionSpec(max_ejected_share=share, panic_threshold=panic),
+    )
     log = BreakerEventLog()
     reg = BreakerRegistry(spec, clock, [log], name="support")
     reg.sync_agents(f"a{i}" for i in range(n_agents))
@@ -269,6 +293,7 @@ def test_ejection_cap_keeps_breakers_closed_beyond_the_share_and_records_it():
 
 def test_the_cap_never_passes_under_random_failures():
     import random
+
     clock = FakeClock(0)
     reg, _ = registry(clock, n_agents=30, share=0.1)
     rng = random.Random(3)
@@ -327,7 +352,9 @@ def test_panic_mode_routes_to_every_agent_when_too_few_are_healthy():
     r = reg.routable(cands)
     assert not r.panic and len(r.candidates) == 10 and reg.ejected == frozenset()
     assert [e.kind for e in log.events if e.name == "support"] == [
-        EventKind.PANIC_START, EventKind.PANIC_END]
+        EventKind.PANIC_START,
+        EventKind.PANIC_END,
+    ]
     assert reg.snapshot()["panics"] == 1
 
 
@@ -345,9 +372,11 @@ def test_dependency_breakers_are_not_capped_and_can_be_configured_per_name():
     clock = FakeClock(0)
     spec = ResilienceSpec(
         dependency_breaker=BreakerSpec(min_calls=2, window_calls=4),
-        dependency_breakers={"llm": BreakerSpec(min_calls=3, window_calls=3,
-                                                failure_rate_threshold=1.0)},
-        ejection=EjectionSpec(max_ejected_share=0.1))
+        dependency_breakers={
+            "llm": BreakerSpec(min_calls=3, window_calls=3, failure_rate_threshold=1.0)
+        },
+        ejection=EjectionSpec(max_ejected_share=0.1),
+    )
     reg = BreakerRegistry(spec, clock)
     for dep in ("db", "cache", "search"):
         reg.record_dependency(dep, False)
@@ -362,31 +391,63 @@ def test_dependency_breakers_are_not_capped_and_can_be_configured_per_name():
 
 # --- spec ----------------------------------------------------------------------------
 
+
 def errors_of(resilience) -> dict[str, str]:
     with pytest.raises(SpecError) as exc:
         parse_spec({"pools": [pool()], "resilience": resilience})
     return dict(exc.value.errors)
 
 
-@pytest.mark.parametrize("resilience,path,needle", [
-    ({"agent_breaker": {"failure_rate_threshold": 0}},
-     "resilience.agent_breaker.failure_rate_threshold", "0.0 is outside (0, 1]"),
-    ({"agent_breaker": {"failure_rate_threshold": 1.2}},
-     "resilience.agent_breaker.failure_rate_threshold", "1.2 is outside (0, 1]"),
-    ({"dependency_breakers": {"llm": {"slow_call_rate_threshold": -0.5}}},
-     "resilience.dependency_breakers.llm.slow_call_rate_threshold", "outside (0, 1]"),
-    ({"ejection": {"max_ejected_share": 0}}, "resilience.ejection.max_ejected_share",
-     "outside (0, 1]"),
-    ({"ejection": {"panic_threshold": 1.5}}, "resilience.ejection.panic_threshold",
-     "outside [0, 1]"),
-    ({"agent_breaker": {"open_duration_s": 60, "max_open_duration_s": 30}},
-     "resilience.agent_breaker", "max_open_duration_s (30.0) must be >= open_duration_s"),
-    ({"agent_breaker": {"min_calls": 50, "window_calls": 10}}, "resilience.agent_breaker",
-     "min_calls (50) must be <= window_calls (10)"),
-    ({"agent_breaker": {"window": "sliding"}}, "resilience.agent_breaker.window", "'count'"),
-    ({"agent_breaker": {"treshold": 0.5}}, "resilience.agent_breaker.treshold",
-     "unknown field"),
-])
+@pytest.mark.parametrize(
+    "resilience,path,needle",
+    [
+        (
+            {"agent_breaker": {"failure_rate_threshold": 0}},
+            "resilience.agent_breaker.failure_rate_threshold",
+            "0.0 is outside (0, 1]",
+        ),
+        (
+            {"agent_breaker": {"failure_rate_threshold": 1.2}},
+            "resilience.agent_breaker.failure_rate_threshold",
+            "1.2 is outside (0, 1]",
+        ),
+        (
+            {"dependency_breakers": {"llm": {"slow_call_rate_threshold": -0.5}}},
+            "resilience.dependency_breakers.llm.slow_call_rate_threshold",
+            "outside (0, 1]",
+        ),
+        (
+            {"ejection": {"max_ejected_share": 0}},
+            "resilience.ejection.max_ejected_share",
+            "outside (0, 1]",
+        ),
+        (
+            {"ejection": {"panic_threshold": 1.5}},
+            "resilience.ejection.panic_threshold",
+            "outside [0, 1]",
+        ),
+        (
+            {"agent_breaker": {"open_duration_s": 60, "max_open_duration_s": 30}},
+            "resilience.agent_breaker",
+            "max_open_duration_s (30.0) must be >= open_duration_s",
+        ),
+        (
+            {"agent_breaker": {"min_calls": 50, "window_calls": 10}},
+            "resilience.agent_breaker",
+            "min_calls (50) must be <= window_calls (10)",
+        ),
+        (
+            {"agent_breaker": {"window": "sliding"}},
+            "resilience.agent_breaker.window",
+            "'count'",
+        ),
+        (
+            {"agent_breaker": {"treshold": 0.5}},
+            "resilience.agent_breaker.treshold",
+            "unknown field",
+        ),
+    ],
+)
 def test_bad_breaker_spec_names_the_field(resilience, path, needle):
     errs = errors_of(resilience)
     assert path in errs, errs
@@ -394,9 +455,16 @@ def test_bad_breaker_spec_names_the_field(resilience, path, needle):
 
 
 def test_resilience_defaults_keep_the_existing_fields():
-    spec = parse_spec({"pools": [pool()], "resilience": {
-        "task_timeout_s": 12, "max_deliveries": 2,
-        "agent_breaker": {"window": "time", "window_s": 30, "min_calls": 50}}})
+    spec = parse_spec(
+        {
+            "pools": [pool()],
+            "resilience": {
+                "task_timeout_s": 12,
+                "max_deliveries": 2,
+                "agent_breaker": {"window": "time", "window_s": 30, "min_calls": 50},
+            },
+        }
+    )
     r = spec.resilience
     assert (r.task_timeout_s, r.max_deliveries) == (12, 2)
     assert r.agent_breaker.window.value == "time" and r.ejection.max_ejected_share == 0.1
@@ -404,6 +472,7 @@ def test_resilience_defaults_keep_the_existing_fields():
 
 
 # --- the pieces together: breakers + success-rate routing + retries --------------------
+
 
 def test_bad_agents_are_ejected_within_the_cap_and_readmitted_and_tasks_succeed():
     """50 agents, 5 fail half their tasks and one hangs (its tasks time out after 5 s),
@@ -421,14 +490,23 @@ def test_bad_agents_are_ejected_within_the_cap_and_readmitted_and_tasks_succeed(
 
     clock, rng = FakeClock(0), random.Random(5)
     spec = ResilienceSpec(
-        agent_breaker=BreakerSpec(window_calls=20, min_calls=6, failure_rate_threshold=0.3,
-                                  slow_call_duration_s=4, open_duration_s=10,
-                                  max_open_duration_s=40),
+        agent_breaker=BreakerSpec(
+            window_calls=20,
+            min_calls=6,
+            failure_rate_threshold=0.3,
+            slow_call_duration_s=4,
+            open_duration_s=10,
+            max_open_duration_s=40,
+        ),
         ejection=EjectionSpec(max_ejected_share=0.1),
-        retry=RetrySpec(max_attempts=4, initial_backoff_s=0.2, budget_ratio=0.2))
+        retry=RetrySpec(max_attempts=4, initial_backoff_s=0.2, budget_ratio=0.2),
+    )
     reg = BreakerRegistry(spec, clock)
-    router = SuccessRateRouter(SuccessRateSpec(min_success_rate=0.8, window_s=30, min_calls=5),
-                               clock, LeastLoadedRouter(2))
+    router = SuccessRateRouter(
+        SuccessRateSpec(min_success_rate=0.8, window_s=30, min_calls=5),
+        clock,
+        LeastLoadedRouter(2),
+    )
     retry = RetryPolicy(spec.retry, clock, random.Random(6))
     agents = [Candidate(f"a{i}", 0, 4) for i in range(50)]
     reg.sync_agents(a.id for a in agents)
@@ -465,8 +543,9 @@ def test_bad_agents_are_ejected_within_the_cap_and_readmitted_and_tasks_succeed(
                 # it will time out: the retry is scheduled for after the timeout
                 d = retry.decide(attempts[task], "timeout")
                 if d.retry:
-                    heapq.heappush(events, (t + 5.0 + d.delay_s, seq := seq + 1,
-                                            "arrive", task, None))
+                    heapq.heappush(
+                        events, (t + 5.0 + d.delay_s, seq := seq + 1, "arrive", task, None)
+                    )
                 else:
                     done[task] = False
             else:
@@ -478,8 +557,9 @@ def test_bad_agents_are_ejected_within_the_cap_and_readmitted_and_tasks_succeed(
                 else:
                     d = retry.decide(attempts[task], "upstream")
                     if d.retry:
-                        heapq.heappush(events, (t + d.delay_s, seq := seq + 1, "arrive",
-                                                task, None))
+                        heapq.heappush(
+                            events, (t + d.delay_s, seq := seq + 1, "arrive", task, None)
+                        )
                     else:
                         done[task] = False
         max_ejected = max(max_ejected, len(reg.ejected))
@@ -487,8 +567,10 @@ def test_bad_agents_are_ejected_within_the_cap_and_readmitted_and_tasks_succeed(
             ejected_by_60 |= reg.ejected
     clock.advance(60)
     success = sum(done.values()) / 4_800
-    print(f"success={success:.4f} max_ejected={max_ejected} ejected_by_60={sorted(ejected_by_60)}"
-          f" denied={reg.snapshot()['denied_trips']} retries={retry.budget.snapshot()}")
+    print(
+        f"success={success:.4f} max_ejected={max_ejected} ejected_by_60={sorted(ejected_by_60)}"
+        f" denied={reg.snapshot()['denied_trips']} retries={retry.budget.snapshot()}"
+    )
     assert len(done) == 4_800, "every task reached an outcome"
     assert success >= 0.99
     assert max_ejected <= reg.max_ejected == 5

@@ -37,22 +37,38 @@ def budgets(**kw) -> BudgetsSpec:
 
 # --- the spec ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad,path,needle", [
-    ({"daily_usd": 1000, "per_agent_min_usd": 600, "per_agent_max_usd": 500}, "budgets",
-     "per_agent_min_usd (600) must be <= per_agent_max_usd (500)"),
-    ({"prices": {"m": {"input_usd_per_mtok": -1, "output_usd_per_mtok": 1}}},
-     "budgets.prices.m.input_usd_per_mtok", "price -1.0 is negative"),
-    ({"daily_usd": -5}, "budgets.daily_usd", "-5.0 is negative"),
-    ({"per_agent_min_usd": 5}, "budgets", "needs daily_usd"),
-    ({"daily_usd": 40, "per_agent_min_usd": 50}, "budgets",
-     "per_agent_min_usd 50 x 1 agent = 50 > daily_usd 40"),
-    ({"pool_classes": {"a": "gold"}}, "budgets", "unknown priority class 'gold'"),
-    ({"alert_thresholds": [0.9, 0.5]}, "budgets", "must be increasing"),
-    ({"alert_thresholds": [1.5]}, "budgets.alert_thresholds.0", "outside (0, 1]"),
-    ({"tenants": {"acme": {"daily_tokens": -1}}}, "budgets.tenants.acme.daily_tokens",
-     "greater than or equal to 0"),
-    ({"allocation": "greedy"}, "budgets.allocation", "'dynamic'"),
-])
+
+@pytest.mark.parametrize(
+    "bad,path,needle",
+    [
+        (
+            {"daily_usd": 1000, "per_agent_min_usd": 600, "per_agent_max_usd": 500},
+            "budgets",
+            "per_agent_min_usd (600) must be <= per_agent_max_usd (500)",
+        ),
+        (
+            {"prices": {"m": {"input_usd_per_mtok": -1, "output_usd_per_mtok": 1}}},
+            "budgets.prices.m.input_usd_per_mtok",
+            "price -1.0 is negative",
+        ),
+        ({"daily_usd": -5}, "budgets.daily_usd", "-5.0 is negative"),
+        ({"per_agent_min_usd": 5}, "budgets", "needs daily_usd"),
+        (
+            {"daily_usd": 40, "per_agent_min_usd": 50},
+            "budgets",
+            "per_agent_min_usd 50 x 1 agent = 50 > daily_usd 40",
+        ),
+        ({"pool_classes": {"a": "gold"}}, "budgets", "unknown priority class 'gold'"),
+        ({"alert_thresholds": [0.9, 0.5]}, "budgets", "must be increasing"),
+        ({"alert_thresholds": [1.5]}, "budgets.alert_thresholds.0", "outside (0, 1]"),
+        (
+            {"tenants": {"acme": {"daily_tokens": -1}}},
+            "budgets.tenants.acme.daily_tokens",
+            "greater than or equal to 0",
+        ),
+        ({"allocation": "greedy"}, "budgets.allocation", "'dynamic'"),
+    ],
+)
 def test_bad_budgets_are_rejected_at_load_with_the_field_path(bad, path, needle):
     with pytest.raises(SpecError) as exc:
         parse_spec({"pools": [pool("a")], "budgets": bad})
@@ -63,12 +79,15 @@ def test_bad_budgets_are_rejected_at_load_with_the_field_path(bad, path, needle)
 
 def test_minimum_the_total_cannot_cover_at_max_agents_is_rejected_with_the_arithmetic():
     spec = budgets(daily_usd=50_000, per_agent_min_usd=50, per_agent_max_usd=500)
-    pools = [pool("a", autoscaling={"max_agents": 1500}),
-             pool("b", autoscaling={"max_agents": 500})]
+    pools = [
+        pool("a", autoscaling={"max_agents": 1500}),
+        pool("b", autoscaling={"max_agents": 500}),
+    ]
     with pytest.raises(ValueError) as exc:
         check_budget_covers(spec, pools)
-    assert ("budgets.per_agent_min_usd 50 x max_agents 2000 = 100000 > budgets.daily_usd "
-            "50000") in str(exc.value)
+    assert (
+        "budgets.per_agent_min_usd 50 x max_agents 2000 = 100000 > budgets.daily_usd 50000"
+    ) in str(exc.value)
     assert "a 1500, b 500" in str(exc.value)
     check_budget_covers(spec.model_dump(), [pool("a", autoscaling={"max_agents": 1000})])
     with pytest.raises(ValueError, match="budgets.pool_classes.nope: no pool named 'nope'"):
@@ -95,6 +114,7 @@ def test_model_price_still_costs_results():
 
 # --- the store (one parametrized fixture, so other backends run the same tests) -------------
 
+
 @pytest.fixture(params=["memory", "sqlite"])
 def store(request, tmp_path):
     if request.param == "memory":
@@ -109,8 +129,9 @@ def store(request, tmp_path):
     durable.commit()
     again = SqliteBudgetStore(BudgetDatabase(tmp_path / "budget.sqlite3"))
     entries = durable.entries() | again.entries()
-    assert {e: v[1:] for e, v in durable.counters(entries).items()} == \
-        {e: v[1:] for e, v in again.counters(entries).items()}
+    assert {e: v[1:] for e, v in durable.counters(entries).items()} == {
+        e: v[1:] for e, v in again.counters(entries).items()
+    }
     assert again.reservations == durable.reservations
 
 
@@ -187,6 +208,7 @@ def test_200_tasks_racing_for_the_last_budget_never_overspend(store):
 
 # --- reserve and settle ----------------------------------------------------------------------
 
+
 def make_policy(clock: FakeClock, **kw) -> BudgetPolicy:
     return BudgetPolicy(budgets(**kw), clock)
 
@@ -239,8 +261,12 @@ def test_release_gives_everything_back_and_overruns_are_recorded_not_hidden():
 
 def test_pool_tenant_token_and_cpu_quotas_over_hourly_windows():
     clock = FakeClock(DAY0)
-    p = make_policy(clock, pools={"p": {"hourly_tokens": 1000}},
-                    tenants={"acme": {"daily_cpu_s": 10}}, per_agent={"hourly_usd": 3})
+    p = make_policy(
+        clock,
+        pools={"p": {"hourly_tokens": 1000}},
+        tenants={"acme": {"daily_cpu_s": 10}},
+        per_agent={"hourly_usd": 3},
+    )
     p.join("a", "p")
     p.join("b", "q")
     r = p.reserve("a", Usage(tokens=800), tenant="acme")
@@ -294,8 +320,7 @@ def test_state_taken_as_changes_restores_a_policy_after_a_restart():
     p.settle(r1, Usage(usd=30, tokens=7))
     changes = p.take_changes()
     assert changes.stats["fleet"] == (30, 7, 0.0, 1) and changes.stats["tenant:t"][0] == 30
-    assert {a.key for a, polled in changes.alerts if not polled} == {
-        "tenant:t:usd:hourly"}
+    assert {a.key for a, polled in changes.alerts if not polled} == {"tenant:t:usd:hourly"}
     assert p.take_changes().stats == {}, "changes are reported once"
 
     q = BudgetPolicy(spec, clock, store)  # the restart: same counters, new policy
@@ -309,8 +334,9 @@ def test_state_taken_as_changes_restores_a_policy_after_a_restart():
     q.settle(q.reserve("a", Usage(usd=5), tenant="t"), Usage(usd=5))
     assert q.poll_alerts() == [], "the tenant's alert already fired this hour"
     r2 = q.reserve("a", Usage(usd=1))
-    assert isinstance(r2, Reservation) and r2.id not in (r.id, r1.id), \
+    assert isinstance(r2, Reservation) and r2.id not in (r.id, r1.id), (
         "reservation ids continue after the restored sequence"
+    )
     clock.advance(DAY_S)
     q.rebalance()
     new_day = q.take_changes()
@@ -346,9 +372,14 @@ def test_a_departed_agent_keeps_counting_and_its_share_goes_to_the_others():
 
 def test_overload_preempts_low_priority_first():
     clock = FakeClock(DAY0)
-    p = make_policy(clock, daily_usd=1000, per_agent_min_usd=50, per_agent_max_usd=500,
-                    priority_classes=[{"name": "high"}, {"name": "low"}],
-                    pool_classes={"hp": "high", "lp": "low"})
+    p = make_policy(
+        clock,
+        daily_usd=1000,
+        per_agent_min_usd=50,
+        per_agent_max_usd=500,
+        priority_classes=[{"name": "high"}, {"name": "low"}],
+        pool_classes={"hp": "high", "lp": "low"},
+    )
     for i in range(2):
         p.join(f"h{i}", "hp")
         p.join(f"l{i}", "lp")
@@ -363,9 +394,13 @@ def test_overload_preempts_low_priority_first():
 
 def test_growth_reserve_keeps_minimums_for_agents_yet_to_join():
     clock = FakeClock(DAY0)
-    spec = budgets(daily_usd=1000, per_agent_min_usd=100, per_agent_max_usd=1000,
-                   priority_classes=[{"name": "high", "reserve_for_growth": True},
-                                     {"name": "low"}], pool_classes={"hp": "high"})
+    spec = budgets(
+        daily_usd=1000,
+        per_agent_min_usd=100,
+        per_agent_max_usd=1000,
+        priority_classes=[{"name": "high", "reserve_for_growth": True}, {"name": "low"}],
+        pool_classes={"hp": "high"},
+    )
     p = BudgetPolicy(spec, clock, max_agents_by_pool={"hp": 4, "lp": 6})
     p.join("h0", "hp")
     p.join("l0", "lp")
@@ -379,9 +414,18 @@ def test_growth_reserve_keeps_minimums_for_agents_yet_to_join():
     # The latecomers get the $100 each that was held for them, although h0 spent early.
     assert [p.limit_usd(f"h{i}") for i in (1, 2, 3)] == [100, 100, 100]
     assert p.limit_usd("l0") == 100
-    without = BudgetPolicy(spec.model_copy(update={"priority_classes": [
-        spec.priority_classes[0].model_copy(update={"reserve_for_growth": False}),
-        spec.priority_classes[1]]}), FakeClock(DAY0), max_agents_by_pool={"hp": 4, "lp": 6})
+    without = BudgetPolicy(
+        spec.model_copy(
+            update={
+                "priority_classes": [
+                    spec.priority_classes[0].model_copy(update={"reserve_for_growth": False}),
+                    spec.priority_classes[1],
+                ]
+            }
+        ),
+        FakeClock(DAY0),
+        max_agents_by_pool={"hp": 4, "lp": 6},
+    )
     without.join("h0", "hp")
     without.join("l0", "lp")
     without.rebalance()
@@ -389,6 +433,7 @@ def test_growth_reserve_keeps_minimums_for_agents_yet_to_join():
 
 
 # --- the shipped example under a load that exceeds it ------------------------------------------
+
 
 class LoadGenerator:
     """A fleet growing from 10 to 1,000 agents over 12 virtual hours (every 5 minutes),
@@ -407,8 +452,9 @@ class LoadGenerator:
         self.policy = BudgetPolicy.for_fleet(spec, self.clock)
         self.rebalance_s = spec.budgets.rebalance_interval_s
         self.rng = random.Random(seed)
-        self.pools = {p.name: (p.autoscaling.min_agents, p.autoscaling.max_agents)
-                      for p in spec.pools}
+        self.pools = {
+            p.name: (p.autoscaling.min_agents, p.autoscaling.max_agents) for p in spec.pools
+        }
         self.present: dict[str, list[str]] = {p: [] for p in self.pools}
         self.spent: dict[str, float] = {}  # the ledger: actual USD per agent
         self.cls: dict[str, str] = {}
@@ -469,8 +515,9 @@ class LoadGenerator:
         r = self.policy.reserve(a, Usage(usd=est))
         if isinstance(r, Reservation):
             self.outstanding += est
-            self.max_committed = max(self.max_committed,
-                                     self.outstanding + math.fsum(self.spent.values()))
+            self.max_committed = max(
+                self.max_committed, self.outstanding + math.fsum(self.spent.values())
+            )
             self.push(t + self.rng.uniform(60, 300), "done", (r, est))
             self.push(t + self.rng.expovariate(1 / self.gap_s[a]), "task", a)
         else:

@@ -116,12 +116,12 @@ def test_outcomes_count_failed_and_missing_voters():
 @pytest.mark.parametrize("n,fan_out", [(1, 2), (7, 2), (64, 8), (1000, 8), (1000, 3)])
 def test_group_leaders_reduce_in_log_depth_with_linear_messages(n, fan_out):
     outcomes = [Vote("a" if i % 3 else "b") for i in range(n)]
-    groups = [outcomes[: n // 2], outcomes[n // 2:]]
+    groups = [outcomes[: n // 2], outcomes[n // 2 :]]
     t, messages, depth = tally_groups(groups, fan_out)
     assert t == Tally.of(outcomes)
     assert n <= messages <= n + 2 * n // (fan_out - 1) + 4  # votes + partials passed up: O(n)
     levels = 0
-    while fan_out ** levels < n:
+    while fan_out**levels < n:
         levels += 1
     assert depth <= levels + 2  # chunk level + log_f(group) + the merge of two groups
 
@@ -144,7 +144,9 @@ def test_an_exact_tie_goes_to_the_tie_breaker():
     assert final(tally).option == "no"  # lexicographic: smallest name among the leaders
     pol = ConsensusSpec(tie_breaker="option", tie_break_option="escalate")
     assert final(tally, pol).option == "escalate"
-    seeded = {final(tally, ConsensusSpec(tie_breaker="seeded", seed=s)).option for s in range(20)}
+    seeded = {
+        final(tally, ConsensusSpec(tie_breaker="seeded", seed=s)).option for s in range(20)
+    }
     assert seeded == {"no", "yes"}  # the seed picks among the leaders, both happen
     again = final(tally, ConsensusSpec(tie_breaker="seeded", seed=3)).option
     assert again == final(tally, ConsensusSpec(tie_breaker="seeded", seed=3)).option
@@ -162,8 +164,13 @@ def test_supermajority_share_is_respected():
 
 
 def test_weights_and_confidence_can_outvote_headcount():
-    vs = [Vote("a", 5.0, 0.2), Vote("a", 5.0, 0.2), Vote("b", 1.0, 1.0), Vote("b", 1.0, 1.0),
-          Vote("b", 1.0, 1.0)]
+    vs = [
+        Vote("a", 5.0, 0.2),
+        Vote("a", 5.0, 0.2),
+        Vote("b", 1.0, 1.0),
+        Vote("b", 1.0, 1.0),
+        Vote("b", 1.0, 1.0),
+    ]
     t = Tally.of(vs)
     assert final(t).option == "b"  # count: 3 to 2
     assert final(t, ConsensusSpec(weigh_by="weight")).option == "a"  # 10 to 3
@@ -185,8 +192,13 @@ def test_waiting_then_timeout_then_tie_break_as_votes_go_missing():
     # Only 30 of 100 answered: below the quorum, so the tie-breaker decides at the deadline.
     t = Tally.of(votes(yes=30), eligible=100)
     assert evaluate(t, pol, Q, population=100, final=False) is None
-    v = evaluate(t, ConsensusSpec(tie_breaker="option", tie_break_option="no"), Q,
-                 population=100, final=True)
+    v = evaluate(
+        t,
+        ConsensusSpec(tie_breaker="option", tie_break_option="no"),
+        Q,
+        population=100,
+        final=True,
+    )
     assert (v.option, v.reason) == ("no", Reason.TIE_BREAK)
 
 
@@ -197,14 +209,25 @@ def test_failed_voters_count_against_the_quorum_but_not_the_majority():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from("abcd"), st.integers(0, 30), max_size=4),
-       st.integers(0, 40), st.integers(0, 10), st.sampled_from([0.3, 0.5, 0.9, 1.0]),
-       st.sampled_from([0.5, 0.6]))
-def test_tie_breaker_decides_exactly_when_the_rule_fails(counts, missing, failed, quorum, share):
-    tally = Tally.of(votes(**counts), failed=failed,
-                     eligible=sum(counts.values()) + failed + missing)
-    pol = ConsensusSpec(quorum_share=quorum, majority_share=share, tie_breaker="option",
-                        tie_break_option="escalate")
+@given(
+    st.dictionaries(st.sampled_from("abcd"), st.integers(0, 30), max_size=4),
+    st.integers(0, 40),
+    st.integers(0, 10),
+    st.sampled_from([0.3, 0.5, 0.9, 1.0]),
+    st.sampled_from([0.5, 0.6]),
+)
+def test_tie_breaker_decides_exactly_when_the_rule_fails(
+    counts, missing, failed, quorum, share
+):
+    tally = Tally.of(
+        votes(**counts), failed=failed, eligible=sum(counts.values()) + failed + missing
+    )
+    pol = ConsensusSpec(
+        quorum_share=quorum,
+        majority_share=share,
+        tie_breaker="option",
+        tie_break_option="escalate",
+    )
     chk = check_rule(tally, pol)
     v = final(tally, pol)
     assert (v.reason is Reason.TIE_BREAK) == (not chk.holds)
@@ -255,6 +278,7 @@ def ask(pop: list[Vote | str]):
         outcomes = {i: pop[i] for i in idx}
         votes_ = {i: o for i, o in outcomes.items() if isinstance(o, Vote)}
         return Tally.of_outcomes(outcomes.values()), votes_
+
     return _ask
 
 
@@ -306,8 +330,12 @@ def test_snowball_agrees_with_exact_majority_at_60_40():
     agree = 0
     for seed in range(100):
         pop = population(2_000, 0.6, seed)
-        agree += run_sync(start_run(pol, Question(f"s{seed}", ("no", "yes")), 2_000),
-                          ask(pop)).option == "yes"
+        agree += (
+            run_sync(
+                start_run(pol, Question(f"s{seed}", ("no", "yes")), 2_000), ask(pop)
+            ).option
+            == "yes"
+        )
     assert agree >= 95
 
 
@@ -335,8 +363,9 @@ def test_level_budgets_nest():
 
 # -- memo ---------------------------------------------------------------------------------
 def _decision(option: str = "yes") -> Decision:
-    return Decision(Q, option, Reason.QUORUM, Tally.of(votes(yes=3)), 1.0, 1.0,
-                    "hierarchical", 3)
+    return Decision(
+        Q, option, Reason.QUORUM, Tally.of(votes(yes=3)), 1.0, 1.0, "hierarchical", 3
+    )
 
 
 def test_memo_returns_the_decision_within_ttl_with_its_age_then_forgets():
@@ -358,8 +387,9 @@ def test_memo_invalidation_and_keys():
     memo = DecisionMemo(FakeClock())
     pol = ConsensusSpec()
     k1 = memo_key(Q, pol)
-    assert k1 == memo_key(Question("ship it?", ("no", "yes")), pol.model_copy(
-        update={"memo_ttl_s": 5}))  # the TTL is not part of the question
+    assert k1 == memo_key(
+        Question("ship it?", ("no", "yes")), pol.model_copy(update={"memo_ttl_s": 5})
+    )  # the TTL is not part of the question
     k2 = memo_key(Q, ConsensusSpec(mode="probabilistic"))
     k3 = memo_key(Question("ship it?", ("yes", "no", "later")), pol)
     assert len({k1, k2, k3, memo_key(Q, pol, scope="other electorate")}) == 4
@@ -372,17 +402,20 @@ def test_memo_invalidation_and_keys():
 
 
 # -- bad input ----------------------------------------------------------------------------
-@pytest.mark.parametrize("field,value,needle", [
-    ("confidence", 0.5, "strictly between 0.5 and 1"),
-    ("confidence", 1.0, "strictly between 0.5 and 1"),
-    ("confidence", 0.2, "got 0.2"),
-    ("fan_out", 1, "fan_out must be >= 2"),
-    ("fan_out", 0, "got 0"),
-    ("quorum_share", 0, "greater than 0"),
-    ("timeout_s", -1, "greater than 0"),
-    ("mode", "telepathy", "hierarchical"),
-    ("fanout", 4, "Extra inputs"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("confidence", 0.5, "strictly between 0.5 and 1"),
+        ("confidence", 1.0, "strictly between 0.5 and 1"),
+        ("confidence", 0.2, "got 0.2"),
+        ("fan_out", 1, "fan_out must be >= 2"),
+        ("fan_out", 0, "got 0"),
+        ("quorum_share", 0, "greater than 0"),
+        ("timeout_s", -1, "greater than 0"),
+        ("mode", "telepathy", "hierarchical"),
+        ("fanout", 4, "Extra inputs"),
+    ],
+)
 def test_bad_policy_is_rejected_naming_the_field(field, value, needle):
     with pytest.raises(ValidationError) as exc:
         ConsensusSpec.model_validate({field: value})

@@ -38,16 +38,20 @@ def kinds(actions) -> list[tuple[str, str]]:
 
 # --- spec ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad,needle", [
-    ({"heartbeat_interval_s": 10, "heartbeat_timeout_s": 10}, "must be greater than"),
-    ({"error_rate_threshold": 0}, "outside (0, 1]"),
-    ({"error_rate_threshold": 1.5}, "outside (0, 1]"),
-    ({"restart": {"initial_backoff_s": 10, "max_backoff_s": 5}}, "max_backoff_s (5.0)"),
-    ({"restart": {"jitter_ratio": 2}}, "outside [0, 1]"),
-    ({"cascade": {"cascade_share": 0.1, "resume_share": 0.2}}, "resume_share (0.2)"),
-    ({"cascade": {"half_open_growth": 1}}, "greater than 1"),
-    ({"heartbeat_every_s": 3}, "Extra inputs"),
-])
+
+@pytest.mark.parametrize(
+    "bad,needle",
+    [
+        ({"heartbeat_interval_s": 10, "heartbeat_timeout_s": 10}, "must be greater than"),
+        ({"error_rate_threshold": 0}, "outside (0, 1]"),
+        ({"error_rate_threshold": 1.5}, "outside (0, 1]"),
+        ({"restart": {"initial_backoff_s": 10, "max_backoff_s": 5}}, "max_backoff_s (5.0)"),
+        ({"restart": {"jitter_ratio": 2}}, "outside [0, 1]"),
+        ({"cascade": {"cascade_share": 0.1, "resume_share": 0.2}}, "resume_share (0.2)"),
+        ({"cascade": {"half_open_growth": 1}}, "greater than 1"),
+        ({"heartbeat_every_s": 3}, "Extra inputs"),
+    ],
+)
 def test_bad_health_spec_is_rejected_with_the_value(bad, needle):
     with pytest.raises(ValidationError) as exc:
         HealthSpec(**bad)
@@ -62,6 +66,7 @@ def test_defaults_check_every_10s_and_guard_at_10_percent():
 
 
 # --- the failure detector ----------------------------------------------------------------
+
 
 def test_missed_heartbeat_is_detected_after_the_timeout_not_before():
     det = FailureDetector(HealthSpec(heartbeat_interval_s=10, heartbeat_timeout_s=30))
@@ -96,8 +101,9 @@ def test_a_task_past_its_own_limit_plus_grace_is_hung():
 
 
 def test_error_rate_needs_min_calls_and_forgets_old_errors():
-    det = FailureDetector(HealthSpec(error_window_s=60, error_min_calls=10,
-                                     error_rate_threshold=0.5))
+    det = FailureDetector(
+        HealthSpec(error_window_s=60, error_min_calls=10, error_rate_threshold=0.5)
+    )
     sig = det.new_signals(0.0)
     sig.last_heartbeat_s = 0.0
     for _ in range(9):
@@ -115,6 +121,7 @@ def test_error_rate_needs_min_calls_and_forgets_old_errors():
 
 
 # --- the agent state machine -------------------------------------------------------------
+
 
 def test_lifecycle_start_fail_backoff_restart_recover():
     clock = FakeClock(0.0)
@@ -142,8 +149,12 @@ def test_lifecycle_start_fail_backoff_restart_recover():
     m.heartbeat("a")
     assert kinds(m.tick()) == [("admit", "a")] and m.state("a") is S.HEALTHY
     path = [(e.old, e.new) for e in log.of(EventKind.AGENT)]
-    assert path == [("starting", "healthy"), ("healthy", "unhealthy"),
-                    ("unhealthy", "restarting"), ("restarting", "healthy")]
+    assert path == [
+        ("starting", "healthy"),
+        ("healthy", "unhealthy"),
+        ("unhealthy", "restarting"),
+        ("restarting", "healthy"),
+    ]
     assert m.snapshot()["last_failures"][0]["reason"] == "heartbeat_missed"
     assert m.snapshot()["pools"]["p"]["healthy"] == 1
 
@@ -173,8 +184,9 @@ def test_error_rate_failure_removes_the_agent_at_the_next_tick():
 
 def test_hung_task_uses_the_task_limit_and_the_default():
     clock = FakeClock(0.0)
-    m, _ = monitor(clock, default_task_limit_s=50, hung_task_grace_s=0,
-                   heartbeat_timeout_s=1_000)
+    m, _ = monitor(
+        clock, default_task_limit_s=50, hung_task_grace_s=0, heartbeat_timeout_s=1_000
+    )
     for a in ("a", "b"):
         m.heartbeat(a)
     m.task_started("a", "x", limit_s=20)
@@ -189,8 +201,9 @@ def test_hung_task_uses_the_task_limit_and_the_default():
 
 def test_a_partitioned_agent_recovers_on_heartbeat_without_a_restart():
     clock = FakeClock(0.0)
-    m, _ = monitor(clock, error_min_calls=2,
-                   restart={"initial_backoff_s": 60, "max_backoff_s": 60})
+    m, _ = monitor(
+        clock, error_min_calls=2, restart={"initial_backoff_s": 60, "max_backoff_s": 60}
+    )
     for a in ("a", "b"):
         m.heartbeat(a)
     m.tick()
@@ -239,9 +252,11 @@ def test_task_signals_for_unknown_agents_are_counted_not_lost():
 
 # --- restart backoff ----------------------------------------------------------------------
 
+
 def test_backoff_is_exponential_and_capped_without_jitter():
-    spec = RestartSpec(initial_backoff_s=1, backoff_multiplier=2, max_backoff_s=30,
-                       jitter_ratio=0)
+    spec = RestartSpec(
+        initial_backoff_s=1, backoff_multiplier=2, max_backoff_s=30, jitter_ratio=0
+    )
     rng = random.Random(0)
     assert [restart_backoff_s(spec, n, rng) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
     assert restart_backoff_s(spec, 100_000, rng) == 30, "no overflow"
@@ -254,14 +269,22 @@ def test_jitter_stays_within_its_share_and_is_reproducible():
     draws = [restart_backoff_s(spec, 1, random.Random(s)) for s in range(300)]
     assert all(8 <= d <= 10 for d in draws) and max(draws) - min(draws) > 1.5
     assert restart_backoff_s(spec, 1, random.Random(5)) == restart_backoff_s(
-        spec, 1, random.Random(5))
+        spec, 1, random.Random(5)
+    )
 
 
 def test_backoff_grows_per_agent_and_resets_after_a_healthy_period():
     clock = FakeClock(0.0)
-    m, _ = monitor(clock, restart={"initial_backoff_s": 1, "max_backoff_s": 100,
-                                   "jitter_ratio": 0, "reset_after_s": 300,
-                                   "eject_after_failures": None})
+    m, _ = monitor(
+        clock,
+        restart={
+            "initial_backoff_s": 1,
+            "max_backoff_s": 100,
+            "jitter_ratio": 0,
+            "reset_after_s": 300,
+            "eject_after_failures": None,
+        },
+    )
     m.heartbeat("a")
     m.heartbeat("b")
     m.tick()
@@ -289,10 +312,12 @@ def test_backoff_grows_per_agent_and_resets_after_a_healthy_period():
 
 # --- the cascade guard ----------------------------------------------------------------------
 
+
 def test_guard_opens_above_the_share_throttles_and_alerts_once():
     log = HealthEventLog()
-    g = CascadeGuard(CascadeSpec(cascade_share=0.1, max_restarts_per_interval=2,
-                                 interval_s=10), [log])
+    g = CascadeGuard(
+        CascadeSpec(cascade_share=0.1, max_restarts_per_interval=2, interval_s=10), [log]
+    )
     assert g.observe(10, 100, 0.0) is GuardState.CLOSED, "10% is not more than 10%"
     assert all(g.try_restart(0.0) for _ in range(50)), "CLOSED: unlimited"
     assert g.observe(11, 100, 1.0) is GuardState.OPEN
@@ -311,8 +336,11 @@ def test_guard_needs_min_failing_agents_in_a_small_fleet():
 
 
 def test_probes_move_open_to_half_open_where_the_allowance_grows():
-    g = CascadeGuard(CascadeSpec(max_restarts_per_interval=2, interval_s=10,
-                                 half_open_growth=2, probe_successes=2))
+    g = CascadeGuard(
+        CascadeSpec(
+            max_restarts_per_interval=2, interval_s=10, half_open_growth=2, probe_successes=2
+        )
+    )
     g.observe(50, 100, 0.0)
     g.probe_succeeded(5.0)
     g.probe_failed(6.0)  # a failure resets the count
@@ -328,8 +356,12 @@ def test_probes_move_open_to_half_open_where_the_allowance_grows():
 
 def test_guard_closes_only_when_the_share_is_low_and_the_allowance_covers_it():
     log = HealthEventLog()
-    g = CascadeGuard(CascadeSpec(cascade_share=0.1, max_restarts_per_interval=2,
-                                 interval_s=10, half_open_growth=2), [log])
+    g = CascadeGuard(
+        CascadeSpec(
+            cascade_share=0.1, max_restarts_per_interval=2, interval_s=10, half_open_growth=2
+        ),
+        [log],
+    )
     g.observe(40, 100, 0.0)
     assert g.observe(8, 100, 1.0) is GuardState.OPEN, "8% > resume share 5%"
     assert g.observe(4, 100, 2.0) is GuardState.HALF_OPEN, "allowance 2 < 4 failing"
@@ -344,6 +376,7 @@ def test_disabled_guard_never_opens():
 
 
 # --- 30% of the fleet fails at once -----------------------------------------------------------
+
 
 class FakeFleet:
     """Agents on a virtual clock: each healthy agent heartbeats every 10 s and finishes a
@@ -389,11 +422,20 @@ class FakeFleet:
 
 
 CASCADE_SPEC = HealthSpec(
-    error_window_s=20, error_min_calls=5, error_rate_threshold=0.5,
-    restart=RestartSpec(initial_backoff_s=1, max_backoff_s=20, jitter_ratio=0.2,
-                        eject_after_failures=None),
-    cascade=CascadeSpec(cascade_share=0.1, max_restarts_per_interval=3, interval_s=10,
-                        probe_successes=3, probe_healthy_s=20, half_open_growth=2),
+    error_window_s=20,
+    error_min_calls=5,
+    error_rate_threshold=0.5,
+    restart=RestartSpec(
+        initial_backoff_s=1, max_backoff_s=20, jitter_ratio=0.2, eject_after_failures=None
+    ),
+    cascade=CascadeSpec(
+        cascade_share=0.1,
+        max_restarts_per_interval=3,
+        interval_s=10,
+        probe_successes=3,
+        probe_healthy_s=20,
+        half_open_growth=2,
+    ),
 )
 
 
@@ -426,8 +468,11 @@ def test_30_percent_failing_at_once_opens_the_breaker_throttles_and_recovers():
     assert guard_path[0] == "open" and guard_path[-2:] == ["half_open", "closed"]
     assert fleet.m.counts()["healthy"] == 100, "every agent is back in service"
     # Resumed gradually: the half-open allowance doubled from 3 per 10 s.
-    half_open_at = next(e.at_s for e in fleet.log.of(EventKind.GUARD) if e.new == "half_open"
-                        and e.at_s > fault_end)
+    half_open_at = next(
+        e.at_s
+        for e in fleet.log.of(EventKind.GUARD)
+        if e.new == "half_open" and e.at_s > fault_end
+    )
     first_10s = sum(1 for t, _, _ in fleet.restarts if half_open_at <= t < half_open_at + 10)
     assert 1 <= first_10s <= 3
 
@@ -444,12 +489,14 @@ def test_without_the_guard_the_same_fault_restarts_everyone_at_once():
 
 # --- a host's side of the fleet guard ------------------------------------------------------
 
+
 def test_fleet_gate_restarts_freely_only_on_a_fresh_closed_verdict():
     from fleet.policy.health import FleetGate
 
     clock = FakeClock(0.0)
-    spec = CascadeSpec(cascade_share=0.1, min_failing_agents=2, max_restarts_per_interval=1,
-                       interval_s=10)
+    spec = CascadeSpec(
+        cascade_share=0.1, min_failing_agents=2, max_restarts_per_interval=1, interval_s=10
+    )
     gate = FleetGate(spec, stale_after_s=5)
     gate.apply("closed", 0, clock())
     gate.observe(1, 20, clock())  # 5% of this host: not suspect

@@ -26,9 +26,11 @@ from tests.utils import FakeClock, pool
 
 # --- backoff ---------------------------------------------------------------------------
 
+
 def test_backoff_without_jitter_is_tenacity_exponential_capped():
-    spec = RetrySpec(initial_backoff_s=0.1, backoff_multiplier=2, max_backoff_s=1.0,
-                     jitter_ratio=0)
+    spec = RetrySpec(
+        initial_backoff_s=0.1, backoff_multiplier=2, max_backoff_s=1.0, jitter_ratio=0
+    )
     rng = random.Random(0)
     delays = [backoff_s(spec, n, rng) for n in range(1, 8)]
     assert delays == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0])
@@ -38,8 +40,9 @@ def test_backoff_without_jitter_is_tenacity_exponential_capped():
 
 
 def test_full_jitter_stays_under_the_exponential_and_is_reproducible():
-    spec = RetrySpec(initial_backoff_s=1, backoff_multiplier=2, max_backoff_s=30,
-                     jitter_ratio=1.0)
+    spec = RetrySpec(
+        initial_backoff_s=1, backoff_multiplier=2, max_backoff_s=30, jitter_ratio=1.0
+    )
     a = [backoff_s(spec, n, random.Random(7)) for n in range(1, 7)]
     b = [backoff_s(spec, n, random.Random(7)) for n in range(1, 7)]
     assert a == b, "same rng state, same delays"
@@ -67,9 +70,12 @@ def test_backoff_wait_works_inside_tenacity_retrying_with_a_fake_sleep():
         calls.append(1)
         raise TimeoutError("upstream slow")
 
-    retrying = Retrying(wait=backoff_wait(spec, random.Random(0)),
-                        stop=stop_after_attempt(4), sleep=slept.append,
-                        retry=retry_if_exception_type(TimeoutError))
+    retrying = Retrying(
+        wait=backoff_wait(spec, random.Random(0)),
+        stop=stop_after_attempt(4),
+        sleep=slept.append,
+        retry=retry_if_exception_type(TimeoutError),
+    )
     with pytest.raises(RetryError):
         retrying(flaky)
     assert len(calls) == 4 and slept == [0.5, 1.0, 2.0]
@@ -77,19 +83,23 @@ def test_backoff_wait_works_inside_tenacity_retrying_with_a_fake_sleep():
 
 # --- classification --------------------------------------------------------------------
 
-@pytest.mark.parametrize("reason,error,expected", [
-    ("timeout", "exceeded task_timeout_s=30", True),
-    ("upstream", None, True),
-    ("error", "TimeoutError: read timed out", True),
-    ("error", "openai.RateLimitError: slow down", True),  # module-qualified
-    ("error", "ValueError: order id must be positive", False),
-    ("error", "pydantic_core._pydantic_core.ValidationError: 1 validation error", False),
-    ("timeout", "ValueError: bad input", False),  # a validation error wins over the reason
-    ("error", "RuntimeError: flaky agent", True),  # unknown: retry_unknown_errors default
-    ("bad_output", "output is not JSON", False),
-    ("deadline_exceeded", None, False),
-    ("max_deliveries", None, False),
-])
+
+@pytest.mark.parametrize(
+    "reason,error,expected",
+    [
+        ("timeout", "exceeded task_timeout_s=30", True),
+        ("upstream", None, True),
+        ("error", "TimeoutError: read timed out", True),
+        ("error", "openai.RateLimitError: slow down", True),  # module-qualified
+        ("error", "ValueError: order id must be positive", False),
+        ("error", "pydantic_core._pydantic_core.ValidationError: 1 validation error", False),
+        ("timeout", "ValueError: bad input", False),  # a validation error wins over the reason
+        ("error", "RuntimeError: flaky agent", True),  # unknown: retry_unknown_errors default
+        ("bad_output", "output is not JSON", False),
+        ("deadline_exceeded", None, False),
+        ("max_deliveries", None, False),
+    ],
+)
 def test_retryable_classification(reason, error, expected):
     assert is_retryable(RetrySpec(), reason, error) is expected
 
@@ -104,9 +114,19 @@ def test_unknown_errors_can_be_made_final_and_lists_extended():
 
 # --- the policy ------------------------------------------------------------------------
 
+
 def policy(clock=None, **kw) -> RetryPolicy:
-    spec = RetrySpec(**{"max_attempts": 3, "initial_backoff_s": 1, "max_backoff_s": 8,
-                        "jitter_ratio": 0, "budget_ratio": 0.5, "min_retries_per_s": 0, **kw})
+    spec = RetrySpec(
+        **{
+            "max_attempts": 3,
+            "initial_backoff_s": 1,
+            "max_backoff_s": 8,
+            "jitter_ratio": 0,
+            "budget_ratio": 0.5,
+            "min_retries_per_s": 0,
+            **kw,
+        }
+    )
     return RetryPolicy(spec, clock or FakeClock(0), random.Random(0))
 
 
@@ -133,10 +153,12 @@ def test_no_retry_that_could_not_start_before_the_deadline():
 
 # --- the budget ------------------------------------------------------------------------
 
+
 def test_budget_allows_a_share_of_live_traffic_then_refuses():
     clock = FakeClock(0)
-    b = RetryBudget(RetrySpec(budget_ratio=0.2, budget_window_s=10, min_retries_per_s=0),
-                    clock)
+    b = RetryBudget(
+        RetrySpec(budget_ratio=0.2, budget_window_s=10, min_retries_per_s=0), clock
+    )
     b.record_request(100)
     granted = sum(b.try_spend() for _ in range(50))
     assert granted == 20 and b.denied == 30
@@ -146,8 +168,9 @@ def test_budget_allows_a_share_of_live_traffic_then_refuses():
 
 def test_budget_floor_lets_a_quiet_pool_retry():
     clock = FakeClock(0)
-    b = RetryBudget(RetrySpec(budget_ratio=0.1, budget_window_s=10, min_retries_per_s=0.5),
-                    clock)
+    b = RetryBudget(
+        RetrySpec(budget_ratio=0.1, budget_window_s=10, min_retries_per_s=0.5), clock
+    )
     assert sum(b.try_spend() for _ in range(20)) == 5  # 0.5/s x 10 s, no traffic at all
     b.record_request(30)
     assert sum(b.try_spend() for _ in range(20)) == 3
@@ -171,8 +194,9 @@ def test_retry_storm_is_capped_at_the_budget_share_over_time():
     """Every task fails (a struggling pool): retries stay near the budget share of the
     first attempts instead of multiplying them by max_attempts - 1."""
     clock = FakeClock(0)
-    p = policy(clock, max_attempts=5, budget_ratio=0.1, budget_window_s=10,
-               min_retries_per_s=1.0)
+    p = policy(
+        clock, max_attempts=5, budget_ratio=0.1, budget_window_s=10, min_retries_per_s=1.0
+    )
     first = retries = 0
     for _ in range(6_000):  # 100 tasks/s for 60 s
         clock.advance(0.01)
@@ -191,16 +215,26 @@ def test_retry_storm_is_capped_at_the_budget_share_over_time():
 
 # --- spec ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("retry,path,needle", [
-    ({"max_attempts": 0}, "resilience.retry.max_attempts", "greater than or equal to 1"),
-    ({"budget_ratio": 1.5}, "resilience.retry.budget_ratio", "1.5 is outside [0, 1]"),
-    ({"jitter_ratio": -0.1}, "resilience.retry.jitter_ratio", "outside [0, 1]"),
-    ({"initial_backoff_s": 5, "max_backoff_s": 1}, "resilience.retry",
-     "max_backoff_s (1.0) must be >= initial_backoff_s (5.0)"),
-    ({"retryable_errors": ["ValueError"]}, "resilience.retry", "listed in both"),
-    ({"backoff_multiplier": 0.5}, "resilience.retry.backoff_multiplier",
-     "greater than or equal to 1"),
-])
+
+@pytest.mark.parametrize(
+    "retry,path,needle",
+    [
+        ({"max_attempts": 0}, "resilience.retry.max_attempts", "greater than or equal to 1"),
+        ({"budget_ratio": 1.5}, "resilience.retry.budget_ratio", "1.5 is outside [0, 1]"),
+        ({"jitter_ratio": -0.1}, "resilience.retry.jitter_ratio", "outside [0, 1]"),
+        (
+            {"initial_backoff_s": 5, "max_backoff_s": 1},
+            "resilience.retry",
+            "max_backoff_s (1.0) must be >= initial_backoff_s (5.0)",
+        ),
+        ({"retryable_errors": ["ValueError"]}, "resilience.retry", "listed in both"),
+        (
+            {"backoff_multiplier": 0.5},
+            "resilience.retry.backoff_multiplier",
+            "greater than or equal to 1",
+        ),
+    ],
+)
 def test_bad_retry_spec_names_the_field(retry, path, needle):
     with pytest.raises(SpecError) as exc:
         parse_spec({"pools": [pool()], "resilience": {"retry": retry}})

@@ -40,8 +40,13 @@ def counts(router, candidates, n=4_000, seed=1, task=None) -> Counter:
 # --- balancers -----------------------------------------------------------------------
 
 ALL_ROUTERS = [
-    LeastLoadedRouter(2), FullScanRouter(), RoundRobinRouter(), RandomRouter(),
-    CapacityRouter(), SpecializationRouter(), AffinityRouter(),
+    LeastLoadedRouter(2),
+    FullScanRouter(),
+    RoundRobinRouter(),
+    RandomRouter(),
+    CapacityRouter(),
+    SpecializationRouter(),
+    AffinityRouter(),
     SuccessRateRouter(SuccessRateSpec(), FakeClock()),
 ]
 
@@ -78,8 +83,12 @@ def test_round_robin_cycles_and_random_spreads_over_free_only():
 
 
 def test_capacity_router_is_proportional_to_weight_times_free_slots():
-    c = [Candidate("big", 0, 8, weight=1.0), Candidate("small", 0, 2, weight=1.0),
-         Candidate("fast", 2, 4, weight=3.0), Candidate("full", 4, 4, weight=9.0)]
+    c = [
+        Candidate("big", 0, 8, weight=1.0),
+        Candidate("small", 0, 2, weight=1.0),
+        Candidate("fast", 2, 4, weight=3.0),
+        Candidate("full", 4, 4, weight=9.0),
+    ]
     seen = counts(CapacityRouter(), c, 20_000)
     # shares 8 : 2 : 6 : 0
     assert seen[3] == 0
@@ -91,11 +100,14 @@ def test_capacity_router_is_proportional_to_weight_times_free_slots():
 
 # --- specialization ----------------------------------------------------------------
 
+
 def team() -> list[Candidate]:
-    return [Candidate("billing-1", 0, 1, expertise=frozenset({"billing"})),
-            Candidate("billing-2", 0, 1, expertise=frozenset({"billing"})),
-            Candidate("tech-1", 0, 1, expertise=frozenset({"tech"})),
-            Candidate("general", 0, 1)]
+    return [
+        Candidate("billing-1", 0, 1, expertise=frozenset({"billing"})),
+        Candidate("billing-2", 0, 1, expertise=frozenset({"billing"})),
+        Candidate("tech-1", 0, 1, expertise=frozenset({"tech"})),
+        Candidate("general", 0, 1),
+    ]
 
 
 def test_specialization_routes_to_free_experts():
@@ -107,17 +119,21 @@ def test_specialization_routes_to_free_experts():
     assert r.fallbacks == 0
 
 
-@pytest.mark.parametrize("fallback,expected", [
-    (SpecializationFallback.GENERALISTS_FIRST, {3}),
-    (SpecializationFallback.ANY, {2, 3}),
-    (SpecializationFallback.WAIT, {None}),
-])
+@pytest.mark.parametrize(
+    "fallback,expected",
+    [
+        (SpecializationFallback.GENERALISTS_FIRST, {3}),
+        (SpecializationFallback.ANY, {2, 3}),
+        (SpecializationFallback.WAIT, {None}),
+    ],
+)
 def test_specialization_fallback_when_no_expert_is_free(fallback, expected):
     c = team()
     c[0].in_flight = c[1].in_flight = 1  # both billing experts busy
     r = SpecializationRouter(RandomRouter(), fallback)
-    picks = {r.choose(c, random.Random(s), RoutingHint(task_type="billing"))
-             for s in range(60)}
+    picks = {
+        r.choose(c, random.Random(s), RoutingHint(task_type="billing")) for s in range(60)
+    }
     assert picks == expected
     # an unknown task type falls back the same way; no type at all goes to anyone free
     assert r.choose(c, random.Random(0), RoutingHint(task_type="legal")) in expected
@@ -132,8 +148,10 @@ def test_specialization_generalists_first_takes_specialists_when_no_generalist_i
 
 # --- affinity ------------------------------------------------------------------------
 
-def assign(n_agents: int, keys: list[str], load_factor: float,
-           names: list[str] | None = None) -> tuple[dict[str, str], list[Candidate]]:
+
+def assign(
+    n_agents: int, keys: list[str], load_factor: float, names: list[str] | None = None
+) -> tuple[dict[str, str], list[Candidate]]:
     """Route each key once, in order, and keep it on its agent (a sticky session)."""
     names = names or [f"agent-{i}" for i in range(n_agents)]
     pool_ = [Candidate(name, 0, 10**9) for name in names]
@@ -204,6 +222,7 @@ def test_affinity_weights_share_keys_in_proportion():
 
 # --- success rate --------------------------------------------------------------------
 
+
 def test_tracker_windows_per_agent_and_task_type():
     clock = FakeClock(0)
     t = SuccessRateTracker(window_s=60, clock=clock)
@@ -239,10 +258,13 @@ def test_success_rate_router_excludes_bad_agents_per_type_and_readmits_after_win
     assert r.fallbacks == 0
 
 
-@pytest.mark.parametrize("fallback,expected", [
-    (SuccessRateFallback.ALL, {0, 1, 2}),
-    (SuccessRateFallback.BEST, {1}),
-])
+@pytest.mark.parametrize(
+    "fallback,expected",
+    [
+        (SuccessRateFallback.ALL, {0, 1, 2}),
+        (SuccessRateFallback.BEST, {1}),
+    ],
+)
 def test_success_rate_fallback_when_every_agent_is_below_threshold(fallback, expected):
     spec = SuccessRateSpec(min_success_rate=0.9, min_calls=4, fallback=fallback)
     r = SuccessRateRouter(spec, FakeClock(), balancer=RandomRouter())
@@ -272,42 +294,81 @@ def test_task_aware_routers_compose():
 
 # --- spec ----------------------------------------------------------------------------
 
+
 def errors_of(routing) -> dict[str, str]:
     with pytest.raises(SpecError) as exc:
         parse_spec({"pools": [pool(routing=routing)]})
     return dict(exc.value.errors)
 
 
-@pytest.mark.parametrize("routing,path,needle", [
-    ({"router": "magic"}, "pools.0.routing.router", "success_rate"),
-    ({"balancer": "affinity"}, "pools.0.routing.balancer", "least_loaded"),
-    ({"success_rate": {"min_success_rate": 0}}, "pools.0.routing.success_rate.min_success_rate",
-     "outside (0, 1]"),
-    ({"success_rate": {"min_success_rate": 1.5}},
-     "pools.0.routing.success_rate.min_success_rate", "1.5 is outside (0, 1]"),
-    ({"success_rate": {"window_s": 0}}, "pools.0.routing.success_rate.window_s", "greater than 0"),
-    ({"affinity": {"load_factor": 0.9}}, "pools.0.routing.affinity.load_factor",
-     "greater than or equal to 1"),
-    ({"specialization": {"fallback": "pray"}}, "pools.0.routing.specialization.fallback",
-     "generalists_first"),
-    ({"affinity": {"c": 2}}, "pools.0.routing.affinity.c", "unknown field"),
-])
+@pytest.mark.parametrize(
+    "routing,path,needle",
+    [
+        ({"router": "magic"}, "pools.0.routing.router", "success_rate"),
+        ({"balancer": "affinity"}, "pools.0.routing.balancer", "least_loaded"),
+        (
+            {"success_rate": {"min_success_rate": 0}},
+            "pools.0.routing.success_rate.min_success_rate",
+            "outside (0, 1]",
+        ),
+        (
+            {"success_rate": {"min_success_rate": 1.5}},
+            "pools.0.routing.success_rate.min_success_rate",
+            "1.5 is outside (0, 1]",
+        ),
+        (
+            {"success_rate": {"window_s": 0}},
+            "pools.0.routing.success_rate.window_s",
+            "greater than 0",
+        ),
+        (
+            {"affinity": {"load_factor": 0.9}},
+            "pools.0.routing.affinity.load_factor",
+            "greater than or equal to 1",
+        ),
+        (
+            {"specialization": {"fallback": "pray"}},
+            "pools.0.routing.specialization.fallback",
+            "generalists_first",
+        ),
+        ({"affinity": {"c": 2}}, "pools.0.routing.affinity.c", "unknown field"),
+    ],
+)
 def test_bad_routing_spec_names_the_field(routing, path, needle):
     errs = errors_of(routing)
     assert path in errs, errs
     assert needle in errs[path], errs[path]
 
 
-@pytest.mark.parametrize("name,cls", [
-    ("least_loaded", LeastLoadedRouter), ("full_scan", FullScanRouter),
-    ("round_robin", RoundRobinRouter), ("random", RandomRouter), ("capacity", CapacityRouter),
-    ("specialization", SpecializationRouter), ("affinity", AffinityRouter),
-    ("success_rate", SuccessRateRouter),
-])
+@pytest.mark.parametrize(
+    "name,cls",
+    [
+        ("least_loaded", LeastLoadedRouter),
+        ("full_scan", FullScanRouter),
+        ("round_robin", RoundRobinRouter),
+        ("random", RandomRouter),
+        ("capacity", CapacityRouter),
+        ("specialization", SpecializationRouter),
+        ("affinity", AffinityRouter),
+        ("success_rate", SuccessRateRouter),
+    ],
+)
 def test_make_router_builds_what_the_spec_names(name, cls):
-    spec = parse_spec({"pools": [pool(routing={
-        "router": name, "choices_d": 3, "balancer": "full_scan",
-        "affinity": {"load_factor": 1.5}, "success_rate": {"min_success_rate": 0.7}})]})
+    spec = parse_spec(
+        {
+            "pools": [
+                pool(
+                    routing={
+                        "router": name,
+                        "choices_d": 3,
+                        "balancer": "full_scan",
+                        "affinity": {"load_factor": 1.5},
+                        "success_rate": {"min_success_rate": 0.7},
+                    }
+                )
+            ]
+        }
+    )
     r = make_router(spec.pools[0].routing, clock=FakeClock())
     assert isinstance(r, cls)
     if cls is LeastLoadedRouter:
@@ -317,14 +378,24 @@ def test_make_router_builds_what_the_spec_names(name, cls):
     if cls is SuccessRateRouter:
         assert r.spec.min_success_rate == 0.7 and isinstance(r.balancer, FullScanRouter)
     # what the Serve request router builds keeps working
-    assert isinstance(make_router(RoutingSpec(router="least_loaded", choices_d=2)),
-                      LeastLoadedRouter)
+    assert isinstance(
+        make_router(RoutingSpec(router="least_loaded", choices_d=2)), LeastLoadedRouter
+    )
 
 
 # --- a tiny discrete-event check: least-loaded vs round-robin on a mixed pool -------
 
-def simulate_p99(router, n_agents=20, slow_share=0.2, slowdown=5.0, load=0.9,
-                 tasks=20_000, warmup=2_000, seed=11) -> float:
+
+def simulate_p99(
+    router,
+    n_agents=20,
+    slow_share=0.2,
+    slowdown=5.0,
+    load=0.9,
+    tasks=20_000,
+    warmup=2_000,
+    seed=11,
+) -> float:
     """p99 time in system of FIFO single-slot agents fed by ``router`` (virtual time).
 
     The arrival sequence and each task's work are drawn from ``seed`` only, so every
@@ -362,8 +433,10 @@ def test_least_loaded_cuts_p99_against_round_robin_on_a_heterogeneous_pool():
     rr = simulate_p99(RoundRobinRouter())
     ll = simulate_p99(LeastLoadedRouter(2))
     full = simulate_p99(FullScanRouter())
-    print(f"p99 at 90% load: round_robin={rr:.1f}s least_loaded(d=2)={ll:.1f}s "
-          f"full_scan={full:.1f}s ratio={rr / ll:.1f}x")
+    print(
+        f"p99 at 90% load: round_robin={rr:.1f}s least_loaded(d=2)={ll:.1f}s "
+        f"full_scan={full:.1f}s ratio={rr / ll:.1f}x"
+    )
     # Round-robin gives the slow fifth 1/20 of the traffic each, more than they can
     # serve, so their queues grow without bound; d=2 sends them only what they keep up
     # with.

@@ -30,10 +30,15 @@ def main() -> int:
     ap.add_argument("--session-timeout-s", type=float, default=6.0)
     args = ap.parse_args()
 
-    spec = KafkaIntakeSpec(bootstrap_servers=args.bootstrap, topic=args.topic,
-                           group_id=args.group, max_poll_records=500,
-                           commit_interval_s=0.2, session_timeout_s=args.session_timeout_s,
-                           heartbeat_interval_s=0.5)
+    spec = KafkaIntakeSpec(
+        bootstrap_servers=args.bootstrap,
+        topic=args.topic,
+        group_id=args.group,
+        max_poll_records=500,
+        commit_interval_s=0.2,
+        session_timeout_s=args.session_timeout_s,
+        heartbeat_interval_s=0.5,
+    )
     out = sys.stdout
     t0 = time.monotonic()
     done = 0
@@ -52,14 +57,15 @@ def main() -> int:
                 time.sleep(ahead)
         return None
 
-    intake = KafkaIntake(spec, accept, task_parser({"work"}, 64 * 1024),
-                         client_id=args.name)
+    intake = KafkaIntake(spec, accept, task_parser({"work"}, 64 * 1024), client_id=args.name)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     out.write(f"S {args.name}\n")
     out.flush()
     intake.run(stop)
-    out.write(f"E {args.name} consumed={intake.stats.consumed} commits={intake.stats.commits}\n")
+    out.write(
+        f"E {args.name} consumed={intake.stats.consumed} commits={intake.stats.commits}\n"
+    )
     out.flush()
     return 0
 

@@ -35,8 +35,7 @@ def main() -> int:
         if first < stop:
             n = min(batch, stop - first)
             now = time.time()
-            q.put([Item(f"t{first + j}", "work", 5, b'{"x": 1}' * 32, now)
-                   for j in range(n)])
+            q.put([Item(f"t{first + j}", "work", 5, b'{"x": 1}' * 32, now) for j in range(n)])
             out.write(f"A {first} {n}\n")
             out.flush()
             first += n

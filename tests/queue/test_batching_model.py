@@ -18,8 +18,9 @@ def test_shallow_queue_sends_what_it_has():
     c = choose_batch_size(7, 300, COST, **BOUNDS)
     assert (c.size, c.bound) == (7, "available")
     assert choose_batch_size(0, 300, COST, **BOUNDS).size == 0
-    assert choose_batch_size(100, 300, COST, free_capacity=0, max_items=9,
-                             max_bytes=99).size == 0
+    assert (
+        choose_batch_size(100, 300, COST, free_capacity=0, max_items=9, max_bytes=99).size == 0
+    )
 
 
 def test_small_numerous_items_travel_in_large_batches():
@@ -40,11 +41,25 @@ def test_large_items_travel_alone():
 def test_amortization_sets_the_floor_when_spreading_a_deep_queue():
     # overhead 2 ms, 20.2 us per 200-byte item: 90% of a call must be work, so a batch
     # needs ceil(2e-3 * 0.9 / (0.1 * 20.2e-6)) = 892 items; capped by max_items.
-    c = choose_batch_size(5_000, 200, COST, free_capacity=5_000, max_items=10_000,
-                          max_bytes=1 << 30, target_batches_in_flight=50)
+    c = choose_batch_size(
+        5_000,
+        200,
+        COST,
+        free_capacity=5_000,
+        max_items=10_000,
+        max_bytes=1 << 30,
+        target_batches_in_flight=50,
+    )
     assert (c.size, c.bound) == (892, "amortize")
-    c = choose_batch_size(100_000, 200, COST, free_capacity=100_000, max_items=10_000,
-                          max_bytes=1 << 30, target_batches_in_flight=50)
+    c = choose_batch_size(
+        100_000,
+        200,
+        COST,
+        free_capacity=100_000,
+        max_items=10_000,
+        max_bytes=1 << 30,
+        target_batches_in_flight=50,
+    )
     assert (c.size, c.bound) == (2_000, "spread")
 
 

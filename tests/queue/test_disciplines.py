@@ -27,19 +27,35 @@ from tests.queue.helpers import item
 T0 = 1_700_000_000.0
 times = st.floats(min_value=0, max_value=3_600, allow_nan=False)
 items_st = st.lists(
-    st.tuples(times, st.integers(0, 9), st.none() | st.floats(1, 7_200),
-              st.none() | st.floats(-100, 100, allow_nan=False)),
-    min_size=1, max_size=40,
+    st.tuples(
+        times,
+        st.integers(0, 9),
+        st.none() | st.floats(1, 7_200),
+        st.none() | st.floats(-100, 100, allow_nan=False),
+    ),
+    min_size=1,
+    max_size=40,
 )
-policies = st.sampled_from([
-    Fifo(), StrictPriority(), AgingPriority(60.0), AgingPriority(3_600.0), EarliestDeadline(),
-    Utility(), Utility(decay_per_s=0.5), Utility(half_life_s=30.0), Utility(default_utility=3.0),
-])
+policies = st.sampled_from(
+    [
+        Fifo(),
+        StrictPriority(),
+        AgingPriority(60.0),
+        AgingPriority(3_600.0),
+        EarliestDeadline(),
+        Utility(),
+        Utility(decay_per_s=0.5),
+        Utility(half_life_s=30.0),
+        Utility(default_utility=3.0),
+    ]
+)
 
 
 def _items(raw):
-    return [item(k, T0 + t, p, None if d is None else T0 + d, u)
-            for k, (t, p, d, u) in enumerate(raw)]
+    return [
+        item(k, T0 + t, p, None if d is None else T0 + d, u)
+        for k, (t, p, d, u) in enumerate(raw)
+    ]
 
 
 def _close(a: float, b: float) -> bool:
@@ -75,9 +91,14 @@ def test_queue_drains_in_discipline_order(policy, raw):
 
 
 @settings(max_examples=100, deadline=None)
-@given(limit=st.sampled_from([10.0, 45.0, 300.0]),
-       steps=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 9), st.floats(0, 20)),
-                      min_size=1, max_size=60))
+@given(
+    limit=st.sampled_from([10.0, 45.0, 300.0]),
+    steps=st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 9), st.floats(0, 20)),
+        min_size=1,
+        max_size=60,
+    ),
+)
 def test_aging_bound_no_item_is_overtaken_by_one_submitted_after_the_limit(limit, steps):
     """Whenever y is leased while x waits, y was submitted at most ``limit`` s after x."""
     policy = AgingPriority(limit)
@@ -127,16 +148,32 @@ def test_low_priority_is_served_within_the_aging_limit_under_sustained_high_load
 
 def test_edf_orders_by_deadline_and_undated_items_last():
     q = LeaseQueue(100, Discipline.DEADLINE)
-    q.put([item("none", T0), item("late", T0 + 1, deadline=T0 + 50),
-           item("soon", T0 + 2, deadline=T0 + 10), item("mid", T0 + 3, deadline=T0 + 20)])
+    q.put(
+        [
+            item("none", T0),
+            item("late", T0 + 1, deadline=T0 + 50),
+            item("soon", T0 + 2, deadline=T0 + 10),
+            item("mid", T0 + 3, deadline=T0 + 20),
+        ]
+    )
     assert [i.id for i in q.lease(4, "h", 1, 0, now_unix_s=T0 + 5)] == [
-        "soon", "mid", "late", "none"]
+        "soon",
+        "mid",
+        "late",
+        "none",
+    ]
 
 
 def test_overdue_items_are_returned_as_failed_never_dropped():
     q = LeaseQueue(100, Discipline.DEADLINE)
-    q.put([item("a", T0, deadline=T0 + 1), item("b", T0, deadline=T0 + 5),
-           item("c", T0, deadline=T0 + 100), item("d", T0)])
+    q.put(
+        [
+            item("a", T0, deadline=T0 + 1),
+            item("b", T0, deadline=T0 + 5),
+            item("c", T0, deadline=T0 + 100),
+            item("d", T0),
+        ]
+    )
     got = q.lease(1, "h", 10, 0, now_unix_s=T0 + 2)  # meets "a" overdue on the way
     assert [g.id for g in got] == ["b"]
     q.nack(["b"])
@@ -168,28 +205,38 @@ def test_utility_with_decay_prefers_fresh_valuable_work():
     pol = Utility(decay_per_s=1.0)
     q = LeaseQueue(100, policy=pol)
     # "old" was worth 100 but has lost 95 waiting; "new" is worth 10 now.
-    q.put([item("old", T0, utility=100.0), item("new", T0 + 95, utility=10.0),
-           item("none", T0 + 95)])
+    q.put(
+        [
+            item("old", T0, utility=100.0),
+            item("new", T0 + 95, utility=10.0),
+            item("none", T0 + 95),
+        ]
+    )
     assert [i.id for i in q.lease(3, "h", 1, 0)] == ["new", "old", "none"]
 
 
 def test_spec_parameters_reach_the_policy():
     p = discipline_from_spec(QueueSpec(discipline="priority", priority_aging_limit_s=45))
     assert isinstance(p, AgingPriority) and p.s_per_level == 5.0
-    assert isinstance(discipline_from_spec(QueueSpec(discipline="priority",
-                                                     priority_aging_limit_s=None)),
-                      StrictPriority)
-    u = discipline_from_spec(QueueSpec(discipline="utility", utility_half_life_s=30,
-                                       default_utility=2))
+    assert isinstance(
+        discipline_from_spec(QueueSpec(discipline="priority", priority_aging_limit_s=None)),
+        StrictPriority,
+    )
+    u = discipline_from_spec(
+        QueueSpec(discipline="utility", utility_half_life_s=30, default_utility=2)
+    )
     assert u == Utility(default_utility=2.0, half_life_s=30.0)
     q = LeaseQueue.from_spec(QueueSpec(discipline="deadline", max_depth=7), 3)
     assert q.discipline is Discipline.DEADLINE and q.max_depth == 7 and q.max_deliveries == 3
 
 
-@pytest.mark.parametrize("kw,needle", [
-    ({"aging_limit_s": 0}, "aging_limit_s"),
-    ({"aging_limit_s": 10, "min_priority": 5, "max_priority": 5}, "max_priority"),
-])
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        ({"aging_limit_s": 0}, "aging_limit_s"),
+        ({"aging_limit_s": 10, "min_priority": 5, "max_priority": 5}, "max_priority"),
+    ],
+)
 def test_bad_aging_parameters(kw, needle):
     with pytest.raises(ValueError, match=needle):
         AgingPriority(**kw)

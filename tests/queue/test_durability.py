@@ -59,14 +59,27 @@ class Transcript:
                 self.ended = True
 
 
-def _run_and_kill(db: Path, tr: Transcript, start: int, kill_after: int | None,
-                  seed: int) -> None:
+def _run_and_kill(
+    db: Path, tr: Transcript, start: int, kill_after: int | None, seed: int
+) -> None:
     """Run a worker from ``start``; SIGKILL it once ``kill_after`` tasks are accepted
     (None: let it finish)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.queue.sqlite_worker", str(db), str(start),
-         str(TASKS), str(BATCH), str(seed)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        [
+            sys.executable,
+            "-m",
+            "tests.queue.sqlite_worker",
+            str(db),
+            str(start),
+            str(TASKS),
+            str(BATCH),
+            str(seed),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )
 
     def pump() -> None:
         buf = b""
@@ -124,9 +137,11 @@ def test_kill_9_loses_nothing_accepted_and_resurrects_nothing_acked(tmp_path):
     repeats = sum(n - 1 for n in tr.record_lines.values())
     assert repeats <= 2 * BATCH
     assert tr.recovered[0] == 0 and all(r > 0 for r in tr.recovered[1:])
-    print(f"\ndurability: {TASKS} tasks, killed at {checks[0][0]} and {checks[1][0]} "
-          f"accepted; recovered {tr.recovered[1:]} after the kills; {repeats} outcomes "
-          f"reported again (recorded once by the ledger)")
+    print(
+        f"\ndurability: {TASKS} tasks, killed at {checks[0][0]} and {checks[1][0]} "
+        f"accepted; recovered {tr.recovered[1:]} after the kills; {repeats} outcomes "
+        f"reported again (recorded once by the ledger)"
+    )
 
 
 def test_a_full_disk_refuses_a_put_clearly_and_keeps_what_was_accepted(tmp_path):

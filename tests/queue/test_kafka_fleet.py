@@ -33,8 +33,9 @@ def _produce(bootstrap: str, topic: str) -> tuple[list[str], dict[int, int]]:
     """50,000 tasks (no ids: the fleet derives them from the record) and a few
     malformed messages, spread over the partitions. Returns the task ids the fleet must
     record and the end offset of each partition."""
-    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
-                      batch_size=512 * 1024)
+    p = KafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=512 * 1024
+    )
     bad_every = TASKS // MALFORMED
     futures = []
     for i in range(TASKS + MALFORMED):
@@ -57,13 +58,16 @@ def _produce(bootstrap: str, topic: str) -> tuple[list[str], dict[int, int]]:
 
 def _dead_letters(bootstrap: str, topic: str, distinct: int, timeout_s: float = 20.0) -> list:
     """Dead letters read until ``distinct`` different source offsets are seen."""
-    c = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                      enable_auto_commit=False)
+    c = KafkaConsumer(
+        bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
     c.assign([TopicPartition(topic, 0)])
     out: list = []
     deadline = time.monotonic() + timeout_s
-    while (len({(d["partition"], d["offset"]) for d in out}) < distinct
-           and time.monotonic() < deadline):
+    while (
+        len({(d["partition"], d["offset"]) for d in out}) < distinct
+        and time.monotonic() < deadline
+    ):
         for recs in c.poll(timeout_ms=500).values():
             out.extend(orjson.loads(r.value) for r in recs)
     c.close(autocommit=False)
@@ -86,14 +90,31 @@ def test_fleet_consumes_topic_with_two_consumers_one_killed(kafka_broker, start_
     # recorded. In-flight work per consumer is bounded, so the killed one leaves
     # uncommitted messages behind.
     spec = make_spec(
-        pool("work", cpus_per_host=0, agents_per_host=100,
-             autoscaling={"min_agents": 200, "max_agents": 200}),
-        name="kf", namespace=f"fleet-kafka-{group}",
-        queues={"shards": 2, "lease_s": 30, "batch": {"max_items": 512},
-                "kafka": {"bootstrap_servers": kafka_broker.bootstrap, "topic": topic,
-                          "group_id": group, "consumers": 2, "max_in_flight": 10_000,
-                          "max_poll_records": 2_000, "commit_interval_s": 0.2,
-                          "session_timeout_s": 4.0, "heartbeat_interval_s": 0.5}})
+        pool(
+            "work",
+            cpus_per_host=0,
+            agents_per_host=100,
+            autoscaling={"min_agents": 200, "max_agents": 200},
+        ),
+        name="kf",
+        namespace=f"fleet-kafka-{group}",
+        queues={
+            "shards": 2,
+            "lease_s": 30,
+            "batch": {"max_items": 512},
+            "kafka": {
+                "bootstrap_servers": kafka_broker.bootstrap,
+                "topic": topic,
+                "group_id": group,
+                "consumers": 2,
+                "max_in_flight": 10_000,
+                "max_poll_records": 2_000,
+                "commit_interval_s": 0.2,
+                "session_timeout_s": 4.0,
+                "heartbeat_interval_s": 0.5,
+            },
+        },
+    )
     t1 = time.monotonic()
     fc = start_fleet(spec)
     t2 = time.monotonic()
@@ -101,8 +122,9 @@ def test_fleet_consumes_topic_with_two_consumers_one_killed(kafka_broker, start_
     a, b = (ray.get_actor(names.kafka_intake(i), namespace=spec.namespace) for i in (0, 1))
 
     def both_consuming() -> bool:
-        return all(s["completed"] >= 2_000 for s in ray.get([a.stats.remote(),
-                                                              b.stats.remote()]))
+        return all(
+            s["completed"] >= 2_000 for s in ray.get([a.stats.remote(), b.stats.remote()])
+        )
 
     _wait(both_consuming, 60, "both consumers to commit work from their partitions")
     before = ray.get(a.stats.remote())
@@ -115,8 +137,12 @@ def test_fleet_consumes_topic_with_two_consumers_one_killed(kafka_broker, start_
     missing = fc.wait(ids, timeout_s=150)
     t4 = time.monotonic()
     assert missing == [], f"{len(missing)} tasks never recorded, e.g. {missing[:3]}"
-    _wait(lambda: _committed(kafka_broker.bootstrap, group, topic, PARTITIONS) == ends,
-          30, f"committed offsets to reach the partition ends {ends}", interval_s=0.5)
+    _wait(
+        lambda: _committed(kafka_broker.bootstrap, group, topic, PARTITIONS) == ends,
+        30,
+        f"committed offsets to reach the partition ends {ends}",
+        interval_s=0.5,
+    )
 
     t5 = time.monotonic()
     s = fc.summary(ids)
@@ -130,8 +156,10 @@ def test_fleet_consumes_topic_with_two_consumers_one_killed(kafka_broker, start_
     dead = _dead_letters(kafka_broker.bootstrap, f"{topic}.dlq", MALFORMED)
     assert len({(d["partition"], d["offset"]) for d in dead}) == MALFORMED
     assert all("malformed JSON" in d["reason"] for d in dead)
-    print(f"\nkafka fleet: {TASKS} tasks recorded once; killed consumer 0 at {killed_at} "
-          f"recorded (stats {before}, committed then {committed_at_kill}); {s['duplicate_executions']} duplicate executions "
-          f"absorbed; survivor {survivor}; produce {t1 - t0:.1f} s, start {t2 - t1:.1f} s, "
-          f"to kill {t3 - t2:.1f} s, to all recorded {t4 - t3:.1f} s, to committed "
-          f"{t5 - t4:.1f} s")
+    print(
+        f"\nkafka fleet: {TASKS} tasks recorded once; killed consumer 0 at {killed_at} "
+        f"recorded (stats {before}, committed then {committed_at_kill}); {s['duplicate_executions']} duplicate executions "
+        f"absorbed; survivor {survivor}; produce {t1 - t0:.1f} s, start {t2 - t1:.1f} s, "
+        f"to kill {t3 - t2:.1f} s, to all recorded {t4 - t3:.1f} s, to committed "
+        f"{t5 - t4:.1f} s"
+    )

@@ -63,15 +63,20 @@ def test_stale_completion_after_revoke_is_ignored():
 
 def _topic(admin: KafkaAdminClient, partitions: int) -> str:
     name = f"tasks-{uuid.uuid4().hex[:8]}"
-    admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1),
-                         NewTopic(f"{name}.dlq", num_partitions=1, replication_factor=1)])
+    admin.create_topics(
+        [
+            NewTopic(name, num_partitions=partitions, replication_factor=1),
+            NewTopic(f"{name}.dlq", num_partitions=1, replication_factor=1),
+        ]
+    )
     return name
 
 
 def _produce(bootstrap: str, topic: str, values: list[bytes]) -> dict[int, int]:
     """Send ``values`` (keyed round-robin), return the end offset of each partition."""
-    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
-                      batch_size=256 * 1024)
+    p = KafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, batch_size=256 * 1024
+    )
     futures = [p.send(topic, key=str(i).encode(), value=v) for i, v in enumerate(values)]
     p.flush(timeout=60)
     ends: dict[int, int] = {}
@@ -91,8 +96,12 @@ def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[
 
 
 def _read_all(bootstrap: str, topic: str, n: int, timeout_s: float = 20.0) -> list:
-    c = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                      enable_auto_commit=False, consumer_timeout_ms=2000)
+    c = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=2000,
+    )
     c.assign([TopicPartition(topic, 0)])
     out, deadline = [], time.monotonic() + timeout_s
     while len(out) < n and time.monotonic() < deadline:
@@ -122,12 +131,28 @@ class Ledger:
             return len(self.recorded)
 
 
-def _start_worker(broker, topic: str, group: str, name: str, rate: float,
-                  ledger: Ledger) -> tuple[subprocess.Popen, threading.Thread, list[str]]:
+def _start_worker(
+    broker, topic: str, group: str, name: str, rate: float, ledger: Ledger
+) -> tuple[subprocess.Popen, threading.Thread, list[str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.queue.kafka_worker", "--bootstrap", broker.bootstrap,
-         "--topic", topic, "--group", group, "--name", name, "--rate", str(rate)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "tests.queue.kafka_worker",
+            "--bootstrap",
+            broker.bootstrap,
+            "--topic",
+            topic,
+            "--group",
+            group,
+            "--name",
+            name,
+            "--rate",
+            str(rate),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     other: list[str] = []
@@ -161,9 +186,14 @@ def test_two_consumers_one_killed_every_task_recorded_once(kafka_broker):
     topic = _topic(admin, partitions)
     admin.close()
     ids = [f"t{i:05d}" for i in range(n_tasks)]
-    ends = _produce(kafka_broker.bootstrap, topic, [
-        orjson.dumps({"id": i, "capability": "work", "payload": {"n": k}})
-        for k, i in enumerate(ids)])
+    ends = _produce(
+        kafka_broker.bootstrap,
+        topic,
+        [
+            orjson.dumps({"id": i, "capability": "work", "payload": {"n": k}})
+            for k, i in enumerate(ids)
+        ],
+    )
     assert sum(ends.values()) == n_tasks and len(ends) == partitions
 
     group = f"g-{uuid.uuid4().hex[:6]}"
@@ -172,17 +202,29 @@ def test_two_consumers_one_killed_every_task_recorded_once(kafka_broker):
     a, ta, a_out = _start_worker(kafka_broker, topic, group, "a", 3000, ledger)
     b, tb, b_out = _start_worker(kafka_broker, topic, group, "b", 3000, ledger)
     try:
-        _wait(lambda: sum(1 for w in ledger.recorded.values() if w == "a") >= 5_000
-              and sum(1 for w in ledger.recorded.values() if w == "b") >= 5_000,
-              60, "both consumers to record work")
+        _wait(
+            lambda: (
+                sum(1 for w in ledger.recorded.values() if w == "a") >= 5_000
+                and sum(1 for w in ledger.recorded.values() if w == "b") >= 5_000
+            ),
+            60,
+            "both consumers to record work",
+        )
         a.send_signal(signal.SIGKILL)  # no close, no commit, no LeaveGroup
         a.wait(timeout=10)
         killed_at = len(ledger)
         assert killed_at < n_tasks, "the run finished before the kill: raise the task count"
-        _wait(lambda: len(ledger) == n_tasks, 120,
-              f"all {n_tasks} tasks recorded (have {len(ledger)})")
-        _wait(lambda: _committed(kafka_broker.bootstrap, group, topic, partitions) == ends,
-              30, f"committed offsets to reach the partition ends {ends}", interval_s=0.5)
+        _wait(
+            lambda: len(ledger) == n_tasks,
+            120,
+            f"all {n_tasks} tasks recorded (have {len(ledger)})",
+        )
+        _wait(
+            lambda: _committed(kafka_broker.bootstrap, group, topic, partitions) == ends,
+            30,
+            f"committed offsets to reach the partition ends {ends}",
+            interval_s=0.5,
+        )
     finally:
         for p in (a, b):
             if p.poll() is None:
@@ -201,8 +243,10 @@ def test_two_consumers_one_killed_every_task_recorded_once(kafka_broker):
     # last commit (its in-flight work), absorbed by the ledger, never recorded twice.
     assert ledger.duplicates < n_tasks // 2
     assert b.returncode == 0, b.stderr.read().decode()[-2000:]
-    print(f"\nkafka: recorded {len(ledger)} tasks once; {ledger.duplicates} redelivered "
-          f"duplicates absorbed; killed consumer at {killed_at}; b: {b_out}")
+    print(
+        f"\nkafka: recorded {len(ledger)} tasks once; {ledger.duplicates} redelivered "
+        f"duplicates absorbed; killed consumer at {killed_at}; b: {b_out}"
+    )
 
 
 @pytest.mark.timeout(120)
@@ -210,14 +254,19 @@ def test_malformed_messages_go_to_dead_letter_topic_and_never_block(kafka_broker
     admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
     topic = _topic(admin, 1)
     admin.close()
-    good = [orjson.dumps({"id": f"g{i}", "capability": "work", "payload": i})
-            for i in range(200)]
+    good = [
+        orjson.dumps({"id": f"g{i}", "capability": "work", "payload": i}) for i in range(200)
+    ]
     bad = {
         b"{not json": "malformed JSON",
         orjson.dumps([1, 2]): "expected a JSON object",
         orjson.dumps({"id": "x1", "capability": "nope"}): "unknown capability",
-        orjson.dumps({"id": "x2", "capability": "work", "payload": "z" * 5000}): "over the limit",
-        orjson.dumps({"id": "x3", "capability": "work", "deadline_unix_s": 1.0}): "already past",
+        orjson.dumps(
+            {"id": "x2", "capability": "work", "payload": "z" * 5000}
+        ): "over the limit",
+        orjson.dumps(
+            {"id": "x3", "capability": "work", "deadline_unix_s": 1.0}
+        ): "already past",
         orjson.dumps({"id": "x4", "capability": "work", "priority": 42}): "priority",
         b"\xff\xfe": "malformed JSON",
     }
@@ -226,9 +275,14 @@ def test_malformed_messages_go_to_dead_letter_topic_and_never_block(kafka_broker
         values.insert(20 * (k + 1), v)
     ends = _produce(kafka_broker.bootstrap, topic, values)
 
-    spec = KafkaIntakeSpec(bootstrap_servers=kafka_broker.bootstrap, topic=topic,
-                           group_id=f"g-{uuid.uuid4().hex[:6]}", commit_interval_s=0.1,
-                           session_timeout_s=6, heartbeat_interval_s=0.5)
+    spec = KafkaIntakeSpec(
+        bootstrap_servers=kafka_broker.bootstrap,
+        topic=topic,
+        group_id=f"g-{uuid.uuid4().hex[:6]}",
+        commit_interval_s=0.1,
+        session_timeout_s=6,
+        heartbeat_interval_s=0.5,
+    )
     recorded: list[str] = []
     intake: KafkaIntake
 
@@ -275,21 +329,40 @@ def test_results_are_published_before_the_offset_is_committed(kafka_broker):
     results = f"{topic}.results"
     admin.create_topics([NewTopic(results, num_partitions=1, replication_factor=1)])
     admin.close()
-    ends = _produce(kafka_broker.bootstrap, topic, [
-        orjson.dumps({"id": f"r{i}", "capability": "work", "payload": i}) for i in range(50)])
-    spec = KafkaIntakeSpec(bootstrap_servers=kafka_broker.bootstrap, topic=topic,
-                           group_id=f"g-{uuid.uuid4().hex[:6]}", results_topic=results,
-                           commit_interval_s=0.1, session_timeout_s=6,
-                           heartbeat_interval_s=0.5)
+    ends = _produce(
+        kafka_broker.bootstrap,
+        topic,
+        [orjson.dumps({"id": f"r{i}", "capability": "work", "payload": i}) for i in range(50)],
+    )
+    spec = KafkaIntakeSpec(
+        bootstrap_servers=kafka_broker.bootstrap,
+        topic=topic,
+        group_id=f"g-{uuid.uuid4().hex[:6]}",
+        results_topic=results,
+        commit_interval_s=0.1,
+        session_timeout_s=6,
+        heartbeat_interval_s=0.5,
+    )
     intake: KafkaIntake
 
     def accept(items):
         for it in items:
-            intake.complete(it.id, Outcome(
-                task_id=it.id, ok=True, output=orjson.dumps({"n": orjson.loads(it.payload)}),
-                reason=None, error=None, agent_id="a0", pool="p", deliveries=1,
-                submitted_unix_s=it.submitted_unix_s, started_unix_s=None,
-                finished_unix_s=it.submitted_unix_s + 0.01))
+            intake.complete(
+                it.id,
+                Outcome(
+                    task_id=it.id,
+                    ok=True,
+                    output=orjson.dumps({"n": orjson.loads(it.payload)}),
+                    reason=None,
+                    error=None,
+                    agent_id="a0",
+                    pool="p",
+                    deliveries=1,
+                    submitted_unix_s=it.submitted_unix_s,
+                    started_unix_s=None,
+                    finished_unix_s=it.submitted_unix_s + 0.01,
+                ),
+            )
 
     intake = KafkaIntake(spec, accept, task_parser({"work"}, 1000))
     try:
@@ -325,8 +398,10 @@ class _FakeConsumer:
     def poll(self, timeout_ms, max_records):
         if self.tp in self.paused_set or self.pos >= len(self.values):
             return {}
-        recs = [_Rec(o, self.values[o])
-                for o in range(self.pos, min(self.pos + max_records, len(self.values)))]
+        recs = [
+            _Rec(o, self.values[o])
+            for o in range(self.pos, min(self.pos + max_records, len(self.values)))
+        ]
         self.pos += len(recs)
         return {self.tp: recs}
 
@@ -361,8 +436,14 @@ def test_full_fleet_pauses_intake_and_retries_without_losing_tasks():
     tp = TopicPartition("t", 0)
     values = [orjson.dumps({"id": f"k{i}", "capability": "work"}) for i in range(100)]
     consumer = _FakeConsumer(tp, values)
-    spec = KafkaIntakeSpec(bootstrap_servers="unused:1", topic="t", group_id="g",
-                           max_poll_records=10, max_in_flight=25, commit_interval_s=1e-9)
+    spec = KafkaIntakeSpec(
+        bootstrap_servers="unused:1",
+        topic="t",
+        group_id="g",
+        max_poll_records=10,
+        max_in_flight=25,
+        commit_interval_s=1e-9,
+    )
     taken: list[str] = []
     full = {"on": True}
 
@@ -371,8 +452,9 @@ def test_full_fleet_pauses_intake_and_retries_without_losing_tasks():
             raise RuntimeError("queue full")
         taken.extend(i.id for i in items)
 
-    intake = KafkaIntake(spec, accept, task_parser({"work"}, 1000), consumer=consumer,
-                         producer=_FakeProducer())
+    intake = KafkaIntake(
+        spec, accept, task_parser({"work"}, 1000), consumer=consumer, producer=_FakeProducer()
+    )
     for _ in range(5):
         intake.run_once(0)
     assert taken == [] and consumer.pos == 10  # one batch held back, partition paused

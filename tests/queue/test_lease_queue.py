@@ -136,7 +136,10 @@ def test_sqlite_storage_file_layout_and_bad_settings(tmp_path):
     assert isinstance(s, SqliteStorage) and s.path.exists()
     assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     s.close()
-    assert shard_path(tmp_path, "ns", "cap", 0, "f/1") == tmp_path / "ns" / "f_1" / "cap-0.sqlite3"
+    assert (
+        shard_path(tmp_path, "ns", "cap", 0, "f/1")
+        == tmp_path / "ns" / "f_1" / "cap-0.sqlite3"
+    )
     assert StorageSpec().backend.value == "sqlite"  # durable unless told otherwise
     mem = StorageSpec(backend="memory", directory=str(tmp_path / "unused"))
     assert isinstance(make_storage(mem, "ns", "cap", 0), MemoryStorage)
@@ -149,8 +152,10 @@ def test_a_failed_commit_accepts_nothing(tmp_path):
     s = SqliteStorage(tmp_path / "s.sqlite3")
     q = LeaseQueue(10, storage=s)
     q.put([item("a")])
-    s._db.execute("CREATE TRIGGER no_b BEFORE INSERT ON items WHEN NEW.id = 'b' "
-                  "BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+    s._db.execute(
+        "CREATE TRIGGER no_b BEFORE INSERT ON items WHEN NEW.id = 'b' "
+        "BEGIN SELECT RAISE(ABORT, 'disk says no'); END"
+    )
     with pytest.raises(Exception, match="disk says no"):
         q.put([item("c"), item("b")])
     assert q.pending_ids() == ["a"] and s.count() == 1  # neither "b" nor "c"

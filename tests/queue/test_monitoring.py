@@ -70,7 +70,9 @@ def test_hysteresis_and_hold_time():
 
 def test_each_subject_alerts_separately_and_vanished_subjects_clear():
     heard = []
-    ev = AlertEvaluator([QueueAlertRule.model_validate("depth >= 10")], listeners=[heard.append])
+    ev = AlertEvaluator(
+        [QueueAlertRule.model_validate("depth >= 10")], listeners=[heard.append]
+    )
     ev.evaluate(_obs(a=10, b=5), 0)
     ev.evaluate(_obs(a=10, b=11), 1)
     assert [(e.kind.value, e.subject) for e in heard] == [("fired", "a"), ("fired", "b")]
@@ -85,8 +87,12 @@ def test_shard_scope_rules_watch_each_shard():
     deep.put([item(i, T0) for i in range(30)])
     m.observe("q", 0, deep.stats(T0 + 10), 0.0)
     m.observe("q", 1, shallow.stats(T0 + 10), 0.0)
-    ev = AlertEvaluator([QueueAlertRule(metric="depth", threshold=20, scope="shard"),
-                         QueueAlertRule(metric="shard_max_over_mean", threshold=1.5)])
+    ev = AlertEvaluator(
+        [
+            QueueAlertRule(metric="depth", threshold=20, scope="shard"),
+            QueueAlertRule(metric="shard_max_over_mean", threshold=1.5),
+        ]
+    )
     events = ev.evaluate(m.observations(0.0), 0.0)
     assert sorted(e.subject for e in events) == ["q", "q/0"]
 
@@ -110,8 +116,12 @@ def test_monitor_rates_ages_balance_and_stale_shards():
     assert r.to_dict()["shards"][0]["depth"] == 1400
     # The runtime's dict form of stats is accepted too, and counters that go down mean a
     # restarted shard (its totals count as new).
-    h2 = m.observe("q", 0, {"capability": "q", "shard": 0, **vars_of(q.stats(T0 + 13)),
-                            "enqueued_total": 10}, 3.0)
+    h2 = m.observe(
+        "q",
+        0,
+        {"capability": "q", "shard": 0, **vars_of(q.stats(T0 + 13)), "enqueued_total": 10},
+        3.0,
+    )
     assert h2.enqueue_per_s == 10.0
     stale = m.report(32.5)["q"]  # shard 1 last seen at 2.0, shard 0 at 3.0
     assert stale.stale_shards == (1,) and [s.shard for s in stale.shards] == [0]
@@ -164,29 +174,41 @@ def test_prometheus_metrics_follow_the_stats():
     fresh.put([item("z")])
     qm.update_from_stats("support", 0, fresh.stats(T0))
     assert 'fleet_queue_enqueued_total{queue="support",shard="0"} 11.0' in (
-        generate_latest(reg).decode())
+        generate_latest(reg).decode()
+    )
     m = QueueMonitor()
     m.observe("support", 0, fresh.stats(T0), 0.0)
     qm.update_from_health(m.report(0.0)["support"])
     ev = AlertEvaluator([QueueAlertRule.model_validate("depth > 0")])
     ev.evaluate(m.observations(0.0), 0.0)
     qm.update_alerts(ev.active())
-    assert ('fleet_queue_alert_active{rule="depth > 0",severity="warning",subject="support"} '
-            '1.0') in generate_latest(reg).decode()
+    assert (
+        'fleet_queue_alert_active{rule="depth > 0",severity="warning",subject="support"} 1.0'
+    ) in generate_latest(reg).decode()
     qm.update_alerts([])
-    assert ('fleet_queue_alert_active{rule="depth > 0",severity="warning",subject="support"} '
-            '0.0') in generate_latest(reg).decode()
+    assert (
+        'fleet_queue_alert_active{rule="depth > 0",severity="warning",subject="support"} 0.0'
+    ) in generate_latest(reg).decode()
 
 
-@pytest.mark.parametrize("rule,path,needle", [
-    ("depth >> 5", "queues.alerts.0", "not of the form"),
-    ({"metric": "depht", "threshold": 1}, "queues.alerts.0.metric", "depth"),
-    ({"metric": "depth", "threshold": 5, "clear_threshold": 9}, "queues.alerts.0",
-     "clear_threshold (9.0) must be <= threshold (5.0)"),
-    ({"metric": "shard_cv", "threshold": 1, "scope": "shard"}, "queues.alerts.0",
-     "queue-wide"),
-    ({"metric": "depth", "threshold": 1, "for_s": -1}, "queues.alerts.0.for_s", "greater"),
-])
+@pytest.mark.parametrize(
+    "rule,path,needle",
+    [
+        ("depth >> 5", "queues.alerts.0", "not of the form"),
+        ({"metric": "depht", "threshold": 1}, "queues.alerts.0.metric", "depth"),
+        (
+            {"metric": "depth", "threshold": 5, "clear_threshold": 9},
+            "queues.alerts.0",
+            "clear_threshold (9.0) must be <= threshold (5.0)",
+        ),
+        (
+            {"metric": "shard_cv", "threshold": 1, "scope": "shard"},
+            "queues.alerts.0",
+            "queue-wide",
+        ),
+        ({"metric": "depth", "threshold": 1, "for_s": -1}, "queues.alerts.0.for_s", "greater"),
+    ],
+)
 def test_bad_alert_rules_are_rejected_at_spec_load(rule, path, needle):
     with pytest.raises(SpecError) as exc:
         parse_spec({"pools": [pool()], "queues": {"alerts": [rule]}})
@@ -199,8 +221,9 @@ def test_bad_queue_spec_fields_are_named():
         parse_spec({"pools": [pool()], "queues": {"discipline": "lifo"}})
     assert "queues.discipline" in dict(exc.value.errors)
     with pytest.raises(SpecError) as exc:
-        parse_spec({"pools": [pool()], "queues": {"utility_decay_per_s": 1,
-                                                  "utility_half_life_s": 5}})
+        parse_spec(
+            {"pools": [pool()], "queues": {"utility_decay_per_s": 1, "utility_half_life_s": 5}}
+        )
     assert "exclusive" in dict(exc.value.errors)["queues"]
     with pytest.raises(SpecError) as exc:
         parse_spec({"pools": [pool()], "queues": {"alerts": ["depth > 1", "depth > 1"]}})

@@ -56,15 +56,23 @@ class QueueModel(RuleBasedStateMachine):
 
     def _open(self) -> None:
         storage = self.mem if self.backend == "memory" else SqliteStorage(self.dir / "q.db")
-        self.q = LeaseQueue(self.max_depth, max_deliveries=self.max_deliveries,
-                            policy=self.policy, storage=storage)
+        self.q = LeaseQueue(
+            self.max_depth,
+            max_deliveries=self.max_deliveries,
+            policy=self.policy,
+            storage=storage,
+        )
 
-    @initialize(discipline=st.sampled_from(list(Discipline)),
-                backend=st.sampled_from(["memory", "sqlite"]),
-                max_deliveries=st.integers(1, 3), max_depth=st.integers(5, 40))
+    @initialize(
+        discipline=st.sampled_from(list(Discipline)),
+        backend=st.sampled_from(["memory", "sqlite"]),
+        max_deliveries=st.integers(1, 3),
+        max_depth=st.integers(5, 40),
+    )
     def setup(self, discipline, backend, max_deliveries, max_depth):
-        self.policy = make_discipline(discipline, priority_aging_limit_s=30.0,
-                                      utility_decay_per_s=0.5)
+        self.policy = make_discipline(
+            discipline, priority_aging_limit_s=30.0, utility_decay_per_s=0.5
+        )
         self.backend = backend
         self.mem = MemoryStorage()
         self.max_deliveries = max_deliveries
@@ -73,15 +81,30 @@ class QueueModel(RuleBasedStateMachine):
 
     # --- rules -----------------------------------------------------------------
 
-    @rule(specs=st.lists(st.tuples(st.integers(0, 9), st.none() | st.floats(0.5, 60),
-                                   st.none() | st.integers(-5, 50)), min_size=1, max_size=8),
-          dup=st.booleans())
+    @rule(
+        specs=st.lists(
+            st.tuples(
+                st.integers(0, 9),
+                st.none() | st.floats(0.5, 60),
+                st.none() | st.integers(-5, 50),
+            ),
+            min_size=1,
+            max_size=8,
+        ),
+        dup=st.booleans(),
+    )
     def put(self, specs, dup):
         new = []
         for prio, dl, util in specs:
-            new.append(item(f"i{self.next_id}", self.unix, prio,
-                            None if dl is None else self.unix + dl,
-                            None if util is None else float(util)))
+            new.append(
+                item(
+                    f"i{self.next_id}",
+                    self.unix,
+                    prio,
+                    None if dl is None else self.unix + dl,
+                    None if util is None else float(util),
+                )
+            )
             self.next_id += 1
         live = sorted(self.ready | set(self.leased))
         batch = new + ([item(live[0])] if dup and live else [])  # a pending id: ignored
@@ -105,9 +128,12 @@ class QueueModel(RuleBasedStateMachine):
     def lease(self, n, holder):
         got = self.q.lease(n, holder, LEASE_S, self.now, now_unix_s=self.unix)
         overdue = {i.id for i in self.q.fail_overdue(self.unix)}
-        expect_overdue = {i for i in self.ready
-                          if self.accepted[i].deadline_unix_s is not None
-                          and self.accepted[i].deadline_unix_s <= self.unix}
+        expect_overdue = {
+            i
+            for i in self.ready
+            if self.accepted[i].deadline_unix_s is not None
+            and self.accepted[i].deadline_unix_s <= self.unix
+        }
         assert overdue == expect_overdue
         self._failed(overdue)
         self.ready -= overdue
@@ -139,7 +165,9 @@ class QueueModel(RuleBasedStateMachine):
     @precondition(lambda self: self.leased)
     @rule(data=st.data())
     def ack(self, data):
-        ids = data.draw(st.lists(st.sampled_from(sorted(self.leased)), unique=True, min_size=1))
+        ids = data.draw(
+            st.lists(st.sampled_from(sorted(self.leased)), unique=True, min_size=1)
+        )
         assert self.q.ack(ids + ["unknown"]) == len(ids)
         for i in ids:
             self.leased.pop(i)
@@ -154,7 +182,9 @@ class QueueModel(RuleBasedStateMachine):
     @precondition(lambda self: self.leased)
     @rule(data=st.data())
     def nack(self, data):
-        ids = data.draw(st.lists(st.sampled_from(sorted(self.leased)), unique=True, min_size=1))
+        ids = data.draw(
+            st.lists(st.sampled_from(sorted(self.leased)), unique=True, min_size=1)
+        )
         self._requeue(ids, self.q.nack(ids))
 
     @rule(holder=st.sampled_from(["h1", "h2", "h3"]))
@@ -207,7 +237,9 @@ class QueueModel(RuleBasedStateMachine):
 
 
 QueueModel.TestCase.settings = settings(
-    max_examples=80, stateful_step_count=30, deadline=None,
+    max_examples=80,
+    stateful_step_count=30,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestQueueModel = QueueModel.TestCase

@@ -20,9 +20,12 @@ from fleet.policy.sharding import (
 
 
 def test_hash_is_stable_across_processes():
-    code = "from fleet.policy.sharding import shard_for_key as s; print(s('support', 'k42', 16))"
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           check=True).stdout.strip()
+    code = (
+        "from fleet.policy.sharding import shard_for_key as s; print(s('support', 'k42', 16))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert int(other) == shard_for_key("support", "k42", 16)
     assert stable_hash64("abc") == stable_hash64("abc") != stable_hash64("abd")
 
@@ -69,7 +72,7 @@ def test_balance_measures():
     b = shard_balance([10, 10, 10, 10])
     assert (b.max_over_mean, b.cv) == (1.0, 0.0)
     b = shard_balance([40, 0, 0, 0])
-    assert b.max_over_mean == 4.0 and b.cv == pytest.approx(3 ** 0.5)
+    assert b.max_over_mean == 4.0 and b.cv == pytest.approx(3**0.5)
     assert shard_balance([]).shards == 0 and shard_balance([0, 0]).max_over_mean == 0.0
 
 

@@ -24,15 +24,28 @@ from fleet.spec import parse_spec
 
 
 def main() -> int:
-    phase, spec_path, state_path, tasks = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    phase, spec_path, state_path, tasks = (
+        sys.argv[1],
+        sys.argv[2],
+        sys.argv[3],
+        int(sys.argv[4]),
+    )
     spec = parse_spec(json.loads(Path(spec_path).read_text()))
     ray.init(namespace=spec.namespace, log_to_driver=False, configure_logging=False)
     ids = [f"cr-{k}" for k in range(tasks)]
     if phase == "first":
         fc = FleetClient.start(spec, detached=True)
         rng = random.Random(7)
-        fc.submit([{"id": i, "capability": "work",
-                    "payload": {"sleep_s": round(rng.uniform(0.02, 0.06), 3)}} for i in ids])
+        fc.submit(
+            [
+                {
+                    "id": i,
+                    "capability": "work",
+                    "payload": {"sleep_s": round(rng.uniform(0.02, 0.06), 3)},
+                }
+                for i in ids
+            ]
+        )
         deadline = time.monotonic() + 120
         while len(ids) - len(fc.ledger.missing(ids)) < tasks // 3:
             if time.monotonic() > deadline:
@@ -41,8 +54,11 @@ def main() -> int:
             time.sleep(0.05)
         missing = set(fc.ledger.missing(ids))
         done = [i for i in ids if i not in missing]
-        Path(state_path).write_text(json.dumps(
-            {"recorded": {r.task_id: r.model_dump(mode="json") for r in fc.results(done)}}))
+        Path(state_path).write_text(
+            json.dumps(
+                {"recorded": {r.task_id: r.model_dump(mode="json") for r in fc.results(done)}}
+            )
+        )
         print(f"RECORDED {len(done)}", flush=True)
         return 0
     state = json.loads(Path(state_path).read_text())["recorded"]
@@ -51,12 +67,20 @@ def main() -> int:
     before = list(state)
     after = {r.task_id: r.model_dump(mode="json") for r in fc.results(before) if r}
     s = fc.summary(ids)
-    print(json.dumps({"lost": len(missing), "recorded": s["recorded"],
-                      "recorded_before_stop": len(before),
-                      "changed": sum(1 for i in before if after.get(i) != state[i]),
-                      "duplicate_executions": s["duplicate_executions"],
-                      "rerun_after_recorded": len(fc.ledger.duplicates(before)),
-                      "failures": s["failure_reasons"]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "lost": len(missing),
+                "recorded": s["recorded"],
+                "recorded_before_stop": len(before),
+                "changed": sum(1 for i in before if after.get(i) != state[i]),
+                "duplicate_executions": s["duplicate_executions"],
+                "rerun_after_recorded": len(fc.ledger.duplicates(before)),
+                "failures": s["failure_reasons"],
+            }
+        ),
+        flush=True,
+    )
     fc.shutdown()
     return 0
 

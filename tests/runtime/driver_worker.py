@@ -23,14 +23,19 @@ from fleet.spec import parse_spec
 def main() -> int:
     address, spec_path, ids_path, tasks, chunk = *sys.argv[1:4], *map(int, sys.argv[4:6])
     spec = parse_spec(__import__("json").loads(Path(spec_path).read_text()))
-    ray.init(address=address, namespace=spec.namespace, log_to_driver=False,
-             configure_logging=False)
+    ray.init(
+        address=address, namespace=spec.namespace, log_to_driver=False, configure_logging=False
+    )
     fc = FleetClient.start(spec, detached=True)
     print("STARTED", flush=True)
     with open(ids_path, "a") as out:
         for first in range(0, tasks, chunk):
-            rep = fc.submit([{"capability": "work", "payload": {"i": i}}
-                             for i in range(first, min(tasks, first + chunk))])
+            rep = fc.submit(
+                [
+                    {"capability": "work", "payload": {"i": i}}
+                    for i in range(first, min(tasks, first + chunk))
+                ]
+            )
             out.write("".join(f"{i}\n" for i in rep.accepted))
             out.flush()
             os.fsync(out.fileno())

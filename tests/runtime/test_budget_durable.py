@@ -32,12 +32,19 @@ DAY0 = 20_000 * DAY_S + 3_600.0  # 01:00 UTC on a virtual day
 
 def _spec(**budgets: Any):
     return make_spec(
-        pool("work", agent_class="fleet.agents.testing:PricedAgent",
-             autoscaling={"min_agents": 1, "max_agents": 50}),
-        budgets={"prices": PRICES,
-                 "task_estimates": {"work": {"model": "test-model", "input_tokens": 1000,
-                                             "output_tokens": 1000}},
-                 **budgets})
+        pool(
+            "work",
+            agent_class="fleet.agents.testing:PricedAgent",
+            autoscaling={"min_agents": 1, "max_agents": 50},
+        ),
+        budgets={
+            "prices": PRICES,
+            "task_estimates": {
+                "work": {"model": "test-model", "input_tokens": 1000, "output_tokens": 1000}
+            },
+            **budgets,
+        },
+    )
 
 
 def _reserve(book: BudgetBook, agents: list[str], tenant: str | None = None) -> list[Grant]:
@@ -53,40 +60,70 @@ def _durable_view(book: BudgetBook) -> dict[str, Any]:
     again from the restart) and membership (agents join again as they reserve)."""
     snap = book.snapshot()
     store = book.policy.store
-    view = {k: snap[k] for k in ("day", "refusals", "overrun_usd", "alerts",
-                                 "open_reservations", "open_reserved_usd", "refused_tasks",
-                                 "expired_reservations", "expired_usd", "late_settles",
-                                 "reserved_total", "settled_total")}
-    view["fleet"] = {k: v for k, v in snap["fleet"].items()
-                     if k not in ("burn_usd_per_h", "agents")}
+    view = {
+        k: snap[k]
+        for k in (
+            "day",
+            "refusals",
+            "overrun_usd",
+            "alerts",
+            "open_reservations",
+            "open_reserved_usd",
+            "refused_tasks",
+            "expired_reservations",
+            "expired_usd",
+            "late_settles",
+            "reserved_total",
+            "settled_total",
+        )
+    }
+    view["fleet"] = {
+        k: v for k, v in snap["fleet"].items() if k not in ("burn_usd_per_h", "agents")
+    }
     for scope in ("pools", "tenants"):
-        view[scope] = {n: {k: v for k, v in row.items() if k != "burn_usd_per_h"}
-                       for n, row in snap[scope].items()}
+        view[scope] = {
+            n: {k: v for k, v in row.items() if k != "burn_usd_per_h"}
+            for n, row in snap[scope].items()
+        }
     # Used and reserved per counter (limits are the policy's: agents' come back as
     # they join again; a counter at zero is as good as none).
-    view["counters"] = {e: (v.used, v.reserved) for e, v in store.counters(
-        store.entries()).items() if v.used or v.reserved}  # type: ignore[attr-defined]
+    view["counters"] = {
+        e: (v.used, v.reserved)
+        for e, v in store.counters(store.entries()).items()
+        if v.used or v.reserved
+    }  # type: ignore[attr-defined]
     view["open"] = dict(book._open)
     return view
 
 
 # --- where the file lives ------------------------------------------------------------
 
+
 def test_the_file_is_in_the_fleets_directory_and_memory_keeps_none(tmp_path):
-    spec = make_spec(pool("work"), queues={"storage": {"directory": str(tmp_path)}},
-                     namespace="ns", name="f1", budgets={"daily_usd": 5})
-    assert budget_path(spec) == fleet_directory(spec.queues.storage, "ns", "f1") \
-        / "budget.sqlite3"
+    spec = make_spec(
+        pool("work"),
+        queues={"storage": {"directory": str(tmp_path)}},
+        namespace="ns",
+        name="f1",
+        budgets={"daily_usd": 5},
+    )
+    assert (
+        budget_path(spec)
+        == fleet_directory(spec.queues.storage, "ns", "f1") / "budget.sqlite3"
+    )
     assert budget_path(_spec(daily_usd=5)) is None, "memory backend: nothing on disk"
 
 
 # --- restart ---------------------------------------------------------------------------
 
+
 def test_restart_recovers_spend_and_open_reservations_and_settles_each_once(tmp_path):
     path = tmp_path / "budget.sqlite3"
     clock = FakeClock(DAY0)
-    spec = _spec(pools={"work": {"daily_usd": 10 * TASK_USD}},
-                 tenants={"acme": {"daily_usd": 5 * TASK_USD}})
+    spec = _spec(
+        pools={"work": {"daily_usd": 10 * TASK_USD}},
+        tenants={"acme": {"daily_usd": 5 * TASK_USD}},
+    )
     book = BudgetBook(spec, clock, path)
     grants = _reserve(book, ["h/0", "h/1", "h/2", "h/3"], tenant="acme")
     ids = _granted(grants)
@@ -188,8 +225,9 @@ def test_old_windows_leave_the_file_as_they_leave_memory(tmp_path):
     clock.advance(2 * DAY_S)
     _reserve(book, ["h/0"])  # the first call of a day starts it
     assert db.rows("SELECT key FROM alerts") == []
-    assert db.rows("SELECT COUNT(*) FROM counters WHERE idx < ?",
-                   (math.floor(clock.t / DAY_S) - 1,)) == [(0,)]
+    assert db.rows(
+        "SELECT COUNT(*) FROM counters WHERE idx < ?", (math.floor(clock.t / DAY_S) - 1,)
+    ) == [(0,)]
     assert db.rows("SELECT COUNT(*) FROM stats") == [(0,)]
     assert _durable_view(BudgetBook(spec, clock, path)) == _durable_view(book)
 
@@ -230,6 +268,7 @@ def test_granted_reservations_never_exceed_a_limit_across_restarts(tmp_path):
 
 # --- the store alone ---------------------------------------------------------------------
 
+
 def test_sqlite_store_commits_and_reloads_counters_and_reservations(tmp_path):
     db = BudgetDatabase(tmp_path / "b.sqlite3")
     store = SqliteBudgetStore(db)
@@ -249,6 +288,7 @@ def test_sqlite_store_commits_and_reloads_counters_and_reservations(tmp_path):
 
 # --- failures ----------------------------------------------------------------------------
 
+
 class _FullDisk:
     """A connection whose commits fail as on a full disk while ``full`` is set."""
 
@@ -266,10 +306,14 @@ class _FullDisk:
         return getattr(self._conn, name)
 
 
-@pytest.mark.parametrize("error", [
-    sqlite3.OperationalError("database or disk is full"),
-    OSError(errno.ENOSPC, "No space left on device"),
-], ids=["sqlite-full", "enospc"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        sqlite3.OperationalError("database or disk is full"),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ],
+    ids=["sqlite-full", "enospc"],
+)
 def test_full_disk_fails_the_call_and_keeps_what_was_committed(tmp_path, error):
     path = tmp_path / "budget.sqlite3"
     clock = FakeClock(DAY0)

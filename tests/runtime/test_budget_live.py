@@ -34,19 +34,30 @@ _ids = itertools.count()
 
 def _spec(agents: int = 10, hosts: int = 1, **budgets: Any):
     return make_spec(
-        pool("work", agent_class="fleet.agents.testing:PricedAgent",
-             agents_per_host=agents // hosts,
-             autoscaling={"min_agents": agents, "max_agents": agents},
-             agent_kwargs={"delay_s": 0.01}),
-        budgets={"prices": PRICES,
-                 "task_estimates": {"work": {"model": "test-model", "input_tokens": 1000,
-                                             "output_tokens": 1000}},
-                 **budgets})
+        pool(
+            "work",
+            agent_class="fleet.agents.testing:PricedAgent",
+            agents_per_host=agents // hosts,
+            autoscaling={"min_agents": agents, "max_agents": agents},
+            agent_kwargs={"delay_s": 0.01},
+        ),
+        budgets={
+            "prices": PRICES,
+            "task_estimates": {
+                "work": {"model": "test-model", "input_tokens": 1000, "output_tokens": 1000}
+            },
+            **budgets,
+        },
+    )
 
 
 def _items(n: int, deliveries: int = 1, **payload: Any) -> list[Item]:
-    return [to_item({"capability": "work", "payload": {"i": next(_ids), **payload}}, {"work"})
-            ._replace(deliveries=deliveries) for _ in range(n)]
+    return [
+        to_item(
+            {"capability": "work", "payload": {"i": next(_ids), **payload}}, {"work"}
+        )._replace(deliveries=deliveries)
+        for _ in range(n)
+    ]
 
 
 class _Remote:
@@ -68,11 +79,13 @@ class _BookActor:
         self.settle_batch = _Remote(book.settle_batch, self.calls, "settle")
 
 
-
 def _host(spec, book: BudgetBook) -> tuple[AgentHost, FakeLedger, _BookActor]:
     p = spec.pools[0]
-    host = AgentHost(p.model_dump(mode="json"), spec.resilience.model_dump(mode="json"),
-                     {k: v.model_dump() for k, v in spec.budgets.prices.items()})
+    host = AgentHost(
+        p.model_dump(mode="json"),
+        spec.resilience.model_dump(mode="json"),
+        {k: v.model_dump() for k, v in spec.budgets.prices.items()},
+    )
     actor = _BookActor(book)
     host._budget = BudgetClient(actor=actor)
     ledger = FakeLedger()
@@ -82,8 +95,11 @@ def _host(spec, book: BudgetBook) -> tuple[AgentHost, FakeLedger, _BookActor]:
 
 # --- spec ---------------------------------------------------------------------------
 
+
 def test_estimate_names_a_priced_model_and_budgets_are_enforced_only_when_set():
-    with pytest.raises(ValueError, match=r"task_estimates.work.model: no price for model 'gpt'"):
+    with pytest.raises(
+        ValueError, match=r"task_estimates.work.model: no price for model 'gpt'"
+    ):
         BudgetsSpec.model_validate({"task_estimates": {"work": {"model": "gpt"}}})
     assert not BudgetsSpec().enforced
     assert not BudgetsSpec.model_validate({"prices": PRICES}).enforced
@@ -95,6 +111,7 @@ def test_estimate_names_a_priced_model_and_budgets_are_enforced_only_when_set():
 
 
 # --- the book (the actor's logic) ----------------------------------------------------
+
 
 def test_book_settles_expired_leases_at_their_estimate_and_ignores_late_settles():
     clock = FakeClock(1_000_000.0)
@@ -127,10 +144,12 @@ def test_snapshot_feeds_status_lines_and_prometheus_metrics():
     from fleet.runtime.budget_metrics import BudgetMetrics
 
     clock = FakeClock(1_000_000.0)
-    book = BudgetBook(_spec(pools={"work": {"daily_usd": 4 * TASK_USD}},
-                            alert_thresholds=[0.5]), clock)
-    grants = [Grant(*g) for g in book.reserve_batch([("h/0", "work", "acme"),
-                                                     ("h/1", "work", None)])]
+    book = BudgetBook(
+        _spec(pools={"work": {"daily_usd": 4 * TASK_USD}}, alert_thresholds=[0.5]), clock
+    )
+    grants = [
+        Grant(*g) for g in book.reserve_batch([("h/0", "work", "acme"), ("h/1", "work", None)])
+    ]
     clock.advance(60)
     book.settle_batch([(g.reservation_id, TASK_USD, 2000, 0.0) for g in grants])
     snap = book.snapshot()
@@ -150,6 +169,7 @@ def test_snapshot_feeds_status_lines_and_prometheus_metrics():
 
 
 # --- the host with budgets ------------------------------------------------------------
+
 
 def test_host_reserves_and_settles_once_per_batch_and_never_overspends_a_shared_budget():
     clock = FakeClock(1_000_000.0)
@@ -195,8 +215,9 @@ def test_agent_out_of_its_own_budget_is_parked_and_its_tasks_go_elsewhere_or_bac
 
 
 def test_host_without_budgets_never_reserves():
-    spec = make_spec(pool("work", agent_class="fleet.agents.testing:PricedAgent",
-                          agents_per_host=4))
+    spec = make_spec(
+        pool("work", agent_class="fleet.agents.testing:PricedAgent", agents_per_host=4)
+    )
     assert not spec.budgets.enforced
     host = AgentHost(spec.pools[0].model_dump(mode="json"))
     assert host._budget is None
@@ -204,20 +225,27 @@ def test_host_without_budgets_never_reserves():
 
 # --- live ---------------------------------------------------------------------------
 
+
 @pytest.mark.ray
 def test_200_agents_racing_for_the_last_budget_overspend_by_zero(start_fleet):
     covered = 60  # the pool's daily budget covers exactly this many tasks
     budget = covered * TASK_USD
-    spec = _spec(agents=200, hosts=2, pools={"work": {"daily_usd": budget}},
-                 alert_thresholds=[0.5, 0.9])
+    spec = _spec(
+        agents=200, hosts=2, pools={"work": {"daily_usd": budget}}, alert_thresholds=[0.5, 0.9]
+    )
     fc = start_fleet(spec)
     # First most of the budget goes, then 600 tasks race for the last 10 tasks' worth.
-    first = fc.submit([{"capability": "work", "payload": {"i": -i, "tenant": "t0"}}
-                       for i in range(1, covered - 10 + 1)]).accepted
+    first = fc.submit(
+        [
+            {"capability": "work", "payload": {"i": -i, "tenant": "t0"}}
+            for i in range(1, covered - 10 + 1)
+        ]
+    ).accepted
     fc.wait(first, timeout_s=120)
     assert fc.summary(first)["completed"] == covered - 10
-    tasks = [{"capability": "work", "payload": {"i": i, "tenant": f"t{i % 4}"}}
-             for i in range(600)]
+    tasks = [
+        {"capability": "work", "payload": {"i": i, "tenant": f"t{i % 4}"}} for i in range(600)
+    ]
     ids = first + fc.submit(tasks).accepted
     fc.wait(ids, timeout_s=120)
     summary = fc.summary(ids)
@@ -225,20 +253,26 @@ def test_200_agents_racing_for_the_last_budget_overspend_by_zero(start_fleet):
     completed = [r for r in results if r is not None and r.status.value == "completed"]
     spent = math.fsum(r.cost_usd for r in completed)
     day_windows = len({int(r.finished_unix_s // 86_400) for r in results if r is not None})
-    print(f"\nrace: {len(completed)} completed, spent ${spent:.4f} of ${budget:.2f}, "
-          f"overspend ${max(0.0, spent - budget * day_windows):.4f}, {summary['failure_reasons']}")
+    print(
+        f"\nrace: {len(completed)} completed, spent ${spent:.4f} of ${budget:.2f}, "
+        f"overspend ${max(0.0, spent - budget * day_windows):.4f}, {summary['failure_reasons']}"
+    )
     assert summary["lost"] == 0 and summary["recorded"] == len(ids)
     assert spent <= budget * day_windows + 1e-9  # overspend exactly $0
     assert len(completed) >= covered  # settlement returned nothing: all of it was used
     assert set(summary["failure_reasons"]) == {REASON_BUDGET_EXHAUSTED}
-    assert summary["completed"] + summary["failure_reasons"][REASON_BUDGET_EXHAUSTED] == len(ids)
+    assert summary["completed"] + summary["failure_reasons"][REASON_BUDGET_EXHAUSTED] == len(
+        ids
+    )
     agents = {r.agent_id for r in completed}
     assert len(agents) > 1
     budget_actor = ray.get_actor(Names(spec.name).budget, namespace=spec.namespace)
     snap = ray.get(budget_actor.snapshot.remote())
-    print(f"race: {len(agents)} agents on {len({a.rsplit('/', 1)[0] for a in agents})} "
-          f"host(s) completed tasks; {snap['reserved_total']} reservations granted, "
-          f"refused {snap['refused_tasks']}")
+    print(
+        f"race: {len(agents)} agents on {len({a.rsplit('/', 1)[0] for a in agents})} "
+        f"host(s) completed tasks; {snap['reserved_total']} reservations granted, "
+        f"refused {snap['refused_tasks']}"
+    )
     assert snap["open_reservations"] == 0 and snap["overrun_usd"] == 0.0
     assert snap["pools"]["work"]["spend_usd"] == pytest.approx(spent)
     # status and Prometheus show the spend, burn rate and alerts.

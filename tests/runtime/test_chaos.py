@@ -32,10 +32,21 @@ TASKS = 20_000
 
 # -- pure parts ----------------------------------------------------------------------
 def test_schedule_is_seeded_bounded_and_ordered():
-    plan = ChaosPlan(pool="p", seed=3, duration_s=30, kill_start_s=2, kill_interval_min_s=2,
-                     kill_interval_max_s=4, max_kill_waves=5, hang_agents=1, hang_at_s=1,
-                     latency_share=0.1, latency_at_s=3, partition_duration_s=1,
-                     partition_at_s=50)
+    plan = ChaosPlan(
+        pool="p",
+        seed=3,
+        duration_s=30,
+        kill_start_s=2,
+        kill_interval_min_s=2,
+        kill_interval_max_s=4,
+        max_kill_waves=5,
+        hang_agents=1,
+        hang_at_s=1,
+        latency_share=0.1,
+        latency_at_s=3,
+        partition_duration_s=1,
+        partition_at_s=50,
+    )
     a = plan_schedule(plan, random.Random(plan.seed))
     assert a == plan_schedule(plan, random.Random(plan.seed))
     kills = [p.t_s for p in a if p.kind == "kill"]
@@ -78,12 +89,29 @@ def test_chaotic_agent_applies_and_counts_rules():
         board.fetched_s = time.monotonic() + 1e9  # no refresh: no switchboard here
         now = time.time()
         board.rules = [
-            {"id": 0, "kind": "latency", "prefix": "p/", "extra_s": 0.0,
-             "start_unix_s": now - 1, "until_unix_s": now + 60},
-            {"id": 1, "kind": "hang", "agents": ["p/h/1"],
-             "start_unix_s": now - 1, "until_unix_s": now + 60},
-            {"id": 2, "kind": "latency", "prefix": "p/", "extra_s": 5.0,
-             "start_unix_s": now - 60, "until_unix_s": now - 1},  # over
+            {
+                "id": 0,
+                "kind": "latency",
+                "prefix": "p/",
+                "extra_s": 0.0,
+                "start_unix_s": now - 1,
+                "until_unix_s": now + 60,
+            },
+            {
+                "id": 1,
+                "kind": "hang",
+                "agents": ["p/h/1"],
+                "start_unix_s": now - 1,
+                "until_unix_s": now + 60,
+            },
+            {
+                "id": 2,
+                "kind": "latency",
+                "prefix": "p/",
+                "extra_s": 5.0,
+                "start_unix_s": now - 60,
+                "until_unix_s": now - 1,
+            },  # over
         ]
         kw = {"switchboard": "sb-unit", "switchboard_namespace": "ns-unit"}
         ok, hung = ChaoticAgent("p/h/0", **kw), ChaoticAgent("p/h/1", **kw)
@@ -103,17 +131,38 @@ def test_chaotic_agent_applies_and_counts_rules():
 def test_chaos_run_loses_nothing_and_replaces_every_host(ray_cluster):
     name, ns = "chaos-t", "fleet-test-chaos"
     spec = make_spec(
-        pool("work", agent_class="fleet.agents.chaotic:ChaoticAgent", cpus_per_host=0,
-             agents_per_host=AGENTS_PER_HOST,
-             agent_kwargs=chaotic_agent_kwargs(name, ns),
-             autoscaling={"min_agents": HOSTS * AGENTS_PER_HOST,
-                          "max_agents": HOSTS * AGENTS_PER_HOST}),
-        name=name, namespace=ns, resilience={"task_timeout_s": 3.0})
-    plan = ChaosPlan(pool="work", seed=1, duration_s=120, kill_share=0.1, kill_start_s=1,
-                     kill_interval_min_s=1.5, kill_interval_max_s=2.5, max_kill_waves=4,
-                     hang_agents=1, hang_at_s=0.5, hang_duration_s=8,
-                     latency_share=0.2, latency_s=0.02, latency_at_s=0.5,
-                     latency_duration_s=8)
+        pool(
+            "work",
+            agent_class="fleet.agents.chaotic:ChaoticAgent",
+            cpus_per_host=0,
+            agents_per_host=AGENTS_PER_HOST,
+            agent_kwargs=chaotic_agent_kwargs(name, ns),
+            autoscaling={
+                "min_agents": HOSTS * AGENTS_PER_HOST,
+                "max_agents": HOSTS * AGENTS_PER_HOST,
+            },
+        ),
+        name=name,
+        namespace=ns,
+        resilience={"task_timeout_s": 3.0},
+    )
+    plan = ChaosPlan(
+        pool="work",
+        seed=1,
+        duration_s=120,
+        kill_share=0.1,
+        kill_start_s=1,
+        kill_interval_min_s=1.5,
+        kill_interval_max_s=2.5,
+        max_kill_waves=4,
+        hang_agents=1,
+        hang_at_s=0.5,
+        hang_duration_s=8,
+        latency_share=0.2,
+        latency_s=0.02,
+        latency_at_s=0.5,
+        latency_duration_s=8,
+    )
     fc = FleetClient.start(spec)
     try:
         # 10 ms tasks: 20,000 of them keep 50 agents busy for at least 4 s, so the kill

@@ -24,14 +24,23 @@ TASKS = 20_000
 
 @pytest.mark.timeout(600)
 def test_a_fleet_survives_a_whole_cluster_restart(tmp_path):
-    spec = parse_spec({
-        "name": "restart", "namespace": f"fleet-restart-{uuid.uuid4().hex[:6]}",
-        "pools": [{"name": "work", "capability": "work",
-                   "agent_class": "fleet.agents.testing:SleepAgent",
-                   "agents_per_host": 250, "cpus_per_host": 0,
-                   "autoscaling": {"min_agents": 250, "max_agents": 250}}],
-        "queues": {"storage": {"directory": str(tmp_path / "storage")}},
-    })
+    spec = parse_spec(
+        {
+            "name": "restart",
+            "namespace": f"fleet-restart-{uuid.uuid4().hex[:6]}",
+            "pools": [
+                {
+                    "name": "work",
+                    "capability": "work",
+                    "agent_class": "fleet.agents.testing:SleepAgent",
+                    "agents_per_host": 250,
+                    "cpus_per_host": 0,
+                    "autoscaling": {"min_agents": 250, "max_agents": 250},
+                }
+            ],
+            "queues": {"storage": {"directory": str(tmp_path / "storage")}},
+        }
+    )
     spec_file, state = tmp_path / "spec.json", tmp_path / "state.json"
     spec_file.write_text(spec.model_dump_json())
     worker = [sys.executable, "-m", "tests.runtime.cluster_restart_worker"]

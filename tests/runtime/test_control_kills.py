@@ -42,29 +42,56 @@ TARGETS = ["ledger", "dispatcher", "controller", "budget", "shard", "kafka_intak
 @pytest.fixture(scope="module")
 def kill_fleet(ray_cluster, kafka_broker, tmp_path_factory):
     kafka = kafka_section(kafka_broker.bootstrap)  # a short session: see there
-    spec = parse_spec({
-        "name": "kills", "namespace": f"fleet-kills-{uuid.uuid4().hex[:6]}",
-        "pools": [{"name": "work", "capability": "work",
-                   "agent_class": "fleet.agents.testing:SleepAgent",
-                   "agents_per_host": 500, "cpus_per_host": 0,
-                   "autoscaling": {"min_agents": 1000, "max_agents": 1000,
-                                   "control_interval_s": 0.5}}],
-        "queues": {"storage": {"directory": str(tmp_path_factory.mktemp("kills"))},
-                   "lease_s": 30, "kafka": kafka},
-        "budgets": {"daily_usd": 1_000_000, "allocation": "equal",
-                    "task_estimates": {"work": {"usd": 0.0001}}},
-    })
+    spec = parse_spec(
+        {
+            "name": "kills",
+            "namespace": f"fleet-kills-{uuid.uuid4().hex[:6]}",
+            "pools": [
+                {
+                    "name": "work",
+                    "capability": "work",
+                    "agent_class": "fleet.agents.testing:SleepAgent",
+                    "agents_per_host": 500,
+                    "cpus_per_host": 0,
+                    "autoscaling": {
+                        "min_agents": 1000,
+                        "max_agents": 1000,
+                        "control_interval_s": 0.5,
+                    },
+                }
+            ],
+            "queues": {
+                "storage": {"directory": str(tmp_path_factory.mktemp("kills"))},
+                "lease_s": 30,
+                "kafka": kafka,
+            },
+            "budgets": {
+                "daily_usd": 1_000_000,
+                "allocation": "equal",
+                "task_estimates": {"work": {"usd": 0.0001}},
+            },
+        }
+    )
     fc = FleetClient.start(spec)
     yield fc, kafka["topic"], kafka_broker.bootstrap
     fc.shutdown()
-    left = [a for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == spec.namespace]
+    left = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == spec.namespace
+    ]
     assert left == [], left
 
 
 def _tasks(prefix: str, rng: random.Random) -> list[dict]:
-    return [{"id": f"{prefix}-{k}", "capability": "work",
-             "payload": {"sleep_s": round(rng.uniform(0.02, 0.2), 3)}} for k in range(TASKS)]
+    return [
+        {
+            "id": f"{prefix}-{k}",
+            "capability": "work",
+            "payload": {"sleep_s": round(rng.uniform(0.02, 0.2), 3)},
+        }
+        for k in range(TASKS)
+    ]
 
 
 @pytest.mark.timeout(400)
@@ -113,7 +140,9 @@ def test_a_killed_control_actor_loses_nothing_and_reruns_nothing(kill_fleet, tar
     s = fc.summary(ids)
     assert (s["recorded"], s["lost"]) == (TASKS, 0)
     assert s["duplicate_executions"] <= leased, (s["duplicate_executions"], leased)
-    print(f"\nkill {target}: at {share:.0%} recorded ({t_kill - t_submit:.1f} s after "
-          f"submit), {leased} leased; all {TASKS} "
-          f"recorded {took:.1f} s after the kill; duplicate executions "
-          f"{s['duplicate_executions']}; failures {s['failure_reasons']}")
+    print(
+        f"\nkill {target}: at {share:.0%} recorded ({t_kill - t_submit:.1f} s after "
+        f"submit), {leased} leased; all {TASKS} "
+        f"recorded {took:.1f} s after the kill; duplicate executions "
+        f"{s['duplicate_executions']}; failures {s['failure_reasons']}"
+    )

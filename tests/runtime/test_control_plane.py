@@ -37,7 +37,12 @@ def test_restart_watch_fires_on_a_grown_count_and_clears_after_the_hold():
     assert w.observe({"f.ledger": UP, "f.dispatcher": _st(restarts=2)}, 0.0) == []
     (e,) = w.observe({"f.ledger": _st("RESTARTING", 1), "f.dispatcher": _st(restarts=2)}, 1.0)
     assert (e.kind, e.rule, e.subject, e.value, e.threshold) == (
-        AlertKind.FIRED, RESTART_ALERT, "f.ledger", 1, 0)
+        AlertKind.FIRED,
+        RESTART_ALERT,
+        "f.ledger",
+        1,
+        0,
+    )
     assert "f.ledger restarted" in e.message and "RESTARTING" in e.message
     assert [a.subject for a in w.active()] == ["f.ledger"]
     # Still restarting past the hold: stays active; alive and past it: clears.
@@ -60,27 +65,39 @@ def test_restart_watch_baselines_missing_and_redeployed_actors():
 def test_fleet_status_text_shows_the_control_plane():
     from fleet.cli.status import _human
 
-    st = {"fleet": "f", "ledger": {"recorded": None}, "pools": {},
-          "control": {"f.ledger": UP, "f.controller": UP}}
+    st = {
+        "fleet": "f",
+        "ledger": {"recorded": None},
+        "pools": {},
+        "control": {"f.ledger": UP, "f.controller": UP},
+    }
     assert "control plane: 2 actor(s) alive, no restarts" in _human(st)
     assert "? outcome(s) recorded" in _human(st)
     st["control"]["f.controller"] = _st("RESTARTING", 3)
     st["unavailable"] = {"f.controller": "RESTARTING", "f.ledger": "GetTimeoutError"}
     lines = _human(st).splitlines()
     assert "  control plane: 1 of 2 actor(s) alive" in lines
-    assert any(line.split() == ["f.controller", "RESTARTING", "restarts", "3"]
-               for line in lines), lines
+    assert any(
+        line.split() == ["f.controller", "RESTARTING", "restarts", "3"] for line in lines
+    ), lines
     assert "    not read: f.ledger (GetTimeoutError)" in lines
 
 
 # -- live --------------------------------------------------------------------------
 def _durable_spec(tmp_path, name: str, **pool_kw):
     ns = f"cp-{name}-{uuid.uuid4().hex[:8]}"
-    return make_spec(pool("work", agent_class="fleet.agents.testing:SleepAgent",
-                          cpus_per_host=0, **pool_kw),
-                     name=name, namespace=ns,
-                     queues={"shards": 1, "lease_s": 20,
-                             "storage": {"backend": "sqlite", "directory": str(tmp_path)}})
+    return make_spec(
+        pool(
+            "work", agent_class="fleet.agents.testing:SleepAgent", cpus_per_host=0, **pool_kw
+        ),
+        name=name,
+        namespace=ns,
+        queues={
+            "shards": 1,
+            "lease_s": 20,
+            "storage": {"backend": "sqlite", "directory": str(tmp_path)},
+        },
+    )
 
 
 def _healthz(handle) -> tuple[int, dict]:
@@ -108,8 +125,11 @@ def _alert_gauge(fc, subject: str) -> float | None:
 
     for family in text_string_to_metric_families(fc.metrics_text()):
         for sample in family.samples:
-            if sample.name.endswith("_alert_active") and sample.labels.get(
-                    "rule") == RESTART_ALERT and sample.labels.get("subject") == subject:
+            if (
+                sample.name.endswith("_alert_active")
+                and sample.labels.get("rule") == RESTART_ALERT
+                and sample.labels.get("subject") == subject
+            ):
                 return sample.value
     return None
 
@@ -127,8 +147,11 @@ def _held_restart(fc, handle, name: str) -> None:
     hold_restart(ns, name)
     try:
         ray.kill(ray.get_actor(name, namespace=ns), no_restart=False)
-        code, body = eventually(lambda: (r := _healthz(handle))[0] == 503 and r, 20,
-                                what=f"/healthz 503 while {name} restarts")
+        code, body = eventually(
+            lambda: (r := _healthz(handle))[0] == 503 and r,
+            20,
+            what=f"/healthz 503 while {name} restarts",
+        )
         assert body["not_alive"] == {name: "RESTARTING"}, body
         assert name in body["detail"] and "RESTARTING" in body["detail"]
         st = fc.status()  # does not raise, nor wait for the held actor
@@ -141,8 +164,11 @@ def _held_restart(fc, handle, name: str) -> None:
             assert set(cli["control"]) == set(fc.names.control_actors(fc.spec))
     finally:
         hold_restart(ns, name, False)
-    code, body = eventually(lambda: (r := _healthz(handle))[0] == 200 and r, 30,
-                            what=f"/healthz 200 once {name} is back")
+    code, body = eventually(
+        lambda: (r := _healthz(handle))[0] == 200 and r,
+        30,
+        what=f"/healthz 200 once {name} is back",
+    )
     assert set(body) == {"status", "fleet", "recorded"} and body["status"] == "ok"
     assert _sr(fc.status()["control"][name]) == {"state": "ALIVE", "restarts": before + 1}
 
@@ -153,8 +179,12 @@ def test_healthz_status_and_alert_follow_held_restarts(start_fleet, tmp_path):
 
     from fleet.ingress import Ingress
 
-    spec = _durable_spec(tmp_path, "held", agent_kwargs={"delay_s": 0.0},
-                         autoscaling={"control_interval_s": 0.2})
+    spec = _durable_spec(
+        tmp_path,
+        "held",
+        agent_kwargs={"delay_s": 0.0},
+        autoscaling={"control_interval_s": 0.2},
+    )
     fc = start_fleet(spec)
     app = f"{spec.namespace}-ingress"
     handle = serve.run(Ingress.bind(spec.name, spec.namespace), name=app, route_prefix=None)
@@ -162,7 +192,8 @@ def test_healthz_status_and_alert_follow_held_restarts(start_fleet, tmp_path):
         code, body = _healthz(handle)
         assert code == 200 and body["status"] == "ok", body
         assert {n: _sr(a) for n, a in fc.status()["control"].items()} == {
-            n: UP for n in fc.names.control_actors(spec)}
+            n: UP for n in fc.names.control_actors(spec)
+        }
         # A queue shard: the controller, alive, alerts about it.
         shard = fc.names.shard("work", 0)
         _held_restart(fc, handle, shard)
@@ -175,7 +206,9 @@ def test_healthz_status_and_alert_follow_held_restarts(start_fleet, tmp_path):
         assert (RESTART_ALERT, ctl) in _active(fc)
         assert _alert_gauge(fc, ctl) == 1.0
         # The fleet still works end to end.
-        ids = fc.submit([{"capability": "work", "payload": {"i": i}} for i in range(5)]).accepted
+        ids = fc.submit(
+            [{"capability": "work", "payload": {"i": i}} for i in range(5)]
+        ).accepted
         assert fc.wait(ids, timeout_s=30) == []
     finally:
         serve.delete(app)
@@ -189,12 +222,22 @@ def test_a_controller_killed_under_load_keeps_its_agents_and_timeline(start_flee
 
     stabilization_s = 3.0
     spec = _durable_spec(
-        tmp_path, "load", agent_kwargs={"delay_s": 0.5}, agents_per_host=8,
+        tmp_path,
+        "load",
+        agent_kwargs={"delay_s": 0.5},
+        agents_per_host=8,
         # Scale-up is rate-limited (5 agents in 2 s), so a controller that restarted
         # from start_agents would show in the timeline climbing back from 1.
-        autoscaling={"min_agents": 1, "max_agents": 6, "target_queued_per_agent": 1,
-                     "control_interval_s": 0.2, "upscale_within_s": 2,
-                     "downscale_within_s": 0, "downscale_stabilization_s": stabilization_s})
+        autoscaling={
+            "min_agents": 1,
+            "max_agents": 6,
+            "target_queued_per_agent": 1,
+            "control_interval_s": 0.2,
+            "upscale_within_s": 2,
+            "downscale_within_s": 0,
+            "downscale_stabilization_s": stabilization_s,
+        },
+    )
     fc = start_fleet(spec)
     # A backlog that outlasts the test (6 agents x 2 tasks/s): the load stays steady.
     fc.submit([{"capability": "work", "id": f"w{i}"} for i in range(400)])
@@ -209,21 +252,33 @@ def test_a_controller_killed_under_load_keeps_its_agents_and_timeline(start_flee
     def a_window_after(t: float) -> list[dict] | None:
         tl = fc.timeline()
         after = [s for s in tl if s["unix_s"] > t]
-        return tl if after and after[-1]["unix_s"] - after[0]["unix_s"] >= \
-            stabilization_s else None
+        return (
+            tl
+            if after and after[-1]["unix_s"] - after[0]["unix_s"] >= stabilization_s
+            else None
+        )
 
     before = eventually(full_for_a_window, 40, 0.2, what="6 agents for a whole window")
     ctl = fc.names.controller
     killed_at = time.time()
     ray.kill(ray.get_actor(ctl, namespace=spec.namespace), no_restart=False)
-    eventually(lambda: _sr(actor_states(spec.namespace, [ctl])[ctl]) == {
-        "state": "ALIVE", "restarts": 1}, 30, what="the controller restarted")
-    tl = eventually(lambda: a_window_after(killed_at), 30, 0.2,
-                    what="a window of samples from the restarted controller")
+    eventually(
+        lambda: (
+            _sr(actor_states(spec.namespace, [ctl])[ctl]) == {"state": "ALIVE", "restarts": 1}
+        ),
+        30,
+        what="the controller restarted",
+    )
+    tl = eventually(
+        lambda: a_window_after(killed_at),
+        30,
+        0.2,
+        what="a window of samples from the restarted controller",
+    )
     pre = [s for s in tl if s["unix_s"] <= killed_at]
     post = [s for s in tl if s["unix_s"] > killed_at]
     # The timeline survived: everything seen before the kill is still there.
-    assert [s["t_s"] for s in pre[:len(before)]] == [s["t_s"] for s in before]
+    assert [s["t_s"] for s in pre[: len(before)]] == [s["t_s"] for s in before]
     window_min = min(s["agents"] for s in pre if s["unix_s"] >= killed_at - stabilization_s)
     assert window_min == 6
     low = [(s["t_s"], s["agents"]) for s in post if s["agents"] < window_min]
@@ -232,4 +287,5 @@ def test_a_controller_killed_under_load_keeps_its_agents_and_timeline(start_flee
     ts = [s["t_s"] for s in tl]
     assert ts == sorted(ts) and post[0]["t_s"] > pre[-1]["t_s"]
     assert post[0]["t_s"] - pre[-1]["t_s"] == pytest.approx(
-        post[0]["unix_s"] - pre[-1]["unix_s"], abs=0.5)
+        post[0]["unix_s"] - pre[-1]["unix_s"], abs=0.5
+    )

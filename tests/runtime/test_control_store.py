@@ -12,16 +12,29 @@ import pytest
 
 from fleet.policy.autoscaling import ScalingInput, ScalingState, decide
 from fleet.queue.storage import StorageError
-from fleet.runtime.control_store import (CONTROL_FILE, MemoryControlStore, PoolControl,
-                                         SqliteControlStore, make_control_store,
-                                         resume_t_s, state_from_ages, state_to_ages)
+from fleet.runtime.control_store import (
+    CONTROL_FILE,
+    MemoryControlStore,
+    PoolControl,
+    SqliteControlStore,
+    make_control_store,
+    resume_t_s,
+    state_from_ages,
+    state_to_ages,
+)
 from fleet.spec import AutoscalingSpec
 from fleet.spec.queues import StorageSpec
 from tests.utils import FakeClock
 
-SPEC = AutoscalingSpec(min_agents=1, max_agents=8, target_queued_per_agent=1,
-                       control_interval_s=1, upscale_within_s=0, downscale_within_s=0,
-                       downscale_stabilization_s=10)
+SPEC = AutoscalingSpec(
+    min_agents=1,
+    max_agents=8,
+    target_queued_per_agent=1,
+    control_interval_s=1,
+    upscale_within_s=0,
+    downscale_within_s=0,
+    downscale_stabilization_s=10,
+)
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -37,6 +50,7 @@ def reopen(request, tmp_path):
         def again():
             opened.append(SqliteControlStore(tmp_path / CONTROL_FILE))
             return opened[-1]
+
         yield again
         for s in opened:
             s.close()
@@ -80,11 +94,23 @@ def test_a_restored_window_holds_agents_on_another_clock(reopen):
 
 
 def test_times_are_saved_as_ages_and_credit_does_not_bank_the_downtime():
-    spec = AutoscalingSpec(min_agents=1, max_agents=101, target_queued_per_agent=1,
-                           control_interval_s=1, upscale_within_s=0, downscale_within_s=100,
-                           downscale_stabilization_s=0)
-    state = ScalingState(last_tick_s=100.0, last_up_s=98.0, last_down_s=None,
-                         up_credit=math.inf, down_credit=0.5, window=((99.0, 7), (100.0, 9)))
+    spec = AutoscalingSpec(
+        min_agents=1,
+        max_agents=101,
+        target_queued_per_agent=1,
+        control_interval_s=1,
+        upscale_within_s=0,
+        downscale_within_s=100,
+        downscale_stabilization_s=0,
+    )
+    state = ScalingState(
+        last_tick_s=100.0,
+        last_up_s=98.0,
+        last_down_s=None,
+        up_credit=math.inf,
+        down_credit=0.5,
+        window=((99.0, 7), (100.0, 9)),
+    )
     ages = state_to_ages(state, now_s=100.5)
     assert ages["window"] == [[1.5, 7], [0.5, 9]] and ages["last_down_age_s"] is None
     back = state_from_ages(ages, now_s=7.0)  # a process whose clock reads 7.0
@@ -98,8 +124,9 @@ def test_times_are_saved_as_ages_and_credit_does_not_bank_the_downtime():
 def test_timeline_is_bounded_and_kept_in_order(tmp_path):
     store, clock = SqliteControlStore(tmp_path / CONTROL_FILE, max_samples=5), FakeClock(0.0)
     for k in range(4):
-        store.save(clock(), {}, [{"t_s": 3 * k + j, "unix_s": 0.0, "pool": "p"}
-                                 for j in range(3)])
+        store.save(
+            clock(), {}, [{"t_s": 3 * k + j, "unix_s": 0.0, "pool": "p"} for j in range(3)]
+        )
     store.close()
     again = SqliteControlStore(tmp_path / CONTROL_FILE, max_samples=5)
     assert [s["t_s"] for s in again.load(0.0).timeline] == [7, 8, 9, 10, 11]
@@ -137,8 +164,9 @@ def test_a_file_that_is_not_a_database_is_refused_naming_it(tmp_path):
 
 
 def test_the_backend_follows_queues_storage(tmp_path):
-    sqlite = make_control_store(StorageSpec(backend="sqlite", directory=str(tmp_path)),
-                                "ns", "f")
+    sqlite = make_control_store(
+        StorageSpec(backend="sqlite", directory=str(tmp_path)), "ns", "f"
+    )
     assert sqlite.durable and sqlite.path == tmp_path / "ns" / "f" / CONTROL_FILE
     sqlite.close()
     assert not make_control_store(StorageSpec(backend="memory"), "ns", "f").durable

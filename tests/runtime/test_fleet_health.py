@@ -14,21 +14,57 @@ from fleet.spec.health import HealthSpec
 from tests.utils import FakeClock
 
 
-def report(host: str, failing: int, total: int = 10, wanted: int = 0, ok: int = 0,
-           bad: int = 0, restarts: int = 0, failures: dict | None = None) -> dict:
-    counts = {"starting": 0, "healthy": total - failing, "unhealthy": failing,
-              "restarting": 0, "ejected": 0}
-    return {"host": host, "failing": failing, "total": total, "restarts_wanted": wanted,
-            "probe_ok": ok, "probe_failed": bad, "counts": counts, "breaker_ejected": 1,
-            "restarts": restarts, "failures": failures or {},
-            "last_failures": [{"at_unix_s": 1.0 + failing, "agent_id": f"{host}/0",
-                               "reason": "error_rate", "detail": "x"}] if failing else []}
+def report(
+    host: str,
+    failing: int,
+    total: int = 10,
+    wanted: int = 0,
+    ok: int = 0,
+    bad: int = 0,
+    restarts: int = 0,
+    failures: dict | None = None,
+) -> dict:
+    counts = {
+        "starting": 0,
+        "healthy": total - failing,
+        "unhealthy": failing,
+        "restarting": 0,
+        "ejected": 0,
+    }
+    return {
+        "host": host,
+        "failing": failing,
+        "total": total,
+        "restarts_wanted": wanted,
+        "probe_ok": ok,
+        "probe_failed": bad,
+        "counts": counts,
+        "breaker_ejected": 1,
+        "restarts": restarts,
+        "failures": failures or {},
+        "last_failures": [
+            {
+                "at_unix_s": 1.0 + failing,
+                "agent_id": f"{host}/0",
+                "reason": "error_rate",
+                "detail": "x",
+            }
+        ]
+        if failing
+        else [],
+    }
 
 
 def fleet(clock: FakeClock) -> tuple[FleetHealth, list[AlertEvent], CollectorRegistry]:
-    spec = HealthSpec(cascade={"cascade_share": 0.1, "max_restarts_per_interval": 2,
-                               "interval_s": 10, "probe_successes": 1,
-                               "probe_healthy_s": 0})
+    spec = HealthSpec(
+        cascade={
+            "cascade_share": 0.1,
+            "max_restarts_per_interval": 2,
+            "interval_s": 10,
+            "probe_successes": 1,
+            "probe_healthy_s": 0,
+        }
+    )
     alerts: list[AlertEvent] = []
     registry = CollectorRegistry()
     return FleetHealth(spec, ["p"], registry, alerts.append, clock), alerts, registry
@@ -94,9 +130,13 @@ def test_fleet_status_text_shows_health_states_failures_and_the_guard():
     fh, _, _ = fleet(clock)
     fh.host_report("p", report("h2", 0))
     fh.host_report("p", report("h1", 4))  # 4 of 20 failing
-    st = {"fleet": "f", "ledger": {"recorded": 0}, "health": fh.snapshot(),
-          "pools": {"p": {"agents": 20, "hosts": 2, "health": fh.pool_status("p")}},
-          "alerts": {"active": [dataclasses.asdict(a) for a in fh.active_alerts()]}}
+    st = {
+        "fleet": "f",
+        "ledger": {"recorded": 0},
+        "health": fh.snapshot(),
+        "pools": {"p": {"agents": 20, "hosts": 2, "health": fh.pool_status("p")}},
+        "alerts": {"active": [dataclasses.asdict(a) for a in fh.active_alerts()]},
+    }
     text = _human(st)
     assert "healthy 16  unhealthy 4  restarting 0  ejected 0 (health) + 2 (breakers)" in text
     assert "h1/0: error_rate: x" in text

@@ -65,20 +65,30 @@ def _reset_switches():
     yield
 
 
+FAST_HEALTH = {
+    "heartbeat_interval_s": 0.2,
+    "heartbeat_timeout_s": 0.6,
+    "startup_timeout_s": 1.0,
+    "hung_task_grace_s": 0.3,
+    "error_window_s": 5,
+    "error_min_calls": 3,
+    "error_rate_threshold": 0.5,
+    "restart": {"initial_backoff_s": 0.1, "max_backoff_s": 2.0, "jitter_ratio": 0.0},
+}
 
-FAST_HEALTH = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 0.6,
-               "startup_timeout_s": 1.0, "hung_task_grace_s": 0.3,
-               "error_window_s": 5, "error_min_calls": 3, "error_rate_threshold": 0.5,
-               "restart": {"initial_backoff_s": 0.1, "max_backoff_s": 2.0,
-                           "jitter_ratio": 0.0}}
 
-
-def _host(agents: int, health: dict[str, Any] | None = None,
-          resilience: dict[str, Any] | None = None) -> tuple[AgentHost, FakeLedger]:
-    spec = pool("work", agent_class=AGENT, agents_per_host=agents,
-                autoscaling={"min_agents": agents, "max_agents": agents})
-    host = AgentHost(spec, resilience or {"retry": {"max_attempts": 1}},
-                     health=health or FAST_HEALTH)
+def _host(
+    agents: int, health: dict[str, Any] | None = None, resilience: dict[str, Any] | None = None
+) -> tuple[AgentHost, FakeLedger]:
+    spec = pool(
+        "work",
+        agent_class=AGENT,
+        agents_per_host=agents,
+        autoscaling={"min_agents": agents, "max_agents": agents},
+    )
+    host = AgentHost(
+        spec, resilience or {"retry": {"max_attempts": 1}}, health=health or FAST_HEALTH
+    )
     ledger = FakeLedger()
     host._ledger = ledger
     return host, ledger
@@ -88,8 +98,9 @@ _n = itertools.count()
 
 
 def _items(n: int) -> list[Item]:
-    return [to_item({"capability": "work", "payload": {"i": next(_n)}}, {"work"})
-            for _ in range(n)]
+    return [
+        to_item({"capability": "work", "payload": {"i": next(_n)}}, {"work"}) for _ in range(n)
+    ]
 
 
 def _index(agent_id: str | None) -> int:
@@ -120,8 +131,9 @@ def test_a_failing_agent_leaves_service_at_once_and_is_restarted_with_backoff():
         # doubles per consecutive failure.
         await _until(lambda: host._health.agent(bad).failures >= 3)
         assert SwitchAgent.setups[2] >= 2
-        gaps = [e for e in host.health_events.events if e.subject == bad
-                and e.new == "restarting"]
+        gaps = [
+            e for e in host.health_events.events if e.subject == bad and e.new == "restarting"
+        ]
         assert len(gaps) >= 2
         spacing = [b.at_s - a.at_s for a, b in zip(gaps, gaps[1:])]
         assert spacing == sorted(spacing), spacing  # 0.2, 0.4, ...: never shorter
@@ -176,8 +188,9 @@ def test_missed_heartbeats_take_an_agent_out_and_the_probe_reports_a_dead_host()
         await host.run_and_record(_items(3))  # the agent exists; the health loop runs
         await host.check_health()
         SwitchAgent.broken = {0}  # its heartbeat fails from now on
-        await _until(lambda: any(f.reason == "heartbeat_missed"
-                                 for f in host._health.failures))
+        await _until(
+            lambda: any(f.reason == "heartbeat_missed" for f in host._health.failures)
+        )
         assert not host._is_routable(0)
         # One agent, failed and not coming back (setup fails): after startup_timeout_s
         # with nothing in service, Serve's probe fails so that the host is replaced.
@@ -215,22 +228,47 @@ def test_cascade_opens_the_fleet_breaker_throttles_restarts_and_recovers(start_f
 
     name, ns = "cascade", "fleet-cascade-test"
     spec = make_spec(
-        pool("work", agent_class="fleet.agents.chaotic:ChaoticAgent", cpus_per_host=0,
-             agent_kwargs=chaotic_agent_kwargs(name, ns, delay_s=0.005),
-             agents_per_host=CASCADE_AGENTS // 2,
-             autoscaling={"min_agents": CASCADE_AGENTS, "max_agents": CASCADE_AGENTS}),
-        name=name, namespace=ns, queues={"lease_s": 20},
-        resilience={"max_deliveries": 12,
-                    "retry": {"max_attempts": 10, "initial_backoff_s": 0.05,
-                              "max_backoff_s": 0.5, "budget_ratio": 1.0}},
-        health={"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 4.0,
-                "startup_timeout_s": 10, "error_window_s": 5, "error_min_calls": 3,
-                "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 2.0,
-                            "eject_after_failures": None},
-                "cascade": {"cascade_share": 0.1,
-                            "max_restarts_per_interval": RESTARTS_PER_INTERVAL,
-                            "interval_s": INTERVAL_S, "probe_successes": 2,
-                            "probe_healthy_s": 1.0, "half_open_growth": 2.0}})
+        pool(
+            "work",
+            agent_class="fleet.agents.chaotic:ChaoticAgent",
+            cpus_per_host=0,
+            agent_kwargs=chaotic_agent_kwargs(name, ns, delay_s=0.005),
+            agents_per_host=CASCADE_AGENTS // 2,
+            autoscaling={"min_agents": CASCADE_AGENTS, "max_agents": CASCADE_AGENTS},
+        ),
+        name=name,
+        namespace=ns,
+        queues={"lease_s": 20},
+        resilience={
+            "max_deliveries": 12,
+            "retry": {
+                "max_attempts": 10,
+                "initial_backoff_s": 0.05,
+                "max_backoff_s": 0.5,
+                "budget_ratio": 1.0,
+            },
+        },
+        health={
+            "heartbeat_interval_s": 0.5,
+            "heartbeat_timeout_s": 4.0,
+            "startup_timeout_s": 10,
+            "error_window_s": 5,
+            "error_min_calls": 3,
+            "restart": {
+                "initial_backoff_s": 0.2,
+                "max_backoff_s": 2.0,
+                "eject_after_failures": None,
+            },
+            "cascade": {
+                "cascade_share": 0.1,
+                "max_restarts_per_interval": RESTARTS_PER_INTERVAL,
+                "interval_s": INTERVAL_S,
+                "probe_successes": 2,
+                "probe_healthy_s": 1.0,
+                "half_open_growth": 2.0,
+            },
+        },
+    )
     board = Switchboard.options(name=switchboard_name(name), namespace=ns).remote()
     try:
         ray.get(board.__ray_ready__.remote())
@@ -243,8 +281,14 @@ def test_cascade_opens_the_fleet_breaker_throttles_restarts_and_recovers(start_f
             t_end = time.time() + seconds
             st: dict[str, Any] = {}
             while time.time() < t_end:
-                ids.extend(fc.submit([{"capability": "work", "payload": {"n": len(ids) + k}}
-                                      for k in range(RATE_PER_S // 2)]).accepted)
+                ids.extend(
+                    fc.submit(
+                        [
+                            {"capability": "work", "payload": {"n": len(ids) + k}}
+                            for k in range(RATE_PER_S // 2)
+                        ]
+                    ).accepted
+                )
                 st = fc.status()
                 samples.append((time.time(), st))
                 if stop(st):
@@ -257,8 +301,16 @@ def test_cascade_opens_the_fleet_breaker_throttles_restarts_and_recovers(start_f
         seen = sorted({r.agent_id for r in fc.results(ids) if r is not None and r.agent_id})
         assert len(seen) >= BROKEN
         broken = seen[:: max(1, len(seen) // BROKEN)][:BROKEN]
-        ray.get(board.add.remote({"kind": FAIL, "start_unix_s": time.time(),
-                                  "until_unix_s": time.time() + 600, "agents": broken}))
+        ray.get(
+            board.add.remote(
+                {
+                    "kind": FAIL,
+                    "start_unix_s": time.time(),
+                    "until_unix_s": time.time() + 600,
+                    "agents": broken,
+                }
+            )
+        )
         t_fault = time.time()
 
         def guard(st: dict[str, Any]) -> dict[str, Any]:
@@ -268,21 +320,39 @@ def test_cascade_opens_the_fleet_breaker_throttles_restarts_and_recovers(start_f
         during = [(t, s) for t, s in samples if t > t_fault]
         opened = [(t, s) for t, s in during if guard(s)["state"] == "open"]
         assert opened, "the fleet breaker opened"
-        alerted = [s for _, s in during
-                   if any(a["rule"] == CASCADE_ALERT for a in s["alerts"]["active"])]
+        alerted = [
+            s
+            for _, s in during
+            if any(a["rule"] == CASCADE_ALERT for a in s["alerts"]["active"])
+        ]
         assert alerted, "the cascade alert fired"
-        worst = max((s["pools"]["work"]["health"] for _, s in during),
-                    key=lambda h: h["unhealthy"] + h["restarting"])
+        worst = max(
+            (s["pools"]["work"]["health"] for _, s in during),
+            key=lambda h: h["unhealthy"] + h["restarting"],
+        )
         assert worst["unhealthy"] + worst["restarting"] >= BROKEN // 2
-        reasons = {f["reason"] for _, s in during
-                   for f in s["pools"]["work"]["health"]["last_failures"]}
-        assert reasons and reasons <= {"error_rate", "heartbeat_missed", "crashed",
-                                       "hung_task"}
-        failed_ids = {f["agent_id"] for _, s in during
-                      for f in s["pools"]["work"]["health"]["last_failures"]}
+        reasons = {
+            f["reason"]
+            for _, s in during
+            for f in s["pools"]["work"]["health"]["last_failures"]
+        }
+        assert reasons and reasons <= {
+            "error_rate",
+            "heartbeat_missed",
+            "crashed",
+            "hung_task",
+        }
+        failed_ids = {
+            f["agent_id"]
+            for _, s in during
+            for f in s["pools"]["work"]["health"]["last_failures"]
+        }
         assert failed_ids <= set(broken), [
-            f for _, s in during for f in s["pools"]["work"]["health"]["last_failures"]
-            if f["agent_id"] not in broken][:5]
+            f
+            for _, s in during
+            for f in s["pools"]["work"]["health"]["last_failures"]
+            if f["agent_id"] not in broken
+        ][:5]
         # Throttled as configured: while open, at most RESTARTS_PER_INTERVAL permits per
         # INTERVAL_S (the guard's sliding log), and restarts were refused.
         t_open, first = opened[0]
@@ -290,7 +360,9 @@ def test_cascade_opens_the_fleet_breaker_throttles_restarts_and_recovers(start_f
         granted_open = guard(last)["granted"] - guard(first)["granted"]
         span = samples[-1][0] - t_open
         assert granted_open <= RESTARTS_PER_INTERVAL * (span / INTERVAL_S + 1), (
-            granted_open, span)
+            granted_open,
+            span,
+        )
         assert guard(last)["throttled"] > 0
         print("fault:", {"broken": broken, "worst": worst, "guard": guard(last)})
         print(_human(last))
@@ -302,15 +374,20 @@ def test_cascade_opens_the_fleet_breaker_throttles_restarts_and_recovers(start_f
 
         def recovered(st: dict[str, Any]) -> bool:
             h = st["pools"]["work"]["health"]
-            return (guard(st)["state"] == "closed" and not st["alerts"]["active"]
-                    and h["healthy"] == CASCADE_AGENTS)
+            return (
+                guard(st)["state"] == "closed"
+                and not st["alerts"]["active"]
+                and h["healthy"] == CASCADE_AGENTS
+            )
 
         st = run_for(45.0, stop=recovered)
         assert recovered(st), (st["health"], st["pools"]["work"]["health"])
         print(f"recovered {time.time() - t_fix:.1f}s after the fault was removed")
         events = st["alerts"]["events"]
         assert [e["kind"] for e in events if e["rule"] == CASCADE_ALERT][-2:] == [
-            "fired", "cleared"]
+            "fired",
+            "cleared",
+        ]
 
         # Tasks succeed again, on the restarted agents too; nothing lost.
         # Restarted agents take work again. Their breakers may still be open after the
@@ -318,8 +395,12 @@ def test_cascade_opens_the_fleet_breaker_throttles_restarts_and_recovers(start_f
         # probe calls), so keep traffic coming, in rounds, until one of them serves.
         after: list[str] = []
         for _ in range(15):
-            batch = fc.submit([{"capability": "work", "payload": {"after": len(after) + k}}
-                               for k in range(100)]).accepted
+            batch = fc.submit(
+                [
+                    {"capability": "work", "payload": {"after": len(after) + k}}
+                    for k in range(100)
+                ]
+            ).accepted
             after += batch
             assert fc.wait(batch, timeout_s=90) == []
             late = fc.results(after)
@@ -330,7 +411,9 @@ def test_cascade_opens_the_fleet_breaker_throttles_restarts_and_recovers(start_f
         late = fc.results(after)
         assert all(r is not None and r.status == "completed" for r in late)
         assert {r.agent_id for r in late if r is not None} & set(broken), (
-            "no restarted agent took work within 15 rounds", guard(fc.status()))
+            "no restarted agent took work within 15 rounds",
+            guard(fc.status()),
+        )
         s = fc.summary(ids + after)
         assert s["lost"] == 0 and s["completed"] + s["failed"] == len(ids) + len(after)
         print("tasks:", {k: s[k] for k in ("completed", "failed", "lost")})

@@ -19,8 +19,13 @@ from tests.utils import FakeLedger, make_spec, pool
 
 
 def _host(max_output_bytes: int) -> tuple[AgentHost, FakeLedger]:
-    spec = pool("work", agent_class="fleet.agents.testing:SleepAgent", agents_per_host=4,
-                agent_kwargs={"delay_s": 0.0}, autoscaling={"min_agents": 4, "max_agents": 4})
+    spec = pool(
+        "work",
+        agent_class="fleet.agents.testing:SleepAgent",
+        agents_per_host=4,
+        agent_kwargs={"delay_s": 0.0},
+        autoscaling={"min_agents": 4, "max_agents": 4},
+    )
     host = AgentHost(spec, {"retry": {"max_attempts": 1}}, max_output_bytes=max_output_bytes)
     ledger = FakeLedger()
     host._ledger = ledger
@@ -42,8 +47,9 @@ def test_an_output_over_the_cap_fails_its_task_and_only_its_task():
 
 def test_keyed_tasks_carry_their_payload_hash_to_the_ledger():
     host, ledger = _host(max_output_bytes=1_000_000)
-    keyed = to_item({"capability": "work", "idempotency_key": "k1", "payload": {"a": 1}},
-                    {"work"})
+    keyed = to_item(
+        {"capability": "work", "idempotency_key": "k1", "payload": {"a": 1}}, {"work"}
+    )
     plain = to_item({"capability": "work", "payload": {"a": 1}}, {"work"})
     asyncio.run(host.run_and_record([keyed, plain]))
     by_id = {o.task_id: o for o in ledger.outcomes}
@@ -56,11 +62,14 @@ def test_a_storage_directory_that_cannot_be_written_fails_at_start(ray_cluster, 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")  # even root cannot make a directory under it
     ns = f"fleet-unwritable-{uuid.uuid4().hex[:6]}"
-    spec = make_spec(pool(), namespace=ns,
-                     queues={"storage": {"directory": str(blocker / "queues")}})
-    with pytest.raises(StorageError, match=r"storage directory .*a-file/queues.* is not "
-                                           r"writable.*queues.storage.directory"):
+    spec = make_spec(
+        pool(), namespace=ns, queues={"storage": {"directory": str(blocker / "queues")}}
+    )
+    with pytest.raises(
+        StorageError,
+        match=r"storage directory .*a-file/queues.* is not "
+        r"writable.*queues.storage.directory",
+    ):
         FleetClient.start(spec)
-    left = [a for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == ns]
+    left = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == ns]
     assert left == [], "nothing is created before the storage is checked"

@@ -14,11 +14,19 @@ from fleet.task import Item, to_item
 from tests.utils import FakeLedger, pool
 
 
-def _host(agents: int, resilience: dict[str, Any] | None = None,
-          health: dict[str, Any] | None = None, **pool_kw: Any) -> tuple[AgentHost, FakeLedger]:
-    spec = pool("work", agent_class=pool_kw.pop("agent_class", "fleet.agents.testing:SleepAgent"),
-                agents_per_host=agents,
-                autoscaling={"min_agents": agents, "max_agents": agents}, **pool_kw)
+def _host(
+    agents: int,
+    resilience: dict[str, Any] | None = None,
+    health: dict[str, Any] | None = None,
+    **pool_kw: Any,
+) -> tuple[AgentHost, FakeLedger]:
+    spec = pool(
+        "work",
+        agent_class=pool_kw.pop("agent_class", "fleet.agents.testing:SleepAgent"),
+        agents_per_host=agents,
+        autoscaling={"min_agents": agents, "max_agents": agents},
+        **pool_kw,
+    )
     host = AgentHost(spec, resilience or {"retry": {"max_attempts": 1}}, health=health)
     ledger = FakeLedger()
     host._ledger = ledger
@@ -55,8 +63,11 @@ def test_a_wedged_agent_is_abandoned_and_its_batch_mates_are_recorded_on_time():
     with ``timeout`` and the 49 others are each recorded within their own duration plus
     1 s; the host then serves the next batch."""
     # Retries allowed: an abandoned task is still not retried (it would wedge another).
-    host, ledger = _host(50, resilience={"task_timeout_s": 3.0, "retry": {"max_attempts": 3}},
-                         health={"hung_task_grace_s": 1.0})
+    host, ledger = _host(
+        50,
+        resilience={"task_timeout_s": 3.0, "retry": {"max_attempts": 3}},
+        health={"hung_task_grace_s": 1.0},
+    )
     rng = random.Random(7)
     mates = [_item(sleep_s=round(rng.uniform(0.05, 2.5), 3), i=i) for i in range(49)]
     # Wedged until well after it is abandoned (task_timeout_s + grace), then it ends,
@@ -92,10 +103,14 @@ def it_sleep(it: Item) -> float:
 
 
 def test_a_delivery_handed_back_for_a_retry_is_excused_in_the_ledger():
-    host, ledger = _host(2, resilience={"retry": {"max_attempts": 3, "initial_backoff_s": 0.1,
-                                                  "jitter_ratio": 0.0}},
-                         agent_class="fleet.agents.faulty:FaultyAgent",
-                         agent_kwargs={"delay_s": 0.0, "bad_agents": [0, 1], "fail_rate": 1.0})
+    host, ledger = _host(
+        2,
+        resilience={
+            "retry": {"max_attempts": 3, "initial_backoff_s": 0.1, "jitter_ratio": 0.0}
+        },
+        agent_class="fleet.agents.faulty:FaultyAgent",
+        agent_kwargs={"delay_s": 0.0, "bad_agents": [0, 1], "fail_rate": 1.0},
+    )
     failing = [_item(i=i) for i in range(3)]
 
     async def run() -> Any:

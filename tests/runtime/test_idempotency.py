@@ -19,19 +19,29 @@ N = 1_000
 
 
 def _enqueued(fc) -> int:
-    return sum(s["enqueued_total"] for s in ray.get([s.stats.remote()
-                                                    for s in fc._shards["work"]]))
+    return sum(
+        s["enqueued_total"] for s in ray.get([s.stats.remote() for s in fc._shards["work"]])
+    )
 
 
 def test_resubmitted_completed_tasks_run_none_again(start_fleet, tmp_path, capsys):
-    spec = make_spec(pool("work", agent_class="fleet.agents.testing:SleepAgent",
-                          agent_kwargs={"delay_s": 0.0}, cpus_per_host=0,
-                          autoscaling={"min_agents": 20, "max_agents": 20}),
-                     name="idem", namespace=f"fleet-idem-{uuid.uuid4().hex[:6]}")
+    spec = make_spec(
+        pool(
+            "work",
+            agent_class="fleet.agents.testing:SleepAgent",
+            agent_kwargs={"delay_s": 0.0},
+            cpus_per_host=0,
+            autoscaling={"min_agents": 20, "max_agents": 20},
+        ),
+        name="idem",
+        namespace=f"fleet-idem-{uuid.uuid4().hex[:6]}",
+    )
     fc = start_fleet(spec)
     by_id = [{"id": f"done-{k}", "capability": "work", "payload": {"k": k}} for k in range(N)]
-    by_key = [{"idempotency_key": f"key-{k}", "capability": "work", "payload": {"k": -k}}
-              for k in range(N)]
+    by_key = [
+        {"idempotency_key": f"key-{k}", "capability": "work", "payload": {"k": -k}}
+        for k in range(N)
+    ]
     first = fc.submit(by_id + by_key)
     assert first.existing == {}
     assert fc.wait(first.accepted, 120) == []
@@ -48,13 +58,16 @@ def test_resubmitted_completed_tasks_run_none_again(start_fleet, tmp_path, capsy
 
     # The same key with another payload: refused, naming the key; nothing queued.
     with pytest.raises(IdempotencyConflict, match="'key-7'.*different payload"):
-        fc.submit([{"idempotency_key": "key-7", "capability": "work", "payload": {"k": 1}},
-                   {"id": "innocent", "capability": "work", "payload": {}}])
+        fc.submit(
+            [
+                {"idempotency_key": "key-7", "capability": "work", "payload": {"k": 1}},
+                {"id": "innocent", "capability": "work", "payload": {}},
+            ]
+        )
     assert _enqueued(fc) == enqueued
 
     # A key still pending with another payload is refused by its queue shard.
-    slow = {"idempotency_key": "slow-key", "capability": "work",
-            "payload": {"sleep_s": 3}}
+    slow = {"idempotency_key": "slow-key", "capability": "work", "payload": {"sleep_s": 3}}
     fc.submit([slow])
     with pytest.raises(IdempotencyConflict, match="'slow-key'"):
         fc.submit([{**slow, "payload": {"sleep_s": 1}}])
@@ -67,8 +80,10 @@ def test_resubmitted_completed_tasks_run_none_again(start_fleet, tmp_path, capsy
     assert cli([*args, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["submitted"], out["already_recorded"]) == (10, 10)
-    path.write_text(json.dumps({"idempotency_key": "key-3", "capability": "work",
-                                "payload": {"k": 99}}) + "\n")
+    path.write_text(
+        json.dumps({"idempotency_key": "key-3", "capability": "work", "payload": {"k": 99}})
+        + "\n"
+    )
     assert cli(args) == 2
     err = capsys.readouterr().err
     assert "idempotency_key 'key-3' already used with a different payload" in err

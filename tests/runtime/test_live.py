@@ -24,17 +24,27 @@ _ids = itertools.count()
 
 def _spec(**pool_kw):
     n = next(_ids)
-    return make_spec(pool("work", agent_class="fleet.agents.testing:SleepAgent", cpus_per_host=0,
-                          **pool_kw),
-                     name=f"t{n}", namespace=f"fleet-test-{n}", queues={"lease_s": 20})
-
+    return make_spec(
+        pool(
+            "work", agent_class="fleet.agents.testing:SleepAgent", cpus_per_host=0, **pool_kw
+        ),
+        name=f"t{n}",
+        namespace=f"fleet-test-{n}",
+        queues={"lease_s": 20},
+    )
 
 
 def test_submit_dispatch_and_failures_carry_reasons(start_fleet):
-    fc = start_fleet(_spec(agent_kwargs={"delay_s": 0.0},
-                           autoscaling={"min_agents": 20, "max_agents": 20}))
-    tasks = [{"capability": "work", "payload": {"i": i, **({"fail": f"no {i}"} if i % 50 == 0
-                                                            else {})}} for i in range(1000)]
+    fc = start_fleet(
+        _spec(agent_kwargs={"delay_s": 0.0}, autoscaling={"min_agents": 20, "max_agents": 20})
+    )
+    tasks = [
+        {
+            "capability": "work",
+            "payload": {"i": i, **({"fail": f"no {i}"} if i % 50 == 0 else {})},
+        }
+        for i in range(1000)
+    ]
     rep = fc.submit(tasks + [{"capability": "nope"}])
     assert len(rep.accepted) == 1000 and rep.rejected[0][0] == 1000
     assert fc.wait(rep.accepted, timeout_s=120) == []
@@ -86,8 +96,11 @@ class _ReplicaWatch:
 
     def removed(self) -> dict[str, float]:
         """Replica id -> when it was first seen stopping, for replicas that ran."""
-        return {rid: st["STOPPING"] for rid, st in self.seen.items()
-                if "STOPPING" in st and "RUNNING" in st}
+        return {
+            rid: st["STOPPING"]
+            for rid, st in self.seen.items()
+            if "STOPPING" in st and "RUNNING" in st
+        }
 
 
 def test_step_scales_agents_and_hosts_then_scale_down_loses_nothing(start_fleet):
@@ -98,16 +111,32 @@ def test_step_scales_agents_and_hosts_then_scale_down_loses_nothing(start_fleet)
     than the scale-down rate, Serve removes hosts while they still hold tasks, and
     every task is recorded exactly once: finished during its host's drain, or (past
     the 2 s drain timeout) handed back and redelivered, never lost."""
-    spec = _spec(agents_per_host=4, host_drain_timeout_s=2.0,
-                 autoscaling={"min_agents": 2, "max_agents": 16, "target_queued_per_agent": 4,
-                              "control_interval_s": 0.25, "upscale_within_s": 1,
-                              "downscale_within_s": 3, "downscale_stabilization_s": 1})
+    spec = _spec(
+        agents_per_host=4,
+        host_drain_timeout_s=2.0,
+        autoscaling={
+            "min_agents": 2,
+            "max_agents": 16,
+            "target_queued_per_agent": 4,
+            "control_interval_s": 0.25,
+            "upscale_within_s": 1,
+            "downscale_within_s": 3,
+            "downscale_stabilization_s": 1,
+        },
+    )
     fc = start_fleet(spec)
     rng = random.Random(4)
     phases = [Phase("base", 0.0, 2.0, 1.5), Phase("step", 2.0, 3.0, 15.0)]
     with _ReplicaWatch(fc.names.pool_app("work"), Names.host_deployment("work")) as watch:
-        r, ids = drive_trace(fc, phases, drain_s=40.0, make_task=lambda k: {
-            "capability": "work", "payload": {"k": k, "sleep_s": rng.uniform(1.0, 3.0)}})
+        r, ids = drive_trace(
+            fc,
+            phases,
+            drain_s=40.0,
+            make_task=lambda k: {
+                "capability": "work",
+                "payload": {"k": k, "sleep_s": rng.uniform(1.0, 3.0)},
+            },
+        )
     a = spec.pools[0].autoscaling
     tl = r["samples"]
     agents = [x["agents"] for x in tl]
@@ -141,10 +170,12 @@ def test_step_scales_agents_and_hosts_then_scale_down_loses_nothing(start_fleet)
     down = r["scale_down"]
     assert agents[-1] == a.min_agents
     # Agents were taken away while busy: they drained with a task in hand.
-    assert any(cur["reason"] == "down" and prev["in_flight"] > cur["agents"]
-               for prev, cur in ticks)
+    assert any(
+        cur["reason"] == "down" and prev["in_flight"] > cur["agents"] for prev, cur in ticks
+    )
     assert down["back_to_min_s"] - down["started_s"] >= (
-        (down["from_agents"] - a.min_agents) / down_rate - a.control_interval_s)
+        (down["from_agents"] - a.min_agents) / down_rate - a.control_interval_s
+    )
     removed = watch.removed()
     assert r["hosts"]["end"] < r["hosts"]["max"] and r["hosts_removed"]["done_s"] is not None
     assert len(removed) >= r["hosts"]["max"] - r["hosts"]["end"]
@@ -155,14 +186,20 @@ def test_step_scales_agents_and_hosts_then_scale_down_loses_nothing(start_fleet)
     on_host: dict[str, list] = {}
     for x in results:
         on_host.setdefault(x.agent_id.split("/")[1], []).append(x)
-    finished_in_drain = sum(1 for rid, t in removed.items() for x in on_host.get(rid, [])
-                            if x.started_unix_s < t < x.finished_unix_s)
+    finished_in_drain = sum(
+        1
+        for rid, t in removed.items()
+        for x in on_host.get(rid, [])
+        if x.started_unix_s < t < x.finished_unix_s
+    )
     redelivered = sum(1 for x in results if x.deliveries > 1)
     assert redelivered == r["redelivered"]
-    print(f"hosts {r['hosts']}, removed {len(removed)}; tasks finished during a drain "
-          f"{finished_in_drain}, redelivered {redelivered}, duplicate executions "
-          f"{r['duplicate_executions']}, host calls failed "
-          f"{fc.status()['pools']['work']['host_failures']}")
+    print(
+        f"hosts {r['hosts']}, removed {len(removed)}; tasks finished during a drain "
+        f"{finished_in_drain}, redelivered {redelivered}, duplicate executions "
+        f"{r['duplicate_executions']}, host calls failed "
+        f"{fc.status()['pools']['work']['host_failures']}"
+    )
     assert finished_in_drain + redelivered >= 1, "no removed host held work: scenario too slow"
 
 

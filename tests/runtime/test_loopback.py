@@ -40,13 +40,16 @@ def _is_loopback(ip: str) -> bool:
 
 
 def test_loopback_check_itself():
-    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("::ffff:127.0.0.1")
+    assert (
+        _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("::ffff:127.0.0.1")
+    )
     assert not any(_is_loopback(a) for a in ("0.0.0.0", "::", "192.0.2.2", "::ffff:10.0.0.1"))
 
 
 def test_local_cluster_listens_on_loopback_only():
-    r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                       timeout=180)
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=180
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["listening"], "the probe must see the cluster's servers"

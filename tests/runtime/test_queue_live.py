@@ -26,16 +26,25 @@ _ids = itertools.count()
 
 def _spec(queues, **pool_kw):
     n = next(_ids)
-    return make_spec(pool("work", agent_class="fleet.agents.testing:SleepAgent", cpus_per_host=0,
-                          **pool_kw),
-                     name=f"q{n}", namespace=f"fleet-qtest-{n}", queues=queues)
-
+    return make_spec(
+        pool(
+            "work", agent_class="fleet.agents.testing:SleepAgent", cpus_per_host=0, **pool_kw
+        ),
+        name=f"q{n}",
+        namespace=f"fleet-qtest-{n}",
+        queues=queues,
+    )
 
 
 def test_task_past_its_deadline_fails_with_reason_and_is_recorded(start_fleet):
     # One agent busy for 2 s: the task behind it misses its 0.5 s deadline.
-    fc = start_fleet(_spec({"lease_s": 20}, agent_kwargs={"delay_s": 2.0},
-                           autoscaling={"min_agents": 1, "max_agents": 1}))
+    fc = start_fleet(
+        _spec(
+            {"lease_s": 20},
+            agent_kwargs={"delay_s": 2.0},
+            autoscaling={"min_agents": 1, "max_agents": 1},
+        )
+    )
     blocker = fc.submit([{"capability": "work"}]).accepted
     time.sleep(0.3)
     late = fc.submit([{"capability": "work", "deadline_unix_s": time.time() + 0.5}]).accepted
@@ -46,18 +55,27 @@ def test_task_past_its_deadline_fails_with_reason_and_is_recorded(start_fleet):
 
 
 def test_sqlite_shard_killed_mid_run_loses_nothing(start_fleet, tmp_path):
-    spec = _spec({"shards": 1, "lease_s": 5, "storage": {"backend": "sqlite",
-                                                         "directory": str(tmp_path)}},
-                 agent_kwargs={"delay_s": 0.02},
-                 autoscaling={"min_agents": 50, "max_agents": 50})
+    spec = _spec(
+        {
+            "shards": 1,
+            "lease_s": 5,
+            "storage": {"backend": "sqlite", "directory": str(tmp_path)},
+        },
+        agent_kwargs={"delay_s": 0.02},
+        autoscaling={"min_agents": 50, "max_agents": 50},
+    )
     fc = start_fleet(spec)
-    ids = fc.submit([{"capability": "work", "payload": {"i": i}} for i in range(5_000)]).accepted
+    ids = fc.submit(
+        [{"capability": "work", "payload": {"i": i}} for i in range(5_000)]
+    ).accepted
     shard = ray.get_actor(Names(spec.name).shard("work", 0), namespace=spec.namespace)
     while fc.summary(ids)["recorded"] < 500:
         time.sleep(0.1)
     pid = ray.get(shard.__ray_call__.remote(lambda self: os.getpid()))
     os.kill(pid, signal.SIGKILL)
-    assert fc.summary(ids)["recorded"] < 5_000, "the kill must land mid-run"  # the shard restarts and reloads from SQLite
+    assert fc.summary(ids)["recorded"] < 5_000, (
+        "the kill must land mid-run"
+    )  # the shard restarts and reloads from SQLite
     assert fc.wait(ids, timeout_s=180) == []
     s = fc.summary(ids)
     assert (s["recorded"], s["completed"], s["lost"]) == (5_000, 5_000, 0)
@@ -65,10 +83,13 @@ def test_sqlite_shard_killed_mid_run_loses_nothing(start_fleet, tmp_path):
 
 
 def test_depth_alert_fires_in_status_and_metrics_then_clears(start_fleet):
-    fc = start_fleet(_spec({"lease_s": 20, "alerts": ["depth > 50"]},
-                           agent_kwargs={"delay_s": 0.01},
-                           autoscaling={"min_agents": 2, "max_agents": 2,
-                                        "control_interval_s": 0.25}))
+    fc = start_fleet(
+        _spec(
+            {"lease_s": 20, "alerts": ["depth > 50"]},
+            agent_kwargs={"delay_s": 0.01},
+            autoscaling={"min_agents": 2, "max_agents": 2, "control_interval_s": 0.25},
+        )
+    )
     ids = fc.submit([{"capability": "work"} for _ in range(400)]).accepted
     deadline = time.monotonic() + 30
     active = []
@@ -93,13 +114,16 @@ def test_a_shard_sizes_each_batch_from_its_own_depth(ray_cluster):
     from fleet.spec.queues import QueueSpec
     from fleet.task import to_item
 
-    spec = QueueSpec.model_validate({"batch": {"max_items": 4}, "lease_s": 30,
-                                   "storage": {"backend": "memory"}})
-    shard = QueueShard.remote("work", 0, spec.model_dump(mode="json"), 3, "no-ledger",
-                              "fleet-qtest-batch")
+    spec = QueueSpec.model_validate(
+        {"batch": {"max_items": 4}, "lease_s": 30, "storage": {"backend": "memory"}}
+    )
+    shard = QueueShard.remote(
+        "work", 0, spec.model_dump(mode="json"), 3, "no-ledger", "fleet-qtest-batch"
+    )
     try:
-        items = [to_item({"capability": "work", "payload": {"i": i}}, {"work"})
-                 for i in range(6)]
+        items = [
+            to_item({"capability": "work", "payload": {"i": i}}, {"work"}) for i in range(6)
+        ]
         ray.get(shard.put.remote(items))
         got, left = ray.get(shard.lease_batch.remote(100, "d"))  # bounded by max_items
         assert (len(got), left) == (4, 2)
@@ -123,17 +147,33 @@ def test_driver_killed_mid_run_every_accepted_task_completes_once(ray_cluster, t
     # connects by name and finds every task the first one was told was accepted.
     # FLEET_DRIVER_KILL_TASKS=100000 runs it at the full size (BENCHMARKS.md).
     tasks, chunk = int(os.environ.get("FLEET_DRIVER_KILL_TASKS", 20_000)), 1_000
-    spec = _spec({"shards": 2, "lease_s": 10,
-                  "storage": {"backend": "sqlite", "directory": str(tmp_path / "queues")}},
-                 agent_kwargs={"delay_s": 0.005}, agents_per_host=50,
-                 autoscaling={"min_agents": 100, "max_agents": 100})
+    spec = _spec(
+        {
+            "shards": 2,
+            "lease_s": 10,
+            "storage": {"backend": "sqlite", "directory": str(tmp_path / "queues")},
+        },
+        agent_kwargs={"delay_s": 0.005},
+        agents_per_host=50,
+        autoscaling={"min_agents": 100, "max_agents": 100},
+    )
     spec_file, ids_file = tmp_path / "spec.json", tmp_path / "accepted.txt"
     spec_file.write_text(spec.model_dump_json())
     driver = subprocess.Popen(
-        [sys.executable, "-m", "tests.runtime.driver_worker",
-         ray_cluster.address_info["gcs_address"], str(spec_file), str(ids_file),
-         str(tasks), str(chunk)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "tests.runtime.driver_worker",
+            ray_cluster.address_info["gcs_address"],
+            str(spec_file),
+            str(ids_file),
+            str(tasks),
+            str(chunk),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 120
         while len(_lines(ids_file)) < tasks // 4:
@@ -151,13 +191,18 @@ def test_driver_killed_mid_run_every_accepted_task_completes_once(ray_cluster, t
         assert (s["recorded"], s["completed"], s["lost"]) == (len(accepted),) * 2 + (0,)
         # Nothing recorded beyond what was submitted: one ledger entry per task.
         assert len(accepted) <= fc.status()["ledger"]["recorded"] <= len(accepted) + chunk
-        print(f"\ndriver kill -9: {len(accepted)} accepted before the kill, all recorded "
-              f"once; {s['duplicate_executions']} duplicate executions")
+        print(
+            f"\ndriver kill -9: {len(accepted)} accepted before the kill, all recorded "
+            f"once; {s['duplicate_executions']} duplicate executions"
+        )
     finally:
         if driver.poll() is None:
             driver.kill()
             driver.wait()
         teardown(spec)
-        left = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["namespace"] == spec.namespace]
+        left = [
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == spec.namespace
+        ]
         assert left == [], left

@@ -17,20 +17,35 @@ _ids = itertools.count()
 
 
 def _replicas(fc) -> list[dict]:
-    return [a for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith("SERVE_REPLICA::") and f"{fc.spec.name}-work" in a["name"]]
+    return [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::") and f"{fc.spec.name}-work" in a["name"]
+    ]
 
 
 def test_a_host_killed_mid_batch_reruns_only_its_unfinished_tasks(start_fleet):
     n = next(_ids)
     agents = 50
-    fc = start_fleet(make_spec(
-        pool("work", agent_class="fleet.agents.testing:SleepAgent", cpus_per_host=0,
-             agents_per_host=agents, autoscaling={"min_agents": agents, "max_agents": agents}),
-        name=f"rerun{n}", namespace=f"fleet-rerun-{n}", queues={"lease_s": 30, "shards": 1}))
+    fc = start_fleet(
+        make_spec(
+            pool(
+                "work",
+                agent_class="fleet.agents.testing:SleepAgent",
+                cpus_per_host=0,
+                agents_per_host=agents,
+                autoscaling={"min_agents": agents, "max_agents": agents},
+            ),
+            name=f"rerun{n}",
+            namespace=f"fleet-rerun-{n}",
+            queues={"lease_s": 30, "shards": 1},
+        )
+    )
     # Short and long tasks interleaved, so that every batch mixes them.
-    tasks = [{"capability": "work", "payload": {"i": i, "sleep_s": 5.0 if i % 4 == 0 else 0.05}}
-             for i in range(300)]
+    tasks = [
+        {"capability": "work", "payload": {"i": i, "sleep_s": 5.0 if i % 4 == 0 else 0.05}}
+        for i in range(300)
+    ]
     ids = fc.submit(tasks).accepted
     slow = {i for i, t in zip(ids, tasks) if t["payload"]["sleep_s"] == 5.0}
     replicas = eventually(lambda: _replicas(fc), 30, what="the pool's host")
@@ -60,19 +75,33 @@ def test_a_host_killed_mid_batch_reruns_only_its_unfinished_tasks(start_fleet):
     # The reruns finished after the kill; the short tasks recorded from a first delivery
     # finished before it or ran after it, never across it twice.
     assert all(after[i].finished_unix_s > t_kill for i in reruns)
-    print(f"recorded before the kill {len(before)}; rerun {len(reruns)} "
-          f"({len(reruns & slow)} long, {len(reruns - slow)} short); "
-          f"duplicate executions {s['duplicate_executions']}")
+    print(
+        f"recorded before the kill {len(before)}; rerun {len(reruns)} "
+        f"({len(reruns & slow)} long, {len(reruns - slow)} short); "
+        f"duplicate executions {s['duplicate_executions']}"
+    )
 
 
 def test_a_task_that_kills_its_host_fails_alone_and_its_batch_mates_complete(start_fleet):
     n = next(_ids)
-    fc = start_fleet(make_spec(
-        pool("work", agent_class="fleet.agents.testing:SleepAgent", cpus_per_host=0,
-             agents_per_host=256, autoscaling={"min_agents": 256, "max_agents": 256}),
-        name=f"poison{n}", namespace=f"fleet-poison-{n}",
-        resilience={"max_deliveries": 3}, queues={"lease_s": 60, "shards": 1}))
-    innocent = [{"capability": "work", "payload": {"i": i, "sleep_s": 0.01}} for i in range(200)]
+    fc = start_fleet(
+        make_spec(
+            pool(
+                "work",
+                agent_class="fleet.agents.testing:SleepAgent",
+                cpus_per_host=0,
+                agents_per_host=256,
+                autoscaling={"min_agents": 256, "max_agents": 256},
+            ),
+            name=f"poison{n}",
+            namespace=f"fleet-poison-{n}",
+            resilience={"max_deliveries": 3},
+            queues={"lease_s": 60, "shards": 1},
+        )
+    )
+    innocent = [
+        {"capability": "work", "payload": {"i": i, "sleep_s": 0.01}} for i in range(200)
+    ]
     poison = {"capability": "work", "payload": {"exit": True}}
     ids = fc.submit(innocent[:100] + [poison] + innocent[100:]).accepted  # one batch
     assert fc.wait(ids, timeout_s=240) == []
@@ -83,5 +112,7 @@ def test_a_task_that_kills_its_host_fails_alone_and_its_batch_mates_complete(sta
     assert all(results[i].status == "completed" for i in ids if i != ids[100])
     st = fc.status()["pools"]["work"]
     assert st["crashed_batches"] >= 3, st  # at least one crash per delivery of the poison
-    print(f"crashed batches {st['crashed_batches']}; innocent deliveries "
-          f"{sorted({results[i].deliveries for i in ids if i != ids[100]})}")
+    print(
+        f"crashed batches {st['crashed_batches']}; innocent deliveries "
+        f"{sorted({results[i].deliveries for i in ids if i != ids[100]})}"
+    )

@@ -35,11 +35,16 @@ _ids = itertools.count()
 # --- the host alone -------------------------------------------------------------------
 
 
-def _host(agents: int = 10, resilience: dict[str, Any] | None = None,
-          **pool_kw: Any) -> tuple[AgentHost, FakeLedger]:
-    spec = pool("work", agent_class=pool_kw.pop("agent_class", "fleet.agents.testing:SleepAgent"),
-                agents_per_host=agents,
-                autoscaling={"min_agents": agents, "max_agents": agents}, **pool_kw)
+def _host(
+    agents: int = 10, resilience: dict[str, Any] | None = None, **pool_kw: Any
+) -> tuple[AgentHost, FakeLedger]:
+    spec = pool(
+        "work",
+        agent_class=pool_kw.pop("agent_class", "fleet.agents.testing:SleepAgent"),
+        agents_per_host=agents,
+        autoscaling={"min_agents": agents, "max_agents": agents},
+        **pool_kw,
+    )
     host = AgentHost(spec, resilience)
     ledger = FakeLedger()
     host._ledger = ledger
@@ -47,8 +52,12 @@ def _host(agents: int = 10, resilience: dict[str, Any] | None = None,
 
 
 def _items(n: int, deliveries: int = 1, **payload: Any) -> list[Item]:
-    return [to_item({"capability": "work", "payload": {"i": i, **payload}}, {"work"})
-            ._replace(deliveries=deliveries) for i in range(n)]
+    return [
+        to_item({"capability": "work", "payload": {"i": i, **payload}}, {"work"})._replace(
+            deliveries=deliveries
+        )
+        for i in range(n)
+    ]
 
 
 def _index(agent_id: str | None) -> int:
@@ -59,8 +68,12 @@ def _index(agent_id: str | None) -> int:
 def test_host_routes_each_task_with_the_pool_router():
     # Round robin over 4 agents with 3 slots each: 12 tasks at once land 3 per agent,
     # where filling the first free slots would have put them on agents 0..3 unevenly.
-    host, ledger = _host(4, routing={"router": "round_robin"}, concurrency_per_agent=3,
-                         agent_kwargs={"delay_s": 0.05})
+    host, ledger = _host(
+        4,
+        routing={"router": "round_robin"},
+        concurrency_per_agent=3,
+        agent_kwargs={"delay_s": 0.05},
+    )
     report = asyncio.run(host.run_and_record(_items(12)))
     assert report.recorded == 12 and report.retry_ids == []
     assert Counter(_index(o.agent_id) for o in ledger.outcomes) == {0: 3, 1: 3, 2: 3, 3: 3}
@@ -88,10 +101,13 @@ def test_ejected_agents_take_no_work_and_show_in_stats():
 
 def test_retryable_failures_come_back_with_a_delay_and_only_the_last_is_recorded():
     host, ledger = _host(
-        2, agent_class="fleet.agents.faulty:FaultyAgent",
+        2,
+        agent_class="fleet.agents.faulty:FaultyAgent",
         agent_kwargs={"delay_s": 0.0, "bad_agents": [0, 1], "fail_rate": 1.0},
-        resilience={"retry": {"max_attempts": 3, "initial_backoff_s": 0.5,
-                              "jitter_ratio": 0.0}})
+        resilience={
+            "retry": {"max_attempts": 3, "initial_backoff_s": 0.5, "jitter_ratio": 0.0}
+        },
+    )
     first = asyncio.run(host.run_and_record(_items(4, deliveries=1)))
     assert first.recorded == 0 and len(first.retry_ids) == 4
     assert first.retry_delays_s == [0.5] * 4  # attempt 1: initial backoff, no jitter
@@ -109,10 +125,15 @@ def test_a_dependency_breaker_stops_calls_to_a_service_that_is_down():
     service = OutageAgent.SERVICE
     service.update(down=True, calls=0)
     host, ledger = _host(
-        5, agent_class="fleet.agents.faulty:OutageAgent",
-        resilience={"dependency_breakers": {"llm": {"window_calls": 10, "min_calls": 5,
-                                                    "open_duration_s": 300}},
-                    "retry": {"max_attempts": 2, "jitter_ratio": 0.0}})
+        5,
+        agent_class="fleet.agents.faulty:OutageAgent",
+        resilience={
+            "dependency_breakers": {
+                "llm": {"window_calls": 10, "min_calls": 5, "open_duration_s": 300}
+            },
+            "retry": {"max_attempts": 2, "jitter_ratio": 0.0},
+        },
+    )
     try:
         first = asyncio.run(host.run_and_record(_items(5)))
         # All five reached the service, failed, and go back for a retry.
@@ -124,8 +145,10 @@ def test_a_dependency_breaker_stops_calls_to_a_service_that_is_down():
         assert len(second.retry_ids) == 5 and ledger.outcomes == []
         last = asyncio.run(host.run_and_record(_items(3, deliveries=2)))
         assert last.recorded == 3 and service["calls"] == 5
-        assert all("DependencyUnavailable" in o.error and o.reason == "max_attempts"
-                   for o in ledger.outcomes), ledger.outcomes
+        assert all(
+            "DependencyUnavailable" in o.error and o.reason == "max_attempts"
+            for o in ledger.outcomes
+        ), ledger.outcomes
         events = asyncio.run(host.stats())["breaker_events"]
         opened = [e for e in events if e["name"] == "dependency:llm" and e["new"] == "open"]
         assert len(opened) == 1, events
@@ -145,15 +168,27 @@ def test_deferred_breaker_feeds_leave_the_breaker_exactly_as_feeding_all():
     # next failure or slow call (or a stats read); a reference breaker fed every
     # outcome at once must be in the same state at every step, and hold the same
     # window whenever the debt is paid.
-    res = {"agent_breaker": {"window_calls": 8, "min_calls": 4, "failure_rate_threshold": 0.5,
-                             "slow_call_duration_s": 1.0, "slow_call_rate_threshold": 0.5,
-                             "open_duration_s": 1e6, "max_open_duration_s": 1e6}}
+    res = {
+        "agent_breaker": {
+            "window_calls": 8,
+            "min_calls": 4,
+            "failure_rate_threshold": 0.5,
+            "slow_call_duration_s": 1.0,
+            "slow_call_rate_threshold": 0.5,
+            "open_duration_s": 1e6,
+            "max_open_duration_s": 1e6,
+        }
+    }
     host, _ = _host(1, resilience=res)
-    ref = CircuitBreaker("ref", ResilienceSpec.model_validate(res).agent_breaker,
-                         time.monotonic)
+    ref = CircuitBreaker(
+        "ref", ResilienceSpec.model_validate(res).agent_breaker, time.monotonic
+    )
     fed = []
     real_record = host._brk[0].record
-    host._brk[0].record = lambda ok, latency_s=None: (fed.append(ok), real_record(ok, latency_s))
+    host._brk[0].record = lambda ok, latency_s=None: (
+        fed.append(ok),
+        real_record(ok, latency_s),
+    )
     rng = random.Random(3)
     opens = 0
     for step in range(3_000):
@@ -169,7 +204,10 @@ def test_deferred_breaker_feeds_leave_the_breaker_exactly_as_feeding_all():
             host._pay(0)
             got = host._brk[0].snapshot()
             assert (got.calls, got.failure_rate, got.slow_rate) == (
-                want.calls, want.failure_rate, want.slow_rate), step
+                want.calls,
+                want.failure_rate,
+                want.slow_rate,
+            ), step
         if want.state is BreakerState.OPEN:  # start over from closed on both
             opens += 1
             host._brk[0].reset()
@@ -180,15 +218,21 @@ def test_deferred_breaker_feeds_leave_the_breaker_exactly_as_feeding_all():
 
 # --- live -------------------------------------------------------------------------------
 
+
 def _live_spec(pool_kw: dict[str, Any], **kw: Any):
     n = next(_ids)
-    return make_spec(pool("work", cpus_per_host=0, **pool_kw), name=f"r{n}",
-                     namespace=f"fleet-routing-test-{n}", **kw)
+    return make_spec(
+        pool("work", cpus_per_host=0, **pool_kw),
+        name=f"r{n}",
+        namespace=f"fleet-routing-test-{n}",
+        **kw,
+    )
 
 
 def _host_stats(fc: FleetClient) -> dict[str, Any]:
-    handle = serve.get_deployment_handle(Names.host_deployment("work"),
-                                         fc.names.pool_app("work"))
+    handle = serve.get_deployment_handle(
+        Names.host_deployment("work"), fc.names.pool_app("work")
+    )
     return handle.stats.remote(None).result(timeout_s=30)
 
 
@@ -228,22 +272,37 @@ def _replay(events: list[dict[str, Any]]) -> dict[str, Any]:
 @pytest.mark.ray
 def test_breakers_eject_bad_agents_within_the_cap_and_readmit_them(start_fleet):
     spec = _live_spec(
-        {"agent_class": "fleet.agents.faulty:FaultyAgent",
-         "agent_kwargs": {"delay_s": 0.02, "bad_agents": FLAKY, "fail_rate": 0.5,
-                          "hang_agents": [HUNG], "recover_after_s": RECOVER_AFTER_S,
-                          "seed": 7},
-         "agents_per_host": AGENTS,
-         "autoscaling": {"min_agents": AGENTS, "max_agents": AGENTS},
-         "routing": {"router": "success_rate",
-                     "success_rate": {"window_s": 3, "min_calls": 5,
-                                      "min_success_rate": 0.8}}},
+        {
+            "agent_class": "fleet.agents.faulty:FaultyAgent",
+            "agent_kwargs": {
+                "delay_s": 0.02,
+                "bad_agents": FLAKY,
+                "fail_rate": 0.5,
+                "hang_agents": [HUNG],
+                "recover_after_s": RECOVER_AFTER_S,
+                "seed": 7,
+            },
+            "agents_per_host": AGENTS,
+            "autoscaling": {"min_agents": AGENTS, "max_agents": AGENTS},
+            "routing": {
+                "router": "success_rate",
+                "success_rate": {"window_s": 3, "min_calls": 5, "min_success_rate": 0.8},
+            },
+        },
         queues={"lease_s": 20},
-        resilience={"task_timeout_s": 0.5,
-                    "agent_breaker": {"window_calls": 10, "min_calls": 4,
-                                      "failure_rate_threshold": 0.3, "open_duration_s": 1.5,
-                                      "max_open_duration_s": 3, "half_open_probe_calls": 2},
-                    "retry": {"max_attempts": 4, "initial_backoff_s": 0.05,
-                              "max_backoff_s": 0.5}})
+        resilience={
+            "task_timeout_s": 0.5,
+            "agent_breaker": {
+                "window_calls": 10,
+                "min_calls": 4,
+                "failure_rate_threshold": 0.3,
+                "open_duration_s": 1.5,
+                "max_open_duration_s": 3,
+                "half_open_probe_calls": 2,
+            },
+            "retry": {"max_attempts": 4, "initial_backoff_s": 0.05, "max_backoff_s": 0.5},
+        },
+    )
     fc = start_fleet(spec)
     ids: list[str] = []
     status_ejected: list[int] = []
@@ -253,8 +312,14 @@ def test_breakers_eject_bad_agents_within_the_cap_and_readmit_them(start_fleet):
         tick = 0.05
         t_start, n0 = time.time(), len(ids)
         while time.time() < t_end and not stop():
-            ids.extend(fc.submit([{"capability": "work", "payload": {"n": len(ids) + k}}
-                                  for k in range(int(RATE_PER_S * tick))]).accepted)
+            ids.extend(
+                fc.submit(
+                    [
+                        {"capability": "work", "payload": {"n": len(ids) + k}}
+                        for k in range(int(RATE_PER_S * tick))
+                    ]
+                ).accepted
+            )
             if len(ids) % 100 < RATE_PER_S * tick:  # about twice a second
                 status_ejected.append(fc.status()["pools"]["work"]["ejected_agents"])
             time.sleep(max(0.0, t_start + (len(ids) - n0) / RATE_PER_S - time.time()))
@@ -263,8 +328,9 @@ def test_breakers_eject_bad_agents_within_the_cap_and_readmit_them(start_fleet):
     # agent has been re-admitted (it needs traffic for its half-open probes), and 2 s
     # more so that re-admitted agents show they take work again.
     submit_until(t0 + RUN_S)
-    submit_until(t0 + RUN_S + READMIT_WAIT_S,
-                 stop=lambda: _host_stats(fc)["breakers"]["ejected"] == [])
+    submit_until(
+        t0 + RUN_S + READMIT_WAIT_S, stop=lambda: _host_stats(fc)["breakers"]["ejected"] == []
+    )
     submit_until(time.time() + 2.0)
     assert fc.wait(ids, timeout_s=60) == []
     s = fc.summary(ids)
@@ -276,8 +342,10 @@ def test_breakers_eject_bad_agents_within_the_cap_and_readmit_them(start_fleet):
     assert cap == 2  # 10% of 20 agents
     events = st["breaker_events"]
     for e in events:  # shown when the test fails
-        print(f"{e['at_unix_s'] - t0:7.2f} {e['name']:>24} {e['kind']:16} {e['old']}->{e['new']} "
-              f"{e['reason']}")
+        print(
+            f"{e['at_unix_s'] - t0:7.2f} {e['name']:>24} {e['kind']:16} {e['old']}->{e['new']} "
+            f"{e['reason']}"
+        )
     assert len(events) < 1_000, "the event log must not have wrapped"
     r = _replay(events)
     # Never more than the cap ejected at once, and the cap was used.
@@ -296,8 +364,14 @@ def test_breakers_eject_bad_agents_within_the_cap_and_readmit_them(start_fleet):
         assert r["closed"].get(idx, 0) > at, (idx, r)
     results = fc.results(ids)
     for idx in r["opened"]:
-        after = [x for x in results if x is not None and _index(x.agent_id) == idx
-                 and x.status == "completed" and x.started_unix_s > r["closed"][idx]]
+        after = [
+            x
+            for x in results
+            if x is not None
+            and _index(x.agent_id) == idx
+            and x.status == "completed"
+            and x.started_unix_s > r["closed"][idx]
+        ]
         assert after, f"agent {idx} took no work after it was re-admitted"
     # Retries happened and are counted; the pool status showed the ejections.
     pool_status = fc.status()["pools"]["work"]
@@ -307,8 +381,11 @@ def test_breakers_eject_bad_agents_within_the_cap_and_readmit_them(start_fleet):
     # ... and the Prometheus metrics carry the same counts.
     metrics = fc.metrics_text()
     assert 'fleet_pool_max_ejected_agents{pool="work"} 2.0' in metrics
-    retried = [ln for ln in metrics.splitlines()
-               if ln.startswith('fleet_pool_retried_items{pool="work"}')]
+    retried = [
+        ln
+        for ln in metrics.splitlines()
+        if ln.startswith('fleet_pool_retried_items{pool="work"}')
+    ]
     assert retried and float(retried[0].split()[-1]) > 0, retried
 
 
@@ -316,9 +393,14 @@ def test_breakers_eject_bad_agents_within_the_cap_and_readmit_them(start_fleet):
 def test_backpressure_bounds_the_queue_and_loses_nothing(start_fleet):
     max_depth = 200
     spec = _live_spec(
-        {"agent_class": "fleet.agents.testing:SleepAgent", "agent_kwargs": {"delay_s": 0.05},
-         "agents_per_host": 4, "autoscaling": {"min_agents": 4, "max_agents": 4}},
-        queues={"max_depth": max_depth, "shards": 1, "lease_s": 20})
+        {
+            "agent_class": "fleet.agents.testing:SleepAgent",
+            "agent_kwargs": {"delay_s": 0.05},
+            "agents_per_host": 4,
+            "autoscaling": {"min_agents": 4, "max_agents": 4},
+        },
+        queues={"max_depth": max_depth, "shards": 1, "lease_s": 20},
+    )
     fc = start_fleet(spec)
     shard = ray.get_actor(fc.names.shard("work", 0), namespace=spec.namespace)
     dispatcher = ray.get_actor(fc.names.dispatcher, namespace=spec.namespace)
@@ -339,7 +421,9 @@ def test_backpressure_bounds_the_queue_and_loses_nothing(start_fleet):
             full_errors.append(str(exc))
         q = ray.get(shard.stats.remote())
         pending_max = max(pending_max, q["depth"] + q["leased"])
-        in_flight_max = max(in_flight_max, ray.get(dispatcher.stats.remote())["work"]["in_flight"])
+        in_flight_max = max(
+            in_flight_max, ray.get(dispatcher.stats.remote())["work"]["in_flight"]
+        )
         time.sleep(max(0.0, t0 + sent / rate - time.time()))
     assert full_errors, "a producer 10x faster than the fleet must hit the bound"
     assert "queue full" in full_errors[0] and "retry later" in full_errors[0]
@@ -348,8 +432,9 @@ def test_backpressure_bounds_the_queue_and_loses_nothing(start_fleet):
     assert len(accepted) < sent
     # A patient producer waits for room instead of failing: 50 do not fit now.
     assert ray.get(shard.room.remote()) < 50
-    more = fc.submit([{"capability": "work", "payload": {"late": k}} for k in range(50)],
-                     timeout_s=60).accepted
+    more = fc.submit(
+        [{"capability": "work", "payload": {"late": k}} for k in range(50)], timeout_s=60
+    ).accepted
     assert len(more) == 50
     assert fc.wait(accepted + more, timeout_s=120) == []
     s = fc.summary(accepted + more)
@@ -365,14 +450,23 @@ def test_a_slow_task_does_not_hold_its_batch_capacity(start_fleet):
     # work while the slow ones still run: tasks submitted later finish before them.
     # (Without the reports, the slow batch held its three slots until it finished.)
     spec = _live_spec(
-        {"agent_class": "fleet.agents.testing:SleepAgent", "agent_kwargs": {"delay_s": 0.01},
-         "agents_per_host": 4, "autoscaling": {"min_agents": 4, "max_agents": 4}},
-        queues={"shards": 1, "lease_s": 20})
+        {
+            "agent_class": "fleet.agents.testing:SleepAgent",
+            "agent_kwargs": {"delay_s": 0.01},
+            "agents_per_host": 4,
+            "autoscaling": {"min_agents": 4, "max_agents": 4},
+        },
+        queues={"shards": 1, "lease_s": 20},
+    )
     fc = start_fleet(spec)
-    first = fc.submit([{"capability": "work", "payload": {"sleep_s": 5.0}}] * 2 +
-                      [{"capability": "work", "payload": {"k": k}} for k in range(3)]).accepted
+    first = fc.submit(
+        [{"capability": "work", "payload": {"sleep_s": 5.0}}] * 2
+        + [{"capability": "work", "payload": {"k": k}} for k in range(3)]
+    ).accepted
     time.sleep(0.3)  # the first five are leased
-    later = fc.submit([{"capability": "work", "payload": {"n": n}} for n in range(20)]).accepted
+    later = fc.submit(
+        [{"capability": "work", "payload": {"n": n}} for n in range(20)]
+    ).accepted
     assert fc.wait(first + later, timeout_s=60) == []
     slow = fc.results(first[:2])
     done = fc.results(later)

@@ -60,7 +60,9 @@ def test_bad_scenario_exits_two_with_line_and_field(tmp_path, capsys):
     assert run_cli([str(path)]) == 2
     err = capsys.readouterr().err
     assert "pools.work.service" in err and "bimodal" in err
-    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "service:" in text)
+    line = next(
+        i for i, text in enumerate(path.read_text().splitlines(), 1) if "service:" in text
+    )
     assert f"bad.yaml:{line}:" in err
 
 

@@ -12,8 +12,12 @@ from fleet.sim.report import check_autoscaler, jain
 from .helpers import pool_spec, scenario, scenario_dict
 
 SPIKE_SCALING = {
-    "min_agents": 2, "max_agents": 60, "target_queued_per_agent": 1.0,
-    "control_interval_s": 1.0, "upscale_within_s": 10, "downscale_within_s": 30,
+    "min_agents": 2,
+    "max_agents": 60,
+    "target_queued_per_agent": 1.0,
+    "control_interval_s": 1.0,
+    "upscale_within_s": 10,
+    "downscale_within_s": 30,
     "downscale_stabilization_s": 5,
 }
 
@@ -22,32 +26,54 @@ def chaos_scenario(seed: int = 3, **kw) -> dict:
     """Two pools, autoscaling through a spike, local queues and multi-slot agents, and
     every kind of trouble: kill waves, crashes, a partition, slowdowns, task failures."""
     data = scenario_dict(
-        pools=[pool_spec("front", autoscaling=SPIKE_SCALING, concurrency_per_agent=2),
-               pool_spec("back", 5, routing={"router": "round_robin"})],
+        pools=[
+            pool_spec("front", autoscaling=SPIKE_SCALING, concurrency_per_agent=2),
+            pool_spec("back", 5, routing={"router": "round_robin"}),
+        ],
         models={
-            "front": {"service": {"kind": "lognormal", "median_s": 0.5, "sigma": 0.8},
-                      "startup": {"kind": "uniform", "low_s": 1, "high_s": 3},
-                      "agent_queue_limit": 3,
-                      "heterogeneity": {"slow_share": 0.2, "slowdown": 3},
-                      "failures": {"task_failure_prob": 0.02,
-                                   "crash_rate_per_agent_per_h": 60, "restart_delay_s": 2}},
-            "back": {"service": {"kind": "gamma", "mean_s": 0.4, "cv": 0.5},
-                     "failures": {"restart_delay_s": 1}},
+            "front": {
+                "service": {"kind": "lognormal", "median_s": 0.5, "sigma": 0.8},
+                "startup": {"kind": "uniform", "low_s": 1, "high_s": 3},
+                "agent_queue_limit": 3,
+                "heterogeneity": {"slow_share": 0.2, "slowdown": 3},
+                "failures": {
+                    "task_failure_prob": 0.02,
+                    "crash_rate_per_agent_per_h": 60,
+                    "restart_delay_s": 2,
+                },
+            },
+            "back": {
+                "service": {"kind": "gamma", "mean_s": 0.4, "cv": 0.5},
+                "failures": {"restart_delay_s": 1},
+            },
         },
         workload=[
-            {"pool": "front", "tenants": {"a": 2, "b": 1},
-             "arrivals": {"kind": "poisson", "rate_per_s": 10,
-                          "bursts": [{"start_s": 30, "duration_s": 40, "multiplier": 6,
-                                      "ramp_s": 5}]}},
+            {
+                "pool": "front",
+                "tenants": {"a": 2, "b": 1},
+                "arrivals": {
+                    "kind": "poisson",
+                    "rate_per_s": 10,
+                    "bursts": [
+                        {"start_s": 30, "duration_s": 40, "multiplier": 6, "ramp_s": 5}
+                    ],
+                },
+            },
             {"pool": "back", "arrivals": {"kind": "poisson", "rate_per_s": 5}},
         ],
         chaos={
             "kills": [{"share": 0.6, "waves": 6, "start_s": 10, "end_s": 100}],
             "partitions": [{"pool": "back", "start_s": 40, "duration_s": 10}],
-            "slowdowns": [{"pool": "front", "share": 0.5, "factor": 4, "start_s": 50,
-                           "duration_s": 20}],
+            "slowdowns": [
+                {"pool": "front", "share": 0.5, "factor": 4, "start_s": 50, "duration_s": 20}
+            ],
         },
-        duration_s=120, max_tasks=None, seed=seed, sample_interval_s=1.0, **kw)
+        duration_s=120,
+        max_tasks=None,
+        seed=seed,
+        sample_interval_s=1.0,
+        **kw,
+    )
     data.pop("max_tasks")
     return data
 
@@ -65,8 +91,13 @@ def test_nothing_is_lost_under_chaos():
     # Failed executions were retried by fleet's retry policy (any out of attempts or
     # budget would be recorded as failed with its verdict).
     assert front["retries"]["retried"] > 0
-    assert set(r["failed_by_reason"]) <= {"error", "timeout", "max_attempts",
-                                          "retry_budget_exhausted", "max_deliveries"}
+    assert set(r["failed_by_reason"]) <= {
+        "error",
+        "timeout",
+        "max_attempts",
+        "retry_budget_exhausted",
+        "max_deliveries",
+    }
     assert {i["kind"] for i in r["chaos"]["injections"]} == {"kill", "partition", "slowdown"}
     assert r["drained"] is True
     # Killed agents come back, after fleet's restart backoff (which grows for an agent
@@ -87,11 +118,18 @@ def test_cascade_guard_throttles_mass_restarts():
     # through; the fleet recovers and the guard closes again. Nothing is lost.
     data = scenario_dict(
         pools=[pool_spec("p", 60)],
-        models={"p": {"service": {"kind": "exponential", "mean_s": 1.0},
-                      "failures": {"restart_delay_s": 1.0}}},
+        models={
+            "p": {
+                "service": {"kind": "exponential", "mean_s": 1.0},
+                "failures": {"restart_delay_s": 1.0},
+            }
+        },
         workload=[{"pool": "p", "arrivals": {"kind": "poisson", "rate_per_s": 30}}],
         chaos={"kills": [{"pool": "p", "share": 0.34, "start_s": 50}]},
-        duration_s=300, max_tasks=None, sample_interval_s=1.0)
+        duration_s=300,
+        max_tasks=None,
+        sample_interval_s=1.0,
+    )
     data.pop("max_tasks")
     sim = Simulation(parse_scenario(data)).run()
     r = sim.report()
@@ -136,7 +174,7 @@ def test_autoscaler_check_catches_violations():
     sim = Simulation(parse_scenario(chaos_scenario())).run()
     front = sim.pool_by_name["front"]
     i = front.c_target.index(max(front.c_target))
-    front.c_target[i:i + 1] = [front.c_target[i] + 30]  # a jump no rate allows, over max
+    front.c_target[i : i + 1] = [front.c_target[i] + 30]  # a jump no rate allows, over max
     check = check_autoscaler(front)
     assert not check["ok"]
     text = " ".join(check["problems"])
@@ -146,13 +184,30 @@ def test_autoscaler_check_catches_violations():
 def test_scale_down_drains_gracefully():
     # No kills or crashes: any task that went back to the queue would be a drain bug.
     data = scenario_dict(
-        pools=[pool_spec("p", autoscaling={**SPIKE_SCALING, "downscale_within_s": 5,
-                                           "downscale_stabilization_s": 0})],
+        pools=[
+            pool_spec(
+                "p",
+                autoscaling={
+                    **SPIKE_SCALING,
+                    "downscale_within_s": 5,
+                    "downscale_stabilization_s": 0,
+                },
+            )
+        ],
         models={"p": {"service": {"kind": "constant", "value_s": 3.0}}},
-        workload=[{"pool": "p", "arrivals": {
-            "kind": "poisson", "rate_per_s": 2,
-            "bursts": [{"start_s": 10, "duration_s": 20, "multiplier": 10}]}}],
-        duration_s=80, max_tasks=None)
+        workload=[
+            {
+                "pool": "p",
+                "arrivals": {
+                    "kind": "poisson",
+                    "rate_per_s": 2,
+                    "bursts": [{"start_s": 10, "duration_s": 20, "multiplier": 10}],
+                },
+            }
+        ],
+        duration_s=80,
+        max_tasks=None,
+    )
     data.pop("max_tasks")
     sim = Simulation(parse_scenario(data)).run()
     p = sim.pools[0]
@@ -166,12 +221,26 @@ def test_scale_down_drains_gracefully():
 def test_new_agents_serve_only_after_their_start_up_time():
     data = scenario_dict(
         pools=[pool_spec("p", autoscaling=SPIKE_SCALING)],
-        models={"p": {"service": {"kind": "constant", "value_s": 1.0},
-                      "startup": {"kind": "constant", "value_s": 7.0}}},
-        workload=[{"pool": "p", "arrivals": {
-            "kind": "poisson", "rate_per_s": 1,
-            "bursts": [{"start_s": 20, "duration_s": 20, "multiplier": 20}]}}],
-        duration_s=60, max_tasks=None, sample_interval_s=0.5)
+        models={
+            "p": {
+                "service": {"kind": "constant", "value_s": 1.0},
+                "startup": {"kind": "constant", "value_s": 7.0},
+            }
+        },
+        workload=[
+            {
+                "pool": "p",
+                "arrivals": {
+                    "kind": "poisson",
+                    "rate_per_s": 1,
+                    "bursts": [{"start_s": 20, "duration_s": 20, "multiplier": 20}],
+                },
+            }
+        ],
+        duration_s=60,
+        max_tasks=None,
+        sample_interval_s=0.5,
+    )
     data.pop("max_tasks")
     sim = Simulation(parse_scenario(data)).run()
     p = sim.pools[0]
@@ -184,15 +253,25 @@ def test_agent_failing_too_often_is_retired_and_replaced():
     # Health policy: after 2 consecutive failures an agent is not restarted; the
     # autoscaler's next decision starts a fresh agent in its place.
     data = scenario_dict(
-        pools=[pool_spec("p", autoscaling={"min_agents": 2, "max_agents": 2,
-                                           "control_interval_s": 1.0})],
+        pools=[
+            pool_spec(
+                "p", autoscaling={"min_agents": 2, "max_agents": 2, "control_interval_s": 1.0}
+            )
+        ],
         fleet={"health": {"restart": {"eject_after_failures": 2, "initial_backoff_s": 0.5}}},
-        models={"p": {"service": {"kind": "constant", "value_s": 0.5},
-                      "failures": {"restart_delay_s": 0.5}}},
+        models={
+            "p": {
+                "service": {"kind": "constant", "value_s": 0.5},
+                "failures": {"restart_delay_s": 0.5},
+            }
+        },
         workload=[{"pool": "p", "arrivals": {"kind": "poisson", "rate_per_s": 1}}],
-        chaos={"kills": [{"pool": "p", "share": 1.0, "waves": 6, "start_s": 10,
-                          "end_s": 100}]},
-        duration_s=150, max_tasks=None)
+        chaos={
+            "kills": [{"pool": "p", "share": 1.0, "waves": 6, "start_s": 10, "end_s": 100}]
+        },
+        duration_s=150,
+        max_tasks=None,
+    )
     data.pop("max_tasks")
     sim = Simulation(parse_scenario(data)).run()
     r = sim.report()
@@ -206,10 +285,16 @@ def test_agent_failing_too_often_is_retired_and_replaced():
 def test_max_deliveries_fails_a_task_instead_of_losing_it():
     # One agent, killed every few seconds while it works on a 10-second task.
     data = scenario_dict(
-        pools=[pool_spec("p", 1)], fleet={"resilience": {"max_deliveries": 2}},
-        models={"p": {"service": {"kind": "constant", "value_s": 10.0},
-                      "failures": {"restart_delay_s": 0.5}}},
-        workload=[{"pool": "p", "arrivals": {"kind": "trace", "path": "unused"}}])
+        pools=[pool_spec("p", 1)],
+        fleet={"resilience": {"max_deliveries": 2}},
+        models={
+            "p": {
+                "service": {"kind": "constant", "value_s": 10.0},
+                "failures": {"restart_delay_s": 0.5},
+            }
+        },
+        workload=[{"pool": "p", "arrivals": {"kind": "trace", "path": "unused"}}],
+    )
     data["workload"][0]["arrivals"] = {"kind": "poisson", "rate_per_s": 0.05}
     data["max_tasks"] = 3
     data["chaos"] = {"kills": [{"share": 1.0, "waves": 40, "start_s": 1, "end_s": 200}]}
@@ -219,10 +304,13 @@ def test_max_deliveries_fails_a_task_instead_of_losing_it():
 
 
 def test_task_timeout_fails_the_task_and_frees_the_agent():
-    r = simulate(scenario(
-        fleet={"resilience": {"task_timeout_s": 2.0, "retry": {"max_attempts": 1}}},
-        models={"work": {"service": {"kind": "constant", "value_s": 10.0}}},
-        max_tasks=20))
+    r = simulate(
+        scenario(
+            fleet={"resilience": {"task_timeout_s": 2.0, "retry": {"max_attempts": 1}}},
+            models={"work": {"service": {"kind": "constant", "value_s": 10.0}}},
+            max_tasks=20,
+        )
+    )
     assert r["failed_by_reason"] == {"timeout": 20}
     assert r["pools"]["work"]["utilization"] > 0
     assert r["latency_s"]["p50"] >= 2.0
@@ -233,9 +321,14 @@ def test_failures_are_retried_by_the_fleet_retry_policy():
     retry = {"max_attempts": 3, "budget_ratio": 1.0, "initial_backoff_s": 0.5}
     data = scenario_dict(
         fleet={"resilience": {"retry": retry}},
-        models={"work": {"service": {"kind": "exponential", "mean_s": 0.5},
-                         "failures": {"task_failure_prob": 0.3}}},
-        max_tasks=3000)
+        models={
+            "work": {
+                "service": {"kind": "exponential", "mean_s": 0.5},
+                "failures": {"task_failure_prob": 0.3},
+            }
+        },
+        max_tasks=3000,
+    )
     r = simulate(parse_scenario(data))
     work = r["pools"]["work"]
     assert r["lost"] == 0
@@ -252,15 +345,25 @@ def test_failures_are_retried_by_the_fleet_retry_policy():
 def test_breakers_eject_bad_agents_within_the_cap():
     # A tenth of the agents is 20x slower: with a slow-call threshold the breakers eject
     # them, never more than the 10% cap at once, and readmit them to probe.
-    breaker = {"min_calls": 5, "window_calls": 10, "slow_call_duration_s": 5.0,
-               "slow_call_rate_threshold": 0.5, "open_duration_s": 20.0}
+    breaker = {
+        "min_calls": 5,
+        "window_calls": 10,
+        "slow_call_duration_s": 5.0,
+        "slow_call_rate_threshold": 0.5,
+        "open_duration_s": 20.0,
+    }
     data = scenario_dict(
         pools=[pool_spec("work", 40)],
         fleet={"resilience": {"agent_breaker": breaker}},
-        models={"work": {"service": {"kind": "exponential", "mean_s": 1.0},
-                         "heterogeneity": {"slow_share": 0.1, "slowdown": 20}}},
+        models={
+            "work": {
+                "service": {"kind": "exponential", "mean_s": 1.0},
+                "heterogeneity": {"slow_share": 0.1, "slowdown": 20},
+            }
+        },
         workload=[{"pool": "work", "arrivals": {"kind": "poisson", "rate_per_s": 20}}],
-        max_tasks=20_000)
+        max_tasks=20_000,
+    )
     sim = Simulation(parse_scenario(data)).run()
     r = sim.report()
     b = r["pools"]["work"]["breakers"]
@@ -280,7 +383,10 @@ def test_partition_holds_outcomes_until_it_heals():
         models={"p": {"service": {"kind": "constant", "value_s": 0.5}}},
         workload=[{"pool": "p", "arrivals": {"kind": "poisson", "rate_per_s": 2}}],
         chaos={"partitions": [{"pool": "p", "start_s": 20, "duration_s": 10}]},
-        duration_s=60, max_tasks=None, sample_interval_s=1.0)
+        duration_s=60,
+        max_tasks=None,
+        sample_interval_s=1.0,
+    )
     data.pop("max_tasks")
     sim = Simulation(parse_scenario(data)).run()
     p = sim.pools[0]
@@ -295,9 +401,11 @@ def test_partition_holds_outcomes_until_it_heals():
 
 def test_trace_arrivals_are_submitted_at_their_timestamps(tmp_path):
     (tmp_path / "t.txt").write_text("0.25\n1.5\n1.5\n4\n")
-    data = scenario_dict(workload=[{"pool": "work",
-                                    "arrivals": {"kind": "trace", "path": "t.txt",
-                                                 "time_scale": 2.0}}])
+    data = scenario_dict(
+        workload=[
+            {"pool": "work", "arrivals": {"kind": "trace", "path": "t.txt", "time_scale": 2.0}}
+        ]
+    )
     data.pop("max_tasks")
     sim = Simulation(parse_scenario(data, base_dir=tmp_path)).run()
     assert list(sim.submit_t) == [0.5, 3.0, 3.0, 8.0]
@@ -306,11 +414,20 @@ def test_trace_arrivals_are_submitted_at_their_timestamps(tmp_path):
 def test_bursts_and_diurnal_shape_the_arrival_rate():
     data = scenario_dict(
         models={"work": {"service": {"kind": "constant", "value_s": 0.0}}},
-        workload=[{"pool": "work", "arrivals": {
-            "kind": "poisson", "rate_per_s": 100,
-            "diurnal": {"amplitude": 0.5, "period_s": 400, "peak_s": 100},
-            "bursts": [{"start_s": 300, "duration_s": 50, "multiplier": 4}]}}],
-        duration_s=400, max_tasks=None)
+        workload=[
+            {
+                "pool": "work",
+                "arrivals": {
+                    "kind": "poisson",
+                    "rate_per_s": 100,
+                    "diurnal": {"amplitude": 0.5, "period_s": 400, "peak_s": 100},
+                    "bursts": [{"start_s": 300, "duration_s": 50, "multiplier": 4}],
+                },
+            }
+        ],
+        duration_s=400,
+        max_tasks=None,
+    )
     data.pop("max_tasks")
     sim = Simulation(parse_scenario(data)).run()
     times = list(sim.submit_t)
@@ -330,14 +447,24 @@ def test_bursts_and_diurnal_shape_the_arrival_rate():
 
 def test_costs_follow_tokens_and_agent_time():
     data = scenario_dict(
-        fleet={"budgets": {"prices": {"m": {"input_usd_per_mtok": 1.0,
-                                            "output_usd_per_mtok": 2.0}}}},
-        models={"work": {"service": {"kind": "constant", "value_s": 0.1},
-                         "agent_usd_per_hour": 3.6,
-                         "tokens": {"model": "m",
-                                    "input_tokens": {"kind": "constant", "value": 1000},
-                                    "output_tokens": {"kind": "constant", "value": 500}}}},
-        max_tasks=100)
+        fleet={
+            "budgets": {
+                "prices": {"m": {"input_usd_per_mtok": 1.0, "output_usd_per_mtok": 2.0}}
+            }
+        },
+        models={
+            "work": {
+                "service": {"kind": "constant", "value_s": 0.1},
+                "agent_usd_per_hour": 3.6,
+                "tokens": {
+                    "model": "m",
+                    "input_tokens": {"kind": "constant", "value": 1000},
+                    "output_tokens": {"kind": "constant", "value": 500},
+                },
+            }
+        },
+        max_tasks=100,
+    )
     r = simulate(parse_scenario(data))
     c = r["pools"]["work"]["cost"]
     assert c["input_tokens"] == 100_000 and c["output_tokens"] == 50_000
@@ -414,8 +541,9 @@ def test_simulate_fleet_gives_the_simulated_side_of_a_live_comparison():
     from pathlib import Path
 
     spec = load_spec(Path(__file__).resolve().parents[2] / "fleet" / "examples" / "demo.yaml")
-    out = simulate_fleet(spec, {"support": 50, "checkout": 50},
-                         duration_s=20, seed=1, service={})
+    out = simulate_fleet(
+        spec, {"support": 50, "checkout": 50}, duration_s=20, seed=1, service={}
+    )
     assert out["lost"] == 0
     assert out["submitted"] == out["completed"] + out["failed"]
     assert set(out["latency_s"]) == {"p50", "p95", "p99"}
@@ -426,8 +554,11 @@ def test_simulate_fleet_gives_the_simulated_side_of_a_live_comparison():
 
 
 def test_a_run_cut_by_the_drain_timeout_reports_what_is_still_in_flight():
-    data = scenario_dict(models={"work": {"service": {"kind": "constant", "value_s": 50.0}}},
-                         max_tasks=40, drain_timeout_s=30)
+    data = scenario_dict(
+        models={"work": {"service": {"kind": "constant", "value_s": 50.0}}},
+        max_tasks=40,
+        drain_timeout_s=30,
+    )
     r = simulate(parse_scenario(data))
     assert r["drained"] is False
     assert r["lost"] > 0

@@ -43,7 +43,9 @@ def test_reference_values():
     assert erlang_c_wait(1, 0.5) == pytest.approx(1.0)
     assert erlang_c_wait(2, 0.5) == pytest.approx(1 / 3)
     # JSQ(d) with d=1 would be M/M/1; for d=2 at lam=0.5 the first terms are 1, .25, ...
-    assert supermarket_sojourn(0.5, 2) == pytest.approx(1 + 0.5**2 + 0.5**6 + 0.5**14, rel=1e-4)
+    assert supermarket_sojourn(0.5, 2) == pytest.approx(
+        1 + 0.5**2 + 0.5**6 + 0.5**14, rel=1e-4
+    )
 
 
 def _mean(xs) -> float:
@@ -52,12 +54,15 @@ def _mean(xs) -> float:
 
 # (agents c, load rho, tasks): tasks ~ kappa / 1e-4, kappa = N * relative variance of the
 # mean wait, measured per pair (it grows with c and rho).
-@pytest.mark.parametrize("c,rho,tasks", [
-    (1, 0.5, 300_000),
-    (2, 0.7, 750_000),
-    (3, 0.6, 800_000),
-    (1, 0.8, 800_000),
-])
+@pytest.mark.parametrize(
+    "c,rho,tasks",
+    [
+        (1, 0.5, 300_000),
+        (2, 0.7, 750_000),
+        (3, 0.6, 800_000),
+        (1, 0.8, 800_000),
+    ],
+)
 def test_mmc_mean_wait_matches_erlang_c(c, rho, tasks):
     sim = Simulation(mmc(c, rho, tasks, seed=17)).run()
     pool = sim.pools[0]
@@ -69,14 +74,17 @@ def test_mmc_mean_wait_matches_erlang_c(c, rho, tasks):
 
 # (d, lam, agents, tasks): finite n biases the mean up by O(1/n), so heavier loads get
 # more agents; tasks for ~1% standard error.
-@pytest.mark.parametrize("d,lam,n,tasks", [
-    (2, 0.5, 200, 150_000),
-    (2, 0.8, 400, 300_000),
-    (2, 0.95, 1000, 700_000),
-    (3, 0.5, 200, 150_000),
-    (3, 0.8, 400, 300_000),
-    (3, 0.95, 1000, 700_000),
-])
+@pytest.mark.parametrize(
+    "d,lam,n,tasks",
+    [
+        (2, 0.5, 200, 150_000),
+        (2, 0.8, 400, 300_000),
+        (2, 0.95, 1000, 700_000),
+        (3, 0.5, 200, 150_000),
+        (3, 0.8, 400, 300_000),
+        (3, 0.95, 1000, 700_000),
+    ],
+)
 def test_power_of_d_matches_supermarket_model(d, lam, n, tasks):
     sim = Simulation(supermarket(n, d, lam, tasks, seed=23)).run()
     assert sim.outcome.count(0) == 0

@@ -39,8 +39,13 @@ def write(tmp_path: Path, text: str, name: str = "s.yaml") -> Path:
     return path
 
 
-def bad(tmp_path: Path, service: str = "{kind: exponential, mean_s: 1}", pool: str = "work",
-        rate: str = "5", extra: str = "") -> ScenarioError:
+def bad(
+    tmp_path: Path,
+    service: str = "{kind: exponential, mean_s: 1}",
+    pool: str = "work",
+    rate: str = "5",
+    extra: str = "",
+) -> ScenarioError:
     text = BASE.replace("{SERVICE}", service).replace("{POOL}", pool).replace("{RATE}", rate)
     with pytest.raises(ScenarioError) as info:
         load_scenario(write(tmp_path, text + extra))
@@ -49,8 +54,12 @@ def bad(tmp_path: Path, service: str = "{kind: exponential, mean_s: 1}", pool: s
 
 def test_shipped_scenarios_load():
     names = sorted(p.name for p in SCENARIOS.glob("*.yaml"))
-    assert names == ["analytics-preemption.yaml", "black-friday.yaml", "marketplace.yaml",
-                     "support-desk.yaml"]
+    assert names == [
+        "analytics-preemption.yaml",
+        "black-friday.yaml",
+        "marketplace.yaml",
+        "support-desk.yaml",
+    ]
     for path in SCENARIOS.glob("*.yaml"):
         sc = load_scenario(path)
         assert sc.targets.p99_latency_s or sc.targets.pools, path
@@ -62,9 +71,14 @@ def test_shipped_scenarios_load():
 
 
 def test_valid_scenario_parses_distributions(tmp_path):
-    sc = load_scenario(write(tmp_path, BASE.replace("{SERVICE}", "{kind: lognormal, median_s: 2, "
-                                                    "sigma: 0.5}").replace("{POOL}", "work")
-                             .replace("{RATE}", "3")))
+    sc = load_scenario(
+        write(
+            tmp_path,
+            BASE.replace("{SERVICE}", "{kind: lognormal, median_s: 2, sigma: 0.5}")
+            .replace("{POOL}", "work")
+            .replace("{RATE}", "3"),
+        )
+    )
     service = sc.pools["work"].service
     assert isinstance(service, LognormalDuration)
     assert service.mean_s == pytest.approx(2 * 2.718281828 ** (0.125), rel=1e-6)
@@ -72,7 +86,7 @@ def test_valid_scenario_parses_distributions(tmp_path):
 
 def test_unknown_distribution_names_line_and_field(tmp_path):
     err = bad(tmp_path, service="{kind: zipf, mean_s: 1}")
-    (path, line, reason), = err.errors
+    ((path, line, reason),) = err.errors
     assert path == "pools.work.service"
     assert line == 9
     assert "zipf" in reason and "lognormal" in reason
@@ -81,7 +95,7 @@ def test_unknown_distribution_names_line_and_field(tmp_path):
 
 def test_negative_rate_names_line_and_field(tmp_path):
     err = bad(tmp_path, rate="-3")
-    (path, line, reason), = err.errors
+    ((path, line, reason),) = err.errors
     assert path == "workload.0.arrivals.rate_per_s"
     assert line == 14
     assert "greater than or equal to 0" in reason
@@ -89,7 +103,7 @@ def test_negative_rate_names_line_and_field(tmp_path):
 
 def test_bad_field_inside_a_distribution_drops_the_tag_from_the_path(tmp_path):
     err = bad(tmp_path, service="{kind: lognormal, median_s: 1, sigma: -1}")
-    (path, line, _), = err.errors
+    ((path, line, _),) = err.errors
     assert path == "pools.work.service.sigma"
     assert line == 9
 
@@ -103,21 +117,26 @@ def test_unknown_key_is_rejected_at_its_line(tmp_path):
 
 def test_unknown_pool_in_workload(tmp_path):
     err = bad(tmp_path, pool="nope")
-    (path, line, reason), = err.errors
+    ((path, line, reason),) = err.errors
     assert path == "workload.0.pool"
     assert line == 11
     assert "'nope' is not a pool of the fleet (work)" in reason
 
 
 def test_fleet_spec_errors_carry_the_fleet_path(tmp_path):
-    text = BASE.replace("{SERVICE}", "{kind: constant, value_s: 1}").replace(
-        "{POOL}", "work").replace("{RATE}", "1").replace(
-        "      agent_class: fleet.agents.examples:NoopAgent\n",
-        "      agent_class: fleet.agents.examples:NoopAgent\n"
-        "      autoscaling: {min_agents: 5, max_agents: 2}\n")
+    text = (
+        BASE.replace("{SERVICE}", "{kind: constant, value_s: 1}")
+        .replace("{POOL}", "work")
+        .replace("{RATE}", "1")
+        .replace(
+            "      agent_class: fleet.agents.examples:NoopAgent\n",
+            "      agent_class: fleet.agents.examples:NoopAgent\n"
+            "      autoscaling: {min_agents: 5, max_agents: 2}\n",
+        )
+    )
     with pytest.raises(ScenarioError) as info:
         load_scenario(write(tmp_path, text))
-    (path, line, reason), = info.value.errors
+    ((path, line, reason),) = info.value.errors
     assert path == "fleet.pools.0.autoscaling"
     assert line == 7
     assert "min_agents (5) must be <= max_agents (2)" in reason
@@ -134,8 +153,10 @@ def test_open_ended_poisson_needs_a_cap():
 def test_token_model_needs_a_price():
     data = scenario_dict()
     data["pools"]["work"]["tokens"] = {
-        "model": "gpt-x", "input_tokens": {"kind": "constant", "value": 1},
-        "output_tokens": {"kind": "constant", "value": 1}}
+        "model": "gpt-x",
+        "input_tokens": {"kind": "constant", "value": 1},
+        "output_tokens": {"kind": "constant", "value": 1},
+    }
     with pytest.raises(ScenarioError) as info:
         parse_scenario(data)
     assert info.value.errors[0][0] == "pools.work.tokens.model"
@@ -145,7 +166,8 @@ def test_token_model_needs_a_price():
 def test_burst_ramp_longer_than_half_the_burst_is_rejected():
     data = scenario_dict()
     data["workload"][0]["arrivals"]["bursts"] = [
-        {"start_s": 1, "duration_s": 10, "multiplier": 2, "ramp_s": 6}]
+        {"start_s": 1, "duration_s": 10, "multiplier": 2, "ramp_s": 6}
+    ]
     with pytest.raises(ScenarioError) as info:
         parse_scenario(data)
     assert info.value.errors[0][0] == "workload.0.arrivals.bursts.0"
@@ -166,7 +188,9 @@ workload:
 
 
 def test_trace_file_is_read_relative_to_the_scenario(tmp_path):
-    (tmp_path / "trace.txt").write_text("# seconds\n0.5\n1.0\n\n1.0  # same time is fine\n2.5\n")
+    (tmp_path / "trace.txt").write_text(
+        "# seconds\n0.5\n1.0\n\n1.0  # same time is fine\n2.5\n"
+    )
     sc = load_scenario(write(tmp_path, TRACE_SCENARIO))
     arrivals = sc.workload[0].arrivals
     assert isinstance(arrivals, TraceArrivals)
@@ -177,7 +201,7 @@ def test_unordered_trace_names_the_trace_line(tmp_path):
     (tmp_path / "trace.txt").write_text("# seconds\n0.5\n3.0\n2.0\n")
     with pytest.raises(ScenarioError) as info:
         load_scenario(write(tmp_path, TRACE_SCENARIO))
-    (path, line, reason), = info.value.errors
+    ((path, line, reason),) = info.value.errors
     assert path == "workload.0.arrivals"
     assert line == 10
     assert "line 4: timestamp 2 is earlier than the previous one (3, line 3)" in reason
@@ -198,20 +222,26 @@ def test_missing_trace_file(tmp_path):
 
 def test_fleet_file_reference_and_its_errors(tmp_path):
     fleet = tmp_path / "fleet.yaml"
-    fleet.write_text("pools:\n  - name: work\n    capability: work\n"
-                     "    agent_class: fleet.agents.examples:NoopAgent\n")
+    fleet.write_text(
+        "pools:\n  - name: work\n    capability: work\n"
+        "    agent_class: fleet.agents.examples:NoopAgent\n"
+    )
     text = TRACE_SCENARIO.replace(
         "fleet:\n  pools:\n    - {name: work, capability: work, agent_class: "
-        "\"fleet.agents.examples:NoopAgent\"}\n", "fleet_file: fleet.yaml\n")
+        '"fleet.agents.examples:NoopAgent"}\n',
+        "fleet_file: fleet.yaml\n",
+    )
     (tmp_path / "trace.txt").write_text("1\n")
     sc = load_scenario(write(tmp_path, text))
     assert sc.fleet.pools[0].name == "work"
 
-    fleet.write_text("pools:\n  - name: work\n    capability: work\n"
-                     "    agent_class: fleet.agents.examples:NoopAgent\n    colour: red\n")
+    fleet.write_text(
+        "pools:\n  - name: work\n    capability: work\n"
+        "    agent_class: fleet.agents.examples:NoopAgent\n    colour: red\n"
+    )
     with pytest.raises(ScenarioError) as info:
         load_scenario(write(tmp_path, text))
-    (path, line, reason), = info.value.errors
+    ((path, line, reason),) = info.value.errors
     assert path == f"fleet_file -> {fleet}:5: pools.0.colour"
     assert line == 2
     assert "unknown field" in reason
@@ -250,6 +280,6 @@ def test_yaml_merge_keys_are_followed_for_lines(tmp_path):
 
 def test_infinite_rate_is_rejected(tmp_path):
     err = bad(tmp_path, rate=".inf")
-    (path, line, reason), = err.errors
+    ((path, line, reason),) = err.errors
     assert (path, line) == ("workload.0.arrivals.rate_per_s", 14)
     assert "finite" in reason

@@ -24,18 +24,31 @@ def test_demo_spec_loads_with_three_pools():
     assert spec.pool_for("checkout").autoscaling.max_agents == 500
 
 
-@pytest.mark.parametrize("bad,path,needle", [
-    ({"autoscaling": {"min_agents": 5, "max_agents": 2}}, "pools.0.autoscaling", "min_agents (5)"),
-    ({"autoscaling": {"target_queued_per_agent": 0}},
-     "pools.0.autoscaling.target_queued_per_agent", "greater than 0"),
-    ({"autoscaling": {"upscale_within_s": -1}}, "pools.0.autoscaling.upscale_within_s",
-     "greater than or equal to 0"),
-    ({"autoscaling": {"max_agent": 5}}, "pools.0.autoscaling.max_agent", "unknown field"),
-    ({"agent_class": "not a path"}, "pools.0.agent_class", "import path"),
-    ({"name": "Bad Name"}, "pools.0.name", "not a valid name"),
-    ({"routing": {"router": "magic"}}, "pools.0.routing.router", "least_loaded"),
-    ({"host_drain_timeout_s": 0}, "pools.0.host_drain_timeout_s", "greater than 0"),
-])
+@pytest.mark.parametrize(
+    "bad,path,needle",
+    [
+        (
+            {"autoscaling": {"min_agents": 5, "max_agents": 2}},
+            "pools.0.autoscaling",
+            "min_agents (5)",
+        ),
+        (
+            {"autoscaling": {"target_queued_per_agent": 0}},
+            "pools.0.autoscaling.target_queued_per_agent",
+            "greater than 0",
+        ),
+        (
+            {"autoscaling": {"upscale_within_s": -1}},
+            "pools.0.autoscaling.upscale_within_s",
+            "greater than or equal to 0",
+        ),
+        ({"autoscaling": {"max_agent": 5}}, "pools.0.autoscaling.max_agent", "unknown field"),
+        ({"agent_class": "not a path"}, "pools.0.agent_class", "import path"),
+        ({"name": "Bad Name"}, "pools.0.name", "not a valid name"),
+        ({"routing": {"router": "magic"}}, "pools.0.routing.router", "least_loaded"),
+        ({"host_drain_timeout_s": 0}, "pools.0.host_drain_timeout_s", "greater than 0"),
+    ],
+)
 def test_bad_pool_fields_are_named(bad, path, needle):
     errs = errors_of({"pools": [pool(**bad)]})
     assert path in errs, errs
@@ -51,10 +64,16 @@ def test_duplicate_capability_and_unknown_top_level_key():
 
 def test_cli_exits_2_and_names_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("pools:\n  - name: a\n    capability: a\n    agent_class: m:C\n"
-                   "    autoscaling: {min_agents: 9, max_agents: 1}\n")
-    r = subprocess.run([sys.executable, "-m", "fleet.cli.main", "run", str(bad)],
-                       capture_output=True, text=True, timeout=60)
+    bad.write_text(
+        "pools:\n  - name: a\n    capability: a\n    agent_class: m:C\n"
+        "    autoscaling: {min_agents: 9, max_agents: 1}\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "fleet.cli.main", "run", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "pools.0.autoscaling" in r.stderr and "min_agents (9)" in r.stderr
 
@@ -69,19 +88,35 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_budget_minimum_the_total_cannot_cover_is_rejected_with_the_arithmetic():
-    errs = errors_of({
-        "pools": [pool("a", autoscaling={"max_agents": 1500}),
-                  pool("b", autoscaling={"max_agents": 500})],
-        "budgets": {"daily_usd": 50_000, "per_agent_min_usd": 50, "per_agent_max_usd": 500},
-    })
+    errs = errors_of(
+        {
+            "pools": [
+                pool("a", autoscaling={"max_agents": 1500}),
+                pool("b", autoscaling={"max_agents": 500}),
+            ],
+            "budgets": {
+                "daily_usd": 50_000,
+                "per_agent_min_usd": 50,
+                "per_agent_max_usd": 500,
+            },
+        }
+    )
     msg = " ".join(errs.values())
     assert "50 x max_agents 2000 = 100000 > budgets.daily_usd 50000" in msg, errs
 
 
 def test_budget_min_over_max_and_negative_price_name_the_field():
-    errs = errors_of({"pools": [pool()], "budgets": {
-        "daily_usd": 1000, "per_agent_min_usd": 60, "per_agent_max_usd": 50}})
+    errs = errors_of(
+        {
+            "pools": [pool()],
+            "budgets": {"daily_usd": 1000, "per_agent_min_usd": 60, "per_agent_max_usd": 50},
+        }
+    )
     assert any(k.startswith("budgets") for k in errs), errs
-    errs = errors_of({"pools": [pool()], "budgets": {
-        "prices": {"m": {"input_usd_per_mtok": -1, "output_usd_per_mtok": 1}}}})
+    errs = errors_of(
+        {
+            "pools": [pool()],
+            "budgets": {"prices": {"m": {"input_usd_per_mtok": -1, "output_usd_per_mtok": 1}}},
+        }
+    )
     assert "budgets.prices.m.input_usd_per_mtok" in errs, errs
