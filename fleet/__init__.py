@@ -6,9 +6,9 @@ from fleet.task import Result, Task, TaskRejected, TaskStatus
 
 __all__ = [
     "Agent",
+    "DependencyUnavailable",
     "Electorate",
     "FleetSpec",
-    "DependencyUnavailable",
     "Reply",
     "Result",
     "SpecError",

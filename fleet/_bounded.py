@@ -16,7 +16,7 @@ from collections.abc import Hashable, Iterable
 class BoundedSet:
     """Membership of the ``limit`` most recently added keys (older ones are forgotten)."""
 
-    __slots__ = ("limit", "_order", "_members")
+    __slots__ = ("_members", "_order", "limit")
 
     def __init__(self, limit: int):
         if limit < 1:

@@ -46,15 +46,13 @@ import ray
 from pydantic import Field, model_validator
 
 from fleet.spec._base import SpecModel
+from fleet.stats import RECOVERY_POST_WINDOW_S, recovery_s
 
 REPLICA_PREFIX = "SERVE_REPLICA::"
 POLL_S = 0.2
 DEFAULT_KILL_INTERVAL_MIN_S = 2.0
 DEFAULT_KILL_INTERVAL_MAX_S = 5.0
 DEFAULT_REPLACEMENT_TIMEOUT_S = 60.0
-RECOVERY_PRE_WINDOW_S = 5
-RECOVERY_POST_WINDOW_S = 3
-RECOVERY_LEVEL = 0.9
 
 
 class ChaosPlan(SpecModel):
@@ -358,9 +356,7 @@ class ChaosHarness:
         # credited with yet: killing it would leave its wave waiting for a host that
         # Serve did replace.
         self._check_replacements()
-        names = dict(
-            (_replica_id(n), (n, ns)) for n, ns in pool_replicas(self.fleet, plan.pool)
-        )
+        names = {_replica_id(n): (n, ns) for n, ns in pool_replicas(self.fleet, plan.pool)}
         states = replica_states(self.fleet, plan.pool)
         running = sorted(r for r, st in (states or {}).items() if st == "RUNNING")
         left = plan.max_hosts_killed - self._killed_total
@@ -537,34 +533,6 @@ def per_second(finish_unix_s: list[float], t0: float, t1: float) -> list[int]:
     return counts
 
 
-def recovery_s(
-    counts: list[int],
-    kill_s: float,
-    *,
-    pre_s: int = RECOVERY_PRE_WINDOW_S,
-    post_s: int = RECOVERY_POST_WINDOW_S,
-    level: float = RECOVERY_LEVEL,
-) -> float | None:
-    """Seconds from a kill (at ``kill_s`` on the ``counts`` axis) until throughput is
-    back to ``level`` of its pre-kill level; None when it never is inside ``counts``.
-
-    Pre-kill level: mean outcomes/s over the ``pre_s`` whole seconds before the kill.
-    Back: the first second ``s`` from the kill's second on whose next ``post_s``
-    seconds average at least ``level`` x that level; the result is ``s - kill_s``,
-    floored at 0 (0: throughput never fell below the mark). Averaging over ``post_s``
-    seconds keeps a single lucky second from counting as recovery.
-    """
-    k = int(kill_s)
-    pre = counts[max(0, k - pre_s) : k]
-    if not pre:
-        return 0.0
-    mark = level * sum(pre) / len(pre)
-    for s in range(k, len(counts) - post_s + 1):
-        if sum(counts[s : s + post_s]) / post_s >= mark:
-            return max(0.0, s - kill_s)
-    return None
-
-
 def max_recovery(
     finish_unix_s: list[float],
     kill_unix_s: list[float],
@@ -572,9 +540,11 @@ def max_recovery(
 ) -> tuple[float | None, list[float | None]]:
     """The longest recovery over the kills, and each kill's (None: not within the run).
 
-    Kills in the last ``RECOVERY_POST_WINDOW_S`` seconds before the queue ran dry
-    (``end_unix_s``) are skipped (None) and do not count: the drain ends throughput
-    whatever the kill did.
+    Each kill's is ``fleet.stats.recovery_s`` over outcomes per second (``per_second``
+    from the first finish on), the definition the simulator's report uses too. Kills in
+    the first second (nothing to compare with) or in the last ``RECOVERY_POST_WINDOW_S``
+    seconds before the queue ran dry (``end_unix_s``: the drain ends throughput whatever
+    the kill did) are skipped (None) and do not count.
     """
     if not finish_unix_s:
         return None, [None for _ in kill_unix_s]
@@ -676,7 +646,6 @@ __all__ = [
     "per_second",
     "plan_schedule",
     "pool_replicas",
-    "recovery_s",
     "replica_states",
     "running_hosts",
     "switchboard_name",

@@ -24,7 +24,6 @@ requests with its default policy.
 # types at runtime, and Serve's ingress wrapper cannot resolve string annotations.
 import asyncio
 import time
-import zlib
 from collections import defaultdict
 from typing import Annotated, Any, Literal
 
@@ -35,10 +34,13 @@ from pydantic import BaseModel, Discriminator, Field, Tag
 from ray import serve
 
 import fleet
+from fleet.policy.backoff import attempt_state, backoff_wait
+from fleet.policy.sharding import shard_of
 from fleet.queue.lease_queue import QueueFull
+from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.lifecycle import actor_states, not_alive
 from fleet.runtime.names import Names
-from fleet.runtime.ledger import LedgerClient
+from fleet.spec.backoff import BackoffSpec
 from fleet.task import (
     IdempotencyConflict,
     Item,
@@ -58,6 +60,10 @@ DEFAULT_SUBMIT_WAIT_S = 1.0
 DEFAULT_RETRY_AFTER_S = 1
 HEALTH_TIMEOUT_S = 2.0
 PUT_BACKOFF_MAX_S = 0.25
+# A full shard is asked again after fleet's one backoff rule (no jitter, as FleetClient).
+PUT_BACKOFF = BackoffSpec(
+    initial_backoff_s=0.01, max_backoff_s=PUT_BACKOFF_MAX_S, jitter_ratio=0.0
+)
 # Serve's default autoscaling policy, on ongoing requests per replica.
 INGRESS_AUTOSCALING = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32}
 INGRESS_MAX_ONGOING_REQUESTS = 128
@@ -142,7 +148,9 @@ class Health(BaseModel):
 api = FastAPI(
     title="fleet",
     version=fleet.__version__,
-    description="Submit tasks to a fleet of agents, read their results and the fleet's status.",
+    description=(
+        "Submit tasks to a fleet of agents, read their results and the fleet's status."
+    ),
 )
 
 
@@ -298,10 +306,11 @@ class Ingress:
         groups: dict[tuple[str, int], list[int]] = defaultdict(list)
         for k, it in enumerate(items):
             # The shard FleetClient.submit would pick, so an id lands in one place.
-            groups[(it.capability, zlib.crc32(it.id.encode()) % self._n_shards)].append(k)
+            groups[(it.capability, shard_of(it.id, self._n_shards))].append(k)
         pending = list(groups.items())
         deadline = time.monotonic() + self._submit_wait_s
-        backoff = 0.01
+        wait = backoff_wait(PUT_BACKOFF, None)
+        tries = 0
         while True:
             now = time.time()  # latency counts from the moment fleet is handed a task
             results = await asyncio.gather(
@@ -338,8 +347,8 @@ class Ingress:
                     f"queue full: {len(left)} task(s) not queued after waiting "
                     f"{self._submit_wait_s:g}s; retry them after Retry-After seconds"
                 )
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, PUT_BACKOFF_MAX_S)
+            tries += 1
+            await asyncio.sleep(wait(attempt_state(tries)))
 
     async def _why_not_queued(
         self, entry: tuple[tuple[str, int], list[int]], exc: BaseException

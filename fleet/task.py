@@ -253,7 +253,8 @@ def to_item(
     if task.capability not in capabilities:
         raise TaskRejected(
             "capability",
-            f"unknown capability {task.capability!r}; this fleet serves {sorted(capabilities)}",
+            f"unknown capability {task.capability!r}; "
+            f"this fleet serves {sorted(capabilities)}",
             task.id,
         )
     try:

@@ -1,4 +1,7 @@
-"""Session-wide fixtures. Live tests share one local Ray cluster, started once."""
+"""Fixtures for every test directory. Live tests that take ``ray_cluster`` (directly or
+through ``start_fleet``) share one local Ray cluster, started once per session; tests
+that need a cluster of their own (whole-cluster restarts, deployments) start it in a
+subprocess."""
 
 from __future__ import annotations
 
@@ -9,7 +12,9 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray cluster for the whole session (2 CPUs, loopback only)."""
+    """One local Ray cluster for the whole session: 4 logical CPUs (Ray's scheduling
+    slots, whatever the machine's cores), bound to 127.0.0.1 (``loopback_only``), no
+    dashboard, namespace ``fleet-tests``."""
     import ray
 
     from fleet.runtime.client import loopback_only
@@ -35,7 +40,7 @@ def ray_cluster():
 @pytest.fixture
 def start_fleet(ray_cluster):
     """Start fleets with ``start(spec)``; each is shut down after the test, and the
-    teardown checks that nothing of it is left behind."""
+    teardown checks that no named actor is left in its namespace."""
     import ray
 
     from fleet.runtime.client import FleetClient

@@ -1,7 +1,9 @@
-"""Shared test helpers: a virtual clock, spec builders and fake load snapshots."""
+"""Shared test helpers: a virtual clock, spec builders, a fake ledger client and bounded
+polling (``eventually``) for tests that wait on a real system."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -79,21 +81,50 @@ def eventually(
     predicate: Callable[[], T], timeout_s: float, interval_s: float = 0.05, what: str = ""
 ) -> T:
     """Poll ``predicate`` until it returns something truthy (returned) or ``timeout_s``
-    passes (AssertionError naming ``what`` and the last value or error). For live tests
-    that wait on a real system: bounded polling, never a bare sleep."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
+    passes (AssertionError naming ``what`` and the last value or error). For tests that
+    wait on a real system (a cluster, a subprocess, a broker): bounded polling, never a
+    bare sleep. An exception from ``predicate`` counts as "not yet" (e.g. not reachable
+    yet) unless it is not an ``Exception`` (``pytest.fail`` stops the wait at once).
+    Inside an event loop, await ``eventually_async`` instead: this one blocks."""
+    poll = _Poll(predicate, timeout_s, what)
     while True:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except Exception as exc:  # e.g. not reachable yet: keep polling, report it
-            last = exc
-        if time.monotonic() >= deadline:
-            raise AssertionError(
-                f"not true after {timeout_s:g}s: "
-                f"{what or getattr(predicate, '__name__', 'predicate')}; "
-                f"last: {last!r}"
-            )
+        if poll.done():
+            return poll.last
         time.sleep(interval_s)
+
+
+async def eventually_async(
+    predicate: Callable[[], T], timeout_s: float, interval_s: float = 0.05, what: str = ""
+) -> T:
+    """``eventually`` for a test running in an event loop: it awaits between polls, so
+    the tasks the condition depends on keep running."""
+    poll = _Poll(predicate, timeout_s, what)
+    while True:
+        if poll.done():
+            return poll.last
+        await asyncio.sleep(interval_s)
+
+
+class _Poll:
+    """The one polling rule behind ``eventually`` and ``eventually_async``."""
+
+    def __init__(self, predicate: Callable[[], Any], timeout_s: float, what: str):
+        self.predicate = predicate
+        self.timeout_s = timeout_s
+        self.what = what or getattr(predicate, "__name__", "predicate")
+        self.deadline = time.monotonic() + timeout_s
+        self.last: Any = None
+
+    def done(self) -> bool:
+        """Poll once: True when the predicate holds; raises once the time is up."""
+        try:
+            self.last = self.predicate()
+            if self.last:
+                return True
+        except Exception as exc:  # e.g. not reachable yet: keep polling, report it
+            self.last = exc
+        if time.monotonic() >= self.deadline:
+            raise AssertionError(
+                f"not true after {self.timeout_s:g}s: {self.what}; last: {self.last!r}"
+            )
+        return False

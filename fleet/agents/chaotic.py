@@ -29,19 +29,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-import zlib
 from collections import Counter
 from typing import Any
 
 import ray
 
 from fleet.agent import Agent
+from fleet.policy.hashing import STABLE_HASH_SPAN, stable_hash64
 from fleet.task import Task
 
 REFRESH_S = 0.25
 SWITCHBOARD_CALL_TIMEOUT_S = 2.0
 MAX_HIT_EVENTS = 10_000  # hang/partition hits the switchboard keeps (one per held task)
-SHARE_BUCKETS = 10_000
 
 LATENCY = "latency"
 HANG = "hang"
@@ -65,8 +64,7 @@ def rule_matches(rule: dict[str, Any], agent_id: str) -> bool:
     share = rule.get("share", 1.0)
     if share >= 1.0:
         return True
-    h = zlib.crc32(f"{rule['id']}:{agent_id}".encode()) % SHARE_BUCKETS
-    return h < share * SHARE_BUCKETS
+    return stable_hash64(rule["id"], agent_id) / STABLE_HASH_SPAN < share
 
 
 @ray.remote(num_cpus=0)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from typing import Any
 
 from fleet.agent import Agent, Reply
 from fleet.agents.llm import LatencyModel, LLMClient, SimulatedLLM
+from fleet.policy.hashing import STABLE_HASH_SPAN, stable_hash64
 from fleet.task import Task
 
 
@@ -30,8 +30,7 @@ class _LLMAgent(Agent):
 
     def _maybe_fail(self, task: Task) -> None:
         # Deterministic per task id, so a failure is reproducible from the ledger.
-        h = int.from_bytes(hashlib.blake2b(task.id.encode(), digest_size=4).digest(), "big")
-        if h / 2**32 < self.fail_rate:
+        if stable_hash64(task.id) / STABLE_HASH_SPAN < self.fail_rate:
             raise RuntimeError(f"simulated upstream error for task {task.id}")
 
 

@@ -14,7 +14,7 @@ import asyncio
 import random
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from fleet.agent import Agent
 from fleet.task import Task
@@ -88,7 +88,7 @@ class OutageAgent(Agent):
     """
 
     capabilities = ("work",)
-    SERVICE: dict[str, Any] = {"down": False, "calls": 0}
+    SERVICE: ClassVar[dict[str, Any]] = {"down": False, "calls": 0}
 
     def __init__(self, agent_id: str, dependency: str = "llm", **kwargs: Any):
         super().__init__(agent_id, **kwargs)

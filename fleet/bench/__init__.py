@@ -1,4 +1,7 @@
-"""Benchmark suites for ``fleet bench SUITE``. Each module defines ``run(quick: bool) -> dict``."""
+"""Benchmark suites for ``fleet bench SUITE``.
+
+Each module defines ``run(quick: bool) -> dict``.
+"""
 
 SUITES = {
     "core": "fleet.bench.core",

@@ -34,7 +34,7 @@ import random
 import time
 from typing import Any
 
-from fleet.policy.allocation import Claim, Policy, Preemption, allocate, jain_index
+from fleet.policy.allocation import Claim, Policy, Preemption, allocate
 from fleet.policy.budget import (
     AsyncStoreAdapter,
     BudgetPolicy,
@@ -45,6 +45,7 @@ from fleet.policy.budget import (
     to_units,
 )
 from fleet.spec.budgets import DAY_S, BudgetsSpec
+from fleet.stats import jain_index
 
 NEEDS_RAY = False
 SEED = 7

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import sys
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ import ray
 
 from fleet.consensus import ConsensusSpec, Electorate, Question, make_voters
 from fleet.policy.consensus import Tally, Vote, evaluate
+from fleet.stats import median
 
 NEEDS_RAY = True
 AGENTS = (10, 100, 1_000, 10_000)
@@ -80,13 +80,13 @@ def _bench_size(n: int, trials: int) -> tuple[list[dict[str, Any]], dict[str, An
                 {
                     "mode": mode,
                     "agents": n,
-                    "wall_s": statistics.median(walls),
+                    "wall_s": median(walls),
                     "wall_max_s": max(walls),
-                    "decide_s": statistics.median(inside),
-                    "messages": int(statistics.median(msgs)),
+                    "decide_s": median(inside),
+                    "messages": int(median(msgs)),
                     "depth": max(depths),
                     "agreement": agree / trials,
-                    "asked": int(statistics.median(asked)),
+                    "asked": int(median(asked)),
                     "reasons": dict(reasons),
                     "trials": trials,
                 }

@@ -238,7 +238,7 @@ class _Background(threading.Thread):
     def run(self) -> None:
         try:
             self._fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised by join_raising
+        except BaseException as exc:  # re-raised by join_raising
             self.error = exc
 
     def join_raising(self, timeout_s: float) -> None:

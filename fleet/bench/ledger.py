@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import random
 import shutil
-import statistics
 import tempfile
 import threading
 import time
@@ -44,6 +43,7 @@ from typing import Any
 
 import ray
 
+from fleet.stats import median
 from fleet.task import Outcome
 
 FULL_OUTCOMES = 1_000_000
@@ -196,7 +196,7 @@ def _median_s(call: Callable[[], Any]) -> float:
         t = time.perf_counter()
         call()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median(times)
 
 
 def _files(path: Path) -> dict[str, int]:

@@ -36,6 +36,7 @@ from typing import Any
 
 from fleet.bench.durability import _Background
 from fleet.spec import FleetSpec, parse_spec
+from fleet.stats import percentiles
 
 FULL_TASKS = 2_000
 QUICK_TASKS = 500
@@ -93,9 +94,7 @@ def _submit_steadily(fc: Any, items: list[Any], generated: set[str], span_s: flo
 
 
 def _figures(values: list[float]) -> dict[str, float]:
-    from fleet.runtime.ledger import percentiles
-
-    out = {k: round(v, 4) for k, v in percentiles(values, (0.5, 0.95, 0.99)).items()}
+    out = {k: round(v, 4) for k, v in percentiles(values).items()}
     out["max"] = round(max(values), 4) if values else 0.0
     out["min"] = round(min(values), 4) if values else 0.0
     return out

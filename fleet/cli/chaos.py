@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
             if args.fleet:
                 result = _attack(args)
             else:
-                from fleet.bench.chaos import QUICK_TASKS, run as bench
+                from fleet.bench.chaos import QUICK_TASKS
+                from fleet.bench.chaos import run as bench
 
                 n = (
                     args.tasks

@@ -24,7 +24,7 @@ def make_tasks(n: int, rng: random.Random) -> list[dict[str, Any]]:
     caps = [c for c, _ in MIX]
     weights = [w for _, w in MIX]
     tasks = []
-    for i in range(n):
+    for _ in range(n):
         cap = rng.choices(caps, weights)[0]
         if cap == "support":
             payload = {"question": f"Where is order #{rng.randrange(10**6)}?"}

@@ -25,7 +25,8 @@ def _human(st: dict) -> str:
             + (f" (+{p['hosts_stopping']} stopping)" if p.get("hosts_stopping") else "")
             + "  "
             f"in-flight {p.get('in_flight', 0):>6}  queued {q.get('depth', 0):>8}  "
-            f"oldest {q.get('oldest_age_s', 0.0):6.1f}s  redelivered {q.get('redelivered_total', 0)}"
+            f"oldest {q.get('oldest_age_s', 0.0):6.1f}s  "
+            f"redelivered {q.get('redelivered_total', 0)}"
         )
         lines.extend(_health_lines(p))
     guard = st.get("health", {}).get("guard")

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     tasks, bad = read_tasks(args.file)
     if bad and not args.skip_invalid:
-        for n, msg in bad:
+        for _, msg in bad:
             print(f"fleet: rejected {msg}", file=sys.stderr)
         print(
             f"fleet: {len(bad)} malformed line(s); nothing submitted "

@@ -12,7 +12,6 @@ question, the deciding policy and the electorate.
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -30,6 +29,7 @@ from fleet.policy.consensus import (
     Question,
     memo_key,
 )
+from fleet.policy.hashing import stable_hash64
 from fleet.spec.consensus import ConsensusSpec
 
 # How long past its own deadline the driver waits for the root before calling it lost.
@@ -211,10 +211,10 @@ class Electorate:
 
 
 def _fingerprint(voters: list[Any]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for i, v in enumerate(voters):
-        h.update(f"{getattr(v, 'id', i)}|{getattr(v, 'group', None)}\x1f".encode())
-    return h.hexdigest()
+    parts = (
+        f"{getattr(v, 'id', i)}|{getattr(v, 'group', None)}" for i, v in enumerate(voters)
+    )
+    return f"{stable_hash64(*parts):016x}"
 
 
 def decide(

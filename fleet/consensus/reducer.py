@@ -30,6 +30,7 @@ from fleet.policy.consensus import (
     as_vote,
     child_budget_s,
     root_reserve_s,
+    seeded_rng,
     start_run,
     tally_groups,
     wait_budget_s,
@@ -253,7 +254,7 @@ class Reducer:
         t0 = clock()
         deadline = t0 + policy.timeout_s
         population = self._offsets[-1]
-        run = start_run(policy, question, population)
+        run = start_run(policy, question, population, seeded_rng(policy, question))
         messages = depth = 0
         verdict = None
         while verdict is None:

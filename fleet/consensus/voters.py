@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol, runtime_checkable
 
-from fleet.policy.consensus import Question, Vote, stable_hash
+from fleet.policy.consensus import Question, Vote
+from fleet.policy.hashing import STABLE_HASH_SPAN, stable_hash64
 
 
 @runtime_checkable
@@ -55,7 +56,7 @@ class SimulatedVoter:
 
     def opinion(self, question: Question) -> str:
         options = question.options or self.options
-        u = stable_hash(self.seed, self.id, question.key) / 2**64
+        u = stable_hash64(self.seed, self.id, question.key) / STABLE_HASH_SPAN
         if u < self.bias or len(options) == 1:
             return options[0]
         rest = options[1:]
@@ -97,10 +98,10 @@ def make_voters(
         round(n * slow_share),
         round(n * error_share),
     )
-    failure = {i: Failure.DEAD for i in picks[:n_dead]}
-    failure.update({i: Failure.SLOW for i in picks[n_dead : n_dead + n_slow]})
+    failure = dict.fromkeys(picks[:n_dead], Failure.DEAD)
+    failure.update(dict.fromkeys(picks[n_dead : n_dead + n_slow], Failure.SLOW))
     failure.update(
-        {i: Failure.ERROR for i in picks[n_dead + n_slow : n_dead + n_slow + n_err]}
+        dict.fromkeys(picks[n_dead + n_slow : n_dead + n_slow + n_err], Failure.ERROR)
     )
     return [
         SimulatedVoter(

@@ -43,6 +43,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 from itertools import groupby
+from typing import Any
 
 
 class Policy(str, Enum):
@@ -242,16 +243,6 @@ def allocate(
     )
 
 
-def jain_index(values: Iterable[float]) -> float:
-    """Jain's fairness index ``(sum x)^2 / (n * sum x^2)``: 1 when all are equal, 1/n
-    when one agent has everything; 1 for an empty or all-zero population."""
-    xs = list(values)
-    sq = math.fsum(x * x for x in xs)
-    if not xs or sq == 0:
-        return 1.0
-    return math.fsum(xs) ** 2 / (len(xs) * sq)
-
-
 class Allocator:
     """The shares of a changing population, recomputed when it changes.
 
@@ -278,7 +269,7 @@ class Allocator:
 
     update = join
 
-    def update_fields(self, agent_id: str, **changes: float | int | None) -> None:
+    def update_fields(self, agent_id: str, **changes: Any) -> None:
         """Change some fields of an agent's claim (e.g. ``demand``, ``used``)."""
         self.join(replace(self._claims[agent_id], **changes))
 

@@ -113,7 +113,7 @@ def decide(
 
     raw = raw_desired_agents(spec, inp.queued, inp.in_flight)
     horizon = now - spec.downscale_stabilization_s
-    window = tuple(s for s in state.window if s[0] > horizon) + ((now, raw),)
+    window = (*(s for s in state.window if s[0] > horizon), (now, raw))
     state = replace(state, window=window)
 
     if raw > current:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Generic, Protocol, TypeVar
 
+from fleet.policy.backoff import backoff_s
 from fleet.spec.resilience import BreakerSpec, EjectionSpec, ResilienceSpec, WindowKind
 
 Clock = Callable[[], float]
@@ -51,7 +52,7 @@ class TimeBuckets:
     than the newest slot is counted in the newest slot.
     """
 
-    __slots__ = ("window_s", "width", "buckets", "_slot_s", "_slots", "_sums")
+    __slots__ = ("_slot_s", "_slots", "_sums", "buckets", "width", "window_s")
 
     def __init__(self, window_s: float, width: int, buckets: int = DEFAULT_TIME_BUCKETS):
         if window_s <= 0 or width < 1 or buckets < 1:
@@ -257,6 +258,7 @@ class CircuitBreaker:
     ):
         self.name = name
         self.spec = spec
+        self._open_backoff = spec.open_backoff
         self._clock = clock
         self._listeners = list(listeners)
         self._gate = gate
@@ -294,10 +296,9 @@ class CircuitBreaker:
         return False
 
     def open_duration_s(self, trips: int) -> float:
-        """How long the ``trips``-th consecutive trip keeps the breaker open (seconds)."""
-        s = self.spec
-        growth = s.open_duration_multiplier ** max(trips - 1, 0)
-        return min(s.open_duration_s * growth, s.max_open_duration_s)
+        """How long the ``trips``-th consecutive trip keeps the breaker open (seconds):
+        fleet's backoff rule over ``spec.open_backoff`` (no jitter, so no rng)."""
+        return backoff_s(self._open_backoff, max(trips, 1), None)
 
     def snapshot(self) -> BreakerSnapshot:
         now = self._clock()
@@ -688,7 +689,7 @@ class BreakerRegistry:
 class _EjectionTracker:
     """Keeps the registry's set of ejected agents in step with each agent breaker."""
 
-    __slots__ = ("_registry", "_agent_id")
+    __slots__ = ("_agent_id", "_registry")
 
     def __init__(self, registry: BreakerRegistry, agent_id: str):
         self._registry = registry

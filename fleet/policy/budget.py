@@ -55,7 +55,15 @@ from typing import NamedTuple, Protocol
 
 from fleet.policy.allocation import Allocation, Claim, Policy, Preemption, allocate
 from fleet.policy.breaker import TimeBuckets
-from fleet.spec.budgets import DAY_S, HOUR_S, WINDOW_S, BudgetsSpec, ModelPrice
+from fleet.spec.budgets import (
+    DAY_S,
+    HOUR_S,
+    WINDOW_S,
+    BudgetsSpec,
+    ModelPrice,
+    ScopeLimits,
+)
+from fleet.spec.fleet import FleetSpec
 
 Clock = Callable[[], float]
 
@@ -520,12 +528,12 @@ class BudgetPolicy:
 
     @classmethod
     def for_fleet(
-        cls, fleet_spec: object, clock: Clock, store: BudgetStore | None = None
+        cls, fleet_spec: FleetSpec, clock: Clock, store: BudgetStore | None = None
     ) -> BudgetPolicy:
         """Build from a ``FleetSpec`` (its ``budgets`` and its pools' ``max_agents``)."""
-        pools = getattr(fleet_spec, "pools")
+        pools = fleet_spec.pools
         return cls(
-            getattr(fleet_spec, "budgets"),
+            fleet_spec.budgets,
             clock,
             store,
             {p.name: p.autoscaling.max_agents for p in pools},
@@ -667,7 +675,9 @@ class BudgetPolicy:
             )
         return out
 
-    def _scope_keys(self, scope: str, name: str, table: Mapping[str, object]) -> list[str]:
+    def _scope_keys(
+        self, scope: str, name: str, table: Mapping[str, ScopeLimits]
+    ) -> list[str]:
         keys = self._scope_key_cache.get((scope, name))
         if keys is None:
             limits = table.get(name)
@@ -675,7 +685,7 @@ class BudgetPolicy:
                 [budget_key(scope, name, r, w) for r, w in limits.limits()]
                 if limits is not None
                 else []
-            )  # type: ignore[attr-defined]
+            )
             self._scope_key_cache[(scope, name)] = keys
         return keys
 
@@ -697,7 +707,10 @@ class BudgetPolicy:
         own = scope == "agent"
         if own and resource is Resource.USD and count_unmet:
             m.demand.add(now, 0.0, est.usd)
-        fmt = lambda u: f"{from_units(resource, u):g}"  # noqa: E731
+
+        def fmt(units: int) -> str:
+            return f"{from_units(resource, units):g}"
+
         detail = (
             f"{key}: used {fmt(r.used)} + reserved {fmt(r.reserved)} + this task "
             f"{fmt(r.asked)} > limit {fmt(r.limit)}"
@@ -905,7 +918,7 @@ class BudgetPolicy:
                     if self._changes is not None:
                         self._changes.alerts.append(alert)
 
-    # -- durability ----------------------------------------------------------------------------
+    # -- durability ------------------------------------------------------------------------
     def record_changes(self) -> None:
         """Start noting what ``take_changes`` reports (a durable runtime calls it once,
         after ``restore``); without it the policy notes nothing."""

@@ -1,11 +1,13 @@
 """Consensus: tallies that merge up a tree, the decision rule, sequential sampling,
-Snowball, tie-breaking and memoization. Pure: no Ray, no clock, no global randomness.
+Snowball, tie-breaking and memoization. Pure: no Ray, no global randomness, and no clock
+of its own (``DecisionMemo`` is given one).
 
-The Ray reducer tree (``fleet.consensus``), the tests and the simulator all drive the
-same objects. A decision is a *run* (``start_run``): the runtime asks it which voters to
-poll next (``next_request``), feeds it the partial tallies that come back (``observe``)
-and asks for a ``verdict`` after each reply (``final=True`` once nothing more will
-arrive: the deadline passed or there is no one left to ask).
+The Ray reducer tree (``fleet.consensus``) and the tests drive the same objects (the
+simulator does not model decisions). A decision is a *run* (``start_run``): the runtime
+asks it which voters to poll next (``next_request``), feeds it the partial tallies that
+come back (``observe``) and asks for a ``verdict`` after each reply (a streaming run) or
+each round (a sampling run), with ``final=True`` once nothing more will arrive: the
+deadline passed or there is no one left to ask.
 
 The rule, shared by every mode: the leading option wins when at least ``quorum_share``
 of the voters have answered and it holds more than ``majority_share`` of the measure in
@@ -24,7 +26,6 @@ hand (count, weight or weight x confidence). The reason recorded says what decid
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -34,6 +35,7 @@ from enum import Enum
 from fractions import Fraction
 from typing import Any, Protocol
 
+from fleet.policy.hashing import stable_hash64
 from fleet.spec.consensus import ConsensusMode, ConsensusSpec, TieBreaker, WeighBy
 
 # Weights and confidences are held as integers in millionths, so that summing tallies is
@@ -63,12 +65,6 @@ class Reason(str, Enum):
     TIE_BREAK = "tie_break"
 
 
-def stable_hash(*parts: object) -> int:
-    """A hash that is the same in every process (``hash(str)`` is salted per process)."""
-    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
-
-
 def _units(x: float) -> int:
     return round(x * WEIGHT_SCALE)
 
@@ -94,7 +90,7 @@ class Question:
                 f"question.options must be distinct non-empty strings, got {list(opts)!r}"
             )
         object.__setattr__(self, "options", opts)
-        object.__setattr__(self, "key", f"{stable_hash(self.text, *opts):016x}")
+        object.__setattr__(self, "key", f"{stable_hash64(self.text, *opts):016x}")
 
     @classmethod
     def of(cls, q: Question | str) -> Question:
@@ -356,8 +352,9 @@ def tie_break(tally: Tally, policy: ConsensusSpec, question: Question) -> str | 
 
     ``option`` always picks ``tie_break_option``. ``lexicographic`` and ``seeded`` pick
     among the options leading the votes in hand (or, with no votes, the question's
-    options): the smallest name, or one chosen by a hash of (seed, question). None only
-    when there is nothing at all to choose from.
+    options): the smallest name, or one chosen by a hash of (seed, question). With
+    nothing to choose from (no votes and no options), ``tie_break_option``: None unless
+    the policy sets one.
     """
     if policy.tie_breaker is TieBreaker.OPTION:
         return policy.tie_break_option
@@ -368,7 +365,7 @@ def tie_break(tally: Tally, policy: ConsensusSpec, question: Question) -> str | 
         return policy.tie_break_option
     if policy.tie_breaker is TieBreaker.LEXICOGRAPHIC:
         return cands[0]
-    return cands[stable_hash(policy.seed, question.key) % len(cands)]
+    return cands[stable_hash64(policy.seed, question.key) % len(cands)]
 
 
 # -- finite-population significance -----------------------------------------------------
@@ -425,9 +422,10 @@ def majority_p_value(
 def majority_confidence(
     tally: Tally, option: str | None, policy: ConsensusSpec, population: int
 ) -> float:
-    """1 - p-value that ``option`` holds a majority (by count) of the responsive
-    population, treating the answers in hand as a uniform sample of it (a caveat when
-    stragglers are biased)."""
+    """1 - the p-value of "``option`` does NOT hold a majority (by count)" over the
+    population less the voters that failed (those that have not answered yet count in),
+    treating the answers in hand as a uniform sample of it (a caveat when stragglers are
+    biased)."""
     if option is None:
         return 0.0
     responsive = population - tally.failed
@@ -546,8 +544,9 @@ class Run(Protocol):
 class HierarchicalRun:
     """Ask every voter once; partial tallies stream in from the subtrees.
 
-    A verdict may come before every subtree has replied, but only when the leader is
-    settled (rule ``quorum``): that outcome cannot change.
+    Before every subtree has replied, a verdict comes only when the leader is settled
+    (rule ``quorum``: the rest cannot change the outcome) or at the deadline
+    (``final=True``: the votes in hand decide, or the tie-breaker).
     """
 
     streams = True
@@ -610,7 +609,9 @@ class ProbabilisticRun:
     of the K options (the hypergeometric tail is largest at the null's boundary). A union
     bound over options and looks gives sum_k K alpha_k = alpha sum_k 1/(k(k+1)) <= alpha,
     however many looks are taken (peeking is paid for). Voters that fail or time out are
-    dropped from N, which only makes the tail heavier (more conservative). Only with
+    dropped from N: the majority tested is one of the voters that answer. That is not
+    conservative (a smaller N lightens the tail: the finite-population correction) and
+    assumes the voters that dropped out would have voted like the rest. Only with
     ``question.options`` given is K fixed in advance; otherwise K is the number of
     options seen so far (at least 2), a heuristic for free-form answers.
     """
@@ -680,7 +681,7 @@ class SnowballRun:
     accept the preference. A round without such a quorum resets the streak. With a true
     60/40 split, k = 20 and a threshold of 0.55 (11 of 20), a round favours the majority
     with probability ~0.76 and the minority with ~0.13, so a wrong acceptance needs
-    ``rounds`` (default 6) minority rounds in a row (~5e-6 per window).
+    ``rounds`` (default 6) minority rounds in a row (0.128^6, ~4e-6, per window).
     The exact rule still applies to the union of votes seen (and is final when settled).
     """
 
@@ -756,17 +757,22 @@ class SnowballRun:
         )
 
 
+def seeded_rng(policy: ConsensusSpec, question: Question) -> random.Random:
+    """The sampling rng of a decision: seeded by (``policy.seed``, question), so the same
+    question under the same policy samples the same voters, in any process."""
+    return random.Random(stable_hash64(policy.seed, question.key))
+
+
 def start_run(
     policy: ConsensusSpec,
     question: Question,
     population: int,
-    rng: random.Random | None = None,
+    rng: random.Random,
 ) -> HierarchicalRun | ProbabilisticRun | SnowballRun:
-    """A fresh run for one decision. ``rng`` defaults to one seeded by (seed, question),
-    so the same question under the same policy samples the same voters."""
+    """A fresh run for one decision; ``rng`` draws the voters a sampling mode polls
+    (``seeded_rng`` for the runtime's reproducible choice)."""
     if population <= 0:
         raise ConsensusError(EMPTY_VOTERS)
-    rng = rng or random.Random(stable_hash(policy.seed, question.key))
     if policy.mode is ConsensusMode.HIERARCHICAL:
         return HierarchicalRun(policy, question, population)
     if policy.mode is ConsensusMode.PROBABILISTIC:
@@ -775,9 +781,10 @@ def start_run(
 
 
 def run_sync(run: Run, ask: Callable[[Request], tuple[Tally, Mapping[int, Vote]]]) -> Verdict:
-    """Drive a run to its verdict with a synchronous ``ask`` (tests, the simulator).
+    """Drive a run to its verdict with a synchronous ``ask`` (tests).
 
-    The live runtime does the same with Ray calls and a deadline.
+    The live runtime (``fleet.consensus.reducer``) does the same with Ray calls and a
+    deadline.
     """
     while True:
         v = run.verdict(final=False)
@@ -821,7 +828,7 @@ def memo_key(question: Question, policy: ConsensusSpec, scope: str = "") -> str:
     """
     rule = policy.model_dump(mode="json", exclude={"memo_ttl_s"})
     blob = json.dumps([question.text, list(question.options), rule, scope], sort_keys=True)
-    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+    return f"{stable_hash64(blob):016x}"
 
 
 class DecisionMemo:

@@ -47,7 +47,8 @@ SortKey = tuple[float, ...]
 class DisciplinePolicy(Protocol):
     """An ordering of ready items: ``key`` (static, lower first) realises ``value``."""
 
-    discipline: Discipline
+    @property
+    def discipline(self) -> Discipline: ...
 
     def key(self, item: Item) -> SortKey: ...
 
@@ -192,7 +193,8 @@ class Utility:
     def value(self, item: Item, now_unix_s: float) -> float:
         u, wait = self._u(item), now_unix_s - item.submitted_unix_s
         if self.half_life_s is not None:
-            return u * 2.0 ** (-wait / self.half_life_s)
+            decay: float = 2.0 ** (-wait / self.half_life_s)  # float ** float is Any
+            return u * decay
         return u - self.decay_per_s * wait
 
 

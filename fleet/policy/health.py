@@ -5,8 +5,9 @@ Three small parts, composed by ``HealthMonitor``:
 - ``FailureDetector`` turns an agent's signals (heartbeats, tasks started and finished)
   into a verdict: missed heartbeats, a (re)start that never reported, a task running past
   its limit (hung), or an error rate over a sliding window.
-- ``restart_backoff_s`` spaces an agent's restarts exponentially, with a cap and jitter
-  from an injected ``random.Random``; an agent healthy for ``reset_after_s`` starts over.
+- restarts are spaced by fleet's backoff rule (``fleet.policy.backoff.backoff_s`` over
+  ``health.restart``): exponentially, with a cap and jitter from an injected
+  ``random.Random``; an agent healthy for ``reset_after_s`` starts over.
 - ``CascadeGuard`` is a fleet-level breaker over restarts. When more than
   ``cascade_share`` of the fleet is failing at once, mass restarts would themselves
   become the outage (thundering herd on shared dependencies, schedulers, caches), so it
@@ -39,8 +40,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+from fleet.policy.backoff import backoff_s
 from fleet.policy.breaker import TimeBuckets
-from fleet.spec.health import CascadeSpec, HealthSpec, RestartSpec
+from fleet.spec.health import CascadeSpec, HealthSpec
 
 Clock = Callable[[], float]
 
@@ -229,32 +231,6 @@ class FailureDetector:
                 f"{s.heartbeat_timeout_s}",
             )
         return None
-
-
-# --- restart backoff -------------------------------------------------------------------
-
-
-def restart_backoff_s(spec: RestartSpec, failures: int, rng: random.Random) -> float:
-    """Seconds to wait before restarting an agent after its ``failures``-th consecutive
-    failure (1-based): ``min(initial * multiplier ** (failures - 1), max)`` less a random
-    share up to ``jitter_ratio``."""
-    if failures < 1:
-        raise ValueError(f"failures is 1-based, got {failures}")
-    if spec.initial_backoff_s == 0:
-        return 0.0
-    exponent = failures - 1
-    if spec.backoff_multiplier > 1:
-        # Past this exponent the cap applies anyway; stopping here avoids float overflow.
-        exponent = min(
-            exponent,
-            math.ceil(
-                math.log(max(spec.max_backoff_s / spec.initial_backoff_s, 1.0))
-                / math.log(spec.backoff_multiplier)
-            )
-            + 1,
-        )
-    delay = min(spec.initial_backoff_s * spec.backoff_multiplier**exponent, spec.max_backoff_s)
-    return delay * (1.0 - spec.jitter_ratio * rng.random())
 
 
 # --- the cascade guard -----------------------------------------------------------------
@@ -842,9 +818,7 @@ class HealthMonitor:
                 HealthAction(ActionKind.EJECT, a.agent_id, failure.reason.value)
             )
         else:
-            a.next_restart_s = now + restart_backoff_s(
-                self.spec.restart, a.failures, self._rng
-            )
+            a.next_restart_s = now + backoff_s(self.spec.restart, a.failures, self._rng)
 
     def _admit(self, a: AgentHealth, now: float, reason: str) -> None:
         self._transition(a, S.HEALTHY, now, reason)

@@ -1,11 +1,9 @@
 """Retries: backoff with jitter, attempt limits, what is retryable, and a retry budget.
 
-Nothing here sleeps. ``backoff_s`` computes the delay before the next attempt as a pure
-function of the attempt number and an injected ``random.Random``, built from tenacity's
-wait strategies (``wait_exponential`` for the exponential part, wrapped in
-``wait_jittered``); the runtime schedules the retry (e.g. re-enqueues the task with a
-not-before time). ``backoff_wait`` returns the same strategy for use in a
-``tenacity.Retrying`` inside an agent.
+Nothing here sleeps. The delay before the next attempt is fleet's one backoff rule
+(``fleet.policy.backoff``: a pure function of the attempt number and an injected
+``random.Random``, built from tenacity's wait strategies); the runtime schedules the
+retry (e.g. re-enqueues the task with a not-before time).
 
 ``RetryBudget`` keeps retries to a share of live traffic over a sliding window, with a
 floor so a quiet pool can still retry: when a pool struggles, its own retries must not
@@ -20,15 +18,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, NamedTuple, cast
 
-from tenacity.wait import wait_base, wait_exponential
-
+from fleet.policy.backoff import attempt_state, backoff_wait
 from fleet.policy.breaker import TimeBuckets
 from fleet.spec.resilience import RetrySpec
-
-if TYPE_CHECKING:
-    from tenacity import RetryCallState
 
 Clock = Callable[[], float]
 
@@ -48,52 +41,6 @@ _NEVER_RETRY = frozenset(
         "output_too_large",
     }
 )
-
-
-class _Attempt(NamedTuple):
-    # tenacity's wait strategies read only ``attempt_number`` from the retry state; a
-    # real RetryCallState would read time.monotonic() when built.
-    attempt_number: int
-
-
-class wait_jittered(wait_base):  # noqa: N801 (tenacity's naming)
-    """Take a random share, up to ``ratio``, off another wait strategy's delay.
-
-    ``ratio`` 1 is "full jitter" (uniform in [0, delay]), 0.5 "equal jitter", 0 none.
-    The randomness comes from the injected ``rng``, never from the global generator.
-    """
-
-    def __init__(self, base: wait_base, ratio: float, rng: random.Random):
-        self.base = base
-        self.ratio = ratio
-        self.rng = rng
-
-    def __call__(self, retry_state: RetryCallState) -> float:
-        delay = self.base(retry_state)
-        return delay * (1.0 - self.ratio * self.rng.random())
-
-
-def backoff_wait(spec: RetrySpec, rng: random.Random) -> wait_base:
-    """The spec's backoff as a tenacity wait strategy (seconds)."""
-    exp = wait_exponential(
-        multiplier=spec.initial_backoff_s,
-        max=spec.max_backoff_s,
-        exp_base=spec.backoff_multiplier,
-    )
-    return wait_jittered(exp, spec.jitter_ratio, rng) if spec.jitter_ratio > 0 else exp
-
-
-def backoff_s(spec: RetrySpec, attempt: int, rng: random.Random) -> float:
-    """Seconds to wait after failed attempt number ``attempt`` (1-based).
-
-    ``min(initial_backoff_s * backoff_multiplier ** (attempt - 1), max_backoff_s)``,
-    less a random share up to ``jitter_ratio``. The same ``rng`` state gives the same
-    delay.
-    """
-    if attempt < 1:
-        raise ValueError(f"attempt is 1-based, got {attempt}")
-    state = cast("RetryCallState", _Attempt(attempt))
-    return backoff_wait(spec, rng)(state)
 
 
 def error_name(error: str | None) -> str | None:
@@ -225,7 +172,7 @@ class RetryPolicy:
             return RetryDecision(False, 0.0, RetryVerdict.NOT_RETRYABLE)
         if attempt >= self.max_attempts(task_max_attempts):
             return RetryDecision(False, 0.0, RetryVerdict.MAX_ATTEMPTS)
-        delay = self._wait(cast("RetryCallState", _Attempt(attempt)))
+        delay = self._wait(attempt_state(attempt))
         if time_left_s is not None and delay >= time_left_s:
             return RetryDecision(False, delay, RetryVerdict.DEADLINE)
         if not self.budget.try_spend():

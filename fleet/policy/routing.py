@@ -21,15 +21,14 @@ not learn ignore both.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from fleet.policy.breaker import DEFAULT_TIME_BUCKETS, TimeBuckets
+from fleet.policy.hashing import stable_hash64
 from fleet.spec.routing import (
     BalancerName,
     RouterName,
@@ -177,6 +176,25 @@ class LeastLoadedRouter(_BaseRouter):
         n = len(candidates)
         if n == 0:
             return None
+        if n > 2 and self.d == 2:
+            # The common case, without rng.sample's set-up: two distinct indices, the
+            # second drawn from the n - 1 others. Same choice rule as below.
+            i = rng.randrange(n)
+            j = rng.randrange(n - 1)
+            if j >= i:
+                j += 1
+            a, b = candidates[i], candidates[j]
+            a_ok, b_ok = a.in_flight < a.capacity, b.in_flight < b.capacity
+            if a_ok and b_ok:
+                la, lb = a.in_flight / a.capacity, b.in_flight / b.capacity
+                if lb < la or (lb == la and b.latency_s < a.latency_s):
+                    return j
+                return i
+            if a_ok:
+                return i
+            if b_ok:
+                return j
+            return self._scan.choose(candidates, rng)
         picks = range(n) if n <= self.d else rng.sample(range(n), self.d)
         best, best_key = None, None
         for i in picks:
@@ -408,12 +426,6 @@ class SuccessRateRouter(_BaseRouter):
         self.balancer.forget(agent_id)
 
 
-def _hash64(text: str) -> int:
-    # A stable hash (Python's str hash is salted per process, and routing must agree
-    # across dispatchers and restarts).
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-
-
 # splitmix64 finalizer constants: mixing (key hash XOR agent hash) gives an
 # independent-looking 64-bit value per (key, agent), far cheaper than hashing the
 # concatenated strings for every candidate.
@@ -457,12 +469,12 @@ class AffinityRouter(_BaseRouter):
         if h is None:
             if len(self._agent_hash) >= _AGENT_HASH_CACHE_MAX:
                 self._agent_hash.clear()
-            h = self._agent_hash[agent_id] = _hash64(agent_id)
+            h = self._agent_hash[agent_id] = stable_hash64(agent_id)
         return h
 
     def scores(self, key: str, candidates: Sequence[Candidate]) -> list[float]:
         """Each candidate's rendezvous score for ``key`` (higher ranks first)."""
-        kh = _hash64(key)
+        kh = stable_hash64(key)
         agent_h, log, mask = self._agent_h, math.log, _MASK64
         out = []
         for c in candidates:
@@ -552,13 +564,14 @@ def make_balancer(name: BalancerName | RouterName | str, choices_d: int = 2) -> 
 def make_router(
     spec: RoutingSpec,
     *,
-    clock: Clock = time.monotonic,
+    clock: Clock,
     tracker: SuccessRateTracker | None = None,
 ) -> Router:
     """The router a pool's spec names.
 
-    ``clock`` (monotonic seconds) drives the success-rate window; pass a shared
-    ``tracker`` when outcomes are recorded elsewhere than on this router.
+    ``clock`` (monotonic seconds: ``time.monotonic`` live, virtual time in tests and the
+    simulator) drives the success-rate window; pass a shared ``tracker`` when outcomes
+    are recorded elsewhere than on this router.
     """
     if spec.router.value in _BALANCER_NAMES:
         return make_balancer(spec.router.value, spec.choices_d)

@@ -1,8 +1,7 @@
 """Queues: the lease-based queue core (pure), its storage backends and its monitoring.
 
 Also here, imported by module path: ``fleet.queue.metrics`` (Prometheus metric
-objects), ``fleet.queue.kafka_intake`` (Kafka consumer-group intake) and
-``fleet.queue.batching_model`` (adaptive batch size from measured call cost).
+objects) and ``fleet.queue.kafka_intake`` (Kafka consumer-group intake).
 Disciplines, sharding and alert rules are pure policies in ``fleet.policy``.
 """
 

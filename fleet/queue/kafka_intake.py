@@ -355,7 +355,7 @@ class KafkaIntake:
             return
         try:
             known = self._accept(self._backlog)
-        except Exception:  # noqa: BLE001 - full/unavailable: keep it, try next round
+        except Exception:  # full/unavailable: keep it, try next round
             return
         self.stats.accepted += len(self._backlog)
         self._backlog = []
@@ -470,7 +470,7 @@ class KafkaIntake:
         self._drain_completions()
         try:
             self.commit()
-        except Exception:  # noqa: BLE001 - the group moved on; the new owner redelivers
+        except Exception:  # the group moved on; the new owner redelivers
             pass
 
     def _on_lost(self, lost: list[Any]) -> None:

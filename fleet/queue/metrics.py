@@ -1,10 +1,12 @@
 """Prometheus metrics for queues: the metric objects and helpers that update them.
 
-The runtime creates one ``QueueMetrics`` per process (``default_metrics()`` registers on
-prometheus_client's global registry, so Ray's or any exporter's ``/metrics`` serves it)
-and, each control tick, calls ``update_from_stats`` per shard (or ``update_from_health``
-with the monitor's report) and ``update_alerts`` with the evaluator's active alerts.
-Tests pass their own ``CollectorRegistry``.
+The fleet's controller creates one ``QueueMetrics`` on its own ``CollectorRegistry``
+(served with the pool and budget metrics by ``Controller.metrics_text``, which
+``FleetClient.metrics_text()`` and the ingress's ``GET /metrics`` read) and, each
+control tick, calls ``update_from_stats`` per shard (or ``update_from_health`` with the
+monitor's report) and ``update_alerts`` with the evaluator's active alerts. Tests pass
+their own ``CollectorRegistry``; without one, the metrics register on
+prometheus_client's global registry.
 
 Shard stats carry cumulative totals; Prometheus counters only go up, so each update adds
 the increase since the last one (a shard that restarted reports lower totals: its new
@@ -121,14 +123,3 @@ class QueueMetrics:
         for labels in now:
             self.alert_active.labels(*labels).set(1)
         self._alerts = now
-
-
-_default: QueueMetrics | None = None
-
-
-def default_metrics() -> QueueMetrics:
-    """The process-wide QueueMetrics on prometheus_client's global registry."""
-    global _default
-    if _default is None:
-        _default = QueueMetrics()
-    return _default

@@ -136,7 +136,7 @@ class QueueHealth:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form for ``fleet status --json``."""
-        d = {k: v for k, v in self.metrics().items()}
+        d = dict(self.metrics())
         d.update(
             queue=self.queue,
             lease_expiries_total=self.lease_expiries_total,
@@ -205,7 +205,7 @@ class QueueMonitor:
         rates = self._rates.get(k)
         if rates is None:
             self._rates[k] = {c: _Rate(now_s, getattr(st, c)) for c in _RATES}
-            values = {r: 0.0 for r in _RATES.values()}
+            values = dict.fromkeys(_RATES.values(), 0.0)
         else:
             values = {
                 r: rates[c].update(now_s, getattr(st, c), self.rate_window_s)

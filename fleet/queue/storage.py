@@ -268,7 +268,7 @@ def open_wal(
 def storage_error(path: str | os.PathLike[str], exc: BaseException) -> StorageError:
     """The clear error for a failed write to ``path`` (disk full, read-only, ...)."""
     text = str(exc)
-    if isinstance(exc, OSError) and exc.errno == 28 or "disk is full" in text:
+    if (isinstance(exc, OSError) and exc.errno == 28) or "disk is full" in text:
         return StorageFull(
             f"storage full: {path}: no space left on device; free space "
             "on that disk (nothing was written, nothing earlier is lost)"

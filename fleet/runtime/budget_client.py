@@ -71,6 +71,8 @@ class BudgetClient:
         self._actor = actor
         self._pending: list[tuple[tuple[str, str, str | None], asyncio.Future[Grant]]] = []
         self._flushing = False
+        # The running flush: the loop keeps only a weak reference to a task.
+        self._flush_task: asyncio.Task[None] | None = None
         self._settles: list[Settle] = []
         self.reserve_calls = 0
         self.settle_calls = 0
@@ -92,7 +94,7 @@ class BudgetClient:
             self._flushing = True
             # Scheduled after the tasks already runnable, so a batch's first wave of
             # requests (all made in one loop turn) goes in one call.
-            loop.create_task(self._flush_reserves())
+            self._flush_task = loop.create_task(self._flush_reserves())
         return await fut
 
     async def _flush_reserves(self) -> None:

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import os
 import time
-import zlib
-from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
-from fleet.queue.lease_queue import QueueFull
+from fleet.ledger.store import SINCE_LIMIT
+from fleet.runtime.enqueue import QueueFullError as QueueFullError  # submit raises it
+from fleet.runtime.enqueue import put_items
+from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.names import Names
 from fleet.spec.fleet import FleetSpec
-from fleet.ledger.store import SINCE_LIMIT
-from fleet.runtime.ledger import LedgerClient
 from fleet.task import (
     IdempotencyConflict,
     Item,
@@ -29,7 +28,6 @@ from fleet.task import (
     to_item,
 )
 
-SUBMIT_CHUNK = 2_000
 WAIT_POLL_S = 0.2
 
 
@@ -65,10 +63,6 @@ def loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-class QueueFullError(RuntimeError):
-    """Submission waited ``submit_timeout_s`` and the queue still had no room."""
-
-
 @dataclass
 class SubmitReport:
     """What ``submit`` did: ``accepted`` ids (queued, or already recorded), ``rejected``
@@ -79,63 +73,6 @@ class SubmitReport:
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (input index, reason)
     existing: dict[str, Result] = field(default_factory=dict)
     generated: set[str] = field(default_factory=set)  # ids fleet made up (see validate)
-
-
-def shard_of(item: Item, shards: int) -> int:
-    """The shard an item goes to: a stable hash of its id, so a resubmitted id lands on
-    the shard that already holds it (which then ignores the duplicate)."""
-    return zlib.crc32(item.id.encode()) % shards
-
-
-def put_items(shards: dict[str, list[Any]], items: list[Item], timeout_s: float) -> None:
-    """Put validated items into their capability's queue shards (``shards``: handles by
-    capability, in shard order), in chunks; the path every intake takes.
-
-    A full shard is retried with backoff up to ``timeout_s``, then QueueFullError names
-    what was accepted. Chunks already accepted stay accepted (a retry of the same ids is
-    ignored by the shard holding them).
-    """
-    groups: dict[tuple[str, int], list[Item]] = defaultdict(list)
-    for it in items:
-        groups[(it.capability, shard_of(it, len(shards[it.capability])))].append(it)
-    pending = [
-        (key, chunk[i : i + SUBMIT_CHUNK])
-        for key, chunk in groups.items()
-        for i in range(0, len(chunk), SUBMIT_CHUNK)
-    ]
-    deadline = time.monotonic() + timeout_s
-    backoff = 0.01
-    accepted = 0
-    while pending:
-        # Latency counts from the moment fleet is handed a task, not from validation.
-        now = time.time()
-        pending = [
-            (key, [it._replace(submitted_unix_s=now) for it in chunk])
-            for key, chunk in pending
-        ]
-        refs = [shards[cap][s].put.remote(chunk) for (cap, s), chunk in pending]
-        retry = []
-        for ref, entry in zip(refs, pending):
-            try:
-                ray.get(ref)
-                accepted += len(entry[1])
-            except QueueFull:
-                retry.append(entry)
-            except ray.exceptions.RayTaskError as exc:
-                if isinstance(exc.cause, QueueFull):
-                    retry.append(entry)
-                else:
-                    raise
-        pending = retry
-        if pending:
-            if time.monotonic() >= deadline:
-                left = sum(len(c) for _, c in pending)
-                raise QueueFullError(
-                    f"queue full: {left} task(s) not accepted after {timeout_s:.1f}s "
-                    f"({accepted} accepted); retry later"
-                )
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 0.5)
 
 
 class FleetClient:

@@ -33,11 +33,10 @@ import ray
 from prometheus_client import CollectorRegistry, generate_latest
 from ray import serve
 
+from fleet.policy.autoscaling import ScalingInput, ScalingState, decide
 from fleet.policy.queue_alerts import AlertEvaluator
 from fleet.queue.metrics import QueueMetrics
 from fleet.queue.monitor import QueueMonitor
-
-from fleet.policy.autoscaling import ScalingInput, ScalingState, decide
 from fleet.queue.storage import StorageError
 from fleet.runtime.budget_metrics import BudgetMetrics
 from fleet.runtime.control_store import (

@@ -9,11 +9,11 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.util.placement_group import placement_group, remove_placement_group
 
+from fleet.queue.storage import check_writable, fleet_directory
 from fleet.runtime.budget_actor import BudgetActor
 from fleet.runtime.controller import Controller
 from fleet.runtime.dispatcher import Dispatcher
 from fleet.runtime.host import AgentHost
-from fleet.queue.storage import check_writable, fleet_directory
 from fleet.runtime.kafka_intake_actor import KafkaIntakeActor
 from fleet.runtime.ledger import Ledger
 from fleet.runtime.lifecycle import control_actor_options

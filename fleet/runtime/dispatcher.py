@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 import uuid
 from typing import Any
@@ -47,15 +48,24 @@ from typing import Any
 import ray
 from ray import serve
 
+from fleet.policy.backoff import attempt_state, backoff_wait
 from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.lifecycle import on_start, resume_after_restart
 from fleet.runtime.names import Names
+from fleet.spec.backoff import BackoffSpec
 from fleet.spec.fleet import FleetSpec
 from fleet.spec.pools import PoolSpec
 from fleet.task import Item
 
 IDLE_BACKOFF_MIN_S = 0.001
 IDLE_BACKOFF_MAX_S = 0.05
+# A shard loop whose lease calls come back empty polls less and less often, up to
+# IDLE_BACKOFF_MAX_S (fleet's one backoff rule, no jitter: one loop per shard).
+IDLE_BACKOFF = BackoffSpec(
+    initial_backoff_s=IDLE_BACKOFF_MIN_S, max_backoff_s=IDLE_BACKOFF_MAX_S, jitter_ratio=0.0
+)
+# Empty polls in a row after which the wait is IDLE_BACKOFF_MAX_S.
+IDLE_POLLS_TO_CAP = math.ceil(math.log2(IDLE_BACKOFF_MAX_S / IDLE_BACKOFF_MIN_S)) + 1
 LEASE_RENEW_FRACTION = 1 / 3
 RETRY_COALESCE_S = 0.02  # retries due within this of each other go back in one nack
 HOST_REPORT_TTL_S = 30.0  # a host silent this long no longer counts in pool status
@@ -338,7 +348,8 @@ class Dispatcher:
         reserves the slots it may fill before its lease call and returns what it did not
         use, so together they never lease more than the pool's free slots.
         """
-        idle_s = IDLE_BACKOFF_MIN_S
+        idle_wait = backoff_wait(IDLE_BACKOFF, None)
+        idle = 0  # empty lease calls in a row
         max_items = self.spec.queues.batch.max_items
         while self._running:
             free = ps.capacity - ps.in_flight - ps.reserved
@@ -354,17 +365,17 @@ class Dispatcher:
                 )
             except ray.exceptions.RayError:
                 items = []
-                idle_s = IDLE_BACKOFF_MAX_S  # shard restarting
+                idle = IDLE_POLLS_TO_CAP - 1  # shard restarting: the next wait is the most
             ps.reserved -= reserved
             if reserved > len(items):
                 # Slots this loop did not fill go to the other shards' loops, which may
                 # be waiting for room this reservation held (an empty shard included).
                 ps.room.set()
             if not items:
-                await asyncio.sleep(idle_s)
-                idle_s = min(idle_s * 2, IDLE_BACKOFF_MAX_S)
+                idle = min(idle + 1, IDLE_POLLS_TO_CAP)  # at the cap, the wait stays
+                await asyncio.sleep(idle_wait(attempt_state(idle)))
                 continue
-            idle_s = IDLE_BACKOFF_MIN_S
+            idle = 0
             ps.in_flight += len(items)
             ps.sent_batches += 1
             ps.sent_items += len(items)

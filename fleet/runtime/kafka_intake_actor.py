@@ -31,7 +31,7 @@ from typing import Any
 import ray
 
 from fleet.queue.kafka_intake import KafkaIntake, task_parser
-from fleet.runtime.client import put_items
+from fleet.runtime.enqueue import put_items
 from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.lifecycle import on_start
 from fleet.runtime.names import Names
@@ -88,7 +88,7 @@ class KafkaIntakeActor:
                     self._poll_ledger()
                     last_poll = time.monotonic()
             self._poll_ledger()  # commit on the way out what the ledger already holds
-        except Exception as exc:  # noqa: BLE001 - reported by stats(); nothing committed
+        except Exception as exc:  # reported by stats(); nothing committed
             self._error = f"{type(exc).__name__}: {exc}"
             self._intake.close(commit=False)
             raise

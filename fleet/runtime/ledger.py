@@ -7,20 +7,20 @@ is recorded once, duplicates are reported, never hidden.
 
 A fleet runs ``results.ledger_shards`` ledger actors (``<fleet>.ledger``,
 ``<fleet>.ledger.1``, ...); a task's outcome lives on shard ``crc32(id) % shards``
-(``LedgerClient`` routes every call). Each shard writes through a ``LedgerStore``
-(``fleet.ledger.store``): SQLite WAL beside the queue files by default, committed before
-``record`` returns, so a host acks a batch only once its outcomes are durable. A killed
-shard is restarted by Ray (``fleet.runtime.lifecycle``) and reopens its file; calls in
-flight are retried on the new instance, and a retried ``record`` is recognised as a
-replay, not a duplicate.
+(``fleet.policy.sharding.shard_of``; ``LedgerClient`` routes every call). Each shard
+writes through a ``LedgerStore`` (``fleet.ledger.store``): SQLite WAL beside the queue
+files by default, committed before ``record`` returns, so a host acks a batch only
+once its outcomes are durable. A killed shard is restarted by Ray
+(``fleet.runtime.lifecycle``) and reopens its file; calls in flight are retried on the
+new instance, and a retried ``record`` is recognised as a replay, not a duplicate.
 
 Duplicate executions are counted from delivery numbers (``fleet.ledger.store``): the
 runtime tells the shard which deliveries did not run a duplicate (a failure handed back
 for a retry, a task requeued before it started) with the records it sends anyway
 (``record(..., excused=ids)``), so counting costs no write of its own. Those excusals
 wait in memory until the task's outcome arrives: a shard restarted in between counts
-the excused delivery as a duplicate (over-, never under-counting). Outcomes older than ``results.retention_s`` are deleted by a
-periodic sweep.
+the excused delivery as a duplicate (over-, never under-counting). Outcomes older than
+``results.retention_s`` are deleted by a periodic sweep.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-import zlib
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -43,11 +42,13 @@ from fleet.ledger.store import (
     SqliteLedgerStore,
     ledger_path,
 )
+from fleet.policy.sharding import shard_of
 from fleet.queue.storage import fleet_directory
 from fleet.runtime.lifecycle import on_start
 from fleet.runtime.names import Names
 from fleet.spec.fleet import FleetSpec
 from fleet.spec.queues import StorageBackend
+from fleet.stats import percentiles
 from fleet.task import Outcome
 
 RETENTION_SWEEP_S = 600.0
@@ -56,17 +57,6 @@ _SUMMARY_COLS = (
     "ok, reason, error, deliveries, submitted_unix_s, finished_unix_s,"
     " input_tokens, output_tokens, cost_usd, duplicates"
 )
-
-
-def percentiles(
-    values: list[float], qs: tuple[float, ...] = (0.5, 0.95, 0.99)
-) -> dict[str, float]:
-    """Nearest-rank percentiles, keyed p50/p95/p99 (empty input gives zeros)."""
-    if not values:
-        return {f"p{round(q * 100)}": 0.0 for q in qs}
-    v = sorted(values)
-    n = len(v)
-    return {f"p{round(q * 100)}": v[min(n - 1, max(0, int(q * n + 0.5) - 1))] for q in qs}
 
 
 def make_ledger_store(spec: FleetSpec, index: int) -> LedgerStore:
@@ -305,7 +295,7 @@ class LedgerClient:
         return h
 
     def shard_of(self, task_id: str) -> int:
-        return zlib.crc32(task_id.encode()) % self.n if self.n > 1 else 0
+        return shard_of(task_id, self.n)
 
     def _split(self, keys: Sequence[str]) -> list[tuple[int, list[int]]]:
         """(shard, positions in ``keys``) for every shard that has any."""

@@ -25,10 +25,10 @@ from typing import Any
 import ray
 
 from fleet._bounded import BoundedSet
+from fleet.policy.batching import batch_size
 from fleet.policy.disciplines import overdue_outcome
 from fleet.queue.lease_queue import LeaseQueue, QueueFull
 from fleet.queue.storage import make_storage
-from fleet.policy.batching import batch_size
 from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.lifecycle import on_start
 from fleet.runtime.names import Names
@@ -89,7 +89,7 @@ class QueueShard:
             done = [i for i in ids if i not in missing]
             if done:
                 self.settled_on_start = self._q.ack(done)
-        except Exception:  # noqa: BLE001 - the ledger is unreachable: items stay ready
+        except Exception:  # the ledger is unreachable: items stay ready
             pass
         try:
             dispatcher = ray.get_actor(
@@ -106,7 +106,7 @@ class QueueShard:
                 time.monotonic(),
                 [d for _, d in held],
             )
-        except Exception:  # noqa: BLE001 - no dispatcher (first start) or it restarts too
+        except Exception:  # no dispatcher (first start) or it restarts too
             pass
 
     def _ensure_sweeper(self) -> None:
@@ -123,7 +123,7 @@ class QueueShard:
                 pass
 
     async def sweep(self) -> int:
-        """Requeue expired leases; fail overdue and exhausted items. Returns how many failed."""
+        """Requeue expired leases; fail overdue and exhausted items; return how many failed."""
         exhausted = self._q.expire(time.monotonic())
         await self._fail_exhausted(exhausted, "lease expired")
         now = time.time()

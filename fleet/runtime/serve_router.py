@@ -8,8 +8,9 @@ for capacity. The choice among hosts is fleet's pure router (``fleet.policy.rout
 built from the pool's whole routing spec: a load balancer (the spec's router when it is
 one, else its ``balancer``). A batch carries many tasks, with different types and
 affinity keys, so the task-aware choices (success rate, specialization, affinity) are
-made per task inside the host (``AgentHost``), not per batch here. It never returns an empty ranking: when every host is full the least loaded ones are
-still offered, and the batch waits inside the host (the dispatcher bounds how much).
+made per task inside the host (``AgentHost``), not per batch here. It never returns an
+empty ranking: when every host is full the least loaded ones are still offered, and the
+batch waits inside the host (the dispatcher bounds how much).
 """
 
 from __future__ import annotations

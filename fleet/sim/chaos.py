@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fleet.sim.engine import PoolRun, Simulation
+    from fleet.sim.scenario import SlowdownChaos
 
 
 def schedule_chaos(sim: Simulation) -> None:
@@ -24,7 +25,7 @@ def schedule_chaos(sim: Simulation) -> None:
         share = spec.share / spec.waves
         for t in times:
             for p in pools:
-                sim.schedule(t, lambda now, p=p: _kill_wave(sim, p, share, now))
+                sim.schedule(t, lambda now, p=p, share=share: _kill_wave(sim, p, share, now))
     for spec in chaos.slowdowns:
         p = sim.pool_by_name[spec.pool]
         sim.schedule(spec.start_s, lambda now, p=p, spec=spec: _slowdown(sim, p, spec, now))
@@ -71,7 +72,7 @@ def _kill_wave(sim: Simulation, p: PoolRun, share: float, now: float) -> None:
         sim.kill(a, now, "kill", idx)
 
 
-def _slowdown(sim: Simulation, p: PoolRun, spec, now: float) -> None:  # noqa: ANN001
+def _slowdown(sim: Simulation, p: PoolRun, spec: SlowdownChaos, now: float) -> None:
     n = len(p.active)
     if n == 0:
         return

@@ -69,42 +69,24 @@ def overrides(component: Component, hook: str) -> bool:
     return getattr(type(component), hook) is not getattr(Component, hook)
 
 
-def available_policy_seams() -> dict[str, str]:
-    """Which of fleet's policies the simulator drives, and which wait at a seam.
-
-    Autoscaling, routing, batching, breakers and retries are driven by the engine, the
-    health policy's restarts by a default component; the others are listed with
-    whether their module exists in this checkout, to be plugged in through a
-    ``Component`` (see this module's docstring).
-    """
-    import importlib.util
-
-    out = {
-        "fleet.policy.autoscaling": "driven: every control interval",
-        "fleet.policy.routing": "driven: every task",
-        "fleet.policy.batching": "driven: every dispatcher call",
-        "fleet.policy.breaker": "driven: every outcome (fleet.sim.resilience)",
-        "fleet.policy.retry": "driven: every failure (fleet.sim.resilience)",
-    }
-    if importlib.util.find_spec("fleet.policy.health") is not None:
-        out["fleet.policy.health"] = (
-            "driven: restart backoff and cascade guard "
-            "(fleet.sim.health); heartbeats not simulated"
-        )
-    else:
-        out["fleet.policy.health"] = "seam: health policy; module not in this checkout"
-    for mod, what in (
-        ("fleet.policy.allocation", "budget allocation"),
-        ("fleet.policy.budget", "budget enforcement and preemption"),
-    ):
-        present = importlib.util.find_spec(mod) is not None
-        out[mod] = (
-            f"seam: {what}; module present, plug in as a Component"
-            if present
-            else f"seam: {what}; module not in this checkout"
-        )
-    out["fleet.policy.disciplines"] = (
+# Which of fleet's policies the simulator drives, and which wait at a seam (the report's
+# ``seams``). Autoscaling, routing, batching, breakers and retries are driven by the
+# engine, the health policy's restarts by a default component (``fleet.sim.health``);
+# budgets plug in through a ``Component`` (see this module's docstring).
+POLICY_SEAMS: dict[str, str] = {
+    "fleet.policy.autoscaling": "driven: every control interval",
+    "fleet.policy.routing": "driven: every task",
+    "fleet.policy.batching": "driven: every dispatcher call",
+    "fleet.policy.breaker": "driven: every outcome (fleet.sim.resilience)",
+    "fleet.policy.retry": "driven: every failure (fleet.sim.resilience)",
+    "fleet.policy.health": (
+        "driven: restart backoff and cascade guard (fleet.sim.health); "
+        "heartbeats not simulated"
+    ),
+    "fleet.policy.allocation": "seam: budget allocation; plug in as a Component",
+    "fleet.policy.budget": "seam: budget enforcement and preemption; plug in as a Component",
+    "fleet.policy.disciplines": (
         "not simulated: each pool's queue is FIFO (PoolRun.queue); a discipline needs "
         "priorities or deadlines per task in the workload"
-    )
-    return out
+    ),
+}

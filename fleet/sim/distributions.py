@@ -54,17 +54,8 @@ def duration_sampler(dist: object, rng: random.Random) -> Callable[[], float]:
         pv = rng.paretovariate
         return lambda: min(cap, xm * pv(alpha))
     if isinstance(dist, LLMDuration):
-        g, exp = rng.gauss, math.exp
-        mu_t, s_t = math.log(dist.ttft_median_s), dist.ttft_sigma
-        mu_o, s_o = math.log(dist.output_tokens_median), dist.output_tokens_sigma
-        tps, scale = dist.tokens_per_s, dist.time_scale
-
-        def llm() -> float:
-            # As fleet.agents.llm.SimulatedLLM.complete: ttft + output tokens / rate.
-            out = max(1, round(exp(g(mu_o, s_o))))
-            return (exp(g(mu_t, s_t)) + out / tps) * scale
-
-        return llm
+        draw = dist.latency_model().sampler(rng)  # as fleet.agents.llm.SimulatedLLM
+        return lambda: draw()[0]
     raise TypeError(f"no sampler for duration distribution {type(dist).__name__}")
 
 

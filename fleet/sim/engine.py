@@ -32,6 +32,7 @@ queue, so ``lost`` (tasks with no outcome at the end) is 0 whenever the run drai
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -44,11 +45,16 @@ from typing import Any
 
 from fleet.policy.autoscaling import ScalingInput, ScalingState, decide
 from fleet.policy.batching import batch_size
-from fleet.policy.routing import Candidate, make_router
+from fleet.policy.host import CoreAgent, HostCore
+from fleet.policy.routing import RoutingHint
 from fleet.sim.arrivals import TenantPicker, make_stream
+from fleet.sim.chaos import schedule_chaos
 from fleet.sim.components import Component, overrides
 from fleet.sim.distributions import count_sampler, duration_sampler
-from fleet.sim.resilience import PoolResilience
+from fleet.sim.health import HealthRestarts
+from fleet.sim.outcomes import ERROR, MAX_DELIVERIES, OK, TIMEOUT, VERDICT_CODES
+from fleet.sim.report import build_report
+from fleet.sim.resilience import SimBreakerLog
 from fleet.sim.scenario import ConstantDuration, PoolModel, Scenario
 
 # Event kinds, most frequent first (``run`` tests them in this order); arrivals have
@@ -66,66 +72,51 @@ from fleet.sim.scenario import ConstantDuration, PoolModel, Scenario
 ) = range(9)
 
 # Agent states.
-STARTING, ACTIVE, EJECTED, DRAINING, DEAD, STOPPED = range(6)
+STARTING, ACTIVE, DRAINING, DEAD, STOPPED = range(5)
 
-# Outcome codes in ``Simulation.outcome`` (0: none recorded yet).
-OK, ERROR, TIMEOUT, MAX_DELIVERIES, MAX_ATTEMPTS, RETRY_BUDGET = 1, 2, 3, 4, 5, 6
-REASONS = {
-    ERROR: "error",
-    TIMEOUT: "timeout",
-    MAX_DELIVERIES: "max_deliveries",
-    MAX_ATTEMPTS: "max_attempts",
-    RETRY_BUDGET: "retry_budget_exhausted",
-}
 
-LATENCY_EWMA = 0.2
 MAX_EVENT_LOG = 500
 MAX_DELIVERIES_STORED = 255
 
 
-class SimAgent(Candidate):
-    """A logical agent; as a ``Candidate`` it is what the routers read directly.
+class SimAgent(CoreAgent):
+    """A logical agent: the pool's ``HostCore`` keeps it as a ``CoreAgent`` (slots,
+    breaker, routability), the engine adds its simulated life.
 
     ``in_flight`` counts the tasks it holds (running plus waiting in its local queue),
-    ``capacity`` is concurrency plus the local queue limit.
+    ``capacity`` is concurrency plus the local queue limit. ``fail_p``: the share of its
+    tasks that fail (the pool's, or a bad agent's).
     """
 
     __slots__ = (
-        "pool",
-        "state",
-        "gen",
-        "factor",
         "base_factor",
-        "running",
-        "local",
-        "fidx",
-        "lidx",
-        "killed_at",
+        "factor",
+        "fail_p",
+        "gen",
         "injection",
-        "probe",
-        "breaker",
+        "killed_at",
+        "lidx",
+        "local",
+        "pool",
+        "running",
+        "state",
     )
 
     def __init__(
         self, agent_id: str, capacity: int, pool: PoolRun, base_factor: float, local: bool
     ):
-        self.id = agent_id
-        self.in_flight = 0
-        self.capacity = capacity
-        self.latency_s = 0.0
+        super().__init__(agent_id, -1, capacity)
         self.pool = pool
+        self.fail_p = pool.fail_p
         self.state = STARTING
         self.gen = 0
         self.base_factor = base_factor
         self.factor = base_factor
         self.running: list[int] = []
         self.local: deque[int] | None = deque() if local else None
-        self.fidx = -1  # index in pool.free, or -1
         self.lidx = -1  # index in the list of its state (active/starting/dead), or -1
         self.killed_at = -1.0
         self.injection = -1
-        self.probe = False  # breaker half-open: each task needs a probe permit
-        self.breaker: Any = None  # its CircuitBreaker while it is in the pool's registry
 
     def __repr__(self) -> str:
         return f"SimAgent({self.id!r}, state={self.state}, in_flight={self.in_flight})"
@@ -148,20 +139,32 @@ class PoolRun:
         self.capacity: int = spec.concurrency_per_agent + model.agent_queue_limit
         self.local_queues = model.agent_queue_limit > 0
         self.queue: deque[int] = deque()
-        self.free: list[SimAgent] = []  # serving agents with room
-        self.active: list[SimAgent] = []  # ACTIVE and EJECTED agents
+        self.active: list[SimAgent] = []  # ACTIVE agents (routable or held out by breakers)
         self.starting: list[SimAgent] = []
         self.dead: list[SimAgent] = []  # waiting to restart
         self.n_draining = 0
-        self.n_ejected = 0
-        self.free_slots = 0
         self.held = 0  # tasks held by agents (running or local)
         self.local_n = 0  # of which waiting in agents' local queues
         self.target: int = spec.autoscaling.start_agents
         self.scale_state = ScalingState()
-        self.router = make_router(spec.routing)
-        self.choose = self.router.choose
-        self.rng_route = random.Random(f"{seed}/route/{self.name}")
+        # The pool's agents live in one HostCore, the live host's decision core: slots,
+        # routing (with task hints and outcome feedback), breakers and retries are its.
+        self.breaker_log = SimBreakerLog(sim, self)
+        self.core = HostCore(
+            self.name,
+            0,
+            self.capacity,
+            spec.routing,
+            sim.scenario.fleet.resilience,
+            None,
+            clock=sim.clock,
+            rng=random.Random(f"{seed}/route/{self.name}"),
+            listeners=[self.breaker_log],
+        )
+        self.slots = self.core.slots
+        self.hinted = self.core.hinted
+        self.capability: str = spec.capability
+        self.recheck_at = math.inf  # a dispatch is scheduled then (see _recheck)
         self.rng_fail = random.Random(f"{seed}/fail/{self.name}")
         self.rng_agents = random.Random(f"{seed}/agents/{self.name}")
         self.rng_crash = random.Random(f"{seed}/crash/{self.name}")
@@ -173,6 +176,13 @@ class PoolRun:
         self.payload_bytes: float = float(model.payload_bytes)
         fails = model.failures
         self.fail_p: float = fails.task_failure_prob
+        self.bad_share: float = fails.bad_agent_share
+        self.bad_fail_p: float = fails.bad_agent_failure_prob
+        self.experts: list[tuple[float, frozenset[str]]] = []  # cumulative share, types
+        acc = 0.0
+        for kind, share in model.experts.items():
+            acc += share
+            self.experts.append((acc, frozenset({kind})))
         self.restart_delay_s: float = fails.restart_delay_s
         # Crashes arrive at rate x max_agents and are thinned to live agents (_on_crash).
         self.crash_rate_per_s: float = (
@@ -193,7 +203,6 @@ class PoolRun:
         self.error_text: str = fails.error
         self.firsts = 0  # first attempts not yet counted in the retry budget
         self.retry_wait = 0  # failed tasks waiting out their retry backoff
-        self.res: PoolResilience = None  # type: ignore[assignment]  # set by Simulation
         self.partitioned = False
         self.partition_buffer: list[tuple[int, int]] = []
         self.n_created = 0
@@ -249,6 +258,22 @@ class PoolRun:
     @property
     def serving(self) -> int:
         return len(self.active) - self.n_ejected
+
+    @property
+    def n_ejected(self) -> int:
+        """Active agents the breakers hold out of routing."""
+        return len(self.core.breakers.registry.ejected)
+
+
+def _van_der_corput(n: int) -> float:
+    """The n-th point of the base-2 van der Corput sequence in [0, 1): every prefix of
+    the sequence is spread evenly."""
+    q, denom = 0.0, 1.0
+    while n:
+        denom *= 2
+        n, bit = divmod(n, 2)
+        q += bit / denom
+    return q
 
 
 def _list_add(lst: list[SimAgent], a: SimAgent) -> None:
@@ -308,8 +333,6 @@ class Simulation:
             for i, spec in enumerate(fleet.pools)
         ]
         self.pool_by_name = {p.name: p for p in self.pools}
-        for p in self.pools:
-            p.res = PoolResilience(self, p)
         # per task
         self.submitted = 0
         self.recorded = 0
@@ -332,6 +355,14 @@ class Simulation:
         self.event_counts: dict[str, int] = {}
         self.injections: list[dict[str, Any]] = []
         self._streams: list[tuple[Any, PoolRun, TenantPicker]] = []
+        # Task types and affinity keys (for task-aware routers), only when a stream
+        # names them: per task an index into ``kinds`` (0: untyped) and a key (-1: none).
+        self.kinds: list[str | None] = [None]
+        self.task_kinds = bytearray()
+        self.task_keys = array("i")
+        self._typed = any(st.task_types for st in scenario.workload)
+        self._keyed = any(st.affinity_keys for st in scenario.workload)
+        self._stream_hints: list[tuple[Any, Any, random.Random]] = []
         self._open_streams = 0
         self._outcome_hooks = [c for c in self.components if overrides(c, "on_outcome")]
         self._down_hooks = [c for c in self.components if overrides(c, "on_agent_down")]
@@ -341,6 +372,10 @@ class Simulation:
         self._tick_hooks = [c for c in self.components if overrides(c, "on_tick")]
 
     # -- helpers for components and chaos --------------------------------------------
+    def clock(self) -> float:
+        """Virtual time: the clock of every policy object the simulation runs."""
+        return self.now
+
     def rng(self, name: str) -> random.Random:
         """A seeded random stream of its own for ``name`` (components, chaos)."""
         return random.Random(f"{self._seed_key}/{name}")
@@ -384,6 +419,18 @@ class Simulation:
                 random.Random(f"{self._seed_key}/tenants/{i}"),
             )
             self._streams.append((stream, pool, picker))
+            kinds = None
+            if st.task_types:
+                idx = []
+                for name in st.task_types:
+                    if name not in self.kinds:
+                        self.kinds.append(name)
+                    idx.append(self.kinds.index(name))
+                cum = list(itertools.accumulate(st.task_types.values()))
+                kinds = (idx, cum)
+            self._stream_hints.append(
+                (kinds, st.affinity_keys or None, random.Random(f"{self._seed_key}/hints/{i}"))
+            )
             first = stream.next_after(0.0)
             if first is not None and first <= self._duration:
                 self._open_streams += 1
@@ -400,8 +447,6 @@ class Simulation:
             if p.crash_rate_per_s > 0:
                 self._push(p.rng_crash.expovariate(p.crash_rate_per_s), EV_CRASH, p)
         self._push(sc.sample_interval_s, EV_SAMPLE)
-        from fleet.sim.chaos import schedule_chaos
-
         schedule_chaos(self)
         for c in self.components:
             c.attach(self)
@@ -415,7 +460,17 @@ class Simulation:
             p.slowdown if slow else 1.0,
             p.local_queues,
         )
+        # Bad agents and experts by a low-discrepancy sequence of the creation order, so
+        # that any number of agents has the scenario's shares as closely as it can.
+        u = _van_der_corput(p.n_created)
         p.n_created += 1
+        if u < p.bad_share:
+            a.fail_p = p.bad_fail_p
+        for upto, kinds in p.experts:
+            if u < upto:
+                a.expertise = kinds
+                break
+        p.core.add_agent(a)
         return a
 
     # -- the loop ----------------------------------------------------------------------
@@ -470,7 +525,7 @@ class Simulation:
             elif kind == EV_REQUEUE:
                 a.retry_wait -= 1
                 a.queue.append(b)
-                if a.free:
+                if a.slots.free:
                     self._dispatch(a, t)
             elif kind == EV_CALL:
                 a(t)
@@ -509,9 +564,19 @@ class Simulation:
         self.task_tenant.append(ten)
         self.deliveries.append(0)
         self.outcome.append(0)
+        if self._typed or self._keyed:
+            kinds, n_keys, hrng = self._stream_hints[i]
+            if self._typed:
+                k = 0
+                if kinds is not None:
+                    idx, cum = kinds
+                    k = idx[bisect.bisect_right(cum, hrng.random() * cum[-1])]
+                self.task_kinds.append(k)
+            if self._keyed:
+                self.task_keys.append(hrng.randrange(n_keys) if n_keys else -1)
         p.arr_bucket += 1
         p.queue.append(tid)
-        if p.free:
+        if p.slots.free:
             self._dispatch(p, t)
         nt = stream.next_after(t)
         if nt is not None and nt <= self._duration and self.submitted < self._max_tasks:
@@ -527,45 +592,39 @@ class Simulation:
         """Move queued tasks to agents with room, a batch per dispatcher call.
 
         The batch size is the live dispatcher's (``batch_size`` of queue depth and free
-        capacity); each task of a batch goes to the agent the pool's router picks among
-        the agents with room, and starts at once if the agent has a free slot, else
-        waits in the agent's local queue.
+        capacity); each task of a batch goes to the agent the pool's ``HostCore`` places
+        it on (its router, with the task's type and affinity key for task-aware
+        routers, among the agents its breakers let through), and starts at once if the
+        agent has a free slot, else waits in the agent's local queue.
         """
         if p.partitioned:
             return
-        q, free = p.queue, p.free
-        choose, rng = p.choose, p.rng_route
+        q, slots = p.queue, p.slots
+        place, agents = p.core.place, p.core.agents
+        hint = self._hint if p.hinted else None
         spec, item_bytes = self.batch_spec, p.payload_bytes
         conc, sample, extra = p.concurrency, p.sample, p.overhead
         heap, seq = self._heap, self._seq
         deliveries, start_t = self.deliveries, self.start_t
         timeout = self.task_timeout_s
         push = heapq.heappush
-        while q and free:
-            n = batch_size(spec, len(q), p.free_slots, item_bytes)
+        while q and slots.free:
+            # (One queued task with room for it: batch_size's answer is 1, without
+            # the call; the common case when arrivals find agents idle.)
+            n = 1 if len(q) == 1 else batch_size(spec, len(q), slots.free_slots, item_bytes)
             if n <= 0:
                 return
             p.calls += 1
             sent = 0
-            while sent < n and q and free:
-                i = choose(free, rng)
+            while sent < n and q:
+                i = place(hint(p, q[0]) if hint is not None else None)
                 if i is None:
                     break
-                a = free[i]
-                if a.probe and not p.res.acquire_probe(a, now):
-                    continue  # half-open with no probe permit left: it left routing
                 tid = q.popleft()
                 sent += 1
-                # The agent now holds the task, running or in its local queue.
-                a.in_flight += 1
-                p.free_slots -= 1
-                if a.in_flight >= a.capacity:
-                    # swap-remove from the agents with room
-                    last = free.pop()
-                    if last is not a:
-                        free[i] = last
-                        last.fidx = i
-                    a.fidx = -1
+                # The agent now holds the task (place took the slot), running or in its
+                # local queue.
+                a = agents[i]
                 running = a.running
                 if len(running) < conc:
                     dur = sample() * a.factor + extra
@@ -586,22 +645,32 @@ class Simulation:
             p.held += sent
             p.call_items += sent
             if sent < n:
-                return
+                break
+        if q and p.core.next_recheck_s < math.inf:
+            self._recheck(p, p.core.next_recheck_s)
 
-    def _free_add(self, p: PoolRun, a: SimAgent) -> None:
-        a.fidx = len(p.free)
-        p.free.append(a)
+    def _recheck(self, p: PoolRun, t: float) -> None:
+        """Dispatch again when an open breaker turns half-open (nothing else may wake a
+        pool whose agents are all held out)."""
+        if t < p.recheck_at:
+            p.recheck_at = t
+            self.schedule(t, lambda now: self._on_recheck(p, now))
 
-    def _free_remove(self, p: PoolRun, a: SimAgent) -> None:
-        i = a.fidx
-        if i < 0:
-            return
-        free = p.free
-        last = free.pop()
-        if last is not a:
-            free[i] = last
-            last.fidx = i
-        a.fidx = -1
+    def _on_recheck(self, p: PoolRun, now: float) -> None:
+        if now >= p.recheck_at:
+            p.recheck_at = math.inf
+            p.core.refresh()  # the breakers past their open time are half-open now
+            if p.queue:
+                self._dispatch(p, now)
+
+    def _hint(self, p: PoolRun, tid: int) -> RoutingHint:
+        """What a task-aware router may know of task ``tid``: its type (the pool's
+        capability when untyped, as live) and its affinity key."""
+        kinds = self.task_kinds
+        kind = self.kinds[kinds[tid]] if kinds else None
+        keys = self.task_keys
+        k = keys[tid] if keys else -1
+        return RoutingHint(kind or p.capability, f"key-{k}" if k >= 0 else None)
 
     # -- completions -------------------------------------------------------------------
     def _start_local(self, p: PoolRun, a: SimAgent, t: float) -> None:
@@ -633,15 +702,13 @@ class Simulation:
         start = self.start_t[tid]
         svc = t - start
         p.busy_s += svc
-        a.latency_s += LATENCY_EWMA * (svc - a.latency_s)
-        if code == OK and p.fail_p and p.rng_fail.random() < p.fail_p:
+        if code == OK and a.fail_p and p.rng_fail.random() < a.fail_p:
             code = ERROR
         ok = code == OK
-        if a.breaker is not None:  # == the registry's record(a.id, ok, svc), sans lookup
-            a.breaker.record(ok, svc)
-        res = p.res
-        if not ok and res.retry is not None:
-            code = res.after_failure(tid, code, p.error_text, t)
+        # The host core learns from it (latency EWMA, breaker, router) and frees the slot.
+        p.core.done(a.index, ok, svc, self._kind(p, tid) if p.hinted else None)
+        if not ok:
+            code = self._after_failure(p, tid, code, t)
         if p.tokens:
             i_t, o_t = p.in_tok(), p.out_tok()
             p.input_tokens += i_t
@@ -677,20 +744,35 @@ class Simulation:
         if self._outcome_hooks:
             for c in self._outcome_hooks:
                 c.on_outcome(self, a, tid, ok, svc, t)
-        a.in_flight -= 1
         p.held -= 1
         if a.local:
             self._start_local(p, a, t)
         st = a.state
         if st == ACTIVE:
-            p.free_slots += 1
-            if a.fidx < 0:
-                a.fidx = len(p.free)
-                p.free.append(a)
             if p.queue:
                 self._dispatch(p, t)
         elif st == DRAINING and a.in_flight == 0:
             self._stop(a, t)
+
+    def _kind(self, p: PoolRun, tid: int) -> str:
+        kinds = self.task_kinds
+        return (self.kinds[kinds[tid]] if kinds else None) or p.capability
+
+    def _after_failure(self, p: PoolRun, tid: int, code: int, t: float) -> int:
+        """A failed execution: 0 when the host core retries it (back to the queue after
+        its backoff), else the outcome code to record (the core's verdict when retries
+        ran out). First attempts reach the retry budget before each decision, so its
+        window sees them at most one event late."""
+        core = p.core
+        if p.firsts:
+            core.first_attempts(p.firsts)
+            p.firsts = 0
+        reason = "timeout" if code == TIMEOUT else "error"
+        r = core.decide_retry(max(1, self.deliveries[tid]), reason, p.error_text)
+        if r.delay_s is not None:
+            self.requeue_after(p, tid, t + r.delay_s)
+            return 0
+        return VERDICT_CODES.get(r.reason or "", code)
 
     def _record(self, tid: int, code: int, t: float) -> None:
         """Record a task's outcome, once: a second outcome for an id is counted, not kept."""
@@ -734,9 +816,7 @@ class Simulation:
         _list_remove(p.starting, a)
         a.state = ACTIVE
         _list_add(p.active, a)
-        p.free_slots += a.capacity
-        self._free_add(p, a)
-        p.res.agent_up(a)
+        p.core.admit(a.index)
         for c in self._up_hooks:
             c.on_agent_up(self, a, t)
         self.alive_total += 1
@@ -816,22 +896,19 @@ class Simulation:
                 p.requeued += 1
 
     def _leave_service(self, p: PoolRun, a: SimAgent) -> None:
-        """Take a serving agent out of the dispatcher's sight."""
-        p.free_slots -= a.capacity - a.in_flight
-        self._free_remove(p, a)
+        """Take an agent out of the core's routing for good (its breaker leaves too)."""
+        p.core.hold(a.index, gone=True)
 
     def kill(self, a: SimAgent, now: float, reason: str = "kill", injection: int = -1) -> bool:
         """Kill an agent: what it ran or held goes back to the queue; it restarts later
         (after the pool's ``restart_delay_s``, or what a component decides) unless it
         was draining anyway. Returns False if it was not alive."""
         st = a.state
-        if st not in (ACTIVE, EJECTED, DRAINING):
+        if st not in (ACTIVE, DRAINING):
             return False
         p = a.pool
         self._account(p, now)
-        if st == ACTIVE:
-            self._leave_service(p, a)
-        p.res.agent_gone(a)
+        self._leave_service(p, a)
         tids = list(a.running)
         for tid in a.running:
             p.busy_s += now - self.start_t[tid]
@@ -848,8 +925,6 @@ class Simulation:
             p.n_draining -= 1
             a.state = STOPPED
         else:
-            if st == EJECTED:
-                p.n_ejected -= 1
             _list_remove(p.active, a)
             a.state = DEAD
             _list_add(p.dead, a)
@@ -879,46 +954,26 @@ class Simulation:
         self._push(t, EV_REQUEUE, p, tid)
 
     def eject(self, a: SimAgent, now: float) -> bool:
-        """Take a serving agent out of routing (a breaker opened): it finishes what it
-        runs, hands back its local queue, and gets no new task until ``readmit``."""
-        if a.state != ACTIVE:
+        """Take a serving agent out of routing (for components): it finishes what it
+        runs and gets no new task until ``readmit``. Its breaker stays."""
+        if a.state != ACTIVE or a.held:
             return False
-        p = a.pool
-        self._leave_service(p, a)
-        a.state = EJECTED
-        p.n_ejected += 1
-        if a.local:
-            tids = list(a.local)
-            a.local.clear()
-            p.local_n -= len(tids)
-            a.in_flight -= len(tids)
-            p.held -= len(tids)
-            self._handback(p, tids, now)
-            self._dispatch(p, now)
+        a.pool.core.hold(a.index)
         return True
 
     def readmit(self, a: SimAgent, now: float) -> bool:
-        """Put an ejected agent back into routing."""
-        if a.state != EJECTED:
+        """Put an agent ``eject`` took out back into routing."""
+        if a.state != ACTIVE or not a.held:
             return False
         p = a.pool
-        a.state = ACTIVE
-        p.n_ejected -= 1
-        p.free_slots += a.capacity - a.in_flight
-        if a.in_flight < a.capacity:
-            self._free_add(p, a)
+        p.core.admit(a.index)
         if p.queue:
             self._dispatch(p, now)
         return True
 
     def _drain(self, a: SimAgent, now: float) -> None:
         p = a.pool
-        p.res.agent_gone(a)
-        st = a.state
-        if st == ACTIVE:
-            self._leave_service(p, a)
-        elif st == EJECTED:
-            p.n_ejected -= 1
+        self._leave_service(p, a)
         _list_remove(p.active, a)
         if a.local:
             tids = list(a.local)
@@ -978,13 +1033,14 @@ class Simulation:
             a.state, a.gen = STOPPED, a.gen + 1
             k -= 1
         if k and p.n_ejected:
-            for a in [a for a in p.active if a.state == EJECTED][:k]:
+            # Agents the breakers hold out (active, not routable) first.
+            for a in [a for a in p.active if a.ridx < 0][:k]:
                 self._drain(a, t)
                 k -= 1
         if k:
             # Idle agents first: scan the agents with room from the newest end.
             idle = []
-            for a in reversed(p.free):
+            for a in reversed(p.slots.free):
                 if a.in_flight == 0:
                     idle.append(a)
                     if len(idle) == k:
@@ -1026,7 +1082,9 @@ class Simulation:
             p.arr_bucket = 0
             p.done_bucket = 0
         for p in self.pools:
-            p.res.flush()
+            if p.firsts:  # first attempts reach the retry budget at least every sample
+                p.core.first_attempts(p.firsts)
+                p.firsts = 0
         for c in self._tick_hooks:
             c.on_tick(self, t)
         if not self.finished:
@@ -1052,19 +1110,13 @@ class Simulation:
         return n
 
     def report(self) -> dict[str, Any]:
-        from fleet.sim.report import build_report
-
         return build_report(self)
 
 
 def default_policy_components(scenario: Scenario) -> list[Component]:
-    """The components of fleet's own policies that exist in this checkout (health)."""
-    try:
-        from fleet.sim.health import HealthRestarts
-        from fleet.spec.health import HealthSpec
-    except ImportError:  # the health policy is not part of this checkout
-        return []
-    return [HealthRestarts(getattr(scenario.fleet, "health", None) or HealthSpec())]
+    """fleet's own policies that the engine runs as components: restart backoff and
+    the cascade guard of the fleet spec's ``health`` section."""
+    return [HealthRestarts(scenario.fleet.health)]
 
 
 def simulate(

@@ -4,7 +4,7 @@ A ``Component`` (attached by default when ``fleet.policy.health`` is present) th
 applies the fleet spec's ``health`` section to dead agents, with the real policy code:
 
 * each death counts as a failure of that agent; the ``n``-th consecutive one waits
-  ``restart_backoff_s(spec.restart, n, rng)`` before the restart begins (on top of the
+  ``backoff_s(spec.restart, n, rng)`` before the restart begins (on top of the
   scenario's ``restart_delay_s``, the time the process itself takes), and an agent that
   stayed up for ``reset_after_s`` starts again from the first step;
 * after ``eject_after_failures`` consecutive failures the agent is not restarted: it is
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fleet.policy.backoff import backoff_s
 from fleet.policy.health import CascadeGuard, GuardState, HealthEvent, HealthEventLog
-from fleet.policy.health import restart_backoff_s
 from fleet.sim.components import Component
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ class HealthRestarts(Component):
         limit = self.spec.restart.eject_after_failures
         if limit is not None and n >= limit:
             return None  # retired below, in restart_gate_s
-        backoff = restart_backoff_s(self.spec.restart, n, self.rng)
+        backoff = backoff_s(self.spec.restart, n, self.rng)
         self.backoffs.append(backoff)
         return default_s + backoff
 

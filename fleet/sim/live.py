@@ -12,6 +12,7 @@ them: the example LLM agents follow ``fleet.agents.llm.LatencyModel`` (scaled by
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,15 +33,7 @@ def default_pool_model(pool: Any, prices: Mapping[str, Any]) -> dict[str, Any] |
     if pool.agent_class in _LLM_AGENTS:
         lat = LatencyModel(time_scale=float(kw.get("time_scale", 1.0)))
         model: dict[str, Any] = {
-            "service": {
-                "kind": "llm",
-                "ttft_median_s": lat.ttft_median_s,
-                "ttft_sigma": lat.ttft_sigma,
-                "tokens_per_s": lat.tokens_per_s,
-                "output_tokens_median": lat.output_tokens_median,
-                "output_tokens_sigma": lat.output_tokens_sigma,
-                "time_scale": lat.time_scale,
-            },
+            "service": {"kind": "llm", **dataclasses.asdict(lat)},
             "failures": {"task_failure_prob": float(kw.get("fail_rate", 0.0))},
         }
         name = kw.get("model", "sim-small")

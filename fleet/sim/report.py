@@ -14,10 +14,13 @@ Definitions:
   fleet, over tenants (summed over the pools they use) of their completed share and
   their stretch (latency / mean service time of the work they sent), and over pools
   of their stretch.
-* ``recovery_s`` of a chaos injection at t0: time until the first full sample bucket
-  after t0 whose throughput is at least 90% of the pre-injection level (mean over
-  the preceding ``RECOVERY_PRE_WINDOW_S``), or of the offered load in that bucket when
-  that is lower (a pool cannot complete more than arrives).
+* ``recovery_s`` of a chaos injection at t0: ``fleet.stats.recovery_s`` over the pool's
+  sample buckets (completions, and arrivals as the offered load): the time from t0
+  until throughput, averaged over ``RECOVERY_POST_WINDOW_S``, is back to
+  ``RECOVERY_LEVEL`` of its mean over the ``RECOVERY_PRE_WINDOW_S`` before t0, or of
+  the offered load when that is lower (a pool cannot complete more than arrives); the
+  same definition as the live chaos harness's (``fleet.chaos``).
+* latency percentiles are nearest rank (``fleet.stats.percentile``).
 * ``autoscaler``: checked from the recorded decisions alone, against the spec: every
   target within [min, max]; every step and every window of steps within the rate
   limits (rate = (max - min) / within_s, bank of one interval's worth), per-interval
@@ -33,14 +36,15 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fleet.sim.components import available_policy_seams
+from fleet.sim.components import POLICY_SEAMS
+from fleet.sim.outcomes import OK, REASONS
+from fleet.sim.resilience import resilience_report
 from fleet.sim.scenario import mean_duration_s
+from fleet.stats import jain_index, percentile, recovery_s
 
 if TYPE_CHECKING:
     from fleet.sim.engine import PoolRun, Simulation
 
-RECOVERY_PRE_WINDOW_S = 30.0
-RECOVERY_FRACTION = 0.9
 MAX_SERIES_POINTS = 600
 QUANTILES = [i / 100 for i in range(100)] + [0.995, 0.999, 1.0]
 FLOAT_DECIMALS = 6
@@ -48,33 +52,23 @@ TIMING_KEYS = ("wall_s", "events_per_s")
 
 
 # -- small statistics ------------------------------------------------------------------
-def quantile(sorted_values: list[float], q: float) -> float | None:
-    """Nearest-rank quantile of already sorted values (None when empty)."""
-    n = len(sorted_values)
-    if n == 0:
-        return None
-    return sorted_values[min(n - 1, max(0, math.ceil(q * n) - 1))]
-
-
 def latency_summary(sorted_values: list[float]) -> dict[str, Any]:
     n = len(sorted_values)
     return {
         "n": n,
         "mean": sum(sorted_values) / n if n else None,
-        "p50": quantile(sorted_values, 0.50),
-        "p95": quantile(sorted_values, 0.95),
-        "p99": quantile(sorted_values, 0.99),
+        "p50": percentile(sorted_values, 0.50),
+        "p95": percentile(sorted_values, 0.95),
+        "p99": percentile(sorted_values, 0.99),
         "max": sorted_values[-1] if n else None,
     }
 
 
-def jain(values: list[float]) -> float | None:
-    """Jain's fairness index of non-negative values; None for fewer than two."""
+def jain(values: list[float | None]) -> float | None:
+    """``fleet.stats.jain_index`` of the values given (None entries are left out); None
+    for fewer than two, where fairness says nothing."""
     xs = [v for v in values if v is not None]
-    if len(xs) < 2:
-        return None
-    s2 = sum(x * x for x in xs)
-    return 1.0 if s2 == 0 else sum(xs) ** 2 / (len(xs) * s2)
+    return jain_index(xs) if len(xs) >= 2 else None
 
 
 def _clean(obj: Any) -> Any:
@@ -98,9 +92,9 @@ def report_json(report: dict[str, Any], timing: bool = True, indent: int | None 
 def check_autoscaler(p: PoolRun) -> dict[str, Any]:
     """Verify a pool's recorded autoscaler decisions against its spec (see module doc)."""
     spec = p.scaling
-    times = [0.0] + p.c_t
-    targets = [spec.start_agents] + p.c_target
-    raws = [spec.start_agents] + p.c_raw
+    times = [0.0, *p.c_t]
+    targets = [spec.start_agents, *p.c_target]
+    raws = [spec.start_agents, *p.c_raw]
     interval = spec.control_interval_s
     span = max(spec.max_agents - spec.min_agents, 1)
     problems: list[str] = []
@@ -213,28 +207,6 @@ def check_autoscaler(p: PoolRun) -> dict[str, Any]:
     }
 
 
-# -- chaos recovery --------------------------------------------------------------------
-def _recovery_s(p: PoolRun, t0: float, interval: float) -> float | None:
-    pre = [
-        d
-        for t, d in zip(p.s_t, p.s_done)
-        if t0 - RECOVERY_PRE_WINDOW_S < t - interval and t <= t0 + 1e-9
-    ]
-    if not pre:
-        return 0.0
-    pre_rate = sum(pre) / (len(pre) * interval)
-    if pre_rate == 0:
-        return 0.0
-    for t, d, a in zip(p.s_t, p.s_done, p.s_arrivals):
-        if t - interval < t0 - 1e-9:
-            continue  # only buckets that start after the injection
-        dt = interval
-        need = RECOVERY_FRACTION * min(pre_rate, a / dt)
-        if d / dt >= need:
-            return t - t0
-    return None
-
-
 # -- series ----------------------------------------------------------------------------
 def _series(p: PoolRun, interval: float) -> dict[str, list]:
     n = len(p.s_t)
@@ -281,7 +253,6 @@ def build_report(sim: Simulation) -> dict[str, Any]:
     submitted = sim.submitted
     lost = outcome.count(0)
     failed_by_reason: dict[str, int] = {}
-    from fleet.sim.engine import OK, REASONS
 
     for code, reason in REASONS.items():
         c = outcome.count(code)
@@ -323,7 +294,7 @@ def build_report(sim: Simulation) -> dict[str, Any]:
             "failed": p.failed,
             "requeued": p.requeued,
             "latency_s": lsum,
-            "latency_quantiles_s": [quantile(lat, q) for q in QUANTILES] if lat else [],
+            "latency_quantiles_s": [percentile(lat, q) for q in QUANTILES] if lat else [],
             "wait_s": latency_summary(wait),
             "mean_service_s": mean_svc,
             "throughput_per_s": {
@@ -363,14 +334,16 @@ def build_report(sim: Simulation) -> dict[str, Any]:
             },
             "chaos_injections": len(injections),
             "autoscaler": check_autoscaler(p),
-            **p.res.report(),
+            **resilience_report(p),
         }
     all_lat.sort()
     all_wait.sort()
     recorded = submitted - lost
 
     for inj in sim.injections:
-        inj["recovery_s"] = _recovery_s(sim.pool_by_name[inj["pool"]], inj["t_s"], interval)
+        # Sample k closes the bucket [k * interval, (k + 1) * interval).
+        run = sim.pool_by_name[inj["pool"]]
+        inj["recovery_s"] = recovery_s(run.s_done, inj["t_s"], interval, run.s_arrivals)
     kills = [i for i in sim.injections if i["kind"] == "kill"]
     recoveries = [i["recovery_s"] for i in kills]
     max_recovery = (
@@ -456,7 +429,7 @@ def build_report(sim: Simulation) -> dict[str, Any]:
         "events_by_kind": dict(sorted(sim.event_counts.items())),
         "event_log": sim.event_log,
         "components": {c.name: c.report() for c in sim.components},
-        "seams": available_policy_seams(),
+        "seams": dict(POLICY_SEAMS),
         "series": {p.name: _series(p, interval) for p in sim.pools},
     }
     report["targets"], report["targets_met"] = _targets(sc, report)
@@ -501,22 +474,22 @@ def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     series = report["series"]
     names = list(series)
-    kills = [i for i in report["chaos"]["injections"]]
+    kills = list(report["chaos"]["injections"])
     files = []
 
-    def panels(title: str):  # noqa: ANN202
+    def panels(title: str):
         fig, axes = plt.subplots(
             len(names), 1, figsize=(10, 2.8 * len(names)), sharex=True, squeeze=False
         )
         fig.suptitle(f"{report['scenario']}: {title}")
         return fig, [ax[0] for ax in axes]
 
-    def mark(ax, pool: str) -> None:  # noqa: ANN001
+    def mark(ax, pool: str) -> None:
         for inj in kills:
             if inj["pool"] == pool:
                 ax.axvline(inj["t_s"], color="red", alpha=0.25, lw=0.8)
 
-    def save(fig, name: str) -> None:  # noqa: ANN001
+    def save(fig, name: str) -> None:
         fig.tight_layout()
         path = out / name
         fig.savefig(path, dpi=100)

@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from fleet.agents.llm import LatencyModel
 from fleet.spec import FleetSpec, SpecError, load_spec
 from fleet.spec._base import SpecModel
 
@@ -117,7 +118,7 @@ class WeibullDuration(_Model):
 
 
 class ParetoDuration(_Model):
-    """Pareto with minimum ``scale_s`` and tail index ``alpha``, optionally capped at ``max_s``."""
+    """Pareto with minimum ``scale_s`` and tail index ``alpha``, capped at ``max_s`` if set."""
 
     kind: Literal["pareto"]
     scale_s: float = Field(gt=0)
@@ -130,23 +131,28 @@ class ParetoDuration(_Model):
         return self.alpha * self.scale_s / (self.alpha - 1) if self.alpha > 1 else math.inf
 
 
+_LLM = LatencyModel()
+
+
 class LLMDuration(_Model):
-    """The latency of ``fleet.agents.llm.SimulatedLLM``: a lognormal time to first token
-    plus lognormal output tokens at ``tokens_per_s``, all times ``time_scale``."""
+    """fleet's LLM latency model (``fleet.agents.llm.LatencyModel``, whose defaults these
+    are): a lognormal time to first token plus lognormal output tokens at
+    ``tokens_per_s``, all times ``time_scale``."""
 
     kind: Literal["llm"]
-    ttft_median_s: float = Field(default=0.35, gt=0)
-    ttft_sigma: float = Field(default=0.5, ge=0)
-    tokens_per_s: float = Field(default=80.0, gt=0)
-    output_tokens_median: float = Field(default=120.0, gt=0)
-    output_tokens_sigma: float = Field(default=0.6, ge=0)
-    time_scale: float = Field(default=1.0, gt=0)
+    ttft_median_s: float = Field(default=_LLM.ttft_median_s, gt=0)
+    ttft_sigma: float = Field(default=_LLM.ttft_sigma, ge=0)
+    tokens_per_s: float = Field(default=_LLM.tokens_per_s, gt=0)
+    output_tokens_median: float = Field(default=_LLM.output_tokens_median, gt=0)
+    output_tokens_sigma: float = Field(default=_LLM.output_tokens_sigma, ge=0)
+    time_scale: float = Field(default=_LLM.time_scale, gt=0)
+
+    def latency_model(self) -> LatencyModel:
+        return LatencyModel(**self.model_dump(exclude={"kind"}))
 
     @property
     def mean_s(self) -> float:
-        ttft = self.ttft_median_s * math.exp(self.ttft_sigma**2 / 2)
-        out = self.output_tokens_median * math.exp(self.output_tokens_sigma**2 / 2)
-        return self.time_scale * (ttft + out / self.tokens_per_s)
+        return self.latency_model().mean_s
 
 
 DurationDist = Annotated[
@@ -224,7 +230,8 @@ class Burst(_Model):
     def _check_ramp(self) -> Burst:
         if 2 * self.ramp_s > self.duration_s:
             raise ValueError(
-                f"ramp_s ({self.ramp_s}) must be at most half of duration_s ({self.duration_s})"
+                f"ramp_s ({self.ramp_s}) must be at most half of "
+                f"duration_s ({self.duration_s})"
             )
         return self
 
@@ -326,16 +333,23 @@ def read_trace(path: Path) -> array:
 
 class StreamSpec(_Model):
     """One source of tasks for one pool. ``tenants`` maps tenant name to its share of
-    the stream's tasks (weights, normalized); without it every task is tenant ``pool``."""
+    the stream's tasks (weights, normalized); without it every task is tenant ``pool``.
+
+    For task-aware routers: ``task_types`` maps a task type (``payload["type"]`` live)
+    to its share of the stream's tasks (weights; untyped tasks have the pool's
+    capability as their type, as live); ``affinity_keys``: each task carries one of
+    this many affinity keys, drawn uniformly (0: none)."""
 
     pool: str
     arrivals: ArrivalsSpec
     tenants: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    task_types: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    affinity_keys: int = Field(default=0, ge=0)
 
 
 # -- pool behaviour ----------------------------------------------------------------------
 class Heterogeneity(_Model):
-    """A share ``slow_share`` of the agents (drawn as each starts) is ``slowdown`` times slower."""
+    """A ``slow_share`` of the agents (drawn as each starts) is ``slowdown`` times slower."""
 
     slow_share: float = Field(default=0.0, ge=0, le=1)
     slowdown: float = Field(default=1.0, ge=1)
@@ -346,9 +360,13 @@ class Failures(_Model):
     the fleet's retry policy classifies it by the exception name it starts with, and
     retries it or records it as failed); each agent crashes at
     ``crash_rate_per_agent_per_h`` (its tasks go back to the queue) and is restarted
-    after ``restart_delay_s`` plus its start-up time."""
+    after ``restart_delay_s`` plus its start-up time. A ``bad_agent_share`` of the
+    agents (spread evenly over the creation order) fail ``bad_agent_failure_prob`` of
+    their tasks instead (what breakers and the success-rate router are for)."""
 
     task_failure_prob: float = Field(default=0.0, ge=0, le=1)
+    bad_agent_share: float = Field(default=0.0, ge=0, le=1)
+    bad_agent_failure_prob: float = Field(default=1.0, ge=0, le=1)
     error: str = DEFAULT_ERROR_TEXT
     crash_rate_per_agent_per_h: float = Field(default=0.0, ge=0)
     restart_delay_s: float = Field(default=DEFAULT_RESTART_DELAY_S, ge=0)
@@ -370,6 +388,9 @@ class PoolModel(_Model):
     is free; a large value routes each task to an agent at once (the supermarket model).
     ``dispatch_overhead_s`` is the cost of one dispatcher call, paid by each task of the
     batch it carries. ``agent_usd_per_hour`` is the running cost of one agent.
+    ``experts`` maps a task type to the share of agents expert in it (spread evenly over
+    the creation order, the first type's share first; an agent has at most one), for
+    the specialization router.
     """
 
     service: DurationDist
@@ -381,6 +402,14 @@ class PoolModel(_Model):
     agent_queue_limit: int = Field(default=0, ge=0)
     payload_bytes: int = Field(default=DEFAULT_PAYLOAD_BYTES, ge=1)
     dispatch_overhead_s: float = Field(default=0.0, ge=0)
+    experts: dict[str, Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_experts(self) -> PoolModel:
+        total = sum(self.experts.values())
+        if total > 1 + 1e-9:
+            raise ValueError(f"experts: the shares add up to {total:g}, over 1")
+        return self
 
 
 # -- chaos -------------------------------------------------------------------------------
@@ -533,7 +562,7 @@ class Scenario(_Model):
 
 # -- loading with line numbers -----------------------------------------------------------
 class ScenarioError(ValueError):
-    """An invalid scenario: ``errors`` holds one ``(field_path, line or None, reason)`` each."""
+    """An invalid scenario: ``errors`` holds a ``(field_path, line or None, reason)`` each."""
 
     def __init__(self, source: str, errors: list[tuple[str, int | None, str]]):
         self.source = source

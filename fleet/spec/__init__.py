@@ -1,6 +1,7 @@
 """The fleet spec: pydantic models, one per concern, loaded from YAML."""
 
 from fleet.spec.autoscaling import AutoscalingSpec
+from fleet.spec.backoff import BackoffSpec
 from fleet.spec.budgets import (
     BudgetsSpec,
     ModelPrice,
@@ -9,8 +10,8 @@ from fleet.spec.budgets import (
     check_budget_covers,
 )
 from fleet.spec.consensus import ConsensusMode, ConsensusSpec, TieBreaker, WeighBy
-from fleet.spec.health import CascadeSpec, HealthSpec, RestartSpec
 from fleet.spec.fleet import FleetSpec, SpecError, load_spec, parse_spec
+from fleet.spec.health import CascadeSpec, HealthSpec, RestartSpec
 from fleet.spec.pools import PoolSpec
 from fleet.spec.queues import BatchSpec, Discipline, QueueSpec
 from fleet.spec.resilience import ResilienceSpec
@@ -19,6 +20,7 @@ from fleet.spec.routing import RouterName, RoutingSpec
 
 __all__ = [
     "AutoscalingSpec",
+    "BackoffSpec",
     "BatchSpec",
     "BudgetsSpec",
     "CascadeSpec",

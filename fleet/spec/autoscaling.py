@@ -1,4 +1,4 @@
-"""Autoscaling section: how many logical agents a pool should run, and how fast that changes."""
+"""Autoscaling section: how many logical agents a pool should run, and how fast that moves."""
 
 from __future__ import annotations
 

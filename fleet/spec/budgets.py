@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, model_validator
 
 from fleet.spec._base import SpecModel
+from fleet.spec._types import Share
 
 HOUR_S = 3_600.0
 DAY_S = 86_400.0
@@ -45,14 +46,6 @@ def _price(value: float) -> float:
         raise ValueError(
             f"price {value} is negative or not finite: prices are USD per "
             "million tokens and must be >= 0"
-        )
-    return value
-
-
-def _share(value: float) -> float:
-    if not 0 < value <= 1:
-        raise ValueError(
-            f"{value} is outside (0, 1]: an alert threshold is a share of the allocation"
         )
     return value
 
@@ -164,9 +157,7 @@ class BudgetsSpec(SpecModel):
     per_agent: ScopeLimits = ScopeLimits()
     pools: dict[str, ScopeLimits] = Field(default_factory=dict)
     tenants: dict[str, ScopeLimits] = Field(default_factory=dict)
-    alert_thresholds: tuple[Annotated[float, AfterValidator(_share)], ...] = (
-        DEFAULT_ALERT_THRESHOLDS
-    )
+    alert_thresholds: tuple[Share, ...] = DEFAULT_ALERT_THRESHOLDS
     rebalance_interval_s: float = Field(
         default=DEFAULT_REBALANCE_INTERVAL_S, gt=0, allow_inf_nan=False
     )

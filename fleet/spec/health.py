@@ -10,11 +10,11 @@ large share of the fleet fails at once.
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import Field, model_validator
 
 from fleet.spec._base import SpecModel
+from fleet.spec._types import Share, UnitFraction
+from fleet.spec.backoff import BackoffSeconds, BackoffSpec
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 10.0
 DEFAULT_HEARTBEAT_TIMEOUT_S = 30.0  # three missed heartbeats
@@ -28,7 +28,6 @@ DEFAULT_FAILURE_LOG_SIZE = 100
 
 DEFAULT_RESTART_INITIAL_BACKOFF_S = 1.0
 DEFAULT_RESTART_MAX_BACKOFF_S = 300.0
-DEFAULT_RESTART_BACKOFF_MULTIPLIER = 2.0
 DEFAULT_RESTART_JITTER_RATIO = 0.2
 DEFAULT_RESTART_RESET_AFTER_S = 600.0
 DEFAULT_EJECT_AFTER_FAILURES = 10
@@ -42,59 +41,25 @@ DEFAULT_CASCADE_PROBE_SUCCESSES = 3
 DEFAULT_CASCADE_PROBE_HEALTHY_S = 30.0
 
 
-def _check_share(value: float) -> float:
-    if not 0 < value <= 1:
-        raise ValueError(
-            f"{value} is outside (0, 1]: a share must be greater than 0 and at most 1"
-        )
-    return value
-
-
-def _check_unit(value: float) -> float:
-    if not 0 <= value <= 1:
-        raise ValueError(f"{value} is outside [0, 1]: it must be between 0 and 1")
-    return value
-
-
-Share = Annotated[float, AfterValidator(_check_share)]
-UnitFraction = Annotated[float, AfterValidator(_check_unit)]
-
-
-class RestartSpec(SpecModel):
+class RestartSpec(BackoffSpec):
     """Per-agent restart backoff.
 
-    The ``n``-th consecutive failure of an agent waits
-    ``min(initial_backoff_s * backoff_multiplier ** (n - 1), max_backoff_s)`` seconds,
-    less a random share up to ``jitter_ratio`` (so agents that failed together do not
-    restart together), before its restart. An agent that stays healthy for
+    The ``n``-th consecutive failure of an agent waits the ``BackoffSpec`` delay of try
+    ``n``, ``min(initial_backoff_s * backoff_multiplier ** (n - 1), max_backoff_s)``
+    seconds less a random share up to ``jitter_ratio`` (so agents that failed together
+    do not restart together), before its restart. An agent that stays healthy for
     ``reset_after_s`` seconds starts again from ``initial_backoff_s``. After
     ``eject_after_failures`` consecutive failures the agent is ejected for good (until an
     operator reinstates it); ``None`` never ejects.
     """
 
-    initial_backoff_s: float = Field(
-        default=DEFAULT_RESTART_INITIAL_BACKOFF_S, ge=0, allow_inf_nan=False
-    )
-    max_backoff_s: float = Field(
-        default=DEFAULT_RESTART_MAX_BACKOFF_S, ge=0, allow_inf_nan=False
-    )
-    backoff_multiplier: float = Field(
-        default=DEFAULT_RESTART_BACKOFF_MULTIPLIER, ge=1, allow_inf_nan=False
-    )
+    initial_backoff_s: BackoffSeconds = DEFAULT_RESTART_INITIAL_BACKOFF_S
+    max_backoff_s: BackoffSeconds = DEFAULT_RESTART_MAX_BACKOFF_S
     jitter_ratio: UnitFraction = DEFAULT_RESTART_JITTER_RATIO
     reset_after_s: float = Field(
         default=DEFAULT_RESTART_RESET_AFTER_S, ge=0, allow_inf_nan=False
     )
     eject_after_failures: int | None = Field(default=DEFAULT_EJECT_AFTER_FAILURES, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> RestartSpec:
-        if self.max_backoff_s < self.initial_backoff_s:
-            raise ValueError(
-                f"max_backoff_s ({self.max_backoff_s}) must be >= "
-                f"initial_backoff_s ({self.initial_backoff_s})"
-            )
-        return self
 
 
 class CascadeSpec(SpecModel):

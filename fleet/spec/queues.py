@@ -249,7 +249,8 @@ class QueueSpec(SpecModel):
         if self.utility_decay_per_s > 0 and self.utility_half_life_s is not None:
             raise ValueError(
                 f"utility_decay_per_s ({self.utility_decay_per_s}) and utility_half_life_s "
-                f"({self.utility_half_life_s}) are exclusive: choose linear or exponential decay"
+                f"({self.utility_half_life_s}) are exclusive: "
+                "choose linear or exponential decay"
             )
         names = [r.rule_name for r in self.alerts]
         dup = sorted({n for n in names if names.count(n) > 1})

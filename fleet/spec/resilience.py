@@ -10,11 +10,12 @@ configures the backoff, attempt limit, classification and budget of
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import Field, model_validator
 
 from fleet.spec._base import SpecModel
+from fleet.spec._types import Share, UnitFraction
+from fleet.spec.backoff import BackoffSpec
 
 DEFAULT_TASK_TIMEOUT_S = 300.0
 DEFAULT_MAX_DELIVERIES = 5
@@ -36,10 +37,6 @@ DEFAULT_MAX_EJECTED_SHARE = 0.1
 DEFAULT_PANIC_THRESHOLD = 0.5
 
 DEFAULT_MAX_ATTEMPTS = 3
-DEFAULT_INITIAL_BACKOFF_S = 0.1
-DEFAULT_MAX_BACKOFF_S = 10.0
-DEFAULT_BACKOFF_MULTIPLIER = 2.0
-DEFAULT_JITTER_RATIO = 1.0  # "full jitter": uniform in [0, exponential delay]
 DEFAULT_RETRY_BUDGET_RATIO = 0.2
 DEFAULT_RETRY_BUDGET_WINDOW_S = 10.0
 DEFAULT_MIN_RETRIES_PER_S = 1.0
@@ -84,27 +81,6 @@ DEFAULT_NON_RETRYABLE_ERRORS = (
 )
 
 
-def _check_share(value: float) -> float:
-    if not 0 < value <= 1:
-        raise ValueError(
-            f"{value} is outside (0, 1]: a share or rate threshold must be "
-            "greater than 0 and at most 1"
-        )
-    return value
-
-
-def _check_unit(value: float) -> float:
-    if not 0 <= value <= 1:
-        raise ValueError(f"{value} is outside [0, 1]: it must be between 0 and 1")
-    return value
-
-
-Share = Annotated[float, AfterValidator(_check_share)]
-"""A fraction in (0, 1]: rate thresholds and shares of a population."""
-UnitFraction = Annotated[float, AfterValidator(_check_unit)]
-"""A fraction in [0, 1], where 0 switches the feature off."""
-
-
 class WindowKind(str, Enum):
     COUNT = "count"  # the last ``window_calls`` calls
     TIME = "time"  # the calls of the last ``window_s`` seconds
@@ -119,7 +95,8 @@ class BreakerSpec(SpecModel):
     share of calls slower than ``slow_call_duration_s`` reaches
     ``slow_call_rate_threshold``. It stays open ``open_duration_s``, multiplied by
     ``open_duration_multiplier`` for each further trip within ``trip_memory_s`` of the
-    last, up to ``max_open_duration_s``; then it lets ``half_open_probe_calls`` calls
+    last, up to ``max_open_duration_s`` (the ``BackoffSpec`` rule without jitter,
+    ``open_backoff``); then it lets ``half_open_probe_calls`` calls
     through: all succeed and it closes, one fails (or they do not all finish within
     ``half_open_max_wait_s``) and it opens again.
     """
@@ -157,27 +134,39 @@ class BreakerSpec(SpecModel):
             )
         return self
 
+    @property
+    def open_backoff(self) -> BackoffSpec:
+        """How long the breaker stays open, trip after trip, as a backoff."""
+        return BackoffSpec(
+            initial_backoff_s=self.open_duration_s,
+            max_backoff_s=self.max_open_duration_s,
+            backoff_multiplier=self.open_duration_multiplier,
+            jitter_ratio=0.0,
+        )
+
 
 class EjectionSpec(SpecModel):
     """Fleet-wide guard rails around agent breakers.
 
     At most ``max_ejected_share`` of a pool's agents may be ejected (breaker not closed)
     at once, but always at least one (so a small pool can still eject its bad agent); a
-    breaker that would open beyond the cap stays closed and the refusal is recorded. When the share of healthy agents falls below ``panic_threshold`` the
-    breakers are ignored for routing and every agent gets traffic (0 turns panic off).
+    breaker that would open beyond the cap stays closed and the refusal is recorded. When
+    the share of healthy agents falls below ``panic_threshold`` the breakers are ignored
+    for routing and every agent gets traffic (0 turns panic off).
     """
 
     max_ejected_share: Share = DEFAULT_MAX_EJECTED_SHARE
     panic_threshold: UnitFraction = DEFAULT_PANIC_THRESHOLD
 
 
-class RetrySpec(SpecModel):
+class RetrySpec(BackoffSpec):
     """Retries of failed tasks: how often, how far apart, which failures, how many.
 
-    A failed attempt ``n`` (1-based) is retried after about
-    ``min(initial_backoff_s * backoff_multiplier ** (n - 1), max_backoff_s)`` seconds,
-    of which a random share up to ``jitter_ratio`` is taken off (1 = "full jitter", so
-    retries of many tasks spread out instead of arriving together). A task gets at most
+    A failed attempt ``n`` (1-based) is retried after the ``BackoffSpec`` delay of try
+    ``n``: about ``min(initial_backoff_s * backoff_multiplier ** (n - 1),
+    max_backoff_s)`` seconds, of which a random share up to ``jitter_ratio`` is taken off
+    (default 1, "full jitter", so retries of many tasks spread out instead of arriving
+    together). A task gets at most
     ``max_attempts`` attempts in all (a task may ask for fewer). Only failures whose
     reason is in ``retryable_reasons`` or whose exception class is in
     ``retryable_errors`` are retried; ``non_retryable_errors`` never are; any other
@@ -188,14 +177,6 @@ class RetrySpec(SpecModel):
     """
 
     max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1)
-    initial_backoff_s: float = Field(
-        default=DEFAULT_INITIAL_BACKOFF_S, ge=0, allow_inf_nan=False
-    )
-    max_backoff_s: float = Field(default=DEFAULT_MAX_BACKOFF_S, ge=0, allow_inf_nan=False)
-    backoff_multiplier: float = Field(
-        default=DEFAULT_BACKOFF_MULTIPLIER, ge=1, allow_inf_nan=False
-    )
-    jitter_ratio: UnitFraction = DEFAULT_JITTER_RATIO
     retryable_reasons: tuple[str, ...] = DEFAULT_RETRYABLE_REASONS
     retryable_errors: tuple[str, ...] = DEFAULT_RETRYABLE_ERRORS
     non_retryable_errors: tuple[str, ...] = DEFAULT_NON_RETRYABLE_ERRORS
@@ -210,11 +191,6 @@ class RetrySpec(SpecModel):
 
     @model_validator(mode="after")
     def _check(self) -> RetrySpec:
-        if self.max_backoff_s < self.initial_backoff_s:
-            raise ValueError(
-                f"max_backoff_s ({self.max_backoff_s}) must be >= "
-                f"initial_backoff_s ({self.initial_backoff_s})"
-            )
         both = set(self.retryable_errors) & set(self.non_retryable_errors)
         if both:
             raise ValueError(

@@ -7,7 +7,7 @@ from enum import Enum
 from pydantic import Field
 
 from fleet.spec._base import SpecModel
-from fleet.spec.resilience import Share
+from fleet.spec._types import Share
 
 DEFAULT_CHOICES_D = 2
 DEFAULT_AFFINITY_LOAD_FACTOR = 1.25

@@ -17,7 +17,7 @@ from fleet.consensus import (
     make_voters,
 )
 from fleet.policy.consensus import DecisionMemo
-from tests.utils import FakeClock
+from tests.utils import FakeClock, eventually
 
 pytestmark = pytest.mark.ray
 
@@ -45,10 +45,13 @@ def electorates(ray_cluster):
     yield start
     for e in started:
         e.shutdown()
-    deadline = time.monotonic() + 30
-    while any(_leftover(e.name) for e in started) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert [n for e in started for n in _leftover(e.name)] == []
+
+    def all_gone() -> bool:
+        left = [n for e in started for n in _leftover(e.name)]
+        assert left == [], left
+        return True
+
+    eventually(all_gone, 30, 0.2, what="every reducer actor gone")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +150,10 @@ def test_one_off_decide_builds_and_tears_down_its_tree(ray_cluster):
     d = decide("one-off?", voters=voters, policy={"timeout_s": 5}, memo=memo)
     assert (d.option, d.reason) == ("yes", Reason.QUORUM)
     assert decide("one-off?", voters=voters, policy={"timeout_s": 5}, memo=memo).cached
-    deadline = time.monotonic() + 30
-    while set(ray.util.list_named_actors()) - before and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert set(ray.util.list_named_actors()) - before == set()
+
+    def tree_gone() -> bool:
+        left = set(ray.util.list_named_actors()) - before
+        assert left == set(), left
+        return True
+
+    eventually(tree_gone, 30, 0.2, what="the one-off tree torn down")

@@ -18,10 +18,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
+
+from tests.utils import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -119,7 +120,9 @@ class LocalCluster:
         except subprocess.TimeoutExpired:
             self._kill_tree(p.pid)
             out, err = p.communicate()
-            raise AssertionError(f"{args} timed out after {timeout_s}s:\n{out}\n{err}")
+            raise AssertionError(
+                f"{args} timed out after {timeout_s}s:\n{out}\n{err}"
+            ) from None
         return subprocess.CompletedProcess(args, p.returncode, out, err)
 
     def pids(self) -> list[int]:
@@ -150,10 +153,14 @@ class LocalCluster:
         for child in self._children:
             self._kill_tree(child.pid)
             child.wait(timeout=10)
+
         # Workers are children of the raylet; kill the tree of every process that is
-        # ours, and repeat once for anything that started meanwhile.
-        for _ in range(2):
-            for pid in self.pids():
+        # ours, again for anything that started meanwhile, until none is left.
+        def none_left() -> bool:
+            pids = self.pids()
+            for pid in pids:
                 self._kill_tree(pid)
-            time.sleep(0.2)
+            return not pids
+
+        eventually(none_left, 10, 0.2, what=f"every process of {self.temp_dir} killed")
         shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -45,7 +45,7 @@ def test_ensure_fleet_deploys_reuses_restores_and_refuses(ray_cluster):
         with pytest.raises(FleetMismatch, match="already runs with a different spec"):
             ensure_fleet(_spec(delay_s=0.5))
         ray.kill(ray.get_actor(names.dispatcher, namespace=spec.namespace))
-        with pytest.raises(FleetMismatch, match="runs only partly .*builder.dispatcher"):
+        with pytest.raises(FleetMismatch, match=r"runs only partly .*builder\.dispatcher"):
             ensure_fleet(spec)
     finally:
         teardown(spec)

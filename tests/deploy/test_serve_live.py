@@ -23,6 +23,7 @@ import yaml
 
 from fleet.serve_app import check_serve_config
 from tests.deploy._cluster import BIN, REPO, LocalCluster, free_port
+from tests.utils import eventually
 
 pytestmark = pytest.mark.ray
 
@@ -46,19 +47,13 @@ pools:
 
 
 def _wait_http(url: str, timeout_s: float, proc) -> httpx.Response:
-    deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
-    while time.monotonic() < deadline:
+    def up() -> httpx.Response | None:
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"serve run exited with {proc.returncode}")
-        try:
-            r = httpx.get(url, timeout=2)
-            if r.status_code == 200:
-                return r
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(1)
-    raise AssertionError(f"{url} not up after {timeout_s}s: {last}")
+            pytest.fail(f"serve run exited with {proc.returncode}")
+        r = httpx.get(url, timeout=2)  # an HTTP error: not up yet
+        return r if r.status_code == 200 else None
+
+    return eventually(up, timeout_s, 1.0, what=f"{url} up")
 
 
 @dataclass
@@ -159,14 +154,13 @@ def served(tmp_path_factory):
 
 
 def _result(url: str, task_id: str) -> dict:
-    deadline = time.monotonic() + RESULT_TIMEOUT_S
-    while time.monotonic() < deadline:
+    def outcome() -> dict | None:
         r = httpx.get(f"{url}/tasks/{task_id}", timeout=5)
-        assert r.status_code == 200, r.text
-        if r.json()["status"] != "pending":
-            return r.json()
-        time.sleep(0.2)
-    raise AssertionError(f"no outcome for {task_id} after {RESULT_TIMEOUT_S}s")
+        if r.status_code != 200:
+            pytest.fail(r.text)
+        return r.json() if r.json()["status"] != "pending" else None
+
+    return eventually(outcome, RESULT_TIMEOUT_S, 0.2, what=f"an outcome for {task_id}")
 
 
 def test_the_ingress_listens_on_loopback_only(served):
@@ -188,10 +182,8 @@ def test_the_ingress_listens_on_loopback_only(served):
     assert addrs, "the Serve proxy's listening socket must be found"
     for ip in addrs:
         a = ipaddress.ip_address(ip)
-        assert (
-            a.is_loopback
-            or getattr(a, "ipv4_mapped", None) is not None
-            and a.ipv4_mapped.is_loopback
+        assert a.is_loopback or (
+            getattr(a, "ipv4_mapped", None) is not None and a.ipv4_mapped.is_loopback
         ), ip
 
 
@@ -320,6 +312,7 @@ def test_an_invalid_batch_queues_nothing(served):
     )
     assert r.status_code == 422
     # Had the valid task been queued, an idle support agent would have answered by now.
+    # (A sleep, not a poll: what is checked is that nothing happens meanwhile.)
     time.sleep(1.5)
     assert httpx.get(f"{url}/tasks/all-or-nothing-ok", timeout=5).json()["status"] == "pending"
 

@@ -20,7 +20,7 @@ SUMMARY = {
 
 
 def _args(**kw):
-    base = dict(agent_delay_s=0.1, agents_per_host=10, min_agents=2, max_agents=40)
+    base = {"agent_delay_s": 0.1, "agents_per_host": 10, "min_agents": 2, "max_agents": 40}
     return argparse.Namespace(**{**base, **kw})
 
 

@@ -195,7 +195,7 @@ def test_a_full_disk_fails_the_record_clearly_and_loses_nothing(tmp_path):
     disk = _FullDisk(s._db)
     s._db = disk  # type: ignore[assignment]
     disk.armed = True
-    with pytest.raises(StorageFull, match="storage full: .*ledger-0.sqlite3"):
+    with pytest.raises(StorageFull, match=r"storage full: .*ledger-0\.sqlite3"):
         s.record([outcome(i) for i in range(10, 20)])
     assert s.missing(["t-10"]) == ["t-10"], "a failed record leaves no trace in the index"
     assert s.count() == 10

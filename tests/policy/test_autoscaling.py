@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -53,15 +54,15 @@ def test_spike_reaches_target_within_upscale_window_then_drains_slowly():
     clock = FakeClock(0)
     series, state, agents = run(spec, clock, lambda t: 1_000_000, 61)
     assert agents == 10_000, "a spike to max must be reached within upscale_within_s"
-    ups = [b[1] - a[1] for a, b in zip(series, series[1:])]
+    ups = [b[1] - a[1] for a, b in itertools.pairwise(series)]
     per_s = (spec.max_agents - spec.min_agents) / spec.upscale_within_s
     assert max(ups) <= math.ceil(per_s * spec.control_interval_s) + 1
     # Drain: the queue empties; agents fall no faster than (max-min)/300 per second.
     series, _, agents = run(spec, clock, lambda t: 0, 400, agents, state)
-    downs = [a[1] - b[1] for a, b in zip(series, series[1:])]
+    downs = [a[1] - b[1] for a, b in itertools.pairwise(series)]
     assert agents == 10
     assert max(downs) <= math.ceil((spec.max_agents - spec.min_agents) / 300) + 1
-    first_drop = next(t2 for (t, a, *_), (t2, a2, *_) in zip(series, series[1:]) if a2 < a)
+    first_drop = next(t2 for (t, a, *_), (t2, a2, *_) in itertools.pairwise(series) if a2 < a)
     assert (
         first_drop - series[0][0] >= spec.downscale_stabilization_s - spec.control_interval_s
     )
@@ -114,7 +115,7 @@ def test_stabilization_prevents_flapping_on_noisy_signal():
     clock = FakeClock(0)
     # Noise between 300 and 500 queued: raw desired jumps between 30 and 50 every tick.
     series, *_ = run(spec, clock, lambda t: rng.randint(300, 500), 120)
-    downs = sum(1 for a, b in zip(series, series[1:]) if b[1] < a[1])
+    downs = sum(1 for a, b in itertools.pairwise(series) if b[1] < a[1])
     assert downs <= 3, f"flapped down {downs} times"
     settled = [a for t, a, *_ in series if t >= 20]
     assert min(settled) >= 45 and max(settled) <= 50, "should sit at the top of the noise band"

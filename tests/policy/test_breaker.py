@@ -568,7 +568,8 @@ def test_bad_agents_are_ejected_within_the_cap_and_readmitted_and_tasks_succeed(
     clock.advance(60)
     success = sum(done.values()) / 4_800
     print(
-        f"success={success:.4f} max_ejected={max_ejected} ejected_by_60={sorted(ejected_by_60)}"
+        f"success={success:.4f} max_ejected={max_ejected} "
+        f"ejected_by_60={sorted(ejected_by_60)}"
         f" denied={reg.snapshot()['denied_trips']} retries={retry.budget.snapshot()}"
     )
     assert len(done) == 4_800, "every task reached an outcome"

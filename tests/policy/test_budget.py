@@ -90,7 +90,7 @@ def test_minimum_the_total_cannot_cover_at_max_agents_is_rejected_with_the_arith
     ) in str(exc.value)
     assert "a 1500, b 500" in str(exc.value)
     check_budget_covers(spec.model_dump(), [pool("a", autoscaling={"max_agents": 1000})])
-    with pytest.raises(ValueError, match="budgets.pool_classes.nope: no pool named 'nope'"):
+    with pytest.raises(ValueError, match=r"budgets\.pool_classes\.nope: no pool named 'nope'"):
         check_budget_covers(budgets(pool_classes={"nope": "default"}), [pool("a")])
 
 
@@ -432,7 +432,7 @@ def test_growth_reserve_keeps_minimums_for_agents_yet_to_join():
     assert without.limit_usd("h0") == 900, "no reserve: the first agent may take it all"
 
 
-# --- the shipped example under a load that exceeds it ------------------------------------------
+# --- the shipped example under a load that exceeds it ---------------------------------
 
 
 class LoadGenerator:

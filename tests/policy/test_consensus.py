@@ -6,6 +6,7 @@ the reducer tree drives them over Ray.
 
 from __future__ import annotations
 
+import itertools
 import random
 from math import comb
 
@@ -33,6 +34,7 @@ from fleet.policy.consensus import (
     memo_key,
     reduce_tree,
     run_sync,
+    seeded_rng,
     start_run,
     tally_groups,
     tie_break,
@@ -42,6 +44,11 @@ from fleet.spec.consensus import ConsensusSpec
 from tests.utils import FakeClock
 
 Q = Question("ship it?", ("no", "yes"))
+
+
+def _run(policy: ConsensusSpec, question: Question, population: int):
+    """A run with the runtime's rng: seeded by (seed, question)."""
+    return start_run(policy, question, population, seeded_rng(policy, question))
 
 
 def votes(**counts: int) -> list[Vote]:
@@ -72,7 +79,7 @@ def partitioned(draw):
             return items
         cuts = sorted(draw(st.lists(st.integers(0, len(items)), max_size=4)))
         bounds = [0, *cuts, len(items)]
-        return [split(items[a:b], depth + 1) for a, b in zip(bounds, bounds[1:], strict=False)]
+        return [split(items[a:b], depth + 1) for a, b in itertools.pairwise(bounds)]
 
     return vs, split(vs, 0)
 
@@ -283,7 +290,7 @@ def ask(pop: list[Vote | str]):
 
 
 def exact_majority(pop) -> str | None:
-    return run_sync(start_run(ConsensusSpec(), Q, len(pop)), ask(pop)).option
+    return run_sync(_run(ConsensusSpec(), Q, len(pop)), ask(pop)).option
 
 
 @pytest.mark.parametrize("n", [200, 2_000, 10_000])
@@ -292,7 +299,7 @@ def test_probabilistic_agrees_with_exact_majority_at_60_40(n):
     trials, agree, asked, reasons = 200, 0, [], []
     for seed in range(trials):
         pop = population(n, 0.6, seed)
-        run = start_run(pol, Question(f"trial {seed}", ("no", "yes")), n)
+        run = _run(pol, Question(f"trial {seed}", ("no", "yes")), n)
         v = run_sync(run, ask(pop))
         agree += v.option == exact_majority(pop) == "yes"
         asked.append(run.tally.eligible)
@@ -310,7 +317,7 @@ def test_sequential_test_rarely_claims_a_majority_that_is_not_there():
     claims = 0
     for seed in range(200):
         pop = population(1_000, 0.5, seed)
-        v = run_sync(start_run(pol, Question(f"null {seed}", ("no", "yes")), 1_000), ask(pop))
+        v = run_sync(_run(pol, Question(f"null {seed}", ("no", "yes")), 1_000), ask(pop))
         claims += v.reason is Reason.CONFIDENCE
     assert claims / 200 <= 0.1
 
@@ -319,7 +326,7 @@ def test_probabilistic_run_skips_voters_that_never_answer():
     pop: list[Vote | str] = population(2_000, 0.65, 1)
     for i in range(0, 2_000, 5):
         pop[i] = MISSING  # a fifth of the voters are dead
-    run = start_run(ConsensusSpec(mode="probabilistic"), Q, 2_000)
+    run = _run(ConsensusSpec(mode="probabilistic"), Q, 2_000)
     v = run_sync(run, ask(pop))
     assert (v.option, v.reason) == ("yes", Reason.CONFIDENCE)
     assert run.tally.missing > 0 and run.tally.eligible < 2_000
@@ -331,9 +338,7 @@ def test_snowball_agrees_with_exact_majority_at_60_40():
     for seed in range(100):
         pop = population(2_000, 0.6, seed)
         agree += (
-            run_sync(
-                start_run(pol, Question(f"s{seed}", ("no", "yes")), 2_000), ask(pop)
-            ).option
+            run_sync(_run(pol, Question(f"s{seed}", ("no", "yes")), 2_000), ask(pop)).option
             == "yes"
         )
     assert agree >= 95
@@ -341,16 +346,16 @@ def test_snowball_agrees_with_exact_majority_at_60_40():
 
 def test_snowball_accepts_after_consecutive_successful_rounds():
     pop = population(1_000, 1.0, 0)  # unanimous: every round succeeds
-    run = start_run(ConsensusSpec(mode="snowball", snowball_rounds=4), Q, 1_000)
+    run = _run(ConsensusSpec(mode="snowball", snowball_rounds=4), Q, 1_000)
     v = run_sync(run, ask(pop))
     assert (v.option, v.reason, run.rounds) == ("yes", Reason.CONFIDENCE, 4)
 
 
 def test_same_question_and_seed_sample_the_same_voters():
     pol = ConsensusSpec(mode="probabilistic")
-    a = start_run(pol, Q, 5_000).next_request().voters
-    assert a == start_run(pol, Q, 5_000).next_request().voters
-    assert a != start_run(pol.model_copy(update={"seed": 1}), Q, 5_000).next_request().voters
+    a = _run(pol, Q, 5_000).next_request().voters
+    assert a == _run(pol, Q, 5_000).next_request().voters
+    assert a != _run(pol.model_copy(update={"seed": 1}), Q, 5_000).next_request().voters
 
 
 def test_level_budgets_nest():
@@ -433,7 +438,7 @@ def test_inconsistent_policies_are_rejected():
 
 def test_empty_voter_set_and_bad_votes_are_rejected():
     with pytest.raises(ConsensusError, match="voter set is empty"):
-        start_run(ConsensusSpec(), Q, 0)
+        _run(ConsensusSpec(), Q, 0)
     for bad in [None, "", ("a", -1.0), {"option": "a", "confidence": 2}, 3]:
         with pytest.raises(ConsensusError):
             as_vote(bad)

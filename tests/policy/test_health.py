@@ -8,6 +8,7 @@ import random
 import pytest
 from pydantic import ValidationError
 
+from fleet.policy.backoff import backoff_s
 from fleet.policy.health import (
     TRANSITIONS,
     ActionKind,
@@ -19,7 +20,6 @@ from fleet.policy.health import (
     GuardState,
     HealthEventLog,
     HealthMonitor,
-    restart_backoff_s,
 )
 from fleet.spec.health import CascadeSpec, HealthSpec, RestartSpec
 from tests.utils import FakeClock
@@ -258,19 +258,17 @@ def test_backoff_is_exponential_and_capped_without_jitter():
         initial_backoff_s=1, backoff_multiplier=2, max_backoff_s=30, jitter_ratio=0
     )
     rng = random.Random(0)
-    assert [restart_backoff_s(spec, n, rng) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
-    assert restart_backoff_s(spec, 100_000, rng) == 30, "no overflow"
+    assert [backoff_s(spec, n, rng) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+    assert backoff_s(spec, 100_000, rng) == 30, "no overflow"
     with pytest.raises(ValueError):
-        restart_backoff_s(spec, 0, rng)
+        backoff_s(spec, 0, rng)
 
 
 def test_jitter_stays_within_its_share_and_is_reproducible():
     spec = RestartSpec(initial_backoff_s=10, max_backoff_s=10, jitter_ratio=0.2)
-    draws = [restart_backoff_s(spec, 1, random.Random(s)) for s in range(300)]
+    draws = [backoff_s(spec, 1, random.Random(s)) for s in range(300)]
     assert all(8 <= d <= 10 for d in draws) and max(draws) - min(draws) > 1.5
-    assert restart_backoff_s(spec, 1, random.Random(5)) == restart_backoff_s(
-        spec, 1, random.Random(5)
-    )
+    assert backoff_s(spec, 1, random.Random(5)) == backoff_s(spec, 1, random.Random(5))
 
 
 def test_backoff_grows_per_agent_and_resets_after_a_healthy_period():
@@ -375,7 +373,7 @@ def test_disabled_guard_never_opens():
     assert g.observe(90, 100, 0.0) is GuardState.CLOSED
 
 
-# --- 30% of the fleet fails at once -----------------------------------------------------------
+# --- 30% of the fleet fails at once ----------------------------------------------------
 
 
 class FakeFleet:

@@ -10,19 +10,17 @@ import pytest
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_exponential
 
+from fleet.policy.backoff import backoff_s, backoff_wait
 from fleet.policy.retry import (
     RetryBudget,
     RetryPolicy,
     RetryVerdict,
-    backoff_s,
-    backoff_wait,
     error_name,
     is_retryable,
 )
 from fleet.spec import SpecError, parse_spec
 from fleet.spec.resilience import RetrySpec
 from tests.utils import FakeClock, pool
-
 
 # --- backoff ---------------------------------------------------------------------------
 

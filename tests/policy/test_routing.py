@@ -11,8 +11,8 @@ import pytest
 
 from fleet.policy.routing import (
     AffinityRouter,
-    CapacityRouter,
     Candidate,
+    CapacityRouter,
     FullScanRouter,
     LeastLoadedRouter,
     RandomRouter,
@@ -214,7 +214,7 @@ def test_affinity_is_sticky_under_light_load_and_the_bound_overflows_to_next_ran
 
 
 def test_affinity_weights_share_keys_in_proportion():
-    heavy = [Candidate("big", 0, 10**9, weight=3.0)] + cands(*[(0, 10**9)] * 3)
+    heavy = [Candidate("big", 0, 10**9, weight=3.0), *cands(*([(0, 10**9)] * 3))]
     r = AffinityRouter(load_factor=100.0)  # no bound: measure the pure hash shares
     owners = Counter(r.owner(k, heavy) for k in KEYS[:6_000])
     assert abs(owners[0] / 6_000 - 0.5) < 0.03, owners
@@ -379,7 +379,8 @@ def test_make_router_builds_what_the_spec_names(name, cls):
         assert r.spec.min_success_rate == 0.7 and isinstance(r.balancer, FullScanRouter)
     # what the Serve request router builds keeps working
     assert isinstance(
-        make_router(RoutingSpec(router="least_loaded", choices_d=2)), LeastLoadedRouter
+        make_router(RoutingSpec(router="least_loaded", choices_d=2), clock=FakeClock()),
+        LeastLoadedRouter,
     )
 
 

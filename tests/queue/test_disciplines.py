@@ -3,6 +3,7 @@ drains in that order; aging bounds how long low priority can be overtaken."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -71,7 +72,7 @@ def test_static_key_orders_like_the_value_at_any_time(policy, raw, later):
     now = max(i.submitted_unix_s for i in its) + later
     ordered = sorted(its, key=policy.key)
     values = [policy.value(i, now) for i in ordered]
-    for a, b in zip(values, values[1:]):
+    for a, b in itertools.pairwise(values):
         assert a >= b or _close(a, b), (policy, values)
 
 
@@ -86,7 +87,7 @@ def test_queue_drains_in_discipline_order(policy, raw):
     got = q.lease(len(its), "h", 10.0, 0.0)
     assert sorted(g.id for g in got) == sorted(i.id for i in its)  # none lost, none twice
     values = [policy.value(g, now) for g in got]
-    for a, b in zip(values, values[1:]):
+    for a, b in itertools.pairwise(values):
         assert a >= b or _close(a, b)
 
 

@@ -19,8 +19,8 @@ from kafka.admin import KafkaAdminClient
 
 from fleet.queue.kafka_intake import record_task_id
 from fleet.runtime.names import Names
-from tests.queue.test_kafka_intake import _committed, _topic, _wait
-from tests.utils import make_spec, pool
+from tests.queue.test_kafka_intake import _committed, _topic
+from tests.utils import eventually, make_spec, pool
 
 pytestmark = pytest.mark.ray
 
@@ -63,14 +63,16 @@ def _dead_letters(bootstrap: str, topic: str, distinct: int, timeout_s: float = 
     )
     c.assign([TopicPartition(topic, 0)])
     out: list = []
-    deadline = time.monotonic() + timeout_s
-    while (
-        len({(d["partition"], d["offset"]) for d in out}) < distinct
-        and time.monotonic() < deadline
-    ):
+
+    def all_seen() -> bool:  # the poll itself waits up to 500 ms for records
         for recs in c.poll(timeout_ms=500).values():
             out.extend(orjson.loads(r.value) for r in recs)
-    c.close(autocommit=False)
+        return len({(d["partition"], d["offset"]) for d in out}) >= distinct
+
+    try:
+        eventually(all_seen, timeout_s, 0, what=f"{distinct} distinct dead letters")
+    finally:
+        c.close(autocommit=False)
     return out
 
 
@@ -126,7 +128,9 @@ def test_fleet_consumes_topic_with_two_consumers_one_killed(kafka_broker, start_
             s["completed"] >= 2_000 for s in ray.get([a.stats.remote(), b.stats.remote()])
         )
 
-    _wait(both_consuming, 60, "both consumers to commit work from their partitions")
+    eventually(
+        both_consuming, 60, 0.2, what="both consumers to commit work from their partitions"
+    )
     before = ray.get(a.stats.remote())
     ray.kill(a)  # no close, no commit, no LeaveGroup: the group notices by timeout
     killed_at = fc.summary(ids)["recorded"]
@@ -137,11 +141,11 @@ def test_fleet_consumes_topic_with_two_consumers_one_killed(kafka_broker, start_
     missing = fc.wait(ids, timeout_s=150)
     t4 = time.monotonic()
     assert missing == [], f"{len(missing)} tasks never recorded, e.g. {missing[:3]}"
-    _wait(
+    eventually(
         lambda: _committed(kafka_broker.bootstrap, group, topic, PARTITIONS) == ends,
         30,
-        f"committed offsets to reach the partition ends {ends}",
-        interval_s=0.5,
+        0.5,
+        what=f"committed offsets to reach the partition ends {ends}",
     )
 
     t5 = time.monotonic()
@@ -158,7 +162,8 @@ def test_fleet_consumes_topic_with_two_consumers_one_killed(kafka_broker, start_
     assert all("malformed JSON" in d["reason"] for d in dead)
     print(
         f"\nkafka fleet: {TASKS} tasks recorded once; killed consumer 0 at {killed_at} "
-        f"recorded (stats {before}, committed then {committed_at_kill}); {s['duplicate_executions']} duplicate executions "
+        f"recorded (stats {before}, committed then {committed_at_kill}); "
+        f"{s['duplicate_executions']} duplicate executions "
         f"absorbed; survivor {survivor}; produce {t1 - t0:.1f} s, start {t2 - t1:.1f} s, "
         f"to kill {t3 - t2:.1f} s, to all recorded {t4 - t3:.1f} s, to committed "
         f"{t5 - t4:.1f} s"

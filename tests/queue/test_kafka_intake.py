@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -25,6 +24,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 
 from fleet.queue.kafka_intake import DLQ_REASON_HEADER, KafkaIntake, OffsetTracker, task_parser
 from fleet.spec.queues import KafkaIntakeSpec
+from tests.utils import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,11 +103,17 @@ def _read_all(bootstrap: str, topic: str, n: int, timeout_s: float = 20.0) -> li
         consumer_timeout_ms=2000,
     )
     c.assign([TopicPartition(topic, 0)])
-    out, deadline = [], time.monotonic() + timeout_s
-    while len(out) < n and time.monotonic() < deadline:
+    out: list = []
+
+    def read_n() -> bool:  # the poll itself waits up to 500 ms for records
         for recs in c.poll(timeout_ms=500).values():
             out.extend(recs)
-    c.close(autocommit=False)
+        return len(out) >= n
+
+    try:
+        eventually(read_n, timeout_s, 0, what=f"{n} records from {topic}")
+    finally:
+        c.close(autocommit=False)
     return out
 
 
@@ -170,14 +176,6 @@ def _start_worker(
     return proc, t, other
 
 
-def _wait(cond, timeout_s: float, what: str, interval_s: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_two_consumers_one_killed_every_task_recorded_once(kafka_broker):
@@ -199,31 +197,33 @@ def test_two_consumers_one_killed_every_task_recorded_once(kafka_broker):
     group = f"g-{uuid.uuid4().hex[:6]}"
     ledger = Ledger()
     # Rate-limited so the run lasts long enough to kill one consumer in the middle.
-    a, ta, a_out = _start_worker(kafka_broker, topic, group, "a", 3000, ledger)
+    a, ta, _a_out = _start_worker(kafka_broker, topic, group, "a", 3000, ledger)
     b, tb, b_out = _start_worker(kafka_broker, topic, group, "b", 3000, ledger)
     try:
-        _wait(
+        eventually(
             lambda: (
                 sum(1 for w in ledger.recorded.values() if w == "a") >= 5_000
                 and sum(1 for w in ledger.recorded.values() if w == "b") >= 5_000
             ),
             60,
-            "both consumers to record work",
+            0.2,
+            what="both consumers to record work",
         )
         a.send_signal(signal.SIGKILL)  # no close, no commit, no LeaveGroup
         a.wait(timeout=10)
         killed_at = len(ledger)
         assert killed_at < n_tasks, "the run finished before the kill: raise the task count"
-        _wait(
+        eventually(
             lambda: len(ledger) == n_tasks,
             120,
-            f"all {n_tasks} tasks recorded (have {len(ledger)})",
+            0.2,
+            what=f"all {n_tasks} tasks recorded",
         )
-        _wait(
+        eventually(
             lambda: _committed(kafka_broker.bootstrap, group, topic, partitions) == ends,
             30,
-            f"committed offsets to reach the partition ends {ends}",
-            interval_s=0.5,
+            0.5,
+            what=f"committed offsets to reach the partition ends {ends}",
         )
     finally:
         for p in (a, b):
@@ -293,10 +293,13 @@ def test_malformed_messages_go_to_dead_letter_topic_and_never_block(kafka_broker
 
     intake = KafkaIntake(spec, accept, task_parser({"work"}, 1000))
     try:
-        deadline = time.monotonic() + 60
-        while intake.stats.last_commit.get(f"{topic}/0") != ends[0]:
-            assert time.monotonic() < deadline, f"stuck: {intake.stats}"
+
+        def committed_to_the_end() -> bool:  # the test drives the intake itself
             intake.run_once(0.2)
+            assert intake.stats.last_commit.get(f"{topic}/0") == ends[0], intake.stats
+            return True
+
+        eventually(committed_to_the_end, 60, 0, what="the intake committing to the end")
     finally:
         intake.close()
     assert sorted(recorded) == sorted(f"g{i}" for i in range(200))
@@ -366,10 +369,13 @@ def test_results_are_published_before_the_offset_is_committed(kafka_broker):
 
     intake = KafkaIntake(spec, accept, task_parser({"work"}, 1000))
     try:
-        deadline = time.monotonic() + 60
-        while intake.stats.last_commit.get(f"{topic}/0") != ends[0]:
-            assert time.monotonic() < deadline, f"stuck: {intake.stats}"
+
+        def committed_to_the_end() -> bool:  # the test drives the intake itself
             intake.run_once(0.2)
+            assert intake.stats.last_commit.get(f"{topic}/0") == ends[0], intake.stats
+            return True
+
+        eventually(committed_to_the_end, 60, 0, what="the intake committing to the end")
     finally:
         intake.close()
     assert intake.stats.results_published == 50

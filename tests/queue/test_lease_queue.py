@@ -91,7 +91,7 @@ def test_failed_items_stay_stored_until_acked_on_a_durable_backend(tmp_path):
     path = tmp_path / "s.sqlite3"
     q = LeaseQueue(10, Discipline.DEADLINE, storage=SqliteStorage(path))
     q.put([item("a", T0, deadline=T0 + 1), item("b", T0)])
-    [overdue] = q.fail_overdue(T0 + 2)
+    [_overdue] = q.fail_overdue(T0 + 2)
     assert q.stats(T0).unsettled == 1
     q.close()  # dies before the failure reached the ledger: "a" must come back
     q = LeaseQueue(10, Discipline.DEADLINE, storage=SqliteStorage(path))

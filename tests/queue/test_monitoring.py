@@ -35,7 +35,7 @@ def test_alert_fires_when_a_queue_crosses_its_depth_threshold_and_clears_when_it
 
     n = 0
     for _ in range(12):  # 1,000 items a second into the two shards
-        for k, q in enumerate(shards):
+        for q in shards:
             q.put([item(f"{n + j}", clock()) for j in range(500)])
             n += 500
         tick()

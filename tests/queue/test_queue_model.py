@@ -113,7 +113,7 @@ class QueueModel(RuleBasedStateMachine):
         if pending + len({i.id for i in fresh}) > self.max_depth:
             try:
                 self.q.put(batch)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 assert type(exc).__name__ == "QueueFull"
             else:
                 raise AssertionError("put beyond max_depth was accepted")
@@ -168,7 +168,7 @@ class QueueModel(RuleBasedStateMachine):
         ids = data.draw(
             st.lists(st.sampled_from(sorted(self.leased)), unique=True, min_size=1)
         )
-        assert self.q.ack(ids + ["unknown"]) == len(ids)
+        assert self.q.ack([*ids, "unknown"]) == len(ids)
         for i in ids:
             self.leased.pop(i)
             self.acked.add(i)

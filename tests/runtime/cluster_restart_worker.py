@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import random
 import sys
-import time
 from pathlib import Path
 
 import ray
 
 from fleet.runtime.client import FleetClient
 from fleet.spec import parse_spec
+from tests.utils import eventually
 
 
 def main() -> int:
@@ -46,12 +46,15 @@ def main() -> int:
                 for i in ids
             ]
         )
-        deadline = time.monotonic() + 120
-        while len(ids) - len(fc.ledger.missing(ids)) < tasks // 3:
-            if time.monotonic() > deadline:
-                print("a third was not recorded within 120 s", file=sys.stderr)
-                return 1
-            time.sleep(0.05)
+        try:
+            eventually(
+                lambda: len(ids) - len(fc.ledger.missing(ids)) >= tasks // 3,
+                120,
+                what="a third recorded",
+            )
+        except AssertionError as exc:
+            print(exc, file=sys.stderr)
+            return 1
         missing = set(fc.ledger.missing(ids))
         done = [i for i in ids if i not in missing]
         Path(state_path).write_text(

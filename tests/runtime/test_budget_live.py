@@ -87,9 +87,9 @@ def _host(spec, book: BudgetBook) -> tuple[AgentHost, FakeLedger, _BookActor]:
         {k: v.model_dump() for k, v in spec.budgets.prices.items()},
     )
     actor = _BookActor(book)
-    host._budget = BudgetClient(actor=actor)
+    host.budget = BudgetClient(actor=actor)
     ledger = FakeLedger()
-    host._ledger = ledger
+    host.recorder.client = ledger
     return host, ledger, actor
 
 
@@ -106,7 +106,7 @@ def test_estimate_names_a_priced_model_and_budgets_are_enforced_only_when_set():
     assert BudgetsSpec.model_validate({"pools": {"work": {"daily_usd": 1}}}).enforced
     spec = _spec()
     assert spec.budgets.estimate_for("work") == pytest.approx((TASK_USD, 2000, 0.0))
-    with pytest.raises(ValueError, match="budgets.task_estimates.nope: no pool named"):
+    with pytest.raises(ValueError, match=r"budgets\.task_estimates\.nope: no pool named"):
         _spec(task_estimates={"nope": {"usd": 1}})
 
 
@@ -201,14 +201,17 @@ def test_agent_out_of_its_own_budget_is_parked_and_its_tasks_go_elsewhere_or_bac
     ok = [o for o in ledger.outcomes if o.ok]
     # Each of the 3 agents runs 2 tasks; the other 4 go back to the queue (later, or
     # to another host): nothing is failed for an agent's own budget, nothing lost.
-    assert len(ok) == 6 and Counter(o.agent_id for o in ok) == {a: 2 for a in host._agent_ids}
+    assert len(ok) == 6 and Counter(o.agent_id for o in ok) == dict.fromkeys(
+        [a.id for a in host.core.agents], 2
+    )
     assert report.recorded == 6 and len(report.retry_ids) == 4
     assert all(d > 0 for d in report.retry_delays_s)
     assert book.snapshot()["refused_tasks"]["agent"] >= 3  # each agent once, at least
     # On its last delivery a task no agent here may run fails with budget_exhausted.
     host2, ledger2, _ = _host(spec, book)
     last = spec.resilience.max_deliveries - 1
-    host2._agent_ids = host._agent_ids  # the same (exhausted) agents
+    for a2, a in zip(host2.core.agents, host.core.agents):
+        a2.id = a.id  # the same (exhausted) agents
     report2 = asyncio.run(host2.run_and_record(_items(2, deliveries=last)))
     assert report2.retry_ids == [] and report2.recorded == 2
     assert {o.reason for o in ledger2.outcomes} == {REASON_BUDGET_EXHAUSTED}
@@ -220,7 +223,7 @@ def test_host_without_budgets_never_reserves():
     )
     assert not spec.budgets.enforced
     host = AgentHost(spec.pools[0].model_dump(mode="json"))
-    assert host._budget is None
+    assert host.budget is None
 
 
 # --- live ---------------------------------------------------------------------------
@@ -255,7 +258,8 @@ def test_200_agents_racing_for_the_last_budget_overspend_by_zero(start_fleet):
     day_windows = len({int(r.finished_unix_s // 86_400) for r in results if r is not None})
     print(
         f"\nrace: {len(completed)} completed, spent ${spent:.4f} of ${budget:.2f}, "
-        f"overspend ${max(0.0, spent - budget * day_windows):.4f}, {summary['failure_reasons']}"
+        f"overspend ${max(0.0, spent - budget * day_windows):.4f}, "
+        f"{summary['failure_reasons']}"
     )
     assert summary["lost"] == 0 and summary["recorded"] == len(ids)
     assert spent <= budget * day_windows + 1e-9  # overspend exactly $0

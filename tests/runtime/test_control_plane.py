@@ -147,7 +147,7 @@ def _held_restart(fc, handle, name: str) -> None:
     hold_restart(ns, name)
     try:
         ray.kill(ray.get_actor(name, namespace=ns), no_restart=False)
-        code, body = eventually(
+        _code, body = eventually(
             lambda: (r := _healthz(handle))[0] == 503 and r,
             20,
             what=f"/healthz 503 while {name} restarts",
@@ -164,7 +164,7 @@ def _held_restart(fc, handle, name: str) -> None:
             assert set(cli["control"]) == set(fc.names.control_actors(fc.spec))
     finally:
         hold_restart(ns, name, False)
-    code, body = eventually(
+    _code, body = eventually(
         lambda: (r := _healthz(handle))[0] == 200 and r,
         30,
         what=f"/healthz 200 once {name} is back",
@@ -191,9 +191,9 @@ def test_healthz_status_and_alert_follow_held_restarts(start_fleet, tmp_path):
     try:
         code, body = _healthz(handle)
         assert code == 200 and body["status"] == "ok", body
-        assert {n: _sr(a) for n, a in fc.status()["control"].items()} == {
-            n: UP for n in fc.names.control_actors(spec)
-        }
+        assert {n: _sr(a) for n, a in fc.status()["control"].items()} == dict.fromkeys(
+            fc.names.control_actors(spec), UP
+        )
         # A queue shard: the controller, alive, alerts about it.
         shard = fc.names.shard("work", 0)
         _held_restart(fc, handle, shard)

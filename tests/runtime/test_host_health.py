@@ -16,7 +16,7 @@ from fleet.agent import Agent
 from fleet.policy.health import AgentState
 from fleet.runtime.host import AgentHost
 from fleet.task import Item, Task, to_item
-from tests.utils import FakeLedger, pool
+from tests.utils import FakeLedger, eventually, eventually_async, pool
 
 AGENT = "tests.runtime.test_host_health:SwitchAgent"
 
@@ -90,7 +90,7 @@ def _host(
         spec, resilience or {"retry": {"max_attempts": 1}}, health=health or FAST_HEALTH
     )
     ledger = FakeLedger()
-    host._ledger = ledger
+    host.recorder.client = ledger
     return host, ledger
 
 
@@ -108,17 +108,13 @@ def _index(agent_id: str | None) -> int:
     return int(agent_id.rsplit("/", 1)[1])
 
 
-async def _until(cond, timeout_s: float = 10.0) -> None:
-    t_end = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < t_end, "condition not met in time"
-        await asyncio.sleep(0.02)
+UNTIL_S = 10.0  # how long a host test waits for a health transition
 
 
 def test_a_failing_agent_leaves_service_at_once_and_is_restarted_with_backoff():
     host, ledger = _host(10)
     SwitchAgent.broken = {2}
-    bad = host._agent_ids[2]
+    bad = host.core.agents[2].id
 
     async def run() -> None:
         for _ in range(6):
@@ -126,20 +122,26 @@ def test_a_failing_agent_leaves_service_at_once_and_is_restarted_with_backoff():
         # Out of service after error_min_calls failures: no more work reaches it.
         failed_on_2 = sum(1 for o in ledger.outcomes if _index(o.agent_id) == 2)
         assert failed_on_2 == FAST_HEALTH["error_min_calls"]
-        assert host._health.state(bad) is not AgentState.HEALTHY
+        assert host.core.health.monitor.state(bad) is not AgentState.HEALTHY
         # Restarted in the host (setup again), failing again while broken: the backoff
         # doubles per consecutive failure.
-        await _until(lambda: host._health.agent(bad).failures >= 3)
+        await eventually_async(
+            lambda: host.core.health.monitor.agent(bad).failures >= 3, UNTIL_S, 0.02
+        )
         assert SwitchAgent.setups[2] >= 2
         gaps = [
-            e for e in host.health_events.events if e.subject == bad and e.new == "restarting"
+            e
+            for e in host.core.health.events.events
+            if e.subject == bad and e.new == "restarting"
         ]
         assert len(gaps) >= 2
-        spacing = [b.at_s - a.at_s for a, b in zip(gaps, gaps[1:])]
+        spacing = [b.at_s - a.at_s for a, b in itertools.pairwise(gaps)]
         assert spacing == sorted(spacing), spacing  # 0.2, 0.4, ...: never shorter
         # The fault is removed: the next restart succeeds and the agent works again.
         SwitchAgent.broken = set()
-        await _until(lambda: host._health.state(bad) is AgentState.HEALTHY)
+        await eventually_async(
+            lambda: host.core.health.monitor.state(bad) is AgentState.HEALTHY, UNTIL_S, 0.02
+        )
         ledger.outcomes.clear()
         for _ in range(5):
             await host.run_and_record(_items(20))
@@ -160,21 +162,33 @@ def test_a_task_that_ignores_its_timeout_marks_its_agent_hung_and_frees_the_slot
     async def run() -> None:
         SwitchAgent.release = asyncio.Event()
         wedged = asyncio.get_running_loop().create_task(host.run_and_record(_items(1)))
-        await _until(lambda: host._busy[0] == 1)
+        await eventually_async(lambda: host.core.agents[0].in_flight == 1, UNTIL_S, 0.02)
         # Past task_timeout_s + hung_task_grace_s: hung, restarted, its slot given back.
-        await _until(lambda: host._health.agent(host._agent_ids[0]).restarts >= 1)
+        await eventually_async(
+            lambda: host.core.health.monitor.agent(host.core.agents[0].id).restarts >= 1,
+            UNTIL_S,
+            0.02,
+        )
         SwitchAgent.stubborn = set()
-        await _until(lambda: host._health.state(host._agent_ids[0]) is AgentState.HEALTHY)
-        assert host._busy[0] == 0
+        await eventually_async(
+            lambda: (
+                host.core.health.monitor.state(host.core.agents[0].id) is AgentState.HEALTHY
+            ),
+            UNTIL_S,
+            0.02,
+        )
+        assert host.core.agents[0].in_flight == 0
         await host.run_and_record(_items(10))
         assert {_index(o.agent_id) for o in ledger.outcomes if o.ok} == {0, 1}
         SwitchAgent.release.set()  # the old instance finally lets go
         report = await wedged
         assert report.recorded == 1
-        assert host._busy == [0, 0], "the orphan's late end released nothing"
+        assert [a.in_flight for a in host.core.agents] == [0, 0], (
+            "the orphan's late end released nothing"
+        )
 
     asyncio.run(run())
-    failures = list(host._health.failures)
+    failures = list(host.core.health.monitor.failures)
     assert failures[0].reason == "hung_task" and "limit 0.3s" in failures[0].detail
     # The wedged task swallowed its cancel and finished: recorded once, like the rest.
     assert len(ledger.outcomes) == 11 and len({o.task_id for o in ledger.outcomes}) == 11
@@ -182,27 +196,35 @@ def test_a_task_that_ignores_its_timeout_marks_its_agent_hung_and_frees_the_slot
 
 def test_missed_heartbeats_take_an_agent_out_and_the_probe_reports_a_dead_host():
     host, _ = _host(1)
-    agent_id = host._agent_ids[0]
+    agent_id = host.core.agents[0].id
 
     async def run() -> None:
         await host.run_and_record(_items(3))  # the agent exists; the health loop runs
         await host.check_health()
         SwitchAgent.broken = {0}  # its heartbeat fails from now on
-        await _until(
-            lambda: any(f.reason == "heartbeat_missed" for f in host._health.failures)
+        await eventually_async(
+            lambda: any(
+                f.reason == "heartbeat_missed" for f in host.core.health.monitor.failures
+            ),
+            UNTIL_S,
+            0.02,
         )
-        assert not host._is_routable(0)
+        assert not host.core.slots.is_routable(host.core.agents[0])
         # One agent, failed and not coming back (setup fails): after startup_timeout_s
         # with nothing in service, Serve's probe fails so that the host is replaced.
-        await _until(lambda: host.health_problem() is not None)
+        await eventually_async(lambda: host.health_problem() is not None, UNTIL_S, 0.02)
         with pytest.raises(RuntimeError, match="no agent in service"):
             await host.check_health()
         SwitchAgent.broken = set()
-        await _until(lambda: host._health.state(agent_id) is AgentState.HEALTHY)
+        await eventually_async(
+            lambda: host.core.health.monitor.state(agent_id) is AgentState.HEALTHY,
+            UNTIL_S,
+            0.02,
+        )
         await host.check_health()
 
     asyncio.run(run())
-    reasons = {f.reason for f in host._health.failures}
+    reasons = {f.reason for f in host.core.health.monitor.failures}
     assert reasons >= {"heartbeat_missed", "crashed"}
 
 
@@ -394,37 +416,39 @@ def test_cascade_opens_the_fleet_breaker_throttles_restarts_and_recovers(start_f
         # restart (a restart does not reset them: they earn their way back through
         # probe calls), so keep traffic coming, in rounds, until one of them serves.
         after: list[str] = []
-        for _ in range(15):
+
+        def a_restarted_agent_serves() -> bool:
+            """One round of 100 tasks; True once a restarted agent ran one of them."""
             batch = fc.submit(
                 [
                     {"capability": "work", "payload": {"after": len(after) + k}}
                     for k in range(100)
                 ]
             ).accepted
-            after += batch
-            assert fc.wait(batch, timeout_s=90) == []
-            late = fc.results(after)
-            if {r.agent_id for r in late if r is not None} & set(broken):
-                break
-            time.sleep(1.0)
+            after.extend(batch)
+            fc.wait(batch, timeout_s=90)
+            served = {r.agent_id for r in fc.results(after) if r is not None}
+            assert served & set(broken), ("no restarted agent took work", guard(fc.status()))
+            return True
+
+        eventually(a_restarted_agent_serves, 60, 1.0, what="a restarted agent serving")
         assert fc.wait(ids + after, timeout_s=90) == []
         late = fc.results(after)
         assert all(r is not None and r.status == "completed" for r in late)
-        assert {r.agent_id for r in late if r is not None} & set(broken), (
-            "no restarted agent took work within 15 rounds",
-            guard(fc.status()),
-        )
         s = fc.summary(ids + after)
         assert s["lost"] == 0 and s["completed"] + s["failed"] == len(ids) + len(after)
         print("tasks:", {k: s[k] for k in ("completed", "failed", "lost")})
         # The gauges follow the hosts' periodic reports: give them a few ticks.
         want = 'fleet_agents{pool="work",state="healthy"} 20.0'
-        for _ in range(30):
+
+        def gauges_caught_up() -> str:
             text = fc.metrics_text()
-            if want in text:
-                break
-            time.sleep(0.5)
-        assert want in text, [ln for ln in text.splitlines() if ln.startswith("fleet_agents")]
+            assert want in text, [
+                ln for ln in text.splitlines() if ln.startswith("fleet_agents")
+            ]
+            return text
+
+        text = eventually(gauges_caught_up, 15, 0.5, what=want)
         assert "fleet_agent_restarts_total" in text
     finally:
         ray.kill(board)

@@ -28,7 +28,7 @@ def _host(max_output_bytes: int) -> tuple[AgentHost, FakeLedger]:
     )
     host = AgentHost(spec, {"retry": {"max_attempts": 1}}, max_output_bytes=max_output_bytes)
     ledger = FakeLedger()
-    host._ledger = ledger
+    host.recorder.client = ledger
     return host, ledger
 
 

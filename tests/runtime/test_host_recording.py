@@ -11,7 +11,7 @@ from typing import Any
 
 from fleet.runtime.host import AgentHost
 from fleet.task import Item, to_item
-from tests.utils import FakeLedger, pool
+from tests.utils import FakeLedger, eventually_async, pool
 
 
 def _host(
@@ -29,7 +29,7 @@ def _host(
     )
     host = AgentHost(spec, resilience or {"retry": {"max_attempts": 1}}, health=health)
     ledger = FakeLedger()
-    host._ledger = ledger
+    host.recorder.client = ledger
     return host, ledger
 
 
@@ -44,10 +44,17 @@ def test_each_outcome_is_recorded_when_its_task_finishes_not_with_the_batch():
 
     async def run() -> None:
         batch = asyncio.get_running_loop().create_task(host.run_and_record(fast + slow))
-        await asyncio.sleep(0.6)  # the fast ones are long done; the slow ones run
+        fast_ids = {it.id for it in fast}
+        # Well before the slow ones end (1.5 s): fast batch-mates wait for nobody.
+        await eventually_async(
+            lambda: {o.task_id for o in ledger.outcomes} >= fast_ids,
+            1.0,
+            0.02,
+            what="every fast task recorded while the slow ones run",
+        )
         assert not batch.done()
         recorded = {o.task_id for o in ledger.outcomes}
-        assert recorded == {it.id for it in fast}, "fast batch-mates wait for nobody"
+        assert recorded == fast_ids, "only the fast ones so far"
         assert ledger.calls <= 4, f"coalesced, not one call per task: {ledger.calls}"
         report = await batch
         assert report.recorded == 40 and report.retry_ids == []
@@ -75,15 +82,17 @@ def test_a_wedged_agent_is_abandoned_and_its_batch_mates_are_recorded_on_time():
     wedged = _item(wedge_s=7.0)
 
     async def run() -> None:
-        report = await host.run_and_record(mates[:25] + [wedged] + mates[25:])
+        report = await host.run_and_record([*mates[:25], wedged, *mates[25:]])
         assert report.recorded == 50 and report.retry_ids == []
         assert host.abandoned == 1
         after = await host.run_and_record([_item(sleep_s=0.01, i=i) for i in range(20)])
         assert after.recorded == 20  # the host keeps serving
-        await asyncio.sleep(3.5)  # let the wedged coroutine end: its late result is dropped
+        # Not a wait for a condition: the wedged agent (wedge_s 7) must end while the loop
+        # still runs, so that a late result it produced would be seen (and dropped).
+        await asyncio.sleep(3.5)
         # Health found the wedged agent hung: its slot went to a fresh instance, and the
         # abandoned task's late end released nothing more.
-        assert host.restarts >= 1 and host._busy == [0] * 50
+        assert host.restarts >= 1 and [a.in_flight for a in host.core.agents] == [0] * 50
 
     asyncio.run(run())
     by_id = {o.task_id: o for o in ledger.outcomes}
@@ -115,7 +124,10 @@ def test_a_delivery_handed_back_for_a_retry_is_excused_in_the_ledger():
 
     async def run() -> Any:
         report = await host.run_and_record(failing)
-        await asyncio.sleep(0.1)  # excusals ride the shard's next coalesced call
+        # Excusals ride the shard's next coalesced call.
+        await eventually_async(
+            lambda: len(ledger.excused) == len(failing), 2, 0.01, what="excusals sent"
+        )
         return report
 
     report = asyncio.run(run())

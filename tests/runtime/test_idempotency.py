@@ -57,7 +57,7 @@ def test_resubmitted_completed_tasks_run_none_again(start_fleet, tmp_path, capsy
     assert fc.ledger.duplicates(first.accepted) == {}
 
     # The same key with another payload: refused, naming the key; nothing queued.
-    with pytest.raises(IdempotencyConflict, match="'key-7'.*different payload"):
+    with pytest.raises(IdempotencyConflict, match=r"'key-7'.*different payload"):
         fc.submit(
             [
                 {"idempotency_key": "key-7", "capability": "work", "payload": {"k": 1}},

@@ -45,7 +45,7 @@ def test_submit_dispatch_and_failures_carry_reasons(start_fleet):
         }
         for i in range(1000)
     ]
-    rep = fc.submit(tasks + [{"capability": "nope"}])
+    rep = fc.submit([*tasks, {"capability": "nope"}])
     assert len(rep.accepted) == 1000 and rep.rejected[0][0] == 1000
     assert fc.wait(rep.accepted, timeout_s=120) == []
     s = fc.summary(rep.accepted)
@@ -150,7 +150,7 @@ def test_step_scales_agents_and_hosts_then_scale_down_loses_nothing(start_fleet)
 
     # Up: the agents reach the policy's target within its rate limit plus one
     # (observed) control interval, and hosts follow.
-    ticks = list(zip(tl, tl[1:]))
+    ticks = list(itertools.pairwise(tl))
     longest_tick = max(cur["t_s"] - prev["t_s"] for prev, cur in ticks)
     up_rate = (a.max_agents - a.min_agents) / a.upscale_within_s
     down_rate = (a.max_agents - a.min_agents) / a.downscale_within_s

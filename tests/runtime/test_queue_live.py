@@ -17,7 +17,7 @@ import ray
 from fleet.runtime.client import FleetClient
 from fleet.runtime.deploy import teardown
 from fleet.runtime.names import Names
-from tests.utils import make_spec, pool
+from tests.utils import eventually, make_spec, pool
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +46,11 @@ def test_task_past_its_deadline_fails_with_reason_and_is_recorded(start_fleet):
         )
     )
     blocker = fc.submit([{"capability": "work"}]).accepted
-    time.sleep(0.3)
+    eventually(
+        lambda: fc.status()["pools"]["work"]["queue"]["leased"] >= 1,
+        30,
+        what="the blocker leased to the only agent",
+    )
     late = fc.submit([{"capability": "work", "deadline_unix_s": time.time() + 0.5}]).accepted
     assert fc.wait(blocker + late, timeout_s=60) == []
     r = fc.results(late)[0]
@@ -69,8 +73,7 @@ def test_sqlite_shard_killed_mid_run_loses_nothing(start_fleet, tmp_path):
         [{"capability": "work", "payload": {"i": i}} for i in range(5_000)]
     ).accepted
     shard = ray.get_actor(Names(spec.name).shard("work", 0), namespace=spec.namespace)
-    while fc.summary(ids)["recorded"] < 500:
-        time.sleep(0.1)
+    eventually(lambda: fc.summary(ids)["recorded"] >= 500, 120, 0.1, what="500 recorded")
     pid = ray.get(shard.__ray_call__.remote(lambda self: os.getpid()))
     os.kill(pid, signal.SIGKILL)
     assert fc.summary(ids)["recorded"] < 5_000, (
@@ -91,18 +94,19 @@ def test_depth_alert_fires_in_status_and_metrics_then_clears(start_fleet):
         )
     )
     ids = fc.submit([{"capability": "work"} for _ in range(400)]).accepted
-    deadline = time.monotonic() + 30
-    active = []
-    while not active and time.monotonic() < deadline:
-        active = fc.status()["alerts"]["active"]
-        time.sleep(0.1)
-    assert active and active[0]["subject"].startswith("work"), active
+    active = eventually(
+        lambda: fc.status()["alerts"]["active"], 30, 0.1, what="the depth alert fires"
+    )
+    assert active[0]["subject"].startswith("work"), active
     text = fc.metrics_text()
     assert "fleet_queue" in text and 'queue="work"' in text
     assert fc.wait(ids, timeout_s=60) == []
-    deadline = time.monotonic() + 10
-    while fc.status()["alerts"]["active"] and time.monotonic() < deadline:
-        time.sleep(0.1)
+    eventually(
+        lambda: not fc.status()["alerts"]["active"],
+        10,
+        0.1,
+        what="the alert clears once the queue drains",
+    )
     st = fc.status()["alerts"]
     assert st["active"] == [], "the alert must clear once the queue drains"
     kinds = [e["kind"] for e in st["events"]]
@@ -175,11 +179,13 @@ def test_driver_killed_mid_run_every_accepted_task_completes_once(ray_cluster, t
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 120
-        while len(_lines(ids_file)) < tasks // 4:
-            assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the driver accepted too little in 120 s"
-            time.sleep(0.05)
+
+        def a_quarter_accepted() -> bool:
+            if driver.poll() is not None:  # it died: stop waiting, show why
+                pytest.fail(driver.stderr.read().decode()[-3000:])
+            return len(_lines(ids_file)) >= tasks // 4
+
+        eventually(a_quarter_accepted, 120, what="the driver accepting a quarter")
         driver.send_signal(signal.SIGKILL)  # no teardown, no goodbye
         driver.wait(timeout=30)
         accepted = _lines(ids_file)

@@ -103,7 +103,7 @@ def test_a_task_that_kills_its_host_fails_alone_and_its_batch_mates_complete(sta
         {"capability": "work", "payload": {"i": i, "sleep_s": 0.01}} for i in range(200)
     ]
     poison = {"capability": "work", "payload": {"exit": True}}
-    ids = fc.submit(innocent[:100] + [poison] + innocent[100:]).accepted  # one batch
+    ids = fc.submit([*innocent[:100], poison, *innocent[100:]]).accepted  # one batch
     assert fc.wait(ids, timeout_s=240) == []
     results = {r.task_id: r for r in fc.results(ids)}
     bad = results[ids[100]]

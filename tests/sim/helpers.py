@@ -11,7 +11,7 @@ from fleet.sim import Scenario, parse_scenario
 def pool_spec(
     name: str = "work", agents: int = 4, max_agents: int | None = None, **kw: Any
 ) -> dict[str, Any]:
-    """A fleet-spec pool; a fixed size unless ``max_agents`` or ``autoscaling`` say otherwise."""
+    """A fleet-spec pool: a fixed size unless ``max_agents`` or ``autoscaling`` say so."""
     autoscaling = kw.pop("autoscaling", None) or {
         "min_agents": agents,
         "max_agents": max_agents or agents,
