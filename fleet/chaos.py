@@ -246,6 +246,7 @@ class ChaosHarness:
         self.injections: list[dict[str, Any]] = []
         self._waves: list[_Wave] = []
         self._claimed: set[str] = set()
+        self._first_seen: dict[str, float] = {}  # replica id -> when a check first saw it
         self._killed_total = 0
         self._burns: list[Any] = []
         self._killed_ids: set[str] = set()
@@ -358,6 +359,7 @@ class ChaosHarness:
         self._check_replacements()
         names = {_replica_id(n): (n, ns) for n, ns in pool_replicas(self.fleet, plan.pool)}
         states = replica_states(self.fleet, plan.pool)
+        self._seen([*names, *(states or {})])
         running = sorted(r for r, st in (states or {}).items() if st == "RUNNING")
         left = plan.max_hosts_killed - self._killed_total
         spared = self._spared if time.time() < self._spared_until else set()
@@ -465,7 +467,10 @@ class ChaosHarness:
         has been credited with. Crediting new replicas to waves in kill order keeps one
         replacement from counting for two waves, and per-replica states keep a later
         kill from hiding an earlier wave's replacement (a pool-wide RUNNING count would
-        not be back to its target while kills keep coming).
+        not be back to its target while kills keep coming). Among the new replicas a
+        wave could take, it takes the ones seen first: a replica that already existed
+        when a later wave struck is of no use to that wave, while a newer one may be the
+        only replacement it can be credited with.
         """
         pending = self._pending()
         if not pending:
@@ -474,13 +479,22 @@ class ChaosHarness:
         if states is None:
             return
         now = time.time()
-        running = sorted(r for r, st in states.items() if st == "RUNNING")
+        self._seen(states)
+        running = sorted(
+            (r for r, st in states.items() if st == "RUNNING"),
+            key=lambda r: (self._first_seen[r], r),
+        )
         for w in pending:
             fresh = [r for r in running if r not in w.before and r not in self._claimed]
             if len(fresh) < len(w.killed):
                 break
             self._claimed.update(fresh[: len(w.killed)])
             w.replaced_unix_s = now
+
+    def _seen(self, replicas: Any) -> None:
+        now = time.monotonic()
+        for r in replicas:
+            self._first_seen.setdefault(r, now)
 
     # -- report --------------------------------------------------------------------
     def report(self) -> dict[str, Any]:

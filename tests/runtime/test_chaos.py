@@ -127,6 +127,32 @@ def test_chaotic_agent_applies_and_counts_rules():
     asyncio.run(go())
 
 
+def test_replacements_are_credited_so_that_every_wave_can_be_replaced(monkeypatch):
+    # CI's failure: waves 0..3 kill a, b, c, d. Serve's replacements z0..z2 exist (not
+    # yet RUNNING) when wave 3 strikes, so only the last one, a3, can replace d. a3
+    # sorts first; crediting wave 0 with it left wave 3 unreplaced for good.
+    import fleet.chaos as chaos
+    from fleet.chaos import ChaosHarness, _Wave
+
+    class _FC:
+        spec = make_spec(pool("work"))
+
+    states: dict[str, str] = {}
+    monkeypatch.setattr(chaos, "replica_states", lambda fleet, pool: dict(states))
+    h = ChaosHarness(_FC(), ChaosPlan(pool="work", seed=1, duration_s=10))
+    hosts = ["a", "b", "c", "d", "e"]
+    for k, victim in enumerate("abcd"):
+        starting = ["z0", "z1", "z2"][:k]  # the earlier waves' replacements, not up yet
+        states = dict.fromkeys(hosts, "RUNNING") | dict.fromkeys(starting, "STARTING")
+        h._check_replacements()
+        h._waves.append(_Wave(k, time.time(), [victim], set(states), len(hosts)))
+        hosts.remove(victim)
+    states = dict.fromkeys(["e", "z0", "z1", "z2", "a3"], "RUNNING")
+    h._check_replacements()
+    assert [w.replaced_unix_s is not None for w in h._waves] == [True] * 4
+    assert h._claimed == {"z0", "z1", "z2", "a3"}
+
+
 # -- live ------------------------------------------------------------------------------
 @pytest.mark.ray
 def test_chaos_run_loses_nothing_and_replaces_every_host(ray_cluster):
