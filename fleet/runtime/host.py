@@ -115,6 +115,7 @@ class AgentHost:
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
         clock: Any = time.monotonic,
         rng: random.Random | None = None,
+        autotick: bool = True,
     ):
         self.pool = PoolSpec.model_validate(pool)
         self.resilience = ResilienceSpec.model_validate(resilience or {})
@@ -125,6 +126,7 @@ class AgentHost:
         self._controller_ref = controller
         self.max_output_bytes = max_output_bytes
         self.clock = clock
+        self._autotick = autotick  # False: the caller drives core.tick (fake-clock tests)
         n = self.pool.agents_per_host
         self.core = HostCore(
             self.host_id,
@@ -214,7 +216,7 @@ class AgentHost:
         t.add_done_callback(self._bg.discard)
 
     def _ensure_loop(self) -> None:
-        if self._loop_task is None:
+        if self._loop_task is None and self._autotick:
             self._loop_task = asyncio.get_running_loop().create_task(self._tick_loop())
 
     async def _tick_loop(self) -> None:

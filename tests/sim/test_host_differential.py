@@ -154,6 +154,7 @@ async def _live_async(routing: str, times: list[float]) -> list[tuple[Any, ...]]
         health=HEALTH,
         clock=clock,
         rng=random.Random(f"fleet-sim/{SEED}/route/work"),
+        autotick=False,  # no tick on real time: the simulator does not tick either
     )
     host.recorder.client = FakeLedger()
     host.core.trace = []
@@ -187,7 +188,7 @@ async def _live_async(routing: str, times: list[float]) -> list[tuple[Any, ...]]
             submit(what)
         await _settle()
     # Final outcomes go out after the record buffer's few real milliseconds.
-    await asyncio.wait_for(asyncio.gather(*running), 5.0)
+    await asyncio.wait_for(asyncio.gather(*running), 30.0)
     return host.core.trace
 
 
