@@ -254,6 +254,9 @@ class Slots:
         self.router.forget(a.id)
 
 
+# Swap removal, once per index slot (``fidx``, ``ridx``; the simulator's state lists have
+# a third, ``lidx``): these run per task, where reaching the slot by name (getattr and
+# setattr) would cost more than the six lines it saves.
 def _unfree(free: list[CoreAgent], a: CoreAgent) -> None:
     i = a.fidx
     last = free.pop()
