@@ -18,8 +18,9 @@ Rule kinds:
   from the dispatcher. Tasks held longer than ``task_timeout_s`` time out and are retried.
 - ``fail``: the agent is broken: its tasks raise ``ChaosFault`` (retryable), its
   ``heartbeat`` raises and a restarted instance's ``setup`` raises, until the rule ends.
-  Health detection takes it out of service and restarts it (see ``fleet.runtime.
-  host_health``); many agents failing at once exercise the cascade guard.
+  Health detection takes it out of service and restarts it (the ``Health`` stage of
+  ``fleet.policy.host.HostCore``); many agents failing at once exercise the cascade
+  guard.
 
 Times in rules are Unix seconds (``time.time()``): the harness and the hosts share them
 on one machine, and on a cluster they are as close as the nodes' clocks.
