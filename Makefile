@@ -34,4 +34,4 @@ bench: $(STAMP)
 	$(BIN)/fleet bench --json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache
