@@ -306,40 +306,8 @@ _INSERT = (
 
 
 def _outcome(row: Sequence[Any]) -> Outcome:
-    (
-        task_id,
-        ok,
-        output,
-        reason,
-        error,
-        agent_id,
-        pool,
-        deliveries,
-        submitted,
-        started,
-        finished,
-        in_tok,
-        out_tok,
-        cost,
-        ph,
-    ) = row
-    return Outcome(
-        task_id,
-        bool(ok),
-        output,
-        reason,
-        error,
-        agent_id,
-        pool,
-        deliveries,
-        submitted,
-        started,
-        finished,
-        in_tok,
-        out_tok,
-        cost,
-        ph,
-    )
+    """An ``Outcome`` from a row of the outcomes table (SQLite stores ``ok`` as 0/1)."""
+    return Outcome(row[0], bool(row[1]), *row[2:])
 
 
 class SqliteLedgerStore:

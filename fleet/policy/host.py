@@ -477,9 +477,13 @@ class Parking:
     """Agents refused by their own budget keep one slot taken for a while."""
 
     def __init__(self) -> None:
-        self.slots = 0
-        self.by_agent: Counter[int] = Counter()
+        self.by_agent: Counter[int] = Counter()  # agent -> its parked slots (no zeros)
         self.retry_after_s = BUDGET_PARK_MAX_S
+
+    @property
+    def slots(self) -> int:
+        """Parked slots in all."""
+        return sum(self.by_agent.values())
 
 
 class RecordBuffers:
@@ -773,12 +777,7 @@ class HostCore:
         agent's latency EWMA, breaker, health and the router, frees its slot and returns
         the handoffs. A task whose agent was restarted under it changes nothing: its
         slot was given back then."""
-        w = self.watch
-        w.since.pop(key, None)
-        if w.cancelled_at:
-            w.cancelled_at.pop(key, None)
-            w.abandoned.discard(key)
-        on = w.on.pop(key, None)
+        on = self._forget(key)
         if on is None or on[0] == ORPHAN:
             return _NO_HANDOFFS
         return self.done(on[0], ok, latency_s, kind)
@@ -807,11 +806,17 @@ class HostCore:
 
     def leave(self, key: Hashable) -> None:
         """Task ``key`` left without an agent (refused, or timed out waiting)."""
+        self._forget(key)
+
+    def _forget(self, key: Hashable) -> tuple[int, str] | None:
+        """Drop task ``key`` from the watch; return its (agent, item id), if it had one.
+        (Only cancelled tasks can be abandoned: most ends skip both lookups.)"""
         w = self.watch
         w.since.pop(key, None)
-        w.cancelled_at.pop(key, None)
-        w.abandoned.discard(key)
-        w.on.pop(key, None)
+        if w.cancelled_at:
+            w.cancelled_at.pop(key, None)
+            w.abandoned.discard(key)
+        return w.on.pop(key, None)
 
     def release(self, i: int) -> tuple[tuple[Any, int], ...] | list[tuple[Any, int]]:
         """Free one slot of agent ``i`` (no outcome to learn from) and hand it on."""
@@ -846,12 +851,15 @@ class HostCore:
         agents, applies the monitor's actions and lets waiting tasks see open breakers
         that turned half-open with time alone.
         """
-        act = self.take_pending() or TickActions()
+        # One object collects the tick's answers and those health events leave while it
+        # runs (restarts, handoffs: see _apply_health), as well as any left before it.
+        act = self._pend()
         self._watch(now, last, act)
         self._health_tick(now, act)
         if self._dirty or self.breakers.registry.ejected:
             self.refresh()
             act.handoffs.extend(self.wake())
+        self.pending = None
         return act
 
     @property
@@ -893,15 +901,11 @@ class HostCore:
         if stalled:
             return
         self._find_hung(now)
-        self._apply_health(mon.tick())
-        more = self.take_pending()
-        if more is not None:
-            act.restart.extend(more.restart)
-            act.handoffs.extend(more.handoffs)
-        if self.slots.active and not any(h.in_service(i) for i in range(self.slots.active)):
-            h.all_out_since = h.all_out_since or now
-        else:
+        self._apply_health(mon.tick())  # its restarts and handoffs land in act (pending)
+        if not self.slots.active or any(h.in_service(i) for i in range(self.slots.active)):
             h.all_out_since = None
+        elif h.all_out_since is None:
+            h.all_out_since = now
 
     def _beat(self) -> list[int]:
         """Beat for the agents that live as long as the host's loop does; return the
@@ -1001,7 +1005,7 @@ class HostCore:
         meanwhile, so the shell must drop it."""
         h = self.health
         a = self.agents[i]
-        if i not in h.members or h.monitor.state(a.id) is not AgentState.RESTARTING:
+        if not self._restarting(i):
             return False
         a.expertise = frozenset(expertise)
         a.weight = weight
@@ -1011,12 +1015,16 @@ class HostCore:
 
     def restart_failed(self, i: int, detail: str) -> None:
         """Agent ``i``'s new instance failed to set up: the monitor hears it."""
-        h = self.health
-        agent_id = self.agents[i].id
-        if i not in h.members or h.monitor.state(agent_id) is not AgentState.RESTARTING:
+        if not self._restarting(i):
             return  # a stale restart: the agent was drained (and maybe is back) since
-        h.monitor.report_failure(agent_id, detail, FailureReason.CRASHED)
-        self._apply_health(h.monitor.take_actions())
+        mon = self.health.monitor
+        mon.report_failure(self.agents[i].id, detail, FailureReason.CRASHED)
+        self._apply_health(mon.take_actions())
+
+    def _restarting(self, i: int) -> bool:
+        """Agent ``i`` is a member whose restart the monitor still waits for."""
+        h = self.health
+        return i in h.members and h.monitor.state(self.agents[i].id) is AgentState.RESTARTING
 
     def apply_verdict(self, state: str, permits: int) -> None:
         """The fleet guard's answer: its state and our restart permits (used now,
@@ -1046,7 +1054,7 @@ class HostCore:
         """Every slot of every routable agent is parked (a parked slot of an agent that
         left routing does not count). O(routable agents), and only while any is parked."""
         p = self.parking
-        if not p.slots:
+        if not p.by_agent:
             return False
         routable = self.slots.routable
         return sum(p.by_agent[a.index] for a in routable) >= len(routable) * self.c
@@ -1057,7 +1065,6 @@ class HostCore:
         slot would wait for the first unpark: their tokens are returned (and no longer
         wait), for the shell to send them back to the queue."""
         p = self.parking
-        p.slots += 1
         p.by_agent[i] += 1
         p.retry_after_s = min(after_s, BUDGET_PARK_MAX_S)
         evicted: list[Any] = []
@@ -1068,7 +1075,6 @@ class HostCore:
 
     def unpark(self, i: int) -> tuple[tuple[Any, int], ...] | list[tuple[Any, int]]:
         p = self.parking
-        p.slots -= 1
         p.by_agent[i] -= 1
         if not p.by_agent[i]:
             del p.by_agent[i]

@@ -666,11 +666,9 @@ class Simulation:
     def _hint(self, p: PoolRun, tid: int) -> RoutingHint:
         """What a task-aware router may know of task ``tid``: its type (the pool's
         capability when untyped, as live) and its affinity key."""
-        kinds = self.task_kinds
-        kind = self.kinds[kinds[tid]] if kinds else None
         keys = self.task_keys
         k = keys[tid] if keys else -1
-        return RoutingHint(kind or p.capability, f"key-{k}" if k >= 0 else None)
+        return RoutingHint(self._kind(p, tid), f"key-{k}" if k >= 0 else None)
 
     # -- completions -------------------------------------------------------------------
     def _start_local(self, p: PoolRun, a: SimAgent, t: float) -> None:
