@@ -4,8 +4,10 @@ A host names its logical agents ``<pool>/<replica>/<index>``; ``FaultyAgent`` re
 index and misbehaves when it is listed: flaky agents fail a share of their tasks with a
 transient (retryable) error, hanging agents never answer (the host's watchdog fails
 those tasks with reason ``timeout``). Every agent behaves once ``recover_after_s``
-seconds have passed since it was created, so a test can watch breakers eject the bad
-agents and re-admit them.
+seconds have passed since the first agent with its id was created in the process, so a
+test can watch breakers eject the bad agents and re-admit them. The fault stands for
+something outside the agent (an upstream it calls), so a health restart of the agent
+(its error rate trips the restart rule) does not put the deadline back.
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ class FaultyAgent(Agent):
 
     Indexes in ``bad_agents`` fail ``fail_rate`` of their tasks with ``UpstreamError``;
     indexes in ``hang_agents`` hang on every task. Both recover ``recover_after_s``
-    seconds after the agent was created (None: never). Failures are drawn from a
+    seconds after the first agent with this id was created (None: never). Failures are drawn from a
     generator seeded with ``seed`` and the index, so a run is reproducible.
     """
 
     capabilities = ("work",)
+    # agent id -> when the first agent with that id was created (monotonic): the faults
+    # end at the same time for the agent and for every restart of it.
+    FIRST_CREATED: ClassVar[dict[str, float]] = {}
 
     def __init__(
         self,
@@ -60,9 +65,8 @@ class FaultyAgent(Agent):
         self.flaky = self.index in set(bad_agents)
         self.hangs = self.index in set(hang_agents)
         self.fail_rate = fail_rate
-        self.recover_at = (
-            time.monotonic() + recover_after_s if recover_after_s is not None else None
-        )
+        first = self.FIRST_CREATED.setdefault(agent_id, time.monotonic())
+        self.recover_at = first + recover_after_s if recover_after_s is not None else None
         self._rng = random.Random(seed * 1_000_003 + self.index)
 
     def faulty(self) -> bool:

@@ -290,6 +290,8 @@ def test_breakers_eject_bad_agents_within_the_cap_and_readmit_them(start_fleet):
             f"{e['at_unix_s'] - t0:7.2f} {e['name']:>24} {e['kind']:16} "
             f"{e['old']}->{e['new']} {e['reason']}"
         )
+    for e in st["health"]["events"]:  # restarts, shown when the test fails
+        print(f"{e['at_unix_s'] - t0:7.2f} health {e}")
     assert len(events) < 1_000, "the event log must not have wrapped"
     r = _replay(events)
     # Never more than the cap ejected at once, and the cap was used.
