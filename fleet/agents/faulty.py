@@ -39,8 +39,8 @@ class FaultyAgent(Agent):
 
     Indexes in ``bad_agents`` fail ``fail_rate`` of their tasks with ``UpstreamError``;
     indexes in ``hang_agents`` hang on every task. Both recover ``recover_after_s``
-    seconds after the first agent with this id was created (None: never). Failures are drawn from a
-    generator seeded with ``seed`` and the index, so a run is reproducible.
+    seconds after the first agent with this id was created (None: never). Failures are
+    drawn from a generator seeded with ``seed`` and the index, so a run is reproducible.
     """
 
     capabilities = ("work",)
