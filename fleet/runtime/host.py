@@ -6,20 +6,20 @@ breakers with their ejection cap and panic mode), whether a failure is retried, 
 tasks are past ``task_timeout_s`` or wedged, which agents health takes out of service
 and restarts, when an outcome buffer goes to the ledger. The shell runs the agents'
 coroutines, enforces the core's answers (cancels, abandons, restarts, heartbeats) and
-turns them into Ray calls; ``fleet.runtime.host_batches`` holds the batch side (the
-ledger records and progress reports). The simulator drives the same core on virtual
-time.
+turns them into Ray calls. The simulator drives the same core on virtual time.
+
+The shell's parts, one module each in ``fleet.runtime``: ``host_batches`` (batches,
+ledger records, progress reports), ``host_slots`` (agent slots as futures),
+``host_budget`` (a budget reservation per task, when the fleet has budgets),
+``host_agents`` (the agent instances: setup, heartbeat pings, restarts),
+``host_outcomes`` (one task on one agent: its reply or failure as an outcome),
+``host_views`` (stats and health reports).
 
 A batch of items arrives in one call (``run_and_record``); each item is placed on its
 own. When no agent the router accepts has a free slot the task waits in the host (the
 dispatcher bounds how many tasks a pool holds, so this wait is bounded too). Each final
 outcome is recorded as soon as its task finishes; failures the core retries are handed
 back to the dispatcher with their delay, unrecorded.
-
-Budgets (only when the fleet has a budget actor): a task holding an agent's slot
-reserves its estimate before it runs and settles its actual cost after, through a
-``BudgetClient`` that batches the calls; a task no agent may afford fails with
-``budget_exhausted``; an agent refused by its own budget is parked.
 
 Fleet-wide ejection cap: each host enforces ``max_ejected_share`` over its own agents,
 so a pool whose hosts each run at least ``1 / max_ejected_share`` agents (10 for the
@@ -34,42 +34,26 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import traceback
 import uuid
-from dataclasses import asdict
 from typing import Any
 
-import orjson
-
-from fleet.agent import Agent, Reply
-from fleet.policy.breaker import BreakerEvent
-from fleet.policy.health import HealthEvent
+from fleet.agent import Agent
 from fleet.policy.host import HostCore, TickActions
 from fleet.policy.routing import RoutingHint
-from fleet.runtime.budget_client import BudgetClient, Grant, tenant_of
+from fleet.runtime import host_views
+from fleet.runtime.budget_client import BudgetClient, Grant
+from fleet.runtime.host_agents import AgentSet
 from fleet.runtime.host_batches import PROGRESS_AFTER_S, Batch, BatchReport, Recorder, Reporter
+from fleet.runtime.host_budget import BUDGET_REQUEUE, REASON_BUDGET_EXHAUSTED, BudgetGate
+from fleet.runtime.host_outcomes import MAX_ERROR_CHARS, run_on_agent
+from fleet.runtime.host_slots import SlotFutures
 from fleet.runtime.imports import import_object
 from fleet.spec.budgets import ModelPrice
 from fleet.spec.health import HealthSpec
 from fleet.spec.pools import PoolSpec
 from fleet.spec.resilience import ResilienceSpec
 from fleet.spec.results import DEFAULT_MAX_OUTPUT_BYTES
-from fleet.task import (
-    IDEMPOTENT_PREFIX,
-    Item,
-    Outcome,
-    Task,
-    failed_outcome,
-    item_to_task,
-    payload_hash,
-)
-
-MAX_ERROR_CHARS = 2000
-STATS_EVENTS = 100
-REPORT_FAILURES = 10  # newest failures a host reports to the controller
-BUDGET_REQUEUE = "budget_requeue"  # internal: every agent here is parked, requeue
-REASON_BUDGET_EXHAUSTED = "budget_exhausted"
-REASON_OUTPUT_TOO_LARGE = "output_too_large"
+from fleet.task import Item, Outcome, Task, failed_outcome, item_to_task
 
 
 def _replica_id() -> str:
@@ -90,14 +74,6 @@ def task_type(item: Item, task: Task) -> str:
         if isinstance(t, str):
             return t
     return item.capability
-
-
-def _custom_heartbeat(agent: Agent) -> bool:
-    return type(agent).heartbeat is not Agent.heartbeat
-
-
-class _AllParked(Exception):
-    """Every agent of the host is parked: its own budget is short."""
 
 
 class AgentHost:
@@ -122,7 +98,6 @@ class AgentHost:
         self.health_spec = HealthSpec.model_validate(health or {})
         self.prices = {k: ModelPrice.model_validate(v) for k, v in (prices or {}).items()}
         self.host_id = f"{self.pool.name}/{_replica_id()}"
-        self._agent_cls: type[Agent] = import_object(self.pool.agent_class)
         self._controller_ref = controller
         self.max_output_bytes = max_output_bytes
         self.clock = clock
@@ -138,15 +113,22 @@ class AgentHost:
             clock=clock,
             rng=rng or random.Random(),
         )
-        self._agents: list[Agent | None] = [None] * n
-        self.budget = BudgetClient(budget) if budget else None
-        self._requeue_after: dict[str, float] = {}  # item id -> delay before redelivery
+        agent_cls: type[Agent] = import_object(self.pool.agent_class)
+        self.agent_set = AgentSet(
+            agent_cls, self.pool.agent_kwargs, self.core, self.health_spec, self._apply_pending
+        )
+        self.slots = SlotFutures(self.core)
+        self.gate = BudgetGate(
+            self.core,
+            self.slots,
+            self.pool.name,
+            self.host_id,
+            BudgetClient(budget) if budget else None,
+        )
         self.recorder = Recorder(self.host_id, ledger)
         self.reporter = Reporter()
         self._work: dict[asyncio.Task[Any], tuple[Item, Batch]] = {}  # not abandoned
         self._loop_task: asyncio.Task[None] | None = None
-        self._bg: set[asyncio.Task[Any]] = set()  # restarts and heartbeat pings
-        self._pinging: set[int] = set()
         self.completed = 0
         self.failed = 0
         self.set_active(min(n, max(1, self.pool.autoscaling.start_agents)))
@@ -157,63 +139,29 @@ class AgentHost:
         core = self.core
         for i in range(agents, core.active):
             if core.agent_failing(i):
-                self._agents[i] = None  # failed: a fresh instance if it comes back
-                core.custom_beat.discard(i)
-        self._hand(core.set_active(agents))
+                self.agent_set.drop(i)  # failed: a fresh instance if it comes back
+        self.slots.hand(core.set_active(agents))
 
-    def _new_agent(self, i: int) -> Agent:
-        """A fresh instance of logical agent i (not set up yet), wired to the host's
-        dependency breakers."""
-        agent = self._agent_cls(self.core.agents[i].id, **self.pool.agent_kwargs)
-        agent.dependency_breaker = self.core.breakers.registry.dependency
-        return agent
+    @property
+    def budget(self) -> BudgetClient | None:
+        """The budget actor's client (None: the fleet has no budgets); set it to swap in
+        another backend."""
+        return self.gate.client
 
-    def _adopt(self, i: int, agent: Agent) -> None:
-        """Agent i's router-visible attributes: expertise (task types it is best at),
-        weight (relative speed of one slot), and whether it beats on its own."""
-        a = self.core.agents[i]
-        a.expertise = frozenset(getattr(agent, "expertise", ()) or ())
-        a.weight = float(getattr(agent, "weight", 1.0))
-        if _custom_heartbeat(agent):
-            self.core.custom_beat.add(i)
-        else:
-            self.core.custom_beat.discard(i)
-
-    async def _agent(self, i: int) -> Agent:
-        agent = self._agents[i]
-        if agent is None:
-            agent = self._new_agent(i)
-            await agent.setup()
-            self._agents[i] = agent
-            self._adopt(i, agent)
-        return agent
+    @budget.setter
+    def budget(self, client: BudgetClient | None) -> None:
+        self.gate.client = client
 
     # -- the core's answers --------------------------------------------------------
-    def _hand(self, handoffs: Any) -> None:
-        """Give slots to the waiting tasks the core chose."""
-        for fut, i in handoffs:
-            if fut.done():  # gave up meanwhile: the slot goes on
-                self._hand(self.core.release(i))
-            else:
-                fut.set_result(i)
-
     def _apply(self, act: TickActions | None) -> None:
         if act is None:
             return
-        self._hand(act.handoffs)
-        loop = asyncio.get_running_loop()
-        for i, attempt in act.restart:
-            self._spawn(loop, self._restart(i, attempt))
-        for i in act.beat:
-            agent = self._agents[i]
-            if agent is not None and i not in self._pinging:
-                self._pinging.add(i)
-                self._spawn(loop, self._ping(i, agent))
+        self.slots.hand(act.handoffs)
+        self.agent_set.start(act.restart, act.beat)
 
-    def _spawn(self, loop: asyncio.AbstractEventLoop, coro: Any) -> None:
-        t = loop.create_task(coro)
-        self._bg.add(t)
-        t.add_done_callback(self._bg.discard)
+    def _apply_pending(self) -> None:
+        """Apply what the core decided outside a call that answers (health events)."""
+        self._apply(self.core.take_pending())
 
     def _ensure_loop(self) -> None:
         if self._loop_task is None and self._autotick:
@@ -233,21 +181,6 @@ class AgentHost:
             for t, age_s in act.abandon:
                 self._abandon(t, age_s)  # type: ignore[arg-type]
             self._apply(act)
-
-    async def _acquire(self, hint: RoutingHint | None) -> int:
-        i = self.core.place(hint)
-        if i is not None:
-            return i
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.core.wait(fut, hint)
-        try:
-            return await fut
-        except (asyncio.CancelledError, _AllParked):
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._hand(self.core.release(fut.result()))  # got a slot too late
-            else:
-                self.core.withdraw(fut)
-            raise
 
     # -- work ----------------------------------------------------------------------
     async def run_and_record(
@@ -272,7 +205,7 @@ class AgentHost:
         if core.eager_setup:
             # Specialization needs every agent's expertise before the first choice.
             core.eager_setup = False
-            await asyncio.gather(*(self._agent(i) for i in range(core.active)))
+            await asyncio.gather(*(self.agent_set.get(i) for i in range(core.active)))
         now = self.clock()
         batch = Batch(items, loop.create_future(), now + PROGRESS_AFTER_S)
         if progress is not None:
@@ -291,7 +224,7 @@ class AgentHost:
         if self.budget is not None:
             await self.budget.flush()  # one settle call per batch
         return BatchReport(
-            len(batch.recorded_ids), batch.retry_ids, batch.delays, self.pool_stats()
+            len(batch.recorded_ids), batch.retry_ids, batch.delays, host_views.pool_stats(self)
         )
 
     async def _run_item(self, item: Item, batch: Batch) -> None:
@@ -317,28 +250,16 @@ class AgentHost:
     def _settle(self, item: Item, o: Outcome, batch: Batch, final: bool = False) -> None:
         """A task's final word: handed back for a retry, or recorded (``final``: as it
         is, never retried)."""
+        delay = None
         if not o.ok and not final:
             o, delay = self._decide_retry(item, o)
-            if delay is not None:
-                batch.retry_ids.append(item.id)
-                batch.delays.append(delay)
-                # This delivery ran no duplicate: tell the ledger with the next records.
-                self.recorder.add(item.id, None, batch)
-                batch.settled()
-                return
-        if o.task_id.startswith(IDEMPOTENT_PREFIX):
-            # Keyed tasks carry their payload's hash, so a later submission of the key
-            # with another payload is refused rather than answered with this outcome.
-            o = o._replace(payload_hash=payload_hash(item.payload))
-        self.recorder.add(o.task_id, o, batch)
+        self.recorder.settle(item, o, batch, delay)
 
     def _decide_retry(self, item: Item, o: Outcome) -> tuple[Outcome, float | None]:
         """A failed outcome: (outcome, delay) to retry after ``delay`` seconds, or
         (final outcome, None) to record."""
         if o.reason == BUDGET_REQUEUE:
-            delay = self.core.requeue_delay(
-                item.deliveries, self._requeue_after.pop(item.id, None)
-            )
+            delay = self.gate.requeue_delay(item)
             if delay is None:
                 self.failed += 1
                 return o._replace(reason=REASON_BUDGET_EXHAUSTED), None
@@ -361,13 +282,16 @@ class AgentHost:
             kind = task_type(item, task)
             hint = RoutingHint(kind, item.affinity_key)
         grant: Grant | None = None
+        gate = self.gate
         try:
-            if self.budget is None:
-                i = await self._acquire(hint)
+            if gate.client is None:
+                i = await self.slots.acquire(hint)
             else:
-                got = await self._acquire_budgeted(item, task, hint)
+                got = await gate.acquire(item, task, hint)
                 if isinstance(got, Outcome):  # refused: no agent here may run it
                     core.leave(cur)
+                    if got.reason == REASON_BUDGET_EXHAUSTED:
+                        self.failed += 1
                     return got
                 i, grant = got
         except asyncio.CancelledError:
@@ -380,69 +304,22 @@ class AgentHost:
                 "waiting for a free agent",
                 self.pool.name,
             )
-        agent_id = core.agents[i].id
         core.start(cur, i, item.id)
-        started = time.time()
         t0 = self.clock()  # the core's time: task latencies feed EWMAs and breakers
         ok = False
         spent: tuple[float, int] | None = None  # (USD, tokens) of a completed task
         try:
-            agent = self._agents[i] or await self._agent(i)
-            reply = await agent.handle(task or item_to_task(item))
-            if not isinstance(reply, Reply):
-                reply = Reply(reply)
-            output = orjson.dumps(reply.output)
-            if len(output) > self.max_output_bytes:
+            o = await run_on_agent(self, i, item, task)
+            if o.ok:
+                ok, spent = True, (o.cost_usd, o.input_tokens + o.output_tokens)
+                self.completed += 1
+            else:
                 self.failed += 1
-                return failed_outcome(
-                    item,
-                    REASON_OUTPUT_TOO_LARGE,
-                    f"output is {len(output)} bytes encoded, over results.max_output_bytes"
-                    f"={self.max_output_bytes}",
-                    self.pool.name,
-                    agent_id,
-                    started,
-                )
-            price = self.prices.get(reply.model or "")
-            cost = price.cost_usd(reply.input_tokens, reply.output_tokens) if price else 0.0
-            spent = (cost, reply.input_tokens + reply.output_tokens)
-            self.completed += 1
-            ok = True
-            return Outcome(
-                item.id, True, output, None, None, agent_id, self.pool.name,
-                item.deliveries, item.submitted_unix_s, started, time.time(),
-                reply.input_tokens, reply.output_tokens, cost,
-            )  # fmt: skip
-        except asyncio.CancelledError:
-            self.failed += 1
-            return failed_outcome(
-                item,
-                "timeout",
-                f"exceeded task_timeout_s={self.resilience.task_timeout_s}",
-                self.pool.name,
-                agent_id,
-                started,
-            )
-        except orjson.JSONEncodeError as exc:
-            self.failed += 1
-            return failed_outcome(
-                item,
-                "bad_output",
-                f"output is not JSON: {exc}",
-                self.pool.name,
-                agent_id,
-                started,
-            )
-        except Exception as exc:  # the agent's own failure: recorded, the host lives on
-            self.failed += 1
-            text = "".join(traceback.format_exception_only(exc)).strip()
-            return failed_outcome(
-                item, "error", text[:MAX_ERROR_CHARS], self.pool.name, agent_id, started
-            )
+            return o
         finally:
             if grant is not None:
-                self._settle_budget(grant, spent)
-            self._hand(core.finish(cur, ok, self.clock() - t0, kind))
+                gate.settle(grant, spent)
+            self.slots.hand(core.finish(cur, ok, self.clock() - t0, kind))
             if core.pending is not None:
                 self._apply(core.take_pending())
 
@@ -474,107 +351,7 @@ class AgentHost:
         except Exception as exc:  # never kill the tick loop: fail this batch instead
             batch.failed(exc)
 
-    # -- budgets ---------------------------------------------------------------------
-    async def _acquire_budgeted(
-        self, item: Item, task: Task | None, hint: RoutingHint | None
-    ) -> tuple[int, Grant] | Outcome:
-        """An agent slot and a budget reservation for the task, or its outcome.
-
-        Granted: (agent, grant). Refused by the agent's own budget: the agent is parked
-        and the task tries another agent here; when every agent here is parked, the task
-        goes back to the queue (``BUDGET_REQUEUE``) for another host or for later.
-        Refused by a shared budget (fleet, pool, tenant): no agent may run it, the task
-        fails with ``budget_exhausted``. The slot is released on every path but a grant.
-        """
-        assert self.budget is not None
-        core = self.core
-        tenant = tenant_of(task.payload if task is not None else orjson.loads(item.payload))
-        while True:
-            try:
-                if core.all_parked():
-                    raise _AllParked
-                i = await self._acquire(hint)
-            except _AllParked:  # every agent here is out of its own budget
-                self._requeue_after.setdefault(item.id, core.parking.retry_after_s)
-                return failed_outcome(
-                    item,
-                    BUDGET_REQUEUE,
-                    f"every agent on host {self.host_id} is out of its own budget",
-                    self.pool.name,
-                )
-            agent_id = core.agents[i].id
-            try:
-                g = await self.budget.reserve(agent_id, self.pool.name, tenant)
-            except BaseException as exc:
-                self._hand(core.release(i))
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                # The budget actor is unavailable: fail retryably, nothing runs unbooked.
-                return failed_outcome(
-                    item, "error", repr(exc)[:MAX_ERROR_CHARS], self.pool.name, agent_id
-                )
-            if g.reservation_id is not None:
-                return i, g
-            if not g.retry_elsewhere:
-                self._hand(core.release(i))
-                self.failed += 1
-                return failed_outcome(
-                    item, REASON_BUDGET_EXHAUSTED, g.detail, self.pool.name, agent_id
-                )
-            after_s, evicted = core.park(i, g.retry_after_s)
-            asyncio.get_running_loop().call_later(after_s, self._unpark, i)
-            for fut in evicted:
-                if not fut.done():
-                    fut.set_exception(_AllParked())
-
-    def _unpark(self, i: int) -> None:
-        self._hand(self.core.unpark(i))
-
-    def _settle_budget(self, grant: Grant, spent: tuple[float, int] | None) -> None:
-        """Queue the settlement (sent with the batch): a completed task at its actual
-        cost, any other at its estimate (it may have spent before failing)."""
-        assert self.budget is not None
-        if spent is None:
-            self.budget.settle_at_estimate(grant)
-        else:
-            self.budget.settle(grant, spent[0], spent[1])
-
     # -- health ----------------------------------------------------------------------
-    async def _ping(self, i: int, agent: Agent) -> None:
-        """Ask an agent for its heartbeat; no answer within the interval is none."""
-        try:
-            await asyncio.wait_for(agent.heartbeat(), self.health_spec.heartbeat_interval_s)
-        except Exception:
-            return  # missed: the monitor notices when heartbeat_timeout_s has passed
-        finally:
-            self._pinging.discard(i)
-        if self._agents[i] is agent:
-            self.core.heartbeat(i)
-            self._apply(self.core.take_pending())
-
-    async def _restart(self, i: int, attempt: int) -> None:
-        """A new instance of agent i, set up again; in service once it reports."""
-        self._agents[i] = None
-        self.core.custom_beat.discard(i)  # the core beats for it until it is back
-        try:
-            agent = self._new_agent(i)
-            await asyncio.wait_for(agent.setup(), self.health_spec.startup_timeout_s)
-            if _custom_heartbeat(agent):
-                await asyncio.wait_for(
-                    agent.heartbeat(), self.health_spec.heartbeat_interval_s
-                )
-        except Exception as exc:
-            text = "".join(traceback.format_exception_only(exc)).strip()[:500]
-            self.core.restart_failed(i, f"restart {attempt} failed: {text}")
-            self._apply(self.core.take_pending())
-            return
-        if self.core.restart_done(
-            i, getattr(agent, "expertise", ()) or (), float(getattr(agent, "weight", 1.0))
-        ):
-            self._agents[i] = agent
-            self._adopt(i, agent)
-        self._apply(self.core.take_pending())
-
     @property
     def restarts(self) -> int:
         return self.core.health.restarts
@@ -589,32 +366,12 @@ class AgentHost:
 
     def health_report(self) -> dict[str, Any]:
         """This host's agents' health for the controller (sent about once a second)."""
-        h = self.core.health
-        mon = h.monitor
-        failing, total = mon.failing_and_total()
-        mono, wall = self.clock(), time.time()
-        return {
-            **h.gate.report(failing, total, mon.due_restarts()),
-            "host": self.host_id,
-            "counts": mon.counts(),
-            "breaker_ejected": len(self.core.breakers.registry.ejected),
-            "restarts": h.restarts,
-            "failures": dict(mon.failure_counts),
-            "last_failures": [
-                {
-                    "at_unix_s": wall - (mono - f.at_s),
-                    "agent_id": f.agent_id,
-                    "reason": f.reason,
-                    "detail": f.detail,
-                }
-                for f in list(mon.failures)[-REPORT_FAILURES:]
-            ],
-        }
+        return host_views.health_report(self)
 
     def apply_health_verdict(self, verdict: dict[str, Any]) -> None:
         """The fleet guard's answer to ``health_report``: its state and our permits."""
         self.core.apply_verdict(verdict["state"], int(verdict.get("permits", 0)))
-        self._apply(self.core.take_pending())
+        self._apply_pending()
 
     def health_problem(self) -> str | None:
         """Why Serve should replace this host, or None (see ``check_health``)."""
@@ -628,67 +385,20 @@ class AgentHost:
     def pool_stats(self) -> dict[str, Any]:
         """Compact per-host counts for the dispatcher's per-pool status (cheap: it
         rides on every batch reply)."""
-        reg = self.core.breakers.registry
-        return {
-            "host": self.host_id,
-            "agents": self.core.active,
-            "ejected": len(reg.ejected),
-            "max_ejected": reg.max_ejected,
-            "panic": reg.panic,
-            "retries": self.core.retries.retries,
-            "retry_budget_denied": self.core.retries.policy.budget.denied,
-        }
+        return host_views.pool_stats(self)
 
-    async def stats(self, events: int | None = STATS_EVENTS) -> dict[str, Any]:
+    async def stats(self, events: int | None = host_views.STATS_EVENTS) -> dict[str, Any]:
         """Load, outcomes, breakers (snapshot and the last ``events`` breaker events,
         all kept ones if None), health and retries of this host.
 
         Async so that it runs on the host's event loop: Serve runs sync methods in a
         thread pool, and reading the breakers advances their state."""
-        core = self.core
-        core.settle_breakers()  # so the breakers' counts are complete
-        mono, wall = self.clock(), time.time()
-        brk, h = core.breakers, core.health
-
-        def last(log: Any) -> list[Any]:
-            kept = list(log.events)
-            return kept if events is None else (kept[-events:] if events > 0 else [])
-
-        return {
-            "host": self.host_id,
-            "active_agents": core.active,
-            "draining_agents": sum(1 for a in core.agents[core.active :] if a.in_flight),
-            "in_flight": core.in_flight,
-            "capacity": core.active * core.c,
-            "waiting": len(core.slots.waiters),
-            "budget_parked_slots": core.parking.slots,
-            "completed": self.completed,
-            "failed": self.failed,
-            "abandoned": self.abandoned,
-            "retries": core.retries.retries,
-            "final_failures": dict(core.retries.final),
-            "retry_budget": core.retries.policy.budget.snapshot(),
-            "router": self.pool.routing.router.value,
-            "breakers": brk.registry.snapshot(),
-            "breaker_event_counts": dict(brk.log.counts),
-            "breaker_events": [_event_dict(e, mono, wall) for e in last(brk.log)],
-            "health": {
-                **h.monitor.snapshot(),
-                "restarts": h.restarts,
-                "out_of_service": sorted(core.agents[i].id for i in h.out),
-                "event_counts": dict(h.events.counts),
-                "events": [_health_event_dict(e, mono, wall) for e in last(h.events)],
-            },
-        }
+        return host_views.host_stats(self, events)
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Per-replica load for fleet's Serve request router (plain reads of counters,
         safe from Serve's thread pool)."""
-        core = self.core
-        return {
-            "in_flight": core.in_flight + len(core.slots.waiters),
-            "capacity": core.active * core.c,
-        }
+        return host_views.routing_stats(self)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """The pool's desired host count, as decided by fleet's controller.
@@ -722,26 +432,6 @@ class AgentHost:
         problem = self.health_problem()
         if problem is not None:
             raise RuntimeError(f"host {self.host_id}: {problem}")
-
-
-def _event_dict(e: BreakerEvent, now_mono: float, now_unix: float) -> dict[str, Any]:
-    d = asdict(e)
-    d["kind"] = e.kind.value
-    d["old"] = e.old.value if e.old is not None else None
-    d["new"] = e.new.value if e.new is not None else None
-    d["at_unix_s"] = now_unix - (now_mono - e.at_s)
-    return d
-
-
-def _health_event_dict(e: HealthEvent, now_mono: float, now_unix: float) -> dict[str, Any]:
-    return {
-        "at_unix_s": now_unix - (now_mono - e.at_s),
-        "kind": e.kind.value,
-        "subject": e.subject,
-        "old": e.old,
-        "new": e.new,
-        "reason": e.reason,
-    }
 
 
 __all__ = ["AgentHost", "BatchReport", "task_type"]

@@ -27,7 +27,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 from fleet.policy.backoff import backoff_wait
 from fleet.policy.host import RecordBuffers
 from fleet.spec.backoff import BackoffSpec
-from fleet.task import Item, Outcome
+from fleet.task import IDEMPOTENT_PREFIX, Item, Outcome, payload_hash
 
 # A batch still running after PROGRESS_AFTER_S has a straggler: from then on its
 # progress goes to the dispatcher every PROGRESS_INTERVAL_S. Batches that finish sooner
@@ -134,6 +134,24 @@ class Recorder:
         self.client: Any = None  # a LedgerClient
         self._buffers: RecordBuffers | None = None
         self._timers: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.TimerHandle]] = {}
+
+    def settle(
+        self, item: Item, o: Outcome, batch: Batch, retry_after_s: float | None
+    ) -> None:
+        """A task's final word: handed back to the dispatcher for a retry after
+        ``retry_after_s`` (its delivery excused in the ledger), or ``o`` recorded (None)."""
+        if retry_after_s is not None:
+            batch.retry_ids.append(item.id)
+            batch.delays.append(retry_after_s)
+            # This delivery ran no duplicate: tell the ledger with the next records.
+            self.add(item.id, None, batch)
+            batch.settled()
+            return
+        if o.task_id.startswith(IDEMPOTENT_PREFIX):
+            # Keyed tasks carry their payload's hash, so a later submission of the key
+            # with another payload is refused rather than answered with this outcome.
+            o = o._replace(payload_hash=payload_hash(item.payload))
+        self.add(o.task_id, o, batch)
 
     def add(self, task_id: str, o: Outcome | None, batch: Batch) -> None:
         """Queue an outcome (None: an excusal of ``task_id``'s delivery) for its shard."""
