@@ -27,7 +27,11 @@ asks it, and it follows the verdicts of the fleet's one guard (in the controller
 
 Only HEALTHY agents are in service. Nothing here reads a clock or sleeps: ``clock``
 returns monotonic seconds and the runtime calls ``tick()`` (at least every heartbeat
-interval) and applies the ``HealthAction`` list it returns.
+interval) and applies the ``HealthAction`` list it returns. A driver that sees failures
+as events and has no heartbeats to check (the simulator, with ten thousand agents) skips
+the O(agents) detection pass of ``tick`` and calls its O(1) parts itself:
+``report_failure``, ``observe_guard``, ``restart(agent_id)`` when the agent's
+``next_restart_s`` has come, and ``settle_probes`` ``probe_healthy_s`` after a probe.
 """
 
 from __future__ import annotations
@@ -595,6 +599,8 @@ class HealthMonitor:
             else CascadeGuard(spec.cascade, self._listeners, name=f"{name}:cascade")
         )
         self._agents: dict[str, AgentHealth] = {}
+        self._by_state: dict[AgentState, int] = dict.fromkeys(AgentState, 0)
+        self._probing: set[str] = set()  # agents restarted as the guard's probes
         self._outbox: list[HealthAction] = []
         self.failures: deque[FailureRecord] = deque(maxlen=spec.failure_log_size)
         self.failure_counts: dict[str, int] = {}  # failures by reason, since creation
@@ -613,10 +619,14 @@ class HealthMonitor:
         self._agents[agent_id] = AgentHealth(
             agent_id, pool, S.STARTING, now, self.detector.new_signals(now)
         )
+        self._by_state[S.STARTING] += 1
 
     def remove_agent(self, agent_id: str) -> None:
-        """The agent is gone on purpose (scaled down, drained): forget it."""
-        self._agents.pop(agent_id, None)
+        """The agent is gone on purpose (scaled down, drained, retired): forget it."""
+        a = self._agents.pop(agent_id, None)
+        if a is not None:
+            self._by_state[a.state] -= 1
+            self._probing.discard(agent_id)
 
     def reinstate(self, agent_id: str) -> None:
         """An operator gives an ejected agent another chance (it starts afresh)."""
@@ -720,24 +730,58 @@ class HealthMonitor:
         actions queued since the last tick."""
         now = self._clock()
         spec = self.spec
+        self.settle_probes()
         for a in list(self._agents.values()):
             if a.state is S.HEALTHY:
                 assert a.healthy_since_s is not None
-                healthy_for = now - a.healthy_since_s
-                if a.failures and healthy_for >= spec.restart.reset_after_s:
+                if a.failures and now - a.healthy_since_s >= spec.restart.reset_after_s:
                     a.failures = 0
-                if a.probe and healthy_for >= spec.cascade.probe_healthy_s:
-                    a.probe = False
-                    self.guard.probe_succeeded(now)
             if a.state in (S.HEALTHY, S.STARTING, S.RESTARTING):
                 failure = self.detector.check(a.signals, now)
                 if failure is not None:
                     self._fail(a, failure, now)
-        failing, total = self._failing_and_total()
-        self.guard.observe(failing, total, now)
+        self.observe_guard()
         self._restart_due(now)
         out, self._outbox = self._outbox, []
         return out
+
+    def observe_guard(self) -> GuardState:
+        """Tell the cascade guard how many agents are failing now (O(1))."""
+        failing, total = self.failing_and_total()
+        return self.guard.observe(failing, total, self._clock())
+
+    def settle_probes(self) -> None:
+        """Probes (agents restarted while the guard was not closed) that stayed healthy
+        for ``probe_healthy_s`` succeed (O(probes))."""
+        if not self._probing:
+            return
+        now = self._clock()
+        for agent_id in list(self._probing):
+            a = self._agents[agent_id]
+            if (
+                a.state is S.HEALTHY
+                and a.healthy_since_s is not None
+                and now - a.healthy_since_s >= self.spec.cascade.probe_healthy_s
+            ):
+                self._end_probe(a)
+                self.guard.probe_succeeded(now)
+
+    def restart(self, agent_id: str, ignore_backoff: bool = False) -> bool:
+        """Restart one agent whose backoff has passed (or, with ``ignore_backoff``, one
+        whose driver chose the delay), if the guard grants a permit; the RESTART action
+        is queued (``take_actions``). False: not unhealthy, not due, or refused."""
+        a = self._agents.get(agent_id)
+        now = self._clock()
+        if (
+            a is None
+            or a.state is not S.UNHEALTHY
+            or a.next_restart_s is None
+            or (a.next_restart_s > now and not ignore_backoff)
+            or not self.guard.try_restart(now)
+        ):
+            return False
+        self._start_restart(a, now)
+        return True
 
     def due_restarts(self) -> int:
         """Agents whose backoff has passed and that wait for a restart permit."""
@@ -766,15 +810,7 @@ class HealthMonitor:
             if not self.guard.try_restart(now):
                 held = len(due) - i  # the rest stay UNHEALTHY and are asked again next tick
                 break
-            a.restarts += 1
-            a.next_restart_s = None
-            a.probe = self.guard.state is not GuardState.CLOSED
-            a.signals = self.detector.new_signals(now)
-            reason = a.last_failure.reason.value if a.last_failure else "restart"
-            self._transition(a, S.RESTARTING, now, f"restart {a.restarts} after {reason}")
-            self._outbox.append(
-                HealthAction(ActionKind.RESTART, a.agent_id, reason, a.restarts)
-            )
+            self._start_restart(a, now)
         if held:
             self._emit(
                 HealthEvent(
@@ -785,11 +821,27 @@ class HealthMonitor:
                 )
             )
 
+    def _start_restart(self, a: AgentHealth, now: float) -> None:
+        """A permit was granted: the agent restarts (a probe if the guard is not closed)."""
+        a.restarts += 1
+        a.next_restart_s = None
+        if self.guard.state is not GuardState.CLOSED:
+            a.probe = True
+            self._probing.add(a.agent_id)
+        a.signals = self.detector.new_signals(now)
+        reason = a.last_failure.reason.value if a.last_failure else "restart"
+        self._transition(a, S.RESTARTING, now, f"restart {a.restarts} after {reason}")
+        self._outbox.append(HealthAction(ActionKind.RESTART, a.agent_id, reason, a.restarts))
+
+    def _end_probe(self, a: AgentHealth) -> None:
+        a.probe = False
+        self._probing.discard(a.agent_id)
+
     def _fail(self, a: AgentHealth, failure: Failure, now: float) -> None:
         if a.state in (S.UNHEALTHY, S.EJECTED):
             return
         if a.probe:
-            a.probe = False
+            self._end_probe(a)
             self.guard.probe_failed(now)
         if (
             a.healthy_since_s is not None
@@ -830,6 +882,8 @@ class HealthMonitor:
         if new not in TRANSITIONS[old]:
             raise ValueError(f"agent {a.agent_id}: no transition {old.value} -> {new.value}")
         a.state = new
+        self._by_state[old] -= 1
+        self._by_state[new] += 1
         a.since_s = now
         a.healthy_since_s = now if new is S.HEALTHY else None
         self._emit(HealthEvent(now, EventKind.AGENT, a.agent_id, old.value, new.value, reason))
@@ -840,9 +894,9 @@ class HealthMonitor:
 
     # -- views ------------------------------------------------------------------------------
     def failing_and_total(self) -> tuple[int, int]:
-        """Agents failing (unhealthy or restarting) and agents known."""
-        failing = sum(1 for a in self._agents.values() if a.state in FAILING_STATES)
-        return failing, len(self._agents)
+        """Agents failing (unhealthy or restarting) and agents known (O(1))."""
+        by = self._by_state
+        return sum(by[s] for s in FAILING_STATES), len(self._agents)
 
     _failing_and_total = failing_and_total
 
@@ -861,6 +915,8 @@ class HealthMonitor:
 
     def counts(self, pool: str | None = None) -> dict[str, int]:
         """Agents per state (of one pool, or of the fleet)."""
+        if pool is None:
+            return {s.value: self._by_state[s] for s in AgentState}
         out = {s.value: 0 for s in AgentState}
         for a in self._agents.values():
             if pool is None or a.pool == pool:

@@ -20,17 +20,8 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from fleet.policy.routing import Candidate, Router, make_balancer
-from fleet.spec.routing import BalancerName, RoutingSpec
-
-_BALANCERS = frozenset(b.value for b in BalancerName)
-
-
-def host_router(spec: RoutingSpec) -> Router:
-    """The router that picks a host for a batch: the spec's router if it balances by
-    load alone, else the balancer the spec's task-aware router delegates to."""
-    name = spec.router.value if spec.router.value in _BALANCERS else spec.balancer.value
-    return make_balancer(name, spec.choices_d)
+from fleet.policy.routing import Candidate, host_router
+from fleet.spec.routing import RoutingSpec
 
 
 class FleetRequestRouter(RequestRouter):

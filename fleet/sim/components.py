@@ -18,13 +18,17 @@ if TYPE_CHECKING:
     from fleet.sim.engine import SimAgent, Simulation
 
 
+# Agent states (``SimAgent.state``), which components read.
+STARTING, ACTIVE, DRAINING, DEAD, STOPPED = range(5)
+
+
 class Component:
     """Base class: every hook is a no-op."""
 
     name = "component"
 
     def attach(self, sim: Simulation) -> None:
-        """Called once before the run starts."""
+        """Called once before the run starts, before the first agents come up."""
 
     def on_outcome(
         self,
@@ -40,10 +44,14 @@ class Component:
     def on_agent_down(
         self, sim: Simulation, agent: SimAgent, reason: str, now_s: float
     ) -> None:
-        """``agent`` died (``reason``: kill, crash, ...); its work is already re-queued."""
+        """``agent`` died (``reason``: kill, crash, ...); its work is already re-queued.
+        A draining agent that dies does not restart: its state is already STOPPED."""
 
     def on_agent_up(self, sim: Simulation, agent: SimAgent, now_s: float) -> None:
         """``agent`` started serving (new, or restarted)."""
+
+    def on_agent_gone(self, sim: Simulation, agent: SimAgent, now_s: float) -> None:
+        """``agent`` left the pool on purpose (drained after a scale-down)."""
 
     def restart_delay_s(
         self, sim: Simulation, agent: SimAgent, default_s: float, now_s: float
@@ -80,8 +88,9 @@ POLICY_SEAMS: dict[str, str] = {
     "fleet.policy.breaker": "driven: every outcome (fleet.sim.resilience)",
     "fleet.policy.retry": "driven: every failure (fleet.sim.resilience)",
     "fleet.policy.health": (
-        "driven: restart backoff and cascade guard (fleet.sim.health); "
-        "heartbeats not simulated"
+        "driven: HealthMonitor's restart backoff, ejection and cascade guard on every "
+        "death (fleet.sim.health); its detection pass (heartbeats, hung tasks, error "
+        "rates) not simulated"
     ),
     "fleet.policy.allocation": "seam: budget allocation; plug in as a Component",
     "fleet.policy.budget": "seam: budget enforcement and preemption; plug in as a Component",

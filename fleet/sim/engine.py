@@ -46,10 +46,18 @@ from typing import Any
 from fleet.policy.autoscaling import ScalingInput, ScalingState, decide
 from fleet.policy.batching import batch_size
 from fleet.policy.host import CoreAgent, HostCore
-from fleet.policy.routing import RoutingHint
+from fleet.policy.routing import Candidate, RoutingHint, host_router
 from fleet.sim.arrivals import TenantPicker, make_stream
 from fleet.sim.chaos import schedule_chaos
-from fleet.sim.components import Component, overrides
+from fleet.sim.components import (
+    ACTIVE,
+    DEAD,
+    DRAINING,
+    STARTING,
+    STOPPED,
+    Component,
+    overrides,
+)
 from fleet.sim.distributions import count_sampler, duration_sampler
 from fleet.sim.health import HealthRestarts
 from fleet.sim.outcomes import ERROR, MAX_DELIVERIES, OK, TIMEOUT, VERDICT_CODES
@@ -71,16 +79,13 @@ from fleet.sim.scenario import ConstantDuration, PoolModel, Scenario
     EV_CALL,
 ) = range(9)
 
-# Agent states.
-STARTING, ACTIVE, DRAINING, DEAD, STOPPED = range(5)
-
 
 MAX_EVENT_LOG = 500
 MAX_DELIVERIES_STORED = 255
 
 
 class SimAgent(CoreAgent):
-    """A logical agent: the pool's ``HostCore`` keeps it as a ``CoreAgent`` (slots,
+    """A logical agent: its host's ``HostCore`` keeps it as a ``CoreAgent`` (slots,
     breaker, routability), the engine adds its simulated life.
 
     ``in_flight`` counts the tasks it holds (running plus waiting in its local queue),
@@ -93,6 +98,7 @@ class SimAgent(CoreAgent):
         "factor",
         "fail_p",
         "gen",
+        "host",
         "injection",
         "killed_at",
         "lidx",
@@ -103,10 +109,17 @@ class SimAgent(CoreAgent):
     )
 
     def __init__(
-        self, agent_id: str, capacity: int, pool: PoolRun, base_factor: float, local: bool
+        self,
+        agent_id: str,
+        capacity: int,
+        pool: PoolRun,
+        host: SimHost,
+        base_factor: float,
+        local: bool,
     ):
         super().__init__(agent_id, -1, capacity)
         self.pool = pool
+        self.host = host
         self.fail_p = pool.fail_p
         self.state = STARTING
         self.gen = 0
@@ -120,6 +133,43 @@ class SimAgent(CoreAgent):
 
     def __repr__(self) -> str:
         return f"SimAgent({self.id!r}, state={self.state}, in_flight={self.in_flight})"
+
+
+class SimHost(Candidate):
+    """A simulated host (a Serve replica): up to ``agents_per_host`` agents in one
+    ``HostCore``, the live host's decision core, with its own routing among its agents,
+    breakers (and their ejection cap), retries and retry budget. As a ``Candidate`` the
+    pool's host router (``fleet.policy.routing.host_router``, Serve's choice live) reads
+    its load in place: ``in_flight`` is ``n``, the tasks its agents hold, ``capacity``
+    that plus its free routable slots (both set by ``Simulation._sync`` after every
+    change, plain attributes because the router reads them per task). ``fidx``: its
+    place in ``PoolRun.free_hosts`` (-1: no free
+    routable slot); ``oidx`` in ``PoolRun.open_hosts`` (-1: it has its
+    ``agents_per_host`` agents).
+    """
+
+    __slots__ = ("core", "fidx", "firsts", "live", "n", "oidx", "pool", "recheck_at")
+
+    def __init__(self, host_id: str, core: HostCore, pool: PoolRun):
+        self.id = host_id
+        self.pool = pool
+        self.in_flight = 0
+        self.capacity = 0
+        self.latency_s = 0.0
+        self.weight = 1.0
+        self.expertise: frozenset[str] = frozenset()
+        self.success_rate = None
+        self.calls = 0
+        self.core = core
+        self.n = 0  # tasks its agents hold
+        self.live = 0  # agents not stopped (starting, serving, draining, dead)
+        self.fidx = -1
+        self.oidx = -1
+        self.firsts = 0  # first attempts not yet counted in its retry budget
+        self.recheck_at = math.inf  # a refresh is scheduled then (see _recheck)
+
+    def __repr__(self) -> str:
+        return f"SimHost({self.id!r}, held={self.n}, live={self.live})"
 
 
 class PoolRun:
@@ -147,24 +197,20 @@ class PoolRun:
         self.local_n = 0  # of which waiting in agents' local queues
         self.target: int = spec.autoscaling.start_agents
         self.scale_state = ScalingState()
-        # The pool's agents live in one HostCore, the live host's decision core: slots,
-        # routing (with task hints and outcome feedback), breakers and retries are its.
+        # The pool's agents live in hosts of up to agents_per_host agents, each with a
+        # HostCore, the live host's decision core: slots, routing (with task hints and
+        # outcome feedback), breakers and retries are its. The host router picks a host
+        # for each dispatcher call among those with a free routable slot.
         self.breaker_log = SimBreakerLog(sim, self)
-        self.core = HostCore(
-            self.name,
-            0,
-            self.capacity,
-            spec.routing,
-            sim.scenario.fleet.resilience,
-            None,
-            clock=sim.clock,
-            rng=random.Random(f"{seed}/route/{self.name}"),
-            listeners=[self.breaker_log],
-        )
-        self.slots = self.core.slots
-        self.hinted = self.core.hinted
+        self.agents_per_host: int = spec.agents_per_host
+        self.hosts: list[SimHost] = []
+        self.free_hosts: list[SimHost] = []
+        self.open_hosts: list[SimHost] = []
+        self.host_router = host_router(spec.routing)
+        self.rng_hosts = random.Random(f"{seed}/hosts/{self.name}")
+        self._core_args = (spec.routing, sim.scenario.fleet.resilience, sim.clock, seed)
+        self.hinted = self._new_host().core.hinted
         self.capability: str = spec.capability
-        self.recheck_at = math.inf  # a dispatch is scheduled then (see _recheck)
         self.rng_fail = random.Random(f"{seed}/fail/{self.name}")
         self.rng_agents = random.Random(f"{seed}/agents/{self.name}")
         self.rng_crash = random.Random(f"{seed}/crash/{self.name}")
@@ -201,7 +247,6 @@ class PoolRun:
             self.out_price = price.output_usd_per_mtok / 1e6
         self.usd_per_agent_s: float = model.agent_usd_per_hour / 3600.0
         self.error_text: str = fails.error
-        self.firsts = 0  # first attempts not yet counted in the retry budget
         self.retry_wait = 0  # failed tasks waiting out their retry backoff
         self.partitioned = False
         self.partition_buffer: list[tuple[int, int]] = []
@@ -246,6 +291,37 @@ class PoolRun:
         self.c_raw: list[int] = []
         self.c_reasons: dict[str, int] = {}
 
+    def _new_host(self) -> SimHost:
+        routing, resilience, clock, seed = self._core_args
+        host_id = f"{self.name}/h{len(self.hosts)}"
+        core = HostCore(
+            host_id,
+            0,
+            self.capacity,
+            routing,
+            resilience,
+            None,
+            clock=clock,
+            rng=random.Random(f"{seed}/route/{host_id}"),
+            listeners=[self.breaker_log],
+        )
+        h = SimHost(host_id, core, self)
+        self.hosts.append(h)
+        h.oidx = len(self.open_hosts)
+        self.open_hosts.append(h)
+        return h
+
+    def host_for_new_agent(self) -> SimHost:
+        """The host a new agent joins: the newest one with room, else a new host (as
+        Serve adds a replica when the agents outgrow the hosts)."""
+        if self.open_hosts:
+            return self.open_hosts[-1]
+        return self._new_host()
+
+    def agents(self) -> list[SimAgent]:
+        """Every agent ever created, host by host (stopped ones too)."""
+        return [a for h in self.hosts for a in h.core.agents]  # type: ignore[misc]
+
     @property
     def alive(self) -> int:
         return len(self.active) + self.n_draining
@@ -261,8 +337,8 @@ class PoolRun:
 
     @property
     def n_ejected(self) -> int:
-        """Active agents the breakers hold out of routing."""
-        return len(self.core.breakers.registry.ejected)
+        """Active agents the breakers hold out of routing (O(hosts))."""
+        return sum(len(h.core.breakers.registry.ejected) for h in self.hosts)
 
 
 def _van_der_corput(n: int) -> float:
@@ -274,6 +350,24 @@ def _van_der_corput(n: int) -> float:
         n, bit = divmod(n, 2)
         q += bit / denom
     return q
+
+
+def _host_unfree(free: list[SimHost], h: SimHost) -> None:
+    i = h.fidx
+    last = free.pop()
+    if last is not h:
+        free[i] = last
+        last.fidx = i
+    h.fidx = -1
+
+
+def _host_unopen(hosts: list[SimHost], h: SimHost) -> None:
+    i = h.oidx
+    last = hosts.pop()
+    if last is not h:
+        hosts[i] = last
+        last.oidx = i
+    h.oidx = -1
 
 
 def _list_add(lst: list[SimAgent], a: SimAgent) -> None:
@@ -369,6 +463,7 @@ class Simulation:
         self._restart_hooks = [c for c in self.components if overrides(c, "restart_delay_s")]
         self._gate_hooks = [c for c in self.components if overrides(c, "restart_gate_s")]
         self._up_hooks = [c for c in self.components if overrides(c, "on_agent_up")]
+        self._gone_hooks = [c for c in self.components if overrides(c, "on_agent_gone")]
         self._tick_hooks = [c for c in self.components if overrides(c, "on_tick")]
 
     # -- helpers for components and chaos --------------------------------------------
@@ -437,6 +532,8 @@ class Simulation:
                 heapq.heappush(self._arrivals, (first, i))
         if self._open_streams == 0:
             self._arrivals_over(0.0)
+        for c in self.components:
+            c.attach(self)
         for p in self.pools:
             for _ in range(p.target):
                 a = self._new_agent(p)
@@ -448,15 +545,15 @@ class Simulation:
                 self._push(p.rng_crash.expovariate(p.crash_rate_per_s), EV_CRASH, p)
         self._push(sc.sample_interval_s, EV_SAMPLE)
         schedule_chaos(self)
-        for c in self.components:
-            c.attach(self)
 
     def _new_agent(self, p: PoolRun) -> SimAgent:
         slow = p.slow_share > 0 and p.rng_agents.random() < p.slow_share
+        h = p.host_for_new_agent()
         a = SimAgent(
-            f"{p.name}/{p.n_created}",
+            f"{h.id}/{len(h.core.agents)}",  # as live: the host's id, then the index
             p.capacity,
             p,
+            h,
             p.slowdown if slow else 1.0,
             p.local_queues,
         )
@@ -470,8 +567,40 @@ class Simulation:
             if u < upto:
                 a.expertise = kinds
                 break
-        p.core.add_agent(a)
+        h.core.add_agent(a)
+        h.live += 1
+        if h.live >= p.agents_per_host:
+            _host_unopen(p.open_hosts, h)
         return a
+
+    def _gone(self, a: SimAgent) -> None:
+        """Agent ``a`` left the pool for good (stopped): its host has room again."""
+        h = a.host
+        h.live -= 1
+        if h.oidx < 0:
+            h.oidx = len(a.pool.open_hosts)
+            a.pool.open_hosts.append(h)
+
+    def _sync(self, h: SimHost) -> None:
+        """After a change on host ``h``'s core: ``h`` is in its pool's ``free_hosts``
+        iff it has a free routable slot, and a refresh is scheduled for when an open
+        breaker of its turns half-open (nothing else may wake a host whose agents are
+        all held out). O(1)."""
+        core = h.core
+        slots = core.slots
+        h.in_flight = n = h.n
+        h.capacity = n + slots.free_slots
+        if slots.free:
+            if h.fidx < 0:
+                free = h.pool.free_hosts
+                h.fidx = len(free)
+                free.append(h)
+        elif h.fidx >= 0:
+            _host_unfree(h.pool.free_hosts, h)
+        t = core.next_recheck_s
+        if t < h.recheck_at:
+            h.recheck_at = t
+            self.schedule(t, lambda now: self._on_recheck(h, now))
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> Simulation:
@@ -525,7 +654,7 @@ class Simulation:
             elif kind == EV_REQUEUE:
                 a.retry_wait -= 1
                 a.queue.append(b)
-                if a.slots.free:
+                if a.free_hosts:
                     self._dispatch(a, t)
             elif kind == EV_CALL:
                 a(t)
@@ -576,7 +705,7 @@ class Simulation:
                 self.task_keys.append(hrng.randrange(n_keys) if n_keys else -1)
         p.arr_bucket += 1
         p.queue.append(tid)
-        if p.slots.free:
+        if p.free_hosts:
             self._dispatch(p, t)
         nt = stream.next_after(t)
         if nt is not None and nt <= self._duration and self.submitted < self._max_tasks:
@@ -591,16 +720,18 @@ class Simulation:
     def _dispatch(self, p: PoolRun, now: float) -> None:
         """Move queued tasks to agents with room, a batch per dispatcher call.
 
-        The batch size is the live dispatcher's (``batch_size`` of queue depth and free
-        capacity); each task of a batch goes to the agent the pool's ``HostCore`` places
-        it on (its router, with the task's type and affinity key for task-aware
-        routers, among the agents its breakers let through), and starts at once if the
-        agent has a free slot, else waits in the agent's local queue.
+        Each call goes to the host the pool's host router picks among the hosts with a
+        free routable slot (Serve's choice live); the batch size is the live
+        dispatcher's (``batch_size`` of queue depth and the host's free slots); each
+        task of a batch goes to the agent the host's ``HostCore`` places it on (its
+        router, with the task's type and affinity key for task-aware routers, among the
+        agents its breakers let through), and starts at once if the agent has a free
+        slot, else waits in the agent's local queue.
         """
         if p.partitioned:
             return
-        q, slots = p.queue, p.slots
-        place, agents = p.core.place, p.core.agents
+        q, free_hosts = p.queue, p.free_hosts
+        choose_host, rng_hosts = p.host_router.choose, p.rng_hosts
         hint = self._hint if p.hinted else None
         spec, item_bytes = self.batch_spec, p.payload_bytes
         conc, sample, extra = p.concurrency, p.sample, p.overhead
@@ -608,10 +739,23 @@ class Simulation:
         deliveries, start_t = self.deliveries, self.start_t
         timeout = self.task_timeout_s
         push = heapq.heappush
-        while q and slots.free:
+        while q and free_hosts:
+            if len(free_hosts) == 1:
+                h = free_hosts[0]
+            else:
+                j = choose_host(free_hosts, rng_hosts)
+                if j is None:
+                    return
+                h = free_hosts[j]
+            core = h.core
+            place, agents = core.place, core.agents
             # (One queued task with room for it: batch_size's answer is 1, without
             # the call; the common case when arrivals find agents idle.)
-            n = 1 if len(q) == 1 else batch_size(spec, len(q), slots.free_slots, item_bytes)
+            n = (
+                1
+                if len(q) == 1
+                else batch_size(spec, len(q), core.slots.free_slots, item_bytes)
+            )
             if n <= 0:
                 return
             p.calls += 1
@@ -632,7 +776,7 @@ class Simulation:
                     if d < MAX_DELIVERIES_STORED:
                         deliveries[tid] = d + 1
                         if d == 0:
-                            p.firsts += 1
+                            h.firsts += 1
                     start_t[tid] = now
                     running.append(tid)
                     if dur > timeout:
@@ -643,25 +787,19 @@ class Simulation:
                     a.local.append(tid)
                     p.local_n += 1
             p.held += sent
+            h.n += sent
             p.call_items += sent
-            if sent < n:
-                break
-        if q and p.core.next_recheck_s < math.inf:
-            self._recheck(p, p.core.next_recheck_s)
+            self._sync(h)
+            if sent == 0:
+                break  # the host's router would not place the task now (see place)
 
-    def _recheck(self, p: PoolRun, t: float) -> None:
-        """Dispatch again when an open breaker turns half-open (nothing else may wake a
-        pool whose agents are all held out)."""
-        if t < p.recheck_at:
-            p.recheck_at = t
-            self.schedule(t, lambda now: self._on_recheck(p, now))
-
-    def _on_recheck(self, p: PoolRun, now: float) -> None:
-        if now >= p.recheck_at:
-            p.recheck_at = math.inf
-            p.core.refresh()  # the breakers past their open time are half-open now
-            if p.queue:
-                self._dispatch(p, now)
+    def _on_recheck(self, h: SimHost, now: float) -> None:
+        if now >= h.recheck_at:
+            h.recheck_at = math.inf
+            h.core.refresh()  # the breakers past their open time are half-open now
+            self._sync(h)
+            if h.pool.queue:
+                self._dispatch(h.pool, now)
 
     def _hint(self, p: PoolRun, tid: int) -> RoutingHint:
         """What a task-aware router may know of task ``tid``: its type (the pool's
@@ -680,7 +818,7 @@ class Simulation:
         if d < MAX_DELIVERIES_STORED:
             self.deliveries[tid] = d + 1
             if d == 0:
-                p.firsts += 1
+                a.host.firsts += 1
         self.start_t[tid] = t
         a.running.append(tid)
         kind = EV_DONE
@@ -704,9 +842,12 @@ class Simulation:
             code = ERROR
         ok = code == OK
         # The host core learns from it (latency EWMA, breaker, router) and frees the slot.
-        p.core.done(a.index, ok, svc, self._kind(p, tid) if p.hinted else None)
+        h = a.host
+        h.core.done(a.index, ok, svc, self._kind(p, tid) if p.hinted else None)
+        h.n -= 1
+        self._sync(h)
         if not ok:
-            code = self._after_failure(p, tid, code, t)
+            code = self._after_failure(p, h, tid, code, t)
         if p.tokens:
             i_t, o_t = p.in_tok(), p.out_tok()
             p.input_tokens += i_t
@@ -756,15 +897,15 @@ class Simulation:
         kinds = self.task_kinds
         return (self.kinds[kinds[tid]] if kinds else None) or p.capability
 
-    def _after_failure(self, p: PoolRun, tid: int, code: int, t: float) -> int:
-        """A failed execution: 0 when the host core retries it (back to the queue after
-        its backoff), else the outcome code to record (the core's verdict when retries
-        ran out). First attempts reach the retry budget before each decision, so its
-        window sees them at most one event late."""
-        core = p.core
-        if p.firsts:
-            core.first_attempts(p.firsts)
-            p.firsts = 0
+    def _after_failure(self, p: PoolRun, h: SimHost, tid: int, code: int, t: float) -> int:
+        """A failed execution on host ``h``: 0 when its core retries it (back to the
+        queue after its backoff), else the outcome code to record (the core's verdict
+        when retries ran out). First attempts reach the retry budget before each
+        decision, so its window sees them at most one event late."""
+        core = h.core
+        if h.firsts:
+            core.first_attempts(h.firsts)
+            h.firsts = 0
         reason = "timeout" if code == TIMEOUT else "error"
         r = core.decide_retry(max(1, self.deliveries[tid]), reason, p.error_text)
         if r.delay_s is not None:
@@ -814,7 +955,8 @@ class Simulation:
         _list_remove(p.starting, a)
         a.state = ACTIVE
         _list_add(p.active, a)
-        p.core.admit(a.index)
+        a.host.core.admit(a.index)
+        self._sync(a.host)
         for c in self._up_hooks:
             c.on_agent_up(self, a, t)
         self.alive_total += 1
@@ -858,6 +1000,7 @@ class Simulation:
         self._account(p, now)
         _list_remove(p.dead, a)
         a.state, a.gen = STOPPED, a.gen + 1
+        self._gone(a)
         if a.injection >= 0:
             self.injections[a.injection]["not_replaced"] += 1
         self.log_event("retire", pool=p.name, agent=a.id)
@@ -877,8 +1020,15 @@ class Simulation:
         p = a.pool
         self._account(p, t)
         p.n_draining -= 1
-        a.state = STOPPED
         self.alive_total -= 1
+        self._stopped(a, t)
+
+    def _stopped(self, a: SimAgent, t: float) -> None:
+        """Agent ``a`` leaves the pool on purpose (scaled down)."""
+        a.state = STOPPED
+        self._gone(a)
+        for c in self._gone_hooks:
+            c.on_agent_gone(self, a, t)
 
     def _handback(self, p: PoolRun, tids: list[int], now: float) -> None:
         """Put tasks an agent held back at the head of the queue, oldest first."""
@@ -894,8 +1044,10 @@ class Simulation:
                 p.requeued += 1
 
     def _leave_service(self, p: PoolRun, a: SimAgent) -> None:
-        """Take an agent out of the core's routing for good (its breaker leaves too)."""
-        p.core.hold(a.index, gone=True)
+        """Take an agent out of its host core's routing for good (its breaker leaves
+        too)."""
+        a.host.core.hold(a.index, gone=True)
+        self._sync(a.host)
 
     def kill(self, a: SimAgent, now: float, reason: str = "kill", injection: int = -1) -> bool:
         """Kill an agent: what it ran or held goes back to the queue; it restarts later
@@ -916,12 +1068,15 @@ class Simulation:
             p.local_n -= len(a.local)
             a.local.clear()
         p.held -= a.in_flight
+        a.host.n -= a.in_flight
+        self._sync(a.host)
         a.in_flight = 0
         a.gen += 1  # every pending event of this agent is now stale
         self.alive_total -= 1
         if st == DRAINING:
             p.n_draining -= 1
             a.state = STOPPED
+            self._gone(a)
         else:
             _list_remove(p.active, a)
             a.state = DEAD
@@ -956,7 +1111,8 @@ class Simulation:
         runs and gets no new task until ``readmit``. Its breaker stays."""
         if a.state != ACTIVE or a.held:
             return False
-        a.pool.core.hold(a.index)
+        a.host.core.hold(a.index)
+        self._sync(a.host)
         return True
 
     def readmit(self, a: SimAgent, now: float) -> bool:
@@ -964,7 +1120,8 @@ class Simulation:
         if a.state != ACTIVE or not a.held:
             return False
         p = a.pool
-        p.core.admit(a.index)
+        a.host.core.admit(a.index)
+        self._sync(a.host)
         if p.queue:
             self._dispatch(p, now)
         return True
@@ -979,10 +1136,12 @@ class Simulation:
             p.local_n -= len(tids)
             a.in_flight -= len(tids)
             p.held -= len(tids)
+            a.host.n -= len(tids)
+            self._sync(a.host)
             self._handback(p, tids, now)
         if a.in_flight == 0:
-            a.state = STOPPED
             self.alive_total -= 1
+            self._stopped(a, now)
         else:
             a.state = DRAINING
             p.n_draining += 1
@@ -1021,14 +1180,16 @@ class Simulation:
         while k and p.dead:
             a = p.dead[-1]
             _list_remove(p.dead, a)
-            a.state, a.gen = STOPPED, a.gen + 1
+            a.gen += 1
+            self._stopped(a, t)
             if a.injection >= 0:
                 self.injections[a.injection]["not_replaced"] += 1
             k -= 1
         while k and p.starting:
             a = p.starting[-1]
             _list_remove(p.starting, a)
-            a.state, a.gen = STOPPED, a.gen + 1
+            a.gen += 1
+            self._stopped(a, t)
             k -= 1
         if k and p.n_ejected:
             # Agents the breakers hold out (active, not routable) first.
@@ -1037,12 +1198,15 @@ class Simulation:
                 k -= 1
         if k:
             # Idle agents first: scan the agents with room from the newest end.
-            idle = []
-            for a in reversed(p.slots.free):
-                if a.in_flight == 0:
-                    idle.append(a)
-                    if len(idle) == k:
-                        break
+            idle: list[SimAgent] = []
+            for h in reversed(p.free_hosts):
+                for a in reversed(h.core.slots.free):
+                    if a.in_flight == 0:
+                        idle.append(a)  # type: ignore[arg-type]
+                        if len(idle) == k:
+                            break
+                if len(idle) == k:
+                    break
             for a in idle:
                 self._drain(a, t)
             k -= len(idle)
@@ -1080,9 +1244,10 @@ class Simulation:
             p.arr_bucket = 0
             p.done_bucket = 0
         for p in self.pools:
-            if p.firsts:  # first attempts reach the retry budget at least every sample
-                p.core.first_attempts(p.firsts)
-                p.firsts = 0
+            for h in p.hosts:  # first attempts reach the retry budget every sample
+                if h.firsts:
+                    h.core.first_attempts(h.firsts)
+                    h.firsts = 0
         for c in self._tick_hooks:
             c.on_tick(self, t)
         if not self.finished:

@@ -1,31 +1,43 @@
-"""Restart policy in the simulator: fleet's restart backoff and cascade guard.
+"""Restart policy in the simulator: fleet's ``HealthMonitor`` and cascade guard, driven
+by agent deaths.
 
-A ``Component`` (attached by default when ``fleet.policy.health`` is present) that
-applies the fleet spec's ``health`` section to dead agents, with the real policy code:
+A ``Component`` (attached by default) that runs the fleet spec's ``health`` section on
+one ``fleet.policy.health.HealthMonitor`` for the whole simulated fleet, the object
+each live host runs, with the fleet-wide ``CascadeGuard`` the live controller runs. The
+rules (consecutive failures and their reset after ``reset_after_s``, the restart
+backoff, ``eject_after_failures``, the guard's permits and probes) are the monitor's;
+this module only turns simulator events into its signals:
 
-* each death counts as a failure of that agent; the ``n``-th consecutive one waits
-  ``backoff_s(spec.restart, n, rng)`` before the restart begins (on top of the
-  scenario's ``restart_delay_s``, the time the process itself takes), and an agent that
-  stayed up for ``reset_after_s`` starts again from the first step;
-* after ``eject_after_failures`` consecutive failures the agent is not restarted: it is
-  retired, and the autoscaler's next decision replaces it with a fresh agent;
-* every restart that is due asks the fleet-wide ``CascadeGuard`` (fed the share of the
-  fleet's agents that are dead), which throttles restarts when too many fail at once;
-  a restart it refuses is asked again a moment later. Restarts granted while the guard
-  is not closed are its probes: one that stays up ``probe_healthy_s`` succeeds, one
-  that dies before fails.
+* an agent that starts serving reports a heartbeat (the monitor admits it);
+* a death is ``report_failure(CRASHED)``: the monitor takes the agent out of service
+  and either ejects it (the simulator retires it, and the autoscaler's next decision
+  starts a fresh agent) or sets its restart time after the backoff;
+* the restart event comes ``restart_delay_s`` (the scenario's detection and
+  scheduling time) after that restart time (or when a component ahead of this one
+  says), and asks ``HealthMonitor.restart``: the guard grants a permit or the agent
+  asks again a moment later;
+* a probe (a restart granted while the guard is not closed) is settled
+  ``probe_healthy_s`` after the agent is back; an agent that leaves the pool on purpose
+  (scaled down) is removed from the monitor.
 
-Heartbeats, hung-task and error-rate detection of ``HealthMonitor`` are not simulated
-(chaos and crash deaths stand in for detected failures; timeouts bound hung tasks).
+The monitor's detection pass (``tick``: missed heartbeats, hung tasks, error rates) is
+not run: it is O(agents) per tick, and deaths, chaos and task timeouts stand in for
+what it detects. Each call made here is O(1) (``settle_probes``: O(probes)).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fleet.policy.backoff import backoff_s
-from fleet.policy.health import CascadeGuard, GuardState, HealthEvent, HealthEventLog
-from fleet.sim.components import Component
+from fleet.policy.health import (
+    ActionKind,
+    AgentState,
+    FailureReason,
+    HealthEvent,
+    HealthEventLog,
+    HealthMonitor,
+)
+from fleet.sim.components import DEAD, Component
 
 if TYPE_CHECKING:
     from fleet.sim.engine import SimAgent, Simulation
@@ -34,94 +46,94 @@ RETRY_GATE_FRACTION = 0.1  # a refused restart asks again after this share of in
 
 
 class HealthRestarts(Component):
-    """Restart backoff and the cascade guard of ``fleet.policy.health`` (see module doc)."""
+    """Deaths, restarts and the cascade guard through ``HealthMonitor`` (see module doc)."""
 
     name = "health"
 
     def __init__(self, spec: Any):
         self.spec = spec
         self.log = HealthEventLog()
-        self.guard = CascadeGuard(spec.cascade, [self.log, self], name="fleet:cascade")
         self.sim: Simulation | None = None
-        self.failures: dict[str, int] = {}  # consecutive failures per agent
-        self.up_since: dict[str, float] = {}
-        self.probes: dict[str, tuple[int, float]] = {}  # agent id -> (gen, up since)
+        self.monitor: HealthMonitor | None = None
         self.backoffs: list[float] = []
         self.retired = 0
         self.gate_waits = 0
 
     def attach(self, sim: Simulation) -> None:
         self.sim = sim
-        self.rng = sim.rng("health")
+        self.monitor = HealthMonitor(
+            self.spec, lambda: sim.now, sim.rng("health"), [self.log, self], name="fleet"
+        )
 
     def on_health_event(self, event: HealthEvent) -> None:
         if self.sim is not None:
             kind = event.kind.value if event.new is None else f"{event.kind.value}_{event.new}"
             self.sim.log_event(f"health_{kind}", subject=event.subject, reason=event.reason)
 
-    def _observe(self, sim: Simulation, now_s: float) -> None:
-        failing = sum(len(p.dead) for p in sim.pools)
-        total = sum(len(p.active) + len(p.starting) + len(p.dead) for p in sim.pools)
-        self.guard.observe(failing, total, now_s)
-
     def on_agent_up(self, sim: Simulation, agent: SimAgent, now_s: float) -> None:
-        self.up_since[agent.id] = now_s
-        if self.guard.state is not GuardState.CLOSED and agent.id in self.probes:
-            self.probes[agent.id] = (agent.gen, now_s)
-            gen = agent.gen
+        mon = self.monitor
+        assert mon is not None
+        mon.heartbeat(agent.id, agent.pool.name)  # admits it (new, or restarted)
+        mon.take_actions()  # ADMIT: the engine already put it in service
+        if mon.agent(agent.id).probe:
+            sim.schedule(now_s + self.spec.cascade.probe_healthy_s, self._settle)
 
-            def check(t: float, a: SimAgent = agent) -> None:
-                if self.probes.get(a.id, (None,))[0] == gen and a.gen == gen:
-                    del self.probes[a.id]
-                    self.guard.probe_succeeded(t)
-                    self._observe(sim, t)
-
-            sim.schedule(now_s + self.spec.cascade.probe_healthy_s, check)
-        else:
-            self.probes.pop(agent.id, None)
+    def _settle(self, now_s: float) -> None:
+        assert self.monitor is not None
+        self.monitor.settle_probes()
+        self.monitor.observe_guard()
 
     def on_agent_down(
         self, sim: Simulation, agent: SimAgent, reason: str, now_s: float
     ) -> None:
-        up = self.up_since.pop(agent.id, None)
-        n = self.failures.get(agent.id, 0)
-        if up is not None and now_s - up >= self.spec.restart.reset_after_s:
-            n = 0  # it had been healthy long enough: the backoff starts over
-        self.failures[agent.id] = n + 1
-        if self.probes.pop(agent.id, None) is not None:
-            self.guard.probe_failed(now_s)
-        self._observe(sim, now_s)
+        mon = self.monitor
+        assert mon is not None
+        if agent.state != DEAD:  # it was draining: it leaves the pool, no restart
+            mon.remove_agent(agent.id)
+            mon.observe_guard()
+            return
+        mon.report_failure(agent.id, reason, FailureReason.CRASHED)
+        ejected = any(a.kind is ActionKind.EJECT for a in mon.take_actions())
+        mon.observe_guard()
+        if ejected:
+            mon.remove_agent(agent.id)
+            sim.retire(agent, now_s)
+            self.retired += 1
 
     def restart_delay_s(
         self, sim: Simulation, agent: SimAgent, default_s: float, now_s: float
     ) -> float | None:
-        n = self.failures.get(agent.id, 1)
-        limit = self.spec.restart.eject_after_failures
-        if limit is not None and n >= limit:
-            return None  # retired below, in restart_gate_s
-        backoff = backoff_s(self.spec.restart, n, self.rng)
+        assert self.monitor is not None
+        due = self.monitor.agent(agent.id).next_restart_s
+        backoff = 0.0 if due is None else due - now_s
         self.backoffs.append(backoff)
         return default_s + backoff
 
     def restart_gate_s(self, sim: Simulation, agent: SimAgent, now_s: float) -> float | None:
-        limit = self.spec.restart.eject_after_failures
-        if limit is not None and self.failures.get(agent.id, 0) >= limit:
-            sim.retire(agent, now_s)
-            self.retired += 1
-            self.failures.pop(agent.id, None)
+        mon = self.monitor
+        assert mon is not None
+        mon.observe_guard()
+        # The restart event's time is the backoff's (restart_delay_s), or the delay a
+        # component ahead of this one chose: either way it is due now.
+        if mon.restart(agent.id, ignore_backoff=True):
+            mon.take_actions()  # RESTART: the engine starts the agent's new instance
             return None
-        self._observe(sim, now_s)
-        if self.guard.try_restart(now_s):
-            if self.guard.state is not GuardState.CLOSED:
-                self.probes[agent.id] = (agent.gen, now_s)
-            return None
+        if mon.state(agent.id) is not AgentState.UNHEALTHY:
+            return None  # not the monitor's to hold
         self.gate_waits += 1
         return self.spec.cascade.interval_s * RETRY_GATE_FRACTION
 
+    def on_agent_gone(self, sim: Simulation, agent: SimAgent, now_s: float) -> None:
+        """A drained agent left the pool (scaled down)."""
+        assert self.monitor is not None
+        self.monitor.remove_agent(agent.id)
+
     def report(self) -> dict[str, Any]:
         n = len(self.backoffs)
+        mon = self.monitor
+        now = self.sim.now if self.sim else 0.0
         return {
-            "cascade": self.guard.snapshot(self.sim.now if self.sim else 0.0),
+            "cascade": mon.guard.snapshot(now) if mon else {},
             "events": dict(sorted(self.log.counts.items())),
             "restart_backoff_s": {
                 "n": n,

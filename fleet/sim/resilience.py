@@ -1,16 +1,18 @@
-"""Circuit breakers and retries in the simulator: what the pool's host core did.
+"""Circuit breakers and retries in the simulator: what the pool's host cores did.
 
-Breakers and retries are not modelled here: each simulated pool's agents live in one
+Breakers and retries are not modelled here: each simulated host's agents live in one
 ``fleet.policy.host.HostCore``, the live host's decision core, which feeds every
 outcome (a timeout is a failure) to the agent's breaker with the live host's deferred
 feeding, keeps agents whose breaker is open out of routing (ejection cap, panic mode,
 half-open probes included) and decides every retry (``fleet.policy.retry``: retryable
 errors, attempts, backoff, retry budget). This module logs the core's breaker events in
-the simulation's event log and reports what the core counted.
+the simulation's event log and reports what the cores counted, summed over the pool's
+hosts (each host has its own ejection cap and retry budget, as live).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from fleet.policy.breaker import BreakerEvent
@@ -37,31 +39,37 @@ class SimBreakerLog:
                 breaker=event.name,
                 reason=event.reason,
             )
-            out = len(self.pool.core.breakers.registry.ejected)
+            out = self.pool.n_ejected
             self.max_out = max(self.max_out, out)
         elif event.kind is not BreakerEventKind.TRANSITION:
             self.sim.log_event(event.kind.value, pool=self.pool.name, reason=event.reason)
 
 
 def resilience_report(pool: PoolRun) -> dict[str, Any]:
-    """The breaker and retry figures of one pool, as its host core counted them."""
-    core = pool.core
+    """The breaker and retry figures of one pool, as its hosts' cores counted them."""
+    cores = [h.core for h in pool.hosts]
     out: dict[str, Any] = {}
-    if core.breakers.enabled:
-        snap = core.breakers.registry.snapshot()
+    first = cores[0]
+    if first.breakers.enabled:
+        snaps = [c.breakers.registry.snapshot() for c in cores]
+        events: Counter[str] = Counter()
+        for c in cores:
+            events.update(c.breakers.log.counts)
         out["breakers"] = {
-            "events": dict(sorted(core.breakers.log.counts.items())),
+            "events": dict(sorted(events.items())),
             "ejected_max": pool.breaker_log.max_out,
-            "ejected_at_end": len(snap["ejected"]),  # type: ignore[arg-type]
-            "max_ejected_allowed": snap["max_ejected"],
-            "denied_trips": snap["denied_trips"],
-            "panics": snap["panics"],
+            "ejected_at_end": sum(len(s["ejected"]) for s in snaps),  # type: ignore[arg-type]
+            "max_ejected_allowed": sum(s["max_ejected"] for s in snaps),  # type: ignore[misc]
+            "denied_trips": sum(s["denied_trips"] for s in snaps),  # type: ignore[misc]
+            "panics": sum(s["panics"] for s in snaps),  # type: ignore[misc]
         }
-    r = core.retries
-    if r.policy.spec.max_attempts > 1:
+    if first.retries.policy.spec.max_attempts > 1:
+        final: Counter[str] = Counter()
+        for c in cores:
+            final.update(c.retries.final)
         out["retries"] = {
-            "retried": r.retries,
-            "budget_denied": r.policy.budget.denied,
-            "final_verdicts": dict(sorted(r.final.items())),
+            "retried": sum(c.retries.retries for c in cores),
+            "budget_denied": sum(c.retries.policy.budget.denied for c in cores),
+            "final_verdicts": dict(sorted(final.items())),
         }
     return out

@@ -518,3 +518,82 @@ def test_fleet_gate_restarts_freely_only_on_a_fresh_closed_verdict():
     assert not gate.fresh(clock()) and gate.local.state is GuardState.OPEN
     assert [gate.try_restart(clock()) for _ in range(3)] == [True, False, False]
     assert gate.throttled >= 3
+
+
+# --- event-driven use (the simulator's): one agent at a time, no detection pass --------
+
+
+def test_event_driven_restart_of_one_agent_waits_for_its_backoff_and_a_permit():
+    clock = FakeClock(0.0)
+    m, _ = monitor(
+        clock,
+        restart={"initial_backoff_s": 4, "jitter_ratio": 0},
+        cascade={
+            "cascade_share": 0.1,
+            "min_failing_agents": 1,
+            "max_restarts_per_interval": 1,
+            "probe_successes": 1,
+        },
+    )
+    for name in "abcdefghij":
+        m.heartbeat(name)  # admitted at once: a heartbeat announces an unknown agent
+    assert len(m.take_actions()) == 10 and m.failing_and_total() == (0, 10)
+    m.report_failure("a", "killed")
+    m.report_failure("b", "killed")
+    assert kinds(m.take_actions()) == [("remove", "a"), ("remove", "b")]
+    assert m.failing_and_total() == (2, 10)
+    assert m.observe_guard() is GuardState.OPEN  # 20% > 10%
+    assert not m.restart("a")  # backing off until t=4
+    clock.t = 4.0
+    assert m.restart("a") and kinds(m.take_actions()) == [("restart", "a")]
+    assert m.agent("a").probe  # granted while the guard was open
+    assert not m.restart("b") and m.state("b") is S.UNHEALTHY  # the one permit is taken
+    assert m.failing_and_total() == (2, 10)  # restarting still counts as failing
+    m.heartbeat("a")
+    m.take_actions()
+    clock.t = 4.0 + m.spec.cascade.probe_healthy_s - 0.1
+    m.settle_probes()
+    assert m.agent("a").probe  # not yet healthy for probe_healthy_s
+    clock.t = 4.0 + m.spec.cascade.probe_healthy_s
+    m.settle_probes()
+    assert not m.agent("a").probe and m.guard.state is GuardState.HALF_OPEN
+    m.remove_agent("c")
+    assert m.failing_and_total() == (1, 9)
+
+
+def test_ignore_backoff_restarts_before_the_backoff_when_the_driver_chose_the_delay():
+    clock = FakeClock(0.0)
+    m, _ = monitor(clock, restart={"initial_backoff_s": 30, "jitter_ratio": 0})
+    m.heartbeat("a")
+    m.report_failure("a", "killed")
+    assert not m.restart("a")
+    assert m.restart("a", ignore_backoff=True) and m.state("a") is S.RESTARTING
+    assert not m.restart("a", ignore_backoff=True)  # only an unhealthy agent restarts
+
+
+def test_state_counts_kept_per_transition_match_a_recount():
+    clock = FakeClock(0.0)
+    m, _ = monitor(clock, restart={"eject_after_failures": 2, "initial_backoff_s": 1})
+    rng = random.Random(5)
+    names = [f"x{i}" for i in range(30)]
+    for step in range(2_000):
+        clock.t = step * 0.5
+        n = rng.choice(names)
+        op = rng.random()
+        if op < 0.4:
+            m.heartbeat(n)
+        elif op < 0.6:
+            m.report_failure(n, "killed")
+        elif op < 0.65:
+            m.remove_agent(n)
+        elif op < 0.7 and n in m.agent_ids(S.EJECTED):
+            m.reinstate(n)
+        else:
+            m.restart(n)
+        m.take_actions()
+        if step % 50 == 0:
+            m.tick()
+        recount = {s.value: len(m.agent_ids(s)) for s in S}
+        assert m.counts() == recount, step
+        failing = recount["unhealthy"] + recount["restarting"]
+        assert m.failing_and_total() == (failing, len(m.agent_ids()))

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from fleet.sim import Component, Simulation, parse_scenario, report_json, simulate
+from fleet.sim.components import STOPPED
 from fleet.sim.report import check_autoscaler, jain
 
 from .helpers import pool_spec, scenario, scenario_dict
@@ -521,7 +522,11 @@ class Breakerish(Component):
 
 def test_components_plug_into_the_engine():
     comp = Breakerish()
-    sim = Simulation(parse_scenario(chaos_scenario()), components=[comp]).run()
+    data = chaos_scenario()
+    # The cascade guard off, so that the restart delay is the component's alone (the
+    # chaos kills 60% of the pool: with the guard on, it throttles the restarts).
+    data["fleet"]["health"] = {"cascade": {"enabled": False}}
+    sim = Simulation(parse_scenario(data), components=[comp]).run()
     r = sim.report()
     executions = sum(len(p.lat) for p in sim.pools)
     assert comp.outcomes >= executions  # every execution is seen (and the partition's)
@@ -565,3 +570,61 @@ def test_a_run_cut_by_the_drain_timeout_reports_what_is_still_in_flight():
     assert r["lost"] > 0
     assert r["in_system_at_end"] == r["lost"]  # every task without an outcome is accounted
     assert not r["targets_met"] and not r["targets"]["lost"]["met"]
+
+
+class HostCount(Component):
+    """Counts executions per host."""
+
+    name = "host_count"
+
+    def __init__(self) -> None:
+        self.by_host: dict[str, int] = {}
+
+    def on_outcome(self, sim, agent, tid, ok, service_s, now_s):
+        self.by_host[agent.host.id] = self.by_host.get(agent.host.id, 0) + 1
+
+
+def test_agents_live_in_hosts_of_agents_per_host_each_with_its_own_core():
+    # 250 agents, 100 per host: three hosts (100, 100, 50 agents), as Serve would run
+    # them. Each host has its own core: its own ejection cap (10% of its agents) and
+    # its own routing; the host router spreads the work by load, so each host does a
+    # share of the work in proportion to its agents.
+    count = HostCount()
+    data = scenario_dict(
+        pools=[pool_spec("p", 250, agents_per_host=100)],
+        models={"p": {"service": {"kind": "exponential", "mean_s": 1.0}}},
+        workload=[{"pool": "p", "arrivals": {"kind": "poisson", "rate_per_s": 175}}],
+        max_tasks=60_000,
+    )
+    sim = Simulation(parse_scenario(data), components=[count]).run()
+    p = sim.pools[0]
+    assert [h.live for h in p.hosts] == [100, 100, 50]
+    assert [len(h.core.agents) for h in p.hosts] == [100, 100, 50]
+    for h in p.hosts:
+        assert all(a.host is h and a.id.startswith(f"{h.id}/") for a in h.core.agents)
+        assert h.core.breakers.registry.snapshot()["max_ejected"] == (
+            10 if h.live == 100 else 5
+        )
+    assert sim.report()["lost"] == 0
+    total = sum(count.by_host.values())
+    for h in p.hosts:
+        share = count.by_host[h.id] / total
+        assert share == pytest.approx(h.live / 250, rel=0.1), (h.id, share)
+
+
+def test_new_hosts_open_only_when_every_host_is_full():
+    # 100 agents, 50 per host: two full hosts. An agent drained from the first host
+    # leaves room there, and the next new agent takes it instead of opening a third.
+    sim = Simulation(
+        scenario(pools=[pool_spec("p", 100, agents_per_host=50)], max_tasks=10)
+    ).run()
+    p = sim.pools[0]
+    assert [h.live for h in p.hosts] == [50, 50] and p.open_hosts == []
+    idle = next(a for a in p.hosts[0].core.agents if a.in_flight == 0)
+    sim._drain(idle, sim.now)
+    assert idle.state == STOPPED and p.open_hosts == [p.hosts[0]]
+    new = sim._new_agent(p)
+    assert new.host is p.hosts[0] and new.id == "p/h0/50"
+    assert [h.live for h in p.hosts] == [50, 50] and p.open_hosts == []
+    another = sim._new_agent(p)
+    assert another.host is p.hosts[2] and len(p.hosts) == 3

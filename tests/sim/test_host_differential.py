@@ -92,7 +92,7 @@ def _simulated(routing: str, times: list[float], tmp_path: Path) -> list[tuple[A
         seed=SEED,
     )
     sim = Simulation(sc, default_components=False)
-    core = sim.pools[0].core
+    core = sim.pools[0].hosts[0].core
     core.trace = []
     sim.run()
     assert sim.report()["lost"] == 0
@@ -153,7 +153,7 @@ async def _live_async(routing: str, times: list[float]) -> list[tuple[Any, ...]]
         RESILIENCE,
         health=HEALTH,
         clock=clock,
-        rng=random.Random(f"fleet-sim/{SEED}/route/work"),
+        rng=random.Random(f"fleet-sim/{SEED}/route/work/h0"),  # the simulated host's
         autotick=False,  # no tick on real time: the simulator does not tick either
     )
     host.recorder.client = FakeLedger()

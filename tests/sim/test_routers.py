@@ -100,7 +100,7 @@ SPECIALIZED = {
 
 def test_specialization_sends_typed_tasks_to_their_experts():
     sim, _, who = _run("specialization", **SPECIALIZED)
-    experts = {a.id: a.expertise for a in sim.pools[0].core.agents}
+    experts = {a.id: a.expertise for a in sim.pools[0].agents()}
     kinds = Counter(k for e in experts.values() for k in e)
     assert kinds["fraud"] >= 2 and kinds["refund"] >= 2, kinds
     typed = [(who.kind(t), agent) for t, agent, _ in who.runs]
@@ -108,7 +108,7 @@ def test_specialization_sends_typed_tasks_to_their_experts():
     assert to_expert / len(typed) >= 0.90, to_expert / len(typed)
     # The same load with least-loaded routing ignores expertise.
     sim2, _, who2 = _run("least_loaded", **SPECIALIZED)
-    experts2 = {a.id: a.expertise for a in sim2.pools[0].core.agents}
+    experts2 = {a.id: a.expertise for a in sim2.pools[0].agents()}
     blind = sum(1 for t, agent, _ in who2.runs if who2.kind(t) in experts2[agent])
     assert blind / len(who2.runs) < 0.5
 
@@ -142,7 +142,7 @@ def test_success_rate_starves_a_failing_agent():
     # once they age out: it gets about min_calls tasks per window.
     routing = {"success_rate": {"min_calls": 3, "window_s": 300.0}}
     sim, _, who = _run("success_rate", routing=routing, **kw)
-    bad = {a.id for a in sim.pools[0].core.agents if a.fail_p == 1.0}
+    bad = {a.id for a in sim.pools[0].agents() if a.fail_p == 1.0}
     assert bad, "the scenario must have a failing agent"
     late = who.runs[len(who.runs) // 3 :]  # once the router has seen enough outcomes
     share = sum(1 for _, agent, _ in late if agent in bad) / len(late)
@@ -150,6 +150,6 @@ def test_success_rate_starves_a_failing_agent():
     assert share < fair / 4, (share, fair)
     # Without the router's feedback the failing agents get their fair share.
     sim2, _, who2 = _run("least_loaded", **kw)
-    bad2 = {a.id for a in sim2.pools[0].core.agents if a.fail_p == 1.0}
+    bad2 = {a.id for a in sim2.pools[0].agents() if a.fail_p == 1.0}
     late2 = who2.runs[len(who2.runs) // 3 :]
     assert sum(1 for _, agent, _ in late2 if agent in bad2) / len(late2) > fair / 2
