@@ -21,6 +21,9 @@ fetch position of a partition that stays, so what was taken is not delivered aga
 at once when the consumer is evicted (its positions are dropped, it resumes at the
 committed offset). Only partitions currently owned are committed.
 
+Security: every client is built with ``kafka_security_kwargs(spec.security)`` (TLS,
+SASL; ``fleet.queue.kafka_security``), so they all connect the same way.
+
 A malformed message (not JSON, not a task, unknown capability, payload over the limit,
 deadline already past) is written to the dead-letter topic with the reason and then
 counts as finished: it never blocks its partition.
@@ -33,16 +36,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import queue as _queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from fleet.queue.kafka_security import kafka_security_kwargs
 from fleet.spec.queues import KafkaIntakeSpec
 from fleet.task import Item, Outcome, TaskRejected, parse_task_json, to_item
 
@@ -208,7 +213,9 @@ class KafkaIntake:
     as finished (duplicates of recorded tasks), which complete at once. If it raises
     (e.g. the queue is full) the batch is retried on the next round and consumption
     pauses meanwhile. ``consumer``/``producer`` may be injected (tests); by default they
-    are kafka-python clients built from ``spec``.
+    are kafka-python clients built from ``spec``, including its ``security`` settings,
+    whose password variables are read from ``environ`` (KafkaSecurityError, naming the
+    variable, if one is unset).
     """
 
     def __init__(
@@ -221,6 +228,7 @@ class KafkaIntake:
         clock: Callable[[], float] = time.monotonic,
         consumer: Any = None,
         producer: Any = None,
+        environ: Mapping[str, str] = os.environ,
     ):
         self.spec = spec
         self._accept = accept
@@ -234,12 +242,23 @@ class KafkaIntake:
         self._last_commit_s = clock()
         self._paused = False
         self._closed = False
-        self._producer = producer if producer is not None else self._make_producer(client_id)
-        self._consumer = consumer if consumer is not None else self._make_consumer(client_id)
+        # Read once, before any client exists, so a missing secret fails here; passed on,
+        # not kept: the secrets stay only in the clients' own configuration.
+        security = (
+            kafka_security_kwargs(spec.security, environ)
+            if consumer is None or producer is None
+            else {}
+        )
+        self._producer = (
+            producer if producer is not None else self._make_producer(client_id, security)
+        )
+        self._consumer = (
+            consumer if consumer is not None else self._make_consumer(client_id, security)
+        )
 
     # --- clients -------------------------------------------------------------------
 
-    def _make_consumer(self, client_id: str | None) -> Any:
+    def _make_consumer(self, client_id: str | None, security: dict[str, Any]) -> Any:
         from kafka import ConsumerRebalanceListener, KafkaConsumer
 
         intake = self
@@ -268,11 +287,12 @@ class KafkaIntake:
             # slices and consume at ~2k msg/s; 4 MiB slices reach ~40k msg/s.
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_wait_ms=100,
+            **security,
         )
         c.subscribe([s.topic], listener=_Listener())
         return c
 
-    def _make_producer(self, client_id: str | None) -> Any:
+    def _make_producer(self, client_id: str | None, security: dict[str, Any]) -> Any:
         from kafka import KafkaProducer
 
         return KafkaProducer(
@@ -281,6 +301,7 @@ class KafkaIntake:
             acks="all",
             linger_ms=5,
             retries=5,
+            **security,
         )
 
     # --- the loop --------------------------------------------------------------------

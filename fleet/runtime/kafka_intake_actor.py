@@ -19,6 +19,12 @@ runtime:
 
 The consumer loop runs on a thread of its own; the actor's methods (``stats``, ``stop``)
 are served beside it. Everything touching the Kafka clients runs on that thread.
+
+TLS and SASL (``queues.kafka.security``) are applied by ``KafkaIntake`` when it builds
+its clients, here in the actor's process: the variables named by ``password_env`` and
+``ssl_password_env`` must be set in the environment of the Ray nodes that run these
+actors, and the TLS files must exist there. If one is missing the actor fails to start
+with an error naming the variable or file (never a secret value).
 """
 
 from __future__ import annotations

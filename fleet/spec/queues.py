@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from fleet.spec._base import SpecModel
 
@@ -154,6 +155,173 @@ class StorageSpec(SpecModel):
     sqlite_cache_mib: int = Field(default=16, ge=1)
 
 
+class KafkaSecurityProtocol(str, Enum):
+    """How the Kafka clients talk to the brokers (kafka-python's ``security_protocol``)."""
+
+    PLAINTEXT = "PLAINTEXT"  # no TLS, no authentication (the default)
+    SSL = "SSL"  # TLS; a client certificate (ssl_certfile + ssl_keyfile) authenticates
+    SASL_PLAINTEXT = "SASL_PLAINTEXT"  # SASL authentication over an unencrypted connection
+    SASL_SSL = "SASL_SSL"  # SASL authentication over TLS
+
+
+class SaslMechanism(str, Enum):
+    """The SASL mechanisms fleet supports (username + password)."""
+
+    PLAIN = "PLAIN"
+    SCRAM_SHA_256 = "SCRAM-SHA-256"
+    SCRAM_SHA_512 = "SCRAM-SHA-512"
+
+
+_UNSUPPORTED_SASL = {
+    "GSSAPI": "GSSAPI (Kerberos)",
+    "OAUTHBEARER": "OAUTHBEARER",
+}
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SASL_PROTOCOLS = (KafkaSecurityProtocol.SASL_PLAINTEXT, KafkaSecurityProtocol.SASL_SSL)
+_TLS_PROTOCOLS = (KafkaSecurityProtocol.SSL, KafkaSecurityProtocol.SASL_SSL)
+_SASL_FIELDS = ("sasl_mechanism", "username", "password_env")
+_TLS_FIELDS = ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password_env")
+
+
+def _check_env_name(value: str) -> str:
+    # The value is never echoed: a password pasted here by mistake must not reach a log.
+    if not _ENV_NAME_RE.match(value):
+        raise ValueError(
+            "must be the name of an environment variable (letters, digits and _, not "
+            "starting with a digit), not the secret itself"
+        )
+    return value
+
+
+EnvVarName = Annotated[
+    str, Field(min_length=1, max_length=256), AfterValidator(_check_env_name)
+]
+"""The name of an environment variable that holds a secret (never the secret)."""
+
+
+class KafkaSecuritySpec(SpecModel):
+    """TLS and SASL for the Kafka clients of the intake (consumer, dead-letter and results
+    producer), passed to kafka-python by ``fleet.queue.kafka_security``.
+
+    ``protocol``: ``PLAINTEXT`` (the default, no TLS, no authentication), ``SSL``,
+    ``SASL_PLAINTEXT`` or ``SASL_SSL``. The SASL protocols need ``sasl_mechanism``
+    (``PLAIN``, ``SCRAM-SHA-256`` or ``SCRAM-SHA-512``; GSSAPI and OAUTHBEARER are not
+    supported), ``username`` and ``password_env``. Prefer ``SASL_SSL``: with
+    ``SASL_PLAINTEXT`` and ``PLAIN`` the password crosses the network in clear.
+
+    Secrets are never in the spec: ``password_env`` (the SASL password) and
+    ``ssl_password_env`` (the password of an encrypted ``ssl_keyfile``) name environment
+    variables, read by the process that opens the clients (the intake actors, i.e. on
+    the Ray nodes), which fails with the variable's name if it is unset. The TLS
+    options (for ``SSL``/``SASL_SSL``): ``ssl_cafile`` (PEM CA bundle to verify the
+    brokers; default: the system's), ``ssl_certfile`` + ``ssl_keyfile`` (a client
+    certificate, as a pair), ``ssl_check_hostname`` (verify the broker's name against
+    its certificate). The files are paths on the nodes running the intake.
+    """
+
+    # Inputs stay out of validation errors: whatever is pasted here, e.g. a password in
+    # place of a variable name, must not be printed back.
+    model_config = ConfigDict(**SpecModel.model_config, hide_input_in_errors=True)
+
+    protocol: KafkaSecurityProtocol = KafkaSecurityProtocol.PLAINTEXT
+    sasl_mechanism: SaslMechanism | None = None
+    username: str | None = Field(default=None, min_length=1)
+    password_env: EnvVarName | None = None
+    ssl_cafile: str | None = Field(default=None, min_length=1)
+    ssl_certfile: str | None = Field(default=None, min_length=1)
+    ssl_keyfile: str | None = Field(default=None, min_length=1)
+    ssl_password_env: EnvVarName | None = None
+    ssl_check_hostname: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalize(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key in ("protocol", "sasl_mechanism"):
+            if isinstance(data.get(key), str):
+                data[key] = data[key].strip().upper()
+        mech = data.get("sasl_mechanism")
+        if mech in _UNSUPPORTED_SASL:
+            raise _field_errors(
+                [
+                    (
+                        "sasl_mechanism",
+                        f"{_UNSUPPORTED_SASL[mech]} is not supported; use PLAIN, "
+                        "SCRAM-SHA-256 or SCRAM-SHA-512",
+                    )
+                ]
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> KafkaSecuritySpec:
+        errors: list[tuple[str, str]] = []
+        p = self.protocol.value
+        if self.protocol in _SASL_PROTOCOLS:
+            errors += [
+                (f, f"required with protocol {p}")
+                for f in _SASL_FIELDS
+                if getattr(self, f) is None
+            ]
+        else:
+            errors += [
+                (f, f"only used with protocol SASL_PLAINTEXT or SASL_SSL, not {p}")
+                for f in _SASL_FIELDS
+                if getattr(self, f) is not None
+            ]
+        if self.protocol in _TLS_PROTOCOLS:
+            if self.ssl_certfile is not None and self.ssl_keyfile is None:
+                errors.append(
+                    ("ssl_keyfile", "required with ssl_certfile (they come as a pair)")
+                )
+            if self.ssl_keyfile is not None and self.ssl_certfile is None:
+                errors.append(
+                    ("ssl_certfile", "required with ssl_keyfile (they come as a pair)")
+                )
+            if self.ssl_password_env is not None and self.ssl_keyfile is None:
+                errors.append(("ssl_password_env", "only used with ssl_keyfile"))
+        else:
+            tls_set = [f for f in _TLS_FIELDS if getattr(self, f) is not None]
+            # Only a switched-off check is flagged: the default (True) is in every dumped
+            # spec, which the actors validate again.
+            if not self.ssl_check_hostname:
+                tls_set.append("ssl_check_hostname")
+            errors += [
+                (f, f"only used with protocol SSL or SASL_SSL, not {p}") for f in tls_set
+            ]
+        if errors:
+            raise _field_errors(errors)
+        return self
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.protocol in _SASL_PROTOCOLS
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.protocol in _TLS_PROTOCOLS
+
+
+def _field_errors(errors: list[tuple[str, str]]) -> ValidationError:
+    """One error per ``(field, reason)``, located at the field itself (pydantic prefixes
+    the path of the enclosing sections), so the message reads ``...security.username:
+    required with protocol SASL_SSL``. The input is never included."""
+    return ValidationError.from_exception_data(
+        "KafkaSecuritySpec",
+        [
+            InitErrorDetails(
+                type=PydanticCustomError("kafka_security", reason),
+                loc=(field,),
+                input=None,
+            )
+            for field, reason in errors
+        ],
+        hide_input=True,
+    )
+
+
 class KafkaIntakeSpec(SpecModel):
     """Consume tasks from a Kafka topic with a consumer group (``fleet.queue.kafka_intake``).
 
@@ -165,7 +333,11 @@ class KafkaIntakeSpec(SpecModel):
     A fleet whose spec has this section runs ``consumers`` intake actors in the group
     (``fleet.runtime.kafka_intake_actor``); a task is finished once the ledger has its
     outcome, which the actors learn by polling the ledger every ``ledger_poll_s``.
+    ``security`` sets TLS and SASL for every client (``KafkaSecuritySpec``; default:
+    plaintext, no authentication).
     """
+
+    model_config = ConfigDict(**SpecModel.model_config, hide_input_in_errors=True)
 
     bootstrap_servers: str = Field(min_length=1)
     topic: str = Field(min_length=1)
@@ -179,6 +351,7 @@ class KafkaIntakeSpec(SpecModel):
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     consumers: int = Field(default=DEFAULT_KAFKA_CONSUMERS, ge=1)
     ledger_poll_s: float = Field(default=DEFAULT_LEDGER_POLL_S, gt=0)
+    security: KafkaSecuritySpec = KafkaSecuritySpec()
 
     @model_validator(mode="after")
     def _check(self) -> KafkaIntakeSpec:
