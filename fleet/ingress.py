@@ -1,5 +1,12 @@
 """The fleet's HTTP ingress: a FastAPI app served as a Ray Serve deployment.
 
+Every route but ``/healthz`` needs an API key (``Authorization: Bearer <key>``; see
+``fleet.security``): the key names the caller's tenant and roles. Task ids are the
+tenant's own: the same id from two tenants names two tasks (inside the fleet a task's
+id is ``@<tenant>:<id>``, ``fleet.task.scoped_id``), a tenant reads and cancels only its
+own tasks, and the tenant of a task's budget is its key's. Limits (``ingress.limits``)
+bound the body, the batch, the tenant's request rate and its long-polls.
+
 Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
 
 - ``POST /tasks``: one task (a JSON object) or a batch (a JSON array of tasks). 202 with
@@ -9,8 +16,14 @@ Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
   ``Retry-After`` header and, in the body, which tasks were accepted and which were not
   (resubmit those with the ids given: a pending id is taken once, and the ledger keeps one
   outcome per id).
-- ``GET /tasks/{id}``: ``pending`` (no outcome recorded yet) or the recorded result.
-- ``GET /status``: the fleet's pools, agents, hosts and queues (as ``fleet status``).
+- ``GET /tasks/{id}``: ``pending`` (accepted, no outcome recorded yet) or the recorded
+  result; 404 for an id this tenant never submitted. ``?wait_s=N`` waits up to N seconds
+  (at most ``max_wait_s``) for the outcome before answering.
+- ``DELETE /tasks/{id}``: cancel a task that has not started (recorded as failed with
+  reason ``cancelled``); 409 when it is running or already finished.
+- ``GET /status``: for an ``admin`` key the fleet's pools, agents, hosts and queues (as
+  ``fleet status``); for others, the tenant's own pending tasks per capability.
+- ``GET /metrics``: Prometheus metrics (``admin``).
 - ``GET /healthz``: 200 when every control actor is ALIVE and the ledger answers; 503
   naming each actor that is not (restarting, dead, missing, pending) and its state.
 
@@ -23,12 +36,13 @@ requests with its default policy.
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' parameter
 # types at runtime, and Serve's ingress wrapper cannot resolve string annotations.
 import asyncio
+import logging
 import time
 from collections import defaultdict
 from typing import Annotated, Any, Literal
 
 import ray
-from fastapi import Body, FastAPI, Path
+from fastapi import Body, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Discriminator, Field, Tag
 from ray import serve
@@ -40,7 +54,12 @@ from fleet.queue.lease_queue import QueueFull
 from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.lifecycle import actor_states, not_alive
 from fleet.runtime.names import Names
+from fleet.runtime.ratelimit import LeasedTokens, limiter_actor
+from fleet.security.asgi import Guard, GuardConfig
+from fleet.security.keys import KeyRing, Principal, Role
+from fleet.security.redact import Redactor, redactor_for
 from fleet.spec.backoff import BackoffSpec
+from fleet.spec.ingress import AuthMode, check_exposure
 from fleet.task import (
     IdempotencyConflict,
     Item,
@@ -49,13 +68,17 @@ from fleet.task import (
     Task,
     TaskRejected,
     id_is_generated,
+    scoped_id,
     split_known,
+    split_scoped,
     to_item,
 )
 
+log = logging.getLogger(__name__)
+
 INGRESS_DEPLOYMENT = "ingress"
 CONFLICT_PREFIX = "conflict:"
-MAX_BATCH_TASKS = 10_000
+MAX_BATCH_TASKS = 10_000  # the schema's bound; ingress.limits.max_batch_tasks is the spec's
 DEFAULT_SUBMIT_WAIT_S = 1.0
 DEFAULT_RETRY_AFTER_S = 1
 HEALTH_TIMEOUT_S = 2.0
@@ -67,6 +90,8 @@ PUT_BACKOFF = BackoffSpec(
 # Serve's default autoscaling policy, on ongoing requests per replica.
 INGRESS_AUTOSCALING = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32}
 INGRESS_MAX_ONGOING_REQUESTS = 128
+# A long-poll asks the ledger again after fleet's backoff rule: 50 ms, doubling, 1 s cap.
+POLL_BACKOFF = BackoffSpec(initial_backoff_s=0.05, max_backoff_s=1.0, jitter_ratio=0.0)
 
 
 def _body_kind(value: Any) -> str:
@@ -101,6 +126,12 @@ class TaskState(BaseModel):
     id: str
     status: Literal["pending", "completed", "failed"]
     result: Result | None = None
+
+
+class Problem(BaseModel):
+    """What was wrong (401, 403, 404, 409, 413, 429, 503)."""
+
+    detail: str
 
 
 class Accepted(BaseModel):
@@ -149,9 +180,20 @@ api = FastAPI(
     title="fleet",
     version=fleet.__version__,
     description=(
-        "Submit tasks to a fleet of agents, read their results and the fleet's status."
+        "Submit tasks to a fleet of agents, read their results and the fleet's status. "
+        "Every route but /healthz needs Authorization: Bearer <key>."
     ),
 )
+# The replica's guard (keys, limiter, limits): set by Ingress.__init__; one replica per
+# process, so the module's app is the replica's.
+_GUARD: GuardConfig | None = None
+api.add_middleware(Guard, config=lambda: _GUARD)
+
+
+def _principal(request: Request) -> Principal:
+    who: Principal | None = getattr(request.state, "principal", None)
+    assert who is not None, "the guard sets it before any protected route"
+    return who
 
 
 def _is_queue_full(exc: BaseException) -> bool:
@@ -165,9 +207,18 @@ def _conflict_of(exc: Any) -> IdempotencyConflict | None:
     return cause if isinstance(cause, IdempotencyConflict) else None
 
 
-def _state(task_id: str, outcome: Outcome) -> TaskState:
+def _state(task_id: str, outcome: Outcome, redact: Redactor) -> TaskState:
+    """A task's state as its submitter sees it: its own id, not the fleet-wide one, and
+    no secret in its error text."""
     result = outcome.to_result()
+    result.task_id = task_id
+    if result.error:
+        result.error = redact.text(result.error)
     return TaskState(id=task_id, status=result.status.value, result=result)
+
+
+def _client_id(task_id: str) -> str:
+    return split_scoped(task_id)[1]
 
 
 def _validation_error(errors: list[dict[str, Any]]) -> JSONResponse:
@@ -194,11 +245,18 @@ class Ingress:
     ):
         from fleet.runtime.client import FleetClient
 
+        # (Module state set here is the replica's: Serve pickles this class by value, so
+        # this global and the guard's lambda share one namespace per replica.)
+        global _GUARD
         self._fc = FleetClient.connect(name, namespace)
         spec = self._fc.spec
+        self._redact = redactor_for(spec)
         names = Names(spec.name)
         self._caps = frozenset(spec.capabilities)
         self._max_payload_bytes = spec.queues.max_payload_bytes
+        self._limits = spec.ingress.limits
+        self._long_polls: dict[str, int] = defaultdict(int)
+        _GUARD = self._guard(spec)
         self._ledger = LedgerClient.for_spec(spec)
         self._shards = {
             cap: [
@@ -211,6 +269,29 @@ class Ingress:
         self._submit_wait_s = submit_wait_s
         self._retry_after_s = retry_after_s
 
+    @staticmethod
+    def _guard(spec: Any) -> GuardConfig:
+        """Keys (or, with auth off, the proof that nothing beyond loopback can call
+        us), and the tenants' shared rate limiter."""
+        auth, limits = spec.ingress.auth, spec.ingress.limits
+        if auth.mode is AuthMode.NONE:
+            check_exposure(auth, _serve_http_host())
+            log.warning(
+                "fleet %s: the HTTP ingress runs WITHOUT authentication "
+                "(ingress.auth.mode: none); it listens on loopback only",
+                spec.name,
+            )
+            return GuardConfig(None, None, limits.max_body_bytes)
+        path = auth.resolved_keys_file(spec.name)
+        keys = KeyRing(path, auth.reload_s, time.monotonic)
+        if keys.error:
+            log.warning("fleet %s: %s", spec.name, keys.error)
+        actor = limiter_actor(
+            spec.name, spec.namespace, limits.tenant_requests_per_s, limits.tenant_burst
+        )
+        tokens = LeasedTokens(actor, limits.tenant_requests_per_s, limits.tenant_burst)
+        return GuardConfig(keys, tokens, limits.max_body_bytes)
+
     # -- submit --------------------------------------------------------------------
     @api.post(
         "/tasks",
@@ -218,17 +299,22 @@ class Ingress:
         response_model=Accepted,
         responses={
             200: {"model": Accepted, "description": "every task already has an outcome"},
+            401: {"model": Problem, "description": "no key, or not a valid one"},
+            403: {"model": Problem, "description": "the key has no submit role"},
             409: {
                 "model": Conflict,
                 "description": "idempotency key used with another payload",
             },
+            413: {"model": Problem, "description": "body or batch too large"},
             422: {"description": "invalid task(s): nothing was queued"},
-            429: {"model": Backpressure, "description": "queue full"},
+            429: {"model": Backpressure, "description": "queue full, or tenant over its rate"},
             503: {"model": Backpressure, "description": "fleet unreachable"},
         },
     )
     async def submit(
-        self, body: Annotated[TaskOrBatch, Body(openapi_examples=BODY_EXAMPLES)]
+        self,
+        request: Request,
+        body: Annotated[TaskOrBatch, Body(openapi_examples=BODY_EXAMPLES)],
     ) -> Any:
         """Queue one task (a JSON object) or a batch (a JSON array, all or nothing).
 
@@ -237,12 +323,21 @@ class Ingress:
         has one, else 202 with them in ``results``). The same ``idempotency_key`` with a
         different payload is refused with 409 naming the key.
         """
+        tenant = _principal(request).tenant or None
         batch = isinstance(body, list)
         tasks = body if batch else [body]
+        if len(tasks) > self._limits.max_batch_tasks:
+            return JSONResponse(
+                status_code=413,
+                content={
+                    "detail": f"a batch of {len(tasks)} tasks is over the limit of "
+                    f"{self._limits.max_batch_tasks} (ingress.limits.max_batch_tasks)"
+                },
+            )
         items, errors = [], []
         for k, task in enumerate(tasks):
             try:
-                items.append(to_item(task, self._caps, self._max_payload_bytes))
+                items.append(to_item(task, self._caps, self._max_payload_bytes, tenant=tenant))
             except TaskRejected as exc:
                 loc = ["body", "batch", k, exc.field] if batch else ["body", "task", exc.field]
                 errors.append({"type": "task_rejected", "loc": loc, "msg": exc.reason})
@@ -255,7 +350,11 @@ class Ingress:
         )
         if conflicts:
             return self._conflict(items, conflicts, [])
-        results = [_state(it.id, existing[it.id]) for it in items if it.id in existing]
+        results = [
+            _state(_client_id(it.id), existing[it.id], self._redact)
+            for it in items
+            if it.id in existing
+        ]
         order = [k for k, it in enumerate(items) if it.id not in existing]
         not_queued, error = await self._enqueue(fresh)
         not_queued = [order[j] for j in not_queued]
@@ -266,15 +365,15 @@ class Ingress:
                 items, ids, [it.id for k, it in enumerate(items) if k not in refused]
             )
         if not not_queued:
-            accepted = Accepted(ids=[it.id for it in items], results=results)
+            accepted = Accepted(ids=[_client_id(it.id) for it in items], results=results)
             if not fresh:  # every task already has its outcome: nothing new was queued
                 return JSONResponse(status_code=200, content=accepted.model_dump(mode="json"))
             return accepted
         refused = set(not_queued)
         report = Backpressure(
             detail=error,
-            accepted=[it.id for k, it in enumerate(items) if k not in refused],
-            not_queued=[NotQueued(index=k, id=items[k].id) for k in not_queued],
+            accepted=[_client_id(it.id) for k, it in enumerate(items) if k not in refused],
+            not_queued=[NotQueued(index=k, id=_client_id(items[k].id)) for k in not_queued],
             retry_after_s=self._retry_after_s,
         )
         status = 429 if error.startswith("queue full") else 503
@@ -289,10 +388,12 @@ class Ingress:
     ) -> JSONResponse:
         bad = set(ids)
         report = Conflict(
-            detail=str(IdempotencyConflict(ids)),
-            accepted=accepted,
+            detail=str(IdempotencyConflict([_client_id(i) for i in ids])),
+            accepted=[_client_id(i) for i in accepted],
             conflicts=[
-                NotQueued(index=k, id=it.id) for k, it in enumerate(items) if it.id in bad
+                NotQueued(index=k, id=_client_id(it.id))
+                for k, it in enumerate(items)
+                if it.id in bad
             ],
         )
         return JSONResponse(status_code=409, content=report.model_dump())
@@ -368,26 +469,139 @@ class Ingress:
         return f"queue shard {cap}/{s} failed: {type(exc).__name__}"
 
     # -- read ----------------------------------------------------------------------
-    @api.get("/tasks/{task_id}", response_model=TaskState)
+    @api.get(
+        "/tasks/{task_id}",
+        response_model=TaskState,
+        responses={
+            401: {"model": Problem, "description": "no key, or not a valid one"},
+            403: {"model": Problem, "description": "the key has no read role"},
+            404: {"model": Problem, "description": "no such task for this tenant"},
+            429: {"model": Problem, "description": "too many requests or long-polls"},
+        },
+    )
     async def task(
-        self, task_id: Annotated[str, Path(min_length=1, max_length=256)]
-    ) -> TaskState:
-        """A task's status: ``pending`` until its outcome is recorded, then its result.
+        self,
+        request: Request,
+        task_id: Annotated[str, Path(min_length=1, max_length=128)],
+        wait_s: Annotated[float, Query(ge=0, le=300, allow_inf_nan=False)] = 0.0,
+    ) -> Any:
+        """A task's status: ``pending`` until its outcome is recorded, then its result;
+        404 for an id this tenant never submitted (or whose outcome's retention passed).
 
-        ``pending`` also answers for an id fleet never accepted: the ledger records
-        outcomes, and the queues are not indexed by id for lookups.
+        ``wait_s``: wait up to that many seconds (at most ``ingress.limits.max_wait_s``)
+        for the outcome before answering ``pending``.
         """
-        (outcome,) = await self._ledger.get_async([task_id])
+        tenant = _principal(request).tenant
+        fid = scoped_id(tenant, task_id) if tenant else task_id
+        wait = min(wait_s, self._limits.max_wait_s)
+        if wait <= 0:
+            return await self._lookup(task_id, fid)
+        if self._long_polls[tenant] >= self._limits.tenant_long_polls:
+            return JSONResponse(
+                status_code=429,
+                content={
+                    "detail": f"this tenant already waits on {self._long_polls[tenant]} "
+                    "tasks here (ingress.limits.tenant_long_polls)"
+                },
+                headers={"Retry-After": "1"},
+            )
+        self._long_polls[tenant] += 1
+        try:
+            deadline = time.monotonic() + wait
+            backoff = backoff_wait(POLL_BACKOFF, None)
+            tries = 0
+            while True:
+                got = await self._lookup(task_id, fid)
+                left = deadline - time.monotonic()
+                if not isinstance(got, TaskState) or got.status != "pending" or left <= 0:
+                    return got
+                tries += 1
+                await asyncio.sleep(min(left, backoff(attempt_state(tries))))
+        finally:
+            self._long_polls[tenant] -= 1
+
+    async def _lookup(self, client_id: str, fid: str) -> TaskState | JSONResponse:
+        """The ledger's outcome; else pending if a queue shard holds the task; else the
+        ledger once more (the outcome may have been recorded and the item acked between
+        the two looks); else 404."""
+        (outcome,) = await self._ledger.get_async([fid])
+        if outcome is not None:
+            return _state(client_id, outcome, self._redact)
+        if await self._queued(fid):
+            return TaskState(id=client_id, status="pending")
+        (outcome,) = await self._ledger.get_async([fid])
+        if outcome is not None:
+            return _state(client_id, outcome, self._redact)
+        return JSONResponse(status_code=404, content={"detail": "no such task"})
+
+    async def _queued(self, fid: str) -> bool:
+        s = shard_of(fid, self._n_shards)
+        found = await asyncio.gather(
+            *(shards[s].known.remote([fid]) for shards in self._shards.values())
+        )
+        return any(f[0] for f in found)
+
+    @api.delete(
+        "/tasks/{task_id}",
+        response_model=TaskState,
+        responses={
+            401: {"model": Problem, "description": "no key, or not a valid one"},
+            403: {"model": Problem, "description": "the key has no submit role"},
+            404: {"model": Problem, "description": "no such task for this tenant"},
+            409: {"model": Problem, "description": "the task is running or finished"},
+        },
+    )
+    async def cancel(
+        self, request: Request, task_id: Annotated[str, Path(min_length=1, max_length=128)]
+    ) -> Any:
+        """Cancel a task that has not started: its outcome is recorded as failed with
+        reason ``cancelled`` before it leaves the queue, and it never runs. A running
+        task cannot be cancelled (409); a finished one answers 409 with its result."""
+        tenant = _principal(request).tenant
+        fid = scoped_id(tenant, task_id) if tenant else task_id
+        s = shard_of(fid, self._n_shards)
+        states = await asyncio.gather(
+            *(shards[s].cancel.remote(fid) for shards in self._shards.values())
+        )
+        if "running" in states:
+            return JSONResponse(
+                status_code=409,
+                content={"detail": "the task is running: it can no longer be cancelled"},
+            )
+        (outcome,) = await self._ledger.get_async([fid])
         if outcome is None:
-            return TaskState(id=task_id, status="pending")
-        return _state(task_id, outcome)
+            return JSONResponse(status_code=404, content={"detail": "no such task"})
+        state = _state(task_id, outcome, self._redact)
+        if "cancelled" in states and outcome.reason == "cancelled":
+            return state
+        return JSONResponse(
+            status_code=409,
+            content={
+                "detail": f"the task already finished ({state.status})",
+                "task": state.model_dump(mode="json"),
+            },
+        )
 
     @api.get("/status")
-    async def status(self) -> dict[str, Any]:
-        """Pools, agents, hosts, in-flight work, queue depth and age, ledger count."""
-        return await asyncio.to_thread(self._fc.status)
+    async def status(self, request: Request) -> dict[str, Any]:
+        """For an ``admin`` key: pools, agents, hosts, in-flight work, queue depth and
+        age, ledger count (secrets redacted). For others: the tenant's own pending
+        tasks per capability."""
+        who = _principal(request)
+        if who.may(Role.ADMIN):
+            return await asyncio.to_thread(self._fc.status)
+        prefix = scoped_id(who.tenant, "")
+        pending: dict[str, int] = {}
+        for cap, shards in self._shards.items():
+            ids = await asyncio.gather(*(sh.pending_ids.remote() for sh in shards))
+            pending[cap] = sum(1 for part in ids for i in part if i.startswith(prefix))
+        return {"tenant": who.tenant, "pending": pending}
 
-    @api.get("/metrics", response_class=PlainTextResponse)
+    @api.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={403: {"model": Problem, "description": "the key has no admin role"}},
+    )
     async def metrics(self) -> str:
         """Prometheus metrics: queue depth, age, rates, lease expiries, active alerts."""
         return await asyncio.to_thread(self._fc.metrics_text)
@@ -442,3 +656,11 @@ class Ingress:
         except Exception as exc:
             return unhealthy(f"ledger did not answer: {type(exc).__name__}")
         return Health(status="ok", fleet=spec.name, recorded=recorded)
+
+
+def _serve_http_host() -> str:
+    """The host Serve's HTTP proxies bind (from Serve's controller)."""
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    return str(ray.get(controller.get_http_config.remote(), timeout=30).host)

@@ -21,6 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fleet.spec.queues import DEFAULT_MAX_PAYLOAD_BYTES
 
 IDEMPOTENT_PREFIX = "idem-"  # a task submitted with an idempotency_key gets this id
+# Ids of tasks submitted through the HTTP ingress are scoped by the caller's tenant:
+# ``@<tenant>:<id>``. Tenant names never hold ':' (fleet.security.keys.check_tenant), so
+# two tenants' ids never meet, and the tenant of a task is read back from its id.
+TENANT_ID_PREFIX = "@"
 MIN_PRIORITY = 0
 MAX_PRIORITY = 9
 DEFAULT_PRIORITY = 5
@@ -58,6 +62,25 @@ def payload_hash(payload: bytes) -> int:
     return int.from_bytes(
         hashlib.blake2b(payload, digest_size=8).digest(), "little", signed=True
     )
+
+
+def scoped_id(tenant: str, task_id: str) -> str:
+    """The fleet-wide id of tenant ``tenant``'s task ``task_id``."""
+    return f"{TENANT_ID_PREFIX}{tenant}:{task_id}"
+
+
+def split_scoped(task_id: str) -> tuple[str | None, str]:
+    """(tenant, the tenant's own id) of a scoped id; (None, id) for an unscoped one."""
+    if task_id.startswith(TENANT_ID_PREFIX):
+        tenant, sep, rest = task_id[1:].partition(":")
+        if sep:
+            return tenant, rest
+    return None, task_id
+
+
+def tenant_of_id(task_id: str) -> str | None:
+    """The tenant a task was submitted for through the ingress (None: not scoped)."""
+    return split_scoped(task_id)[0]
 
 
 def id_is_generated(task: Task | dict[str, Any]) -> bool:
@@ -237,11 +260,14 @@ def to_item(
     capabilities: frozenset[str] | set[str],
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     now_unix_s: float | None = None,
+    tenant: str | None = None,
 ) -> Item:
     """Validate one task for submission and encode it for the queue.
 
     Raises TaskRejected naming the field at fault: unknown capability, priority out of
-    range, payload too large or not JSON-serializable, a deadline already past.
+    range, payload too large or not JSON-serializable, a deadline already past. With a
+    ``tenant`` (the HTTP ingress's caller) the item's id is scoped to it
+    (``scoped_id``); without one, an id that looks scoped is refused.
     """
     if not isinstance(task, Task):
         if not isinstance(task, dict):
@@ -275,6 +301,15 @@ def to_item(
             task.id,
         )
     task_id = f"{IDEMPOTENT_PREFIX}{task.idempotency_key}" if task.idempotency_key else task.id
+    if tenant is not None:
+        task_id = scoped_id(tenant, task_id)
+    elif task_id.startswith(TENANT_ID_PREFIX):
+        raise TaskRejected(
+            "id",
+            f"ids starting with {TENANT_ID_PREFIX!r} are reserved for the tasks of the "
+            "HTTP ingress's tenants",
+            task.id,
+        )
     return Item(
         id=task_id,
         capability=task.capability,

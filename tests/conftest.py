@@ -14,10 +14,14 @@ import pytest
 def ray_cluster():
     """One local Ray cluster for the whole session: 4 logical CPUs (Ray's scheduling
     slots, whatever the machine's cores), bound to 127.0.0.1 (``loopback_only``), no
-    dashboard, namespace ``fleet-tests``."""
+    dashboard, namespace ``fleet-tests``; Serve with its HTTP proxy on a free loopback
+    port (the ``http_url`` fixture), so ingress tests can call it over HTTP."""
+    import socket
+
     import ray
 
     from fleet.runtime.client import loopback_only
+    from fleet.runtime.deploy import start_serve
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     loopback_only()
@@ -28,6 +32,11 @@ def ray_cluster():
         log_to_driver=False,
         namespace="fleet-tests",
     )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start_serve(http_port=port, http=True)
+    os.environ["FLEET_TEST_HTTP_URL"] = f"http://127.0.0.1:{port}"
     yield ctx
     from ray import serve
 
@@ -35,6 +44,12 @@ def ray_cluster():
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def http_url(ray_cluster) -> str:
+    """The session cluster's Serve HTTP proxy (loopback)."""
+    return os.environ["FLEET_TEST_HTTP_URL"]
 
 
 @pytest.fixture

@@ -52,3 +52,20 @@ def test_queue_full_survives_pickling_as_ray_reraises_it():
 
     err = pickle.loads(pickle.dumps(QueueFull(10, 10)))
     assert isinstance(err, QueueFull) and (err.depth, err.max_depth) == (10, 10)
+
+
+def test_a_tenant_scopes_the_id_and_an_unscoped_caller_cannot_forge_one():
+    from fleet.task import scoped_id, split_scoped, tenant_of_id
+
+    a = to_item({"capability": "checkout", "id": "same"}, CAPS, tenant="acme")
+    b = to_item({"capability": "checkout", "id": "same"}, CAPS, tenant="globex")
+    assert a.id == "@acme:same" and b.id == "@globex:same" and a.id != b.id
+    keyed = to_item({"capability": "checkout", "idempotency_key": "k"}, CAPS, tenant="acme")
+    assert keyed.id == "@acme:idem-k"
+    assert split_scoped(a.id) == ("acme", "same") and tenant_of_id(b.id) == "globex"
+    assert split_scoped("@x:y:z") == ("x", "y:z")  # the tenant ends at the first ':'
+    assert split_scoped("plain") == (None, "plain") and tenant_of_id("@nocolon") is None
+    assert scoped_id("acme", "@weird") == "@acme:@weird"
+    with pytest.raises(TaskRejected) as exc:
+        to_item({"capability": "checkout", "id": "@acme:same"}, CAPS)
+    assert exc.value.field == "id" and "reserved" in exc.value.reason

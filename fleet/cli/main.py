@@ -17,6 +17,7 @@ COMMANDS = (
     "fleet.cli.simulate",
     "fleet.cli.trace",
     "fleet.cli.chaos",
+    "fleet.cli.keys",
 )
 
 

@@ -145,6 +145,7 @@ class QueueStats:
     duplicates_total: int
     dequeued_total: int = 0  # leases handed out (first deliveries and redeliveries)
     deadline_exceeded_total: int = 0
+    cancelled_total: int = 0  # taken out by their submitter before they ran
     recovered_total: int = 0  # items loaded from storage when the queue started
     unsettled: int = 0  # failed items still stored, awaiting the caller's ack
     suspects: int = 0  # items whose host died while they were leased (poison isolation)
@@ -200,6 +201,7 @@ class LeaseQueue:
         self.duplicates_total = 0
         self.dequeued_total = 0
         self.deadline_exceeded_total = 0
+        self.cancelled_total = 0
         self.recovered_total = 0
         if storage is not None:
             for it in storage.load():
@@ -383,6 +385,35 @@ class LeaseQueue:
             self._storage.commit()
         self.acked_total += n
         return n
+
+    def cancel(self, item_id: str) -> tuple[str, Item | None]:
+        """Take a ready item out before it runs: ``("cancelled", item)``; the caller
+        records its outcome, then acks it (with a durable storage it stays stored until
+        then, so a crash in between cannot lose it; ``restore`` puts it back when the
+        record fails). ``("leased", item)``: it is running and cannot be cancelled;
+        ``("unknown", None)``: not pending here."""
+        it = self._pending.get(item_id)
+        if it is None:
+            return "unknown", None
+        if item_id in self._leases:
+            return "leased", it
+        self._drop_failed(it)
+        self._unsettled.add(item_id)  # known (and, with a storage, stored) until acked
+        self.cancelled_total += 1
+        return "cancelled", it
+
+    def restore(self, item: Item) -> None:
+        """Put back an item ``cancel`` took out whose outcome could not be recorded."""
+        self._unsettled.discard(item.id)
+        if item.id not in self._pending:
+            self._admit(item)
+            self.cancelled_total -= 1
+
+    def known(self, ids: Iterable[str]) -> list[bool]:
+        """For each id, whether it is pending here (ready, leased, or failed and not yet
+        settled)."""
+        pending, unsettled = self._pending, self._unsettled
+        return [i in pending or i in unsettled for i in ids]
 
     def _fenced(
         self, ids: Iterable[str], deliveries: Iterable[int | None] | None
@@ -571,6 +602,7 @@ class LeaseQueue:
             duplicates_total=self.duplicates_total,
             dequeued_total=self.dequeued_total,
             deadline_exceeded_total=self.deadline_exceeded_total,
+            cancelled_total=self.cancelled_total,
             recovered_total=self.recovered_total,
             unsettled=len(self._unsettled),
             suspects=len(self._suspects),

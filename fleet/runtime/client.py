@@ -15,6 +15,7 @@ from fleet.runtime.enqueue import QueueFullError as QueueFullError  # submit rai
 from fleet.runtime.enqueue import put_items
 from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.names import Names
+from fleet.security.redact import redactor_for
 from fleet.spec.fleet import FleetSpec
 from fleet.task import (
     IdempotencyConflict,
@@ -220,7 +221,8 @@ class FleetClient:
 
     def status(self) -> dict[str, Any]:
         """Pools, queues, ledger, alerts, health, budgets, Kafka intake and the control
-        plane (``control``: each control actor's state and restart count).
+        plane (``control``: each control actor's state and restart count). Secrets
+        (``fleet.security.redact``) are redacted.
 
         An actor that is not ALIVE (restarting, say) is not called, since a call would
         wait for its restart: its part is left out or empty, and ``unavailable`` says
@@ -263,25 +265,28 @@ class FleetClient:
             )
             for k in range(self.ledger.n)
         ]
-        return {
-            "fleet": self.spec.name,
-            "pools": {
-                p.name: {
-                    **ctl.get("pools", {}).get(p.name, {}),
-                    **dispatcher.get(p.name, {}),
-                    "queue": self._queue_summary(queues[p.capability]),
-                }
-                for p in self.spec.pools
-            },
-            "ledger": {"recorded": None if None in counts else sum(counts)},
-            "queues": ctl.get("queues", {}),
-            "alerts": ctl.get("alerts", {"active": [], "events": []}),
-            "health": ctl.get("health", {}),
-            **({"budgets": ctl["budgets"]} if "budgets" in ctl else {}),
-            "kafka": self._kafka_status(),
-            "control": control,
-            **({"unavailable": unavailable} if unavailable else {}),
-        }
+        # Failure texts may quote what an agent was given: secrets are redacted.
+        return redactor_for(self.spec).data(
+            {
+                "fleet": self.spec.name,
+                "pools": {
+                    p.name: {
+                        **ctl.get("pools", {}).get(p.name, {}),
+                        **dispatcher.get(p.name, {}),
+                        "queue": self._queue_summary(queues[p.capability]),
+                    }
+                    for p in self.spec.pools
+                },
+                "ledger": {"recorded": None if None in counts else sum(counts)},
+                "queues": ctl.get("queues", {}),
+                "alerts": ctl.get("alerts", {"active": [], "events": []}),
+                "health": ctl.get("health", {}),
+                **({"budgets": ctl["budgets"]} if "budgets" in ctl else {}),
+                "kafka": self._kafka_status(),
+                "control": control,
+                **({"unavailable": unavailable} if unavailable else {}),
+            }
+        )
 
     def control_status(self) -> dict[str, dict[str, Any]]:
         """Each control actor's state (ALIVE, RESTARTING, DEAD, MISSING, ...) and restart

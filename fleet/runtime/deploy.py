@@ -257,7 +257,7 @@ def teardown(spec: FleetSpec) -> None:
             serve.delete(names.pool_app(pool.name))
         except Exception:
             pass
-    for name in actor_names:
+    for name in [*actor_names, names.ratelimit]:
         try:
             ray.kill(ray.get_actor(name, namespace=ns))
         except ValueError:

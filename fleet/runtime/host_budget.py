@@ -20,7 +20,7 @@ from fleet.policy.routing import RoutingHint
 from fleet.runtime.budget_client import BudgetClient, Grant, tenant_of
 from fleet.runtime.host_outcomes import MAX_ERROR_CHARS
 from fleet.runtime.host_slots import SlotFutures
-from fleet.task import Item, Outcome, Task, failed_outcome
+from fleet.task import Item, Outcome, Task, failed_outcome, tenant_of_id
 
 BUDGET_REQUEUE = "budget_requeue"  # internal: every agent here is parked, requeue
 REASON_BUDGET_EXHAUSTED = "budget_exhausted"
@@ -62,7 +62,11 @@ class BudgetGate:
         """
         assert self.client is not None
         core = self.core
-        tenant = tenant_of(task.payload if task is not None else orjson.loads(item.payload))
+        # The ingress's tenant (from the caller's key) when the id is scoped; else the
+        # payload's, from a trusted in-cluster client.
+        tenant = tenant_of_id(item.id) or tenant_of(
+            task.payload if task is not None else orjson.loads(item.payload)
+        )
         while True:
             try:
                 if core.all_parked():

@@ -26,6 +26,11 @@ class Names:
         return f"{self.fleet}.budget"
 
     @property
+    def ratelimit(self) -> str:
+        """The tenants' shared request buckets (made by the first ingress replica)."""
+        return f"{self.fleet}.ratelimit"
+
+    @property
     def ledger(self) -> str:
         """The first ledger shard's name (``ledger_shard(0)``)."""
         return self.ledger_shard(0)

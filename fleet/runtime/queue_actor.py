@@ -39,6 +39,7 @@ SWEEP_INTERVAL_S = 0.5
 RECOVER_CHUNK = 20_000  # ids per ledger call when a restarted shard settles its items
 RECOVER_TIMEOUT_S = 10.0
 REASON_HOST_CRASH = "host_crash"  # exhausted by deliveries whose hosts died
+REASON_CANCELLED = "cancelled"  # DELETE /tasks/{id} before it started
 RECENT_ACKS = 20_000  # acked ids a shard remembers to refuse a racing resubmission
 AVG_ITEM_BYTES_PRIOR = 512.0
 AVG_ITEM_BYTES_ALPHA = 0.1  # EWMA weight of each put batch's mean item size
@@ -244,6 +245,36 @@ class QueueShard:
 
     async def pending_ids(self) -> list[str]:
         return self._q.pending_ids()
+
+    async def known(self, ids: list[str]) -> list[bool]:
+        """For each id, whether it is pending in this shard (queued or running)."""
+        return self._q.known(ids)
+
+    async def cancel(self, item_id: str) -> str:
+        """Cancel a task that has not started: ``cancelled`` once its outcome (reason
+        ``cancelled``) is recorded, and only then removed; ``running`` when it is leased
+        (it cannot be cancelled any more); ``unknown`` when it is not pending here.
+
+        The item leaves the ready set before the ledger is called, so no lease can take
+        it meanwhile; if the record fails it is put back (and the error raised). A
+        crash after the record and before the ack is settled by the restarted shard
+        (it acks what the ledger holds), so a cancelled task never runs.
+        """
+        state, item = self._q.cancel(item_id)
+        if state == "leased":
+            return "running"
+        if state != "cancelled" or item is None:
+            return state
+        outcome = failed_outcome(
+            item, REASON_CANCELLED, "cancelled by its submitter before it started"
+        )
+        try:
+            await self._ledger.record_async([outcome])
+        except BaseException:
+            self._q.restore(item)
+            raise
+        self._ack([item.id])
+        return "cancelled"
 
 
 __all__ = ["IdempotencyConflict", "QueueFull", "QueueShard"]

@@ -12,6 +12,7 @@ from fleet.spec._base import SpecModel
 from fleet.spec.budgets import BudgetsSpec, check_budget_covers
 from fleet.spec.consensus import ConsensusSpec
 from fleet.spec.health import HealthSpec
+from fleet.spec.ingress import IngressSpec
 from fleet.spec.pools import Name, PoolSpec
 from fleet.spec.queues import QueueSpec
 from fleet.spec.resilience import ResilienceSpec
@@ -40,6 +41,7 @@ class FleetSpec(SpecModel):
     consensus: ConsensusSpec = ConsensusSpec()
     health: HealthSpec = HealthSpec()
     results: ResultsSpec = ResultsSpec()
+    ingress: IngressSpec = IngressSpec()
 
     @model_validator(mode="after")
     def _check_unique(self) -> FleetSpec:

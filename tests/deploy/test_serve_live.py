@@ -21,6 +21,7 @@ import psutil
 import pytest
 import yaml
 
+from fleet.security.keys import KeyFile
 from fleet.serve_app import check_serve_config
 from tests.deploy._cluster import BIN, REPO, LocalCluster, free_port
 from tests.utils import eventually
@@ -46,11 +47,24 @@ pools:
 """
 
 
+# The ingress authenticates every call but /healthz: the fixture makes a key (tenant
+# "test", every role) in the key file the specs name, and every call sends it.
+AUTH: dict[str, str] = {}
+
+
+def _get(url: str, **kw) -> httpx.Response:
+    return httpx.get(url, headers={**AUTH, **kw.pop("headers", {})}, **kw)
+
+
+def _post(url: str, **kw) -> httpx.Response:
+    return httpx.post(url, headers={**AUTH, **kw.pop("headers", {})}, **kw)
+
+
 def _wait_http(url: str, timeout_s: float, proc) -> httpx.Response:
     def up() -> httpx.Response | None:
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"serve run exited with {proc.returncode}")
-        r = httpx.get(url, timeout=2)  # an HTTP error: not up yet
+        r = _get(url, timeout=2)  # an HTTP error: not up yet
         return r if r.status_code == 200 else None
 
     return eventually(up, timeout_s, 1.0, what=f"{url} up")
@@ -83,6 +97,11 @@ def served(tmp_path_factory):
         # the next (a resubmitted id is answered from the ledger, not run again).
         storage = {"directory": str(tmp / "storage")}
         config["applications"][0]["args"]["spec"]["queues"]["storage"] = storage
+        keys = tmp / "keys.json"
+        key, _ = KeyFile(keys).create("test", ["submit", "read", "admin"])
+        AUTH["Authorization"] = f"Bearer {key}"
+        auth = {"auth": {"keys_file": str(keys)}}
+        config["applications"][0]["args"]["spec"]["ingress"] = auth
         path = tmp / "support.yaml"
         path.write_text(yaml.safe_dump(config))
         url = f"http://127.0.0.1:{port}"
@@ -99,6 +118,7 @@ def served(tmp_path_factory):
                 {
                     **yaml.safe_load(TIGHT_SPEC),
                     "queues": {**yaml.safe_load(TIGHT_SPEC)["queues"], "storage": storage},
+                    "ingress": auth,
                 }
             )
         )
@@ -155,7 +175,7 @@ def served(tmp_path_factory):
 
 def _result(url: str, task_id: str) -> dict:
     def outcome() -> dict | None:
-        r = httpx.get(f"{url}/tasks/{task_id}", timeout=5)
+        r = _get(f"{url}/tasks/{task_id}", timeout=5)
         if r.status_code != 200:
             pytest.fail(r.text)
         return r.json() if r.json()["status"] != "pending" else None
@@ -166,7 +186,7 @@ def _result(url: str, task_id: str) -> dict:
 def test_the_ingress_listens_on_loopback_only(served):
     cluster, url = served.cluster, served.url
     port = int(url.rsplit(":", 1)[1])
-    r = httpx.get(f"{url}/healthz", timeout=5)
+    r = _get(f"{url}/healthz", timeout=5)
     assert r.json() == {"status": "ok", "fleet": "support", "recorded": r.json()["recorded"]}
     addrs = set()
     for pid in cluster.pids():
@@ -189,13 +209,13 @@ def test_the_ingress_listens_on_loopback_only(served):
 
 def test_submit_over_http_and_read_results(served):
     url = served.url
-    one = httpx.post(
+    one = _post(
         f"{url}/tasks",
         timeout=10,
         json={"capability": "support", "payload": {"question": "Where is #7?"}},
     )
     assert one.status_code == 202, one.text
-    batch = httpx.post(
+    batch = _post(
         f"{url}/tasks",
         timeout=10,
         json=[
@@ -217,7 +237,7 @@ def test_submit_over_http_and_read_results(served):
     assert first["task_id"] == ids[0] and first["pool"] == "support"
     assert first["output"]["answer"].startswith("[sim-small]")
     assert first["latency_s"] > 0 and first["cost_usd"] > 0
-    status = httpx.get(f"{url}/status", timeout=10).json()
+    status = _get(f"{url}/status", timeout=10).json()
     assert status["fleet"] == "support" and status["ledger"]["recorded"] >= 51
     assert status["pools"]["support"]["agents"] >= 5
 
@@ -230,21 +250,21 @@ def test_a_resubmitted_task_is_answered_with_its_outcome_and_a_reused_key_is_409
         "idempotency_key": key,
         "payload": {"question": "Can I get a refund?"},
     }
-    first = httpx.post(f"{url}/tasks", timeout=10, json=task)
+    first = _post(f"{url}/tasks", timeout=10, json=task)
     assert first.status_code == 202, first.text
     (tid,) = first.json()["ids"]
     recorded = _result(url, tid)
-    again = httpx.post(f"{url}/tasks", timeout=10, json=task)
+    again = _post(f"{url}/tasks", timeout=10, json=task)
     assert again.status_code == 200, again.text
     assert again.json() == {"ids": [tid], "results": [recorded]}
-    mixed = httpx.post(
+    mixed = _post(
         f"{url}/tasks",
         timeout=10,
         json=[task, {"capability": "support", "payload": {"question": "new one"}}],
     )
     assert mixed.status_code == 202, mixed.text
     assert mixed.json()["results"] == [recorded]
-    other = httpx.post(
+    other = _post(
         f"{url}/tasks", timeout=10, json={**task, "payload": {"question": "something else"}}
     )
     assert other.status_code == 409, other.text
@@ -283,7 +303,7 @@ def test_a_resubmitted_task_is_answered_with_its_outcome_and_a_reused_key_is_409
 def test_invalid_bodies_get_422_naming_the_field(served, body, field):
     url = served.url
     kw = {"content": b""} if body is None else {"json": body}
-    r = httpx.post(f"{url}/tasks", timeout=10, **kw)
+    r = _post(f"{url}/tasks", timeout=10, **kw)
     assert r.status_code == 422, (r.status_code, r.text)
     locs = [d["loc"] for d in r.json()["detail"]]
     assert field in locs, locs
@@ -291,7 +311,7 @@ def test_invalid_bodies_get_422_naming_the_field(served, body, field):
 
 def test_malformed_json_gets_422_not_500(served):
     url = served.url
-    r = httpx.post(
+    r = _post(
         f"{url}/tasks",
         timeout=10,
         content=b'{"capability": ',
@@ -302,7 +322,7 @@ def test_malformed_json_gets_422_not_500(served):
 
 def test_an_invalid_batch_queues_nothing(served):
     url = served.url
-    r = httpx.post(
+    r = _post(
         f"{url}/tasks",
         timeout=10,
         json=[
@@ -314,12 +334,12 @@ def test_an_invalid_batch_queues_nothing(served):
     # Had the valid task been queued, an idle support agent would have answered by now.
     # (A sleep, not a poll: what is checked is that nothing happens meanwhile.)
     time.sleep(1.5)
-    assert httpx.get(f"{url}/tasks/all-or-nothing-ok", timeout=5).json()["status"] == "pending"
+    assert _get(f"{url}/tasks/all-or-nothing-ok", timeout=5).json()["status"] == "pending"
 
 
 def test_openapi_schema_describes_the_api(served):
     url = served.url
-    doc = httpx.get(f"{url}/openapi.json", timeout=10).json()
+    doc = _get(f"{url}/openapi.json", timeout=10).json()
     assert set(doc["paths"]) >= {"/tasks", "/tasks/{task_id}", "/status", "/healthz"}
     body = doc["paths"]["/tasks"]["post"]["requestBody"]["content"]["application/json"]
     assert {"$ref": "#/components/schemas/Task"} in body["schema"]["oneOf"]
@@ -332,9 +352,9 @@ def test_queue_full_gets_429_with_retry_after(served):
     tight = f"{served.url}/tight"
     _wait_http(f"{tight}/healthz", UP_TIMEOUT_S, None)
     # The only agent takes one task for two minutes; the queue holds 3 pending at most.
-    first = httpx.post(f"{tight}/tasks", timeout=10, json={"capability": "slow", "id": "hold"})
+    first = _post(f"{tight}/tasks", timeout=10, json={"capability": "slow", "id": "hold"})
     assert first.status_code == 202
-    over = httpx.post(
+    over = _post(
         f"{tight}/tasks",
         timeout=10,
         json=[{"capability": "slow", "id": f"x{i}"} for i in range(3)],
@@ -348,16 +368,16 @@ def test_queue_full_gets_429_with_retry_after(served):
         "x2",
     ]
     assert body["detail"].startswith("queue full")
-    fits = httpx.post(
+    fits = _post(
         f"{tight}/tasks",
         timeout=10,
         json=[{"capability": "slow", "id": f"y{i}"} for i in range(2)],
     )
     assert fits.status_code == 202, fits.text
-    again = httpx.post(f"{tight}/tasks", timeout=10, json={"capability": "slow", "id": "z"})
+    again = _post(f"{tight}/tasks", timeout=10, json={"capability": "slow", "id": "z"})
     assert again.status_code == 429 and again.headers["retry-after"] == "3"
     # Accepted work is queued, and the refused ids never were.
-    st = httpx.get(f"{tight}/status", timeout=10).json()["pools"]["slow"]["queue"]
+    st = _get(f"{tight}/status", timeout=10).json()["pools"]["slow"]["queue"]
     assert st["depth"] + st["leased"] == 3
 
 

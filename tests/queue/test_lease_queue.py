@@ -245,3 +245,33 @@ def test_a_restarted_queue_adopts_the_holders_delivery_numbers(storage_factory):
     restarted = LeaseQueue(10, storage=st)
     assert restarted.adopt(["a", "b"], "h", 5.0, now=6.0, deliveries=[2, None]) == 2
     assert restarted.extend(["a"], "h", 5.0, now=7.0, deliveries=[2]) == 1
+
+
+def test_cancel_takes_a_ready_item_out_until_acked_and_never_a_leased_one(storage_factory):
+    store = storage_factory()
+    q = LeaseQueue(10, storage=store)
+    q.put([item("a"), item("b"), item("c")])
+    assert [g.id for g in q.lease(1, "h1", 30.0, now=0.0)] == ["a"]
+    assert q.cancel("a") == ("leased", q._pending["a"])  # running: it cannot be
+    state, it = q.cancel("b")
+    assert state == "cancelled" and it is not None and it.id == "b"
+    assert q.cancel("b") == ("unknown", None) and q.cancel("zz") == ("unknown", None)
+    assert q.known(["a", "b", "c", "zz"]) == [True, True, True, False]  # b: unsettled
+    assert [g.id for g in q.lease(5, "h1", 30.0, now=0.0)] == ["c"]  # b is never leased
+    assert q.stats(T0).cancelled_total == 1
+    if store.durable:  # stored until its outcome is recorded and it is acked
+        assert set(LeaseQueue(10, storage=storage_factory()).pending_ids()) == {"a", "b", "c"}
+    q.ack(["b"])
+    assert q.known(["b"]) == [False]
+    if store.durable:
+        assert "b" not in LeaseQueue(10, storage=storage_factory()).pending_ids()
+
+
+def test_a_cancel_whose_record_failed_is_restored_and_runs(storage_factory):
+    q = LeaseQueue(10, storage=storage_factory())
+    q.put([item("a")])
+    _, it = q.cancel("a")
+    assert q.lease(1, "h", 30.0, now=0.0) == []
+    q.restore(it)
+    assert [g.id for g in q.lease(1, "h", 30.0, now=0.0)] == ["a"]
+    assert q.stats(T0).cancelled_total == 0

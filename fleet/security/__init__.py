@@ -1,0 +1,1 @@
+"""Authentication and tenancy for fleet's HTTP ingress (see ``fleet.security.keys``)."""

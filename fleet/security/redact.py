@@ -1,0 +1,84 @@
+"""Secrets out of what fleet shows: status, CLI output, error texts.
+
+A value is secret when it is an API key of the ingress (``fleet_`` and 43 URL-safe
+characters), or the value of an ``agent_kwargs`` entry (any pool) whose name marks it
+secret: it contains ``secret``, ``password``, ``passwd``, ``token``, ``api_key``,
+``apikey``, ``credential`` or ``private_key`` (any case). Secrets are replaced by
+``[redacted]`` wherever they appear in a string (an agent's exception text that quotes
+its own key included), even for admins. Keep real secrets out of specs anyway: pass them
+through the environment (``*_env`` fields name the variable), which fleet never echoes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+REDACTED = "[redacted]"
+API_KEY_PATTERN = re.compile(r"fleet_[A-Za-z0-9_-]{43}")
+SECRET_NAME = re.compile(
+    r"secret|password|passwd|token|api_?key|credential|private_key", re.IGNORECASE
+)
+MIN_SECRET_CHARS = 4  # shorter values would redact ordinary words
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(SECRET_NAME.search(name))
+
+
+def secret_values(spec: Any) -> list[str]:
+    """The values of secret-named ``agent_kwargs`` entries of every pool of ``spec``
+    (strings, or the strings inside lists and mappings under such a name)."""
+    out: list[str] = []
+
+    def collect(v: Any) -> None:
+        if isinstance(v, str):
+            if len(v) >= MIN_SECRET_CHARS:
+                out.append(v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                collect(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                collect(x)
+
+    for pool in getattr(spec, "pools", ()):
+        for name, value in (pool.agent_kwargs or {}).items():
+            if is_secret_name(name):
+                collect(value)
+    return sorted(set(out), key=len, reverse=True)  # longest first: no partial overlap
+
+
+class Redactor:
+    """Replaces secrets in strings, recursively in JSON-like data."""
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        values = [s for s in secrets if len(s) >= MIN_SECRET_CHARS]
+        self._values = re.compile("|".join(re.escape(s) for s in values)) if values else None
+
+    def text(self, s: str) -> str:
+        s = API_KEY_PATTERN.sub(REDACTED, s)
+        if self._values is not None:
+            s = self._values.sub(REDACTED, s)
+        return s
+
+    def data(self, obj: Any) -> Any:
+        if isinstance(obj, str):
+            return self.text(obj)
+        if isinstance(obj, dict):
+            return {
+                k: REDACTED
+                if isinstance(v, str) and v and isinstance(k, str) and is_secret_name(k)
+                else self.data(v)
+                for k, v in obj.items()
+            }
+        if isinstance(obj, list):
+            return [self.data(x) for x in obj]
+        if isinstance(obj, tuple):
+            return tuple(self.data(x) for x in obj)
+        return obj
+
+
+def redactor_for(spec: Any) -> Redactor:
+    return Redactor(secret_values(spec))
