@@ -221,6 +221,16 @@ def _client_id(task_id: str) -> str:
     return split_scoped(task_id)[1]
 
 
+def _serve_http_host() -> str:
+    """The host Serve's HTTP proxies bind (from Serve's controller)."""
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    return str(ray.get(controller.get_http_config.remote(), timeout=30).host)
+    # (Defined above the Ingress class: Serve freezes the class, with the module names
+    # it uses, when the class is decorated, so a name defined below it is missing.)
+
+
 def _validation_error(errors: list[dict[str, Any]]) -> JSONResponse:
     # The same shape as FastAPI's own 422 body, so clients parse one format.
     return JSONResponse(status_code=422, content={"detail": errors})
@@ -656,11 +666,3 @@ class Ingress:
         except Exception as exc:
             return unhealthy(f"ledger did not answer: {type(exc).__name__}")
         return Health(status="ok", fleet=spec.name, recorded=recorded)
-
-
-def _serve_http_host() -> str:
-    """The host Serve's HTTP proxies bind (from Serve's controller)."""
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
-    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    return str(ray.get(controller.get_http_config.remote(), timeout=30).host)

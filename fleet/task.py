@@ -46,7 +46,9 @@ class IdempotencyConflict(Exception):
 
     def __init__(self, ids: list[str]):
         self.ids = ids
-        keys = ", ".join(repr(i.removeprefix(IDEMPOTENT_PREFIX)) for i in ids[:5])
+        keys = ", ".join(
+            repr(split_scoped(i)[1].removeprefix(IDEMPOTENT_PREFIX)) for i in ids[:5]
+        )
         more = f" and {len(ids) - 5} more" if len(ids) > 5 else ""
         super().__init__(
             f"idempotency_key {keys}{more} already used with a different "
@@ -83,6 +85,11 @@ def tenant_of_id(task_id: str) -> str | None:
     return split_scoped(task_id)[0]
 
 
+def is_idempotent_id(task_id: str) -> bool:
+    """Whether the id was made from an ``idempotency_key`` (scoped to a tenant or not)."""
+    return split_scoped(task_id)[1].startswith(IDEMPOTENT_PREFIX)
+
+
 def id_is_generated(task: Task | dict[str, Any]) -> bool:
     """Whether ``to_item`` makes the task's id up (no id, no idempotency key given): a
     fresh id has no outcome yet, so submitting it needs no ledger lookup."""
@@ -110,7 +117,7 @@ def split_known(
             fresh.append(it)
         elif (
             o.payload_hash is not None
-            and it.id.startswith(IDEMPOTENT_PREFIX)
+            and is_idempotent_id(it.id)
             and o.payload_hash != payload_hash(it.payload)
         ):
             conflicts.append(it.id)

@@ -69,3 +69,10 @@ def test_a_tenant_scopes_the_id_and_an_unscoped_caller_cannot_forge_one():
     with pytest.raises(TaskRejected) as exc:
         to_item({"capability": "checkout", "id": "@acme:same"}, CAPS)
     assert exc.value.field == "id" and "reserved" in exc.value.reason
+
+
+def test_an_idempotency_id_is_recognized_scoped_or_not():
+    from fleet.task import is_idempotent_id
+
+    assert is_idempotent_id("idem-k") and is_idempotent_id("@acme:idem-k")
+    assert not is_idempotent_id("@acme:k") and not is_idempotent_id("k-idem-")

@@ -128,10 +128,13 @@ def _while_controller_restarts(fleet: str, namespace: str) -> dict | None:
     state = actor_states(namespace, [ctl])[ctl]["state"]
     if state in (ALIVE, MISSING):
         return None
+    limiter = Names(fleet).ratelimit  # the ingress's, not a control actor
     names = sorted(
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["namespace"] == namespace and a["name"].startswith(f"{fleet}.")
+        if a["namespace"] == namespace
+        and a["name"].startswith(f"{fleet}.")
+        and a["name"] != limiter
     )
     return {
         "fleet": fleet,

@@ -50,7 +50,7 @@ from fleet.policy.disciplines import DisciplinePolicy, discipline_from_spec, mak
 from fleet.queue._ages import SubmitTimeHistogram
 from fleet.queue.storage import QueueStorage
 from fleet.spec.queues import Discipline, QueueSpec
-from fleet.task import IDEMPOTENT_PREFIX, Item
+from fleet.task import Item, is_idempotent_id
 
 # Rebuild the deadline heap when stale entries (items that left) outnumber live ones by
 # this factor: bounds its memory by the items with deadlines actually pending.
@@ -298,7 +298,7 @@ class LeaseQueue:
         return [
             it.id
             for it in items
-            if it.id.startswith(IDEMPOTENT_PREFIX)
+            if is_idempotent_id(it.id)
             and (old := pending.get(it.id)) is not None
             and old.payload != it.payload
         ]

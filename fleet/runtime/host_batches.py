@@ -27,7 +27,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 from fleet.policy.backoff import backoff_wait
 from fleet.policy.host import RecordBuffers
 from fleet.spec.backoff import BackoffSpec
-from fleet.task import IDEMPOTENT_PREFIX, Item, Outcome, payload_hash
+from fleet.task import Item, Outcome, is_idempotent_id, payload_hash
 
 # A batch still running after PROGRESS_AFTER_S has a straggler: from then on its
 # progress goes to the dispatcher every PROGRESS_INTERVAL_S. Batches that finish sooner
@@ -147,7 +147,7 @@ class Recorder:
             self.add(item.id, None, batch)
             batch.settled()
             return
-        if o.task_id.startswith(IDEMPOTENT_PREFIX):
+        if is_idempotent_id(o.task_id):
             # Keyed tasks carry their payload's hash, so a later submission of the key
             # with another payload is refused rather than answered with this outcome.
             o = o._replace(payload_hash=payload_hash(item.payload))

@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 import random
 from bisect import bisect_right
+from functools import partial
 from itertools import accumulate
 
+from fleet.sim.distributions import BLOCK, blocks, numpy_rng
 from fleet.sim.scenario import Burst, PoissonArrivals, RandomBursts, StreamSpec, TraceArrivals
 
 
@@ -62,7 +64,9 @@ class PoissonStream:
 
     def __init__(self, spec: PoissonArrivals, rng: random.Random, horizon_s: float):
         self.spec = spec
-        self._exp = rng.expovariate
+        # Exponential(rate) is Exp(1) / rate: standard draws in blocks from numpy.
+        g = numpy_rng(rng)
+        self._exp1 = blocks(partial(g.standard_exponential, BLOCK))
         self._horizon = horizon_s
         self._step = spec.rate_step_s
         self._k = -1
@@ -97,7 +101,7 @@ class PoissonStream:
         if t > self._horizon:
             return None
         if not self._shaped:
-            return t + self._exp(self._rate)
+            return t + self._exp1() / self._rate
         step = self._step
         k = int(t // step)
         if k < self._k:
@@ -108,7 +112,7 @@ class PoissonStream:
                 self._rate = self.rate_at((k + 0.5) * step)
             end = (k + 1) * step
             if self._rate > 0:
-                nt = t + self._exp(self._rate)
+                nt = t + self._exp1() / self._rate
                 if nt < end:
                     return nt
             # Step index advances explicitly, so float rounding at a boundary can

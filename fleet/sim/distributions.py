@@ -1,16 +1,22 @@
 """Samplers for the scenario's distributions: zero-argument callables on an injected rng.
 
-Each sampler is built once per pool and called once per task, so it is a bound method
-or a ``functools.partial`` where the distribution allows (no per-call dispatch on the
-kind, no objects created per draw).
+Each sampler is built once per pool and called once per task. Draws come from numpy in
+blocks of ``BLOCK`` (a ``numpy.random.Generator`` seeded from the injected
+``random.Random``, so a run stays reproducible from its seed), and a sampler is
+``next`` over a C-level chain of those blocks: about 40 ns a draw, where a Python-level
+``random.Random`` draw costs 0.3-1.5 us and the simulator makes several per task.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
+from itertools import chain
+from typing import Any
+
+import numpy as np
 
 from fleet.sim.scenario import (
     ConstantCount,
@@ -26,36 +32,49 @@ from fleet.sim.scenario import (
     WeibullDuration,
 )
 
+BLOCK = 4096
+
 
 def _const(v: float) -> float:
     return v
+
+
+def numpy_rng(rng: random.Random) -> np.random.Generator:
+    """A numpy generator seeded from ``rng`` (one draw of 64 bits from it)."""
+    return np.random.default_rng(rng.getrandbits(64))
+
+
+def blocks(draw: Callable[[], Any]) -> Callable[[], Any]:
+    """A sampler returning the items of ``draw()`` (a numpy array of ``BLOCK`` draws),
+    one per call, drawing a new block when one runs out."""
+    it: Iterator[Any] = chain.from_iterable(iter(lambda: draw().tolist(), None))
+    return partial(next, it)
 
 
 def duration_sampler(dist: object, rng: random.Random) -> Callable[[], float]:
     """A callable drawing one duration in seconds from ``dist``."""
     if isinstance(dist, ConstantDuration):
         return partial(_const, dist.value_s)
-    if isinstance(dist, ExponentialDuration):
-        return partial(rng.expovariate, 1.0 / dist.mean_s)
-    if isinstance(dist, LognormalDuration):
-        # exp of Random.gauss (Box-Muller, two normals per pair of uniforms) is about
-        # twice as fast as Random.lognormvariate (Kinderman-Monahan), same distribution.
-        g, exp, mu, s = rng.gauss, math.exp, math.log(dist.median_s), dist.sigma
-        return lambda: exp(g(mu, s))
-    if isinstance(dist, UniformDuration):
-        return partial(rng.uniform, dist.low_s, dist.high_s)
-    if isinstance(dist, GammaDuration):
-        shape = 1.0 / dist.cv**2
-        return partial(rng.gammavariate, shape, dist.mean_s / shape)
-    if isinstance(dist, WeibullDuration):
-        return partial(rng.weibullvariate, dist.scale_s, dist.shape)
-    if isinstance(dist, ParetoDuration):
-        xm, alpha, cap = dist.scale_s, dist.alpha, dist.max_s or math.inf
-        pv = rng.paretovariate
-        return lambda: min(cap, xm * pv(alpha))
     if isinstance(dist, LLMDuration):
         draw = dist.latency_model().sampler(rng)  # as fleet.agents.llm.SimulatedLLM
         return lambda: draw()[0]
+    g = numpy_rng(rng)
+    if isinstance(dist, ExponentialDuration):
+        return blocks(partial(g.exponential, dist.mean_s, BLOCK))
+    if isinstance(dist, LognormalDuration):
+        return blocks(partial(g.lognormal, math.log(dist.median_s), dist.sigma, BLOCK))
+    if isinstance(dist, UniformDuration):
+        return blocks(partial(g.uniform, dist.low_s, dist.high_s, BLOCK))
+    if isinstance(dist, GammaDuration):
+        shape = 1.0 / dist.cv**2
+        return blocks(partial(g.gamma, shape, dist.mean_s / shape, BLOCK))
+    if isinstance(dist, WeibullDuration):
+        scale, shape = dist.scale_s, dist.shape
+        return blocks(lambda: scale * g.weibull(shape, BLOCK))
+    if isinstance(dist, ParetoDuration):
+        # numpy's pareto is Lomax (Pareto II): x_m * (1 + it) is Pareto I from x_m.
+        xm, alpha, cap = dist.scale_s, dist.alpha, dist.max_s or math.inf
+        return blocks(lambda: np.minimum(cap, xm * (1.0 + g.pareto(alpha, BLOCK))))
     raise TypeError(f"no sampler for duration distribution {type(dist).__name__}")
 
 
@@ -63,9 +82,11 @@ def count_sampler(dist: object, rng: random.Random) -> Callable[[], int]:
     """A callable drawing one non-negative integer count (tokens) from ``dist``."""
     if isinstance(dist, ConstantCount):
         return partial(_const, dist.value)  # type: ignore[arg-type]
+    g = numpy_rng(rng)
     if isinstance(dist, LognormalCount):
-        mu, s, g, exp = math.log(dist.median), dist.sigma, rng.gauss, math.exp
-        return lambda: int(exp(g(mu, s)) + 0.5)  # rounded; a lognormal is never negative
+        mu, s = math.log(dist.median), dist.sigma
+        # rounded to the nearest integer; a lognormal is never negative
+        return blocks(lambda: np.rint(g.lognormal(mu, s, BLOCK)).astype(np.int64))
     if isinstance(dist, UniformCount):
-        return partial(rng.randint, dist.low, dist.high)
+        return blocks(partial(g.integers, dist.low, dist.high, BLOCK, endpoint=True))
     raise TypeError(f"no sampler for count distribution {type(dist).__name__}")
