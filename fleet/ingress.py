@@ -43,7 +43,8 @@ from typing import Annotated, Any, Literal
 
 import ray
 from fastapi import Body, FastAPI, Path, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Discriminator, Field, Tag
 from ray import serve
 
@@ -129,9 +130,23 @@ class TaskState(BaseModel):
 
 
 class Problem(BaseModel):
-    """What was wrong (401, 403, 404, 409, 413, 429, 503)."""
+    """What was wrong (401, 403, 404, 409, 413, 429, 503); a 429 may say when to retry."""
 
     detail: str
+    retry_after_s: int | None = None
+
+
+def _guarded(**more: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
+    """The answers the guard may give on any protected route, plus the route's own."""
+    out: dict[int | str, dict[str, Any]] = {
+        401: {"model": Problem, "description": "no key, or not a valid one"},
+        403: {"model": Problem, "description": "the key does not have the route's role"},
+        413: {"model": Problem, "description": "request body too large"},
+        429: {"model": Problem, "description": "the tenant is over its request rate"},
+        503: {"model": Problem, "description": "the ingress or its rate limiter is starting"},
+    }
+    out.update({int(k.removeprefix("s")): v for k, v in more.items()})
+    return out
 
 
 class Accepted(BaseModel):
@@ -176,13 +191,20 @@ class Health(BaseModel):
     not_alive: dict[str, str] | None = None
 
 
+API_TITLE = "fleet"
+API_DESCRIPTION = (
+    "Submit tasks to a fleet of agents, read their results and the fleet's status. "
+    "Every route but /healthz needs Authorization: Bearer <key>."
+)
+# The schema and docs are served by the Ingress itself (``openapi``, ``docs``): the
+# schema names this fleet's capabilities, which only the replica knows.
 api = FastAPI(
-    title="fleet",
+    title=API_TITLE,
     version=fleet.__version__,
-    description=(
-        "Submit tasks to a fleet of agents, read their results and the fleet's status. "
-        "Every route but /healthz needs Authorization: Bearer <key>."
-    ),
+    description=API_DESCRIPTION,
+    openapi_url=None,
+    docs_url=None,
+    redoc_url=None,
 )
 # The replica's guard (keys, limiter, limits): set by Ingress.__init__; one replica per
 # process, so the module's app is the replica's.
@@ -231,6 +253,25 @@ def _serve_http_host() -> str:
     # it uses, when the class is decorated, so a name defined below it is missing.)
 
 
+def _fleet_schema(routes: Any, capabilities: list[str], root_path: str) -> dict[str, Any]:
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(
+        title=API_TITLE,
+        version=fleet.__version__,
+        description=API_DESCRIPTION,
+        routes=routes,
+        servers=[{"url": root_path}] if root_path else None,
+    )
+    comps = schema.setdefault("components", {})
+    comps["schemas"]["Task"]["properties"]["capability"]["enum"] = capabilities
+    comps["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for path, ops in schema["paths"].items():
+        for op in ops.values():
+            op["security"] = [] if path == "/healthz" else [{"bearer": []}]
+    return schema
+
+
 def _validation_error(errors: list[dict[str, Any]]) -> JSONResponse:
     # The same shape as FastAPI's own 422 body, so clients parse one format.
     return JSONResponse(status_code=422, content={"detail": errors})
@@ -265,6 +306,7 @@ class Ingress:
         self._caps = frozenset(spec.capabilities)
         self._max_payload_bytes = spec.queues.max_payload_bytes
         self._limits = spec.ingress.limits
+        self._schema: dict[str, Any] | None = None
         self._long_polls: dict[str, int] = defaultdict(int)
         _GUARD = self._guard(spec)
         self._ledger = LedgerClient.for_spec(spec)
@@ -307,19 +349,23 @@ class Ingress:
         "/tasks",
         status_code=202,
         response_model=Accepted,
-        responses={
-            200: {"model": Accepted, "description": "every task already has an outcome"},
-            401: {"model": Problem, "description": "no key, or not a valid one"},
-            403: {"model": Problem, "description": "the key has no submit role"},
-            409: {
+        responses=_guarded(
+            s200={"model": Accepted, "description": "every task already has an outcome"},
+            s409={
                 "model": Conflict,
                 "description": "idempotency key used with another payload",
             },
-            413: {"model": Problem, "description": "body or batch too large"},
-            422: {"description": "invalid task(s): nothing was queued"},
-            429: {"model": Backpressure, "description": "queue full, or tenant over its rate"},
-            503: {"model": Backpressure, "description": "fleet unreachable"},
-        },
+            s413={"model": Problem, "description": "body or batch too large"},
+            s422={"description": "invalid task(s): nothing was queued"},
+            s429={
+                "model": Backpressure | Problem,
+                "description": "queue full, or the tenant over its request rate",
+            },
+            s503={
+                "model": Backpressure | Problem,
+                "description": "fleet unreachable, or the ingress starting",
+            },
+        ),
     )
     async def submit(
         self,
@@ -478,16 +524,30 @@ class Ingress:
             return ""
         return f"queue shard {cap}/{s} failed: {type(exc).__name__}"
 
+    # -- the schema ----------------------------------------------------------------
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        """This fleet's OpenAPI schema: FastAPI's, with the capabilities the fleet
+        serves enumerated (a task for another capability is not valid by the schema)
+        and bearer authentication declared."""
+        if self._schema is None:
+            self._schema = _fleet_schema(
+                request.app.routes, sorted(self._caps), request.scope.get("root_path", "")
+            )
+        return JSONResponse(self._schema)
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="openapi.json", title=f"{API_TITLE} API")
+
     # -- read ----------------------------------------------------------------------
     @api.get(
         "/tasks/{task_id}",
         response_model=TaskState,
-        responses={
-            401: {"model": Problem, "description": "no key, or not a valid one"},
-            403: {"model": Problem, "description": "the key has no read role"},
-            404: {"model": Problem, "description": "no such task for this tenant"},
-            429: {"model": Problem, "description": "too many requests or long-polls"},
-        },
+        responses=_guarded(
+            s404={"model": Problem, "description": "no such task for this tenant"},
+            s429={"model": Problem, "description": "too many requests or long-polls"},
+        ),
     )
     async def task(
         self,
@@ -554,12 +614,10 @@ class Ingress:
     @api.delete(
         "/tasks/{task_id}",
         response_model=TaskState,
-        responses={
-            401: {"model": Problem, "description": "no key, or not a valid one"},
-            403: {"model": Problem, "description": "the key has no submit role"},
-            404: {"model": Problem, "description": "no such task for this tenant"},
-            409: {"model": Problem, "description": "the task is running or finished"},
-        },
+        responses=_guarded(
+            s404={"model": Problem, "description": "no such task for this tenant"},
+            s409={"model": Problem, "description": "the task is running or finished"},
+        ),
     )
     async def cancel(
         self, request: Request, task_id: Annotated[str, Path(min_length=1, max_length=128)]
@@ -592,7 +650,7 @@ class Ingress:
             },
         )
 
-    @api.get("/status")
+    @api.get("/status", responses=_guarded())
     async def status(self, request: Request) -> dict[str, Any]:
         """For an ``admin`` key: pools, agents, hosts, in-flight work, queue depth and
         age, ledger count (secrets redacted). For others: the tenant's own pending
@@ -610,7 +668,7 @@ class Ingress:
     @api.get(
         "/metrics",
         response_class=PlainTextResponse,
-        responses={403: {"model": Problem, "description": "the key has no admin role"}},
+        responses=_guarded(),
     )
     async def metrics(self) -> str:
         """Prometheus metrics: queue depth, age, rates, lease expiries, active alerts."""

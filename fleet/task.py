@@ -13,10 +13,10 @@ import time
 import uuid
 from collections.abc import Mapping
 from enum import Enum
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from fleet.spec.queues import DEFAULT_MAX_PAYLOAD_BYTES
 
@@ -126,6 +126,13 @@ def split_known(
     return fresh, existing, conflicts
 
 
+def _integral(v: Any) -> Any:
+    """JSON's integers include 4.0 (JSON Schema's ``integer`` does): take it as 4."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
 class Task(BaseModel):
     """One unit of work for an agent with the given capability.
 
@@ -134,13 +141,17 @@ class Task(BaseModel):
     task with an ``idempotency_key`` is accepted once, however often it is submitted.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: a field takes its own JSON type only (no "5" for 5, no false for 0.0), so
+    # what the OpenAPI schema allows is exactly what is accepted.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
     capability: str = Field(min_length=1)
-    priority: int = Field(default=DEFAULT_PRIORITY, ge=MIN_PRIORITY, le=MAX_PRIORITY)
-    deadline_unix_s: float | None = None
-    utility: float | None = None
+    priority: Annotated[int, BeforeValidator(_integral)] = Field(
+        default=DEFAULT_PRIORITY, ge=MIN_PRIORITY, le=MAX_PRIORITY
+    )
+    deadline_unix_s: float | None = Field(default=None, allow_inf_nan=False)
+    utility: float | None = Field(default=None, allow_inf_nan=False)
     affinity_key: str | None = Field(default=None, max_length=256)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=128)
     payload: Any = None

@@ -15,4 +15,5 @@ SUITES = {
     "durability": "fleet.bench.durability",
     "ledger": "fleet.bench.ledger",
     "recording": "fleet.bench.recording",
+    "ingress": "fleet.bench.ingress",
 }

@@ -1,0 +1,174 @@
+"""Property-based tests of the HTTP ingress from its own OpenAPI schema (schemathesis).
+
+One fleet (no-op agents) and its ingress, authentication on. For every operation of the
+schema the ingress serves (which enumerates the fleet's capabilities):
+
+- inputs the schema allows, sent with a valid key: never a 5xx, every response as the
+  schema declares it (status and body), and never refused as invalid by validation (a
+  422 for a schema-valid task must be fleet's own ``task_rejected``, a judgement the
+  schema cannot express, such as a deadline already past);
+- inputs that violate the schema, with a valid key: refused with a 4xx, never accepted;
+- without a key: 401 on every protected route, whatever the input.
+
+Bounded: ``EXAMPLES`` cases per operation and mode, derandomized (the same cases every
+run), no example database.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import schemathesis
+
+from fleet.security.keys import KeyFile
+from tests.utils import make_spec, pool
+
+pytestmark = pytest.mark.ray
+
+EXAMPLES = 25
+PUBLIC = {("GET", "/healthz")}
+
+
+@pytest.fixture(scope="module")
+def fuzz(ray_cluster, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from fleet.ingress import Ingress
+    from fleet.runtime.client import FleetClient
+
+    tmp = tmp_path_factory.mktemp("fuzz")
+    keys = KeyFile(tmp / "keys.json")
+    key, _ = keys.create("fuzz", ["submit", "read", "admin"])
+    spec = make_spec(
+        pool("alpha", agents_per_host=2, cpus_per_host=0),
+        pool("beta", agents_per_host=2, cpus_per_host=0),
+        name="fuzz",
+        namespace="fleet-test-fuzz",
+        queues={"shards": 1},
+        ingress={
+            "auth": {"keys_file": str(tmp / "keys.json")},
+            "limits": {"tenant_requests_per_s": 10_000, "tenant_burst": 10_000},
+        },
+    )
+    fc = FleetClient.start(spec)
+    app = "fuzz-ingress"
+    try:
+        serve.run(Ingress.bind(spec.name, spec.namespace), name=app, route_prefix="/fuzz")
+        url = os.environ["FLEET_TEST_HTTP_URL"] + "/fuzz"
+        auth = {"Authorization": f"Bearer {key}"}
+        schema = schemathesis.openapi.from_url(f"{url}/openapi.json", headers=auth, timeout=30)
+        yield SimpleNamespace(url=url, auth=auth, schema=schema)
+    finally:
+        serve.delete(app)
+        fc.shutdown()
+    left = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == spec.namespace
+    ]
+    assert left == [], left
+
+
+def _operations(schema: Any) -> list[Any]:
+    return [r.ok() for r in schema.get_all_operations()]
+
+
+def _each_case(operation: Any, mode: Any, check: Any) -> None:
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def run(case: Any) -> None:
+        check(case)
+
+    run()
+
+
+def test_the_schema_enumerates_capabilities_and_declares_bearer_auth(fuzz):
+    raw = fuzz.schema.raw_schema
+    task = raw["components"]["schemas"]["Task"]["properties"]["capability"]
+    assert task["enum"] == ["alpha", "beta"]
+    assert raw["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    ops = {(o.method.upper(), o.path) for o in _operations(fuzz.schema)}
+    assert {
+        ("POST", "/tasks"),
+        ("GET", "/tasks/{task_id}"),
+        ("DELETE", "/tasks/{task_id}"),
+    } <= ops
+
+
+def test_valid_inputs_get_declared_answers_and_are_never_refused_by_validation(fuzz):
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.generation import GenerationMode
+    from schemathesis.specs.openapi.checks import (
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    seen: dict[str, set[int]] = {}
+
+    def check(case: Any) -> None:
+        r = case.call_and_validate(
+            base_url=fuzz.url,
+            headers=fuzz.auth,
+            checks=[not_a_server_error, status_code_conformance, response_schema_conformance],
+            timeout=60,
+        )
+        seen.setdefault(f"{case.method} {case.path}", set()).add(r.status_code)
+        if r.status_code == 422:
+            kinds = {e.get("type") for e in r.json()["detail"]}
+            assert kinds == {"task_rejected"}, (case.body, r.text)  # fleet's judgement only
+
+    for op in _operations(fuzz.schema):
+        _each_case(op, GenerationMode.POSITIVE, check)
+    assert 202 in seen["POST /tasks"] or 200 in seen["POST /tasks"], seen
+    assert seen["GET /healthz"] == {200}, seen
+
+
+def test_invalid_inputs_are_refused_and_nothing_is_accepted(fuzz):
+    from schemathesis.generation import GenerationMode
+
+    bad: list[tuple[str, Any, int]] = []
+
+    def check(case: Any) -> None:
+        r = case.call(base_url=fuzz.url, headers=fuzz.auth, timeout=60)
+        if not 400 <= r.status_code < 500:
+            bad.append((f"{case.method} {case.path}", case.body, r.status_code))
+
+    tried = []
+    for op in _operations(fuzz.schema):
+        raw = op.definition.raw
+        if not (raw.get("parameters") or raw.get("requestBody")):
+            continue  # no input to get wrong (/healthz, /status, /metrics)
+        tried.append(f"{op.method.upper()} {op.path}")
+        _each_case(op, GenerationMode.NEGATIVE, check)
+    assert sorted(tried) == ["DELETE /tasks/{task_id}", "GET /tasks/{task_id}", "POST /tasks"]
+    assert bad == [], bad[:10]
+
+
+def test_without_a_key_every_protected_route_is_401(fuzz):
+    from schemathesis.generation import GenerationMode
+
+    codes: dict[str, set[int]] = {}
+
+    def check(case: Any) -> None:
+        r = case.call(base_url=fuzz.url, headers={"Authorization": ""}, timeout=60)
+        codes.setdefault(f"{case.method} {case.path}", set()).add(r.status_code)
+
+    for op in _operations(fuzz.schema):
+        if (op.method.upper(), op.path) in PUBLIC:
+            continue
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            _each_case(op, mode, check)
+    assert codes and all(c == {401} for c in codes.values()), codes
