@@ -43,6 +43,8 @@ from typing import Annotated, Any, Literal
 
 import ray
 from fastapi import Body, FastAPI, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Discriminator, Field, Tag
@@ -210,6 +212,15 @@ api = FastAPI(
 # process, so the module's app is the replica's.
 _GUARD: GuardConfig | None = None
 api.add_middleware(Guard, config=lambda: _GUARD)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each field at fault, without echoing the input back: an input may
+    hold a secret, or a value JSON cannot carry (NaN), which would turn the answer into
+    a 500."""
+    errors = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in exc.errors()]
+    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
 
 
 def _principal(request: Request) -> Principal:

@@ -352,6 +352,8 @@ def _van_der_corput(n: int) -> float:
     return q
 
 
+# Swap removal of a host from ``free_hosts`` (per dispatch: written out, as the host
+# core's own; see fleet.policy.host) and from ``open_hosts`` (per new agent: by name).
 def _host_unfree(free: list[SimHost], h: SimHost) -> None:
     i = h.fidx
     last = free.pop()
@@ -362,12 +364,18 @@ def _host_unfree(free: list[SimHost], h: SimHost) -> None:
 
 
 def _host_unopen(hosts: list[SimHost], h: SimHost) -> None:
-    i = h.oidx
-    last = hosts.pop()
-    if last is not h:
-        hosts[i] = last
-        last.oidx = i
-    h.oidx = -1
+    _swap_remove(hosts, h, "oidx")
+
+
+def _swap_remove(lst: list[Any], x: Any, slot: str) -> None:
+    """Remove ``x`` from ``lst`` in O(1): the last item takes its place; ``slot`` is
+    the attribute holding each item's index in ``lst`` (-1: not there)."""
+    i = getattr(x, slot)
+    last = lst.pop()
+    if last is not x:
+        lst[i] = last
+        setattr(last, slot, i)
+    setattr(x, slot, -1)
 
 
 def _list_add(lst: list[SimAgent], a: SimAgent) -> None:

@@ -7,7 +7,7 @@ import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from fleet.spec._base import SpecModel
@@ -221,7 +221,6 @@ class KafkaSecuritySpec(SpecModel):
 
     # Inputs stay out of validation errors: whatever is pasted here, e.g. a password in
     # place of a variable name, must not be printed back.
-    model_config = ConfigDict(**SpecModel.model_config, hide_input_in_errors=True)
 
     protocol: KafkaSecurityProtocol = KafkaSecurityProtocol.PLAINTEXT
     sasl_mechanism: SaslMechanism | None = None
@@ -336,8 +335,6 @@ class KafkaIntakeSpec(SpecModel):
     ``security`` sets TLS and SASL for every client (``KafkaSecuritySpec``; default:
     plaintext, no authentication).
     """
-
-    model_config = ConfigDict(**SpecModel.model_config, hide_input_in_errors=True)
 
     bootstrap_servers: str = Field(min_length=1)
     topic: str = Field(min_length=1)

@@ -222,3 +222,15 @@ def test_roles_are_read_from_the_path_under_the_app_route_prefix(keys):
             ]
 
     assert asyncio.run(go()) == [403, 200]
+
+
+def test_spec_errors_name_the_field_but_never_echo_the_value():
+    from pydantic import ValidationError
+
+    from fleet.spec.fleet import FleetSpec
+
+    bad = {"pools": [{"name": "a", "capability": "a", "agent_class": "x:y"}]}
+    bad["pools"][0]["agents_per_host"] = "sk-live-pasted-here"
+    with pytest.raises(ValidationError) as exc:
+        FleetSpec.model_validate(bad)
+    assert "agents_per_host" in str(exc.value) and "sk-live" not in str(exc.value)

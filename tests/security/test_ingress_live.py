@@ -6,7 +6,6 @@ and no secret in /status or in a result."""
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -16,6 +15,7 @@ import httpx
 import pytest
 
 from fleet.security.keys import KeyFile
+from tests.security._live import ingress_fleet
 from tests.utils import eventually, make_spec, pool
 
 pytestmark = pytest.mark.ray
@@ -27,12 +27,6 @@ RELOAD_S = 0.5
 
 @pytest.fixture(scope="module")
 def sec(ray_cluster, tmp_path_factory):
-    import ray
-    from ray import serve
-
-    from fleet.ingress import Ingress
-    from fleet.runtime.client import FleetClient
-
     tmp = tmp_path_factory.mktemp("sec")
     keys = KeyFile(tmp / "keys.json")
     made = {
@@ -76,28 +70,8 @@ def sec(ray_cluster, tmp_path_factory):
             },
         },
     )
-    fc = FleetClient.start(spec)
-    app = "sec-ingress"
-    try:
-        serve.run(
-            Ingress.options(num_replicas=2, autoscaling_config=None).bind(
-                spec.name, spec.namespace
-            ),
-            name=app,
-            route_prefix="/sec",
-        )
-        yield SimpleNamespace(
-            fc=fc, url=os.environ["FLEET_TEST_HTTP_URL"] + "/sec", keys=made, file=keys
-        )
-    finally:
-        serve.delete(app)
-        fc.shutdown()
-    left = [
-        a
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["namespace"] == spec.namespace
-    ]
-    assert left == [], left
+    with ingress_fleet(spec, "/sec", replicas=2) as (fc, url):
+        yield SimpleNamespace(fc=fc, url=url, keys=made, file=keys)
 
 
 def _h(key: str) -> dict[str, str]:

@@ -16,7 +16,6 @@ run), no example database.
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,6 +23,7 @@ import pytest
 import schemathesis
 
 from fleet.security.keys import KeyFile
+from tests.security._live import ingress_fleet
 from tests.utils import make_spec, pool
 
 pytestmark = pytest.mark.ray
@@ -34,12 +34,6 @@ PUBLIC = {("GET", "/healthz")}
 
 @pytest.fixture(scope="module")
 def fuzz(ray_cluster, tmp_path_factory):
-    import ray
-    from ray import serve
-
-    from fleet.ingress import Ingress
-    from fleet.runtime.client import FleetClient
-
     tmp = tmp_path_factory.mktemp("fuzz")
     keys = KeyFile(tmp / "keys.json")
     key, _ = keys.create("fuzz", ["submit", "read", "admin"])
@@ -54,23 +48,10 @@ def fuzz(ray_cluster, tmp_path_factory):
             "limits": {"tenant_requests_per_s": 10_000, "tenant_burst": 10_000},
         },
     )
-    fc = FleetClient.start(spec)
-    app = "fuzz-ingress"
-    try:
-        serve.run(Ingress.bind(spec.name, spec.namespace), name=app, route_prefix="/fuzz")
-        url = os.environ["FLEET_TEST_HTTP_URL"] + "/fuzz"
+    with ingress_fleet(spec, "/fuzz") as (_fc, url):
         auth = {"Authorization": f"Bearer {key}"}
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json", headers=auth, timeout=30)
         yield SimpleNamespace(url=url, auth=auth, schema=schema)
-    finally:
-        serve.delete(app)
-        fc.shutdown()
-    left = [
-        a
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["namespace"] == spec.namespace
-    ]
-    assert left == [], left
 
 
 def _operations(schema: Any) -> list[Any]:
@@ -172,3 +153,43 @@ def test_without_a_key_every_protected_route_is_401(fuzz):
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             _each_case(op, mode, check)
     assert codes and all(c == {401} for c in codes.values()), codes
+
+
+@pytest.mark.parametrize(
+    "body,status,needle",
+    [
+        (b'{"capability": "alpha", "id": "\xff\xfe"}', 400, "parsing the body"),  # bad UTF-8
+        (b"[" * 100_000, 400, "parsing the body"),  # nesting deeper than any parser goes
+        (b'{"capability": "alpha", "id": "n1", "utility": NaN}', 422, "finite"),
+        (b'{"capability": "alpha", "id": "n2", "deadline_unix_s": Infinity}', 422, "finite"),
+        (b'{"capability": "alpha", "id": "n3", "utility": false}', 422, "valid number"),
+        (b'{"capability": "alpha", "id": "n4", "priority": 1' + b"0" * 5000 + b"}", 400, ""),
+        (b'{"capability": "alpha", "id": "n5", "priority": "5"}', 422, "valid integer"),
+        (b'{"capability": "gamma", "id": "n6"}', 422, "unknown capability"),
+        (b'{"capability": "alpha", "id": "n7", "extra": 1}', 422, "extra"),
+    ],
+)
+def test_malformed_input_is_a_4xx_naming_the_problem_and_queues_nothing(
+    fuzz, body, status, needle
+):
+    import httpx
+
+    headers = {**fuzz.auth, "content-type": "application/json"}
+    r = httpx.post(f"{fuzz.url}/tasks", content=body, headers=headers, timeout=30)
+    assert r.status_code == status, r.text
+    assert needle in r.text
+    for task_id in ("n1", "n2", "n3", "n4", "n5", "n6", "n7"):
+        got = httpx.get(f"{fuzz.url}/tasks/{task_id}", headers=fuzz.auth, timeout=30)
+        assert got.status_code == 404, (task_id, got.text)
+
+
+def test_a_header_of_any_size_is_not_a_5xx(fuzz):
+    import httpx
+
+    for size in (100, 10_000, 200_000):
+        headers = {**fuzz.auth, "x-big": "a" * size}
+        try:
+            r = httpx.get(f"{fuzz.url}/tasks/x", headers=headers, timeout=30)
+        except httpx.RemoteProtocolError:
+            continue  # the server closed the connection on an oversized header: fine
+        assert r.status_code < 500, (size, r.status_code)
