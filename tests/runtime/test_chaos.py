@@ -154,7 +154,10 @@ def test_replacements_are_credited_so_that_every_wave_can_be_replaced(monkeypatc
 
 
 # -- live ------------------------------------------------------------------------------
+# Full size (10 hosts, four kill waves, about 80 s): run by `make test-slow`, which CI
+# runs after `make test`; the harness's own rules are unit-tested above.
 @pytest.mark.ray
+@pytest.mark.slow
 def test_chaos_run_loses_nothing_and_replaces_every_host(ray_cluster):
     name, ns = "chaos-t", "fleet-test-chaos"
     spec = make_spec(
