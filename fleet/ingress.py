@@ -138,7 +138,7 @@ class Problem(BaseModel):
     retry_after_s: int | None = None
 
 
-def _guarded(**more: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
+def _guarded(own: dict[int, dict[str, Any]] | None = None) -> dict[int | str, dict[str, Any]]:
     """The answers the guard may give on any protected route, plus the route's own."""
     out: dict[int | str, dict[str, Any]] = {
         401: {"model": Problem, "description": "no key, or not a valid one"},
@@ -147,7 +147,7 @@ def _guarded(**more: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
         429: {"model": Problem, "description": "the tenant is over its request rate"},
         503: {"model": Problem, "description": "the ingress or its rate limiter is starting"},
     }
-    out.update({int(k.removeprefix("s")): v for k, v in more.items()})
+    out.update(own or {})
     return out
 
 
@@ -254,14 +254,24 @@ def _client_id(task_id: str) -> str:
     return split_scoped(task_id)[1]
 
 
+def _fleet_id(tenant: str, task_id: str) -> str:
+    """The fleet-wide id of a caller's task (unscoped when authentication is off)."""
+    return scoped_id(tenant, task_id) if tenant else task_id
+
+
+def _no_such_task() -> JSONResponse:
+    return JSONResponse(status_code=404, content={"detail": "no such task"})
+
+
+# The helpers below are defined above the Ingress class: Serve freezes the class, with
+# the module names it uses, when the class is decorated, so a name defined below it is
+# missing in the replica.
 def _serve_http_host() -> str:
     """The host Serve's HTTP proxies bind (from Serve's controller)."""
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
     return str(ray.get(controller.get_http_config.remote(), timeout=30).host)
-    # (Defined above the Ingress class: Serve freezes the class, with the module names
-    # it uses, when the class is decorated, so a name defined below it is missing.)
 
 
 def _fleet_schema(routes: Any, capabilities: list[str], root_path: str) -> dict[str, Any]:
@@ -361,21 +371,23 @@ class Ingress:
         status_code=202,
         response_model=Accepted,
         responses=_guarded(
-            s200={"model": Accepted, "description": "every task already has an outcome"},
-            s409={
-                "model": Conflict,
-                "description": "idempotency key used with another payload",
-            },
-            s413={"model": Problem, "description": "body or batch too large"},
-            s422={"description": "invalid task(s): nothing was queued"},
-            s429={
-                "model": Backpressure | Problem,
-                "description": "queue full, or the tenant over its request rate",
-            },
-            s503={
-                "model": Backpressure | Problem,
-                "description": "fleet unreachable, or the ingress starting",
-            },
+            {
+                200: {"model": Accepted, "description": "every task already has an outcome"},
+                409: {
+                    "model": Conflict,
+                    "description": "idempotency key used with another payload",
+                },
+                413: {"model": Problem, "description": "body or batch too large"},
+                422: {"description": "invalid task(s): nothing was queued"},
+                429: {
+                    "model": Backpressure | Problem,
+                    "description": "queue full, or the tenant over its request rate",
+                },
+                503: {
+                    "model": Backpressure | Problem,
+                    "description": "fleet unreachable, or the ingress starting",
+                },
+            }
         ),
     )
     async def submit(
@@ -556,8 +568,10 @@ class Ingress:
         "/tasks/{task_id}",
         response_model=TaskState,
         responses=_guarded(
-            s404={"model": Problem, "description": "no such task for this tenant"},
-            s429={"model": Problem, "description": "too many requests or long-polls"},
+            {
+                404: {"model": Problem, "description": "no such task for this tenant"},
+                429: {"model": Problem, "description": "too many requests or long-polls"},
+            }
         ),
     )
     async def task(
@@ -573,7 +587,7 @@ class Ingress:
         for the outcome before answering ``pending``.
         """
         tenant = _principal(request).tenant
-        fid = scoped_id(tenant, task_id) if tenant else task_id
+        fid = _fleet_id(tenant, task_id)
         wait = min(wait_s, self._limits.max_wait_s)
         if wait <= 0:
             return await self._lookup(task_id, fid)
@@ -613,7 +627,7 @@ class Ingress:
         (outcome,) = await self._ledger.get_async([fid])
         if outcome is not None:
             return _state(client_id, outcome, self._redact)
-        return JSONResponse(status_code=404, content={"detail": "no such task"})
+        return _no_such_task()
 
     async def _queued(self, fid: str) -> bool:
         s = shard_of(fid, self._n_shards)
@@ -626,8 +640,10 @@ class Ingress:
         "/tasks/{task_id}",
         response_model=TaskState,
         responses=_guarded(
-            s404={"model": Problem, "description": "no such task for this tenant"},
-            s409={"model": Problem, "description": "the task is running or finished"},
+            {
+                404: {"model": Problem, "description": "no such task for this tenant"},
+                409: {"model": Problem, "description": "the task is running or finished"},
+            }
         ),
     )
     async def cancel(
@@ -636,8 +652,7 @@ class Ingress:
         """Cancel a task that has not started: its outcome is recorded as failed with
         reason ``cancelled`` before it leaves the queue, and it never runs. A running
         task cannot be cancelled (409); a finished one answers 409 with its result."""
-        tenant = _principal(request).tenant
-        fid = scoped_id(tenant, task_id) if tenant else task_id
+        fid = _fleet_id(_principal(request).tenant, task_id)
         s = shard_of(fid, self._n_shards)
         states = await asyncio.gather(
             *(shards[s].cancel.remote(fid) for shards in self._shards.values())
@@ -649,7 +664,7 @@ class Ingress:
             )
         (outcome,) = await self._ledger.get_async([fid])
         if outcome is None:
-            return JSONResponse(status_code=404, content={"detail": "no such task"})
+            return _no_such_task()
         state = _state(task_id, outcome, self._redact)
         if "cancelled" in states and outcome.reason == "cancelled":
             return state

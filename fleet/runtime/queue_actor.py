@@ -269,11 +269,10 @@ class QueueShard:
             item, REASON_CANCELLED, "cancelled by its submitter before it started"
         )
         try:
-            await self._ledger.record_async([outcome])
+            await self._record_then_ack([outcome])
         except BaseException:
             self._q.restore(item)
             raise
-        self._ack([item.id])
         return "cancelled"
 
 

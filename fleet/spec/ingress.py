@@ -90,13 +90,16 @@ class IngressSpec(SpecModel):
 
 
 def is_loopback(host: str) -> bool:
-    """Whether binding ``host`` keeps a server reachable from this machine only."""
+    """Whether binding ``host`` keeps a server reachable from this machine only (an
+    IPv4 loopback address written as IPv6, ``::ffff:127.0.0.1``, included)."""
     if host in LOOPBACK_HOSTS:
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        addr = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return addr.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 class ExposureError(ValueError):

@@ -10,7 +10,6 @@ stopped by its own PIDs (tests/deploy/_cluster.py).
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import time
 import uuid
@@ -23,6 +22,7 @@ import yaml
 
 from fleet.security.keys import KeyFile
 from fleet.serve_app import check_serve_config
+from fleet.spec.ingress import is_loopback
 from tests.deploy._cluster import BIN, REPO, LocalCluster, free_port
 from tests.utils import eventually
 
@@ -201,10 +201,7 @@ def test_the_ingress_listens_on_loopback_only(served):
                 continue
     assert addrs, "the Serve proxy's listening socket must be found"
     for ip in addrs:
-        a = ipaddress.ip_address(ip)
-        assert a.is_loopback or (
-            getattr(a, "ipv4_mapped", None) is not None and a.ipv4_mapped.is_loopback
-        ), ip
+        assert is_loopback(ip), ip
 
 
 def test_submit_over_http_and_read_results(served):

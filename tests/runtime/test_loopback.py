@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import subprocess
 import sys
+
+from fleet.spec.ingress import is_loopback
 
 PROBE = r"""
 import json, time, ipaddress, psutil, ray
@@ -33,17 +34,9 @@ print(json.dumps({"listening": listening, "auth_mode_env": auth, "token_auth": t
 """
 
 
-def _is_loopback(ip: str) -> bool:
-    addr = ipaddress.ip_address(ip)
-    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1
-    return addr.is_loopback or (mapped is not None and mapped.is_loopback)
-
-
 def test_loopback_check_itself():
-    assert (
-        _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("::ffff:127.0.0.1")
-    )
-    assert not any(_is_loopback(a) for a in ("0.0.0.0", "::", "192.0.2.2", "::ffff:10.0.0.1"))
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("::ffff:127.0.0.1")
+    assert not any(is_loopback(a) for a in ("0.0.0.0", "::", "192.0.2.2", "::ffff:10.0.0.1"))
 
 
 def test_local_cluster_listens_on_loopback_only():
@@ -53,7 +46,7 @@ def test_local_cluster_listens_on_loopback_only():
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["listening"], "the probe must see the cluster's servers"
-    exposed = [x for x in out["listening"] if not _is_loopback(x[1])]
+    exposed = [x for x in out["listening"] if not is_loopback(x[1])]
     assert exposed == [], f"listening beyond loopback: {exposed}"
     assert out["auth_mode_env"] != "disabled"
     assert out["token_auth"] is True, "Ray's token authentication must stay on"

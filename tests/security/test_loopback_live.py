@@ -13,7 +13,6 @@ process and nothing else.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections import Counter
 
@@ -21,6 +20,7 @@ import httpx
 import psutil
 import pytest
 
+from fleet.spec.ingress import is_loopback
 from tests.utils import make_spec, pool
 
 pytestmark = pytest.mark.ray
@@ -52,12 +52,6 @@ def _listening(pids: list[int]) -> set[tuple[str, int, str, int]]:
                 if c.status == psutil.CONN_LISTEN
             }
     return out
-
-
-def _is_loopback(ip: str) -> bool:
-    a = ipaddress.ip_address(ip)
-    mapped = getattr(a, "ipv4_mapped", None)
-    return a.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def test_with_auth_off_every_listening_socket_is_on_loopback(start_fleet, http_url):
@@ -96,7 +90,7 @@ def test_with_auth_off_every_listening_socket_is_on_loopback(start_fleet, http_u
         port = int(http_url.rsplit(":", 1)[1])
         assert any(s[1] == port for s in sockets), "Serve's proxy must be among them"
         assert len(sockets) >= 5, sockets  # GCS, raylet, object manager, workers, proxy
-        exposed = sorted(s for s in sockets if not _is_loopback(s[0]))
+        exposed = sorted(s for s in sockets if not is_loopback(s[0]))
         replica_grpc = [s for s in exposed if s[0] == "::" and s[2].startswith(REPLICA)]
         assert [s for s in exposed if s not in replica_grpc] == [], exposed
         per_replica = Counter(s[3] for s in replica_grpc)
