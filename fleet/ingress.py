@@ -19,6 +19,8 @@ Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
 - ``GET /tasks/{id}``: ``pending`` (accepted, no outcome recorded yet) or the recorded
   result; 404 for an id this tenant never submitted. ``?wait_s=N`` waits up to N seconds
   (at most ``max_wait_s``) for the outcome before answering.
+- ``GET /tasks?status=...&limit=N&cursor=C``: the tenant's tasks, a page at a time:
+  pending ones, then finished ones newest first (``fleet.runtime.listing``).
 - ``DELETE /tasks/{id}``: cancel a task that has not started (recorded as failed with
   reason ``cancelled``); 409 when it is running or already finished.
 - ``GET /status``: for an ``admin`` key the fleet's pools, agents, hosts and queues (as
@@ -42,7 +44,7 @@ from collections import defaultdict
 from typing import Annotated, Any, Literal
 
 import ray
-from fastapi import Body, FastAPI, Path, Query, Request
+from fastapi import Body, Depends, FastAPI, Path, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -56,6 +58,7 @@ from fleet.policy.sharding import shard_of
 from fleet.queue.lease_queue import QueueFull
 from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.lifecycle import actor_states, not_alive
+from fleet.runtime.listing import MAX_CURSOR_CHARS, BadCursor, Cursor, list_tasks
 from fleet.runtime.names import Names
 from fleet.runtime.ratelimit import LeasedTokens, limiter_actor
 from fleet.security.asgi import Guard, GuardConfig
@@ -83,6 +86,7 @@ INGRESS_DEPLOYMENT = "ingress"
 CONFLICT_PREFIX = "conflict:"
 MAX_BATCH_TASKS = 10_000  # the schema's bound; ingress.limits.max_batch_tasks is the spec's
 DEFAULT_SUBMIT_WAIT_S = 1.0
+DEFAULT_PAGE, MAX_PAGE = 50, 500  # tasks per page of GET /tasks
 DEFAULT_RETRY_AFTER_S = 1
 HEALTH_TIMEOUT_S = 2.0
 PUT_BACKOFF_MAX_S = 0.25
@@ -129,6 +133,14 @@ class TaskState(BaseModel):
     id: str
     status: Literal["pending", "completed", "failed"]
     result: Result | None = None
+
+
+class TaskPage(BaseModel):
+    """A page of the tenant's tasks; pass ``next_cursor`` back for the next (null: the
+    end). A page may hold fewer than ``limit`` tasks before the end."""
+
+    tasks: list[TaskState]
+    next_cursor: str | None = None
 
 
 class Problem(BaseModel):
@@ -198,6 +210,24 @@ API_DESCRIPTION = (
     "Submit tasks to a fleet of agents, read their results and the fleet's status. "
     "Every route but /healthz needs Authorization: Bearer <key>."
 )
+
+
+def _known_query(request: Request) -> None:
+    """A query parameter the route does not declare is a 422 naming it, as an unknown
+    body field is: a misspelt ``wait_s`` or ``status`` must not pass silently."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    known = {p.alias for p in dependant.query_params} if dependant is not None else set()
+    unknown = [k for k in request.query_params if k not in known]
+    if unknown:
+        raise RequestValidationError(
+            [
+                {"type": "extra_forbidden", "loc": ["query", k], "msg": "unknown parameter"}
+                for k in unknown
+            ]
+        )
+
+
 # The schema and docs are served by the Ingress itself (``openapi``, ``docs``): the
 # schema names this fleet's capabilities, which only the replica knows.
 api = FastAPI(
@@ -207,6 +237,7 @@ api = FastAPI(
     openapi_url=None,
     docs_url=None,
     redoc_url=None,
+    dependencies=[Depends(_known_query)],
 )
 # The replica's guard (keys, limiter, limits): set by Ingress.__init__; one replica per
 # process, so the module's app is the replica's.
@@ -257,6 +288,12 @@ def _client_id(task_id: str) -> str:
 def _fleet_id(tenant: str, task_id: str) -> str:
     """The fleet-wide id of a caller's task (unscoped when authentication is off)."""
     return scoped_id(tenant, task_id) if tenant else task_id
+
+
+def _bad_cursor(why: str) -> JSONResponse:
+    return _validation_error(
+        [{"type": "cursor_rejected", "loc": ["query", "cursor"], "msg": f"bad cursor: {why}"}]
+    )
 
 
 def _no_such_task() -> JSONResponse:
@@ -564,6 +601,37 @@ class Ingress:
         return get_swagger_ui_html(openapi_url="openapi.json", title=f"{API_TITLE} API")
 
     # -- read ----------------------------------------------------------------------
+    @api.get("/tasks", response_model=TaskPage, responses=_guarded())
+    async def tasks(
+        self,
+        request: Request,
+        status: Literal["pending", "completed", "failed"] | None = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+        cursor: Annotated[
+            str | None,
+            Query(min_length=1, max_length=MAX_CURSOR_CHARS, pattern=r"^[A-Za-z0-9_-]+$"),
+        ] = None,
+    ) -> Any:
+        """The tenant's tasks, a page at a time: pending ones (queued or running) in id
+        order, then finished ones newest first; ``status`` lists one kind. Pass
+        ``next_cursor`` back as ``cursor`` for the next page (with the same ``status``).
+        A task that finishes while you page may be listed twice, never skipped."""
+        tenant = _principal(request).tenant
+        try:
+            at = None if cursor is None else Cursor.decode(cursor, status, self._ledger.n)
+        except BadCursor as exc:
+            return _bad_cursor(str(exc))
+        shards = [sh for per_cap in self._shards.values() for sh in per_cap]
+        prefix = _fleet_id(tenant, "")
+        page, nxt = await list_tasks(self._ledger, shards, tenant, prefix, status, at, limit)
+        tasks = [
+            TaskState(id=_client_id(t), status="pending")
+            if isinstance(t, str)
+            else _state(_client_id(t.task_id), t, self._redact)
+            for t in page
+        ]
+        return TaskPage(tasks=tasks, next_cursor=None if nxt is None else nxt.encode())
+
     @api.get(
         "/tasks/{task_id}",
         response_model=TaskState,

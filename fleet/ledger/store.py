@@ -26,10 +26,17 @@ random keys cut inserts at 1M rows from ~94,000 to ~18,000 rows/s (every batch r
 hundreds of random index pages to the WAL); the in-memory index costs nothing on disk
 and is rebuilt from the rows in one scan on start. A hash hit is always confirmed
 against the row's stored key, so collisions cost a read, never a wrong answer.
+
+Listing a tenant's outcomes (``owned``, behind ``GET /tasks``): each row of a task
+submitted through the ingress names its tenant (``owner``, from the scoped id,
+``fleet.task.tenant_of_id``), indexed by (owner, seq). Sequence numbers only grow, so
+that index appends at the end of each tenant's range (unlike an index on random ids);
+it is partial, so rows of unscoped ids (``FleetClient``, Kafka) cost it nothing.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 import sqlite3
@@ -43,10 +50,10 @@ import numpy as np
 
 from fleet._bounded import BoundedSet
 from fleet.queue.storage import StorageError, open_wal, storage_error
-from fleet.task import Outcome
+from fleet.task import Outcome, tenant_of_id
 
 DEFAULT_TENANT = "default"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # New index entries are kept in a dict and merged into the sorted arrays in batches of
 # this many (a merge is O(n) numpy work: ~10 ms at 1M outcomes).
 INDEX_MERGE_AT = 65_536
@@ -111,6 +118,14 @@ class LedgerStore(Protocol):
     ) -> dict[str, int]:
         """Duplicate executions per id (ids with none left out); all ids if None."""
 
+    def owned(
+        self, owner: str | None, before: int | None, limit: int, ok: bool | None = None
+    ) -> list[tuple[int, Outcome]]:
+        """Up to ``limit`` outcomes of tasks tenant ``owner`` submitted through the
+        ingress (None: every outcome), recorded before sequence number ``before`` (None:
+        from the newest), newest first, as (seq, outcome); only succeeded or failed ones
+        if ``ok`` says."""
+
     def since(self, cursor: int, limit: int = SINCE_LIMIT) -> tuple[list[str], int]:
         """Ids recorded after ``cursor`` (in record order) and the cursor to pass next."""
 
@@ -139,6 +154,8 @@ class MemoryLedgerStore:
         self._book: dict[tuple[str, str], Outcome] = {}
         self._dups: Counter[tuple[str, str]] = Counter()
         self._log: list[str] = []  # ids in record order; the cursor is an index into it
+        # owner -> its seqs (``_log`` index + 1) and keys, in record order
+        self._owned: dict[str, tuple[list[int], list[tuple[str, str]]]] = {}
 
     def record(
         self,
@@ -155,6 +172,10 @@ class MemoryLedgerStore:
             if old is None:
                 book[key] = o
                 self._log.append(o.task_id)
+                if (owner := tenant_of_id(o.task_id)) is not None:
+                    seqs, keys = self._owned.setdefault(owner, ([], []))
+                    seqs.append(len(self._log))
+                    keys.append(key)
                 new += 1
                 if o.deliveries > 1:
                     dups[key] = beyond_first(o.deliveries, exc)
@@ -176,6 +197,24 @@ class MemoryLedgerStore:
         if ids is None:
             return {i: n for (_, i), n in self._dups.items()}
         return {i: n for i in ids if (n := self._dups.get((tenant, i), 0))}
+
+    def owned(
+        self, owner: str | None, before: int | None, limit: int, ok: bool | None = None
+    ) -> list[tuple[int, Outcome]]:
+        if owner is None:
+            seqs = list(range(1, len(self._log) + 1))
+            keys = [(DEFAULT_TENANT, i) for i in self._log]
+        else:
+            seqs, keys = self._owned.get(owner, ([], []))
+        end = len(seqs) if before is None else bisect.bisect_left(seqs, before)
+        out: list[tuple[int, Outcome]] = []
+        for k in range(end - 1, -1, -1):
+            if len(out) >= limit:
+                break
+            o = self._book.get(keys[k])
+            if o is not None and (ok is None or o.ok == ok):  # None: expired
+                out.append((seqs[k], o))
+        return out
 
     def since(self, cursor: int, limit: int = SINCE_LIMIT) -> tuple[list[str], int]:
         out = self._log[cursor : cursor + limit]
@@ -269,6 +308,10 @@ class HashIndex:
 
 # --- SQLite ---------------------------------------------------------------------------
 
+_OWNER_INDEX = (
+    "CREATE INDEX IF NOT EXISTS outcomes_owner ON outcomes (owner, seq)"
+    " WHERE owner IS NOT NULL"
+)
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS outcomes (
@@ -290,18 +333,30 @@ _SCHEMA = (
         output_tokens INTEGER NOT NULL,
         cost_usd REAL NOT NULL,
         payload_hash INTEGER,
-        duplicates INTEGER NOT NULL DEFAULT 0
+        duplicates INTEGER NOT NULL DEFAULT 0,
+        owner TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS outcomes_finished ON outcomes (finished_unix_s)",
+    _OWNER_INDEX,
 )
+# What a file of each older schema version needs to read as the current one.
+_MIGRATIONS: dict[str, tuple[str, ...]] = {
+    "1": (
+        "ALTER TABLE outcomes ADD COLUMN owner TEXT",
+        # tenant_of_id in SQL: '@<tenant>:<id>'
+        "UPDATE outcomes SET owner = substr(id, 2, instr(id, ':') - 2)"
+        " WHERE substr(id, 1, 1) = '@' AND instr(id, ':') > 0",
+        _OWNER_INDEX,
+    ),
+}
 _OUTCOME_COLS = (
     "id, ok, output, reason, error, agent_id, pool, deliveries, submitted_unix_s,"
     " started_unix_s, finished_unix_s, input_tokens, output_tokens, cost_usd,"
     " payload_hash"
 )
 _INSERT = (
-    f"INSERT INTO outcomes (seq, h, tenant, {_OUTCOME_COLS}, duplicates)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO outcomes (seq, h, tenant, {_OUTCOME_COLS}, duplicates, owner)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -342,6 +397,9 @@ class SqliteLedgerStore:
         if "meta" in tables:
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             version = row[0] if row else None
+            if version in _MIGRATIONS:
+                self._migrate(version)
+                return
             if version != str(SCHEMA_VERSION):
                 raise StorageError(
                     f"ledger file {self.path} has schema version {version}, this fleet reads "
@@ -362,6 +420,16 @@ class SqliteLedgerStore:
             (str(SCHEMA_VERSION),),
         )
         db.execute("COMMIT")
+
+    def _migrate(self, version: str) -> None:
+        """Bring a file of an older schema version to this one, in one transaction."""
+        with self._transaction() as db:
+            for stmt in _MIGRATIONS[version]:
+                db.execute(stmt)
+            db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                (str(SCHEMA_VERSION),),
+            )
 
     def _load_index(self) -> tuple[HashIndex, int, int]:
         """One scan of (h, seq): the in-memory index, the next sequence number, count.
@@ -456,6 +524,26 @@ class SqliteLedgerStore:
             None if f is None else f[1][1:] for f in self._find(ids, tenant, f"id, {cols}")
         ]
 
+    def owned(
+        self, owner: str | None, before: int | None, limit: int, ok: bool | None = None
+    ) -> list[tuple[int, Outcome]]:
+        args: list[Any] = [(1 << 62) if before is None else before]
+        if owner is None:  # by the primary key
+            where = "seq < ?"
+        else:
+            where = "owner = ? AND owner IS NOT NULL AND seq < ?"
+            args.insert(0, owner)
+        if ok is not None:
+            where += " AND ok = ?"
+            args.append(int(ok))
+        index = "" if owner is None else " INDEXED BY outcomes_owner"
+        rows = self._db.execute(
+            f"SELECT seq, {_OUTCOME_COLS} FROM outcomes{index}"
+            f" WHERE {where} ORDER BY seq DESC LIMIT ?",
+            (*args, limit),
+        ).fetchall()
+        return [(r[0], _outcome(r[1:])) for r in rows]
+
     def since(self, cursor: int, limit: int = SINCE_LIMIT) -> tuple[list[str], int]:
         rows = self._db.execute(
             "SELECT seq, id FROM outcomes WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, limit)
@@ -510,7 +598,15 @@ class SqliteLedgerStore:
             fresh[o.task_id] = (seq, o.deliveries)
             new_keys.append((h, seq))
             inserts.append(
-                (seq, h, tenant, *o[:14], o.payload_hash, beyond_first(o.deliveries, exc))
+                (
+                    seq,
+                    h,
+                    tenant,
+                    *o[:14],
+                    o.payload_hash,
+                    beyond_first(o.deliveries, exc),
+                    tenant_of_id(o.task_id),
+                )
             )
             seq += 1
         with self._transaction() as db:

@@ -26,6 +26,7 @@ the excused delivery as a duplicate (over-, never under-counting). Outcomes olde
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import time
 from collections import Counter
@@ -149,6 +150,12 @@ class Ledger:
     async def since(self, cursor: int, limit: int = SINCE_LIMIT) -> tuple[list[str], int]:
         return self._store.since(cursor, limit)
 
+    async def owned(
+        self, owner: str | None, before: int | None, limit: int, ok: bool | None = None
+    ) -> list[tuple[int, Outcome]]:
+        """Tenant ``owner``'s outcomes on this shard, newest first (``LedgerStore.owned``)."""
+        return self._store.owned(owner, before, limit, ok)
+
     async def cursor(self) -> int:
         return self._store.cursor()
 
@@ -271,6 +278,29 @@ def merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def merge_owned(
+    pages: list[list[tuple[int, Outcome]]], before: list[int | None], limit: int
+) -> tuple[list[Outcome], list[int | None] | None]:
+    """Up to ``limit`` outcomes from the shards' pages (each newest first, as
+    ``LedgerStore.owned`` answers ``limit`` at most), newest finish first, and the
+    per-shard cursors that continue after them (None when nothing is left).
+
+    Each shard's page is consumed from its front (a k-way merge on finish time), so
+    the next call, from each shard's last taken sequence number, neither repeats nor
+    skips an outcome even where a shard's record order and finish times disagree."""
+    streams = [
+        [(o.finished_unix_s, -k, seq, o) for seq, o in page] for k, page in enumerate(pages)
+    ]
+    merged = heapq.merge(*streams, key=lambda row: row[0], reverse=True)
+    taken = list(itertools.islice(merged, limit))
+    after = list(before)
+    for _, neg_k, seq, _ in taken:
+        after[-neg_k] = seq
+    full = any(len(page) >= limit for page in pages)
+    more = full or len(taken) < sum(len(page) for page in pages)
+    return [row[3] for row in taken], (after if more else None)
+
+
 class LedgerClient:
     """Every caller's way to a fleet's ledger shards: routes each id to its shard and
     puts the answers back in the callers' order. Sync methods block (drivers, threads);
@@ -370,6 +400,21 @@ class LedgerClient:
         _, refs = self._fan("missing", ids, ids)
         gone = {i for part in await asyncio.gather(*refs) for i in part}
         return [i for i in ids if i in gone]
+
+    async def owned_async(
+        self,
+        owner: str | None,
+        before: list[int | None] | None,
+        limit: int,
+        ok: bool | None = None,
+    ) -> tuple[list[Outcome], list[int | None] | None]:
+        """Tenant ``owner``'s outcomes, newest first, from every shard (``merge_owned``):
+        ``before`` is the cursor a previous call returned (None: from the newest)."""
+        before = before if before is not None else [None] * self.n
+        pages = await asyncio.gather(
+            *(self.handle(k).owned.remote(owner, b, limit, ok) for k, b in enumerate(before))
+        )
+        return merge_owned(pages, before, limit)
 
     async def count_async(self) -> int:
         return sum(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 import time
 from typing import Any
 
@@ -245,6 +246,14 @@ class QueueShard:
 
     async def pending_ids(self) -> list[str]:
         return self._q.pending_ids()
+
+    async def pending_of(self, prefix: str, after: str, limit: int) -> list[str]:
+        """Up to ``limit`` pending ids that start with ``prefix`` and sort after
+        ``after``, in order: one pass over this shard's pending ids (listing is rare; a
+        per-tenant index would tax every enqueue instead)."""
+        return heapq.nsmallest(
+            limit, (i for i in self._q.pending_ids() if i > after and i.startswith(prefix))
+        )
 
     async def known(self, ids: list[str]) -> list[bool]:
         """For each id, whether it is pending in this shard (queued or running)."""

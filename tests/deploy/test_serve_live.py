@@ -1,5 +1,7 @@
 """`serve run serve_configs/support.yaml` and `ray job submit` against a real `ray start
---head` cluster: the HTTP ingress on 127.0.0.1, tasks submitted over HTTP and read back,
+--head` cluster: the HTTP ingress, with authentication on, bound to an explicit host (the
+machine's own address, not loopback, where it has one) and nowhere else, tasks
+submitted over HTTP and read back,
 422 for invalid bodies, 429 with Retry-After when the queue is full, and a jobs/
 entrypoint run to completion.
 
@@ -11,6 +13,7 @@ stopped by its own PIDs (tests/deploy/_cluster.py).
 from __future__ import annotations
 
 import json
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -60,6 +63,16 @@ def _post(url: str, **kw) -> httpx.Response:
     return httpx.post(url, headers={**AUTH, **kw.pop("headers", {})}, **kw)
 
 
+def _explicit_host() -> str:
+    """An address to bind that is not Serve's default: this machine's first non-loopback
+    IPv4 address, else 127.0.0.2 (still a host of its own, on Linux's 127/8)."""
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not is_loopback(a.address):
+                return a.address
+    return "127.0.0.2"
+
+
 def _wait_http(url: str, timeout_s: float, proc) -> httpx.Response:
     def up() -> httpx.Response | None:
         if proc is not None and proc.poll() is not None:
@@ -89,10 +102,12 @@ def served(tmp_path_factory):
     cluster = LocalCluster(num_cpus=2).start()
     logs = []
     try:
-        # The shipped file, changed only in its port: 8000 may be taken on a shared host.
+        # The shipped file, changed in its port (8000 may be taken on a shared host) and
+        # its host: with authentication on, the ingress may listen beyond loopback.
         config = yaml.safe_load((REPO / "serve_configs/support.yaml").read_text())
-        port = free_port()
+        port, host = free_port(), _explicit_host()
         config["http_options"]["port"] = port
+        config["http_options"]["host"] = host
         # And in its storage: the durable ledger must not carry one run's outcomes into
         # the next (a resubmitted id is answered from the ledger, not run again).
         storage = {"directory": str(tmp / "storage")}
@@ -104,7 +119,7 @@ def served(tmp_path_factory):
         config["applications"][0]["args"]["spec"]["ingress"] = auth
         path = tmp / "support.yaml"
         path.write_text(yaml.safe_dump(config))
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://{host}:{port}"
         log = open(tmp / "serve-run.log", "w")
         logs.append(log)
         proc = cluster.popen([str(BIN / "serve"), "run", str(path)], stdout=log, stderr=log)
@@ -183,9 +198,10 @@ def _result(url: str, task_id: str) -> dict:
     return eventually(outcome, RESULT_TIMEOUT_S, 0.2, what=f"an outcome for {task_id}")
 
 
-def test_the_ingress_listens_on_loopback_only(served):
+def test_with_auth_on_the_ingress_listens_where_told_and_nowhere_else(served):
     cluster, url = served.cluster, served.url
-    port = int(url.rsplit(":", 1)[1])
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    port = int(port)
     r = _get(f"{url}/healthz", timeout=5)
     assert r.json() == {"status": "ok", "fleet": "support", "recorded": r.json()["recorded"]}
     addrs = set()
@@ -199,9 +215,9 @@ def test_the_ingress_listens_on_loopback_only(served):
                 }
             except psutil.Error:
                 continue
-    assert addrs, "the Serve proxy's listening socket must be found"
-    for ip in addrs:
-        assert is_loopback(ip), ip
+    assert addrs == {host}, (addrs, host)
+    # Reachable there, and closed without a key.
+    assert httpx.get(f"{url}/tasks/x", timeout=5).status_code == 401
 
 
 def test_submit_over_http_and_read_results(served):
@@ -234,6 +250,15 @@ def test_submit_over_http_and_read_results(served):
     assert first["task_id"] == ids[0] and first["pool"] == "support"
     assert first["output"]["answer"].startswith("[sim-small]")
     assert first["latency_s"] > 0 and first["cost_usd"] > 0
+    # The README's listing: every task of this key's tenant, a page at a time.
+    listed, cursor = [], None
+    while True:
+        params = {"status": "completed", "limit": 40} | ({"cursor": cursor} if cursor else {})
+        page = _get(f"{url}/tasks", params=params, timeout=10).json()
+        listed += [t["id"] for t in page["tasks"]]
+        if (cursor := page["next_cursor"]) is None:
+            break
+    assert set(ids) <= set(listed) and len(listed) == len(set(listed))
     status = _get(f"{url}/status", timeout=10).json()
     assert status["fleet"] == "support" and status["ledger"]["recorded"] >= 51
     assert status["pools"]["support"]["agents"] >= 5

@@ -214,7 +214,7 @@ def test_a_ledger_file_of_another_schema_version_is_refused(tmp_path):
     db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     db.commit()
     db.close()
-    with pytest.raises(StorageError, match=r"schema version 99.*reads version 1"):
+    with pytest.raises(StorageError, match=r"schema version 99.*reads version 2"):
         SqliteLedgerStore(path)
     other = tmp_path / "other.sqlite3"
     db = sqlite3.connect(other)
@@ -223,6 +223,64 @@ def test_a_ledger_file_of_another_schema_version_is_refused(tmp_path):
     db.close()
     with pytest.raises(StorageError, match="not a fleet ledger"):
         SqliteLedgerStore(other)
+
+
+def test_owned_lists_a_tenants_outcomes_newest_first_by_cursor_and_result(store):
+    a = [outcome(f"@a:{k}", ok=k % 3 != 0, finished=200.0 + k) for k in range(7)]
+    store.record([outcome("@b:0"), a[0], outcome("t-1"), *a[1:4]])
+    store.record([outcome("@b:1"), *a[4:]])
+    page = store.owned("a", None, 3)
+    assert [o.task_id for _, o in page] == ["@a:6", "@a:5", "@a:4"]
+    rest = store.owned("a", page[-1][0], 10)
+    assert [o.task_id for _, o in rest] == ["@a:3", "@a:2", "@a:1", "@a:0"]
+    assert store.owned("a", rest[-1][0], 10) == []
+    assert [o.task_id for _, o in store.owned("a", None, 10, ok=False)] == [
+        "@a:6",
+        "@a:3",
+        "@a:0",
+    ]
+    assert [o.task_id for _, o in store.owned("b", None, 10, ok=True)] == ["@b:1", "@b:0"]
+    assert store.owned("c", None, 10) == [] and store.owned("", None, 10) == []
+    assert page[0][1] == a[6], "the whole outcome"
+    everyone = [o.task_id for _, o in store.owned(None, None, 20)]
+    assert everyone == [
+        "@a:6",
+        "@a:5",
+        "@a:4",
+        "@b:1",
+        "@a:3",
+        "@a:2",
+        "@a:1",
+        "t-1",
+        "@a:0",
+        "@b:0",
+    ]
+    store.expire(a[4].finished_unix_s)
+    assert [o.task_id for _, o in store.owned("a", None, 10)] == ["@a:6", "@a:5", "@a:4"]
+    assert store.owned("b", None, 10) == []
+
+
+def test_a_ledger_file_of_schema_version_1_is_migrated_in_place(tmp_path):
+    path = tmp_path / "ledger-0.sqlite3"
+    s = SqliteLedgerStore(path)
+    s.record([outcome("@a:x"), outcome("t-1"), outcome("@b:y:z")])
+    s.close()
+    db = sqlite3.connect(path)  # what version 1 wrote: no owner column, no index
+    db.executescript(
+        "DROP INDEX outcomes_owner; ALTER TABLE outcomes DROP COLUMN owner;"
+        " UPDATE meta SET value = '1' WHERE key = 'schema_version';"
+    )
+    db.close()
+    s = SqliteLedgerStore(path)
+    assert [o.task_id for _, o in s.owned("b", None, 5)] == ["@b:y:z"]
+    assert [o.task_id for _, o in s.owned("a", None, 5)] == ["@a:x"]
+    assert s.count() == 3 and s.missing(["t-1", "@a:x"]) == []
+    s.record([outcome("@a:w")])
+    assert [o.task_id for _, o in s.owned("a", None, 5)] == ["@a:w", "@a:x"]
+    s.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta").fetchone() == ("2",)
+    db.close()
 
 
 def test_bounded_set_keeps_the_newest_keys():

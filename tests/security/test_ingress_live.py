@@ -37,6 +37,7 @@ def sec(ray_cluster, tmp_path_factory):
         "admin": keys.create("ops", ["admin", "read"])[0],
         "flood": keys.create("flood", ["submit"])[0],
         "canceller": keys.create("canc", ["submit", "read"])[0],
+        "lister": keys.create("lister", ["submit", "read"])[0],
     }
     spec = make_spec(
         pool(
@@ -158,6 +159,68 @@ def test_cancel_a_pending_task_and_refuse_a_running_one(sec):
     assert late.status_code == 409 and "already finished" in late.json()["detail"]
 
 
+def _polite_get(sec, key: str, path: str) -> httpx.Response:
+    """A GET that, like a good client, waits out a 429's Retry-After (this module's
+    tenants have a low rate) and tries again, a few times."""
+    for _ in range(5):
+        r = _get(sec, key, path)
+        if r.status_code != 429:
+            return r
+        time.sleep(int(r.headers["retry-after"]))
+    return r
+
+
+def _listing(sec, key: str, query: str) -> list[list[dict[str, Any]]]:
+    """Every page of ``GET /tasks?<query>``, following the cursor to the end."""
+    pages, cursor = [], None
+    while True:
+        url = f"/tasks?{query}" + (f"&cursor={cursor}" if cursor else "")
+        r = _polite_get(sec, key, url)
+        assert r.status_code == 200, r.text
+        pages.append(r.json()["tasks"])
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            return pages
+        assert len(pages) < 10
+
+
+def test_a_tenant_lists_its_own_tasks_page_by_page(sec):
+    k = sec.keys["lister"]
+    done = [
+        {"capability": "work", "id": f"d{i}", "payload": {"fail": "no"} if i == 2 else {}}
+        for i in range(5)
+    ]
+    blocker = {"capability": "slow", "id": "p-blocker", "payload": {"sleep_s": 8}}
+    assert _post(sec, k, [*done, blocker]).status_code == 202
+    assert _get(sec, k, "/tasks/d4?wait_s=20").json()["status"] == "completed"
+    assert _get(sec, k, "/tasks/d2?wait_s=20").json()["status"] == "failed"
+    waiting = [{"capability": "slow", "id": f"p{i}", "payload": {}} for i in range(2)]
+    assert _post(sec, k, waiting).status_code == 202
+    # Another tenant's task of the same id is not listed.
+    _post(sec, sec.keys["globex"], {"capability": "work", "id": "d0", "payload": {}})
+
+    pending = [t for page in _listing(sec, k, "status=pending&limit=2") for t in page]
+    assert [t["id"] for t in pending] == ["p-blocker", "p0", "p1"]
+    assert {t["status"] for t in pending} == {"pending"}
+    failed = _listing(sec, k, "status=failed")
+    assert [[t["id"] for t in page] for page in failed] == [["d2"]]
+    assert failed[0][0]["result"]["reason"] == "error"
+    pages = _listing(sec, k, "status=completed&limit=3")
+    assert [len(p) for p in pages] == [3, 1] or [len(p) for p in pages] == [3, 1, 0]
+    assert sorted(t["id"] for p in pages for t in p) == ["d0", "d1", "d3", "d4"]
+    assert all(t["result"]["status"] == "completed" for p in pages for t in p)
+    every = [t["id"] for p in _listing(sec, k, "limit=8") for t in p]
+    assert every[:3] == ["p-blocker", "p0", "p1"]
+    assert sorted(every[3:]) == ["d0", "d1", "d2", "d3", "d4"]
+    # A cursor is good only for the listing it came from; garbage is a 422, not a 500.
+    first = _polite_get(sec, k, "/tasks?status=completed&limit=1").json()["next_cursor"]
+    other = _polite_get(sec, k, f"/tasks?status=failed&cursor={first}")
+    assert other.status_code == 422 and other.json()["detail"][0]["loc"] == ["query", "cursor"]
+    assert _polite_get(sec, k, "/tasks?cursor=not-a-cursor").status_code == 422
+    assert _polite_get(sec, k, "/tasks?status=done").status_code == 422
+    assert _get(sec, sec.keys["writer"], "/tasks").status_code == 403  # no read role
+
+
 def test_oversized_bodies_and_batches_are_refused_and_nothing_is_queued(sec):
     k = sec.keys["acme"]
     big = {"capability": "work", "id": "big", "payload": {"x": "y" * 70_000}}
@@ -223,3 +286,12 @@ def test_no_secret_in_status_or_results(sec):
     # A tenant without admin sees its own pending tasks only.
     own = _get(sec, k, "/status").json()
     assert own["tenant"] == "acme" and set(own["pending"]) == {"work", "slow"}
+
+
+def test_an_unknown_query_parameter_is_a_422_naming_it(sec):
+    r = _polite_get(sec, sec.keys["acme"], "/tasks/x?wait=5")  # wait_s misspelt
+    assert r.status_code == 422
+    assert r.json()["detail"] == [
+        {"type": "extra_forbidden", "loc": ["query", "wait"], "msg": "unknown parameter"}
+    ]
+    assert _polite_get(sec, sec.keys["acme"], "/tasks?state=failed").status_code == 422
