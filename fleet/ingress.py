@@ -63,7 +63,7 @@ from fleet.runtime.names import Names
 from fleet.runtime.ratelimit import LeasedTokens, limiter_actor
 from fleet.security.asgi import Guard, GuardConfig
 from fleet.security.keys import KeyRing, Principal, Role
-from fleet.security.redact import Redactor, redactor_for
+from fleet.security.redact import Redactor, redact_logs, redactor_for
 from fleet.spec.backoff import BackoffSpec
 from fleet.spec.ingress import AuthMode, check_exposure
 from fleet.task import (
@@ -360,6 +360,7 @@ class Ingress:
         self._fc = FleetClient.connect(name, namespace)
         spec = self._fc.spec
         self._redact = redactor_for(spec)
+        redact_logs(self._redact)
         names = Names(spec.name)
         self._caps = frozenset(spec.capabilities)
         self._max_payload_bytes = spec.queues.max_payload_bytes

@@ -48,6 +48,7 @@ from fleet.runtime.host_budget import BUDGET_REQUEUE, REASON_BUDGET_EXHAUSTED, B
 from fleet.runtime.host_outcomes import MAX_ERROR_CHARS, run_on_agent
 from fleet.runtime.host_slots import SlotFutures
 from fleet.runtime.imports import import_object
+from fleet.security.redact import Redactor, pool_secret_values, redact_logs
 from fleet.spec.budgets import ModelPrice
 from fleet.spec.health import HealthSpec
 from fleet.spec.pools import PoolSpec
@@ -94,6 +95,7 @@ class AgentHost:
         autotick: bool = True,
     ):
         self.pool = PoolSpec.model_validate(pool)
+        redact_logs(Redactor(pool_secret_values(self.pool)))
         self.resilience = ResilienceSpec.model_validate(resilience or {})
         self.health_spec = HealthSpec.model_validate(health or {})
         self.prices = {k: ModelPrice.model_validate(v) for k, v in (prices or {}).items()}

@@ -1,16 +1,19 @@
-"""Secrets out of what fleet shows: status, CLI output, error texts.
+"""Secrets out of what fleet shows: status, CLI output, error texts, logs.
 
 A value is secret when it is an API key of the ingress (``fleet_`` and 43 URL-safe
 characters), or the value of an ``agent_kwargs`` entry (any pool) whose name marks it
 secret: it contains ``secret``, ``password``, ``passwd``, ``token``, ``api_key``,
 ``apikey``, ``credential`` or ``private_key`` (any case). Secrets are replaced by
 ``[redacted]`` wherever they appear in a string (an agent's exception text that quotes
-its own key included), even for admins. Keep real secrets out of specs anyway: pass them
+its own key included), even for admins. ``redact_logs`` does the same to every log
+record a fleet process makes (the ingress's replicas and the hosts install it), its
+traceback included, whichever library logs it. Keep real secrets out of specs anyway: pass them
 through the environment (``*_env`` fields name the variable), which fleet never echoes.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -30,6 +33,12 @@ def is_secret_name(name: str) -> bool:
 def secret_values(spec: Any) -> list[str]:
     """The values of secret-named ``agent_kwargs`` entries of every pool of ``spec``
     (strings, or the strings inside lists and mappings under such a name)."""
+    out = {v for pool in getattr(spec, "pools", ()) for v in pool_secret_values(pool)}
+    return sorted(out, key=len, reverse=True)  # longest first: no partial overlap
+
+
+def pool_secret_values(pool: Any) -> list[str]:
+    """``secret_values`` of one pool."""
     out: list[str] = []
 
     def collect(v: Any) -> None:
@@ -43,11 +52,10 @@ def secret_values(spec: Any) -> list[str]:
             for x in v:
                 collect(x)
 
-    for pool in getattr(spec, "pools", ()):
-        for name, value in (pool.agent_kwargs or {}).items():
-            if is_secret_name(name):
-                collect(value)
-    return sorted(set(out), key=len, reverse=True)  # longest first: no partial overlap
+    for name, value in (pool.agent_kwargs or {}).items():
+        if is_secret_name(name):
+            collect(value)
+    return out
 
 
 class Redactor:
@@ -82,3 +90,35 @@ class Redactor:
 
 def redactor_for(spec: Any) -> Redactor:
     return Redactor(secret_values(spec))
+
+
+_log_redactor: Redactor | None = None
+
+
+def redact_logs(redactor: Redactor) -> None:
+    """Redact secrets from every log record this process makes from now on: its message
+    (arguments merged in) and its traceback. Installs a log record factory once per
+    process; a later call replaces the redactor (the newest spec's secrets)."""
+    global _log_redactor
+    first = _log_redactor is None
+    _log_redactor = redactor
+    if not first:
+        return
+    make = logging.getLogRecordFactory()
+
+    def redacting(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        r = _log_redactor
+        if r is None:
+            return record
+        try:
+            record.msg, record.args = r.text(record.getMessage()), ()
+        except Exception:  # a bad format string: keep the record as the logger made it
+            return record
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_text = r.text(logging.Formatter().formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = r.text(record.stack_info)
+        return record
+
+    logging.setLogRecordFactory(redacting)

@@ -209,6 +209,43 @@ def test_secrets_are_redacted_wherever_they_appear():
     assert Redactor().text("plain text") == "plain text"
 
 
+def test_log_records_are_redacted_message_arguments_and_traceback(monkeypatch):
+    import logging
+
+    from fleet.security import redact as redact_mod
+
+    monkeypatch.setattr(redact_mod, "_log_redactor", None)
+    before = logging.getLogRecordFactory()
+    key = "fleet_" + "B" * 43
+    try:
+        redact_mod.redact_logs(Redactor(["sk-live-123456"]))
+        redact_mod.redact_logs(Redactor(["sk-live-654321"]))  # the newest spec's secrets
+        seen: list[str] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                try:
+                    seen.append(logging.Formatter().format(record))
+                except TypeError:
+                    seen.append(f"unformattable: {record.msg}")
+
+        logger = logging.getLogger("some.library")
+        logger.addHandler(Keep())
+        logger.propagate = False
+        logger.warning("calling with %s and key %s", "sk-live-654321", key)
+        try:
+            raise ValueError("provider said: bad key sk-live-654321")
+        except ValueError:
+            logger.exception("agent failed")
+        logger.warning("bad format %d", "not a number")  # kept as made, no crash
+        assert "sk-live-654321" not in "".join(seen) and key not in "".join(seen)
+        assert seen[0] == f"calling with {REDACTED} and key {REDACTED}"
+        assert f"ValueError: provider said: bad key {REDACTED}" in seen[1]
+        assert seen[2] == "unformattable: bad format %d"
+    finally:
+        logging.setLogRecordFactory(before)
+
+
 def test_roles_are_read_from_the_path_under_the_app_route_prefix(keys):
     ring, k = keys
     app, _ = _app(GuardConfig(ring, None, 1024))
