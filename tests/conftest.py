@@ -26,6 +26,7 @@ def ray_cluster():
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     loopback_only()
     ctx = ray.init(
+        address="local",  # a cluster of its own, whatever `ray start` left registered
         num_cpus=4,
         include_dashboard=False,
         configure_logging=False,

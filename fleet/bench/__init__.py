@@ -16,4 +16,5 @@ SUITES = {
     "ledger": "fleet.bench.ledger",
     "recording": "fleet.bench.recording",
     "ingress": "fleet.bench.ingress",
+    "multinode": "fleet.bench.multinode",
 }

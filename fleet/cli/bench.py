@@ -1,4 +1,8 @@
-"""``fleet bench [SUITE]``: run a benchmark suite and print its figures."""
+"""``fleet bench [SUITE]``: run a benchmark suite and print its figures.
+
+Exit status: 0 when the run lost no task, 1 when it did, 2 for an option the suite does
+not take, 3 when the cluster cannot be reached.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import json
 import sys
 
 from fleet.bench import SUITES
+from fleet.cli.common import EXIT_INCOMPLETE, EXIT_OK, CliError, add_cluster_args
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,13 +24,11 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {"quick": args.quick}
     if args.plot:
         if "plot" not in inspect.signature(module.run).parameters:
-            print(f"fleet: suite {args.suite!r} draws no plot", file=sys.stderr)
-            return 2
+            raise CliError(f"suite {args.suite!r} draws no plot (--plot)")
         kwargs["plot"] = args.plot
     if args.tasks is not None:
         if "tasks" not in inspect.signature(module.run).parameters:
-            print(f"fleet: suite {args.suite!r} takes no --tasks", file=sys.stderr)
-            return 2
+            raise CliError(f"suite {args.suite!r} takes no --tasks")
         kwargs["tasks"] = args.tasks
     # Ray prints some warnings on stdout; keep stdout for the one JSON object.
     with contextlib.redirect_stdout(sys.stderr):
@@ -39,18 +42,18 @@ def run(args: argparse.Namespace) -> int:
                 ray.shutdown()
     result = {"suite": args.suite, **result}
     print(json.dumps(result, sort_keys=True) if args.json else json.dumps(result, indent=2))
-    return 0 if result.get("lost", 0) == 0 else 1
+    return EXIT_OK if result.get("lost", 0) == 0 else EXIT_INCOMPLETE
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="run a benchmark suite (default: core)",
-        description="Benchmarks print figures; they assert nothing.",
+        description="Benchmarks print figures; they assert nothing. "
+        + __doc__.split("\n\n", 1)[1].replace("\n", " "),
     )
     p.add_argument("suite", nargs="?", default="core", choices=sorted(SUITES))
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: local)")
-    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    add_cluster_args(p)
     p.add_argument("--quick", action="store_true", help="a smaller, faster run")
     p.add_argument(
         "--tasks",

@@ -1,4 +1,8 @@
-"""``fleet chaos``: the chaos benchmark, or a chaos plan against a running fleet."""
+"""``fleet chaos``: the chaos benchmark, or a chaos plan against a running fleet.
+
+Exit status: 0 when nothing was lost or recorded twice, 1 when something was, 2 for bad
+options, 3 when the cluster or the fleet cannot be reached.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,14 @@ import json
 import sys
 from typing import Any
 
-from fleet.cli.common import add_cluster_args, progress_printer
+from fleet.cli.common import (
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    CliError,
+    add_cluster_args,
+    progress_printer,
+    resolve_fleet,
+)
 
 DEFAULT_TASKS = 100_000
 
@@ -19,7 +30,8 @@ def _attack(args: argparse.Namespace) -> dict[str, Any]:
     from fleet.chaos import ChaosHarness
     from fleet.runtime.client import FleetClient
 
-    fc = FleetClient.connect(args.fleet, args.namespace)
+    ref = resolve_fleet(args)
+    fc = FleetClient.connect(ref.name, ref.namespace)
     plan = bench_plan(args.quick, args.seed).model_copy(
         update={"pool": args.pool or fc.spec.pools[0].name, "duration_s": args.duration_s}
     )
@@ -32,11 +44,11 @@ def run(args: argparse.Namespace) -> int:
     from fleet.runtime.client import init_ray
 
     if args.tasks < 1:
-        print(f"fleet: --tasks must be at least 1, got {args.tasks}", file=sys.stderr)
-        return 2
+        raise CliError(f"--tasks must be at least 1, got {args.tasks}")
     # Ray prints some warnings on stdout; keep stdout for the one JSON object.
     with contextlib.redirect_stdout(sys.stderr):
-        started = init_ray(args.address)
+        # A running fleet is on a running cluster: join it ("auto"), never start one.
+        started = init_ray(args.address or ("auto" if args.fleet else None))
         try:
             if args.fleet:
                 result = _attack(args)
@@ -61,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         result = {k: v for k, v in result.items() if k != "injections"}
     print(json.dumps(result, sort_keys=True) if args.json else json.dumps(result, indent=2))
     ok = result.get("lost", 0) == 0 and result.get("recorded_twice", 0) == 0
-    return 0 if ok else 1
+    return EXIT_OK if ok else EXIT_INCOMPLETE
 
 
 class _Tasks(argparse.Action):
@@ -83,7 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "injections, lost, duplicate_executions, recorded_twice, "
         "kill-to-replacement times and max_recovery_s. With --fleet: run the "
         "same injections against that running fleet for --duration-s seconds "
-        "and print the injection log.",
+        "and print the injection log. " + __doc__.split("\n\n", 1)[1].replace("\n", " "),
     )
     add_cluster_args(p)
     p.add_argument(
@@ -99,9 +111,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--fleet",
         default=None,
-        help="attack this running fleet instead of running the benchmark",
+        help="attack this running fleet instead of running the benchmark (on the "
+        "cluster at --address, default auto)",
     )
-    p.add_argument("--namespace", default="fleet", help="its namespace (default: fleet)")
+    p.add_argument(
+        "--namespace",
+        default=None,
+        help="its namespace (default: that of the one running fleet named --fleet)",
+    )
     p.add_argument("--pool", default=None, help="pool to attack (default: the first)")
     p.add_argument(
         "--duration-s",

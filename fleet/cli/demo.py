@@ -8,7 +8,14 @@ import time
 from importlib import resources
 from typing import Any
 
-from fleet.cli.common import add_cluster_args, load_spec_or_exit, progress_printer
+from fleet.cli.common import (
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    add_cluster_args,
+    emit,
+    load_spec_or_exit,
+    progress_printer,
+)
 from fleet.spec import FleetSpec
 
 MIX = (("support", 0.4), ("checkout", 0.4), ("analytics", 0.2))
@@ -123,14 +130,12 @@ def run(args: argparse.Namespace) -> int:
             import ray
 
             ray.shutdown()
-    if args.json:
-        import json
+    emit(args, result, _human)
+    return EXIT_OK if result["lost"] == 0 else EXIT_INCOMPLETE
 
-        print(json.dumps(result, sort_keys=True))
-    else:
-        for k, v in result.items():
-            print(f"{k:>24}: {v}")
-    return 0 if result["lost"] == 0 else 1
+
+def _human(result: dict[str, Any]) -> str:
+    return "\n".join(f"{k:>24}: {v}" for k, v in result.items())
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -2,21 +2,26 @@
 
 The key file is the one the ingress reads (``fleet.spec.ingress.AuthSpec``): given with
 ``--keys-file``, else ``ingress.auth.keys_file`` of ``--spec``, else
-``$FLEET_KEYS_FILE``, else ``~/.fleet/keys/<fleet>.json``. ``create`` prints the new key
+``$FLEET_KEYS_FILE``, else ``~/.fleet/keys/<fleet>.json`` (the fleet named by ``--fleet``,
+or by ``--spec``; one of the four must say which file). ``create`` prints the new key
 once (it is stored only as its SHA-256 digest); running ingress replicas pick changes up
 within ``ingress.auth.reload_s`` seconds. No Ray cluster is needed.
+
+Exit status: 0 on success, 2 for a bad argument, key file or key id.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from fleet.cli.common import EXIT_USAGE, load_spec_or_exit
-from fleet.security.keys import KeyFile, KeyFileError, Role, describe
-from fleet.spec.ingress import AuthSpec
+from fleet.cli.common import EXIT_OK, CliError, load_spec_or_exit
+from fleet.security.keys import KeyFile, Role, describe
+from fleet.spec.ingress import KEYS_FILE_ENV, AuthSpec
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,10 +32,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     where = argparse.ArgumentParser(add_help=False)
-    where.add_argument("--fleet", default="fleet", help="fleet name (default: fleet)")
+    where.add_argument(
+        "--fleet",
+        default=None,
+        help="the fleet whose keys (its file: ~/.fleet/keys/FLEET.json)",
+    )
     where.add_argument("--spec", help="a fleet spec: its name and ingress.auth.keys_file")
     where.add_argument("--keys-file", help="the key file (overrides everything else)")
-    where.add_argument("--json", action="store_true", help="print JSON")
+    where.add_argument(
+        "--json", action="store_true", help="print the result as one JSON object on stdout"
+    )
     ks = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     c = ks.add_parser("create", parents=[where], help="make a key (printed once)")
     c.add_argument("--tenant", required=True, help="the tenant the key acts for")
@@ -57,23 +68,20 @@ def keys_path(args: argparse.Namespace) -> Path:
     if args.spec:
         spec = load_spec_or_exit(args.spec)
         return spec.ingress.auth.resolved_keys_file(spec.name)
-    return AuthSpec().resolved_keys_file(args.fleet)
-
-
-def _fail(msg: str) -> int:
-    print(f"fleet keys: {msg}", file=sys.stderr)
-    return EXIT_USAGE
+    if args.fleet is None and not os.environ.get(KEYS_FILE_ENV):
+        # No default fleet: a key made for a fleet no ingress serves would be a silent
+        # mistake (the ingress of fleet "demo" reads ~/.fleet/keys/demo.json).
+        raise CliError(
+            f"which fleet's keys? give --fleet NAME, --spec SPEC or --keys-file FILE "
+            f"(or set ${KEYS_FILE_ENV})"
+        )
+    return AuthSpec().resolved_keys_file(args.fleet or "")
 
 
 def _create(args: argparse.Namespace) -> int:
     path = keys_path(args)
-    try:
-        key, rec = KeyFile(path).create(args.tenant, args.role, args.name)
-    except (ValueError, KeyFileError) as exc:
-        return _fail(str(exc))
+    key, rec = KeyFile(path).create(args.tenant, args.role, args.name)  # ValueError: 2
     if args.json:
-        import json
-
         print(json.dumps({"key": key, **describe(rec), "keys_file": str(path)}))
     else:
         print(key)
@@ -82,24 +90,19 @@ def _create(args: argparse.Namespace) -> int:
             f"in {path}. It is shown only now: keep it secret.",
             file=sys.stderr,
         )
-    return 0
+    return EXIT_OK
 
 
 def _list(args: argparse.Namespace) -> int:
     path = keys_path(args)
-    try:
-        records = KeyFile(path).records()
-    except KeyFileError as exc:
-        return _fail(str(exc))
+    records = KeyFile(path).records()  # KeyFileError (a ValueError): exit 2
     rows = [describe(r) for r in records if args.all or r.active]
     if args.json:
-        import json
-
         print(json.dumps({"keys_file": str(path), "keys": rows}))
-        return 0
+        return EXIT_OK
     if not rows:
         print(f"no keys in {path}")
-        return 0
+        return EXIT_OK
     for k in rows:
         made = time.strftime("%Y-%m-%d %H:%M", time.gmtime(k["created_unix_s"]))
         state = "active" if k["active"] else "revoked"
@@ -107,18 +110,20 @@ def _list(args: argparse.Namespace) -> int:
             f"{k['id']}  {k['tenant']:<20} {','.join(k['roles']):<18} {state:<8} "
             f"{made}Z  {k['name']}"
         )
-    return 0
+    return EXIT_OK
 
 
 def _revoke(args: argparse.Namespace) -> int:
     path = keys_path(args)
     try:
-        rec = KeyFile(path).revoke(args.key_id)
-    except KeyError as exc:
-        return _fail(str(exc.args[0]))
-    except KeyFileError as exc:
-        return _fail(str(exc))
-    print(
-        f"revoked {rec.id} (tenant {rec.tenant!r}); ingress replicas refuse it within seconds"
-    )
-    return 0
+        rec = KeyFile(path).revoke(args.key_id)  # KeyFileError (a ValueError): exit 2
+    except KeyError as exc:  # no such key id: bad input, not a bug
+        raise CliError(str(exc.args[0])) from exc
+    if args.json:
+        print(json.dumps({**describe(rec), "keys_file": str(path)}))
+    else:
+        print(
+            f"revoked {rec.id} (tenant {rec.tenant!r}); ingress replicas refuse it "
+            "within seconds"
+        )
+    return EXIT_OK

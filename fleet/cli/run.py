@@ -6,10 +6,16 @@ import argparse
 import json
 import signal
 import time
+from typing import Any
 
-from fleet.cli.common import add_cluster_args, load_spec_or_exit
+from fleet.cli.common import EXIT_OK, add_cluster_args, load_spec_or_exit
 
 STATUS_EVERY_S = 5.0
+
+
+def _say(args: argparse.Namespace, data: dict[str, Any], human: str) -> None:
+    """One line now (flushed: a log follows it live), JSON with ``--json``."""
+    print(json.dumps(data, sort_keys=True) if args.json else human, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,19 +24,14 @@ def run(args: argparse.Namespace) -> int:
     spec = load_spec_or_exit(args.spec)
     init_ray(args.address)
     fc = FleetClient.start(spec, detached=args.detach, http=args.http)
-    print(
-        json.dumps(
-            {
-                "fleet": spec.name,
-                "namespace": spec.namespace,
-                "state": "running",
-                "pools": [p.name for p in spec.pools],
-            }
-        ),
-        flush=True,
+    pools = [p.name for p in spec.pools]
+    _say(
+        args,
+        {"fleet": spec.name, "namespace": spec.namespace, "state": "running", "pools": pools},
+        f"fleet {spec.name} (namespace {spec.namespace}) running: pools {', '.join(pools)}",
     )
     if args.detach:
-        return 0
+        return EXIT_OK
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
@@ -46,14 +47,23 @@ def run(args: argparse.Namespace) -> int:
                 p: {k: v.get(k) for k in ("agents", "hosts", "queue_depth", "in_flight")}
                 for p, v in st["pools"].items()
             }
-            print(
-                json.dumps({"status": line, "recorded": st["ledger"]["recorded"]}), flush=True
+            recorded = st["ledger"]["recorded"]
+            _say(
+                args,
+                {"status": line, "recorded": recorded},
+                f"{recorded} recorded; "
+                + "; ".join(
+                    f"{p}: {v['agents']} agents, {v['hosts']} hosts, "
+                    f"{v['queue_depth']} queued, {v['in_flight']} in flight"
+                    for p, v in line.items()
+                    if not p.startswith("_")
+                ),
             )
     except KeyboardInterrupt:
-        pass
+        pass  # Ctrl-C is how a foreground fleet is stopped: a success
     finally:
         fc.shutdown()
-    return 0
+    return EXIT_OK
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,11 +71,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "run",
         help="start a fleet from a spec and keep it running",
         description="Deploy the fleet described by SPEC and serve until "
-        "Ctrl-C (or --duration-s). Other terminals reach it with "
-        "`fleet submit`/`fleet status --address auto`.",
+        "Ctrl-C (or --duration-s), printing a status line every 5 s. Other terminals "
+        "reach it with `fleet submit`/`fleet status --address auto`.",
     )
     p.add_argument("spec", help="fleet spec (YAML)")
-    add_cluster_args(p)
+    add_cluster_args(
+        p,
+        json_help="print JSON lines: one object when the fleet runs, then one per status line",
+    )
     p.add_argument(
         "--detach",
         action="store_true",

@@ -2,7 +2,7 @@
 
 Exit status: 0 when every target of the scenario is met (0 lost, autoscaler within its
 bounds and rates, p99 and recovery within their targets), 1 when one is missed, 2 when
-the scenario is invalid (each problem printed with its line and field).
+the scenario is invalid (each problem named with its line and field, on one line).
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import argparse
 import sys
 from typing import Any
 
-EXIT_MISSED = 1
-EXIT_USAGE = 2
+from fleet.cli.common import EXIT_INCOMPLETE, EXIT_OK, draws_progress
 
 
 def _human(r: dict[str, Any]) -> str:
@@ -46,13 +45,9 @@ def _human(r: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fleet.sim import ScenarioError, Simulation, load_scenario, report_json, write_plots
+    from fleet.sim import Simulation, load_scenario, report_json, write_plots
 
-    try:
-        scenario = load_scenario(args.spec)
-    except ScenarioError as exc:
-        print(f"fleet: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    scenario = load_scenario(args.spec)  # ScenarioError: a ValueError, exit 2
 
     def progress(t: float, tasks: int) -> None:
         print(
@@ -62,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    show = sys.stderr.isatty() and not args.quiet
+    show = draws_progress(not args.quiet)
     sim = Simulation(scenario, seed=args.seed, progress=progress if show else None).run()
     if show:
         print(file=sys.stderr)
@@ -74,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         print(report_json(report, timing=not args.no_timing))
     else:
         print(_human(report))
-    return 0 if report["targets_met"] else EXIT_MISSED
+    return EXIT_OK if report["targets_met"] else EXIT_INCOMPLETE
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,13 +1,24 @@
 """``fleet status``: pools, agents (and their health), hosts, queues, alerts, the ledger and
-the control plane (each control actor's state and restarts) of a running fleet."""
+the control plane (each control actor's state and restarts) of a running fleet.
+
+Exit status: 0 when the status was read (also while the controller restarts: the
+control actors' states are then the answer), 3 when the cluster or the fleet cannot be
+reached.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
-from fleet.cli.common import add_cluster_args, add_fleet_args, emit
+from fleet.cli.common import (
+    EXIT_OK,
+    JOINS_RUNNING_CLUSTER,
+    add_cluster_args,
+    add_fleet_args,
+    emit,
+    resolve_fleet,
+)
 
 LAST_FAILURES_SHOWN = 5
 
@@ -149,21 +160,24 @@ def run(args: argparse.Namespace) -> int:
     from fleet.runtime.client import FleetClient, init_ray
 
     init_ray(args.address or "auto")
-    partial = _while_controller_restarts(args.fleet, args.namespace)
+    ref = resolve_fleet(args)
+    partial = _while_controller_restarts(ref.name, ref.namespace)
     if partial is not None:
         emit(args, partial, _human)
-        return 0
-    try:
-        fc = FleetClient.connect(args.fleet, args.namespace)
-    except LookupError as exc:
-        print(f"fleet: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_OK
+    fc = FleetClient.connect(ref.name, ref.namespace)
     emit(args, fc.status(), _human)
-    return 0
+    return EXIT_OK
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="show a running fleet's pools, queues and ledger")
-    add_cluster_args(p)
+    p = sub.add_parser(
+        "status",
+        help="show a running fleet's pools, queues and ledger",
+        description="Show a running fleet's pools, agents and their health, hosts, "
+        "queues, alerts, ledger and control plane. "
+        + __doc__.split("\n\n", 1)[1].replace("\n", " "),
+    )
+    add_cluster_args(p, default_help=JOINS_RUNNING_CLUSTER)
     add_fleet_args(p)
     p.set_defaults(func=run)

@@ -1,4 +1,10 @@
-"""``fleet submit FILE``: submit tasks (JSON lines) to a running fleet."""
+"""``fleet submit FILE``: submit tasks (JSON lines) to a running fleet.
+
+Exit status: 0 when every task was submitted (and, with ``--wait``, every one has an
+outcome: completed or failed), 1 when ``--wait`` timed out with tasks still missing or
+the queue stayed full, 2 for malformed lines, invalid tasks or an idempotency conflict
+(nothing submitted), 3 when the cluster or the fleet cannot be reached.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,21 @@ import argparse
 import json
 import sys
 
-from fleet.cli.common import EXIT_USAGE, add_cluster_args, add_fleet_args, progress_printer
+from fleet.cli.common import (
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    EXIT_USAGE,
+    JOINS_RUNNING_CLUSTER,
+    MAX_PROBLEMS_SHOWN,
+    CliError,
+    add_cluster_args,
+    add_fleet_args,
+    progress_printer,
+    resolve_fleet,
+)
 from fleet.task import IdempotencyConflict, TaskRejected, parse_task_json
+
+SKIP_HINT = "--skip-invalid submits the valid ones"
 
 
 def read_tasks(path: str) -> tuple[list[dict], list[tuple[int, str]]]:
@@ -25,46 +44,50 @@ def read_tasks(path: str) -> tuple[list[dict], list[tuple[int, str]]]:
     return tasks, bad
 
 
+def _problems(what: str, msgs: list[str], hint: str) -> CliError:
+    """One error line for many bad inputs: the count, then the first few."""
+    shown = "; ".join(msgs[:MAX_PROBLEMS_SHOWN])
+    more = (
+        f"; and {len(msgs) - MAX_PROBLEMS_SHOWN} more"
+        if len(msgs) > MAX_PROBLEMS_SHOWN
+        else ""
+    )
+    return CliError(
+        f"{len(msgs)} {what}, nothing submitted ({hint}): {shown}{more}", EXIT_USAGE
+    )
+
+
 def run(args: argparse.Namespace) -> int:
-    from fleet.runtime.client import FleetClient, QueueFullError, init_ray
+    from fleet.runtime.client import FleetClient, init_ray
 
     tasks, bad = read_tasks(args.file)
     if bad and not args.skip_invalid:
-        for _, msg in bad:
-            print(f"fleet: rejected {msg}", file=sys.stderr)
-        print(
-            f"fleet: {len(bad)} malformed line(s); nothing submitted "
-            "(use --skip-invalid to submit the valid ones)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
+        raise _problems("malformed line(s)", [msg for _, msg in bad], SKIP_HINT)
     init_ray(args.address or "auto")
-    try:
-        fc = FleetClient.connect(args.fleet, args.namespace)
-    except LookupError as exc:
-        print(f"fleet: {exc}", file=sys.stderr)
-        return 1
+    ref = resolve_fleet(args)
+    fc = FleetClient.connect(ref.name, ref.namespace)
     items, report = fc.validate(tasks)
     if report.rejected and not args.skip_invalid:
-        for k, msg in report.rejected:
-            print(f"fleet: rejected task {k + 1}: {msg}", file=sys.stderr)
-        return EXIT_USAGE
+        raise _problems(
+            "invalid task(s)",
+            [f"task {k + 1}: {msg}" for k, msg in report.rejected],
+            SKIP_HINT,
+        )
     try:
         existing = fc.submit_items(items, generated=report.generated)
     except IdempotencyConflict as exc:
-        print(f"fleet: {exc}; nothing submitted", file=sys.stderr)
-        return EXIT_USAGE
-    except QueueFullError as exc:
-        print(f"fleet: {exc}", file=sys.stderr)
-        return 1
+        raise CliError(f"{exc}; nothing submitted", EXIT_USAGE) from exc
     ids = [it.id for it in items]
     # Tasks that already have an outcome were not run again; their outcome is the answer.
     out = {
+        "fleet": ref.name,
+        "namespace": ref.namespace,
         "submitted": len(ids),
         "rejected": len(report.rejected) + len(bad),
         "ids": ids,
         "already_recorded": len(existing),
     }
+    missing: list[str] = []
     if args.wait:
         missing = fc.wait(ids, args.timeout_s, progress_printer("tasks", not args.json))
         out["summary"] = fc.summary(ids)
@@ -74,14 +97,19 @@ def run(args: argparse.Namespace) -> int:
         if args.json
         else f"submitted {out['submitted']} task(s), rejected {out['rejected']}"
         + (f", {len(existing)} already recorded (not run again)" if existing else "")
+        + (f"; {len(missing)} without an outcome after {args.timeout_s:g}s" if missing else "")
     )
-    return 0
+    return EXIT_INCOMPLETE if missing else EXIT_OK
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("submit", help="submit tasks from a JSON-lines file to a running fleet")
+    p = sub.add_parser(
+        "submit",
+        help="submit tasks from a JSON-lines file to a running fleet",
+        description=__doc__.split("\n\n", 1)[1].replace("\n", " "),
+    )
     p.add_argument("file", help="JSON lines, one task per line ('-' for stdin)")
-    add_cluster_args(p)
+    add_cluster_args(p, default_help=JOINS_RUNNING_CLUSTER)
     add_fleet_args(p)
     p.add_argument("--wait", action="store_true", help="wait for every outcome")
     p.add_argument("--timeout-s", type=float, default=600.0, help="how long --wait waits")

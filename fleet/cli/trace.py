@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fleet.cli.common import EXIT_USAGE
-from fleet.spec import FleetSpec, SpecError, parse_spec
+from fleet.cli.common import EXIT_INCOMPLETE, EXIT_OK, add_cluster_args, draws_progress
+from fleet.spec import FleetSpec, parse_spec
 
 POOL = "work"
 TICK_S = 0.1
@@ -124,7 +124,8 @@ def drive_trace(
     ``make_task(k)`` builds the k-th task (default: an empty task of the pool's
     capability). After arrivals stop, waits (up to ``drain_s`` each) for every outcome,
     then for the pool's minimum agents and for its hosts to settle: as many running as
-    the controller wants, none still stopping.
+    the controller wants, none still stopping. ``show`` draws ``\r`` progress on stderr:
+    only for a terminal (``fleet.cli.common.draws_progress``).
     """
     spec = fc.spec
     pool = spec.pools[0]
@@ -401,11 +402,7 @@ def _human(r: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from fleet.runtime.client import init_ray
 
-    try:
-        spec = trace_spec(args)
-    except SpecError as exc:
-        print(f"fleet: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    spec = trace_spec(args)  # SpecError (bounds that contradict): a ValueError, exit 2
     base = args.base_rate
     phases = [
         Phase("base", 0.0, args.base_s, base),
@@ -422,7 +419,13 @@ def run(args: argparse.Namespace) -> int:
         make_task = sleepy_task
     started = init_ray(args.address)
     try:
-        report = run_trace(spec, phases, args.drain_s, show=not args.json, make_task=make_task)
+        report = run_trace(
+            spec,
+            phases,
+            args.drain_s,
+            show=draws_progress(not args.json),
+            make_task=make_task,
+        )
     finally:
         if started:
             import ray
@@ -435,7 +438,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, sort_keys=True))
     else:
         print(_human(report))
-    return 0 if report["lost"] == 0 else 1
+    return EXIT_OK if report["lost"] == 0 else EXIT_INCOMPLETE
 
 
 def _positive(kind: type) -> Any:
@@ -454,12 +457,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="trace agents and hosts through a 10x load step",
         description=__doc__.split("\n\n")[1].replace("\n", " "),
     )
-    p.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster to join; default: start a local cluster on 127.0.0.1",
-    )
-    p.add_argument("--json", action="store_true", help="print the trace as one JSON object")
+    add_cluster_args(p, json_help="print the trace as one JSON object on stdout")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="also draw it into a PNG")
     p.add_argument(
         "--base-rate",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
@@ -30,23 +32,81 @@ from fleet.task import (
 )
 
 WAIT_POLL_S = 0.2
+# Ray's own INFO lines ("Connecting to existing Ray cluster...") stay out of the CLI's
+# stderr, where an error is one line; Ray's warnings still show.
+RAY_DRIVER_LOG_LEVEL = logging.WARNING
+REACH_TIMEOUT_S = 5.0  # how long the TCP probe of a cluster's address may take
+RAY_CLIENT_PORT = 10001  # ray://host without a port
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     """Join ``address`` or start a local cluster bound to loopback. True if we started it.
 
-    Ray's token authentication is left at Ray's default; fleet never turns it off.
+    Without ``address``, ``RAY_ADDRESS`` names the cluster to join when it is set (as
+    under ``ray job submit``, or after ``ray start --head``): Ray's own rule, so nothing
+    of Ray's is patched then. Ray's token authentication is left at Ray's default;
+    fleet never turns it off.
     """
     if ray.is_initialized():
         return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, namespace="fleet", log_to_driver=False)
+        _check_reachable(address)
+        ray.init(
+            address=address,
+            namespace="fleet",
+            log_to_driver=False,
+            logging_level=RAY_DRIVER_LOG_LEVEL,
+        )
         return False
     loopback_only()
     ray.init(
-        num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, namespace="fleet"
+        # "local": a new cluster, even when `ray start` left one registered here
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace="fleet",
+        logging_level=RAY_DRIVER_LOG_LEVEL,
     )
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """Raise ConnectionError naming ``address`` unless its port accepts a TCP connection.
+
+    With nothing listening, Ray 2.60's ``ray.init(address=host:port)`` does not fail: it
+    logs "Failed to connect to GCS" and retries for minutes (and has no timeout to pass).
+    One TCP connect to the port Ray would dial fails within ``timeout_s`` instead (at
+    once when the port is closed). The address is resolved as ``ray.init`` resolves it
+    (Ray's ``canonicalize_bootstrap_address``): ``auto`` via ``RAY_ADDRESS`` or the local
+    clusters, and 127.0.0.1/localhost replaced by this node's IP unless ``loopback_only``
+    is in effect; ``auto`` finding no cluster raises Ray's own ConnectionError. A
+    ``ray://`` address is the Ray Client server's, dialled as given.
+    """
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if address.startswith("ray://"):
+        target: str | None = address.removeprefix("ray://").split("/")[0]
+        if target and ":" not in target.rsplit("]", 1)[-1]:
+            target = f"{target}:{RAY_CLIENT_PORT}"
+    else:
+        try:
+            target = canonicalize_bootstrap_address(address)
+        except ConnectionError as exc:  # "auto" and no cluster found
+            raise ConnectionError(
+                f"no Ray cluster found for address {address!r}: {exc}"
+            ) from None
+    if target is None:  # "local": ray.init starts a cluster
+        return
+    shown = address if target == address else f"{address} (dialled as {target})"
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise ConnectionError(f"cannot reach the Ray cluster at {shown}: {why}") from None
 
 
 def loopback_only() -> None:

@@ -76,7 +76,9 @@ async def _unavailable(name: str, state: str) -> Any:
 
 @ray.remote(num_cpus=0)
 class Controller:
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: dict[str, Any], resume: bool = False):
+        """``resume``: carry on from the control store, as after a restart (``fleet
+        apply`` replaces the controller this way)."""
         self.spec = FleetSpec.model_validate(spec)
         self.names = Names(self.spec.name)
         ns = self.spec.namespace
@@ -94,7 +96,7 @@ class Controller:
         self._store = make_control_store(
             self.spec.queues.storage, ns, self.spec.name, TIMELINE_MAX_SAMPLES
         )
-        if restarted:
+        if restarted or resume:
             snap = self._store.load(now)
         else:
             self._store.reset()

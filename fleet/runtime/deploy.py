@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -146,35 +147,75 @@ def deploy_pool(spec: FleetSpec, pool: PoolSpec) -> None:
     serve.run(app, name=names.pool_app(pool.name), route_prefix=None)
 
 
-def deploy(
-    spec: FleetSpec,
-    *,
-    detached: bool = False,
-    http: bool = False,
-    storage_node_id: str | None = None,
-) -> list[Any]:
+STORAGE_PROBE_TIMEOUT_S = 120.0
+
+
+@ray.remote(num_cpus=0)
+def _check_writable_on(directory: str) -> None:
+    check_writable(directory)
+
+
+class StorageNodeMissing(RuntimeError):
+    """No live node of the cluster can hold the fleet's files (``queues.storage.node``)."""
+
+
+def check_storage_node(resource: str, node: str) -> None:
+    """Fail at once, naming the setting, when no live node has the storage node's
+    resource (the actors would otherwise wait forever to be placed)."""
+    have = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get(resource, 0) > 0]
+    if not have:
+        raise StorageNodeMissing(
+            f"queues.storage.node is {node!r}, but no live node of this cluster has the "
+            f"resource {resource!r}: start the node that holds the storage directory "
+            f"with `ray start --resources '{{\"{resource}\": 1}}'`, or use 'head'"
+        )
+
+
+def storage_options(spec: FleetSpec, detached: bool) -> Callable[..., dict[str, Any]]:
+    """``opts(name, pinned=True)``: Ray options for the fleet's control actor ``name``;
+    ``pinned`` ones (those that hold files) go to the storage node."""
+    storage = spec.queues.storage
+    on_disk = storage.backend is StorageBackend.SQLITE
+    node_resource = storage.node_resource if on_disk else None
+
+    def opts(name: str, pinned: bool = True) -> dict[str, Any]:
+        return control_actor_options(
+            name,
+            spec.namespace,
+            detached=detached,
+            node_resource=node_resource if pinned else None,
+        )
+
+    return opts
+
+
+def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False) -> list[Any]:
     """Create the ledger shards, queue shards, pool hosts, dispatcher, controller and,
     with ``queues.kafka``, the Kafka intake consumers.
 
     Every one of them restarts when its process dies and recovers its state from the
     fleet's storage (``fleet.runtime.lifecycle``). Those that hold files run on the node
-    that holds them: ``storage_node_id``, by default the node this runs on. Returns the
+    that holds them (``queues.storage.node``: the head by default). Returns the
     actor handles. Unless ``detached``, the actors live only as long as a handle does,
     so the caller keeps this list for the fleet's lifetime.
     """
     names = Names(spec.name)
     ns = spec.namespace
-    node = storage_node_id or ray.get_runtime_context().get_node_id()
-    if spec.queues.storage.backend is StorageBackend.SQLITE:
+    storage = spec.queues.storage
+    on_disk = storage.backend is StorageBackend.SQLITE
+    if on_disk:
+        check_storage_node(storage.node_resource, storage.node)
         # A directory that cannot be written fails here, naming it, before anything
-        # is accepted (the actors would otherwise fail one by one, deep in Ray).
-        check_writable(fleet_directory(spec.queues.storage, ns, spec.name))
+        # is accepted (the actors would otherwise fail one by one, deep in Ray). It
+        # is checked where the actors will write it: on the storage node.
+        directory = str(fleet_directory(spec.queues.storage, ns, spec.name))
+        probe = _check_writable_on.options(resources={storage.node_resource: 0.001})
+        try:
+            ray.get(probe.remote(directory), timeout=STORAGE_PROBE_TIMEOUT_S)
+        except ray.exceptions.RayTaskError as exc:
+            raise exc.as_instanceof_cause() from None
 
-    def opts(name: str, pinned: bool = True) -> dict[str, Any]:
-        return control_actor_options(
-            name, ns, detached=detached, node_id=node if pinned else None
-        )
-
+    opts = storage_options(spec, detached)
     start_serve(http=http)
     for pool in spec.pools:  # before anything is created: fail fast, leave nothing behind
         check_placeable(spec, pool)

@@ -129,7 +129,9 @@ class _PoolState:
 
 @ray.remote(num_cpus=0, max_concurrency=10_000)
 class Dispatcher:
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: dict[str, Any], adopt: bool = False):
+        """``adopt``: take over the leases of a predecessor, as after a restart
+        (``fleet apply`` replaces the dispatcher this way)."""
         self.spec = FleetSpec.model_validate(spec)
         self.names = Names(self.spec.name)
         # Stable across restarts: a restarted dispatcher finds its predecessor's leases.
@@ -142,6 +144,7 @@ class Dispatcher:
         self._batch_ids = itertools.count(uuid.uuid4().int >> 80)
         self._ledger = LedgerClient.for_spec(self.spec)
         self.restarted = on_start(self.spec.namespace, self.names.dispatcher)
+        self._adopting = self.restarted or adopt
         if self.restarted:
             resume_after_restart("start")  # nobody else calls start() after a restart
 
@@ -159,7 +162,7 @@ class Dispatcher:
             self._pools[p.name] = _PoolState(p, shards, handle)
         self._running = True
         loop = asyncio.get_running_loop()
-        if self.restarted:
+        if self._adopting:
             await self._adopt()
         self._loops = [
             loop.create_task(self._shard_loop(ps, s))

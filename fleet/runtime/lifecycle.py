@@ -11,9 +11,11 @@ budget actor, Kafka intake) is created by ``control_actor_options``:
   restart instead of failing a task or raising to the user. Every control-actor method
   is therefore safe to run twice (records keep the first outcome, acks and puts are
   idempotent, leases are re-issued).
-- Actors that hold storage are pinned (hard node affinity) to the node that holds their
-  files, the node that deployed the fleet by default, so a restart never finds an empty
-  directory on another node.
+- Actors that hold storage ask for a sliver of the resource of the node that holds
+  their files (``queues.storage.node``: the head node by default, or a custom
+  resource), so Ray creates and restarts them only there and a restart never finds an
+  empty directory on another node. A resource, not a node id: a head node replaced
+  under the same role (KubeRay recreating the head pod on its volume) takes them too.
 
 ``on_start`` runs first in each such ``__init__``: on a restart it honours the test
 hook that holds a restart back (``hold_restart``), so a test can watch ``/healthz``
@@ -45,19 +47,14 @@ RESTART_ALERT_ACTIVE_S = 300.0
 _HOLD_PREFIX = "fleet.hold_restart"
 
 
-def storage_node_id(node_id: str | None = None) -> str:
-    """The node whose disk holds a fleet's files: ``node_id`` if given, else this
-    process's node (the one that deploys the fleet)."""
-    return node_id or ray.get_runtime_context().get_node_id()
+STORAGE_RESOURCE_SLIVER = 0.001  # of the storage node's resource, per actor
 
 
 def control_actor_options(
-    name: str, namespace: str, *, detached: bool, node_id: str | None = None
+    name: str, namespace: str, *, detached: bool, node_resource: str | None = None
 ) -> dict[str, Any]:
     """Ray options for a control actor: named, restarted forever with its calls retried,
-    and, with ``node_id``, pinned to that node."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+    and, with ``node_resource``, placed only on a node that has that resource."""
     opts: dict[str, Any] = {
         "name": name,
         "namespace": namespace,
@@ -66,8 +63,8 @@ def control_actor_options(
     }
     if detached:
         opts["lifetime"] = "detached"
-    if node_id is not None:
-        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    if node_resource is not None:
+        opts["resources"] = {node_resource: STORAGE_RESOURCE_SLIVER}
     return opts
 
 

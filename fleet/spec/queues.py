@@ -7,7 +7,7 @@ import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from fleet.spec._base import SpecModel
@@ -136,6 +136,11 @@ class QueueAlertRule(SpecModel):
         return self.name or f"{self.metric.value} {self.op} {self.threshold:g}"
 
 
+STORAGE_NODE_HEAD = "head"
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives it to the head node only
+_STORAGE_NODE_PATTERN = r"^(head|resource:[A-Za-z0-9_.:/-]+)$"
+
+
 class StorageSpec(SpecModel):
     """Where a queue shard keeps accepted items.
 
@@ -153,6 +158,30 @@ class StorageSpec(SpecModel):
     directory: str = Field(default=DEFAULT_QUEUE_DIRECTORY, min_length=1)
     sqlite_synchronous: Literal["normal", "full"] = "normal"
     sqlite_cache_mib: int = Field(default=16, ge=1)
+    node: str = STORAGE_NODE_HEAD
+    """Where the actors that hold files (queue shards, ledger shards, controller, budget
+    actor) run, so that a restarted one finds its files: ``head`` (the default: the
+    head node, whose disk or volume holds ``directory``), or ``resource:<name>``: the
+    node that has the custom resource ``<name>`` (``ray start --resources
+    '{"<name>": 1}'``; give it to one node only, or to nodes that share ``directory``).
+    Hosts and the dispatcher hold no files and run anywhere."""
+
+    @field_validator("node")
+    @classmethod
+    def _check_node(cls, v: str) -> str:
+        if not re.match(_STORAGE_NODE_PATTERN, v):
+            raise ValueError(
+                "not a storage node: use 'head' or 'resource:<name>' (a custom resource "
+                "of the node that holds the storage directory)"
+            )
+        return v
+
+    @property
+    def node_resource(self) -> str:
+        """The Ray resource every file-holding actor asks a sliver of."""
+        if self.node == STORAGE_NODE_HEAD:
+            return HEAD_NODE_RESOURCE
+        return self.node.removeprefix("resource:")
 
 
 class KafkaSecurityProtocol(str, Enum):

@@ -5,6 +5,10 @@ silently, so a typo in a manifest is dropped without a word; validated here, unk
 fields are errors: every object schema that lists ``properties`` gets
 ``additionalProperties: false`` unless it says ``x-kubernetes-preserve-unknown-fields``
 (or already constrains ``additionalProperties``).
+
+The manifests also hold PersistentVolumeClaims (kuberay/storage.yaml), a core Kubernetes
+kind with no CRD here: ``PVC_SCHEMA`` is a strict schema of the part of it that
+fleet's claims use (``manifest_errors`` picks the schema by kind).
 """
 
 from __future__ import annotations
@@ -95,8 +99,95 @@ def crd_errors(doc: dict[str, Any]) -> list[str]:
     group, _, version = doc.get("apiVersion", "").partition("/")
     if group != "ray.io" or doc.get("kind") not in CRD_FILES:
         return [f"<root>: not a KubeRay resource: {doc.get('apiVersion')} {doc.get('kind')}"]
-    v = crd_validator(doc["kind"], version)
+    return _errors(crd_validator(doc["kind"], version), doc)
+
+
+# A Kubernetes resource quantity, as KubeRay's CRDs spell it for int-or-string fields.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_STORAGE = {
+    "type": "object",
+    "properties": {"storage": {"type": "string", "pattern": QUANTITY_PATTERN}},
+}
+
+PVC_SCHEMA: dict[str, Any] = strict(
+    {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "v1"},
+            "kind": {"const": "PersistentVolumeClaim"},
+            "metadata": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string", "maxLength": 253, "pattern": _DNS_SUBDOMAIN},
+                    "namespace": {"type": "string"},
+                    "labels": _STRING_MAP,
+                    "annotations": _STRING_MAP,
+                },
+            },
+            "spec": {
+                "type": "object",
+                "required": ["accessModes", "resources"],
+                "properties": {
+                    "accessModes": {
+                        "type": "array",
+                        "minItems": 1,
+                        "uniqueItems": True,
+                        "items": {
+                            "enum": [
+                                "ReadWriteOnce",
+                                "ReadOnlyMany",
+                                "ReadWriteMany",
+                                "ReadWriteOncePod",
+                            ]
+                        },
+                    },
+                    "resources": {
+                        "type": "object",
+                        "required": ["requests"],
+                        "properties": {
+                            "requests": {**_STORAGE, "required": ["storage"]},
+                            "limits": _STORAGE,
+                        },
+                    },
+                    "storageClassName": {"type": "string"},
+                    "volumeMode": {"enum": ["Filesystem", "Block"]},
+                    "volumeName": {"type": "string"},
+                },
+            },
+        },
+    }
+)
+
+
+@cache
+def _pvc_validator() -> Draft202012Validator:
+    return Draft202012Validator(PVC_SCHEMA)
+
+
+def _errors(v: Draft202012Validator, doc: dict[str, Any]) -> list[str]:
     return [
         f"{'.'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
         for e in sorted(v.iter_errors(doc), key=lambda e: list(map(str, e.path)))
     ]
+
+
+def pvc_errors(doc: dict[str, Any]) -> list[str]:
+    """Every violation of ``PVC_SCHEMA`` in one PersistentVolumeClaim, as ``path:
+    message``."""
+    return _errors(_pvc_validator(), doc)
+
+
+def manifest_errors(doc: dict[str, Any]) -> list[str]:
+    """Every schema violation in one document of kuberay/: a KubeRay resource against
+    its CRD, a PersistentVolumeClaim against ``PVC_SCHEMA``; any other kind is an error
+    until it has a schema here."""
+    if doc.get("apiVersion") == "v1" and doc.get("kind") == "PersistentVolumeClaim":
+        return pvc_errors(doc)
+    return crd_errors(doc)

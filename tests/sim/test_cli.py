@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import yaml
 
 from fleet.cli import simulate as cli
+from fleet.cli.main import main
 
 from .helpers import scenario_dict
 
 
 def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fleet")
-    cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["simulate", *argv])
-    return args.func(args)
+    return main(["simulate", *argv])
 
 
 def small(tmp_path, **kw) -> str:
