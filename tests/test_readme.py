@@ -22,6 +22,10 @@ SHELL_COVERED_BY = {
     "curl": "tests/deploy/test_serve_live.py",
     "ray job submit": "tests/deploy/test_serve_live.py",
     "fleet simulate": "tests/sim/test_cli.py",
+    "ray start": "tests/deploy/test_job_detach_live.py (a ray start --head cluster)",
+    "fleet list": "tests/deploy/test_job_detach_live.py, tests/runtime/test_manage_live.py",
+    "fleet apply": "tests/runtime/test_manage_live.py",
+    "fleet stop": "tests/deploy/test_job_detach_live.py, tests/runtime/test_manage_live.py",
 }
 
 

@@ -59,6 +59,7 @@ _NOT_ANSWERING = "the fleet is not answering: "
 # more) only to classify an error would slow down the commands that never need it.
 _EXITS: tuple[tuple[str, str, int, str], ...] = (
     ("fleet.runtime.deploy", "PoolUnschedulable", EXIT_UNREACHABLE, "cannot run here: "),
+    ("fleet.runtime.deploy", "StorageNodeMissing", EXIT_UNREACHABLE, "cannot run here: "),
     ("fleet.runtime.enqueue", "QueueFullError", EXIT_INCOMPLETE, ""),
     ("fleet.task", "IdempotencyConflict", EXIT_USAGE, ""),
     ("fleet.runtime.controller", "ControlActorUnavailable", EXIT_UNREACHABLE, _NOT_ANSWERING),

@@ -32,6 +32,7 @@ from fleet.task import (
 )
 
 WAIT_POLL_S = 0.2
+CONNECT_TIMEOUT_S = 60.0  # a restarting controller answers well within it
 # Ray's own INFO lines ("Connecting to existing Ray cluster...") stay out of the CLI's
 # stderr, where an error is one line; Ray's warnings still show.
 RAY_DRIVER_LOG_LEVEL = logging.WARNING
@@ -174,7 +175,9 @@ class FleetClient:
                 f"no fleet named {name!r} in namespace {namespace!r} on this cluster "
                 "(start one with `fleet run SPEC.yaml`)"
             ) from None
-        status = ray.get(ctl.status.remote())
+        # Bounded: a controller that does not answer is an error to report (the CLI's
+        # exit 3), not a hang.
+        status = ray.get(ctl.status.remote(), timeout=CONNECT_TIMEOUT_S)
         return cls(FleetSpec.model_validate(status["spec"]))
 
     def shutdown(self) -> None:

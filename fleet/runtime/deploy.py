@@ -40,9 +40,12 @@ def host_deployment_options(spec: FleetSpec, pool: PoolSpec) -> dict[str, Any]:
         "max_ongoing_requests": max(100, pool.agents_per_host * pool.concurrency_per_agent),
         "ray_actor_options": {"num_cpus": pool.cpus_per_host, "num_gpus": pool.gpus_per_host},
         # Each host's CPU/GPU is reserved in its own placement group, placed before the
-        # host (and so its agents) starts.
+        # host (and so its agents) starts; with max_hosts_per_node, by the host itself
+        # (Serve refuses a placement group together with max_replicas_per_node).
         **(
-            {
+            {"max_replicas_per_node": pool.max_hosts_per_node}
+            if pool.max_hosts_per_node
+            else {
                 "placement_group_bundles": [pool.host_bundle],
                 "placement_group_strategy": pool.placement_strategy,
             }

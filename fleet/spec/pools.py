@@ -52,6 +52,13 @@ class PoolSpec(SpecModel):
     cpus_per_host: float = Field(default=0.25, ge=0)
     gpus_per_host: float = Field(default=0.0, ge=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_hosts_per_node: int | None = Field(default=None, ge=1)
+    """At most this many of the pool's hosts on one node (Serve's
+    ``max_replicas_per_node``), so that losing a node takes at most that many. Serve
+    already spreads a pool's hosts over the nodes where it can; this bounds it. Hosts
+    then reserve their CPU/GPU as their own actor resources instead of a one-bundle
+    placement group each (Serve allows one or the other), and ``placement_strategy``
+    only shapes the start-up probe."""
     placement_timeout_s: float = Field(default=30.0, gt=0)
     """How long deploy waits for the pool's starting hosts to be placeable before it
     fails with ``PoolUnschedulable`` (instead of waiting forever)."""

@@ -5,14 +5,17 @@ run (none lost), refuses a change it cannot make (naming the field, changing not
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
 import ray
+import yaml
 
+from fleet.cli.main import main
 from fleet.runtime.client import FleetClient
 from fleet.runtime.fleets import FleetRef, describe, running_fleets
-from fleet.runtime.manage import ApplyRefused, apply, stop
+from fleet.runtime.manage import ApplyRefused, apply
 from tests.utils import eventually, make_spec, pool
 
 pytestmark = pytest.mark.ray
@@ -41,7 +44,7 @@ def _spec(extra: bool = False, **work: object) -> object:
     return make_spec(*pools, name="managed", namespace=NS, queues={"shards": 1})
 
 
-def test_apply_in_place_refuse_list_and_stop(start_fleet):
+def test_apply_in_place_refuse_list_and_stop(start_fleet, tmp_path, capsys):
     fc = start_fleet(_spec())
     ref = FleetRef("managed", NS)
     assert ref in running_fleets()
@@ -59,7 +62,10 @@ def test_apply_in_place_refuse_list_and_stop(start_fleet):
         routing={"router": "round_robin"},
         agent_kwargs={"delay_s": 0.01},
     )
-    out = apply(new)
+    new_file = tmp_path / "new.yaml"
+    new_file.write_text(yaml.safe_dump(new.model_dump(mode="json")))
+    assert main(["apply", str(new_file), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
     submitted.join()
     assert out["pools_added"] == ["extra"] and out["hosts_replaced"] == ["work"]
     assert "pools.work.autoscaling.max_agents" in out["changed"]
@@ -82,11 +88,22 @@ def test_apply_in_place_refuse_list_and_stop(start_fleet):
 
     with pytest.raises(ApplyRefused, match=r"queues\.shards: cannot change in place"):
         apply(make_spec(*new.pools, name="managed", namespace=NS, queues={"shards": 3}))
+    bad = tmp_path / "bad.yaml"
+    wider = make_spec(*new.pools, name="managed", namespace=NS, queues={"shards": 3})
+    bad.write_text(yaml.safe_dump(wider.model_dump(mode="json")))
+    assert main(["apply", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fleet: nothing changed: queues.shards: cannot")
     assert FleetClient.connect("managed", NS).spec == new, "a refusal changes nothing"
+    assert main(["list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["fleets"]
+    mine = next(f for f in listed if (f["fleet"], f["namespace"]) == ("managed", NS))
+    assert set(mine["pools"]) == {"work", "extra"}
 
     more = [f"late-{i}" for i in range(100)]
     after.submit([{"capability": "work", "id": i, "payload": {}} for i in more])
-    report = stop("managed", NS, drain=True, timeout_s=120)
+    assert main(["stop", "managed", "--namespace", NS, "--drain", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert report["drained"] is True and report["left_queued"] == 0
     assert ref not in running_fleets()
     left = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NS]
