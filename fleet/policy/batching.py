@@ -12,8 +12,11 @@ def batch_size(spec: BatchSpec, depth: int, free_capacity: int, avg_item_bytes: 
 
     A deep queue is split into ``target_batches_in_flight`` large batches (amortizing
     the per-call overhead); a shallow one goes out an item at a time (no item waits for
-    a batch to fill). Never more than the pool's free capacity, ``max_items``, or what
-    fits in ``max_bytes``. Returns 0 when there is nothing to send or no room.
+    a batch to fill). Never more than ``free_capacity``, ``max_items``, or what fits in
+    ``max_bytes``. A batch runs on one host, so ``free_capacity`` is at most one host's
+    free slots: the simulator passes the chosen host's, the runtime's dispatcher the
+    pool's free slots capped at one host's share. Returns 0 when there is nothing to
+    send or no room.
     """
     if depth <= 0 or free_capacity <= 0:
         return 0

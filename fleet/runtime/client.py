@@ -33,6 +33,7 @@ from fleet.task import (
 
 WAIT_POLL_S = 0.2
 CONNECT_TIMEOUT_S = 60.0  # a restarting controller answers well within it
+SPEC_ASK_TIMEOUT_S = 10.0  # at shutdown: past it, tear down by this client's own spec
 # Ray's own INFO lines ("Connecting to existing Ray cluster...") stay out of the CLI's
 # stderr, where an error is one line; Ray's warnings still show.
 RAY_DRIVER_LOG_LEVEL = logging.WARNING
@@ -146,7 +147,7 @@ class FleetClient:
         self.names = Names(spec.name)
         ns = spec.namespace
         self.ledger = LedgerClient.for_spec(spec)
-        self._controller = ray.get_actor(self.names.controller, namespace=ns)
+        ray.get_actor(self.names.controller, namespace=ns)  # the fleet runs: fail early
         self._shards = {
             cap: [
                 ray.get_actor(self.names.shard(cap, i), namespace=ns)
@@ -180,10 +181,25 @@ class FleetClient:
         status = ray.get(ctl.status.remote(), timeout=CONNECT_TIMEOUT_S)
         return cls(FleetSpec.model_validate(status["spec"]))
 
+    def _ctl(self) -> Any:
+        """The controller, looked up by name each time: ``fleet apply`` replaces it
+        with another actor of the same name."""
+        return ray.get_actor(self.names.controller, namespace=self.spec.namespace)
+
+    def current_spec(self) -> FleetSpec:
+        """The spec the fleet runs now (``fleet apply`` may have changed it since this
+        client was made); this client's own if the controller does not answer."""
+        try:
+            status = ray.get(self._ctl().status.remote(), timeout=SPEC_ASK_TIMEOUT_S)
+            return FleetSpec.model_validate(status["spec"])
+        except Exception:
+            return self.spec
+
     def shutdown(self) -> None:
         from fleet.runtime.deploy import teardown
 
-        teardown(self.spec)
+        # What runs now: pools that `fleet apply` added are torn down too.
+        teardown(self.current_spec())
         self._owned.clear()
 
     # -- submit --------------------------------------------------------------------
@@ -277,7 +293,7 @@ class FleetClient:
         return self.ledger.summary(ids)
 
     def timeline(self, since_t_s: float = 0.0) -> list[dict[str, Any]]:
-        return ray.get(self._controller.timeline.remote(since_t_s))
+        return ray.get(self._ctl().timeline.remote(since_t_s))
 
     #: How long ``status()`` waits for any one actor's answer.
     STATUS_CALL_TIMEOUT_S = 10.0
@@ -306,7 +322,7 @@ class FleetClient:
                 return default
 
         ns = self.spec.namespace
-        ctl = ask(self.names.controller, self._controller.status.remote, {})
+        ctl = ask(self.names.controller, self._ctl().status.remote, {})
         queues = {
             cap: [
                 st
@@ -387,4 +403,4 @@ class FleetClient:
 
     def metrics_text(self) -> str:
         """Prometheus text exposition of the fleet's metrics (queues, pools, agent health)."""
-        return ray.get(self._controller.metrics_text.remote())
+        return ray.get(self._ctl().metrics_text.remote())

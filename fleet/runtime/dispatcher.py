@@ -126,6 +126,11 @@ class _PoolState:
     def per_host_agents(self) -> int:
         return -(-self.active_agents // max(1, self.hosts))
 
+    @property
+    def host_slots(self) -> int:
+        """Tasks one host runs at once: its share of the active agents' slots."""
+        return max(1, self.per_host_agents * self.spec.concurrency_per_agent)
+
 
 @ray.remote(num_cpus=0, max_concurrency=10_000)
 class Dispatcher:
@@ -360,7 +365,11 @@ class Dispatcher:
                 ps.room.clear()
                 await ps.room.wait()
                 continue
-            reserved = min(free, max_items)
+            # At most one host's slots: a batch goes to one host, whose agents alone run
+            # it, so a bigger one would keep the other hosts idle while it queued for
+            # those agents (measured: 48 slots of 6 hosts leased as one batch, 6.75 tasks
+            # of 20 ms running at once instead of up to 48; BENCHMARKS.md, issue 17).
+            reserved = min(free, max_items, ps.host_slots)
             ps.reserved += reserved  # not in_flight: the autoscaler reads that
             try:
                 items, ps.depth[s] = await ps.shards[s].lease_batch.remote(

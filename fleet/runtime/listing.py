@@ -30,6 +30,7 @@ from fleet.task import Outcome
 PENDING, FINISHED = "p", "f"
 STATUSES = ("pending", "completed", "failed")
 MAX_CURSOR_CHARS = 4096
+MAX_SEQ = 1 << 62  # a ledger sequence number (SQLite integers are 64-bit)
 
 
 class BadCursor(ValueError):
@@ -57,7 +58,7 @@ class Cursor:
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
             doc = json.loads(raw)
-        except (binascii.Error, ValueError):
+        except (binascii.Error, ValueError, RecursionError):  # deep nesting: Recursion
             raise BadCursor("not a cursor this listing gave") from None
         if not (isinstance(doc, list) and len(doc) == 3 and doc[1] in (PENDING, FINISHED)):
             raise BadCursor("not a cursor this listing gave")
@@ -71,7 +72,7 @@ class Cursor:
             and status != "pending"
             and isinstance(where, list)
             and len(where) in (0, ledger_shards)  # 0: from the newest
-            and all(w is None or (type(w) is int and w > 0) for w in where)
+            and all(w is None or (type(w) is int and 0 < w < MAX_SEQ) for w in where)
         ):
             return cls(made_for, phase, before=tuple(where))
         raise BadCursor("not a cursor this listing gave")

@@ -9,9 +9,18 @@ and Serve replaces a pool's hosts one by one, each draining its batches like a
 scale-down. So nothing accepted is lost across a change. In order: queue shards for new
 capabilities; the new and changed pools' hosts (``serve.run`` returns once the rolling
 update is done); the budget actor; the controller; the dispatcher (from then on work
-flows to new pools and none to removed ones); last, the removed pools' hosts and
-shards. A removed pool must have an empty queue (refused otherwise, before anything
-changes). A refusal changes nothing.
+flows to new pools and none to removed ones); the Kafka consumers when pools come or
+go; last, the removed pools' hosts and shards. A removed pool must have an empty
+queue: its shards are closed to new tasks and found empty before anything changes
+(refused otherwise, and opened again). A refusal changes nothing. Only a detached
+fleet (``fleet run --detach``, a Serve config) is changed in place: the actors apply
+makes are detached, and must not outlive a foreground ``fleet run`` that owns the rest.
+
+Not atomic: resources (the storage node, the new pools' placement) are checked first,
+but a step that fails later leaves the steps before it done. Running the same ``fleet
+apply`` again carries on (new shards are reused, ``serve.run`` and the replacements are
+idempotent). An HTTP ingress deployed from a Serve config reads the capabilities when
+its replicas start: redeploy the config after adding or removing a pool.
 
 ``stop`` tears the fleet down (``fleet.runtime.deploy.teardown``); its queue and
 outcomes stay in its storage directory, so the next ``fleet run`` of the spec resumes
@@ -29,8 +38,10 @@ import ray
 from fleet.runtime.names import Names
 from fleet.spec.changes import Plan, plan
 from fleet.spec.fleet import FleetSpec
+from fleet.spec.queues import StorageBackend
 
 NAME_FREE_TIMEOUT_S = 60.0
+READY_TIMEOUT_S = 120.0
 POLL_S = 0.2
 
 
@@ -44,6 +55,14 @@ def _pending(fc: Any, capability: str) -> int:
         s["depth"] + s["leased"]
         for s in ray.get([sh.stats.remote() for sh in fc._shards[capability]], timeout=30)
     )
+
+
+def _is_detached(name: str, namespace: str) -> bool:
+    from ray._private import state
+
+    handle = ray.get_actor(name, namespace=namespace)
+    info = state.actors(handle._actor_id.hex()) or {}
+    return bool(info.get("IsDetached", False))
 
 
 def _replace(name: str, namespace: str, make: Any) -> Any:
@@ -63,7 +82,7 @@ def _replace(name: str, namespace: str, make: Any) -> Any:
             raise TimeoutError(f"actor {name} did not go within {NAME_FREE_TIMEOUT_S:g}s")
         time.sleep(POLL_S)
     actor = make()
-    ray.get(actor.__ray_ready__.remote())
+    ray.get(actor.__ray_ready__.remote(), timeout=READY_TIMEOUT_S)
     return actor
 
 
@@ -75,8 +94,14 @@ def apply(new: FleetSpec) -> dict[str, Any]:
     from fleet.runtime.budget_actor import BudgetActor
     from fleet.runtime.client import FleetClient
     from fleet.runtime.controller import Controller
-    from fleet.runtime.deploy import check_placeable, deploy_pool, storage_options
+    from fleet.runtime.deploy import (
+        check_placeable,
+        check_storage_node,
+        deploy_pool,
+        storage_options,
+    )
     from fleet.runtime.dispatcher import Dispatcher
+    from fleet.runtime.kafka_intake_actor import KafkaIntakeActor
     from fleet.runtime.queue_actor import QueueShard
 
     fc = FleetClient.connect(new.name, new.namespace)
@@ -91,21 +116,41 @@ def apply(new: FleetSpec) -> dict[str, Any]:
                     f"pools.{name}: cannot be removed while {n} of its tasks are queued "
                     "or running; let them finish first"
                 )
+    names, ns = Names(new.name), new.namespace
+    if not p.refused and not p.noop and not _is_detached(names.controller, ns):
+        p.refused.append(
+            "the fleet is not detached: its actors live as long as the process that "
+            "started it, and those apply makes would outlive it; run it with "
+            "`fleet run --detach` (or from a Serve config) to change it in place"
+        )
     if p.refused:
         raise ApplyRefused("; ".join(p.refused))
     if p.noop:
         return _report(p)
-    names, ns = Names(new.name), new.namespace
-    for pool in new.pools:  # placeable before anything changes
+    # Everything that can fail for want of resources fails before anything changes.
+    if new.queues.storage.backend is StorageBackend.SQLITE:
+        check_storage_node(new.queues.storage.node_resource, new.queues.storage.node)
+    for pool in new.pools:
         if pool.name in p.added:
             check_placeable(new, pool)
+    # A removed pool's shards take nothing more; one that still holds a task (one
+    # accepted since the check above) is opened again and the apply refused.
+    closing = [sh for name in p.removed for sh in fc._shards[old_pools[name].capability]]
+    if closing:
+        left = sum(ray.get([sh.close.remote() for sh in closing], timeout=READY_TIMEOUT_S))
+        if left:
+            ray.get([sh.close.remote(False) for sh in closing], timeout=READY_TIMEOUT_S)
+            raise ApplyRefused(
+                f"{left} task(s) of the pools to remove arrived meanwhile; nothing changed"
+            )
     # Detached: the actors made here must outlive this process (``fleet apply`` exits);
     # ``fleet stop`` (or the driver of a foreground ``fleet run``) stops them by name.
     opts = storage_options(new, detached=True)
     new_json = new.model_dump(mode="json")
     queue_spec = new.queues.model_dump(mode="json")
     shards = [
-        QueueShard.options(**opts(names.shard(pool.capability, i))).remote(
+        # get_if_exists: an apply interrupted after this step can simply be run again.
+        QueueShard.options(**opts(names.shard(pool.capability, i)), get_if_exists=True).remote(
             pool.capability,
             i,
             queue_spec,
@@ -119,7 +164,7 @@ def apply(new: FleetSpec) -> dict[str, Any]:
         if pool.name in p.added
         for i in range(new.queues.shards)
     ]
-    ray.get([s.__ray_ready__.remote() for s in shards])
+    ray.get([s.__ray_ready__.remote() for s in shards], timeout=READY_TIMEOUT_S)
     for pool in new.pools:
         if pool.name in p.added or pool.name in p.rolled:
             deploy_pool(new, pool)
@@ -145,8 +190,19 @@ def apply(new: FleetSpec) -> dict[str, Any]:
             new_json, True
         ),
     )
-    ray.get(dispatcher.start.remote())
-    ray.get(controller.start.remote())
+    ray.get(dispatcher.start.remote(), timeout=READY_TIMEOUT_S)
+    ray.get(controller.start.remote(), timeout=READY_TIMEOUT_S)
+    if new.queues.kafka is not None and (p.added or p.removed):
+        # The consumers route messages by capability: they learn the new pools the way
+        # a crash would restart them (uncommitted messages are consumed again).
+        for i in range(new.queues.kafka.consumers):
+            _replace(
+                names.kafka_intake(i),
+                ns,
+                lambda i=i: KafkaIntakeActor.options(
+                    **opts(names.kafka_intake(i), pinned=False)
+                ).remote(new_json, i),
+            )
     for name in p.removed:
         pool = old_pools[name]
         try:

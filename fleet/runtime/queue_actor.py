@@ -46,6 +46,10 @@ AVG_ITEM_BYTES_PRIOR = 512.0
 AVG_ITEM_BYTES_ALPHA = 0.1  # EWMA weight of each put batch's mean item size
 
 
+class QueueClosed(RuntimeError):
+    """The shard's capability is being removed; it accepts nothing more."""
+
+
 @ray.remote(num_cpus=0)
 class QueueShard:
     def __init__(
@@ -61,6 +65,7 @@ class QueueShard:
     ):
         spec = QueueSpec.model_validate(queue_spec)
         self.capability = capability
+        self._closed = False  # set while its pool is being removed
         self.index = index
         self.lease_s = spec.lease_s
         self._fleet = fleet or ledger_name.removesuffix(".ledger")
@@ -167,6 +172,11 @@ class QueueShard:
         recorded and acked between that check and this put.
         """
         self._ensure_sweeper()
+        if self._closed:
+            raise QueueClosed(
+                f"capability {self.capability!r} is being removed from the fleet "
+                "(fleet apply): nothing more is accepted for it"
+            )
         if self._recent_acks:
             items = [it for it in items if it.id not in self._recent_acks]
         conflicts = self._q.conflicts(items)
@@ -180,6 +190,14 @@ class QueueShard:
 
     async def room(self) -> int:
         return self._q.room
+
+    async def close(self, closed: bool = True) -> int:
+        """Refuse every later put (``QueueClosed``), or accept them again with
+        ``closed=False``; returns the items still pending (queued or running). Before a
+        pool is removed: closed, then found empty, its shard can go without stranding a
+        task accepted meanwhile."""
+        self._closed = closed
+        return len(self._q.pending_ids())
 
     async def lease(self, n: int, holder: str) -> tuple[list[Item], int]:
         """Up to ``n`` items leased to ``holder``, and the depth left behind."""

@@ -12,7 +12,8 @@ resources), budgets, resilience, health, consensus, and the queue alerts.
 Refused, with the field named: what decides where queued tasks and outcomes live or
 how they are read back (the fleet's name and namespace, every other ``queues`` field:
 shard count, storage, leases, Kafka intake; ``results``: ledger shards, retention, output
-bound), an existing pool's capability (its queued tasks are addressed by it), and
+bound; ``resilience.max_deliveries``, read by the shards at start), an existing pool's
+capability (its queued tasks are addressed by it), and
 ``ingress`` (read by the ingress replicas at start: redeploy the Serve config). To
 change those, ``fleet stop`` the fleet (its queue stays in its storage directory) and
 ``fleet run`` the new spec.
@@ -34,6 +35,12 @@ _FIXED = {
     "ingress": "the ingress replicas read it at start: redeploy the Serve config",
 }
 _IN_PLACE_UNDER_FIXED = ("queues.alerts",)  # read by the controller, which is replaced
+# Fixed fields under sections that otherwise change in place.
+_FIXED_LEAVES = {
+    "resilience.max_deliveries": "each queue shard reads it when it starts",
+}
+# What the budget actor reads besides ``budgets``: a change replaces it too.
+_BUDGET_READS = ("budgets", "resilience.task_timeout_s")
 # Host init arguments besides the pool's own dict: a change rolls every pool's hosts.
 _HOST_WIDE = ("resilience", "health", "budgets", "results")
 
@@ -82,6 +89,9 @@ def plan(old: FleetSpec, new: FleetSpec) -> Plan:
     pools_b = {x["name"]: x for x in b.pop("pools")}
     p.changed = _diff(a, b)
     for path in p.changed:
+        if path in _FIXED_LEAVES:
+            p.refused.append(f"{path}: cannot change in place ({_FIXED_LEAVES[path]})")
+            continue
         top = next((f for f in _FIXED if path == f or path.startswith(f + ".")), None)
         if top is None or any(
             path == ok or path.startswith(ok + ".") for ok in _IN_PLACE_UNDER_FIXED
@@ -105,5 +115,10 @@ def plan(old: FleetSpec, new: FleetSpec) -> Plan:
             p.rolled.append(name)
     p.changed += [f"pools.{n}" for n in (*p.added, *p.removed)]
     p.rolled.sort()
-    p.budgets = any(path.startswith("budgets") for path in p.changed)
+    # The budget actor also reads the pools (their agents and estimates).
+    p.budgets = any(
+        path == f or path.startswith((f + ".", "pools."))
+        for path in p.changed
+        for f in _BUDGET_READS
+    )
     return p

@@ -115,6 +115,8 @@ def test_a_cursor_comes_back_as_given_and_anything_else_is_refused():
         token("\xff"),
         "x" * 5000,
         token('["","f",[1.5,null]]'),
+        token(f'["","f",[{2**63},null]]'),  # beyond SQLite's integers
+        token("[" * 3000),  # nested deeper than the parser goes
     ]
     for b in bad:
         with pytest.raises(BadCursor):

@@ -22,6 +22,18 @@ pytestmark = pytest.mark.ray
 NS = "fleet-test-manage"
 
 
+WORK_AFTER = {
+    "autoscaling": {"min_agents": 2, "max_agents": 4},
+    "routing": {"router": "round_robin"},
+    "agent_kwargs": {"delay_s": 0.01},
+}
+
+
+def _write(path, spec):
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    return path
+
+
 def _spec(extra: bool = False, **work: object) -> object:
     base = {
         "agent_class": "fleet.agents.testing:SleepAgent",
@@ -44,8 +56,23 @@ def _spec(extra: bool = False, **work: object) -> object:
     return make_spec(*pools, name="managed", namespace=NS, queues={"shards": 1})
 
 
-def test_apply_in_place_refuse_list_and_stop(start_fleet, tmp_path, capsys):
-    fc = start_fleet(_spec())
+def test_a_fleet_that_is_not_detached_is_not_changed_in_place(start_fleet):
+    start_fleet(_spec())
+    with pytest.raises(ApplyRefused, match="not detached"):
+        apply(_spec(extra=True))
+    assert FleetClient.connect("managed", NS).spec == _spec()
+
+
+def test_apply_in_place_refuse_list_and_stop(ray_cluster, tmp_path, capsys):
+    fc = FleetClient.start(_spec(), detached=True)
+    try:
+        _apply_list_and_stop(fc, tmp_path, capsys)
+    finally:  # a failed run leaves nothing behind for the next test
+        if FleetRef("managed", NS) in running_fleets():
+            FleetClient.connect("managed", NS).shutdown()
+
+
+def _apply_list_and_stop(fc, tmp_path, capsys):
     ref = FleetRef("managed", NS)
     assert ref in running_fleets()
     line = describe(ref)
@@ -56,15 +83,8 @@ def test_apply_in_place_refuse_list_and_stop(start_fleet, tmp_path, capsys):
         target=lambda: fc.submit([{"capability": "work", "id": i, "payload": {}} for i in ids])
     )
     submitted.start()
-    new = _spec(
-        extra=True,
-        autoscaling={"min_agents": 2, "max_agents": 4},
-        routing={"router": "round_robin"},
-        agent_kwargs={"delay_s": 0.01},
-    )
-    new_file = tmp_path / "new.yaml"
-    new_file.write_text(yaml.safe_dump(new.model_dump(mode="json")))
-    assert main(["apply", str(new_file), "--json"]) == 0
+    new = _spec(extra=True, **WORK_AFTER)
+    assert main(["apply", str(_write(tmp_path / "new.yaml", new)), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     submitted.join()
     assert out["pools_added"] == ["extra"] and out["hosts_replaced"] == ["work"]
@@ -99,6 +119,16 @@ def test_apply_in_place_refuse_list_and_stop(start_fleet, tmp_path, capsys):
     listed = json.loads(capsys.readouterr().out)["fleets"]
     mine = next(f for f in listed if (f["fleet"], f["namespace"]) == ("managed", NS))
     assert set(mine["pools"]) == {"work", "extra"}
+
+    # Remove the new pool again: its queue is empty, so its hosts and shards go.
+    assert (
+        main(["apply", str(_write(tmp_path / "back.yaml", _spec(**WORK_AFTER))), "--json"])
+        == 0
+    )
+    back = json.loads(capsys.readouterr().out)
+    assert back["pools_removed"] == ["extra"]
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert "managed.queue.extra.0" not in names
 
     more = [f"late-{i}" for i in range(100)]
     after.submit([{"capability": "work", "id": i, "payload": {}} for i in more])

@@ -32,7 +32,7 @@ def test_pool_changes_roll_that_pools_hosts_only():
         ]
     )
     p = plan(_spec(), new)
-    assert not p.refused and p.rolled == ["work"] and not p.budgets
+    assert not p.refused and p.rolled == ["work"]
     assert "pools.work.agent_kwargs.delay_s" in p.changed
     assert "pools.work.autoscaling.max_agents" in p.changed
     assert "pools.work.routing.router" in p.changed
@@ -61,6 +61,7 @@ def test_what_decides_where_tasks_live_is_refused_naming_the_field():
         ),
         "results.ledger_shards": _spec(results={"ledger_shards": 3}),
         "ingress.limits.tenant_burst": _spec(ingress={"limits": {"tenant_burst": 5}}),
+        "resilience.max_deliveries": _spec(resilience={"max_deliveries": 9}),
     }
     for field, new in cases.items():
         refused = plan(_spec(), new).refused
@@ -83,6 +84,9 @@ def test_what_decides_where_tasks_live_is_refused_naming_the_field():
     )
 
 
-def test_budgets_replace_the_budget_actor():
+def test_what_the_budget_actor_reads_replaces_it():
     new = _spec(budgets={"prices": {"m": {"input_usd_per_mtok": 1, "output_usd_per_mtok": 2}}})
     assert plan(_spec(), new).budgets
+    assert plan(_spec(), _spec(resilience={"task_timeout_s": 99})).budgets
+    assert plan(_spec(), _spec(pools=[pool("work", agent_kwargs={"delay_s": 0.01})])).budgets
+    assert not plan(_spec(), _spec(queues={"alerts": []})).budgets
