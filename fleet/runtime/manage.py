@@ -16,6 +16,10 @@ queue: its shards are closed to new tasks and found empty before anything change
 fleet (``fleet run --detach``, a Serve config) is changed in place: the actors apply
 makes are detached, and must not outlive a foreground ``fleet run`` that owns the rest.
 
+With ``queues.storage.backend: memory`` the replaced controller and budget actor start
+afresh (agent counts, spend), as a crash would restart them: memory state dies with
+its actor.
+
 Not atomic: resources (the storage node, the new pools' placement) are checked first,
 but a step that fails later leaves the steps before it done. Running the same ``fleet
 apply`` again carries on (new shards are reused, ``serve.run`` and the replacements are

@@ -112,7 +112,7 @@ def _healthz(handle) -> tuple[int, dict]:
 def _alert_subjects(fc) -> list[str]:
     import ray
 
-    events = ray.get(fc._controller.alerts.remote(), timeout=10)["events"]
+    events = ray.get(fc._ctl().alerts.remote(), timeout=10)["events"]
     return [e["subject"] for e in events if e["rule"] == RESTART_ALERT]
 
 

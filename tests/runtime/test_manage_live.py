@@ -138,3 +138,6 @@ def _apply_list_and_stop(fc, tmp_path, capsys):
     assert ref not in running_fleets()
     left = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NS]
     assert left == []
+    from ray import serve
+
+    assert [a for a in serve.status().applications if a.startswith("managed-")] == []
