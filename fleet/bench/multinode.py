@@ -142,13 +142,12 @@ def hosts_per_node() -> dict[str, int]:
     )
 
 
-def actor_node(name: str) -> str | None:
-    """The node of the ALIVE actor named ``name`` (GCS's table has no namespace; the
-    names of this cluster's one fleet are unique)."""
-    for a in _actors():
-        if a.get("Name") == name and a["State"] == "ALIVE":
-            return str(a["Address"]["NodeID"])
-    return None
+def actor_node(name: str, namespace: str) -> str | None:
+    """The node of the actor ``name`` if it is ALIVE."""
+    from fleet.runtime.lifecycle import ALIVE, actor_states
+
+    st = actor_states(namespace, [name])[name]
+    return st["node_id"] if st["state"] == ALIVE else None
 
 
 def _wait(cond: Any, timeout_s: float, what: str) -> float:
@@ -263,7 +262,8 @@ def node_loss(tasks: int = QUICK_TASKS, workers: int = WORKERS) -> dict[str, Any
             # Every actor that holds files (the dispatcher holds none and runs anywhere).
             holding = [n for n in names.control_actors(spec) if n != names.dispatcher]
             out["storage_actors"] = {
-                n: ("head" if actor_node(n) == head else "other") for n in holding
+                n: ("head" if actor_node(n, spec.namespace) == head else "other")
+                for n in holding
             }
 
             victim = cluster.list_all_nodes()[1]  # worker 0
@@ -303,7 +303,8 @@ def node_loss(tasks: int = QUICK_TASKS, workers: int = WORKERS) -> dict[str, Any
 
             control = _phase(fc, tasks, "control", kill_control)
             control["restarted_on"] = {
-                n: ("head" if actor_node(n) == head else "other") for n in (shard, ledger)
+                n: ("head" if actor_node(n, spec.namespace) == head else "other")
+                for n in (shard, ledger)
             }
             control["on_storage_node"] = all(
                 v == "head" for v in control["restarted_on"].values()

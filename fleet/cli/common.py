@@ -167,8 +167,8 @@ def resolve_fleet(args: argparse.Namespace, spec: FleetSpec | None = None) -> Fl
     namespace = args.namespace or (spec.namespace if spec else None)
     if name and namespace:
         return FleetRef(name, namespace)
-    # Filtering running_fleets() (not the_only_fleet()) also serves a lone --fleet or
-    # --namespace, and tells "none" (3) from "several" (2).
+    # Filtering the running fleets also serves a lone --fleet or --namespace, and tells
+    # "none" (3) from "several" (2).
     running = running_fleets()
     found = [f for f in running if name in (None, f.name) and namespace in (None, f.namespace)]
     if len(found) == 1:

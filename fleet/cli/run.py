@@ -20,6 +20,7 @@ def _say(args: argparse.Namespace, data: dict[str, Any], human: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fleet.runtime.client import FleetClient, init_ray
+    from fleet.runtime.fleets import pool_lines
 
     spec = load_spec_or_exit(args.spec)
     init_ray(args.address)
@@ -43,10 +44,7 @@ def run(args: argparse.Namespace) -> int:
                 else min(STATUS_EVERY_S, max(0.0, deadline - time.monotonic()))
             )
             st = fc.status()
-            line = {
-                p: {k: v.get(k) for k in ("agents", "hosts", "queue_depth", "in_flight")}
-                for p, v in st["pools"].items()
-            }
+            line = pool_lines(st["pools"])
             recorded = st["ledger"]["recorded"]
             _say(
                 args,
@@ -56,7 +54,6 @@ def run(args: argparse.Namespace) -> int:
                     f"{p}: {v['agents']} agents, {v['hosts']} hosts, "
                     f"{v['queue_depth']} queued, {v['in_flight']} in flight"
                     for p, v in line.items()
-                    if not p.startswith("_")
                 ),
             )
     except KeyboardInterrupt:

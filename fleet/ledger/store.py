@@ -62,6 +62,7 @@ SINCE_LIMIT = 100_000
 # them without reading a row.
 RECENT_KEYS = 100_000
 _SQL_VARS = 500  # ids per IN (...) query, below SQLite's variable limit
+MAX_SEQ = 1 << 62  # above every sequence number (SQLite integers are 64-bit)
 
 
 def key_hash(tenant: str, task_id: str) -> int:
@@ -527,7 +528,7 @@ class SqliteLedgerStore:
     def owned(
         self, owner: str | None, before: int | None, limit: int, ok: bool | None = None
     ) -> list[tuple[int, Outcome]]:
-        args: list[Any] = [(1 << 62) if before is None else before]
+        args: list[Any] = [MAX_SEQ if before is None else before]
         if owner is None:  # by the primary key
             where = "seq < ?"
         else:

@@ -17,7 +17,7 @@ from fleet.runtime.dispatcher import Dispatcher
 from fleet.runtime.host import AgentHost
 from fleet.runtime.kafka_intake_actor import KafkaIntakeActor
 from fleet.runtime.ledger import Ledger
-from fleet.runtime.lifecycle import control_actor_options
+from fleet.runtime.lifecycle import STORAGE_RESOURCE_SLIVER, control_actor_options
 from fleet.runtime.names import Names
 from fleet.runtime.queue_actor import QueueShard
 from fleet.spec.fleet import FleetSpec
@@ -174,6 +174,24 @@ def check_storage_node(resource: str, node: str) -> None:
         )
 
 
+def check_storage(spec: FleetSpec) -> None:
+    """Before anything is created: a storage node is up and the storage directory can
+    be written there (the actors would otherwise fail one by one, deep in Ray, or wait
+    forever to be placed). Nothing to check for the memory backend."""
+    storage = spec.queues.storage
+    if storage.backend is not StorageBackend.SQLITE:
+        return
+    check_storage_node(storage.node_resource, storage.node)
+    directory = str(fleet_directory(storage, spec.namespace, spec.name))
+    probe = _check_writable_on.options(
+        resources={storage.node_resource: STORAGE_RESOURCE_SLIVER}
+    )
+    try:
+        ray.get(probe.remote(directory), timeout=STORAGE_PROBE_TIMEOUT_S)
+    except ray.exceptions.RayTaskError as exc:
+        raise exc.as_instanceof_cause() from None
+
+
 def storage_options(spec: FleetSpec, detached: bool) -> Callable[..., dict[str, Any]]:
     """``opts(name, pinned=True)``: Ray options for the fleet's control actor ``name``;
     ``pinned`` ones (those that hold files) go to the storage node."""
@@ -204,20 +222,9 @@ def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False) -> li
     """
     names = Names(spec.name)
     ns = spec.namespace
-    storage = spec.queues.storage
-    on_disk = storage.backend is StorageBackend.SQLITE
-    if on_disk:
-        check_storage_node(storage.node_resource, storage.node)
-        # A directory that cannot be written fails here, naming it, before anything
-        # is accepted (the actors would otherwise fail one by one, deep in Ray). It
-        # is checked where the actors will write it: on the storage node.
-        directory = str(fleet_directory(spec.queues.storage, ns, spec.name))
-        probe = _check_writable_on.options(resources={storage.node_resource: 0.001})
-        try:
-            ray.get(probe.remote(directory), timeout=STORAGE_PROBE_TIMEOUT_S)
-        except ray.exceptions.RayTaskError as exc:
-            raise exc.as_instanceof_cause() from None
-
+    # Before anything is created: a storage directory that cannot be written, or no
+    # node to hold it, fails here, naming it, on the node where the actors would write.
+    check_storage(spec)
     opts = storage_options(spec, detached)
     start_serve(http=http)
     for pool in spec.pools:  # before anything is created: fail fast, leave nothing behind

@@ -32,17 +32,6 @@ def running_fleets() -> list[FleetRef]:
     return sorted(found, key=lambda f: (f.namespace, f.name))
 
 
-def the_only_fleet() -> FleetRef:
-    """The one fleet on the cluster; ``LookupError`` naming what was found otherwise."""
-    fleets = running_fleets()
-    if len(fleets) == 1:
-        return fleets[0]
-    if not fleets:
-        raise LookupError("no fleet is running on this cluster (start one with `fleet run`)")
-    named = ", ".join(f"{f.name} (namespace {f.namespace})" for f in fleets)
-    raise LookupError(f"{len(fleets)} fleets run on this cluster ({named}): name one")
-
-
 def describe(ref: FleetRef) -> dict[str, Any]:
     """One fleet's line for ``fleet list``: pools with agents, hosts and queue depth,
     recorded outcomes; ``state`` is ``running``, or ``unreachable`` with the reason."""
@@ -56,9 +45,19 @@ def describe(ref: FleetRef) -> dict[str, Any]:
             "state": "unreachable",
             "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
         }
-    pools = {
+    return {
+        "fleet": ref.name,
+        "namespace": ref.namespace,
+        "state": "running",
+        "pools": pool_lines(st["pools"]),
+    }
+
+
+def pool_lines(pools: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per pool of a controller's status: agents, hosts, queue depth and in flight
+    (``fleet list``, ``fleet run``'s status lines); entries such as ``_error`` left out."""
+    return {
         name: {k: p.get(k) for k in ("agents", "hosts", "queue_depth", "in_flight")}
-        for name, p in st["pools"].items()
+        for name, p in pools.items()
         if not name.startswith("_")
     }
-    return {"fleet": ref.name, "namespace": ref.namespace, "state": "running", "pools": pools}

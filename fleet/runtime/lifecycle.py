@@ -111,7 +111,8 @@ def resume_after_restart(method: str) -> None:
 
 def actor_states(namespace: str, names: list[str]) -> dict[str, dict[str, Any]]:
     """Each named actor's state (ALIVE, RESTARTING, DEAD, PENDING_CREATION, or
-    MISSING when no such actor exists) and restart count, from Ray's GCS."""
+    MISSING when no such actor exists), restart count, pid, node and whether it is
+    detached, from Ray's GCS."""
     from ray._private import state as ray_state
 
     out: dict[str, dict[str, Any]] = {}
@@ -126,6 +127,8 @@ def actor_states(namespace: str, names: list[str]) -> dict[str, dict[str, Any]]:
             "state": info.get("State", "UNKNOWN"),
             "restarts": int(info.get("NumRestarts", 0)),
             "pid": int(info.get("Pid", 0) or 0),
+            "node_id": (info.get("Address") or {}).get("NodeID"),
+            "detached": bool(info.get("IsDetached", False)),
         }
     return out
 

@@ -24,13 +24,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from fleet.ledger.store import MAX_SEQ
 from fleet.runtime.ledger import LedgerClient
 from fleet.task import Outcome
 
 PENDING, FINISHED = "p", "f"
 STATUSES = ("pending", "completed", "failed")
 MAX_CURSOR_CHARS = 4096
-MAX_SEQ = 1 << 62  # a ledger sequence number (SQLite integers are 64-bit)
 
 
 class BadCursor(ValueError):

@@ -39,10 +39,10 @@ from typing import Any
 
 import ray
 
+from fleet.runtime.lifecycle import actor_states
 from fleet.runtime.names import Names
 from fleet.spec.changes import Plan, plan
 from fleet.spec.fleet import FleetSpec
-from fleet.spec.queues import StorageBackend
 
 NAME_FREE_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 120.0
@@ -61,21 +61,10 @@ def _pending(fc: Any, capability: str) -> int:
     )
 
 
-def _is_detached(name: str, namespace: str) -> bool:
-    from ray._private import state
-
-    handle = ray.get_actor(name, namespace=namespace)
-    info = state.actors(handle._actor_id.hex()) or {}
-    return bool(info.get("IsDetached", False))
-
-
 def _replace(name: str, namespace: str, make: Any) -> Any:
     """Kill the actor ``name`` (no restart) and create its successor with ``make()``
     once the name is free."""
-    try:
-        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
-    except ValueError:
-        pass  # gone already
+    _kill(name, namespace)
     deadline = time.monotonic() + NAME_FREE_TIMEOUT_S
     while True:
         try:
@@ -100,7 +89,7 @@ def apply(new: FleetSpec) -> dict[str, Any]:
     from fleet.runtime.controller import Controller
     from fleet.runtime.deploy import (
         check_placeable,
-        check_storage_node,
+        check_storage,
         deploy_pool,
         storage_options,
     )
@@ -121,7 +110,8 @@ def apply(new: FleetSpec) -> dict[str, Any]:
                     "or running; let them finish first"
                 )
     names, ns = Names(new.name), new.namespace
-    if not p.refused and not p.noop and not _is_detached(names.controller, ns):
+    detached = actor_states(ns, [names.controller])[names.controller].get("detached")
+    if not p.refused and not p.noop and not detached:
         p.refused.append(
             "the fleet is not detached: its actors live as long as the process that "
             "started it, and those apply makes would outlive it; run it with "
@@ -132,8 +122,7 @@ def apply(new: FleetSpec) -> dict[str, Any]:
     if p.noop:
         return _report(p)
     # Everything that can fail for want of resources fails before anything changes.
-    if new.queues.storage.backend is StorageBackend.SQLITE:
-        check_storage_node(new.queues.storage.node_resource, new.queues.storage.node)
+    check_storage(new)
     for pool in new.pools:
         if pool.name in p.added:
             check_placeable(new, pool)
@@ -243,18 +232,15 @@ def stop(
 
     fc = FleetClient.connect(name, namespace)
     drained = None
-    if drain:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            left = sum(_pending(fc, cap) for cap in fc.spec.capabilities)
-            if left == 0:
-                drained = True
-                break
-            if time.monotonic() > deadline:
-                drained = False
-                break
-            time.sleep(POLL_S * 5)
-    queued = sum(_pending(fc, cap) for cap in fc.spec.capabilities)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        queued = sum(_pending(fc, cap) for cap in fc.spec.capabilities)
+        if not drain:
+            break
+        if queued == 0 or time.monotonic() > deadline:
+            drained = queued == 0
+            break
+        time.sleep(POLL_S * 5)
     fc.shutdown()
     return {
         "fleet": name,
