@@ -165,7 +165,7 @@ def app(args: dict[str, Any]) -> Any:
     spec = resolve_spec(parsed.spec)
     if not ray.is_initialized():
         # `serve run fleet.serve_app:app spec=...` calls the builder before it connects.
-        init_ray(os.environ.get("RAY_ADDRESS"))
+        init_ray(os.environ.get("RAY_ADDRESS"), log_format=spec.observability.log_format)
     # Under a config, Serve already runs with the config's proxy options and this is a
     # no-op. Otherwise Serve starts here, before deploy() would start it without a
     # proxy, so the ingress is reachable: on 127.0.0.1 only.

@@ -28,6 +28,12 @@ TENANT_ID_PREFIX = "@"
 MIN_PRIORITY = 0
 MAX_PRIORITY = 9
 DEFAULT_PRIORITY = 5
+# W3C trace-context ``traceparent``, version 00: ``00-<trace id>-<parent span id>-<flags>``
+# in lowercase hex. The pattern is the task schema's (OpenAPI); all-zero ids, which it
+# cannot exclude without lookarounds, are refused by ``to_item``.
+TRACEPARENT_PATTERN = r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+_ZERO_TRACE_ID = "0" * 32
+_ZERO_SPAN_ID = "0" * 16
 
 
 class TaskRejected(ValueError):
@@ -139,6 +145,8 @@ class Task(BaseModel):
     ``deadline_unix_s`` is an absolute wall-clock time; ``utility`` is the value of
     completing the task; tasks sharing an ``affinity_key`` prefer the same agent; a
     task with an ``idempotency_key`` is accepted once, however often it is submitted.
+    ``traceparent`` (W3C trace context, ``00-<trace id>-<span id>-<flags>``) makes the
+    task's spans children of the submitter's span (``fleet.observability.tracing``).
     """
 
     # Strict: a field takes its own JSON type only (no "5" for 5, no false for 0.0), so
@@ -155,6 +163,7 @@ class Task(BaseModel):
     affinity_key: str | None = Field(default=None, max_length=256)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=128)
     payload: Any = None
+    traceparent: str | None = Field(default=None, pattern=TRACEPARENT_PATTERN)
 
 
 class TaskStatus(str, Enum):
@@ -194,6 +203,8 @@ class Item(NamedTuple):
     utility: float | None = None
     affinity_key: str | None = None
     deliveries: int = 0
+    # Last, so positional constructions that stop at ``deliveries`` keep working.
+    traceparent: str | None = None
 
     @property
     def size_bytes(self) -> int:
@@ -283,9 +294,10 @@ def to_item(
     """Validate one task for submission and encode it for the queue.
 
     Raises TaskRejected naming the field at fault: unknown capability, priority out of
-    range, payload too large or not JSON-serializable, a deadline already past. With a
-    ``tenant`` (the HTTP ingress's caller) the item's id is scoped to it
-    (``scoped_id``); without one, an id that looks scoped is refused.
+    range, payload too large or not JSON-serializable, a deadline already past, a
+    ``traceparent`` with an all-zero trace or span id. With a ``tenant`` (the HTTP
+    ingress's caller) the item's id is scoped to it (``scoped_id``); without one, an id
+    that looks scoped is refused.
     """
     if not isinstance(task, Task):
         if not isinstance(task, dict):
@@ -318,6 +330,8 @@ def to_item(
             f"{task.deadline_unix_s} is already past (now {now:.3f})",
             task.id,
         )
+    if task.traceparent is not None:
+        _check_traceparent(task.traceparent, task.id)
     task_id = f"{IDEMPOTENT_PREFIX}{task.idempotency_key}" if task.idempotency_key else task.id
     if tenant is not None:
         task_id = scoped_id(tenant, task_id)
@@ -337,7 +351,16 @@ def to_item(
         deadline_unix_s=task.deadline_unix_s,
         utility=task.utility,
         affinity_key=task.affinity_key,
+        traceparent=task.traceparent,
     )
+
+
+def _check_traceparent(traceparent: str, task_id: str) -> None:
+    # The format is the Task field's pattern; W3C makes all-zero ids invalid too.
+    if traceparent[3:35] == _ZERO_TRACE_ID or traceparent[36:52] == _ZERO_SPAN_ID:
+        raise TaskRejected(
+            "traceparent", "trace id and parent span id must not be all zeros", task_id
+        )
 
 
 def parse_task_json(line: str | bytes, where: str = "<input>") -> dict[str, Any]:
@@ -362,4 +385,5 @@ def item_to_task(item: Item) -> Task:
         affinity_key=item.affinity_key,
         idempotency_key=None,
         payload=orjson.loads(item.payload),
+        traceparent=item.traceparent,
     )

@@ -9,13 +9,18 @@ import os
 
 import pytest
 
+# How often Ray workers export metrics to the node agent in the test cluster (ms).
+METRICS_REPORT_MS = 1000
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole session: 4 logical CPUs (Ray's scheduling
-    slots, whatever the machine's cores), bound to 127.0.0.1 (``loopback_only``), no
-    dashboard, namespace ``fleet-tests``; Serve with its HTTP proxy on a free loopback
-    port (the ``http_url`` fixture), so ingress tests can call it over HTTP."""
+    slots, whatever the machine's cores), bound to 127.0.0.1 (``loopback_only``),
+    namespace ``fleet-tests``; Ray's dashboard on a free loopback port (it writes the
+    Prometheus service-discovery file the observability tests scrape through); Serve
+    with its HTTP proxy on a free loopback port (the ``http_url`` fixture), so ingress
+    tests can call it over HTTP."""
     import socket
 
     import ray
@@ -23,19 +28,27 @@ def ray_cluster():
     from fleet.runtime.client import loopback_only
     from fleet.runtime.deploy import start_serve
 
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     loopback_only()
     ctx = ray.init(
         address="local",  # a cluster of its own, whatever `ray start` left registered
         num_cpus=4,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),  # not 8265: tests start clusters of their own too
         configure_logging=False,
         log_to_driver=False,
         namespace="fleet-tests",
+        # Metrics reach Ray's agent each second (Ray's default: 10 s), so tests that
+        # read them back wait seconds, not tens of seconds.
+        _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS},
     )
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     start_serve(http_port=port, http=True)
     os.environ["FLEET_TEST_HTTP_URL"] = f"http://127.0.0.1:{port}"
     yield ctx

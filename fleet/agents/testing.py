@@ -66,3 +66,28 @@ class PricedAgent(Agent):
     async def handle(self, task: Task) -> Any:
         await asyncio.sleep(self.delay_s)
         return Reply(task.payload, self.input_tokens, self.output_tokens, self.model)
+
+
+class DeepFailAgent(Agent):
+    """Raises ``ValueError`` from ``depth`` calls below ``handle``, in ``parse_reply``:
+    for tests of the traceback a failed result keeps (its raising frame is the last)."""
+
+    capabilities = ("deep_fail",)
+
+    def __init__(self, agent_id: str, depth: int = 3, **kwargs: Any):
+        super().__init__(agent_id, **kwargs)
+        self.depth = depth
+
+    async def handle(self, task: Task) -> Any:
+        return descend(self.depth, task.payload)
+
+
+def descend(depth: int, payload: Any) -> Any:
+    """``depth`` nested calls, then ``parse_reply``."""
+    if depth <= 0:
+        return parse_reply(payload)
+    return descend(depth - 1, payload)
+
+
+def parse_reply(payload: Any) -> Any:
+    raise ValueError(f"cannot parse the reply to {payload!r}")

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from fleet.runtime.client import init_ray
 
     spec = load_spec_or_exit(args.spec or demo_spec_path())
-    started = init_ray(args.address)
+    started = init_ray(args.address, log_format=spec.observability.log_format)
     try:
         result = run_workload(spec, args.tasks, args.seed, show=not args.quiet)
     finally:

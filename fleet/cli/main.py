@@ -28,6 +28,7 @@ COMMANDS = (
     "fleet.cli.chaos",
     "fleet.cli.keys",
     "fleet.cli.manage",
+    "fleet.cli.rules",
 )
 
 

@@ -19,17 +19,29 @@ def _say(args: argparse.Namespace, data: dict[str, Any], human: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fleet.runtime.client import FleetClient, init_ray
+    from fleet.runtime.client import FleetClient, dashboard_url, init_ray
     from fleet.runtime.fleets import pool_lines
 
     spec = load_spec_or_exit(args.spec)
-    init_ray(args.address)
+    init_ray(
+        args.address,
+        dashboard=not args.no_dashboard,
+        log_format=spec.observability.log_format,
+    )
     fc = FleetClient.start(spec, detached=args.detach, http=args.http)
     pools = [p.name for p in spec.pools]
+    url = dashboard_url()
     _say(
         args,
-        {"fleet": spec.name, "namespace": spec.namespace, "state": "running", "pools": pools},
-        f"fleet {spec.name} (namespace {spec.namespace}) running: pools {', '.join(pools)}",
+        {
+            "fleet": spec.name,
+            "namespace": spec.namespace,
+            "state": "running",
+            "pools": pools,
+            "dashboard_url": url,
+        },
+        f"fleet {spec.name} (namespace {spec.namespace}) running: pools {', '.join(pools)}"
+        + (f"; Ray dashboard at {url}" if url else ""),
     )
     if args.detach:
         return EXIT_OK
@@ -82,6 +94,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="leave the fleet running after this command exits (detached actors)",
     )
     p.add_argument("--http", action="store_true", help="start Serve's HTTP proxy on 127.0.0.1")
+    p.add_argument(
+        "--no-dashboard",
+        action="store_true",
+        help="start the local cluster without Ray's dashboard (it runs on 127.0.0.1 "
+        "otherwise; metrics are exported either way)",
+    )
     p.add_argument(
         "--duration-s", type=float, default=None, help="stop after this many seconds"
     )

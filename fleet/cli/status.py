@@ -28,6 +28,8 @@ def _human(st: dict) -> str:
     lines = [
         f"fleet {st['fleet']}: {'?' if recorded is None else recorded} outcome(s) recorded"
     ]
+    if st.get("dashboard_url"):
+        lines.append(f"  Ray dashboard: {st['dashboard_url']}")
     lines.extend(_control_lines(st.get("control", {}), st.get("unavailable", {})))
     for name, p in st["pools"].items():
         q = p.get("queue", {})
@@ -157,16 +159,16 @@ def _while_controller_restarts(fleet: str, namespace: str) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fleet.runtime.client import FleetClient, init_ray
+    from fleet.runtime.client import FleetClient, dashboard_url, init_ray
 
     init_ray(args.address or "auto")
     ref = resolve_fleet(args)
     partial = _while_controller_restarts(ref.name, ref.namespace)
     if partial is not None:
-        emit(args, partial, _human)
+        emit(args, {**partial, "dashboard_url": dashboard_url()}, _human)
         return EXIT_OK
     fc = FleetClient.connect(ref.name, ref.namespace)
-    emit(args, fc.status(), _human)
+    emit(args, {**fc.status(), "dashboard_url": dashboard_url()}, _human)
     return EXIT_OK
 
 

@@ -60,10 +60,18 @@ _DEADLINE_HEAP_MIN = 1024
 _tuple_new = tuple.__new__
 
 
-def _delivered_once_more(item: Item) -> Item:
+# ``_with_deliveries`` relies on this layout.
+assert Item._fields[-2:] == ("deliveries", "traceparent")
+
+
+def _with_deliveries(item: Item, deliveries: int) -> Item:
     # Item._replace(deliveries=...) costs ~4x more (keyword parsing, _make); this is
-    # the per-item hot path of lease. ``deliveries`` is Item's last field.
-    return _tuple_new(Item, (*item[:-1], item[-1] + 1))
+    # the per-item hot path of lease. ``deliveries`` is Item's last field but one.
+    return _tuple_new(Item, (*item[:-2], deliveries, item[-1]))
+
+
+def _delivered_once_more(item: Item) -> Item:
+    return _with_deliveries(item, item[-2] + 1)
 
 
 class QueueFull(Exception):
@@ -524,7 +532,7 @@ class LeaseQueue:
             item = self._lease_one(item, holder, expires)  # its ready entry is now stale
             d = named[k] if named is not None else None
             if d is not None and d > item.deliveries:
-                pending[i] = _tuple_new(Item, (*item[:-1], d))
+                pending[i] = _with_deliveries(item, d)
             n += 1
         return n
 

@@ -101,19 +101,24 @@ CREATE TABLE IF NOT EXISTS items (
     deadline_unix_s REAL,
     utility REAL,
     affinity_key TEXT,
-    deliveries INTEGER NOT NULL DEFAULT 0
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    traceparent TEXT
 )
 """
+# Columns added after a release, with their type: a file made before gets them on open
+# (NULL in its old rows, which load as the Item field's default, None).
+_ADDED_COLUMNS = (("traceparent", "TEXT"),)
+# The columns after ``seq`` are Item's fields, in order (rows are built with Item(*row)).
 _INSERT = (
     "INSERT INTO items (seq, id, capability, priority, payload, submitted_unix_s,"
-    " deadline_unix_s, utility, affinity_key, deliveries)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " deadline_unix_s, utility, affinity_key, deliveries, traceparent)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _DELETE = "DELETE FROM items WHERE seq = ?"
 _SET_DELIVERIES = "UPDATE items SET deliveries = ? WHERE seq = ?"
 _SELECT = (
     "SELECT seq, id, capability, priority, payload, submitted_unix_s, deadline_unix_s,"
-    " utility, affinity_key, deliveries FROM items ORDER BY seq"
+    " utility, affinity_key, deliveries, traceparent FROM items ORDER BY seq"
 )
 
 
@@ -143,6 +148,7 @@ class SqliteStorage:
         self.path = Path(path)
         self._db = open_wal(self.path, synchronous, cache_mib)  # one commit per batch
         self._db.execute(_SCHEMA)
+        _add_missing_columns(self._db)
         self._rows: dict[str, int] = {}  # task id -> seq of its row (filled by load)
         self._next_seq = (
             self._db.execute("SELECT MAX(seq) FROM items").fetchone()[0] or 0
@@ -234,6 +240,13 @@ class SqliteStorage:
             self.commit()
         finally:
             self._db.close()
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    have = {row[1] for row in db.execute("PRAGMA table_info(items)")}
+    for name, sql_type in _ADDED_COLUMNS:
+        if name not in have:
+            db.execute(f"ALTER TABLE items ADD COLUMN {name} {sql_type}")
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")

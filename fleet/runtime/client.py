@@ -13,12 +13,14 @@ from typing import Any
 import ray
 
 from fleet.ledger.store import SINCE_LIMIT
+from fleet.observability.logs import ray_job_config
 from fleet.runtime.enqueue import QueueFullError as QueueFullError  # submit raises it
 from fleet.runtime.enqueue import put_items
 from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.names import Names
 from fleet.security.redact import redactor_for
 from fleet.spec.fleet import FleetSpec
+from fleet.spec.observability import LogFormat
 from fleet.task import (
     IdempotencyConflict,
     Item,
@@ -41,37 +43,74 @@ REACH_TIMEOUT_S = 5.0  # how long the TCP probe of a cluster's address may take
 RAY_CLIENT_PORT = 10001  # ray://host without a port
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
+def init_ray(
+    address: str | None,
+    num_cpus: int | None = None,
+    dashboard: bool = True,
+    log_format: LogFormat | str = LogFormat.TEXT,
+) -> bool:
     """Join ``address`` or start a local cluster bound to loopback. True if we started it.
+
+    The local cluster runs Ray's dashboard on 127.0.0.1 (``dashboard=False``: none);
+    ``dashboard_url()`` tells where, for a joined cluster too. Ray's metrics agents
+    export fleet's metrics either way (``fleet.observability.metrics``).
 
     Without ``address``, ``RAY_ADDRESS`` names the cluster to join when it is set (as
     under ``ray job submit``, or after ``ray start --head``): Ray's own rule, so nothing
     of Ray's is patched then. Ray's token authentication is left at Ray's default;
     fleet never turns it off.
+
+    ``log_format`` (the spec's ``observability.log_format``): ``json`` has every worker
+    of this job (the fleet's actors and hosts it starts) log in Ray's JSON encoding
+    (``fleet.observability.logs.ray_job_config``); the driver's own logging is left as
+    it is. Workers' output stays in their log files (``log_to_driver=False``):
+    forwarded, every actor's lines would interleave on the CLI's stderr.
     """
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
+    job_config = ray_job_config(log_format)
     if address:
         _check_reachable(address)
-        ray.init(
+        ctx = ray.init(
             address=address,
             namespace="fleet",
             log_to_driver=False,
             logging_level=RAY_DRIVER_LOG_LEVEL,
+            job_config=job_config,
         )
+        _remember_dashboard(ctx)
         return False
     loopback_only()
-    ray.init(
+    ctx = ray.init(
         # "local": a new cluster, even when `ray start` left one registered here
         address="local",
         num_cpus=num_cpus,
-        include_dashboard=False,
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
         log_to_driver=False,
         namespace="fleet",
         logging_level=RAY_DRIVER_LOG_LEVEL,
+        job_config=job_config,
     )
+    _remember_dashboard(ctx)
     return True
+
+
+_dashboard: list[str] = []
+
+
+def _remember_dashboard(ctx: Any) -> None:
+    _dashboard.clear()
+    url = getattr(ctx, "dashboard_url", None)
+    if url:
+        _dashboard.append(url if "://" in url else f"http://{url}")
+
+
+def dashboard_url() -> str | None:
+    """The Ray dashboard of the cluster ``init_ray`` started or joined (None: it runs
+    none)."""
+    return _dashboard[0] if _dashboard else None
 
 
 def _check_reachable(address: str, timeout_s: float = REACH_TIMEOUT_S) -> None:

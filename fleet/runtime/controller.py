@@ -24,21 +24,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
 import ray
-from prometheus_client import CollectorRegistry, generate_latest
 from ray import serve
 
-from fleet.policy.autoscaling import ScalingInput, ScalingState, decide
+from fleet.observability.logs import CONTROL_LOG, log_event
+from fleet.observability.metrics import RaySink, Sink
+from fleet.observability.scrape import fleet_exposition
+from fleet.policy.autoscaling import ScalingDecision, ScalingInput, ScalingState, decide
 from fleet.policy.queue_alerts import AlertEvaluator
-from fleet.queue.metrics import QueueMetrics
 from fleet.queue.monitor import QueueMonitor
 from fleet.queue.storage import StorageError
-from fleet.runtime.budget_metrics import BudgetMetrics
+from fleet.runtime.control_metrics import ControlMetrics
 from fleet.runtime.control_store import (
     ControlSnapshot,
     PoolControl,
@@ -55,7 +57,6 @@ from fleet.runtime.lifecycle import (
     resume_after_restart,
 )
 from fleet.runtime.names import Names
-from fleet.runtime.pool_metrics import PoolMetrics
 from fleet.spec.fleet import FleetSpec
 
 TIMELINE_MAX_SAMPLES = 100_000
@@ -64,6 +65,27 @@ ALERT_LOG_MAX = 1_000
 # instead of stalling the loop (a call to an actor that died between the state read and
 # the call waits for its restart).
 READ_TIMEOUT_S = 5.0
+
+
+def log_scale(
+    pool: str, old: int, decision: ScalingDecision, queued: int | None, in_flight: int
+) -> None:
+    """Log a pool's agent count changing (``fleet.control``, INFO), with the policy's
+    reason and what it saw; a tick that holds the count logs nothing."""
+    if decision.agents == old:
+        return
+    log_event(
+        CONTROL_LOG,
+        logging.INFO,
+        "pool_scaled",
+        pool=pool,
+        old_agents=old,
+        new_agents=decision.agents,
+        reason=decision.reason,
+        raw_desired=decision.raw_desired,
+        queued=queued,
+        in_flight=in_flight,
+    )
 
 
 class ControlActorUnavailable(RuntimeError):
@@ -76,7 +98,9 @@ async def _unavailable(name: str, state: str) -> Any:
 
 @ray.remote(num_cpus=0)
 class Controller:
-    def __init__(self, spec: dict[str, Any], resume: bool = False):
+    def __init__(
+        self, spec: dict[str, Any], resume: bool = False, metrics_sink: Sink | None = None
+    ):
         """``resume``: carry on from the control store, as after a restart (``fleet
         apply`` replaces the controller this way)."""
         self.spec = FleetSpec.model_validate(spec)
@@ -129,16 +153,12 @@ class Controller:
         self._monitor = QueueMonitor()
         self._alerts = AlertEvaluator(self.spec.queues.alerts)
         self._alert_log: deque[dict[str, Any]] = deque(maxlen=ALERT_LOG_MAX)
-        self._registry = CollectorRegistry()
-        self._metrics = QueueMetrics(self._registry)
-        self._pool_metrics = PoolMetrics(self._registry)
-        self._health = FleetHealth(
-            self.spec.health,
-            [p.name for p in self.spec.pools],
-            self._registry,
-            on_alert=self._log_alert,
+        self._metrics = ControlMetrics(
+            self.spec, metrics_sink or RaySink(), resumed=restarted or resume
         )
-        self._budget_metrics = BudgetMetrics(self._registry)
+        self._health = FleetHealth(
+            self.spec.health, [p.name for p in self.spec.pools], on_alert=self._log_alert
+        )
         self._budget_snapshot: dict[str, Any] | None = None
         self._budget_alerts: deque[dict[str, Any]] = deque(maxlen=ALERT_LOG_MAX)
         self._dispatcher: Any = None  # looked up by name when first needed
@@ -213,7 +233,6 @@ class Controller:
         await self._watch_budgets(states)
         dispatcher = await self._dispatcher_handle(states)
         disp = await self._call_dispatcher(self._read(dispatcher.stats.remote()))
-        self._pool_metrics.update(disp)
         # serve.status() blocks on Serve's controller: keep it off this actor's loop.
         hosts = await asyncio.get_running_loop().run_in_executor(None, self._host_states)
         self._hosts.update(hosts)
@@ -222,12 +241,20 @@ class Controller:
             known = len(stats) == len(queue_stats[p.capability])
             depth = sum(s["depth"] for s in stats)
             in_flight = disp.get(p.name, {}).get("in_flight", 0)
+            old = self._agents[p.name]
             decision, self._state[p.name] = decide(
                 p.autoscaling,
-                ScalingInput(now, self._agents[p.name], depth if known else None, in_flight),
+                ScalingInput(now, old, depth if known else None, in_flight),
                 self._state[p.name],
             )
             self._agents[p.name] = decision.agents
+            log_scale(p.name, old, decision, depth if known else None, in_flight)
+            self._metrics.pool(
+                p.name,
+                decision.agents,
+                disp.get(p.name, {}),
+                self._health.pool_status(p.name),
+            )
             # The timeline records what Serve reported (the last report if this tick's
             # failed), never the desired count in its place: a trace must show hosts
             # lagging the decision, and a pool with no running host as 0.
@@ -275,6 +302,7 @@ class Controller:
             return {}
         self._last.pop("_control_error", None)
         self._control = states
+        self._metrics.control_actors(states)
         events = self._restarts.observe(states, now)
         for event in events:
             self._log_alert(event)
@@ -357,14 +385,13 @@ class Controller:
             for st in stats:
                 if isinstance(st, dict):
                     self._monitor.observe(cap, st["shard"], st, now)
-                    self._metrics.update_from_stats(cap, st["shard"], st)
+                    self._metrics.shard(cap, st["shard"], st)
         report = self._monitor.report(now)
-        for health in report.values():
-            self._metrics.update_from_health(health)
         for event in self._alerts.evaluate(self._monitor.observations(now, report), now):
             self._log_alert(event)
-        self._health.update_metrics()
-        self._metrics.update_alerts(self._active_alerts())
+        self._health.observe()
+        self._metrics.guard(self._health.guard.state.value)
+        self._metrics.alerts(self._active_alerts())
         self._queue_report = {q: h.to_dict() for q, h in report.items()}
 
     def _log_alert(self, event: Any) -> None:
@@ -402,14 +429,13 @@ class Controller:
             self._last["_budget_error"] = {"error": repr(exc), "t": time.time()}
             return
         self._budget_snapshot = snap
-        self._budget_metrics.update(snap)
-        for a in alerts:
-            self._budget_alerts.append(a)
-            self._budget_metrics.alert(a["threshold"])
+        self._metrics.budgets(snap)
+        self._budget_alerts.extend(alerts)
 
     async def metrics_text(self) -> str:
-        """The fleet's Prometheus metrics in the text exposition format."""
-        return generate_latest(self._registry).decode()
+        """The fleet's metrics as Ray's metrics agents serve them (every live node's,
+        this session's ``ray_fleet_*`` families), in the text exposition format."""
+        return await asyncio.get_running_loop().run_in_executor(None, fleet_exposition)
 
     async def alerts(self) -> dict[str, Any]:
         return {

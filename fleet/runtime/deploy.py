@@ -10,6 +10,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.util.placement_group import placement_group, remove_placement_group
 
+from fleet.observability.logs import serve_logging_options
 from fleet.queue.storage import check_writable, fleet_directory
 from fleet.runtime.budget_actor import BudgetActor
 from fleet.runtime.controller import Controller
@@ -79,6 +80,9 @@ def host_deployment_options(spec: FleetSpec, pool: PoolSpec) -> dict[str, Any]:
             },
             request_routing_stats_period_s=1.0,
         ),
+        # Serve's own logs of the hosts in the fleet's log format (fleet's loggers
+        # follow the job's logging config: fleet.runtime.client.init_ray).
+        **serve_logging_options(spec.observability.log_format),
     }
 
 
@@ -145,6 +149,8 @@ def deploy_pool(spec: FleetSpec, pool: PoolSpec) -> None:
             spec.health.model_dump(mode="json"),
             (names.budget, ns) if spec.budgets.enforced else None,
             spec.results.max_output_bytes,
+            spec.observability.model_dump(mode="json"),
+            sorted(spec.budgets.tenants),
         )
     )
     serve.run(app, name=names.pool_app(pool.name), route_prefix=None)

@@ -451,6 +451,7 @@ class Dispatcher:
                 items,
                 ps.per_host_agents,
                 (self.names.dispatcher, self.spec.namespace, ps.spec.name, bid),
+                time.time(),
             )
         except Exception as exc:  # host died or was removed: settle the batch now
             free()

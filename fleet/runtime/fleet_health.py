@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
-
 from fleet.policy.health import AgentState, CascadeGuard, EventKind, GuardState, HealthEvent
 from fleet.policy.queue_alerts import ActiveAlert, AlertEvent, AlertKind
 from fleet.spec.health import HealthSpec
@@ -32,62 +30,6 @@ CASCADE_ALERT = "agent_cascade"
 CASCADE_SEVERITY = "critical"
 FLEET_SUBJECT = "fleet"
 _GUARD_LEVEL = {GuardState.CLOSED: 0, GuardState.HALF_OPEN: 1, GuardState.OPEN: 2}
-
-
-class HealthMetrics:
-    """Prometheus metrics for agent health, on the controller's registry."""
-
-    def __init__(self, registry: CollectorRegistry, prefix: str = "fleet"):
-        kw: dict[str, Any] = {"registry": registry}
-        self.agents = Gauge(
-            f"{prefix}_agents",
-            "Logical agents per pool and health state "
-            "(breaker_ejected: held out by routing breakers).",
-            ("pool", "state"),
-            **kw,
-        )
-        self.failures = Counter(
-            f"{prefix}_agent_failures",
-            "Agent failures detected, by reason.",
-            ("pool", "reason"),
-            **kw,
-        )
-        self.restarts = Counter(
-            f"{prefix}_agent_restarts", "Agent restarts inside hosts.", ("pool",), **kw
-        )
-        self.guard_state = Gauge(
-            f"{prefix}_cascade_guard_state",
-            "Fleet cascade guard: 0 closed, 1 half-open, 2 open.",
-            **kw,
-        )
-        self.guard_granted = Gauge(
-            f"{prefix}_cascade_restarts_granted",
-            "Restart permits the fleet cascade guard granted (cumulative).",
-            **kw,
-        )
-        self.guard_throttled = Gauge(
-            f"{prefix}_cascade_restarts_throttled",
-            "Restart permits the fleet cascade guard refused (cumulative).",
-            **kw,
-        )
-        self._last: dict[str, dict[str, int]] = {}  # host -> cumulative totals seen
-
-    def advance(self, pool: str, host: str, report: dict[str, Any]) -> None:
-        """Counters from a host's cumulative totals (a new host starts from zero)."""
-        last = self._last.setdefault(host, {})
-        totals = {f"failures:{r}": n for r, n in report.get("failures", {}).items()}
-        totals["restarts"] = report.get("restarts", 0)
-        for k, total in totals.items():
-            inc = total - last.get(k, 0)
-            if inc > 0:
-                if k == "restarts":
-                    self.restarts.labels(pool).inc(inc)
-                else:
-                    self.failures.labels(pool, k.split(":", 1)[1]).inc(inc)
-            last[k] = max(total, last.get(k, 0))
-
-    def forget(self, host: str) -> None:
-        self._last.pop(host, None)
 
 
 class FleetHealth:
@@ -101,7 +43,6 @@ class FleetHealth:
         self,
         spec: HealthSpec,
         pools: Iterable[str],
-        registry: CollectorRegistry,
         on_alert: Callable[[AlertEvent], None] = lambda e: None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -115,14 +56,12 @@ class FleetHealth:
         ] = {}  # host: (t, pool, report)
         self._alert: ActiveAlert | None = None
         self._failing = self._total = 0
-        self.metrics = HealthMetrics(registry)
 
     # -- reports in, verdicts out ---------------------------------------------------
     def host_report(self, pool: str, report: dict[str, Any]) -> dict[str, Any]:
         """Take one host's report; answer with the guard's state and its permits."""
         now = self._clock()
         self._hosts[report["host"]] = (now, pool, report)
-        self.metrics.advance(pool, report["host"], report)
         for _ in range(int(report.get("probe_failed", 0))):
             self.guard.probe_failed(now)
         for _ in range(int(report.get("probe_ok", 0))):
@@ -140,7 +79,6 @@ class FleetHealth:
         now = self._clock() if now is None else now
         for h in [h for h, (t, _, _) in self._hosts.items() if now - t > HOST_REPORT_TTL_S]:
             del self._hosts[h]
-            self.metrics.forget(h)
         failing = sum(r.get("failing", 0) for _, _, r in self._hosts.values())
         total = sum(r.get("total", 0) for _, _, r in self._hosts.values())
         self._failing, self._total = failing, total
@@ -218,18 +156,5 @@ class FleetHealth:
             "alert": self._alert is not None,
         }
 
-    def update_metrics(self) -> None:
-        """Set the gauges (each control tick)."""
-        now = self._clock()
-        self.observe(now)
-        for pool in self.pools:
-            st = self.pool_status(pool)
-            for s in AgentState:
-                self.metrics.agents.labels(pool, s.value).set(st[s.value])
-            self.metrics.agents.labels(pool, "breaker_ejected").set(st["breaker_ejected"])
-        self.metrics.guard_state.set(_GUARD_LEVEL[self.guard.state])
-        self.metrics.guard_granted.set(self.guard.granted)
-        self.metrics.guard_throttled.set(self.guard.throttled)
 
-
-__all__ = ["CASCADE_ALERT", "FleetHealth", "HealthMetrics"]
+__all__ = ["CASCADE_ALERT", "FleetHealth"]

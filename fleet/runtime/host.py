@@ -32,12 +32,16 @@ hot path.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 import uuid
 from typing import Any
 
 from fleet.agent import Agent
+from fleet.observability.logs import TASK_LOG, log_event
+from fleet.observability.metrics import Sink, TenantLabels
+from fleet.observability.tracing import TaskTracer
 from fleet.policy.host import HostCore, TickActions
 from fleet.policy.routing import RoutingHint
 from fleet.runtime import host_views
@@ -45,12 +49,14 @@ from fleet.runtime.budget_client import BudgetClient, Grant
 from fleet.runtime.host_agents import AgentSet
 from fleet.runtime.host_batches import PROGRESS_AFTER_S, Batch, BatchReport, Recorder, Reporter
 from fleet.runtime.host_budget import BUDGET_REQUEUE, REASON_BUDGET_EXHAUSTED, BudgetGate
-from fleet.runtime.host_outcomes import MAX_ERROR_CHARS, run_on_agent
+from fleet.runtime.host_metrics import HostMetrics
+from fleet.runtime.host_outcomes import max_error_chars, run_on_agent
 from fleet.runtime.host_slots import SlotFutures
 from fleet.runtime.imports import import_object
 from fleet.security.redact import Redactor, pool_secret_values, redact_logs
 from fleet.spec.budgets import ModelPrice
 from fleet.spec.health import HealthSpec
+from fleet.spec.observability import ObservabilitySpec
 from fleet.spec.pools import PoolSpec
 from fleet.spec.resilience import ResilienceSpec
 from fleet.spec.results import DEFAULT_MAX_OUTPUT_BYTES
@@ -90,14 +96,18 @@ class AgentHost:
         health: dict[str, Any] | None = None,
         budget: tuple[str, str] | None = None,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+        observability: dict[str, Any] | None = None,
+        metric_tenants: list[str] | None = None,
         clock: Any = time.monotonic,
         rng: random.Random | None = None,
         autotick: bool = True,
+        metrics_sink: Sink | None = None,
     ):
         self.pool = PoolSpec.model_validate(pool)
         redact_logs(Redactor(pool_secret_values(self.pool)))
         self.resilience = ResilienceSpec.model_validate(resilience or {})
         self.health_spec = HealthSpec.model_validate(health or {})
+        self.observability = ObservabilitySpec.model_validate(observability or {})
         self.prices = {k: ModelPrice.model_validate(v) for k, v in (prices or {}).items()}
         self.host_id = f"{self.pool.name}/{_replica_id()}"
         self._controller_ref = controller
@@ -127,7 +137,15 @@ class AgentHost:
             self.host_id,
             BudgetClient(budget) if budget else None,
         )
-        self.recorder = Recorder(self.host_id, ledger)
+        # Tenants with a label value of their own: the spec's (deploy passes them).
+        self.metrics = HostMetrics(
+            self.pool.name,
+            TenantLabels((*self.observability.metric_tenants, *(metric_tenants or ()))),
+            metrics_sink,
+        )
+        # Spans of sampled tasks (a real tracer provider only: else one check per batch).
+        self.tracer = TaskTracer.from_spec(self.observability.tracing)
+        self.recorder = Recorder(self.host_id, ledger, self.metrics, self.tracer)
         self.reporter = Reporter()
         self._work: dict[asyncio.Task[Any], tuple[Item, Batch]] = {}  # not abandoned
         self._loop_task: asyncio.Task[None] | None = None
@@ -178,6 +196,8 @@ class AgentHost:
             now = self.clock()
             act = self.core.tick(now, last)
             last = now
+            self.metrics.breaker_counts(self.core.breakers.log.counts)
+            self.metrics.flush()
             for t in act.cancel:
                 t.cancel()  # type: ignore[attr-defined]  # the keys are asyncio tasks
             for t, age_s in act.abandon:
@@ -190,6 +210,7 @@ class AgentHost:
         items: list[Item],
         active_agents: int | None = None,
         progress: tuple[str, str, str, int] | None = None,
+        sent_unix_s: float | None = None,
     ) -> BatchReport:
         """Run a batch, recording each item's final outcome in the ledger as soon as it
         finishes; reply once every item is recorded or handed back for a retry.
@@ -197,8 +218,13 @@ class AgentHost:
         The dispatcher acks an item only once it is recorded: from this reply, or
         earlier from a progress report (``progress`` is (dispatcher actor name,
         namespace, pool, batch id)). Failures to retry come back in the report with
-        their delays.
+        their delays. ``sent_unix_s``: when the dispatcher sent the batch (its queue
+        wait and dispatch overhead are measured from it).
         """
+        received = time.time()
+        self.metrics.batch_arrived(items, sent_unix_s, received)
+        if self.tracer.enabled:
+            self._trace(items, received if sent_unix_s is None else sent_unix_s, received)
         if active_agents is not None:
             self.set_active(active_agents)
         loop = asyncio.get_running_loop()
@@ -228,6 +254,14 @@ class AgentHost:
         return BatchReport(
             len(batch.recorded_ids), batch.retry_ids, batch.delays, host_views.pool_stats(self)
         )
+
+    def _trace(self, items: list[Item], sent: float, received: float) -> None:
+        """Note the sampled tasks: their spans are made once their outcome is recorded
+        (``Recorder``); tasks handed back for a retry are traced on their next run."""
+        wants, traced = self.tracer.wants, self.recorder.traced
+        for it in items:
+            if wants(it):
+                traced[it.id] = (it, sent, received)
 
     async def _run_item(self, item: Item, batch: Batch) -> None:
         cur: Any = asyncio.current_task()
@@ -271,7 +305,8 @@ class AgentHost:
         if r.delay_s is not None:
             return o, r.delay_s
         if r.reason != o.reason:
-            o = o._replace(reason=r.reason, error=(r.error or "")[:MAX_ERROR_CHARS])
+            cap = max_error_chars(self.observability.traceback_chars)
+            o = o._replace(reason=r.reason, error=(r.error or "")[:cap])
         return o, None
 
     async def _run_one(self, item: Item, cur: Any) -> Outcome:
@@ -299,13 +334,21 @@ class AgentHost:
         except asyncio.CancelledError:
             core.leave(cur)
             self.failed += 1  # timed out waiting for an agent: no agent to blame
-            return failed_outcome(
-                item,
-                "timeout",
+            error = (
                 f"exceeded task_timeout_s={self.resilience.task_timeout_s} "
-                "waiting for a free agent",
-                self.pool.name,
+                "waiting for a free agent"
             )
+            log_event(
+                TASK_LOG,
+                logging.WARNING,
+                "task_failed",
+                task_id=item.id,
+                pool=self.pool.name,
+                reason="timeout",
+                delivery=item.deliveries,
+                error=error,
+            )
+            return failed_outcome(item, "timeout", error, self.pool.name)
         core.start(cur, i, item.id)
         t0 = self.clock()  # the core's time: task latencies feed EWMAs and breakers
         ok = False
@@ -336,17 +379,25 @@ class AgentHost:
         on = self.core.watch.on.get(t)
         agent_id = self.core.agents[on[0]].id if on is not None and on[0] >= 0 else None
         limit = self.resilience.task_timeout_s
+        error = (
+            f"exceeded task_timeout_s={limit} and ignored cancellation for "
+            f"{age_s - limit:.1f} s: abandoned (its agent is restarted)"
+        )
+        log_event(
+            TASK_LOG,
+            logging.WARNING,
+            "task_failed",
+            task_id=item.id,
+            pool=self.pool.name,
+            agent_id=agent_id,
+            reason="timeout",
+            delivery=item.deliveries,
+            error=error,
+        )
         try:
             self._settle(
                 item,
-                failed_outcome(
-                    item,
-                    "timeout",
-                    f"exceeded task_timeout_s={limit} and ignored cancellation for "
-                    f"{age_s - limit:.1f} s: abandoned (its agent is restarted)",
-                    self.pool.name,
-                    agent_id,
-                ),
+                failed_outcome(item, "timeout", error, self.pool.name, agent_id),
                 batch,
                 final=True,
             )

@@ -7,15 +7,22 @@ one is needed (or while one restarts). Restarts and pings run as background task
 host's event loop; what they learn goes back to the core (``heartbeat``,
 ``restart_done``, ``restart_failed``), and ``on_change`` has the host apply whatever the
 core decided on it.
+
+The agents' lives are logged on ``fleet.control``: each restart (and a restart that
+failed), and what the breakers decide (``BreakerLogger``: an agent ejected, readmitted,
+an ejection the cap denied, panic mode).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from fleet.agent import Agent
+from fleet.observability.logs import CONTROL_LOG, log_event
+from fleet.policy.breaker import BreakerEvent, BreakerState, EventKind
 from fleet.policy.host import HostCore
 from fleet.runtime.host_outcomes import error_text
 from fleet.spec.health import HealthSpec
@@ -27,6 +34,46 @@ def custom_heartbeat(agent: Agent) -> bool:
     """The agent beats on its own (overrides ``Agent.heartbeat``); the core beats for
     the others."""
     return type(agent).heartbeat is not Agent.heartbeat
+
+
+class BreakerLogger:
+    """A breaker listener (``fleet.policy.breaker.BreakerListener``) logging the
+    breakers' decisions: an agent breaker opening is an ejection (WARNING), closing a
+    readmission (INFO); a dependency breaker the same as ``dependency_open`` and
+    ``dependency_closed``. Half-open turns are probes, not decisions: not logged."""
+
+    def __init__(self, pool: str):
+        self.pool = pool
+
+    def on_breaker_event(self, event: BreakerEvent) -> None:
+        kind, new = event.kind, event.new
+        fields: dict[str, Any] = {}
+        if kind is EventKind.TRANSITION:
+            if new is BreakerState.HALF_OPEN:
+                return
+            opened = new is BreakerState.OPEN
+            level = logging.WARNING if opened else logging.INFO
+            what, _, name = event.name.partition(":")  # "agent:<id>" | "dependency:<name>"
+            if what == "agent":
+                name_event = "agent_ejected" if opened else "agent_readmitted"
+                fields["agent_id"] = name
+            else:
+                name_event = "dependency_open" if opened else "dependency_closed"
+                fields["dependency"] = name or event.name
+        else:  # ejection_denied, panic_start, panic_end
+            name_event = kind.value
+            level = logging.INFO if kind is EventKind.PANIC_END else logging.WARNING
+            fields["breaker"] = event.name
+        log_event(
+            CONTROL_LOG,
+            level,
+            name_event,
+            pool=self.pool,
+            **fields,
+            old=event.old.value if event.old is not None else None,
+            new=new.value if new is not None else None,
+            reason=event.reason or None,
+        )
 
 
 class AgentSet:
@@ -49,6 +96,9 @@ class AgentSet:
         self.instances: list[Agent | None] = [None] * len(core.agents)
         self._bg: set[asyncio.Task[Any]] = set()  # restarts and heartbeat pings
         self._pinging: set[int] = set()
+        self.pool = core.host_id.rsplit("/", 1)[0]  # host ids are "<pool>/<replica>"
+        # The shell of the agents' lives hears the breakers' ejections too, to log them.
+        core.breakers.registry.add_listener(BreakerLogger(self.pool))
 
     async def get(self, i: int) -> Agent:
         """Agent i, made and set up first if it does not exist."""
@@ -111,8 +161,26 @@ class AgentSet:
             self.core.heartbeat(i)
             self._on_change()
 
+    def _restart_reason(self, agent_id: str) -> str | None:
+        """Why health restarts the agent: the reason of its newest health event that
+        gives one (restarts are rare: a scan of the kept events is cheap)."""
+        for e in reversed(self.core.health.events.events):
+            if e.subject == agent_id and e.reason:
+                return e.reason
+        return None
+
     async def _restart(self, i: int, attempt: int) -> None:
         """A new instance of agent i, set up again; in service once it reports."""
+        agent_id = self.core.agents[i].id
+        log_event(
+            CONTROL_LOG,
+            logging.WARNING,
+            "agent_restart",
+            pool=self.pool,
+            agent_id=agent_id,
+            attempt=attempt,
+            reason=self._restart_reason(agent_id),
+        )
         self.drop(i)  # the core beats for it until it is back
         try:
             agent = self._new(i)
@@ -121,6 +189,15 @@ class AgentSet:
                 await asyncio.wait_for(agent.heartbeat(), self.health.heartbeat_interval_s)
         except Exception as exc:
             text = error_text(exc, RESTART_ERROR_CHARS)
+            log_event(
+                CONTROL_LOG,
+                logging.WARNING,
+                "agent_restart_failed",
+                pool=self.pool,
+                agent_id=agent_id,
+                attempt=attempt,
+                error=text,
+            )
             self.core.restart_failed(i, f"restart {attempt} failed: {text}")
             self._on_change()
             return

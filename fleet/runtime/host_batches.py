@@ -24,8 +24,10 @@ from typing import Any, NamedTuple
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 
+from fleet.observability.tracing import TaskTimes, TaskTracer
 from fleet.policy.backoff import backoff_wait
 from fleet.policy.host import RecordBuffers
+from fleet.runtime.host_metrics import HostMetrics
 from fleet.spec.backoff import BackoffSpec
 from fleet.task import Item, Outcome, is_idempotent_id, payload_hash
 
@@ -128,8 +130,18 @@ class Recorder:
     first use; without one, recording raises (the batch fails, it does not hang).
     """
 
-    def __init__(self, host_id: str, ledger: tuple[str, str, int] | None):
+    def __init__(
+        self,
+        host_id: str,
+        ledger: tuple[str, str, int] | None,
+        metrics: HostMetrics | None = None,
+        tracer: TaskTracer | None = None,
+    ):
         self.host_id = host_id
+        self.metrics = metrics
+        self.tracer = tracer
+        # Sampled tasks in flight: id -> (item, sent, received) (``AgentHost._trace``).
+        self.traced: dict[str, tuple[Item, float, float]] = {}
         self._ref = ledger
         self.client: Any = None  # a LedgerClient
         self._buffers: RecordBuffers | None = None
@@ -143,6 +155,10 @@ class Recorder:
         if retry_after_s is not None:
             batch.retry_ids.append(item.id)
             batch.delays.append(retry_after_s)
+            if self.metrics is not None:
+                self.metrics.retried(o.reason)
+                self.metrics.forget((item.id,))
+            self.traced.pop(item.id, None)
             # This delivery ran no duplicate: tell the ledger with the next records.
             self.add(item.id, None, batch)
             batch.settled()
@@ -211,10 +227,36 @@ class Recorder:
                 if o is not None:
                     b.failed(exc)  # each batch fails once its other items are settled
             return
+        now = time.time()
+        if self.metrics is not None and outcomes:
+            self.metrics.recorded(outcomes, now)
+        if self.traced and self.tracer is not None:
+            self._spans(outcomes, now)
         for tid, o, b in entries:
             if o is not None:
                 b.recorded_ids.append(tid)
                 b.settled()
+
+    def _spans(self, outcomes: list[Outcome], recorded: float) -> None:
+        assert self.tracer is not None
+        for o in outcomes:
+            t = self.traced.pop(o.task_id, None)
+            if t is not None:
+                item, sent, received = t
+                self.tracer.emit(
+                    item,
+                    TaskTimes(
+                        item.submitted_unix_s,
+                        sent,
+                        received,
+                        o.started_unix_s,
+                        o.finished_unix_s,
+                        recorded,
+                    ),
+                    o.pool,
+                    "completed" if o.ok else "failed",
+                    o.reason,
+                )
 
 
 class Reporter:

@@ -7,14 +7,20 @@ budget: the agent is parked (``HostCore.park``) and the task tries another agent
 when every agent here is parked, the task goes back to the queue (``BUDGET_REQUEUE``)
 for another host or for later. Refused by a shared budget (fleet, pool, tenant): no
 agent may run it, the task fails with ``budget_exhausted``.
+
+Refusals are logged on ``fleet.control``: a shared budget's at WARNING (the task fails),
+an agent parked or a task sent back to the queue at INFO, the budget actor unreachable
+at WARNING.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import orjson
 
+from fleet.observability.logs import CONTROL_LOG, log_event
 from fleet.policy.host import HostCore
 from fleet.policy.routing import RoutingHint
 from fleet.runtime.budget_client import BudgetClient, Grant, tenant_of
@@ -74,6 +80,14 @@ class BudgetGate:
                 i = await self.slots.acquire(hint)
             except _AllParked:  # every agent here is out of its own budget
                 self._requeue_after.setdefault(item.id, core.parking.retry_after_s)
+                log_event(
+                    CONTROL_LOG,
+                    logging.INFO,
+                    "budget_requeue",
+                    task_id=item.id,
+                    pool=self.pool,
+                    host_id=self.host_id,
+                )
                 return failed_outcome(
                     item,
                     BUDGET_REQUEUE,
@@ -88,6 +102,15 @@ class BudgetGate:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 # The budget actor is unavailable: fail retryably, nothing runs unbooked.
+                log_event(
+                    CONTROL_LOG,
+                    logging.WARNING,
+                    "budget_unavailable",
+                    task_id=item.id,
+                    pool=self.pool,
+                    agent_id=agent_id,
+                    error=repr(exc),
+                )
                 return failed_outcome(
                     item, "error", repr(exc)[:MAX_ERROR_CHARS], self.pool, agent_id
                 )
@@ -95,10 +118,32 @@ class BudgetGate:
                 return i, g
             if not g.retry_elsewhere:
                 self.slots.hand(core.release(i))
+                log_event(
+                    CONTROL_LOG,
+                    logging.WARNING,
+                    "budget_refused",
+                    task_id=item.id,
+                    pool=self.pool,
+                    agent_id=agent_id,
+                    tenant=tenant,
+                    scope=g.scope,
+                    detail=g.detail,
+                )
                 return failed_outcome(
                     item, REASON_BUDGET_EXHAUSTED, g.detail, self.pool, agent_id
                 )
             after_s, evicted = core.park(i, g.retry_after_s)
+            log_event(
+                CONTROL_LOG,
+                logging.INFO,
+                "agent_parked",
+                task_id=item.id,
+                pool=self.pool,
+                agent_id=agent_id,
+                parked_s=after_s,
+                scope=g.scope,
+                detail=g.detail,
+            )
             asyncio.get_running_loop().call_later(after_s, self._unpark, i)
             for fut in evicted:  # tasks waiting for a slot here: none will come
                 if not fut.done():

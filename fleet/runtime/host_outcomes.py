@@ -9,13 +9,18 @@ checked and priced. The reasons a run fails with:
 - ``timeout``: cancelled by the host's watchdog, past ``task_timeout_s``;
 - ``bad_output``: the reply's output is not JSON;
 - ``output_too_large``: its JSON is over ``results.max_output_bytes``;
-- ``error``: the agent (or its setup) raised; the exception's text, cut to
-  ``MAX_ERROR_CHARS``. The host lives on.
+- ``error``: the agent (or its setup) raised; the exception's one-line text, cut to
+  ``MAX_ERROR_CHARS``, then its traceback, cut to ``observability.traceback_chars``
+  (``failure_text``). The host lives on.
+
+Each failed run is logged on ``fleet.task`` at WARNING, with its task id, pool, agent,
+reason and error (``fleet.observability.logs``); a completed one is not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import traceback
 from typing import TYPE_CHECKING
@@ -23,6 +28,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from fleet.agent import Reply
+from fleet.observability.logs import TASK_LOG, log_event
 from fleet.task import Item, Outcome, Task, failed_outcome, item_to_task
 
 if TYPE_CHECKING:
@@ -30,11 +36,58 @@ if TYPE_CHECKING:
 
 MAX_ERROR_CHARS = 2000
 REASON_OUTPUT_TOO_LARGE = "output_too_large"
+TRUNCATED = "... [{n} chars truncated]\n"  # where a traceback's head was cut
+# Room for what a retry verdict puts before a failure's text ("max_attempts after
+# attempt 3: error: ", ``fleet.policy.host.Retries``) and for the truncation marker.
+ERROR_PREFIX_CHARS = 200
 
 
 def error_text(exc: BaseException, limit: int = MAX_ERROR_CHARS) -> str:
     """An exception's one-line text (type and message), cut to ``limit`` characters."""
     return "".join(traceback.format_exception_only(exc)).strip()[:limit]
+
+
+def failure_text(exc: BaseException, traceback_chars: int) -> str:
+    """What a failed result keeps of an agent's exception: ``error_text``, then its
+    formatted traceback (chained causes included) cut to its last ``traceback_chars``
+    characters, where the raising frame is, behind a ``TRUNCATED`` marker naming how
+    much went. ``traceback_chars`` 0: the one line alone.
+
+    The one-line text comes first: retry rules match the exception's name at the start
+    (``fleet.policy.retry.error_name``), and listings show the first line."""
+    line = error_text(exc)
+    if traceback_chars <= 0:
+        return line
+    tb = "".join(traceback.format_exception(exc)).rstrip("\n")
+    if len(tb) > traceback_chars:
+        cut = len(tb) - traceback_chars
+        tb = TRUNCATED.format(n=cut) + tb[cut:]
+    return f"{line}\n{tb}"
+
+
+def max_error_chars(traceback_chars: int) -> int:
+    """The longest error text a failed result of a host with ``traceback_chars`` may
+    carry, a retry verdict's prefix included: a cap that never cuts a traceback."""
+    return MAX_ERROR_CHARS + traceback_chars + ERROR_PREFIX_CHARS
+
+
+def _failed(
+    host: AgentHost, item: Item, reason: str, error: str, agent_id: str, started: float
+) -> Outcome:
+    """A failed run's outcome, logged (once: the one place a run's failure is made)."""
+    pool = host.pool.name
+    log_event(
+        TASK_LOG,
+        logging.WARNING,
+        "task_failed",
+        task_id=item.id,
+        pool=pool,
+        agent_id=agent_id,
+        reason=reason,
+        delivery=item.deliveries,
+        error=error,
+    )
+    return failed_outcome(item, reason, error, pool, agent_id, started)
 
 
 async def run_on_agent(host: AgentHost, i: int, item: Item, task: Task | None) -> Outcome:
@@ -51,12 +104,12 @@ async def run_on_agent(host: AgentHost, i: int, item: Item, task: Task | None) -
             reply = Reply(reply)
         output = orjson.dumps(reply.output)
         if len(output) > host.max_output_bytes:
-            return failed_outcome(
+            return _failed(
+                host,
                 item,
                 REASON_OUTPUT_TOO_LARGE,
                 f"output is {len(output)} bytes encoded, over results.max_output_bytes"
                 f"={host.max_output_bytes}",
-                pool,
                 agent_id,
                 started,
             )
@@ -68,17 +121,18 @@ async def run_on_agent(host: AgentHost, i: int, item: Item, task: Task | None) -
             reply.input_tokens, reply.output_tokens, cost,
         )  # fmt: skip
     except asyncio.CancelledError:
-        return failed_outcome(
+        return _failed(
+            host,
             item,
             "timeout",
             f"exceeded task_timeout_s={host.resilience.task_timeout_s}",
-            pool,
             agent_id,
             started,
         )
     except orjson.JSONEncodeError as exc:
-        return failed_outcome(
-            item, "bad_output", f"output is not JSON: {exc}", pool, agent_id, started
+        return _failed(
+            host, item, "bad_output", f"output is not JSON: {exc}", agent_id, started
         )
     except Exception as exc:  # the agent's own failure: recorded, the host lives on
-        return failed_outcome(item, "error", error_text(exc), pool, agent_id, started)
+        text = failure_text(exc, host.observability.traceback_chars)
+        return _failed(host, item, "error", text, agent_id, started)

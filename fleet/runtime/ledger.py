@@ -234,7 +234,8 @@ def _summarize_rows(rows: list[tuple[Any, ...]], lost: int) -> dict[str, Any]:
         "completed": len(rows) - len(failed),
         "lost": lost,
         "failure_reasons": Counter(r[1] or "error" for r in failed),
-        "sample_errors": [r[2] for r in failed[:3]],
+        # First lines: an agent's error carries its traceback after the first line.
+        "sample_errors": [r[2] and r[2].partition("\n")[0] for r in failed[:3]],
         "duplicate_executions": sum(r[9] for r in rows),
         "redelivered": sum(1 for r in rows if r[3] > 1),
         "latencies": [r[5] - r[4] for r in rows],

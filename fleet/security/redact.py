@@ -122,3 +122,11 @@ def redact_logs(redactor: Redactor) -> None:
         return record
 
     logging.setLogRecordFactory(redacting)
+
+
+def redact_log_text(s: str) -> str:
+    """``s`` with the secrets ``redact_logs`` removes from log messages (unchanged before
+    it is installed). For what a record carries besides its message: ``extra=``
+    attributes are set after the record factory has run, so it never sees them."""
+    r = _log_redactor
+    return s if r is None else r.text(s)

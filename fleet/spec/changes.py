@@ -42,7 +42,7 @@ _FIXED_LEAVES = {
 # What the budget actor reads besides ``budgets``: a change replaces it too.
 _BUDGET_READS = ("budgets", "resilience.task_timeout_s")
 # Host init arguments besides the pool's own dict: a change rolls every pool's hosts.
-_HOST_WIDE = ("resilience", "health", "budgets", "results")
+_HOST_WIDE = ("resilience", "health", "budgets", "results", "observability")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from fleet.spec.budgets import BudgetsSpec, check_budget_covers
 from fleet.spec.consensus import ConsensusSpec
 from fleet.spec.health import HealthSpec
 from fleet.spec.ingress import IngressSpec
+from fleet.spec.observability import ObservabilitySpec
 from fleet.spec.pools import Name, PoolSpec
 from fleet.spec.queues import QueueSpec
 from fleet.spec.resilience import ResilienceSpec
@@ -42,6 +43,7 @@ class FleetSpec(SpecModel):
     health: HealthSpec = HealthSpec()
     results: ResultsSpec = ResultsSpec()
     ingress: IngressSpec = IngressSpec()
+    observability: ObservabilitySpec = ObservabilitySpec()
 
     @model_validator(mode="after")
     def _check_unique(self) -> FleetSpec:

@@ -1,14 +1,13 @@
-"""Monitoring: shard and queue health, alert rules that fire and clear, Prometheus export."""
+"""Monitoring: shard and queue health, alert rules that fire and clear (the metrics the
+controller exports from them: tests/observability/test_control_metrics.py)."""
 
 from __future__ import annotations
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
 
 from fleet.policy.queue_alerts import AlertEvaluator, AlertKind, Observations
 from fleet.queue._ages import SubmitTimeHistogram
 from fleet.queue.lease_queue import LeaseQueue
-from fleet.queue.metrics import QueueMetrics
 from fleet.queue.monitor import QueueMonitor
 from fleet.spec import SpecError, parse_spec
 from fleet.spec.queues import QueueAlertRule, QueueSpec
@@ -151,44 +150,6 @@ def test_age_histogram_is_bounded_and_accurate():
     for t in ts[9_000:]:
         h.remove(t)
     assert len(h) == 0 and h.width_s == 0.001  # full resolution again once empty
-
-
-def test_prometheus_metrics_follow_the_stats():
-    reg = CollectorRegistry()
-    qm = QueueMetrics(registry=reg)
-    q = LeaseQueue(100)
-    q.put([item(i, T0) for i in range(10)])
-    q.lease(3, "h", 1.0, 0.0)
-    qm.update_from_stats("support", 0, q.stats(T0 + 5))
-    q.expire(2.0)
-    qm.update_from_stats("support", 0, vars_of(q.stats(T0 + 6)))
-    text = generate_latest(reg).decode()
-    assert 'fleet_queue_enqueued_total{queue="support",shard="0"} 10.0' in text
-    assert 'fleet_queue_lease_expiries_total{queue="support",shard="0"} 3.0' in text
-    assert 'fleet_queue_depth{queue="support",shard="0"} 10.0' in text
-    assert 'fleet_queue_oldest_age_seconds{queue="support",shard="0"} 6.0' in text
-    assert 'fleet_queue_age_seconds{quantile="0.99",queue="support",shard="0"}' in text
-    # a restarted shard reports lower totals: counted as new, never decreasing
-    qm.update_from_stats("support", 0, LeaseQueue(10).stats(T0))
-    fresh = LeaseQueue(10)
-    fresh.put([item("z")])
-    qm.update_from_stats("support", 0, fresh.stats(T0))
-    assert 'fleet_queue_enqueued_total{queue="support",shard="0"} 11.0' in (
-        generate_latest(reg).decode()
-    )
-    m = QueueMonitor()
-    m.observe("support", 0, fresh.stats(T0), 0.0)
-    qm.update_from_health(m.report(0.0)["support"])
-    ev = AlertEvaluator([QueueAlertRule.model_validate("depth > 0")])
-    ev.evaluate(m.observations(0.0), 0.0)
-    qm.update_alerts(ev.active())
-    assert (
-        'fleet_queue_alert_active{rule="depth > 0",severity="warning",subject="support"} 1.0'
-    ) in generate_latest(reg).decode()
-    qm.update_alerts([])
-    assert (
-        'fleet_queue_alert_active{rule="depth > 0",severity="warning",subject="support"} 0.0'
-    ) in generate_latest(reg).decode()
 
 
 @pytest.mark.parametrize(

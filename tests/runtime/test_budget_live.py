@@ -19,13 +19,14 @@ from typing import Any
 import pytest
 import ray
 
+from fleet.observability import scrape
 from fleet.runtime.budget_actor import BudgetBook
 from fleet.runtime.budget_client import BudgetClient, Grant
 from fleet.runtime.host import REASON_BUDGET_EXHAUSTED, AgentHost
 from fleet.runtime.names import Names
 from fleet.spec.budgets import BudgetsSpec
 from fleet.task import Item, to_item
-from tests.utils import FakeClock, FakeLedger, make_spec, pool
+from tests.utils import FakeClock, FakeLedger, eventually, make_spec, pool
 
 PRICES = {"test-model": {"input_usd_per_mtok": 3.0, "output_usd_per_mtok": 7.0}}
 TASK_USD = 0.01  # 1000 input + 1000 output tokens of test-model
@@ -138,15 +139,13 @@ def test_book_settles_expired_leases_at_their_estimate_and_ignores_late_settles(
 
 
 def test_snapshot_feeds_status_lines_and_prometheus_metrics():
-    from prometheus_client import CollectorRegistry, generate_latest
-
     from fleet.cli.status import _budget_lines
-    from fleet.runtime.budget_metrics import BudgetMetrics
+    from fleet.observability.metrics import MemorySink
+    from fleet.runtime.control_metrics import ControlMetrics
 
     clock = FakeClock(1_000_000.0)
-    book = BudgetBook(
-        _spec(pools={"work": {"daily_usd": 4 * TASK_USD}}, alert_thresholds=[0.5]), clock
-    )
+    spec = _spec(pools={"work": {"daily_usd": 4 * TASK_USD}}, alert_thresholds=[0.5])
+    book = BudgetBook(spec, clock)
     grants = [
         Grant(*g) for g in book.reserve_batch([("h/0", "work", "acme"), ("h/1", "work", None)])
     ]
@@ -154,18 +153,20 @@ def test_snapshot_feeds_status_lines_and_prometheus_metrics():
     book.settle_batch([(g.reservation_id, TASK_USD, 2000, 0.0) for g in grants])
     snap = book.snapshot()
     assert snap["tenants"]["acme"]["spend_usd"] == pytest.approx(TASK_USD)
-    registry = CollectorRegistry()
-    metrics = BudgetMetrics(registry)
-    metrics.update(snap)
-    for a in book.policy.poll_alerts():
-        metrics.alert(a.threshold)
-    text = generate_latest(registry).decode()
-    assert 'fleet_budget_spend_usd{name="work",scope="pool"} 0.02' in text
-    assert 'fleet_budget_tokens{name="acme",scope="tenant"} 2000.0' in text
-    assert 'fleet_budget_alerts_total{threshold="0.5"} 1.0' in text
+    sink = MemorySink()
+    ControlMetrics(spec, sink, resumed=False).budgets(snap)
+    g = sink.gauges
+    work = (("name", "work"), ("scope", "pool"))
+    assert g[("fleet_budget_spend_usd", work)] == pytest.approx(2 * TASK_USD)
+    assert g[("fleet_budget_burn_usd_per_hour", work)] > 0
+    # acme is in neither budgets.tenants nor observability.metric_tenants: no series.
+    assert not [t for _, t in g if ("name", "acme") in t]
     lines = "\n".join(_budget_lines(snap))
     assert "pool   work" in lines and "$0.0200" in lines and "tenant acme" in lines
     assert "ALERT budget: pool:work:usd:daily: used 0.02 of 0.04 (50% >= 50%)" in lines
+    # The pool's daily limit and what is left of it are exported too.
+    assert g.get(("fleet_budget_limit_usd", work)) == pytest.approx(4 * TASK_USD)
+    assert g.get(("fleet_budget_remaining_usd", work)) == pytest.approx(2 * TASK_USD)
 
 
 # --- the host with budgets ------------------------------------------------------------
@@ -286,6 +287,16 @@ def test_200_agents_racing_for_the_last_budget_overspend_by_zero(start_fleet):
     assert b["pools"]["work"]["burn_usd_per_h"] > 0
     assert sum(t["spend_usd"] for t in b["tenants"].values()) == pytest.approx(spent)
     assert any("pool:work:usd:daily" in a for a in b["alerts"])
-    text = fc.metrics_text()
-    assert 'fleet_budget_spend_usd{name="work",scope="pool"}' in text
-    assert "fleet_budget_burn_usd_per_hour" in text
+
+    # The controller exports what the budget actor reports each tick (~1 s to arrive).
+    # By scope only: scrape.total cannot match the budget's ``name`` label (its second
+    # parameter is called ``name``), and "work" is this spec's one pool.
+    def spend_exported() -> str:
+        text = fc.metrics_text()
+        got = scrape.total(text, "ray_fleet_budget_spend_usd", scope="pool")
+        assert got == pytest.approx(spent), got
+        return text
+
+    text = eventually(spend_exported, 15, 0.5, what="the pool's spend exported")
+    assert 'name="work"' in text
+    assert scrape.total(text, "ray_fleet_budget_burn_usd_per_hour", scope="pool") > 0

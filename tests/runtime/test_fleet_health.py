@@ -1,17 +1,17 @@
 """The controller's fleet-wide health view on a virtual clock: the hosts' reports summed,
 the cascade guard, its alert in the alert log, permits within the allowance, status and
-Prometheus metrics."""
+the gauges the controller exports from it."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from prometheus_client import CollectorRegistry, generate_latest
-
+from fleet.observability.metrics import MemorySink
 from fleet.policy.queue_alerts import AlertEvent, AlertKind
+from fleet.runtime.control_metrics import ControlMetrics
 from fleet.runtime.fleet_health import CASCADE_ALERT, HOST_REPORT_TTL_S, FleetHealth
 from fleet.spec.health import HealthSpec
-from tests.utils import FakeClock
+from tests.utils import FakeClock, make_spec, pool
 
 
 def report(
@@ -55,7 +55,7 @@ def report(
     }
 
 
-def fleet(clock: FakeClock) -> tuple[FleetHealth, list[AlertEvent], CollectorRegistry]:
+def fleet(clock: FakeClock) -> tuple[FleetHealth, list[AlertEvent]]:
     spec = HealthSpec(
         cascade={
             "cascade_share": 0.1,
@@ -66,13 +66,12 @@ def fleet(clock: FakeClock) -> tuple[FleetHealth, list[AlertEvent], CollectorReg
         }
     )
     alerts: list[AlertEvent] = []
-    registry = CollectorRegistry()
-    return FleetHealth(spec, ["p"], registry, alerts.append, clock), alerts, registry
+    return FleetHealth(spec, ["p"], alerts.append, clock), alerts
 
 
 def test_a_fleet_wide_share_opens_the_guard_fires_the_alert_and_throttles_permits():
     clock = FakeClock(0.0)
-    fh, alerts, registry = fleet(clock)
+    fh, alerts = fleet(clock)
     # One host alone at 10% of 20 agents: not above the share.
     assert fh.host_report("p", report("h1", 0))["state"] == "closed"
     assert fh.host_report("p", report("h2", 2, wanted=2)) == {"state": "closed", "permits": 2}
@@ -89,10 +88,17 @@ def test_a_fleet_wide_share_opens_the_guard_fires_the_alert_and_throttles_permit
     st = fh.pool_status("p")
     assert (st["healthy"], st["unhealthy"], st["breaker_ejected"]) == (14, 6, 2)
     assert len(st["last_failures"]) == 2 and st["hosts_reporting"] == 2
-    fh.update_metrics()
-    text = generate_latest(registry).decode()
-    assert 'fleet_agents{pool="p",state="unhealthy"} 6.0' in text
-    assert "fleet_cascade_guard_state 2.0" in text
+    # The controller's gauges, fed from this view each tick.
+    sink = MemorySink()
+    cm = ControlMetrics(make_spec(pool("p")), sink, resumed=False)
+    cm.pool("p", 20, {}, st)
+    cm.guard(fh.guard.state.value)
+    cm.alerts(fh.active_alerts())
+    assert sink.gauges[("fleet_agents", (("pool", "p"), ("state", "unhealthy")))] == 6
+    assert sink.gauges[("fleet_agents", (("pool", "p"), ("state", "breaker_ejected")))] == 2
+    assert sink.gauges[("fleet_cascade_guard_state", ())] == 2
+    firing = (("rule", CASCADE_ALERT), ("severity", "critical"), ("subject", "fleet"))
+    assert sink.gauges[("fleet_alerts_firing", firing)] == 1
 
     # Restarted agents stay up (probes) and the failing share drops: it closes, and the
     # alert clears.
@@ -101,21 +107,27 @@ def test_a_fleet_wide_share_opens_the_guard_fires_the_alert_and_throttles_permit
     assert fh.host_report("p", report("h2", 0, ok=2))["state"] == "closed"
     assert [a.kind for a in alerts] == [AlertKind.FIRED, AlertKind.CLEARED]
     assert fh.active_alerts() == []
+    cm.guard(fh.guard.state.value)
+    cm.alerts(fh.active_alerts())
+    assert sink.gauges[("fleet_cascade_guard_state", ())] == 0
+    assert sink.gauges[("fleet_alerts_firing", firing)] == 0
 
 
-def test_failure_and_restart_counters_follow_each_hosts_totals():
+def test_failure_and_restart_counts_follow_each_hosts_totals():
     clock = FakeClock(0.0)
-    fh, _, registry = fleet(clock)
+    fh, _ = fleet(clock)
     fh.host_report("p", report("h1", 1, restarts=2, failures={"hung_task": 1}))
     fh.host_report("p", report("h1", 1, restarts=3, failures={"hung_task": 2}))
-    text = generate_latest(registry).decode()
-    assert 'fleet_agent_restarts_total{pool="p"} 3.0' in text
-    assert 'fleet_agent_failures_total{pool="p",reason="hung_task"} 2.0' in text
+    fh.host_report("p", report("h2", 0, restarts=1, failures={"error_rate": 1}))
+    st = fh.pool_status("p")
+    # Each host's latest totals, summed over hosts (a report replaces, never adds).
+    assert st["restarts"] == 4
+    assert st["failures"] == {"hung_task": 2, "error_rate": 1}
 
 
 def test_a_silent_host_drops_out_of_the_fleet_sums():
     clock = FakeClock(0.0)
-    fh, _, _ = fleet(clock)
+    fh, _ = fleet(clock)
     fh.host_report("p", report("h1", 0))
     fh.host_report("p", report("h2", 0))
     clock.advance(HOST_REPORT_TTL_S + 1)
@@ -127,7 +139,7 @@ def test_fleet_status_text_shows_health_states_failures_and_the_guard():
     from fleet.cli.status import _human
 
     clock = FakeClock(0.0)
-    fh, _, _ = fleet(clock)
+    fh, _ = fleet(clock)
     fh.host_report("p", report("h2", 0))
     fh.host_report("p", report("h1", 4))  # 4 of 20 failing
     st = {

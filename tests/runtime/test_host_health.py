@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import pytest
 
 from fleet.agent import Agent
+from fleet.observability import scrape
 from fleet.policy.health import AgentState
 from fleet.runtime.host import AgentHost
 from fleet.task import Item, Task, to_item
@@ -438,17 +439,23 @@ def test_cascade_opens_the_fleet_breaker_throttles_restarts_and_recovers(start_f
         s = fc.summary(ids + after)
         assert s["lost"] == 0 and s["completed"] + s["failed"] == len(ids) + len(after)
         print("tasks:", {k: s[k] for k in ("completed", "failed", "lost")})
-        # The gauges follow the hosts' periodic reports: give them a few ticks.
-        want = 'fleet_agents{pool="work",state="healthy"} 20.0'
+        # The gauges follow the hosts' periodic reports: give them a few ticks (and
+        # Ray's metrics export a second).
+        want = f'ray_fleet_agents{{pool="work",state="healthy"}} == {CASCADE_AGENTS}'
 
         def gauges_caught_up() -> str:
             text = fc.metrics_text()
-            assert want in text, [
-                ln for ln in text.splitlines() if ln.startswith("fleet_agents")
+            healthy = scrape.total(text, "ray_fleet_agents", pool="work", state="healthy")
+            assert healthy == CASCADE_AGENTS, [
+                ln for ln in text.splitlines() if ln.startswith("ray_fleet_agents{")
             ]
             return text
 
         text = eventually(gauges_caught_up, 15, 0.5, what=want)
-        assert "fleet_agent_restarts_total" in text
+        failing = ("unhealthy", "restarting")
+        assert (
+            sum(scrape.total(text, "ray_fleet_agents", pool="work", state=s) for s in failing)
+            == 0
+        )
     finally:
         ray.kill(board)

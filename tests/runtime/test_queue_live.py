@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import ray
 
+from fleet.observability import scrape
 from fleet.runtime.client import FleetClient
 from fleet.runtime.deploy import teardown
 from fleet.runtime.names import Names
@@ -89,7 +90,9 @@ def test_depth_alert_fires_in_status_and_metrics_then_clears(start_fleet):
     fc = start_fleet(
         _spec(
             {"lease_s": 20, "alerts": ["depth > 50"]},
-            agent_kwargs={"delay_s": 0.01},
+            # 400 tasks on 2 agents at 40 ms: ~8 s above the threshold, time for the
+            # alert gauge to reach Ray's metrics agent while it fires.
+            agent_kwargs={"delay_s": 0.04},
             autoscaling={"min_agents": 2, "max_agents": 2, "control_interval_s": 0.25},
         )
     )
@@ -98,8 +101,21 @@ def test_depth_alert_fires_in_status_and_metrics_then_clears(start_fleet):
         lambda: fc.status()["alerts"]["active"], 30, 0.1, what="the depth alert fires"
     )
     assert active[0]["subject"].startswith("work"), active
-    text = fc.metrics_text()
-    assert "fleet_queue" in text and 'queue="work"' in text
+    # The controller exports the firing alert and the queue's counters (~1 s to arrive).
+    rule, subject = active[0]["rule"], active[0]["subject"]
+
+    def exported(name: str, want: float, **labels: str):
+        def check() -> bool:
+            got = scrape.total(fc.metrics_text(), name, **labels)
+            assert got == want, got
+            return True
+
+        return check
+
+    firing = {"rule": rule, "subject": subject}
+    eventually(exported("ray_fleet_alerts_firing", 1.0, **firing), 15, 0.2, what="alert at 1")
+    enqueued = exported("ray_fleet_queue_enqueued_total", len(ids), queue="work")
+    eventually(enqueued, 15, 0.5, what="the queue's enqueued total exported")
     assert fc.wait(ids, timeout_s=60) == []
     eventually(
         lambda: not fc.status()["alerts"]["active"],
@@ -107,6 +123,7 @@ def test_depth_alert_fires_in_status_and_metrics_then_clears(start_fleet):
         0.1,
         what="the alert clears once the queue drains",
     )
+    eventually(exported("ray_fleet_alerts_firing", 0.0, **firing), 15, 0.5, what="alert at 0")
     st = fc.status()["alerts"]
     assert st["active"] == [], "the alert must clear once the queue drains"
     kinds = [e["kind"] for e in st["events"]]

@@ -20,6 +20,7 @@ import pytest
 import ray
 from ray import serve
 
+from fleet.observability import scrape
 from fleet.runtime.client import FleetClient, QueueFullError
 from fleet.runtime.host import AgentHost
 from fleet.runtime.names import Names
@@ -327,15 +328,17 @@ def test_breakers_eject_bad_agents_within_the_cap_and_readmit_them(start_fleet):
     assert pool_status["retried_items"] > 0 and pool_status["host_retries"] > 0
     assert max(x.deliveries for x in results if x is not None) >= 2
     assert 1 <= max(status_ejected) <= cap, status_ejected
-    # ... and the Prometheus metrics carry the same counts.
-    metrics = fc.metrics_text()
-    assert 'fleet_pool_max_ejected_agents{pool="work"} 2.0' in metrics
-    retried = [
-        ln
-        for ln in metrics.splitlines()
-        if ln.startswith('fleet_pool_retried_items{pool="work"}')
-    ]
-    assert retried and float(retried[0].split()[-1]) > 0, retried
+
+    # ... and the Prometheus metrics carry the same counts (exported through Ray's
+    # metrics agents, about a second behind).
+    def exported() -> bool:
+        text = fc.metrics_text()
+        cap_exported = scrape.total(text, "ray_fleet_breaker_max_ejected_agents", pool="work")
+        retries = scrape.total(text, "ray_fleet_task_retries_total", pool="work")
+        assert cap_exported == cap and retries > 0, (cap_exported, retries)
+        return True
+
+    eventually(exported, 15, 0.5, what="the breaker cap and retries exported")
 
 
 @pytest.mark.ray

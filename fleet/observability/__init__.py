@@ -1,0 +1,1 @@
+"""Metrics, logs and traces: fleet's observability (see ARCHITECTURE.md)."""

@@ -1,0 +1,384 @@
+"""fleet's metrics: one catalog, exported through Ray's metrics pipeline.
+
+Every fleet metric is declared once in ``CATALOG`` (name, type, help, labels, buckets)
+and recorded with ``ray.util.metrics`` by the process that knows the value, so Ray's
+per-node metrics agent serves it and Ray's Prometheus service discovery finds it. Ray
+prefixes each name with ``ray_`` (``EXPORTED_PREFIX``): ``fleet_tasks_total`` is
+scraped as ``ray_fleet_tasks_total``; the Grafana dashboards and alert rules in
+``monitoring/`` query the exported names.
+
+Who records what:
+
+- hosts (``fleet.runtime.host``), per batch: tasks by outcome and reason, retries,
+  tokens and cost (one counter call per label set per batch, from a ``BatchTally``), the
+  task latency, queue-wait and execution histograms (one observation per task: Ray's
+  ``Histogram`` has no bulk form), dispatch overhead (one observation per batch) and
+  breaker transitions;
+- queue shards (``fleet.runtime.queue_actor``): tasks they fail themselves (deadline
+  passed, deliveries exhausted), counted like the hosts';
+- the controller, each control tick: the gauges (agents by state, hosts, queue depth
+  and oldest age, in flight, breaker ejections and their cap, budget remaining and burn,
+  control-actor restarts, firing alerts) and the queue shards' counters, from the
+  shards' totals.
+
+Labels are bounded by the spec: pool, queue, shard, reason (a fixed vocabulary), scope
+and name of budgets, and ``tenant`` only from the configured tenants
+(``observability.metric_tenants`` and ``budgets.tenants``; any other is ``other``,
+none is ``none``). No task or agent id is ever a label. Ray adds ``WorkerId`` and
+``SessionName`` itself: a host's gauges leave with it (Ray's agent drops a gauge not
+refreshed for two export intervals); its counters and histograms stay, frozen, so sums
+over hosts keep what the replaced host did.
+
+``Sink`` is what the runtime records into: ``RaySink`` in Ray processes, ``MemorySink``
+in tests (it also counts the series a workload makes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
+
+from fleet.spec.fleet import FleetSpec
+
+EXPORTED_PREFIX = "ray_"
+NO_TENANT = "none"
+OTHER_TENANT = "other"
+
+# Seconds: from a no-op task's milliseconds to an LLM agent's minutes.
+LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+
+
+class Kind(str, Enum):
+    COUNTER = "counter"
+    HISTOGRAM = "histogram"
+    GAUGE = "gauge"
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    name: str
+    kind: Kind
+    help: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...] | None = None
+
+    @property
+    def exported(self) -> str:
+        """The name Prometheus sees (Ray's prefix added)."""
+        return EXPORTED_PREFIX + self.name
+
+
+def _defs(*defs: MetricDef) -> dict[str, MetricDef]:
+    return {d.name: d for d in defs}
+
+
+C, H, G = Kind.COUNTER, Kind.HISTOGRAM, Kind.GAUGE
+CATALOG: dict[str, MetricDef] = _defs(
+    # -- tasks (hosts, queue shards) ----------------------------------------------
+    MetricDef(
+        "fleet_tasks_total",
+        C,
+        "Tasks with a recorded outcome, by outcome (completed, failed) and reason "
+        "(ok for completed tasks).",
+        ("pool", "outcome", "reason", "tenant"),
+    ),
+    MetricDef(
+        "fleet_task_retries_total",
+        C,
+        "Failed deliveries handed back to the queue for another try, by failure reason.",
+        ("pool", "reason"),
+    ),
+    MetricDef(
+        "fleet_tokens_total",
+        C,
+        "Model tokens used by completed tasks, by direction (input, output).",
+        ("pool", "tenant", "direction"),
+    ),
+    MetricDef("fleet_cost_usd_total", C, "USD spent by completed tasks.", ("pool", "tenant")),
+    MetricDef(
+        "fleet_breaker_transitions_total",
+        C,
+        "Agent circuit-breaker state changes, by the state entered.",
+        ("pool", "state"),
+    ),
+    MetricDef(
+        "fleet_task_latency_seconds",
+        H,
+        "Seconds from a task's submission to its recorded outcome.",
+        ("pool", "outcome"),
+        LATENCY_BUCKETS_S,
+    ),
+    MetricDef(
+        "fleet_task_queue_wait_seconds",
+        H,
+        "Seconds from a task's submission to its dispatch to a host.",
+        ("pool",),
+        LATENCY_BUCKETS_S,
+    ),
+    MetricDef(
+        "fleet_task_execution_seconds",
+        H,
+        "Seconds an agent spent on a task (or its wait for a free agent, when it never ran).",
+        ("pool", "outcome"),
+        LATENCY_BUCKETS_S,
+    ),
+    MetricDef(
+        "fleet_dispatch_overhead_seconds",
+        H,
+        "Seconds from the dispatcher sending a batch to its host starting it (one "
+        "observation per batch).",
+        ("pool",),
+        LATENCY_BUCKETS_S,
+    ),
+    # -- queues (controller, from the shards' totals) -----------------------------
+    MetricDef(
+        "fleet_queue_enqueued_total", C, "Items accepted into the queue.", ("queue", "shard")
+    ),
+    MetricDef("fleet_queue_acked_total", C, "Items finished and removed.", ("queue", "shard")),
+    MetricDef(
+        "fleet_queue_redeliveries_total",
+        C,
+        "Items put back for another delivery.",
+        ("queue", "shard"),
+    ),
+    MetricDef(
+        "fleet_queue_lease_expiries_total",
+        C,
+        "Leases that expired without an ack.",
+        ("queue", "shard"),
+    ),
+    MetricDef("fleet_queue_depth", G, "Ready items waiting for a holder.", ("queue", "shard")),
+    MetricDef("fleet_queue_leased", G, "Items leased to a holder.", ("queue", "shard")),
+    MetricDef(
+        "fleet_queue_oldest_age_seconds",
+        G,
+        "Age of the oldest pending item.",
+        ("queue", "shard"),
+    ),
+    # -- pools and agents (controller) --------------------------------------------
+    MetricDef(
+        "fleet_agents",
+        G,
+        "Logical agents by health state (breaker_ejected: held out by routing breakers).",
+        ("pool", "state"),
+    ),
+    MetricDef("fleet_agents_desired", G, "Agents the autoscaler wants.", ("pool",)),
+    MetricDef("fleet_hosts", G, "Hosts (Serve replicas) reporting.", ("pool",)),
+    MetricDef(
+        "fleet_in_flight", G, "Tasks sent to the pool's hosts and not yet settled.", ("pool",)
+    ),
+    MetricDef(
+        "fleet_breaker_ejected_agents",
+        G,
+        "Agents held out of rotation by their breaker.",
+        ("pool",),
+    ),
+    MetricDef(
+        "fleet_breaker_max_ejected_agents",
+        G,
+        "Cap on agents ejected at once (max_ejected_share of the pool's agents).",
+        ("pool",),
+    ),
+    MetricDef(
+        "fleet_cascade_guard_state",
+        G,
+        "Fleet cascade guard: 0 closed, 1 half-open, 2 open.",
+        (),
+    ),
+    MetricDef(
+        "fleet_control_actor_restarts",
+        G,
+        "Restarts of each control actor since the fleet started.",
+        ("actor",),
+    ),
+    MetricDef(
+        "fleet_alerts_firing",
+        G,
+        "1 while an in-process alert fires on a subject.",
+        ("rule", "subject", "severity"),
+    ),
+    # -- budgets (controller) -------------------------------------------------------
+    MetricDef(
+        "fleet_budget_remaining_usd",
+        G,
+        "USD left today under a budget's limit.",
+        ("scope", "name"),
+    ),
+    MetricDef(
+        "fleet_budget_spend_usd", G, "USD settled in the current day.", ("scope", "name")
+    ),
+    MetricDef(
+        "fleet_budget_burn_usd_per_hour",
+        G,
+        "USD per hour over the burn-rate window.",
+        ("scope", "name"),
+    ),
+    MetricDef(
+        "fleet_budget_limit_usd", G, "Daily USD limit (or allocation).", ("scope", "name")
+    ),
+)
+del C, H, G
+
+
+class Sink(Protocol):
+    """Where metrics are recorded (``RaySink`` or ``MemorySink``)."""
+
+    def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None: ...
+    def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None: ...
+    def set(self, name: str, value: float, tags: Mapping[str, str]) -> None: ...
+
+
+class RaySink:
+    """``ray.util.metrics`` objects for the catalog, made on first use in this process."""
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, Any] = {}
+
+    def _get(self, name: str) -> Any:
+        m = self._metrics.get(name)
+        if m is None:
+            from ray.util import metrics
+
+            d = CATALOG[name]
+            if d.kind is Kind.COUNTER:
+                m = metrics.Counter(d.name, d.help, tag_keys=d.labels)
+            elif d.kind is Kind.HISTOGRAM:
+                m = metrics.Histogram(
+                    d.name, d.help, boundaries=list(d.buckets or ()), tag_keys=d.labels
+                )
+            else:
+                m = metrics.Gauge(d.name, d.help, tag_keys=d.labels)
+            self._metrics[name] = m
+        return m
+
+    def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        if value > 0:
+            self._get(name).inc(value, dict(tags))
+
+    def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self._get(name).observe(value, dict(tags))
+
+    def set(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self._get(name).set(value, dict(tags))
+
+
+class MemorySink:
+    """Records in memory, checked against the catalog as Ray would (tests)."""
+
+    def __init__(self) -> None:
+        self.counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self.gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self.histograms: dict[tuple[str, tuple[tuple[str, str], ...]], list[float]] = {}
+        self.calls = 0
+
+    @staticmethod
+    def _key(name: str, tags: Mapping[str, str]) -> tuple[str, tuple[tuple[str, str], ...]]:
+        d = CATALOG[name]
+        if set(tags) != set(d.labels):
+            raise ValueError(f"{name}: labels {sorted(tags)} are not {sorted(d.labels)}")
+        return name, tuple(sorted(tags.items()))
+
+    def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self.calls += 1
+        k = self._key(name, tags)
+        self.counters[k] = self.counters.get(k, 0.0) + value
+
+    def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self.calls += 1
+        self.histograms.setdefault(self._key(name, tags), []).append(value)
+
+    def set(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self.calls += 1
+        self.gauges[self._key(name, tags)] = value
+
+    def total(self, name: str, **match: str) -> float:
+        """Sum of a counter (or a histogram's count) over series matching ``match``."""
+        out = 0.0
+        for store in (self.counters, self.histograms):
+            for (n, tags), v in store.items():
+                if n == name and all(dict(tags).get(k) == m for k, m in match.items()):
+                    out += len(v) if isinstance(v, list) else v
+        return out
+
+    def series(self) -> int:
+        """Prometheus series these records make: a histogram's buckets, +Inf, sum and
+        count each count."""
+        n = len(self.counters) + len(self.gauges)
+        for name, _ in self.histograms:
+            n += len(CATALOG[name].buckets or ()) + 3
+        return n
+
+
+class NullSink:
+    def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        pass
+
+    def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        pass
+
+    def set(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        pass
+
+
+class TenantLabels:
+    """A task's ``tenant`` label: its tenant if configured, else ``other``; ``none``
+    without one. At most ``len(known) + 2`` values, whatever the payloads say."""
+
+    def __init__(self, known: Iterable[str]):
+        self.known = frozenset(known)
+
+    @classmethod
+    def of_spec(cls, spec: FleetSpec) -> TenantLabels:
+        return cls((*spec.observability.metric_tenants, *spec.budgets.tenants))
+
+    def __call__(self, tenant: str | None) -> str:
+        if tenant is None:
+            return NO_TENANT
+        return tenant if tenant in self.known else OTHER_TENANT
+
+
+def max_series(spec: FleetSpec, hosts_ever: int, shards: int) -> int:
+    """An upper bound on the fleet's series: per pool and per host that ever lived, the
+    host's series at most; the controller's and queue shards' series once. Used by the
+    cardinality test and stated in ARCHITECTURE.md."""
+    from fleet.observability.reasons import REASONS
+
+    tenants = len(TenantLabels.of_spec(spec).known) + 2
+    hist = len(LATENCY_BUCKETS_S) + 3
+    per_host = (
+        (1 + len(REASONS)) * tenants  # tasks_total: ok plus each failure reason
+        + len(REASONS)  # retries
+        + 3 * tenants  # tokens (2 directions), cost
+        + 3  # breaker states
+        + hist * (2 + 1 + 2 + 1)  # latency, queue wait, execution (x outcome), dispatch
+    )
+    pools = len(spec.pools)
+    per_pool_gauges = 8 + 4  # agents by state (+ breaker_ejected), the others
+    queue = shards * pools * 7
+    budgets = 4 * (2 + pools + len(spec.budgets.tenants) + 8)
+    control = 8 + 1 + 64  # actors, guard, alerts
+    return per_host * hosts_ever + per_pool_gauges * pools + queue + budgets + control
+
+
+def finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))

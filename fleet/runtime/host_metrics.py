@@ -1,0 +1,189 @@
+"""A host's metrics: what its batches did, recorded through Ray once per batch.
+
+``AgentHost`` tells ``HostMetrics`` when a batch arrives (queue wait per task, dispatch
+overhead per batch), when outcomes are durable in the ledger (``recorded``: one call
+per ledger record call, which coalesces the outcomes of one or more batches) and when a
+failure is handed back for a retry. Counters are summed per label set first and go to
+Ray in one call per label set; the histograms take one observation per task (Ray's
+``Histogram`` has no bulk form). Breaker transitions come from the core's own event
+counts, read once per tick. Labels: see ``fleet.observability.metrics``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import orjson
+
+from fleet.observability.metrics import RaySink, Sink, TenantLabels
+from fleet.observability.reasons import outcome_labels, reason_label
+from fleet.runtime.budget_client import TENANT_FIELD
+from fleet.task import Item, Outcome, tenant_of_id
+
+_TENANT_BYTES = f'"{TENANT_FIELD}"'.encode()
+_TRANSITION = "transition:"
+
+
+class HostMetrics:
+    """One host's metric recording (see the module docstring)."""
+
+    def __init__(self, pool: str, tenants: TenantLabels, sink: Sink | None = None):
+        self.pool = pool
+        self.sink: Sink = sink if sink is not None else RaySink()
+        self.tenants = tenants
+        self._pool_tags = {"pool": pool}
+        # Payload tenants of tasks in flight (``other`` unless configured).
+        self._payload_tenant: dict[str, str] = {}
+        self._retries: dict[str, int] = {}
+        self._breakers: dict[str, int] = {}
+
+    # -- tenant labels --------------------------------------------------------------
+    def _tenant(self, task_id: str) -> str:
+        t = tenant_of_id(task_id)
+        if t is not None:
+            return self.tenants(t)
+        return self._payload_tenant.pop(task_id, None) or self.tenants(None)
+
+    def _note_payload_tenants(self, items: Iterable[Item]) -> None:
+        """Keep the configured tenants named in payloads (decoded only when the payload
+        mentions a tenant at all)."""
+        for it in items:
+            if _TENANT_BYTES in it.payload and tenant_of_id(it.id) is None:
+                try:
+                    p = orjson.loads(it.payload)
+                except orjson.JSONDecodeError:
+                    continue
+                t = p.get(TENANT_FIELD) if isinstance(p, dict) else None
+                if isinstance(t, str):
+                    self._payload_tenant[it.id] = self.tenants(t)
+
+    # -- events -----------------------------------------------------------------------
+    def batch_arrived(
+        self, items: list[Item], sent_unix_s: float | None, now_unix_s: float
+    ) -> None:
+        """Queue wait per task (submission to dispatch) and the batch's dispatch
+        overhead (dispatch to arrival)."""
+        if not items:
+            return
+        self._note_payload_tenants(items)
+        sent = now_unix_s if sent_unix_s is None else sent_unix_s
+        tags = self._pool_tags
+        observe = self.sink.observe
+        for it in items:
+            observe(
+                "fleet_task_queue_wait_seconds", max(0.0, sent - it.submitted_unix_s), tags
+            )
+        if sent_unix_s is not None:
+            observe("fleet_dispatch_overhead_seconds", max(0.0, now_unix_s - sent), tags)
+
+    def retried(self, reason: str | None) -> None:
+        r = reason_label(reason)
+        self._retries[r] = self._retries.get(r, 0) + 1
+
+    def recorded(self, outcomes: Iterable[Outcome], recorded_unix_s: float) -> None:
+        """Outcomes now durable: counts by outcome, reason and tenant; tokens and cost;
+        latency and execution time per task."""
+        pool = self.pool
+        counts: dict[tuple[str, str, str], int] = {}
+        tokens: dict[str, list[float]] = {}
+        observe = self.sink.observe
+        tags = {"pool": pool, "outcome": ""}
+        for o in outcomes:
+            outcome, reason = outcome_labels(o.ok, o.reason)
+            tenant = self._tenant(o.task_id)
+            k = (outcome, reason, tenant)
+            counts[k] = counts.get(k, 0) + 1
+            if o.input_tokens or o.output_tokens or o.cost_usd:
+                t = tokens.setdefault(tenant, [0.0, 0.0, 0.0])
+                t[0] += o.input_tokens
+                t[1] += o.output_tokens
+                t[2] += o.cost_usd
+            tags["outcome"] = outcome
+            observe(
+                "fleet_task_latency_seconds",
+                max(0.0, recorded_unix_s - o.submitted_unix_s),
+                tags,
+            )
+            if o.started_unix_s is not None:
+                observe(
+                    "fleet_task_execution_seconds",
+                    max(0.0, o.finished_unix_s - o.started_unix_s),
+                    tags,
+                )
+        inc = self.sink.inc
+        for (outcome, reason, tenant), n in counts.items():
+            inc(
+                "fleet_tasks_total",
+                n,
+                {"pool": pool, "outcome": outcome, "reason": reason, "tenant": tenant},
+            )
+        for tenant, (i, out, usd) in tokens.items():
+            inc(
+                "fleet_tokens_total", i, {"pool": pool, "tenant": tenant, "direction": "input"}
+            )
+            inc(
+                "fleet_tokens_total",
+                out,
+                {"pool": pool, "tenant": tenant, "direction": "output"},
+            )
+            inc("fleet_cost_usd_total", usd, {"pool": pool, "tenant": tenant})
+        self.flush()
+
+    def breaker_counts(self, counts: Mapping[str, int]) -> None:
+        """The core's cumulative breaker event counts: transitions since the last call."""
+        for key, n in counts.items():
+            if key.startswith(_TRANSITION):
+                inc = n - self._breakers.get(key, 0)
+                if inc > 0:
+                    self.sink.inc(
+                        "fleet_breaker_transitions_total",
+                        inc,
+                        {"pool": self.pool, "state": key[len(_TRANSITION) :]},
+                    )
+                    self._breakers[key] = n
+
+    def flush(self) -> None:
+        """Retries counted since the last flush."""
+        if self._retries:
+            retries, self._retries = self._retries, {}
+            for reason, n in retries.items():
+                self.sink.inc(
+                    "fleet_task_retries_total", n, {"pool": self.pool, "reason": reason}
+                )
+
+    def forget(self, task_ids: Iterable[str]) -> None:
+        """Tasks that leave without an outcome here (handed back): drop their tenants."""
+        if self._payload_tenant:
+            for tid in task_ids:
+                self._payload_tenant.pop(tid, None)
+
+
+def queue_failures(
+    sink: Sink,
+    pool: str | None,
+    tenants: TenantLabels,
+    outcomes: Iterable[Outcome],
+    now: float,
+) -> None:
+    """Count outcomes a queue shard recorded itself (deadline passed, deliveries
+    exhausted, cancelled) like a host's: tasks by reason and tenant, and latency."""
+    counts: dict[tuple[str, str], int] = {}
+    p = pool or "none"
+    for o in outcomes:
+        _, reason = outcome_labels(o.ok, o.reason)
+        tenant = tenants(tenant_of_id(o.task_id))
+        counts[(reason, tenant)] = counts.get((reason, tenant), 0) + 1
+        sink.observe(
+            "fleet_task_latency_seconds",
+            max(0.0, now - o.submitted_unix_s),
+            {"pool": p, "outcome": "failed"},
+        )
+    for (reason, tenant), n in counts.items():
+        sink.inc(
+            "fleet_tasks_total",
+            n,
+            {"pool": p, "outcome": "failed", "reason": reason, "tenant": tenant},
+        )
+
+
+__all__ = ["HostMetrics", "queue_failures"]
