@@ -26,6 +26,9 @@ SHELL_COVERED_BY = {
     "fleet list": "tests/deploy/test_job_detach_live.py, tests/runtime/test_manage_live.py",
     "fleet apply": "tests/runtime/test_manage_live.py",
     "fleet stop": "tests/deploy/test_job_detach_live.py, tests/runtime/test_manage_live.py",
+    "fleet rules": "tests/observability/test_rules.py (the committed rules are the demo's)",
+    "prometheus --config.file": "tests/observability/test_prometheus_live.py (the shipped "
+    "config, on the session cluster's service-discovery file)",
 }
 
 

@@ -9,13 +9,13 @@ scraped as ``ray_fleet_tasks_total``; the Grafana dashboards and alert rules in
 
 Who records what:
 
-- hosts (``fleet.runtime.host``), per batch: tasks by outcome and reason, retries,
-  tokens and cost (one counter call per label set per batch, from a ``BatchTally``), the
-  task latency, queue-wait and execution histograms (one observation per task: Ray's
-  ``Histogram`` has no bulk form), dispatch overhead (one observation per batch) and
-  breaker transitions;
+- hosts (``fleet.runtime.host_metrics``): tasks by outcome, reason and tenant, retries,
+  tokens and cost, breaker transitions (counters), and the task latency, queue-wait,
+  execution and dispatch-overhead histograms, all counted in the host by an
+  ``Aggregator`` and sent to Ray once per host tick (about every 0.5 s): a handful of
+  Ray calls per tick, none per task;
 - queue shards (``fleet.runtime.queue_actor``): tasks they fail themselves (deadline
-  passed, deliveries exhausted), counted like the hosts';
+  passed, deliveries exhausted, cancelled), counted like the hosts';
 - the controller, each control tick: the gauges (agents by state, hosts, queue depth
   and oldest age, in flight, breaker ejections and their cap, budget remaining and burn,
   control-actor restarts, firing alerts) and the queue shards' counters, from the
@@ -25,9 +25,9 @@ Labels are bounded by the spec: pool, queue, shard, reason (a fixed vocabulary),
 and name of budgets, and ``tenant`` only from the configured tenants
 (``observability.metric_tenants`` and ``budgets.tenants``; any other is ``other``,
 none is ``none``). No task or agent id is ever a label. Ray adds ``WorkerId`` and
-``SessionName`` itself: a host's gauges leave with it (Ray's agent drops a gauge not
-refreshed for two export intervals); its counters and histograms stay, frozen, so sums
-over hosts keep what the replaced host did.
+``SessionName`` itself: a host's gauges and histograms leave with it (Ray's agent drops
+a gauge not refreshed for two export intervals); its counters stay, frozen, so sums of
+counters over hosts keep what a replaced host did.
 
 ``Sink`` is what the runtime records into: ``RaySink`` in Ray processes, ``MemorySink``
 in tests (it also counts the series a workload makes).
@@ -35,8 +35,10 @@ in tests (it also counts the series a workload makes).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
@@ -241,54 +243,121 @@ del C, H, G
 
 
 class Sink(Protocol):
-    """Where metrics are recorded (``RaySink`` or ``MemorySink``)."""
+    """Where metrics go (``RaySink`` or ``MemorySink``). Histograms arrive as one
+    process's cumulative bucket counts (``Aggregator``)."""
 
     def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None: ...
-    def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None: ...
     def set(self, name: str, value: float, tags: Mapping[str, str]) -> None: ...
+    def histogram(
+        self, name: str, tags: Mapping[str, str], cumulative: Sequence[int], total: float
+    ) -> None: ...
 
 
 class RaySink:
-    """``ray.util.metrics`` objects for the catalog, made on first use in this process."""
+    """``ray.util.metrics`` objects for the catalog, made on first use in this process.
+
+    A histogram is exported as the series of a Prometheus histogram
+    (``<name>_bucket{le}``, ``<name>_count``, ``<name>_sum``), carried by Ray gauges set
+    to this process's cumulative counts. Hand-written on purpose: Ray's ``Histogram``
+    takes one call per observation, and three per task cost 16% of the core benchmark's
+    throughput (BENCHMARKS.md); ``Aggregator`` counts them here and sets the gauges once
+    per flush. Counts only grow while the process lives; a process that ends takes its
+    series with it (Ray's agent drops a gauge that is no longer refreshed), which
+    ``rate`` and ``increase`` read as the end of that series, as for any replaced
+    target.
+    """
 
     def __init__(self) -> None:
         self._metrics: dict[str, Any] = {}
 
-    def _get(self, name: str) -> Any:
+    def _get(self, name: str, kind: Kind, doc: str, labels: Sequence[str]) -> Any:
         m = self._metrics.get(name)
         if m is None:
             from ray.util import metrics
 
-            d = CATALOG[name]
-            if d.kind is Kind.COUNTER:
-                m = metrics.Counter(d.name, d.help, tag_keys=d.labels)
-            elif d.kind is Kind.HISTOGRAM:
-                m = metrics.Histogram(
-                    d.name, d.help, boundaries=list(d.buckets or ()), tag_keys=d.labels
-                )
+            if kind is Kind.COUNTER:
+                m = metrics.Counter(name, doc, tag_keys=tuple(labels))
             else:
-                m = metrics.Gauge(d.name, d.help, tag_keys=d.labels)
+                m = metrics.Gauge(name, doc, tag_keys=tuple(labels))
             self._metrics[name] = m
         return m
 
+    def _catalog(self, name: str) -> Any:
+        d = CATALOG[name]
+        return self._get(name, d.kind, d.help, d.labels)
+
     def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None:
         if value > 0:
-            self._get(name).inc(value, dict(tags))
-
-    def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
-        self._get(name).observe(value, dict(tags))
+            self._catalog(name).inc(value, dict(tags))
 
     def set(self, name: str, value: float, tags: Mapping[str, str]) -> None:
-        self._get(name).set(value, dict(tags))
+        self._catalog(name).set(value, dict(tags))
+
+    def histogram(
+        self, name: str, tags: Mapping[str, str], cumulative: Sequence[int], total: float
+    ) -> None:
+        d = CATALOG[name]
+        bucket = self._get(f"{name}_bucket", Kind.GAUGE, d.help, (*d.labels, "le"))
+        for le, n in zip(_le_values(d), cumulative, strict=True):
+            bucket.set(n, {**tags, "le": le})
+        plain = dict(tags)
+        self._get(f"{name}_count", Kind.GAUGE, d.help, d.labels).set(cumulative[-1], plain)
+        self._get(f"{name}_sum", Kind.GAUGE, d.help, d.labels).set(total, plain)
+
+
+def _le_values(d: MetricDef) -> list[str]:
+    return [*(repr(float(b)) for b in d.buckets or ()), "+Inf"]
+
+
+class Aggregator:
+    """Counts and observations held in this process until ``flush`` sends them to the
+    sink: counters as their growth since the last flush (one call per label set),
+    histograms as their cumulative bucket counts (see ``RaySink``). Callers pass the
+    labels of one metric in one order, which keys them."""
+
+    def __init__(self, sink: Sink):
+        self.sink = sink
+        self._counts: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        # (name, labels) -> [per-bucket counts (the last: +Inf), sum, dirty]
+        self._hists: dict[tuple[str, tuple[tuple[str, str], ...]], list[Any]] = {}
+        self._bounds = {n: d.buckets for n, d in CATALOG.items() if d.kind is Kind.HISTOGRAM}
+
+    def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        if value:
+            key = (name, tuple(tags.items()))
+            self._counts[key] = self._counts.get(key, 0.0) + value
+
+    def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        key = (name, tuple(tags.items()))
+        h = self._hists.get(key)
+        bounds = self._bounds[name] or ()
+        if h is None:
+            h = self._hists[key] = [[0] * (len(bounds) + 1), 0.0, True]
+        h[0][bisect.bisect_left(bounds, value)] += 1
+        h[1] += value
+        h[2] = True
+
+    def flush(self) -> None:
+        counts, self._counts = self._counts, {}
+        for (name, tags), v in counts.items():
+            self.sink.inc(name, v, dict(tags))
+        for (name, tags), h in self._hists.items():
+            if h[2]:
+                h[2] = False
+                self.sink.histogram(name, dict(tags), list(itertools.accumulate(h[0])), h[1])
 
 
 class MemorySink:
-    """Records in memory, checked against the catalog as Ray would (tests)."""
+    """Records in memory, checked against the catalog as Ray would (tests).
+
+    ``histograms`` holds each label set's latest cumulative counts and sum."""
 
     def __init__(self) -> None:
         self.counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self.gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        self.histograms: dict[tuple[str, tuple[tuple[str, str], ...]], list[float]] = {}
+        self.histograms: dict[
+            tuple[str, tuple[tuple[str, str], ...]], tuple[list[int], float]
+        ] = {}
         self.calls = 0
 
     @staticmethod
@@ -303,21 +372,27 @@ class MemorySink:
         k = self._key(name, tags)
         self.counters[k] = self.counters.get(k, 0.0) + value
 
-    def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
-        self.calls += 1
-        self.histograms.setdefault(self._key(name, tags), []).append(value)
-
     def set(self, name: str, value: float, tags: Mapping[str, str]) -> None:
         self.calls += 1
         self.gauges[self._key(name, tags)] = value
 
+    def histogram(
+        self, name: str, tags: Mapping[str, str], cumulative: Sequence[int], total: float
+    ) -> None:
+        self.calls += 1
+        if len(cumulative) != len(CATALOG[name].buckets or ()) + 1:
+            raise ValueError(f"{name}: {len(cumulative)} bucket counts")
+        self.histograms[self._key(name, tags)] = (list(cumulative), total)
+
     def total(self, name: str, **match: str) -> float:
         """Sum of a counter (or a histogram's count) over series matching ``match``."""
         out = 0.0
-        for store in (self.counters, self.histograms):
-            for (n, tags), v in store.items():
-                if n == name and all(dict(tags).get(k) == m for k, m in match.items()):
-                    out += len(v) if isinstance(v, list) else v
+        for (n, tags), v in self.counters.items():
+            if n == name and all(dict(tags).get(k) == m for k, m in match.items()):
+                out += v
+        for (n, tags), (cum, _) in self.histograms.items():
+            if n == name and all(dict(tags).get(k) == m for k, m in match.items()):
+                out += cum[-1]
         return out
 
     def series(self) -> int:
@@ -333,10 +408,12 @@ class NullSink:
     def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None:
         pass
 
-    def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+    def set(self, name: str, value: float, tags: Mapping[str, str]) -> None:
         pass
 
-    def set(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+    def histogram(
+        self, name: str, tags: Mapping[str, str], cumulative: Sequence[int], total: float
+    ) -> None:
         pass
 
 

@@ -19,14 +19,22 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from fleet.observability.metrics import CATALOG, EXPORTED_PREFIX
+from fleet.observability.metrics import CATALOG, EXPORTED_PREFIX, Kind
 
 FLEET_PREFIX = EXPORTED_PREFIX + "fleet_"
 SCRAPE_TIMEOUT_S = 5.0
 # Family name (as the parser names it: a counter's without _total) -> fleet's labels.
 _FLEET_LABELS = {
-    d.exported.removesuffix("_total") if d.kind.value == "counter" else d.exported: d.labels
+    d.exported.removesuffix("_total") if d.kind is Kind.COUNTER else d.exported: d.labels
     for d in CATALOG.values()
+}
+# A histogram reaches Ray's endpoint as three gauge families (``RaySink``): each part's
+# family -> the histogram's.
+_HIST_PART = {
+    f"{d.exported}{part}": d.exported
+    for d in CATALOG.values()
+    if d.kind is Kind.HISTOGRAM
+    for part in ("_bucket", "_count", "_sum")
 }
 # Labels OpenTelemetry's Prometheus exporter adds to every series: no information.
 _DROP_LABELS = ("otel_scope_name", "otel_scope_schema_url", "otel_scope_version")
@@ -77,21 +85,40 @@ def fleet_families(texts: Iterable[str], session: str | None = None) -> dict[str
 def aggregate(families: Mapping[str, Any]) -> dict[str, Any]:
     """The families with only fleet's own labels (and ``le``): samples that differ only
     in the labels Ray adds per process and node (``WorkerId``, ``NodeAddress``,
-    ``SessionName``…) are summed, as a dashboard's ``sum by`` would. Counters and
-    histograms of a replaced host stay in the sums (Ray's agent keeps them)."""
+    ``SessionName``…) are summed, as a dashboard's ``sum by`` would, and a histogram's
+    three gauge families are one histogram family again. Counters of a replaced host
+    stay in the sums (Ray's agent keeps them); its gauges and histograms leave them."""
     out: dict[str, Any] = {}
     for name, (kind, doc, samples) in families.items():
+        base = _HIST_PART.get(name)
+        if base is not None:  # one part of a histogram: into the histogram's family
+            name, kind = base, "histogram"
         keep = set(_FLEET_LABELS.get(name, ())) | {"le"}
-        summed: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        summed: dict[tuple[str, tuple[tuple[str, str], ...]], float]
+        summed = out.setdefault(name, (kind, doc, {}))[2]
         for s in samples:
             key = (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k in keep)))
             summed[key] = summed.get(key, 0.0) + s.value
-        out[name] = (
+    return {
+        name: (
             kind,
             doc,
-            [Sample(n, dict(labels), v) for (n, labels), v in summed.items()],
+            [
+                Sample(n, dict(labels), v)
+                for (n, labels), v in sorted(summed.items(), key=_sample_order)
+            ],
         )
-    return out
+        for name, (kind, doc, summed) in out.items()
+    }
+
+
+def _sample_order(item: tuple[tuple[str, tuple[tuple[str, str], ...]], float]) -> Any:
+    """A histogram's samples by label set, buckets (by ``le``) before count and sum."""
+    (name, labels), _ = item
+    plain = tuple(kv for kv in labels if kv[0] != "le")
+    le = dict(labels).get("le")
+    part = 0 if name.endswith("_bucket") else 1 if name.endswith("_count") else 2
+    return plain, part, float(le) if le is not None else 0.0, name
 
 
 def render(families: Mapping[str, Any]) -> str:

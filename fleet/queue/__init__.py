@@ -1,7 +1,7 @@
 """Queues: the lease-based queue core (pure), its storage backends and its monitoring.
 
-Also here, imported by module path: ``fleet.queue.metrics`` (Prometheus metric
-objects) and ``fleet.queue.kafka_intake`` (Kafka consumer-group intake).
+Also here, imported by module path: ``fleet.queue.kafka_intake`` (Kafka consumer-group
+intake). The queues' metrics are the controller's (``fleet.runtime.control_metrics``).
 Disciplines, sharding and alert rules are pure policies in ``fleet.policy``.
 """
 

@@ -11,6 +11,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from fleet.observability.logs import serve_logging_options
+from fleet.observability.metrics import TenantLabels
 from fleet.queue.storage import check_writable, fleet_directory
 from fleet.runtime.budget_actor import BudgetActor
 from fleet.runtime.controller import Controller
@@ -261,6 +262,8 @@ def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False) -> li
             ns,
             spec.name,
             spec.results.ledger_shards,
+            spec.pool_for(cap).name,
+            sorted(TenantLabels.of_spec(spec).known),
         )
         for cap in spec.capabilities
         for i in range(spec.queues.shards)

@@ -196,8 +196,7 @@ class AgentHost:
             now = self.clock()
             act = self.core.tick(now, last)
             last = now
-            self.metrics.breaker_counts(self.core.breakers.log.counts)
-            self.metrics.flush()
+            self.metrics.flush(self.core.breakers.log.counts)
             for t in act.cancel:
                 t.cancel()  # type: ignore[attr-defined]  # the keys are asyncio tasks
             for t, age_s in act.abandon:

@@ -1,12 +1,14 @@
-"""A host's metrics: what its batches did, recorded through Ray once per batch.
+"""A host's metrics: what its batches did, counted in the host, sent to Ray per tick.
 
 ``AgentHost`` tells ``HostMetrics`` when a batch arrives (queue wait per task, dispatch
 overhead per batch), when outcomes are durable in the ledger (``recorded``: one call
 per ledger record call, which coalesces the outcomes of one or more batches) and when a
-failure is handed back for a retry. Counters are summed per label set first and go to
-Ray in one call per label set; the histograms take one observation per task (Ray's
-``Histogram`` has no bulk form). Breaker transitions come from the core's own event
-counts, read once per tick. Labels: see ``fleet.observability.metrics``.
+failure is handed back for a retry. Everything is counted in an ``Aggregator``; the
+host's tick calls ``flush`` (about every 0.5 s), which sends each label set's counts
+and each histogram's buckets to Ray: no Ray call per task. Breaker transitions come
+from the core's own event counts, read at flush. A host killed between two flushes
+takes its last half second of counts with it (its outcomes are in the ledger).
+Labels: see ``fleet.observability.metrics``.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from collections.abc import Iterable, Mapping
 
 import orjson
 
-from fleet.observability.metrics import RaySink, Sink, TenantLabels
+from fleet.observability.metrics import Aggregator, RaySink, Sink, TenantLabels
 from fleet.observability.reasons import outcome_labels, reason_label
 from fleet.runtime.budget_client import TENANT_FIELD
 from fleet.task import Item, Outcome, tenant_of_id
 
 _TENANT_BYTES = f'"{TENANT_FIELD}"'.encode()
 _TRANSITION = "transition:"
+NO_POOL = "none"
 
 
 class HostMetrics:
@@ -30,11 +33,11 @@ class HostMetrics:
     def __init__(self, pool: str, tenants: TenantLabels, sink: Sink | None = None):
         self.pool = pool
         self.sink: Sink = sink if sink is not None else RaySink()
+        self.agg = Aggregator(self.sink)
         self.tenants = tenants
         self._pool_tags = {"pool": pool}
         # Payload tenants of tasks in flight (``other`` unless configured).
         self._payload_tenant: dict[str, str] = {}
-        self._retries: dict[str, int] = {}
         self._breakers: dict[str, int] = {}
 
     # -- tenant labels --------------------------------------------------------------
@@ -68,7 +71,7 @@ class HostMetrics:
         self._note_payload_tenants(items)
         sent = now_unix_s if sent_unix_s is None else sent_unix_s
         tags = self._pool_tags
-        observe = self.sink.observe
+        observe = self.agg.observe
         for it in items:
             observe(
                 "fleet_task_queue_wait_seconds", max(0.0, sent - it.submitted_unix_s), tags
@@ -77,8 +80,8 @@ class HostMetrics:
             observe("fleet_dispatch_overhead_seconds", max(0.0, now_unix_s - sent), tags)
 
     def retried(self, reason: str | None) -> None:
-        r = reason_label(reason)
-        self._retries[r] = self._retries.get(r, 0) + 1
+        tags = {"pool": self.pool, "reason": reason_label(reason)}
+        self.agg.inc("fleet_task_retries_total", 1, tags)
 
     def recorded(self, outcomes: Iterable[Outcome], recorded_unix_s: float) -> None:
         """Outcomes now durable: counts by outcome, reason and tenant; tokens and cost;
@@ -86,7 +89,7 @@ class HostMetrics:
         pool = self.pool
         counts: dict[tuple[str, str, str], int] = {}
         tokens: dict[str, list[float]] = {}
-        observe = self.sink.observe
+        observe = self.agg.observe
         tags = {"pool": pool, "outcome": ""}
         for o in outcomes:
             outcome, reason = outcome_labels(o.ok, o.reason)
@@ -110,7 +113,7 @@ class HostMetrics:
                     max(0.0, o.finished_unix_s - o.started_unix_s),
                     tags,
                 )
-        inc = self.sink.inc
+        inc = self.agg.inc
         for (outcome, reason, tenant), n in counts.items():
             inc(
                 "fleet_tasks_total",
@@ -127,7 +130,6 @@ class HostMetrics:
                 {"pool": pool, "tenant": tenant, "direction": "output"},
             )
             inc("fleet_cost_usd_total", usd, {"pool": pool, "tenant": tenant})
-        self.flush()
 
     def breaker_counts(self, counts: Mapping[str, int]) -> None:
         """The core's cumulative breaker event counts: transitions since the last call."""
@@ -135,21 +137,19 @@ class HostMetrics:
             if key.startswith(_TRANSITION):
                 inc = n - self._breakers.get(key, 0)
                 if inc > 0:
-                    self.sink.inc(
+                    self.agg.inc(
                         "fleet_breaker_transitions_total",
                         inc,
                         {"pool": self.pool, "state": key[len(_TRANSITION) :]},
                     )
                     self._breakers[key] = n
 
-    def flush(self) -> None:
-        """Retries counted since the last flush."""
-        if self._retries:
-            retries, self._retries = self._retries, {}
-            for reason, n in retries.items():
-                self.sink.inc(
-                    "fleet_task_retries_total", n, {"pool": self.pool, "reason": reason}
-                )
+    def flush(self, breaker_counts: Mapping[str, int] | None = None) -> None:
+        """Send what was counted since the last flush to Ray (the host's tick), with
+        the breaker transitions in the core's ``breaker_counts``."""
+        if breaker_counts is not None:
+            self.breaker_counts(breaker_counts)
+        self.agg.flush()
 
     def forget(self, task_ids: Iterable[str]) -> None:
         """Tasks that leave without an outcome here (handed back): drop their tenants."""
@@ -159,31 +159,30 @@ class HostMetrics:
 
 
 def queue_failures(
-    sink: Sink,
+    agg: Aggregator,
     pool: str | None,
     tenants: TenantLabels,
     outcomes: Iterable[Outcome],
     now: float,
 ) -> None:
     """Count outcomes a queue shard recorded itself (deadline passed, deliveries
-    exhausted, cancelled) like a host's: tasks by reason and tenant, and latency."""
-    counts: dict[tuple[str, str], int] = {}
-    p = pool or "none"
+    exhausted, cancelled) like a host's: tasks by reason and tenant, and latency; sent
+    at once (these are rare)."""
+    p = pool or NO_POOL
     for o in outcomes:
         _, reason = outcome_labels(o.ok, o.reason)
         tenant = tenants(tenant_of_id(o.task_id))
-        counts[(reason, tenant)] = counts.get((reason, tenant), 0) + 1
-        sink.observe(
+        agg.inc(
+            "fleet_tasks_total",
+            1,
+            {"pool": p, "outcome": "failed", "reason": reason, "tenant": tenant},
+        )
+        agg.observe(
             "fleet_task_latency_seconds",
             max(0.0, now - o.submitted_unix_s),
             {"pool": p, "outcome": "failed"},
         )
-    for (reason, tenant), n in counts.items():
-        sink.inc(
-            "fleet_tasks_total",
-            n,
-            {"pool": p, "outcome": "failed", "reason": reason, "tenant": tenant},
-        )
+    agg.flush()
 
 
 __all__ = ["HostMetrics", "queue_failures"]

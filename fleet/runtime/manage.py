@@ -39,6 +39,7 @@ from typing import Any
 
 import ray
 
+from fleet.observability.metrics import TenantLabels
 from fleet.runtime.lifecycle import actor_states
 from fleet.runtime.names import Names
 from fleet.spec.changes import Plan, plan
@@ -152,6 +153,8 @@ def apply(new: FleetSpec) -> dict[str, Any]:
             ns,
             new.name,
             new.results.ledger_shards,
+            pool.name,
+            sorted(TenantLabels.of_spec(new).known),
         )
         for pool in new.pools
         if pool.name in p.added

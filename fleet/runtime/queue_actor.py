@@ -26,10 +26,12 @@ from typing import Any
 import ray
 
 from fleet._bounded import BoundedSet
+from fleet.observability.metrics import Aggregator, RaySink, TenantLabels
 from fleet.policy.batching import batch_size
 from fleet.policy.disciplines import overdue_outcome
 from fleet.queue.lease_queue import LeaseQueue, QueueFull
 from fleet.queue.storage import make_storage
+from fleet.runtime.host_metrics import queue_failures
 from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.lifecycle import on_start
 from fleet.runtime.names import Names
@@ -62,8 +64,15 @@ class QueueShard:
         namespace: str,
         fleet: str | None = None,
         ledger_shards: int = 1,
+        pool: str | None = None,
+        metric_tenants: list[str] | None = None,
     ):
+        """``pool`` and ``metric_tenants``: the labels of the tasks this shard fails
+        itself (``fleet.runtime.host_metrics.queue_failures``)."""
         spec = QueueSpec.model_validate(queue_spec)
+        self._pool = pool
+        self._tenants = TenantLabels(metric_tenants or ())
+        self._metrics = Aggregator(RaySink())
         self.capability = capability
         self._closed = False  # set while its pool is being removed
         self.index = index
@@ -143,6 +152,7 @@ class QueueShard:
         if not outcomes:
             return
         await self._ledger.record_async(outcomes)
+        queue_failures(self._metrics, self._pool, self._tenants, outcomes, time.time())
         self._ack([o.task_id for o in outcomes])  # removes them from durable storage
 
     def _ack(self, ids: list[str]) -> int:

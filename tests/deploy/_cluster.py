@@ -1,9 +1,10 @@
 """A separate local Ray cluster for tests that need Ray's own CLIs (serve run, ray job).
 
-The session's ``ray_cluster`` fixture is an in-process ``ray.init`` with no dashboard,
-so ``ray job submit`` and the ``serve run`` CLI cannot use it. This starts ``ray start
---head`` with its own ``--temp-dir`` and free ports, bound to loopback (Ray's
-single-machine mode, as ``fleet.runtime.client.loopback_only`` does), and stops it by
+The session's ``ray_cluster`` fixture is an in-process ``ray.init`` that the other tests
+share, so ``ray job submit`` and the ``serve run`` CLI are not run against it. This
+starts ``ray start --head`` with its own ``--temp-dir`` and free ports, bound to
+loopback (Ray's single-machine mode, as ``fleet.runtime.client.loopback_only`` does),
+and stops it by
 the PIDs of its own processes (found by that temp dir), never with ``ray stop``, which
 would kill every cluster on the machine. Token authentication stays on, with a token
 generated for this cluster (``RAY_AUTH_TOKEN_PATH``) that every child process is given.

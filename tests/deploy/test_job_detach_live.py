@@ -86,6 +86,7 @@ def test_a_job_starts_a_detached_fleet_that_other_processes_use_and_stop(tmp_pat
         assert status.returncode == 0, status.stderr[-3000:]
         st = _json(status.stdout)
         assert st["ledger"]["recorded"] >= TASKS and "work" in st["pools"]
+        assert st["dashboard_url"] == cluster.dashboard_url  # what `fleet status` prints
         listed = _json(cluster.run([fleet, "list", "--json"], CLI_TIMEOUT_S).stdout)
         assert [(f["fleet"], f["state"]) for f in listed["fleets"]] == [
             ("jobfleet", "running")

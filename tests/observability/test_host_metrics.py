@@ -13,7 +13,12 @@ from collections.abc import Mapping
 import orjson
 import pytest
 
-from fleet.observability.metrics import MemorySink, TenantLabels
+from fleet.observability.metrics import (
+    LATENCY_BUCKETS_S,
+    Aggregator,
+    MemorySink,
+    TenantLabels,
+)
 from fleet.runtime.host import AgentHost
 from fleet.runtime.host_metrics import HostMetrics
 from fleet.task import Item, Outcome, scoped_id, to_item
@@ -61,9 +66,27 @@ def _item(task_id: str, submitted: float = T0, **payload: object) -> Item:
     return Item(task_id, "work", 5, orjson.dumps(payload), submitted)
 
 
+class FlushingHostMetrics(HostMetrics):
+    """Flushes after each batch event, as a host's tick would between two of them."""
+
+    def recorded(self, outcomes, recorded_unix_s):  # type: ignore[no-untyped-def]
+        super().recorded(outcomes, recorded_unix_s)
+        self.flush()
+
+    def batch_arrived(self, items, sent_unix_s, now_unix_s):  # type: ignore[no-untyped-def]
+        super().batch_arrived(items, sent_unix_s, now_unix_s)
+        self.flush()
+
+
 def _metrics(*tenants: str) -> tuple[HostMetrics, CallSink]:
     sink = CallSink()
-    return HostMetrics("work", TenantLabels(tenants), sink), sink
+    return FlushingHostMetrics("work", TenantLabels(tenants), sink), sink
+
+
+def _obs(sink: MemorySink, name: str, **tags: str) -> tuple[int, float]:
+    """(count, sum) of one histogram series."""
+    cumulative, total = sink.histograms[(name, tuple(sorted(tags.items())))]
+    return cumulative[-1], total
 
 
 def _tasks(sink: MemorySink) -> dict[tuple[str, str, str], float]:
@@ -150,13 +173,12 @@ def test_one_latency_observation_per_outcome_and_execution_only_for_started_task
         ],
         T0 + 3,
     )
-    h = sink.histograms
-    done = (("outcome", "completed"), ("pool", "work"))
-    failed = (("outcome", "failed"), ("pool", "work"))
-    assert h[("fleet_task_latency_seconds", done)] == [3.0]
-    assert h[("fleet_task_latency_seconds", failed)] == [3.0, 3.0]
-    assert h[("fleet_task_execution_seconds", done)] == [1.0]
-    assert h[("fleet_task_execution_seconds", failed)] == [1.0]  # b only
+    done, failed = {"outcome": "completed"}, {"outcome": "failed"}
+    assert _obs(sink, "fleet_task_latency_seconds", pool="work", **done) == (1, 3.0)
+    assert _obs(sink, "fleet_task_latency_seconds", pool="work", **failed) == (2, 6.0)
+    assert _obs(sink, "fleet_task_execution_seconds", pool="work", **done) == (1, 1.0)
+    # b only
+    assert _obs(sink, "fleet_task_execution_seconds", pool="work", **failed) == (1, 1.0)
     assert sink.total("fleet_task_latency_seconds") == 3
     assert sink.total("fleet_task_execution_seconds") == 2
 
@@ -176,8 +198,8 @@ def test_a_hundred_successes_of_one_tenant_are_one_counter_call():
             (("outcome", "completed"), ("pool", "work"), ("reason", "ok"), ("tenant", "acme")),
         ): 100
     }
-    # Plus one latency and one execution observation per task.
-    assert sink.calls == 1 + 100 + 100
+    # Plus the latency and execution histograms: one call each, not one per task.
+    assert sink.calls == 1 + 1 + 1
 
 
 def test_payload_tenants_label_configured_tenants_and_stay_bounded():
@@ -194,7 +216,7 @@ def test_payload_tenants_label_configured_tenants_and_stay_bounded():
     assert got[("completed", "ok", "none")] == 1
     # Their payload tenants are forgotten once recorded: the same id again has none.
     sink2 = CallSink()
-    hm.sink = sink2
+    hm.agg.sink = sink2
     hm.recorded([outcome("p1")], T0 + 4)
     assert _tasks(sink2) == {("completed", "ok", "none"): 1}
 
@@ -211,12 +233,15 @@ def test_batch_arrived_observes_queue_wait_per_item_and_dispatch_once_per_batch(
     hm, sink = _metrics()
     items = [_item("a", T0), _item("b", T0 + 1), _item("c", T0 + 5)]  # c: after "sent"
     hm.batch_arrived(items, T0 + 4, T0 + 4.25)
-    h = sink.histograms
-    assert h[("fleet_task_queue_wait_seconds", (("pool", "work"),))] == [4.0, 3.0, 0.0]
-    assert h[("fleet_dispatch_overhead_seconds", (("pool", "work"),))] == [0.25]
+    assert _obs(sink, "fleet_task_queue_wait_seconds", pool="work") == (3, 7.0)
+    assert _obs(sink, "fleet_dispatch_overhead_seconds", pool="work") == (1, 0.25)
+    # Buckets are cumulative and inclusive: 0.25 s counts in le=0.25, and above.
+    cumulative, _ = sink.histograms[("fleet_dispatch_overhead_seconds", (("pool", "work"),))]
+    i = LATENCY_BUCKETS_S.index(0.25)
+    assert cumulative[i - 1] == 0 and cumulative[i:] == [1] * (len(cumulative) - i)
     # Without a send time: the arrival stands in for it, and no dispatch observation.
     hm.batch_arrived([_item("d", T0 + 8)], None, T0 + 10)
-    assert h[("fleet_task_queue_wait_seconds", (("pool", "work"),))][-1] == 2.0
+    assert _obs(sink, "fleet_task_queue_wait_seconds", pool="work") == (4, 9.0)
     assert sink.total("fleet_task_queue_wait_seconds") == 4
     assert sink.total("fleet_dispatch_overhead_seconds") == 1
     calls = sink.calls
@@ -248,9 +273,9 @@ def test_retries_are_counted_by_reason_on_flush():
 
 def test_breaker_counts_count_only_the_growth_of_transitions():
     hm, sink = _metrics()
-    hm.breaker_counts({"transition:open": 2, "transition:closed": 1, "calls": 50})
-    hm.breaker_counts({"transition:open": 3, "transition:closed": 1, "calls": 80})
-    hm.breaker_counts({"transition:open": 3, "transition:half_open": 2, "rejected": 9})
+    hm.flush({"transition:open": 2, "transition:closed": 1, "calls": 50})
+    hm.flush({"transition:open": 3, "transition:closed": 1, "calls": 80})
+    hm.flush({"transition:open": 3, "transition:half_open": 2, "rejected": 9})
 
     def state(s: str) -> float:
         return sink.total("fleet_breaker_transitions_total", pool="work", state=s)
@@ -297,6 +322,8 @@ def test_a_hosts_task_counts_are_the_outcomes_it_recorded():
     items += [task({"i": 200 + i})._replace(id=scoped_id("acme", f"a{i}")) for i in range(3)]
     report = asyncio.run(host.run_and_record(items, sent_unix_s=time.time()))
     assert report.recorded == len(items) and report.retry_ids == []
+    assert sink.total("fleet_tasks_total") == 0  # counted in the host until its tick
+    host.metrics.flush()
     assert len(ledger.outcomes) == len(items)
 
     ok = [o for o in ledger.outcomes if o.ok]
@@ -313,3 +340,23 @@ def test_a_hosts_task_counts_are_the_outcomes_it_recorded():
     assert sink.total("fleet_task_queue_wait_seconds") == len(items)
     assert sink.total("fleet_dispatch_overhead_seconds") == 1
     assert {dict(t)["pool"] for _, t in (*sink.counters, *sink.histograms)} == {"work"}
+
+
+def test_tasks_a_queue_shard_fails_itself_are_counted_like_a_hosts():
+    from fleet.policy.disciplines import overdue_outcome
+    from fleet.runtime.host_metrics import queue_failures
+
+    sink = MemorySink()
+    now = time.time()
+    items = [
+        to_item({"capability": "work", "deadline_unix_s": now + 1}, {"work"}, now_unix_s=now)
+        for _ in range(3)
+    ]
+    scoped = to_item({"capability": "work"}, {"work"}, now_unix_s=now, tenant="acme")
+    outcomes = [overdue_outcome(it, now + 2) for it in items]
+    outcomes.append(overdue_outcome(scoped._replace(deadline_unix_s=now + 1), now + 2))
+    queue_failures(Aggregator(sink), "work", TenantLabels(["acme"]), outcomes, now + 2)
+    assert sink.total("fleet_tasks_total", reason="deadline_exceeded", tenant="none") == 3
+    assert sink.total("fleet_tasks_total", reason="deadline_exceeded", tenant="acme") == 1
+    assert sink.total("fleet_tasks_total", outcome="completed") == 0
+    assert sink.total("fleet_task_latency_seconds", pool="work", outcome="failed") == 4

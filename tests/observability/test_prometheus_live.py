@@ -34,6 +34,7 @@ pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((REPO / "monitoring" / "grafana").glob("*.json"))
 PROMETHEUS = shutil.which("prometheus")
+SHIPPED_CONFIG = REPO / "monitoring" / "prometheus" / "prometheus.yml"
 SD_FILE = "prom_metrics_service_discovery.json"
 WORK, PAID = "obswork", "obspaid"  # pool names no other test uses: their own series
 PRICES = {"test-model": {"input_usd_per_mtok": 3.0, "output_usd_per_mtok": 7.0}}
@@ -92,13 +93,15 @@ class Prom:
     def __init__(self, tmp: Path, sd_file: Path, rules: dict[str, Any]):
         self.port = _free_port()
         (tmp / "rules.yml").write_text(yaml.safe_dump(rules, sort_keys=False))
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(tmp / "rules.yml")],
-            "scrape_configs": [
-                {"job_name": "ray", "file_sd_configs": [{"files": [str(sd_file)]}]}
-            ],
-        }
+        # The shipped example config, scraping every second, on this session's
+        # service-discovery file and with this spec's rules.
+        config = yaml.safe_load(SHIPPED_CONFIG.read_text())
+        config["global"] |= {"scrape_interval": "1s", "evaluation_interval": "1s"}
+        config["rule_files"] = [str(tmp / "rules.yml")]
+        (job,) = config["scrape_configs"]
+        (sd,) = job["file_sd_configs"]
+        assert sd["files"][0].endswith(SD_FILE)  # Ray's link to the session's file
+        sd["files"] = [str(sd_file)]
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log = (tmp / "prometheus.log").open("w")
         assert PROMETHEUS is not None
