@@ -32,7 +32,13 @@ def run(args: argparse.Namespace) -> int:
         kwargs["tasks"] = args.tasks
     # Ray prints some warnings on stdout; keep stdout for the one JSON object.
     with contextlib.redirect_stdout(sys.stderr):
-        started = init_ray(args.address) if getattr(module, "NEEDS_RAY", True) else False
+        # Without Ray's dashboard (a UI process with work of its own on the cores being
+        # measured); fleet's metrics are exported all the same, by Ray's metrics agent.
+        started = (
+            init_ray(args.address, dashboard=False)
+            if getattr(module, "NEEDS_RAY", True)
+            else False
+        )
         try:
             result = module.run(**kwargs)
         finally:

@@ -328,13 +328,25 @@ class Aggregator:
             self._counts[key] = self._counts.get(key, 0.0) + value
 
     def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self.observe_many(name, (value,), tags)
+
+    def observe_many(
+        self, name: str, values: Iterable[float], tags: Mapping[str, str]
+    ) -> None:
+        """Observations of one histogram series (a negative one counts as 0: clocks of
+        two machines may disagree by that much)."""
         key = (name, tuple(tags.items()))
         h = self._hists.get(key)
         bounds = self._bounds[name] or ()
         if h is None:
             h = self._hists[key] = [[0] * (len(bounds) + 1), 0.0, True]
-        h[0][bisect.bisect_left(bounds, value)] += 1
-        h[1] += value
+        counts, where, total = h[0], bisect.bisect_left, 0.0
+        for v in values:
+            if v < 0.0:
+                v = 0.0
+            counts[where(bounds, v)] += 1
+            total += v
+        h[1] += total
         h[2] = True
 
     def flush(self) -> None:

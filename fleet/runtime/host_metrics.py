@@ -17,10 +17,10 @@ from collections.abc import Iterable, Mapping
 
 import orjson
 
-from fleet.observability.metrics import Aggregator, RaySink, Sink, TenantLabels
+from fleet.observability.metrics import NO_TENANT, Aggregator, RaySink, Sink, TenantLabels
 from fleet.observability.reasons import outcome_labels, reason_label
 from fleet.runtime.budget_client import TENANT_FIELD
-from fleet.task import Item, Outcome, tenant_of_id
+from fleet.task import TENANT_ID_PREFIX, Item, Outcome, tenant_of_id
 
 _TENANT_BYTES = f'"{TENANT_FIELD}"'.encode()
 _TRANSITION = "transition:"
@@ -42,10 +42,13 @@ class HostMetrics:
 
     # -- tenant labels --------------------------------------------------------------
     def _tenant(self, task_id: str) -> str:
-        t = tenant_of_id(task_id)
-        if t is not None:
-            return self.tenants(t)
-        return self._payload_tenant.pop(task_id, None) or self.tenants(None)
+        if task_id.startswith(TENANT_ID_PREFIX):
+            return self.tenants(tenant_of_id(task_id))
+        if self._payload_tenant:
+            t = self._payload_tenant.pop(task_id, None)
+            if t is not None:
+                return t
+        return NO_TENANT
 
     def _note_payload_tenants(self, items: Iterable[Item]) -> None:
         """Keep the configured tenants named in payloads (decoded only when the payload
@@ -71,13 +74,11 @@ class HostMetrics:
         self._note_payload_tenants(items)
         sent = now_unix_s if sent_unix_s is None else sent_unix_s
         tags = self._pool_tags
-        observe = self.agg.observe
-        for it in items:
-            observe(
-                "fleet_task_queue_wait_seconds", max(0.0, sent - it.submitted_unix_s), tags
-            )
+        self.agg.observe_many(
+            "fleet_task_queue_wait_seconds", [sent - it.submitted_unix_s for it in items], tags
+        )
         if sent_unix_s is not None:
-            observe("fleet_dispatch_overhead_seconds", max(0.0, now_unix_s - sent), tags)
+            self.agg.observe("fleet_dispatch_overhead_seconds", now_unix_s - sent, tags)
 
     def retried(self, reason: str | None) -> None:
         tags = {"pool": self.pool, "reason": reason_label(reason)}
@@ -89,11 +90,12 @@ class HostMetrics:
         pool = self.pool
         counts: dict[tuple[str, str, str], int] = {}
         tokens: dict[str, list[float]] = {}
-        observe = self.agg.observe
-        tags = {"pool": pool, "outcome": ""}
+        # outcome -> (latencies, execution times): one histogram update per outcome
+        times: dict[str, tuple[list[float], list[float]]] = {}
+        tenant_of = self._tenant
         for o in outcomes:
             outcome, reason = outcome_labels(o.ok, o.reason)
-            tenant = self._tenant(o.task_id)
+            tenant = tenant_of(o.task_id)
             k = (outcome, reason, tenant)
             counts[k] = counts.get(k, 0) + 1
             if o.input_tokens or o.output_tokens or o.cost_usd:
@@ -101,18 +103,15 @@ class HostMetrics:
                 t[0] += o.input_tokens
                 t[1] += o.output_tokens
                 t[2] += o.cost_usd
-            tags["outcome"] = outcome
-            observe(
-                "fleet_task_latency_seconds",
-                max(0.0, recorded_unix_s - o.submitted_unix_s),
-                tags,
-            )
+            lat, exe = times.get(outcome) or times.setdefault(outcome, ([], []))
+            lat.append(recorded_unix_s - o.submitted_unix_s)
             if o.started_unix_s is not None:
-                observe(
-                    "fleet_task_execution_seconds",
-                    max(0.0, o.finished_unix_s - o.started_unix_s),
-                    tags,
-                )
+                exe.append(o.finished_unix_s - o.started_unix_s)
+        for outcome, (lat, exe) in times.items():
+            tags = {"pool": pool, "outcome": outcome}
+            self.agg.observe_many("fleet_task_latency_seconds", lat, tags)
+            if exe:
+                self.agg.observe_many("fleet_task_execution_seconds", exe, tags)
         inc = self.agg.inc
         for (outcome, reason, tenant), n in counts.items():
             inc(
