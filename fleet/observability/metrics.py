@@ -21,8 +21,8 @@ Who records what:
   control-actor restarts, firing alerts) and the queue shards' counters, from the
   shards' totals.
 
-Labels are bounded by the spec: pool, queue, shard, reason (a fixed vocabulary), scope
-and name of budgets, and ``tenant`` only from the configured tenants
+Labels are bounded by the spec: fleet (its name), pool, queue, shard, reason (a fixed
+vocabulary), scope and name of budgets, and ``tenant`` only from the configured tenants
 (``observability.metric_tenants`` and ``budgets.tenants``; any other is ``other``,
 none is ``none``). No task or agent id is ever a label. Ray adds ``WorkerId`` and
 ``SessionName`` itself: a host's gauges and histograms leave with it (Ray's agent drops
@@ -36,6 +36,7 @@ in tests (it also counts the series a workload makes).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -46,6 +47,7 @@ from typing import Any, Protocol
 from fleet.spec.fleet import FleetSpec
 
 EXPORTED_PREFIX = "ray_"
+FLEET_LABEL = "fleet"
 NO_TENANT = "none"
 OTHER_TENANT = "other"
 
@@ -91,7 +93,9 @@ class MetricDef:
 
 
 def _defs(*defs: MetricDef) -> dict[str, MetricDef]:
-    return {d.name: d for d in defs}
+    """The catalog: every metric's labels start with ``fleet`` (the fleet's name: two
+    fleets on one cluster may name their pools and queues alike)."""
+    return {d.name: dataclasses.replace(d, labels=(FLEET_LABEL, *d.labels)) for d in defs}
 
 
 C, H, G = Kind.COUNTER, Kind.HISTOGRAM, Kind.GAUGE
@@ -414,6 +418,30 @@ class MemorySink:
         for name, _ in self.histograms:
             n += len(CATALOG[name].buckets or ()) + 3
         return n
+
+
+class WithLabels:
+    """A sink that adds fixed labels (the fleet's name) to everything sent through it."""
+
+    def __init__(self, sink: Sink, labels: Mapping[str, str]):
+        self.sink = sink
+        self.labels = dict(labels)
+
+    def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self.sink.inc(name, value, {**self.labels, **tags})
+
+    def set(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self.sink.set(name, value, {**self.labels, **tags})
+
+    def histogram(
+        self, name: str, tags: Mapping[str, str], cumulative: Sequence[int], total: float
+    ) -> None:
+        self.sink.histogram(name, {**self.labels, **tags}, cumulative, total)
+
+
+def for_fleet(sink: Sink, fleet: str) -> Sink:
+    """``sink``, with every metric labelled with fleet ``fleet``."""
+    return WithLabels(sink, {FLEET_LABEL: fleet})
 
 
 class NullSink:

@@ -11,6 +11,12 @@ split an alert. Gauges the controller sets are taken with ``max by`` first: a re
 controller's old series lingers for two export intervals beside the new one, and a
 ``sum`` would count it twice.
 
+Every fleet metric carries a ``fleet`` label (the spec's ``name``): every selector of the
+rules matches ``fleet="<spec.name>"`` (of the exported metrics, and of the recording
+rules, which two fleets' rule files in one Prometheus both record, one series per fleet),
+and every aggregation keeps the ``fleet`` label, so the rules of one fleet never see
+another's pools and queues of the same name, and its alerts fire per fleet.
+
 The alerts:
 
 - ``FleetQueueDepthHigh``: a queue's ready items over 10,000 (``DEFAULT_DEPTH_THRESHOLD``);
@@ -42,8 +48,8 @@ queue), are skipped, with a comment in the rendered file. A rule's ``clear_thres
 is rendered as hysteresis: once the alert fires, it keeps firing while the value still
 passes ``clear_threshold`` (through Prometheus's own ``ALERTS`` series).
 
-Fleet metrics carry no fleet label: rules rendered for one fleet see every fleet of the
-Prometheus they run in, so give each fleet its own Prometheus (or its own Ray cluster).
+Several fleets can share one Prometheus: load each fleet's rule file (``fleet rules``
+of each spec); their recording rules share names and differ by their ``fleet`` label.
 
 ``panel_queries`` and ``instantiate`` turn the Grafana dashboards of
 ``monitoring/grafana`` into plain PromQL, for tests that run them against Prometheus;
@@ -88,6 +94,23 @@ def _m(name: str) -> str:
     return _X[name]
 
 
+def _fleet_matcher(fleet: str) -> str:
+    return f"fleet={_string(fleet)}"
+
+
+def _sel(name: str, fleet: str, suffix: str = "", matchers: str = "") -> str:
+    """A selector of ``fleet``'s series of a catalog metric (``suffix``: ``_bucket``...),
+    with more ``matchers`` (``state=~"..."``) if given."""
+    extra = f", {matchers}" if matchers else ""
+    return f"{_m(name)}{suffix}{{{_fleet_matcher(fleet)}{extra}}}"
+
+
+def _rec(name: str, fleet: str, matchers: str = "") -> str:
+    """A selector of ``fleet``'s series of a recording rule."""
+    extra = f", {matchers}" if matchers else ""
+    return f"{name}{{{_fleet_matcher(fleet)}{extra}}}"
+
+
 # -- recording rules ------------------------------------------------------------------
 
 REC_TASKS_RATE = "fleet:tasks:rate5m"
@@ -116,58 +139,62 @@ def _q(q: float) -> str:
     return f"{q * 100:g}"
 
 
-def _recording_rules() -> list[dict[str, str]]:
+def _recording_rules(fleet: str) -> list[dict[str, str]]:
     def controller_gauge(metric: str, labels: str) -> str:
-        return f"max by ({labels}) ({_m(metric)})"
+        return f"max by (fleet, {labels}) ({_sel(metric, fleet)})"
+
+    def rate(metric: str, suffix: str = "") -> str:
+        return f"rate({_sel(metric, fleet, suffix)}[{RATE_WINDOW}])"
 
     rules = [
         (
             REC_TASKS_RATE,
-            f"sum by (pool, outcome, reason) (rate({_m('fleet_tasks_total')}[{RATE_WINDOW}]))",
+            f"sum by (fleet, pool, outcome, reason) ({rate('fleet_tasks_total')})",
         ),
         (
             REC_RETRIES_RATE,
-            f"sum by (pool, reason) (rate({_m('fleet_task_retries_total')}[{RATE_WINDOW}]))",
+            f"sum by (fleet, pool, reason) ({rate('fleet_task_retries_total')})",
         ),
         (
             REC_TOKENS_RATE,
-            f"sum by (pool, direction) (rate({_m('fleet_tokens_total')}[{RATE_WINDOW}]))",
+            f"sum by (fleet, pool, direction) ({rate('fleet_tokens_total')})",
         ),
-        (
-            REC_COST_RATE,
-            f"sum by (pool) (rate({_m('fleet_cost_usd_total')}[{RATE_WINDOW}]))",
-        ),
+        (REC_COST_RATE, f"sum by (fleet, pool) ({rate('fleet_cost_usd_total')})"),
     ]
-    latency = _m("fleet_task_latency_seconds") + "_bucket"
+    latency = rate("fleet_task_latency_seconds", "_bucket")
     for q in LATENCY_QUANTILES:
         rules.append(
             (
                 REC_LATENCY.format(q=_q(q)),
-                f"histogram_quantile({q:g}, sum by (pool, le) "
-                f"(rate({latency}[{RATE_WINDOW}])))",
+                f"histogram_quantile({q:g}, sum by (fleet, pool, le) ({latency}))",
             )
         )
-    wait = _m("fleet_task_queue_wait_seconds") + "_bucket"
+    wait = rate("fleet_task_queue_wait_seconds", "_bucket")
     rules += [
         (
             REC_QUEUE_WAIT_P95,
-            f"histogram_quantile(0.95, sum by (pool, le) (rate({wait}[{RATE_WINDOW}])))",
+            f"histogram_quantile(0.95, sum by (fleet, pool, le) ({wait}))",
         ),
         # Per shard first (max: one controller sets each), then over the queue's shards.
         (
             REC_QUEUE_DEPTH,
-            f"sum by (queue) ({controller_gauge('fleet_queue_depth', 'queue, shard')})",
+            f"sum by (fleet, queue) ({controller_gauge('fleet_queue_depth', 'queue, shard')})",
         ),
         (
             REC_QUEUE_LEASED,
-            f"sum by (queue) ({controller_gauge('fleet_queue_leased', 'queue, shard')})",
+            f"sum by (fleet, queue) "
+            f"({controller_gauge('fleet_queue_leased', 'queue, shard')})",
         ),
         (REC_QUEUE_OLDEST, controller_gauge("fleet_queue_oldest_age_seconds", "queue")),
         (REC_AGENTS, controller_gauge("fleet_agents", "pool, state")),
-        (REC_AGENTS_FAILING, f'sum({REC_AGENTS}{{state=~"{_FAILING}"}})'),
+        (
+            REC_AGENTS_FAILING,
+            f"sum by (fleet) ({_rec(REC_AGENTS, fleet, f'state=~{_string(_FAILING)}')})",
+        ),
         (
             REC_AGENTS_FAILING_SHARE,
-            f'{REC_AGENTS_FAILING} / sum({REC_AGENTS}{{state=~"{_AGENT_STATES}"}})',
+            f"{_rec(REC_AGENTS_FAILING, fleet)} / sum by (fleet) "
+            f"({_rec(REC_AGENTS, fleet, f'state=~{_string(_AGENT_STATES)}')})",
         ),
         (REC_EJECTED, controller_gauge("fleet_breaker_ejected_agents", "pool")),
         (REC_EJECTED_CAP, controller_gauge("fleet_breaker_max_ejected_agents", "pool")),
@@ -181,50 +208,56 @@ def _recording_rules() -> list[dict[str, str]]:
 # -- queue alert rules ------------------------------------------------------------------
 
 
-def _queue_sum(metric: str, scope: AlertScope) -> str:
+def _queue_sum(metric: str, scope: AlertScope, fleet: str) -> str:
     """A per-shard controller gauge, per shard or summed over each queue's shards."""
-    per_shard = f"max by (queue, shard) ({_m(metric)})"
-    return per_shard if scope is AlertScope.SHARD else f"sum by (queue) ({per_shard})"
+    per_shard = f"max by (fleet, queue, shard) ({_sel(metric, fleet)})"
+    return per_shard if scope is AlertScope.SHARD else f"sum by (fleet, queue) ({per_shard})"
 
 
-def _queue_rate(metric: str, scope: AlertScope) -> str:
-    by = "queue, shard" if scope is AlertScope.SHARD else "queue"
-    return f"sum by ({by}) (rate({_m(metric)}[{RATE_WINDOW}]))"
+def _queue_rate(metric: str, scope: AlertScope, fleet: str) -> str:
+    by = "fleet, queue, shard" if scope is AlertScope.SHARD else "fleet, queue"
+    return f"sum by ({by}) (rate({_sel(metric, fleet)}[{RATE_WINDOW}]))"
 
 
-def _queue_expr(metric: AlertMetric, scope: AlertScope) -> str | None:
+def _queue_expr(metric: AlertMetric, scope: AlertScope, fleet: str) -> str | None:
     """PromQL for a queue alert metric, per queue or per shard; None if not exported."""
     shard = scope is AlertScope.SHARD
     if metric is AlertMetric.DEPTH:
-        return REC_QUEUE_DEPTH if not shard else _queue_sum("fleet_queue_depth", scope)
+        if not shard:
+            return _rec(REC_QUEUE_DEPTH, fleet)
+        return _queue_sum("fleet_queue_depth", scope, fleet)
     if metric is AlertMetric.LEASED:
-        return REC_QUEUE_LEASED if not shard else _queue_sum("fleet_queue_leased", scope)
+        if not shard:
+            return _rec(REC_QUEUE_LEASED, fleet)
+        return _queue_sum("fleet_queue_leased", scope, fleet)
     if metric is AlertMetric.PENDING:
         if not shard:
-            return f"({REC_QUEUE_DEPTH} + {REC_QUEUE_LEASED})"
+            return f"({_rec(REC_QUEUE_DEPTH, fleet)} + {_rec(REC_QUEUE_LEASED, fleet)})"
         return (
-            f"({_queue_sum('fleet_queue_depth', scope)} + "
-            f"{_queue_sum('fleet_queue_leased', scope)})"
+            f"({_queue_sum('fleet_queue_depth', scope, fleet)} + "
+            f"{_queue_sum('fleet_queue_leased', scope, fleet)})"
         )
     if metric is AlertMetric.OLDEST_AGE_S:
         if not shard:
-            return REC_QUEUE_OLDEST
-        return f"max by (queue, shard) ({_m('fleet_queue_oldest_age_seconds')})"
+            return _rec(REC_QUEUE_OLDEST, fleet)
+        return (
+            f"max by (fleet, queue, shard) ({_sel('fleet_queue_oldest_age_seconds', fleet)})"
+        )
     rates = {
         AlertMetric.ENQUEUE_PER_S: "fleet_queue_enqueued_total",
         AlertMetric.LEASE_EXPIRIES_PER_S: "fleet_queue_lease_expiries_total",
         AlertMetric.REDELIVERIES_PER_S: "fleet_queue_redeliveries_total",
     }
     if metric in rates:
-        return f"({_queue_rate(rates[metric], scope)})"
+        return f"({_queue_rate(rates[metric], scope, fleet)})"
     # Balance over the shards' depths, as in-process (fleet.policy.sharding). An empty
     # queue's is 0 there and NaN here (0/0), which passes no comparison: the two differ
     # only for a "<" rule on balance, which no one needs.
-    d = _queue_sum("fleet_queue_depth", AlertScope.SHARD)
+    d = _queue_sum("fleet_queue_depth", AlertScope.SHARD, fleet)
     if metric is AlertMetric.SHARD_MAX_OVER_MEAN:
-        return f"(max by (queue) ({d}) / avg by (queue) ({d}))"
+        return f"(max by (fleet, queue) ({d}) / avg by (fleet, queue) ({d}))"
     if metric is AlertMetric.SHARD_CV:
-        return f"(stddev by (queue) ({d}) / avg by (queue) ({d}))"
+        return f"(stddev by (fleet, queue) ({d}) / avg by (fleet, queue) ({d}))"
     return None  # age percentiles, dequeue and deadline rates: not exported by queue
 
 
@@ -283,10 +316,14 @@ _QUEUE_DEFAULTS = (
 )
 
 
-def _subject(scope: AlertScope) -> str:
+_OF_FLEET = "of fleet {{ $labels.fleet }}"
+
+
+def _subject(scope: AlertScope, of_fleet: bool = False) -> str:
+    of = f" {_OF_FLEET}" if of_fleet else ""
     if scope is AlertScope.SHARD:
-        return "queue {{ $labels.queue }} shard {{ $labels.shard }}"
-    return "queue {{ $labels.queue }}"
+        return f"queue {{{{ $labels.queue }}}} shard {{{{ $labels.shard }}}}{of}"
+    return f"queue {{{{ $labels.queue }}}}{of}"
 
 
 def _queue_alert(
@@ -300,11 +337,11 @@ def _queue_alert(
     clear = rule.clear_threshold
     if clear is not None and clear != rule.threshold:
         # Hysteresis: once firing, hold while the value still passes clear_threshold.
-        on = "queue, shard" if rule.scope is AlertScope.SHARD else "queue"
+        on = "fleet, queue, shard" if rule.scope is AlertScope.SHARD else "fleet, queue"
         cond = (
             f"{cond} or ({expr} {rule.op} {clear:g} and on ({on}) "
             f'ALERTS{{alertname="{alert}", alertstate="firing", '
-            f"rule={_string(rule.rule_name)}}})"
+            f"{_fleet_matcher(fleet)}, rule={_string(rule.rule_name)}}})"
         )
     out: dict[str, Any] = {"alert": alert, "expr": cond}
     if rule.for_s:
@@ -313,7 +350,7 @@ def _queue_alert(
     out["annotations"] = {
         "summary": f"Fleet {fleet}: {_subject(rule.scope)}: {rule.metric.value} "
         f"{rule.op} {rule.threshold:g}",
-        "description": f"{_subject(rule.scope)}: {rule.metric.value} is "
+        "description": f"{_subject(rule.scope, of_fleet=True)}: {rule.metric.value} is "
         f"{{{{ $value | {fmt} }}}} (alert when {rule.op} {rule.threshold:g}).",
     }
     return out
@@ -335,11 +372,11 @@ def _queue_alerts(spec: FleetSpec) -> tuple[list[dict[str, Any]], list[str]]:
             )
         else:
             rules.remove(rule)
-        expr = _queue_expr(rule.metric, rule.scope)
+        expr = _queue_expr(rule.metric, rule.scope, spec.name)
         assert expr is not None
         alerts.append(_queue_alert(d.alert, rule, expr, spec.name))
     for rule in rules:
-        expr = _queue_expr(rule.metric, rule.scope)
+        expr = _queue_expr(rule.metric, rule.scope, spec.name)
         if expr is None:
             skipped.append(
                 f"queues.alerts {rule.rule_name!r} ({rule.scope.value} scope) is not "
@@ -377,53 +414,57 @@ def _fleet_alerts(spec: FleetSpec) -> list[dict[str, Any]]:
     fleet = spec.name
     cascade = spec.health.cascade
     target = spec.observability.latency_target_s
-    p95 = REC_LATENCY.format(q="95")
+    p95 = _rec(REC_LATENCY.format(q="95"), fleet)
+    ejected, cap = _rec(REC_EJECTED, fleet), _rec(REC_EJECTED_CAP, fleet)
+    scopes = "|".join(BUDGET_SCOPES)
     return [
         _alert(
             "FleetBreakerEjectionsNearCap",
-            f"{REC_EJECTED} >= {EJECTION_NEAR_CAP_SHARE:g} * {REC_EJECTED_CAP} "
-            f"and {REC_EJECTED_CAP} > 0",
+            f"{ejected} >= {EJECTION_NEAR_CAP_SHARE:g} * {cap} and {cap} > 0",
             BREAKER_FOR_S,
             "warning",
             fleet,
             "pool {{ $labels.pool }}: breaker ejections near their cap",
-            "{{ $value | humanize }} agents of pool {{ $labels.pool }} are held out by their "
+            "{{ $value | humanize }} agents of pool {{ $labels.pool }} "
+            f"{_OF_FLEET} are held out by their "
             f"breakers, at least {EJECTION_NEAR_CAP_SHARE:.0%} of the cap on ejections "
             "(resilience.ejection.max_ejected_share): more failures will keep failing "
             "agents in rotation.",
         ),
         _alert(
             "FleetAgentCascade",
-            f"{REC_AGENTS_FAILING_SHARE} > {cascade.cascade_share:g} "
-            f"and on () {REC_AGENTS_FAILING} >= {cascade.min_failing_agents}",
+            f"{_rec(REC_AGENTS_FAILING_SHARE, fleet)} > {cascade.cascade_share:g} "
+            f"and on (fleet) {_rec(REC_AGENTS_FAILING, fleet)} "
+            f">= {cascade.min_failing_agents}",
             CASCADE_FOR_S,
             "critical",
             fleet,
             "agents failing in a cascade",
-            "{{ $value | humanizePercentage }} of the fleet's agents are unhealthy or "
-            "restarting "
+            "{{ $value | humanizePercentage }} of the agents "
+            f"{_OF_FLEET} are unhealthy or restarting "
             f"(health.cascade.cascade_share: {cascade.cascade_share:g}); the cascade "
             "guard throttles restarts.",
         ),
         _alert(
             "FleetControlActorRestarted",
-            f"increase({REC_RESTARTS}[{CONTROL_RESTART_WINDOW}]) > 0",
+            f"increase({_rec(REC_RESTARTS, fleet)}[{CONTROL_RESTART_WINDOW}]) > 0",
             0,
             "warning",
             fleet,
             "control actor {{ $labels.actor }} restarted",
-            "Control actor {{ $labels.actor }} restarted in the last "
+            f"Control actor {{{{ $labels.actor }}}} {_OF_FLEET} restarted in the last "
             f"{CONTROL_RESTART_WINDOW}; its logs and `fleet status` say why.",
         ),
         _alert(
             "FleetBudgetBurnHigh",
-            f'{REC_BURN}{{scope=~"{"|".join(BUDGET_SCOPES)}"}} > on (scope, name) '
-            f"{REC_LIMIT} * {BURN_FACTOR:g} / 24",
+            f"{_rec(REC_BURN, fleet, f'scope=~{_string(scopes)}')} > on (fleet, scope, name) "
+            f"{_rec(REC_LIMIT, fleet)} * {BURN_FACTOR:g} / 24",
             BURN_FOR_S,
             "warning",
             fleet,
             "budget {{ $labels.scope }} {{ $labels.name }} burning fast",
-            "Budget {{ $labels.scope }} {{ $labels.name }} burns "
+            "Budget {{ $labels.scope }} {{ $labels.name }} "
+            f"{_OF_FLEET} burns "
             "{{ $value | humanize }} USD/h, "
             f"over {BURN_FACTOR:g} x its daily limit / 24: at this rate it runs out in "
             f"less than {24 / BURN_FACTOR:g} hours.",
@@ -435,7 +476,8 @@ def _fleet_alerts(spec: FleetSpec) -> list[dict[str, Any]]:
             "warning",
             fleet,
             "pool {{ $labels.pool }}: p95 task latency over target",
-            "p95 task latency of pool {{ $labels.pool }} is {{ $value | humanize }} s, over "
+            f"p95 task latency of pool {{{{ $labels.pool }}}} {_OF_FLEET} is "
+            "{{ $value | humanize }} s, over "
             f"observability.latency_target_s ({target:g} s).",
         ),
     ]
@@ -450,7 +492,7 @@ def _render(spec: FleetSpec) -> tuple[dict[str, Any], list[str]]:
     # of the same evaluation, never one interval old.
     group = {
         "name": f"fleet-{spec.name}",
-        "rules": [*_recording_rules(), *queue_alerts, *_fleet_alerts(spec)],
+        "rules": [*_recording_rules(spec.name), *queue_alerts, *_fleet_alerts(spec)],
     }
     return {"groups": [group]}, skipped
 
@@ -477,6 +519,7 @@ def render_rules_yaml(spec: FleetSpec) -> str:
 
 RATE_INTERVAL = "1m"
 _ALL_SESSIONS = ".*"
+_ALL_FLEETS = ".*"
 _IDENT = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
 _KEYWORDS = frozenset(
     "by without on ignoring group_left group_right and or unless offset bool inf nan "
@@ -505,16 +548,19 @@ def _regex_literal(text: str) -> str:
     return re.sub(r"([.+*?()\[\]{}|^$])", r"\\\\\1", text).replace('"', '\\"')
 
 
-def instantiate(expr: str, session: str | None = None) -> str:
+def instantiate(expr: str, session: str | None = None, fleet: str | None = None) -> str:
     """A dashboard query as plain PromQL: Grafana's variables substituted.
 
     ``$__rate_interval`` (and ``$__interval``) become ``1m``; ``$SessionName`` the Ray
     session given (matched literally), or any (``.*``, which also matches the series of
-    the ingress's ``/metrics``: they carry no session label) when None.
+    the ingress's ``/metrics``: they carry no session label) when None; ``$fleet`` the
+    fleet given (its spec's name, matched literally), or any (``.*``) when None.
     """
     sessions = _ALL_SESSIONS if session is None else _regex_literal(session)
+    fleets = _ALL_FLEETS if fleet is None else _regex_literal(fleet)
     out = expr.replace("$__rate_interval", RATE_INTERVAL).replace("$__interval", RATE_INTERVAL)
     out = out.replace("${SessionName}", sessions).replace("$SessionName", sessions)
+    out = out.replace("${fleet}", fleets).replace("$fleet", fleets)
     return out
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from fleet.observability.metrics import Sink, TenantLabels
+from fleet.observability.metrics import Sink, TenantLabels, for_fleet
 from fleet.policy.health import AgentState
 from fleet.policy.queue_alerts import ActiveAlert
 from fleet.spec.fleet import FleetSpec
@@ -40,7 +40,7 @@ _GUARD_LEVEL = {"closed": 0, "half_open": 1, "open": 2}
 class ControlMetrics:
     def __init__(self, spec: FleetSpec, sink: Sink, resumed: bool):
         self.spec = spec
-        self.sink = sink
+        self.sink = for_fleet(sink, spec.name)
         self._resumed = resumed
         self._last: dict[tuple[str, int], dict[str, int]] = {}
         self._alerts: set[tuple[str, str, str]] = set()

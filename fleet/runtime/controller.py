@@ -155,7 +155,7 @@ class Controller:
         self._alert_log: deque[dict[str, Any]] = deque(maxlen=ALERT_LOG_MAX)
         self._metrics = ControlMetrics(
             self.spec, metrics_sink or RaySink(), resumed=restarted or resume
-        )
+        )  # labelled with the fleet's name
         self._health = FleetHealth(
             self.spec.health, [p.name for p in self.spec.pools], on_alert=self._log_alert
         )

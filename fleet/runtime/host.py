@@ -49,7 +49,7 @@ from fleet.runtime.budget_client import BudgetClient, Grant
 from fleet.runtime.host_agents import AgentSet
 from fleet.runtime.host_batches import PROGRESS_AFTER_S, Batch, BatchReport, Recorder, Reporter
 from fleet.runtime.host_budget import BUDGET_REQUEUE, REASON_BUDGET_EXHAUSTED, BudgetGate
-from fleet.runtime.host_metrics import HostMetrics
+from fleet.runtime.host_metrics import DEFAULT_FLEET, HostMetrics
 from fleet.runtime.host_outcomes import max_error_chars, run_on_agent
 from fleet.runtime.host_slots import SlotFutures
 from fleet.runtime.imports import import_object
@@ -142,6 +142,7 @@ class AgentHost:
             self.pool.name,
             TenantLabels((*self.observability.metric_tenants, *(metric_tenants or ()))),
             metrics_sink,
+            fleet=ledger[0] if ledger is not None else DEFAULT_FLEET,  # the fleet's name
         )
         # Spans of sampled tasks (a real tracer provider only: else one check per batch).
         self.tracer = TaskTracer.from_spec(self.observability.tracing)

@@ -17,23 +17,37 @@ from collections.abc import Iterable, Mapping
 
 import orjson
 
-from fleet.observability.metrics import NO_TENANT, Aggregator, RaySink, Sink, TenantLabels
+from fleet.observability.metrics import (
+    NO_TENANT,
+    Aggregator,
+    RaySink,
+    Sink,
+    TenantLabels,
+    for_fleet,
+)
 from fleet.observability.reasons import outcome_labels, reason_label
 from fleet.runtime.budget_client import TENANT_FIELD
 from fleet.task import TENANT_ID_PREFIX, Item, Outcome, tenant_of_id
 
 _TENANT_BYTES = f'"{TENANT_FIELD}"'.encode()
 _TRANSITION = "transition:"
+DEFAULT_FLEET = "fleet"  # FleetSpec's default name
 NO_POOL = "none"
 
 
 class HostMetrics:
     """One host's metric recording (see the module docstring)."""
 
-    def __init__(self, pool: str, tenants: TenantLabels, sink: Sink | None = None):
+    def __init__(
+        self,
+        pool: str,
+        tenants: TenantLabels,
+        sink: Sink | None = None,
+        fleet: str = DEFAULT_FLEET,
+    ):
         self.pool = pool
         self.sink: Sink = sink if sink is not None else RaySink()
-        self.agg = Aggregator(self.sink)
+        self.agg = Aggregator(for_fleet(self.sink, fleet))
         self.tenants = tenants
         self._pool_tags = {"pool": pool}
         # Payload tenants of tasks in flight (``other`` unless configured).

@@ -26,7 +26,7 @@ from typing import Any
 import ray
 
 from fleet._bounded import BoundedSet
-from fleet.observability.metrics import Aggregator, RaySink, TenantLabels
+from fleet.observability.metrics import Aggregator, RaySink, TenantLabels, for_fleet
 from fleet.policy.batching import batch_size
 from fleet.policy.disciplines import overdue_outcome
 from fleet.queue.lease_queue import LeaseQueue, QueueFull
@@ -72,12 +72,12 @@ class QueueShard:
         spec = QueueSpec.model_validate(queue_spec)
         self._pool = pool
         self._tenants = TenantLabels(metric_tenants or ())
-        self._metrics = Aggregator(RaySink())
         self.capability = capability
         self._closed = False  # set while its pool is being removed
         self.index = index
         self.lease_s = spec.lease_s
         self._fleet = fleet or ledger_name.removesuffix(".ledger")
+        self._metrics = Aggregator(for_fleet(RaySink(), self._fleet))
         on_start(namespace, Names(self._fleet).shard(capability, index))
         storage = make_storage(spec.storage, namespace, capability, index, fleet)
         self._q = LeaseQueue.from_spec(spec, max_deliveries, storage=storage)

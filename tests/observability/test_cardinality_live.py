@@ -36,12 +36,8 @@ def _spec():
 
 
 def _ours(labels: dict[str, str]) -> bool:
-    """A series of this test's fleet: its pool, its queue, or its control actors."""
-    return (
-        labels.get("pool") == POOL
-        or labels.get("queue") == POOL
-        or labels.get("actor", "").startswith(f"{FLEET}.")
-    )
+    """A series of this test's fleet (every fleet series carries its fleet's name)."""
+    return labels.get("fleet") == FLEET
 
 
 def _series(session: str) -> list[tuple[str, dict[str, str], float]]:

@@ -18,7 +18,9 @@ from tests.queue.helpers import item
 from tests.utils import make_spec, pool
 
 T0 = 1_700_000_000.0
-SUPPORT = (("queue", "support"), ("shard", "0"))
+FLEET = "ops"  # the spec's name: every series is labelled fleet=FLEET
+F = ("fleet", FLEET)
+SUPPORT = (F, ("queue", "support"), ("shard", "0"))
 
 
 def _stats(q: LeaseQueue, now: float) -> dict:
@@ -27,7 +29,14 @@ def _stats(q: LeaseQueue, now: float) -> dict:
 
 def _metrics(resumed: bool = False, **spec) -> tuple[ControlMetrics, MemorySink]:
     sink = MemorySink()
+    spec.setdefault("name", FLEET)
     return ControlMetrics(make_spec(**spec), sink, resumed=resumed), sink
+
+
+def _fleets(sink: MemorySink) -> set[str]:
+    """The fleet label's values over every series the sink holds."""
+    keys = (*sink.counters, *sink.gauges, *sink.histograms)
+    return {dict(tags)["fleet"] for _, tags in keys}
 
 
 def test_queue_counters_follow_the_growth_of_shard_totals_and_gauges_the_stats():
@@ -61,8 +70,10 @@ def test_queue_counters_follow_the_growth_of_shard_totals_and_gauges_the_stats()
     other = LeaseQueue(10)
     other.put([item("o", T0)])
     cm.shard("support", 1, _stats(other, T0))
-    assert c[("fleet_queue_enqueued_total", (("queue", "support"), ("shard", "1")))] == 1
+    assert c[("fleet_queue_enqueued_total", (F, ("queue", "support"), ("shard", "1")))] == 1
     assert sink.total("fleet_queue_enqueued_total", queue="support") == 11
+    assert sink.total("fleet_queue_enqueued_total", fleet=FLEET) == 11
+    assert _fleets(sink) == {FLEET}
 
 
 def test_a_restarted_shards_lower_totals_count_as_new_and_never_decrease():
@@ -105,6 +116,7 @@ def test_a_resumed_controller_takes_the_first_totals_as_its_baseline():
     other.put([item("o", T0)])
     cm.shard("support", 1, _stats(other, T0))
     assert sink.total("fleet_queue_enqueued_total", shard="1") == 0
+    assert _fleets(sink) == {FLEET}
     # A fresh (not resumed) controller counts the first totals whole.
     fresh, fresh_sink = _metrics(resumed=False)
     fresh.shard("support", 0, _stats(q, T0 + 1))
@@ -122,7 +134,7 @@ def test_alerts_are_1_while_firing_and_0_once_cleared():
     assert len(ev.active()) == 1
     key = (
         "fleet_alerts_firing",
-        (("rule", "depth > 0"), ("severity", "warning"), ("subject", "support")),
+        (F, ("rule", "depth > 0"), ("severity", "warning"), ("subject", "support")),
     )
     cm.alerts(ev.active())
     assert sink.gauges == {key: 1}
@@ -139,14 +151,14 @@ def test_guard_and_control_actor_restarts():
     cm, sink = _metrics()
     for state, level in (("closed", 0), ("open", 2), ("half_open", 1)):
         cm.guard(state)
-        assert sink.gauges[("fleet_cascade_guard_state", ())] == level
+        assert sink.gauges[("fleet_cascade_guard_state", (F,))] == level
     cm.control_actors(
         {"fleet-ctl": {"restarts": 2}, "fleet-q": {"restarts": 0}, "gone": {"error": "x"}}
     )
     assert sink.gauges == {
-        ("fleet_cascade_guard_state", ()): 1,
-        ("fleet_control_actor_restarts", (("actor", "fleet-ctl"),)): 2,
-        ("fleet_control_actor_restarts", (("actor", "fleet-q"),)): 0,
+        ("fleet_cascade_guard_state", (F,)): 1,
+        ("fleet_control_actor_restarts", (("actor", "fleet-ctl"), F)): 2,
+        ("fleet_control_actor_restarts", (("actor", "fleet-q"), F)): 0,
     }
 
 
@@ -174,6 +186,7 @@ def test_pool_gauges_come_from_dispatcher_stats_and_health():
     cm.pool("work", 15, disp, fh.pool_status("work"))
     g = {(n, dict(t).get("state")): v for (n, t), v in sink.gauges.items()}
     assert all(dict(t)["pool"] == "work" for _, t in sink.gauges)
+    assert _fleets(sink) == {FLEET}
     assert g[("fleet_agents_desired", None)] == 15
     assert g[("fleet_in_flight", None)] == 7
     assert g[("fleet_breaker_ejected_agents", None)] == 2
@@ -186,12 +199,12 @@ def test_pool_gauges_come_from_dispatcher_stats_and_health():
     assert g[("fleet_agents", "breaker_ejected")] == 2
     # A pool with no dispatcher stats or reports yet: zeros, not missing series.
     cm.pool("idle", 1, {}, fh.pool_status("idle"))
-    assert sink.gauges[("fleet_hosts", (("pool", "idle"),))] == 0
-    assert sink.gauges[("fleet_agents", (("pool", "idle"), ("state", "healthy")))] == 0
+    assert sink.gauges[("fleet_hosts", (F, ("pool", "idle")))] == 0
+    assert sink.gauges[("fleet_agents", (F, ("pool", "idle"), ("state", "healthy")))] == 0
 
 
-def _budget(name: str, scope: str) -> tuple[str, ...]:
-    return (("name", name), ("scope", scope))
+def _budget(name: str, scope: str, fleet: str = FLEET) -> tuple[tuple[str, str], ...]:
+    return (("fleet", fleet), ("name", name), ("scope", scope))
 
 
 def test_budgets_export_spend_burn_limit_and_remaining_of_configured_scopes_only():
@@ -274,6 +287,7 @@ def test_budgets_export_spend_burn_limit_and_remaining_of_configured_scopes_only
         "quiet",
         "beta",
     }
+    assert _fleets(sink) == {FLEET}
 
 
 def test_budget_gauges_from_a_real_book_snapshot():
@@ -286,6 +300,7 @@ def test_budget_gauges_from_a_real_book_snapshot():
     clock = FakeClock(1_000_000.0)
     spec = make_spec(
         pool("work"),
+        name="books",
         budgets={
             "daily_usd": 1.0,
             "pools": {"work": {"daily_usd": 0.5}},
@@ -306,18 +321,21 @@ def test_budget_gauges_from_a_real_book_snapshot():
     sink = MemorySink()
     ControlMetrics(spec, sink, resumed=False).budgets(book.snapshot())
     g = sink.gauges
-    assert g[("fleet_budget_spend_usd", _budget("all", "fleet"))] == pytest.approx(0.03)
-    assert g[("fleet_budget_remaining_usd", _budget("all", "fleet"))] == pytest.approx(0.97)
-    assert g[("fleet_budget_spend_usd", _budget("work", "pool"))] == pytest.approx(0.03)
-    assert g[("fleet_budget_burn_usd_per_hour", _budget("work", "pool"))] > 0
-    assert g[("fleet_budget_spend_usd", _budget("acme", "tenant"))] == pytest.approx(0.01)
+    assert _fleets(sink) == {"books"}  # the spec's name, whatever it is
+
+    def _books(name: str, scope: str) -> tuple[tuple[str, str], ...]:
+        return _budget(name, scope, fleet="books")
+
+    assert g[("fleet_budget_spend_usd", _books("all", "fleet"))] == pytest.approx(0.03)
+    assert g[("fleet_budget_remaining_usd", _books("all", "fleet"))] == pytest.approx(0.97)
+    assert g[("fleet_budget_spend_usd", _books("work", "pool"))] == pytest.approx(0.03)
+    assert g[("fleet_budget_burn_usd_per_hour", _books("work", "pool"))] > 0
+    assert g[("fleet_budget_spend_usd", _books("acme", "tenant"))] == pytest.approx(0.01)
     assert not [t for _, t in g if ("name", "zeta") in t]
     # The pool's and tenant's limits (set in the spec) are exported with what is left.
-    assert g.get(("fleet_budget_limit_usd", _budget("work", "pool"))) == 0.5
-    assert g.get(("fleet_budget_remaining_usd", _budget("work", "pool"))) == pytest.approx(
-        0.47
-    )
-    assert g.get(("fleet_budget_limit_usd", _budget("acme", "tenant"))) == 0.25
-    assert g.get(("fleet_budget_remaining_usd", _budget("acme", "tenant"))) == pytest.approx(
+    assert g.get(("fleet_budget_limit_usd", _books("work", "pool"))) == 0.5
+    assert g.get(("fleet_budget_remaining_usd", _books("work", "pool"))) == pytest.approx(0.47)
+    assert g.get(("fleet_budget_limit_usd", _books("acme", "tenant"))) == 0.25
+    assert g.get(("fleet_budget_remaining_usd", _books("acme", "tenant"))) == pytest.approx(
         0.24
     )

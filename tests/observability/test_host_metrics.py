@@ -18,6 +18,7 @@ from fleet.observability.metrics import (
     Aggregator,
     MemorySink,
     TenantLabels,
+    for_fleet,
 )
 from fleet.runtime.host import AgentHost
 from fleet.runtime.host_metrics import HostMetrics
@@ -25,6 +26,7 @@ from fleet.task import Item, Outcome, scoped_id, to_item
 from tests.utils import FakeLedger, pool
 
 T0 = 1_700_000_000.0
+FLEET = "f1"  # the fleet the HostMetrics of these tests label everything with
 
 
 class CallSink(MemorySink):
@@ -80,12 +82,19 @@ class FlushingHostMetrics(HostMetrics):
 
 def _metrics(*tenants: str) -> tuple[HostMetrics, CallSink]:
     sink = CallSink()
-    return FlushingHostMetrics("work", TenantLabels(tenants), sink), sink
+    return FlushingHostMetrics("work", TenantLabels(tenants), sink, fleet=FLEET), sink
+
+
+def _fleets(sink: MemorySink) -> set[str]:
+    """The fleet label's values over every series the sink holds."""
+    keys = (*sink.counters, *sink.gauges, *sink.histograms)
+    return {dict(tags)["fleet"] for _, tags in keys}
 
 
 def _obs(sink: MemorySink, name: str, **tags: str) -> tuple[int, float]:
-    """(count, sum) of one histogram series."""
-    cumulative, total = sink.histograms[(name, tuple(sorted(tags.items())))]
+    """(count, sum) of one histogram series (of fleet ``FLEET``)."""
+    key = (name, tuple(sorted({"fleet": FLEET, **tags}.items())))
+    cumulative, total = sink.histograms[key]
     return cumulative[-1], total
 
 
@@ -94,7 +103,7 @@ def _tasks(sink: MemorySink) -> dict[tuple[str, str, str], float]:
     for (name, tags), v in sink.counters.items():
         if name == "fleet_tasks_total":
             t = dict(tags)
-            assert t["pool"] == "work"
+            assert t["pool"] == "work" and t["fleet"] == FLEET
             out[(t["outcome"], t["reason"], t["tenant"])] = v
     return out
 
@@ -146,7 +155,12 @@ def test_tokens_and_cost_per_tenant_only_for_tasks_that_used_any():
         return c[
             (
                 "fleet_tokens_total",
-                (("direction", direction), ("pool", "work"), ("tenant", tenant)),
+                (
+                    ("direction", direction),
+                    ("fleet", FLEET),
+                    ("pool", "work"),
+                    ("tenant", tenant),
+                ),
             )
         ]
 
@@ -160,6 +174,7 @@ def test_tokens_and_cost_per_tenant_only_for_tasks_that_used_any():
         "fleet_tokens_total": 4,  # (acme, none) x (input, output)
         "fleet_cost_usd_total": 2,
     }
+    assert _fleets(sink) == {FLEET}
 
 
 def test_one_latency_observation_per_outcome_and_execution_only_for_started_tasks():
@@ -181,6 +196,8 @@ def test_one_latency_observation_per_outcome_and_execution_only_for_started_task
     assert _obs(sink, "fleet_task_execution_seconds", pool="work", **failed) == (1, 1.0)
     assert sink.total("fleet_task_latency_seconds") == 3
     assert sink.total("fleet_task_execution_seconds") == 2
+    assert sink.total("fleet_task_latency_seconds", fleet=FLEET) == 3
+    assert _fleets(sink) == {FLEET}
 
 
 def test_a_hundred_successes_of_one_tenant_are_one_counter_call():
@@ -189,13 +206,25 @@ def test_a_hundred_successes_of_one_tenant_are_one_counter_call():
     assert sink.incs == [
         (
             "fleet_tasks_total",
-            {"pool": "work", "outcome": "completed", "reason": "ok", "tenant": "acme"},
+            {
+                "fleet": FLEET,
+                "pool": "work",
+                "outcome": "completed",
+                "reason": "ok",
+                "tenant": "acme",
+            },
         )
     ]
     assert sink.counters == {
         (
             "fleet_tasks_total",
-            (("outcome", "completed"), ("pool", "work"), ("reason", "ok"), ("tenant", "acme")),
+            (
+                ("fleet", FLEET),
+                ("outcome", "completed"),
+                ("pool", "work"),
+                ("reason", "ok"),
+                ("tenant", "acme"),
+            ),
         ): 100
     }
     # Plus the latency and execution histograms: one call each, not one per task.
@@ -216,7 +245,7 @@ def test_payload_tenants_label_configured_tenants_and_stay_bounded():
     assert got[("completed", "ok", "none")] == 1
     # Their payload tenants are forgotten once recorded: the same id again has none.
     sink2 = CallSink()
-    hm.agg.sink = sink2
+    hm.agg.sink = for_fleet(sink2, FLEET)
     hm.recorded([outcome("p1")], T0 + 4)
     assert _tasks(sink2) == {("completed", "ok", "none"): 1}
 
@@ -236,7 +265,8 @@ def test_batch_arrived_observes_queue_wait_per_item_and_dispatch_once_per_batch(
     assert _obs(sink, "fleet_task_queue_wait_seconds", pool="work") == (3, 7.0)
     assert _obs(sink, "fleet_dispatch_overhead_seconds", pool="work") == (1, 0.25)
     # Buckets are cumulative and inclusive: 0.25 s counts in le=0.25, and above.
-    cumulative, _ = sink.histograms[("fleet_dispatch_overhead_seconds", (("pool", "work"),))]
+    key = ("fleet_dispatch_overhead_seconds", (("fleet", FLEET), ("pool", "work")))
+    cumulative, _ = sink.histograms[key]
     i = LATENCY_BUCKETS_S.index(0.25)
     assert cumulative[i - 1] == 0 and cumulative[i:] == [1] * (len(cumulative) - i)
     # Without a send time: the arrival stands in for it, and no dispatch observation.
@@ -247,6 +277,7 @@ def test_batch_arrived_observes_queue_wait_per_item_and_dispatch_once_per_batch(
     calls = sink.calls
     hm.batch_arrived([], T0, T0)
     assert sink.calls == calls and not sink.counters
+    assert _fleets(sink) == {FLEET}
 
 
 def test_retries_are_counted_by_reason_on_flush():
@@ -340,6 +371,7 @@ def test_a_hosts_task_counts_are_the_outcomes_it_recorded():
     assert sink.total("fleet_task_queue_wait_seconds") == len(items)
     assert sink.total("fleet_dispatch_overhead_seconds") == 1
     assert {dict(t)["pool"] for _, t in (*sink.counters, *sink.histograms)} == {"work"}
+    assert _fleets(sink) == {"fleet"}  # no ledger: the default fleet name
 
 
 def test_tasks_a_queue_shard_fails_itself_are_counted_like_a_hosts():
@@ -355,8 +387,11 @@ def test_tasks_a_queue_shard_fails_itself_are_counted_like_a_hosts():
     scoped = to_item({"capability": "work"}, {"work"}, now_unix_s=now, tenant="acme")
     outcomes = [overdue_outcome(it, now + 2) for it in items]
     outcomes.append(overdue_outcome(scoped._replace(deadline_unix_s=now + 1), now + 2))
-    queue_failures(Aggregator(sink), "work", TenantLabels(["acme"]), outcomes, now + 2)
+    agg = Aggregator(for_fleet(sink, "work-fleet"))
+    queue_failures(agg, "work", TenantLabels(["acme"]), outcomes, now + 2)
     assert sink.total("fleet_tasks_total", reason="deadline_exceeded", tenant="none") == 3
     assert sink.total("fleet_tasks_total", reason="deadline_exceeded", tenant="acme") == 1
     assert sink.total("fleet_tasks_total", outcome="completed") == 0
     assert sink.total("fleet_task_latency_seconds", pool="work", outcome="failed") == 4
+    assert sink.total("fleet_tasks_total", fleet="work-fleet") == 4
+    assert _fleets(sink) == {"work-fleet"}

@@ -209,7 +209,7 @@ def test_prometheus_sees_what_the_ledger_recorded_and_every_panel_moves(
     assert ledger["failed"] > 0 and reasons["budget_exhausted"] == PAID_TASKS - AFFORDABLE
     assert sum(ledger.values()) == len(ids)
 
-    pools = f'pool=~"{WORK}|{PAID}"'
+    pools = f'fleet="obsfleet",pool=~"{WORK}|{PAID}"'
     want = dict(ledger)
     eventually(
         lambda: (
@@ -272,7 +272,7 @@ def test_prometheus_sees_what_the_ledger_recorded_and_every_panel_moves(
     checked = 0
     for path in DASHBOARDS:
         for title, expr in panel_queries(json.loads(path.read_text())):
-            q = instantiate(expr, session)
+            q = instantiate(expr, session, fleet="obsfleet")
             assert "vector(0)" not in q and "absent(" not in q, (path.name, title, q)
             data = prometheus.api("query_range", query=q, start=t_start - 5, end=t_end, step=1)
             checked += 1

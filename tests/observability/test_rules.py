@@ -1,11 +1,14 @@
 """The Prometheus rules and Grafana dashboards in ``monitoring/``: rendered from the spec
 (the committed rule file is the demo spec's, byte for byte), valid to promtool, every
 alert fired and cleared by ``fleet-rules.test.yml``, and every query reading only the
-metrics fleet exports (``fleet.observability.metrics.CATALOG``) or the recording rules."""
+metrics fleet exports (``fleet.observability.metrics.CATALOG``) or the recording rules,
+of one fleet (the ``fleet`` label: the rules' ``fleet="<spec.name>"``, the dashboards'
+``$fleet`` variable) and grouped by fleet."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -69,6 +72,27 @@ def demo_rules() -> dict[str, Any]:
     return render_rules(load_spec(DEMO_SPEC))
 
 
+# A series selector of a fleet metric or recording rule, with its matchers if any.
+_SELECTOR = re.compile(r"\b(ray_fleet_[A-Za-z0-9_]+|fleet:[A-Za-z0-9_:]+)(\{[^}]*\})?")
+_AGGREGATION = re.compile(r"\b(?:by|on) \(([^)]*)\)")
+
+
+def selectors(expr: str) -> list[tuple[str, str]]:
+    """(name, matchers) of every fleet selector of a query ("" for no matchers)."""
+    return [(m.group(1), m.group(2) or "") for m in _SELECTOR.finditer(expr)]
+
+
+def assert_per_fleet(expr: str, matcher: str) -> None:
+    """Every fleet selector of ``expr`` carries ``matcher``; every ``by``/``on`` keeps
+    the fleet label (``le`` lists of histograms aside, none drop it)."""
+    sels = selectors(expr)
+    assert sels, expr
+    for name, matchers in sels:
+        assert matcher in matchers, (name, expr)
+    for labels in _AGGREGATION.findall(expr):
+        assert labels.split(", ")[0] == "fleet", expr
+
+
 # -- the committed rule file ------------------------------------------------------------
 
 
@@ -95,6 +119,32 @@ def test_required_alerts_with_severity_and_annotations():
             assert rule["annotations"]["summary"] and rule["annotations"]["description"]
     assert alerts["FleetQueueDepthHigh"][0]["expr"].endswith("> 10000")
     assert alerts["FleetQueueOldestItemOld"][0]["expr"].endswith("> 300")
+    for name, rules in alerts.items():
+        for rule in rules:
+            assert rule["labels"]["fleet"] == "demo", name
+            assert "of fleet {{ $labels.fleet }}" in rule["annotations"]["description"], name
+
+
+def test_every_rule_reads_only_its_fleets_series_and_groups_by_fleet():
+    for group in demo_rules()["groups"]:
+        for rule in group["rules"]:
+            assert_per_fleet(rule["expr"], 'fleet="demo"')
+    text = RULES_FILE.read_text()
+    assert "by (pool" not in text and "by (queue" not in text and "sum(" not in text
+
+
+def test_a_spec_named_x_renders_its_own_fleet_matcher(tmp_path):
+    data = yaml.safe_load(DEMO_SPEC.read_text())
+    data["name"] = "x"
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml.safe_dump(data))
+    rules = render_rules(load_spec(path))
+    assert rules["groups"][0]["name"] == "fleet-x"
+    for rule in rules["groups"][0]["rules"]:
+        assert_per_fleet(rule["expr"], 'fleet="x"')
+        assert 'fleet="demo"' not in rule["expr"], rule["expr"]
+        if "alert" in rule:
+            assert rule["labels"]["fleet"] == "x"
 
 
 def test_rules_read_only_exported_metrics_and_no_fallbacks():
@@ -180,7 +230,7 @@ def test_spec_thresholds_replace_the_defaults(tmp_path):
     )
     alerts = alerts_of(render_rules(spec))
     (depth,) = alerts["FleetQueueDepthHigh"]
-    assert depth["expr"] == "fleet:queue_depth:sum > 5000"
+    assert depth["expr"] == 'fleet:queue_depth:sum{fleet="demo"} > 5000'
     assert "for" not in depth  # the rule's for_s is 0
     assert depth["labels"]["rule"] == "depth > 5000"
     (age,) = alerts["FleetQueueOldestItemOld"]
@@ -215,12 +265,14 @@ def test_other_spec_rules_become_alerts_or_are_skipped_with_a_comment(tmp_path):
     rules = render_rules(spec)
     alerts = alerts_of(rules)
     (leased,) = alerts["FleetQueueLeasedShard"]
-    assert leased["expr"] == "max by (queue, shard) (ray_fleet_queue_leased) > 100"
+    assert leased["expr"] == (
+        'max by (fleet, queue, shard) (ray_fleet_queue_leased{fleet="demo"}) > 100'
+    )
     assert leased["for"] == "90s"
     (stalled,) = alerts["FleetQueueEnqueuePerS"]
     assert stalled["labels"]["rule"] == "intake stalled"
     assert stalled["expr"].endswith("< 1")
-    assert "stddev by (queue)" in alerts["FleetQueueShardCv"][0]["expr"]
+    assert "stddev by (fleet, queue)" in alerts["FleetQueueShardCv"][0]["expr"]
     assert not any("age_p90" in a or "DeadlineExceeded" in a for a in alerts)
     text = render_rules_yaml(spec)
     assert "# Skipped: queues.alerts 'age_p90_s > 60'" in text
@@ -229,6 +281,7 @@ def test_other_spec_rules_become_alerts_or_are_skipped_with_a_comment(tmp_path):
     for rs in alerts.values():
         for r in rs:
             assert metric_names(r["expr"]) <= known, r["expr"]
+            assert_per_fleet(r["expr"], 'fleet="demo"')
 
 
 @needs_promtool
@@ -252,7 +305,7 @@ def test_clear_threshold_holds_the_alert_until_the_value_passes_it(tmp_path):
             },
             "exp_annotations": {
                 "summary": "Fleet demo: queue support: depth > 100",
-                "description": "queue support: depth is {v} (alert when > 100).",
+                "description": "queue support of fleet demo: depth is {v} (alert when > 100).",
             },
         }
     ]
@@ -272,11 +325,18 @@ def test_clear_threshold_holds_the_alert_until_the_value_passes_it(tmp_path):
                 "interval": "1m",
                 "input_series": [
                     {
-                        "series": 'ray_fleet_queue_depth{queue="support", shard="0", '
-                        'WorkerId="w1"}',
+                        "series": 'ray_fleet_queue_depth{fleet="demo", queue="support", '
+                        'shard="0", WorkerId="w1"}',
                         # 80 after 150: under the threshold, over clear_threshold.
                         "values": "150 150 80 80 80 40 40 80 80",
-                    }
+                    },
+                    {
+                        # Another fleet's queue of the same name: never held by demo's
+                        # firing alert.
+                        "series": 'ray_fleet_queue_depth{fleet="other", queue="support", '
+                        'shard="0", WorkerId="w1"}',
+                        "values": "80x8",
+                    },
                 ],
                 "alert_rule_test": [
                     {
@@ -336,6 +396,12 @@ def test_dashboard_is_valid_with_unique_panel_ids(path):
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     assert variables["SessionName"]["allValue"] == ".*"
+    fleet = variables["fleet"]
+    assert fleet["type"] == "query"
+    assert fleet["query"]["query"] == "label_values(ray_fleet_tasks_total, fleet)"
+    assert fleet["definition"] == fleet["query"]["query"]
+    assert fleet["allValue"] == ".*" and fleet["includeAll"] and fleet["multi"]
+    assert path.read_text() == json.dumps(dash, indent=2) + "\n"
     for panel in dash["panels"]:
         assert panel["datasource"] == "${datasource}"
         assert panel["targets"], panel["title"]
@@ -355,6 +421,18 @@ def test_panel_queries_read_only_exported_metrics(path):
         assert names <= known, (title, names - known)
         assert 'SessionName=~"$SessionName"' in expr, title
         assert "$" not in instantiate(expr), (title, instantiate(expr))
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_panel_queries_select_and_group_by_fleet(path):
+    dash = json.loads(path.read_text())
+    for title, expr in panel_queries(dash):
+        for name, matchers in selectors(expr):
+            assert 'fleet=~"$fleet", SessionName=~"$SessionName"' in matchers, (title, name)
+        assert_per_fleet(expr, 'fleet=~"$fleet"')
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            assert target["legendFormat"].startswith("{{fleet}} "), panel["title"]
 
 
 def test_the_overview_covers_every_concern():
@@ -395,7 +473,10 @@ def test_panel_queries_parse(tmp_path):
             {
                 "name": "panels",
                 "rules": [
-                    {"record": f"panel:query_{i}", "expr": instantiate(e, "session_2026_1")}
+                    {
+                        "record": f"panel:query_{i}",
+                        "expr": instantiate(e, "session_2026_1", "demo"),
+                    }
                     for i, e in enumerate(queries)
                 ],
             }
@@ -414,6 +495,18 @@ def test_instantiate_substitutes_grafana_variables():
     assert instantiate(expr) == 'sum(rate(ray_fleet_tasks_total{SessionName=~".*"}[1m]))'
     assert instantiate(expr, "session_2026-12-07_1.5") == (
         'sum(rate(ray_fleet_tasks_total{SessionName=~"session_2026-12-07_1\\\\.5"}[1m]))'
+    )
+    expr = (
+        'sum by (fleet) (ray_fleet_tasks_total{fleet=~"$fleet", SessionName=~"$SessionName"})'
+        ' + on (fleet) ray_fleet_hosts{fleet=~"${fleet}"}'
+    )
+    assert instantiate(expr) == (
+        'sum by (fleet) (ray_fleet_tasks_total{fleet=~".*", SessionName=~".*"})'
+        ' + on (fleet) ray_fleet_hosts{fleet=~".*"}'
+    )
+    assert instantiate(expr, "s1", "eu.prod") == (
+        'sum by (fleet) (ray_fleet_tasks_total{fleet=~"eu\\\\.prod", SessionName=~"s1"})'
+        ' + on (fleet) ray_fleet_hosts{fleet=~"eu\\\\.prod"}'
     )
 
 

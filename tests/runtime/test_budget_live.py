@@ -289,14 +289,19 @@ def test_200_agents_racing_for_the_last_budget_overspend_by_zero(start_fleet):
     assert any("pool:work:usd:daily" in a for a in b["alerts"])
 
     # The controller exports what the budget actor reports each tick (~1 s to arrive).
-    # By scope only: scrape.total cannot match the budget's ``name`` label (its second
-    # parameter is called ``name``), and "work" is this spec's one pool.
     def spend_exported() -> str:
         text = fc.metrics_text()
-        got = scrape.total(text, "ray_fleet_budget_spend_usd", scope="pool")
+        got = scrape.total(
+            text, "ray_fleet_budget_spend_usd", scope="pool", name="work", fleet=fc.spec.name
+        )
         assert got == pytest.approx(spent), got
         return text
 
     text = eventually(spend_exported, 15, 0.5, what="the pool's spend exported")
     assert 'name="work"' in text
-    assert scrape.total(text, "ray_fleet_budget_burn_usd_per_hour", scope="pool") > 0
+    assert (
+        scrape.total(
+            text, "ray_fleet_budget_burn_usd_per_hour", scope="pool", fleet=fc.spec.name
+        )
+        > 0
+    )

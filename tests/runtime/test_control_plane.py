@@ -126,7 +126,11 @@ def _alert_gauge(fc, subject: str) -> float:
     from fleet.observability import scrape
 
     return scrape.total(
-        fc.metrics_text(), "ray_fleet_alerts_firing", rule=RESTART_ALERT, subject=subject
+        fc.metrics_text(),
+        "ray_fleet_alerts_firing",
+        rule=RESTART_ALERT,
+        subject=subject,
+        fleet=fc.spec.name,
     )
 
 

@@ -445,7 +445,9 @@ def test_cascade_opens_the_fleet_breaker_throttles_restarts_and_recovers(start_f
 
         def gauges_caught_up() -> str:
             text = fc.metrics_text()
-            healthy = scrape.total(text, "ray_fleet_agents", pool="work", state="healthy")
+            healthy = scrape.total(
+                text, "ray_fleet_agents", pool="work", state="healthy", fleet=fc.spec.name
+            )
             assert healthy == CASCADE_AGENTS, [
                 ln for ln in text.splitlines() if ln.startswith("ray_fleet_agents{")
             ]
@@ -454,7 +456,12 @@ def test_cascade_opens_the_fleet_breaker_throttles_restarts_and_recovers(start_f
         text = eventually(gauges_caught_up, 15, 0.5, what=want)
         failing = ("unhealthy", "restarting")
         assert (
-            sum(scrape.total(text, "ray_fleet_agents", pool="work", state=s) for s in failing)
+            sum(
+                scrape.total(
+                    text, "ray_fleet_agents", pool="work", state=s, fleet=fc.spec.name
+                )
+                for s in failing
+            )
             == 0
         )
     finally:

@@ -112,9 +112,11 @@ def test_depth_alert_fires_in_status_and_metrics_then_clears(start_fleet):
 
         return check
 
-    firing = {"rule": rule, "subject": subject}
+    firing = {"rule": rule, "subject": subject, "fleet": fc.spec.name}
     eventually(exported("ray_fleet_alerts_firing", 1.0, **firing), 15, 0.2, what="alert at 1")
-    enqueued = exported("ray_fleet_queue_enqueued_total", len(ids), queue="work")
+    enqueued = exported(
+        "ray_fleet_queue_enqueued_total", len(ids), queue="work", fleet=fc.spec.name
+    )
     eventually(enqueued, 15, 0.5, what="the queue's enqueued total exported")
     assert fc.wait(ids, timeout_s=60) == []
     eventually(

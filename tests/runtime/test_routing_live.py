@@ -333,8 +333,12 @@ def test_breakers_eject_bad_agents_within_the_cap_and_readmit_them(start_fleet):
     # metrics agents, about a second behind).
     def exported() -> bool:
         text = fc.metrics_text()
-        cap_exported = scrape.total(text, "ray_fleet_breaker_max_ejected_agents", pool="work")
-        retries = scrape.total(text, "ray_fleet_task_retries_total", pool="work")
+        cap_exported = scrape.total(
+            text, "ray_fleet_breaker_max_ejected_agents", pool="work", fleet=fc.spec.name
+        )
+        retries = scrape.total(
+            text, "ray_fleet_task_retries_total", pool="work", fleet=fc.spec.name
+        )
         assert cap_exported == cap and retries > 0, (cap_exported, retries)
         return True
 
