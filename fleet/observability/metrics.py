@@ -12,8 +12,8 @@ Who records what:
 - hosts (``fleet.runtime.host_metrics``): tasks by outcome, reason and tenant, retries,
   tokens and cost, breaker transitions (counters), and the task latency, queue-wait,
   execution and dispatch-overhead histograms, all counted in the host by an
-  ``Aggregator`` and sent to Ray once per host tick (about every 0.5 s): a handful of
-  Ray calls per tick, none per task;
+  ``Aggregator`` and sent to Ray once per host tick (about every 0.5 s): one call per
+  counter label set and 19 per histogram series that moved, none per task;
 - queue shards (``fleet.runtime.queue_actor``): tasks they fail themselves (deadline
   passed, deliveries exhausted, cancelled), counted like the hosts';
 - the controller, each control tick: the gauges (agents by state, hosts, queue depth
@@ -124,7 +124,7 @@ CATALOG: dict[str, MetricDef] = _defs(
     MetricDef(
         "fleet_breaker_transitions_total",
         C,
-        "Agent circuit-breaker state changes, by the state entered.",
+        "Circuit-breaker state changes (agents' and dependencies'), by the state entered.",
         ("pool", "state"),
     ),
     MetricDef(
@@ -144,7 +144,7 @@ CATALOG: dict[str, MetricDef] = _defs(
     MetricDef(
         "fleet_task_execution_seconds",
         H,
-        "Seconds an agent spent on a task (or its wait for a free agent, when it never ran).",
+        "Seconds an agent spent on a task (a task no agent ran is not observed).",
         ("pool", "outcome"),
         LATENCY_BUCKETS_S,
     ),

@@ -163,7 +163,7 @@ def fleet_exposition(endpoints: Iterable[str] | None = None) -> str:
     for ep in metrics_endpoints() if endpoints is None else endpoints:
         try:
             texts.append(fetch(ep))
-        except OSError:
+        except Exception:  # a node that does not answer, or answers garbage
             continue
     return render(aggregate(fleet_families(texts, session_name())))
 

@@ -32,6 +32,7 @@ hot path.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -61,6 +62,8 @@ from fleet.spec.pools import PoolSpec
 from fleet.spec.resilience import ResilienceSpec
 from fleet.spec.results import DEFAULT_MAX_OUTPUT_BYTES
 from fleet.task import Item, Outcome, Task, failed_outcome, item_to_task
+
+METRICS_LOG = logging.getLogger("fleet.runtime.host_metrics")
 
 
 def _replica_id() -> str:
@@ -197,12 +200,15 @@ class AgentHost:
             now = self.clock()
             act = self.core.tick(now, last)
             last = now
-            self.metrics.flush(self.core.breakers.log.counts)
             for t in act.cancel:
                 t.cancel()  # type: ignore[attr-defined]  # the keys are asyncio tasks
             for t, age_s in act.abandon:
                 self._abandon(t, age_s)  # type: ignore[arg-type]
             self._apply(act)
+            try:  # never stop the tick loop over a metric
+                self.metrics.flush(self.core.breakers.log.counts)
+            except Exception:
+                METRICS_LOG.warning("could not send the host's metrics", exc_info=True)
 
     # -- work ----------------------------------------------------------------------
     async def run_and_record(
@@ -222,9 +228,6 @@ class AgentHost:
         wait and dispatch overhead are measured from it).
         """
         received = time.time()
-        self.metrics.batch_arrived(items, sent_unix_s, received)
-        if self.tracer.enabled:
-            self._trace(items, received if sent_unix_s is None else sent_unix_s, received)
         if active_agents is not None:
             self.set_active(active_agents)
         loop = asyncio.get_running_loop()
@@ -234,8 +237,12 @@ class AgentHost:
             # Specialization needs every agent's expertise before the first choice.
             core.eager_setup = False
             await asyncio.gather(*(self.agent_set.get(i) for i in range(core.active)))
+        self.metrics.batch_arrived(items, sent_unix_s, received)
+        if self.tracer.enabled:
+            self._trace(items, received if sent_unix_s is None else sent_unix_s, received)
         now = self.clock()
         batch = Batch(items, loop.create_future(), now + PROGRESS_AFTER_S)
+        batch.fut.add_done_callback(functools.partial(self._batch_done, batch))
         if progress is not None:
             self.reporter.add(progress, batch)
         core.first_attempts(sum(1 for it in items if it.deliveries <= 1))
@@ -255,13 +262,18 @@ class AgentHost:
             len(batch.recorded_ids), batch.retry_ids, batch.delays, host_views.pool_stats(self)
         )
 
+    def _batch_done(self, batch: Batch, fut: asyncio.Future[None]) -> None:
+        """A batch that failed: its items leave without an outcome recorded here."""
+        if not fut.cancelled() and fut.exception() is not None:
+            self.recorder.dropped([it.id for it in batch.items])
+
     def _trace(self, items: list[Item], sent: float, received: float) -> None:
         """Note the sampled tasks: their spans are made once their outcome is recorded
         (``Recorder``); tasks handed back for a retry are traced on their next run."""
-        wants, traced = self.tracer.wants, self.recorder.traced
+        wants, note = self.tracer.wants, self.recorder.note_traced
         for it in items:
             if wants(it):
-                traced[it.id] = (it, sent, received)
+                note(it, sent, received)
 
     async def _run_item(self, item: Item, batch: Batch) -> None:
         cur: Any = asyncio.current_task()

@@ -19,6 +19,8 @@ asyncio side of that; what to decide (retry or not, when a shard's buffer goes o
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import time
 from typing import Any, NamedTuple
 
@@ -39,6 +41,10 @@ PROGRESS_AFTER_S = 0.5
 PROGRESS_INTERVAL_S = 0.25
 PROGRESS_REPLY_S = 2.0  # a dispatcher restarting answers after this: report again later
 RECORD_RETRY_S = 60.0  # a ledger answering with storage errors, before the batch goes back
+# Sampled tasks a host keeps between their arrival and their record, at most (their
+# entries leave on every path; this bounds a path overlooked).
+MAX_TRACED = 100_000
+log = logging.getLogger(__name__)
 RECORD_BACKOFF = BackoffSpec(initial_backoff_s=0.05, max_backoff_s=2.0, jitter_ratio=0.0)
 
 
@@ -157,8 +163,7 @@ class Recorder:
             batch.delays.append(retry_after_s)
             if self.metrics is not None:
                 self.metrics.retried(o.reason)
-                self.metrics.forget((item.id,))
-            self.traced.pop(item.id, None)
+            self.dropped([item.id])
             # This delivery ran no duplicate: tell the ledger with the next records.
             self.add(item.id, None, batch)
             batch.settled()
@@ -223,19 +228,39 @@ class Recorder:
                 with attempt:
                     await self.client.record_shard_async(k, outcomes, excused)
         except Exception as exc:
+            self.dropped([tid for tid, o, _ in entries if o is not None])
             for _, o, b in entries:
                 if o is not None:
                     b.failed(exc)  # each batch fails once its other items are settled
             return
         now = time.time()
-        if self.metrics is not None and outcomes:
-            self.metrics.recorded(outcomes, now)
-        if self.traced and self.tracer is not None:
-            self._spans(outcomes, now)
+        try:  # what they record is best effort: it must never hold a batch
+            if self.metrics is not None and outcomes:
+                self.metrics.recorded(outcomes, now)
+            if self.traced and self.tracer is not None:
+                self._spans(outcomes, now)
+        except Exception:
+            log.warning("metrics of %d outcomes not recorded", len(outcomes), exc_info=True)
         for tid, o, b in entries:
             if o is not None:
                 b.recorded_ids.append(tid)
                 b.settled()
+
+    def dropped(self, task_ids: list[str]) -> None:
+        """Tasks that leave this host without an outcome recorded here (handed back, or
+        their batch failed): forget their tenants and trace plans."""
+        if self.metrics is not None:
+            self.metrics.forget(task_ids)
+        if self.traced:
+            for tid in task_ids:
+                self.traced.pop(tid, None)
+
+    def note_traced(self, item: Item, sent: float, received: float) -> None:
+        traced = self.traced
+        if len(traced) >= MAX_TRACED:  # a backstop: the oldest plans go
+            for tid in list(itertools.islice(traced, len(traced) - MAX_TRACED + 1)):
+                del traced[tid]
+        traced[item.id] = (item, sent, received)
 
     def _spans(self, outcomes: list[Outcome], recorded: float) -> None:
         assert self.tracer is not None

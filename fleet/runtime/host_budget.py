@@ -80,9 +80,9 @@ class BudgetGate:
                 i = await self.slots.acquire(hint)
             except _AllParked:  # every agent here is out of its own budget
                 self._requeue_after.setdefault(item.id, core.parking.retry_after_s)
-                log_event(
+                log_event(  # one per task: DEBUG (the park itself is logged at INFO)
                     CONTROL_LOG,
-                    logging.INFO,
+                    logging.DEBUG,
                     "budget_requeue",
                     task_id=item.id,
                     pool=self.pool,

@@ -32,6 +32,9 @@ from fleet.task import TENANT_ID_PREFIX, Item, Outcome, tenant_of_id
 _TENANT_BYTES = f'"{TENANT_FIELD}"'.encode()
 _TRANSITION = "transition:"
 DEFAULT_FLEET = "fleet"  # FleetSpec's default name
+# Payload tenants of tasks in flight kept at most (entries leave when their task is
+# recorded or handed back; this bounds a path overlooked).
+MAX_PAYLOAD_TENANTS = 100_000
 NO_POOL = "none"
 
 
@@ -68,14 +71,17 @@ class HostMetrics:
         """Keep the configured tenants named in payloads (decoded only when the payload
         mentions a tenant at all)."""
         for it in items:
-            if _TENANT_BYTES in it.payload and tenant_of_id(it.id) is None:
+            if _TENANT_BYTES in it.payload and not it.id.startswith(TENANT_ID_PREFIX):
                 try:
                     p = orjson.loads(it.payload)
                 except orjson.JSONDecodeError:
                     continue
                 t = p.get(TENANT_FIELD) if isinstance(p, dict) else None
                 if isinstance(t, str):
-                    self._payload_tenant[it.id] = self.tenants(t)
+                    pt = self._payload_tenant
+                    if len(pt) >= MAX_PAYLOAD_TENANTS:  # a backstop: the oldest go
+                        del pt[next(iter(pt))]
+                    pt[it.id] = self.tenants(t)
 
     # -- events -----------------------------------------------------------------------
     def batch_arrived(

@@ -49,7 +49,9 @@ class ObservabilitySpec(SpecModel):
     """Metrics labels, alert targets, failure detail, logs and traces."""
 
     metric_tenants: tuple[str, ...] = Field(default=(), max_length=MAX_METRIC_TENANTS)
-    latency_target_s: float = Field(default=DEFAULT_LATENCY_TARGET_S, gt=0)
+    # Under the latency histograms' top finite bucket (300 s): above it, a p95 cannot
+    # be told from the bucket's bound and the alert could never fire.
+    latency_target_s: float = Field(default=DEFAULT_LATENCY_TARGET_S, gt=0, lt=300)
     traceback_chars: int = Field(default=DEFAULT_TRACEBACK_CHARS, ge=0, le=MAX_TRACEBACK_CHARS)
     log_format: LogFormat = LogFormat.TEXT
     tracing: TracingSpec = TracingSpec()

@@ -395,3 +395,34 @@ def test_tasks_a_queue_shard_fails_itself_are_counted_like_a_hosts():
     assert sink.total("fleet_task_latency_seconds", pool="work", outcome="failed") == 4
     assert sink.total("fleet_tasks_total", fleet="work-fleet") == 4
     assert _fleets(sink) == {"work-fleet"}
+
+
+def test_a_metrics_failure_never_holds_a_batch():
+    sink = MemorySink()
+    host, ledger = _host(sink)
+
+    def broken(*_a: object, **_k: object) -> None:
+        raise TypeError("a broken metric")
+
+    host.metrics.recorded = broken  # type: ignore[method-assign]
+    items = [to_item({"capability": "work", "payload": {"i": i}}, {"work"}) for i in range(5)]
+    report = asyncio.run(asyncio.wait_for(host.run_and_record(items), 30))
+    assert report.recorded == 5 and len(ledger.outcomes) == 5
+
+
+def test_a_batch_that_fails_to_record_forgets_its_tenants_and_trace_plans():
+    class DownLedger(FakeLedger):
+        async def record_shard_async(self, shard, outcomes, excused=None):  # type: ignore[no-untyped-def]
+            raise ConnectionError("ledger down")
+
+    host, _ = _host(MemorySink())
+    host.recorder.client = DownLedger()
+    items = [
+        to_item({"capability": "work", "payload": {"tenant": "acme", "i": i}}, {"work"})
+        for i in range(5)
+    ]
+    for it in items:  # as a sampled task's arrival would
+        host.recorder.note_traced(it, 0.0, 0.0)
+    with pytest.raises(ConnectionError):
+        asyncio.run(asyncio.wait_for(host.run_and_record(items), 30))
+    assert host.metrics._payload_tenant == {} and host.recorder.traced == {}
