@@ -40,7 +40,6 @@ import uuid
 from typing import Any
 
 from fleet.agent import Agent
-from fleet.observability.logs import TASK_LOG, log_event
 from fleet.observability.metrics import Sink, TenantLabels
 from fleet.observability.tracing import TaskTracer
 from fleet.policy.host import HostCore, TickActions
@@ -51,7 +50,7 @@ from fleet.runtime.host_agents import AgentSet
 from fleet.runtime.host_batches import PROGRESS_AFTER_S, Batch, BatchReport, Recorder, Reporter
 from fleet.runtime.host_budget import BUDGET_REQUEUE, REASON_BUDGET_EXHAUSTED, BudgetGate
 from fleet.runtime.host_metrics import DEFAULT_FLEET, HostMetrics
-from fleet.runtime.host_outcomes import max_error_chars, run_on_agent
+from fleet.runtime.host_outcomes import failed_run, max_error_chars, run_on_agent
 from fleet.runtime.host_slots import SlotFutures
 from fleet.runtime.imports import import_object
 from fleet.security.redact import Redactor, pool_secret_values, redact_logs
@@ -61,7 +60,7 @@ from fleet.spec.observability import ObservabilitySpec
 from fleet.spec.pools import PoolSpec
 from fleet.spec.resilience import ResilienceSpec
 from fleet.spec.results import DEFAULT_MAX_OUTPUT_BYTES
-from fleet.task import Item, Outcome, Task, failed_outcome, item_to_task
+from fleet.task import Item, Outcome, Task, item_to_task
 
 METRICS_LOG = logging.getLogger("fleet.runtime.host_metrics")
 
@@ -346,21 +345,13 @@ class AgentHost:
         except asyncio.CancelledError:
             core.leave(cur)
             self.failed += 1  # timed out waiting for an agent: no agent to blame
-            error = (
+            return failed_run(
+                self,
+                item,
+                "timeout",
                 f"exceeded task_timeout_s={self.resilience.task_timeout_s} "
-                "waiting for a free agent"
+                "waiting for a free agent",
             )
-            log_event(
-                TASK_LOG,
-                logging.WARNING,
-                "task_failed",
-                task_id=item.id,
-                pool=self.pool.name,
-                reason="timeout",
-                delivery=item.deliveries,
-                error=error,
-            )
-            return failed_outcome(item, "timeout", error, self.pool.name)
         core.start(cur, i, item.id)
         t0 = self.clock()  # the core's time: task latencies feed EWMAs and breakers
         ok = False
@@ -395,21 +386,10 @@ class AgentHost:
             f"exceeded task_timeout_s={limit} and ignored cancellation for "
             f"{age_s - limit:.1f} s: abandoned (its agent is restarted)"
         )
-        log_event(
-            TASK_LOG,
-            logging.WARNING,
-            "task_failed",
-            task_id=item.id,
-            pool=self.pool.name,
-            agent_id=agent_id,
-            reason="timeout",
-            delivery=item.deliveries,
-            error=error,
-        )
         try:
             self._settle(
                 item,
-                failed_outcome(item, "timeout", error, self.pool.name, agent_id),
+                failed_run(self, item, "timeout", error, agent_id),
                 batch,
                 final=True,
             )

@@ -71,10 +71,16 @@ def max_error_chars(traceback_chars: int) -> int:
     return MAX_ERROR_CHARS + traceback_chars + ERROR_PREFIX_CHARS
 
 
-def _failed(
-    host: AgentHost, item: Item, reason: str, error: str, agent_id: str, started: float
+def failed_run(
+    host: AgentHost,
+    item: Item,
+    reason: str,
+    error: str,
+    agent_id: str | None = None,
+    started: float | None = None,
 ) -> Outcome:
-    """A failed run's outcome, logged (once: the one place a run's failure is made)."""
+    """A failed task's outcome on this host, logged (once per failed run: every failure
+    a host makes of a task goes through here)."""
     pool = host.pool.name
     log_event(
         TASK_LOG,
@@ -104,7 +110,7 @@ async def run_on_agent(host: AgentHost, i: int, item: Item, task: Task | None) -
             reply = Reply(reply)
         output = orjson.dumps(reply.output)
         if len(output) > host.max_output_bytes:
-            return _failed(
+            return failed_run(
                 host,
                 item,
                 REASON_OUTPUT_TOO_LARGE,
@@ -121,7 +127,7 @@ async def run_on_agent(host: AgentHost, i: int, item: Item, task: Task | None) -
             reply.input_tokens, reply.output_tokens, cost,
         )  # fmt: skip
     except asyncio.CancelledError:
-        return _failed(
+        return failed_run(
             host,
             item,
             "timeout",
@@ -130,9 +136,9 @@ async def run_on_agent(host: AgentHost, i: int, item: Item, task: Task | None) -
             started,
         )
     except orjson.JSONEncodeError as exc:
-        return _failed(
+        return failed_run(
             host, item, "bad_output", f"output is not JSON: {exc}", agent_id, started
         )
     except Exception as exc:  # the agent's own failure: recorded, the host lives on
         text = failure_text(exc, host.observability.traceback_chars)
-        return _failed(host, item, "error", text, agent_id, started)
+        return failed_run(host, item, "error", text, agent_id, started)
