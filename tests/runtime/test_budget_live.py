@@ -156,7 +156,7 @@ def test_snapshot_feeds_status_lines_and_prometheus_metrics():
     sink = MemorySink()
     ControlMetrics(spec, sink, resumed=False).budgets(snap)
     g = sink.gauges
-    work = (("name", "work"), ("scope", "pool"))
+    work = (("fleet", spec.name), ("name", "work"), ("scope", "pool"))
     assert g[("fleet_budget_spend_usd", work)] == pytest.approx(2 * TASK_USD)
     assert g[("fleet_budget_burn_usd_per_hour", work)] > 0
     # acme is in neither budgets.tenants nor observability.metric_tenants: no series.

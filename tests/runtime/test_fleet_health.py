@@ -90,14 +90,17 @@ def test_a_fleet_wide_share_opens_the_guard_fires_the_alert_and_throttles_permit
     assert len(st["last_failures"]) == 2 and st["hosts_reporting"] == 2
     # The controller's gauges, fed from this view each tick.
     sink = MemorySink()
-    cm = ControlMetrics(make_spec(pool("p")), sink, resumed=False)
+    cm = ControlMetrics(make_spec(pool("p"), name="hf"), sink, resumed=False)
     cm.pool("p", 20, {}, st)
     cm.guard(fh.guard.state.value)
     cm.alerts(fh.active_alerts())
-    assert sink.gauges[("fleet_agents", (("pool", "p"), ("state", "unhealthy")))] == 6
-    assert sink.gauges[("fleet_agents", (("pool", "p"), ("state", "breaker_ejected")))] == 2
-    assert sink.gauges[("fleet_cascade_guard_state", ())] == 2
-    firing = (("rule", CASCADE_ALERT), ("severity", "critical"), ("subject", "fleet"))
+    hf = ("fleet", "hf")  # every series carries the fleet's name
+    assert sink.gauges[("fleet_agents", (hf, ("pool", "p"), ("state", "unhealthy")))] == 6
+    assert (
+        sink.gauges[("fleet_agents", (hf, ("pool", "p"), ("state", "breaker_ejected")))] == 2
+    )
+    assert sink.gauges[("fleet_cascade_guard_state", (hf,))] == 2
+    firing = (hf, ("rule", CASCADE_ALERT), ("severity", "critical"), ("subject", "fleet"))
     assert sink.gauges[("fleet_alerts_firing", firing)] == 1
 
     # Restarted agents stay up (probes) and the failing share drops: it closes, and the
@@ -109,7 +112,7 @@ def test_a_fleet_wide_share_opens_the_guard_fires_the_alert_and_throttles_permit
     assert fh.active_alerts() == []
     cm.guard(fh.guard.state.value)
     cm.alerts(fh.active_alerts())
-    assert sink.gauges[("fleet_cascade_guard_state", ())] == 0
+    assert sink.gauges[("fleet_cascade_guard_state", (hf,))] == 0
     assert sink.gauges[("fleet_alerts_firing", firing)] == 0
 
 
