@@ -229,8 +229,12 @@ class KafkaIntake:
         consumer: Any = None,
         producer: Any = None,
         environ: Mapping[str, str] = os.environ,
+        redact: Callable[[str], str] = lambda s: s,
     ):
+        """``redact``: applied to a failed result's error before it is published (the
+        fleet's secrets out of tracebacks, as the ingress does)."""
         self.spec = spec
+        self._redact = redact
         self._accept = accept
         self._parse = parse
         self._clock = clock
@@ -409,7 +413,9 @@ class KafkaIntake:
                 (
                     task_id,
                     self._producer.send(
-                        self.spec.results_topic, key=task_id.encode(), value=_outcome_json(o)
+                        self.spec.results_topic,
+                        key=task_id.encode(),
+                        value=_outcome_json(o, self._redact),
                     ),
                 )
                 for task_id, o in publish
@@ -530,7 +536,9 @@ def _raw_value(value: bytes | None) -> dict[str, str | None]:
         return {"value_base64": base64.b64encode(value).decode()}
 
 
-def _outcome_json(o: Outcome) -> bytes:
+def _outcome_json(o: Outcome, redact: Callable[[str], str] = lambda s: s) -> bytes:
+    if o.error is not None:
+        o = o._replace(error=redact(o.error))
     return o.to_result().model_dump_json().encode()
 
 

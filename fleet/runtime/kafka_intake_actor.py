@@ -41,6 +41,7 @@ from fleet.runtime.enqueue import put_items
 from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.lifecycle import on_start
 from fleet.runtime.names import Names
+from fleet.security.redact import redactor_for
 from fleet.spec.fleet import FleetSpec
 from fleet.task import Item, split_known
 
@@ -76,6 +77,7 @@ class KafkaIntakeActor:
             self._accept,
             task_parser(fleet.capabilities, fleet.queues.max_payload_bytes),
             client_id=names.kafka_intake(index),
+            redact=redactor_for(fleet).text,
         )
         self._stop = threading.Event()
         self._error: str | None = None

@@ -481,3 +481,16 @@ def test_full_fleet_pauses_intake_and_retries_without_losing_tasks():
     assert consumer.commits[-1] == {tp: 100}
     offsets = [c[tp] for c in consumer.commits]
     assert offsets == sorted(offsets)  # the committed offset only moves forward
+
+
+def test_published_results_carry_the_error_redacted():
+    from fleet.queue.kafka_intake import _outcome_json
+    from fleet.security.redact import Redactor
+    from fleet.task import failed_outcome, to_item
+
+    item = to_item({"id": "k1", "capability": "work"}, {"work"})
+    secret = "s3cr3t-token-value"
+    o = failed_outcome(item, "error", f"ValueError: bad key {secret}\nTraceback ... {secret}")
+    published = orjson.loads(_outcome_json(o, Redactor([secret]).text))
+    assert secret not in published["error"] and "ValueError: bad key" in published["error"]
+    assert secret in orjson.loads(_outcome_json(o))["error"]  # nothing to redact given
