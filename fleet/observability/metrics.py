@@ -38,7 +38,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -411,14 +410,6 @@ class MemorySink:
                 out += cum[-1]
         return out
 
-    def series(self) -> int:
-        """Prometheus series these records make: a histogram's buckets, +Inf, sum and
-        count each count."""
-        n = len(self.counters) + len(self.gauges)
-        for name, _ in self.histograms:
-            n += len(CATALOG[name].buckets or ()) + 3
-        return n
-
 
 class WithLabels:
     """A sink that adds fixed labels (the fleet's name) to everything sent through it."""
@@ -442,19 +433,6 @@ class WithLabels:
 def for_fleet(sink: Sink, fleet: str) -> Sink:
     """``sink``, with every metric labelled with fleet ``fleet``."""
     return WithLabels(sink, {FLEET_LABEL: fleet})
-
-
-class NullSink:
-    def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None:
-        pass
-
-    def set(self, name: str, value: float, tags: Mapping[str, str]) -> None:
-        pass
-
-    def histogram(
-        self, name: str, tags: Mapping[str, str], cumulative: Sequence[int], total: float
-    ) -> None:
-        pass
 
 
 class TenantLabels:
@@ -495,7 +473,3 @@ def max_series(spec: FleetSpec, hosts_ever: int, shards: int) -> int:
     budgets = 4 * (2 + pools + len(spec.budgets.tenants) + 8)
     control = 8 + 1 + 64  # actors, guard, alerts
     return per_host * hosts_ever + per_pool_gauges * pools + queue + budgets + control
-
-
-def finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))

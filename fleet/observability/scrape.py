@@ -178,13 +178,3 @@ def total(text: str, name: str, /, **match: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in match.items()):
                 out += s.value
     return out
-
-
-def series(text: str, prefix: str = FLEET_PREFIX) -> int:
-    """How many samples (series) of names starting with ``prefix`` ``text`` holds."""
-    return sum(
-        1
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name.startswith(prefix)
-    )

@@ -34,7 +34,7 @@ import ray
 from ray import serve
 
 from fleet.observability.logs import CONTROL_LOG, log_event
-from fleet.observability.metrics import RaySink, Sink
+from fleet.observability.metrics import RaySink
 from fleet.observability.scrape import fleet_exposition
 from fleet.policy.autoscaling import ScalingDecision, ScalingInput, ScalingState, decide
 from fleet.policy.queue_alerts import AlertEvaluator
@@ -98,9 +98,7 @@ async def _unavailable(name: str, state: str) -> Any:
 
 @ray.remote(num_cpus=0)
 class Controller:
-    def __init__(
-        self, spec: dict[str, Any], resume: bool = False, metrics_sink: Sink | None = None
-    ):
+    def __init__(self, spec: dict[str, Any], resume: bool = False):
         """``resume``: carry on from the control store, as after a restart (``fleet
         apply`` replaces the controller this way)."""
         self.spec = FleetSpec.model_validate(spec)
@@ -154,7 +152,7 @@ class Controller:
         self._alerts = AlertEvaluator(self.spec.queues.alerts)
         self._alert_log: deque[dict[str, Any]] = deque(maxlen=ALERT_LOG_MAX)
         self._metrics = ControlMetrics(
-            self.spec, metrics_sink or RaySink(), resumed=restarted or resume
+            self.spec, RaySink(), resumed=restarted or resume
         )  # labelled with the fleet's name
         self._health = FleetHealth(
             self.spec.health, [p.name for p in self.spec.pools], on_alert=self._log_alert

@@ -227,8 +227,7 @@ class Recorder:
             ):
                 with attempt:
                     await self.client.record_shard_async(k, outcomes, excused)
-        except Exception as exc:
-            self.dropped([tid for tid, o, _ in entries if o is not None])
+        except Exception as exc:  # the batches fail: AgentHost._batch_done forgets them
             for _, o, b in entries:
                 if o is not None:
                     b.failed(exc)  # each batch fails once its other items are settled

@@ -8,6 +8,8 @@ host's tick calls ``flush`` (about every 0.5 s), which sends each label set's co
 and each histogram's buckets to Ray: no Ray call per task. Breaker transitions come
 from the core's own event counts, read at flush. A host killed between two flushes
 takes its last half second of counts with it (its outcomes are in the ledger).
+Queue shards count the tasks they fail themselves (deadline passed, deliveries
+exhausted, cancelled) with one of these too: ``recorded``, then ``flush`` at once.
 Labels: see ``fleet.observability.metrics``.
 """
 
@@ -26,16 +28,16 @@ from fleet.observability.metrics import (
     for_fleet,
 )
 from fleet.observability.reasons import outcome_labels, reason_label
-from fleet.runtime.budget_client import TENANT_FIELD
+from fleet.runtime.budget_client import TENANT_FIELD, tenant_of
+from fleet.spec.fleet import FleetSpec
 from fleet.task import TENANT_ID_PREFIX, Item, Outcome, tenant_of_id
 
 _TENANT_BYTES = f'"{TENANT_FIELD}"'.encode()
 _TRANSITION = "transition:"
-DEFAULT_FLEET = "fleet"  # FleetSpec's default name
+DEFAULT_FLEET: str = FleetSpec.model_fields["name"].default
 # Payload tenants of tasks in flight kept at most (entries leave when their task is
 # recorded or handed back; this bounds a path overlooked).
 MAX_PAYLOAD_TENANTS = 100_000
-NO_POOL = "none"
 
 
 class HostMetrics:
@@ -73,11 +75,10 @@ class HostMetrics:
         for it in items:
             if _TENANT_BYTES in it.payload and not it.id.startswith(TENANT_ID_PREFIX):
                 try:
-                    p = orjson.loads(it.payload)
+                    t = tenant_of(orjson.loads(it.payload))
                 except orjson.JSONDecodeError:
                     continue
-                t = p.get(TENANT_FIELD) if isinstance(p, dict) else None
-                if isinstance(t, str):
+                if t is not None:
                     pt = self._payload_tenant
                     if len(pt) >= MAX_PAYLOAD_TENANTS:  # a backstop: the oldest go
                         del pt[next(iter(pt))]
@@ -177,31 +178,4 @@ class HostMetrics:
                 self._payload_tenant.pop(tid, None)
 
 
-def queue_failures(
-    agg: Aggregator,
-    pool: str | None,
-    tenants: TenantLabels,
-    outcomes: Iterable[Outcome],
-    now: float,
-) -> None:
-    """Count outcomes a queue shard recorded itself (deadline passed, deliveries
-    exhausted, cancelled) like a host's: tasks by reason and tenant, and latency; sent
-    at once (these are rare)."""
-    p = pool or NO_POOL
-    for o in outcomes:
-        _, reason = outcome_labels(o.ok, o.reason)
-        tenant = tenants(tenant_of_id(o.task_id))
-        agg.inc(
-            "fleet_tasks_total",
-            1,
-            {"pool": p, "outcome": "failed", "reason": reason, "tenant": tenant},
-        )
-        agg.observe(
-            "fleet_task_latency_seconds",
-            max(0.0, now - o.submitted_unix_s),
-            {"pool": p, "outcome": "failed"},
-        )
-    agg.flush()
-
-
-__all__ = ["HostMetrics", "queue_failures"]
+__all__ = ["HostMetrics"]

@@ -79,8 +79,9 @@ def failed_run(
     agent_id: str | None = None,
     started: float | None = None,
 ) -> Outcome:
-    """A failed task's outcome on this host, logged (once per failed run: every failure
-    a host makes of a task goes through here)."""
+    """A failed run's outcome, logged once as ``task_failed``: a run that failed on its
+    agent, a wait for a free agent that timed out, a wedged task abandoned. (Budget
+    refusals are logged by ``fleet.runtime.host_budget`` as ``budget_refused``.)"""
     pool = host.pool.name
     log_event(
         TASK_LOG,

@@ -26,12 +26,12 @@ from typing import Any
 import ray
 
 from fleet._bounded import BoundedSet
-from fleet.observability.metrics import Aggregator, RaySink, TenantLabels, for_fleet
+from fleet.observability.metrics import TenantLabels
 from fleet.policy.batching import batch_size
 from fleet.policy.disciplines import overdue_outcome
 from fleet.queue.lease_queue import LeaseQueue, QueueFull
 from fleet.queue.storage import make_storage
-from fleet.runtime.host_metrics import queue_failures
+from fleet.runtime.host_metrics import HostMetrics
 from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.lifecycle import on_start
 from fleet.runtime.names import Names
@@ -41,6 +41,7 @@ from fleet.task import IdempotencyConflict, Item, Outcome, failed_outcome
 SWEEP_INTERVAL_S = 0.5
 RECOVER_CHUNK = 20_000  # ids per ledger call when a restarted shard settles its items
 RECOVER_TIMEOUT_S = 10.0
+NO_POOL = "none"  # the pool label of a shard started without its pool
 REASON_HOST_CRASH = "host_crash"  # exhausted by deliveries whose hosts died
 REASON_CANCELLED = "cancelled"  # DELETE /tasks/{id} before it started
 RECENT_ACKS = 20_000  # acked ids a shard remembers to refuse a racing resubmission
@@ -68,16 +69,16 @@ class QueueShard:
         metric_tenants: list[str] | None = None,
     ):
         """``pool`` and ``metric_tenants``: the labels of the tasks this shard fails
-        itself (``fleet.runtime.host_metrics.queue_failures``)."""
+        itself (counted by a ``fleet.runtime.host_metrics.HostMetrics``)."""
         spec = QueueSpec.model_validate(queue_spec)
-        self._pool = pool
-        self._tenants = TenantLabels(metric_tenants or ())
         self.capability = capability
         self._closed = False  # set while its pool is being removed
         self.index = index
         self.lease_s = spec.lease_s
         self._fleet = fleet or ledger_name.removesuffix(".ledger")
-        self._metrics = Aggregator(for_fleet(RaySink(), self._fleet))
+        self._metrics = HostMetrics(
+            pool or NO_POOL, TenantLabels(metric_tenants or ()), fleet=self._fleet
+        )
         on_start(namespace, Names(self._fleet).shard(capability, index))
         storage = make_storage(spec.storage, namespace, capability, index, fleet)
         self._q = LeaseQueue.from_spec(spec, max_deliveries, storage=storage)
@@ -152,7 +153,8 @@ class QueueShard:
         if not outcomes:
             return
         await self._ledger.record_async(outcomes)
-        queue_failures(self._metrics, self._pool, self._tenants, outcomes, time.time())
+        self._metrics.recorded(outcomes, time.time())
+        self._metrics.flush()  # rare: sent at once
         self._ack([o.task_id for o in outcomes])  # removes them from durable storage
 
     def _ack(self, ids: list[str]) -> int:

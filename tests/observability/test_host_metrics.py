@@ -15,7 +15,6 @@ import pytest
 
 from fleet.observability.metrics import (
     LATENCY_BUCKETS_S,
-    Aggregator,
     MemorySink,
     TenantLabels,
     for_fleet,
@@ -376,7 +375,6 @@ def test_a_hosts_task_counts_are_the_outcomes_it_recorded():
 
 def test_tasks_a_queue_shard_fails_itself_are_counted_like_a_hosts():
     from fleet.policy.disciplines import overdue_outcome
-    from fleet.runtime.host_metrics import queue_failures
 
     sink = MemorySink()
     now = time.time()
@@ -387,8 +385,10 @@ def test_tasks_a_queue_shard_fails_itself_are_counted_like_a_hosts():
     scoped = to_item({"capability": "work"}, {"work"}, now_unix_s=now, tenant="acme")
     outcomes = [overdue_outcome(it, now + 2) for it in items]
     outcomes.append(overdue_outcome(scoped._replace(deadline_unix_s=now + 1), now + 2))
-    agg = Aggregator(for_fleet(sink, "work-fleet"))
-    queue_failures(agg, "work", TenantLabels(["acme"]), outcomes, now + 2)
+    # What a queue shard does with the outcomes it records itself.
+    counted = HostMetrics("work", TenantLabels(["acme"]), sink, fleet="work-fleet")
+    counted.recorded(outcomes, now + 2)
+    counted.flush()
     assert sink.total("fleet_tasks_total", reason="deadline_exceeded", tenant="none") == 3
     assert sink.total("fleet_tasks_total", reason="deadline_exceeded", tenant="acme") == 1
     assert sink.total("fleet_tasks_total", outcome="completed") == 0
