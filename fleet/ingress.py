@@ -15,7 +15,10 @@ Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
   A full queue makes the request wait up to ``submit_wait_s``, then 429 with a
   ``Retry-After`` header and, in the body, which tasks were accepted and which were not
   (resubmit those with the ids given: a pending id is taken once, and the ledger keeps one
-  outcome per id).
+  outcome per id). A pool with admission control (``pools[].admission``) refuses at
+  once what would wait too long: 429 (503 when the pool cannot run at all) with a
+  ``Retry-After`` computed from its drain rate, and each refused task's id, ``reason``
+  (``shed``, ``unavailable``) and predicted wait in ``not_queued``.
 - ``GET /tasks/{id}``: ``pending`` (accepted, no outcome recorded yet) or the recorded
   result; 404 for an id this tenant never submitted. ``?wait_s=N`` waits up to N seconds
   (at most ``max_wait_s``) for the outcome before answering.
@@ -53,9 +56,11 @@ from pydantic import BaseModel, Discriminator, Field, Tag
 from ray import serve
 
 import fleet
+from fleet.policy.admission import SHED, UNAVAILABLE
 from fleet.policy.backoff import attempt_state, backoff_wait
 from fleet.policy.sharding import shard_of
 from fleet.queue.lease_queue import QueueFull
+from fleet.runtime.admission_gate import AdmissionGate, Refused, retry_after_s
 from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.lifecycle import actor_states, not_alive
 from fleet.runtime.listing import MAX_CURSOR_CHARS, BadCursor, Cursor, list_tasks
@@ -172,8 +177,16 @@ class Accepted(BaseModel):
 
 
 class NotQueued(BaseModel):
+    """A task of the request that was not queued: ``index`` in the request, its ``id``
+    (resubmit it with this id: nothing of it was queued), and, when admission control
+    refused it, the ``reason`` (``shed``: predicted to wait past the pool's limit or its
+    deadline; ``unavailable``: the pool cannot run now; ``deadline_exceeded``) and the
+    ``predicted_wait_s``."""
+
     index: int
     id: str
+    reason: str | None = None
+    predicted_wait_s: float | None = None
 
 
 class Conflict(BaseModel):
@@ -379,6 +392,7 @@ class Ingress:
         self._n_shards = spec.queues.shards
         self._submit_wait_s = submit_wait_s
         self._retry_after_s = retry_after_s
+        self._admission = AdmissionGate(spec, self._fc._ctl)
 
     @staticmethod
     def _guard(spec: Any) -> GuardConfig:
@@ -460,10 +474,17 @@ class Ingress:
                 errors.append({"type": "task_rejected", "loc": loc, "msg": exc.reason})
         if errors:
             return _validation_error(errors)
+        # Admission control first: a refusal is answered at once, with no ledger
+        # lookup and no queueing on its behalf.
+        await self._admission.refresh_async()
+        admitted, refused = self._admission.split(items)
+        out = {items[r.index].id for r in refused}
         # Ids made up here have no outcome: only the clients' own ids are looked up.
-        ask = [it.id for it, t in zip(items, tasks) if not id_is_generated(t)]
+        ask = [
+            it.id for it, t in zip(items, tasks) if not id_is_generated(t) and it.id not in out
+        ]
         fresh, existing, conflicts = split_known(
-            items, dict(zip(ask, await self._ledger.get_async(ask)))
+            admitted, dict(zip(ask, await self._ledger.get_async(ask)))
         )
         if conflicts:
             return self._conflict(items, conflicts, [])
@@ -472,9 +493,16 @@ class Ingress:
             for it in items
             if it.id in existing
         ]
-        order = [k for k, it in enumerate(items) if it.id not in existing]
+        order = [k for k, it in enumerate(items) if it.id not in existing and it.id not in out]
         not_queued, error = await self._enqueue(fresh)
         not_queued = [order[j] for j in not_queued]
+        if refused:  # not queued: what admission control refused, with why
+            self._admission.report_later()
+            if error.startswith(CONFLICT_PREFIX):
+                error = "idempotency conflict: " + ", ".join(
+                    _client_id(i) for i in error.removeprefix(CONFLICT_PREFIX).split("\n") if i
+                )
+            return self._refused(items, refused, not_queued, error)
         if error.startswith(CONFLICT_PREFIX):
             refused = set(not_queued)
             ids = [i for i in error.removeprefix(CONFLICT_PREFIX).split("\n") if i]
@@ -498,6 +526,51 @@ class Ingress:
             status_code=status,
             content=report.model_dump(),
             headers={"Retry-After": str(self._retry_after_s)},
+        )
+
+    def _refused(
+        self, items: list[Item], refused: list[Refused], not_queued: list[int], error: str
+    ) -> JSONResponse:
+        """429 (503 when a pool cannot run at all) for tasks admission control refused,
+        with those the queue could not take (``not_queued``, ``error``) beside them."""
+        out = {r.index for r in refused} | set(not_queued)
+        wait = retry_after_s(refused)
+        if not_queued:
+            wait = max(wait, self._retry_after_s)
+        unavailable = any(r.reason == UNAVAILABLE for r in refused)
+        shed = sum(r.reason == SHED for r in refused)
+        report = Backpressure(
+            detail="; ".join(
+                x
+                for x in (
+                    f"{len(refused)} task(s) refused by admission control "
+                    f"({shed} shed: predicted to wait past the pool's limit or their "
+                    "deadline); resubmit them with the same ids after Retry-After seconds"
+                    + ("; a pool cannot run tasks now" if unavailable else ""),
+                    error,
+                )
+                if x
+            ),
+            accepted=[_client_id(it.id) for k, it in enumerate(items) if k not in out],
+            not_queued=sorted(
+                [
+                    NotQueued(
+                        index=r.index,
+                        id=_client_id(r.id),
+                        reason=r.reason,
+                        predicted_wait_s=r.predicted_wait_s,
+                    )
+                    for r in refused
+                ]
+                + [NotQueued(index=k, id=_client_id(items[k].id)) for k in not_queued],
+                key=lambda n: n.index,
+            ),
+            retry_after_s=wait,
+        )
+        return JSONResponse(
+            status_code=503 if unavailable else 429,
+            content=report.model_dump(),
+            headers={"Retry-After": str(wait)},
         )
 
     def _conflict(

@@ -327,7 +327,7 @@ def to_item(
     if task.deadline_unix_s is not None and task.deadline_unix_s <= now:
         raise TaskRejected(
             "deadline_unix_s",
-            f"{task.deadline_unix_s} is already past (now {now:.3f})",
+            f"deadline_exceeded: {task.deadline_unix_s} is already past (now {now:.3f})",
             task.id,
         )
     if task.traceparent is not None:

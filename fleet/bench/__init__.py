@@ -17,4 +17,5 @@ SUITES = {
     "recording": "fleet.bench.recording",
     "ingress": "fleet.bench.ingress",
     "multinode": "fleet.bench.multinode",
+    "overload": "fleet.bench.overload",
 }

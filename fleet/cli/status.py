@@ -42,6 +42,7 @@ def _human(st: dict) -> str:
             f"redelivered {q.get('redelivered_total', 0)}"
         )
         lines.extend(_health_lines(p))
+        lines.extend(_admission_lines(p))
     guard = st.get("health", {}).get("guard")
     if guard:
         h = st["health"]
@@ -103,6 +104,25 @@ def _health_lines(p: dict) -> list[str]:
         when = time.strftime("%H:%M:%S", time.localtime(f["at_unix_s"]))
         lines.append(f"    {when} {f['agent_id']}: {f['reason']}: {f['detail'][:100]}")
     return lines
+
+
+def _admission_lines(p: dict) -> list[str]:
+    """A pool's admission control: its limit, the drain rate it predicts with, and what
+    the entry points refused, by priority class and reason."""
+    a = p.get("admission")
+    if not a or not a.get("enabled"):
+        return []
+    drain = a.get("drain_per_s")
+    refused = "  ".join(
+        f"{cls} {'/'.join(f'{r} {n}' for r, n in sorted(by.items()))}"
+        for cls, by in sorted(a.get("refused", {}).items())
+    )
+    return [
+        f"    admission: max wait {a['max_queue_wait_s']:g}s  drain "
+        + ("? (not measured yet)" if drain is None else f"{drain:g}/s")
+        + ("  DOWN (refusing as unavailable)" if a.get("down") else "")
+        + f"  refused: {refused or 'none'}"
+    ]
 
 
 def _budget_lines(b: dict | None) -> list[str]:

@@ -1,9 +1,11 @@
 """``fleet submit FILE``: submit tasks (JSON lines) to a running fleet.
 
 Exit status: 0 when every task was submitted (and, with ``--wait``, every one has an
-outcome: completed or failed), 1 when ``--wait`` timed out with tasks still missing or
-the queue stayed full, 2 for malformed lines, invalid tasks or an idempotency conflict
-(nothing submitted), 3 when the cluster or the fleet cannot be reached.
+outcome: completed or failed), 1 when ``--wait`` timed out with tasks still missing,
+the queue stayed full, or admission control refused tasks (their ids are printed:
+resubmit them; ``--retry-refused-s`` does so, throttled, after each Retry-After), 2 for
+malformed lines, invalid tasks or an idempotency conflict (nothing submitted), 3 when
+the cluster or the fleet cannot be reached.
 """
 
 from __future__ import annotations
@@ -74,10 +76,14 @@ def run(args: argparse.Namespace) -> int:
             SKIP_HINT,
         )
     try:
-        existing = fc.submit_items(items, generated=report.generated)
+        fc.submit_validated(items, report)
+        if report.refused and args.retry_refused_s > 0:
+            fc.retry_refused(items, report, args.retry_refused_s)
     except IdempotencyConflict as exc:
         raise CliError(f"{exc}; nothing submitted", EXIT_USAGE) from exc
-    ids = [it.id for it in items]
+    existing = report.existing
+    ids = report.accepted
+    refused = report.refused
     # Tasks that already have an outcome were not run again; their outcome is the answer.
     out = {
         "fleet": ref.name,
@@ -86,6 +92,15 @@ def run(args: argparse.Namespace) -> int:
         "rejected": len(report.rejected) + len(bad),
         "ids": ids,
         "already_recorded": len(existing),
+        "refused": [
+            {
+                "index": r.index,
+                "id": r.id,
+                "reason": r.reason,
+                "retry_after_s": r.retry_after_s,
+            }
+            for r in refused
+        ],
     }
     missing: list[str] = []
     if args.wait:
@@ -98,8 +113,16 @@ def run(args: argparse.Namespace) -> int:
         else f"submitted {out['submitted']} task(s), rejected {out['rejected']}"
         + (f", {len(existing)} already recorded (not run again)" if existing else "")
         + (f"; {len(missing)} without an outcome after {args.timeout_s:g}s" if missing else "")
+        + (
+            f"; {len(refused)} refused by admission control (not queued; resubmit after "
+            f"{report.retry_after_s}s): "
+            + ", ".join(r.id for r in refused[:MAX_PROBLEMS_SHOWN])
+            + (" ..." if len(refused) > MAX_PROBLEMS_SHOWN else "")
+            if refused
+            else ""
+        )
     )
-    return EXIT_INCOMPLETE if missing else EXIT_OK
+    return EXIT_INCOMPLETE if missing or refused else EXIT_OK
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -113,6 +136,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_fleet_args(p)
     p.add_argument("--wait", action="store_true", help="wait for every outcome")
     p.add_argument("--timeout-s", type=float, default=600.0, help="how long --wait waits")
+    p.add_argument(
+        "--retry-refused-s",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="resubmit tasks admission control refused, after each Retry-After and "
+        "throttled, for up to S seconds (default 0: report them and exit 1)",
+    )
     p.add_argument(
         "--skip-invalid",
         action="store_true",

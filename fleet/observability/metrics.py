@@ -205,6 +205,21 @@ CATALOG: dict[str, MetricDef] = _defs(
         ("pool",),
     ),
     MetricDef(
+        "fleet_tasks_shed_total",
+        C,
+        "Tasks admission control refused at an entry point, by priority class and "
+        "reason (shed: predicted to wait too long; unavailable: the pool cannot run; "
+        "deadline_exceeded).",
+        ("pool", "priority_class", "reason", "tenant"),
+    ),
+    MetricDef(
+        "fleet_admission_drain_per_second",
+        G,
+        "Tasks per second the pool can complete, as admission control estimates it "
+        "(0 until measured).",
+        ("pool",),
+    ),
+    MetricDef(
         "fleet_cascade_guard_state",
         G,
         "Fleet cascade guard: 0 closed, 1 half-open, 2 open.",
@@ -468,8 +483,9 @@ def max_series(spec: FleetSpec, hosts_ever: int, shards: int) -> int:
         + hist * (2 + 1 + 2 + 1)  # latency, queue wait, execution (x outcome), dispatch
     )
     pools = len(spec.pools)
-    per_pool_gauges = 8 + 4  # agents by state (+ breaker_ejected), the others
+    per_pool_gauges = 8 + 4 + 1  # agents by state (+ breaker_ejected), the others, drain
+    shed = len(spec.budgets.priority_classes) * 3 * tenants  # by class, reason, tenant
     queue = shards * pools * 7
     budgets = 4 * (2 + pools + len(spec.budgets.tenants) + 8)
     control = 8 + 1 + 64  # actors, guard, alerts
-    return per_host * hosts_ever + per_pool_gauges * pools + queue + budgets + control
+    return per_host * hosts_ever + (per_pool_gauges + shed) * pools + queue + budgets + control

@@ -81,6 +81,7 @@ CONTROL_RESTART_WINDOW = "10m"
 BURN_FACTOR = 2.0  # alert when a day's budget would last less than 12 hours
 BURN_FOR_S = 300.0
 LATENCY_FOR_S = 300.0
+SHED_FOR_S = 120.0
 RATE_WINDOW = "5m"
 LATENCY_QUANTILES = (0.5, 0.95, 0.99)
 RECORDING_PREFIX = "fleet:"
@@ -130,6 +131,8 @@ REC_EJECTED_CAP = "fleet:breaker_max_ejected_agents:max"
 REC_RESTARTS = "fleet:control_actor_restarts:max"
 REC_BURN = "fleet:budget_burn_usd_per_hour:max"
 REC_LIMIT = "fleet:budget_limit_usd:max"
+REC_SHED_RATE = "fleet:tasks_shed:rate5m"
+REC_SHED_SHARE = "fleet:tasks_shed:share5m"
 
 _AGENT_STATES = "|".join(s.value for s in AgentState)  # not breaker_ejected: a subset
 _FAILING = "|".join(sorted(s.value for s in FAILING_STATES))
@@ -201,6 +204,15 @@ def _recording_rules(fleet: str) -> list[dict[str, str]]:
         (REC_RESTARTS, controller_gauge("fleet_control_actor_restarts", "actor")),
         (REC_BURN, controller_gauge("fleet_budget_burn_usd_per_hour", "scope, name")),
         (REC_LIMIT, controller_gauge("fleet_budget_limit_usd", "scope, name")),
+        (REC_SHED_RATE, f"sum by (fleet, pool) ({rate('fleet_tasks_shed_total')})"),
+        # What admission control refused, of what the pool was asked for: refused plus
+        # recorded (a pool that runs nothing and refuses everything shows 1).
+        (
+            REC_SHED_SHARE,
+            f"{_rec(REC_SHED_RATE, fleet)} / ({_rec(REC_SHED_RATE, fleet)} + on (fleet, pool) "
+            f"(sum by (fleet, pool) ({_rec(REC_TASKS_RATE, fleet)}) "
+            f"or {_rec(REC_SHED_RATE, fleet)} * 0))",
+        ),
     ]
     return [{"record": name, "expr": expr} for name, expr in rules]
 
@@ -414,6 +426,7 @@ def _fleet_alerts(spec: FleetSpec) -> list[dict[str, Any]]:
     fleet = spec.name
     cascade = spec.health.cascade
     target = spec.observability.latency_target_s
+    shed = spec.observability.shed_alert_share
     p95 = _rec(REC_LATENCY.format(q="95"), fleet)
     ejected, cap = _rec(REC_EJECTED, fleet), _rec(REC_EJECTED_CAP, fleet)
     scopes = "|".join(BUDGET_SCOPES)
@@ -468,6 +481,18 @@ def _fleet_alerts(spec: FleetSpec) -> list[dict[str, Any]]:
             "{{ $value | humanize }} USD/h, "
             f"over {BURN_FACTOR:g} x its daily limit / 24: at this rate it runs out in "
             f"less than {24 / BURN_FACTOR:g} hours.",
+        ),
+        _alert(
+            "FleetSheddingHigh",
+            f"{_rec(REC_SHED_SHARE, fleet)} > {shed:g}",
+            SHED_FOR_S,
+            "warning",
+            fleet,
+            "pool {{ $labels.pool }}: admission control refuses many tasks",
+            "Admission control refuses {{ $value | humanizePercentage }} of the tasks "
+            f"asked of pool {{{{ $labels.pool }}}} {_OF_FLEET} (over "
+            f"observability.shed_alert_share, {shed:g}): it is at its max_agents or "
+            "cannot grow fast enough; `fleet status` shows refusals by class.",
         ),
         _alert(
             "FleetTaskLatencyHigh",

@@ -5,7 +5,8 @@ the new state (the shape of Ray Serve's ``autoscaling_policy``): no clock, no I/
 live controller, the tests (with a virtual clock) and the simulator all call ``decide``.
 
 Rules, in order:
-1. raw desired = ceil((queued + in_flight) / target_queued_per_agent), within bounds;
+1. raw desired = ceil((queued + in_flight + shed) / target_queued_per_agent), within
+   bounds (``shed``: tasks admission control refused lately);
    when the queue depth is unknown, ``missing_metrics`` says hold, min or max.
 2. scale-down follows the *highest* raw desired value seen over the stabilization
    window, so a noisy signal cannot make the pool flap.
@@ -32,6 +33,9 @@ class ScalingInput:
     current_agents: int
     queued: int | None  # None when the queue could not be read
     in_flight: int = 0
+    # Tasks admission control refused lately (``fleet.policy.admission``): demand the
+    # queue never saw, counted as queued so a pool with headroom grows and stops shedding.
+    shed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +115,7 @@ def decide(
         ]
         return ScalingDecision(target, target, "missing_metrics"), state
 
-    raw = raw_desired_agents(spec, inp.queued, inp.in_flight)
+    raw = raw_desired_agents(spec, inp.queued + max(inp.shed, 0), inp.in_flight)
     horizon = now - spec.downscale_stabilization_s
     window = (*(s for s in state.window if s[0] > horizon), (now, raw))
     state = replace(state, window=window)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import os
 import queue as _queue
 import threading
@@ -52,6 +53,21 @@ from fleet.spec.queues import KafkaIntakeSpec
 from fleet.task import Item, Outcome, TaskRejected, parse_task_json, to_item
 
 Accept = Callable[[list[Item]], Iterable[str] | None]
+
+
+class NotAdmitted(Exception):
+    """``accept`` took only part of a batch: admission control refused ``rest`` (the
+    pool would make them wait too long). They stay in the backlog, and the partitions
+    stay paused, until ``retry_after_s`` has passed; ``known``: ids of the batch already
+    finished, as ``accept`` returns them."""
+
+    def __init__(self, rest: list[Item], known: list[str], retry_after_s: float):
+        super().__init__(f"{len(rest)} task(s) not admitted; retry after {retry_after_s:g}s")
+        self.rest = rest
+        self.known = known
+        self.retry_after_s = retry_after_s
+
+
 Parse = Callable[[bytes | None, str], Item]  # (message value, id if it names none)
 
 DLQ_REASON_HEADER = "fleet-dlq-reason"
@@ -195,6 +211,7 @@ class IntakeStats:
     commits_failed: int = 0
     results_published: int = 0
     redelivered_skipped: int = 0
+    admission_pauses: int = 0  # rounds admission control refused part of the backlog
     rebalances: int = 0
     last_commit: dict[str, int] = field(default_factory=dict)
 
@@ -243,6 +260,7 @@ class KafkaIntake:
         self._where: dict[str, list[_Where]] = {}
         self._done: _queue.SimpleQueue[tuple[str, Outcome | None]] = _queue.SimpleQueue()
         self._backlog: list[Item] = []  # parsed, not yet accepted by the fleet
+        self._hold_until = -math.inf  # admission control: no retry before (clock)
         self._last_commit_s = clock()
         self._paused = False
         self._closed = False
@@ -376,14 +394,21 @@ class KafkaIntake:
         return n
 
     def _retry_backlog(self) -> None:
-        if not self._backlog:
+        if not self._backlog or self._clock() < self._hold_until:
             return
         try:
             known = self._accept(self._backlog)
+        except NotAdmitted as exc:  # admission control: pause instead of refusing
+            self.stats.accepted += len(self._backlog) - len(exc.rest)
+            self.stats.admission_pauses += 1
+            self._backlog = exc.rest
+            self._hold_until = self._clock() + exc.retry_after_s
+            known = exc.known
         except Exception:  # full/unavailable: keep it, try next round
             return
-        self.stats.accepted += len(self._backlog)
-        self._backlog = []
+        else:
+            self.stats.accepted += len(self._backlog)
+            self._backlog = []
         for task_id in known or ():
             self._done.put((task_id, None))
 

@@ -50,7 +50,7 @@ from fleet.policy.disciplines import DisciplinePolicy, discipline_from_spec, mak
 from fleet.queue._ages import SubmitTimeHistogram
 from fleet.queue.storage import QueueStorage
 from fleet.spec.queues import Discipline, QueueSpec
-from fleet.task import Item, is_idempotent_id
+from fleet.task import MAX_PRIORITY, Item, is_idempotent_id
 
 # Rebuild the deadline heap when stale entries (items that left) outnumber live ones by
 # this factor: bounds its memory by the items with deadlines actually pending.
@@ -161,6 +161,8 @@ class QueueStats:
     age_p50_s: float = 0.0  # estimated (bounded-memory histogram), pending items
     age_p90_s: float = 0.0
     age_p99_s: float = 0.0
+    pending_by_priority: tuple[int, ...] = ()  # ready + leased, by priority 0..9
+    enqueued_by_priority: tuple[int, ...] = ()  # ever accepted, by priority 0..9
 
 
 class LeaseQueue:
@@ -200,6 +202,9 @@ class LeaseQueue:
         self._isolated: deque[str] = deque()
         self._isolated_out: str | None = None
         self._ages = SubmitTimeHistogram()
+        # Per priority: pending now, and ever accepted (admission control's figures).
+        self._by_priority = [0] * (MAX_PRIORITY + 1)
+        self._enqueued_by_priority = [0] * (MAX_PRIORITY + 1)
         self._storage = storage
         self.enqueued_total = 0
         self.acked_total = 0
@@ -249,6 +254,7 @@ class LeaseQueue:
         self._pending[it.id] = it
         self._ready.push(it, redelivery=False)
         self._ages.add(it.submitted_unix_s)
+        self._by_priority[it.priority] += 1
         if it.deadline_unix_s is not None:
             self._with_deadline += 1
             heapq.heappush(self._deadlines, (it.deadline_unix_s, it.id))
@@ -260,6 +266,7 @@ class LeaseQueue:
             if self._isolated_out == it.id:
                 self._isolated_out = None
         self._ages.remove(it.submitted_unix_s)
+        self._by_priority[it.priority] -= 1
         if it.deadline_unix_s is not None:
             self._with_deadline -= 1
 
@@ -293,8 +300,10 @@ class LeaseQueue:
             self._storage.commit()  # durable before anyone is told it was accepted
             if self._unsettled:
                 self._unsettled.difference_update(fresh)  # row replaced by the new one
+        enqueued = self._enqueued_by_priority
         for it in fresh.values():
             self._admit(it)
+            enqueued[it.priority] += 1
         self.duplicates_total += len(items) - len(fresh)
         self.enqueued_total += len(fresh)
         return len(fresh)
@@ -618,4 +627,6 @@ class LeaseQueue:
             age_p50_s=p50,
             age_p90_s=p90,
             age_p99_s=p99,
+            pending_by_priority=tuple(self._by_priority),
+            enqueued_by_priority=tuple(self._enqueued_by_priority),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -14,6 +15,9 @@ import ray
 
 from fleet.ledger.store import SINCE_LIMIT
 from fleet.observability.logs import ray_job_config
+from fleet.policy.admission import DEADLINE_EXCEEDED
+from fleet.policy.throttle import ClientThrottle
+from fleet.runtime.admission_gate import AdmissionGate, Refused, retry_after_s
 from fleet.runtime.enqueue import QueueFullError as QueueFullError  # submit raises it
 from fleet.runtime.enqueue import put_items
 from fleet.runtime.ledger import LedgerClient
@@ -168,13 +172,23 @@ def loopback_only() -> None:
 @dataclass
 class SubmitReport:
     """What ``submit`` did: ``accepted`` ids (queued, or already recorded), ``rejected``
-    inputs with the reason, and ``existing``: the recorded result of each accepted id
-    that already had one (within ``results.retention_s``), which was not run again."""
+    inputs with the reason, ``existing``: the recorded result of each accepted id that
+    already had one (within ``results.retention_s``), which was not run again; and
+    ``refused``: tasks admission control did not accept (``fleet.policy.admission``),
+    each with its input index, id, reason and ``retry_after_s``. Nothing of a refused
+    task was queued: resubmit it with the same id (``Task.id`` of the refusal)."""
 
     accepted: list[str] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (input index, reason)
     existing: dict[str, Result] = field(default_factory=dict)
     generated: set[str] = field(default_factory=set)  # ids fleet made up (see validate)
+    refused: list[Refused] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # each valid item's input index
+
+    @property
+    def retry_after_s(self) -> int | None:
+        """When to resubmit the refused tasks (whole seconds), None if none was."""
+        return retry_after_s(self.refused) if self.refused else None
 
 
 class FleetClient:
@@ -195,6 +209,7 @@ class FleetClient:
             for cap in spec.capabilities
         }
         self._caps = frozenset(spec.capabilities)
+        self.admission = AdmissionGate(spec, self._ctl)
 
     # -- lifecycle -----------------------------------------------------------------
     @classmethod
@@ -257,6 +272,7 @@ class FleetClient:
                 report.rejected.append((k, str(exc)))
                 continue
             items.append(it)
+            report.positions.append(k)
             if id_is_generated(t):
                 report.generated.add(it.id)
         return items, report
@@ -269,15 +285,96 @@ class FleetClient:
         A task whose id (or ``idempotency_key``) already has a recorded outcome is not
         run again: it is accepted and its result is in ``report.existing``. The same
         idempotency key with another payload raises IdempotencyConflict naming the key,
-        and nothing of the call is queued. A full queue makes this wait up to
+        and nothing of the call is queued. A pool with admission control
+        (``pools[].admission``) refuses what would wait too long: those tasks are in
+        ``report.refused``, not queued. A full queue makes this wait up to
         ``timeout_s`` (default: the spec's ``submit_timeout_s``), then raise
         QueueFullError naming what was accepted.
         """
         items, report = self.validate(tasks)
-        existing = self.submit_items(items, timeout_s, generated=report.generated)
-        report.accepted = [it.id for it in items]
+        return self.submit_validated(items, report, timeout_s)
+
+    def submit_validated(
+        self, items: list[Item], report: SubmitReport, timeout_s: float | None = None
+    ) -> SubmitReport:
+        """``submit`` for what ``validate`` returned (``fleet submit`` validates first,
+        to report invalid lines before anything is queued); fills in ``report``."""
+        timeout = self.spec.queues.submit_timeout_s if timeout_s is None else timeout_s
+        # Admission control first: what it refuses costs no ledger lookup.
+        admitted, refused = self.admit(items)
+        fresh, existing = self._known(admitted, report.generated)
+        put_items(self._shards, fresh, timeout)
+        if refused:
+            where = {it.id: report.positions[k] for k, it in enumerate(items)}
+            report.refused = [dataclasses.replace(r, index=where[r.id]) for r in refused]
+        out = {r.id for r in refused}
+        report.accepted = [it.id for it in items if it.id not in out]
         report.existing = {i: o.to_result() for i, o in existing.items()}
         return report
+
+    def submit_until_accepted(
+        self,
+        tasks: Iterable[Task | dict[str, Any]],
+        within_s: float,
+        timeout_s: float | None = None,
+    ) -> SubmitReport:
+        """``submit``, then resubmit what admission control refused, after its
+        ``Retry-After`` and throttled by ``ClientThrottle`` (the share held back grows
+        with the share refused), until ``within_s`` has passed. ``report.refused``
+        holds what is still not accepted, with ids: resubmitting them cannot duplicate
+        work (an id is queued once and recorded once)."""
+        items, report = self.validate(tasks)
+        return self.retry_refused(
+            items, self.submit_validated(items, report, timeout_s), within_s, timeout_s
+        )
+
+    def retry_refused(
+        self,
+        items: list[Item],
+        report: SubmitReport,
+        within_s: float,
+        timeout_s: float | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> SubmitReport:
+        """Resubmit ``report.refused`` (from ``submit_validated(items, report)``) as
+        ``submit_until_accepted`` does; a task refused for its deadline is not retried."""
+        throttle = ClientThrottle(time.time)
+        throttle.record(len(items), len(items) - len(report.refused))
+        by_id = {it.id: it for it in items}
+        end = time.monotonic() + within_s
+        final = [r for r in report.refused if r.reason == DEADLINE_EXCEEDED]
+        waiting = [r for r in report.refused if r.reason != DEADLINE_EXCEEDED]
+        while waiting and (left := end - time.monotonic()) > 0:
+            sleep(min(retry_after_s(waiting), left))
+            n = throttle.allowed(len(waiting))
+            send, waiting = waiting[:n], waiting[n:]
+            again = SubmitReport(generated=report.generated, positions=[r.index for r in send])
+            self.submit_validated([by_id[r.id] for r in send], again, timeout_s)
+            throttle.record(len(send), len(send) - len(again.refused))
+            report.existing.update(again.existing)
+            final += [r for r in again.refused if r.reason == DEADLINE_EXCEEDED]
+            waiting = [r for r in again.refused if r.reason != DEADLINE_EXCEEDED] + waiting
+        report.refused = sorted(final + waiting, key=lambda r: r.index)
+        out = {r.id for r in report.refused}
+        report.accepted = [it.id for it in items if it.id not in out]
+        return report
+
+    def admit(self, items: list[Item]) -> tuple[list[Item], list[Refused]]:
+        """Admission control on the controller's last view of the pools: (the items to
+        queue, those refused); see ``fleet.runtime.admission_gate``."""
+        self.admission.refresh()
+        return self.admission.split(items)
+
+    def _known(
+        self, items: list[Item], generated: Collection[str]
+    ) -> tuple[list[Item], dict[str, Outcome]]:
+        """(items with no outcome yet, outcomes of those that have one); raises
+        IdempotencyConflict for a key used with another payload."""
+        ask = [it.id for it in items if it.id not in generated]
+        fresh, existing, conflicts = split_known(items, dict(zip(ask, self.ledger.get(ask))))
+        if conflicts:
+            raise IdempotencyConflict(conflicts)
+        return fresh, existing
 
     def submit_items(
         self,
@@ -289,12 +386,11 @@ class FleetClient:
         """Queue validated items, but none whose id already has an outcome; returns
         those outcomes by id. Raises IdempotencyConflict (queueing nothing) for an
         idempotency key used with another payload. Ids in ``generated`` (made up by
-        ``validate``) are not looked up."""
+        ``validate``) are not looked up. No admission control: this is the path of
+        work already admitted (benchmarks preloading a queue, chaos replays); callers
+        that take new work use ``submit`` or ``submit_validated``."""
         timeout = self.spec.queues.submit_timeout_s if timeout_s is None else timeout_s
-        ask = [it.id for it in items if it.id not in generated]
-        fresh, existing, conflicts = split_known(items, dict(zip(ask, self.ledger.get(ask))))
-        if conflicts:
-            raise IdempotencyConflict(conflicts)
+        fresh, existing = self._known(items, generated)
         put_items(self._shards, fresh, timeout)
         return existing
 

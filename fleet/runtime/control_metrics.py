@@ -86,6 +86,22 @@ class ControlMetrics:
         for st in (*(a.value for a in AgentState), "breaker_ejected"):
             s.set("fleet_agents", float(health.get(st, 0)), {"pool": pool, "state": st})
 
+    def shed(self, pool: str, cls: str, reason: str, tenant: str, n: int) -> None:
+        """Tasks admission control refused at an entry point (reported in bulk)."""
+        if tenant not in self._tenants and tenant not in ("none", "other"):
+            tenant = "other"
+        self.sink.inc(
+            "fleet_tasks_shed_total",
+            n,
+            {"pool": pool, "priority_class": cls, "reason": reason, "tenant": tenant},
+        )
+
+    def admission(self, pool: str, load: Any) -> None:
+        """The drain rate admission control predicts waits with (tasks/s the pool can
+        complete; 0 until measured)."""
+        drain = load.drain_per_s or 0.0
+        self.sink.set("fleet_admission_drain_per_second", drain, {"pool": pool})
+
     def guard(self, state: str) -> None:
         self.sink.set("fleet_cascade_guard_state", _GUARD_LEVEL.get(state, 0), {})
 

@@ -36,6 +36,13 @@ from ray import serve
 from fleet.observability.logs import CONTROL_LOG, log_event
 from fleet.observability.metrics import RaySink
 from fleet.observability.scrape import fleet_exposition
+from fleet.policy.admission import (
+    LEVELS,
+    AdmissionRule,
+    EntryShares,
+    LoadEstimator,
+    PoolLoad,
+)
 from fleet.policy.autoscaling import ScalingDecision, ScalingInput, ScalingState, decide
 from fleet.policy.queue_alerts import AlertEvaluator
 from fleet.queue.monitor import QueueMonitor
@@ -58,6 +65,7 @@ from fleet.runtime.lifecycle import (
 )
 from fleet.runtime.names import Names
 from fleet.spec.fleet import FleetSpec
+from fleet.spec.queues import Discipline
 
 TIMELINE_MAX_SAMPLES = 100_000
 ALERT_LOG_MAX = 1_000
@@ -86,6 +94,15 @@ def log_scale(
         queued=queued,
         in_flight=in_flight,
     )
+
+
+def _per_priority(stats: list[dict[str, Any]], key: str) -> list[int]:
+    """A per-priority figure summed over a queue's shards."""
+    out = [0] * LEVELS
+    for st in stats:
+        for p, n in enumerate(st.get(key, ())):
+            out[p] += n
+    return out
 
 
 class ControlActorUnavailable(RuntimeError):
@@ -160,6 +177,17 @@ class Controller:
         self._budget_snapshot: dict[str, Any] | None = None
         self._budget_alerts: deque[dict[str, Any]] = deque(maxlen=ALERT_LOG_MAX)
         self._dispatcher: Any = None  # looked up by name when first needed
+        # Admission control (fleet.policy.admission): each pool's load, published to
+        # the entry points; the refusals they report, as demand for the autoscaler.
+        classes = self.spec.budgets.priority_classes
+        self._rules = {p.name: AdmissionRule.of(p.admission, classes) for p in self.spec.pools}
+        self._estimators = {p.name: LoadEstimator() for p in self.spec.pools}
+        self._loads: dict[str, PoolLoad] = {}
+        interval = min(p.autoscaling.control_interval_s for p in self.spec.pools)
+        self._entries = EntryShares(horizon_s=3 * interval)
+        self._shed_new: dict[str, int] = {}  # refusals reported since the last tick
+        self._shed_demand: dict[str, float] = {}  # their smoothed count per tick
+        self._shed_totals: dict[str, dict[str, dict[str, int]]] = {}  # pool/class/reason
         self._task: asyncio.Task[None] | None = None
         if restarted:  # deploy called start() once; after a Ray restart nobody does
             self._resume_loop()
@@ -239,10 +267,11 @@ class Controller:
             known = len(stats) == len(queue_stats[p.capability])
             depth = sum(s["depth"] for s in stats)
             in_flight = disp.get(p.name, {}).get("in_flight", 0)
+            shed = self._take_shed(p.name)
             old = self._agents[p.name]
             decision, self._state[p.name] = decide(
                 p.autoscaling,
-                ScalingInput(now, old, depth if known else None, in_flight),
+                ScalingInput(now, old, depth if known else None, in_flight, shed),
                 self._state[p.name],
             )
             self._agents[p.name] = decision.agents
@@ -257,6 +286,20 @@ class Controller:
             # failed), never the desired count in its place: a trace must show hosts
             # lagging the decision, and a pool with no running host as 0.
             running, stopping = self._hosts.get(p.name, (0, 0))
+            if known:
+                self._loads[p.name] = self._estimators[p.name].observe(
+                    self._rules[p.name],
+                    now,
+                    wall,
+                    _per_priority(stats, "pending_by_priority"),
+                    _per_priority(stats, "enqueued_by_priority"),
+                    sum(s["acked_total"] for s in stats),
+                    disp.get(p.name, {}).get("busy_slot_s", 0.0),
+                    disp.get(p.name, {}).get("capacity", 0),
+                    self.spec.queues.discipline is Discipline.PRIORITY,
+                    down=p.name in hosts and running == 0,
+                )
+                self._metrics.admission(p.name, self._loads[p.name])
             await self._call_dispatcher(
                 dispatcher.set_active.remote(
                     p.name, decision.agents, running or p.hosts_for(decision.agents)
@@ -280,10 +323,53 @@ class Controller:
                 "in_flight": in_flight,
                 "oldest_age_s": max((s["oldest_age_s"] for s in stats), default=0.0),
                 "arrival_rate_per_s": round(rate, 2),
+                "shed": shed,
             }
             self._last[p.name] = sample
             self._timeline.append(sample)
             samples.append(sample)
+
+    # -- admission control ------------------------------------------------------------
+    async def admission(
+        self, entry: str, admitted: int, refused: list[tuple[str, int, str, str, int]]
+    ) -> tuple[dict[str, PoolLoad], float]:
+        """Every pool's load for an entry point's admission decisions (at most one call
+        per control interval from each), and its share of what all entry points admit;
+        the call carries what it admitted and refused since its last call (refusals:
+        (pool, priority, reason, tenant label, count))."""
+        share = self._entries.report(entry, admitted, self._clock())
+        classes = self.spec.budgets
+        for pool, priority, reason, tenant, n in refused:
+            if pool not in self._rules or n <= 0:
+                continue
+            cls = classes.class_of_task(priority).name
+            self._metrics.shed(pool, cls, reason, tenant, n)
+            per = self._shed_totals.setdefault(pool, {}).setdefault(cls, {})
+            per[reason] = per.get(reason, 0) + n
+            if reason != "deadline_exceeded":  # demand a bigger pool could have served
+                self._shed_new[pool] = self._shed_new.get(pool, 0) + n
+        return self._loads, share
+
+    def _take_shed(self, pool: str) -> int:
+        """The refusals reported since the last tick, smoothed over ticks (entry points
+        report about once an interval each, not in step with the ticks)."""
+        n = self._shed_new.pop(pool, 0)
+        prev = self._shed_demand.get(pool, 0.0)
+        self._shed_demand[pool] = smooth = 0.5 * n + 0.5 * prev
+        return round(smooth)
+
+    def _admission_status(self, pool: str) -> dict[str, Any]:
+        load = self._loads.get(pool)
+        rule = self._rules[pool]
+        return {
+            "enabled": rule.enabled,
+            "max_queue_wait_s": rule.max_queue_wait_s,
+            "drain_per_s": None
+            if load is None or load.drain_per_s is None
+            else round(load.drain_per_s, 1),
+            "down": bool(load and load.down),
+            "refused": self._shed_totals.get(pool, {}),
+        }
 
     # -- the control plane's own health --------------------------------------------
     async def _watch_control_actors(self, now: float) -> dict[str, dict[str, Any]]:
@@ -454,7 +540,11 @@ class Controller:
     async def status(self) -> dict[str, Any]:
         pools = {**self._last}  # and "_error", if the last tick failed
         pools |= {
-            p.name: {**self._last.get(p.name, {}), "health": self._health.pool_status(p.name)}
+            p.name: {
+                **self._last.get(p.name, {}),
+                "health": self._health.pool_status(p.name),
+                "admission": self._admission_status(p.name),
+            }
             for p in self.spec.pools
         }
         out = {

@@ -83,13 +83,33 @@ _NOT_HELD = -1
 
 
 class _PoolState:
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @in_flight.setter
+    def in_flight(self, n: int) -> None:
+        # Changes per batch (sent, progress, settled), not per task.
+        now = time.monotonic()
+        self._busy_slot_s += self._in_flight * (now - self._since)
+        self._since = now
+        self._in_flight = n
+
+    def busy_slot_s(self) -> float:
+        """Slot-seconds spent in flight since this dispatcher started: with the tasks
+        completed meanwhile, the pool's time per task (admission control's drain rate,
+        ``fleet.policy.admission.LoadEstimator``)."""
+        return self._busy_slot_s + self._in_flight * (time.monotonic() - self._since)
+
     def __init__(self, spec: PoolSpec, shards: list[Any], handle: Any):
         self.spec = spec
         self.shards = shards
         self.handle = handle
         self.active_agents = spec.autoscaling.start_agents
         self.hosts = spec.hosts_for(self.active_agents)
-        self.in_flight = 0
+        self._in_flight = 0
+        self._busy_slot_s = 0.0  # the integral of in_flight over time, to _since
+        self._since = time.monotonic()
         self.reserved = 0  # slots the shard loops may fill with the leases they await
         self.depth: list[int] = [0] * len(shards)
         self.room = asyncio.Event()
@@ -329,6 +349,7 @@ class Dispatcher:
                 "active_agents": ps.active_agents,
                 "hosts": ps.hosts,
                 "in_flight": ps.in_flight,
+                "busy_slot_s": ps.busy_slot_s(),
                 "capacity": ps.capacity,
                 "sent_batches": ps.sent_batches,
                 "sent_items": ps.sent_items,

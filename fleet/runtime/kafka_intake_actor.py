@@ -36,7 +36,9 @@ from typing import Any
 
 import ray
 
-from fleet.queue.kafka_intake import KafkaIntake, task_parser
+from fleet.policy.admission import DEADLINE_EXCEEDED
+from fleet.queue.kafka_intake import KafkaIntake, NotAdmitted, task_parser
+from fleet.runtime.admission_gate import AdmissionGate
 from fleet.runtime.enqueue import put_items
 from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.lifecycle import on_start
@@ -72,6 +74,9 @@ class KafkaIntakeActor:
             ]
             for cap in fleet.capabilities
         }
+        self._admission = AdmissionGate(
+            fleet, lambda: ray.get_actor(names.controller, namespace=ns)
+        )
         self._intake = KafkaIntake(
             kafka,
             self._accept,
@@ -106,8 +111,19 @@ class KafkaIntakeActor:
         ids = [it.id for it in items]
         fresh, existing, conflicts = split_known(items, dict(zip(ids, self._ledger.get(ids))))
         self._conflicts += len(conflicts)
+        known = [*existing, *conflicts]  # already recorded (or refused): finished
+        self._admission.refresh()
+        fresh, refused = self._admission.split(fresh)
+        # A task whose deadline passed is queued all the same: its shard records it
+        # failed (deadline_exceeded) at once, so its offset can be committed.
+        late = {r.id for r in refused if r.reason == DEADLINE_EXCEEDED}
+        rest = [it for it in items if it.id in {r.id for r in refused} - late]
+        fresh += [it for it in items if it.id in late]
         put_items(self._shards, fresh, ACCEPT_TIMEOUT_S)
-        return [*existing, *conflicts]  # already recorded (or refused): finished
+        if rest:
+            wait = max(r.retry_after_s for r in refused if r.id not in late)
+            raise NotAdmitted(rest, known, wait)
+        return known
 
     def _poll_ledger(self) -> None:
         ids = self._intake.in_flight_ids()

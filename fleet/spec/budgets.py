@@ -14,6 +14,7 @@ midnight and the top of the hour for a Unix clock).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
@@ -115,17 +116,51 @@ class TaskEstimate(SpecModel):
 
 
 class PriorityClass(SpecModel):
-    """A class of agents (mapped from pools) for sharing the budget under overload.
+    """A priority class: the fleet's one definition, read by budgets and admission.
 
+    For budgets it is a class of agents (mapped from pools by ``pool_classes``):
     ``weight`` scales an agent's share of the surplus (weighted allocation and weighted
-    preemption). With ``reserve_for_growth`` the minimum of every agent of this class
-    that may still join (up to its pools' ``max_agents``) is held in reserve, so agents
-    joining late in the day still get their minimum.
+    preemption), and with ``reserve_for_growth`` the minimum of every agent of this
+    class that may still join (up to its pools' ``max_agents``) is held in reserve, so
+    agents joining late in the day still get their minimum.
+
+    For admission control (``pools[].admission``) it is a class of tasks: a task
+    belongs to the first class (highest first) whose ``min_task_priority`` its
+    ``priority`` reaches, and may be predicted to wait at most ``shed_wait_share`` of
+    its pool's ``max_queue_wait_s`` (and of the time left to its deadline) before it is
+    shed. Lower classes take smaller shares, so they are shed first.
     """
 
     name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z][a-z0-9_-]*$")
     weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     reserve_for_growth: bool = False
+    min_task_priority: int = Field(default=0, ge=0, le=9)
+    shed_wait_share: Share = 1.0
+
+
+def _check_task_classes(classes: Sequence[PriorityClass]) -> None:
+    """Classes are listed highest first: their ``min_task_priority`` falls strictly,
+    down to 0 (every task has a class), and ``shed_wait_share`` never grows (a lower
+    class is never shed after a higher one)."""
+    for i, (hi, lo) in enumerate(itertools.pairwise(classes)):
+        if lo.min_task_priority >= hi.min_task_priority:
+            raise ValueError(
+                f"priority_classes.{i + 1}.min_task_priority: {lo.min_task_priority} must "
+                f"be below the class above it ({hi.name}: {hi.min_task_priority}); "
+                "classes are listed highest first"
+            )
+        if lo.shed_wait_share > hi.shed_wait_share:
+            raise ValueError(
+                f"priority_classes.{i + 1}.shed_wait_share: {_num(lo.shed_wait_share)} is "
+                f"above the class above it ({hi.name}: {_num(hi.shed_wait_share)}); a "
+                "lower class must not be shed after a higher one"
+            )
+    last = classes[-1]
+    if last.min_task_priority != 0:
+        raise ValueError(
+            f"priority_classes.{len(classes) - 1}.min_task_priority: the lowest class "
+            f"({last.name}) must start at 0, so every task has a class"
+        )
 
 
 class BudgetsSpec(SpecModel):
@@ -201,6 +236,7 @@ class BudgetsSpec(SpecModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"priority_classes: {dupes} named more than once")
+        _check_task_classes(self.priority_classes)
         for where, cls in [
             ("default_priority_class", self.default_priority_class),
             *((f"pool_classes.{p}", c) for p, c in self.pool_classes.items()),
@@ -236,6 +272,13 @@ class BudgetsSpec(SpecModel):
 
     def class_of_pool(self, pool: str) -> str:
         return self.pool_classes.get(pool, self.fallback_class)
+
+    def class_of_task(self, priority: int) -> PriorityClass:
+        """The class of a task of ``priority``: the first (highest) it reaches."""
+        for c in self.priority_classes:
+            if priority >= c.min_task_priority:
+                return c
+        return self.priority_classes[-1]
 
     @property
     def enforced(self) -> bool:

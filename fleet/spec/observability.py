@@ -1,6 +1,6 @@
-"""Observability section: what fleet's metrics may label, the latency target its alert
-rules hold the fleet to, how much of an agent's traceback a failed result keeps, the
-format of the fleet's logs, and trace sampling.
+"""Observability section: what fleet's metrics may label, the latency target and the
+share of refused tasks its alert rules hold the fleet to, how much of an agent's
+traceback a failed result keeps, the format of the fleet's logs, and trace sampling.
 
 ``metric_tenants`` are the tenants whose tasks carry their own ``tenant`` label value in
 the metrics; with the tenants that ``budgets.tenants`` names, they are the only tenant
@@ -16,12 +16,14 @@ from enum import Enum
 from pydantic import Field
 
 from fleet.spec._base import SpecModel
+from fleet.spec._types import Share
 
 DEFAULT_LATENCY_TARGET_S = 30.0
 DEFAULT_TRACEBACK_CHARS = 4000
 MAX_TRACEBACK_CHARS = 100_000
 DEFAULT_SAMPLE_RATIO = 0.01
 MAX_METRIC_TENANTS = 100
+DEFAULT_SHED_ALERT_SHARE = 0.1
 
 
 class LogFormat(str, Enum):
@@ -55,3 +57,6 @@ class ObservabilitySpec(SpecModel):
     traceback_chars: int = Field(default=DEFAULT_TRACEBACK_CHARS, ge=0, le=MAX_TRACEBACK_CHARS)
     log_format: LogFormat = LogFormat.TEXT
     tracing: TracingSpec = TracingSpec()
+    # The share of a pool's tasks admission control may refuse (over 5 minutes) before
+    # the FleetSheddingHigh alert fires.
+    shed_alert_share: Share = DEFAULT_SHED_ALERT_SHARE

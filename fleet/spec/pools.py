@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field
 
 from fleet.spec._base import SpecModel
+from fleet.spec.admission import AdmissionSpec
 from fleet.spec.autoscaling import AutoscalingSpec
 from fleet.spec.routing import RoutingSpec
 
@@ -68,6 +69,7 @@ class PoolSpec(SpecModel):
     dispatcher hands its unfinished batches back to the queue for redelivery."""
     autoscaling: AutoscalingSpec = AutoscalingSpec()
     routing: RoutingSpec = RoutingSpec()
+    admission: AdmissionSpec = AdmissionSpec()
 
     @property
     def host_bundle(self) -> dict[str, float]:

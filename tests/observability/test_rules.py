@@ -112,7 +112,9 @@ def test_required_alerts_with_severity_and_annotations():
         "FleetControlActorRestarted",
         "FleetBudgetBurnHigh",
         "FleetTaskLatencyHigh",
+        "FleetSheddingHigh",
     }
+    assert alerts["FleetSheddingHigh"][0]["expr"].endswith("> 0.1")  # shed_alert_share
     for name, rules in alerts.items():
         for rule in rules:
             assert rule["labels"]["severity"] in ("info", "warning", "critical"), name

@@ -494,3 +494,51 @@ def test_published_results_carry_the_error_redacted():
     published = orjson.loads(_outcome_json(o, Redactor([secret]).text))
     assert secret not in published["error"] and "ValueError: bad key" in published["error"]
     assert secret in orjson.loads(_outcome_json(o))["error"]  # nothing to redact given
+
+
+def test_tasks_admission_control_refuses_wait_in_the_backlog_with_intake_paused():
+    from fleet.queue.kafka_intake import NotAdmitted
+    from tests.utils import FakeClock
+
+    tp = TopicPartition("t", 0)
+    values = [orjson.dumps({"id": f"k{i}", "capability": "work"}) for i in range(30)]
+    consumer = _FakeConsumer(tp, values)
+    spec = KafkaIntakeSpec(
+        bootstrap_servers="unused:1",
+        topic="t",
+        group_id="g",
+        max_poll_records=10,
+        commit_interval_s=1e-9,
+    )
+    clock = FakeClock()
+    taken: list[str] = []
+    calls = [0]
+
+    def accept(items):
+        calls[0] += 1
+        if calls[0] == 1:  # the first batch: admission control takes 4, refuses 6
+            taken.extend(i.id for i in items[:4])
+            raise NotAdmitted(items[4:], [], retry_after_s=2.0)
+        taken.extend(i.id for i in items)
+
+    intake = KafkaIntake(
+        spec,
+        accept,
+        task_parser({"work"}, 1000),
+        consumer=consumer,
+        producer=_FakeProducer(),
+        clock=clock,
+    )
+    for _ in range(3):
+        intake.run_once(0)
+    assert taken == [f"k{i}" for i in range(4)] and calls[0] == 1  # not asked again yet
+    assert tp in consumer.paused_set and consumer.pos == 10  # nothing more consumed
+    assert intake.stats.accepted == 4 and intake.stats.admission_pauses == 1
+    clock.advance(2.0)  # Retry-After passed: the refused six go in, then the rest
+    while consumer.pos < 30 or intake.tracker.in_flight():
+        intake.run_once(0)
+        for i in taken:
+            intake.complete(i)
+    intake.close()
+    assert taken == [f"k{i}" for i in range(30)]  # in order, none lost or doubled
+    assert consumer.commits[-1] == {tp: 30}

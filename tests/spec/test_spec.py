@@ -120,3 +120,87 @@ def test_budget_min_over_max_and_negative_price_name_the_field():
         }
     )
     assert "budgets.prices.m.input_usd_per_mtok" in errs, errs
+
+
+@pytest.mark.parametrize(
+    "bad,path,needle",
+    [
+        (
+            {"pools": [pool(admission={"max_queue_wait_s": 0})]},
+            "pools.0.admission.max_queue_wait_s",
+            "greater than 0",
+        ),
+        (
+            {"pools": [pool(admission={"max_queue_wait_s": 1e9})]},
+            "pools.0.admission.max_queue_wait_s",
+            "less than or equal",
+        ),
+        (
+            {
+                "pools": [pool()],
+                "budgets": {
+                    "priority_classes": [
+                        {"name": "high", "min_task_priority": 4},
+                        {"name": "low", "min_task_priority": 5},
+                    ]
+                },
+            },
+            "budgets",
+            "priority_classes.1.min_task_priority: 5 must be below",
+        ),
+        (
+            {
+                "pools": [pool()],
+                "budgets": {
+                    "priority_classes": [
+                        {"name": "high", "min_task_priority": 7, "shed_wait_share": 0.5},
+                        {"name": "low", "shed_wait_share": 0.9},
+                    ]
+                },
+            },
+            "budgets",
+            "priority_classes.1.shed_wait_share: 0.9 is above",
+        ),
+        (
+            {
+                "pools": [pool()],
+                "budgets": {"priority_classes": [{"name": "only", "min_task_priority": 3}]},
+            },
+            "budgets",
+            "priority_classes.0.min_task_priority: the lowest class (only) must start at 0",
+        ),
+        (
+            {
+                "pools": [pool()],
+                "budgets": {"priority_classes": [{"name": "x", "shed_wait_share": 0}]},
+            },
+            "budgets.priority_classes.0.shed_wait_share",
+            "outside (0, 1]",
+        ),
+    ],
+)
+def test_bad_admission_settings_name_the_field(bad, path, needle):
+    errs = errors_of(bad)
+    assert path in errs, errs
+    assert needle in errs[path], errs[path]
+
+
+def test_a_task_belongs_to_the_highest_class_its_priority_reaches():
+    spec = parse_spec(
+        {
+            "pools": [pool(admission={"enabled": True})],
+            "budgets": {
+                "priority_classes": [
+                    {"name": "high", "min_task_priority": 7},
+                    {"name": "low", "shed_wait_share": 0.5},
+                ]
+            },
+        }
+    )
+    assert [spec.budgets.class_of_task(p).name for p in (9, 7, 6, 0)] == [
+        "high",
+        "high",
+        "low",
+        "low",
+    ]
+    assert spec.pools[0].admission.max_queue_wait_s == 5.0  # the requirements' figure

@@ -1,0 +1,198 @@
+"""Admission control's rule (``fleet.policy.admission``) on a virtual clock."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fleet.policy.admission import (
+    DEADLINE_EXCEEDED,
+    LEVELS,
+    SHED,
+    UNAVAILABLE,
+    Admission,
+    AdmissionRule,
+    LoadEstimator,
+    PoolLoad,
+)
+from fleet.spec.admission import AdmissionSpec
+from fleet.spec.budgets import PriorityClass
+from tests.utils import FakeClock
+
+CLASSES = [
+    PriorityClass(name="high", min_task_priority=7, shed_wait_share=1.0),
+    PriorityClass(name="normal", min_task_priority=4, shed_wait_share=0.8),
+    PriorityClass(name="low", min_task_priority=0, shed_wait_share=0.5),
+]
+RULE = AdmissionRule.of(AdmissionSpec(enabled=True, max_queue_wait_s=5.0), CLASSES)
+
+
+def load(
+    clock: FakeClock,
+    pending: dict[int, int],
+    drain: float | None = 100.0,
+    arrivals: dict[int, float] | None = None,
+    by_priority: bool = True,
+    rule: AdmissionRule = RULE,
+    down: bool = False,
+) -> PoolLoad:
+    return PoolLoad(
+        rule=rule,
+        taken_unix_s=clock(),
+        pending=tuple(pending.get(p, 0) for p in range(LEVELS)),
+        drain_per_s=drain,
+        arrivals_per_s=tuple((arrivals or {}).get(p, 0.0) for p in range(LEVELS)),
+        by_priority=by_priority,
+        down=down,
+    )
+
+
+def gate(clock: FakeClock, **kw) -> Admission:
+    adm = Admission(clock)
+    adm.update({"work": load(clock, **kw)})
+    return adm
+
+
+def test_classes_map_priorities_highest_first():
+    assert [RULE.classes[p][0] for p in range(LEVELS)] == (
+        ["low"] * 4 + ["normal"] * 3 + ["high"] * 3
+    )
+
+
+def test_without_a_view_or_with_the_rule_off_everything_is_admitted():
+    clock = FakeClock()
+    assert Admission(clock).decide("work", 0).admitted
+    off = AdmissionRule.of(AdmissionSpec(), CLASSES)
+    adm = gate(clock, pending={0: 10**6}, rule=off)
+    assert not adm.enabled
+    assert adm.decide("work", 0).admitted
+
+
+def test_the_wait_counts_only_work_at_or_above_the_tasks_priority():
+    clock = FakeClock()
+    adm = gate(clock, pending={2: 400, 8: 10})
+    high = adm.decide("work", 8)
+    assert high.admitted and high.wait_s == pytest.approx((10 + 1) / 100)
+    # priority 2 (low, share 0.5): 410 ahead at 100/s is 4.1 s, over 0.5 * 5 s
+    low = adm.decide("work", 2)
+    assert not low.admitted and low.reason == SHED
+    # what is ahead (the high task just admitted too), then itself
+    assert low.wait_s == pytest.approx((400 + 10 + 1 + 1) / 100)
+    assert low.retry_after_s == pytest.approx(low.wait_s - 2.5)
+
+
+def test_higher_priorities_arriving_slow_the_drain_of_lower_ones():
+    clock = FakeClock()
+    adm = gate(clock, pending={5: 100}, arrivals={8: 60.0, 5: 500.0})
+    v = adm.decide("work", 5)
+    # the 60/s of priority 8 will overtake it: it drains at 100 - 60 = 40/s
+    assert v.wait_s == pytest.approx((100 + 1) / 40)
+    assert v.admitted  # 2.5 s <= 0.8 * 5 s
+    # a pool whose higher priorities take all it drains never admits below them
+    adm = gate(clock, pending={0: 1}, arrivals={9: 100.0})
+    v = adm.decide("work", 0)
+    assert not v.admitted and math.isinf(v.wait_s)
+
+
+def test_a_fifo_queue_puts_everything_pending_ahead_of_every_task():
+    clock = FakeClock()
+    adm = gate(clock, pending={0: 450}, arrivals={0: 1000.0}, by_priority=False)
+    v = adm.decide("work", 9)
+    assert v.wait_s == pytest.approx(451 / 100)  # arrivals overtake nothing in FIFO
+    assert v.admitted
+    assert not adm.decide("work", 0).admitted  # 4.51 s > 2.5 s for the low class
+
+
+def test_admissions_count_until_the_limit_then_shed():
+    clock = FakeClock()
+    adm = gate(clock, pending={9: 100})
+    verdicts = [adm.decide("work", 9) for _ in range(1_000)]
+    admitted = sum(v.admitted for v in verdicts)
+    # 5 s at 100/s is 500 tasks, 100 of them already pending
+    assert admitted == 5 * 100 - 100
+    assert all(v.admitted for v in verdicts[:admitted])
+    assert not any(v.admitted for v in verdicts[admitted:])
+
+
+def test_the_view_drains_as_time_passes():
+    clock = FakeClock()
+    adm = gate(clock, pending={9: 600})
+    assert not adm.decide("work", 9).admitted  # 6 s ahead
+    clock.advance(2.0)  # 200 drained since the view was taken
+    v = adm.decide("work", 9)
+    assert v.admitted and v.wait_s == pytest.approx(401 / 100)
+
+
+def test_a_deadline_limits_the_wait_by_the_class_share_of_the_time_left():
+    clock = FakeClock()
+    adm = gate(clock, pending={9: 150})
+    assert adm.decide("work", 9, deadline_unix_s=clock() + 2.0).admitted  # 1.51 <= 2
+    v = adm.decide("work", 9, deadline_unix_s=clock() + 1.0)
+    assert not v.admitted and v.reason == SHED
+    assert v.retry_after_s == pytest.approx(v.wait_s - 1.0)
+    late = adm.decide("work", 9, deadline_unix_s=clock() - 0.1)
+    assert (late.admitted, late.reason) == (False, DEADLINE_EXCEEDED)
+
+
+def test_a_stale_view_admits_and_a_down_pool_refuses_as_unavailable():
+    clock = FakeClock()
+    adm = gate(clock, pending={0: 10**6})
+    clock.advance(RULE.stale_after_s + 0.1)
+    assert adm.decide("work", 0).admitted
+    adm = gate(clock, pending={}, down=True)
+    v = adm.decide("work", 9)
+    assert (v.admitted, v.reason) == (False, UNAVAILABLE) and v.retry_after_s >= 1
+
+
+def test_no_measured_rate_admits_and_refusals_are_counted_by_tenant():
+    clock = FakeClock()
+    assert gate(clock, pending={0: 10**6}, drain=None).decide("work", 0).admitted
+    adm = gate(clock, pending={9: 10**6})
+    adm.decide("work", 1, tenant="acme")
+    adm.decide("work", 1, tenant=lambda: "acme")
+    adm.decide("work", 8, tenant="none")
+    assert adm.take_counts() == {
+        ("work", 1, SHED, "acme"): 2,
+        ("work", 8, SHED, "none"): 1,
+    }
+    assert adm.take_counts() == {}
+
+
+def test_the_estimator_measures_capacity_by_littles_law():
+    est = LoadEstimator()
+    pending = [0] * LEVELS
+    adm = [0] * LEVELS
+
+    def obs(t: float, left: int, busy_slot_s: float, capacity: int, admitted: int = 0):
+        adm[5] = admitted
+        return est.observe(RULE, t, t, pending, adm, left, busy_slot_s, capacity, True)
+
+    assert obs(0.0, 0, 0.0, 100).drain_per_s is None  # the first tick measures nothing
+    # 500 done with 25 slot-seconds busy: 0.05 s a task, so 100 slots do 2,000/s
+    # (however few of them were busy)
+    first = obs(1.0, 500, 25.0, 100, admitted=400)
+    assert first.drain_per_s == pytest.approx(2_000.0)
+    assert first.arrivals_per_s[5] == pytest.approx(400.0)
+    # an idle interval and a restarted shard (its total went back) keep the estimate
+    assert obs(2.0, 500, 25.0, 100, admitted=400).drain_per_s == pytest.approx(2_000.0)
+    assert obs(3.0, 10, 125.0, 100, admitted=400).drain_per_s == pytest.approx(2_000.0)
+    # a saturated pool completing 600/s: the estimate moves halfway (EWMA)
+    assert obs(4.0, 610, 225.0, 100, admitted=400).drain_per_s == pytest.approx(1_300.0)
+
+
+def test_an_entry_points_admissions_count_for_all_by_its_share():
+    from fleet.policy.admission import EntryShares
+
+    shares = EntryShares(horizon_s=3.0)
+    assert shares.report("a", 0, 0.0) == 1.0  # alone
+    assert shares.report("b", 0, 0.0) == 0.5  # nothing admitted yet: equal shares
+    assert shares.report("a", 300, 1.0) == pytest.approx(1.0)  # only a admits
+    assert shares.report("b", 100, 1.0) == pytest.approx((0.5 * 100) / (0.5 * 100 + 0.5 * 300))
+    assert shares.report("a", 300, 5.0) == 1.0  # b not heard from within 3 s: gone
+    # At a share of 1/2 every admission here counts twice against the limit.
+    clock = FakeClock()
+    adm = Admission(clock)
+    adm.update({"work": load(clock, pending={9: 100})}, share=0.5)
+    admitted = sum(adm.decide("work", 9).admitted for _ in range(1_000))
+    assert admitted == (5 * 100 - 100) // 2
