@@ -41,6 +41,7 @@ requests with its default policy.
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' parameter
 # types at runtime, and Serve's ingress wrapper cannot resolve string annotations.
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -56,7 +57,7 @@ from pydantic import BaseModel, Discriminator, Field, Tag
 from ray import serve
 
 import fleet
-from fleet.policy.admission import SHED, UNAVAILABLE
+from fleet.policy.admission import DEADLINE_EXCEEDED, SHED, UNAVAILABLE
 from fleet.policy.backoff import attempt_state, backoff_wait
 from fleet.policy.sharding import shard_of
 from fleet.queue.lease_queue import QueueFull
@@ -189,22 +190,32 @@ class NotQueued(BaseModel):
     predicted_wait_s: float | None = None
 
 
+class ConflictingTask(BaseModel):
+    """A task of the request whose idempotency key is taken: ``index`` in the request."""
+
+    index: int
+    id: str
+
+
 class Conflict(BaseModel):
     """An idempotency key was already used with another payload; nothing conflicting
     was queued (``accepted`` lists what other shards took, if any)."""
 
     detail: str
-    conflicts: list[NotQueued]
+    conflicts: list[ConflictingTask]
     accepted: list[str]
 
 
 class Backpressure(BaseModel):
-    """Some or all tasks were not queued (the queue stayed full); retry those later."""
+    """Some or all tasks were not queued (the queue stayed full, or admission control
+    refused them); retry those later, with the same ids. ``results``: the recorded
+    outcome of each task of the request that already had one."""
 
     detail: str
     accepted: list[str]
     not_queued: list[NotQueued]
     retry_after_s: int
+    results: list[TaskState] = []
 
 
 class Health(BaseModel):
@@ -474,17 +485,11 @@ class Ingress:
                 errors.append({"type": "task_rejected", "loc": loc, "msg": exc.reason})
         if errors:
             return _validation_error(errors)
-        # Admission control first: a refusal is answered at once, with no ledger
-        # lookup and no queueing on its behalf.
-        await self._admission.refresh_async()
-        admitted, refused = self._admission.split(items)
-        out = {items[r.index].id for r in refused}
         # Ids made up here have no outcome: only the clients' own ids are looked up.
-        ask = [
-            it.id for it, t in zip(items, tasks) if not id_is_generated(t) and it.id not in out
-        ]
+        # The ledger first: a task with an outcome is answered with it, never refused.
+        ask = [it.id for it, t in zip(items, tasks) if not id_is_generated(t)]
         fresh, existing, conflicts = split_known(
-            admitted, dict(zip(ask, await self._ledger.get_async(ask)))
+            items, dict(zip(ask, await self._ledger.get_async(ask)))
         )
         if conflicts:
             return self._conflict(items, conflicts, [])
@@ -493,16 +498,22 @@ class Ingress:
             for it in items
             if it.id in existing
         ]
-        order = [k for k, it in enumerate(items) if it.id not in existing and it.id not in out]
+        order = [k for k, it in enumerate(items) if it.id not in existing]  # fresh's places
+        await self._admission.refresh_async()
+        fresh, refused = self._admission.split(fresh)
+        if refused:  # not queued: what admission control refused, with why
+            out = {r.index for r in refused}
+            refused = [dataclasses.replace(r, index=order[r.index]) for r in refused]
+            order = [k for j, k in enumerate(order) if j not in out]
         not_queued, error = await self._enqueue(fresh)
         not_queued = [order[j] for j in not_queued]
-        if refused:  # not queued: what admission control refused, with why
+        if refused:
             self._admission.report_later()
             if error.startswith(CONFLICT_PREFIX):
                 error = "idempotency conflict: " + ", ".join(
                     _client_id(i) for i in error.removeprefix(CONFLICT_PREFIX).split("\n") if i
                 )
-            return self._refused(items, refused, not_queued, error)
+            return self._refused(items, refused, not_queued, error, results)
         if error.startswith(CONFLICT_PREFIX):
             refused = set(not_queued)
             ids = [i for i in error.removeprefix(CONFLICT_PREFIX).split("\n") if i]
@@ -529,24 +540,42 @@ class Ingress:
         )
 
     def _refused(
-        self, items: list[Item], refused: list[Refused], not_queued: list[int], error: str
+        self,
+        items: list[Item],
+        refused: list[Refused],
+        not_queued: list[int],
+        error: str,
+        results: list[TaskState] | None = None,
     ) -> JSONResponse:
-        """429 (503 when a pool cannot run at all) for tasks admission control refused,
-        with those the queue could not take (``not_queued``, ``error``) beside them."""
+        """429 (503 when a pool cannot run at all, or the queue failed) for tasks
+        admission control refused, with those the queue could not take
+        (``not_queued``, ``error``) beside them and the recorded outcomes of the
+        request's tasks that had one (``results``)."""
         out = {r.index for r in refused} | set(not_queued)
-        wait = retry_after_s(refused)
+        retry = [r for r in refused if r.reason != DEADLINE_EXCEEDED]
+        wait = retry_after_s(retry)
         if not_queued:
             wait = max(wait, self._retry_after_s)
-        unavailable = any(r.reason == UNAVAILABLE for r in refused)
+        unavailable = any(r.reason == UNAVAILABLE for r in refused) or (
+            bool(error) and not error.startswith("queue full")
+        )
         shed = sum(r.reason == SHED for r in refused)
+        late = len(refused) - len(retry)
         report = Backpressure(
             detail="; ".join(
                 x
                 for x in (
                     f"{len(refused)} task(s) refused by admission control "
-                    f"({shed} shed: predicted to wait past the pool's limit or their "
-                    "deadline); resubmit them with the same ids after Retry-After seconds"
-                    + ("; a pool cannot run tasks now" if unavailable else ""),
+                    f"({shed} shed: predicted to wait past the pool's limit)"
+                    + (
+                        "; resubmit them with the same ids after Retry-After seconds"
+                        if retry
+                        else ""
+                    ),
+                    f"{late} would miss their deadline (deadline_exceeded: do not retry)"
+                    if late
+                    else "",
+                    "a pool cannot run tasks now" if unavailable else "",
                     error,
                 )
                 if x
@@ -566,10 +595,11 @@ class Ingress:
                 key=lambda n: n.index,
             ),
             retry_after_s=wait,
+            results=results or [],
         )
         return JSONResponse(
             status_code=503 if unavailable else 429,
-            content=report.model_dump(),
+            content=report.model_dump(mode="json"),
             headers={"Retry-After": str(wait)},
         )
 
@@ -581,7 +611,7 @@ class Ingress:
             detail=str(IdempotencyConflict([_client_id(i) for i in ids])),
             accepted=[_client_id(i) for i in accepted],
             conflicts=[
-                NotQueued(index=k, id=_client_id(it.id))
+                ConflictingTask(index=k, id=_client_id(it.id))
                 for k, it in enumerate(items)
                 if it.id in bad
             ],

@@ -278,6 +278,31 @@ def _pct(values: list[float], q: float, digits: int) -> float | None:
     return None if p is None else round(p, digits)
 
 
+def _decide_cost_us(n: int = 200_000) -> float:
+    """Microseconds admission control adds per task at an entry point: ``decide`` on a
+    loaded view (priority queue, arrivals at every level), what every submit pays."""
+    from fleet.policy.admission import LEVELS, Admission, AdmissionRule, PoolLoad
+    from fleet.spec.admission import AdmissionSpec
+    from fleet.spec.budgets import PriorityClass
+
+    rule = AdmissionRule.of(
+        AdmissionSpec(enabled=True, max_queue_wait_s=86_400),
+        [PriorityClass(**c) for c in PRIORITY_CLASSES],
+    )
+    adm = Admission(time.time)
+    adm.update(
+        {
+            "work": PoolLoad(
+                rule, time.time(), (100,) * LEVELS, 1_000.0, (10.0,) * LEVELS, True, 100
+            )
+        }
+    )
+    t0 = time.perf_counter()
+    for k in range(n):
+        adm.decide("work", PATTERN[k % len(PATTERN)], None)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
 def _capacity(fc: Any, n: int) -> float:
     """Tasks per second the pool completes from a backlog of ``n`` (no deadlines)."""
     items, _ = fc.validate([{"capability": "work", "id": f"cap-{k}"} for k in range(n)])
@@ -354,4 +379,5 @@ def run(quick: bool = False) -> dict[str, Any]:
         "lost": sum(lv["lost"] for lv in levels),
         "loadavg_at_start": [round(x, 2) for x in loadavg],
         "median_goodput_share_on": statistics.median(lv["goodput_share"] for lv in levels),
+        "decide_us_per_task": round(_decide_cost_us(), 2),
     }

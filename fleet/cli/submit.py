@@ -92,9 +92,9 @@ def run(args: argparse.Namespace) -> int:
         "rejected": len(report.rejected) + len(bad),
         "ids": ids,
         "already_recorded": len(existing),
-        "refused": [
+        "refused": [  # "task": its number among the tasks read, as in errors ("task N")
             {
-                "index": r.index,
+                "task": r.index + 1,
                 "id": r.id,
                 "reason": r.reason,
                 "retry_after_s": r.retry_after_s,

@@ -3,36 +3,43 @@
 Two halves, joined by one plain value (``PoolLoad``):
 
 - ``LoadEstimator`` runs in the controller. Each control interval it turns a pool's
-  queue figures (tasks pending by priority, tasks admitted and tasks that left, in
-  total) and the dispatcher's in-flight count and capacity into a ``PoolLoad``: what
-  is pending at each priority, how fast the pool drains, and how fast each priority
-  arrives.
+  queue figures (tasks pending by priority, tasks admitted and tasks its agents
+  finished, in total) and the dispatcher's busy slot-seconds and capacity into a
+  ``PoolLoad``: what is pending at each priority, how fast the pool can drain, and how
+  fast each priority arrives.
 - ``Admission`` runs at every entry point (the Python client, the HTTP ingress, the
   Kafka intake), on the last ``PoolLoad`` the controller published: no actor call per
   task, no shared actor on the submit path. For each task it predicts the time to its
   completion from the work ahead of it and the pool's drain rate, and admits it or
-  sheds it (``Verdict``).
+  refuses it (``Verdict``).
 
 The prediction. With a queue that serves higher priorities first (the ``priority``
 discipline), the work ahead of a task of priority ``p`` is what is pending at ``p`` and
 above, and it drains at the pool's rate less the arrival rate of strictly higher
-priorities (they will overtake it); otherwise everything pending is ahead of it, at the
-full rate. ``wait = (ahead + 1) / rate``: the queue wait, the work in flight ahead of
-it and its own turn, so it is compared with the task's deadline as it stands.
+priorities (they will overtake it); with any other discipline everything pending is
+ahead of it, at the full rate (so under ``deadline`` or ``utility`` order the
+prediction is pessimistic for the tasks those orders favour, and aging is not modelled).
+The task starts once all but ``slots - 1`` of what is ahead have left, then takes one
+task's time (``slots / drain``): ``wait = max(0, ahead + 1 - slots) / rate +
+slots / drain``, the time to its completion, compared with its deadline as it stands.
 
-The rule. A task of class ``c`` (``budgets.priority_classes``, highest first) is shed
+The rule. A task of class ``c`` (``budgets.priority_classes``, highest first) is refused
 when ``wait > share_c * max_queue_wait_s`` or ``wait > share_c * (deadline - now)``:
-lower classes have smaller shares, so they are shed first and the highest class last.
-A shed answer carries ``retry_after_s``: how long until, at the measured rate, the
-wait would be within the limit. A pool with no agent able to run (``down``) refuses
-everything with ``unavailable`` (HTTP 503), and a view older than ``stale_after_s``
-admits everything: the controller restarting must not close the door.
+lower classes have smaller shares, so they are refused first and the highest class
+last. The refusal is ``shed`` with ``retry_after_s``, how long until the task would be
+admitted at the measured rate if nothing more arrived; or ``deadline_exceeded`` when
+that is never before its deadline (a retry cannot help), as for a deadline already past.
+A pool with no agent able to run (``down``) refuses everything with ``unavailable``
+(HTTP 503), and a view older than ``stale_after_s`` admits everything: the controller
+restarting must not close the door.
 
-Between two views an entry point counts what it admitted itself, scaled up by its share
-of what every entry point admits (``EntryShares``, kept by the controller from what the
-entry points report with each view request): two entry points taking half the load
-each count each of their admissions twice. So a burst within one control interval
-cannot slip past the rule, from one entry point or from several.
+Between two views an entry point counts what it admitted, scaled up by its share of
+what every entry point admits to that pool (``EntryShares``, kept by the controller
+from what the entry points report with each view request): two entry points taking
+half a pool's load each count each of their admissions twice, and a new view takes
+over the admissions made after its figures were read. Other entry points' bursts
+within one interval still show only in the next view (the prediction is an estimate;
+the rule is only as good as it).
 
 Why hand-written: this is the submit hot path (a few additions per task), and the
 simulator runs the same objects on virtual time.
@@ -58,6 +65,9 @@ EWMA_ALPHA = 0.5
 # An entry point's share of the admissions is taken as at least this (its own count
 # is scaled by at most 1 / MIN_SHARE).
 MIN_SHARE = 0.05
+# Busy for this many tasks' worth of slot-seconds (at the drain estimate) with none
+# completed: the pool is stalling, and the estimate falls.
+STALL_TASKS = 5
 # A pool that cannot run anything is asked again after this long.
 DOWN_RETRY_AFTER_S = 1.0
 
@@ -76,7 +86,14 @@ class AdmissionRule:
     @classmethod
     def of(cls, spec: AdmissionSpec, classes: Sequence[PriorityClass]) -> AdmissionRule:
         def class_of(p: int) -> PriorityClass:
-            return next((c for c in classes if p >= c.min_task_priority), classes[-1])
+            return next(
+                (
+                    c
+                    for c in classes
+                    if c.min_task_priority is not None and p >= c.min_task_priority
+                ),
+                classes[-1],  # the lowest class holds every task no other class takes
+            )
 
         return cls(
             spec.enabled,
@@ -96,6 +113,7 @@ class PoolLoad:
     drain_per_s: float | None  # tasks the pool completes per second (None: unknown)
     arrivals_per_s: tuple[float, ...]  # tasks admitted per second, by priority
     by_priority: bool  # the queue serves higher priorities first
+    slots: int = 0  # tasks the pool may run at once now
     down: bool = False  # no agent can run: every task is refused as unavailable
 
 
@@ -103,7 +121,7 @@ class Verdict(NamedTuple):
     admitted: bool
     reason: str | None  # None, SHED, UNAVAILABLE or DEADLINE_EXCEEDED
     wait_s: float  # the predicted time to completion (inf: the pool cannot drain it)
-    retry_after_s: float  # 0 when admitted
+    retry_after_s: float  # 0 when admitted, and when a retry cannot help
 
 
 ADMIT = Verdict(True, None, 0.0, 0.0)
@@ -140,9 +158,13 @@ class LoadEstimator:
     """A pool's drain and arrival rates, from the controller's per-tick figures."""
 
     drain: _Rate = field(default_factory=_Rate)  # the estimate (its ``rate``)
-    done: _Rate = field(default_factory=_Rate)  # tasks the agents finished
-    busy: _Rate = field(default_factory=_Rate)  # slot-seconds in flight
     arrivals: list[_Rate] = field(default_factory=lambda: [_Rate() for _ in range(LEVELS)])
+    # (time, done total, busy slot-seconds) at the last tick; completions and busy
+    # slot-seconds since the last drain sample (an interval with nothing completed
+    # carries over into the next).
+    _last: tuple[float, int, float] | None = None
+    _done_acc: float = 0.0
+    _busy_acc: float = 0.0
 
     def observe(
         self,
@@ -160,22 +182,34 @@ class LoadEstimator:
         """The pool's ``PoolLoad`` now. ``admitted_total``: tasks ever admitted, by
         priority; ``done_total``: tasks the pool's agents ever finished (acked: not
         those the queue failed itself, past their deadline, which took no agent's
-        time); ``busy_slot_s``: the integral of the tasks in flight over
-        time (slot-seconds, the dispatcher's); ``capacity``: the slots the pool may
-        fill now.
+        time); ``busy_slot_s``: the integral of the tasks in flight over time
+        (slot-seconds, the dispatcher's); ``capacity``: the slots the pool may fill now.
 
         The drain rate is the pool's *capacity* to complete, not its completions: a
-        pool half busy completes half what it could. Over the interval a task took
-        ``busy / done`` slot-seconds (Little's law), so ``capacity`` slots complete
-        ``capacity * done / busy`` per second. An interval with nothing completed or
-        nothing in flight says nothing of capacity and keeps the last estimate.
+        pool half busy completes half what it could. A task took ``busy / done``
+        slot-seconds (Little's law), so ``capacity`` slots complete ``capacity * done /
+        busy`` per second. An interval with nothing completed carries its busy time
+        into the next, so long tasks are measured over several intervals. A pool busy
+        for ``STALL_TASKS`` tasks' worth of slot-seconds at the current estimate with
+        nothing completed is stalling (hung agents, a model API down): the estimate
+        falls to at most ``capacity / busy``, as if one task were about to complete.
         """
-        done = self.done.step(now_s, done_total)
-        busy = self.busy.step(now_s, busy_slot_s)
-        if done and busy and done > 0 and busy > 0 and capacity > 0:
-            # done and busy are per second of the same interval: their ratio is a rate
-            # per slot; the pool never drains faster than its arrivals could be served.
-            self.drain.mix(capacity * done / busy)
+        last, self._last = self._last, (now_s, done_total, busy_slot_s)
+        if (
+            last is not None
+            and now_s > last[0]
+            and done_total >= last[1]  # else a shard or the dispatcher restarted
+            and busy_slot_s >= last[2]
+            and capacity > 0
+        ):
+            self._done_acc += done_total - last[1]
+            self._busy_acc += busy_slot_s - last[2]
+            rate = self.drain.rate
+            if self._done_acc > 0 and self._busy_acc > 0:
+                self.drain.mix(capacity * self._done_acc / self._busy_acc)
+                self._done_acc = self._busy_acc = 0.0
+            elif rate and self._busy_acc > STALL_TASKS * capacity / rate:
+                self.drain.mix(min(rate, capacity / self._busy_acc))
         for p in range(LEVELS):
             rate = self.arrivals[p].step(now_s, admitted_total[p])
             if rate is not None:
@@ -187,50 +221,89 @@ class LoadEstimator:
             drain_per_s=self.drain.rate,
             arrivals_per_s=tuple(a.rate or 0.0 for a in self.arrivals),
             by_priority=by_priority,
+            slots=capacity,
             down=down,
         )
 
 
 class _View:
-    """One pool's load as an entry point uses it: work ahead and rate per priority."""
+    """One pool's load as an entry point uses it: work ahead and rate per priority,
+    and what was admitted since the load was taken (``adds``: (time, priority,
+    weight), carried into the next view for the admissions it does not hold yet)."""
 
-    __slots__ = ("added", "ahead", "load", "rate", "weight")
+    __slots__ = ("added", "adds", "ahead", "drain", "load", "rate", "service_s", "weight")
 
     def __init__(self, load: PoolLoad, share: float = 1.0):
         self.load = load
         pending, arrivals = load.pending, load.arrivals_per_s
-        drain = load.drain_per_s
+        drain = self.drain = load.drain_per_s
         if load.by_priority:
             self.ahead = [float(sum(pending[p:])) for p in range(LEVELS)]
             higher = [sum(arrivals[p + 1 :]) for p in range(LEVELS)]
         else:
             self.ahead = [float(sum(pending))] * LEVELS
             higher = [0.0] * LEVELS
-        # None: no rate measured yet, so nothing can be predicted (admit).
+        # None: no rate measured yet, so nothing can be predicted (admit). A task
+        # drains at the pool's rate less what will overtake it.
         self.rate: list[float | None] = [
             None if drain is None else max(drain - h, 0.0) for h in higher
         ]
-        self.added = [0.0] * LEVELS  # admitted since this view (all entry points)
+        # The time one task takes on its slot (slots / drain: Little's law).
+        self.service_s = load.slots / drain if drain and load.slots > 0 else 0.0
+        self.added = [0.0] * LEVELS  # admitted since the load was taken (all entry points)
+        self.adds: list[tuple[float, int, float]] = []
         # Each task admitted here stands for 1 / share admitted by every entry point.
         self.weight = 1.0 / min(1.0, max(share, MIN_SHARE))
 
-    def wait_s(self, priority: int, now_unix_s: float) -> float | None:
-        rate = self.rate[priority]
-        if rate is None:
-            return None
-        gone = rate * max(0.0, now_unix_s - self.load.taken_unix_s)
-        # The task completes once what is ahead of it, and then itself, has drained.
-        ahead = max(0.0, self.ahead[priority] - gone) + self.added[priority] + 1
-        return ahead / rate if rate > 0 else math.inf
+    def carry(self, old: _View) -> None:
+        """Take over ``old``'s admissions made after this view's load was taken."""
+        for t, priority, w in old.adds:
+            if t > self.load.taken_unix_s:
+                self._count(t, priority, w)
 
-    def add(self, priority: int) -> None:
-        added, w = self.added, self.weight
+    def wait_s(self, priority: int, now_unix_s: float) -> float | None:
+        """The predicted time until a task of ``priority`` admitted now completes."""
+        rate = self.rate[priority]
+        if rate is None or self.drain is None:
+            return None
+        # What is ahead of it now: the load's, plus admissions since, less what the
+        # pool drained since (a queue served by priority drains from the top).
+        gone = self.drain * max(0.0, now_unix_s - self.load.taken_unix_s)
+        ahead = max(0.0, self.ahead[priority] + self.added[priority] - gone)
+        # It starts once all but (slots - 1) of them have left, and then takes its turn.
+        to_start = max(0.0, ahead + 1 - self.load.slots)
+        if to_start == 0:
+            return self.service_s
+        return to_start / rate + self.service_s if rate > 0 else math.inf
+
+    def add(self, priority: int, now_unix_s: float) -> None:
+        self._count(now_unix_s, priority, self.weight)
+
+    def _count(self, t: float, priority: int, w: float) -> None:
+        self.adds.append((t, priority, w))
+        added = self.added
         if self.load.by_priority:
             for q in range(priority + 1):
                 added[q] += w
         else:
             for q in range(LEVELS):
                 added[q] += w
+
+
+def _retry_after(wait: float, share: float, max_wait: float, left: float) -> float | None:
+    """How long until a refused task would be admitted, if nothing more arrived: its
+    wait falls by a second a second, the deadline's limit by ``share`` of one. None
+    when that is never before its deadline (a retry cannot help)."""
+    if not math.isfinite(wait):
+        return None if math.isfinite(left) else max_wait
+    t = wait - share * max_wait
+    if math.isfinite(left) and wait > share * left:
+        if share >= 1:
+            return None  # wait - t > left - t for every t: it always misses
+        t = max(t, (wait - share * left) / (1 - share))
+        if t >= left:
+            return None
+    return max(t, 0.0)
 
 
 class Admission:
@@ -249,12 +322,26 @@ class Admission:
         self.shed_counts: dict[tuple[str, int, str, str], int] = {}
         self.enabled = False  # whether any view asks for admission control
 
-    def update(self, loads: Mapping[str, PoolLoad], share: float = 1.0) -> None:
-        """New views; ``share``: this entry point's share of the tasks every entry
-        point admits (``EntryShares``), so what it admits before the next view is
-        counted for all of them."""
-        self._views = {pool: _View(load, share) for pool, load in loads.items()}
-        self.enabled = any(v.load.rule.enabled for v in self._views.values())
+    def update(
+        self, loads: Mapping[str, PoolLoad], shares: Mapping[str, float] | None = None
+    ) -> None:
+        """New views; ``shares``: per pool, this entry point's share of the tasks every
+        entry point admits (``EntryShares``; 1 when missing), so what it admits before
+        the next view is counted for all of them. A view of the same load as the one
+        held is kept as it is (its admissions still count); a newer one takes over the
+        admissions made after its load was taken."""
+        views = {}
+        for pool, load in loads.items():
+            old = self._views.get(pool)
+            if old is not None and old.load.taken_unix_s == load.taken_unix_s:
+                views[pool] = old
+                continue
+            view = _View(load, (shares or {}).get(pool, 1.0))
+            if old is not None:
+                view.carry(old)
+            views[pool] = view
+        self._views = views
+        self.enabled = any(v.load.rule.enabled for v in views.values())
 
     def load(self, pool: str) -> PoolLoad | None:
         """The last view of ``pool`` (None: none yet)."""
@@ -267,36 +354,42 @@ class Admission:
         priority: int,
         deadline_unix_s: float | None = None,
         tenant: Callable[[], str] | str = "none",
+        count: bool = True,
     ) -> Verdict:
         """Admit or refuse one task for ``pool``; an admitted task is counted as ahead
         of the next ones (the caller queues it). ``tenant``: the task's tenant label
-        for the refusal counts (a callable is asked only on a refusal)."""
+        for the refusal counts (a callable is asked only on a refusal); ``count=False``
+        leaves a refusal out of them (a task decided again, which was counted once)."""
         now = self._clock()
-        if deadline_unix_s is not None and deadline_unix_s <= now:
-            return self._refuse(pool, priority, DEADLINE_EXCEEDED, math.inf, 0.0, tenant)
         view = self._views.get(pool)
         if view is None:
             return ADMIT
         rule = view.load.rule
-        if not rule.enabled or now - view.load.taken_unix_s > rule.stale_after_s:
+        if not rule.enabled:
+            return ADMIT
+        if deadline_unix_s is not None and deadline_unix_s <= now:
+            return self._refuse(
+                pool, priority, DEADLINE_EXCEEDED, math.inf, 0.0, tenant, count
+            )
+        if now - view.load.taken_unix_s > rule.stale_after_s:
             return ADMIT
         if view.load.down:
             return self._refuse(
-                pool, priority, UNAVAILABLE, math.inf, DOWN_RETRY_AFTER_S, tenant
+                pool, priority, UNAVAILABLE, math.inf, DOWN_RETRY_AFTER_S, tenant, count
             )
         wait = view.wait_s(priority, now)
         if wait is None:
-            view.add(priority)
+            view.add(priority, now)
             return ADMIT
         share = rule.classes[priority][1]
-        limit = share * rule.max_queue_wait_s
-        if deadline_unix_s is not None:
-            limit = min(limit, share * (deadline_unix_s - now))
-        if wait <= limit:
-            view.add(priority)
+        left = math.inf if deadline_unix_s is None else deadline_unix_s - now
+        if wait <= share * min(rule.max_queue_wait_s, left):
+            view.add(priority, now)
             return Verdict(True, None, wait, 0.0)
-        retry = wait - limit if math.isfinite(wait) else rule.max_queue_wait_s
-        return self._refuse(pool, priority, SHED, wait, retry, tenant)
+        retry = _retry_after(wait, share, rule.max_queue_wait_s, left)
+        if retry is None:  # it would miss its deadline whenever it came back
+            return self._refuse(pool, priority, DEADLINE_EXCEEDED, wait, 0.0, tenant, count)
+        return self._refuse(pool, priority, SHED, wait, retry, tenant, count)
 
     def _refuse(
         self,
@@ -306,9 +399,11 @@ class Admission:
         wait: float,
         retry_after_s: float,
         tenant: Callable[[], str] | str,
+        count: bool,
     ) -> Verdict:
-        key = (pool, priority, reason, tenant if isinstance(tenant, str) else tenant())
-        self.shed_counts[key] = self.shed_counts.get(key, 0) + 1
+        if count:
+            key = (pool, priority, reason, tenant if isinstance(tenant, str) else tenant())
+            self.shed_counts[key] = self.shed_counts.get(key, 0) + 1
         return Verdict(False, reason, wait, retry_after_s)
 
     def take_counts(self) -> dict[tuple[str, int, str, str], int]:
@@ -317,13 +412,14 @@ class Admission:
 
 
 class EntryShares:
-    """Each entry point's share of the tasks admitted, from what they report (the
-    controller keeps one per fleet; ``clock`` in seconds, any origin).
+    """Each entry point's share of the tasks admitted to one pool, from what they
+    report (the controller keeps one per pool; ``now_s`` in seconds, any origin).
 
     An entry point reports the tasks it admitted since its last report; its rate is
     an EWMA of them per second. Its share is its rate over the sum of the rates of
-    the entry points heard from within ``horizon_s``; one with nothing admitted yet
-    gets an equal share. Entry points not heard from within ``horizon_s`` are dropped.
+    the entry points heard from within ``horizon_s`` (those not heard from are
+    dropped). One that admitted nothing lately gets 1: its next admissions count once,
+    and the others' show in the next view.
     """
 
     def __init__(self, horizon_s: float):
@@ -338,9 +434,8 @@ class EntryShares:
             dt = max(now_s - last[0], 1e-3)
             rate = EWMA_ALPHA * (admitted / dt) + (1 - EWMA_ALPHA) * last[1]
         self._entries[entry] = (now_s, rate)
-        live = {e: r for e, (t, r) in self._entries.items() if now_s - t <= self.horizon_s}
-        self._entries = {e: self._entries[e] for e in live}
-        total = sum(live.values())
-        if total <= 0 or rate <= 0:
-            return 1.0 / len(live)
-        return rate / total
+        self._entries = {
+            e: (t, r) for e, (t, r) in self._entries.items() if now_s - t <= self.horizon_s
+        }
+        total = sum(r for _, r in self._entries.values())
+        return rate / total if rate > 0 else 1.0

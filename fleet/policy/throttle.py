@@ -12,9 +12,10 @@ and the share falls back to 0. The client spends its own time holding work back
 instead of the server's time refusing it.
 
 ``fleet submit --retry-refused-s`` and ``FleetClient.submit_until_accepted`` use it for
-what admission control refused (``reason: shed``); the provider clients reuse it for
-model APIs' rate limits. Clock injected: counts are kept per second in a ring of
-``window_s`` buckets.
+what admission control refused (``shed`` or ``unavailable``; ``deadline_exceeded`` is
+not retried); it is written to serve any client of a server that refuses under load
+(a model API's rate limits too). Clock injected: counts are kept per second in a ring
+of ``window_s`` buckets.
 """
 
 from __future__ import annotations

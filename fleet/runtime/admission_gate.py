@@ -7,19 +7,23 @@ view is older than the control interval, handing over the refusals it made since
 controller counts them as metrics and as demand for the autoscaler): one actor call per
 interval per entry point, never one per task (the ingress also sends its last
 refusals an interval later when no task follows them; a Python client sends them with
-its next submit). The call is not waited for, except for
-the very first view (up to ``FIRST_VIEW_TIMEOUT_S``): a controller that restarts
-leaves the gate on its last view, which goes stale after the pool's
-``admission.stale_after_s`` and then admits everything (the queues' ``max_depth``
-still bounds them).
+its next submit; figures of a request that failed go with the next). The call is not
+waited for, except once for the very first view (up to ``FIRST_VIEW_TIMEOUT_S``): a
+controller that restarts leaves the gate on its last view, which goes stale after the
+pool's ``admission.stale_after_s`` and then admits everything (the queues'
+``max_depth`` still bounds them). The loads' times are shifted by the offset between
+the controller's clock and this process's, so a skewed clock neither ages views nor
+makes them look fresh.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -39,6 +43,8 @@ log = logging.getLogger(__name__)
 
 FIRST_VIEW_TIMEOUT_S = 2.0
 VIEW_CALL_TIMEOUT_S = 5.0
+# Clocks closer than this are taken as equal (the request's own time is of this order).
+CLOCK_SKEW_IGNORED_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -54,8 +60,11 @@ class Refused:
 
 
 class AdmissionGate:
-    """``controller``: returns the controller's handle (looked up each time: ``fleet
-    apply`` replaces it). ``clock``: Unix seconds."""
+    """``controller``: returns the controller's handle (looked up once, and again after
+    a call through it failed: ``fleet apply`` replaces it). ``clock``: Unix seconds.
+
+    Thread-safe for synchronous callers (``FleetClient`` may be used from threads);
+    the asynchronous path runs on one event loop (the ingress's)."""
 
     def __init__(
         self,
@@ -64,54 +73,90 @@ class AdmissionGate:
         clock: Callable[[], float] = time.time,
     ):
         self.policy = Admission(clock)
+        self._clock = clock
         self._pools = {p.capability: p.name for p in spec.pools}
         self._interval = min(p.autoscaling.control_interval_s for p in spec.pools)
         self._controller = controller
         self._tenants = TenantLabels.of_spec(spec)
-        self._ref: Any = None
-        self._task: asyncio.Task[None] | None = None
+        self._lock = threading.Lock()
+        self._ref: Any = None  # the view request in flight (synchronous path)
+        self._task: asyncio.Task[None] | None = None  # ... (asynchronous path)
         self._asked = -math.inf  # monotonic time of the last request
         self._has_view = False
+        self._waited_first = False  # a caller already waited for the first view
         self._id = uuid.uuid4().hex  # this entry point, for its share of admissions
-        self._admitted = 0  # tasks admitted since the last report
-        self._handle: Any = None  # the controller's, until a call through it fails
+        self._admitted: dict[str, int] = {}  # per pool, since the last report
+        self._handle: Any = None
+        self._sent: tuple[dict[str, int], dict[tuple[str, int, str, str], int]] = ({}, {})
 
     # -- the view -----------------------------------------------------------------
     def _request(self) -> Any:
-        counts = [(*key, n) for key, n in self.policy.take_counts().items()]
-        admitted, self._admitted = self._admitted, 0
+        """Send the view request with what was admitted and refused since the last;
+        those figures are put back if the request fails (``_failed``)."""
+        self._sent = (self._admitted, self.policy.take_counts())
+        self._admitted = {}
         self._asked = time.monotonic()
         if self._handle is None:  # a GCS lookup: once, and again after a failure
             self._handle = self._controller()
-        return self._handle.admission.remote(self._id, admitted, counts)
+        counts = [(*key, n) for key, n in self._sent[1].items()]
+        return self._handle.admission.remote(self._id, self._sent[0], counts)
+
+    def _failed(self, exc: BaseException) -> None:
+        """A view request failed: keep its figures for the next, look the controller
+        up again (``fleet apply`` replaced it, or it is gone)."""
+        admitted, counts = self._sent
+        self._sent = ({}, {})
+        for pool, n in admitted.items():
+            self._admitted[pool] = self._admitted.get(pool, 0) + n
+        for key, n in counts.items():
+            self.policy.shed_counts[key] = self.policy.shed_counts.get(key, 0) + n
+        self._handle = None
+        log.debug("admission view failed: %r", exc)
 
     def _due(self) -> bool:
         return time.monotonic() - self._asked >= self._interval
 
-    def _take(self, answer: tuple[dict[str, PoolLoad], float]) -> None:
-        loads, share = answer
-        self.policy.update(loads, share)
+    def _take(self, answer: tuple[dict[str, PoolLoad], dict[str, float], float]) -> None:
+        loads, shares, their_now = answer
+        self._sent = ({}, {})
+        # The loads' times are the controller's clock: shift them onto ours.
+        skew = self._clock() - their_now
+        if abs(skew) > CLOCK_SKEW_IGNORED_S:
+            loads = {
+                p: dataclasses.replace(ld, taken_unix_s=ld.taken_unix_s + skew)
+                for p, ld in loads.items()
+            }
+        self.policy.update(loads, shares)
         self._has_view = True
 
     def refresh(self) -> None:
-        """Bring the view up to date (from a synchronous caller)."""
-        if self._ref is None and self._due():
-            try:
-                self._ref = self._request()
-            except Exception as exc:  # no controller (yet): admit on the last view
-                self._handle = None
-                log.debug("admission view not requested: %r", exc)
+        """Bring the view up to date (from a synchronous caller). Only the first view
+        is waited for, and only once (up to ``FIRST_VIEW_TIMEOUT_S``)."""
+        with self._lock:
+            if self._ref is None and self._due():
+                try:
+                    self._ref = self._request()
+                except Exception as exc:  # no controller (yet): admit on the last view
+                    self._failed(exc)
+                    return
+            ref = self._ref
+            if ref is None:
                 return
-        if self._ref is None:
-            return
-        ready, _ = ray.wait([self._ref], timeout=0 if self._has_view else FIRST_VIEW_TIMEOUT_S)
-        if ready:
-            ref, self._ref = self._ref, None
+            wait = 0.0
+            if not self._has_view and not self._waited_first:
+                self._waited_first = True
+                wait = FIRST_VIEW_TIMEOUT_S
+            ready, _ = ray.wait([ref], timeout=wait)
+            if not ready:
+                if time.monotonic() - self._asked > VIEW_CALL_TIMEOUT_S:
+                    self._ref = None  # never answered: ask again
+                    self._failed(TimeoutError("admission view"))
+                return
+            self._ref = None
             try:
                 self._take(ray.get(ref))
             except Exception as exc:
-                self._handle = None  # replaced by `fleet apply`, or gone: look it up again
-                log.debug("admission view failed: %r", exc)
+                self._failed(exc)
 
     async def refresh_async(self) -> None:
         """Bring the view up to date (from an event loop: the ingress)."""
@@ -119,10 +164,11 @@ class AdmissionGate:
             try:
                 ref = self._request()
             except Exception as exc:
-                log.debug("admission view not requested: %r", exc)
+                self._failed(exc)
                 return
             self._task = asyncio.get_running_loop().create_task(self._fetch(ref))
-        if not self._has_view and self._task is not None:
+        if not self._has_view and not self._waited_first and self._task is not None:
+            self._waited_first = True
             with contextlib.suppress(Exception):
                 await asyncio.wait({self._task}, timeout=FIRST_VIEW_TIMEOUT_S)
 
@@ -138,7 +184,7 @@ class AdmissionGate:
         try:
             ref = self._request()
         except Exception as exc:
-            log.debug("admission view not requested: %r", exc)
+            self._failed(exc)
             self._task = None
             return
         await self._fetch(ref)
@@ -147,10 +193,10 @@ class AdmissionGate:
         try:
             self._take(await asyncio.wait_for(ref, VIEW_CALL_TIMEOUT_S))
         except Exception as exc:
-            self._handle = None  # replaced by `fleet apply`, or gone: look it up again
-            log.debug("admission view failed: %r", exc)
+            self._failed(exc)
         finally:
             self._task = None
+        self.report_later()  # refusals made while this request was in flight
 
     # -- decisions ----------------------------------------------------------------
     def tenant_label(self, item: Item) -> str:
@@ -160,30 +206,43 @@ class AdmissionGate:
                 tenant = tenant_of(orjson.loads(item.payload))
         return self._tenants(tenant)
 
-    def split(self, items: Sequence[Item]) -> tuple[list[Item], list[Refused]]:
-        """(the items to queue, those refused), on the current view (call ``refresh``
-        or ``refresh_async`` first)."""
+    def split(
+        self, items: Sequence[Item], count: bool = True
+    ) -> tuple[list[Item], list[Refused]]:
+        """(the items to queue, those refused, each with its index in ``items``), on
+        the current view (call ``refresh`` or ``refresh_async`` first). ``count=False``:
+        the refusals are not counted (the caller counts what it holds back with
+        ``count_refusal``)."""
         policy = self.policy
         if not policy.enabled:
             return list(items), []
         admit: list[Item] = []
         refused: list[Refused] = []
+        admitted = self._admitted
         for k, it in enumerate(items):
+            pool = self._pools[it.capability]
             v: Verdict = policy.decide(
-                self._pools[it.capability],
+                pool,
                 it.priority,
                 it.deadline_unix_s,
                 lambda it=it: self.tenant_label(it),
+                count,
             )
             if v.admitted:
                 admit.append(it)
-                self._admitted += 1
+                admitted[pool] = admitted.get(pool, 0) + 1
             else:
                 wait = v.wait_s if math.isfinite(v.wait_s) else None
                 refused.append(
                     Refused(k, it.id, v.reason or "shed", round(v.retry_after_s, 3), wait)
                 )
         return admit, refused
+
+    def count_refusal(self, item: Item, reason: str) -> None:
+        """Count one refusal of ``item`` (with ``split(count=False)``)."""
+        key = (self._pools[item.capability], item.priority, reason, self.tenant_label(item))
+        counts = self.policy.shed_counts
+        counts[key] = counts.get(key, 0) + 1
 
 
 def retry_after_s(refused: Sequence[Refused]) -> int:

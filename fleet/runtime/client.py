@@ -39,6 +39,7 @@ from fleet.task import (
 
 WAIT_POLL_S = 0.2
 CONNECT_TIMEOUT_S = 60.0  # a restarting controller answers well within it
+IDEMPOTENCY_CONFLICT = "idempotency_conflict"  # a refusal found to conflict on retry
 SPEC_ASK_TIMEOUT_S = 10.0  # at shutdown: past it, tear down by this client's own spec
 # Ray's own INFO lines ("Connecting to existing Ray cluster...") stay out of the CLI's
 # stderr, where an error is one line; Ray's warnings still show.
@@ -300,16 +301,19 @@ class FleetClient:
         """``submit`` for what ``validate`` returned (``fleet submit`` validates first,
         to report invalid lines before anything is queued); fills in ``report``."""
         timeout = self.spec.queues.submit_timeout_s if timeout_s is None else timeout_s
-        # Admission control first: what it refuses costs no ledger lookup.
-        admitted, refused = self.admit(items)
-        fresh, existing = self._known(admitted, report.generated)
-        put_items(self._shards, fresh, timeout)
-        if refused:
-            where = {it.id: report.positions[k] for k, it in enumerate(items)}
-            report.refused = [dataclasses.replace(r, index=where[r.id]) for r in refused]
-        out = {r.id for r in refused}
-        report.accepted = [it.id for it in items if it.id not in out]
+        # The ledger first: a task with an outcome is answered with it, never refused.
+        fresh, existing = self._known(items, report.generated)
+        admitted, refused = self.admit(fresh)
+        at = [k for k, it in enumerate(items) if it.id not in existing]  # fresh's places
+        out = {at[r.index] for r in refused}
+        # Filled in before anything is queued: if the queue stays full (QueueFullError),
+        # the report still says what admission control refused.
+        report.refused = [
+            dataclasses.replace(r, index=report.positions[at[r.index]]) for r in refused
+        ]
+        report.accepted = [it.id for k, it in enumerate(items) if k not in out]
         report.existing = {i: o.to_result() for i, o in existing.items()}
+        put_items(self._shards, admitted, timeout)
         return report
 
     def submit_until_accepted(
@@ -337,7 +341,9 @@ class FleetClient:
         sleep: Callable[[float], None] = time.sleep,
     ) -> SubmitReport:
         """Resubmit ``report.refused`` (from ``submit_validated(items, report)``) as
-        ``submit_until_accepted`` does; a task refused for its deadline is not retried."""
+        ``submit_until_accepted`` does. A task refused for its deadline is not retried;
+        one whose idempotency key turns out to be taken with another payload stays
+        refused with reason ``idempotency_conflict``."""
         throttle = ClientThrottle(time.time)
         throttle.record(len(items), len(items) - len(report.refused))
         by_id = {it.id: it for it in items}
@@ -349,7 +355,17 @@ class FleetClient:
             n = throttle.allowed(len(waiting))
             send, waiting = waiting[:n], waiting[n:]
             again = SubmitReport(generated=report.generated, positions=[r.index for r in send])
-            self.submit_validated([by_id[r.id] for r in send], again, timeout_s)
+            try:
+                self.submit_validated([by_id[r.id] for r in send], again, timeout_s)
+            except IdempotencyConflict as exc:  # nothing of this round was queued
+                bad = set(exc.ids)
+                final += [
+                    dataclasses.replace(r, reason=IDEMPOTENCY_CONFLICT, retry_after_s=0.0)
+                    for r in send
+                    if r.id in bad
+                ]
+                waiting = [r for r in send if r.id not in bad] + waiting
+                continue
             throttle.record(len(send), len(send) - len(again.refused))
             report.existing.update(again.existing)
             final += [r for r in again.refused if r.reason == DEADLINE_EXCEEDED]

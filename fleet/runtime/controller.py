@@ -73,6 +73,9 @@ ALERT_LOG_MAX = 1_000
 # instead of stalling the loop (a call to an actor that died between the state read and
 # the call waits for its restart).
 READ_TIMEOUT_S = 5.0
+# A pool with no running host for this long is down: admission control refuses its
+# tasks as unavailable (HTTP 503) rather than queue them for a pool that cannot run.
+DOWN_AFTER_S = 10.0
 
 
 def log_scale(
@@ -184,7 +187,8 @@ class Controller:
         self._estimators = {p.name: LoadEstimator() for p in self.spec.pools}
         self._loads: dict[str, PoolLoad] = {}
         interval = min(p.autoscaling.control_interval_s for p in self.spec.pools)
-        self._entries = EntryShares(horizon_s=3 * interval)
+        self._entries = {p.name: EntryShares(3 * interval) for p in self.spec.pools}
+        self._down_since: dict[str, float] = {}  # pools Serve reports no running host for
         self._shed_new: dict[str, int] = {}  # refusals reported since the last tick
         self._shed_demand: dict[str, float] = {}  # their smoothed count per tick
         self._shed_totals: dict[str, dict[str, dict[str, int]]] = {}  # pool/class/reason
@@ -297,7 +301,7 @@ class Controller:
                     disp.get(p.name, {}).get("busy_slot_s", 0.0),
                     disp.get(p.name, {}).get("capacity", 0),
                     self.spec.queues.discipline is Discipline.PRIORITY,
-                    down=p.name in hosts and running == 0,
+                    down=self._is_down(p.name, hosts, now),
                 )
                 self._metrics.admission(p.name, self._loads[p.name])
             await self._call_dispatcher(
@@ -331,13 +335,22 @@ class Controller:
 
     # -- admission control ------------------------------------------------------------
     async def admission(
-        self, entry: str, admitted: int, refused: list[tuple[str, int, str, str, int]]
-    ) -> tuple[dict[str, PoolLoad], float]:
+        self,
+        entry: str,
+        admitted: dict[str, int],
+        refused: list[tuple[str, int, str, str, int]],
+    ) -> tuple[dict[str, PoolLoad], dict[str, float], float]:
         """Every pool's load for an entry point's admission decisions (at most one call
-        per control interval from each), and its share of what all entry points admit;
-        the call carries what it admitted and refused since its last call (refusals:
-        (pool, priority, reason, tenant label, count))."""
-        share = self._entries.report(entry, admitted, self._clock())
+        per control interval from each), its share of what all entry points admit to
+        each pool, and this actor's clock (Unix s: the entry point corrects the loads'
+        times for its own clock's offset). The call carries what the entry point
+        admitted (per pool) and refused since its last call (refusals: (pool,
+        priority, reason, tenant label, count))."""
+        now = self._clock()
+        shares = {
+            pool: entries.report(entry, admitted.get(pool, 0), now)
+            for pool, entries in self._entries.items()
+        }
         classes = self.spec.budgets
         for pool, priority, reason, tenant, n in refused:
             if pool not in self._rules or n <= 0:
@@ -348,7 +361,15 @@ class Controller:
             per[reason] = per.get(reason, 0) + n
             if reason != "deadline_exceeded":  # demand a bigger pool could have served
                 self._shed_new[pool] = self._shed_new.get(pool, 0) + n
-        return self._loads, share
+        return self._loads, shares, time.time()
+
+    def _is_down(self, pool: str, hosts: dict[str, tuple[int, int]], now: float) -> bool:
+        """Whether ``pool`` cannot run anything: Serve has reported no running host for
+        it for ``DOWN_AFTER_S`` (not a host starting, replaced or updated)."""
+        if pool not in hosts or hosts[pool][0] > 0:
+            self._down_since.pop(pool, None)
+            return False
+        return now - self._down_since.setdefault(pool, now) >= DOWN_AFTER_S
 
     def _take_shed(self, pool: str) -> int:
         """The refusals reported since the last tick, smoothed over ticks (entry points

@@ -77,6 +77,8 @@ class KafkaIntakeActor:
         self._admission = AdmissionGate(
             fleet, lambda: ray.get_actor(names.controller, namespace=ns)
         )
+        self._counted: set[str] = set()  # held back, their refusal already counted
+        self._interval = min(p.autoscaling.control_interval_s for p in fleet.pools)
         self._intake = KafkaIntake(
             kafka,
             self._accept,
@@ -113,16 +115,25 @@ class KafkaIntakeActor:
         self._conflicts += len(conflicts)
         known = [*existing, *conflicts]  # already recorded (or refused): finished
         self._admission.refresh()
-        fresh, refused = self._admission.split(fresh)
-        # A task whose deadline passed is queued all the same: its shard records it
-        # failed (deadline_exceeded) at once, so its offset can be committed.
+        admitted, refused = self._admission.split(fresh, count=False)
+        # Kafka pauses instead of refusing. A task that would miss its deadline is
+        # queued all the same: its shard records it failed (deadline_exceeded) when the
+        # deadline passes, unless it ran by then, so its offset can be committed.
         late = {r.id for r in refused if r.reason == DEADLINE_EXCEEDED}
-        rest = [it for it in items if it.id in {r.id for r in refused} - late]
-        fresh += [it for it in items if it.id in late]
-        put_items(self._shards, fresh, ACCEPT_TIMEOUT_S)
-        if rest:
-            wait = max(r.retry_after_s for r in refused if r.id not in late)
-            raise NotAdmitted(rest, known, wait)
+        held = {r.id for r in refused} - late
+        admitted += [it for it in fresh if it.id in late]
+        put_items(self._shards, admitted, ACCEPT_TIMEOUT_S)
+        # A backlog is decided again each round: a held task is counted once, as shed
+        # (the late ones are queued, so they are not refusals).
+        by_id = {it.id: it for it in fresh}
+        for r in refused:
+            if r.id in held and r.id not in self._counted:
+                self._admission.count_refusal(by_id[r.id], r.reason)
+        self._counted = held
+        if held:
+            wait = max(r.retry_after_s for r in refused if r.id in held)
+            rest = [it for it in fresh if it.id in held]
+            raise NotAdmitted(rest, known, max(wait, self._interval))
         return known
 
     def _poll_ledger(self) -> None:

@@ -126,40 +126,51 @@ class PriorityClass(SpecModel):
 
     For admission control (``pools[].admission``) it is a class of tasks: a task
     belongs to the first class (highest first) whose ``min_task_priority`` its
-    ``priority`` reaches, and may be predicted to wait at most ``shed_wait_share`` of
-    its pool's ``max_queue_wait_s`` (and of the time left to its deadline) before it is
-    shed. Lower classes take smaller shares, so they are shed first.
+    ``priority`` reaches (the lowest class takes the rest; a class without one holds no
+    tasks), and may be predicted to wait at most ``shed_wait_share`` of its pool's
+    ``max_queue_wait_s`` (and of the time left to its deadline) before it is refused.
+    Lower classes take smaller shares, so they are refused first.
     """
 
     name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z][a-z0-9_-]*$")
     weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     reserve_for_growth: bool = False
-    min_task_priority: int = Field(default=0, ge=0, le=9)
+    min_task_priority: int | None = Field(default=None, ge=0, le=9)
     shed_wait_share: Share = 1.0
 
 
 def _check_task_classes(classes: Sequence[PriorityClass]) -> None:
-    """Classes are listed highest first: their ``min_task_priority`` falls strictly,
-    down to 0 (every task has a class), and ``shed_wait_share`` never grows (a lower
-    class is never shed after a higher one)."""
-    for i, (hi, lo) in enumerate(itertools.pairwise(classes)):
-        if lo.min_task_priority >= hi.min_task_priority:
+    """Classes are listed highest first. Those that hold tasks (a ``min_task_priority``
+    set; the lowest class always: it takes every task no higher class takes) have
+    ``min_task_priority`` falling strictly, the lowest's 0 if set, and a
+    ``shed_wait_share`` that never grows downwards (a lower class is never shed after
+    a higher one). A spec that sets no ``min_task_priority`` puts every task in its
+    lowest class."""
+    holding = [
+        (i, c)
+        for i, c in enumerate(classes)
+        if c.min_task_priority is not None or i == len(classes) - 1
+    ]
+    for (_, hi), (j, lo) in itertools.pairwise(holding):
+        lo_min = 0 if lo.min_task_priority is None else lo.min_task_priority
+        assert hi.min_task_priority is not None  # only the last may hold none
+        if lo_min >= hi.min_task_priority:
             raise ValueError(
-                f"priority_classes.{i + 1}.min_task_priority: {lo.min_task_priority} must "
-                f"be below the class above it ({hi.name}: {hi.min_task_priority}); "
-                "classes are listed highest first"
+                f"priority_classes.{j}.min_task_priority: {lo_min} must be below the "
+                f"class above it ({hi.name}: {hi.min_task_priority}); classes are listed "
+                "highest first"
             )
         if lo.shed_wait_share > hi.shed_wait_share:
             raise ValueError(
-                f"priority_classes.{i + 1}.shed_wait_share: {_num(lo.shed_wait_share)} is "
+                f"priority_classes.{j}.shed_wait_share: {_num(lo.shed_wait_share)} is "
                 f"above the class above it ({hi.name}: {_num(hi.shed_wait_share)}); a "
                 "lower class must not be shed after a higher one"
             )
     last = classes[-1]
-    if last.min_task_priority != 0:
+    if last.min_task_priority not in (None, 0):
         raise ValueError(
             f"priority_classes.{len(classes) - 1}.min_task_priority: the lowest class "
-            f"({last.name}) must start at 0, so every task has a class"
+            f"({last.name}) takes every task no higher class takes: leave it unset or 0"
         )
 
 
@@ -274,9 +285,10 @@ class BudgetsSpec(SpecModel):
         return self.pool_classes.get(pool, self.fallback_class)
 
     def class_of_task(self, priority: int) -> PriorityClass:
-        """The class of a task of ``priority``: the first (highest) it reaches."""
+        """The class of a task of ``priority``: the first (highest) whose
+        ``min_task_priority`` it reaches, else the lowest."""
         for c in self.priority_classes:
-            if priority >= c.min_task_priority:
+            if c.min_task_priority is not None and priority >= c.min_task_priority:
                 return c
         return self.priority_classes[-1]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -36,6 +37,7 @@ def load(
     by_priority: bool = True,
     rule: AdmissionRule = RULE,
     down: bool = False,
+    slots: int = 1,
 ) -> PoolLoad:
     return PoolLoad(
         rule=rule,
@@ -44,6 +46,7 @@ def load(
         drain_per_s=drain,
         arrivals_per_s=tuple((arrivals or {}).get(p, 0.0) for p in range(LEVELS)),
         by_priority=by_priority,
+        slots=slots,
         down=down,
     )
 
@@ -86,8 +89,9 @@ def test_higher_priorities_arriving_slow_the_drain_of_lower_ones():
     clock = FakeClock()
     adm = gate(clock, pending={5: 100}, arrivals={8: 60.0, 5: 500.0})
     v = adm.decide("work", 5)
-    # the 60/s of priority 8 will overtake it: it drains at 100 - 60 = 40/s
-    assert v.wait_s == pytest.approx((100 + 1) / 40)
+    # the 60/s of priority 8 will overtake it: what is ahead drains at 100 - 60 =
+    # 40/s, then it takes its own turn (one slot: 1 / 100 s)
+    assert v.wait_s == pytest.approx(100 / 40 + 1 / 100)
     assert v.admitted  # 2.5 s <= 0.8 * 5 s
     # a pool whose higher priorities take all it drains never admits below them
     adm = gate(clock, pending={0: 1}, arrivals={9: 100.0})
@@ -128,11 +132,34 @@ def test_a_deadline_limits_the_wait_by_the_class_share_of_the_time_left():
     clock = FakeClock()
     adm = gate(clock, pending={9: 150})
     assert adm.decide("work", 9, deadline_unix_s=clock() + 2.0).admitted  # 1.51 <= 2
+    # share 1 and a wait over the time left: it would miss its deadline whenever it
+    # came back, so the refusal says so and asks for no retry
     v = adm.decide("work", 9, deadline_unix_s=clock() + 1.0)
-    assert not v.admitted and v.reason == SHED
-    assert v.retry_after_s == pytest.approx(v.wait_s - 1.0)
+    assert (v.admitted, v.reason, v.retry_after_s) == (False, DEADLINE_EXCEEDED, 0.0)
     late = adm.decide("work", 9, deadline_unix_s=clock() - 0.1)
     assert (late.admitted, late.reason) == (False, DEADLINE_EXCEEDED)
+
+
+def test_a_refusal_under_a_deadline_says_when_a_retry_would_be_admitted():
+    clock = FakeClock()
+    adm = gate(clock, pending={5: 300})
+    # normal class (share 0.8): wait 3.01 s against 0.8 x 3.5 s left. Waiting t lowers
+    # the wait by t and the limit by 0.8 t: t = (3.01 - 2.8) / (1 - 0.8)
+    v = adm.decide("work", 5, deadline_unix_s=clock() + 3.5)
+    assert (v.admitted, v.reason) == (False, SHED)
+    assert v.retry_after_s == pytest.approx((3.01 - 0.8 * 3.5) / 0.2)
+    clock.advance(v.retry_after_s + 1e-6)  # and then it is admitted (on the same view)
+    assert adm.decide("work", 5, deadline_unix_s=clock() + 3.5 - v.retry_after_s).admitted
+
+
+def test_a_pool_with_free_slots_predicts_one_tasks_time():
+    clock = FakeClock()
+    # 10 slots draining 100/s: a task takes 0.1 s; 5 ahead leave slots free
+    adm = gate(clock, pending={9: 5}, slots=10)
+    assert adm.decide("work", 9).wait_s == pytest.approx(0.1)
+    # a task's deadline shorter than one task's time cannot be met
+    v = adm.decide("work", 9, deadline_unix_s=clock() + 0.05)
+    assert (v.admitted, v.reason) == (False, DEADLINE_EXCEEDED)
 
 
 def test_a_stale_view_admits_and_a_down_pool_refuses_as_unavailable():
@@ -164,9 +191,9 @@ def test_the_estimator_measures_capacity_by_littles_law():
     pending = [0] * LEVELS
     adm = [0] * LEVELS
 
-    def obs(t: float, left: int, busy_slot_s: float, capacity: int, admitted: int = 0):
+    def obs(t: float, done: int, busy_slot_s: float, capacity: int, admitted: int = 0):
         adm[5] = admitted
-        return est.observe(RULE, t, t, pending, adm, left, busy_slot_s, capacity, True)
+        return est.observe(RULE, t, t, pending, adm, done, busy_slot_s, capacity, True)
 
     assert obs(0.0, 0, 0.0, 100).drain_per_s is None  # the first tick measures nothing
     # 500 done with 25 slot-seconds busy: 0.05 s a task, so 100 slots do 2,000/s
@@ -174,25 +201,72 @@ def test_the_estimator_measures_capacity_by_littles_law():
     first = obs(1.0, 500, 25.0, 100, admitted=400)
     assert first.drain_per_s == pytest.approx(2_000.0)
     assert first.arrivals_per_s[5] == pytest.approx(400.0)
-    # an idle interval and a restarted shard (its total went back) keep the estimate
+    assert first.slots == 100
+    # an idle interval, and a restarted shard (its total went back), keep the estimate
     assert obs(2.0, 500, 25.0, 100, admitted=400).drain_per_s == pytest.approx(2_000.0)
     assert obs(3.0, 10, 125.0, 100, admitted=400).drain_per_s == pytest.approx(2_000.0)
     # a saturated pool completing 600/s: the estimate moves halfway (EWMA)
     assert obs(4.0, 610, 225.0, 100, admitted=400).drain_per_s == pytest.approx(1_300.0)
 
 
+def test_long_tasks_are_measured_over_intervals_and_a_stall_brings_the_estimate_down():
+    est = LoadEstimator()
+    zeros = [0] * LEVELS
+
+    def obs(t: float, done: int, busy: float) -> float | None:
+        return est.observe(RULE, t, t, zeros, zeros, done, busy, 10, True).drain_per_s
+
+    obs(0.0, 0, 0.0)
+    # 10 slots of 4 s tasks: nothing completes in the first second (busy 10 slot-s)...
+    assert obs(1.0, 0, 10.0) is None
+    # ... 10 complete by the end of the fourth: 10 done in 40 slot-seconds
+    assert obs(4.0, 10, 40.0) == pytest.approx(10 * 10 / 40)
+    # then nothing completes for a while: below 5 tasks' worth of slot-seconds (5 x
+    # 4 slot-s = 20, two seconds of 10 busy slots) the estimate holds...
+    assert obs(5.0, 10, 50.0) == pytest.approx(2.5)
+    assert obs(6.0, 10, 60.0) == pytest.approx(2.5)
+    # ... past it, it falls towards capacity / busy (as if one task were completing)
+    falling = [obs(6.0 + k, 10, 60.0 + 10 * k) for k in range(1, 6)]
+    assert falling == sorted(falling, reverse=True) and falling[-1] < 1.0
+
+
 def test_an_entry_points_admissions_count_for_all_by_its_share():
     from fleet.policy.admission import EntryShares
 
     shares = EntryShares(horizon_s=3.0)
-    assert shares.report("a", 0, 0.0) == 1.0  # alone
-    assert shares.report("b", 0, 0.0) == 0.5  # nothing admitted yet: equal shares
+    assert shares.report("a", 0, 0.0) == 1.0  # nothing admitted lately: counts once
+    assert shares.report("b", 0, 0.0) == 1.0
     assert shares.report("a", 300, 1.0) == pytest.approx(1.0)  # only a admits
     assert shares.report("b", 100, 1.0) == pytest.approx((0.5 * 100) / (0.5 * 100 + 0.5 * 300))
     assert shares.report("a", 300, 5.0) == 1.0  # b not heard from within 3 s: gone
     # At a share of 1/2 every admission here counts twice against the limit.
     clock = FakeClock()
     adm = Admission(clock)
-    adm.update({"work": load(clock, pending={9: 100})}, share=0.5)
+    adm.update({"work": load(clock, pending={9: 100})}, {"work": 0.5})
     admitted = sum(adm.decide("work", 9).admitted for _ in range(1_000))
     assert admitted == (5 * 100 - 100) // 2
+
+
+def test_a_new_view_keeps_the_admissions_it_does_not_hold_yet():
+    clock = FakeClock()
+    adm = Admission(clock)
+    first = load(clock, pending={9: 100})
+    adm.update({"work": first})
+    assert sum(adm.decide("work", 9).admitted for _ in range(300)) == 300
+    # The same figures again (the controller has not ticked): the 300 still count.
+    adm.update({"work": first})
+    assert sum(adm.decide("work", 9).admitted for _ in range(1_000)) == 100
+    # A view taken after 50 of them were admitted holds those 50; the rest carry over.
+    clock.advance(1.0)
+    adm2 = Admission(clock)
+    adm2.update({"work": load(clock, pending={9: 100})})
+    for _ in range(50):
+        adm2.decide("work", 9)
+    taken = clock()
+    clock.advance(0.5)
+    for _ in range(30):
+        adm2.decide("work", 9)
+    newer = dataclasses.replace(load(clock, pending={9: 150}), taken_unix_s=taken + 0.25)
+    adm2.update({"work": newer})
+    # ahead: 150 pending + 30 admitted since, less 0.25 s drained at 100/s
+    assert adm2.decide("work", 9).wait_s == pytest.approx((150 + 30 - 25) / 100 + 0.01)

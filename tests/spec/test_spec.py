@@ -167,7 +167,7 @@ def test_budget_min_over_max_and_negative_price_name_the_field():
                 "budgets": {"priority_classes": [{"name": "only", "min_task_priority": 3}]},
             },
             "budgets",
-            "priority_classes.0.min_task_priority: the lowest class (only) must start at 0",
+            "priority_classes.0.min_task_priority: the lowest class (only) takes every task",
         ),
         (
             {
