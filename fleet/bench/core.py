@@ -56,9 +56,12 @@ def ray_actor_calls_per_s(calls: int = RAY_CALLS) -> float:
         ray.kill(caller)
 
 
-def bench_spec(agents: int = 1_000, storage: dict[str, Any] | None = None):
+def bench_spec(
+    agents: int = 1_000, storage: dict[str, Any] | None = None, admission: bool = False
+):
     """``storage``: the queues' storage section (it picks the ledger's too); memory
-    unless given."""
+    unless given. ``admission``: admission control on, with a limit no task reaches
+    (what it costs, not what it refuses)."""
     return parse_spec(
         {
             "name": "bench",
@@ -76,15 +79,26 @@ def bench_spec(agents: int = 1_000, storage: dict[str, Any] | None = None):
                     "agents_per_host": agents // 2,
                     "cpus_per_host": 0,
                     "autoscaling": {"min_agents": agents, "max_agents": agents},
+                    "admission": {"enabled": admission, "max_queue_wait_s": 86_400},
                 }
             ],
         }
     )
 
 
+def _submit(fc: Any, items: list[Any], generated: set[str]) -> None:
+    """Queue validated items, through admission control when the pool has it (as
+    ``FleetClient.submit`` does); nothing is refused at the bench's limit."""
+    if fc.spec.pools[0].admission.enabled:
+        items, refused = fc.admit(items)
+        if refused:
+            raise RuntimeError(f"{len(refused)} tasks refused by admission control")
+    fc.submit_items(items, generated=generated)
+
+
 def _fleet_throughput(fc: Any, n: int) -> dict[str, Any]:
     items, rep = fc.validate({"capability": "noop", "payload": i} for i in range(n))
-    fc.submit_items(items, generated=rep.generated)  # latency and span count from enqueue
+    _submit(fc, items, rep.generated)  # latency and span count from enqueue
     ids = [it.id for it in items]
     missing = fc.wait(ids, timeout_s=300)
     s = fc.summary(ids)
@@ -119,7 +133,7 @@ def _open_loop(fc: Any, rate_per_s: float, duration_s: float) -> dict[str, Any]:
         if due > k:
             items = pool[k:due]
             k = due
-            fc.submit_items(items, generated=rep.generated)
+            _submit(fc, items, rep.generated)
             ids.extend(it.id for it in items)
         sleep = t0 + (int(elapsed / tick) + 1) * tick - time.monotonic()
         if sleep > 0:
@@ -135,11 +149,13 @@ def _open_loop(fc: Any, rate_per_s: float, duration_s: float) -> dict[str, Any]:
     }
 
 
-def _measure(storage: dict[str, Any], quick: bool, raw: float) -> dict[str, Any]:
+def _measure(
+    storage: dict[str, Any], quick: bool, raw: float, admission: bool = False
+) -> dict[str, Any]:
     from fleet.runtime.client import FleetClient
 
     n = 20_000 if quick else 100_000
-    fc = FleetClient.start(bench_spec(storage=storage))
+    fc = FleetClient.start(bench_spec(storage=storage, admission=admission))
     try:
         _fleet_throughput(fc, 5_000)  # warm up hosts, router and caches
         sat = _fleet_throughput(fc, n)
@@ -153,23 +169,27 @@ def _measure(storage: dict[str, Any], quick: bool, raw: float) -> dict[str, Any]
         "saturated": sat,
         "at_80_percent": loaded,
         "storage": fc.spec.queues.storage.backend.value,
+        "admission": admission,
         "lost": sat["lost"] + loaded["lost"],
     }
 
 
-def run(quick: bool = False, storage: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(
+    quick: bool = False, storage: dict[str, Any] | None = None, admission: bool = False
+) -> dict[str, Any]:
     """The durable defaults (SQLite queues and ledger), then memory beside them; with
-    ``storage``, only that storage section."""
+    ``storage``, only that storage section. ``admission``: the pool with admission
+    control on, every submission through it (``fleet bench core --admission``)."""
     raw = ray_actor_calls_per_s(5_000 if quick else RAY_CALLS)
     if storage is not None:
         return {
             "ray_actor_calls_per_s": round(raw, 1),
             "agents": 1_000,
-            **_measure(storage, quick, raw),
+            **_measure(storage, quick, raw, admission),
         }
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as d:
-        durable = _measure({"backend": "sqlite", "directory": d}, quick, raw)
-    memory = _measure({"backend": "memory"}, quick, raw)
+        durable = _measure({"backend": "sqlite", "directory": d}, quick, raw, admission)
+    memory = _measure({"backend": "memory"}, quick, raw, admission)
     return {
         "ray_actor_calls_per_s": round(raw, 1),
         "agents": 1_000,

@@ -26,6 +26,10 @@ def run(args: argparse.Namespace) -> int:
         if "plot" not in inspect.signature(module.run).parameters:
             raise CliError(f"suite {args.suite!r} draws no plot (--plot)")
         kwargs["plot"] = args.plot
+    if args.admission:
+        if "admission" not in inspect.signature(module.run).parameters:
+            raise CliError(f"suite {args.suite!r} takes no --admission")
+        kwargs["admission"] = True
     if args.tasks is not None:
         if "tasks" not in inspect.signature(module.run).parameters:
             raise CliError(f"suite {args.suite!r} takes no --tasks")
@@ -69,4 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(durability, ledger, recording)",
     )
     p.add_argument("--plot", default=None, help="write the suite's plot (PNG) to this path")
+    p.add_argument(
+        "--admission",
+        action="store_true",
+        help="with admission control on, for suites that take it (core: what it costs)",
+    )
     p.set_defaults(func=run)

@@ -300,3 +300,9 @@ def test_exit_codes_are_documented_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert common.EXIT_CODES_HELP in capsys.readouterr().out
+
+
+def test_a_bench_option_the_suite_does_not_take_is_refused(capsys):
+    # Before any cluster is touched: `ingress` measures authentication, not admission.
+    assert main(["bench", "ingress", "--admission"]) == EXIT_USAGE
+    assert "suite 'ingress' takes no --admission" in _error_line(capsys.readouterr().err)
