@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import httpx
@@ -63,6 +64,20 @@ def _spec(directory: str, name: str, auth: dict[str, Any]) -> Any:
             ],
         }
     )
+
+
+def stop_ingress_fleets(fleets: Iterable[Any], directory: str) -> None:
+    """Remove each fleet's ingress app (``<fleet>-ingress``), stop the fleet, and delete
+    the benchmark's storage directory."""
+    from ray import serve
+
+    for fc in fleets:
+        try:
+            serve.delete(f"{fc.spec.name}-ingress")
+        except Exception:  # never deployed, or gone already: the fleet still stops
+            pass
+        fc.shutdown()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _round(url: str, headers: dict[str, str], seconds: float) -> tuple[int, int]:
@@ -130,13 +145,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 out[mode].append(n / (time.monotonic() - t0))
                 refused += bad
     finally:
-        for fc in fleets:
-            try:
-                serve.delete(f"{fc.spec.name}-ingress")
-            except Exception:
-                pass
-            fc.shutdown()
-        shutil.rmtree(directory, ignore_errors=True)
+        stop_ingress_fleets(fleets, directory)
     keys_med, none_med = statistics.median(out["keys"]), statistics.median(out["none"])
     return {
         "batch": BATCH,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import statistics
 import tempfile
@@ -317,6 +316,7 @@ def _capacity(fc: Any, n: int) -> float:
 def run(quick: bool = False) -> dict[str, Any]:
     from ray import serve
 
+    from fleet.bench.ingress import stop_ingress_fleets
     from fleet.ingress import Ingress
     from fleet.runtime.client import FleetClient
     from fleet.runtime.deploy import start_serve
@@ -361,13 +361,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             )
             levels.append(row)
     finally:
-        for fc in fleets.values():
-            try:
-                serve.delete(f"{fc.spec.name}-ingress")
-            except Exception:
-                pass
-            fc.shutdown()
-        shutil.rmtree(directory, ignore_errors=True)
+        stop_ingress_fleets(fleets.values(), directory)
     return {
         "agents": AGENTS,
         "service_s": SERVICE_S,

@@ -430,6 +430,18 @@ class _FakeConsumer:
         pass
 
 
+def _fake_spec(**kw) -> KafkaIntakeSpec:
+    """An intake spec for the fake consumer: batches of 10, a commit every round."""
+    return KafkaIntakeSpec(
+        bootstrap_servers="unused:1",
+        topic="t",
+        group_id="g",
+        max_poll_records=10,
+        commit_interval_s=1e-9,
+        **kw,
+    )
+
+
 class _FakeProducer:
     def flush(self, timeout=None):
         pass
@@ -442,14 +454,7 @@ def test_full_fleet_pauses_intake_and_retries_without_losing_tasks():
     tp = TopicPartition("t", 0)
     values = [orjson.dumps({"id": f"k{i}", "capability": "work"}) for i in range(100)]
     consumer = _FakeConsumer(tp, values)
-    spec = KafkaIntakeSpec(
-        bootstrap_servers="unused:1",
-        topic="t",
-        group_id="g",
-        max_poll_records=10,
-        max_in_flight=25,
-        commit_interval_s=1e-9,
-    )
+    spec = _fake_spec(max_in_flight=25)
     taken: list[str] = []
     full = {"on": True}
 
@@ -503,13 +508,7 @@ def test_tasks_admission_control_refuses_wait_in_the_backlog_with_intake_paused(
     tp = TopicPartition("t", 0)
     values = [orjson.dumps({"id": f"k{i}", "capability": "work"}) for i in range(30)]
     consumer = _FakeConsumer(tp, values)
-    spec = KafkaIntakeSpec(
-        bootstrap_servers="unused:1",
-        topic="t",
-        group_id="g",
-        max_poll_records=10,
-        commit_interval_s=1e-9,
-    )
+    spec = _fake_spec()
     clock = FakeClock()
     taken: list[str] = []
     calls = [0]
