@@ -5,12 +5,17 @@ until it stops shedding. Figures (goodput, latencies) are ``fleet bench overload
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from types import SimpleNamespace
 
 import httpx
+import ray
 
+from fleet.cli.common import EXIT_INCOMPLETE
+from fleet.cli.main import main as cli
+from fleet.policy.sharding import shard_of
 from fleet.runtime.admission_gate import Refused
 from fleet.task import Item
 from tests.security._live import ingress_fleet
@@ -23,7 +28,9 @@ def _status(fc) -> dict:
     return fc.status()["pools"]["work"]
 
 
-def test_an_overloaded_pool_answers_429_with_retry_after_from_its_drain_rate(ray_cluster):
+def test_an_overloaded_pool_answers_429_with_retry_after_from_its_drain_rate(
+    ray_cluster, tmp_path, capsys
+):
     max_wait_s = 1.0
     spec = make_spec(
         pool(
@@ -74,6 +81,23 @@ def test_an_overloaded_pool_answers_429_with_retry_after_from_its_drain_rate(ray
             lambda: _status(fc)["admission"]["refused"], 10, 0.2, "refusals counted"
         )
         assert refused == {"default": {"shed": len(ids)}}
+
+        # `fleet submit`: the refused tasks by number and id, exit 1, nothing queued.
+        path = tmp_path / "tasks.jsonl"
+        path.write_text("".join(f'{{"capability": "work", "id": "c{k}"}}\n' for k in range(3)))
+        args = ["submit", str(path), "--fleet", spec.name, "--namespace", spec.namespace]
+        capsys.readouterr()
+        assert cli([*args, "--json"]) == EXIT_INCOMPLETE
+        out = json.loads(capsys.readouterr().out)
+        assert out["ids"] == [] and [r["id"] for r in out["refused"]] == ["c0", "c1", "c2"]
+        assert [r["task"] for r in out["refused"]] == [1, 2, 3]
+        assert {r["reason"] for r in out["refused"]} == {"shed"}
+        assert all(r["retry_after_s"] > 0 for r in out["refused"])
+        shards = fc._shards["work"]
+        held = ray.get(
+            [shards[shard_of(i, len(shards))].known.remote([i]) for i in ("c0", "c1", "c2")]
+        )
+        assert held == [[False]] * 3  # not pending in any shard: never queued
 
 
 def test_a_refusal_of_a_pool_that_cannot_run_is_503_naming_the_ids():
