@@ -282,11 +282,11 @@ def _decide_cost_us(n: int = 200_000) -> float:
     loaded view (priority queue, arrivals at every level), what every submit pays."""
     from fleet.policy.admission import LEVELS, Admission, AdmissionRule, PoolLoad
     from fleet.spec.admission import AdmissionSpec
-    from fleet.spec.budgets import PriorityClass
+    from fleet.spec.budgets import BudgetsSpec
 
     rule = AdmissionRule.of(
         AdmissionSpec(enabled=True, max_queue_wait_s=86_400),
-        [PriorityClass(**c) for c in PRIORITY_CLASSES],
+        BudgetsSpec(priority_classes=PRIORITY_CLASSES),
     )
     adm = Admission(time.time)
     adm.update(

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from fleet.spec.admission import AdmissionSpec
-from fleet.spec.budgets import PriorityClass
+from fleet.spec.budgets import BudgetsSpec
 from fleet.task import MAX_PRIORITY
 
 LEVELS = MAX_PRIORITY + 1
@@ -84,22 +84,14 @@ class AdmissionRule:
     classes: tuple[tuple[str, float], ...]
 
     @classmethod
-    def of(cls, spec: AdmissionSpec, classes: Sequence[PriorityClass]) -> AdmissionRule:
-        def class_of(p: int) -> PriorityClass:
-            return next(
-                (
-                    c
-                    for c in classes
-                    if c.min_task_priority is not None and p >= c.min_task_priority
-                ),
-                classes[-1],  # the lowest class holds every task no other class takes
-            )
-
+    def of(cls, spec: AdmissionSpec, budgets: BudgetsSpec) -> AdmissionRule:
+        """The rule of a pool's ``spec``, with the fleet's priority classes."""
+        classes = [budgets.class_of_task(p) for p in range(LEVELS)]
         return cls(
             spec.enabled,
             spec.max_queue_wait_s,
             spec.stale_after_s,
-            tuple((class_of(p).name, class_of(p).shed_wait_share) for p in range(LEVELS)),
+            tuple((c.name, c.shed_wait_share) for c in classes),
         )
 
 
@@ -311,9 +303,8 @@ class Admission:
 
     ``clock`` gives Unix seconds (deadlines are wall-clock times). ``shed_counts``
     counts refusals by (pool, priority, reason, tenant label) until ``take_counts``
-    empties it: the
-    entry point hands them to the controller with its next view request, and shed
-    demand counts toward the pool's desired agents.
+    empties it: the entry point hands them to the controller with its next view
+    request, and shed demand counts toward the pool's desired agents.
     """
 
     def __init__(self, clock: Callable[[], float]):
@@ -402,9 +393,13 @@ class Admission:
         count: bool,
     ) -> Verdict:
         if count:
-            key = (pool, priority, reason, tenant if isinstance(tenant, str) else tenant())
-            self.shed_counts[key] = self.shed_counts.get(key, 0) + 1
+            self.count(pool, priority, reason, tenant if isinstance(tenant, str) else tenant())
         return Verdict(False, reason, wait, retry_after_s)
+
+    def count(self, pool: str, priority: int, reason: str, tenant: str, n: int = 1) -> None:
+        """Count ``n`` refusals (``decide`` does, unless told not to)."""
+        key = (pool, priority, reason, tenant)
+        self.shed_counts[key] = self.shed_counts.get(key, 0) + n
 
     def take_counts(self) -> dict[tuple[str, int, str, str], int]:
         out, self.shed_counts = self.shed_counts, {}

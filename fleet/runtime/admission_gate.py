@@ -75,7 +75,7 @@ class AdmissionGate:
         self.policy = Admission(clock)
         self._clock = clock
         self._pools = {p.capability: p.name for p in spec.pools}
-        self._interval = min(p.autoscaling.control_interval_s for p in spec.pools)
+        self.interval_s = spec.control_interval_s  # between view requests
         self._controller = controller
         self._tenants = TenantLabels.of_spec(spec)
         self._lock = threading.Lock()
@@ -101,6 +101,14 @@ class AdmissionGate:
         counts = [(*key, n) for key, n in self._sent[1].items()]
         return self._handle.admission.remote(self._id, self._sent[0], counts)
 
+    def _send(self) -> Any:
+        """``_request``, or None when it could not be sent (no controller yet)."""
+        try:
+            return self._request()
+        except Exception as exc:
+            self._failed(exc)
+            return None
+
     def _failed(self, exc: BaseException) -> None:
         """A view request failed: keep its figures for the next, look the controller
         up again (``fleet apply`` replaced it, or it is gone)."""
@@ -109,12 +117,12 @@ class AdmissionGate:
         for pool, n in admitted.items():
             self._admitted[pool] = self._admitted.get(pool, 0) + n
         for key, n in counts.items():
-            self.policy.shed_counts[key] = self.policy.shed_counts.get(key, 0) + n
+            self.policy.count(*key, n=n)
         self._handle = None
         log.debug("admission view failed: %r", exc)
 
     def _due(self) -> bool:
-        return time.monotonic() - self._asked >= self._interval
+        return time.monotonic() - self._asked >= self.interval_s
 
     def _take(self, answer: tuple[dict[str, PoolLoad], dict[str, float], float]) -> None:
         loads, shares, their_now = answer
@@ -134,11 +142,7 @@ class AdmissionGate:
         is waited for, and only once (up to ``FIRST_VIEW_TIMEOUT_S``)."""
         with self._lock:
             if self._ref is None and self._due():
-                try:
-                    self._ref = self._request()
-                except Exception as exc:  # no controller (yet): admit on the last view
-                    self._failed(exc)
-                    return
+                self._ref = self._send()  # None: no controller (yet), the last view holds
             ref = self._ref
             if ref is None:
                 return
@@ -161,10 +165,8 @@ class AdmissionGate:
     async def refresh_async(self) -> None:
         """Bring the view up to date (from an event loop: the ingress)."""
         if self._task is None and self._due():
-            try:
-                ref = self._request()
-            except Exception as exc:
-                self._failed(exc)
+            ref = self._send()
+            if ref is None:
                 return
             self._task = asyncio.get_running_loop().create_task(self._fetch(ref))
         if not self._has_view and not self._waited_first and self._task is not None:
@@ -180,11 +182,9 @@ class AdmissionGate:
             self._task = asyncio.get_running_loop().create_task(self._refresh_when_due())
 
     async def _refresh_when_due(self) -> None:
-        await asyncio.sleep(max(0.0, self._asked + self._interval - time.monotonic()))
-        try:
-            ref = self._request()
-        except Exception as exc:
-            self._failed(exc)
+        await asyncio.sleep(max(0.0, self._asked + self.interval_s - time.monotonic()))
+        ref = self._send()
+        if ref is None:
             self._task = None
             return
         await self._fetch(ref)
@@ -240,9 +240,8 @@ class AdmissionGate:
 
     def count_refusal(self, item: Item, reason: str) -> None:
         """Count one refusal of ``item`` (with ``split(count=False)``)."""
-        key = (self._pools[item.capability], item.priority, reason, self.tenant_label(item))
-        counts = self.policy.shed_counts
-        counts[key] = counts.get(key, 0) + 1
+        pool = self._pools[item.capability]
+        self.policy.count(pool, item.priority, reason, self.tenant_label(item))
 
 
 def retry_after_s(refused: Sequence[Refused]) -> int:

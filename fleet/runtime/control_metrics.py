@@ -18,7 +18,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from fleet.observability.metrics import Sink, TenantLabels, for_fleet
+from fleet.observability.metrics import (
+    NO_TENANT,
+    OTHER_TENANT,
+    Sink,
+    TenantLabels,
+    for_fleet,
+)
 from fleet.policy.health import AgentState
 from fleet.policy.queue_alerts import ActiveAlert
 from fleet.spec.fleet import FleetSpec
@@ -88,8 +94,8 @@ class ControlMetrics:
 
     def shed(self, pool: str, cls: str, reason: str, tenant: str, n: int) -> None:
         """Tasks admission control refused at an entry point (reported in bulk)."""
-        if tenant not in self._tenants and tenant not in ("none", "other"):
-            tenant = "other"
+        if tenant not in self._tenants and tenant not in (NO_TENANT, OTHER_TENANT):
+            tenant = OTHER_TENANT  # labels from entry points stay bounded
         self.sink.inc(
             "fleet_tasks_shed_total",
             n,

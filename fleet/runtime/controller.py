@@ -182,12 +182,13 @@ class Controller:
         self._dispatcher: Any = None  # looked up by name when first needed
         # Admission control (fleet.policy.admission): each pool's load, published to
         # the entry points; the refusals they report, as demand for the autoscaler.
-        classes = self.spec.budgets.priority_classes
-        self._rules = {p.name: AdmissionRule.of(p.admission, classes) for p in self.spec.pools}
+        self._rules = {
+            p.name: AdmissionRule.of(p.admission, self.spec.budgets) for p in self.spec.pools
+        }
         self._estimators = {p.name: LoadEstimator() for p in self.spec.pools}
         self._loads: dict[str, PoolLoad] = {}
-        interval = min(p.autoscaling.control_interval_s for p in self.spec.pools)
-        self._entries = {p.name: EntryShares(3 * interval) for p in self.spec.pools}
+        horizon = 3 * self.spec.control_interval_s
+        self._entries = {p.name: EntryShares(horizon) for p in self.spec.pools}
         self._down_since: dict[str, float] = {}  # pools Serve reports no running host for
         self._shed_new: dict[str, int] = {}  # refusals reported since the last tick
         self._shed_demand: dict[str, float] = {}  # their smoothed count per tick
@@ -218,7 +219,7 @@ class Controller:
             self._task = None
 
     async def _loop(self) -> None:
-        interval = min(p.autoscaling.control_interval_s for p in self.spec.pools)
+        interval = self.spec.control_interval_s
         while True:
             try:
                 await self.tick()
@@ -351,11 +352,10 @@ class Controller:
             pool: entries.report(entry, admitted.get(pool, 0), now)
             for pool, entries in self._entries.items()
         }
-        classes = self.spec.budgets
         for pool, priority, reason, tenant, n in refused:
             if pool not in self._rules or n <= 0:
                 continue
-            cls = classes.class_of_task(priority).name
+            cls = self._rules[pool].classes[priority][0]
             self._metrics.shed(pool, cls, reason, tenant, n)
             per = self._shed_totals.setdefault(pool, {}).setdefault(cls, {})
             per[reason] = per.get(reason, 0) + n

@@ -78,7 +78,6 @@ class KafkaIntakeActor:
             fleet, lambda: ray.get_actor(names.controller, namespace=ns)
         )
         self._counted: set[str] = set()  # held back, their refusal already counted
-        self._interval = min(p.autoscaling.control_interval_s for p in fleet.pools)
         self._intake = KafkaIntake(
             kafka,
             self._accept,
@@ -133,7 +132,7 @@ class KafkaIntakeActor:
         if held:
             wait = max(r.retry_after_s for r in refused if r.id in held)
             rest = [it for it in fresh if it.id in held]
-            raise NotAdmitted(rest, known, max(wait, self._interval))
+            raise NotAdmitted(rest, known, max(wait, self._admission.interval_s))
         return known
 
     def _poll_ledger(self) -> None:

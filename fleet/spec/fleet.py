@@ -68,6 +68,12 @@ class FleetSpec(SpecModel):
         raise KeyError(capability)
 
     @property
+    def control_interval_s(self) -> float:
+        """How often the controller ticks: its shortest pool's control interval (and
+        how often entry points refresh their admission view)."""
+        return min(p.autoscaling.control_interval_s for p in self.pools)
+
+    @property
     def capabilities(self) -> list[str]:
         return [p.capability for p in self.pools]
 

@@ -18,7 +18,7 @@ from fleet.policy.admission import (
     PoolLoad,
 )
 from fleet.spec.admission import AdmissionSpec
-from fleet.spec.budgets import PriorityClass
+from fleet.spec.budgets import BudgetsSpec, PriorityClass
 from tests.utils import FakeClock
 
 CLASSES = [
@@ -26,7 +26,9 @@ CLASSES = [
     PriorityClass(name="normal", min_task_priority=4, shed_wait_share=0.8),
     PriorityClass(name="low", min_task_priority=0, shed_wait_share=0.5),
 ]
-RULE = AdmissionRule.of(AdmissionSpec(enabled=True, max_queue_wait_s=5.0), CLASSES)
+RULE = AdmissionRule.of(
+    AdmissionSpec(enabled=True, max_queue_wait_s=5.0), BudgetsSpec(priority_classes=CLASSES)
+)
 
 
 def load(
@@ -66,7 +68,7 @@ def test_classes_map_priorities_highest_first():
 def test_without_a_view_or_with_the_rule_off_everything_is_admitted():
     clock = FakeClock()
     assert Admission(clock).decide("work", 0).admitted
-    off = AdmissionRule.of(AdmissionSpec(), CLASSES)
+    off = AdmissionRule.of(AdmissionSpec(), BudgetsSpec(priority_classes=CLASSES))
     adm = gate(clock, pending={0: 10**6}, rule=off)
     assert not adm.enabled
     assert adm.decide("work", 0).admitted

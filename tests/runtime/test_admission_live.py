@@ -24,6 +24,27 @@ from tests.utils import eventually, make_spec, pool
 SLEEP = "fleet.agents.testing:SleepAgent"
 
 
+def _sleep_pool(
+    delay_s: float, max_agents: int, max_wait_s: float, agents_per_host: int = 100, **scaling
+) -> dict:
+    """Pool ``work`` of sleeping agents, starting at 2, admission control on."""
+    return pool(
+        "work",
+        agent_class=SLEEP,
+        cpus_per_host=0,
+        agents_per_host=agents_per_host,
+        agent_kwargs={"delay_s": delay_s},
+        autoscaling={
+            "min_agents": 2,
+            "max_agents": max_agents,
+            "initial_agents": 2,
+            "control_interval_s": 0.5,
+            **scaling,
+        },
+        admission={"enabled": True, "max_queue_wait_s": max_wait_s},
+    )
+
+
 def _status(fc) -> dict:
     return fc.status()["pools"]["work"]
 
@@ -33,19 +54,7 @@ def test_an_overloaded_pool_answers_429_with_retry_after_from_its_drain_rate(
 ):
     max_wait_s = 1.0
     spec = make_spec(
-        pool(
-            "work",
-            agent_class=SLEEP,
-            cpus_per_host=0,
-            agent_kwargs={"delay_s": 0.2},
-            autoscaling={
-                "min_agents": 2,
-                "max_agents": 2,
-                "initial_agents": 2,
-                "control_interval_s": 0.5,
-            },
-            admission={"enabled": True, "max_queue_wait_s": max_wait_s},
-        ),
+        _sleep_pool(0.2, max_agents=2, max_wait_s=max_wait_s),
         name="admit-http",
         namespace="admit-http",
         ingress={"auth": {"mode": "none"}},
@@ -120,21 +129,13 @@ def test_a_refusal_of_a_pool_that_cannot_run_is_503_naming_the_ids():
 
 def test_shed_demand_grows_a_pool_with_headroom_until_it_stops_shedding(start_fleet):
     spec = make_spec(
-        pool(
-            "work",
-            agent_class=SLEEP,
-            cpus_per_host=0,
+        _sleep_pool(
+            0.1,
+            max_agents=40,
+            max_wait_s=1.0,
             agents_per_host=50,
-            agent_kwargs={"delay_s": 0.1},
-            autoscaling={
-                "min_agents": 2,
-                "max_agents": 40,
-                "initial_agents": 2,
-                "control_interval_s": 0.5,
-                "target_queued_per_agent": 5,
-                "upscale_within_s": 2,
-            },
-            admission={"enabled": True, "max_queue_wait_s": 1.0},
+            target_queued_per_agent=5,
+            upscale_within_s=2,
         ),
         name="admit-scale",
         namespace="admit-scale",
