@@ -505,7 +505,15 @@ class Ingress:
             out = {r.index for r in refused}
             refused = [dataclasses.replace(r, index=order[r.index]) for r in refused]
             order = [k for j, k in enumerate(order) if j not in out]
-        not_queued, error = await self._enqueue(fresh)
+        not_queued, error, walled = await self._enqueue(fresh)
+        if walled:  # over their tenant's bulkhead (bulkheads): refused, not queued
+            refused = sorted(
+                refused
+                + self._admission.bulkhead_refused(
+                    [fresh[j] for j in walled], {fresh[j].id: order[j] for j in walled}
+                ),
+                key=lambda r: r.index,
+            )
         not_queued = [order[j] for j in not_queued]
         if refused:
             self._admission.report_later()
@@ -618,12 +626,15 @@ class Ingress:
         )
         return JSONResponse(status_code=409, content=report.model_dump())
 
-    async def _enqueue(self, items: list[Item]) -> tuple[list[int], str]:
-        """Put items on their shards; returns the indices not queued and why.
+    async def _enqueue(self, items: list[Item]) -> tuple[list[int], str, list[int]]:
+        """Put items on their shards; returns the indices not queued and why, and the
+        indices refused at their tenant's bulkhead.
 
-        Each shard's ``put`` is all or nothing, so an item is either accepted (and will
-        get an outcome) or listed as not queued: never half-submitted.
+        Each shard's ``put_within`` is all or nothing but for the bulkhead's refusals,
+        so an item is either accepted (and will get an outcome) or listed as not queued
+        or refused: never half-submitted.
         """
+        walled: list[int] = []
         groups: dict[tuple[str, int], list[int]] = defaultdict(list)
         for k, it in enumerate(items):
             # The shard FleetClient.submit would pick, so an id lands in one place.
@@ -636,7 +647,7 @@ class Ingress:
             now = time.time()  # latency counts from the moment fleet is handed a task
             results = await asyncio.gather(
                 *(
-                    self._shards[cap][s].put.remote(
+                    self._shards[cap][s].put_within.remote(
                         [items[k]._replace(submitted_unix_s=now) for k in idx]
                     )
                     for (cap, s), idx in pending
@@ -652,21 +663,29 @@ class Ingress:
                     if isinstance(res, BaseException)
                     for k in idx
                 )
-                return left, CONFLICT_PREFIX + "\n".join(conflicts)
+                return left, CONFLICT_PREFIX + "\n".join(conflicts), walled
             for entry, res in zip(pending, results):
                 if not isinstance(res, BaseException):
+                    if res:
+                        out = set(res)
+                        walled += [k for k in entry[1] if items[k].id in out]
                     continue
                 retry.append(entry)
                 if not _is_queue_full(res):
                     failure = failure or await self._why_not_queued(entry, res)
             pending = retry
             if not pending:
-                return [], ""
+                return [], "", sorted(walled)
             if failure or time.monotonic() >= deadline:
                 left = sorted(k for _, idx in pending for k in idx)
-                return left, failure or (
-                    f"queue full: {len(left)} task(s) not queued after waiting "
-                    f"{self._submit_wait_s:g}s; retry them after Retry-After seconds"
+                return (
+                    left,
+                    failure
+                    or (
+                        f"queue full: {len(left)} task(s) not queued after waiting "
+                        f"{self._submit_wait_s:g}s; retry them after Retry-After seconds"
+                    ),
+                    sorted(walled),
                 )
             tries += 1
             await asyncio.sleep(wait(attempt_state(tries)))

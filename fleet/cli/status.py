@@ -43,6 +43,7 @@ def _human(st: dict) -> str:
         )
         lines.extend(_health_lines(p))
         lines.extend(_admission_lines(p))
+        lines.extend(_bulkhead_lines(q.get("bulkhead")))
     guard = st.get("health", {}).get("guard")
     if guard:
         h = st["health"]
@@ -122,6 +123,21 @@ def _admission_lines(p: dict) -> list[str]:
         + ("? (not measured yet)" if drain is None else f"{drain:g}/s")
         + ("  DOWN (refusing as unavailable)" if a.get("down") else "")
         + f"  refused: {refused or 'none'}"
+    ]
+
+
+def _bulkhead_lines(b: dict | None) -> list[str]:
+    """A pool's tenants against their bulkheads: queued and in flight by tenant, the
+    tasks held back at an in-flight limit now, and those refused at a queued limit."""
+    if not b:
+        return []
+
+    def by(d: dict[str, int]) -> str:
+        return ", ".join(f"{t} {n}" for t, n in sorted(d.items())) or "none"
+
+    return [
+        f"    bulkheads: queued {by(b['queued'])}  in flight {by(b['in_flight'])}  "
+        f"held back {b['held_back']}  refused {by(b['refused'])}"
     ]
 
 

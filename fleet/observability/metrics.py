@@ -213,6 +213,13 @@ CATALOG: dict[str, MetricDef] = _defs(
         ("pool", "priority_class", "reason", "tenant"),
     ),
     MetricDef(
+        "fleet_tasks_bulkhead_refused_total",
+        C,
+        "Tasks an entry point did not queue because their tenant held its queued "
+        "bulkhead in the pool (bulkheads.tenant.max_queued), by priority class.",
+        ("pool", "priority_class", "tenant"),
+    ),
+    MetricDef(
         "fleet_admission_drain_per_second",
         G,
         "Tasks per second the pool can complete, as admission control estimates it "
@@ -484,7 +491,8 @@ def max_series(spec: FleetSpec, hosts_ever: int, shards: int) -> int:
     )
     pools = len(spec.pools)
     per_pool_gauges = 8 + 4 + 1  # agents by state (+ breaker_ejected), the others, drain
-    shed = len(spec.budgets.priority_classes) * 3 * tenants  # by class, reason, tenant
+    # Refusals by class and tenant: shed (by 3 reasons) and bulkhead.
+    shed = len(spec.budgets.priority_classes) * (3 + 1) * tenants
     queue = shards * pools * 7
     budgets = 4 * (2 + pools + len(spec.budgets.tenants) + 8)
     control = 8 + 1 + 64  # actors, guard, alerts

@@ -268,8 +268,8 @@ class _View:
             return self.service_s
         return to_start / rate + self.service_s if rate > 0 else math.inf
 
-    def add(self, priority: int, now_unix_s: float) -> None:
-        self._count(now_unix_s, priority, self.weight)
+    def add(self, priority: int, now_unix_s: float, sign: float = 1.0) -> None:
+        self._count(now_unix_s, priority, sign * self.weight)
 
     def _count(self, t: float, priority: int, w: float) -> None:
         self.adds.append((t, priority, w))
@@ -395,6 +395,19 @@ class Admission:
         if count:
             self.count(pool, priority, reason, tenant if isinstance(tenant, str) else tenant())
         return Verdict(False, reason, wait, retry_after_s)
+
+    def withdraw(self, pool: str, priority: int) -> None:
+        """Take back the admission of a task ``decide`` admitted that was not queued
+        after all (its tenant's bulkhead refused it): it no longer counts as ahead of
+        later tasks. A no-op where ``decide`` admitted without counting."""
+        now = self._clock()
+        view = self._views.get(pool)
+        if view is None:
+            return
+        load = view.load
+        fresh = now - load.taken_unix_s <= load.rule.stale_after_s
+        if load.rule.enabled and fresh and not load.down:
+            view.add(priority, now, -1.0)
 
     def count(self, pool: str, priority: int, reason: str, tenant: str, n: int = 1) -> None:
         """Count ``n`` refusals (``decide`` does, unless told not to)."""

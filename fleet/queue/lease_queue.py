@@ -32,6 +32,16 @@ uses up a delivery, so an innocent item near ``max_deliveries`` can still fail a
 ``host_crash``. Suspects are kept in memory: a restarted shard forgets them, which
 costs at most one more crash each.
 
+Bulkheads: with a ``bulkhead`` (``fleet.policy.bulkhead.ShardBulkhead``, this shard's
+share of the limits) the queue counts pending and leased items per tenant (the tenant
+an item's id names). ``split_bulkhead`` tells which new items a tenant has no queued
+room for (the caller refuses them); ``lease`` holds back (*parks*) a ready item whose
+tenant has its in-flight share leased, and as the tenant's leases come back puts its
+parked items back, oldest first, at the front of a FIFO queue (where its key puts it in
+the others). A parked item is
+still pending (and counted in ``depth``): a deadline, a cancel or a restart treat it as
+ready.
+
 Durability: with a ``storage`` (``fleet.queue.storage``) every accepted item is stored
 and committed before ``put`` returns, and removed (committed) before ``ack`` returns; a
 new queue on the same storage starts with every stored item ready. With a durable
@@ -44,13 +54,15 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from fleet.policy.bulkhead import ShardBulkhead
 from fleet.policy.disciplines import DisciplinePolicy, discipline_from_spec, make_discipline
 from fleet.queue._ages import SubmitTimeHistogram
 from fleet.queue.storage import QueueStorage
 from fleet.spec.queues import Discipline, QueueSpec
-from fleet.task import MAX_PRIORITY, Item, is_idempotent_id
+from fleet.task import MAX_PRIORITY, Item, is_idempotent_id, tenant_of_id
 
 # Rebuild the deadline heap when stale entries (items that left) outnumber live ones by
 # this factor: bounds its memory by the items with deadlines actually pending.
@@ -128,6 +140,80 @@ class _KeyedReady:
         return len(self._h)
 
 
+class _Tenants:
+    """Per-tenant counts and parked items of a queue with a bulkhead."""
+
+    def __init__(self, rule: ShardBulkhead) -> None:
+        self.rule = rule
+        self.pending: dict[str, int] = {}
+        self.leased: dict[str, int] = {}
+        self.peak_leased: dict[str, int] = {}  # the most leased at once, per tenant
+        self.parked: dict[str, deque[Item]] = {}
+        self.parked_total = 0  # times an item was held back at its tenant's limit
+
+    def admitted(self, item_id: str) -> None:
+        t = tenant_of_id(item_id)
+        if t is not None:
+            self.pending[t] = self.pending.get(t, 0) + 1
+
+    def forgotten(self, item_id: str) -> None:
+        t = tenant_of_id(item_id)
+        if t is not None:
+            n = self.pending[t] - 1
+            if n:
+                self.pending[t] = n
+            else:
+                del self.pending[t]
+
+    def leased_one(self, item_id: str) -> None:
+        t = tenant_of_id(item_id)
+        if t is not None:
+            n = self.leased[t] = self.leased.get(t, 0) + 1
+            if n > self.peak_leased.get(t, 0):
+                self.peak_leased[t] = n
+
+    def unleased(self, item_id: str) -> None:
+        t = tenant_of_id(item_id)
+        if t is not None:
+            n = self.leased[t] - 1
+            if n:
+                self.leased[t] = n
+            else:
+                del self.leased[t]
+
+    def park(self, item: Item) -> bool:
+        """Hold ``item`` back if its tenant has its in-flight share leased."""
+        t = tenant_of_id(item.id)
+        if t is None:
+            return False
+        limit = self.rule.in_flight_limit(t)
+        if limit is None or self.leased.get(t, 0) < limit:
+            return False
+        self.parked.setdefault(t, deque()).append(item)
+        self.parked_total += 1
+        return True
+
+    def unpark(self, pending: dict[str, Item], leases: dict[str, Any]) -> list[Item]:
+        """Parked items whose tenants have room again, oldest first, as many as the
+        room (stale ones, failed or cancelled meanwhile, are dropped)."""
+        out: list[Item] = []
+        for t in list(self.parked):
+            q = self.parked[t]
+            room = (self.rule.in_flight_limit(t) or 0) - self.leased.get(t, 0)
+            while q and room > 0:
+                it = pending.get(q.popleft().id)
+                if it is not None and it.id not in leases:
+                    out.append(it)
+                    room -= 1
+            if not q:
+                del self.parked[t]
+        return out
+
+    @property
+    def parked_now(self) -> int:
+        return sum(len(q) for q in self.parked.values())
+
+
 def make_ready(
     discipline: Discipline, policy: DisciplinePolicy | None = None
 ) -> _FifoReady | _KeyedReady:
@@ -163,6 +249,13 @@ class QueueStats:
     age_p99_s: float = 0.0
     pending_by_priority: tuple[int, ...] = ()  # ready + leased, by priority 0..9
     enqueued_by_priority: tuple[int, ...] = ()  # ever accepted, by priority 0..9
+    # Bulkheads (a queue with a tenant limit): items held back at their tenant's
+    # in-flight share now and ever, and each tenant's pending, leased and most leased.
+    parked: int = 0
+    parked_total: int = 0
+    pending_by_tenant: dict[str, int] = field(default_factory=dict)
+    leased_by_tenant: dict[str, int] = field(default_factory=dict)
+    peak_leased_by_tenant: dict[str, int] = field(default_factory=dict)
 
 
 class LeaseQueue:
@@ -171,7 +264,8 @@ class LeaseQueue:
     ``discipline`` picks the order; pass ``policy`` for its parameters (aging, decay),
     else defaults apply (strict priority for PRIORITY). ``storage`` makes accepted
     items outlive this object (see the module docstring); ``from_spec`` builds both from
-    a QueueSpec.
+    a QueueSpec. ``bulkhead``: this shard's share of the bulkheads (the module
+    docstring); its ``max_queued`` lowers ``max_depth``.
     """
 
     def __init__(
@@ -182,10 +276,16 @@ class LeaseQueue:
         *,
         policy: DisciplinePolicy | None = None,
         storage: QueueStorage | None = None,
+        bulkhead: ShardBulkhead | None = None,
     ):
         if policy is not None:
             discipline = policy.discipline
+        if bulkhead is not None and bulkhead.max_queued is not None:
+            max_depth = min(max_depth, bulkhead.max_queued)
         self.max_depth = max_depth
+        self._tenants = (
+            _Tenants(bulkhead) if bulkhead is not None and bulkhead.limits_tenants else None
+        )
         self.max_deliveries = max_deliveries
         self.discipline = discipline
         self._ready = make_ready(discipline, policy)
@@ -227,7 +327,11 @@ class LeaseQueue:
 
     @classmethod
     def from_spec(
-        cls, spec: QueueSpec, max_deliveries: int, storage: QueueStorage | None = None
+        cls,
+        spec: QueueSpec,
+        max_deliveries: int,
+        storage: QueueStorage | None = None,
+        bulkhead: ShardBulkhead | None = None,
     ) -> LeaseQueue:
         """The queue a shard runs for ``spec`` (discipline with its parameters)."""
         return cls(
@@ -236,6 +340,7 @@ class LeaseQueue:
             max_deliveries,
             policy=discipline_from_spec(spec),
             storage=storage,
+            bulkhead=bulkhead,
         )
 
     def __len__(self) -> int:
@@ -255,6 +360,8 @@ class LeaseQueue:
         self._ready.push(it, redelivery=False)
         self._ages.add(it.submitted_unix_s)
         self._by_priority[it.priority] += 1
+        if self._tenants is not None:
+            self._tenants.admitted(it.id)
         if it.deadline_unix_s is not None:
             self._with_deadline += 1
             heapq.heappush(self._deadlines, (it.deadline_unix_s, it.id))
@@ -267,13 +374,16 @@ class LeaseQueue:
                 self._isolated_out = None
         self._ages.remove(it.submitted_unix_s)
         self._by_priority[it.priority] -= 1
+        if self._tenants is not None:
+            self._tenants.forgotten(it.id)
         if it.deadline_unix_s is not None:
             self._with_deadline -= 1
 
     def _drop_failed(self, it: Item) -> None:
         """Remove an exhausted or overdue item; the caller records its failure."""
         del self._pending[it.id]
-        self._leases.pop(it.id, None)
+        if self._leases.pop(it.id, None) is not None and self._tenants is not None:
+            self._tenants.unleased(it.id)
         self._forget(it)
         if self._storage is not None:
             if self._storage.durable:
@@ -308,6 +418,29 @@ class LeaseQueue:
         self.enqueued_total += len(fresh)
         return len(fresh)
 
+    def split_bulkhead(self, items: list[Item]) -> tuple[list[Item], list[Item]]:
+        """(items to put, items refused): a new item is refused when its tenant holds
+        its queued share here already (counting the batch's earlier items). Items
+        already pending are never refused (``put`` ignores them as duplicates)."""
+        tenants = self._tenants
+        if tenants is None:
+            return items, []
+        rule, pending = tenants.rule, self._pending
+        kept: list[Item] = []
+        refused: list[Item] = []
+        taken: dict[str, int] = {}
+        for it in items:
+            t = tenant_of_id(it.id)
+            limit = None if t is None else rule.queued_limit(t)
+            if t is None or limit is None or it.id in pending:
+                kept.append(it)
+            elif tenants.pending.get(t, 0) + taken.get(t, 0) >= limit:
+                refused.append(it)
+            else:
+                taken[t] = taken.get(t, 0) + 1
+                kept.append(it)
+        return kept, refused
+
     def conflicts(self, items: Iterable[Item]) -> list[str]:
         """Ids of ``items`` pending here with another payload, for ids that come from an
         idempotency key (``idem-``): the same key must mean the same task."""
@@ -333,6 +466,11 @@ class LeaseQueue:
         expires = now + lease_s
         pending, leases, pop = self._pending, self._leases, self._ready.pop
         suspects = self._suspects
+        tenants = self._tenants
+        if tenants is not None and tenants.parked:
+            # Oldest first: pushed back in reverse, a FIFO queue gets them at its front.
+            for it in reversed(tenants.unpark(pending, leases)):
+                self._ready.push(it, redelivery=True)
         if suspects and self._isolated and self._isolated_out is None:
             while self._isolated:  # this lease hands out one isolated suspect, alone
                 i = self._isolated.popleft()
@@ -366,6 +504,8 @@ class LeaseQueue:
                 self.deadline_exceeded_total += 1
                 self._overdue.append(item)
                 continue
+            if tenants is not None and tenants.park(item):
+                continue  # its tenant has its in-flight share: held back
             out.append(self._lease_one(item, holder, expires))
         self.dequeued_total += len(out)
         return out
@@ -375,6 +515,8 @@ class LeaseQueue:
         self._pending[item.id] = item
         self._leases[item.id] = (holder, expires)
         heapq.heappush(self._expiry, (expires, item.id))
+        if self._tenants is not None:
+            self._tenants.leased_one(item.id)
         return item
 
     def ack(self, ids: Iterable[str]) -> int:
@@ -390,7 +532,8 @@ class LeaseQueue:
         for i in ids:
             it = pending.pop(i, None)
             if it is not None:
-                leases.pop(i, None)
+                if leases.pop(i, None) is not None and self._tenants is not None:
+                    self._tenants.unleased(i)
                 self._forget(it)
                 removed.append(i)
                 n += 1
@@ -469,6 +612,8 @@ class LeaseQueue:
         """Leased -> ready; returns the item if it is exhausted (and removes it)."""
         if self._leases.pop(i, None) is None:
             return None
+        if self._tenants is not None:
+            self._tenants.unleased(i)
         if self._isolated_out == i:
             self._isolated_out = None
         item = self._pending[i]
@@ -629,4 +774,17 @@ class LeaseQueue:
             age_p99_s=p99,
             pending_by_priority=tuple(self._by_priority),
             enqueued_by_priority=tuple(self._enqueued_by_priority),
+            **self._tenant_stats(),
         )
+
+    def _tenant_stats(self) -> dict[str, Any]:
+        t = self._tenants
+        if t is None:
+            return {}
+        return {
+            "parked": t.parked_now,
+            "parked_total": t.parked_total,
+            "pending_by_tenant": dict(t.pending),
+            "leased_by_tenant": dict(t.leased),
+            "peak_leased_by_tenant": dict(t.peak_leased),
+        }

@@ -26,7 +26,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ import ray
 
 from fleet.observability.metrics import TenantLabels
 from fleet.policy.admission import Admission, PoolLoad, Verdict
+from fleet.policy.bulkhead import BULKHEAD
 from fleet.runtime.budget_client import tenant_of
 from fleet.spec.fleet import FleetSpec
 from fleet.task import Item, tenant_of_id
@@ -54,7 +55,7 @@ class Refused:
 
     index: int  # its position in the submitted batch
     id: str
-    reason: str  # shed, unavailable, deadline_exceeded
+    reason: str  # shed, unavailable, deadline_exceeded, bulkhead
     retry_after_s: float
     predicted_wait_s: float | None  # None: no finite prediction (the pool cannot drain)
 
@@ -78,6 +79,7 @@ class AdmissionGate:
         self.interval_s = spec.control_interval_s  # between view requests
         self._controller = controller
         self._tenants = TenantLabels.of_spec(spec)
+        self._bulkhead_retry_s = spec.bulkheads.retry_after_s
         self._lock = threading.Lock()
         self._ref: Any = None  # the view request in flight (synchronous path)
         self._task: asyncio.Task[None] | None = None  # ... (asynchronous path)
@@ -237,6 +239,26 @@ class AdmissionGate:
                     Refused(k, it.id, v.reason or "shed", round(v.retry_after_s, 3), wait)
                 )
         return admit, refused
+
+    def bulkhead_refused(
+        self, items: Sequence[Item], index: Mapping[str, int], count: bool = True
+    ) -> list[Refused]:
+        """Items ``split`` admitted that a queue shard then refused at their tenant's
+        queued bulkhead (``bulkheads``), as refusals (reason ``bulkhead``, retry after
+        ``bulkheads.retry_after_s``; ``index``: each id's position in the caller's
+        batch). Their admissions are taken back (a tenant's flood must not make the
+        pool look busier to everyone else's tasks), and with ``count`` they are
+        counted for the controller."""
+        out = []
+        for it in items:
+            pool = self._pools[it.capability]
+            if self._admitted.get(pool, 0) > 0:
+                self._admitted[pool] -= 1
+            self.policy.withdraw(pool, it.priority)
+            if count:
+                self.policy.count(pool, it.priority, BULKHEAD, self.tenant_label(it))
+            out.append(Refused(index[it.id], it.id, BULKHEAD, self._bulkhead_retry_s, None))
+        return out
 
     def count_refusal(self, item: Item, reason: str) -> None:
         """Count one refusal of ``item`` (with ``split(count=False)``)."""

@@ -22,6 +22,7 @@ from fleet.runtime.enqueue import QueueFullError as QueueFullError  # submit rai
 from fleet.runtime.enqueue import put_items
 from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.names import Names
+from fleet.security.keys import check_tenant
 from fleet.security.redact import redactor_for
 from fleet.spec.fleet import FleetSpec
 from fleet.spec.observability import LogFormat
@@ -259,16 +260,21 @@ class FleetClient:
 
     # -- submit --------------------------------------------------------------------
     def validate(
-        self, tasks: Iterable[Task | dict[str, Any]]
+        self, tasks: Iterable[Task | dict[str, Any]], tenant: str | None = None
     ) -> tuple[list[Item], SubmitReport]:
         """Validate and encode tasks; ``report.generated`` holds the ids fleet made up
         here (tasks with neither an id nor an idempotency key): no outcome can exist
-        for them, so submitting them needs no ledger lookup."""
+        for them, so submitting them needs no ledger lookup. With ``tenant`` the tasks
+        are that tenant's, as if its key had sent them to the HTTP ingress: their ids
+        are scoped (``@<tenant>:<id>``, what ``report.accepted`` holds) and its
+        bulkheads and budgets apply."""
+        if tenant is not None:
+            check_tenant(tenant)
         items, report = [], SubmitReport()
         limit = self.spec.queues.max_payload_bytes
         for k, t in enumerate(tasks):
             try:
-                it = to_item(t, self._caps, limit)
+                it = to_item(t, self._caps, limit, tenant=tenant)
             except TaskRejected as exc:
                 report.rejected.append((k, str(exc)))
                 continue
@@ -279,7 +285,10 @@ class FleetClient:
         return items, report
 
     def submit(
-        self, tasks: Iterable[Task | dict[str, Any]], timeout_s: float | None = None
+        self,
+        tasks: Iterable[Task | dict[str, Any]],
+        timeout_s: float | None = None,
+        tenant: str | None = None,
     ) -> SubmitReport:
         """Validate and enqueue tasks. Invalid ones are reported, never silently dropped.
 
@@ -288,11 +297,12 @@ class FleetClient:
         idempotency key with another payload raises IdempotencyConflict naming the key,
         and nothing of the call is queued. A pool with admission control
         (``pools[].admission``) refuses what would wait too long: those tasks are in
-        ``report.refused``, not queued. A full queue makes this wait up to
+        ``report.refused``, not queued, and so are those over their tenant's
+        ``bulkheads`` (reason ``bulkhead``). A full queue makes this wait up to
         ``timeout_s`` (default: the spec's ``submit_timeout_s``), then raise
-        QueueFullError naming what was accepted.
+        QueueFullError naming what was accepted. ``tenant``: see ``validate``.
         """
-        items, report = self.validate(tasks)
+        items, report = self.validate(tasks, tenant)
         return self.submit_validated(items, report, timeout_s)
 
     def submit_validated(
@@ -313,7 +323,13 @@ class FleetClient:
         ]
         report.accepted = [it.id for k, it in enumerate(items) if k not in out]
         report.existing = {i: o.to_result() for i, o in existing.items()}
-        put_items(self._shards, admitted, timeout)
+        walled = put_items(self._shards, admitted, timeout)
+        if walled:  # over their tenant's bulkhead: refused, nothing of them queued
+            at_id = {it.id: report.positions[k] for k, it in enumerate(items)}
+            more = self.admission.bulkhead_refused(walled, at_id)
+            report.refused = sorted(report.refused + more, key=lambda r: r.index)
+            out = {r.id for r in more}
+            report.accepted = [i for i in report.accepted if i not in out]
         return report
 
     def submit_until_accepted(
@@ -321,13 +337,14 @@ class FleetClient:
         tasks: Iterable[Task | dict[str, Any]],
         within_s: float,
         timeout_s: float | None = None,
+        tenant: str | None = None,
     ) -> SubmitReport:
         """``submit``, then resubmit what admission control refused, after its
         ``Retry-After`` and throttled by ``ClientThrottle`` (the share held back grows
         with the share refused), until ``within_s`` has passed. ``report.refused``
         holds what is still not accepted, with ids: resubmitting them cannot duplicate
         work (an id is queued once and recorded once)."""
-        items, report = self.validate(tasks)
+        items, report = self.validate(tasks, tenant)
         return self.retry_refused(
             items, self.submit_validated(items, report, timeout_s), within_s, timeout_s
         )
@@ -407,7 +424,13 @@ class FleetClient:
         that take new work use ``submit`` or ``submit_validated``."""
         timeout = self.spec.queues.submit_timeout_s if timeout_s is None else timeout_s
         fresh, existing = self._known(items, generated)
-        put_items(self._shards, fresh, timeout)
+        walled = put_items(self._shards, fresh, timeout)
+        if walled:
+            raise QueueFullError(
+                f"{len(walled)} task(s) not accepted: their tenant holds its queued "
+                "bulkhead (bulkheads.tenant.max_queued), e.g. "
+                + ", ".join(it.id for it in walled[:5])
+            )
         return existing
 
     # -- results -------------------------------------------------------------------
@@ -530,13 +553,31 @@ class FleetClient:
 
     @staticmethod
     def _queue_summary(stats: list[dict[str, Any]]) -> dict[str, Any]:
-        """One capability's queue, summed over the shards that answered."""
-        return {
+        """One capability's queue, summed over the shards that answered (with
+        ``bulkhead`` when its shards count tasks per tenant: ``bulkheads``)."""
+        out: dict[str, Any] = {
             "depth": sum(s["depth"] for s in stats),
             "leased": sum(s["leased"] for s in stats),
             "oldest_age_s": max((s["oldest_age_s"] for s in stats), default=0.0),
             "redelivered_total": sum(s["redelivered_total"] for s in stats),
         }
+        keys = ("pending_by_tenant", "bulkhead_refused_by_tenant")
+        if any(s.get(k) for s in stats for k in keys):
+
+            def total(key: str) -> dict[str, int]:
+                by: dict[str, int] = {}
+                for s in stats:
+                    for t, n in s.get(key, {}).items():
+                        by[t] = by.get(t, 0) + n
+                return by
+
+            out["bulkhead"] = {
+                "refused": total("bulkhead_refused_by_tenant"),
+                "held_back": sum(s.get("parked", 0) for s in stats),
+                "queued": total("pending_by_tenant"),
+                "in_flight": total("leased_by_tenant"),
+            }
+        return out
 
     def _kafka_status(self) -> list[dict[str, Any]]:
         """Each Kafka intake consumer's counters (a dead one reported as such)."""

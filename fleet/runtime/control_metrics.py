@@ -102,6 +102,16 @@ class ControlMetrics:
             {"pool": pool, "priority_class": cls, "reason": reason, "tenant": tenant},
         )
 
+    def bulkhead_refused(self, pool: str, cls: str, tenant: str, n: int) -> None:
+        """Tasks refused at their tenant's queued bulkhead (reported in bulk)."""
+        if tenant not in self._tenants and tenant not in (NO_TENANT, OTHER_TENANT):
+            tenant = OTHER_TENANT
+        self.sink.inc(
+            "fleet_tasks_bulkhead_refused_total",
+            n,
+            {"pool": pool, "priority_class": cls, "tenant": tenant},
+        )
+
     def admission(self, pool: str, load: Any) -> None:
         """The drain rate admission control predicts waits with (tasks/s the pool can
         complete; 0 until measured)."""

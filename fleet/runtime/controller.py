@@ -44,6 +44,7 @@ from fleet.policy.admission import (
     PoolLoad,
 )
 from fleet.policy.autoscaling import ScalingDecision, ScalingInput, ScalingState, decide
+from fleet.policy.bulkhead import BULKHEAD
 from fleet.policy.queue_alerts import AlertEvaluator
 from fleet.queue.monitor import QueueMonitor
 from fleet.queue.storage import StorageError
@@ -356,9 +357,12 @@ class Controller:
             if pool not in self._rules or n <= 0:
                 continue
             cls = self._rules[pool].classes[priority][0]
-            self._metrics.shed(pool, cls, reason, tenant, n)
             per = self._shed_totals.setdefault(pool, {}).setdefault(cls, {})
             per[reason] = per.get(reason, 0) + n
+            if reason == BULKHEAD:  # one tenant over its limit: no demand for agents
+                self._metrics.bulkhead_refused(pool, cls, tenant, n)
+                continue
+            self._metrics.shed(pool, cls, reason, tenant, n)
             if reason != "deadline_exceeded":  # demand a bigger pool could have served
                 self._shed_new[pool] = self._shed_new.get(pool, 0) + n
         return self._loads, shares, time.time()

@@ -12,6 +12,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 
 from fleet.observability.logs import serve_logging_options
 from fleet.observability.metrics import TenantLabels
+from fleet.policy.bulkhead import ShardBulkhead
 from fleet.queue.storage import check_writable, fleet_directory
 from fleet.runtime.budget_actor import BudgetActor
 from fleet.runtime.controller import Controller
@@ -264,6 +265,9 @@ def deploy(spec: FleetSpec, *, detached: bool = False, http: bool = False) -> li
             spec.results.ledger_shards,
             spec.pool_for(cap).name,
             sorted(TenantLabels.of_spec(spec).known),
+            ShardBulkhead.of(
+                spec.bulkheads, spec.pool_for(cap).name, spec.queues.shards, i
+            ).to_json(),
         )
         for cap in spec.capabilities
         for i in range(spec.queues.shards)

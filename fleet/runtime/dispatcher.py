@@ -49,6 +49,7 @@ import ray
 from ray import serve
 
 from fleet.policy.backoff import attempt_state, backoff_wait
+from fleet.policy.bulkhead import pool_max_in_flight
 from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.lifecycle import on_start, resume_after_restart
 from fleet.runtime.names import Names
@@ -101,8 +102,11 @@ class _PoolState:
         ``fleet.policy.admission.LoadEstimator``)."""
         return self._busy_slot_s + self._in_flight * (time.monotonic() - self._since)
 
-    def __init__(self, spec: PoolSpec, shards: list[Any], handle: Any):
+    def __init__(
+        self, spec: PoolSpec, shards: list[Any], handle: Any, max_in_flight: int | None = None
+    ):
         self.spec = spec
+        self.max_in_flight = max_in_flight  # the pool's bulkhead (None: its agents' slots)
         self.shards = shards
         self.handle = handle
         self.active_agents = spec.autoscaling.start_agents
@@ -138,9 +142,11 @@ class _PoolState:
         running hosts can run. While new hosts start, the rest of the work stays in the
         queue, where any host can take it, instead of waiting inside a host that Serve
         may remove (which would then have to finish it within its drain timeout or
-        hand it back)."""
+        hand it back). A pool bulkhead (``bulkheads.pools.<pool>.max_in_flight``) caps
+        it."""
         agents = min(self.active_agents, self.hosts * self.spec.agents_per_host)
-        return agents * self.spec.concurrency_per_agent
+        slots = agents * self.spec.concurrency_per_agent
+        return slots if self.max_in_flight is None else min(slots, self.max_in_flight)
 
     @property
     def per_host_agents(self) -> int:
@@ -184,7 +190,9 @@ class Dispatcher:
             handle = serve.get_deployment_handle(
                 Names.host_deployment(p.name), self.names.pool_app(p.name)
             )
-            self._pools[p.name] = _PoolState(p, shards, handle)
+            self._pools[p.name] = _PoolState(
+                p, shards, handle, pool_max_in_flight(self.spec.bulkheads, p.name)
+            )
         self._running = True
         loop = asyncio.get_running_loop()
         if self._adopting:

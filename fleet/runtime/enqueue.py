@@ -28,9 +28,11 @@ class QueueFullError(RuntimeError):
     """Submission waited ``submit_timeout_s`` and the queue still had no room."""
 
 
-def put_items(shards: dict[str, list[Any]], items: list[Item], timeout_s: float) -> None:
+def put_items(shards: dict[str, list[Any]], items: list[Item], timeout_s: float) -> list[Item]:
     """Put validated items into their capability's queue shards (``shards``: handles by
-    capability, in shard order), in chunks; the path every intake takes.
+    capability, in shard order), in chunks; the path every intake takes. Returns the
+    items refused because their tenant holds its queued share (``bulkheads``): nothing
+    of them was queued.
 
     A full shard is retried with backoff up to ``timeout_s``, then QueueFullError names
     what was accepted. Chunks already accepted stay accepted (a retry of the same ids is
@@ -48,6 +50,7 @@ def put_items(shards: dict[str, list[Any]], items: list[Item], timeout_s: float)
     wait = backoff_wait(PUT_BACKOFF, None)
     tries = 0
     accepted = 0
+    refused: list[Item] = []
     while pending:
         # Latency counts from the moment fleet is handed a task, not from validation.
         now = time.time()
@@ -55,12 +58,13 @@ def put_items(shards: dict[str, list[Any]], items: list[Item], timeout_s: float)
             (key, [it._replace(submitted_unix_s=now) for it in chunk])
             for key, chunk in pending
         ]
-        refs = [shards[cap][s].put.remote(chunk) for (cap, s), chunk in pending]
+        refs = [shards[cap][s].put_within.remote(chunk) for (cap, s), chunk in pending]
         retry = []
         for ref, entry in zip(refs, pending):
             try:
-                ray.get(ref)
-                accepted += len(entry[1])
+                out = set(ray.get(ref))
+                refused += [it for it in entry[1] if it.id in out]
+                accepted += len(entry[1]) - len(out)
             except QueueFull:
                 retry.append(entry)
             except ray.exceptions.RayTaskError as exc:
@@ -78,3 +82,4 @@ def put_items(shards: dict[str, list[Any]], items: list[Item], timeout_s: float)
                 )
             tries += 1
             time.sleep(wait(attempt_state(tries)))
+    return refused

@@ -121,7 +121,12 @@ class KafkaIntakeActor:
         late = {r.id for r in refused if r.reason == DEADLINE_EXCEEDED}
         held = {r.id for r in refused} - late
         admitted += [it for it in fresh if it.id in late]
-        put_items(self._shards, admitted, ACCEPT_TIMEOUT_S)
+        walled = put_items(self._shards, admitted, ACCEPT_TIMEOUT_S)
+        # A task over its tenant's bulkhead is held like a shed one.
+        refused += self._admission.bulkhead_refused(
+            walled, {it.id: k for k, it in enumerate(fresh)}, count=False
+        )
+        held |= {it.id for it in walled}
         # A backlog is decided again each round: a held task is counted once, as shed
         # (the late ones are queued, so they are not refusals).
         by_id = {it.id: it for it in fresh}

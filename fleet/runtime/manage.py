@@ -85,6 +85,7 @@ def apply(new: FleetSpec) -> dict[str, Any]:
     (nothing changed) names every field that cannot change in place."""
     from ray import serve
 
+    from fleet.policy.bulkhead import ShardBulkhead
     from fleet.runtime.budget_actor import BudgetActor
     from fleet.runtime.client import FleetClient
     from fleet.runtime.controller import Controller
@@ -155,6 +156,7 @@ def apply(new: FleetSpec) -> dict[str, Any]:
             new.results.ledger_shards,
             pool.name,
             sorted(TenantLabels.of_spec(new).known),
+            ShardBulkhead.of(new.bulkheads, pool.name, new.queues.shards, i).to_json(),
         )
         for pool in new.pools
         if pool.name in p.added

@@ -28,6 +28,7 @@ import ray
 from fleet._bounded import BoundedSet
 from fleet.observability.metrics import TenantLabels
 from fleet.policy.batching import batch_size
+from fleet.policy.bulkhead import ShardBulkhead
 from fleet.policy.disciplines import overdue_outcome
 from fleet.queue.lease_queue import LeaseQueue, QueueFull
 from fleet.queue.storage import make_storage
@@ -36,7 +37,7 @@ from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.lifecycle import on_start
 from fleet.runtime.names import Names
 from fleet.spec.queues import QueueSpec
-from fleet.task import IdempotencyConflict, Item, Outcome, failed_outcome
+from fleet.task import IdempotencyConflict, Item, Outcome, failed_outcome, tenant_of_id
 
 SWEEP_INTERVAL_S = 0.5
 RECOVER_CHUNK = 20_000  # ids per ledger call when a restarted shard settles its items
@@ -67,9 +68,11 @@ class QueueShard:
         ledger_shards: int = 1,
         pool: str | None = None,
         metric_tenants: list[str] | None = None,
+        bulkhead: dict[str, Any] | None = None,
     ):
         """``pool`` and ``metric_tenants``: the labels of the tasks this shard fails
-        itself (counted by a ``fleet.runtime.host_metrics.HostMetrics``)."""
+        itself (counted by a ``fleet.runtime.host_metrics.HostMetrics``). ``bulkhead``:
+        this shard's share of the bulkheads (``ShardBulkhead.to_json``)."""
         spec = QueueSpec.model_validate(queue_spec)
         self.capability = capability
         self._closed = False  # set while its pool is being removed
@@ -81,7 +84,13 @@ class QueueShard:
         )
         on_start(namespace, Names(self._fleet).shard(capability, index))
         storage = make_storage(spec.storage, namespace, capability, index, fleet)
-        self._q = LeaseQueue.from_spec(spec, max_deliveries, storage=storage)
+        self._q = LeaseQueue.from_spec(
+            spec,
+            max_deliveries,
+            storage=storage,
+            bulkhead=None if bulkhead is None else ShardBulkhead.from_json(bulkhead),
+        )
+        self._bulkhead_refused: dict[str, int] = {}  # by tenant
         self._batch = spec.batch
         self._avg_item_bytes = AVG_ITEM_BYTES_PRIOR
         self._namespace = namespace
@@ -175,14 +184,23 @@ class QueueShard:
         )
 
     async def put(self, items: list[Item]) -> int:
-        """Accept items (all or none). Raises QueueFull when they do not fit, and
-        IdempotencyConflict (accepting none) when a pending item has the id of an
-        idempotency key with another payload.
+        """Accept items (all or none). Raises QueueFull when they do not fit (a tenant
+        over its bulkhead included), and IdempotencyConflict (accepting none) when a
+        pending item has the id of an idempotency key with another payload.
 
         Ids acked moments ago are ignored like pending ones: a submitter checks the
         ledger before it puts, and this closes the window in which a task's outcome is
         recorded and acked between that check and this put.
         """
+        return self._accept(items, refuse=False)[0]
+
+    async def put_within(self, items: list[Item]) -> list[str]:
+        """``put``, but the items whose tenant holds its queued share of this shard
+        already (``bulkheads``) are refused instead: their ids are returned, and the
+        rest is accepted all or none as by ``put``."""
+        return self._accept(items, refuse=True)[1]
+
+    def _accept(self, items: list[Item], refuse: bool) -> tuple[int, list[str]]:
         self._ensure_sweeper()
         if self._closed:
             raise QueueClosed(
@@ -194,11 +212,17 @@ class QueueShard:
         conflicts = self._q.conflicts(items)
         if conflicts:
             raise IdempotencyConflict(conflicts)
+        items, refused = self._q.split_bulkhead(items)
+        if refused and not refuse:
+            raise QueueFull(len(self._q), self._q.max_depth)
         accepted = self._q.put(items)
+        for it in refused:  # counted once the rest is accepted (put did not raise)
+            t = tenant_of_id(it.id) or ""
+            self._bulkhead_refused[t] = self._bulkhead_refused.get(t, 0) + 1
         if items:
             mean = sum(it.size_bytes for it in items) / len(items)
             self._avg_item_bytes += AVG_ITEM_BYTES_ALPHA * (mean - self._avg_item_bytes)
-        return accepted
+        return accepted, [it.id for it in refused]
 
     async def room(self) -> int:
         return self._q.room
@@ -271,6 +295,7 @@ class QueueShard:
             "shard": self.index,
             "settled_on_start": self.settled_on_start,
             "adopted_on_start": self.adopted_on_start,
+            "bulkhead_refused_by_tenant": dict(self._bulkhead_refused),
             **dataclasses.asdict(st),
         }
 

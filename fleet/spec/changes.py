@@ -13,10 +13,10 @@ Refused, with the field named: what decides where queued tasks and outcomes live
 how they are read back (the fleet's name and namespace, every other ``queues`` field:
 shard count, storage, leases, Kafka intake; ``results``: ledger shards, retention, output
 bound; ``resilience.max_deliveries``, read by the shards at start), an existing pool's
-capability (its queued tasks are addressed by it), and
-``ingress`` (read by the ingress replicas at start: redeploy the Serve config). To
-change those, ``fleet stop`` the fleet (its queue stays in its storage directory) and
-``fleet run`` the new spec.
+capability (its queued tasks are addressed by it), ``bulkheads`` (each queue shard
+reads its share at start), and ``ingress`` (read by the ingress replicas at start:
+redeploy the Serve config). To change those, ``fleet stop`` the fleet (its queue stays
+in its storage directory) and ``fleet run`` the new spec.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ _FIXED = {
     "queues": "queued tasks are stored and addressed by it",
     "results": "recorded outcomes are stored and read by it",
     "ingress": "the ingress replicas read it at start: redeploy the Serve config",
+    "bulkheads": "each queue shard reads its share when it starts",
 }
 _IN_PLACE_UNDER_FIXED = ("queues.alerts",)  # read by the controller, which is replaced
 # Fixed fields under sections that otherwise change in place.

@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from fleet.spec._base import SpecModel
 from fleet.spec.budgets import BudgetsSpec, check_budget_covers
+from fleet.spec.bulkheads import BulkheadsSpec
 from fleet.spec.consensus import ConsensusSpec
 from fleet.spec.health import HealthSpec
 from fleet.spec.ingress import IngressSpec
@@ -44,6 +45,7 @@ class FleetSpec(SpecModel):
     results: ResultsSpec = ResultsSpec()
     ingress: IngressSpec = IngressSpec()
     observability: ObservabilitySpec = ObservabilitySpec()
+    bulkheads: BulkheadsSpec = BulkheadsSpec()
 
     @model_validator(mode="after")
     def _check_unique(self) -> FleetSpec:
@@ -59,7 +61,33 @@ class FleetSpec(SpecModel):
         # Budgets are checked against the pools: a per-agent minimum the daily total
         # cannot cover at the pools' max_agents is rejected with the arithmetic.
         check_budget_covers(self.budgets, self.pools)
+        self._check_bulkheads()
         return self
+
+    def _check_bulkheads(self) -> None:
+        """Bulkheads name pools that exist, and each limit leaves every queue shard a
+        share of at least one task (``fleet.spec.bulkheads``)."""
+        b, shards = self.bulkheads, self.queues.shards
+        names = {p.name for p in self.pools}
+        for pool in b.pools:
+            if pool not in names:
+                raise ValueError(
+                    f"bulkheads.pools.{pool}: no pool is named {pool!r} "
+                    f"(pools: {', '.join(sorted(names))})"
+                )
+        scopes = [
+            *(f"pools.{k}" for k in b.pools),
+            "tenant",
+            *(f"tenants.{k}" for k in b.tenants),
+        ]
+        limits = [*b.pools.values(), b.tenant, *b.tenants.values()]
+        for scope, lim in zip(scopes, limits):
+            for name, value in lim.below(shards):
+                raise ValueError(
+                    f"bulkheads.{scope}.{name}: {value} is below queues.shards ({shards}): "
+                    "each queue shard enforces its share of the limit, so it must be at "
+                    "least one per shard"
+                )
 
     def pool_for(self, capability: str) -> PoolSpec:
         for pool in self.pools:

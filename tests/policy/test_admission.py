@@ -272,3 +272,22 @@ def test_a_new_view_keeps_the_admissions_it_does_not_hold_yet():
     adm2.update({"work": newer})
     # ahead: 150 pending + 30 admitted since, less 0.25 s drained at 100/s
     assert adm2.decide("work", 9).wait_s == pytest.approx((150 + 30 - 25) / 100 + 0.01)
+
+
+def test_a_withdrawn_admission_no_longer_counts_ahead_of_later_tasks():
+    clock = FakeClock()
+    adm = gate(clock, pending={9: 100})
+    for _ in range(400):  # up to the limit: 500 tasks of 5 s at 100/s
+        assert adm.decide("work", 9).admitted
+    assert not adm.decide("work", 9, count=False).admitted
+    for _ in range(50):  # refused after admission (a tenant's bulkhead): taken back
+        adm.withdraw("work", 9)
+    verdicts = [adm.decide("work", 9) for _ in range(60)]
+    assert sum(v.admitted for v in verdicts) == 50
+    # Where decide admits without counting (the rule off), withdraw takes nothing back.
+    off = Admission(clock)
+    off.update(
+        {"work": load(clock, pending={9: 100}, rule=dataclasses.replace(RULE, enabled=False))}
+    )
+    off.withdraw("work", 9)
+    assert off.decide("work", 9).admitted

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from fleet.policy.bulkhead import ShardBulkhead
 from fleet.queue.lease_queue import LeaseQueue, QueueFull
 from fleet.queue.storage import MemoryStorage, SqliteStorage, make_storage, shard_path
 from fleet.spec.queues import Discipline, StorageSpec
+from fleet.task import Item
 from tests.queue.helpers import item
 
 T0 = 1_700_000_000.0
@@ -275,3 +277,57 @@ def test_a_cancel_whose_record_failed_is_restored_and_runs(storage_factory):
     q.restore(it)
     assert [g.id for g in q.lease(1, "h", 30.0, now=0.0)] == ["a"]
     assert q.stats(T0).cancelled_total == 0
+
+
+def _tenant_item(tenant: str | None, i: int, **kw) -> Item:
+    it = item(i, **kw)
+    return it._replace(id=f"@{tenant}:{i}") if tenant else it
+
+
+def test_a_tenant_is_refused_past_its_queued_share_and_others_are_not(storage_factory):
+    q = LeaseQueue(100, storage=storage_factory(), bulkhead=ShardBulkhead(tenant=(3, None)))
+    flood = [_tenant_item("a", i) for i in range(10)]
+    kept, refused = q.split_bulkhead([*flood, _tenant_item("b", 0), item("untenanted")])
+    assert [it.id for it in refused] == [f"@a:{i}" for i in range(3, 10)]
+    q.put(kept)
+    assert q.stats(0).pending_by_tenant == {"a": 3, "b": 1}  # untenanted: not counted
+    # a pending id is a duplicate, never refused; an acked one frees room
+    assert q.split_bulkhead([flood[0], flood[3]])[1] == [flood[3]]
+    got = q.lease(1, "h", 60, 0)
+    q.ack([got[0].id])
+    assert q.split_bulkhead([flood[3], flood[4]]) == ([flood[3]], [flood[4]])
+
+
+def test_a_tenant_at_its_in_flight_share_is_held_back_in_order(storage_factory):
+    q = LeaseQueue(100, storage=storage_factory(), bulkhead=ShardBulkhead(tenant=(None, 2)))
+    q.put([_tenant_item("a", i) for i in range(5)] + [_tenant_item("b", i) for i in range(2)])
+    first = q.lease(10, "h", 60, 0)
+    assert [it.id for it in first] == ["@a:0", "@a:1", "@b:0", "@b:1"]
+    st = q.stats(0)
+    assert st.parked == 3 and st.leased_by_tenant == {"a": 2, "b": 2} and st.depth == 3
+    assert q.lease(10, "h", 60, 0) == []  # nothing of a's until one of its leases ends
+    q.ack(["@a:0", "@a:1"])  # a has room for two again: its oldest parked ones
+    assert [it.id for it in q.lease(10, "h", 60, 0)] == ["@a:2", "@a:3"]
+    q.expire(1_000)  # every lease expires and is handed out again, a's two at most
+    again = [it.id for it in q.lease(10, "h", 60, 1_000)]
+    assert sorted(again)[2:] == ["@b:0", "@b:1"] and len(again) == 4
+    assert q.stats(0).parked == 1 and q.stats(0).leased_by_tenant == {"a": 2, "b": 2}
+    assert q.stats(0).peak_leased_by_tenant == {"a": 2, "b": 2}
+
+
+def test_a_parked_item_that_fails_or_is_cancelled_is_not_handed_out(storage_factory):
+    q = LeaseQueue(100, storage=storage_factory(), bulkhead=ShardBulkhead(tenant=(None, 1)))
+    q.put([_tenant_item("a", 0), _tenant_item("a", 1, deadline=5.0), _tenant_item("a", 2)])
+    assert [it.id for it in q.lease(10, "h", 60, 0, now_unix_s=1.0)] == ["@a:0"]
+    assert q.cancel("@a:2")[0] == "cancelled"
+    assert [it.id for it in q.fail_overdue(6.0)] == ["@a:1"]
+    q.ack(["@a:0", "@a:2", "@a:1"])
+    assert q.lease(10, "h", 60, 0) == [] and len(q) == 0
+    assert q.stats(0).parked == 0 and q.stats(0).pending_by_tenant == {}
+
+
+def test_a_pool_bulkhead_lowers_the_shards_depth_bound():
+    q = LeaseQueue(100, bulkhead=ShardBulkhead(max_queued=3))
+    with pytest.raises(QueueFull):
+        q.put([item(i) for i in range(4)])
+    assert q.max_depth == 3 and q.stats(0).pending_by_tenant == {}

@@ -38,6 +38,7 @@ def sec(ray_cluster, tmp_path_factory):
         "flood": keys.create("flood", ["submit"])[0],
         "canceller": keys.create("canc", ["submit", "read"])[0],
         "lister": keys.create("lister", ["submit", "read"])[0],
+        "walled": keys.create("walled", ["submit", "read"])[0],
     }
     spec = make_spec(
         pool(
@@ -60,6 +61,7 @@ def sec(ray_cluster, tmp_path_factory):
         namespace="fleet-test-sec",
         queues={"shards": 2},
         resilience={"task_timeout_s": 60},
+        bulkheads={"tenants": {"walled": {"max_queued": 2}}},  # one per shard
         ingress={
             "auth": {"keys_file": str(tmp / "keys.json"), "reload_s": RELOAD_S},
             "limits": {
@@ -297,3 +299,28 @@ def test_an_unknown_query_parameter_is_a_422_naming_it(sec):
         {"type": "extra_forbidden", "loc": ["query", "wait"], "msg": "unknown parameter"}
     ]
     assert _polite_get(sec, sec.keys["acme"], "/tasks?state=failed").status_code == 422
+
+
+def test_a_tenant_past_its_bulkhead_gets_429_naming_the_ids_not_queued(sec):
+    ids = [f"w{k}" for k in range(10)]
+    r = httpx.post(
+        f"{sec.url}/tasks",
+        json=[{"capability": "work", "id": i} for i in ids],
+        headers=_h(sec.keys["walled"]),
+        timeout=30,
+    )
+    assert r.status_code == 429, r.text
+    body = r.json()
+    # Each of the two shards takes one of the tenant's tasks and refuses the rest.
+    assert len(body["accepted"]) == 2
+    assert {n["reason"] for n in body["not_queued"]} == {"bulkhead"}
+    assert sorted(body["accepted"] + [n["id"] for n in body["not_queued"]]) == sorted(ids)
+    assert r.headers["Retry-After"] == "1" and body["retry_after_s"] == 1
+    # Another tenant is not walled in: the same batch is accepted whole.
+    other = httpx.post(
+        f"{sec.url}/tasks",
+        json=[{"capability": "work", "id": i} for i in ids],
+        headers=_h(sec.keys["lister"]),
+        timeout=30,
+    )
+    assert other.status_code == 202, other.text

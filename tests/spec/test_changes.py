@@ -62,6 +62,7 @@ def test_what_decides_where_tasks_live_is_refused_naming_the_field():
         "results.ledger_shards": _spec(results={"ledger_shards": 3}),
         "ingress.limits.tenant_burst": _spec(ingress={"limits": {"tenant_burst": 5}}),
         "resilience.max_deliveries": _spec(resilience={"max_deliveries": 9}),
+        "bulkheads.tenant.max_queued": _spec(bulkheads={"tenant": {"max_queued": 50}}),
     }
     for field, new in cases.items():
         refused = plan(_spec(), new).refused

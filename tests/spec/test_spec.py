@@ -204,3 +204,32 @@ def test_a_task_belongs_to_the_highest_class_its_priority_reaches():
         "low",
     ]
     assert spec.pools[0].admission.max_queue_wait_s == 5.0  # the requirements' figure
+
+
+@pytest.mark.parametrize(
+    ("bulkheads", "path", "needle"),
+    [
+        ({"pools": {"nope": {"max_queued": 10}}}, "<root>", "bulkheads.pools.nope: no pool"),
+        (
+            {"tenant": {"max_in_flight": 1}},
+            "<root>",
+            "bulkheads.tenant.max_in_flight: 1 is below queues.shards (2)",
+        ),
+        (
+            {"tenants": {"acme": {"max_queued": 1}}},
+            "<root>",
+            "bulkheads.tenants.acme.max_queued: 1 is below queues.shards",
+        ),
+        ({"tenants": {"Not:ok": {}}}, "bulkheads.tenants", "tenant 'Not:ok'"),
+        (
+            {"pools": {"noop": {"max_in_flight": 0}}},
+            "bulkheads.pools.noop.max_in_flight",
+            "greater than or equal to 1",
+        ),
+        ({"retry_after_s": 0}, "bulkheads.retry_after_s", "greater than 0"),
+    ],
+)
+def test_bad_bulkheads_name_the_field(bulkheads, path, needle):
+    errs = errors_of({"pools": [pool()], "bulkheads": bulkheads})
+    assert path in errs, errs
+    assert needle in errs[path], errs[path]
