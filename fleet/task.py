@@ -189,6 +189,9 @@ class Result(BaseModel):
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    # Run by a pool's fallback (``pools[].degrade``): the rule that sent it there.
+    degraded: bool = False
+    degraded_rule: str | None = None
 
 
 class Item(NamedTuple):
@@ -203,8 +206,10 @@ class Item(NamedTuple):
     utility: float | None = None
     affinity_key: str | None = None
     deliveries: int = 0
-    # Last, so positional constructions that stop at ``deliveries`` keep working.
+    # After ``deliveries``, so positional constructions that stop there keep working.
     traceparent: str | None = None
+    # Sent to its pool's fallback by a degrade rule (``pools[].degrade``): the rule.
+    degraded: str | None = None
 
     @property
     def size_bytes(self) -> int:
@@ -231,6 +236,7 @@ class Outcome(NamedTuple):
     # The task's payload hash when it has an idempotency key (``idem-`` ids): a later
     # submission of the key with another payload is refused, not answered with this.
     payload_hash: int | None = None
+    degraded: str | None = None  # the item's degrade rule (``Item.degraded``)
 
     def to_result(self) -> Result:
         return Result(
@@ -249,6 +255,8 @@ class Outcome(NamedTuple):
             input_tokens=self.input_tokens,
             output_tokens=self.output_tokens,
             cost_usd=self.cost_usd,
+            degraded=self.degraded is not None,
+            degraded_rule=self.degraded,
         )
 
 
@@ -274,6 +282,7 @@ def failed_outcome(
         submitted_unix_s=item.submitted_unix_s,
         started_unix_s=started_unix_s,
         finished_unix_s=time.time() if now_unix_s is None else now_unix_s,
+        degraded=item.degraded,
     )
 
 

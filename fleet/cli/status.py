@@ -44,6 +44,7 @@ def _human(st: dict) -> str:
         lines.extend(_health_lines(p))
         lines.extend(_admission_lines(p))
         lines.extend(_bulkhead_lines(q.get("bulkhead")))
+        lines.extend(_degrade_lines(p.get("admission")))
     guard = st.get("health", {}).get("guard")
     if guard:
         h = st["health"]
@@ -124,6 +125,16 @@ def _admission_lines(p: dict) -> list[str]:
         + ("  DOWN (refusing as unavailable)" if a.get("down") else "")
         + f"  refused: {refused or 'none'}"
     ]
+
+
+def _degrade_lines(a: dict | None) -> list[str]:
+    """A pool's degrade rule: the rule holding now, and the tasks sent to its fallback
+    by priority class."""
+    if not a or not (a.get("degraded") or a.get("degraded_tasks")):
+        return []
+    sent = ", ".join(f"{c} {n}" for c, n in sorted(a.get("degraded_tasks", {}).items()))
+    now = f"DEGRADED ({a['degraded']})" if a.get("degraded") else "not degraded now"
+    return [f"    degrade: {now}  sent to the fallback: {sent or 'none'}"]
 
 
 def _bulkhead_lines(b: dict | None) -> list[str]:

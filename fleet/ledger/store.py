@@ -53,7 +53,7 @@ from fleet.queue.storage import StorageError, open_wal, storage_error
 from fleet.task import Outcome, tenant_of_id
 
 DEFAULT_TENANT = "default"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # New index entries are kept in a dict and merged into the sorted arrays in batches of
 # this many (a merge is O(n) numpy work: ~10 ms at 1M outcomes).
 INDEX_MERGE_AT = 65_536
@@ -334,6 +334,7 @@ _SCHEMA = (
         output_tokens INTEGER NOT NULL,
         cost_usd REAL NOT NULL,
         payload_hash INTEGER,
+        degraded TEXT,
         duplicates INTEGER NOT NULL DEFAULT 0,
         owner TEXT
     )""",
@@ -348,16 +349,18 @@ _MIGRATIONS: dict[str, tuple[str, ...]] = {
         "UPDATE outcomes SET owner = substr(id, 2, instr(id, ':') - 2)"
         " WHERE substr(id, 1, 1) = '@' AND instr(id, ':') > 0",
         _OWNER_INDEX,
+        "ALTER TABLE outcomes ADD COLUMN degraded TEXT",
     ),
+    "2": ("ALTER TABLE outcomes ADD COLUMN degraded TEXT",),
 }
 _OUTCOME_COLS = (
     "id, ok, output, reason, error, agent_id, pool, deliveries, submitted_unix_s,"
     " started_unix_s, finished_unix_s, input_tokens, output_tokens, cost_usd,"
-    " payload_hash"
+    " payload_hash, degraded"
 )
 _INSERT = (
     f"INSERT INTO outcomes (seq, h, tenant, {_OUTCOME_COLS}, duplicates, owner)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -605,6 +608,7 @@ class SqliteLedgerStore:
                     tenant,
                     *o[:14],
                     o.payload_hash,
+                    o.degraded,
                     beyond_first(o.deliveries, exc),
                     tenant_of_id(o.task_id),
                 )

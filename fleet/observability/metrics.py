@@ -220,6 +220,19 @@ CATALOG: dict[str, MetricDef] = _defs(
         ("pool", "priority_class", "tenant"),
     ),
     MetricDef(
+        "fleet_tasks_degraded_total",
+        C,
+        "Tasks an entry point sent to the pool's fallback pool because its degrade rule "
+        "held (pools[].degrade), by priority class.",
+        ("pool", "priority_class", "tenant"),
+    ),
+    MetricDef(
+        "fleet_pool_degraded",
+        G,
+        "1 while the pool's degrade rule holds (its new tasks go to its fallback pool).",
+        ("pool",),
+    ),
+    MetricDef(
         "fleet_admission_drain_per_second",
         G,
         "Tasks per second the pool can complete, as admission control estimates it "
@@ -490,9 +503,9 @@ def max_series(spec: FleetSpec, hosts_ever: int, shards: int) -> int:
         + hist * (2 + 1 + 2 + 1)  # latency, queue wait, execution (x outcome), dispatch
     )
     pools = len(spec.pools)
-    per_pool_gauges = 8 + 4 + 1  # agents by state (+ breaker_ejected), the others, drain
+    per_pool_gauges = 8 + 4 + 2  # agents by state (+ breaker_ejected), others, drain, degraded
     # Refusals by class and tenant: shed (by 3 reasons) and bulkhead.
-    shed = len(spec.budgets.priority_classes) * (3 + 1) * tenants
+    shed = len(spec.budgets.priority_classes) * (3 + 1 + 1) * tenants  # + degraded
     queue = shards * pools * 7
     budgets = 4 * (2 + pools + len(spec.budgets.tenants) + 8)
     control = 8 + 1 + 64  # actors, guard, alerts

@@ -107,6 +107,7 @@ class PoolLoad:
     by_priority: bool  # the queue serves higher priorities first
     slots: int = 0  # tasks the pool may run at once now
     down: bool = False  # no agent can run: every task is refused as unavailable
+    degraded: str | None = None  # the degrade rule holding (``fleet.policy.degrade``)
 
 
 class Verdict(NamedTuple):
@@ -282,6 +283,13 @@ class _View:
                 added[q] += w
 
 
+def predicted_wait_s(load: PoolLoad, now_unix_s: float) -> float | None:
+    """The wait ``decide`` predicts for a new task of the lowest priority (everything
+    pending is ahead of it) on ``load``: the degrade rule's signal (None: no rate
+    measured yet)."""
+    return _View(load).wait_s(0, now_unix_s)
+
+
 def _retry_after(wait: float, share: float, max_wait: float, left: float) -> float | None:
     """How long until a refused task would be admitted, if nothing more arrived: its
     wait falls by a second a second, the deadline's limit by ``share`` of one. None
@@ -312,6 +320,7 @@ class Admission:
         self._views: dict[str, _View] = {}
         self.shed_counts: dict[tuple[str, int, str, str], int] = {}
         self.enabled = False  # whether any view asks for admission control
+        self.degrading = False  # whether any view says its pool is degraded
 
     def update(
         self, loads: Mapping[str, PoolLoad], shares: Mapping[str, float] | None = None
@@ -333,6 +342,16 @@ class Admission:
             views[pool] = view
         self._views = views
         self.enabled = any(v.load.rule.enabled for v in views.values())
+        self.degrading = any(v.load.degraded for v in views.values())
+
+    def degraded(self) -> dict[str, str]:
+        """The pools a degrade rule holds, with the rule, by the views not stale."""
+        now = self._clock()
+        return {
+            pool: v.load.degraded
+            for pool, v in self._views.items()
+            if v.load.degraded and now - v.load.taken_unix_s <= v.load.rule.stale_after_s
+        }
 
     def load(self, pool: str) -> PoolLoad | None:
         """The last view of ``pool`` (None: none yet)."""

@@ -73,17 +73,18 @@ _tuple_new = tuple.__new__
 
 
 # ``_with_deliveries`` relies on this layout.
-assert Item._fields[-2:] == ("deliveries", "traceparent")
+_DELIVERIES = Item._fields.index("deliveries")
+assert _DELIVERIES == 8
 
 
 def _with_deliveries(item: Item, deliveries: int) -> Item:
     # Item._replace(deliveries=...) costs ~4x more (keyword parsing, _make); this is
-    # the per-item hot path of lease. ``deliveries`` is Item's last field but one.
-    return _tuple_new(Item, (*item[:-2], deliveries, item[-1]))
+    # the per-item hot path of lease.
+    return _tuple_new(Item, (*item[:8], deliveries, *item[9:]))
 
 
 def _delivered_once_more(item: Item) -> Item:
-    return _with_deliveries(item, item[-2] + 1)
+    return _with_deliveries(item, item[8] + 1)
 
 
 class QueueFull(Exception):

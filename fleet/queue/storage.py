@@ -102,23 +102,24 @@ CREATE TABLE IF NOT EXISTS items (
     utility REAL,
     affinity_key TEXT,
     deliveries INTEGER NOT NULL DEFAULT 0,
-    traceparent TEXT
+    traceparent TEXT,
+    degraded TEXT
 )
 """
 # Columns added after a release, with their type: a file made before gets them on open
 # (NULL in its old rows, which load as the Item field's default, None).
-_ADDED_COLUMNS = (("traceparent", "TEXT"),)
+_ADDED_COLUMNS = (("traceparent", "TEXT"), ("degraded", "TEXT"))
 # The columns after ``seq`` are Item's fields, in order (rows are built with Item(*row)).
 _INSERT = (
     "INSERT INTO items (seq, id, capability, priority, payload, submitted_unix_s,"
-    " deadline_unix_s, utility, affinity_key, deliveries, traceparent)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " deadline_unix_s, utility, affinity_key, deliveries, traceparent, degraded)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _DELETE = "DELETE FROM items WHERE seq = ?"
 _SET_DELIVERIES = "UPDATE items SET deliveries = ? WHERE seq = ?"
 _SELECT = (
     "SELECT seq, id, capability, priority, payload, submitted_unix_s, deadline_unix_s,"
-    " utility, affinity_key, deliveries, traceparent FROM items ORDER BY seq"
+    " utility, affinity_key, deliveries, traceparent, degraded FROM items ORDER BY seq"
 )
 
 

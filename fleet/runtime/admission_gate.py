@@ -36,6 +36,7 @@ import ray
 from fleet.observability.metrics import TenantLabels
 from fleet.policy.admission import Admission, PoolLoad, Verdict
 from fleet.policy.bulkhead import BULKHEAD
+from fleet.policy.degrade import DEGRADED, fallback_of
 from fleet.runtime.budget_client import tenant_of
 from fleet.spec.fleet import FleetSpec
 from fleet.task import Item, tenant_of_id
@@ -80,6 +81,8 @@ class AdmissionGate:
         self._controller = controller
         self._tenants = TenantLabels.of_spec(spec)
         self._bulkhead_retry_s = spec.bulkheads.retry_after_s
+        self._capability = {p.name: p.capability for p in spec.pools}
+        self._to_pool = {p.name: p.degrade.to_pool for p in spec.pools if p.degrade}
         self._lock = threading.Lock()
         self._ref: Any = None  # the view request in flight (synchronous path)
         self._task: asyncio.Task[None] | None = None  # ... (asynchronous path)
@@ -214,15 +217,27 @@ class AdmissionGate:
         """(the items to queue, those refused, each with its index in ``items``), on
         the current view (call ``refresh`` or ``refresh_async`` first). ``count=False``:
         the refusals are not counted (the caller counts what it holds back with
-        ``count_refusal``)."""
+        ``count_refusal``).
+
+        A task for a pool a degrade rule holds (``pools[].degrade``) is sent to its
+        fallback: the item returned has the fallback pool's capability and the rule in
+        ``degraded``, and admission control decides it for the fallback; it is counted
+        as degraded (reason ``degraded``) for the pool it was meant for."""
         policy = self.policy
-        if not policy.enabled:
+        degraded = policy.degraded() if policy.degrading else {}
+        if not policy.enabled and not degraded:
             return list(items), []
         admit: list[Item] = []
         refused: list[Refused] = []
         admitted = self._admitted
         for k, it in enumerate(items):
             pool = self._pools[it.capability]
+            if degraded and pool in degraded:
+                to, rule = fallback_of(pool, degraded, self._to_pool)
+                if rule is not None:
+                    policy.count(pool, it.priority, DEGRADED, self.tenant_label(it))
+                    it = it._replace(capability=self._capability[to], degraded=rule)
+                    pool = to
             v: Verdict = policy.decide(
                 pool,
                 it.priority,

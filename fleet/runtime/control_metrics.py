@@ -112,11 +112,22 @@ class ControlMetrics:
             {"pool": pool, "priority_class": cls, "tenant": tenant},
         )
 
+    def degraded(self, pool: str, cls: str, tenant: str, n: int) -> None:
+        """Tasks sent to the pool's fallback by its degrade rule (reported in bulk)."""
+        if tenant not in self._tenants and tenant not in (NO_TENANT, OTHER_TENANT):
+            tenant = OTHER_TENANT
+        self.sink.inc(
+            "fleet_tasks_degraded_total",
+            n,
+            {"pool": pool, "priority_class": cls, "tenant": tenant},
+        )
+
     def admission(self, pool: str, load: Any) -> None:
         """The drain rate admission control predicts waits with (tasks/s the pool can
         complete; 0 until measured)."""
         drain = load.drain_per_s or 0.0
         self.sink.set("fleet_admission_drain_per_second", drain, {"pool": pool})
+        self.sink.set("fleet_pool_degraded", 1.0 if load.degraded else 0.0, {"pool": pool})
 
     def guard(self, state: str) -> None:
         self.sink.set("fleet_cascade_guard_state", _GUARD_LEVEL.get(state, 0), {})

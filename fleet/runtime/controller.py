@@ -42,9 +42,11 @@ from fleet.policy.admission import (
     EntryShares,
     LoadEstimator,
     PoolLoad,
+    predicted_wait_s,
 )
 from fleet.policy.autoscaling import ScalingDecision, ScalingInput, ScalingState, decide
 from fleet.policy.bulkhead import BULKHEAD
+from fleet.policy.degrade import DEGRADED, Degrader, DegradeSignals
 from fleet.policy.queue_alerts import AlertEvaluator
 from fleet.queue.monitor import QueueMonitor
 from fleet.queue.storage import StorageError
@@ -194,6 +196,12 @@ class Controller:
         self._shed_new: dict[str, int] = {}  # refusals reported since the last tick
         self._shed_demand: dict[str, float] = {}  # their smoothed count per tick
         self._shed_totals: dict[str, dict[str, dict[str, int]]] = {}  # pool/class/reason
+        # Degradation (fleet.policy.degrade): the rule holding per pool, in its load.
+        self._degraders = {
+            p.name: Degrader(p.name, p.degrade) for p in self.spec.pools if p.degrade
+        }
+        self._outcomes_seen: dict[str, tuple[int, int]] = {}  # pool -> (completed, failed)
+        self._degraded_totals: dict[str, dict[str, int]] = {}  # pool -> class -> tasks
         self._task: asyncio.Task[None] | None = None
         if restarted:  # deploy called start() once; after a Ray restart nobody does
             self._resume_loop()
@@ -306,6 +314,8 @@ class Controller:
                     down=self._is_down(p.name, hosts, now),
                 )
                 self._metrics.admission(p.name, self._loads[p.name])
+            if p.name in self._degraders:
+                self._degrade(p.name, disp.get(p.name, {}), now, wall)
             await self._call_dispatcher(
                 dispatcher.set_active.remote(
                     p.name, decision.agents, running or p.hosts_for(decision.agents)
@@ -330,6 +340,7 @@ class Controller:
                 "oldest_age_s": max((s["oldest_age_s"] for s in stats), default=0.0),
                 "arrival_rate_per_s": round(rate, 2),
                 "shed": shed,
+                "degraded": self._loads[p.name].degraded if p.name in self._loads else None,
             }
             self._last[p.name] = sample
             self._timeline.append(sample)
@@ -357,6 +368,11 @@ class Controller:
             if pool not in self._rules or n <= 0:
                 continue
             cls = self._rules[pool].classes[priority][0]
+            if reason == DEGRADED:  # sent to the pool's fallback: not refused
+                self._metrics.degraded(pool, cls, tenant, n)
+                per_class = self._degraded_totals.setdefault(pool, {})
+                per_class[cls] = per_class.get(cls, 0) + n
+                continue
             per = self._shed_totals.setdefault(pool, {}).setdefault(cls, {})
             per[reason] = per.get(reason, 0) + n
             if reason == BULKHEAD:  # one tenant over its limit: no demand for agents
@@ -366,6 +382,40 @@ class Controller:
             if reason != "deadline_exceeded":  # demand a bigger pool could have served
                 self._shed_new[pool] = self._shed_new.get(pool, 0) + n
         return self._loads, shares, time.time()
+
+    def _degrade(self, pool: str, disp: Mapping[str, Any], now: float, wall: float) -> None:
+        """Step ``pool``'s degrade rule on this tick's signals and publish the rule that
+        holds in its load (entry points send its new tasks to the fallback)."""
+        load = self._loads.get(pool)
+        done, failed = disp.get("completed"), disp.get("failed")
+        error_rate = None
+        if done is not None and failed is not None:
+            done0, failed0 = self._outcomes_seen.get(pool, (done, failed))
+            self._outcomes_seen[pool] = (done, failed)
+            # Hosts that left take their counts with them: a count that fell restarts.
+            d_done, d_failed = max(0, done - done0), max(0, failed - failed0)
+            if d_done + d_failed:
+                error_rate = d_failed / (d_done + d_failed)
+        agents = disp.get("active_agents") or 0
+        signals = DegradeSignals(
+            predicted_wait_s=None if load is None else predicted_wait_s(load, wall),
+            error_rate=error_rate,
+            ejected_share=disp.get("ejected_agents", 0) / agents if agents else None,
+        )
+        degrader = self._degraders[pool]
+        before = degrader.rule
+        rule = degrader.step(signals, now)
+        if load is not None and load.degraded != rule:
+            self._loads[pool] = dataclasses.replace(load, degraded=rule)
+        if rule != before:
+            log_event(
+                CONTROL_LOG,
+                logging.WARNING if rule else logging.INFO,
+                "pool_degraded" if rule else "pool_recovered",
+                pool=pool,
+                rule=rule or before,
+                to_pool=degrader.spec.to_pool,
+            )
 
     def _is_down(self, pool: str, hosts: dict[str, tuple[int, int]], now: float) -> bool:
         """Whether ``pool`` cannot run anything: Serve has reported no running host for
@@ -394,6 +444,8 @@ class Controller:
             else round(load.drain_per_s, 1),
             "down": bool(load and load.down),
             "refused": self._shed_totals.get(pool, {}),
+            "degraded": load.degraded if load else None,
+            "degraded_tasks": self._degraded_totals.get(pool, {}),
         }
 
     # -- the control plane's own health --------------------------------------------

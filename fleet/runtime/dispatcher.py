@@ -622,4 +622,7 @@ def _breaker_summary(ps: _PoolState) -> dict[str, Any]:
         "host_retries": sum(r["retries"] for r in reports),
         "retry_budget_denied": sum(r["retry_budget_denied"] for r in reports),
         "hosts_reporting": len(reports),
+        # Outcomes of the hosts reporting (each host's since it started).
+        "completed": sum(r.get("completed", 0) for r in reports),
+        "failed": sum(r.get("failed", 0) for r in reports),
     }

@@ -125,7 +125,7 @@ async def run_on_agent(host: AgentHost, i: int, item: Item, task: Task | None) -
         return Outcome(
             item.id, True, output, None, None, agent_id, pool,
             item.deliveries, item.submitted_unix_s, started, time.time(),
-            reply.input_tokens, reply.output_tokens, cost,
+            reply.input_tokens, reply.output_tokens, cost, None, item.degraded,
         )  # fmt: skip
     except asyncio.CancelledError:
         return failed_run(

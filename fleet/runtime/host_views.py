@@ -42,6 +42,8 @@ def pool_stats(host: AgentHost) -> dict[str, Any]:
         "panic": reg.panic,
         "retries": core.retries.retries,
         "retry_budget_denied": core.retries.policy.budget.denied,
+        "completed": host.completed,
+        "failed": host.failed,
     }
 
 

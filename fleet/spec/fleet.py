@@ -62,7 +62,32 @@ class FleetSpec(SpecModel):
         # cannot cover at the pools' max_agents is rejected with the arithmetic.
         check_budget_covers(self.budgets, self.pools)
         self._check_bulkheads()
+        self._check_fallbacks()
         return self
+
+    def _check_fallbacks(self) -> None:
+        """Every ``degrade.to_pool`` names another pool, and following them never
+        comes back to where it started."""
+        index = {p.name: i for i, p in enumerate(self.pools)}
+        for i, p in enumerate(self.pools):
+            if p.degrade is None:
+                continue
+            to: str | None = p.degrade.to_pool
+            if to not in index:
+                raise ValueError(
+                    f"pools.{i}.degrade.to_pool: no pool is named {to!r} "
+                    f"(pools: {', '.join(sorted(index))})"
+                )
+            path = [p.name]
+            while to is not None:
+                if to in path:
+                    raise ValueError(
+                        f"pools.{i}.degrade.to_pool: the fallbacks go round in a cycle "
+                        f"({' -> '.join([*path, to])})"
+                    )
+                path.append(to)
+                nxt = self.pools[index[to]].degrade
+                to = None if nxt is None else nxt.to_pool
 
     def _check_bulkheads(self) -> None:
         """Bulkheads name pools that exist, and each limit leaves every queue shard a

@@ -10,6 +10,7 @@ from pydantic import AfterValidator, Field
 from fleet.spec._base import SpecModel
 from fleet.spec.admission import AdmissionSpec
 from fleet.spec.autoscaling import AutoscalingSpec
+from fleet.spec.degrade import DegradeSpec
 from fleet.spec.routing import RoutingSpec
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -70,6 +71,7 @@ class PoolSpec(SpecModel):
     autoscaling: AutoscalingSpec = AutoscalingSpec()
     routing: RoutingSpec = RoutingSpec()
     admission: AdmissionSpec = AdmissionSpec()
+    degrade: DegradeSpec | None = None
 
     @property
     def host_bundle(self) -> dict[str, float]:

@@ -214,7 +214,7 @@ def test_a_ledger_file_of_another_schema_version_is_refused(tmp_path):
     db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     db.commit()
     db.close()
-    with pytest.raises(StorageError, match=r"schema version 99.*reads version 2"):
+    with pytest.raises(StorageError, match=r"schema version 99.*reads version 3"):
         SqliteLedgerStore(path)
     other = tmp_path / "other.sqlite3"
     db = sqlite3.connect(other)
@@ -268,6 +268,7 @@ def test_a_ledger_file_of_schema_version_1_is_migrated_in_place(tmp_path):
     db = sqlite3.connect(path)  # what version 1 wrote: no owner column, no index
     db.executescript(
         "DROP INDEX outcomes_owner; ALTER TABLE outcomes DROP COLUMN owner;"
+        " ALTER TABLE outcomes DROP COLUMN degraded;"
         " UPDATE meta SET value = '1' WHERE key = 'schema_version';"
     )
     db.close()
@@ -279,8 +280,28 @@ def test_a_ledger_file_of_schema_version_1_is_migrated_in_place(tmp_path):
     assert [o.task_id for _, o in s.owned("a", None, 5)] == ["@a:w", "@a:x"]
     s.close()
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta").fetchone() == ("2",)
+    assert db.execute("SELECT value FROM meta").fetchone() == ("3",)
     db.close()
+
+
+def test_a_ledger_file_of_schema_version_2_gains_the_degraded_column(tmp_path):
+    path = tmp_path / "ledger-0.sqlite3"
+    s = SqliteLedgerStore(path)
+    s.record([outcome("t-1")])
+    s.close()
+    db = sqlite3.connect(path)  # what version 2 wrote: no degraded column
+    db.executescript(
+        "ALTER TABLE outcomes DROP COLUMN degraded;"
+        " UPDATE meta SET value = '2' WHERE key = 'schema_version';"
+    )
+    db.close()
+    s = SqliteLedgerStore(path)
+    assert s.get(["t-1"])[0].degraded is None
+    s.record([outcome("t-2")._replace(degraded="work.error_rate >= 0.5")])
+    (o,) = s.get(["t-2"])
+    assert o.degraded == "work.error_rate >= 0.5"
+    assert o.to_result().degraded and o.to_result().degraded_rule == o.degraded
+    s.close()
 
 
 def test_bounded_set_keeps_the_newest_keys():

@@ -233,3 +233,57 @@ def test_bad_bulkheads_name_the_field(bulkheads, path, needle):
     errs = errors_of({"pools": [pool()], "bulkheads": bulkheads})
     assert path in errs, errs
     assert needle in errs[path], errs[path]
+
+
+def _degrading(to: str, **signals) -> dict:
+    return pool("work", degrade={"to_pool": to, **signals})
+
+
+@pytest.mark.parametrize(
+    ("pools", "path", "needle"),
+    [
+        ([_degrading("nope", error_rate=0.5)], "<root>", "pools.0.degrade.to_pool: no pool"),
+        ([_degrading("work", error_rate=0.5)], "<root>", "cycle (work -> work)"),
+        (
+            [
+                _degrading("small", error_rate=0.5),
+                pool("small", degrade={"to_pool": "work", "ejected_share": 0.5}),
+            ],
+            "<root>",
+            "cycle (work -> small -> work)",
+        ),
+        ([_degrading("small"), pool("small")], "pools.0.degrade", "set at least one of"),
+        (
+            [_degrading("small", error_rate=2), pool("small")],
+            "pools.0.degrade.error_rate",
+            "outside (0, 1]",
+        ),
+        (
+            [_degrading("small", predicted_wait_s=-1), pool("small")],
+            "pools.0.degrade.predicted_wait_s",
+            "greater than 0",
+        ),
+        (
+            [_degrading("small", error_rate=0.5, recover_share=1), pool("small")],
+            "pools.0.degrade.recover_share",
+            "less than 1",
+        ),
+    ],
+)
+def test_a_degrade_rule_that_cannot_be_met_is_named(pools, path, needle):
+    errs = errors_of({"pools": pools})
+    assert path in errs, errs
+    assert needle in errs[path], errs[path]
+
+
+def test_a_chain_of_fallbacks_without_a_cycle_loads():
+    spec = parse_spec(
+        {
+            "pools": [
+                _degrading("mid", predicted_wait_s=2),
+                pool("mid", degrade={"to_pool": "small", "error_rate": 0.5}),
+                pool("small"),
+            ]
+        }
+    )
+    assert spec.pools[0].degrade.thresholds() == {"predicted_wait_s": 2.0}
