@@ -40,6 +40,7 @@ def _human(st: dict) -> str:
             f"in-flight {p.get('in_flight', 0):>6}  queued {q.get('depth', 0):>8}  "
             f"oldest {q.get('oldest_age_s', 0.0):6.1f}s  "
             f"redelivered {q.get('redelivered_total', 0)}"
+            + (f"  preempted {p['preempted']}" if p.get("preempted") else "")
         )
         lines.extend(_health_lines(p))
         lines.extend(_admission_lines(p))

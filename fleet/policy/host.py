@@ -771,15 +771,18 @@ class HostCore:
         self.watch.on[key] = (i, item_id)
 
     def finish(
-        self, key: Hashable, ok: bool, latency_s: float, kind: str | None
+        self, key: Hashable, ok: bool | None, latency_s: float, kind: str | None
     ) -> tuple[tuple[Any, int], ...] | list[tuple[Any, int]]:
-        """Task ``key`` ended (``ok``: succeeded; a timeout is a failure). Feeds the
+        """Task ``key`` ended (``ok``: succeeded; a timeout is a failure; None: it was
+        stopped from outside, preempted, and says nothing of its agent). Feeds the
         agent's latency EWMA, breaker, health and the router, frees its slot and returns
         the handoffs. A task whose agent was restarted under it changes nothing: its
         slot was given back then."""
         on = self._forget(key)
         if on is None or on[0] == ORPHAN:
             return _NO_HANDOFFS
+        if ok is None:
+            return self.release(on[0])
         return self.done(on[0], ok, latency_s, kind)
 
     def done(

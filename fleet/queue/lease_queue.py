@@ -609,8 +609,9 @@ class LeaseQueue:
                 n += 1
         return n
 
-    def _requeue(self, i: str) -> Item | None:
-        """Leased -> ready; returns the item if it is exhausted (and removes it)."""
+    def _requeue(self, i: str, refund: bool = False) -> Item | None:
+        """Leased -> ready; returns the item if it is exhausted (and removes it).
+        ``refund``: the delivery does not count (a preempted run)."""
         if self._leases.pop(i, None) is None:
             return None
         if self._tenants is not None:
@@ -618,6 +619,8 @@ class LeaseQueue:
         if self._isolated_out == i:
             self._isolated_out = None
         item = self._pending[i]
+        if refund and item.deliveries > 0:
+            item = self._pending[i] = _with_deliveries(item, item.deliveries - 1)
         if item.deliveries >= self.max_deliveries:
             self._drop_failed(item)
             self.exhausted_total += 1
@@ -635,8 +638,11 @@ class LeaseQueue:
         ids: Iterable[str],
         deliveries: Iterable[int | None] | None = None,
         crashed: bool = False,
+        refund: bool = False,
     ) -> list[Item]:
         """Give leased items back for redelivery (their holder could not finish them).
+        ``refund``: their deliveries do not count (they were preempted: cancelled to
+        make room, through no fault of theirs).
 
         ``deliveries`` fences the call (see the module docstring): an id whose current
         delivery is not the one named is left alone. ``crashed``: the holder's host died
@@ -652,7 +658,21 @@ class LeaseQueue:
             for i in ids:
                 crashes = self._suspects.get(i, (0, 0))[0] + 1
                 self._suspects[i] = (crashes, 1 if crashes >= 2 else half)
-        return [it for i in ids if (it := self._requeue(i)) is not None]
+        return [it for i in ids if (it := self._requeue(i, refund)) is not None]
+
+    def urgent(self, cutoff_unix_s: float, scan: int = 10_000) -> int | None:
+        """The highest priority among ready items submitted by ``cutoff_unix_s`` (None:
+        none). Preemption's question: has an item waited too long? Pending items are
+        kept oldest first, so this reads only those submitted by the cutoff, at most
+        ``scan`` of them."""
+        best = None
+        leases = self._leases
+        for k, it in enumerate(self._pending.values()):
+            if it.submitted_unix_s > cutoff_unix_s or k >= scan:
+                break
+            if it.id not in leases and (best is None or it.priority > best):
+                best = it.priority
+        return best
 
     def leased_to(self, holder: str) -> list[str]:
         """Ids leased to ``holder`` (a restarted holder adopts them)."""

@@ -341,6 +341,7 @@ class Controller:
                 "arrival_rate_per_s": round(rate, 2),
                 "shed": shed,
                 "degraded": self._loads[p.name].degraded if p.name in self._loads else None,
+                "preempted": disp.get(p.name, {}).get("preempted", 0),
             }
             self._last[p.name] = sample
             self._timeline.append(sample)

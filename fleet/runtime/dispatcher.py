@@ -50,6 +50,7 @@ from ray import serve
 
 from fleet.policy.backoff import attempt_state, backoff_wait
 from fleet.policy.bulkhead import pool_max_in_flight
+from fleet.policy.preemption import PreemptionRule, RunningTask
 from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.lifecycle import on_start, resume_after_restart
 from fleet.runtime.names import Names
@@ -80,6 +81,12 @@ ADOPT_MARGIN_S = 30.0
 ACK_COALESCE_S = 0.005  # acks to a shard go out together, this long after the first
 ACK_MAX_IDS = 2048
 CRASH_LEDGER_S = 10.0  # how long a crashed batch waits for the ledger's word
+# Preemption: how often a full pool looks for an urgent task (a quarter of its
+# preempt_after_s, within these bounds), and how long an ask may go unanswered (its
+# batch ended first) before another task may be preempted.
+PREEMPT_CHECK_MIN_S = 0.05
+PREEMPT_CHECK_MAX_S = 0.5
+PREEMPT_ANSWER_S = 10.0
 _NOT_HELD = -1
 
 
@@ -103,9 +110,26 @@ class _PoolState:
         return self._busy_slot_s + self._in_flight * (time.monotonic() - self._since)
 
     def __init__(
-        self, spec: PoolSpec, shards: list[Any], handle: Any, max_in_flight: int | None = None
+        self,
+        spec: PoolSpec,
+        shards: list[Any],
+        handle: Any,
+        max_in_flight: int | None = None,
+        preemption: PreemptionRule | None = None,
     ):
         self.spec = spec
+        # Preemption (pools[].preemption): what runs, by id -> (task, batch id); the
+        # preemptions asked of hosts (by batch, sent with the next progress answer)
+        # and not yet answered; how often each task was preempted.
+        self.preemption = preemption
+        self.running: dict[str, tuple[RunningTask, int]] = {}
+        self.preempt_asks: dict[int, list[str]] = {}
+        self.preempting: dict[str, float] = {}
+        self.preemptions: dict[str, int] = {}
+        self.preempted_total = 0
+        # The slot a preemption frees is kept for the shard holding the urgent task
+        # (priority order is per shard): (shard, its priority, since), until it leases.
+        self.urgent: tuple[int, int, float] | None = None
         self.max_in_flight = max_in_flight  # the pool's bulkhead (None: its agents' slots)
         self.shards = shards
         self.handle = handle
@@ -190,8 +214,13 @@ class Dispatcher:
             handle = serve.get_deployment_handle(
                 Names.host_deployment(p.name), self.names.pool_app(p.name)
             )
+            rule = (
+                PreemptionRule(self.spec.budgets, p.preemption.max_preemptions)
+                if p.preemption.enabled
+                else None
+            )
             self._pools[p.name] = _PoolState(
-                p, shards, handle, pool_max_in_flight(self.spec.bulkheads, p.name)
+                p, shards, handle, pool_max_in_flight(self.spec.bulkheads, p.name), rule
             )
         self._running = True
         loop = asyncio.get_running_loop()
@@ -207,6 +236,11 @@ class Dispatcher:
             loop.create_task(self._settle_adopted(ps))
             for ps in self._pools.values()
             if ps.adopted
+        ]
+        self._loops += [
+            loop.create_task(self._preempt_loop(ps))
+            for ps in self._pools.values()
+            if ps.preemption is not None
         ]
 
     async def _adopt(self) -> None:
@@ -316,7 +350,7 @@ class Dispatcher:
         done: dict[int, int],
         running: dict[int, list[str]] | None = None,
         recorded: dict[int, list[str]] | None = None,
-    ) -> list[int]:
+    ) -> list[Any]:
         """A host's report that ``done[batch]`` items of each listed batch have finished
         and that the ``recorded[batch]`` ids are recorded.
 
@@ -324,9 +358,10 @@ class Dispatcher:
         capacity now rather than when the batch's slowest item finishes; recorded ones
         are acked now.
 
-        Returns the batches this dispatcher does not know while it adopts a
+        Returns [the batches this dispatcher does not know while it adopts a
         predecessor's leases: the host then sends their item ids as ``running``, and
-        those items are kept leased until they are recorded instead of being requeued.
+        those items are kept leased until they are recorded instead of being requeued;
+        the items of the reported batches to preempt, by batch].
         """
         ps = self._pools.get(pool)
         if ps is None:
@@ -347,9 +382,12 @@ class Dispatcher:
             b = ps.open_batches.get(bid)
             if b is not None:
                 self._ack(ps, b[1], ids)
+                for i in ids:
+                    ps.running.pop(i, None)
         if freed_any:
             ps.room.set()
-        return unknown if ps.adopted else []
+        asks = {bid: ps.preempt_asks.pop(bid) for bid in done if bid in ps.preempt_asks}
+        return [unknown if ps.adopted else [], asks]
 
     async def stats(self) -> dict[str, Any]:
         return {
@@ -370,6 +408,7 @@ class Dispatcher:
                 "adopted_acked": ps.adopted_acked,
                 "adopted_requeued": ps.adopted_requeued,
                 "adopting": len(ps.adopted),
+                "preempted": ps.preempted_total,
                 **_breaker_summary(ps),
             }
             for name, ps in self._pools.items()
@@ -390,6 +429,8 @@ class Dispatcher:
         max_items = self.spec.queues.batch.max_items
         while self._running:
             free = ps.capacity - ps.in_flight - ps.reserved
+            if ps.urgent is not None and ps.urgent[0] != s:
+                free -= 1  # a preempted slot, kept for the urgent task's shard
             if free <= 0:
                 ps.room.clear()
                 await ps.room.wait()
@@ -417,6 +458,10 @@ class Dispatcher:
                 await asyncio.sleep(idle_wait(attempt_state(idle)))
                 continue
             idle = 0
+            if ps.urgent is not None and ps.urgent[0] == s:
+                if any(it.priority >= ps.urgent[1] for it in items):
+                    ps.urgent = None  # the urgent task has its slot
+                    ps.room.set()
             ps.in_flight += len(items)
             ps.sent_batches += 1
             ps.sent_items += len(items)
@@ -432,6 +477,9 @@ class Dispatcher:
         for i in ids:
             if held.pop(i, _NOT_HELD) != _NOT_HELD:  # None (adopted) is held
                 buf.append(i)
+        if ps.preemptions:  # finished: its count of preemptions is no longer needed
+            for i in ids:
+                ps.preemptions.pop(i, None)
         if len(buf) >= ACK_MAX_IDS:
             self._flush_acks(ps, s)
         elif buf and ps.ack_timers[s] is None:
@@ -465,6 +513,13 @@ class Dispatcher:
         freed = False
         bid = next(self._batch_ids)
         ps.open_batches[bid] = [0, s]
+        if ps.preemption is not None:
+            sent = time.monotonic()
+            for it in items:
+                ps.running[it.id] = (
+                    RunningTask(it.id, it.priority, sent, ps.preemptions.get(it.id, 0)),
+                    bid,
+                )
 
         def free() -> None:
             # Whatever the host's progress reports have not freed yet.
@@ -484,16 +539,26 @@ class Dispatcher:
             )
         except Exception as exc:  # host died or was removed: settle the batch now
             free()
+            self._ended(ps, bid, ids)
             await self._failed(ps, s, items, exc)
             return
         # The agents are free as soon as the host replies; the ack need not hold them.
         free()
         _recorded, retry_ids, delays, host = report
         ps.hosts_seen[host["host"]] = (time.monotonic(), host)
+        preempted = self._ended(ps, bid, ids)
         done = ids
+        if preempted:  # back to the queue now, their deliveries refunded
+            out = set(preempted) & set(retry_ids)
+            keep = [k for k, i in enumerate(retry_ids) if i not in out]
+            retry_ids, delays = [retry_ids[k] for k in keep], [delays[k] for k in keep]
+            done = [i for i in ids if i not in out]
+            asyncio.get_running_loop().create_task(
+                self._requeue_preempted(ps, s, [it for it in items if it.id in out])
+            )
         if retry_ids:
             keep = set(retry_ids)
-            done = [i for i in ids if i not in keep]
+            done = [i for i in done if i not in keep]
             ps.retried_items += len(retry_ids)
             ps.retry_waiting += len(retry_ids)
             dels = {it.id: it.deliveries for it in items}
@@ -503,6 +568,71 @@ class Dispatcher:
                 )
             )
         self._ack(ps, s, done)
+
+    @staticmethod
+    def _ended(ps: _PoolState, bid: int, ids: list[str]) -> list[str]:
+        """A batch ended: its items no longer run; returns those preempted."""
+        ps.preempt_asks.pop(bid, None)
+        if ps.preemption is None:
+            return []
+        for i in ids:
+            ps.running.pop(i, None)
+        return [i for i in ids if ps.preempting.pop(i, None) is not None]
+
+    async def _requeue_preempted(self, ps: _PoolState, s: int, items: list[Item]) -> None:
+        """Give preempted items back to their shard at once, their deliveries refunded
+        (fenced by the delivery sent); they stay leased until then."""
+        try:
+            await ps.shards[s].nack.remote(
+                [it.id for it in items],
+                "preempted",
+                [it.deliveries for it in items],
+                False,
+                True,
+            )
+        except ray.exceptions.RayError:
+            pass  # the lease expires and the item is redelivered anyway
+        finally:
+            for it in items:
+                _drop_held(ps.held[s], it.id, it.deliveries)
+
+    async def _preempt_loop(self, ps: _PoolState) -> None:
+        """While the pool is full, look for a task that has waited past its pool's
+        ``preempt_after_s`` (the shards' ``urgent``) and preempt one running task of a
+        lower class for it (``fleet.policy.preemption``), one at a time: the slot it
+        frees goes to the urgent task (the priority discipline hands it out first)."""
+        rule = ps.preemption
+        assert rule is not None
+        after_s = ps.spec.preemption.preempt_after_s
+        period = max(PREEMPT_CHECK_MIN_S, min(after_s / 4, PREEMPT_CHECK_MAX_S))
+        while self._running:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for i, asked in list(ps.preempting.items()):
+                if now - asked > PREEMPT_ANSWER_S:  # its batch ended before the ask
+                    del ps.preempting[i]
+            if ps.urgent is not None and now - ps.urgent[2] > PREEMPT_ANSWER_S:
+                ps.urgent = None
+                ps.room.set()
+            if ps.preempting or ps.in_flight < ps.capacity:
+                continue  # one at a time, and only while the pool is full
+            cutoff = time.time() - after_s
+            answers = await asyncio.gather(
+                *(sh.urgent.remote(cutoff) for sh in ps.shards), return_exceptions=True
+            )
+            found = [(a, s) for s, a in enumerate(answers) if isinstance(a, int)]
+            if not found:
+                continue
+            top, shard = max(found)
+            victim = rule.victim(top, (t for t, _ in ps.running.values()))
+            if victim is None:
+                continue
+            bid = ps.running[victim.id][1]
+            ps.preempt_asks.setdefault(bid, []).append(victim.id)
+            ps.preempting[victim.id] = now
+            ps.preemptions[victim.id] = victim.preemptions + 1
+            ps.preempted_total += 1
+            ps.urgent = (shard, top, now)
 
     async def _failed(
         self, ps: _PoolState, s: int, items: list[Item], exc: BaseException

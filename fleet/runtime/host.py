@@ -37,12 +37,14 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 from fleet.agent import Agent
 from fleet.observability.metrics import Sink, TenantLabels
 from fleet.observability.tracing import TaskTracer
 from fleet.policy.host import HostCore, TickActions
+from fleet.policy.preemption import PREEMPTED
 from fleet.policy.routing import RoutingHint
 from fleet.runtime import host_views
 from fleet.runtime.budget_client import BudgetClient, Grant
@@ -60,7 +62,7 @@ from fleet.spec.observability import ObservabilitySpec
 from fleet.spec.pools import PoolSpec
 from fleet.spec.resilience import ResilienceSpec
 from fleet.spec.results import DEFAULT_MAX_OUTPUT_BYTES
-from fleet.task import Item, Outcome, Task, item_to_task
+from fleet.task import Item, Outcome, Task, failed_outcome, item_to_task
 
 METRICS_LOG = logging.getLogger("fleet.runtime.host_metrics")
 
@@ -149,7 +151,9 @@ class AgentHost:
         # Spans of sampled tasks (a real tracer provider only: else one check per batch).
         self.tracer = TaskTracer.from_spec(self.observability.tracing)
         self.recorder = Recorder(self.host_id, ledger, self.metrics, self.tracer)
-        self.reporter = Reporter()
+        self.reporter = Reporter(self.preempt)
+        # Runs cancelled by preemption (``pools[].preemption``): handed back, not failed.
+        self.preempted: set[asyncio.Task[Any]] = set()
         self._work: dict[asyncio.Task[Any], tuple[Item, Batch]] = {}  # not abandoned
         self._loop_task: asyncio.Task[None] | None = None
         self.completed = 0
@@ -305,6 +309,8 @@ class AgentHost:
     def _decide_retry(self, item: Item, o: Outcome) -> tuple[Outcome, float | None]:
         """A failed outcome: (outcome, delay) to retry after ``delay`` seconds, or
         (final outcome, None) to record."""
+        if o.reason == PREEMPTED:  # back to the queue at once, its delivery refunded
+            return o, 0.0
         if o.reason == BUDGET_REQUEUE:
             delay = self.gate.requeue_delay(item)
             if delay is None:
@@ -344,6 +350,9 @@ class AgentHost:
                 i, grant = got
         except asyncio.CancelledError:
             core.leave(cur)
+            if cur in self.preempted:  # preempted before it had an agent
+                self.preempted.discard(cur)
+                return failed_outcome(item, PREEMPTED, "preempted", self.pool.name)
             self.failed += 1  # timed out waiting for an agent: no agent to blame
             return failed_run(
                 self,
@@ -356,20 +365,37 @@ class AgentHost:
         t0 = self.clock()  # the core's time: task latencies feed EWMAs and breakers
         ok = False
         spent: tuple[float, int] | None = None  # (USD, tokens) of a completed task
+        judged: bool | None = False
         try:
             o = await run_on_agent(self, i, item, task)
             if o.ok:
                 ok, spent = True, (o.cost_usd, o.input_tokens + o.output_tokens)
                 self.completed += 1
+            elif o.reason == PREEMPTED:
+                judged = None  # says nothing of the agent
             else:
                 self.failed += 1
             return o
         finally:
+            self.preempted.discard(cur)
             if grant is not None:
                 gate.settle(grant, spent)
-            self.slots.hand(core.finish(cur, ok, self.clock() - t0, kind))
+            verdict = None if judged is None else ok
+            self.slots.hand(core.finish(cur, verdict, self.clock() - t0, kind))
             if core.pending is not None:
                 self._apply(core.take_pending())
+
+    def preempt(self, batch: Batch, ids: Collection[str]) -> int:
+        """Cancel the runs of ``ids`` in ``batch`` (the dispatcher preempts them for
+        urgent work): each ends as ``preempted`` and goes back to the queue with its
+        delivery refunded; its agent is not blamed. Returns how many were running."""
+        n = 0
+        for t, (item, b) in list(self._work.items()):
+            if b is batch and item.id in ids and t not in self.preempted:
+                self.preempted.add(t)
+                t.cancel()
+                n += 1
+        return n
 
     def _abandon(self, t: asyncio.Task[Any], age_s: float) -> None:
         """The core found ``t`` wedged: it fails with ``timeout`` now, recorded and not

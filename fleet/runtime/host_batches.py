@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
@@ -290,10 +291,13 @@ class Reporter:
     not: the report doubles as the batch's heartbeat. A dispatcher that does not know a
     batch (it was restarted and adopts its predecessor's leases) answers with its id,
     and the batch's item ids follow in the next report, so the new dispatcher keeps them
-    leased while they run here.
+    leased while they run here. The dispatcher's answer also names the items of these
+    batches it preempts (``pools[].preemption``): ``on_preempt(batch, ids)`` cancels
+    them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_preempt: Callable[[Batch, list[str]], Any] | None = None) -> None:
+        self._on_preempt = on_preempt
         self.open: dict[tuple[str, str, str, int], Batch] = {}
         self._task: asyncio.Task[None] | None = None
         self._dispatchers: dict[tuple[str, str], Any] = {}
@@ -332,7 +336,7 @@ class Reporter:
                     d = self._dispatchers.get((name, ns))
                     if d is None:
                         d = self._dispatchers[(name, ns)] = ray.get_actor(name, namespace=ns)
-                    unknown = await asyncio.wait_for(
+                    unknown, preempt = await asyncio.wait_for(
                         d.batch_progress.remote(
                             pool, counts, running.get(key), recorded.get(key)
                         ),
@@ -347,6 +351,10 @@ class Reporter:
                     b = self.open.get((name, ns, pool, bid))
                     if b is not None:
                         b.unknown = True
+                for bid, ids in preempt.items():
+                    b = self.open.get((name, ns, pool, bid))
+                    if b is not None and self._on_preempt is not None:
+                        self._on_preempt(b, ids)
 
 
 __all__ = ["PROGRESS_AFTER_S", "Batch", "BatchReport", "Recorder", "Reporter"]

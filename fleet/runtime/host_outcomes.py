@@ -29,6 +29,7 @@ import orjson
 
 from fleet.agent import Reply
 from fleet.observability.logs import TASK_LOG, log_event
+from fleet.policy.preemption import PREEMPTED
 from fleet.task import Item, Outcome, Task, failed_outcome, item_to_task
 
 if TYPE_CHECKING:
@@ -128,6 +129,8 @@ async def run_on_agent(host: AgentHost, i: int, item: Item, task: Task | None) -
             reply.input_tokens, reply.output_tokens, cost, None, item.degraded,
         )  # fmt: skip
     except asyncio.CancelledError:
+        if asyncio.current_task() in host.preempted:  # not a failure: handed back
+            return failed_outcome(item, PREEMPTED, "preempted", pool, agent_id, started)
         return failed_run(
             host,
             item,

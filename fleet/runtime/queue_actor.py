@@ -264,15 +264,21 @@ class QueueShard:
         why: str = "holder failed",
         deliveries: list[int] | None = None,
         crashed: bool = False,
+        refund: bool = False,
     ) -> int:
         """Requeue leased items (fenced by ``deliveries`` when given). ``crashed``: their
         host died holding them; they are redelivered in smaller batches, and one that
-        this exhausts is recorded as ``host_crash`` (see ``LeaseQueue.nack``)."""
-        exhausted = self._q.nack(ids, deliveries, crashed)
+        this exhausts is recorded as ``host_crash`` (see ``LeaseQueue.nack``).
+        ``refund``: they were preempted; their deliveries do not count."""
+        exhausted = self._q.nack(ids, deliveries, crashed, refund)
         await self._fail_exhausted(
             exhausted, why, REASON_HOST_CRASH if crashed else "max_deliveries"
         )
         return len(ids)
+
+    async def urgent(self, cutoff_unix_s: float) -> int | None:
+        """The highest priority of the ready items submitted by ``cutoff_unix_s``."""
+        return self._q.urgent(cutoff_unix_s)
 
     async def extend(
         self, ids: list[str], holder: str, deliveries: list[int] | None = None

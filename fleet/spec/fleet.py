@@ -16,7 +16,7 @@ from fleet.spec.health import HealthSpec
 from fleet.spec.ingress import IngressSpec
 from fleet.spec.observability import ObservabilitySpec
 from fleet.spec.pools import Name, PoolSpec
-from fleet.spec.queues import QueueSpec
+from fleet.spec.queues import Discipline, QueueSpec
 from fleet.spec.resilience import ResilienceSpec
 from fleet.spec.results import ResultsSpec
 
@@ -63,7 +63,26 @@ class FleetSpec(SpecModel):
         check_budget_covers(self.budgets, self.pools)
         self._check_bulkheads()
         self._check_fallbacks()
+        self._check_preemption()
         return self
+
+    def _check_preemption(self) -> None:
+        """Preemption needs the priority discipline and two classes or more."""
+        for i, p in enumerate(self.pools):
+            if not p.preemption.enabled:
+                continue
+            if self.queues.discipline is not Discipline.PRIORITY:
+                raise ValueError(
+                    f"pools.{i}.preemption.enabled: needs queues.discipline: priority (is "
+                    f"{self.queues.discipline.value}): the slot a preemption frees must go "
+                    "to the urgent task"
+                )
+            if len(self.budgets.priority_classes) < 2:
+                raise ValueError(
+                    f"pools.{i}.preemption.enabled: needs at least two "
+                    "budgets.priority_classes: a task of a higher class preempts one of a "
+                    "lower class"
+                )
 
     def _check_fallbacks(self) -> None:
         """Every ``degrade.to_pool`` names another pool, and following them never

@@ -11,6 +11,7 @@ from fleet.spec._base import SpecModel
 from fleet.spec.admission import AdmissionSpec
 from fleet.spec.autoscaling import AutoscalingSpec
 from fleet.spec.degrade import DegradeSpec
+from fleet.spec.preemption import PreemptionSpec
 from fleet.spec.routing import RoutingSpec
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -72,6 +73,7 @@ class PoolSpec(SpecModel):
     routing: RoutingSpec = RoutingSpec()
     admission: AdmissionSpec = AdmissionSpec()
     degrade: DegradeSpec | None = None
+    preemption: PreemptionSpec = PreemptionSpec()
 
     @property
     def host_bundle(self) -> dict[str, float]:

@@ -331,3 +331,27 @@ def test_a_pool_bulkhead_lowers_the_shards_depth_bound():
     with pytest.raises(QueueFull):
         q.put([item(i) for i in range(4)])
     assert q.max_depth == 3 and q.stats(0).pending_by_tenant == {}
+
+
+def test_a_refunded_nack_does_not_count_the_delivery(storage_factory):
+    q = LeaseQueue(10, max_deliveries=2, storage=storage_factory())
+    q.put([item("a")])
+    for _ in range(5):  # preempted again and again: never exhausted
+        (got,) = q.lease(1, "h", 60, 0)
+        assert got.deliveries == 1
+        assert q.nack(["a"], [got.deliveries], refund=True) == []
+    (got,) = q.lease(1, "h", 60, 0)
+    assert q.nack(["a"], [got.deliveries]) == []  # an ordinary retry counts
+    (got,) = q.lease(1, "h", 60, 0)
+    assert got.deliveries == 2 and [it.id for it in q.nack(["a"])] == ["a"]  # exhausted
+
+
+def test_urgent_names_the_highest_priority_ready_past_the_cutoff():
+    q = LeaseQueue(10)
+    q.put([item("old-low", t=1.0, priority=1), item("old-high", t=2.0, priority=8)])
+    q.put([item("new-top", t=10.0, priority=9)])
+    assert q.urgent(0.5) is None  # nothing waited that long
+    assert q.urgent(5.0) == 8  # the newest is not past the cutoff
+    q.lease(1, "h", 60, 0)  # "old-low" (FIFO): running, not waiting
+    q.lease(1, "h", 60, 0)  # "old-high"
+    assert q.urgent(5.0) is None and q.urgent(10.0) == 9

@@ -287,3 +287,26 @@ def test_a_chain_of_fallbacks_without_a_cycle_loads():
         }
     )
     assert spec.pools[0].degrade.thresholds() == {"predicted_wait_s": 2.0}
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({}, "pools.0.preemption.enabled: needs queues.discipline: priority (is fifo)"),
+        (
+            {"queues": {"discipline": "priority"}},
+            "pools.0.preemption.enabled: needs at least two budgets.priority_classes",
+        ),
+    ],
+)
+def test_preemption_that_cannot_work_is_named(extra, needle):
+    errs = errors_of({"pools": [pool(preemption={"enabled": True})], **extra})
+    assert needle in errs["<root>"], errs
+
+
+def test_preemption_settings_out_of_range_name_the_field():
+    errs = errors_of(
+        {"pools": [pool(preemption={"preempt_after_s": 0, "max_preemptions": 0})]}
+    )
+    assert "greater than 0" in errs["pools.0.preemption.preempt_after_s"]
+    assert "greater than or equal to 1" in errs["pools.0.preemption.max_preemptions"]
