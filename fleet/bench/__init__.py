@@ -18,4 +18,5 @@ SUITES = {
     "ingress": "fleet.bench.ingress",
     "multinode": "fleet.bench.multinode",
     "overload": "fleet.bench.overload",
+    "isolation": "fleet.bench.isolation",
 }

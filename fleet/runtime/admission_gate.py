@@ -14,6 +14,11 @@ pool's ``admission.stale_after_s`` and then admits everything (the queues'
 ``max_depth`` still bounds them). The loads' times are shifted by the offset between
 the controller's clock and this process's, so a skewed clock neither ages views nor
 makes them look fresh.
+
+The same view carries each pool's degrade rule (``fleet.policy.degrade``): ``split``
+sends a degraded pool's new tasks to its fallback. And an entry point whose put a queue
+shard answered with tasks over their tenant's bulkhead (``fleet.policy.bulkhead``)
+turns them into refusals here (``bulkhead_refused``).
 """
 
 from __future__ import annotations
