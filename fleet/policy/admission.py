@@ -108,6 +108,7 @@ class PoolLoad:
     slots: int = 0  # tasks the pool may run at once now
     down: bool = False  # no agent can run: every task is refused as unavailable
     degraded: str | None = None  # the degrade rule holding (``fleet.policy.degrade``)
+    fallback: str | None = None  # ... and the pool it sends new tasks to
 
 
 class Verdict(NamedTuple):
@@ -344,13 +345,16 @@ class Admission:
         self.enabled = any(v.load.rule.enabled for v in views.values())
         self.degrading = any(v.load.degraded for v in views.values())
 
-    def degraded(self) -> dict[str, str]:
-        """The pools a degrade rule holds, with the rule, by the views not stale."""
+    def degraded(self) -> dict[str, tuple[str, str]]:
+        """The pools a degrade rule holds, with (the rule, the fallback pool), by the
+        views not stale."""
         now = self._clock()
         return {
-            pool: v.load.degraded
+            pool: (v.load.degraded, v.load.fallback)
             for pool, v in self._views.items()
-            if v.load.degraded and now - v.load.taken_unix_s <= v.load.rule.stale_after_s
+            if v.load.degraded
+            and v.load.fallback
+            and now - v.load.taken_unix_s <= v.load.rule.stale_after_s
         }
 
     def load(self, pool: str) -> PoolLoad | None:

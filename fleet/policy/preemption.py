@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from fleet.spec.budgets import BudgetsSpec
 
 PREEMPTED = "preempted"  # the reason a preempted run ends with (never recorded)
+# The delay a host hands a preempted run back with: below zero, so the dispatcher
+# tells it from a retry (it requeues it at once, its delivery refunded).
+PREEMPTED_DELAY = -1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -182,15 +182,19 @@ class _Tenants:
             else:
                 del self.leased[t]
 
-    def park(self, item: Item) -> bool:
-        """Hold ``item`` back if its tenant has its in-flight share leased."""
-        t = tenant_of_id(item.id)
+    def at_limit(self, item_id: str) -> bool:
+        """Whether the item's tenant has its in-flight share leased."""
+        t = tenant_of_id(item_id)
         if t is None:
             return False
         limit = self.rule.in_flight_limit(t)
-        if limit is None or self.leased.get(t, 0) < limit:
+        return limit is not None and self.leased.get(t, 0) >= limit
+
+    def park(self, item: Item) -> bool:
+        """Hold ``item`` back if its tenant has its in-flight share leased."""
+        if not self.at_limit(item.id):
             return False
-        self.parked.setdefault(t, deque()).append(item)
+        self.parked.setdefault(tenant_of_id(item.id) or "", deque()).append(item)
         self.parked_total += 1
         return True
 
@@ -477,6 +481,8 @@ class LeaseQueue:
                 i = self._isolated.popleft()
                 item = pending.get(i)
                 if item is not None and i not in leases:
+                    if tenants is not None and tenants.park(item):
+                        continue  # its tenant is at its share; it comes back unparked
                     self._isolated_out = i
                     self.dequeued_total += 1
                     return [self._lease_one(item, holder, expires)]
@@ -666,12 +672,15 @@ class LeaseQueue:
         kept oldest first, so this reads only those submitted by the cutoff, at most
         ``scan`` of them."""
         best = None
-        leases = self._leases
+        leases, tenants = self._leases, self._tenants
         for k, it in enumerate(self._pending.values()):
             if it.submitted_unix_s > cutoff_unix_s or k >= scan:
                 break
-            if it.id not in leases and (best is None or it.priority > best):
-                best = it.priority
+            if it.id in leases or (best is not None and it.priority <= best):
+                continue
+            if tenants is not None and tenants.at_limit(it.id):
+                continue  # held back by its tenant's bulkhead: a free slot would not help
+            best = it.priority
         return best
 
     def leased_to(self, holder: str) -> list[str]:

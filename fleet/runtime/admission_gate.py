@@ -87,7 +87,6 @@ class AdmissionGate:
         self._tenants = TenantLabels.of_spec(spec)
         self._bulkhead_retry_s = spec.bulkheads.retry_after_s
         self._capability = {p.name: p.capability for p in spec.pools}
-        self._to_pool = {p.name: p.degrade.to_pool for p in spec.pools if p.degrade}
         self._lock = threading.Lock()
         self._ref: Any = None  # the view request in flight (synchronous path)
         self._task: asyncio.Task[None] | None = None  # ... (asynchronous path)
@@ -229,7 +228,12 @@ class AdmissionGate:
         ``degraded``, and admission control decides it for the fallback; it is counted
         as degraded (reason ``degraded``) for the pool it was meant for."""
         policy = self.policy
-        degraded = policy.degraded() if policy.degrading else {}
+        degraded: dict[str, str] = {}
+        to_pool: dict[str, str] = {}
+        if policy.degrading:  # the rules and fallbacks the controller publishes
+            for pool, (rule, fallback) in policy.degraded().items():
+                if fallback in self._capability:  # a pool this entry point knows
+                    degraded[pool], to_pool[pool] = rule, fallback
         if not policy.enabled and not degraded:
             return list(items), []
         admit: list[Item] = []
@@ -237,10 +241,11 @@ class AdmissionGate:
         admitted = self._admitted
         for k, it in enumerate(items):
             pool = self._pools[it.capability]
+            meant = None
             if degraded and pool in degraded:
-                to, rule = fallback_of(pool, degraded, self._to_pool)
+                to, rule = fallback_of(pool, degraded, to_pool)
                 if rule is not None:
-                    policy.count(pool, it.priority, DEGRADED, self.tenant_label(it))
+                    meant = pool
                     it = it._replace(capability=self._capability[to], degraded=rule)
                     pool = to
             v: Verdict = policy.decide(
@@ -253,6 +258,8 @@ class AdmissionGate:
             if v.admitted:
                 admit.append(it)
                 admitted[pool] = admitted.get(pool, 0) + 1
+                if meant is not None:  # counted once, when it is queued for the fallback
+                    policy.count(meant, it.priority, DEGRADED, self.tenant_label(it))
             else:
                 wait = v.wait_s if math.isfinite(v.wait_s) else None
                 refused.append(

@@ -313,9 +313,10 @@ class Controller:
                     self.spec.queues.discipline is Discipline.PRIORITY,
                     down=self._is_down(p.name, hosts, now),
                 )
-                self._metrics.admission(p.name, self._loads[p.name])
             if p.name in self._degraders:
                 self._degrade(p.name, disp.get(p.name, {}), now, wall)
+            if known:
+                self._metrics.admission(p.name, self._loads[p.name])
             await self._call_dispatcher(
                 dispatcher.set_active.remote(
                     p.name, decision.agents, running or p.hosts_for(decision.agents)
@@ -407,7 +408,8 @@ class Controller:
         before = degrader.rule
         rule = degrader.step(signals, now)
         if load is not None and load.degraded != rule:
-            self._loads[pool] = dataclasses.replace(load, degraded=rule)
+            fallback = degrader.spec.to_pool if rule else None
+            self._loads[pool] = dataclasses.replace(load, degraded=rule, fallback=fallback)
         if rule != before:
             log_event(
                 CONTROL_LOG,

@@ -124,9 +124,11 @@ class _PoolState:
         self.preemption = preemption
         self.running: dict[str, tuple[RunningTask, int]] = {}
         self.preempt_asks: dict[int, list[str]] = {}
-        self.preempting: dict[str, float] = {}
+        self.preempting: dict[str, tuple[float, bool]] = {}  # id -> (asked, delivered)
         self.preemptions: dict[str, int] = {}
-        self.preempted_total = 0
+        self.preempted_total = 0  # runs preempted (the host cancelled them)
+        # Tasks the pool's hosts completed and failed (a degrade rule's error rate).
+        self.outcomes = [0, 0]
         # The slot a preemption frees is kept for the shard holding the urgent task
         # (priority order is per shard): (shard, its priority, since), until it leases.
         self.urgent: tuple[int, int, float] | None = None
@@ -365,7 +367,7 @@ class Dispatcher:
         """
         ps = self._pools.get(pool)
         if ps is None:
-            return []
+            return [[], {}]
         for ids in (running or {}).values():
             ps.reported_running.update(i for i in ids if i in ps.adopted)
         freed_any = False
@@ -387,6 +389,10 @@ class Dispatcher:
         if freed_any:
             ps.room.set()
         asks = {bid: ps.preempt_asks.pop(bid) for bid in done if bid in ps.preempt_asks}
+        for ids in asks.values():
+            for i in ids:
+                if i in ps.preempting:
+                    ps.preempting[i] = (ps.preempting[i][0], True)
         return [unknown if ps.adopted else [], asks]
 
     async def stats(self) -> dict[str, Any]:
@@ -539,20 +545,23 @@ class Dispatcher:
             )
         except Exception as exc:  # host died or was removed: settle the batch now
             free()
-            self._ended(ps, bid, ids)
+            self._ended(ps, bid, ids, set())
             await self._failed(ps, s, items, exc)
             return
         # The agents are free as soon as the host replies; the ack need not hold them.
         free()
         _recorded, retry_ids, delays, host = report
-        ps.hosts_seen[host["host"]] = (time.monotonic(), host)
-        preempted = self._ended(ps, bid, ids)
+        self._host_report(ps, host)
         done = ids
-        if preempted:  # back to the queue now, their deliveries refunded
-            out = set(preempted) & set(retry_ids)
+        # Runs the host cancelled for a preemption come back with a negative delay:
+        # back to the queue now, their deliveries refunded.
+        out = {i for i, d in zip(retry_ids, delays) if d < 0}
+        self._ended(ps, bid, ids, out)
+        if out:
             keep = [k for k, i in enumerate(retry_ids) if i not in out]
             retry_ids, delays = [retry_ids[k] for k in keep], [delays[k] for k in keep]
             done = [i for i in ids if i not in out]
+            ps.preempted_total += len(out)
             asyncio.get_running_loop().create_task(
                 self._requeue_preempted(ps, s, [it for it in items if it.id in out])
             )
@@ -570,18 +579,35 @@ class Dispatcher:
         self._ack(ps, s, done)
 
     @staticmethod
-    def _ended(ps: _PoolState, bid: int, ids: list[str]) -> list[str]:
-        """A batch ended: its items no longer run; returns those preempted."""
+    def _host_report(ps: _PoolState, host: dict[str, Any]) -> None:
+        """Keep a host's latest report, and add what it finished since its previous one
+        to the pool's outcome totals (a degrade rule's error rate): per host, so a host
+        that leaves or comes back changes nothing but its own share."""
+        prev = ps.hosts_seen.get(host["host"])
+        before = prev[1] if prev is not None else {}
+        for k, key in enumerate(("completed", "failed")):
+            ps.outcomes[k] += max(0, host.get(key, 0) - before.get(key, 0))
+        ps.hosts_seen[host["host"]] = (time.monotonic(), host)
+
+    @staticmethod
+    def _ended(ps: _PoolState, bid: int, ids: list[str], preempted: set[str]) -> None:
+        """A batch ended: its items no longer run (and the preemption asked of one of
+        them, if any, is answered); those not ``preempted`` need no count of theirs."""
         ps.preempt_asks.pop(bid, None)
         if ps.preemption is None:
-            return []
+            return
         for i in ids:
             ps.running.pop(i, None)
-        return [i for i in ids if ps.preempting.pop(i, None) is not None]
+            ps.preempting.pop(i, None)
+            if i not in preempted:
+                ps.preemptions.pop(i, None)
 
     async def _requeue_preempted(self, ps: _PoolState, s: int, items: list[Item]) -> None:
         """Give preempted items back to their shard at once, their deliveries refunded
-        (fenced by the delivery sent); they stay leased until then."""
+        (fenced by the delivery sent). Their holds go first: once the shard has them
+        back, a shard loop may lease them again under the same delivery number."""
+        for it in items:
+            _drop_held(ps.held[s], it.id, it.deliveries)
         try:
             await ps.shards[s].nack.remote(
                 [it.id for it in items],
@@ -592,9 +618,6 @@ class Dispatcher:
             )
         except ray.exceptions.RayError:
             pass  # the lease expires and the item is redelivered anyway
-        finally:
-            for it in items:
-                _drop_held(ps.held[s], it.id, it.deliveries)
 
     async def _preempt_loop(self, ps: _PoolState) -> None:
         """While the pool is full, look for a task that has waited past its pool's
@@ -608,9 +631,14 @@ class Dispatcher:
         while self._running:
             await asyncio.sleep(period)
             now = time.monotonic()
-            for i, asked in list(ps.preempting.items()):
-                if now - asked > PREEMPT_ANSWER_S:  # its batch ended before the ask
+            for i, (asked, delivered) in list(ps.preempting.items()):
+                if not delivered and now - asked > PREEMPT_ANSWER_S:  # never reached a host
                     del ps.preempting[i]
+                    for bid, ids in list(ps.preempt_asks.items()):
+                        if i in ids:
+                            ids.remove(i)
+                            if not ids:
+                                del ps.preempt_asks[bid]
             if ps.urgent is not None and now - ps.urgent[2] > PREEMPT_ANSWER_S:
                 ps.urgent = None
                 ps.room.set()
@@ -629,9 +657,8 @@ class Dispatcher:
                 continue
             bid = ps.running[victim.id][1]
             ps.preempt_asks.setdefault(bid, []).append(victim.id)
-            ps.preempting[victim.id] = now
+            ps.preempting[victim.id] = (now, False)
             ps.preemptions[victim.id] = victim.preemptions + 1
-            ps.preempted_total += 1
             ps.urgent = (shard, top, now)
 
     async def _failed(
@@ -752,7 +779,6 @@ def _breaker_summary(ps: _PoolState) -> dict[str, Any]:
         "host_retries": sum(r["retries"] for r in reports),
         "retry_budget_denied": sum(r["retry_budget_denied"] for r in reports),
         "hosts_reporting": len(reports),
-        # Outcomes of the hosts reporting (each host's since it started).
-        "completed": sum(r.get("completed", 0) for r in reports),
-        "failed": sum(r.get("failed", 0) for r in reports),
+        "completed": ps.outcomes[0],  # by every host, since this dispatcher started
+        "failed": ps.outcomes[1],
     }

@@ -44,7 +44,7 @@ from fleet.agent import Agent
 from fleet.observability.metrics import Sink, TenantLabels
 from fleet.observability.tracing import TaskTracer
 from fleet.policy.host import HostCore, TickActions
-from fleet.policy.preemption import PREEMPTED
+from fleet.policy.preemption import PREEMPTED, PREEMPTED_DELAY
 from fleet.policy.routing import RoutingHint
 from fleet.runtime import host_views
 from fleet.runtime.budget_client import BudgetClient, Grant
@@ -310,7 +310,7 @@ class AgentHost:
         """A failed outcome: (outcome, delay) to retry after ``delay`` seconds, or
         (final outcome, None) to record."""
         if o.reason == PREEMPTED:  # back to the queue at once, its delivery refunded
-            return o, 0.0
+            return o, PREEMPTED_DELAY
         if o.reason == BUDGET_REQUEUE:
             delay = self.gate.requeue_delay(item)
             if delay is None:

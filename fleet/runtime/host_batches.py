@@ -158,15 +158,18 @@ class Recorder:
         self, item: Item, o: Outcome, batch: Batch, retry_after_s: float | None
     ) -> None:
         """A task's final word: handed back to the dispatcher for a retry after
-        ``retry_after_s`` (its delivery excused in the ledger), or ``o`` recorded (None)."""
+        ``retry_after_s`` (its delivery excused in the ledger), or ``o`` recorded (None).
+        A negative ``retry_after_s``: it was preempted (``PREEMPTED_DELAY``); its delivery
+        is refunded by the queue, so the ledger is told nothing."""
         if retry_after_s is not None:
             batch.retry_ids.append(item.id)
             batch.delays.append(retry_after_s)
-            if self.metrics is not None:
-                self.metrics.retried(o.reason)
             self.dropped([item.id])
-            # This delivery ran no duplicate: tell the ledger with the next records.
-            self.add(item.id, None, batch)
+            if retry_after_s >= 0:
+                if self.metrics is not None:
+                    self.metrics.retried(o.reason)
+                # This delivery ran no duplicate: tell the ledger with the next records.
+                self.add(item.id, None, batch)
             batch.settled()
             return
         if is_idempotent_id(o.task_id):

@@ -5,10 +5,10 @@ pool's or one tenant's flood cannot take another's queue room or agents.
   tighter of it and ``queues.max_depth`` per shard), ``max_in_flight`` the tasks the
   dispatcher runs at once in the pool, whatever its agents could take.
 - ``tenant``: every tenant's limits in each pool it sends to; ``tenants.<name>``
-  overrides them for one tenant. A task's tenant is the one its id names (the HTTP
-  ingress scopes every id by the caller's key; ``FleetClient.submit(tenant=...)``);
-  tasks with no tenant (a trusted Python client's own) are bound by the pool's limits
-  only.
+  replaces them for one tenant (a limit it leaves unset is no limit for it). A task's
+  tenant is the one its id names (the HTTP ingress scopes every id by the caller's
+  key; ``FleetClient.submit(tenant=...)``); tasks with no tenant (a trusted Python
+  client's own) are bound by the pool's limits only.
 
 A queue is sharded, and each shard enforces its share of a limit on its own (``limit //
 shards``, the remainder to the first shards): exact, and no call per task to anything
