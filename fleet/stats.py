@@ -13,6 +13,8 @@ fairness index or a recovery time means the same thing wherever it is printed.
   are equal, 1/n when one has everything.
 * **Recovery time** (``recovery_s``): see its docstring; ``RECOVERY_PRE_WINDOW_S``,
   ``RECOVERY_POST_WINDOW_S`` and ``RECOVERY_LEVEL`` are its parameters.
+* **Concurrency** (``most_at_once``): the most of a set of (start, end) spans that
+  overlap at one instant; a span that ends when another starts does not overlap it.
 """
 
 from __future__ import annotations
@@ -72,6 +74,16 @@ def percentiles(
     """
     v = sorted(values)
     return {percentile_key(q): _at_rank(v, q) if v else 0.0 for q in qs}
+
+
+def most_at_once(spans: Iterable[tuple[float, float]]) -> int:
+    """The most spans (start, end) open at one instant: how many tasks ran at once."""
+    events = sorted(e for s, f in spans for e in ((s, 1), (f, -1)))
+    now = most = 0
+    for _, step in events:  # at equal times the end (-1) sorts first
+        now += step
+        most = max(most, now)
+    return most
 
 
 def jain_index(values: Iterable[float]) -> float:

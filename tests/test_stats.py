@@ -59,3 +59,11 @@ def test_recovery_in_wider_buckets_and_capped_by_the_offered_load():
     low = [200] * 5 + [10, 50, 50, 50, 50]
     assert recovery_s(low, 10.0, bucket_s=2.0, offered=offered) == 2.0
     assert recovery_s(low, 10.0, bucket_s=2.0) is None
+
+
+def test_most_at_once_counts_overlapping_spans_and_not_touching_ones():
+    from fleet.stats import most_at_once
+
+    assert most_at_once([]) == 0
+    assert most_at_once([(0, 2), (1, 3), (1.5, 1.8), (2, 4)]) == 3
+    assert most_at_once([(0, 1), (1, 2), (2, 3)]) == 1  # each ends as the next starts

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import tempfile
 import threading
 import time
 from typing import Any
+
+from fleet.stats import most_at_once, percentile
 
 NEEDS_RAY = True
 SERVICE_S = 0.05
@@ -83,13 +84,13 @@ def _latencies(fc: Any, ids: list[str]) -> dict[str, Any]:
     missing = fc.wait(ids, timeout_s=SETTLE_TIMEOUT_S)
     results = [r for r in fc.results(ids) if r is not None]
     lat = sorted(r.latency_s for r in results)
-    q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else lat * 99
+    p50, p99 = (percentile(lat, q) for q in (0.5, 0.99))
     return {
         "tasks": len(ids),
         "lost": len(missing),
         "failed": sum(1 for r in results if r.status.value != "completed"),
-        "p50_s": round(q[49], 3) if q else None,
-        "p99_s": round(q[98], 3) if q else None,
+        "p50_s": None if p50 is None else round(p50, 3),
+        "p99_s": None if p99 is None else round(p99, 3),
     }
 
 
@@ -123,21 +124,11 @@ def _phase(fc: Any, seconds: float, flood: bool) -> dict[str, Any]:
             "accepted": len(flooder["accepted"]),
             "refused": len(flooder["refused"]),
             "lost": len(flooder["accepted"]) - len(res),
-            "most_at_once": _most_at_once(res),
+            "most_at_once": most_at_once(
+                (r.started_unix_s, r.finished_unix_s) for r in res if r.started_unix_s
+            ),
         }
     return out
-
-
-def _most_at_once(results: list[Any]) -> int:
-    events = sorted(
-        [(r.started_unix_s, 1) for r in results if r.started_unix_s]
-        + [(r.finished_unix_s, -1) for r in results if r.started_unix_s]
-    )
-    now = most = 0
-    for _, step in events:
-        now += step
-        most = max(most, now)
-    return most
 
 
 def _bulkheads(directory: str, seconds: float) -> dict[str, Any]:

@@ -94,32 +94,24 @@ class ControlMetrics:
 
     def shed(self, pool: str, cls: str, reason: str, tenant: str, n: int) -> None:
         """Tasks admission control refused at an entry point (reported in bulk)."""
-        if tenant not in self._tenants and tenant not in (NO_TENANT, OTHER_TENANT):
-            tenant = OTHER_TENANT  # labels from entry points stay bounded
-        self.sink.inc(
-            "fleet_tasks_shed_total",
-            n,
-            {"pool": pool, "priority_class": cls, "reason": reason, "tenant": tenant},
-        )
+        self._refused("fleet_tasks_shed_total", pool, cls, tenant, n, reason=reason)
 
     def bulkhead_refused(self, pool: str, cls: str, tenant: str, n: int) -> None:
         """Tasks refused at their tenant's queued bulkhead (reported in bulk)."""
-        if tenant not in self._tenants and tenant not in (NO_TENANT, OTHER_TENANT):
-            tenant = OTHER_TENANT
-        self.sink.inc(
-            "fleet_tasks_bulkhead_refused_total",
-            n,
-            {"pool": pool, "priority_class": cls, "tenant": tenant},
-        )
+        self._refused("fleet_tasks_bulkhead_refused_total", pool, cls, tenant, n)
 
     def degraded(self, pool: str, cls: str, tenant: str, n: int) -> None:
         """Tasks sent to the pool's fallback by its degrade rule (reported in bulk)."""
+        self._refused("fleet_tasks_degraded_total", pool, cls, tenant, n)
+
+    def _refused(
+        self, name: str, pool: str, cls: str, tenant: str, n: int, **labels: str
+    ) -> None:
+        """Count ``n`` of what entry points reported, by pool, class and tenant."""
         if tenant not in self._tenants and tenant not in (NO_TENANT, OTHER_TENANT):
-            tenant = OTHER_TENANT
+            tenant = OTHER_TENANT  # labels from entry points stay bounded
         self.sink.inc(
-            "fleet_tasks_degraded_total",
-            n,
-            {"pool": pool, "priority_class": cls, "tenant": tenant},
+            name, n, {"pool": pool, "priority_class": cls, **labels, "tenant": tenant}
         )
 
     def admission(self, pool: str, load: Any) -> None:

@@ -8,21 +8,13 @@ import uuid
 
 import pytest
 
+from fleet.stats import most_at_once
 from tests.utils import make_spec, pool
 
 pytestmark = pytest.mark.ray
 
 HOSTS, AGENTS_PER_HOST, TASK_S = 3, 2, 0.1
 TASKS = 60  # deep: far more than the pool's 6 slots
-
-
-def _most_at_once(spans: list[tuple[float, float]]) -> int:
-    events = sorted([(s, 1) for s, _ in spans] + [(f, -1) for _, f in spans])
-    now = most = 0
-    for _, step in events:
-        now += step
-        most = max(most, now)
-    return most
 
 
 def test_a_burst_runs_on_every_host_at_once(start_fleet):
@@ -48,7 +40,7 @@ def test_a_burst_runs_on_every_host_at_once(start_fleet):
     results = fc.results(ids)
     # Batches of all 6 slots would each run 2 at a time on one host (its 2 agents).
     assert (
-        _most_at_once([(r.started_unix_s, r.finished_unix_s) for r in results])
+        most_at_once([(r.started_unix_s, r.finished_unix_s) for r in results])
         >= 2 * AGENTS_PER_HOST
     )
     assert len({r.agent_id.rsplit("/", 1)[0] for r in results}) > 1, "more than one host ran"

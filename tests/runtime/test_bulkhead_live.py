@@ -7,24 +7,11 @@ under the flood is a benchmark figure, not this test's."""
 from __future__ import annotations
 
 from fleet.cli.status import _human
+from fleet.stats import most_at_once
 from tests.utils import make_spec, pool
 
 SLEEP = "fleet.agents.testing:SleepAgent"
 QUEUED, IN_FLIGHT = 20, 4  # the flooding tenant's limits (two shards: half each)
-
-
-def _most_at_once(results) -> int:
-    """The most of these tasks that ran at the same time, from their recorded start
-    and finish (one host: one clock)."""
-    events = sorted(
-        [(r.started_unix_s, 1) for r in results] + [(r.finished_unix_s, -1) for r in results],
-        key=lambda e: (e[0], e[1]),  # a finish before a start at the same instant
-    )
-    now = most = 0
-    for _, step in events:
-        now += step
-        most = max(most, now)
-    return most
 
 
 def test_a_tenant_flooding_past_its_bulkhead_takes_nothing_from_another(start_fleet):
@@ -58,7 +45,7 @@ def test_a_tenant_flooding_past_its_bulkhead_takes_nothing_from_another(start_fl
     assert all(r.status.value == "completed" for r in done)
     # The flood's tasks ran IN_FLIGHT at a time at most, and its limit was what held
     # them (eight agents were there to take more).
-    assert _most_at_once(done) == IN_FLIGHT
+    assert most_at_once((r.started_unix_s, r.finished_unix_s) for r in done) == IN_FLIGHT
     assert all(r.status.value == "completed" for r in fc.results(victim.accepted))
     bulkhead = fc.status()["pools"]["work"]["queue"]["bulkhead"]
     assert bulkhead["refused"] == {"flood": 9 * QUEUED}
