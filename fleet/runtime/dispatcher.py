@@ -642,8 +642,9 @@ class Dispatcher:
             if ps.urgent is not None and now - ps.urgent[2] > PREEMPT_ANSWER_S:
                 ps.urgent = None
                 ps.room.set()
-            if ps.preempting or ps.in_flight < ps.capacity:
-                continue  # one at a time, and only while the pool is full
+            undelivered = any(not delivered for _, delivered in ps.preempting.values())
+            if undelivered or ps.urgent is not None or ps.in_flight < ps.capacity:
+                continue  # one at a time (until its slot is taken), while the pool is full
             cutoff = time.time() - after_s
             answers = await asyncio.gather(
                 *(sh.urgent.remote(cutoff) for sh in ps.shards), return_exceptions=True
@@ -652,7 +653,9 @@ class Dispatcher:
             if not found:
                 continue
             top, shard = max(found)
-            victim = rule.victim(top, (t for t, _ in ps.running.values()))
+            victim = rule.victim(
+                top, (t for t, _ in ps.running.values() if t.id not in ps.preempting)
+            )
             if victim is None:
                 continue
             bid = ps.running[victim.id][1]
