@@ -152,35 +152,33 @@ class _Tenants:
         self.parked: dict[str, deque[Item]] = {}
         self.parked_total = 0  # times an item was held back at its tenant's limit
 
-    def admitted(self, item_id: str) -> None:
+    @staticmethod
+    def _add(counts: dict[str, int], item_id: str, by: int) -> tuple[str | None, int]:
+        """Add ``by`` to the count of the item's tenant (a count of 0 is dropped);
+        returns (tenant, its new count)."""
         t = tenant_of_id(item_id)
-        if t is not None:
-            self.pending[t] = self.pending.get(t, 0) + 1
+        if t is None:
+            return None, 0
+        n = counts.get(t, 0) + by
+        if n:
+            counts[t] = n
+        else:
+            del counts[t]
+        return t, n
+
+    def admitted(self, item_id: str) -> None:
+        self._add(self.pending, item_id, 1)
 
     def forgotten(self, item_id: str) -> None:
-        t = tenant_of_id(item_id)
-        if t is not None:
-            n = self.pending[t] - 1
-            if n:
-                self.pending[t] = n
-            else:
-                del self.pending[t]
+        self._add(self.pending, item_id, -1)
 
     def leased_one(self, item_id: str) -> None:
-        t = tenant_of_id(item_id)
-        if t is not None:
-            n = self.leased[t] = self.leased.get(t, 0) + 1
-            if n > self.peak_leased.get(t, 0):
-                self.peak_leased[t] = n
+        t, n = self._add(self.leased, item_id, 1)
+        if t is not None and n > self.peak_leased.get(t, 0):
+            self.peak_leased[t] = n
 
     def unleased(self, item_id: str) -> None:
-        t = tenant_of_id(item_id)
-        if t is not None:
-            n = self.leased[t] - 1
-            if n:
-                self.leased[t] = n
-            else:
-                del self.leased[t]
+        self._add(self.leased, item_id, -1)
 
     def at_limit(self, item_id: str) -> bool:
         """Whether the item's tenant has its in-flight share leased."""

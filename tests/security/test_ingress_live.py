@@ -303,12 +303,12 @@ def test_an_unknown_query_parameter_is_a_422_naming_it(sec):
 
 def test_a_tenant_past_its_bulkhead_gets_429_naming_the_ids_not_queued(sec):
     ids = [f"w{k}" for k in range(10)]
-    r = httpx.post(
-        f"{sec.url}/tasks",
-        json=[{"capability": "work", "id": i} for i in ids],
-        headers=_h(sec.keys["walled"]),
-        timeout=30,
-    )
+
+    def post(key: str) -> httpx.Response:
+        body = [{"capability": "work", "id": i} for i in ids]
+        return httpx.post(f"{sec.url}/tasks", json=body, headers=_h(key), timeout=30)
+
+    r = post(sec.keys["walled"])
     assert r.status_code == 429, r.text
     body = r.json()
     # Each of the two shards takes one of the tenant's tasks and refuses the rest.
@@ -317,10 +317,5 @@ def test_a_tenant_past_its_bulkhead_gets_429_naming_the_ids_not_queued(sec):
     assert sorted(body["accepted"] + [n["id"] for n in body["not_queued"]]) == sorted(ids)
     assert r.headers["Retry-After"] == "1" and body["retry_after_s"] == 1
     # Another tenant is not walled in: the same batch is accepted whole.
-    other = httpx.post(
-        f"{sec.url}/tasks",
-        json=[{"capability": "work", "id": i} for i in ids],
-        headers=_h(sec.keys["lister"]),
-        timeout=30,
-    )
+    other = post(sec.keys["lister"])
     assert other.status_code == 202, other.text
