@@ -148,6 +148,9 @@ class _Tenants:
         self.rule = rule
         self.pending: dict[str, int] = {}
         self.leased: dict[str, int] = {}
+        # By priority, for the tenants with an in-flight limit: what ``held_back`` reads.
+        self.pending_p: dict[str, list[int]] = {}
+        self.leased_p: dict[str, list[int]] = {}
         self.peak_leased: dict[str, int] = {}  # the most leased at once, per tenant
         self.parked: dict[str, deque[Item]] = {}
         self.parked_total = 0  # times an item was held back at its tenant's limit
@@ -166,19 +169,48 @@ class _Tenants:
             del counts[t]
         return t, n
 
-    def admitted(self, item_id: str) -> None:
-        self._add(self.pending, item_id, 1)
+    def _add_p(self, counts: dict[str, list[int]], t: str | None, item: Item, by: int) -> None:
+        if t is not None and self.rule.in_flight_limit(t) is not None:
+            c = counts.get(t)
+            if c is None:
+                c = counts[t] = [0] * (MAX_PRIORITY + 1)
+            c[item.priority] += by
+            if by < 0 and not any(c):
+                del counts[t]
 
-    def forgotten(self, item_id: str) -> None:
-        self._add(self.pending, item_id, -1)
+    def admitted(self, item: Item) -> None:
+        t, _ = self._add(self.pending, item.id, 1)
+        self._add_p(self.pending_p, t, item, 1)
 
-    def leased_one(self, item_id: str) -> None:
-        t, n = self._add(self.leased, item_id, 1)
+    def forgotten(self, item: Item) -> None:
+        t, _ = self._add(self.pending, item.id, -1)
+        self._add_p(self.pending_p, t, item, -1)
+
+    def leased_one(self, item: Item) -> None:
+        t, n = self._add(self.leased, item.id, 1)
         if t is not None and n > self.peak_leased.get(t, 0):
             self.peak_leased[t] = n
+        self._add_p(self.leased_p, t, item, 1)
 
-    def unleased(self, item_id: str) -> None:
-        self._add(self.leased, item_id, -1)
+    def unleased(self, item: Item) -> None:
+        t, _ = self._add(self.leased, item.id, -1)
+        self._add_p(self.leased_p, t, item, -1)
+
+    def held_back(self) -> list[int]:
+        """By priority, the ready items their tenants' in-flight shares keep from
+        running now: of a tenant's ready items, all but what its free share can take,
+        highest priorities first (the order they would go in). Not work ahead of other
+        tenants' tasks: admission control and the autoscaler leave it out."""
+        out = [0] * (MAX_PRIORITY + 1)
+        for t, pend in self.pending_p.items():
+            leased = self.leased_p.get(t)
+            room = (self.rule.in_flight_limit(t) or 0) - self.leased.get(t, 0)
+            for p in range(MAX_PRIORITY, -1, -1):
+                ready = pend[p] - (leased[p] if leased else 0)
+                runs = min(ready, max(room, 0))
+                room -= runs
+                out[p] += ready - runs
+        return out
 
     def at_limit(self, item_id: str) -> bool:
         """Whether the item's tenant has its in-flight share leased."""
@@ -259,6 +291,7 @@ class QueueStats:
     pending_by_tenant: dict[str, int] = field(default_factory=dict)
     leased_by_tenant: dict[str, int] = field(default_factory=dict)
     peak_leased_by_tenant: dict[str, int] = field(default_factory=dict)
+    held_back_by_priority: tuple[int, ...] = ()  # ready, kept back by tenants' shares
 
 
 class LeaseQueue:
@@ -364,7 +397,7 @@ class LeaseQueue:
         self._ages.add(it.submitted_unix_s)
         self._by_priority[it.priority] += 1
         if self._tenants is not None:
-            self._tenants.admitted(it.id)
+            self._tenants.admitted(it)
         if it.deadline_unix_s is not None:
             self._with_deadline += 1
             heapq.heappush(self._deadlines, (it.deadline_unix_s, it.id))
@@ -378,7 +411,7 @@ class LeaseQueue:
         self._ages.remove(it.submitted_unix_s)
         self._by_priority[it.priority] -= 1
         if self._tenants is not None:
-            self._tenants.forgotten(it.id)
+            self._tenants.forgotten(it)
         if it.deadline_unix_s is not None:
             self._with_deadline -= 1
 
@@ -386,7 +419,7 @@ class LeaseQueue:
         """Remove an exhausted or overdue item; the caller records its failure."""
         del self._pending[it.id]
         if self._leases.pop(it.id, None) is not None and self._tenants is not None:
-            self._tenants.unleased(it.id)
+            self._tenants.unleased(it)
         self._forget(it)
         if self._storage is not None:
             if self._storage.durable:
@@ -521,7 +554,7 @@ class LeaseQueue:
         self._leases[item.id] = (holder, expires)
         heapq.heappush(self._expiry, (expires, item.id))
         if self._tenants is not None:
-            self._tenants.leased_one(item.id)
+            self._tenants.leased_one(item)
         return item
 
     def ack(self, ids: Iterable[str]) -> int:
@@ -538,7 +571,7 @@ class LeaseQueue:
             it = pending.pop(i, None)
             if it is not None:
                 if leases.pop(i, None) is not None and self._tenants is not None:
-                    self._tenants.unleased(i)
+                    self._tenants.unleased(it)
                 self._forget(it)
                 removed.append(i)
                 n += 1
@@ -618,11 +651,11 @@ class LeaseQueue:
         ``refund``: the delivery does not count (a preempted run)."""
         if self._leases.pop(i, None) is None:
             return None
+        item = self._pending[i]
         if self._tenants is not None:
-            self._tenants.unleased(i)
+            self._tenants.unleased(item)
         if self._isolated_out == i:
             self._isolated_out = None
-        item = self._pending[i]
         if refund and item.deliveries > 0:
             item = self._pending[i] = _with_deliveries(item, item.deliveries - 1)
         if item.deliveries >= self.max_deliveries:
@@ -815,4 +848,5 @@ class LeaseQueue:
             "pending_by_tenant": dict(t.pending),
             "leased_by_tenant": dict(t.leased),
             "peak_leased_by_tenant": dict(t.peak_leased),
+            "held_back_by_priority": tuple(t.held_back()),
         }

@@ -279,7 +279,11 @@ class Controller:
         for p in self.spec.pools:
             stats = [s for s in queue_stats[p.capability] if isinstance(s, dict)]
             known = len(stats) == len(queue_stats[p.capability])
-            depth = sum(s["depth"] for s in stats)
+            # Ready tasks a tenant's in-flight bulkhead holds back wait for that tenant's
+            # own tasks, not for agents: neither demand nor work ahead of other tenants.
+            held = _per_priority(stats, "held_back_by_priority")
+            queued = sum(s["depth"] for s in stats)
+            depth = queued - sum(held)
             in_flight = disp.get(p.name, {}).get("in_flight", 0)
             shed = self._take_shed(p.name)
             old = self._agents[p.name]
@@ -305,7 +309,7 @@ class Controller:
                     self._rules[p.name],
                     now,
                     wall,
-                    _per_priority(stats, "pending_by_priority"),
+                    [n - h for n, h in zip(_per_priority(stats, "pending_by_priority"), held)],
                     _per_priority(stats, "enqueued_by_priority"),
                     sum(s["acked_total"] for s in stats),
                     disp.get(p.name, {}).get("busy_slot_s", 0.0),
@@ -336,7 +340,7 @@ class Controller:
                 "hosts": running,
                 "hosts_stopping": stopping,
                 "desired_hosts": p.hosts_for(decision.agents),
-                "queue_depth": depth,
+                "queue_depth": queued,
                 "in_flight": in_flight,
                 "oldest_age_s": max((s["oldest_age_s"] for s in stats), default=0.0),
                 "arrival_rate_per_s": round(rate, 2),

@@ -355,3 +355,19 @@ def test_urgent_names_the_highest_priority_ready_past_the_cutoff():
     q.lease(1, "h", 60, 0)  # "old-low" (FIFO): running, not waiting
     q.lease(1, "h", 60, 0)  # "old-high"
     assert q.urgent(5.0) is None and q.urgent(10.0) == 9
+
+
+def test_what_a_tenants_in_flight_share_holds_back_is_counted_by_priority():
+    q = LeaseQueue(100, bulkhead=ShardBulkhead(tenant=(None, 2)))
+    q.put(
+        [_tenant_item("a", i, priority=9 if i < 2 else 1) for i in range(5)]
+        + [_tenant_item("b", 0, priority=5), item("mine", priority=3)]
+    )
+    # Nothing leased: a's two highest would run, its three others wait for them.
+    held = q.stats(0).held_back_by_priority
+    assert held[1] == 3 and sum(held) == 3
+    q.lease(10, "h", 60, 0)  # a's two 9s, b's one and the untenanted one run
+    assert sum(q.stats(0).held_back_by_priority) == 3  # a's 1s: held while its 9s run
+    q.ack(["@a:0"])  # one of a's slots is free: one of its 1s may run
+    assert q.stats(0).held_back_by_priority[1] == 2
+    assert q.stats(0).depth == 3  # still queued all the same

@@ -6,9 +6,12 @@ under the flood is a benchmark figure, not this test's."""
 
 from __future__ import annotations
 
+import time
+
 from fleet.cli.status import _human
+from fleet.policy.admission import PoolLoad
 from fleet.stats import most_at_once
-from tests.utils import make_spec, pool
+from tests.utils import eventually, make_spec, pool
 
 SLEEP = "fleet.agents.testing:SleepAgent"
 QUEUED, IN_FLIGHT = 20, 4  # the flooding tenant's limits (two shards: half each)
@@ -29,7 +32,11 @@ def test_a_tenant_flooding_past_its_bulkhead_takes_nothing_from_another(start_fl
     )
     fc = start_fleet(spec)
     flood = fc.submit(
-        [{"capability": "work", "id": f"f{k}"} for k in range(10 * QUEUED)], tenant="flood"
+        [
+            {"capability": "work", "id": f"f{k}", "payload": {"sleep_s": 1.0}}
+            for k in range(10 * QUEUED)
+        ],
+        tenant="flood",
     )
     # Each shard takes its half of the flood's limit, and refuses the rest at once.
     assert len(flood.accepted) == QUEUED, len(flood.accepted)
@@ -37,6 +44,20 @@ def test_a_tenant_flooding_past_its_bulkhead_takes_nothing_from_another(start_fl
     assert {r.reason for r in flood.refused} == {"bulkhead"}
     assert {r.retry_after_s for r in flood.refused} == {spec.bulkheads.retry_after_s}
     assert all(r.id.startswith("@flood:") for r in flood.refused)
+
+    # What the flood's share holds back is not work ahead of anyone else: the first load
+    # the controller publishes after the flood was queued (its 20 tasks of 1 s take 5 s
+    # to drain, 4 at a time) counts only the 4 it can run.
+    queued = time.time()
+
+    def first_view_since() -> PoolLoad | None:
+        fc.admission.refresh()
+        load = fc.admission.policy.load("work")
+        return load if load is not None and load.taken_unix_s > queued else None
+
+    load = eventually(first_view_since, 10, 0.05, "a load taken after the flood queued")
+    assert sum(load.pending) == IN_FLIGHT, load.pending
+
     # The victim's tasks, sent while the flood's fill their share: none refused.
     victim = fc.submit([{"capability": "work", "id": f"v{k}"} for k in range(8)], tenant="v")
     assert victim.refused == [] and len(victim.accepted) == 8
