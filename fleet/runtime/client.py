@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -565,11 +566,7 @@ class FleetClient:
         if any(s.get(k) for s in stats for k in keys):
 
             def total(key: str) -> dict[str, int]:
-                by: dict[str, int] = {}
-                for s in stats:
-                    for t, n in s.get(key, {}).items():
-                        by[t] = by.get(t, 0) + n
-                return by
+                return dict(sum((Counter(s.get(key, {})) for s in stats), Counter()))
 
             out["bulkhead"] = {
                 "refused": total("bulkhead_refused_by_tenant"),

@@ -119,12 +119,12 @@ class _PoolState:
     ):
         self.spec = spec
         # Preemption (pools[].preemption): what runs, by id -> (task, batch id); the
-        # preemptions asked of hosts (by batch, sent with the next progress answer)
-        # and not yet answered; how often each task was preempted.
+        # one preemption asked and not yet sent with a progress answer to its host, and
+        # those sent whose batches still run; how often each task was preempted.
         self.preemption = preemption
         self.running: dict[str, tuple[RunningTask, int]] = {}
-        self.preempt_asks: dict[int, list[str]] = {}
-        self.preempting: dict[str, tuple[float, bool]] = {}  # id -> (asked, delivered)
+        self.ask: tuple[int, str, float] | None = None  # (batch, id, asked), not yet sent
+        self.preempting: set[str] = set()  # asks sent to hosts, their batches running
         self.preemptions: dict[str, int] = {}
         self.preempted_total = 0  # runs preempted (the host cancelled them)
         # Tasks the pool's hosts completed and failed (a degrade rule's error rate).
@@ -388,11 +388,12 @@ class Dispatcher:
                     ps.running.pop(i, None)
         if freed_any:
             ps.room.set()
-        asks = {bid: ps.preempt_asks.pop(bid) for bid in done if bid in ps.preempt_asks}
-        for ids in asks.values():
-            for i in ids:
-                if i in ps.preempting:
-                    ps.preempting[i] = (ps.preempting[i][0], True)
+        asks: dict[int, list[str]] = {}
+        if ps.ask is not None and ps.ask[0] in done:
+            bid, i, _ = ps.ask
+            asks[bid] = [i]
+            ps.ask = None
+            ps.preempting.add(i)
         return [unknown if ps.adopted else [], asks]
 
     async def stats(self) -> dict[str, Any]:
@@ -552,29 +553,23 @@ class Dispatcher:
         free()
         _recorded, retry_ids, delays, host = report
         self._host_report(ps, host)
-        done = ids
+        back = set(retry_ids)
+        done = [i for i in ids if i not in back]
         # Runs the host cancelled for a preemption come back with a negative delay:
-        # back to the queue now, their deliveries refunded.
-        out = {i for i, d in zip(retry_ids, delays) if d < 0}
-        self._ended(ps, bid, ids, out)
-        if out:
-            keep = [k for k, i in enumerate(retry_ids) if i not in out]
-            retry_ids, delays = [retry_ids[k] for k in keep], [delays[k] for k in keep]
-            done = [i for i in ids if i not in out]
-            ps.preempted_total += len(out)
+        # back to the queue now, their deliveries refunded; the rest after their delay.
+        cut = {i for i, d in zip(retry_ids, delays) if d < 0}
+        self._ended(ps, bid, ids, cut)
+        if cut:
+            ps.preempted_total += len(cut)
             asyncio.get_running_loop().create_task(
-                self._requeue_preempted(ps, s, [it for it in items if it.id in out])
+                self._requeue_preempted(ps, s, [it for it in items if it.id in cut])
             )
-        if retry_ids:
-            keep = set(retry_ids)
-            done = [i for i in done if i not in keep]
-            ps.retried_items += len(retry_ids)
-            ps.retry_waiting += len(retry_ids)
+        if retry := [(d, i) for i, d in zip(retry_ids, delays) if d >= 0]:
+            ps.retried_items += len(retry)
+            ps.retry_waiting += len(retry)
             dels = {it.id: it.deliveries for it in items}
             asyncio.get_running_loop().create_task(
-                self._nack_later(
-                    ps, s, sorted(zip(delays, retry_ids, (dels[i] for i in retry_ids)))
-                )
+                self._nack_later(ps, s, sorted((d, i, dels[i]) for d, i in retry))
             )
         self._ack(ps, s, done)
 
@@ -593,12 +588,13 @@ class Dispatcher:
     def _ended(ps: _PoolState, bid: int, ids: list[str], preempted: set[str]) -> None:
         """A batch ended: its items no longer run (and the preemption asked of one of
         them, if any, is answered); those not ``preempted`` need no count of theirs."""
-        ps.preempt_asks.pop(bid, None)
         if ps.preemption is None:
             return
+        if ps.ask is not None and ps.ask[0] == bid:
+            ps.ask = None
         for i in ids:
             ps.running.pop(i, None)
-            ps.preempting.pop(i, None)
+            ps.preempting.discard(i)
             if i not in preempted:
                 ps.preemptions.pop(i, None)
 
@@ -631,19 +627,12 @@ class Dispatcher:
         while self._running:
             await asyncio.sleep(period)
             now = time.monotonic()
-            for i, (asked, delivered) in list(ps.preempting.items()):
-                if not delivered and now - asked > PREEMPT_ANSWER_S:  # never reached a host
-                    del ps.preempting[i]
-                    for bid, ids in list(ps.preempt_asks.items()):
-                        if i in ids:
-                            ids.remove(i)
-                            if not ids:
-                                del ps.preempt_asks[bid]
+            if ps.ask is not None and now - ps.ask[2] > PREEMPT_ANSWER_S:
+                ps.ask = None  # no progress answer carried it to a host
             if ps.urgent is not None and now - ps.urgent[2] > PREEMPT_ANSWER_S:
                 ps.urgent = None
                 ps.room.set()
-            undelivered = any(not delivered for _, delivered in ps.preempting.values())
-            if undelivered or ps.urgent is not None or ps.in_flight < ps.capacity:
+            if ps.ask is not None or ps.urgent is not None or ps.in_flight < ps.capacity:
                 continue  # one at a time (until its slot is taken), while the pool is full
             cutoff = time.time() - after_s
             answers = await asyncio.gather(
@@ -658,9 +647,7 @@ class Dispatcher:
             )
             if victim is None:
                 continue
-            bid = ps.running[victim.id][1]
-            ps.preempt_asks.setdefault(bid, []).append(victim.id)
-            ps.preempting[victim.id] = (now, False)
+            ps.ask = (ps.running[victim.id][1], victim.id, now)
             ps.preemptions[victim.id] = victim.preemptions + 1
             ps.urgent = (shard, top, now)
 
