@@ -398,7 +398,7 @@ class Controller:
         if done is not None and failed is not None:
             done0, failed0 = self._outcomes_seen.get(pool, (done, failed))
             self._outcomes_seen[pool] = (done, failed)
-            # Hosts that left take their counts with them: a count that fell restarts.
+            # The dispatcher's totals only grow; a restarted one starts again from 0.
             d_done, d_failed = max(0, done - done0), max(0, failed - failed0)
             if d_done + d_failed:
                 error_rate = d_failed / (d_done + d_failed)
