@@ -598,11 +598,14 @@ def chaos_run(
     items, report = fc.validate(
         {"capability": pool.capability, "payload": payload or {}} for _ in range(tasks)
     )
+    t_submit = time.time()
+    fc.submit_items(items)
+    ids = [it.id for it in items]
+    # The injections are timed from when the work is queued, not from when queuing began:
+    # on a loaded machine queuing 20,000 tasks takes seconds, and a hang or a latency
+    # window that closed before the first task reached an agent would test nothing.
     harness.start()
     try:
-        t_submit = time.time()
-        fc.submit_items(items)
-        ids = [it.id for it in items]
         missing = fc.wait(ids, timeout_s=wait_timeout_s, progress=progress)
         t_done = time.time()
     finally:

@@ -137,10 +137,14 @@ class _BoardView:
             self.rules = await asyncio.wait_for(
                 self._handle.sync.remote(dict(hits), events), SWITCHBOARD_CALL_TIMEOUT_S
             )
-        except Exception:
-            # No switchboard (yet, or any more): no chaos. Keep the hits for next time.
-            self._handle = None
-            self.rules = []
+        except Exception as exc:
+            # Keep the hits for next time. A slow switchboard (a loaded machine) leaves
+            # the cached rules in force: each ends by its own ``until_unix_s``, and
+            # dropping them would end a hang or a latency injection early. No
+            # switchboard (yet, or any more) means no chaos.
+            if not isinstance(exc, asyncio.TimeoutError):
+                self._handle = None
+                self.rules = []
             self.hits.update(hits)
             self.events = (events + self.events)[:MAX_HIT_EVENTS]
         self.fetched_s = time.monotonic()

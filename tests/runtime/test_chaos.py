@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import random
 import time
+from types import SimpleNamespace
 
 import pytest
 import ray
@@ -127,6 +128,35 @@ def test_chaotic_agent_applies_and_counts_rules():
     asyncio.run(go())
 
 
+def test_a_slow_switchboard_keeps_the_rules_in_force_and_a_gone_one_ends_them(monkeypatch):
+    """A sync that times out (a loaded machine) must not end a hang early; a sync that
+    finds no switchboard (the harness has gone) ends the chaos. Hits survive both."""
+    import fleet.agents.chaotic as chaotic
+
+    monkeypatch.setattr(chaotic, "SWITCHBOARD_CALL_TIMEOUT_S", 0.01)
+
+    # An actor handle whose sync() never answers in time.
+    slow = SimpleNamespace(sync=SimpleNamespace(remote=lambda hits, events: asyncio.sleep(10)))
+
+    async def go():
+        board = _view("sb-slow", "ns-unit")
+        rule = {"id": 0, "kind": "hang", "agents": ["p/h/1"], "until_unix_s": 1e12}
+        board.rules, board._handle = [rule], slow
+        board.hits[0] += 1
+        await board._sync()
+        assert board.rules == [rule] and board.hits == {0: 1}
+        board._handle = None  # no actor of that name: get_actor raises
+        monkeypatch.setattr(chaotic.ray, "get_actor", _raise_value_error)
+        await board._sync()
+        assert board.rules == [] and board.hits == {0: 1}
+
+    asyncio.run(go())
+
+
+def _raise_value_error(*a, **kw):
+    raise ValueError("Failed to look up actor")
+
+
 def test_replacements_are_credited_so_that_every_wave_can_be_replaced(monkeypatch):
     # CI's failure: waves 0..3 kill a, b, c, d. Serve's replacements z0..z2 exist (not
     # yet RUNNING) when wave 3 strikes, so only the last one, a3, can replace d. a3
@@ -217,7 +247,11 @@ def test_chaos_run_loses_nothing_and_replaces_every_host(ray_cluster):
     # redelivery is not required (the killed-host test in test_live.py requires one).
     assert all(k["t_s"] < out["wall_s"] for k in kills)
     # The hung agent held tasks; each was timed out and redelivered or failed, never lost.
-    assert out["held_tasks"] >= 1 and out["held_tasks_unaccounted"] == 0
+    hang = [e for e in out["injections"] if e["kind"] == "hang"]
+    assert out["held_tasks"] >= 1 and out["held_tasks_unaccounted"] == 0, (
+        hang,
+        out["switchboard_hits"],
+    )
     assert out["injection_counts"]["hang"] == 1 and out["injection_counts"]["latency"] == 1
     hits = out["switchboard_hits"]
     assert len(hits) == 2 and all(v >= 1 for v in hits.values()), hits
