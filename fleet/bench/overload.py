@@ -302,6 +302,64 @@ def _decide_cost_us(n: int = 200_000) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def simulate_level(
+    load: float, capacity_per_s: float, level_s: float, admission: bool, seed: int = 0
+) -> dict[str, Any]:
+    """The simulator's side of one level (``fleet.sim``, no Ray): the bench's own spec
+    with a pool whose ``AGENTS`` agents each take ``AGENTS / capacity_per_s`` seconds a
+    task (the measured capacity, transport included, as the service time), offered
+    ``load`` x that capacity for ``level_s`` (Poisson arrivals), the classes' shares and
+    the deadline as live. Returns goodput (completed by their deadline per second of
+    the level, over the capacity) and per class the shed share and latency."""
+    from fleet.sim import Scenario, simulate
+
+    spec = _spec(tempfile.gettempdir(), "bench-sim", admission)
+    shares = {prio: share for _, prio, share in CLASSES}
+    scenario = Scenario.model_validate(
+        {
+            "name": f"overload-{load}x",
+            "seed": seed,
+            "fleet": spec,
+            "pools": {
+                "work": {"service": {"kind": "constant", "value_s": AGENTS / capacity_per_s}}
+            },
+            "workload": [
+                {
+                    "pool": "work",
+                    "priorities": shares,
+                    "deadline_s": DEADLINE_S,
+                    "arrivals": {"kind": "poisson", "rate_per_s": load * capacity_per_s},
+                }
+            ],
+            "duration_s": level_s,
+            "drain_timeout_s": 4 * DEADLINE_S + 60,
+        }
+    )
+    r = simulate(scenario)
+    o = r["pools"]["work"]["overload"]
+    good_per_s = o["goodput"] / level_s
+    return {
+        "goodput_per_s": round(good_per_s, 1),
+        "goodput_share": round(good_per_s / capacity_per_s, 3),
+        "lost": r["lost"],
+        "classes": {
+            name: {
+                "offered": c["offered"],
+                "shed_share": round(c["shed_share"], 3),
+                "completed": c["completed"],
+                "goodput": c["goodput"],
+                "latency_p50_s": _round(c["latency_s"]["p50"]),
+                "latency_p99_s": _round(c["latency_s"]["p99"]),
+            }
+            for name, c in o["classes"].items()
+        },
+    }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
 def _capacity(fc: Any, n: int) -> float:
     """Tasks per second the pool completes from a backlog of ``n`` (no deadlines)."""
     items, _ = fc.validate([{"capability": "work", "id": f"cap-{k}"} for k in range(n)])
@@ -351,11 +409,21 @@ def run(quick: bool = False) -> dict[str, Any]:
                     fleets[mode], f"{base}/{mode}", f"{mode}{load}", load * capacity, level_s
                 )
                 r["goodput_share"] = round(r["goodput_per_s"] / capacity, 3)
+                # The simulator on the same spec, size, load and measured capacity.
+                r["simulated"] = simulate_level(load, capacity, level_s, mode == "on")
                 row[mode] = r
             # The acceptance's figures (admission on) at the top of the level's entry.
             on = row["on"]
+            sim_share = on["simulated"]["goodput_share"]
             row.update(
                 goodput_share=on["goodput_share"],
+                simulated_goodput_share=sim_share,
+                # |simulated - live| / live: the acceptance's "within 10%".
+                sim_vs_live=round(
+                    abs(sim_share - on["goodput_share"]) / on["goodput_share"], 3
+                )
+                if on["goodput_share"]
+                else None,
                 rejection_p99_s=on["rejection_p99_s"],
                 lost=on["lost"] + row["off"]["lost"],
             )

@@ -209,7 +209,8 @@ CATALOG: dict[str, MetricDef] = _defs(
         C,
         "Tasks admission control refused at an entry point, by priority class and "
         "reason (shed: predicted to wait too long; unavailable: the pool cannot run; "
-        "deadline_exceeded).",
+        "deadline_unreachable: the wait ahead would make it miss its deadline; "
+        "deadline_exceeded: its deadline had passed).",
         ("pool", "priority_class", "reason", "tenant"),
     ),
     MetricDef(
@@ -504,8 +505,8 @@ def max_series(spec: FleetSpec, hosts_ever: int, shards: int) -> int:
     )
     pools = len(spec.pools)
     per_pool_gauges = 8 + 4 + 2  # agents by state (+ breaker_ejected), others, drain, degraded
-    # Refusals by class and tenant: shed (by 3 reasons) and bulkhead.
-    shed = len(spec.budgets.priority_classes) * (3 + 1 + 1) * tenants  # + degraded
+    # Refusals by class and tenant: shed (by 4 reasons) and bulkhead.
+    shed = len(spec.budgets.priority_classes) * (4 + 1 + 1) * tenants  # + degraded
     queue = shards * pools * 7
     budgets = 4 * (2 + pools + len(spec.budgets.tenants) + 8)
     control = 8 + 1 + 64  # actors, guard, alerts

@@ -60,6 +60,10 @@ LEVELS = MAX_PRIORITY + 1
 SHED = "shed"
 UNAVAILABLE = "unavailable"
 DEADLINE_EXCEEDED = "deadline_exceeded"
+# How a ``deadline_exceeded`` refusal is *counted* (never answered) when the deadline had
+# not passed but the work ahead would make the task miss it: demand that a bigger pool
+# could have served, unlike a deadline already past.
+UNREACHABLE = "deadline_unreachable"
 # A drain or arrival estimate follows each interval's measurement this much.
 EWMA_ALPHA = 0.5
 # An entry point's share of the admissions is taken as at least this (its own count
@@ -402,7 +406,9 @@ class Admission:
             return Verdict(True, None, wait, 0.0)
         retry = _retry_after(wait, share, rule.max_queue_wait_s, left)
         if retry is None:  # it would miss its deadline whenever it came back
-            return self._refuse(pool, priority, DEADLINE_EXCEEDED, wait, 0.0, tenant, count)
+            return self._refuse(
+                pool, priority, DEADLINE_EXCEEDED, wait, 0.0, tenant, count, UNREACHABLE
+            )
         return self._refuse(pool, priority, SHED, wait, retry, tenant, count)
 
     def _refuse(
@@ -414,9 +420,11 @@ class Admission:
         retry_after_s: float,
         tenant: Callable[[], str] | str,
         count: bool,
+        counted_as: str | None = None,
     ) -> Verdict:
         if count:
-            self.count(pool, priority, reason, tenant if isinstance(tenant, str) else tenant())
+            label = tenant if isinstance(tenant, str) else tenant()
+            self.count(pool, priority, counted_as or reason, label)
         return Verdict(False, reason, wait, retry_after_s)
 
     def withdraw(self, pool: str, priority: int) -> None:
@@ -440,6 +448,30 @@ class Admission:
     def take_counts(self) -> dict[tuple[str, int, str, str], int]:
         out, self.shed_counts = self.shed_counts, {}
         return out
+
+
+def counts_as_demand(reason: str) -> bool:
+    """Whether refusals counted with ``reason`` are demand for agents: ``shed``,
+    ``unavailable`` and ``deadline_unreachable`` (a bigger pool would have served
+    them), not a deadline already past (``deadline_exceeded``) nor a tenant's bulkhead."""
+    return reason in (SHED, UNAVAILABLE, UNREACHABLE)
+
+
+class ShedDemand:
+    """A pool's refusals that count as demand for agents (``shed`` and
+    ``unavailable``: a bigger pool could have served them), smoothed over control ticks:
+    entry points report about once an interval each, not in step with the ticks. The
+    controller and the simulator feed the autoscaler ``take(n)`` each tick."""
+
+    __slots__ = ("smooth",)
+
+    def __init__(self) -> None:
+        self.smooth = 0.0
+
+    def take(self, n: int) -> int:
+        """The demand to report this tick, given ``n`` refusals since the last one."""
+        self.smooth = 0.5 * n + 0.5 * self.smooth
+        return round(self.smooth)
 
 
 class EntryShares:

@@ -64,6 +64,10 @@ from fleet.queue.storage import QueueStorage
 from fleet.spec.queues import Discipline, QueueSpec
 from fleet.task import MAX_PRIORITY, Item, is_idempotent_id, tenant_of_id
 
+# How often a shard requeues expired leases and fails overdue items (``fail_overdue``):
+# the queue actor's sweep, and the simulator's (``fleet.sim.overload``).
+SWEEP_INTERVAL_S = 0.5
+
 # Rebuild the deadline heap when stale entries (items that left) outnumber live ones by
 # this factor: bounds its memory by the items with deadlines actually pending.
 _DEADLINE_HEAP_SLACK = 2

@@ -42,6 +42,8 @@ from fleet.policy.admission import (
     EntryShares,
     LoadEstimator,
     PoolLoad,
+    ShedDemand,
+    counts_as_demand,
     predicted_wait_s,
 )
 from fleet.policy.autoscaling import ScalingDecision, ScalingInput, ScalingState, decide
@@ -194,7 +196,7 @@ class Controller:
         self._entries = {p.name: EntryShares(horizon) for p in self.spec.pools}
         self._down_since: dict[str, float] = {}  # pools Serve reports no running host for
         self._shed_new: dict[str, int] = {}  # refusals reported since the last tick
-        self._shed_demand: dict[str, float] = {}  # their smoothed count per tick
+        self._shed_demand: dict[str, ShedDemand] = {}  # their smoothed count per tick
         self._shed_totals: dict[str, dict[str, dict[str, int]]] = {}  # pool/class/reason
         # Degradation (fleet.policy.degrade): the rule holding per pool, in its load.
         self._degraders = {
@@ -385,7 +387,7 @@ class Controller:
                 self._metrics.bulkhead_refused(pool, cls, tenant, n)
                 continue
             self._metrics.shed(pool, cls, reason, tenant, n)
-            if reason != "deadline_exceeded":  # demand a bigger pool could have served
+            if counts_as_demand(reason):  # demand a bigger pool could have served
                 self._shed_new[pool] = self._shed_new.get(pool, 0) + n
         return self._loads, shares, time.time()
 
@@ -435,10 +437,8 @@ class Controller:
     def _take_shed(self, pool: str) -> int:
         """The refusals reported since the last tick, smoothed over ticks (entry points
         report about once an interval each, not in step with the ticks)."""
-        n = self._shed_new.pop(pool, 0)
-        prev = self._shed_demand.get(pool, 0.0)
-        self._shed_demand[pool] = smooth = 0.5 * n + 0.5 * prev
-        return round(smooth)
+        demand = self._shed_demand.setdefault(pool, ShedDemand())
+        return demand.take(self._shed_new.pop(pool, 0))
 
     def _admission_status(self, pool: str) -> dict[str, Any]:
         load = self._loads.get(pool)

@@ -30,7 +30,7 @@ from fleet.observability.metrics import TenantLabels
 from fleet.policy.batching import batch_size
 from fleet.policy.bulkhead import ShardBulkhead
 from fleet.policy.disciplines import overdue_outcome
-from fleet.queue.lease_queue import LeaseQueue, QueueFull
+from fleet.queue.lease_queue import SWEEP_INTERVAL_S, LeaseQueue, QueueFull
 from fleet.queue.storage import make_storage
 from fleet.runtime.host_metrics import HostMetrics
 from fleet.runtime.ledger import LedgerClient
@@ -39,7 +39,6 @@ from fleet.runtime.names import Names
 from fleet.spec.queues import QueueSpec
 from fleet.task import IdempotencyConflict, Item, Outcome, failed_outcome, tenant_of_id
 
-SWEEP_INTERVAL_S = 0.5
 RECOVER_CHUNK = 20_000  # ids per ledger call when a restarted shard settles its items
 RECOVER_TIMEOUT_S = 10.0
 NO_POOL = "none"  # the pool label of a shard started without its pool

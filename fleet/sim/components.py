@@ -95,7 +95,15 @@ POLICY_SEAMS: dict[str, str] = {
     "fleet.policy.allocation": "seam: budget allocation; plug in as a Component",
     "fleet.policy.budget": "seam: budget enforcement and preemption; plug in as a Component",
     "fleet.policy.disciplines": (
-        "not simulated: each pool's queue is FIFO (PoolRun.queue); a discipline needs "
-        "priorities or deadlines per task in the workload"
+        "FIFO, or the priority discipline when the workload gives tasks priorities "
+        "(fleet.sim.overload.PriorityQueue, the shard's order); the deadline and "
+        "utility disciplines are not simulated"
     ),
+    "fleet.policy.admission": (
+        "driven: the pool's load every control interval, a decision every arrival "
+        "(fleet.sim.overload)"
+    ),
+    "fleet.policy.degrade": "driven: every control interval (fleet.sim.overload)",
+    "fleet.policy.bulkhead": "not simulated: tenant and pool bulkheads",
+    "fleet.policy.preemption": "not simulated: compute preemption",
 }

@@ -43,6 +43,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fleet.policy.admission import LEVELS
 from fleet.policy.autoscaling import ScalingInput, ScalingState, decide
 from fleet.policy.batching import batch_size
 from fleet.policy.host import CoreAgent, HostCore
@@ -60,10 +61,19 @@ from fleet.sim.components import (
 )
 from fleet.sim.distributions import count_sampler, duration_sampler
 from fleet.sim.health import HealthRestarts
-from fleet.sim.outcomes import ERROR, MAX_DELIVERIES, OK, TIMEOUT, VERDICT_CODES
+from fleet.sim.outcomes import (
+    DEADLINE_EXCEEDED,
+    ERROR,
+    MAX_DELIVERIES,
+    OK,
+    TIMEOUT,
+    VERDICT_CODES,
+)
+from fleet.sim.overload import Overload, PoolGate, PriorityQueue
 from fleet.sim.report import build_report
 from fleet.sim.resilience import SimBreakerLog
 from fleet.sim.scenario import ConstantDuration, PoolModel, Scenario
+from fleet.spec.queues import Discipline
 
 # Event kinds, most frequent first (``run`` tests them in this order); arrivals have
 # their own small heap.
@@ -188,7 +198,13 @@ class PoolRun:
         self.concurrency: int = spec.concurrency_per_agent
         self.capacity: int = spec.concurrency_per_agent + model.agent_queue_limit
         self.local_queues = model.agent_queue_limit > 0
-        self.queue: deque[int] = deque()
+        # FIFO, or by priority under the priority discipline when tasks have priorities.
+        self.queue: Any = (
+            PriorityQueue(sim.task_prio)
+            if sim.prio_on and sim.scenario.fleet.queues.discipline is Discipline.PRIORITY
+            else deque()
+        )
+        self.gate: Any = None  # a PoolGate when the run simulates overload
         self.active: list[SimAgent] = []  # ACTIVE agents (routable or held out by breakers)
         self.starting: list[SimAgent] = []
         self.dead: list[SimAgent] = []  # waiting to restart
@@ -430,11 +446,36 @@ class Simulation:
         self.batch_spec = fleet.queues.batch
         self.task_timeout_s = fleet.resilience.task_timeout_s
         self.max_deliveries = min(fleet.resilience.max_deliveries, MAX_DELIVERIES_STORED)
+        # Priorities and deadlines per task (only when the workload gives them), and the
+        # priority class of each priority (``budgets.priority_classes``).
+        budgets = fleet.budgets
+        self.class_names: list[str] = budgets.class_names
+        self.class_of = bytes(
+            self.class_names.index(budgets.class_of_task(q).name) for q in range(LEVELS)
+        )
+        self.prio_on = any(st.priorities for st in scenario.workload)
+        self.deadline_on = any(st.deadline_s is not None for st in scenario.workload)
+        self.task_prio = bytearray()
+        self.task_deadline = array("d")
+        self.offered = 0  # arrivals, admitted or not
         self.pools: list[PoolRun] = [
             PoolRun(i, self, spec, scenario.pools.get(spec.name), self._seed_key)
             for i, spec in enumerate(fleet.pools)
         ]
         self.pool_by_name = {p.name: p for p in self.pools}
+        # Overload (``fleet.sim.overload``): priorities, deadlines, admission control and
+        # degradation, only for the runs that have any of them.
+        self.overload: Overload | None = None
+        if (
+            self.prio_on
+            or self.deadline_on
+            or any(p.admission.enabled or p.degrade is not None for p in fleet.pools)
+        ):
+            self.overload = Overload(self)
+            for p in self.pools:
+                p.gate = PoolGate(self, p)
+        self._gated = self.overload is not None and self.overload.gated
+        self._stream_cls: list[tuple[Any, float, random.Random]] = []
         # per task
         self.submitted = 0
         self.recorded = 0
@@ -534,6 +575,19 @@ class Simulation:
             self._stream_hints.append(
                 (kinds, st.affinity_keys or None, random.Random(f"{self._seed_key}/hints/{i}"))
             )
+            prios = None
+            if st.priorities:
+                prios = (
+                    list(st.priorities),
+                    list(itertools.accumulate(st.priorities.values())),
+                )
+            self._stream_cls.append(
+                (
+                    prios,
+                    math.inf if st.deadline_s is None else st.deadline_s,
+                    random.Random(f"{self._seed_key}/priorities/{i}"),
+                )
+            )
             first = stream.next_after(0.0)
             if first is not None and first <= self._duration:
                 self._open_streams += 1
@@ -542,6 +596,8 @@ class Simulation:
             self._arrivals_over(0.0)
         for c in self.components:
             c.attach(self)
+        if self.overload is not None:
+            self.overload.start()
         for p in self.pools:
             for _ in range(p.target):
                 a = self._new_agent(p)
@@ -687,9 +743,29 @@ class Simulation:
             self.finished = True
 
     def _on_arrival(self, i: int, t: float) -> None:
-        if self.submitted >= self._max_tasks:
+        if self.offered >= self._max_tasks:
             return  # another stream reached the cap first; this one is closed already
+        self.offered += 1
         stream, p, picker = self._streams[i]
+        if self.overload is not None:
+            prios, rel, crng = self._stream_cls[i]
+            prio = 0
+            if prios is not None:
+                prio = prios[0][bisect.bisect_right(prios[1], crng.random() * prios[1][-1])]
+            deadline = t + rel
+            cls = self.class_of[prio]
+            if self._gated:
+                q = self.overload.admit(p, prio, deadline, cls)
+                if q is None:  # refused at the door: never queued
+                    self._next_arrival(i, stream, t)
+                    return
+                p = q
+            else:
+                p.gate.offered[cls] += 1
+            if self.prio_on:
+                self.task_prio.append(prio)
+            if self.deadline_on:
+                self.task_deadline.append(deadline)
         tid = self.submitted
         self.submitted = tid + 1
         self.submit_t.append(t)
@@ -715,12 +791,15 @@ class Simulation:
         p.queue.append(tid)
         if p.free_hosts:
             self._dispatch(p, t)
+        self._next_arrival(i, stream, t)
+
+    def _next_arrival(self, i: int, stream: Any, t: float) -> None:
         nt = stream.next_after(t)
-        if nt is not None and nt <= self._duration and self.submitted < self._max_tasks:
+        if nt is not None and nt <= self._duration and self.offered < self._max_tasks:
             heapq.heappush(self._arrivals, (nt, i))
         else:
             self._open_streams -= 1
-            if self._open_streams == 0 or self.submitted >= self._max_tasks:
+            if self._open_streams == 0 or self.offered >= self._max_tasks:
                 self._open_streams = 0
                 self._arrivals_over(t)
 
@@ -747,6 +826,7 @@ class Simulation:
         deliveries, start_t = self.deliveries, self.start_t
         timeout = self.task_timeout_s
         push = heapq.heappush
+        deadlines = self.task_deadline if self.deadline_on else None
         while q and free_hosts:
             if len(free_hosts) == 1:
                 h = free_hosts[0]
@@ -769,6 +849,11 @@ class Simulation:
             p.calls += 1
             sent = 0
             while sent < n and q:
+                if deadlines is not None and deadlines[q[0]] <= now:
+                    # Past its deadline: the queue drops it (as live, at lease).
+                    p.gate.dropped += 1
+                    self._record(q.popleft(), DEADLINE_EXCEEDED, now)
+                    continue
                 i = place(hint(p, q[0]) if hint is not None else None)
                 if i is None:
                     break
@@ -886,6 +971,8 @@ class Simulation:
                 p.waits.append(start - sub)
                 self.ten_n[ten] += 1
                 self.ten_lat[ten] += lat
+            if self.overload is not None:
+                self.overload.outcome(p, tid, code == OK, t)
             if self.arrivals_done and self.recorded == self.submitted:
                 self.finished = True
         if self._outcome_hooks:
@@ -944,6 +1031,8 @@ class Simulation:
             p.waits.append(self.start_t[tid] - sub)
             self.ten_n[ten] += 1
             self.ten_lat[ten] += lat
+        if self.overload is not None:
+            self.overload.outcome(p, tid, code == OK, t)
         if self.arrivals_done and self.recorded == self.submitted:
             self.finished = True
 
@@ -1156,8 +1245,10 @@ class Simulation:
 
     # -- autoscaling -------------------------------------------------------------------
     def _on_control(self, p: PoolRun, t: float) -> None:
+        # Admission's load and the degrade rule first: refusals are demand for agents.
+        shed = self.overload.tick(p, t) if self._gated else 0
         decision, p.scale_state = decide(
-            p.scaling, ScalingInput(t, p.target, len(p.queue), p.held), p.scale_state
+            p.scaling, ScalingInput(t, p.target, len(p.queue), p.held, shed), p.scale_state
         )
         p.c_t.append(t)
         p.c_target.append(decision.agents)

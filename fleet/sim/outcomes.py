@@ -4,6 +4,8 @@ the reasons they stand for in reports."""
 from __future__ import annotations
 
 OK, ERROR, TIMEOUT, MAX_DELIVERIES, MAX_ATTEMPTS, RETRY_BUDGET = 1, 2, 3, 4, 5, 6
+# Dropped by the queue when the dispatcher met it past its deadline (no agent time).
+DEADLINE_EXCEEDED = 7
 # The host core's final retry verdicts that replace a failure's own reason.
 VERDICT_CODES = {"max_attempts": MAX_ATTEMPTS, "retry_budget_exhausted": RETRY_BUDGET}
 REASONS = {
@@ -12,4 +14,5 @@ REASONS = {
     MAX_DELIVERIES: "max_deliveries",
     MAX_ATTEMPTS: "max_attempts",
     RETRY_BUDGET: "retry_budget_exhausted",
+    DEADLINE_EXCEEDED: "deadline_exceeded",
 }

@@ -264,6 +264,8 @@ def build_report(sim: Simulation) -> dict[str, Any]:
     ten_sub = Counter(sim.task_tenant)
 
     pools: dict[str, Any] = {}
+    # The arrivals' span: the scenario's duration, or the last arrival's time.
+    arrivals_s = sc.duration_s if sc.duration_s is not None else max(sim.submit_t, default=0.0)
     all_lat: list[float] = []
     all_wait: list[float] = []
     stretches: list[float] = []
@@ -336,6 +338,8 @@ def build_report(sim: Simulation) -> dict[str, Any]:
             "autoscaler": check_autoscaler(p),
             **resilience_report(p),
         }
+        if sim.overload is not None:
+            pools[p.name]["overload"] = sim.overload.report(p, arrivals_s)
     all_lat.sort()
     all_wait.sort()
     recorded = submitted - lost
@@ -459,6 +463,20 @@ def _targets(sc: Any, r: dict[str, Any]) -> tuple[dict[str, Any], bool]:
             out[f"pools.{name}.p99_latency_s"] = _target(
                 pt.p99_latency_s, r["pools"][name]["latency_s"]["p99"]
             )
+        # Per class (a run with priorities, deadlines or admission: ``overload``); a
+        # class that offered nothing has no value and misses its target.
+        per_class = r["pools"][name].get("overload", {}).get("classes", {})
+        for cls, ct in pt.classes.items():
+            c = per_class.get(cls)
+            key = f"pools.{name}.classes.{cls}"
+            if ct.p99_latency_s is not None:
+                out[f"{key}.p99_latency_s"] = _target(
+                    ct.p99_latency_s, c["latency_s"]["p99"] if c else None
+                )
+            if ct.max_shed_share is not None:
+                out[f"{key}.shed_share"] = _target(
+                    ct.max_shed_share, c["shed_share"] if c else None
+                )
     return out, all(v["met"] for v in out.values())
 
 

@@ -33,6 +33,7 @@ from pydantic import (
 from fleet.agents.llm import LatencyModel
 from fleet.spec import FleetSpec, SpecError, load_spec
 from fleet.spec._base import SpecModel
+from fleet.task import MAX_PRIORITY
 
 DEFAULT_RATE_STEP_S = 1.0
 DEFAULT_RESTART_DELAY_S = 5.0
@@ -338,13 +339,22 @@ class StreamSpec(_Model):
     For task-aware routers: ``task_types`` maps a task type (``payload["type"]`` live)
     to its share of the stream's tasks (weights; untyped tasks have the pool's
     capability as their type, as live); ``affinity_keys``: each task carries one of
-    this many affinity keys, drawn uniformly (0: none)."""
+    this many affinity keys, drawn uniformly (0: none).
+
+    For overload (``fleet.sim.overload``): ``priorities`` maps a task priority (0-9,
+    the task's ``priority``; its class is the fleet's ``budgets.priority_classes``) to
+    its share of the stream's tasks (weights; without it every task has priority 0);
+    ``deadline_s``: each task's deadline, that long after it arrives (none without it)."""
 
     pool: str
     arrivals: ArrivalsSpec
     tenants: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     task_types: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     affinity_keys: int = Field(default=0, ge=0)
+    priorities: dict[
+        Annotated[int, Field(ge=0, le=MAX_PRIORITY)], Annotated[float, Field(gt=0)]
+    ] = Field(default_factory=dict)
+    deadline_s: float | None = Field(default=None, gt=0)
 
 
 # -- pool behaviour ----------------------------------------------------------------------
@@ -458,8 +468,17 @@ class ChaosSpec(_Model):
 
 
 # -- targets -----------------------------------------------------------------------------
+class ClassTargets(_Model):
+    """Targets for one priority class of a pool (``budgets.priority_classes``): the p99
+    latency of its completed tasks and the largest share of it admission may refuse."""
+
+    p99_latency_s: float | None = Field(default=None, gt=0)
+    max_shed_share: float | None = Field(default=None, ge=0, le=1)
+
+
 class PoolTargets(_Model):
     p99_latency_s: float | None = Field(default=None, gt=0)
+    classes: dict[str, ClassTargets] = Field(default_factory=dict)
 
 
 class Targets(_Model):
@@ -539,11 +558,18 @@ class Scenario(_Model):
                         f"chaos.{section}.{i}.pool: {c.pool!r} is not a pool of the "
                         f"fleet ({known})"
                     )
-        for name in self.targets.pools:
+        classes = self.fleet.budgets.class_names
+        for name, pt in self.targets.pools.items():
             if name not in names:
                 errs.append(
                     f"targets.pools.{name}: {name!r} is not a pool of the fleet ({known})"
                 )
+            for cls in pt.classes:
+                if cls not in classes:
+                    errs.append(
+                        f"targets.pools.{name}.classes.{cls}: {cls!r} is not a priority "
+                        f"class of the fleet ({', '.join(classes)})"
+                    )
         open_ended = [
             i for i, st in enumerate(self.workload) if isinstance(st.arrivals, PoissonArrivals)
         ]

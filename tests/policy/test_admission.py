@@ -12,10 +12,13 @@ from fleet.policy.admission import (
     LEVELS,
     SHED,
     UNAVAILABLE,
+    UNREACHABLE,
     Admission,
     AdmissionRule,
     LoadEstimator,
     PoolLoad,
+    ShedDemand,
+    counts_as_demand,
 )
 from fleet.spec.admission import AdmissionSpec
 from fleet.spec.budgets import BudgetsSpec, PriorityClass
@@ -140,6 +143,20 @@ def test_a_deadline_limits_the_wait_by_the_class_share_of_the_time_left():
     assert (v.admitted, v.reason, v.retry_after_s) == (False, DEADLINE_EXCEEDED, 0.0)
     late = adm.decide("work", 9, deadline_unix_s=clock() - 0.1)
     assert (late.admitted, late.reason) == (False, DEADLINE_EXCEEDED)
+    # Both answer deadline_exceeded, but only the one whose deadline had not passed is
+    # counted as demand for agents (a bigger pool would have made its deadline).
+    assert adm.take_counts() == {
+        ("work", 9, UNREACHABLE, "none"): 1,
+        ("work", 9, DEADLINE_EXCEEDED, "none"): 1,
+    }
+    assert counts_as_demand(UNREACHABLE) and counts_as_demand(SHED)
+    assert counts_as_demand(UNAVAILABLE) and not counts_as_demand(DEADLINE_EXCEEDED)
+    assert not counts_as_demand("bulkhead")
+
+
+def test_shed_demand_is_smoothed_over_ticks():
+    demand = ShedDemand()
+    assert [demand.take(n) for n in (100, 0, 0, 100)] == [50, 25, 12, 56]
 
 
 def test_a_refusal_under_a_deadline_says_when_a_retry_would_be_admitted():

@@ -57,6 +57,7 @@ def test_shipped_scenarios_load():
     assert names == [
         "analytics-preemption.yaml",
         "black-friday.yaml",
+        "flash-sale.yaml",
         "marketplace.yaml",
         "support-desk.yaml",
     ]

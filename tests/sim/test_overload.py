@@ -1,0 +1,208 @@
+"""Overload in the simulator (``fleet.sim.overload``): priorities, deadlines, admission
+control and degradation, run by fleet's own policy objects on virtual time."""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+
+import pytest
+
+from fleet.bench.overload import simulate_level
+from fleet.sim import ScenarioError, load_scenario, parse_scenario, simulate
+from fleet.sim.overload import PriorityQueue
+
+from .helpers import pool_spec, scenario_dict
+
+SCENARIOS = Path(__file__).resolve().parents[2] / "examples" / "scenarios"
+CLASSES = [
+    {"name": "high", "min_task_priority": 7, "shed_wait_share": 1.0},
+    {"name": "normal", "min_task_priority": 4, "shed_wait_share": 0.7},
+    {"name": "low", "min_task_priority": 0, "shed_wait_share": 0.5},
+]
+
+
+def test_priority_queue_serves_the_highest_priority_first_fifo_within_one():
+    prio = bytearray([2, 8, 2, 5, 8, 0])
+    q = PriorityQueue(prio)
+    ref: deque[int] = deque()
+    for tid in range(6):
+        q.append(tid)
+        ref.append(tid)
+    assert len(q) == 6 and q and q[0] == 1
+    assert [q.popleft() for _ in range(3)] == [1, 4, 3]
+    q.appendleft(4)  # handed back: at the head of its priority again
+    assert q.by_priority() == [1, 0, 2, 0, 0, 0, 0, 0, 1, 0]
+    assert [q.popleft() for _ in range(4)] == [4, 0, 2, 5]
+    assert not q and len(q) == 0
+    with pytest.raises(IndexError):
+        q.popleft()
+    with pytest.raises(IndexError):
+        q[0]
+
+
+def _overloaded(admission: bool, discipline: str = "priority", **stream) -> dict:
+    """Ten agents of 0.1 s (100 tasks/s) offered 300 tasks/s for 20 s, three classes."""
+    return scenario_dict(
+        pools=[
+            pool_spec(
+                agents=10,
+                autoscaling={"min_agents": 10, "max_agents": 10, "control_interval_s": 0.5},
+                admission={"enabled": admission},
+            )
+        ],
+        models={"work": {"service": {"kind": "constant", "value_s": 0.1}}},
+        workload=[
+            {
+                "pool": "work",
+                "priorities": {8: 1, 5: 3, 2: 6},
+                "arrivals": {"kind": "poisson", "rate_per_s": 300},
+                **stream,
+            }
+        ],
+        fleet={"queues": {"discipline": discipline}, "budgets": {"priority_classes": CLASSES}},
+        max_tasks=None,
+        duration_s=20,
+    )
+
+
+def test_the_priority_discipline_serves_high_priorities_first_and_deadlines_drop_tasks():
+    r = simulate(parse_scenario(_overloaded(False, deadline_s=2.0)))
+    o = r["pools"]["work"]["overload"]
+    c = o["classes"]
+    # High goes first: its tasks wait for a slot only; low ones wait out their deadline.
+    assert c["high"]["latency_s"]["p99"] < 0.5
+    assert c["high"]["goodput"] == c["high"]["offered"] > 0
+    assert c["low"]["goodput"] < 0.2 * c["low"]["offered"]
+    # Past their deadline they are dropped by the queue (no agent time), never lost.
+    assert r["failed_by_reason"]["deadline_exceeded"] == o["deadline_dropped"] > 1000
+    assert r["lost"] == 0 and r["drained"]
+    assert r["completed"] + r["failed"] == r["submitted"] == o["offered"]
+    # FIFO (no discipline): everyone waits behind everyone, high too.
+    fifo = simulate(parse_scenario(_overloaded(False, "fifo", deadline_s=2.0)))
+    assert fifo["pools"]["work"]["overload"]["classes"]["high"]["latency_s"]["p50"] > 1.0
+
+
+def test_admission_sheds_low_first_keeps_high_and_holds_goodput():
+    on = simulate(parse_scenario(_overloaded(True, deadline_s=2.0)))
+    off = simulate(parse_scenario(_overloaded(False, deadline_s=2.0)))
+    o, f = on["pools"]["work"]["overload"], off["pools"]["work"]["overload"]
+    c = o["classes"]
+    assert c["high"]["shed_share"] == 0.0
+    assert c["low"]["shed_share"] > c["normal"]["shed_share"] > 0
+    # Refused as they would miss their deadline (not past it): demand for agents.
+    assert set(c["low"]["refused"]) <= {"shed", "deadline_unreachable"}
+    # Refused tasks were never queued: what was admitted is what was submitted.
+    assert o["admitted"] == on["submitted"] == o["offered"] - o["refused"]
+    assert on["lost"] == 0
+    # Goodput: at 3x, the admitted tasks keep the pool busy and mostly make their
+    # deadline; without admission most of the pool's time goes to tasks that miss it.
+    assert o["goodput_share"] > 0.9
+    assert f["goodput_share"] < o["goodput_share"] - 0.15
+
+
+def test_shed_demand_reaches_the_autoscaler():
+    data = _overloaded(True, deadline_s=2.0)
+    data["fleet"]["pools"][0]["autoscaling"] = {
+        "min_agents": 10,
+        "max_agents": 40,
+        "control_interval_s": 0.5,
+        "upscale_within_s": 5,
+        "target_queued_per_agent": 2,
+    }
+    r = simulate(parse_scenario(data))
+    o = r["pools"]["work"]["overload"]
+    # The pool grows toward what the offered load needs (30 agents) and stops shedding.
+    assert r["pools"]["work"]["agents"]["max"] >= 30
+    assert o["shed_share"] < 0.2
+    fixed = simulate(parse_scenario(_overloaded(True, deadline_s=2.0)))
+    assert fixed["pools"]["work"]["overload"]["shed_share"] > 2 * o["shed_share"]
+
+
+def _degrading() -> dict:
+    """``work`` (10 agents of 0.1 s) degrades to ``lite`` (10 of 0.02 s) when its
+    predicted wait passes 1 s; a 3x burst from 10 s to 30 s."""
+    return scenario_dict(
+        pools=[
+            pool_spec(
+                agents=10,
+                autoscaling={"min_agents": 10, "max_agents": 10, "control_interval_s": 0.5},
+                admission={"enabled": True},
+                degrade={"to_pool": "lite", "predicted_wait_s": 1.0, "recover_after_s": 5},
+            ),
+            pool_spec(
+                "lite",
+                agents=10,
+                autoscaling={"min_agents": 10, "max_agents": 10, "control_interval_s": 0.5},
+            ),
+        ],
+        models={
+            "work": {"service": {"kind": "constant", "value_s": 0.1}},
+            "lite": {"service": {"kind": "constant", "value_s": 0.02}},
+        },
+        workload=[
+            {
+                "pool": "work",
+                "priorities": {8: 1, 2: 9},
+                "arrivals": {
+                    "kind": "poisson",
+                    "rate_per_s": 50,
+                    "bursts": [{"start_s": 10, "duration_s": 20, "multiplier": 6}],
+                },
+            }
+        ],
+        fleet={"queues": {"discipline": "priority"}, "budgets": {"priority_classes": CLASSES}},
+        max_tasks=None,
+        duration_s=60,
+    )
+
+
+def test_degradation_sends_new_tasks_to_the_fallback_and_ends_after_the_burst():
+    r = simulate(parse_scenario(_degrading()))
+    work, lite = r["pools"]["work"]["overload"], r["pools"]["lite"]["overload"]
+    assert work["degraded"] > 0 and work["degraded"] == sum(
+        c["degraded_in"] for c in lite["classes"].values()
+    )
+    events = work["degrade_transitions"]
+    assert events[0]["event"] == "degraded" and 10 <= events[0]["t_s"] < 30
+    # It ends on its own once the burst is over (hysteresis: recover_after_s of calm).
+    assert events[-1]["event"] == "recovered" and events[-1]["t_s"] >= 30
+    assert 0 < work["degraded_s"] < 60
+    # The degraded tasks ran on the fallback and completed there.
+    assert lite["goodput"] > 0 and r["pools"]["lite"]["completed"] == sum(
+        c["completed"] for c in lite["classes"].values()
+    )
+    assert r["lost"] == 0
+    # Same seed, same report.
+    assert simulate(parse_scenario(_degrading()))["pools"] == r["pools"]
+
+
+def test_bench_simulated_side_at_five_times_capacity():
+    """The overload benchmark's simulated level (its spec, size and shares)."""
+    on = simulate_level(5, 500.0, 15.0, admission=True)
+    off = simulate_level(5, 500.0, 15.0, admission=False)
+    assert on["lost"] == off["lost"] == 0
+    assert on["classes"]["high"]["shed_share"] == 0.0
+    assert on["classes"]["low"]["shed_share"] > 0.75
+    assert on["goodput_share"] > 0.9 > off["goodput_share"] + 0.2
+
+
+def test_flash_sale_scenario_loads_with_its_class_targets():
+    sc = load_scenario(SCENARIOS / "flash-sale.yaml")
+    assert sc.targets.pools["checkout"].classes["high"].max_shed_share == 0.0
+    stream = sc.workload[0]
+    assert stream.deadline_s == 2.0 and stream.priorities == {8: 0.1, 5: 0.3, 2: 0.6}
+
+
+def test_bad_overload_input_names_the_field():
+    data = _overloaded(True)
+    data["workload"][0]["priorities"] = {12: 1}
+    with pytest.raises(ScenarioError, match=r"workload\.0\.priorities"):
+        parse_scenario(data)
+    data = _overloaded(True, deadline_s=0)
+    with pytest.raises(ScenarioError, match=r"workload\.0\.deadline_s"):
+        parse_scenario(data)
+    data = _overloaded(True)
+    data["targets"] = {"pools": {"work": {"classes": {"urgent": {"p99_latency_s": 1}}}}}
+    with pytest.raises(ScenarioError, match=r"targets\.pools\.work\.classes\.urgent"):
+        parse_scenario(data)
