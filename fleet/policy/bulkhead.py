@@ -11,10 +11,12 @@ one shard reaches that shard's share first.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fleet.spec.bulkheads import BulkheadLimits, BulkheadsSpec
+from fleet.task import MAX_PRIORITY
 
 BULKHEAD = "bulkhead"  # the reason a task refused at its tenant's max_queued is given
 
@@ -82,6 +84,27 @@ class ShardBulkhead:
             tenant=tuple(d.get("tenant", (None, None))),
             tenants={t: tuple(v) for t, v in d.get("tenants", {}).items()},
         )
+
+
+def held_back(
+    ready: Mapping[str, Sequence[int]],
+    leased: Mapping[str, int],
+    in_flight_limit: Callable[[str], int | None],
+) -> list[int]:
+    """By priority, the ready tasks their tenants' in-flight limits keep from running
+    now. ``ready``: per tenant with an in-flight limit, its ready (queued, not leased)
+    tasks by priority 0..9; ``leased``: per tenant, its tasks in flight. Of a tenant's
+    ready tasks, all but what its free room can take, highest priorities first (the
+    order they would go in). Not work ahead of other tenants' tasks: admission control
+    and the autoscaler leave it out. The queue shard and the simulator both count it so."""
+    out = [0] * (MAX_PRIORITY + 1)
+    for t, by_p in ready.items():
+        room = (in_flight_limit(t) or 0) - leased.get(t, 0)
+        for p in range(MAX_PRIORITY, -1, -1):
+            runs = min(by_p[p], max(room, 0))
+            room -= runs
+            out[p] += by_p[p] - runs
+    return out
 
 
 def pool_max_in_flight(spec: BulkheadsSpec, pool: str) -> int | None:

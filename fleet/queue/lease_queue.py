@@ -57,7 +57,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet.policy.bulkhead import ShardBulkhead
+from fleet.policy.bulkhead import ShardBulkhead, held_back
 from fleet.policy.disciplines import DisciplinePolicy, discipline_from_spec, make_discipline
 from fleet.queue._ages import SubmitTimeHistogram
 from fleet.queue.storage import QueueStorage
@@ -202,19 +202,13 @@ class _Tenants:
 
     def held_back(self) -> list[int]:
         """By priority, the ready items their tenants' in-flight shares keep from
-        running now: of a tenant's ready items, all but what its free share can take,
-        highest priorities first (the order they would go in). Not work ahead of other
-        tenants' tasks: admission control and the autoscaler leave it out."""
-        out = [0] * (MAX_PRIORITY + 1)
-        for t, pend in self.pending_p.items():
-            leased = self.leased_p.get(t)
-            room = (self.rule.in_flight_limit(t) or 0) - self.leased.get(t, 0)
-            for p in range(MAX_PRIORITY, -1, -1):
-                ready = pend[p] - (leased[p] if leased else 0)
-                runs = min(ready, max(room, 0))
-                room -= runs
-                out[p] += ready - runs
-        return out
+        running now (``fleet.policy.bulkhead.held_back``)."""
+        zero = [0] * (MAX_PRIORITY + 1)
+        ready = {
+            t: [n - m for n, m in zip(pend, self.leased_p.get(t, zero))]
+            for t, pend in self.pending_p.items()
+        }
+        return held_back(ready, self.leased, self.rule.in_flight_limit)
 
     def at_limit(self, item_id: str) -> bool:
         """Whether the item's tenant has its in-flight share leased."""

@@ -104,6 +104,9 @@ POLICY_SEAMS: dict[str, str] = {
         "(fleet.sim.overload)"
     ),
     "fleet.policy.degrade": "driven: every control interval (fleet.sim.overload)",
-    "fleet.policy.bulkhead": "not simulated: tenant and pool bulkheads",
+    "fleet.policy.bulkhead": (
+        "driven: pool and tenant limits at every arrival and dispatch, held-back tasks "
+        "every control interval (fleet.sim.overload)"
+    ),
     "fleet.policy.preemption": "not simulated: compute preemption",
 }

@@ -470,6 +470,7 @@ class Simulation:
             self.prio_on
             or self.deadline_on
             or any(p.admission.enabled or p.degrade is not None for p in fleet.pools)
+            or fleet.bulkheads.configured
         ):
             self.overload = Overload(self)
             for p in self.pools:
@@ -747,6 +748,9 @@ class Simulation:
             return  # another stream reached the cap first; this one is closed already
         self.offered += 1
         stream, p, picker = self._streams[i]
+        ten = picker.single
+        if ten is None:
+            ten = picker.pick()
         if self.overload is not None:
             prios, rel, crng = self._stream_cls[i]
             prio = 0
@@ -755,7 +759,7 @@ class Simulation:
             deadline = t + rel
             cls = self.class_of[prio]
             if self._gated:
-                q = self.overload.admit(p, prio, deadline, cls)
+                q = self.overload.admit(p, prio, deadline, cls, ten)
                 if q is None:  # refused at the door: never queued
                     self._next_arrival(i, stream, t)
                     return
@@ -771,9 +775,6 @@ class Simulation:
         self.submit_t.append(t)
         self.start_t.append(t)
         self.task_pool.append(p.idx)
-        ten = picker.single
-        if ten is None:
-            ten = picker.pick()
         self.task_tenant.append(ten)
         self.deliveries.append(0)
         self.outcome.append(0)
@@ -789,6 +790,8 @@ class Simulation:
                 self.task_keys.append(hrng.randrange(n_keys) if n_keys else -1)
         p.arr_bucket += 1
         p.queue.append(tid)
+        if p.gate is not None and p.gate.bh is not None:
+            p.gate.queued(tid)
         if p.free_hosts:
             self._dispatch(p, t)
         self._next_arrival(i, stream, t)
@@ -827,6 +830,9 @@ class Simulation:
         timeout = self.task_timeout_s
         push = heapq.heappush
         deadlines = self.task_deadline if self.deadline_on else None
+        # Bulkheads (fleet.sim.overload.PoolGate): the pool's in-flight cap, and tenants
+        # held back at their in-flight limit.
+        bh = p.gate.bh if p.gate is not None and p.gate.bh_in_flight else None
         while q and free_hosts:
             if len(free_hosts) == 1:
                 h = free_hosts[0]
@@ -844,6 +850,8 @@ class Simulation:
                 if len(q) == 1
                 else batch_size(spec, len(q), core.slots.free_slots, item_bytes)
             )
+            if bh is not None:
+                n = min(n, p.gate.room(p))
             if n <= 0:
                 return
             p.calls += 1
@@ -854,10 +862,14 @@ class Simulation:
                     p.gate.dropped += 1
                     self._record(q.popleft(), DEADLINE_EXCEEDED, now)
                     continue
+                if bh is not None and p.gate.park(q):
+                    continue  # its tenant has its in-flight limit leased: held back
                 i = place(hint(p, q[0]) if hint is not None else None)
                 if i is None:
                     break
                 tid = q.popleft()
+                if bh is not None:
+                    p.gate.leased_one(tid)
                 sent += 1
                 # The agent now holds the task (place took the slot), running or in its
                 # local queue.
@@ -934,6 +946,8 @@ class Simulation:
         if code == OK and a.fail_p and p.rng_fail.random() < a.fail_p:
             code = ERROR
         ok = code == OK
+        if p.gate is not None and p.gate.bh_in_flight:
+            p.gate.unleased(tid, p.queue)
         # The host core learns from it (latency EWMA, breaker, router) and frees the slot.
         h = a.host
         h.core.done(a.index, ok, svc, self._kind(p, tid) if p.hinted else None)
@@ -1132,6 +1146,9 @@ class Simulation:
         if not tids:
             return
         tids.sort()
+        if p.gate is not None and p.gate.bh_in_flight:
+            for tid in tids:
+                p.gate.unleased(tid, p.queue)
         limit = self.max_deliveries
         for tid in reversed(tids):
             if self.deliveries[tid] >= limit:
@@ -1246,9 +1263,11 @@ class Simulation:
     # -- autoscaling -------------------------------------------------------------------
     def _on_control(self, p: PoolRun, t: float) -> None:
         # Admission's load and the degrade rule first: refusals are demand for agents.
-        shed = self.overload.tick(p, t) if self._gated else 0
+        depth, shed = len(p.queue), 0
+        if self._gated:
+            shed, depth = self.overload.tick(p, t)
         decision, p.scale_state = decide(
-            p.scaling, ScalingInput(t, p.target, len(p.queue), p.held, shed), p.scale_state
+            p.scaling, ScalingInput(t, p.target, depth, p.held, shed), p.scale_state
         )
         p.c_t.append(t)
         p.c_target.append(decision.agents)
@@ -1369,6 +1388,8 @@ class Simulation:
         n = 0
         for p in self.pools:
             n += len(p.queue) + p.held + len(p.partition_buffer) + p.retry_wait
+            if p.gate is not None:
+                n += p.gate.parked_now
         return n
 
     def report(self) -> dict[str, Any]:

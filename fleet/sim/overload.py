@@ -17,6 +17,13 @@ What runs here is fleet's own policy objects, on virtual time:
   predicted wait of its load, its error rate since the last interval and its share of
   ejected agents; while a rule holds, arrivals for the pool go to its fallback
   (``fallback_of``), are decided by the fallback's admission and marked degraded.
+- ``fleet.policy.bulkhead``: a pool's ``max_queued`` and ``max_in_flight`` and each
+  tenant's limits (``ShardBulkhead`` of a one-shard pool: the whole limit). A new task
+  of a tenant at its queued limit is refused (``bulkhead``; at the pool's, ``full``) and
+  its admission withdrawn; the dispatcher holds a tenant's task back (parks it) while
+  the tenant has its in-flight limit running, and hands it back to the queue's head as
+  one of its runs ends; held-back tasks are left out of admission's load and the
+  autoscaler's depth (``held_back``), as the controller does.
 - the ``priority`` queue discipline (``PriorityQueue``): higher priorities first, FIFO
   within one, as the live shard's. Tasks whose deadline passed are dropped when the
   dispatcher meets them (outcome ``deadline_exceeded``, no agent time), as the live
@@ -25,7 +32,8 @@ What runs here is fleet's own policy objects, on virtual time:
 Differences from live, besides those of the simulator (``fleet/sim/README.md``): one
 entry point (no ``EntryShares``), the load's figures are exact rather than a tick
 late, busy slot-seconds are counted when an execution ends (live: the dispatcher's
-integral of tasks in flight), a pool is never ``down``, and bulkheads are not simulated.
+integral of tasks in flight), a pool is never ``down``, and compute preemption is not
+simulated.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from fleet.policy.admission import (
     counts_as_demand,
     predicted_wait_s,
 )
+from fleet.policy.bulkhead import BULKHEAD, ShardBulkhead, held_back, pool_max_in_flight
 from fleet.policy.degrade import Degrader, DegradeSignals, fallback_of
 from fleet.queue.lease_queue import SWEEP_INTERVAL_S
 from fleet.sim.outcomes import DEADLINE_EXCEEDED as DEADLINE_CODE
@@ -52,6 +61,8 @@ from fleet.spec.queues import Discipline
 
 if TYPE_CHECKING:
     from fleet.sim.engine import PoolRun, Simulation
+
+FULL = "full"  # refused at the pool's bulkhead max_queued (live: the shard is full)
 
 
 class PriorityQueue:
@@ -117,6 +128,7 @@ class PoolGate:
         spec = p.spec
         budgets = sim.scenario.fleet.budgets
         self.rule = AdmissionRule.of(spec.admission, budgets)
+        self.rule_pool: str = spec.name
         self.estimator = LoadEstimator()
         self.degrader = Degrader(spec.name, spec.degrade) if spec.degrade else None
         self.shed_demand = ShedDemand()
@@ -139,6 +151,108 @@ class PoolGate:
         self.degraded_s = 0.0  # time a degrade rule held
         self.degraded_since: float | None = None
         self.transitions: list[dict[str, Any]] = []
+        # Bulkheads (``bulkheads:``): the pool's limits and every tenant's, as one shard
+        # of one enforces them (the simulated pool has one queue: the whole limit).
+        self.sim = sim
+        bulkheads = sim.scenario.fleet.bulkheads
+        bh = ShardBulkhead.of(bulkheads, spec.name, 1, 0)
+        self.cap = pool_max_in_flight(bulkheads, spec.name)
+        self.bh: ShardBulkhead | None = (
+            bh if bh.limits_tenants or bh.max_queued is not None or self.cap else None
+        )
+        self.bh_in_flight = self.bh is not None and (
+            self.cap is not None
+            or any(lim[1] is not None for lim in (bh.tenant, *bh.tenants.values()))
+        )
+        self.pending_t: dict[str, int] = {}  # per tenant: queued, held or parked
+        self.leased_t: dict[str, int] = {}  # per tenant: held by agents
+        self.peak_leased_t: dict[str, int] = {}
+        self.parked: dict[str, deque[int]] = {}  # per tenant: held back at its limit
+        self.parked_now = 0
+        self.parked_total = 0
+        self.refused_t: dict[str, int] = {}  # per tenant: refused at its max_queued
+
+    # -- bulkheads (engine hooks; only with ``bh``) -------------------------------------
+    def tenant(self, tid: int) -> str:
+        sim = self.sim
+        return sim.tenants[sim.task_tenant[tid]][0]
+
+    def refuses(self, tenant: str) -> str | None:
+        """Why a new task of ``tenant`` cannot be queued here (None: it can): the
+        pool's ``max_queued`` (``full``) or the tenant's (``bulkhead``)."""
+        bh = self.bh
+        assert bh is not None
+        if bh.max_queued is not None and sum(self.pending_t.values()) >= bh.max_queued:
+            return FULL
+        lim = bh.queued_limit(tenant)
+        if lim is not None and self.pending_t.get(tenant, 0) >= lim:
+            return BULKHEAD
+        return None
+
+    def queued(self, tid: int) -> None:
+        t = self.tenant(tid)
+        self.pending_t[t] = self.pending_t.get(t, 0) + 1
+
+    def recorded(self, tid: int) -> None:
+        t = self.tenant(tid)
+        self.pending_t[t] -= 1
+
+    def room(self, p: PoolRun) -> int:
+        """Tasks the dispatcher may still hand out under the pool's ``max_in_flight``."""
+        return len(p.queue) if self.cap is None else self.cap - p.held
+
+    def park(self, q: Any) -> bool:
+        """Hold the queue's head back if its tenant has its in-flight limit leased."""
+        tid = q[0]
+        t = self.tenant(tid)
+        assert self.bh is not None
+        lim = self.bh.in_flight_limit(t)
+        if lim is None or self.leased_t.get(t, 0) < lim:
+            return False
+        q.popleft()
+        self.parked.setdefault(t, deque()).append(tid)
+        self.parked_now += 1
+        self.parked_total += 1
+        return True
+
+    def leased_one(self, tid: int) -> None:
+        t = self.tenant(tid)
+        n = self.leased_t[t] = self.leased_t.get(t, 0) + 1
+        if n > self.peak_leased_t.get(t, 0):
+            self.peak_leased_t[t] = n
+
+    def unleased(self, tid: int, q: Any) -> None:
+        """An execution of ``tid`` ended (or its agent handed it back): its tenant has
+        room again, and its oldest parked task goes back to the queue's head."""
+        t = self.tenant(tid)
+        self.leased_t[t] -= 1
+        parked = self.parked.get(t)
+        if parked:
+            q.appendleft(parked.popleft())
+            self.parked_now -= 1
+
+    def held_back(self, prio: bytearray | None) -> list[int]:
+        """By priority, the ready tasks tenants' in-flight limits hold back
+        (``fleet.policy.bulkhead.held_back``), from the queue and the parked tasks
+        (O(queued): once per control interval)."""
+        bh = self.bh
+        if bh is None or not self.bh_in_flight:
+            return [0] * LEVELS
+        ready: dict[str, list[int]] = {}
+        limited = {t for t in self.pending_t if bh.in_flight_limit(t) is not None}
+        if not limited:
+            return [0] * LEVELS
+        q = self.sim.pool_by_name[self.rule_pool].queue
+        dqs = q.qs if isinstance(q, PriorityQueue) else [q]
+        for dq in [*dqs, *self.parked.values()]:
+            for tid in dq:
+                t = self.tenant(tid)
+                if t in limited:
+                    by_p = ready.get(t)
+                    if by_p is None:
+                        by_p = ready[t] = [0] * LEVELS
+                    by_p[prio[tid] if prio else 0] += 1
+        return held_back(ready, self.leased_t, bh.in_flight_limit)
 
 
 class Overload:
@@ -148,7 +262,7 @@ class Overload:
         self.sim = sim
         self.admission = Admission(sim.clock)
         self.loads: dict[str, PoolLoad] = {}
-        self.gated = any(
+        self.gated = sim.scenario.fleet.bulkheads.configured or any(
             p.spec.admission.enabled or p.spec.degrade is not None for p in sim.pools
         )
 
@@ -174,11 +288,18 @@ class Overload:
                         q.n -= 1
                     p.gate.dropped += 1
                     sim._record(tid, DEADLINE_CODE, now)
+            for dq in p.gate.parked.values():  # held back by a bulkhead: pending too
+                while dq and deadline[dq[0]] <= now:
+                    p.gate.parked_now -= 1
+                    p.gate.dropped += 1
+                    sim._record(dq.popleft(), DEADLINE_CODE, now)
         if not sim.finished:
             sim.schedule(now + SWEEP_INTERVAL_S, self._sweep)
 
     # -- arrivals ----------------------------------------------------------------------
-    def admit(self, p: PoolRun, prio: int, deadline: float, cls: int) -> PoolRun | None:
+    def admit(
+        self, p: PoolRun, prio: int, deadline: float, cls: int, tenant: int
+    ) -> PoolRun | None:
         """The pool a new task of ``p`` is queued on (``p``, or its fallback while ``p``
         is degraded), or None when admission control refuses it."""
         gate = p.gate
@@ -201,7 +322,18 @@ class Overload:
         )
         if not v.admitted:
             return None
-        p.gate.admitted[prio] += 1
+        gate = p.gate
+        if gate.bh is not None:
+            why = gate.refuses(self.sim.tenants[tenant][0])
+            if why is not None:  # the shard refuses it: the admission is taken back
+                adm.withdraw(p.name, prio)
+                per = (meant or p).gate.refused[cls]
+                per[why] = per.get(why, 0) + 1
+                gate.refused_t[self.sim.tenants[tenant][0]] = (
+                    gate.refused_t.get(self.sim.tenants[tenant][0], 0) + 1
+                )
+                return None
+        gate.admitted[prio] += 1
         if meant is not None:
             meant.gate.degraded_out[cls] += 1
             p.gate.degraded_in[cls] += 1
@@ -222,6 +354,8 @@ class Overload:
         """A recorded outcome of task ``tid`` (queued on ``p``)."""
         sim = self.sim
         gate = p.gate
+        if gate.bh is not None:
+            gate.recorded(tid)
         cls = sim.class_of[sim.task_prio[tid]] if sim.prio_on else 0
         if not ok:
             return
@@ -233,11 +367,17 @@ class Overload:
             gate.lat[cls].append(t - sub)
 
     # -- control ticks -----------------------------------------------------------------
-    def tick(self, p: PoolRun, t: float) -> int:
+    def tick(self, p: PoolRun, t: float) -> tuple[int, int]:
         """``p``'s control step: publish its load, step its degrade rule; returns the
-        shed demand for its autoscaler."""
+        shed demand and the queue depth for its autoscaler. Tasks a tenant's in-flight
+        bulkhead holds back are neither demand nor work ahead of other tenants (as the
+        controller leaves out a shard's ``held_back_by_priority``)."""
         gate = p.gate
-        pending = self._pending(p)
+        held = gate.held_back(self.sim.task_prio if self.sim.prio_on else None)
+        pending = [n - h for n, h in zip(self._pending(p), held)]
+        slots = len(p.active) * p.concurrency
+        if gate.cap is not None:
+            slots = min(slots, gate.cap)
         load = gate.estimator.observe(
             gate.rule,
             t,
@@ -246,7 +386,7 @@ class Overload:
             gate.admitted,
             p.completed + p.failed - gate.dropped,
             p.busy_s,
-            len(p.active) * p.concurrency,
+            slots,
             gate.by_priority,
         )
         if gate.degrader is not None:
@@ -259,19 +399,23 @@ class Overload:
         self.admission.update(self.loads)
         self._collect()
         n, gate.shed_new = gate.shed_new, 0
-        return gate.shed_demand.take(n)
+        return gate.shed_demand.take(n), len(p.queue) + gate.parked_now - sum(held)
 
     def _pending(self, p: PoolRun) -> list[int]:
         """Tasks queued or held by the pool's agents, by priority (O(agents + held):
         once per control interval)."""
         sim = self.sim
+        gate = p.gate
         if not sim.prio_on:
-            return [len(p.queue) + p.held] + [0] * (LEVELS - 1)
+            return [len(p.queue) + p.held + gate.parked_now] + [0] * (LEVELS - 1)
         q = p.queue
         out = q.by_priority() if isinstance(q, PriorityQueue) else [0] * LEVELS
         prio = sim.task_prio
         if not isinstance(q, PriorityQueue):
             for tid in q:
+                out[prio[tid]] += 1
+        for parked in gate.parked.values():
+            for tid in parked:
                 out[prio[tid]] += 1
         for h in p.hosts:
             for a in h.core.agents:
@@ -349,7 +493,16 @@ class Overload:
         degraded_s = gate.degraded_s
         if gate.degraded_since is not None:
             degraded_s += sim.end_t - gate.degraded_since
-        return {
+        out: dict[str, Any] = {}
+        if gate.bh is not None:
+            out["bulkheads"] = {
+                "max_queued": gate.bh.max_queued,
+                "max_in_flight": gate.cap,
+                "refused_by_tenant": dict(sorted(gate.refused_t.items())),
+                "peak_in_flight_by_tenant": dict(sorted(gate.peak_leased_t.items())),
+                "held_back_total": gate.parked_total,
+            }
+        return out | {
             "admission": gate.rule.enabled,
             "offered": offered,
             "admitted": sum(gate.admitted),

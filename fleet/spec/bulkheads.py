@@ -54,6 +54,14 @@ class BulkheadsSpec(SpecModel):
         default=DEFAULT_BULKHEAD_RETRY_AFTER_S, gt=0, le=3_600, allow_inf_nan=False
     )
 
+    @property
+    def configured(self) -> bool:
+        """Whether any limit is set."""
+        limits = [*self.pools.values(), self.tenant, *self.tenants.values()]
+        return any(
+            v is not None for lim in limits for v in (lim.max_queued, lim.max_in_flight)
+        )
+
     @field_validator("tenants")
     @classmethod
     def _check_tenant_names(cls, v: dict[str, BulkheadLimits]) -> dict[str, BulkheadLimits]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.policy.bulkhead import ShardBulkhead, pool_max_in_flight, shard_share
+from fleet.policy.bulkhead import ShardBulkhead, held_back, pool_max_in_flight, shard_share
 from fleet.spec.bulkheads import BulkheadsSpec
 
 
@@ -43,3 +43,15 @@ def test_a_shard_takes_its_share_of_the_pool_every_tenant_and_named_tenants():
     assert other.max_queued is None and other.queued_limit("x") == 5
     assert pool_max_in_flight(spec, "work") == 9 and pool_max_in_flight(spec, "other") is None
     assert not ShardBulkhead.of(BulkheadsSpec(), "work", 2, 0).limits_tenants
+
+
+def test_held_back_keeps_what_a_tenants_room_cannot_take_highest_priorities_first():
+    limits = {"a": 3, "b": 10}
+    ready = {"a": [4, 0, 0, 0, 0, 2, 0, 0, 0, 0], "b": [0] * 9 + [5]}
+    # a: 1 in flight of 3, room 2: both priority-5 tasks run, the four at 0 are held
+    # back; b has room for all of its ready tasks.
+    out = held_back(ready, {"a": 1, "b": 2}, limits.get)
+    assert out == [4] + [0] * 9
+    # a tenant over its limit (a limit lowered by `fleet apply`) runs none of them
+    assert held_back(ready, {"a": 5}, limits.get) == [4, 0, 0, 0, 0, 2, 0, 0, 0, 0]
+    assert held_back({}, {"a": 5}, limits.get) == [0] * 10

@@ -206,3 +206,54 @@ def test_bad_overload_input_names_the_field():
     data["targets"] = {"pools": {"work": {"classes": {"urgent": {"p99_latency_s": 1}}}}}
     with pytest.raises(ScenarioError, match=r"targets\.pools\.work\.classes\.urgent"):
         parse_scenario(data)
+
+
+def _flooded(bulkheads: bool) -> dict:
+    """Ten agents of 0.1 s (100 tasks/s): tenant ``victim`` sends 20/s, ``flood`` 400/s;
+    with bulkheads the flood may hold 50 queued and 5 in flight."""
+    data = scenario_dict(
+        pools=[
+            pool_spec(
+                agents=10,
+                autoscaling={"min_agents": 10, "max_agents": 10, "control_interval_s": 0.5},
+            )
+        ],
+        models={"work": {"service": {"kind": "constant", "value_s": 0.1}}},
+        workload=[
+            {
+                "pool": "work",
+                "tenants": {name: 1},
+                "arrivals": {"kind": "poisson", "rate_per_s": rate},
+            }
+            for name, rate in (("victim", 20), ("flood", 400))
+        ],
+        max_tasks=None,
+        duration_s=20,
+        drain_timeout_s=600,
+    )
+    if bulkheads:
+        data["fleet"]["bulkheads"] = {
+            "tenants": {"flood": {"max_queued": 50, "max_in_flight": 5}}
+        }
+    return data
+
+
+def test_a_tenants_flood_stays_inside_its_bulkhead():
+    r = simulate(parse_scenario(_flooded(True)))
+    o = r["pools"]["work"]["overload"]
+    bh = o["bulkheads"]
+    # The flood is refused at its queued limit and never runs more than 5 at once; the
+    # victim is never refused and waits for nobody: its latency is its service time.
+    assert bh["refused_by_tenant"].keys() == {"flood"}
+    assert bh["refused_by_tenant"]["flood"] > 5000
+    assert bh["peak_in_flight_by_tenant"]["flood"] == 5
+    assert bh["held_back_total"] > 0
+    victim = r["tenants"]["work"]["victim"]
+    assert victim["completed"] == victim["submitted"] > 300
+    assert victim["mean_latency_s"] < 0.15
+    refused = [c["refused"] for c in o["classes"].values()]
+    assert refused == [{"bulkhead": bh["refused_by_tenant"]["flood"]}]
+    assert r["lost"] == 0 and r["drained"]
+    # Without the bulkhead the victim's tasks queue behind the flood.
+    off = simulate(parse_scenario(_flooded(False)))
+    assert off["tenants"]["work"]["victim"]["mean_latency_s"] > 10 * victim["mean_latency_s"]
