@@ -14,7 +14,8 @@ import yaml
 
 from tests.deploy._cluster import BIN, REPO, LocalCluster
 
-pytestmark = pytest.mark.ray
+# A minute or so on two cores: in `make test-slow`, which CI runs after `make test`.
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 JOB_TIMEOUT_S = 240
 CLI_TIMEOUT_S = 180

@@ -18,7 +18,6 @@ import sys
 
 import pytest
 
-SMALL_TASKS = 1_500
 FULL_TASKS = 20_000
 
 
@@ -60,10 +59,8 @@ def _check(report: dict, tasks: int) -> None:
     assert drain["hosts_per_node_after"] == {"worker2": report["hosts"]}
 
 
-def test_node_loss_control_kills_and_drain_on_a_multi_node_cluster():
-    _check(_node_loss(SMALL_TASKS, 600), SMALL_TASKS)
-
-
+# Full size only, in `make test-slow` (CI runs it): a second cluster of three raylets
+# takes a minute even at 1,500 tasks, which `make test` cannot spare on two cores.
 @pytest.mark.slow
 def test_node_loss_at_full_size():
     _check(_node_loss(FULL_TASKS, 1800), FULL_TASKS)

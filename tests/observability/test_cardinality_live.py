@@ -15,7 +15,8 @@ from fleet.observability.metrics import EXPORTED_PREFIX, NO_TENANT, OTHER_TENANT
 from fleet.observability.scrape import fetch, metrics_endpoints
 from tests.utils import eventually, make_spec, pool
 
-pytestmark = pytest.mark.ray
+# A minute or so on two cores: in `make test-slow`, which CI runs after `make test`.
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 FLEET, NS, POOL = "cardfleet", "fleet-card", "cardwork"
 AGENTS, HOSTS, TASKS, REPLACEMENTS = 500, 2, 10_000, 3

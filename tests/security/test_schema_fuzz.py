@@ -28,7 +28,7 @@ from tests.utils import make_spec, pool
 
 pytestmark = pytest.mark.ray
 
-EXAMPLES = 25
+EXAMPLES = 12
 PUBLIC = {("GET", "/healthz")}
 
 
