@@ -257,3 +257,18 @@ def test_a_tenants_flood_stays_inside_its_bulkhead():
     # Without the bulkhead the victim's tasks queue behind the flood.
     off = simulate(parse_scenario(_flooded(False)))
     assert off["tenants"]["work"]["victim"]["mean_latency_s"] > 10 * victim["mean_latency_s"]
+
+
+@pytest.mark.slow
+def test_the_flash_sale_meets_its_targets_and_degrades_during_the_sale():
+    """The shipped scenario at full size (about 720,000 arrivals: seconds of CPU)."""
+    r = simulate(load_scenario(SCENARIOS / "flash-sale.yaml"))
+    assert r["targets_met"], r["targets"]
+    checkout = r["pools"]["checkout"]["overload"]
+    assert checkout["classes"]["high"]["shed_share"] == 0.0
+    assert checkout["classes"]["low"]["shed_share"] > 0.5
+    assert 0 < checkout["degraded_share"] < 0.5
+    events = checkout["degrade_transitions"]
+    assert events[0]["event"] == "degraded" and 60 <= events[0]["t_s"] < 120
+    assert events[-1]["event"] == "recovered"
+    assert r["lost"] == 0 and r["drained"]
