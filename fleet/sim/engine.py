@@ -1016,7 +1016,14 @@ class Simulation:
             core.first_attempts(h.firsts)
             h.firsts = 0
         reason = "timeout" if code == TIMEOUT else "error"
-        r = core.decide_retry(max(1, self.deliveries[tid]), reason, p.error_text)
+        # A task with a deadline: the core retries only what can start before it.
+        left = self.task_deadline[tid] - t if self.deadline_on else math.inf
+        r = core.decide_retry(
+            max(1, self.deliveries[tid]),
+            reason,
+            p.error_text,
+            None if math.isinf(left) else left,
+        )
         if r.delay_s is not None:
             self.requeue_after(p, tid, t + r.delay_s)
             return 0

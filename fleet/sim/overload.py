@@ -26,8 +26,9 @@ What runs here is fleet's own policy objects, on virtual time:
   autoscaler's depth (``held_back``), as the controller does.
 - the ``priority`` queue discipline (``PriorityQueue``): higher priorities first, FIFO
   within one, as the live shard's. Tasks whose deadline passed are dropped when the
-  dispatcher meets them (outcome ``deadline_exceeded``, no agent time), as the live
-  queue drops them at lease.
+  dispatcher meets them and by a sweep (outcome ``deadline_exceeded``, no agent time),
+  as the live queue drops them at lease and in its sweep; a failed task's time left
+  goes to the host core's retry decision (the engine's ``_after_failure``).
 
 Differences from live, besides those of the simulator (``fleet/sim/README.md``): one
 entry point (no ``EntryShares``), the load's figures are exact rather than a tick

@@ -272,3 +272,41 @@ def test_the_flash_sale_meets_its_targets_and_degrades_during_the_sale():
     assert events[0]["event"] == "degraded" and 60 <= events[0]["t_s"] < 120
     assert events[-1]["event"] == "recovered"
     assert r["lost"] == 0 and r["drained"]
+
+
+def test_a_failed_task_is_retried_only_if_its_retry_can_start_before_its_deadline():
+    """Deadlines reach the host core's retry decision (``decide_retry(time_left_s)``),
+    as live: with 1 s backoffs and 0.5 s deadlines no failure is retried."""
+
+    def run(deadline_s: float | None) -> dict:
+        stream = {"deadline_s": deadline_s} if deadline_s else {}
+        data = scenario_dict(
+            models={
+                "work": {
+                    "service": {"kind": "constant", "value_s": 0.05},
+                    "failures": {"task_failure_prob": 0.3},
+                }
+            },
+            workload=[
+                {"pool": "work", "arrivals": {"kind": "poisson", "rate_per_s": 20}, **stream}
+            ],
+            fleet={
+                "resilience": {
+                    "retry": {
+                        "initial_backoff_s": 1.0,
+                        "max_backoff_s": 1.0,
+                        "jitter_ratio": 0,
+                        "budget_ratio": 1.0,
+                    }
+                }
+            },
+        )
+        return simulate(parse_scenario(data))
+
+    late = run(0.5)
+    assert late["failed_by_reason"].keys() == {"deadline"}
+    assert 200 < late["failed_by_reason"]["deadline"] < 400  # 30% of 1,000, no retries
+    free = run(None)
+    assert "deadline" not in free["failed_by_reason"]
+    assert free["failed"] < late["failed"] / 5  # retried, most of them succeed
+    assert late["lost"] == free["lost"] == 0
