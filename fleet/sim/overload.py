@@ -87,18 +87,18 @@ class PriorityQueue:
         return self.n > 0
 
     def append(self, tid: int) -> None:
-        p = self.prio[tid]
-        self.qs[p].append(tid)
-        self.n += 1
-        if p > self.top:
-            self.top = p
+        self._add(tid).append(tid)
 
     def appendleft(self, tid: int) -> None:
+        self._add(tid).appendleft(tid)
+
+    def _add(self, tid: int) -> deque[int]:
+        """The FIFO of ``tid``'s priority, counted as holding one more task."""
         p = self.prio[tid]
-        self.qs[p].appendleft(tid)
         self.n += 1
         if p > self.top:
             self.top = p
+        return self.qs[p]
 
     def _head(self) -> deque[int]:
         qs, top = self.qs, self.top

@@ -41,16 +41,16 @@ def test_priority_queue_serves_the_highest_priority_first_fifo_within_one():
         q[0]
 
 
+def _pinned(name: str, **kw) -> dict:
+    """A pool of ten agents, autoscaling pinned, ticking every 0.5 s."""
+    auto = {"min_agents": 10, "max_agents": 10, "control_interval_s": 0.5}
+    return pool_spec(name, agents=10, autoscaling=auto, **kw)
+
+
 def _overloaded(admission: bool, discipline: str = "priority", **stream) -> dict:
     """Ten agents of 0.1 s (100 tasks/s) offered 300 tasks/s for 20 s, three classes."""
     return scenario_dict(
-        pools=[
-            pool_spec(
-                agents=10,
-                autoscaling={"min_agents": 10, "max_agents": 10, "control_interval_s": 0.5},
-                admission={"enabled": admission},
-            )
-        ],
+        pools=[_pinned("work", admission={"enabled": admission})],
         models={"work": {"service": {"kind": "constant", "value_s": 0.1}}},
         workload=[
             {
@@ -124,17 +124,12 @@ def _degrading() -> dict:
     predicted wait passes 1 s; a 3x burst from 10 s to 30 s."""
     return scenario_dict(
         pools=[
-            pool_spec(
-                agents=10,
-                autoscaling={"min_agents": 10, "max_agents": 10, "control_interval_s": 0.5},
+            _pinned(
+                "work",
                 admission={"enabled": True},
                 degrade={"to_pool": "lite", "predicted_wait_s": 1.0, "recover_after_s": 5},
             ),
-            pool_spec(
-                "lite",
-                agents=10,
-                autoscaling={"min_agents": 10, "max_agents": 10, "control_interval_s": 0.5},
-            ),
+            _pinned("lite"),
         ],
         models={
             "work": {"service": {"kind": "constant", "value_s": 0.1}},
@@ -212,12 +207,7 @@ def _flooded(bulkheads: bool) -> dict:
     """Ten agents of 0.1 s (100 tasks/s): tenant ``victim`` sends 20/s, ``flood`` 400/s;
     with bulkheads the flood may hold 50 queued and 5 in flight."""
     data = scenario_dict(
-        pools=[
-            pool_spec(
-                agents=10,
-                autoscaling={"min_agents": 10, "max_agents": 10, "control_interval_s": 0.5},
-            )
-        ],
+        pools=[_pinned("work")],
         models={"work": {"service": {"kind": "constant", "value_s": 0.1}}},
         workload=[
             {
