@@ -37,6 +37,20 @@ def _human(r: dict[str, Any]) -> str:
             f"utilization {p['utilization']:.2f}, autoscaler {'ok' if a['ok'] else 'VIOLATED'}"
             + ("" if a["ok"] else f": {a['problems'][0]}")
         )
+        o = p.get("overload")
+        if o is not None and o["offered"]:
+            share = o["goodput_share"]
+            classes = ", ".join(
+                f"{c} {v['shed_share']:.0%}/{v['degraded_share']:.0%}"
+                for c, v in o["classes"].items()
+                if v["offered"]
+            )
+            lines.append(
+                f"    overload: offered {o['offered']}, goodput {o['goodput']}"
+                + (f" ({share:.2f} of capacity)" if share is not None else "")
+                + f", refused {o['shed_share']:.0%}, degraded {o['degraded_share']:.0%}"
+                + f"; refused/degraded by class: {classes}"
+            )
     lines.append("  targets:")
     for name, t in sorted(r["targets"].items()):
         detail = f" {t.get('value')} (target {t.get('target')})" if "target" in t else ""

@@ -300,3 +300,13 @@ def test_a_failed_task_is_retried_only_if_its_retry_can_start_before_its_deadlin
     assert "deadline" not in free["failed_by_reason"]
     assert free["failed"] < late["failed"] / 5  # retried, most of them succeed
     assert late["lost"] == free["lost"] == 0
+
+
+def test_the_human_summary_has_a_pools_overload_line():
+    from fleet.cli.simulate import _human
+
+    r = simulate(parse_scenario(_overloaded(True, deadline_s=2.0)))
+    c = r["pools"]["work"]["overload"]["classes"]
+    line = next(ln for ln in _human(r).splitlines() if "overload:" in ln)
+    assert f"offered {r['pools']['work']['overload']['offered']}" in line
+    assert f"low {c['low']['shed_share']:.0%}/0%" in line and "high 0%/0%" in line
