@@ -3,13 +3,15 @@
 Two fleets alike but for admission control (``pools[].admission.enabled``): one pool of
 ``AGENTS`` agents of ``SERVICE_S`` (50 ms) each, autoscaling pinned, a queue that serves
 higher priorities first, the durable defaults (SQLite queues and ledger), and an HTTP
-ingress each on Serve's proxy on 127.0.0.1. The pool's capacity is measured first, in
-the same sitting: a backlog of ``CAPACITY_TASKS`` tasks drained with admission control
-off, tasks per second. Then, for each load level (1x, 2x, 5x of that capacity), each
-fleet in turn is offered that load for ``LEVEL_S`` seconds in batches of ``BATCH``, half
-over HTTP (``POST /tasks``) and half through the Python API (``FleetClient.submit``),
-each task in one of three priority classes (10% high, 30% normal, 60% low) with a
-deadline ``DEADLINE_S`` after it is sent.
+ingress each on Serve's proxy on 127.0.0.1, deployed one at a time (no level runs beside
+the other fleet's idle actors). The fleet without admission control comes first: it
+measures the pool's capacity (a backlog of ``CAPACITY_TASKS`` tasks drained, tasks per
+second) and takes the levels; then the other takes them, in the same sitting. Each
+level (1x, 2x, 5x of that capacity) offers that load for ``LEVEL_S`` seconds in batches
+of ``BATCH``, half over HTTP (``POST /tasks``) and half through the Python API
+(``FleetClient.submit``), each task in one of three priority classes (10% high, 30%
+normal, 60% low) with a deadline ``DEADLINE_S`` after it is sent. Each level also runs
+in the simulator (``simulate_level``), on the same spec and the measured capacity.
 
 Per level and fleet: goodput (tasks completed within their deadline per second, over
 the measured capacity), per class the share shed and the p50/p99 latency (send to
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import statistics
 import tempfile
@@ -383,53 +386,61 @@ def run(quick: bool = False) -> dict[str, Any]:
     loadavg = os.getloadavg()
     directory = tempfile.mkdtemp(prefix="fleet-bench-overload-")
     specs = {
-        "on": _spec(directory, "bench-admit", True),
         "off": _spec(directory, "bench-noadmit", False),
+        "on": _spec(directory, "bench-admit", True),
     }
     with socket.socket() as sock:  # a free loopback port for Serve's proxy
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     start_serve(http_port=port, http=True)
     base = f"http://127.0.0.1:{port}"
-    fleets = {mode: FleetClient.start(spec) for mode, spec in specs.items()}
-    levels: list[dict[str, Any]] = []
-    try:
-        for mode, spec in specs.items():
+    runs: dict[str, dict[int, dict[str, Any]]] = {"off": {}, "on": {}}
+    capacity = 0.0
+    # One fleet at a time (off first: it measures the capacity), so that no level runs
+    # beside the other fleet's idle actors.
+    for mode, spec in specs.items():
+        fc = FleetClient.start(spec)
+        try:
             serve.run(
                 Ingress.bind(spec.name, spec.namespace),
                 name=f"{spec.name}-ingress",
                 route_prefix=f"/{mode}",
             )
-        capacity = _capacity(fleets["off"], QUICK_CAPACITY_TASKS if quick else CAPACITY_TASKS)
-        _capacity(fleets["on"], 2_000)  # warm the other fleet's hosts and drain estimate
-        for load in LEVELS:
-            row: dict[str, Any] = {"load": load}
-            for mode in ("on", "off"):
-                r = _level(
-                    fleets[mode], f"{base}/{mode}", f"{mode}{load}", load * capacity, level_s
-                )
+            if mode == "off":
+                capacity = _capacity(fc, QUICK_CAPACITY_TASKS if quick else CAPACITY_TASKS)
+            else:
+                _capacity(fc, 2_000)  # warm its hosts and its drain estimate
+            for load in LEVELS:
+                r = _level(fc, f"{base}/{mode}", f"{mode}{load}", load * capacity, level_s)
                 r["goodput_share"] = round(r["goodput_per_s"] / capacity, 3)
                 # The simulator on the same spec, size, load and measured capacity.
                 r["simulated"] = simulate_level(load, capacity, level_s, mode == "on")
-                row[mode] = r
-            # The acceptance's figures (admission on) at the top of the level's entry.
-            on = row["on"]
-            sim_share = on["simulated"]["goodput_share"]
-            row.update(
-                goodput_share=on["goodput_share"],
-                simulated_goodput_share=sim_share,
+                runs[mode][load] = r
+        finally:
+            stop_ingress_fleets([fc], os.path.join(directory, spec.name))
+    shutil.rmtree(directory, ignore_errors=True)
+    levels: list[dict[str, Any]] = []
+    for load in LEVELS:
+        on, off = runs["on"][load], runs["off"][load]
+        sim_share = on["simulated"]["goodput_share"]
+        levels.append(
+            {
+                "load": load,
+                "on": on,
+                "off": off,
+                # The acceptance's figures (admission on) at the top of the entry.
+                "goodput_share": on["goodput_share"],
+                "simulated_goodput_share": sim_share,
                 # |simulated - live| / live: the acceptance's "within 10%".
-                sim_vs_live=round(
+                "sim_vs_live": round(
                     abs(sim_share - on["goodput_share"]) / on["goodput_share"], 3
                 )
                 if on["goodput_share"]
                 else None,
-                rejection_p99_s=on["rejection_p99_s"],
-                lost=on["lost"] + row["off"]["lost"],
-            )
-            levels.append(row)
-    finally:
-        stop_ingress_fleets(fleets.values(), directory)
+                "rejection_p99_s": on["rejection_p99_s"],
+                "lost": on["lost"] + off["lost"],
+            }
+        )
     return {
         "agents": AGENTS,
         "service_s": SERVICE_S,
