@@ -458,8 +458,8 @@ def counts_as_demand(reason: str) -> bool:
 
 
 class ShedDemand:
-    """A pool's refusals that count as demand for agents (``shed`` and
-    ``unavailable``: a bigger pool could have served them), smoothed over control ticks:
+    """A pool's refusals that count as demand for agents (``counts_as_demand``: a
+    bigger pool could have served them), smoothed over control ticks:
     entry points report about once an interval each, not in step with the ticks. The
     controller and the simulator feed the autoscaler ``take(n)`` each tick."""
 

@@ -29,6 +29,25 @@ class DegradeSignals:
     ejected_share: float | None = None
 
 
+class ErrorRate:
+    """A pool's error rate since the last ``step``, from its outcome totals (the
+    controller's from the dispatcher, the simulator's own). Totals that fell (a
+    restarted dispatcher counts again from 0) count as no change. ``None``: nothing
+    finished since the last step, or no totals seen before this one."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self, done: int | None = None, failed: int | None = None):
+        self._last = None if done is None or failed is None else (done, failed)
+
+    def step(self, done: int, failed: int) -> float | None:
+        last, self._last = self._last, (done, failed)
+        if last is None:
+            return None
+        d_done, d_failed = max(0, done - last[0]), max(0, failed - last[1])
+        return d_failed / (d_done + d_failed) if d_done + d_failed else None
+
+
 class Degrader:
     """One pool's degradation state."""
 

@@ -48,7 +48,7 @@ from fleet.policy.admission import (
 )
 from fleet.policy.autoscaling import ScalingDecision, ScalingInput, ScalingState, decide
 from fleet.policy.bulkhead import BULKHEAD
-from fleet.policy.degrade import DEGRADED, Degrader, DegradeSignals
+from fleet.policy.degrade import DEGRADED, Degrader, DegradeSignals, ErrorRate
 from fleet.policy.queue_alerts import AlertEvaluator
 from fleet.queue.monitor import QueueMonitor
 from fleet.queue.storage import StorageError
@@ -202,7 +202,7 @@ class Controller:
         self._degraders = {
             p.name: Degrader(p.name, p.degrade) for p in self.spec.pools if p.degrade
         }
-        self._outcomes_seen: dict[str, tuple[int, int]] = {}  # pool -> (completed, failed)
+        self._error_rates = {p: ErrorRate() for p in self._degraders}  # since last tick
         self._degraded_totals: dict[str, dict[str, int]] = {}  # pool -> class -> tasks
         self._task: asyncio.Task[None] | None = None
         if restarted:  # deploy called start() once; after a Ray restart nobody does
@@ -398,12 +398,7 @@ class Controller:
         done, failed = disp.get("completed"), disp.get("failed")
         error_rate = None
         if done is not None and failed is not None:
-            done0, failed0 = self._outcomes_seen.get(pool, (done, failed))
-            self._outcomes_seen[pool] = (done, failed)
-            # The dispatcher's totals only grow; a restarted one starts again from 0.
-            d_done, d_failed = max(0, done - done0), max(0, failed - failed0)
-            if d_done + d_failed:
-                error_rate = d_failed / (d_done + d_failed)
+            error_rate = self._error_rates[pool].step(done, failed)
         agents = disp.get("active_agents") or 0
         signals = DegradeSignals(
             predicted_wait_s=None if load is None else predicted_wait_s(load, wall),

@@ -61,15 +61,8 @@ from fleet.sim.components import (
 )
 from fleet.sim.distributions import count_sampler, duration_sampler
 from fleet.sim.health import HealthRestarts
-from fleet.sim.outcomes import (
-    DEADLINE_EXCEEDED,
-    ERROR,
-    MAX_DELIVERIES,
-    OK,
-    TIMEOUT,
-    VERDICT_CODES,
-)
-from fleet.sim.overload import Overload, PoolGate, PriorityQueue
+from fleet.sim.outcomes import ERROR, MAX_DELIVERIES, OK, TIMEOUT, VERDICT_CODES
+from fleet.sim.overload import Overload, PoolGate, PriorityQueue, gates
 from fleet.sim.report import build_report
 from fleet.sim.resilience import SimBreakerLog
 from fleet.sim.scenario import ConstantDuration, PoolModel, Scenario
@@ -466,12 +459,7 @@ class Simulation:
         # Overload (``fleet.sim.overload``): priorities, deadlines, admission control and
         # degradation, only for the runs that have any of them.
         self.overload: Overload | None = None
-        if (
-            self.prio_on
-            or self.deadline_on
-            or any(p.admission.enabled or p.degrade is not None for p in fleet.pools)
-            or fleet.bulkheads.configured
-        ):
+        if self.prio_on or self.deadline_on or gates(fleet):
             self.overload = Overload(self)
             for p in self.pools:
                 p.gate = PoolGate(self, p)
@@ -859,8 +847,7 @@ class Simulation:
             while sent < n and q:
                 if deadlines is not None and deadlines[q[0]] <= now:
                     # Past its deadline: the queue drops it (as live, at lease).
-                    p.gate.dropped += 1
-                    self._record(q.popleft(), DEADLINE_EXCEEDED, now)
+                    self.overload.drop(p, q.popleft(), now)
                     continue
                 if bh is not None and p.gate.park(q):
                     continue  # its tenant has its in-flight limit leased: held back

@@ -55,7 +55,7 @@ from fleet.policy.admission import (
     predicted_wait_s,
 )
 from fleet.policy.bulkhead import BULKHEAD, ShardBulkhead, held_back, pool_max_in_flight
-from fleet.policy.degrade import Degrader, DegradeSignals, fallback_of
+from fleet.policy.degrade import Degrader, DegradeSignals, ErrorRate, fallback_of
 from fleet.queue.lease_queue import SWEEP_INTERVAL_S
 from fleet.sim.outcomes import DEADLINE_EXCEEDED as DEADLINE_CODE
 from fleet.spec.queues import Discipline
@@ -64,6 +64,32 @@ if TYPE_CHECKING:
     from fleet.sim.engine import PoolRun, Simulation
 
 FULL = "full"  # refused at the pool's bulkhead max_queued (live: the shard is full)
+
+
+def gates(fleet: Any) -> bool:
+    """Whether arrivals pass a gate: a pool's admission control or degrade rule, or a
+    bulkhead (the engine then calls ``Overload.admit`` on each)."""
+    return fleet.bulkheads.configured or any(
+        p.admission.enabled or p.degrade is not None for p in fleet.pools
+    )
+
+
+def _fifos(q: Any) -> list[deque[int]]:
+    """The FIFOs of a pool's queue: one per priority, or the queue itself."""
+    return q.qs if isinstance(q, PriorityQueue) else [q]
+
+
+def _pop_overdue(q: Any, deadline: Any, now: float) -> list[int]:
+    """Take the tasks past their deadline from the heads of ``q``'s FIFOs. Within one
+    FIFO tasks are in arrival order, so with one relative deadline per stream the
+    overdue ones are at its head: this costs what it takes."""
+    out: list[int] = []
+    for dq in _fifos(q):
+        while dq and deadline[dq[0]] <= now:
+            out.append(dq.popleft())
+    if isinstance(q, PriorityQueue):
+        q.n -= len(out)
+    return out
 
 
 class PriorityQueue:
@@ -129,7 +155,6 @@ class PoolGate:
         spec = p.spec
         budgets = sim.scenario.fleet.budgets
         self.rule = AdmissionRule.of(spec.admission, budgets)
-        self.rule_pool: str = spec.name
         self.estimator = LoadEstimator()
         self.degrader = Degrader(spec.name, spec.degrade) if spec.degrade else None
         self.shed_demand = ShedDemand()
@@ -139,7 +164,7 @@ class PoolGate:
         self.admitted = [0] * LEVELS  # tasks admitted (queued here), by priority
         self.dropped = 0  # tasks the queue dropped past their deadline (no agent time)
         self.shed_new = 0  # refusals a bigger pool could have served, since the last tick
-        self.outcomes_seen = (0, 0)
+        self.error_rate = ErrorRate(0, 0)  # since the last control tick
         # per class (index into sim.class_names)
         n = len(sim.class_names)
         self.offered = [0] * n
@@ -232,7 +257,7 @@ class PoolGate:
             q.appendleft(parked.popleft())
             self.parked_now -= 1
 
-    def held_back(self, prio: bytearray | None) -> list[int]:
+    def held_back(self, q: Any, prio: bytearray | None) -> list[int]:
         """By priority, the ready tasks tenants' in-flight limits hold back
         (``fleet.policy.bulkhead.held_back``), from the queue and the parked tasks
         (O(queued): once per control interval)."""
@@ -243,9 +268,7 @@ class PoolGate:
         limited = {t for t in self.pending_t if bh.in_flight_limit(t) is not None}
         if not limited:
             return [0] * LEVELS
-        q = self.sim.pool_by_name[self.rule_pool].queue
-        dqs = q.qs if isinstance(q, PriorityQueue) else [q]
-        for dq in [*dqs, *self.parked.values()]:
+        for dq in [*_fifos(q), *self.parked.values()]:
             for tid in dq:
                 t = self.tenant(tid)
                 if t in limited:
@@ -263,9 +286,7 @@ class Overload:
         self.sim = sim
         self.admission = Admission(sim.clock)
         self.loads: dict[str, PoolLoad] = {}
-        self.gated = sim.scenario.fleet.bulkheads.configured or any(
-            p.spec.admission.enabled or p.spec.degrade is not None for p in sim.pools
-        )
+        self.gated = gates(sim.scenario.fleet)
 
     def start(self) -> None:
         """Schedule the queues' sweeps of overdue tasks (runs with deadlines)."""
@@ -274,28 +295,25 @@ class Overload:
 
     def _sweep(self, now: float) -> None:
         """Drop the queued tasks past their deadline, as a live shard's sweep does every
-        ``SWEEP_INTERVAL_S``. Within one priority tasks are queued in arrival order, so
-        with one relative deadline per stream the overdue ones are at the head: the
-        sweep costs what it drops (the dispatcher also drops any it meets)."""
+        ``SWEEP_INTERVAL_S`` (the dispatcher also drops any it meets)."""
         sim = self.sim
         deadline = sim.task_deadline
         for p in sim.pools:
-            q = p.queue
-            dqs = q.qs if isinstance(q, PriorityQueue) else [q]
-            for dq in dqs:
-                while dq and deadline[dq[0]] <= now:
-                    tid = dq.popleft()
-                    if isinstance(q, PriorityQueue):
-                        q.n -= 1
-                    p.gate.dropped += 1
-                    sim._record(tid, DEADLINE_CODE, now)
+            for tid in _pop_overdue(p.queue, deadline, now):
+                self.drop(p, tid, now)
             for dq in p.gate.parked.values():  # held back by a bulkhead: pending too
-                while dq and deadline[dq[0]] <= now:
-                    p.gate.parked_now -= 1
-                    p.gate.dropped += 1
-                    sim._record(dq.popleft(), DEADLINE_CODE, now)
+                late = _pop_overdue(dq, deadline, now)
+                p.gate.parked_now -= len(late)
+                for tid in late:
+                    self.drop(p, tid, now)
         if not sim.finished:
             sim.schedule(now + SWEEP_INTERVAL_S, self._sweep)
+
+    def drop(self, p: PoolRun, tid: int, now: float) -> None:
+        """Task ``tid``, queued on ``p``, is past its deadline: the queue fails it with
+        ``deadline_exceeded`` (no agent time), as live."""
+        p.gate.dropped += 1
+        self.sim._record(tid, DEADLINE_CODE, now)
 
     # -- arrivals ----------------------------------------------------------------------
     def admit(
@@ -325,14 +343,13 @@ class Overload:
             return None
         gate = p.gate
         if gate.bh is not None:
-            why = gate.refuses(self.sim.tenants[tenant][0])
+            name = self.sim.tenants[tenant][0]
+            why = gate.refuses(name)
             if why is not None:  # the shard refuses it: the admission is taken back
                 adm.withdraw(p.name, prio)
                 per = (meant or p).gate.refused[cls]
                 per[why] = per.get(why, 0) + 1
-                gate.refused_t[self.sim.tenants[tenant][0]] = (
-                    gate.refused_t.get(self.sim.tenants[tenant][0], 0) + 1
-                )
+                gate.refused_t[name] = gate.refused_t.get(name, 0) + 1
                 return None
         gate.admitted[prio] += 1
         if meant is not None:
@@ -374,7 +391,7 @@ class Overload:
         bulkhead holds back are neither demand nor work ahead of other tenants (as the
         controller leaves out a shard's ``held_back_by_priority``)."""
         gate = p.gate
-        held = gate.held_back(self.sim.task_prio if self.sim.prio_on else None)
+        held = gate.held_back(p.queue, self.sim.task_prio if self.sim.prio_on else None)
         pending = [n - h for n, h in zip(self._pending(p), held)]
         slots = len(p.active) * p.concurrency
         if gate.cap is not None:
@@ -430,14 +447,11 @@ class Overload:
         gate = p.gate
         deg = gate.degrader
         assert deg is not None
-        done0, failed0 = gate.outcomes_seen
-        gate.outcomes_seen = (p.completed, p.failed - gate.dropped)
-        d_done = p.completed - done0
-        d_failed = p.failed - gate.dropped - failed0
         active = len(p.active)
         signals = DegradeSignals(
             predicted_wait_s=predicted_wait_s(load, t),
-            error_rate=d_failed / (d_done + d_failed) if d_done + d_failed else None,
+            # The agents' outcomes: the queue's deadline drops took no agent's time.
+            error_rate=gate.error_rate.step(p.completed, p.failed - gate.dropped),
             ejected_share=p.n_ejected / active if active else None,
         )
         before = deg.rule
@@ -490,6 +504,7 @@ class Overload:
             }
         good = sum(gate.good)
         offered = sum(gate.offered)
+        refused_n = sum(sum(r.values()) for r in gate.refused)
         per_s = good / arrivals_s if arrivals_s > 0 else 0.0
         degraded_s = gate.degraded_s
         if gate.degraded_since is not None:
@@ -507,10 +522,8 @@ class Overload:
             "admission": gate.rule.enabled,
             "offered": offered,
             "admitted": sum(gate.admitted),
-            "refused": sum(sum(r.values()) for r in gate.refused),
-            "shed_share": (sum(sum(r.values()) for r in gate.refused) / offered)
-            if offered
-            else 0.0,
+            "refused": refused_n,
+            "shed_share": refused_n / offered if offered else 0.0,
             "degraded": sum(gate.degraded_out),
             "degraded_share": sum(gate.degraded_out) / offered if offered else 0.0,
             "deadline_dropped": gate.dropped,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fleet.policy.admission import LEVELS, AdmissionRule, PoolLoad, predicted_wait_s
-from fleet.policy.degrade import Degrader, DegradeSignals, fallback_of
+from fleet.policy.degrade import Degrader, DegradeSignals, ErrorRate, fallback_of
 from fleet.spec.admission import AdmissionSpec
 from fleet.spec.budgets import BudgetsSpec
 from fleet.spec.degrade import DegradeSpec
@@ -62,3 +64,15 @@ def test_the_predicted_wait_signal_is_admission_controls_prediction():
     assert abs(predicted_wait_s(load, 101.0) - 4.1) < 1e-9
     unmeasured = PoolLoad(rule, 100.0, (0,) * LEVELS, None, (0.0,) * LEVELS, True)
     assert predicted_wait_s(unmeasured, 100.0) is None
+
+
+def test_error_rate_is_measured_between_steps_and_survives_a_counter_reset():
+    fresh = ErrorRate()  # no totals seen yet: the first step only sets the baseline
+    assert fresh.step(100, 10) is None
+    assert fresh.step(130, 20) == pytest.approx(10 / 40)
+    assert fresh.step(130, 20) is None  # nothing finished since
+    # A restarted dispatcher counts again from 0: a fall is no change, then it goes on.
+    assert fresh.step(5, 0) is None
+    assert fresh.step(8, 1) == pytest.approx(1 / 4)
+    since_start = ErrorRate(0, 0)  # the simulator's: from the start of the run
+    assert since_start.step(3, 1) == pytest.approx(1 / 4)
