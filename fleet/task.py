@@ -210,6 +210,10 @@ class Item(NamedTuple):
     traceparent: str | None = None
     # Sent to its pool's fallback by a degrade rule (``pools[].degrade``): the rule.
     degraded: str | None = None
+    # Times a run of it was cancelled to make room for a more urgent task (``pools[].
+    # preemption``): kept by its queue shard with the item, so a restarted dispatcher
+    # still knows when ``max_preemptions`` makes it no longer preemptible.
+    preemptions: int = 0
 
     @property
     def size_bytes(self) -> int:

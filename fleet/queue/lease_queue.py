@@ -654,8 +654,12 @@ class LeaseQueue:
             self._tenants.unleased(item)
         if self._isolated_out == i:
             self._isolated_out = None
-        if refund and item.deliveries > 0:
-            item = self._pending[i] = _with_deliveries(item, item.deliveries - 1)
+        if refund:  # preempted: the run does not count, the preemption does
+            item = self._pending[i] = item._replace(
+                deliveries=max(0, item.deliveries - 1), preemptions=item.preemptions + 1
+            )
+            if self._storage is not None:
+                self._storage.set_preemptions(i, item.preemptions)
         if item.deliveries >= self.max_deliveries:
             self._drop_failed(item)
             self.exhausted_total += 1
@@ -693,7 +697,10 @@ class LeaseQueue:
             for i in ids:
                 crashes = self._suspects.get(i, (0, 0))[0] + 1
                 self._suspects[i] = (crashes, 1 if crashes >= 2 else half)
-        return [it for i in ids if (it := self._requeue(i, refund)) is not None]
+        exhausted = [it for i in ids if (it := self._requeue(i, refund)) is not None]
+        if refund and ids and self._storage is not None:
+            self._storage.commit()  # preemption counts outlive this process (rare: cheap)
+        return exhausted
 
     def urgent(self, cutoff_unix_s: float, scan: int = 10_000) -> int | None:
         """The highest priority among ready items submitted by ``cutoff_unix_s`` (None:

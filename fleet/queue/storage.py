@@ -42,6 +42,9 @@ class QueueStorage(Protocol):
     def set_deliveries(self, item_id: str, deliveries: int) -> None:
         """Record how often an item has been delivered (may be buffered until commit)."""
 
+    def set_preemptions(self, item_id: str, preemptions: int) -> None:
+        """Record how often an item's run was preempted (may be buffered until commit)."""
+
     def commit(self) -> None:
         """Make everything written so far durable."""
 
@@ -80,6 +83,11 @@ class MemoryStorage:
         if it is not None:
             self._items[item_id] = it._replace(deliveries=deliveries)
 
+    def set_preemptions(self, item_id: str, preemptions: int) -> None:
+        it = self._items.get(item_id)
+        if it is not None:
+            self._items[item_id] = it._replace(preemptions=preemptions)
+
     def commit(self) -> None:
         pass
 
@@ -103,23 +111,30 @@ CREATE TABLE IF NOT EXISTS items (
     affinity_key TEXT,
     deliveries INTEGER NOT NULL DEFAULT 0,
     traceparent TEXT,
-    degraded TEXT
+    degraded TEXT,
+    preemptions INTEGER NOT NULL DEFAULT 0
 )
 """
 # Columns added after a release, with their type: a file made before gets them on open
-# (NULL in its old rows, which load as the Item field's default, None).
-_ADDED_COLUMNS = (("traceparent", "TEXT"), ("degraded", "TEXT"))
+# (in its old rows NULL, the Item field's default None, or the column's own default).
+_ADDED_COLUMNS = (
+    ("traceparent", "TEXT"),
+    ("degraded", "TEXT"),
+    ("preemptions", "INTEGER NOT NULL DEFAULT 0"),
+)
 # The columns after ``seq`` are Item's fields, in order (rows are built with Item(*row)).
 _INSERT = (
     "INSERT INTO items (seq, id, capability, priority, payload, submitted_unix_s,"
-    " deadline_unix_s, utility, affinity_key, deliveries, traceparent, degraded)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " deadline_unix_s, utility, affinity_key, deliveries, traceparent, degraded,"
+    " preemptions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _DELETE = "DELETE FROM items WHERE seq = ?"
 _SET_DELIVERIES = "UPDATE items SET deliveries = ? WHERE seq = ?"
+_SET_PREEMPTIONS = "UPDATE items SET preemptions = ? WHERE seq = ?"
 _SELECT = (
     "SELECT seq, id, capability, priority, payload, submitted_unix_s, deadline_unix_s,"
-    " utility, affinity_key, deliveries, traceparent, degraded FROM items ORDER BY seq"
+    " utility, affinity_key, deliveries, traceparent, degraded, preemptions FROM items"
+    " ORDER BY seq"
 )
 
 
@@ -158,6 +173,7 @@ class SqliteStorage:
         self._inserts: list[tuple] = []
         self._deletes: list[tuple[int]] = []
         self._deliveries: dict[int, int] = {}
+        self._preemptions: dict[int, int] = {}
 
     def append(self, items: Sequence[Item]) -> None:
         self._ensure_loaded()
@@ -183,8 +199,13 @@ class SqliteStorage:
         if seq is not None:
             self._deliveries[seq] = deliveries
 
+    def set_preemptions(self, item_id: str, preemptions: int) -> None:
+        seq = self._rows.get(item_id)
+        if seq is not None:
+            self._preemptions[seq] = preemptions
+
     def commit(self) -> None:
-        if not (self._inserts or self._deletes or self._deliveries):
+        if not (self._inserts or self._deletes or self._deliveries or self._preemptions):
             return
         db = self._db
         db.execute("BEGIN")
@@ -194,6 +215,10 @@ class SqliteStorage:
             if self._deliveries:
                 db.executemany(
                     _SET_DELIVERIES, [(n, seq) for seq, n in self._deliveries.items()]
+                )
+            if self._preemptions:
+                db.executemany(
+                    _SET_PREEMPTIONS, [(n, seq) for seq, n in self._preemptions.items()]
                 )
             if self._deletes:
                 db.executemany(_DELETE, self._deletes)
@@ -211,6 +236,7 @@ class SqliteStorage:
             self._inserts.clear()
             self._deletes.clear()
             self._deliveries.clear()
+            self._preemptions.clear()
 
     def _ensure_loaded(self) -> None:
         if not self._loaded:  # appending before load(): the id -> row map is needed

@@ -120,12 +120,12 @@ class _PoolState:
         self.spec = spec
         # Preemption (pools[].preemption): what runs, by id -> (task, batch id); the
         # one preemption asked and not yet sent with a progress answer to its host, and
-        # those sent whose batches still run; how often each task was preempted.
+        # those sent whose batches still run. How often a task was preempted travels
+        # with it (``Item.preemptions``, kept by its shard), not here: it outlives us.
         self.preemption = preemption
         self.running: dict[str, tuple[RunningTask, int]] = {}
         self.ask: tuple[int, str, float] | None = None  # (batch, id, asked), not yet sent
         self.preempting: set[str] = set()  # asks sent to hosts, their batches running
-        self.preemptions: dict[str, int] = {}
         self.preempted_total = 0  # runs preempted (the host cancelled them)
         # Tasks the pool's hosts completed and failed (a degrade rule's error rate).
         self.outcomes = [0, 0]
@@ -484,9 +484,6 @@ class Dispatcher:
         for i in ids:
             if held.pop(i, _NOT_HELD) != _NOT_HELD:  # None (adopted) is held
                 buf.append(i)
-        if ps.preemptions:  # finished: its count of preemptions is no longer needed
-            for i in ids:
-                ps.preemptions.pop(i, None)
         if len(buf) >= ACK_MAX_IDS:
             self._flush_acks(ps, s)
         elif buf and ps.ack_timers[s] is None:
@@ -524,7 +521,7 @@ class Dispatcher:
             sent = time.monotonic()
             for it in items:
                 ps.running[it.id] = (
-                    RunningTask(it.id, it.priority, sent, ps.preemptions.get(it.id, 0)),
+                    RunningTask(it.id, it.priority, sent, it.preemptions),
                     bid,
                 )
 
@@ -546,7 +543,7 @@ class Dispatcher:
             )
         except Exception as exc:  # host died or was removed: settle the batch now
             free()
-            self._ended(ps, bid, ids, set())
+            self._ended(ps, bid, ids)
             await self._failed(ps, s, items, exc)
             return
         # The agents are free as soon as the host replies; the ack need not hold them.
@@ -558,7 +555,7 @@ class Dispatcher:
         # Runs the host cancelled for a preemption come back with a negative delay:
         # back to the queue now, their deliveries refunded; the rest after their delay.
         cut = {i for i, d in zip(retry_ids, delays) if d < 0}
-        self._ended(ps, bid, ids, cut)
+        self._ended(ps, bid, ids)
         if cut:
             ps.preempted_total += len(cut)
             asyncio.get_running_loop().create_task(
@@ -585,9 +582,9 @@ class Dispatcher:
         ps.hosts_seen[host["host"]] = (time.monotonic(), host)
 
     @staticmethod
-    def _ended(ps: _PoolState, bid: int, ids: list[str], preempted: set[str]) -> None:
+    def _ended(ps: _PoolState, bid: int, ids: list[str]) -> None:
         """A batch ended: its items no longer run (and the preemption asked of one of
-        them, if any, is answered); those not ``preempted`` need no count of theirs."""
+        them, if any, is answered)."""
         if ps.preemption is None:
             return
         if ps.ask is not None and ps.ask[0] == bid:
@@ -595,8 +592,6 @@ class Dispatcher:
         for i in ids:
             ps.running.pop(i, None)
             ps.preempting.discard(i)
-            if i not in preempted:
-                ps.preemptions.pop(i, None)
 
     async def _requeue_preempted(self, ps: _PoolState, s: int, items: list[Item]) -> None:
         """Give preempted items back to their shard at once, their deliveries refunded
@@ -648,7 +643,6 @@ class Dispatcher:
             if victim is None:
                 continue
             ps.ask = (ps.running[victim.id][1], victim.id, now)
-            ps.preemptions[victim.id] = victim.preemptions + 1
             ps.urgent = (shard, top, now)
 
     async def _failed(

@@ -12,6 +12,7 @@ from fleet.policy.admission import (
     LEVELS,
     SHED,
     UNAVAILABLE,
+    UNMEASURED_RETRY_AFTER_S,
     UNREACHABLE,
     Admission,
     AdmissionRule,
@@ -191,9 +192,24 @@ def test_a_stale_view_admits_and_a_down_pool_refuses_as_unavailable():
     assert (v.admitted, v.reason) == (False, UNAVAILABLE) and v.retry_after_s >= 1
 
 
-def test_no_measured_rate_admits_and_refusals_are_counted_by_tenant():
+def test_a_pool_with_no_measured_rate_admits_two_rounds_of_its_slots():
+    # An idle fallback or a new pool cannot predict a wait: below the highest class it
+    # admits what two rounds of its slots would run, at or above the task's priority,
+    # and sheds the rest briefly.
     clock = FakeClock()
-    assert gate(clock, pending={0: 10**6}, drain=None).decide("work", 0).admitted
+    adm = gate(clock, pending={5: 3}, drain=None, slots=10)
+    assert [adm.decide("work", 5).admitted for _ in range(18)] == [True] * 17 + [False]
+    v = adm.decide("work", 5)
+    assert (v.reason, v.retry_after_s) == (SHED, UNMEASURED_RETRY_AFTER_S)
+    assert adm.decide("work", 6).admitted  # a higher priority: nothing is ahead of it
+    assert not gate(clock, pending={0: 10**6}, drain=None).decide("work", 0).admitted
+    # The highest class is shed last: not on a guess.
+    assert gate(clock, pending={9: 10**6}, drain=None).decide("work", 7).admitted
+    assert gate(clock, pending={}, drain=None, slots=0).decide("work", 0).admitted
+
+
+def test_refusals_are_counted_by_tenant():
+    clock = FakeClock()
     adm = gate(clock, pending={9: 10**6})
     adm.decide("work", 1, tenant="acme")
     adm.decide("work", 1, tenant=lambda: "acme")

@@ -346,6 +346,24 @@ def test_a_refunded_nack_does_not_count_the_delivery(storage_factory):
     assert got.deliveries == 2 and [it.id for it in q.nack(["a"])] == ["a"]  # exhausted
 
 
+def test_a_preemption_is_counted_on_the_item_and_outlives_its_shard(storage_factory):
+    # The count max_preemptions reads travels with the item: a restarted dispatcher
+    # (or shard) sees what the one before it did.
+    q = LeaseQueue(10, storage=storage_factory())
+    q.put([item("a")])
+    for expected in (0, 1, 2):
+        (got,) = q.lease(1, "h", 60, 0)
+        assert got.id == "a" and got.preemptions == expected
+        q.nack(["a"], [got.deliveries], refund=True)
+    (got,) = q.lease(1, "h", 60, 0)
+    q.nack(["a"], [got.deliveries])  # an ordinary retry is not a preemption
+    q.put([item("b")])
+    q.close()
+    reopened = LeaseQueue(10, storage=storage_factory())
+    counts = {it.id: (it.preemptions, it.deliveries) for it in reopened.lease(2, "h", 60, 0)}
+    assert counts == {"a": (3, 2), "b": (0, 1)}
+
+
 def test_urgent_names_the_highest_priority_ready_past_the_cutoff():
     q = LeaseQueue(10)
     q.put([item("old-low", t=1.0, priority=1), item("old-high", t=2.0, priority=8)])
@@ -371,3 +389,23 @@ def test_what_a_tenants_in_flight_share_holds_back_is_counted_by_priority():
     q.ack(["@a:0"])  # one of a's slots is free: one of its 1s may run
     assert q.stats(0).held_back_by_priority[1] == 2
     assert q.stats(0).depth == 3  # still queued all the same
+
+
+def test_a_queue_file_made_before_preemption_counts_loads_them_as_zero(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "shard.sqlite3"
+    st = SqliteStorage(path)
+    st.append([item("old")])
+    st.close()
+    db = sqlite3.connect(path)  # what the release before wrote: no preemptions column
+    db.execute("ALTER TABLE items DROP COLUMN preemptions")
+    db.commit()
+    db.close()
+    q = LeaseQueue(10, storage=SqliteStorage(path))
+    (got,) = q.lease(1, "h", 60, 0)
+    assert (got.id, got.preemptions) == ("old", 0)
+    q.nack(["old"], [got.deliveries], refund=True)
+    q.close()
+    (again,) = LeaseQueue(10, storage=SqliteStorage(path)).lease(1, "h", 60, 0)
+    assert again.preemptions == 1
