@@ -43,8 +43,9 @@ class SleepAgent(Agent):
 
 
 class PricedAgent(Agent):
-    """Sleeps ``delay_s`` and reports ``input_tokens``/``output_tokens`` of ``model``,
-    so every task has a known cost under the spec's prices (budget tests)."""
+    """Sleeps ``delay_s`` (or ``payload["sleep_s"]``) and reports ``input_tokens``/
+    ``output_tokens`` of ``model``, so every task has a known cost under the spec's
+    prices (budget tests)."""
 
     capabilities = ("priced",)
 
@@ -64,7 +65,8 @@ class PricedAgent(Agent):
         self.delay_s = delay_s
 
     async def handle(self, task: Task) -> Any:
-        await asyncio.sleep(self.delay_s)
+        p = task.payload if isinstance(task.payload, dict) else {}
+        await asyncio.sleep(float(p.get("sleep_s", self.delay_s)))
         return Reply(task.payload, self.input_tokens, self.output_tokens, self.model)
 
 

@@ -126,10 +126,13 @@ class BudgetClient:
         """Queue the settlement of ``grant`` at the task's actual usage."""
         self._settles.append(Settle(grant.reservation_id, usd, tokens, cpu_s))  # type: ignore[arg-type]
 
-    def settle_at_estimate(self, grant: Grant) -> None:
-        """Queue the settlement of a task whose usage is unknown (it failed or timed out
-        after it may have spent): count the whole estimate, never under-count."""
-        self.settle(grant, grant.estimate_usd, grant.estimate_tokens, grant.estimate_cpu_s)
+    def settle_at_estimate(self, grant: Grant, cpu_s: float | None = None) -> None:
+        """Queue the settlement of a task whose usage is unknown (it failed, timed out or
+        was preempted after it may have spent): count the whole estimate, never
+        under-count; ``cpu_s``: its CPU seconds when they are known (the estimate's
+        otherwise)."""
+        cpu = grant.estimate_cpu_s if cpu_s is None else cpu_s
+        self.settle(grant, grant.estimate_usd, grant.estimate_tokens, cpu)
 
     def release(self, grant: Grant) -> None:
         """Queue the release of a reservation whose task never ran."""

@@ -378,10 +378,11 @@ class AgentHost:
             return o
         finally:
             self.preempted.discard(cur)
-            if grant is not None:
-                gate.settle(grant, spent)
+            held_s = self.clock() - t0
+            if grant is not None:  # its agent-seconds as run, even when cut short
+                gate.settle(grant, spent, held_s)
             verdict = None if judged is None else ok
-            self.slots.hand(core.finish(cur, verdict, self.clock() - t0, kind))
+            self.slots.hand(core.finish(cur, verdict, held_s, kind))
             if core.pending is not None:
                 self._apply(core.take_pending())
 

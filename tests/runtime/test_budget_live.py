@@ -218,6 +218,33 @@ def test_agent_out_of_its_own_budget_is_parked_and_its_tasks_go_elsewhere_or_bac
     assert {o.reason for o in ledger2.outcomes} == {REASON_BUDGET_EXHAUSTED}
 
 
+def test_cpu_quotas_are_charged_the_agent_seconds_a_run_held_even_when_preempted():
+    # A cpu_s quota counts the seconds a task holds its agent: a completed run its
+    # time; a preempted one the time it ran before it was cut (its tokens and USD, which
+    # its agent reports only in its reply, at their estimate).
+    clock = FakeClock(1_000_000.0)
+    spec = _spec(agents=4, pools={"work": {"daily_cpu_s": 1_000}})
+    book = BudgetBook(spec, clock)
+    host, ledger, _ = _host(spec, book)
+    slow = _items(1, sleep_s=0.3)  # the others sleep PricedAgent's delay_s, 0.01 s
+
+    async def run() -> Any:
+        batch = asyncio.ensure_future(host.run_and_record(_items(3) + slow))
+        await asyncio.sleep(0.15)  # the 3 quick ones are done; the slow one runs
+        (cur,) = [b for it, b in host._work.values() if it.id == slow[0].id]
+        assert host.preempt(cur, {slow[0].id}) == 1
+        return await batch
+
+    report = asyncio.run(run())
+    assert report.recorded == 3 and report.retry_ids == [slow[0].id]
+    assert report.retry_delays_s[0] < 0  # handed back as preempted, not recorded
+    assert [o.ok for o in ledger.outcomes] == [True] * 3
+    pool = book.snapshot()["pools"]["work"]
+    # 3 quick runs of about 0.01 s, and the cut one about 0.15 s (not its 0.3 s).
+    assert 0.15 <= pool["cpu_s"] < 0.3, pool
+    assert pool["spend_usd"] == pytest.approx(4 * TASK_USD)  # the cut one at estimate
+
+
 def test_host_without_budgets_never_reserves():
     spec = make_spec(
         pool("work", agent_class="fleet.agents.testing:PricedAgent", agents_per_host=4)
