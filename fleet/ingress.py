@@ -497,13 +497,17 @@ class Ingress:
         )
         if conflicts:
             return self._conflict(items, conflicts, [])
+        await self._admission.refresh_async()
+        # A degrade rule answering from its pool's cache answers what it can first.
+        if cached := await self._admission.answer_from_cache_async(fresh, self._ledger):
+            existing.update(cached)
+            fresh = [it for it in fresh if it.id not in cached]
         results = [
             _state(_client_id(it.id), existing[it.id], self._redact)
             for it in items
             if it.id in existing
         ]
         order = [k for k, it in enumerate(items) if it.id not in existing]  # fresh's places
-        await self._admission.refresh_async()
         fresh, refused = self._admission.split(fresh)
         if refused:  # not queued: what admission control refused, with why
             out = {r.index for r in refused}

@@ -145,6 +145,9 @@ class Task(BaseModel):
     ``deadline_unix_s`` is an absolute wall-clock time; ``utility`` is the value of
     completing the task; tasks sharing an ``affinity_key`` prefer the same agent; a
     task with an ``idempotency_key`` is accepted once, however often it is submitted.
+    Tasks sharing a ``cache_key`` (of one tenant and pool) ask the same question: while
+    their pool's degrade rule answers from its cache (``pools[].degrade.from_cache``),
+    a new one is answered with the newest recent result of that key.
     ``traceparent`` (W3C trace context, ``00-<trace id>-<span id>-<flags>``) makes the
     task's spans children of the submitter's span (``fleet.observability.tracing``).
     """
@@ -164,6 +167,7 @@ class Task(BaseModel):
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=128)
     payload: Any = None
     traceparent: str | None = Field(default=None, pattern=TRACEPARENT_PATTERN)
+    cache_key: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 class TaskStatus(str, Enum):
@@ -214,6 +218,7 @@ class Item(NamedTuple):
     # preemption``): kept by its queue shard with the item, so a restarted dispatcher
     # still knows when ``max_preemptions`` makes it no longer preemptible.
     preemptions: int = 0
+    cache_key: str | None = None  # ``Task.cache_key``
 
     @property
     def size_bytes(self) -> int:
@@ -241,6 +246,9 @@ class Outcome(NamedTuple):
     # submission of the key with another payload is refused, not answered with this.
     payload_hash: int | None = None
     degraded: str | None = None  # the item's degrade rule (``Item.degraded``)
+    # A completed task's ``cache_key``: its ledger shard keeps the newest of each key in
+    # memory (not stored) for a degrade rule that answers from its cache.
+    cache_key: str | None = None
 
     def to_result(self) -> Result:
         return Result(
@@ -365,6 +373,7 @@ def to_item(
         utility=task.utility,
         affinity_key=task.affinity_key,
         traceparent=task.traceparent,
+        cache_key=task.cache_key,
     )
 
 
@@ -399,4 +408,5 @@ def item_to_task(item: Item) -> Task:
         idempotency_key=None,
         payload=orjson.loads(item.payload),
         traceparent=item.traceparent,
+        cache_key=item.cache_key,
     )

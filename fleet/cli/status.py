@@ -129,13 +129,13 @@ def _admission_lines(p: dict) -> list[str]:
 
 
 def _degrade_lines(a: dict | None) -> list[str]:
-    """A pool's degrade rule: the rule holding now, and the tasks sent to its fallback
-    by priority class."""
+    """A pool's degrade rule: the rule holding now, and the tasks it degraded (sent to
+    its fallback or answered from its cache) by priority class."""
     if not a or not (a.get("degraded") or a.get("degraded_tasks")):
         return []
     sent = ", ".join(f"{c} {n}" for c, n in sorted(a.get("degraded_tasks", {}).items()))
     now = f"DEGRADED ({a['degraded']})" if a.get("degraded") else "not degraded now"
-    return [f"    degrade: {now}  sent to the fallback: {sent or 'none'}"]
+    return [f"    degrade: {now}  degraded (fallback or cache): {sent or 'none'}"]
 
 
 def _bulkhead_lines(b: dict | None) -> list[str]:

@@ -124,6 +124,8 @@ class PoolLoad:
     down: bool = False  # no agent can run: every task is refused as unavailable
     degraded: str | None = None  # the degrade rule holding (``fleet.policy.degrade``)
     fallback: str | None = None  # ... and the pool it sends new tasks to
+    # ... and, when it answers from the pool's cache, how old an answer may be
+    cache_max_age_s: float | None = None
 
 
 class Verdict(NamedTuple):
@@ -374,6 +376,18 @@ class Admission:
             for pool, v in self._views.items()
             if v.load.degraded
             and v.load.fallback
+            and now - v.load.taken_unix_s <= v.load.rule.stale_after_s
+        }
+
+    def cache_rules(self) -> dict[str, tuple[str, float]]:
+        """The pools a degrade rule holds that answer from their cache, with (the rule,
+        how old an answer may be), by the views not stale."""
+        now = self._clock()
+        return {
+            pool: (v.load.degraded, v.load.cache_max_age_s)
+            for pool, v in self._views.items()
+            if v.load.degraded
+            and v.load.cache_max_age_s is not None
             and now - v.load.taken_unix_s <= v.load.rule.stale_after_s
         }
 

@@ -112,7 +112,8 @@ CREATE TABLE IF NOT EXISTS items (
     deliveries INTEGER NOT NULL DEFAULT 0,
     traceparent TEXT,
     degraded TEXT,
-    preemptions INTEGER NOT NULL DEFAULT 0
+    preemptions INTEGER NOT NULL DEFAULT 0,
+    cache_key TEXT
 )
 """
 # Columns added after a release, with their type: a file made before gets them on open
@@ -121,19 +122,21 @@ _ADDED_COLUMNS = (
     ("traceparent", "TEXT"),
     ("degraded", "TEXT"),
     ("preemptions", "INTEGER NOT NULL DEFAULT 0"),
+    ("cache_key", "TEXT"),
 )
 # The columns after ``seq`` are Item's fields, in order (rows are built with Item(*row)).
 _INSERT = (
     "INSERT INTO items (seq, id, capability, priority, payload, submitted_unix_s,"
     " deadline_unix_s, utility, affinity_key, deliveries, traceparent, degraded,"
-    " preemptions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " preemptions, cache_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _DELETE = "DELETE FROM items WHERE seq = ?"
 _SET_DELIVERIES = "UPDATE items SET deliveries = ? WHERE seq = ?"
 _SET_PREEMPTIONS = "UPDATE items SET preemptions = ? WHERE seq = ?"
 _SELECT = (
     "SELECT seq, id, capability, priority, payload, submitted_unix_s, deadline_unix_s,"
-    " utility, affinity_key, deliveries, traceparent, degraded, preemptions FROM items"
+    " utility, affinity_key, deliveries, traceparent, degraded, preemptions, cache_key"
+    " FROM items"
     " ORDER BY seq"
 )
 

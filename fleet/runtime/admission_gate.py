@@ -16,7 +16,11 @@ the controller's clock and this process's, so a skewed clock neither ages views 
 makes them look fresh.
 
 The same view carries each pool's degrade rule (``fleet.policy.degrade``): ``split``
-sends a degraded pool's new tasks to its fallback. And an entry point whose put a queue
+sends a degraded pool's new tasks to its fallback, and, where the rule answers from the
+pool's cache (``degrade.from_cache``), ``answer_from_cache`` first answers the tasks
+with a ``cache_key`` that has a recent result (one ledger call for the batch, made only
+while such a rule holds): each answer is recorded as the new task's own outcome, marked
+degraded with the rule, before the caller reports it. And an entry point whose put a queue
 shard answered with tasks over their tenant's bulkhead (``fleet.policy.bulkhead``)
 turns them into refusals here (``bulkhead_refused``).
 """
@@ -44,7 +48,7 @@ from fleet.policy.bulkhead import BULKHEAD
 from fleet.policy.degrade import DEGRADED, fallback_of
 from fleet.runtime.budget_client import tenant_of
 from fleet.spec.fleet import FleetSpec
-from fleet.task import Item, tenant_of_id
+from fleet.task import Item, Outcome, is_idempotent_id, payload_hash, tenant_of_id
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +218,70 @@ class AdmissionGate:
             with contextlib.suppress(orjson.JSONDecodeError):
                 tenant = tenant_of(orjson.loads(item.payload))
         return self._tenants(tenant)
+
+    def _cache_asks(self, items: Sequence[Item]) -> list[tuple[int, Any, str, float]]:
+        """(index, cache key, rule, max age) of the items a degrade rule may answer
+        from its pool's cache, on the current view."""
+        if not self.policy.degrading:
+            return []
+        rules = self.policy.cache_rules()
+        if not rules:
+            return []
+        asks = []
+        for k, it in enumerate(items):
+            if it.cache_key is None:
+                continue
+            pool = self._pools[it.capability]
+            if (r := rules.get(pool)) is not None:
+                asks.append((k, (pool, tenant_of_id(it.id), it.cache_key), r[0], r[1]))
+        return asks
+
+    def _answers(
+        self,
+        items: Sequence[Item],
+        asks: list[tuple[int, Any, str, float]],
+        found: Sequence[Outcome | None],
+    ) -> dict[str, Outcome]:
+        """The new tasks' own outcomes from the cached ones ``found`` (per ask): the
+        cached output, no run and no cost of their own, degraded with the rule."""
+        now = self._clock()
+        out: dict[str, Outcome] = {}
+        for (k, key, rule, max_age_s), o in zip(asks, found):
+            if o is None or o.finished_unix_s < now - max_age_s:
+                continue
+            it = items[k]
+            out[it.id] = Outcome(
+                it.id, True, o.output, None, None, o.agent_id, o.pool, 0,
+                it.submitted_unix_s, None, now, 0, 0, 0.0,
+                payload_hash(it.payload) if is_idempotent_id(it.id) else None, rule,
+            )  # fmt: skip
+            self.policy.count(key[0], it.priority, DEGRADED, self.tenant_label(it))
+        return out
+
+    def answer_from_cache(self, items: Sequence[Item], ledger: Any) -> dict[str, Outcome]:
+        """Answer what a degrade rule answers from its pool's cache (the module
+        docstring): the outcomes recorded, by task id; the caller queues the rest."""
+        asks = self._cache_asks(items)
+        if not asks:
+            return {}
+        found = ledger.cached([a[1] for a in asks], max(a[3] for a in asks))
+        answers = self._answers(items, asks, found)
+        if answers:
+            ledger.record(list(answers.values()))
+        return answers
+
+    async def answer_from_cache_async(
+        self, items: Sequence[Item], ledger: Any
+    ) -> dict[str, Outcome]:
+        """``answer_from_cache`` for an entry point with an event loop."""
+        asks = self._cache_asks(items)
+        if not asks:
+            return {}
+        found = await ledger.cached_async([a[1] for a in asks], max(a[3] for a in asks))
+        answers = self._answers(items, asks, found)
+        if answers:
+            await ledger.record_async(list(answers.values()))
+        return answers
 
     def split(
         self, items: Sequence[Item], count: bool = True

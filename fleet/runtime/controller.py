@@ -409,8 +409,13 @@ class Controller:
         before = degrader.rule
         rule = degrader.step(signals, now)
         if load is not None and load.degraded != rule:
-            fallback = degrader.spec.to_pool if rule else None
-            self._loads[pool] = dataclasses.replace(load, degraded=rule, fallback=fallback)
+            spec = degrader.spec
+            self._loads[pool] = dataclasses.replace(
+                load,
+                degraded=rule,
+                fallback=spec.to_pool if rule else None,
+                cache_max_age_s=spec.cache_max_age_s if rule and spec.from_cache else None,
+            )
         if rule != before:
             log_event(
                 CONTROL_LOG,

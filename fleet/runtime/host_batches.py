@@ -176,6 +176,8 @@ class Recorder:
             # Keyed tasks carry their payload's hash, so a later submission of the key
             # with another payload is refused rather than answered with this outcome.
             o = o._replace(payload_hash=payload_hash(item.payload))
+        if item.cache_key is not None and o.ok:  # a recent answer to its key
+            o = o._replace(cache_key=item.cache_key)
         self.add(o.task_id, o, batch)
 
     def add(self, task_id: str, o: Outcome | None, batch: Batch) -> None:

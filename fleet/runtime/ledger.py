@@ -21,6 +21,12 @@ for a retry, a task requeued before it started) with the records it sends anyway
 wait in memory until the task's outcome arrives: a shard restarted in between counts
 the excused delivery as a duplicate (over-, never under-counting). Outcomes older than
 ``results.retention_s`` are deleted by a periodic sweep.
+
+Each shard also keeps, in memory only, the newest completed task of each cache key it
+recorded (``Task.cache_key``, per pool and tenant; at most ``CACHE_KEYS``, the least
+recently recorded go first), for degrade rules that answer from a cache
+(``pools[].degrade.from_cache``): a cache, so a restarted shard starts it empty and
+nothing accepted or recorded depends on it (a miss sends the task the ordinary way).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,10 +56,13 @@ from fleet.runtime.names import Names
 from fleet.spec.fleet import FleetSpec
 from fleet.spec.queues import StorageBackend
 from fleet.stats import percentiles
-from fleet.task import Outcome
+from fleet.task import Outcome, tenant_of_id
 
 RETENTION_SWEEP_S = 600.0
 MAX_EXCUSED = 1_000_000  # excusals waiting for their task's outcome, per shard
+CACHE_KEYS = 100_000  # cache keys a shard remembers (the module docstring)
+# A cache key: (pool, tenant or None, Task.cache_key).
+CacheKey = tuple[str | None, str | None, str]
 _SUMMARY_COLS = (
     "ok, reason, error, deliveries, submitted_unix_s, finished_unix_s,"
     " input_tokens, output_tokens, cost_usd, duplicates"
@@ -86,6 +95,8 @@ class Ledger:
         self.record_cpu_s = 0.0  # CPU spent storing them (the rest of the process's
         # CPU is Ray's: receiving calls, deserializing arguments)
         self._excused: dict[tuple[str, str], int] = {}  # see the module docstring
+        # cache key -> (task id, finished) of its newest completed task
+        self._cache: OrderedDict[CacheKey, tuple[str, float]] = OrderedDict()
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None:
@@ -123,6 +134,7 @@ class Ledger:
                     for o in outcomes
                 ]
             n = self._store.record(outcomes, tenant, per)
+            self._remember(outcomes)
             # Committed: only now do the excusals change (a failed call changes nothing,
             # so the caller's retry does not excuse twice).
             if per is not None:
@@ -139,6 +151,30 @@ class Ledger:
             return n
         finally:
             self.record_cpu_s += time.thread_time() - t0
+
+    def _remember(self, outcomes: Sequence[Outcome]) -> None:
+        """Keep the newest completed task of each cache key among ``outcomes``."""
+        cache = self._cache
+        for o in outcomes:
+            if o.cache_key is None or not o.ok:
+                continue
+            key = (o.pool, tenant_of_id(o.task_id), o.cache_key)
+            old = cache.get(key)
+            if old is not None and old[1] > o.finished_unix_s:
+                continue
+            cache[key] = (o.task_id, o.finished_unix_s)
+            cache.move_to_end(key)
+            if len(cache) > CACHE_KEYS:
+                cache.popitem(last=False)
+
+    async def cached(self, keys: list[CacheKey], max_age_s: float) -> list[Outcome | None]:
+        """For each key, the newest completed task this shard recorded for it, if it
+        finished within ``max_age_s`` (None otherwise, or if its outcome expired)."""
+        cutoff = time.time() - max_age_s
+        hits = [self._cache.get(k) for k in keys]
+        ids = [h[0] for h in hits if h is not None and h[1] >= cutoff]
+        found = dict(zip(ids, self._store.get(ids))) if ids else {}
+        return [found.get(h[0]) if h is not None and h[1] >= cutoff else None for h in hits]
 
     async def get(self, ids: list[str], tenant: str = DEFAULT_TENANT) -> list[Outcome | None]:
         return self._store.get(ids, tenant)
@@ -395,6 +431,18 @@ class LedgerClient:
         split, refs = self._fan("get", ids, ids)
         return self._ordered(len(ids), split, await asyncio.gather(*refs))
 
+    async def cached_async(
+        self, keys: Sequence[CacheKey], max_age_s: float
+    ) -> list[Outcome | None]:
+        """For each cache key, the newest completed task recorded for it within
+        ``max_age_s`` (None: none), from every shard (a key's tasks may be on any)."""
+        if not keys:
+            return []
+        answers = await asyncio.gather(
+            *(self.handle(k).cached.remote(list(keys), max_age_s) for k in range(self.n))
+        )
+        return _newest(answers, len(keys))
+
     async def missing_async(self, ids: Sequence[str]) -> list[str]:
         if not ids:
             return []
@@ -435,6 +483,15 @@ class LedgerClient:
         split, refs = self._fan("get", ids, ids)
         return self._ordered(len(ids), split, ray.get(refs))
 
+    def cached(self, keys: Sequence[CacheKey], max_age_s: float) -> list[Outcome | None]:
+        """``cached_async``, blocking."""
+        if not keys:
+            return []
+        answers = ray.get(
+            [self.handle(k).cached.remote(list(keys), max_age_s) for k in range(self.n)]
+        )
+        return _newest(answers, len(keys))
+
     def missing(self, ids: Sequence[str]) -> list[str]:
         if not ids:
             return []
@@ -471,3 +528,14 @@ class LedgerClient:
 
     def stats(self) -> list[dict[str, Any]]:
         return ray.get([self.handle(k).stats.remote() for k in range(self.n)])
+
+
+def _newest(answers: Sequence[Sequence[Outcome | None]], n: int) -> list[Outcome | None]:
+    """Per position, the answer finished last among the shards' (None: no shard's)."""
+    out: list[Outcome | None] = [None] * n
+    for part in answers:
+        for k, o in enumerate(part):
+            best = out[k]
+            if o is not None and (best is None or o.finished_unix_s > best.finished_unix_s):
+                out[k] = o
+    return out

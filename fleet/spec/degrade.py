@@ -1,6 +1,13 @@
 """A pool's graceful degradation: while the pool is in trouble, new tasks go to a
-fallback pool (a smaller model, a cheaper path) instead of waiting or failing, and each
-result says so (``degraded: true`` and the rule that fired).
+fallback pool (a smaller model, a cheaper path) instead of waiting or failing, or are
+answered from a cache of its recent results for the same key, and each result says so
+(``degraded: true`` and the rule that fired).
+
+``to_pool``: the fallback pool. ``from_cache``: a new task with a ``cache_key`` is
+answered at once with the newest result the pool completed for that key (same tenant)
+in the last ``cache_max_age_s``, recorded as the new task's own outcome and marked
+degraded; a task without a key, or with no recent result, goes to ``to_pool`` when it
+is set, else to the pool as usual. At least one of the two is set.
 
 The signals, each optional (at least one is set), read by the controller every tick:
 ``predicted_wait_s``, the wait admission control predicts for a new task of the lowest
@@ -23,7 +30,9 @@ SIGNALS = ("predicted_wait_s", "error_rate", "ejected_share")
 
 
 class DegradeSpec(SpecModel):
-    to_pool: str
+    to_pool: str | None = None
+    from_cache: bool = False
+    cache_max_age_s: float = Field(default=300.0, gt=0, le=86_400, allow_inf_nan=False)
     predicted_wait_s: float | None = Field(default=None, gt=0, le=86_400, allow_inf_nan=False)
     error_rate: Share | None = None
     ejected_share: Share | None = None
@@ -32,6 +41,11 @@ class DegradeSpec(SpecModel):
 
     @model_validator(mode="after")
     def _check_signal(self) -> DegradeSpec:
+        if self.to_pool is None and not self.from_cache:
+            raise ValueError(
+                "set to_pool, from_cache: true, or both: a degrade rule needs somewhere "
+                "to send new tasks"
+            )
         if not self.thresholds():
             raise ValueError(
                 f"set at least one of {', '.join(SIGNALS)}: a degrade rule needs a "

@@ -92,7 +92,7 @@ class FleetSpec(SpecModel):
             if p.degrade is None:
                 continue
             to: str | None = p.degrade.to_pool
-            if to not in index:
+            if to is not None and to not in index:
                 raise ValueError(
                     f"pools.{i}.degrade.to_pool: no pool is named {to!r} "
                     f"(pools: {', '.join(sorted(index))})"

@@ -1,8 +1,10 @@
 """Graceful degradation live (``pools[].degrade``, ``fleet.policy.degrade``): the
 chaos harness makes a pool's agents slow; its predicted wait passes the rule's
 threshold, so new tasks go to the fallback pool and their results say
-``degraded: true`` with the rule; when the fault clears the pool drains, the rule
-lets go after its calm period, and new tasks run on the pool again. Nothing is lost."""
+``degraded: true`` with the rule, but for those whose ``cache_key`` the pool answered
+recently, which are answered at once from its cache (``from_cache``); when the fault
+clears the pool drains, the rule lets go after its calm period, and new tasks run on
+the pool again. Nothing is lost."""
 
 from __future__ import annotations
 
@@ -28,7 +30,12 @@ def test_a_slowed_pool_degrades_to_its_fallback_until_the_fault_clears(start_fle
                 "initial_agents": 4,
                 "control_interval_s": 0.5,
             },
-            degrade={"to_pool": "small", "predicted_wait_s": 1.0, "recover_after_s": 1.0},
+            degrade={
+                "to_pool": "small",
+                "from_cache": True,
+                "predicted_wait_s": 1.0,
+                "recover_after_s": 1.0,
+            },
         ),
         pool(
             "small",
@@ -45,13 +52,21 @@ def test_a_slowed_pool_degrades_to_its_fallback_until_the_fault_clears(start_fle
     def status() -> dict:
         return fc.status()["pools"]["work"]["admission"]
 
-    def send(n: int) -> list[str]:
-        report = fc.submit([{"capability": "work"} for _ in range(n)])
+    def send(n: int, **task) -> list[str]:
+        report = fc.submit([{"capability": "work", **task} for _ in range(n)])
         assert report.refused == [] and report.rejected == []
         return report.accepted
 
-    # Warm up: the controller measures what the pool drains (4 agents of 20 ms).
+    # Warm up: the controller measures what the pool drains (4 agents of 20 ms). Two
+    # questions are answered on the way, the cache's entries.
     sent = send(100)
+    asked = {
+        key: fc.submit(
+            [{"capability": "work", "cache_key": key, "payload": {"answer": key}}]
+        ).accepted[0]
+        for key in ("faq-1", "faq-2")
+    }
+    assert fc.wait(list(asked.values()), timeout_s=30) == []
     eventually(lambda: status()["drain_per_s"], 30, 0.2, "a measured drain rate")
     plan = ChaosPlan(
         pool="work",
@@ -77,6 +92,15 @@ def test_a_slowed_pool_degrades_to_its_fallback_until_the_fault_clears(start_fle
 
         eventually(view_degraded, 5, 0.1, "the client's view")
         during = send(20)
+        # Asked again: answered from the cache, at once, with the pool's answer; a
+        # question it never answered goes to the fallback like the rest.
+        again = fc.submit(
+            [
+                {"capability": "work", "cache_key": "faq-1", "payload": {"q": "?"}},
+                {"capability": "work", "cache_key": "faq-2", "payload": {"q": "?"}},
+            ]
+        )
+        during += send(1, cache_key="faq-new")
     # The fault is over: the pool drains, and after its calm period the rule lets go.
     eventually(lambda: status()["degraded"] is None, 30, 0.2, "the pool recovered")
 
@@ -86,7 +110,16 @@ def test_a_slowed_pool_degrades_to_its_fallback_until_the_fault_clears(start_fle
 
     eventually(view_recovered, 5, 0.1, "the client's view of the recovery")
     after = send(20)
-    every = sent + during + after
+    for key, i in zip(("faq-1", "faq-2"), again.accepted):
+        r = again.existing[i]
+        assert (r.output, r.pool, r.degraded_rule, r.deliveries) == (
+            {"answer": key},
+            "work",
+            RULE,
+            0,
+        ), r
+        assert fc.results([i])[0] == r  # recorded as its own outcome
+    every = sent + during + after + again.accepted
     assert fc.wait(every, timeout_s=120) == []  # 0 lost
     results = {r.task_id: r for r in fc.results(every)}
     assert all(r.status.value == "completed" for r in results.values())
@@ -96,6 +129,6 @@ def test_a_slowed_pool_degrades_to_its_fallback_until_the_fault_clears(start_fle
     for i in after:
         assert (results[i].pool, results[i].degraded) == ("work", False), results[i]
     degraded = [r for r in results.values() if r.degraded]
-    assert {r.pool for r in degraded} == {"small"}
+    assert {r.pool for r in degraded if r.task_id not in again.accepted} == {"small"}
     assert status()["degraded_tasks"] == {"default": len(degraded)}
-    assert f"sent to the fallback: default {len(degraded)}" in _human(fc.status())
+    assert f"degraded (fallback or cache): default {len(degraded)}" in _human(fc.status())

@@ -268,6 +268,21 @@ def _degrading(to: str, **signals) -> dict:
             "pools.0.degrade.recover_share",
             "less than 1",
         ),
+        (
+            [pool("work", degrade={"error_rate": 0.5})],
+            "pools.0.degrade",
+            "set to_pool, from_cache: true, or both",
+        ),
+        (
+            [
+                pool(
+                    "work",
+                    degrade={"from_cache": True, "error_rate": 0.5, "cache_max_age_s": 0},
+                )
+            ],
+            "pools.0.degrade.cache_max_age_s",
+            "greater than 0",
+        ),
     ],
 )
 def test_a_degrade_rule_that_cannot_be_met_is_named(pools, path, needle):
@@ -287,6 +302,14 @@ def test_a_chain_of_fallbacks_without_a_cycle_loads():
         }
     )
     assert spec.pools[0].degrade.thresholds() == {"predicted_wait_s": 2.0}
+
+
+def test_a_rule_may_answer_from_the_pools_cache_alone():
+    spec = parse_spec(
+        {"pools": [pool("work", degrade={"from_cache": True, "error_rate": 0.5})]}
+    )
+    d = spec.pools[0].degrade
+    assert (d.to_pool, d.from_cache, d.cache_max_age_s) == (None, True, 300.0)
 
 
 @pytest.mark.parametrize(
