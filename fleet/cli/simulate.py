@@ -51,6 +51,12 @@ def _human(r: dict[str, Any]) -> str:
                 + f", refused {o['shed_share']:.0%}, degraded {o['degraded_share']:.0%}"
                 + f"; refused/degraded by class: {classes}"
             )
+        if p.get("preempted"):
+            lines.append(
+                f"    preempted {p['preempted']} runs of {p['preempted_tasks']} tasks "
+                f"(max {p['preempted_max_per_task']} per task), "
+                f"{p['preempted_lost_s']:.1f} agent-s of work lost"
+            )
     lines.append("  targets:")
     for name, t in sorted(r["targets"].items()):
         detail = f" {t.get('value')} (target {t.get('target')})" if "target" in t else ""

@@ -1,6 +1,8 @@
 """Compute preemption (``pools[].preemption``, ``fleet.spec.preemption``): which running
-task gives its slot to an urgent one. Pure; the dispatcher asks it when a pool is full
-and its queue shards report a task that has waited past ``preempt_after_s``.
+task gives its slot to an urgent one, and how often a full pool looks for one. Pure; the
+dispatcher (``fleet.runtime.dispatcher``) and the simulator (``fleet.sim.preemption``)
+ask it when a pool is full and its queue reports a task that has waited past
+``preempt_after_s``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,17 @@ PREEMPTED = "preempted"  # the reason a preempted run ends with (never recorded)
 # The delay a host hands a preempted run back with: below zero, so the dispatcher
 # tells it from a retry (it requeues it at once, its delivery refunded).
 PREEMPTED_DELAY = -1.0
+# How often a full pool looks for an urgent task: a quarter of its preempt_after_s,
+# within these bounds (``check_period_s``).
+PREEMPT_CHECK_MIN_S = 0.05
+PREEMPT_CHECK_MAX_S = 0.5
+
+
+def check_period_s(preempt_after_s: float) -> float:
+    """Seconds between a pool's looks for an urgent task: a task waits at most
+    ``preempt_after_s`` plus this before its preemption is asked (while a victim
+    exists), and a check costs the shards a round trip, hence the bounds."""
+    return max(PREEMPT_CHECK_MIN_S, min(preempt_after_s / 4, PREEMPT_CHECK_MAX_S))
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +45,17 @@ class PreemptionRule:
     def __init__(self, budgets: BudgetsSpec, max_preemptions: int):
         classes = [c.name for c in budgets.priority_classes]
         self._rank = [classes.index(budgets.class_of_task(p).name) for p in range(10)]
+        self._lowest = max(self._rank)
         self.max_preemptions = max_preemptions
 
     def rank(self, priority: int) -> int:
         return self._rank[priority]
+
+    def may_preempt(self, priority: int) -> bool:
+        """Whether a task of ``priority`` can have a victim at all: some class ranks
+        below its own. False for the lowest class, so a caller may skip gathering what
+        runs (an overloaded pool's urgent task is often of the lowest class)."""
+        return self._rank[priority] < self._lowest
 
     def victim(
         self, urgent_priority: int, running: Iterable[RunningTask]

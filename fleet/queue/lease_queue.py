@@ -67,6 +67,9 @@ from fleet.task import MAX_PRIORITY, Item, is_idempotent_id, tenant_of_id
 # How often a shard requeues expired leases and fails overdue items (``fail_overdue``):
 # the queue actor's sweep, and the simulator's (``fleet.sim.overload``).
 SWEEP_INTERVAL_S = 0.5
+# The most pending items ``urgent`` reads per call (preemption's question, asked every
+# check period of a full pool): the shard's and the simulator's (``fleet.sim.preemption``).
+URGENT_SCAN = 10_000
 
 # Rebuild the deadline heap when stale entries (items that left) outnumber live ones by
 # this factor: bounds its memory by the items with deadlines actually pending.
@@ -702,7 +705,7 @@ class LeaseQueue:
             self._storage.commit()  # preemption counts outlive this process (rare: cheap)
         return exhausted
 
-    def urgent(self, cutoff_unix_s: float, scan: int = 10_000) -> int | None:
+    def urgent(self, cutoff_unix_s: float, scan: int = URGENT_SCAN) -> int | None:
         """The highest priority among ready items submitted by ``cutoff_unix_s`` (None:
         none). Preemption's question: has an item waited too long? Pending items are
         kept oldest first, so this reads only those submitted by the cutoff, at most

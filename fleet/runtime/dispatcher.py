@@ -50,7 +50,7 @@ from ray import serve
 
 from fleet.policy.backoff import attempt_state, backoff_wait
 from fleet.policy.bulkhead import pool_max_in_flight
-from fleet.policy.preemption import PreemptionRule, RunningTask
+from fleet.policy.preemption import PreemptionRule, RunningTask, check_period_s
 from fleet.runtime.ledger import LedgerClient
 from fleet.runtime.lifecycle import on_start, resume_after_restart
 from fleet.runtime.names import Names
@@ -81,11 +81,9 @@ ADOPT_MARGIN_S = 30.0
 ACK_COALESCE_S = 0.005  # acks to a shard go out together, this long after the first
 ACK_MAX_IDS = 2048
 CRASH_LEDGER_S = 10.0  # how long a crashed batch waits for the ledger's word
-# Preemption: how often a full pool looks for an urgent task (a quarter of its
-# preempt_after_s, within these bounds), and how long an ask may go unanswered (its
-# batch ended first) before another task may be preempted.
-PREEMPT_CHECK_MIN_S = 0.05
-PREEMPT_CHECK_MAX_S = 0.5
+# Preemption: how long an ask may go unanswered (its batch ended first) before another
+# task may be preempted. How often a full pool looks for an urgent task is the
+# simulator's too: ``fleet.policy.preemption.check_period_s``.
 PREEMPT_ANSWER_S = 10.0
 _NOT_HELD = -1
 
@@ -618,7 +616,7 @@ class Dispatcher:
         rule = ps.preemption
         assert rule is not None
         after_s = ps.spec.preemption.preempt_after_s
-        period = max(PREEMPT_CHECK_MIN_S, min(after_s / 4, PREEMPT_CHECK_MAX_S))
+        period = check_period_s(after_s)
         while self._running:
             await asyncio.sleep(period)
             now = time.monotonic()

@@ -5,9 +5,9 @@ policies attach as ``Component`` objects: each overrides only the hooks it needs
 the engine calls a hook only on components that override it, so an unused hook costs
 nothing per task. A component acts on the simulation through the engine's public
 methods: ``eject``/``readmit`` (take an agent out of service and back), ``kill``,
-``schedule`` (a callback at a virtual time), ``log_event`` and the pool state in
-``sim.pools``. Time is ``now_s`` (virtual seconds); randomness comes from
-``sim.rng(name)``, a seeded stream of its own.
+``preempt`` (cancel one run and requeue its task), ``schedule`` (a callback at a virtual
+time), ``log_event`` and the pool state in ``sim.pools``. Time is ``now_s`` (virtual
+seconds); randomness comes from ``sim.rng(name)``, a seeded stream of its own.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def overrides(component: Component, hook: str) -> bool:
 
 # Which of fleet's policies the simulator drives, and which wait at a seam (the report's
 # ``seams``). Autoscaling, routing, batching, breakers and retries are driven by the
-# engine, the health policy's restarts by a default component (``fleet.sim.health``);
+# engine, the health policy's restarts by a default component (``fleet.sim.health``),
+# overload and compute preemption by ``fleet.sim.overload`` and ``fleet.sim.preemption``;
 # budgets plug in through a ``Component`` (see this module's docstring).
 POLICY_SEAMS: dict[str, str] = {
     "fleet.policy.autoscaling": "driven: every control interval",
@@ -108,5 +109,8 @@ POLICY_SEAMS: dict[str, str] = {
         "driven: pool and tenant limits at every arrival and dispatch, held-back tasks "
         "every control interval (fleet.sim.overload)"
     ),
-    "fleet.policy.preemption": "not simulated: compute preemption",
+    "fleet.policy.preemption": (
+        "driven: every check period of a pool with preemption enabled, while it is full "
+        "(fleet.sim.preemption)"
+    ),
 }

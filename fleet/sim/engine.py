@@ -9,7 +9,8 @@ their start-up time, and removed ones drain (finish what they run, take nothing 
 Outcomes feed the agents' circuit breakers and failures the retry policy
 (``fleet.policy.breaker``, ``fleet.policy.retry``; see ``fleet.sim.resilience``).
 Chaos and crashes kill agents: their work goes back to the queue's head and they
-restart after a delay. Further policies plug in as ``Component`` hooks.
+restart after a delay. Compute preemption (``fleet.sim.preemption``) cancels single runs
+(``preempt``). Further policies plug in as ``Component`` hooks.
 
 Speed (a million tasks, ten thousand agents, in seconds):
 * events are plain tuples ``(t, seq, kind, a, b, c)`` on one ``heapq``; ``seq`` breaks
@@ -26,8 +27,8 @@ Speed (a million tasks, ten thousand agents, in seconds):
 Correctness of the accounting: every submitted task is, at any time, in exactly one of
 the pool's queue, an agent's running list or local queue, a partition buffer, a retry
 backoff, or recorded in ``outcome`` (once: a second outcome is counted in
-``recorded_twice`` and dropped). Kills and ejections move held work back to the
-queue, so ``lost`` (tasks with no outcome at the end) is 0 whenever the run drains.
+``recorded_twice`` and dropped). Kills, ejections and preemptions move held work back
+to the queue, so ``lost`` (tasks with no outcome at the end) is 0 whenever the run drains.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from fleet.sim.distributions import count_sampler, duration_sampler
 from fleet.sim.health import HealthRestarts
 from fleet.sim.outcomes import ERROR, MAX_DELIVERIES, OK, TIMEOUT, VERDICT_CODES
 from fleet.sim.overload import Overload, PoolGate, PriorityQueue, gates
+from fleet.sim.preemption import PoolPreemption
 from fleet.sim.report import build_report
 from fleet.sim.resilience import SimBreakerLog
 from fleet.sim.scenario import ConstantDuration, PoolModel, Scenario
@@ -198,6 +200,7 @@ class PoolRun:
             else deque()
         )
         self.gate: Any = None  # a PoolGate when the run simulates overload
+        self.preemption: PoolPreemption | None = None  # with pools[].preemption.enabled
         self.active: list[SimAgent] = []  # ACTIVE agents (routable or held out by breakers)
         self.starting: list[SimAgent] = []
         self.dead: list[SimAgent] = []  # waiting to restart
@@ -464,6 +467,11 @@ class Simulation:
             for p in self.pools:
                 p.gate = PoolGate(self, p)
         self._gated = self.overload is not None and self.overload.gated
+        # Compute preemption (``fleet.sim.preemption``): a check every period per pool
+        # that enables it, nothing per task.
+        for p in self.pools:
+            if p.spec.preemption.enabled:
+                p.preemption = PoolPreemption(self, p)
         self._stream_cls: list[tuple[Any, float, random.Random]] = []
         # per task
         self.submitted = 0
@@ -588,6 +596,8 @@ class Simulation:
         if self.overload is not None:
             self.overload.start()
         for p in self.pools:
+            if p.preemption is not None:
+                p.preemption.start()
             for _ in range(p.target):
                 a = self._new_agent(p)
                 a.state = STARTING
@@ -920,7 +930,9 @@ class Simulation:
 
     def _on_done(self, a: SimAgent, gen: int, tid: int, t: float, code: int) -> None:
         if a.gen != gen:
-            return  # the agent died meanwhile; the task went back to the queue then
+            # The agent died meanwhile (the task went back to the queue then), or this
+            # run was preempted (``preempt`` marked its event with generation -1).
+            return
         p = a.pool
         running = a.running
         if len(running) == 1:
@@ -1208,6 +1220,46 @@ class Simulation:
         if p.queue:
             self._dispatch(p, now)
         return True
+
+    def preempt(self, a: SimAgent, tid: int, now: float) -> float:
+        """Cancel agent ``a``'s run of task ``tid`` for an urgent task (compute
+        preemption, ``fleet.sim.preemption``), as a live host cancels a preempted run:
+        not an outcome (no verdict for the agent's breaker or router, no retry, no
+        tokens), its delivery refunded, the task back at the head of its priority in the
+        queue at once. The freed slot is dispatched now: the priority queue hands it to
+        the urgent task. Returns the seconds the run had worked (lost: it restarts).
+
+        The run's completion event is made stale where it lies in the heap (same time
+        and sequence number, so the heap order holds; a generation of -1, which
+        ``_on_done`` ignores): the agent's generation cannot change, as that would
+        cancel its other runs too. O(events pending), once per preemption."""
+        p = a.pool
+        heap, gen = self._heap, a.gen
+        for k, e in enumerate(heap):
+            # (Its current run's: a run of it cut earlier on this agent lies there too.)
+            if e[3] is a and e[5] == tid and e[4] == gen and e[2] <= EV_TIMEOUT:
+                heap[k] = (e[0], e[1], e[2], a, -1, tid)
+                break
+        a.running.remove(tid)
+        worked = now - self.start_t[tid]
+        p.busy_s += worked  # busy all the same (live: the slot was in flight)
+        if p.gate is not None and p.gate.bh_in_flight:
+            p.gate.unleased(tid, p.queue)
+        h = a.host
+        h.core.release(a.index)  # the slot, without a verdict on the agent
+        h.n -= 1
+        p.held -= 1
+        self._sync(h)
+        d = self.deliveries[tid]
+        if 0 < d < MAX_DELIVERIES_STORED:
+            self.deliveries[tid] = d - 1  # refunded: the run does not count
+        p.queue.appendleft(tid)
+        if a.local:
+            self._start_local(p, a, now)
+        elif a.state == DRAINING and a.in_flight == 0:
+            self._stop(a, now)
+        self._dispatch(p, now)
+        return worked
 
     def requeue_after(self, p: PoolRun, tid: int, t: float) -> None:
         """Give a task back to the end of the pool's queue at time ``t`` (a retry)."""

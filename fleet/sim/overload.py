@@ -30,11 +30,12 @@ What runs here is fleet's own policy objects, on virtual time:
   as the live queue drops them at lease and in its sweep; a failed task's time left
   goes to the host core's retry decision (the engine's ``_after_failure``).
 
+Compute preemption, which needs the priority discipline, is ``fleet.sim.preemption``.
+
 Differences from live, besides those of the simulator (``fleet/sim/README.md``): one
 entry point (no ``EntryShares``), the load's figures are exact rather than a tick
 late, busy slot-seconds are counted when an execution ends (live: the dispatcher's
-integral of tasks in flight), a pool is never ``down``, and compute preemption is not
-simulated.
+integral of tasks in flight), and a pool is never ``down``.
 """
 
 from __future__ import annotations
@@ -227,13 +228,18 @@ class PoolGate:
         """Tasks the dispatcher may still hand out under the pool's ``max_in_flight``."""
         return len(p.queue) if self.cap is None else self.cap - p.held
 
+    def at_limit(self, tenant: str) -> bool:
+        """Whether ``tenant`` has its in-flight limit leased: its next task is held
+        back (and does not count as urgent for preemption, as a shard's ``urgent``)."""
+        assert self.bh is not None
+        lim = self.bh.in_flight_limit(tenant)
+        return lim is not None and self.leased_t.get(tenant, 0) >= lim
+
     def park(self, q: Any) -> bool:
         """Hold the queue's head back if its tenant has its in-flight limit leased."""
         tid = q[0]
         t = self.tenant(tid)
-        assert self.bh is not None
-        lim = self.bh.in_flight_limit(t)
-        if lim is None or self.leased_t.get(t, 0) < lim:
+        if not self.at_limit(t):
             return False
         q.popleft()
         self.parked.setdefault(t, deque()).append(tid)

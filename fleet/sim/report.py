@@ -340,6 +340,8 @@ def build_report(sim: Simulation) -> dict[str, Any]:
         }
         if sim.overload is not None:
             pools[p.name]["overload"] = sim.overload.report(p, arrivals_s)
+        if p.preemption is not None:
+            pools[p.name].update(p.preemption.report())
     all_lat.sort()
     all_wait.sort()
     recorded = submitted - lost

@@ -36,3 +36,10 @@ def test_a_task_preempted_max_preemptions_times_runs_to_its_end():
     assert rule.victim(9, [tired, fresh]).id == "n"
     assert rule.victim(9, [tired]) is None
     assert [rule.rank(p) for p in (9, 7, 6, 4, 3, 0)] == [0, 0, 1, 1, 2, 2]
+
+
+def test_only_a_class_with_one_below_it_may_preempt():
+    rule = PreemptionRule(BUDGETS, max_preemptions=2)
+    assert [rule.may_preempt(p) for p in (9, 7, 6, 4, 3, 0)] == [True] * 4 + [False] * 2
+    running = [RunningTask("n", 5, started_s=0.0, preemptions=0)]
+    assert rule.victim(3, running) is None  # what may_preempt(3) says without a scan
