@@ -43,9 +43,10 @@ class SleepAgent(Agent):
 
 
 class PricedAgent(Agent):
-    """Sleeps ``delay_s`` (or ``payload["sleep_s"]``) and reports ``input_tokens``/
-    ``output_tokens`` of ``model``, so every task has a known cost under the spec's
-    prices (budget tests)."""
+    """Sleeps ``delay_s`` (or ``payload["sleep_s"]``), or computes for
+    ``payload["spin_s"]`` CPU seconds (in 5 ms slices, letting other agents run between
+    them), and reports ``input_tokens``/``output_tokens`` of ``model``, so every task
+    has a known cost under the spec's prices (budget tests)."""
 
     capabilities = ("priced",)
 
@@ -66,7 +67,16 @@ class PricedAgent(Agent):
 
     async def handle(self, task: Task) -> Any:
         p = task.payload if isinstance(task.payload, dict) else {}
-        await asyncio.sleep(float(p.get("sleep_s", self.delay_s)))
+        if "spin_s" in p:
+            left = float(p["spin_s"])
+            while left > 0:
+                t0 = time.thread_time()
+                while time.thread_time() - t0 < min(left, 0.005):
+                    pass
+                left -= time.thread_time() - t0
+                await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(float(p.get("sleep_s", self.delay_s)))
         return Reply(task.payload, self.input_tokens, self.output_tokens, self.model)
 
 

@@ -48,6 +48,7 @@ from fleet.policy.preemption import PREEMPTED, PREEMPTED_DELAY
 from fleet.policy.routing import RoutingHint
 from fleet.runtime import host_views
 from fleet.runtime.budget_client import BudgetClient, Grant
+from fleet.runtime.cpu_meter import CpuMeter
 from fleet.runtime.host_agents import AgentSet
 from fleet.runtime.host_batches import PROGRESS_AFTER_S, Batch, BatchReport, Recorder, Reporter
 from fleet.runtime.host_budget import BUDGET_REQUEUE, REASON_BUDGET_EXHAUSTED, BudgetGate
@@ -366,8 +367,10 @@ class AgentHost:
         ok = False
         spent: tuple[float, int] | None = None  # (USD, tokens) of a completed task
         judged: bool | None = False
+        # The agent's own CPU seconds (``cpu_s`` quotas), metered where budgets are.
+        meter = CpuMeter() if grant is not None else None
         try:
-            o = await run_on_agent(self, i, item, task)
+            o = await run_on_agent(self, i, item, task, meter)
             if o.ok:
                 ok, spent = True, (o.cost_usd, o.input_tokens + o.output_tokens)
                 self.completed += 1
@@ -378,11 +381,10 @@ class AgentHost:
             return o
         finally:
             self.preempted.discard(cur)
-            held_s = self.clock() - t0
-            if grant is not None:  # its agent-seconds as run, even when cut short
-                gate.settle(grant, spent, held_s)
+            if grant is not None:  # its CPU as run, even when cut short
+                gate.settle(grant, spent, meter.cpu_s if meter is not None else 0.0)
             verdict = None if judged is None else ok
-            self.slots.hand(core.finish(cur, verdict, held_s, kind))
+            self.slots.hand(core.finish(cur, verdict, self.clock() - t0, kind))
             if core.pending is not None:
                 self._apply(core.take_pending())
 

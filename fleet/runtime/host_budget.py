@@ -157,14 +157,14 @@ class BudgetGate:
     def _unpark(self, i: int) -> None:
         self.slots.hand(self.core.unpark(i))
 
-    def settle(self, grant: Grant, spent: tuple[float, int] | None, held_s: float) -> None:
-        """Queue the settlement (sent with the batch). ``held_s``: how long the task
-        held its agent, charged as its CPU seconds (``cpu_s`` quotas count agent-seconds)
-        whatever its end. A completed task is charged its actual cost (``spent``: USD,
-        tokens); any other its estimate: it may have spent before failing or being
-        preempted, and its agent reports tokens only in its reply."""
+    def settle(self, grant: Grant, spent: tuple[float, int] | None, cpu_s: float) -> None:
+        """Queue the settlement (sent with the batch). ``cpu_s``: the CPU seconds its
+        agent spent on it (``fleet.runtime.cpu_meter``), charged whatever its end. A
+        completed task is charged its actual cost (``spent``: USD, tokens); any other
+        its estimate: it may have spent before failing or being preempted, and its
+        agent reports tokens only in its reply."""
         assert self.client is not None
         if spent is None:
-            self.client.settle_at_estimate(grant, cpu_s=held_s)
+            self.client.settle_at_estimate(grant, cpu_s=cpu_s)
         else:
-            self.client.settle(grant, spent[0], spent[1], held_s)
+            self.client.settle(grant, spent[0], spent[1], cpu_s)

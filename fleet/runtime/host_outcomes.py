@@ -33,6 +33,7 @@ from fleet.policy.preemption import PREEMPTED
 from fleet.task import Item, Outcome, Task, failed_outcome, item_to_task
 
 if TYPE_CHECKING:
+    from fleet.runtime.cpu_meter import CpuMeter
     from fleet.runtime.host import AgentHost
 
 MAX_ERROR_CHARS = 2000
@@ -98,16 +99,22 @@ def failed_run(
     return failed_outcome(item, reason, error, pool, agent_id, started)
 
 
-async def run_on_agent(host: AgentHost, i: int, item: Item, task: Task | None) -> Outcome:
+async def run_on_agent(
+    host: AgentHost, i: int, item: Item, task: Task | None, meter: CpuMeter | None = None
+) -> Outcome:
     """Run ``item`` (``task``: its decoded form, when the host has made it already) on
     the host's agent ``i`` and return its outcome; costs come from the host's prices
-    for the model the reply names (0 for an unpriced one)."""
+    for the model the reply names (0 for an unpriced one). ``meter``: adds up the CPU
+    seconds of the agent's handling (``fleet.runtime.cpu_meter``)."""
     pool = host.pool.name
     agent_id = host.core.agents[i].id
     started = time.time()
     try:
         agent = await host.agent_set.get(i)
-        reply = await agent.handle(task or item_to_task(item))
+        handling = agent.handle(task or item_to_task(item))
+        if meter is not None and asyncio.iscoroutine(handling):
+            handling = meter.run(handling)
+        reply = await handling
         if not isinstance(reply, Reply):
             reply = Reply(reply)
         output = orjson.dumps(reply.output)

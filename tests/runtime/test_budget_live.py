@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import time
 from collections import Counter
 from typing import Any
 
@@ -218,31 +219,41 @@ def test_agent_out_of_its_own_budget_is_parked_and_its_tasks_go_elsewhere_or_bac
     assert {o.reason for o in ledger2.outcomes} == {REASON_BUDGET_EXHAUSTED}
 
 
-def test_cpu_quotas_are_charged_the_agent_seconds_a_run_held_even_when_preempted():
-    # A cpu_s quota counts the seconds a task holds its agent: a completed run its
-    # time; a preempted one the time it ran before it was cut (its tokens and USD, which
-    # its agent reports only in its reply, at their estimate).
+def test_cpu_quotas_are_charged_each_agents_own_cpu_even_when_preempted():
+    # Agents share the host's thread: each task is charged the CPU of its own coroutine
+    # steps (fleet.runtime.cpu_meter). Sleepers about nothing, a computing agent what it
+    # computed, a preempted one what it computed before the cut (its tokens and USD,
+    # which its agent reports only in its reply, at their estimate).
     clock = FakeClock(1_000_000.0)
     spec = _spec(agents=4, pools={"work": {"daily_cpu_s": 1_000}})
     book = BudgetBook(spec, clock)
     host, ledger, _ = _host(spec, book)
-    slow = _items(1, sleep_s=0.3)  # the others sleep PricedAgent's delay_s, 0.01 s
+    spinner, cut = _items(1, spin_s=0.1), _items(1, spin_s=5.0)
+    sleepers = _items(2, sleep_s=0.2)
 
     async def run() -> Any:
-        batch = asyncio.ensure_future(host.run_and_record(_items(3) + slow))
-        await asyncio.sleep(0.15)  # the 3 quick ones are done; the slow one runs
-        (cur,) = [b for it, b in host._work.values() if it.id == slow[0].id]
-        assert host.preempt(cur, {slow[0].id}) == 1
+        batch = asyncio.ensure_future(host.run_and_record(spinner + sleepers + cut))
+        await asyncio.sleep(0.3)  # the spinner is done; the long one spins on
+        (cur,) = [b for it, b in host._work.values() if it.id == cut[0].id]
+        assert host.preempt(cur, {cut[0].id}) == 1
         return await batch
 
+    cpu0 = time.process_time()
     report = asyncio.run(run())
-    assert report.recorded == 3 and report.retry_ids == [slow[0].id]
+    used = time.process_time() - cpu0
+    assert report.recorded == 3 and report.retry_ids == [cut[0].id]
     assert report.retry_delays_s[0] < 0  # handed back as preempted, not recorded
-    assert [o.ok for o in ledger.outcomes] == [True] * 3
-    pool = book.snapshot()["pools"]["work"]
-    # 3 quick runs of about 0.01 s, and the cut one about 0.15 s (not its 0.3 s).
-    assert 0.15 <= pool["cpu_s"] < 0.3, pool
-    assert pool["spend_usd"] == pytest.approx(4 * TASK_USD)  # the cut one at estimate
+    ran_on = {o.task_id: o.agent_id for o in ledger.outcomes}
+    assert all(o.ok for o in ledger.outcomes) and len(ran_on) == 3
+    snap = book.snapshot()
+    by_agent = {a: v["cpu_s"] for a, v in snap["top_agents"].items()}
+    assert all(by_agent[ran_on[it.id]] < 0.02 for it in sleepers), by_agent
+    assert 0.1 <= by_agent[ran_on[spinner[0].id]] < 0.15, by_agent
+    (cut_agent,) = set(by_agent) - set(ran_on.values())
+    assert 0.05 < by_agent[cut_agent] < 1.0, by_agent  # cut short, not its 5 s
+    total = snap["pools"]["work"]["cpu_s"]
+    assert total == pytest.approx(sum(by_agent.values())) and total <= used
+    assert snap["pools"]["work"]["spend_usd"] == pytest.approx(4 * TASK_USD)
 
 
 def test_host_without_budgets_never_reserves():
