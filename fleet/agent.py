@@ -39,6 +39,20 @@ class Reply:
     model: str | None = None
 
 
+_SIMULATED: Any = None
+
+
+def _simulated_llm() -> Any:
+    """One simulated model for every agent outside a host (imported late: the
+    ``fleet.agents`` package imports this module)."""
+    global _SIMULATED
+    if _SIMULATED is None:
+        from fleet.agents.llm import SimulatedLLM
+
+        _SIMULATED = SimulatedLLM()
+    return _SIMULATED
+
+
 class Agent:
     """A logical agent. Subclass it and implement ``handle``.
 
@@ -56,6 +70,10 @@ class Agent:
         # Set by the host: the breaker of a downstream dependency by name, shared by
         # the host's agents (``resilience.dependency_breaker(s)`` in the spec).
         self.dependency_breaker: Callable[[str], _Breaker] | None = None
+        # The model it calls (``fleet.llm``): the pool's ``llm`` client, set by the host
+        # when the pool names one; until then a simulated model, so an agent runs as
+        # written in a test or a notebook.
+        self.llm: Any = _simulated_llm()
 
     async def call_dependency(self, name: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run ``call()`` through the circuit breaker of downstream dependency ``name``.

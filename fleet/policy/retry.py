@@ -38,6 +38,10 @@ _NEVER_RETRY = frozenset(
         "budget_exhausted",
         "max_deliveries",
         "max_attempts",
+        # A provider's answer that another attempt would get again (``fleet.llm``).
+        "provider_auth",
+        "provider_rejected",
+        "provider_bad_response",
         "output_too_large",
     }
 )

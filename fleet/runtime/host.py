@@ -41,6 +41,7 @@ from collections.abc import Collection
 from typing import Any
 
 from fleet.agent import Agent
+from fleet.llm import client_for
 from fleet.observability.metrics import Sink, TenantLabels
 from fleet.observability.tracing import TaskTracer
 from fleet.policy.host import HostCore, TickActions
@@ -132,7 +133,13 @@ class AgentHost:
         )
         agent_cls: type[Agent] = import_object(self.pool.agent_class)
         self.agent_set = AgentSet(
-            agent_cls, self.pool.agent_kwargs, self.core, self.health_spec, self._apply_pending
+            agent_cls,
+            self.pool.agent_kwargs,
+            self.core,
+            self.health_spec,
+            self._apply_pending,
+            # The pool's model, shared (``self.llm``); without one, each agent's own.
+            client_for(self.pool.llm) if self.pool.llm is not None else None,
         )
         self.slots = SlotFutures(self.core)
         self.gate = BudgetGate(

@@ -78,7 +78,7 @@ class BreakerLogger:
 
 class AgentSet:
     """Agent ``i`` of the host: ``agent_cls(core.agents[i].id, **agent_kwargs)``, wired
-    to the host's dependency breakers."""
+    to the host's dependency breakers and given the pool's model client (``llm``)."""
 
     def __init__(
         self,
@@ -87,8 +87,10 @@ class AgentSet:
         core: HostCore,
         health: HealthSpec,
         on_change: Callable[[], None],
+        llm: Any = None,
     ):
         self._cls = agent_cls
+        self.llm = llm  # the pool's model client, shared by its agents (``self.llm``)
         self._kwargs = agent_kwargs
         self.core = core
         self.health = health
@@ -136,6 +138,8 @@ class AgentSet:
         """A fresh instance of agent i (not set up yet)."""
         agent = self._cls(self.core.agents[i].id, **self._kwargs)
         agent.dependency_breaker = self.core.breakers.registry.dependency
+        if self.llm is not None:
+            agent.llm = self.llm
         return agent
 
     def _adopt(self, i: int, agent: Agent) -> None:

@@ -152,4 +152,7 @@ async def run_on_agent(
         )
     except Exception as exc:  # the agent's own failure: recorded, the host lives on
         text = failure_text(exc, host.observability.traceback_chars)
-        return failed_run(host, item, "error", text, agent_id, started)
+        # A failure that names its reason (``fleet.llm``'s provider errors) keeps it.
+        reason = getattr(exc, "fleet_reason", None)
+        reason = reason if isinstance(reason, str) and reason else "error"
+        return failed_run(host, item, reason, text, agent_id, started)

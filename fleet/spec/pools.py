@@ -11,6 +11,7 @@ from fleet.spec._base import SpecModel
 from fleet.spec.admission import AdmissionSpec
 from fleet.spec.autoscaling import AutoscalingSpec
 from fleet.spec.degrade import DegradeSpec
+from fleet.spec.llm import LLMSpec
 from fleet.spec.preemption import PreemptionSpec
 from fleet.spec.routing import RoutingSpec
 
@@ -73,6 +74,7 @@ class PoolSpec(SpecModel):
     routing: RoutingSpec = RoutingSpec()
     admission: AdmissionSpec = AdmissionSpec()
     degrade: DegradeSpec | None = None
+    llm: LLMSpec | None = None  # the model its agents call as self.llm
     preemption: PreemptionSpec = PreemptionSpec()
 
     @property

@@ -50,6 +50,7 @@ DEFAULT_RETRYABLE_REASONS = (
     "overloaded",
     "rate_limited",
     "host_died",
+    "provider_unreachable",
 )
 # Exception class names (from the failure text) that are transient, and ones that will
 # fail again however often they are retried.

@@ -1,0 +1,191 @@
+"""A client for OpenAI-compatible chat endpoints (OpenAI, vLLM, LiteLLM, Ollama, most
+gateways), on the ``openai`` package's async client.
+
+One client per host, shared by its agents (``self.llm``). Each call is one attempt
+(``max_retries=0``): retrying is fleet's job (the task goes back to the queue within
+the retry budget, with its backoff), so a provider's 429 is never hidden behind the
+library's own sleeps. Failures raise a ``ProviderError`` whose ``fleet_reason`` is the
+task's failure reason:
+
+- ``rate_limited`` (retried): the provider answered 429, or 503 (overloaded); the
+  error carries its ``Retry-After`` in ``retry_after_s`` when it sent one;
+- ``provider_unreachable`` (retried): no connection, or no answer within ``timeout_s``;
+- ``provider_auth``: the key is missing (the environment variable ``api_key_env`` is
+  not set on the host) or refused (401, 403);
+- ``provider_rejected``: any other 4xx (an unknown model, a request it will not take);
+- ``provider_bad_response``: an answer without choices or without token usage (fleet
+  prices every call from the provider's reported usage, so it will not guess).
+
+The last response's rate-limit headers (``x-ratelimit-*``) are kept in ``limits``.
+The key is read once, from the environment, and never logged or put in an error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleet.agents.llm import Completion
+
+
+class ProviderError(Exception):
+    """A provider call failed; ``fleet_reason`` is the task's failure reason."""
+
+    fleet_reason = "provider_error"
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ProviderRateLimited(ProviderError):
+    fleet_reason = "rate_limited"
+
+
+class ProviderUnreachable(ProviderError):
+    fleet_reason = "provider_unreachable"
+
+
+class ProviderAuth(ProviderError):
+    fleet_reason = "provider_auth"
+
+
+class ProviderRejected(ProviderError):
+    fleet_reason = "provider_rejected"
+
+
+class ProviderBadResponse(ProviderError):
+    fleet_reason = "provider_bad_response"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatReply:
+    """One chat completion: its text, tool calls (as the provider sent them, dicts),
+    the model that answered and the token usage it reported."""
+
+    text: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+def retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``retry-after`` (seconds; an HTTP date is not
+    honoured: None)."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is not None:
+            try:
+                return max(0.0, float(value) * scale)
+            except ValueError:
+                continue
+    return None
+
+
+class OpenAICompatible:
+    """``complete``/``chat`` against ``base_url`` (None: OpenAI's), model ``model``."""
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout_s: float = 60.0,
+        max_tokens: int = 512,
+        environ: Mapping[str, str] = os.environ,
+    ):
+        import openai  # only hosts whose pools call a real provider need it
+
+        self.model = model
+        self.max_tokens = max_tokens
+        self.api_key_env = api_key_env
+        key = environ.get(api_key_env)
+        self._missing_key = not key
+        self._openai = openai
+        self._client = openai.AsyncOpenAI(
+            api_key=key or "unset",
+            base_url=base_url,
+            timeout=timeout_s,
+            max_retries=0,
+        )
+        self.limits: dict[str, str] = {}  # x-ratelimit-* of the last response
+
+    async def complete(self, prompt: str, max_tokens: int | None = None) -> Completion:
+        """One user message; the reply as a ``Completion`` (``LLMClient``)."""
+        r = await self.chat([{"role": "user", "content": prompt}], max_tokens)
+        return Completion(r.text, r.model, r.input_tokens, r.output_tokens)
+
+    async def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        max_tokens: int | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> ChatReply:
+        """One chat completion (``tools``: OpenAI-style function tools)."""
+        if self._missing_key:
+            raise ProviderAuth(
+                f"no API key: the environment variable {self.api_key_env} is not set "
+                "on this host (pools[].llm.api_key_env)"
+            )
+        oa = self._openai
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": list(messages),
+            "max_tokens": max_tokens or self.max_tokens,
+        }
+        if tools:
+            kwargs["tools"] = list(tools)
+        try:
+            raw = await self._client.chat.completions.with_raw_response.create(**kwargs)
+        except (oa.AuthenticationError, oa.PermissionDeniedError) as exc:
+            raise ProviderAuth(
+                f"the provider refused the key: HTTP {exc.status_code}"
+            ) from None
+        except oa.RateLimitError as exc:
+            raise ProviderRateLimited(
+                "the provider is rate limiting (HTTP 429)", retry_after_s(exc.response.headers)
+            ) from None
+        except oa.APITimeoutError:
+            raise ProviderUnreachable("no answer within the timeout") from None
+        except oa.APIConnectionError as exc:
+            raise ProviderUnreachable(f"cannot reach the provider: {exc}") from None
+        except oa.APIStatusError as exc:
+            if exc.status_code == 503:
+                raise ProviderRateLimited(
+                    "the provider is overloaded (HTTP 503)",
+                    retry_after_s(exc.response.headers),
+                ) from None
+            if 400 <= exc.status_code < 500:
+                raise ProviderRejected(
+                    f"the provider refused the request: HTTP {exc.status_code}"
+                ) from None
+            raise ProviderUnreachable(f"the provider failed: HTTP {exc.status_code}") from None
+        self.limits = {
+            k: v for k, v in raw.headers.items() if k.lower().startswith("x-ratelimit-")
+        }
+        try:
+            resp = raw.parse()
+        except Exception as exc:  # not a chat completion at all
+            raise ProviderBadResponse(f"malformed response: {type(exc).__name__}") from None
+        return _reply(resp, self.model)
+
+
+def _reply(resp: Any, model: str) -> ChatReply:
+    choices = getattr(resp, "choices", None)
+    if not choices:
+        raise ProviderBadResponse("the response has no choices")
+    usage = getattr(resp, "usage", None)
+    if usage is None or usage.prompt_tokens is None or usage.completion_tokens is None:
+        raise ProviderBadResponse("the response reports no token usage")
+    msg = choices[0].message
+    calls = [c.model_dump() for c in (getattr(msg, "tool_calls", None) or [])]
+    return ChatReply(
+        msg.content or "",
+        getattr(resp, "model", None) or model,
+        int(usage.prompt_tokens),
+        int(usage.completion_tokens),
+        calls,
+    )

@@ -1,0 +1,173 @@
+"""The OpenAI-compatible client (``fleet.llm.openai_compat``) against a local fake
+provider that enforces its own limits (``tests/llm/fake_provider.py``): replies carry
+the provider's token usage and the request its ``max_tokens``; each failure becomes the
+reason fleet records (``rate_limited`` with the provider's ``Retry-After``,
+``provider_auth``, ``provider_rejected``, ``provider_unreachable``,
+``provider_bad_response``); and a host whose pool names the provider gives its agents
+the client as ``self.llm``, so README's agent runs as written."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+from fleet import Agent
+from fleet.llm import (
+    OpenAICompatible,
+    ProviderAuth,
+    ProviderBadResponse,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderUnreachable,
+    client_for,
+)
+from fleet.runtime.host import AgentHost
+from fleet.spec import parse_spec
+from fleet.spec.llm import LLMSpec
+from fleet.task import to_item
+from tests.llm.fake_provider import Provider, serve
+from tests.utils import FakeLedger, make_spec, pool
+
+ENV = {"FAKE_KEY": "test-key"}
+
+
+def _client(url: str, model: str = "fake-model", env=ENV, **kw) -> OpenAICompatible:
+    return OpenAICompatible(model, url, "FAKE_KEY", environ=env, **kw)
+
+
+def test_a_reply_carries_the_providers_usage_and_the_request_its_cap():
+    provider = Provider(reply_tokens=50)
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    with serve(provider) as url:
+        c = _client(url)  # one client, one event loop: a host's
+
+        async def calls() -> tuple:
+            got = await c.complete("x" * 400, max_tokens=30)
+            limits = dict(c.limits)
+            return got, limits, await c.chat([{"role": "user", "content": "hi"}], tools=tools)
+
+        got, limits, reply = asyncio.run(calls())
+    assert (got.model, got.input_tokens, got.output_tokens) == ("fake-model", 100, 30)
+    assert provider.seen_max_tokens == [30, 512]  # the cap asked, then the client's
+    assert limits["x-ratelimit-remaining-requests"].isdigit()
+    assert reply.tool_calls[0]["function"]["name"] == "lookup"
+
+
+def test_over_the_providers_limit_is_rate_limited_with_its_retry_after():
+    provider = Provider(rpm=60)  # a bucket of 60, refilled at one a second
+    with serve(provider) as url:
+        c = _client(url)
+
+        async def burst() -> list:
+            return await asyncio.gather(
+                *(c.complete("hi") for _ in range(70)), return_exceptions=True
+            )
+
+        out = asyncio.run(burst())
+    limited = [e for e in out if isinstance(e, ProviderRateLimited)]
+    assert len(limited) == 10 == provider.refused
+    assert all(e.fleet_reason == "rate_limited" for e in limited)
+    assert all(0 < e.retry_after_s <= 1.1 for e in limited), [e.retry_after_s for e in limited]
+
+
+@pytest.mark.parametrize(
+    ("setup", "error", "reason", "needle"),
+    [
+        ({"env": {}}, ProviderAuth, "provider_auth", "FAKE_KEY is not set"),
+        ({"env": {"FAKE_KEY": "wrong"}}, ProviderAuth, "provider_auth", "HTTP 401"),
+        ({"model": "nope"}, ProviderRejected, "provider_rejected", "HTTP 404"),
+        ({"mode": "no_usage"}, ProviderBadResponse, "provider_bad_response", "no token usage"),
+        ({"mode": "overloaded"}, ProviderRateLimited, "rate_limited", "HTTP 503"),
+    ],
+)
+def test_each_provider_failure_has_its_reason(setup, error, reason, needle):
+    provider = Provider(mode=setup.get("mode", ""))
+    with serve(provider) as url:
+        c = _client(url, setup.get("model", "fake-model"), setup.get("env", ENV))
+        with pytest.raises(error, match=needle) as info:
+            asyncio.run(c.complete("hi"))
+    assert info.value.fleet_reason == reason
+    assert "test-key" not in str(info.value) and "wrong" not in str(info.value)
+
+
+def test_an_unreachable_provider_is_provider_unreachable():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = _client(f"http://127.0.0.1:{port}/v1", timeout_s=5)
+    with pytest.raises(ProviderUnreachable) as info:
+        asyncio.run(c.complete("hi"))
+    assert info.value.fleet_reason == "provider_unreachable"
+
+
+@pytest.mark.parametrize(
+    ("llm", "field", "needle"),
+    [
+        ({"provider": "acme"}, "provider", "'simulated' or 'openai'"),
+        ({"provider": "openai", "base_url": "ftp://x"}, "base_url", "should match"),
+        ({"api_key_env": "1BAD"}, "api_key_env", "should match"),
+        ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ],
+)
+def test_a_bad_llm_section_is_refused_naming_the_field(llm, field, needle):
+    with pytest.raises(ValueError, match=rf"pools\.0\.llm\.{field}") as info:
+        parse_spec({"pools": [pool("work", llm=llm)]})
+    assert needle in str(info.value)
+
+
+def test_without_a_provider_the_client_is_simulated():
+    assert type(client_for(None)).__name__ == "SimulatedLLM"
+    assert type(client_for(LLMSpec(time_scale=0.01))).__name__ == "SimulatedLLM"
+
+
+def _readme_agent() -> type[Agent]:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (code,) = [
+        c for c in re.findall(r"```python\n(.*?)```", readme, re.S) if "Summarizer" in c
+    ]
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    return ns["Summarizer"]
+
+
+def _host(url: str, key_env: str) -> tuple[AgentHost, FakeLedger]:
+    spec = make_spec(
+        pool(
+            "summarize",
+            agent_class="tests.llm.test_openai_client:Summarizer",
+            agents_per_host=2,
+            llm={
+                "provider": "openai",
+                "base_url": url,
+                "model": "fake-model",
+                "api_key_env": key_env,
+            },
+        )
+    )
+    host = AgentHost(spec.pools[0].model_dump(mode="json"))
+    ledger = FakeLedger()
+    host.recorder.client = ledger
+    return host, ledger
+
+
+Summarizer = _readme_agent()  # README's example, as the host imports it
+
+
+def test_readmes_agent_runs_on_a_host_against_the_provider(monkeypatch):
+    monkeypatch.setenv("FLEET_TEST_FAKE_KEY", "test-key")
+    provider = Provider(reply_tokens=7)
+    item = to_item({"capability": "summarize", "payload": {"text": "y" * 80}}, {"summarize"})
+    with serve(provider) as url:
+        host, ledger = _host(url, "FLEET_TEST_FAKE_KEY")
+        asyncio.run(host.run_and_record([item]))
+        bad, bad_ledger = _host(url, "FLEET_TEST_NO_SUCH_KEY")
+        report = asyncio.run(bad.run_and_record([item._replace(deliveries=1)]))
+    (o,) = ledger.outcomes
+    assert o.ok and (o.input_tokens, o.output_tokens) == (20, 7), o
+    assert provider.calls == 1  # the host without a key never called
+    (f,) = bad_outcome = bad_ledger.outcomes  # not retried: a key does not come back
+    assert (f.ok, f.reason, report.retry_ids) == (False, "provider_auth", []), bad_outcome
