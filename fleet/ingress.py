@@ -498,8 +498,12 @@ class Ingress:
         if conflicts:
             return self._conflict(items, conflicts, [])
         await self._admission.refresh_async()
-        # A degrade rule answering from its pool's cache answers what it can first.
-        if cached := await self._admission.answer_from_cache_async(fresh, self._ledger):
+        # A degrade rule answering from its pool's cache answers what it can first (of
+        # the tasks whose ids were made up here: see AdmissionGate.answer_from_cache).
+        made_up = {it.id for it, t in zip(items, tasks) if id_is_generated(t)}
+        if cached := await self._admission.answer_from_cache_async(
+            fresh, self._ledger, made_up
+        ):
             existing.update(cached)
             fresh = [it for it in fresh if it.id not in cached]
         results = [

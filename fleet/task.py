@@ -91,6 +91,21 @@ def tenant_of_id(task_id: str) -> str | None:
     return split_scoped(task_id)[0]
 
 
+def cache_key_of(item: Item) -> str:
+    """The key a degrade rule's cache files ``item`` under (its pool aside): its
+    tenant, as its id names it (the HTTP ingress's) or else as its payload's ``tenant``
+    does (budgets'), and its ``cache_key``; one tenant's answers never reach another."""
+    tenant = tenant_of_id(item.id)
+    if tenant is None:
+        try:
+            payload = orjson.loads(item.payload)
+        except orjson.JSONDecodeError:
+            payload = None
+        t = payload.get("tenant") if isinstance(payload, dict) else None
+        tenant = f"payload:{t}" if isinstance(t, str) else ""
+    return f"{tenant}\x1f{item.cache_key}"
+
+
 def is_idempotent_id(task_id: str) -> bool:
     """Whether the id was made from an ``idempotency_key`` (scoped to a tenant or not)."""
     return split_scoped(task_id)[1].startswith(IDEMPOTENT_PREFIX)
@@ -147,7 +162,8 @@ class Task(BaseModel):
     task with an ``idempotency_key`` is accepted once, however often it is submitted.
     Tasks sharing a ``cache_key`` (of one tenant and pool) ask the same question: while
     their pool's degrade rule answers from its cache (``pools[].degrade.from_cache``),
-    a new one is answered with the newest recent result of that key.
+    a new one (without an id of its own) is answered with the newest recent result of
+    that key.
     ``traceparent`` (W3C trace context, ``00-<trace id>-<span id>-<flags>``) makes the
     task's spans children of the submitter's span (``fleet.observability.tracing``).
     """
@@ -246,8 +262,9 @@ class Outcome(NamedTuple):
     # submission of the key with another payload is refused, not answered with this.
     payload_hash: int | None = None
     degraded: str | None = None  # the item's degrade rule (``Item.degraded``)
-    # A completed task's ``cache_key``: its ledger shard keeps the newest of each key in
-    # memory (not stored) for a degrade rule that answers from its cache.
+    # A completed task's ``cache_key_of`` (its tenant and ``cache_key``): its ledger
+    # shard keeps the newest of each key in memory (not stored) for a degrade rule that
+    # answers from its cache.
     cache_key: str | None = None
 
     def to_result(self) -> Result:

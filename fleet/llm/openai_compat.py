@@ -16,7 +16,10 @@ task's failure reason:
 - ``provider_bad_response``: an answer without choices or without token usage (fleet
   prices every call from the provider's reported usage, so it will not guess).
 
-The last response's rate-limit headers (``x-ratelimit-*``) are kept in ``limits``.
+The last response's rate-limit headers (``x-ratelimit-*``) are kept in ``limits``. A
+reply names the model asked for, the key of the spec's price table (providers answer
+with dated names), and the one that answered as ``served_model``. A ``Retry-After``
+sets the earliest retry of the task (``fleet.runtime.host``).
 The key is read once, from the environment, and never logged or put in an error.
 """
 
@@ -63,13 +66,15 @@ class ProviderBadResponse(ProviderError):
 @dataclass(frozen=True, slots=True)
 class ChatReply:
     """One chat completion: its text, tool calls (as the provider sent them, dicts),
-    the model that answered and the token usage it reported."""
+    the model asked for (the key of the spec's price table: a provider often answers
+    with a dated name, ``served_model``) and the token usage it reported."""
 
     text: str
     model: str
     input_tokens: int
     output_tokens: int
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    served_model: str = ""
 
 
 def retry_after_s(headers: Mapping[str, str]) -> float | None:
@@ -158,6 +163,10 @@ class OpenAICompatible:
                     "the provider is overloaded (HTTP 503)",
                     retry_after_s(exc.response.headers),
                 ) from None
+            if exc.status_code in (408, 409):  # timed out, or a conflict: transient
+                raise ProviderUnreachable(
+                    f"the provider failed the request: HTTP {exc.status_code}"
+                ) from None
             if 400 <= exc.status_code < 500:
                 raise ProviderRejected(
                     f"the provider refused the request: HTTP {exc.status_code}"
@@ -184,8 +193,9 @@ def _reply(resp: Any, model: str) -> ChatReply:
     calls = [c.model_dump() for c in (getattr(msg, "tool_calls", None) or [])]
     return ChatReply(
         msg.content or "",
-        getattr(resp, "model", None) or model,
+        model,
         int(usage.prompt_tokens),
         int(usage.completion_tokens),
         calls,
+        getattr(resp, "model", None) or model,
     )

@@ -31,10 +31,11 @@ admitted at the measured rate if nothing more arrived; or ``deadline_exceeded`` 
 that is never before its deadline (a retry cannot help), as for a deadline already past.
 A pool with no agent able to run (``down``) refuses everything with ``unavailable``
 (HTTP 503), and a view older than ``stale_after_s`` admits everything: the controller
-restarting must not close the door. A pool with no drain rate yet (it never completed
-a task) cannot predict a wait: it admits its highest class, and of the others
-``UNMEASURED_ROUNDS`` rounds of its slots ahead of a task, and sheds the rest briefly,
-until its first completions measure it.
+restarting must not close the door. A pool with no drain rate yet cannot predict a
+wait: one whose agents never finished a task (``PoolLoad.never_done``) admits its
+highest class, and of the others ``UNMEASURED_ROUNDS`` rounds of its slots ahead of a
+task, and sheds the rest briefly, until its first completions measure it; one that did
+(a restarted controller has no rate yet) admits everything until it has one.
 
 Between two views an entry point counts what it admitted, scaled up by its share of
 what every entry point admits to that pool (``EntryShares``, kept by the controller
@@ -126,6 +127,10 @@ class PoolLoad:
     fallback: str | None = None  # ... and the pool it sends new tasks to
     # ... and, when it answers from the pool's cache, how old an answer may be
     cache_max_age_s: float | None = None
+    # The pool's agents never finished a task (new, or a fallback that sat idle): with
+    # no drain rate, its admissions are bounded (``UNMEASURED_ROUNDS``). A pool that did
+    # finish some but has no rate yet (the controller restarted) admits as before.
+    never_done: bool = False
 
 
 class Verdict(NamedTuple):
@@ -234,6 +239,7 @@ class LoadEstimator:
             by_priority=by_priority,
             slots=capacity,
             down=down,
+            never_done=done_total == 0,
         )
 
 
@@ -428,7 +434,8 @@ class Admission:
         wait = view.wait_s(priority, now)
         if wait is None:  # no rate measured yet: a bounded probe, not the open door
             if (
-                rule.classes[priority] == rule.classes[-1]  # the highest: shed last
+                not view.load.never_done  # a restarted controller: not closing the door
+                or rule.classes[priority] == rule.classes[-1]  # the highest: shed last
                 or view.ahead_now(priority) < UNMEASURED_ROUNDS * max(1, view.load.slots)
             ):
                 view.add(priority, now)

@@ -20,7 +20,11 @@ sends a degraded pool's new tasks to its fallback, and, where the rule answers f
 pool's cache (``degrade.from_cache``), ``answer_from_cache`` first answers the tasks
 with a ``cache_key`` that has a recent result (one ledger call for the batch, made only
 while such a rule holds): each answer is recorded as the new task's own outcome, marked
-degraded with the rule, before the caller reports it. And an entry point whose put a queue
+degraded with the rule, before the caller reports it. Only tasks whose id fleet made up
+at this call are answered so (one the client named may be queued already: it takes
+the ordinary path, where the queue finds it), and a lookup or record that fails or
+takes longer than ``CACHE_LOOKUP_TIMEOUT_S`` answers nothing: the tasks go the
+ordinary way. And an entry point whose put a queue
 shard answered with tasks over their tenant's bulkhead (``fleet.policy.bulkhead``)
 turns them into refusals here (``bulkhead_refused``).
 """
@@ -35,7 +39,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,11 +52,19 @@ from fleet.policy.bulkhead import BULKHEAD
 from fleet.policy.degrade import DEGRADED, fallback_of
 from fleet.runtime.budget_client import tenant_of
 from fleet.spec.fleet import FleetSpec
-from fleet.task import Item, Outcome, is_idempotent_id, payload_hash, tenant_of_id
+from fleet.task import (
+    Item,
+    Outcome,
+    cache_key_of,
+    is_idempotent_id,
+    payload_hash,
+    tenant_of_id,
+)
 
 log = logging.getLogger(__name__)
 
 FIRST_VIEW_TIMEOUT_S = 2.0
+CACHE_LOOKUP_TIMEOUT_S = 1.0  # a degrade rule's cache: asked and answers recorded
 VIEW_CALL_TIMEOUT_S = 5.0
 # Clocks closer than this are taken as equal (the request's own time is of this order).
 CLOCK_SKEW_IGNORED_S = 0.05
@@ -219,21 +231,24 @@ class AdmissionGate:
                 tenant = tenant_of(orjson.loads(item.payload))
         return self._tenants(tenant)
 
-    def _cache_asks(self, items: Sequence[Item]) -> list[tuple[int, Any, str, float]]:
+    def _cache_asks(
+        self, items: Sequence[Item], generated: Collection[str]
+    ) -> list[tuple[int, Any, str, float]]:
         """(index, cache key, rule, max age) of the items a degrade rule may answer
-        from its pool's cache, on the current view."""
-        if not self.policy.degrading:
+        from its pool's cache, on the current view: those with a ``cache_key`` whose id
+        is in ``generated``."""
+        if not self.policy.degrading or not generated:
             return []
         rules = self.policy.cache_rules()
         if not rules:
             return []
         asks = []
         for k, it in enumerate(items):
-            if it.cache_key is None:
+            if it.cache_key is None or it.id not in generated:
                 continue
             pool = self._pools[it.capability]
             if (r := rules.get(pool)) is not None:
-                asks.append((k, (pool, tenant_of_id(it.id), it.cache_key), r[0], r[1]))
+                asks.append((k, (pool, cache_key_of(it)), r[0], r[1]))
         return asks
 
     def _answers(
@@ -246,8 +261,8 @@ class AdmissionGate:
         cached output, no run and no cost of their own, degraded with the rule."""
         now = self._clock()
         out: dict[str, Outcome] = {}
-        for (k, key, rule, max_age_s), o in zip(asks, found):
-            if o is None or o.finished_unix_s < now - max_age_s:
+        for (k, _, rule, max_age_s), o in zip(asks, found):
+            if o is None or not o.ok or o.finished_unix_s < now - max_age_s:
                 continue
             it = items[k]
             out[it.id] = Outcome(
@@ -255,33 +270,57 @@ class AdmissionGate:
                 it.submitted_unix_s, None, now, 0, 0, 0.0,
                 payload_hash(it.payload) if is_idempotent_id(it.id) else None, rule,
             )  # fmt: skip
-            self.policy.count(key[0], it.priority, DEGRADED, self.tenant_label(it))
         return out
 
-    def answer_from_cache(self, items: Sequence[Item], ledger: Any) -> dict[str, Outcome]:
+    def answer_from_cache(
+        self, items: Sequence[Item], ledger: Any, generated: Collection[str]
+    ) -> dict[str, Outcome]:
         """Answer what a degrade rule answers from its pool's cache (the module
-        docstring): the outcomes recorded, by task id; the caller queues the rest."""
-        asks = self._cache_asks(items)
+        docstring): the outcomes recorded, by task id; the caller queues the rest.
+        ``generated``: the ids fleet made up for this call."""
+        asks = self._cache_asks(items, generated)
         if not asks:
             return {}
-        found = ledger.cached([a[1] for a in asks], max(a[3] for a in asks))
-        answers = self._answers(items, asks, found)
-        if answers:
-            ledger.record(list(answers.values()))
+        try:
+            found = ledger.cached(
+                [a[1] for a in asks], max(a[3] for a in asks), CACHE_LOOKUP_TIMEOUT_S
+            )
+            answers = self._answers(items, asks, found)
+            if answers:
+                ledger.record(list(answers.values()))
+        except Exception as exc:  # a ledger shard slow or restarting: all misses
+            log.info("degrade cache not asked: %r", exc)
+            return {}
+        self._count_answers(items, answers)
         return answers
 
     async def answer_from_cache_async(
-        self, items: Sequence[Item], ledger: Any
+        self, items: Sequence[Item], ledger: Any, generated: Collection[str]
     ) -> dict[str, Outcome]:
         """``answer_from_cache`` for an entry point with an event loop."""
-        asks = self._cache_asks(items)
+        asks = self._cache_asks(items, generated)
         if not asks:
             return {}
-        found = await ledger.cached_async([a[1] for a in asks], max(a[3] for a in asks))
-        answers = self._answers(items, asks, found)
-        if answers:
-            await ledger.record_async(list(answers.values()))
+        try:
+            async with asyncio.timeout(CACHE_LOOKUP_TIMEOUT_S):
+                found = await ledger.cached_async(
+                    [a[1] for a in asks], max(a[3] for a in asks)
+                )
+                answers = self._answers(items, asks, found)
+                if answers:
+                    await ledger.record_async(list(answers.values()))
+        except Exception as exc:  # a ledger shard slow or restarting: all misses
+            log.info("degrade cache not asked: %r", exc)
+            return {}
+        self._count_answers(items, answers)
         return answers
+
+    def _count_answers(self, items: Sequence[Item], answers: Mapping[str, Outcome]) -> None:
+        """Count the tasks answered from a cache as degraded, for the pool each was for."""
+        for it in items:
+            if it.id in answers:
+                pool = self._pools[it.capability]
+                self.policy.count(pool, it.priority, DEGRADED, self.tenant_label(it))
 
     def split(
         self, items: Sequence[Item], count: bool = True

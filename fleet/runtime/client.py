@@ -316,7 +316,7 @@ class FleetClient:
         fresh, existing = self._known(items, report.generated)
         self.admission.refresh()
         # A degrade rule answering from its pool's cache answers what it can first.
-        if cached := self.admission.answer_from_cache(fresh, self.ledger):
+        if cached := self.admission.answer_from_cache(fresh, self.ledger, report.generated):
             existing.update(cached)
             fresh = [it for it in fresh if it.id not in cached]
         admitted, refused = self.admit(fresh)

@@ -162,6 +162,9 @@ class AgentHost:
         self.reporter = Reporter(self.preempt)
         # Runs cancelled by preemption (``pools[].preemption``): handed back, not failed.
         self.preempted: set[asyncio.Task[Any]] = set()
+        # A provider's Retry-After of a failed run, by task id, until its retry is
+        # decided (``fleet.llm``): the retry waits at least that long.
+        self.retry_after: dict[str, float] = {}
         self._work: dict[asyncio.Task[Any], tuple[Item, Batch]] = {}  # not abandoned
         self._loop_task: asyncio.Task[None] | None = None
         self.completed = 0
@@ -312,11 +315,15 @@ class AgentHost:
         delay = None
         if not o.ok and not final:
             o, delay = self._decide_retry(item, o)
+        elif self.retry_after:
+            self.retry_after.pop(item.id, None)
         self.recorder.settle(item, o, batch, delay)
 
     def _decide_retry(self, item: Item, o: Outcome) -> tuple[Outcome, float | None]:
         """A failed outcome: (outcome, delay) to retry after ``delay`` seconds, or
         (final outcome, None) to record."""
+        # The provider's Retry-After of this run, if any (taken whatever is decided).
+        after = self.retry_after.pop(item.id, 0.0) if self.retry_after else 0.0
         if o.reason == PREEMPTED:  # back to the queue at once, its delivery refunded
             return o, PREEMPTED_DELAY
         if o.reason == BUDGET_REQUEUE:
@@ -328,7 +335,8 @@ class AgentHost:
         left = (item.deadline_unix_s - time.time()) if item.deadline_unix_s else None
         r = self.core.decide_retry(item.deliveries, o.reason, o.error, left)
         if r.delay_s is not None:
-            return o, r.delay_s
+            # Not before the provider said to come back (its Retry-After), if it did.
+            return o, max(r.delay_s, after)
         if r.reason != o.reason:
             cap = max_error_chars(self.observability.traceback_chars)
             o = o._replace(reason=r.reason, error=(r.error or "")[:cap])

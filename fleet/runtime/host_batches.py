@@ -32,7 +32,7 @@ from fleet.policy.backoff import backoff_wait
 from fleet.policy.host import RecordBuffers
 from fleet.runtime.host_metrics import HostMetrics
 from fleet.spec.backoff import BackoffSpec
-from fleet.task import Item, Outcome, is_idempotent_id, payload_hash
+from fleet.task import Item, Outcome, cache_key_of, is_idempotent_id, payload_hash
 
 # A batch still running after PROGRESS_AFTER_S has a straggler: from then on its
 # progress goes to the dispatcher every PROGRESS_INTERVAL_S. Batches that finish sooner
@@ -177,7 +177,7 @@ class Recorder:
             # with another payload is refused rather than answered with this outcome.
             o = o._replace(payload_hash=payload_hash(item.payload))
         if item.cache_key is not None and o.ok:  # a recent answer to its key
-            o = o._replace(cache_key=item.cache_key)
+            o = o._replace(cache_key=cache_key_of(item))
         self.add(o.task_id, o, batch)
 
     def add(self, task_id: str, o: Outcome | None, batch: Batch) -> None:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from fleet.agent import Reply
+from fleet.llm.openai_compat import ProviderError
 from fleet.observability.logs import TASK_LOG, log_event
 from fleet.policy.preemption import PREEMPTED
 from fleet.task import Item, Outcome, Task, failed_outcome, item_to_task
@@ -152,7 +153,9 @@ async def run_on_agent(
         )
     except Exception as exc:  # the agent's own failure: recorded, the host lives on
         text = failure_text(exc, host.observability.traceback_chars)
-        # A failure that names its reason (``fleet.llm``'s provider errors) keeps it.
-        reason = getattr(exc, "fleet_reason", None)
-        reason = reason if isinstance(reason, str) and reason else "error"
+        reason = "error"
+        if isinstance(exc, ProviderError):  # a provider's failure keeps its reason
+            reason = exc.fleet_reason
+            if exc.retry_after_s:  # ... and its Retry-After bounds the retry's delay
+                host.retry_after[item.id] = exc.retry_after_s
         return failed_run(host, item, reason, text, agent_id, started)

@@ -112,13 +112,10 @@ class KafkaIntakeActor:
         ids = [it.id for it in items]
         fresh, existing, conflicts = split_known(items, dict(zip(ids, self._ledger.get(ids))))
         self._conflicts += len(conflicts)
-        self._admission.refresh()
-        # A degrade rule answering from its pool's cache answers what it can first:
-        # recorded, so finished like the tasks the ledger already held.
-        if cached := self._admission.answer_from_cache(fresh, self._ledger):
-            existing.update(cached)
-            fresh = [it for it in fresh if it.id not in cached]
         known = [*existing, *conflicts]  # already recorded (or refused): finished
+        self._admission.refresh()
+        # (Never answered from a degrade rule's cache: a redelivered message must find
+        # the task it queued before, which only the queue knows.)
         admitted, refused = self._admission.split(fresh, count=False)
         # Kafka pauses instead of refusing. A task that would miss its deadline is
         # queued all the same: its shard records it failed (deadline_exceeded) when the

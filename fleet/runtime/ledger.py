@@ -56,13 +56,13 @@ from fleet.runtime.names import Names
 from fleet.spec.fleet import FleetSpec
 from fleet.spec.queues import StorageBackend
 from fleet.stats import percentiles
-from fleet.task import Outcome, tenant_of_id
+from fleet.task import Outcome
 
 RETENTION_SWEEP_S = 600.0
 MAX_EXCUSED = 1_000_000  # excusals waiting for their task's outcome, per shard
 CACHE_KEYS = 100_000  # cache keys a shard remembers (the module docstring)
-# A cache key: (pool, tenant or None, Task.cache_key).
-CacheKey = tuple[str | None, str | None, str]
+# A cache key: (pool, ``fleet.task.cache_key_of``: the tenant and Task.cache_key).
+CacheKey = tuple[str | None, str]
 _SUMMARY_COLS = (
     "ok, reason, error, deliveries, submitted_unix_s, finished_unix_s,"
     " input_tokens, output_tokens, cost_usd, duplicates"
@@ -158,7 +158,7 @@ class Ledger:
         for o in outcomes:
             if o.cache_key is None or not o.ok:
                 continue
-            key = (o.pool, tenant_of_id(o.task_id), o.cache_key)
+            key = (o.pool, o.cache_key)
             old = cache.get(key)
             if old is not None and old[1] > o.finished_unix_s:
                 continue
@@ -483,12 +483,15 @@ class LedgerClient:
         split, refs = self._fan("get", ids, ids)
         return self._ordered(len(ids), split, ray.get(refs))
 
-    def cached(self, keys: Sequence[CacheKey], max_age_s: float) -> list[Outcome | None]:
-        """``cached_async``, blocking."""
+    def cached(
+        self, keys: Sequence[CacheKey], max_age_s: float, timeout_s: float | None = None
+    ) -> list[Outcome | None]:
+        """``cached_async``, blocking (``ray.get``'s timeout)."""
         if not keys:
             return []
         answers = ray.get(
-            [self.handle(k).cached.remote(list(keys), max_age_s) for k in range(self.n)]
+            [self.handle(k).cached.remote(list(keys), max_age_s) for k in range(self.n)],
+            timeout=timeout_s,
         )
         return _newest(answers, len(keys))
 

@@ -3,11 +3,13 @@ fallback pool (a smaller model, a cheaper path) instead of waiting or failing, o
 answered from a cache of its recent results for the same key, and each result says so
 (``degraded: true`` and the rule that fired).
 
-``to_pool``: the fallback pool. ``from_cache``: a new task with a ``cache_key`` is
-answered at once with the newest result the pool completed for that key (same tenant)
-in the last ``cache_max_age_s``, recorded as the new task's own outcome and marked
-degraded; a task without a key, or with no recent result, goes to ``to_pool`` when it
-is set, else to the pool as usual. At least one of the two is set.
+``to_pool``: the fallback pool. ``from_cache``: a new task with a ``cache_key`` (and
+an id fleet makes up: not the client's own, which may be queued already) is answered
+at once with the newest result the pool completed for that key (same tenant) in the
+last ``cache_max_age_s``, recorded as the new task's own outcome and marked degraded,
+by the Python client and the HTTP ingress (not the Kafka intake); a task without a key,
+or with no recent result, goes to ``to_pool`` when it is set, else to the pool as
+usual. At least one of the two is set.
 
 The signals, each optional (at least one is set), read by the controller every tick:
 ``predicted_wait_s``, the wait admission control predicts for a new task of the lowest

@@ -109,7 +109,7 @@ class Provider:
                 "id": "chatcmpl-1",
                 "object": "chat.completion",
                 "created": int(time.time()),
-                "model": body["model"],
+                "model": f"{body['model']}-2026-01-01",  # a dated name, as providers answer
                 "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
             }
             if self.mode != "no_usage":

@@ -44,6 +44,7 @@ def load(
     rule: AdmissionRule = RULE,
     down: bool = False,
     slots: int = 1,
+    never_done: bool = False,
 ) -> PoolLoad:
     return PoolLoad(
         rule=rule,
@@ -54,6 +55,7 @@ def load(
         by_priority=by_priority,
         slots=slots,
         down=down,
+        never_done=never_done,
     )
 
 
@@ -197,15 +199,20 @@ def test_a_pool_with_no_measured_rate_admits_two_rounds_of_its_slots():
     # admits what two rounds of its slots would run, at or above the task's priority,
     # and sheds the rest briefly.
     clock = FakeClock()
-    adm = gate(clock, pending={5: 3}, drain=None, slots=10)
+    new = {"drain": None, "never_done": True}
+    adm = gate(clock, pending={5: 3}, slots=10, **new)
     assert [adm.decide("work", 5).admitted for _ in range(18)] == [True] * 17 + [False]
     v = adm.decide("work", 5)
     assert (v.reason, v.retry_after_s) == (SHED, UNMEASURED_RETRY_AFTER_S)
     assert adm.decide("work", 6).admitted  # a higher priority: nothing is ahead of it
-    assert not gate(clock, pending={0: 10**6}, drain=None).decide("work", 0).admitted
+    assert not gate(clock, pending={0: 10**6}, **new).decide("work", 0).admitted
     # The highest class is shed last: not on a guess.
-    assert gate(clock, pending={9: 10**6}, drain=None).decide("work", 7).admitted
-    assert gate(clock, pending={}, drain=None, slots=0).decide("work", 0).admitted
+    assert gate(clock, pending={9: 10**6}, **new).decide("work", 7).admitted
+    assert gate(clock, pending={}, slots=0, **new).decide("work", 0).admitted
+    # A pool that finished tasks before (a restarted controller has no rate yet) is
+    # not a pool nobody measured: it admits, as the controller restarting must not
+    # close the door.
+    assert gate(clock, pending={0: 10**6}, drain=None).decide("work", 0).admitted
 
 
 def test_refusals_are_counted_by_tenant():

@@ -233,7 +233,7 @@ def test_cpu_quotas_are_charged_each_agents_own_cpu_even_when_preempted():
 
     async def run() -> Any:
         batch = asyncio.ensure_future(host.run_and_record(spinner + sleepers + cut))
-        await asyncio.sleep(0.3)  # the spinner is done; the long one spins on
+        await asyncio.sleep(0.5)  # the spinner is done; the long one spins on
         (cur,) = [b for it, b in host._work.values() if it.id == cut[0].id]
         assert host.preempt(cur, {cut[0].id}) == 1
         return await batch
@@ -250,7 +250,7 @@ def test_cpu_quotas_are_charged_each_agents_own_cpu_even_when_preempted():
     assert all(by_agent[ran_on[it.id]] < 0.02 for it in sleepers), by_agent
     assert 0.1 <= by_agent[ran_on[spinner[0].id]] < 0.15, by_agent
     (cut_agent,) = set(by_agent) - set(ran_on.values())
-    assert 0.05 < by_agent[cut_agent] < 1.0, by_agent  # cut short, not its 5 s
+    assert 0.01 < by_agent[cut_agent] < 1.0, by_agent  # it ran, cut short of its 5 s
     total = snap["pools"]["work"]["cpu_s"]
     assert total == pytest.approx(sum(by_agent.values())) and total <= used
     assert snap["pools"]["work"]["spend_usd"] == pytest.approx(4 * TASK_USD)

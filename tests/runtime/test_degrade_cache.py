@@ -17,7 +17,7 @@ import pytest
 from fleet.policy.admission import LEVELS, AdmissionRule, PoolLoad
 from fleet.policy.degrade import DEGRADED
 from fleet.runtime.admission_gate import AdmissionGate
-from fleet.task import Outcome, to_item
+from fleet.task import Outcome, cache_key_of, to_item
 from tests.utils import FakeClock, make_spec, pool
 
 RULE = "work.predicted_wait_s >= 1"
@@ -32,7 +32,9 @@ class _Ledger:
         self.asked: list[Any] = []
         self.recorded: list[Outcome] = []
 
-    def cached(self, keys: list[Any], max_age_s: float) -> list[Outcome | None]:
+    def cached(
+        self, keys: list[Any], max_age_s: float, timeout_s: float | None = None
+    ) -> list[Outcome | None]:
         self.asked += keys
         return [self.answers.get(k) for k in keys]
 
@@ -76,8 +78,13 @@ def _items(clock: FakeClock) -> list[Any]:
         {"capability": "work", "id": "c"},  # no key: never asked
         {"capability": "other", "id": "d", "cache_key": "faq-1"},  # not degraded
         {"capability": "work", "id": "e", "cache_key": "faq-none"},
+        {"capability": "work", "id": "f", "cache_key": "faq-1"},  # its id is the client's
     ]
     return [to_item(t, {"work", "other"}, now_unix_s=clock()) for t in tasks]
+
+
+MADE_UP = {"a", "b", "c", "d", "e"}  # ids fleet made up at this call (not "f")
+KEY_1, KEY_OLD, KEY_NONE = "\x1ffaq-1", "\x1ffaq-old", "\x1ffaq-none"  # no tenant
 
 
 @pytest.mark.parametrize("path", ["sync", "async"])
@@ -86,21 +93,18 @@ def test_a_recent_answer_to_the_same_key_answers_a_new_task(path):
     now = clock()
     ledger = _Ledger(
         {
-            ("work", None, "faq-1"): _cached("t-1", b'{"answer":1}', now - 5),
-            ("work", None, "faq-old"): _cached("t-0", b'{"answer":0}', now - 2 * MAX_AGE_S),
+            ("work", KEY_1): _cached("t-1", b'{"answer":1}', now - 5),
+            ("work", KEY_OLD): _cached("t-0", b'{"answer":0}', now - 2 * MAX_AGE_S),
         }
     )
     gate = _gate(clock)
     items = _items(clock)
     if path == "sync":
-        got = gate.answer_from_cache(items, ledger)
+        got = gate.answer_from_cache(items, ledger, MADE_UP)
     else:
-        got = asyncio.run(gate.answer_from_cache_async(items, ledger))
-    assert ledger.asked == [
-        ("work", None, "faq-1"),
-        ("work", None, "faq-old"),
-        ("work", None, "faq-none"),
-    ]
+        got = asyncio.run(gate.answer_from_cache_async(items, ledger, MADE_UP))
+    # A task the client named may be queued already: it takes the ordinary path.
+    assert ledger.asked == [("work", KEY_1), ("work", KEY_OLD), ("work", KEY_NONE)]
     assert list(got) == ["a"] and ledger.recorded == [got["a"]]
     r = got["a"].to_result()
     assert (r.task_id, r.output, r.pool, r.degraded_rule, r.deliveries) == (
@@ -117,12 +121,31 @@ def test_a_recent_answer_to_the_same_key_answers_a_new_task(path):
 
 def test_no_cache_rule_or_a_tenants_key_never_reaches_another_tenant():
     clock = FakeClock(1_000_000.0)
-    ledger = _Ledger({("work", None, "faq-1"): _cached("t-1", b"1", clock() - 1)})
-    assert _gate(clock, cache=False).answer_from_cache(_items(clock), ledger) == {}
+    ledger = _Ledger({("work", KEY_1): _cached("t-1", b"1", clock() - 1)})
+    assert _gate(clock, cache=False).answer_from_cache(_items(clock), ledger, MADE_UP) == {}
     assert ledger.asked == []  # no rule answering from a cache: no call at all
     acme = to_item(
         {"capability": "work", "id": "x", "cache_key": "faq-1"}, {"work"}, tenant="acme"
     )
+    paid = to_item(
+        {"capability": "work", "id": "y", "cache_key": "faq-1", "payload": {"tenant": "b"}},
+        {"work"},
+    )
     gate = _gate(clock)
-    assert gate.answer_from_cache([acme], ledger) == {}
-    assert ledger.asked == [("work", "acme", "faq-1")]  # its own tenant's key only
+    assert gate.answer_from_cache([acme, paid], ledger, {acme.id, paid.id}) == {}
+    # Each tenant's own key only: the ingress's by its id, the others' by its payload.
+    assert ledger.asked == [("work", "acme\x1ffaq-1"), ("work", "payload:b\x1ffaq-1")]
+    assert cache_key_of(acme) == "acme\x1ffaq-1"
+
+
+def test_a_failed_lookup_or_a_failed_answer_is_a_miss():
+    clock = FakeClock(1_000_000.0)
+
+    class Down(_Ledger):
+        def cached(self, keys, max_age_s, timeout_s=None):
+            raise TimeoutError("a ledger shard is restarting")
+
+    assert _gate(clock).answer_from_cache(_items(clock), Down({}), MADE_UP) == {}
+    failed = _cached("t-1", None, clock() - 1)._replace(ok=False, reason="error")
+    ledger = _Ledger({("work", KEY_1): failed})
+    assert _gate(clock).answer_from_cache(_items(clock), ledger, MADE_UP) == {}
