@@ -1,11 +1,13 @@
 """fleet: run societies of AI agents on Ray, and keep them alive, fast and within budget."""
 
+from fleet.adapters import Context, agent_from
 from fleet.agent import Agent, DependencyUnavailable, Reply
 from fleet.spec import FleetSpec, SpecError, load_spec, parse_spec
 from fleet.task import Result, Task, TaskRejected, TaskStatus
 
 __all__ = [
     "Agent",
+    "Context",
     "DependencyUnavailable",
     "Electorate",
     "FleetSpec",
@@ -15,6 +17,7 @@ __all__ = [
     "Task",
     "TaskRejected",
     "TaskStatus",
+    "agent_from",
     "decide",
     "load_spec",
     "parse_spec",
