@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from fleet.agents.llm import Completion, LatencyModel, LLMClient, SimulatedLLM
-from fleet.llm.openai_compat import (
-    ChatReply,
-    OpenAICompatible,
+from fleet.llm.caps import Cap
+from fleet.llm.errors import (
+    CapExceeded,
     ProviderAuth,
     ProviderBadResponse,
     ProviderError,
@@ -24,9 +24,12 @@ from fleet.llm.openai_compat import (
     ProviderRejected,
     ProviderUnreachable,
 )
+from fleet.llm.openai_compat import ChatReply, OpenAICompatible
 from fleet.spec.llm import LLMSpec
 
 __all__ = [
+    "Cap",
+    "CapExceeded",
     "ChatReply",
     "Completion",
     "LLMClient",

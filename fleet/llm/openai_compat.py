@@ -16,7 +16,9 @@ task's failure reason:
 - ``provider_bad_response``: an answer without choices or without token usage (fleet
   prices every call from the provider's reported usage, so it will not guess).
 
-The last response's rate-limit headers (``x-ratelimit-*``) are kept in ``limits``. A
+Inside a task with a budget reservation, each call asks for no more output tokens than
+the reservation has left (``fleet.llm.caps``). The last response's rate-limit headers
+(``x-ratelimit-*``) are kept in ``limits``. A
 reply names the model asked for, the key of the spec's price table (providers answer
 with dated names), and the one that answered as ``served_model``. A ``Retry-After``
 sets the earliest retry of the task (``fleet.runtime.host``).
@@ -31,36 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleet.agents.llm import Completion
-
-
-class ProviderError(Exception):
-    """A provider call failed; ``fleet_reason`` is the task's failure reason."""
-
-    fleet_reason = "provider_error"
-
-    def __init__(self, message: str, retry_after_s: float | None = None):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class ProviderRateLimited(ProviderError):
-    fleet_reason = "rate_limited"
-
-
-class ProviderUnreachable(ProviderError):
-    fleet_reason = "provider_unreachable"
-
-
-class ProviderAuth(ProviderError):
-    fleet_reason = "provider_auth"
-
-
-class ProviderRejected(ProviderError):
-    fleet_reason = "provider_rejected"
-
-
-class ProviderBadResponse(ProviderError):
-    fleet_reason = "provider_bad_response"
+from fleet.llm.caps import CURRENT, input_upper_bound
+from fleet.llm.errors import (
+    ProviderAuth,
+    ProviderBadResponse,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderUnreachable,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +116,16 @@ class OpenAICompatible:
                 "on this host (pools[].llm.api_key_env)"
             )
         oa = self._openai
+        asked = max_tokens or self.max_tokens
+        cap = CURRENT.get()  # the task's reservation (``fleet.llm.caps``)
+        if cap is not None:
+            most = cap.max_output(self.model, input_upper_bound(messages, tools))
+            if most is not None:
+                asked = min(asked, most)
         kwargs: dict[str, Any] = {
             "model": self.model,
             "messages": list(messages),
-            "max_tokens": max_tokens or self.max_tokens,
+            "max_tokens": asked,
         }
         if tools:
             kwargs["tools"] = list(tools)
@@ -179,7 +165,10 @@ class OpenAICompatible:
             resp = raw.parse()
         except Exception as exc:  # not a chat completion at all
             raise ProviderBadResponse(f"malformed response: {type(exc).__name__}") from None
-        return _reply(resp, self.model)
+        reply = _reply(resp, self.model)
+        if cap is not None:
+            cap.spend(self.model, reply.input_tokens, reply.output_tokens)
+        return reply
 
 
 def _reply(resp: Any, model: str) -> ChatReply:

@@ -42,6 +42,8 @@ from typing import Any
 
 from fleet.agent import Agent
 from fleet.llm import client_for
+from fleet.llm.caps import CURRENT as CAP
+from fleet.llm.caps import Cap
 from fleet.observability.metrics import Sink, TenantLabels
 from fleet.observability.tracing import TaskTracer
 from fleet.policy.host import HostCore, TickActions
@@ -382,8 +384,14 @@ class AgentHost:
         ok = False
         spent: tuple[float, int] | None = None  # (USD, tokens) of a completed task
         judged: bool | None = False
-        # The agent's own CPU seconds (``cpu_s`` quotas), metered where budgets are.
+        # The agent's own CPU seconds (``cpu_s`` quotas), metered where budgets are, and
+        # its reservation as the cap of its model calls (``fleet.llm.caps``).
         meter = CpuMeter() if grant is not None else None
+        capped = (
+            CAP.set(Cap.of_grant(grant.estimate_tokens, grant.estimate_usd, self.prices))
+            if grant is not None
+            else None
+        )
         try:
             o = await run_on_agent(self, i, item, task, meter)
             if o.ok:
@@ -395,6 +403,8 @@ class AgentHost:
                 self.failed += 1
             return o
         finally:
+            if capped is not None:
+                CAP.reset(capped)
             self.preempted.discard(cur)
             if grant is not None:  # its CPU as run, even when cut short
                 gate.settle(grant, spent, meter.cpu_s if meter is not None else 0.0)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from fleet.agent import Reply
-from fleet.llm.openai_compat import ProviderError
+from fleet.llm.errors import ProviderError
 from fleet.observability.logs import TASK_LOG, log_event
 from fleet.policy.preemption import PREEMPTED
 from fleet.task import Item, Outcome, Task, failed_outcome, item_to_task

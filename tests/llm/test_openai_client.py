@@ -12,6 +12,7 @@ import asyncio
 import re
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -181,3 +182,91 @@ def test_readmes_agent_runs_on_a_host_against_the_provider(monkeypatch):
     assert (f.ok, f.reason, report.retry_ids) == (False, "provider_auth", []), bad_outcome
     # An overloaded provider's task is retried, not before its Retry-After (2 s).
     assert busy.retry_ids == [item.id] and busy.retry_delays_s[0] >= 2.0, busy
+
+
+# --- the reservation as a cap (fleet.llm.caps) ----------------------------------------
+
+PRICE = {"input_usd_per_mtok": 3.0, "output_usd_per_mtok": 7.0}
+
+
+def test_a_cap_leaves_what_the_reservation_does_not_cover_uncalled():
+    from fleet.llm import Cap, CapExceeded
+    from fleet.spec.budgets import ModelPrice
+
+    prices = {"m": ModelPrice.model_validate(PRICE)}
+    usd = prices["m"].cost_usd(300, 50)
+    cap = Cap.of_grant(350, usd, prices)
+    # tokens: 350 - 111; USD: 50 output tokens plus what 189 fewer input tokens leave
+    assert cap.max_output("m", 111) == min(239, int((usd - 111 * 3e-6) / 7e-6))
+    tokens_only = Cap.of_grant(350, 0.0, prices)  # no USD booked: tokens alone
+    tokens_only.spend("m", 100, 200)
+    assert tokens_only.tokens == 50 and tokens_only.max_output("m", 40) == 10
+    with pytest.raises(CapExceeded, match=r"raise budgets\.task_estimates") as info:
+        tokens_only.max_output("m", 50)
+    assert info.value.fleet_reason == "budget_exhausted"
+    assert Cap.of_grant(0, 0.0, prices).max_output("m", 10**6) is None  # nothing booked
+
+
+def _budget_host(url: str, input_tokens: int) -> tuple[AgentHost, FakeLedger, Any]:
+    from fleet.runtime.budget_actor import BudgetBook
+    from fleet.runtime.budget_client import BudgetClient
+    from tests.runtime.test_budget_live import _BookActor
+    from tests.utils import FakeClock
+
+    spec = make_spec(
+        pool(
+            "summarize",
+            agent_class="tests.llm.test_openai_client:Summarizer",
+            agents_per_host=1,
+            llm={"provider": "openai", "base_url": url, "model": "fake-model",
+                 "api_key_env": "FLEET_TEST_FAKE_KEY"},
+        ),
+        budgets={
+            "prices": {"fake-model": PRICE},
+            "task_estimates": {
+                "summarize": {"model": "fake-model", "input_tokens": input_tokens,
+                              "output_tokens": 50}
+            },
+            "pools": {"summarize": {"daily_usd": 100}},
+        },
+    )  # fmt: skip
+    book = BudgetBook(spec, FakeClock(1_000_000.0))
+    host = AgentHost(
+        spec.pools[0].model_dump(mode="json"),
+        spec.resilience.model_dump(mode="json"),
+        {k: v.model_dump() for k, v in spec.budgets.prices.items()},
+    )
+    host.budget = BudgetClient(actor=_BookActor(book))
+    host.recorder.client = ledger = FakeLedger()
+    return host, ledger, book
+
+
+def test_the_reservation_reaches_the_request_as_max_tokens_and_nothing_overspends(
+    monkeypatch,
+):
+    from fleet.llm import Cap
+    from fleet.llm.caps import input_upper_bound
+    from fleet.spec.budgets import ModelPrice
+
+    monkeypatch.setenv("FLEET_TEST_FAKE_KEY", "test-key")
+    text = "y" * 80
+    provider = Provider(reply_tokens=10_000)  # it would answer at any length asked
+    item = to_item({"capability": "summarize", "payload": {"text": text}}, {"summarize"})
+    with serve(provider) as url:
+        host, ledger, book = _budget_host(url, input_tokens=300)
+        asyncio.run(host.run_and_record([item]))
+        # Real input far above a small estimate: the call is not made at all.
+        small, small_ledger, small_book = _budget_host(url, input_tokens=10)
+        report = asyncio.run(small.run_and_record([item._replace(deliveries=1)]))
+    price = ModelPrice.model_validate(PRICE)
+    messages = [{"role": "user", "content": text}]
+    expected = Cap.of_grant(350, price.cost_usd(300, 50), {"fake-model": price}).max_output(
+        "fake-model", input_upper_bound(messages)
+    )
+    assert provider.seen_max_tokens == [expected] and expected < 512  # one call, capped
+    (o,) = ledger.outcomes
+    assert o.ok and o.output_tokens == expected
+    assert book.snapshot()["overrun_usd"] == 0
+    (f,) = small_ledger.outcomes
+    assert (f.ok, f.reason, report.retry_ids) == (False, "budget_exhausted", [])
+    assert small_book.snapshot()["overrun_usd"] == 0 and provider.calls == 1
