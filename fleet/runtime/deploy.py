@@ -41,7 +41,11 @@ def host_deployment_options(spec: FleetSpec, pool: PoolSpec) -> dict[str, Any]:
     return {
         "name": Names.host_deployment(pool.name),
         "max_ongoing_requests": max(100, pool.agents_per_host * pool.concurrency_per_agent),
-        "ray_actor_options": {"num_cpus": pool.cpus_per_host, "num_gpus": pool.gpus_per_host},
+        "ray_actor_options": {
+            "num_cpus": pool.cpus_per_host,
+            "num_gpus": pool.gpus_per_host,
+            **({"runtime_env": pool.runtime_env} if pool.runtime_env else {}),
+        },
         # Each host's CPU/GPU is reserved in its own placement group, placed before the
         # host (and so its agents) starts; with max_hosts_per_node, by the host itself
         # (Serve refuses a placement group together with max_replicas_per_node).

@@ -38,7 +38,8 @@ def secret_values(spec: Any) -> list[str]:
 
 
 def pool_secret_values(pool: Any) -> list[str]:
-    """``secret_values`` of one pool."""
+    """``secret_values`` of one pool: its secret-named ``agent_kwargs`` and
+    ``runtime_env.env_vars``."""
     out: list[str] = []
 
     def collect(v: Any) -> None:
@@ -53,6 +54,10 @@ def pool_secret_values(pool: Any) -> list[str]:
                 collect(x)
 
     for name, value in (pool.agent_kwargs or {}).items():
+        if is_secret_name(name):
+            collect(value)
+    env = (getattr(pool, "runtime_env", None) or {}).get("env_vars") or {}
+    for name, value in env.items():  # a key given to the hosts' environment
         if is_secret_name(name):
             collect(value)
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, field_validator
 
 from fleet.spec._base import SpecModel
 from fleet.spec.admission import AdmissionSpec
@@ -38,6 +38,24 @@ DEFAULT_HOST_DRAIN_TIMEOUT_S = 30.0
 
 Name = Annotated[str, AfterValidator(_check_name)]
 ImportPath = Annotated[str, AfterValidator(_check_import_path)]
+
+
+# The fields of Ray's runtime_env (ray.runtime_env.RuntimeEnv) a pool may set.
+RUNTIME_ENV_KEYS = frozenset(
+    {
+        "pip",
+        "uv",
+        "conda",
+        "env_vars",
+        "working_dir",
+        "py_modules",
+        "py_executable",
+        "excludes",
+        "config",
+        "image_uri",
+        "nsight",
+    }
+)
 
 
 class PoolSpec(SpecModel):
@@ -76,6 +94,30 @@ class PoolSpec(SpecModel):
     degrade: DegradeSpec | None = None
     llm: LLMSpec | None = None  # the model its agents call as self.llm
     preemption: PreemptionSpec = PreemptionSpec()
+    runtime_env: dict[str, Any] | None = None
+    """Ray's runtime environment for the pool's hosts (``pip``, ``uv``, ``conda``,
+    ``env_vars``, ``working_dir``, ``py_modules``, ...; Ray installs it on the nodes).
+    Values of secret-named ``env_vars`` (``..._KEY``, ``..._TOKEN``, ...) are redacted
+    from status and logs like secret-named ``agent_kwargs``; better still, set secrets on
+    the nodes and name them (``llm.api_key_env``)."""
+
+    @field_validator("runtime_env")
+    @classmethod
+    def _check_runtime_env(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        unknown = sorted(set(v) - RUNTIME_ENV_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown runtime_env field(s) {unknown}; Ray's are {sorted(RUNTIME_ENV_KEYS)}"
+            )
+        env = v.get("env_vars")
+        if env is not None and not (
+            isinstance(env, dict)
+            and all(isinstance(k, str) and isinstance(x, str) for k, x in env.items())
+        ):
+            raise ValueError("runtime_env.env_vars must map names to strings")
+        return v
 
     @property
     def host_bundle(self) -> dict[str, float]:

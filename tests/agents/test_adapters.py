@@ -1,10 +1,12 @@
 """Agents from functions and runnables (``fleet.agent_from``): on a host first (no Ray),
 then live, a fleet with one pool of each, whose results carry the function's output
-and the runnable's content, tokens and model."""
+and the runnable's content, tokens and model; and a pool's ``runtime_env`` reaching
+its hosts."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import pytest
@@ -37,7 +39,12 @@ class FakeChain:
         return _Message(value["text"][::-1])
 
 
+async def greet(payload: Any, ctx: Any) -> Any:
+    return os.environ.get("FLEET_GREETING")  # from the pool's runtime_env
+
+
 Shout = agent_from(shout, capabilities=("shout",))
+Greet = agent_from(greet)
 Chain = agent_from(FakeChain(), capabilities=("chain",))
 
 
@@ -73,6 +80,14 @@ def test_live_a_function_agent_and_a_runnable_agent(start_fleet):
         make_spec(
             pool("shout", agent_class="tests.agents.test_adapters:Shout", agents_per_host=2),
             pool("chain", agent_class="tests.agents.test_adapters:Chain", agents_per_host=2),
+            pool(
+                "env",
+                agent_class="tests.agents.test_adapters:Greet",
+                agents_per_host=1,
+                runtime_env={
+                    "env_vars": {"FLEET_GREETING": "hello", "GREETER_API_KEY": "k-123"}
+                },
+            ),
             name="adapters",
             namespace="adapters",
         )
@@ -81,9 +96,11 @@ def test_live_a_function_agent_and_a_runnable_agent(start_fleet):
         [
             {"capability": "shout", "payload": {"text": "hey"}},
             {"capability": "chain", "payload": {"text": "fleet"}},
+            {"capability": "env"},
         ]
     ).accepted
     assert fc.wait(ids, timeout_s=60) == []
-    shouted, chained = fc.results(ids)
+    shouted, chained, greeted = fc.results(ids)
+    assert greeted.output == "hello"  # the pool's runtime_env reached its hosts
     assert shouted.output["loud"] == "HEY" and shouted.output["agent"] == shouted.agent_id
     assert (chained.output, chained.input_tokens, chained.output_tokens) == ("teelf", 11, 4)

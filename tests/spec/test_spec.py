@@ -333,3 +333,26 @@ def test_preemption_settings_out_of_range_name_the_field():
     )
     assert "greater than 0" in errs["pools.0.preemption.preempt_after_s"]
     assert "greater than or equal to 1" in errs["pools.0.preemption.max_preemptions"]
+
+
+@pytest.mark.parametrize(
+    ("runtime_env", "needle"),
+    [
+        ({"pip": ["x"], "nope": 1}, "unknown runtime_env field(s) ['nope']"),
+        ({"env_vars": {"A": 1}}, "runtime_env.env_vars must map names to strings"),
+    ],
+)
+def test_a_bad_runtime_env_is_refused_naming_the_field(runtime_env, needle):
+    errs = errors_of({"pools": [pool("work", runtime_env=runtime_env)]})
+    assert needle in errs["pools.0.runtime_env"], errs
+
+
+def test_a_pools_runtime_env_reaches_its_hosts_and_its_secrets_are_redacted():
+    from fleet.runtime.deploy import host_deployment_options
+    from fleet.security.redact import secret_values
+
+    env = {"env_vars": {"VLLM_API_KEY": "sk-secret-1", "REGION": "eu-west"}}
+    spec = parse_spec({"pools": [pool("work", runtime_env=env)]})
+    opts = host_deployment_options(spec, spec.pools[0])
+    assert opts["ray_actor_options"]["runtime_env"] == env
+    assert secret_values(spec) == ["sk-secret-1"]
