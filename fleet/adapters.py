@@ -2,9 +2,9 @@
 
 ``agent_from(fn)`` turns ``async def fn(payload, ctx) -> result`` into an ``Agent``
 class; ``agent_from(runnable)`` does the same for anything with ``ainvoke`` (a
-LangChain ``Runnable``, a LangGraph graph, or your own), without fleet depending on
-the framework. Bind the class to a module-level name and name it in the pool's
-``agent_class``, as any agent::
+LangChain ``Runnable`` or your own), without fleet depending on the framework. Bind
+the class to a module-level name and name it in the pool's ``agent_class``, as any
+agent::
 
     async def summarize(payload, ctx):
         c = await ctx.llm.complete(payload["text"])
@@ -17,12 +17,17 @@ the framework. Bind the class to a module-level name and name it in the pool's
 report tokens. A runnable is invoked with the task's payload; its result's ``content``
 (a chat message's), or the result itself, is the output, and the tokens and model come
 from its ``usage_metadata`` (``input_tokens``, ``output_tokens``) and
-``response_metadata`` (``model_name`` or ``model``) when it has them.
+``response_metadata`` (``model_name`` or ``model``, priced by the longest priced name it
+starts with) when it has them. The output must be JSON (a graph's state of message
+objects is not: return what to keep). A runnable calls its own model client, which a
+budget's reservation does not cap (``fleet.llm.caps`` caps ``self.llm``): settle such
+pools by their estimates.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -72,7 +77,8 @@ def agent_from(
 ) -> type[Agent]:
     """An ``Agent`` class that runs ``obj``: an ``async def (payload, ctx)`` function, or
     an object with ``ainvoke`` (see the module docstring). ``name``: the class's name
-    (default: from ``obj``'s)."""
+    (default: from ``obj``'s); give the name it is bound to, and the class pickles by
+    reference too."""
     if hasattr(obj, "ainvoke"):
         runnable = obj
 
@@ -93,14 +99,16 @@ def agent_from(
             f"ainvoke, got {obj!r}"
         )
     cls_name = name or f"{default[:1].upper()}{default[1:]}Agent"
-    cls = type(
+    # The module that made it (where it is bound, for the pool's agent_class).
+    module = sys._getframe(1).f_globals.get("__name__", __name__)
+    return type(
         cls_name,
         (Agent,),
         {
             "capabilities": tuple(capabilities),
             "handle": handle,
             "__doc__": f"An agent running {default} (fleet.agent_from).",
-            "__module__": getattr(obj, "__module__", None) or __name__,
+            "__module__": module,
+            "__qualname__": cls_name,
         },
     )
-    return cls

@@ -52,6 +52,11 @@ def client_for(spec: LLMSpec | None) -> Any:
     spec = spec or LLMSpec()
     if spec.provider == "openai":
         return OpenAICompatible(
-            spec.model, spec.base_url, spec.api_key_env, spec.timeout_s, spec.max_tokens
+            spec.model,
+            spec.base_url,
+            spec.api_key_env,
+            spec.timeout_s,
+            spec.max_tokens,
+            max_tokens_field=spec.max_tokens_field,
         )
     return SimulatedLLM(spec.model, LatencyModel(time_scale=spec.time_scale))

@@ -27,6 +27,7 @@ The key is read once, from the environment, and never logged or put in an error.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ from fleet.llm.errors import (
     ProviderRejected,
     ProviderUnreachable,
 )
+
+# A provider's Retry-After is honoured up to this (a bogus one must not park a task).
+MAX_RETRY_AFTER_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,15 +62,17 @@ class ChatReply:
 
 
 def retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """Seconds from ``retry-after-ms`` or ``retry-after`` (seconds; an HTTP date is not
-    honoured: None)."""
+    """Seconds from ``retry-after-ms`` or ``retry-after`` (seconds, at most
+    ``MAX_RETRY_AFTER_S``; an HTTP date or a value that is not finite: None)."""
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)
         if value is not None:
             try:
-                return max(0.0, float(value) * scale)
+                seconds = float(value) * scale
             except ValueError:
                 continue
+            if math.isfinite(seconds):
+                return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
     return None
 
 
@@ -81,11 +87,13 @@ class OpenAICompatible:
         timeout_s: float = 60.0,
         max_tokens: int = 512,
         environ: Mapping[str, str] = os.environ,
+        max_tokens_field: str = "max_tokens",
     ):
         import openai  # only hosts whose pools call a real provider need it
 
         self.model = model
         self.max_tokens = max_tokens
+        self.max_tokens_field = max_tokens_field  # max_completion_tokens: reasoning models
         self.api_key_env = api_key_env
         key = environ.get(api_key_env)
         self._missing_key = not key
@@ -115,17 +123,31 @@ class OpenAICompatible:
                 f"no API key: the environment variable {self.api_key_env} is not set "
                 "on this host (pools[].llm.api_key_env)"
             )
-        oa = self._openai
         asked = max_tokens or self.max_tokens
         cap = CURRENT.get()  # the task's reservation (``fleet.llm.caps``)
-        if cap is not None:
-            most = cap.max_output(self.model, input_upper_bound(messages, tools))
-            if most is not None:
-                asked = min(asked, most)
+        if cap is None:
+            return await self._chat(messages, asked, tools)
+        upper = input_upper_bound(messages, tools)
+        asked = cap.hold(self.model, upper, asked)
+        reply = None
+        try:
+            reply = await self._chat(messages, asked, tools)
+            return reply
+        finally:  # what the call did not use goes back (all of it if it failed)
+            used = (reply.input_tokens, reply.output_tokens) if reply is not None else (0, 0)
+            cap.release(self.model, upper, asked, *used)
+
+    async def _chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        asked: int,
+        tools: Sequence[Mapping[str, Any]] | None,
+    ) -> ChatReply:
+        oa = self._openai
         kwargs: dict[str, Any] = {
             "model": self.model,
             "messages": list(messages),
-            "max_tokens": asked,
+            self.max_tokens_field: asked,
         }
         if tools:
             kwargs["tools"] = list(tools)
@@ -136,6 +158,8 @@ class OpenAICompatible:
                 f"the provider refused the key: HTTP {exc.status_code}"
             ) from None
         except oa.RateLimitError as exc:
+            if _code(exc) == "insufficient_quota":  # billing, not a rate: will not pass
+                raise ProviderRejected("the provider's quota is used up (HTTP 429)") from None
             raise ProviderRateLimited(
                 "the provider is rate limiting (HTTP 429)", retry_after_s(exc.response.headers)
             ) from None
@@ -165,10 +189,16 @@ class OpenAICompatible:
             resp = raw.parse()
         except Exception as exc:  # not a chat completion at all
             raise ProviderBadResponse(f"malformed response: {type(exc).__name__}") from None
-        reply = _reply(resp, self.model)
-        if cap is not None:
-            cap.spend(self.model, reply.input_tokens, reply.output_tokens)
-        return reply
+        return _reply(resp, self.model)
+
+
+def _code(exc: Any) -> str | None:
+    """An OpenAI error's ``code`` (from the exception or its JSON body)."""
+    code = getattr(exc, "code", None)
+    if code is None and isinstance(getattr(exc, "body", None), dict):
+        body = exc.body
+        code = (body.get("error") or body).get("code") if isinstance(body, dict) else None
+    return code if isinstance(code, str) else None
 
 
 def _reply(resp: Any, model: str) -> ChatReply:

@@ -387,15 +387,18 @@ class AgentHost:
         # The agent's own CPU seconds (``cpu_s`` quotas), metered where budgets are, and
         # its reservation as the cap of its model calls (``fleet.llm.caps``).
         meter = CpuMeter() if grant is not None else None
-        capped = (
-            CAP.set(Cap.of_grant(grant.estimate_tokens, grant.estimate_usd, self.prices))
+        cap = (
+            Cap.of_grant(grant.estimate_tokens, grant.estimate_usd, self.prices)
             if grant is not None
             else None
         )
+        capped = CAP.set(cap) if cap is not None else None
         try:
             o = await run_on_agent(self, i, item, task, meter)
             if o.ok:
                 ok, spent = True, (o.cost_usd, o.input_tokens + o.output_tokens)
+                if cap is not None:  # no less than its model calls used
+                    spent = (max(spent[0], cap.used_usd), max(spent[1], cap.used_tokens))
                 self.completed += 1
             elif o.reason == PREEMPTED:
                 judged = None  # says nothing of the agent

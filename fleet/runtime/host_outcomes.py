@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from fleet.agent import Reply
+from fleet.llm.caps import price_of
 from fleet.llm.errors import ProviderError
 from fleet.observability.logs import TASK_LOG, log_event
 from fleet.policy.preemption import PREEMPTED
@@ -129,7 +130,7 @@ async def run_on_agent(
                 agent_id,
                 started,
             )
-        price = host.prices.get(reply.model or "")
+        price = price_of(host.prices, reply.model)
         cost = price.cost_usd(reply.input_tokens, reply.output_tokens) if price else 0.0
         return Outcome(
             item.id, True, output, None, None, agent_id, pool,

@@ -39,7 +39,7 @@ def secret_values(spec: Any) -> list[str]:
 
 def pool_secret_values(pool: Any) -> list[str]:
     """``secret_values`` of one pool: its secret-named ``agent_kwargs`` and
-    ``runtime_env.env_vars``."""
+    ``runtime_env.env_vars``, and the variable its ``llm.api_key_env`` names."""
     out: list[str] = []
 
     def collect(v: Any) -> None:
@@ -57,8 +57,10 @@ def pool_secret_values(pool: Any) -> list[str]:
         if is_secret_name(name):
             collect(value)
     env = (getattr(pool, "runtime_env", None) or {}).get("env_vars") or {}
+    llm = getattr(pool, "llm", None)
+    key_env = llm.api_key_env if llm is not None else None
     for name, value in env.items():  # a key given to the hosts' environment
-        if is_secret_name(name):
+        if is_secret_name(name) or name == key_env:
             collect(value)
     return out
 

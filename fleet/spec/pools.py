@@ -97,9 +97,10 @@ class PoolSpec(SpecModel):
     runtime_env: dict[str, Any] | None = None
     """Ray's runtime environment for the pool's hosts (``pip``, ``uv``, ``conda``,
     ``env_vars``, ``working_dir``, ``py_modules``, ...; Ray installs it on the nodes).
-    Values of secret-named ``env_vars`` (``..._KEY``, ``..._TOKEN``, ...) are redacted
-    from status and logs like secret-named ``agent_kwargs``; better still, set secrets on
-    the nodes and name them (``llm.api_key_env``)."""
+    Values of ``env_vars`` whose names look secret (containing ``secret``, ``password``,
+    ``token``, ``api_key``, ``credential``, ``private_key``; or the one ``llm.api_key_env``
+    names) are redacted from status and logs like such ``agent_kwargs``; better still,
+    set secrets on the nodes and name them (``llm.api_key_env``)."""
 
     @field_validator("runtime_env")
     @classmethod

@@ -85,7 +85,10 @@ class Provider:
                 if wait > 0:
                     self.refused += 1
                     return _error(
-                        429, "rate_limit_exceeded", "slow down", {"retry-after": f"{wait:.3f}"}
+                        429,
+                        "rate_limit_exceeded",
+                        "slow down",
+                        {"retry-after": f"{max(wait, 0.001):.3f}"},
                     )
                 self.requests.take(1)
                 self.tokens.take(prompt + out)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from fleet import Agent
+from fleet import Agent, agent_from
 from fleet.llm import (
     OpenAICompatible,
     ProviderAuth,
@@ -191,6 +191,7 @@ PRICE = {"input_usd_per_mtok": 3.0, "output_usd_per_mtok": 7.0}
 
 def test_a_cap_leaves_what_the_reservation_does_not_cover_uncalled():
     from fleet.llm import Cap, CapExceeded
+    from fleet.llm.caps import price_of
     from fleet.spec.budgets import ModelPrice
 
     prices = {"m": ModelPrice.model_validate(PRICE)}
@@ -199,15 +200,29 @@ def test_a_cap_leaves_what_the_reservation_does_not_cover_uncalled():
     # tokens: 350 - 111; USD: 50 output tokens plus what 189 fewer input tokens leave
     assert cap.max_output("m", 111) == min(239, int((usd - 111 * 3e-6) / 7e-6))
     tokens_only = Cap.of_grant(350, 0.0, prices)  # no USD booked: tokens alone
-    tokens_only.spend("m", 100, 200)
+    # Two calls at once each hold their share: the second gets what the first left.
+    first = tokens_only.hold("m", 100, 1_000)
+    assert first == 250  # 350 less the input's bound
+    with pytest.raises(CapExceeded):  # nothing left while the first call holds it all
+        tokens_only.hold("m", 40, 1_000)
+    tokens_only.release("m", 100, first, 100, 200)  # it used 300 of its 350
     assert tokens_only.tokens == 50 and tokens_only.max_output("m", 40) == 10
+    assert (tokens_only.used_tokens, tokens_only.used_usd) == (
+        300,
+        prices["m"].cost_usd(100, 200),
+    )
     with pytest.raises(CapExceeded, match=r"raise budgets\.task_estimates") as info:
         tokens_only.max_output("m", 50)
     assert info.value.fleet_reason == "budget_exhausted"
     assert Cap.of_grant(0, 0.0, prices).max_output("m", 10**6) is None  # nothing booked
+    # A dated name is priced as the longest priced name it starts with.
+    assert price_of({"gpt": 1, "gpt-4o": 2}, "gpt-4o-2024-08-06") == 2
+    assert price_of({"gpt-4o": 2}, "claude") is None
 
 
-def _budget_host(url: str, input_tokens: int) -> tuple[AgentHost, FakeLedger, Any]:
+def _budget_host(
+    url: str, input_tokens: int, agent: str = "Summarizer"
+) -> tuple[AgentHost, FakeLedger, Any]:
     from fleet.runtime.budget_actor import BudgetBook
     from fleet.runtime.budget_client import BudgetClient
     from tests.runtime.test_budget_live import _BookActor
@@ -216,7 +231,7 @@ def _budget_host(url: str, input_tokens: int) -> tuple[AgentHost, FakeLedger, An
     spec = make_spec(
         pool(
             "summarize",
-            agent_class="tests.llm.test_openai_client:Summarizer",
+            agent_class=f"tests.llm.test_openai_client:{agent}",
             agents_per_host=1,
             llm={"provider": "openai", "base_url": url, "model": "fake-model",
                  "api_key_env": "FLEET_TEST_FAKE_KEY"},
@@ -270,3 +285,38 @@ def test_the_reservation_reaches_the_request_as_max_tokens_and_nothing_overspend
     (f,) = small_ledger.outcomes
     assert (f.ok, f.reason, report.retry_ids) == (False, "budget_exhausted", [])
     assert small_book.snapshot()["overrun_usd"] == 0 and provider.calls == 1
+
+
+async def ask_twice(payload: Any, ctx: Any) -> Any:
+    """Two model calls at once, a plain reply (no tokens reported by the agent)."""
+    a, b = await asyncio.gather(
+        ctx.llm.complete(payload["text"], max_tokens=20), ctx.llm.complete("z", max_tokens=20)
+    )
+    return a.text[:3] + b.text[:3]
+
+
+AskTwice = agent_from(ask_twice, name="AskTwice")
+
+
+def test_calls_at_once_share_the_cap_and_the_task_is_charged_what_they_used(monkeypatch):
+    from fleet.llm.caps import input_upper_bound
+    from fleet.spec.budgets import ModelPrice
+
+    monkeypatch.setenv("FLEET_TEST_FAKE_KEY", "test-key")
+    provider = Provider(reply_tokens=10_000)
+    text = "y" * 40
+    item = to_item({"capability": "summarize", "payload": {"text": text}}, {"summarize"})
+    with serve(provider) as url:
+        host, ledger, book = _budget_host(url, input_tokens=300, agent="AskTwice")
+        asyncio.run(host.run_and_record([item]))
+    (o,) = ledger.outcomes
+    assert o.ok and o.input_tokens == 0, o  # the agent reported nothing itself
+    bounds = [input_upper_bound([{"role": "user", "content": t}]) for t in (text, "z")]
+    # Each call held its own share of the reservation (350 tokens, and its USD).
+    assert provider.seen_max_tokens == [20, 20]
+    assert sum(provider.seen_max_tokens) + sum(bounds) <= 350
+    # Settled at what the calls used, as the provider reported it, not at $0.
+    price = ModelPrice.model_validate(PRICE)
+    used_in = sum(max(1, len(t.encode()) // 4) for t in (text, "z"))
+    used = price.cost_usd(used_in, sum(provider.seen_max_tokens))
+    assert book.snapshot()["pools"]["summarize"]["spend_usd"] == pytest.approx(used)
