@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -171,8 +174,14 @@ def parse_spec(data: Any, source: str = "<dict>") -> FleetSpec:
         raise SpecError(source, _format_errors(exc)) from None
 
 
-def load_spec(path: str | Path) -> FleetSpec:
-    """Load and validate a YAML fleet spec; every problem is reported with its field path."""
+def load_spec(path: str | Path, environ: Mapping[str, str] = os.environ) -> FleetSpec:
+    """Load and validate a YAML fleet spec; every problem is reported with its field path.
+
+    ``${NAME}`` and ``${NAME:-default}`` in its strings (keys too) are replaced by the
+    environment variable ``NAME`` of the machine that loads it (``environ``), so one
+    file serves several endpoints or models; an unset one without a default is an error
+    naming the field and the variable. Secrets do not belong there (the value ends up
+    in the spec): name them instead (``pools[].llm.api_key_env``)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -182,4 +191,44 @@ def load_spec(path: str | Path) -> FleetSpec:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SpecError(str(path), [("<yaml>", str(exc))]) from None
+    errors: list[tuple[str, str]] = []
+    data = _expand(data, environ, (), errors)
+    if errors:
+        raise SpecError(str(path), errors)
     return parse_spec(data, str(path))
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(
+    value: Any, environ: Mapping[str, str], at: tuple[str, ...], errors: list[tuple[str, str]]
+) -> Any:
+    """``value`` with its ``${NAME}`` references replaced (see ``load_spec``)."""
+    if isinstance(value, str):
+        if "${" not in value:
+            return value
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            got = environ.get(name, default)
+            if got is None:
+                errors.append(
+                    (
+                        ".".join(at) or "<root>",
+                        f"environment variable {name} is not set (and ${{{name}}} has no "
+                        f"default: write ${{{name}:-default}})",
+                    )
+                )
+                return ""
+            return got
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {
+            _expand(k, environ, at, errors): _expand(v, environ, (*at, str(k)), errors)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_expand(v, environ, (*at, str(i)), errors) for i, v in enumerate(value)]
+    return value

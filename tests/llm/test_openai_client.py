@@ -320,3 +320,39 @@ def test_calls_at_once_share_the_cap_and_the_task_is_charged_what_they_used(monk
     used_in = sum(max(1, len(t.encode()) // 4) for t in (text, "z"))
     used = price.cost_usd(used_in, sum(provider.seen_max_tokens))
     assert book.snapshot()["pools"]["summarize"]["spend_usd"] == pytest.approx(used)
+
+
+def test_the_llm_support_example_runs_against_the_endpoint_its_environment_names(
+    monkeypatch,
+):
+    from fleet.runtime.budget_actor import BudgetBook
+    from fleet.runtime.budget_client import BudgetClient
+    from fleet.spec import load_spec
+    from tests.runtime.test_budget_live import _BookActor
+    from tests.utils import FakeClock
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "llm-support.yaml"
+    monkeypatch.setenv("FLEET_LLM_API_KEY", "test-key")
+    provider = Provider(reply_tokens=1_000)
+    with serve(provider) as url:
+        spec = load_spec(example, {"FLEET_LLM_BASE_URL": url, "FLEET_LLM_MODEL": "fake-model"})
+        host = AgentHost(
+            spec.pools[0].model_dump(mode="json"),
+            spec.resilience.model_dump(mode="json"),
+            {k: v.model_dump() for k, v in spec.budgets.prices.items()},
+        )
+        book = BudgetBook(spec, FakeClock(1_000_000.0))
+        host.budget = BudgetClient(actor=_BookActor(book))
+        host.recorder.client = ledger = FakeLedger()
+        q = {"capability": "support", "payload": {"question": "Where is my order?"}}
+        asyncio.run(host.run_and_record([to_item(q, {"support"})]))
+    (o,) = ledger.outcomes
+    assert o.ok and o.output_tokens == 300, o  # its max_tokens, within its reservation
+    assert (
+        o.cost_usd
+        == pytest.approx(
+            spec.budgets.prices["fake-model"].cost_usd(o.input_tokens, o.output_tokens)
+        )
+        and o.cost_usd > 0
+    )
+    assert book.snapshot()["overrun_usd"] == 0

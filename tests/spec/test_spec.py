@@ -356,3 +356,23 @@ def test_a_pools_runtime_env_reaches_its_hosts_and_its_secrets_are_redacted():
     opts = host_deployment_options(spec, spec.pools[0])
     assert opts["ray_actor_options"]["runtime_env"] == env
     assert secret_values(spec) == ["sk-secret-1"]
+
+
+def test_a_spec_file_takes_its_environment_and_names_what_is_unset(tmp_path):
+    f = tmp_path / "spec.yaml"
+    f.write_text(
+        "pools:\n"
+        "  - {name: work, capability: work, agent_class: 'x:Y',\n"
+        "     llm: {provider: openai, model: '${MODEL}', base_url: '${URL:-http://h:1/v1}'}}\n"
+    )
+    spec = load_spec(f, {"MODEL": "m-1"})
+    assert (spec.pools[0].llm.model, spec.pools[0].llm.base_url) == ("m-1", "http://h:1/v1")
+    with pytest.raises(SpecError) as info:
+        load_spec(f, {})
+    assert info.value.errors == [
+        (
+            "pools.0.llm.model",
+            "environment variable MODEL is not set (and ${MODEL} has no default: "
+            "write ${MODEL:-default})",
+        )
+    ]
