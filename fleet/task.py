@@ -91,18 +91,35 @@ def tenant_of_id(task_id: str) -> str | None:
     return split_scoped(task_id)[0]
 
 
+TENANT_FIELD = "tenant"
+
+
+def tenant_of(payload: Any) -> str | None:
+    """A task's tenant: ``payload["tenant"]`` when the payload is an object with a
+    string ``tenant``, else None (no tenant budget applies)."""
+    if isinstance(payload, dict):
+        t = payload.get(TENANT_FIELD)
+        if isinstance(t, str):
+            return t
+    return None
+
+
+def payload_tenant(payload: bytes) -> str | None:
+    """``tenant_of`` an item's encoded payload (None also when it is not JSON)."""
+    try:
+        return tenant_of(orjson.loads(payload))
+    except orjson.JSONDecodeError:
+        return None
+
+
 def cache_key_of(item: Item) -> str:
     """The key a degrade rule's cache files ``item`` under (its pool aside): its
     tenant, as its id names it (the HTTP ingress's) or else as its payload's ``tenant``
     does (budgets'), and its ``cache_key``; one tenant's answers never reach another."""
     tenant = tenant_of_id(item.id)
     if tenant is None:
-        try:
-            payload = orjson.loads(item.payload)
-        except orjson.JSONDecodeError:
-            payload = None
-        t = payload.get("tenant") if isinstance(payload, dict) else None
-        tenant = f"payload:{t}" if isinstance(t, str) else ""
+        t = payload_tenant(item.payload)
+        tenant = "" if t is None else f"payload:{t}"
     return f"{tenant}\x1f{item.cache_key}"
 
 

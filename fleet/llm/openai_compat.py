@@ -18,11 +18,11 @@ task's failure reason:
 
 Inside a task with a budget reservation, each call asks for no more output tokens than
 the reservation has left (``fleet.llm.caps``). The last response's rate-limit headers
-(``x-ratelimit-*``) are kept in ``limits``. A
-reply names the model asked for, the key of the spec's price table (providers answer
-with dated names), and the one that answered as ``served_model``. A ``Retry-After``
-sets the earliest retry of the task (``fleet.runtime.host``).
-The key is read once, from the environment, and never logged or put in an error.
+(``x-ratelimit-*``) are kept in ``limits``. A reply names the model asked for, the key
+of the spec's price table (providers answer with dated names), and the one that
+answered as ``served_model``. A ``Retry-After`` sets the earliest retry of the task
+(``fleet.runtime.host``). The key is read once, from the environment, and never logged
+or put in an error.
 """
 
 from __future__ import annotations
@@ -193,11 +193,13 @@ class OpenAICompatible:
 
 
 def _code(exc: Any) -> str | None:
-    """An OpenAI error's ``code`` (from the exception or its JSON body)."""
+    """An OpenAI error's ``code`` (from the exception, else its JSON body's ``error``
+    object or the body itself)."""
     code = getattr(exc, "code", None)
-    if code is None and isinstance(getattr(exc, "body", None), dict):
-        body = exc.body
-        code = (body.get("error") or body).get("code") if isinstance(body, dict) else None
+    body = getattr(exc, "body", None)
+    if code is None and isinstance(body, dict):
+        err = body.get("error")
+        code = (err if isinstance(err, dict) else body).get("code")
     return code if isinstance(code, str) else None
 
 

@@ -136,8 +136,7 @@ _SET_PREEMPTIONS = "UPDATE items SET preemptions = ? WHERE seq = ?"
 _SELECT = (
     "SELECT seq, id, capability, priority, payload, submitted_unix_s, deadline_unix_s,"
     " utility, affinity_key, deliveries, traceparent, degraded, preemptions, cache_key"
-    " FROM items"
-    " ORDER BY seq"
+    " FROM items ORDER BY seq"
 )
 
 

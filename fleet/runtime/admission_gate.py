@@ -43,14 +43,12 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import ray
 
 from fleet.observability.metrics import TenantLabels
 from fleet.policy.admission import Admission, PoolLoad, Verdict
 from fleet.policy.bulkhead import BULKHEAD
 from fleet.policy.degrade import DEGRADED, fallback_of
-from fleet.runtime.budget_client import tenant_of
 from fleet.spec.fleet import FleetSpec
 from fleet.task import (
     Item,
@@ -58,6 +56,7 @@ from fleet.task import (
     cache_key_of,
     is_idempotent_id,
     payload_hash,
+    payload_tenant,
     tenant_of_id,
 )
 
@@ -225,11 +224,7 @@ class AdmissionGate:
 
     # -- decisions ----------------------------------------------------------------
     def tenant_label(self, item: Item) -> str:
-        tenant = tenant_of_id(item.id)
-        if tenant is None:
-            with contextlib.suppress(orjson.JSONDecodeError):
-                tenant = tenant_of(orjson.loads(item.payload))
-        return self._tenants(tenant)
+        return self._tenants(tenant_of_id(item.id) or payload_tenant(item.payload))
 
     def _cache_asks(
         self, items: Sequence[Item], generated: Collection[str]

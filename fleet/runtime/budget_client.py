@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any, NamedTuple
 
-TENANT_FIELD = "tenant"
-
 
 class Grant(NamedTuple):
     """The answer to one reservation request.
@@ -46,16 +44,6 @@ class Settle(NamedTuple):
     usd: float | None
     tokens: int = 0
     cpu_s: float = 0.0
-
-
-def tenant_of(payload: Any) -> str | None:
-    """A task's tenant: ``payload["tenant"]`` when the payload is an object with a
-    string ``tenant``, else None (no tenant budget applies)."""
-    if isinstance(payload, dict):
-        t = payload.get(TENANT_FIELD)
-        if isinstance(t, str):
-            return t
-    return None
 
 
 class BudgetClient:

@@ -314,12 +314,12 @@ class FleetClient:
         timeout = self.spec.queues.submit_timeout_s if timeout_s is None else timeout_s
         # The ledger first: a task with an outcome is answered with it, never refused.
         fresh, existing = self._known(items, report.generated)
-        self.admission.refresh()
+        self.admission.refresh()  # one view for the cache and admission control
         # A degrade rule answering from its pool's cache answers what it can first.
         if cached := self.admission.answer_from_cache(fresh, self.ledger, report.generated):
             existing.update(cached)
             fresh = [it for it in fresh if it.id not in cached]
-        admitted, refused = self.admit(fresh)
+        admitted, refused = self.admission.split(fresh)
         at = [k for k, it in enumerate(items) if it.id not in existing]  # fresh's places
         out = {at[r.index] for r in refused}
         # Filled in before anything is queued: if the queue stays full (QueueFullError),

@@ -384,15 +384,13 @@ class AgentHost:
         ok = False
         spent: tuple[float, int] | None = None  # (USD, tokens) of a completed task
         judged: bool | None = False
-        # The agent's own CPU seconds (``cpu_s`` quotas), metered where budgets are, and
-        # its reservation as the cap of its model calls (``fleet.llm.caps``).
-        meter = CpuMeter() if grant is not None else None
-        cap = (
-            Cap.of_grant(grant.estimate_tokens, grant.estimate_usd, self.prices)
-            if grant is not None
-            else None
-        )
-        capped = CAP.set(cap) if cap is not None else None
+        # Where budgets are: the agent's own CPU seconds (``cpu_s`` quotas), and its
+        # reservation as the cap of its model calls (``fleet.llm.caps``).
+        meter = cap = capped = None
+        if grant is not None:
+            meter = CpuMeter()
+            cap = Cap.of_grant(grant.estimate_tokens, grant.estimate_usd, self.prices)
+            capped = CAP.set(cap)
         try:
             o = await run_on_agent(self, i, item, task, meter)
             if o.ok:
@@ -406,11 +404,10 @@ class AgentHost:
                 self.failed += 1
             return o
         finally:
-            if capped is not None:
-                CAP.reset(capped)
             self.preempted.discard(cur)
             if grant is not None:  # its CPU as run, even when cut short
-                gate.settle(grant, spent, meter.cpu_s if meter is not None else 0.0)
+                CAP.reset(capped)
+                gate.settle(grant, spent, meter.cpu_s)
             verdict = None if judged is None else ok
             self.slots.hand(core.finish(cur, verdict, self.clock() - t0, kind))
             if core.pending is not None:

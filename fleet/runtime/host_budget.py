@@ -23,10 +23,10 @@ import orjson
 from fleet.observability.logs import CONTROL_LOG, log_event
 from fleet.policy.host import HostCore
 from fleet.policy.routing import RoutingHint
-from fleet.runtime.budget_client import BudgetClient, Grant, tenant_of
+from fleet.runtime.budget_client import BudgetClient, Grant
 from fleet.runtime.host_outcomes import MAX_ERROR_CHARS
 from fleet.runtime.host_slots import SlotFutures
-from fleet.task import Item, Outcome, Task, failed_outcome, tenant_of_id
+from fleet.task import Item, Outcome, Task, failed_outcome, tenant_of, tenant_of_id
 
 BUDGET_REQUEUE = "budget_requeue"  # internal: every agent here is parked, requeue
 REASON_BUDGET_EXHAUSTED = "budget_exhausted"

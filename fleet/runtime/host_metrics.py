@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-import orjson
-
 from fleet.observability.metrics import (
     NO_TENANT,
     Aggregator,
@@ -28,9 +26,15 @@ from fleet.observability.metrics import (
     for_fleet,
 )
 from fleet.observability.reasons import outcome_labels, reason_label
-from fleet.runtime.budget_client import TENANT_FIELD, tenant_of
 from fleet.spec.fleet import FleetSpec
-from fleet.task import TENANT_ID_PREFIX, Item, Outcome, tenant_of_id
+from fleet.task import (
+    TENANT_FIELD,
+    TENANT_ID_PREFIX,
+    Item,
+    Outcome,
+    payload_tenant,
+    tenant_of_id,
+)
 
 _TENANT_BYTES = f'"{TENANT_FIELD}"'.encode()
 _TRANSITION = "transition:"
@@ -74,10 +78,7 @@ class HostMetrics:
         mentions a tenant at all)."""
         for it in items:
             if _TENANT_BYTES in it.payload and not it.id.startswith(TENANT_ID_PREFIX):
-                try:
-                    t = tenant_of(orjson.loads(it.payload))
-                except orjson.JSONDecodeError:
-                    continue
+                t = payload_tenant(it.payload)
                 if t is not None:
                     pt = self._payload_tenant
                     if len(pt) >= MAX_PAYLOAD_TENANTS:  # a backstop: the oldest go
